@@ -1,0 +1,13 @@
+"""The exceptions flashmoe raises. Errors from the C core arrive as FlashMoEError (or a subclass)."""
+
+
+class FlashMoEError(RuntimeError):
+    """Base class of every error flashmoe raises on bad input or a failed operation."""
+
+
+class FormatError(FlashMoEError, ValueError):
+    """A packed model directory is missing, truncated, corrupt, or of an unknown version."""
+
+
+class ConversionError(FlashMoEError, ValueError):
+    """A source checkpoint cannot be converted: missing or truncated files, unknown model_type, bad shapes."""
