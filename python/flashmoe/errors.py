@@ -11,3 +11,11 @@ class FormatError(FlashMoEError, ValueError):
 
 class ConversionError(FlashMoEError, ValueError):
     """A source checkpoint cannot be converted: missing or truncated files, unknown model_type, bad shapes."""
+
+
+class ContextLengthError(FlashMoEError, ValueError):
+    """The tokens do not fit in the model's context length."""
+
+
+class ReadError(FlashMoEError, OSError):
+    """Reading model data from disk failed (short read, I/O error)."""

@@ -1,0 +1,247 @@
+/*
+ * CPU reference kernels (portable C11). These are the correctness reference for every other backend
+ * and the fallback on any CPU. Quantized matmul dequantizes one weight row into fp32 and dots it with
+ * every token of the chunk, so the dequantization cost is paid once per row per chunk. Accumulation
+ * is fp32 throughout.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../ops.h"
+#include "../../core/util.h"
+
+/* ---------------------------------------------------------------- matmul */
+
+static float dot_f32(const float *a, const float *b, int n) {
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+void fm_op_get_row(const fm_mat *w, int r, float *out) {
+    const int n = w->cols;
+    switch (w->dtype) {
+    case FM_F32:
+        memcpy(out, (const float *)w->data + (size_t)r * n, (size_t)n * sizeof(float));
+        return;
+    case FM_BF16: {
+        const uint16_t *src = (const uint16_t *)w->data + (size_t)r * n;
+        for (int i = 0; i < n; i++) out[i] = fm_bf16_to_f32(src[i]);
+        return;
+    }
+    case FM_Q8:
+    case FM_Q4: {
+        const int gs = w->group_size, ng = n / gs;
+        const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+        if (w->dtype == FM_Q8) {
+            const uint8_t *q = (const uint8_t *)w->data + (size_t)r * n;
+            for (int g = 0; g < ng; g++) {
+                const float s = fm_f16_to_f32(sc[g]), b = fm_f16_to_f32(bi[g]);
+                for (int i = g * gs; i < (g + 1) * gs; i++) out[i] = s * (float)q[i] + b;
+            }
+        } else {
+            const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2);
+            for (int g = 0; g < ng; g++) {
+                const float s = fm_f16_to_f32(sc[g]), b = fm_f16_to_f32(bi[g]);
+                for (int i = g * gs; i < (g + 1) * gs; i += 2) {
+                    const uint8_t byte = q[i / 2];
+                    out[i] = s * (float)(byte & 15) + b;
+                    out[i + 1] = s * (float)(byte >> 4) + b;
+                }
+            }
+        }
+        return;
+    }
+    }
+}
+
+void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y) {
+    const int n = w->cols, m = w->rows;
+    float *row = NULL;
+    if (w->dtype != FM_F32) row = (float *)fm_alloc((size_t)n * sizeof(float));
+    for (int r = 0; r < m; r++) {
+        const float *wr;
+        if (w->dtype == FM_F32) {
+            wr = (const float *)w->data + (size_t)r * n;
+        } else {
+            fm_op_get_row(w, r, row);
+            wr = row;
+        }
+        for (int t = 0; t < T; t++) y[(size_t)t * m + r] = dot_f32(wr, x + (size_t)t * n, n);
+    }
+    fm_free(row);
+}
+
+/* ---------------------------------------------------------------- elementwise and norms */
+
+void fm_op_rmsnorm(float *out, const float *x, const float *w, int T, int n, float eps, int zero_centered) {
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (size_t)t * n;
+        float *ot = out + (size_t)t * n;
+        double ss = 0.0;
+        for (int i = 0; i < n; i++) ss += (double)xt[i] * xt[i];
+        const float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+        for (int i = 0; i < n; i++) ot[i] = xt[i] * inv * (zero_centered ? 1.0f + w[i] : w[i]);
+    }
+}
+
+void fm_op_l2norm(float *x, int T, int n, float eps, float scale) {
+    for (int t = 0; t < T; t++) {
+        float *xt = x + (size_t)t * n;
+        double ss = 0.0;
+        for (int i = 0; i < n; i++) ss += (double)xt[i] * xt[i];
+        const float inv = scale / sqrtf((float)ss + eps);
+        for (int i = 0; i < n; i++) xt[i] *= inv;
+    }
+}
+
+void fm_op_rope(float *x, int T, int heads, int head_dim, int rot_dim, int pos0, float theta) {
+    const int half = rot_dim / 2;
+    for (int t = 0; t < T; t++) {
+        const double pos = (double)(pos0 + t);
+        for (int i = 0; i < half; i++) {
+            /* HF: inv_freq = 1 / theta^(2i / rot_dim), computed in fp32 */
+            const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)rot_dim);
+            const double ang = pos * (double)inv_freq;
+            const float c = (float)cos(ang), s = (float)sin(ang);
+            for (int h = 0; h < heads; h++) {
+                float *xh = x + ((size_t)t * heads + h) * head_dim;
+                const float x1 = xh[i], x2 = xh[i + half];
+                xh[i] = x1 * c - x2 * s;
+                xh[i + half] = x2 * c + x1 * s;
+            }
+        }
+    }
+}
+
+void fm_op_silu_mul(float *out, const float *gate, const float *up, int T, int n) {
+    const size_t total = (size_t)T * n;
+    for (size_t i = 0; i < total; i++) out[i] = fm_silu(gate[i]) * up[i];
+}
+
+/* ---------------------------------------------------------------- attention */
+
+void fm_op_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int T, int pos0,
+                     int nh, int nkv, int hd, float scale) {
+    const int group = nh / nkv, n_ctx = pos0 + T;
+    float *scores = (float *)fm_alloc((size_t)n_ctx * sizeof(float));
+    for (int t = 0; t < T; t++) {
+        const int n_keys = pos0 + t + 1; /* causal: positions [0, pos0 + t] */
+        for (int h = 0; h < nh; h++) {
+            const int kvh = h / group;
+            const float *qh = q + ((size_t)t * nh + h) * hd;
+            float mx = -INFINITY;
+            for (int j = 0; j < n_keys; j++) {
+                scores[j] = dot_f32(qh, k_cache + ((size_t)j * nkv + kvh) * hd, hd) * scale;
+                if (scores[j] > mx) mx = scores[j];
+            }
+            float sum = 0.0f;
+            for (int j = 0; j < n_keys; j++) {
+                scores[j] = expf(scores[j] - mx);
+                sum += scores[j];
+            }
+            float *oh = out + ((size_t)t * nh + h) * hd;
+            memset(oh, 0, (size_t)hd * sizeof(float));
+            for (int j = 0; j < n_keys; j++) {
+                const float p = scores[j] / sum;
+                const float *vj = v_cache + ((size_t)j * nkv + kvh) * hd;
+                for (int d = 0; d < hd; d++) oh[d] += p * vj[d];
+            }
+        }
+    }
+    fm_free(scores);
+}
+
+/* ---------------------------------------------------------------- Gated DeltaNet */
+
+void fm_op_conv1d_silu(float *out, const float *x, float *state, const float *w, int T, int C, int K) {
+    /* HF: F.conv1d(pad K-1 left, groups=C)[:T]; out[t] = sum_j w[j] * in[t - (K-1) + j] */
+    const int S = K - 1;
+    for (int t = 0; t < T; t++) {
+        for (int c = 0; c < C; c++) {
+            float acc = 0.0f;
+            for (int j = 0; j < K; j++) {
+                const int src = t - S + j; /* < 0: from the state */
+                const float v = src >= 0 ? x[(size_t)src * C + c] : state[(size_t)(S + src) * C + c];
+                acc += w[(size_t)c * K + j] * v;
+            }
+            out[(size_t)t * C + c] = fm_silu(acc);
+        }
+    }
+    /* The new state is the last S inputs of [state | x]. */
+    if (T >= S) {
+        memcpy(state, x + (size_t)(T - S) * C, (size_t)S * C * sizeof(float));
+    } else {
+        memmove(state, state + (size_t)T * C, (size_t)(S - T) * C * sizeof(float));
+        memcpy(state + (size_t)(S - T) * C, x, (size_t)T * C * sizeof(float));
+    }
+}
+
+void fm_op_gated_delta(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
+                       const float *beta, int T, int Hk, int Hv, int dk, int dv) {
+    const int r = Hv / Hk;
+    float *u = (float *)fm_alloc((size_t)dv * sizeof(float));
+    for (int t = 0; t < T; t++) {
+        for (int h = 0; h < Hv; h++) {
+            const int kh = h / r;
+            const float *qt = q + ((size_t)t * Hk + kh) * dk, *kt = k + ((size_t)t * Hk + kh) * dk;
+            const float *vt = v + ((size_t)t * Hv + h) * dv;
+            const float decay = expf(g[(size_t)t * Hv + h]), b = beta[(size_t)t * Hv + h];
+            float *Sh = S + (size_t)h * dk * dv; /* [dk, dv] */
+            /* S *= exp(g); u = beta * (v - Sᵀk) */
+            for (int j = 0; j < dv; j++) u[j] = 0.0f;
+            for (int i = 0; i < dk; i++) {
+                float *Si = Sh + (size_t)i * dv;
+                for (int j = 0; j < dv; j++) {
+                    Si[j] *= decay;
+                    u[j] += Si[j] * kt[i];
+                }
+            }
+            for (int j = 0; j < dv; j++) u[j] = (vt[j] - u[j]) * b;
+            /* S += k ⊗ u; o = Sᵀq */
+            float *ot = out + ((size_t)t * Hv + h) * dv;
+            for (int j = 0; j < dv; j++) ot[j] = 0.0f;
+            for (int i = 0; i < dk; i++) {
+                float *Si = Sh + (size_t)i * dv;
+                const float ki = kt[i], qi = qt[i];
+                for (int j = 0; j < dv; j++) {
+                    Si[j] += ki * u[j];
+                    ot[j] += Si[j] * qi;
+                }
+            }
+        }
+    }
+    fm_free(u);
+}
+
+/* ---------------------------------------------------------------- router */
+
+void fm_op_topk_softmax(const float *logits, int n, int k, int norm, int32_t *idx, float *weights) {
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++)
+        if (logits[i] > mx) mx = logits[i];
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) sum += exp((double)(logits[i] - mx));
+    /* Selection by logit equals selection by probability (softmax is monotonic); ties go to the
+     * lower index, as torch.topk does on CPU for distinct values. */
+    for (int j = 0; j < k; j++) idx[j] = -1;
+    for (int i = 0; i < n; i++) {
+        int pos = k;
+        while (pos > 0 && (idx[pos - 1] < 0 || logits[i] > logits[idx[pos - 1]])) pos--;
+        if (pos >= k) continue;
+        for (int j = k - 1; j > pos; j--) idx[j] = idx[j - 1];
+        idx[pos] = i;
+    }
+    float wsum = 0.0f;
+    for (int j = 0; j < k; j++) {
+        weights[j] = (float)(exp((double)(logits[idx[j]] - mx)) / sum);
+        wsum += weights[j];
+    }
+    if (norm)
+        for (int j = 0; j < k; j++) weights[j] /= wsum;
+}

@@ -1,0 +1,56 @@
+/*
+ * ops.h — the operations every backend implements, under the same names (fm_op_<name>).
+ *
+ * Shapes are row-major; T is the number of tokens in the chunk. Activations are fp32.
+ * A weight matrix is an fm_mat view: [rows = out, cols = in], y = W x (nn.Linear convention).
+ */
+#ifndef FM_OPS_H
+#define FM_OPS_H
+
+#include <stdint.h>
+
+#include "flashmoe.h"
+
+typedef struct {
+    fm_dtype dtype;
+    int rows, cols, group_size;
+    const void *data;        /* f32, bf16, or packed q (uint8) */
+    const uint16_t *scales;  /* fp16 [rows, cols / group_size], quantized only */
+    const uint16_t *biases;  /* fp16 [rows, cols / group_size], quantized only */
+} fm_mat;
+
+/* y[T, rows] = x[T, cols] · Wᵀ */
+void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y);
+/* out[cols] = row r of W, dequantized (embedding lookup) */
+void fm_op_get_row(const fm_mat *w, int r, float *out);
+
+/* x[T, n] normalised per row: x * rsqrt(mean(x²) + eps) * (1 + w) (zero_centered) or * w. */
+void fm_op_rmsnorm(float *out, const float *x, const float *w, int T, int n, float eps, int zero_centered);
+/* x[T, n] *= rsqrt(sum(x²) + eps) per row, then * scale */
+void fm_op_l2norm(float *x, int T, int n, float eps, float scale);
+/* NeoX rotate-half RoPE on dims [0, rot_dim) of each head: x[T, heads, head_dim], position pos0 + t. */
+void fm_op_rope(float *x, int T, int heads, int head_dim, int rot_dim, int pos0, float theta);
+/* out[T, n] = silu(gate) * up */
+void fm_op_silu_mul(float *out, const float *gate, const float *up, int T, int n);
+
+/* Causal attention of T new queries over a KV cache holding positions [0, pos0 + T).
+ * q[T, nh, hd]; k_cache, v_cache [ctx, nkv, hd] with the new keys already written; out[T, nh, hd]. */
+void fm_op_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int T, int pos0,
+                     int nh, int nkv, int hd, float scale);
+
+/* Depthwise causal conv over channels C with kernel K, then SiLU.
+ * x[T, C] pre-conv inputs; state[K-1, C] the K-1 previous inputs, oldest first (updated);
+ * w[C, K]; out[T, C]. */
+void fm_op_conv1d_silu(float *out, const float *x, float *state, const float *w, int T, int C, int K);
+
+/* Gated delta rule, recurrent form, T tokens. q, k [T, Hk, dk] (already normalised and scaled);
+ * v [T, Hv, dv]; g, beta [T, Hv]; S [Hv, dk, dv] updated; out [T, Hv, dv]. Value head h uses key
+ * head h / (Hv / Hk). */
+void fm_op_gated_delta(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
+                       const float *beta, int T, int Hk, int Hv, int dk, int dv);
+
+/* Router: probs = softmax(logits[n]) in fp32, top-k indices (descending probability) and weights,
+ * renormalised to sum 1 when norm. */
+void fm_op_topk_softmax(const float *logits, int n, int k, int norm, int32_t *idx, float *weights);
+
+#endif /* FM_OPS_H */

@@ -1,0 +1,202 @@
+/*
+ * blocks.c — the layers shared by Qwen3.5-MoE and Qwen3-Next: Gated DeltaNet, gated attention, the
+ * sparse MoE block with its shared expert, and the dense MLP. Each architecture file composes them.
+ * HF references: transformers/models/qwen3_5_moe/modeling_qwen3_5_moe.py.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "model.h"
+#include "util.h"
+
+/* ---------------------------------------------------------------- binding */
+
+fm_status fm_bind_deltanet(fm_model *m, const fm_load_spec *spec, int l, fm_deltanet_w *w) {
+    const fm_config *c = &m->c;
+    const int H = c->hidden_size, Hk = c->linear_num_key_heads, Hv = c->linear_num_value_heads;
+    const int dk = c->linear_key_head_dim, dv = c->linear_value_head_dim;
+    const int conv_dim = 2 * Hk * dk + Hv * dv;
+    const char *p = "layers.%d.linear_attn.%s";
+    fm_status st;
+    if ((st = fm_bind_mat(m, spec, &w->in_proj_qkv, conv_dim, H, p, l, "in_proj_qkv.weight"))) return st;
+    if ((st = fm_bind_mat(m, spec, &w->in_proj_z, Hv * dv, H, p, l, "in_proj_z.weight"))) return st;
+    if ((st = fm_bind_mat(m, spec, &w->in_proj_b, Hv, H, p, l, "in_proj_b.weight"))) return st;
+    if ((st = fm_bind_mat(m, spec, &w->in_proj_a, Hv, H, p, l, "in_proj_a.weight"))) return st;
+    if ((st = fm_bind_f32(m, spec, &w->conv1d, conv_dim, c->linear_conv_kernel_dim, p, l, "conv1d.weight"))) return st;
+    if ((st = fm_bind_f32(m, spec, &w->dt_bias, Hv, 0, p, l, "dt_bias"))) return st;
+    if ((st = fm_bind_f32(m, spec, &w->A_log, Hv, 0, p, l, "A_log"))) return st;
+    if ((st = fm_bind_f32(m, spec, &w->norm, dv, 0, p, l, "norm.weight"))) return st;
+    return fm_bind_mat(m, spec, &w->out_proj, H, Hv * dv, p, l, "out_proj.weight");
+}
+
+fm_status fm_bind_attention(fm_model *m, const fm_load_spec *spec, int l, fm_attention_w *w) {
+    const fm_config *c = &m->c;
+    const int H = c->hidden_size, nh = c->num_attention_heads, nkv = c->num_key_value_heads, hd = c->head_dim;
+    const char *p = "layers.%d.self_attn.%s";
+    fm_status st;
+    if ((st = fm_bind_mat(m, spec, &w->q_proj, nh * hd * 2, H, p, l, "q_proj.weight"))) return st;
+    if ((st = fm_bind_mat(m, spec, &w->k_proj, nkv * hd, H, p, l, "k_proj.weight"))) return st;
+    if ((st = fm_bind_mat(m, spec, &w->v_proj, nkv * hd, H, p, l, "v_proj.weight"))) return st;
+    if ((st = fm_bind_mat(m, spec, &w->o_proj, H, nh * hd, p, l, "o_proj.weight"))) return st;
+    if ((st = fm_bind_f32(m, spec, &w->q_norm, hd, 0, p, l, "q_norm.weight"))) return st;
+    return fm_bind_f32(m, spec, &w->k_norm, hd, 0, p, l, "k_norm.weight");
+}
+
+fm_status fm_bind_mlp(fm_model *m, const fm_load_spec *spec, fm_mlp_w *w, int inter, const char *prefix) {
+    const int H = m->c.hidden_size;
+    fm_status st;
+    if ((st = fm_bind_mat(m, spec, &w->gate_proj, inter, H, "%s.gate_proj.weight", prefix))) return st;
+    if ((st = fm_bind_mat(m, spec, &w->up_proj, inter, H, "%s.up_proj.weight", prefix))) return st;
+    return fm_bind_mat(m, spec, &w->down_proj, H, inter, "%s.down_proj.weight", prefix);
+}
+
+fm_status fm_bind_moe(fm_model *m, const fm_load_spec *spec, int l, fm_moe_w *w) {
+    const fm_config *c = &m->c;
+    char prefix[64];
+    fm_status st;
+    if ((st = fm_bind_mat(m, spec, &w->router, c->num_experts, c->hidden_size, "layers.%d.mlp.gate.weight", l)))
+        return st;
+    if ((st = fm_bind_mat(m, spec, &w->shared_gate, 1, c->hidden_size, "layers.%d.mlp.shared_expert_gate.weight", l)))
+        return st;
+    snprintf(prefix, sizeof prefix, "layers.%d.mlp.shared_expert", l);
+    return fm_bind_mlp(m, spec, &w->shared, c->shared_expert_intermediate_size, prefix);
+}
+
+/* ---------------------------------------------------------------- Gated DeltaNet */
+
+void fm_block_deltanet(fm_model *m, fm_layer *L, const float *xn, float *out, int T) {
+    const fm_config *c = &m->c;
+    const fm_deltanet_w *w = &L->lin;
+    fm_scratch *s = &m->s;
+    const int Hk = c->linear_num_key_heads, Hv = c->linear_num_value_heads;
+    const int dk = c->linear_key_head_dim, dv = c->linear_value_head_dim, K = c->linear_conv_kernel_dim;
+    const int key_dim = Hk * dk, conv_dim = 2 * key_dim + Hv * dv;
+
+    fm_op_matmul(&w->in_proj_qkv, xn, T, s->qkv); /* [T, conv_dim] */
+    fm_op_matmul(&w->in_proj_z, xn, T, s->z);     /* [T, Hv·dv] */
+    fm_op_matmul(&w->in_proj_b, xn, T, s->b);     /* [T, Hv] */
+    fm_op_matmul(&w->in_proj_a, xn, T, s->a);     /* [T, Hv] */
+
+    /* causal depthwise conv + SiLU over [q|k|v]; the state keeps the last K-1 pre-conv rows */
+    fm_op_conv1d_silu(s->conv, s->qkv, L->conv_state, w->conv1d, T, conv_dim, K);
+
+    /* split into q [T, Hk, dk], k [T, Hk, dk], v [T, Hv, dv] (reusing q/k/v scratch, contiguous) */
+    float *q = s->qkv, *k = s->qkv + (size_t)T * key_dim, *v = s->qkv + (size_t)2 * T * key_dim;
+    for (int t = 0; t < T; t++) {
+        const float *row = s->conv + (size_t)t * conv_dim;
+        memcpy(q + (size_t)t * key_dim, row, sizeof(float) * key_dim);
+        memcpy(k + (size_t)t * key_dim, row + key_dim, sizeof(float) * key_dim);
+        memcpy(v + (size_t)t * Hv * dv, row + 2 * key_dim, sizeof(float) * (size_t)Hv * dv);
+    }
+    /* HF: l2norm(q) / sqrt(dk), l2norm(k), eps 1e-6 inside the rsqrt */
+    fm_op_l2norm(q, T * Hk, dk, 1e-6f, 1.0f / sqrtf((float)dk));
+    fm_op_l2norm(k, T * Hk, dk, 1e-6f, 1.0f);
+
+    /* beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in place over b and a */
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < Hv; h++) {
+            const size_t i = (size_t)t * Hv + h;
+            s->b[i] = fm_sigmoid(s->b[i]);
+            s->a[i] = -expf(w->A_log[h]) * fm_softplus(s->a[i] + w->dt_bias[h]);
+        }
+
+    fm_op_gated_delta(s->core, L->S, q, k, v, s->a, s->b, T, Hk, Hv, dk, dv); /* [T, Hv, dv] */
+
+    /* per value head: rmsnorm(o) * w * silu(z) */
+    fm_op_rmsnorm(s->core, s->core, w->norm, T * Hv, dv, c->rms_norm_eps, 0);
+    fm_op_silu_mul(s->core, s->z, s->core, T, Hv * dv);
+    fm_op_matmul(&w->out_proj, s->core, T, out); /* [T, H] */
+}
+
+/* ---------------------------------------------------------------- gated attention */
+
+void fm_block_attention(fm_model *m, fm_layer *L, const float *xn, float *out, int T, int pos0) {
+    const fm_config *c = &m->c;
+    const fm_attention_w *w = &L->attn;
+    fm_scratch *s = &m->s;
+    const int nh = c->num_attention_heads, nkv = c->num_key_value_heads, hd = c->head_dim;
+    const int rot = (int)(hd * c->partial_rotary_factor);
+
+    fm_op_matmul(&w->q_proj, xn, T, s->q2); /* [T, nh, 2·hd] */
+    fm_op_matmul(&w->k_proj, xn, T, s->k);  /* [T, nkv, hd] */
+    fm_op_matmul(&w->v_proj, xn, T, s->v);  /* [T, nkv, hd] */
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < nh; h++) {
+            const float *src = s->q2 + ((size_t)t * nh + h) * 2 * hd;
+            memcpy(s->q + ((size_t)t * nh + h) * hd, src, sizeof(float) * hd);
+            memcpy(s->gate + ((size_t)t * nh + h) * hd, src + hd, sizeof(float) * hd);
+        }
+    fm_op_rmsnorm(s->q, s->q, w->q_norm, T * nh, hd, c->rms_norm_eps, 1);
+    fm_op_rmsnorm(s->k, s->k, w->k_norm, T * nkv, hd, c->rms_norm_eps, 1);
+    fm_op_rope(s->q, T, nh, hd, rot, pos0, c->rope_theta);
+    fm_op_rope(s->k, T, nkv, hd, rot, pos0, c->rope_theta);
+
+    const size_t kv = (size_t)nkv * hd;
+    memcpy(L->k_cache + (size_t)pos0 * kv, s->k, sizeof(float) * T * kv);
+    memcpy(L->v_cache + (size_t)pos0 * kv, s->v, sizeof(float) * T * kv);
+    fm_op_attention(s->att, s->q, L->k_cache, L->v_cache, T, pos0, nh, nkv, hd, 1.0f / sqrtf((float)hd));
+
+    /* HF: attn_output * sigmoid(gate), then o_proj */
+    const size_t n = (size_t)T * nh * hd;
+    for (size_t i = 0; i < n; i++) s->att[i] *= fm_sigmoid(s->gate[i]);
+    fm_op_matmul(&w->o_proj, s->att, T, out); /* [T, H] */
+}
+
+/* ---------------------------------------------------------------- MLP and MoE */
+
+/* out[T, H] = down(silu(gate x) * up x) */
+static void mlp(fm_scratch *s, const fm_mat *gate, const fm_mat *up, const fm_mat *down, const float *x, float *out,
+                int T) {
+    fm_op_matmul(gate, x, T, s->h1);
+    fm_op_matmul(up, x, T, s->h2);
+    fm_op_silu_mul(s->h1, s->h1, s->h2, T, gate->rows);
+    fm_op_matmul(down, s->h1, T, out);
+}
+
+void fm_block_mlp(fm_model *m, const fm_mlp_w *w, const float *xn, float *out, int T) {
+    mlp(&m->s, &w->gate_proj, &w->up_proj, &w->down_proj, xn, out, T);
+}
+
+fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *xn, float *out, int T, int norm_topk) {
+    const fm_config *c = &m->c;
+    fm_scratch *s = &m->s;
+    const int H = c->hidden_size, E = c->num_experts, k = c->num_experts_per_tok;
+
+    /* router: softmax over all experts in fp32, top-k, optionally renormalised */
+    fm_op_matmul(&w->router, xn, T, s->logits); /* [T, E] */
+    for (int t = 0; t < T; t++)
+        fm_op_topk_softmax(s->logits + (size_t)t * E, E, k, norm_topk, s->topk + (size_t)t * k, s->topw + (size_t)t * k);
+
+    /* shared expert, scaled by sigmoid(shared_expert_gate · x) */
+    fm_op_matmul(&w->shared_gate, xn, T, s->sg); /* [T, 1] */
+    fm_block_mlp(m, &w->shared, xn, out, T);
+    for (int t = 0; t < T; t++) {
+        const float g = fm_sigmoid(s->sg[t]);
+        for (int i = 0; i < H; i++) out[(size_t)t * H + i] *= g;
+    }
+
+    /* routed experts, grouped by expert so each is fetched once per chunk and applied to all its tokens */
+    for (int e = 0; e < E; e++) {
+        int n = 0;
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < k; j++)
+                if (s->topk[(size_t)t * k + j] == e) {
+                    s->tok[n] = t;
+                    s->wt[n] = s->topw[(size_t)t * k + j];
+                    memcpy(s->xe + (size_t)n * H, xn + (size_t)t * H, sizeof(float) * H);
+                    n++;
+                }
+        if (n == 0) continue;
+        fm_expert ex;
+        fm_status st = fm_expert_store_get(m->experts, layer, e, &ex);
+        if (st != FM_OK) return st;
+        mlp(s, &ex.gate, &ex.up, &ex.down, s->xe, s->ye, n); /* [n, H] */
+        for (int r = 0; r < n; r++) {
+            float *o = out + (size_t)s->tok[r] * H;
+            const float *y = s->ye + (size_t)r * H;
+            for (int i = 0; i < H; i++) o[i] += s->wt[r] * y[i];
+        }
+    }
+    return FM_OK;
+}

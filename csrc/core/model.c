@@ -1,0 +1,379 @@
+/*
+ * model.c — loading a model from a load spec, the sequence state, the chunked forward driver
+ * (embedding → architecture layers → final norm → lm_head) and generation.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../io/packed.h"
+#include "model.h"
+#include "util.h"
+
+/* ---------------------------------------------------------------- weight binding */
+
+static const fm_tensor_desc *find_tensor(const fm_load_spec *spec, const char *name) {
+    for (int i = 0; i < spec->n_dense; i++)
+        if (strcmp(spec->dense[i].name, name) == 0) return &spec->dense[i];
+    return NULL;
+}
+
+static const char *dtype_name(fm_dtype d) {
+    static const char *names[] = {"f32", "bf16", "q8", "q4"};
+    return (unsigned)d < 4 ? names[d] : "?";
+}
+
+/* Check that a tensor lies inside the dense payload and has the size its dtype and shape imply. */
+static fm_status check_extent(const fm_model *m, const fm_tensor_desc *d) {
+    const uint64_t lo = FM_PREAMBLE_SIZE, hi = FM_PREAMBLE_SIZE + m->dense_size;
+    const int64_t rows = d->shape[0], cols = d->ndim == 2 ? d->shape[1] : 1;
+    const uint64_t want = fm_tensor_data_bytes(d->dtype, rows, cols);
+    if (d->nbytes != want || d->offset < lo || d->offset + d->nbytes > hi)
+        return fm_fail(FM_ERR_FORMAT, "tensor %s: %llu bytes at offset %llu do not fit dense.bin (%s %lldx%lld needs %llu)",
+                       d->name, (unsigned long long)d->nbytes, (unsigned long long)d->offset, dtype_name(d->dtype),
+                       (long long)rows, (long long)cols, (unsigned long long)want);
+    if (d->dtype == FM_Q4 || d->dtype == FM_Q8) {
+        if (d->group_size <= 0 || cols % d->group_size || (d->dtype == FM_Q4 && d->group_size % 2))
+            return fm_fail(FM_ERR_FORMAT, "tensor %s: group size %d does not divide %lld columns", d->name,
+                           d->group_size, (long long)cols);
+        const uint64_t sb = fm_tensor_scale_bytes(d->dtype, rows, cols, d->group_size);
+        if (d->scales_offset < lo || d->scales_offset + sb > hi || d->biases_offset < lo || d->biases_offset + sb > hi)
+            return fm_fail(FM_ERR_FORMAT, "tensor %s: scales or biases lie outside dense.bin", d->name);
+    }
+    return FM_OK;
+}
+
+static const uint8_t *dense_at(const fm_model *m, uint64_t offset) { return m->dense + (offset - FM_PREAMBLE_SIZE); }
+
+fm_status fm_bind_mat(fm_model *m, const fm_load_spec *spec, fm_mat *out, int rows, int cols, const char *fmt, ...) {
+    char name[FM_MAX_NAME + 32];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    const fm_tensor_desc *d = find_tensor(spec, name);
+    if (!d) return fm_fail(FM_ERR_FORMAT, "tensor %s is missing from the model", name);
+    if (d->ndim != 2 || d->shape[0] != rows || d->shape[1] != cols)
+        return fm_fail(FM_ERR_FORMAT, "tensor %s has shape [%lld, %lld], the config implies [%d, %d]", name,
+                       (long long)d->shape[0], (long long)(d->ndim == 2 ? d->shape[1] : 0), rows, cols);
+    fm_status st = check_extent(m, d);
+    if (st != FM_OK) return st;
+    out->dtype = d->dtype;
+    out->rows = rows;
+    out->cols = cols;
+    out->group_size = d->group_size;
+    out->data = dense_at(m, d->offset);
+    const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
+    out->scales = quant ? (const uint16_t *)dense_at(m, d->scales_offset) : NULL;
+    out->biases = quant ? (const uint16_t *)dense_at(m, d->biases_offset) : NULL;
+    return FM_OK;
+}
+
+/* An f32 vector [rows] (cols == 0) or matrix [rows, cols]. */
+fm_status fm_bind_f32(fm_model *m, const fm_load_spec *spec, const float **out, int rows, int cols, const char *fmt,
+                      ...) {
+    char name[FM_MAX_NAME + 32];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    const fm_tensor_desc *d = find_tensor(spec, name);
+    if (!d) return fm_fail(FM_ERR_FORMAT, "tensor %s is missing from the model", name);
+    const int want_ndim = cols ? 2 : 1;
+    if (d->ndim != want_ndim || d->shape[0] != rows || (cols && d->shape[1] != cols))
+        return fm_fail(FM_ERR_FORMAT, "tensor %s has shape [%lld%s], the config implies [%d%s]", name,
+                       (long long)d->shape[0], d->ndim == 2 ? ", ..." : "", rows, cols ? ", ..." : "");
+    if (d->dtype != FM_F32) return fm_fail(FM_ERR_FORMAT, "tensor %s is %s, expected f32", name, dtype_name(d->dtype));
+    fm_status st = check_extent(m, d);
+    if (st != FM_OK) return st;
+    *out = (const float *)dense_at(m, d->offset);
+    return FM_OK;
+}
+
+/* ---------------------------------------------------------------- config, state and scratch */
+
+static fm_status check_config(const fm_config *c) {
+#define POS(f) \
+    if (c->f <= 0) return fm_fail(FM_ERR_INVALID, "config: " #f " must be positive, got %d", c->f)
+    POS(vocab_size); POS(hidden_size); POS(num_hidden_layers); POS(num_attention_heads); POS(num_key_value_heads);
+    POS(head_dim); POS(linear_conv_kernel_dim); POS(linear_key_head_dim); POS(linear_value_head_dim);
+    POS(linear_num_key_heads); POS(linear_num_value_heads);
+#undef POS
+    if (c->num_hidden_layers > FM_MAX_LAYERS)
+        return fm_fail(FM_ERR_INVALID, "config: %d layers, at most %d supported", c->num_hidden_layers, FM_MAX_LAYERS);
+    if (c->num_attention_heads % c->num_key_value_heads)
+        return fm_fail(FM_ERR_INVALID, "config: num_attention_heads %d not a multiple of num_key_value_heads %d",
+                       c->num_attention_heads, c->num_key_value_heads);
+    if (c->linear_num_value_heads % c->linear_num_key_heads)
+        return fm_fail(FM_ERR_INVALID, "config: linear_num_value_heads %d not a multiple of linear_num_key_heads %d",
+                       c->linear_num_value_heads, c->linear_num_key_heads);
+    const int rot = (int)(c->head_dim * c->partial_rotary_factor);
+    if (rot % 2 || rot > c->head_dim)
+        return fm_fail(FM_ERR_INVALID, "config: rotary dim %d (head_dim %d x partial_rotary_factor %g) must be even",
+                       rot, c->head_dim, c->partial_rotary_factor);
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        if (c->layer_is_moe[l] && (c->num_experts <= 0 || c->num_experts_per_tok <= 0 ||
+                                   c->num_experts_per_tok > c->num_experts || c->moe_intermediate_size <= 0 ||
+                                   c->shared_expert_intermediate_size <= 0))
+            return fm_fail(FM_ERR_INVALID, "config: layer %d is MoE but the expert sizes are invalid", l);
+        if (!c->layer_is_moe[l] && c->intermediate_size <= 0)
+            return fm_fail(FM_ERR_INVALID, "config: layer %d has a dense MLP but intermediate_size is %d", l,
+                           c->intermediate_size);
+    }
+    return FM_OK;
+}
+
+static size_t max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+static fm_status alloc_scratch(fm_model *m) {
+    const fm_config *c = &m->c;
+    const size_t C = (size_t)m->chunk, H = c->hidden_size;
+    const size_t key_dim = (size_t)c->linear_num_key_heads * c->linear_key_head_dim;
+    const size_t vdim = (size_t)c->linear_num_value_heads * c->linear_value_head_dim;
+    const size_t conv_dim = 2 * key_dim + vdim, Hv = c->linear_num_value_heads;
+    const size_t qd = (size_t)c->num_attention_heads * c->head_dim, kvd = (size_t)c->num_key_value_heads * c->head_dim;
+    const size_t E = c->num_experts > 0 ? c->num_experts : 1, k = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
+    const size_t inter = max3(c->moe_intermediate_size, c->shared_expert_intermediate_size, c->intermediate_size);
+    struct { void **p; size_t n; } parts[] = {
+        {(void **)&m->s.x, C * H}, {(void **)&m->s.xn, C * H}, {(void **)&m->s.out, C * H},
+        {(void **)&m->s.qkv, C * conv_dim}, {(void **)&m->s.conv, C * conv_dim}, {(void **)&m->s.z, C * vdim},
+        {(void **)&m->s.b, C * Hv}, {(void **)&m->s.a, C * Hv}, {(void **)&m->s.core, C * vdim},
+        {(void **)&m->s.q2, C * 2 * qd}, {(void **)&m->s.q, C * qd}, {(void **)&m->s.gate, C * qd},
+        {(void **)&m->s.k, C * kvd}, {(void **)&m->s.v, C * kvd}, {(void **)&m->s.att, C * qd},
+        {(void **)&m->s.logits, C * E}, {(void **)&m->s.topk, C * k}, {(void **)&m->s.topw, C * k},
+        {(void **)&m->s.sg, C}, {(void **)&m->s.h1, C * inter}, {(void **)&m->s.h2, C * inter},
+        {(void **)&m->s.xe, C * H}, {(void **)&m->s.ye, C * H}, {(void **)&m->s.tok, C * k}, {(void **)&m->s.wt, C * k},
+    };
+    const int n_parts = (int)(sizeof parts / sizeof parts[0]);
+    size_t total = 0;
+    for (int i = 0; i < n_parts; i++) total += (parts[i].n * 4 + 63) & ~(size_t)63; /* 4-byte elements */
+    uint8_t *mem = (uint8_t *)fm_alloc(total);
+    if (!mem) return fm_fail(FM_ERR_NOMEM, "cannot allocate %zu bytes of scratch for chunks of %zu tokens", total, C);
+    m->scratch_mem = mem;
+    for (int i = 0; i < n_parts; i++) {
+        *parts[i].p = mem;
+        mem += (parts[i].n * 4 + 63) & ~(size_t)63;
+    }
+    return FM_OK;
+}
+
+static fm_status alloc_state(fm_model *m) {
+    const fm_config *c = &m->c;
+    const size_t conv_dim = 2 * (size_t)c->linear_num_key_heads * c->linear_key_head_dim +
+                            (size_t)c->linear_num_value_heads * c->linear_value_head_dim;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        fm_layer *L = &m->layers[l];
+        if (L->full_attention) {
+            const size_t n = (size_t)m->ctx * c->num_key_value_heads * c->head_dim * sizeof(float);
+            L->k_cache = (float *)fm_alloc(n);
+            L->v_cache = (float *)fm_alloc(n);
+            if (!L->k_cache || !L->v_cache)
+                return fm_fail(FM_ERR_NOMEM, "layer %d: cannot allocate the KV cache for %d tokens", l, m->ctx);
+        } else {
+            L->conv_state = (float *)fm_alloc((size_t)(c->linear_conv_kernel_dim - 1) * conv_dim * sizeof(float));
+            L->S = (float *)fm_alloc((size_t)c->linear_num_value_heads * c->linear_key_head_dim *
+                                     c->linear_value_head_dim * sizeof(float));
+            if (!L->conv_state || !L->S) return fm_fail(FM_ERR_NOMEM, "layer %d: cannot allocate DeltaNet state", l);
+        }
+    }
+    return FM_OK;
+}
+
+void fm_model_reset(fm_model *m) {
+    const fm_config *c = &m->c;
+    const size_t conv_dim = 2 * (size_t)c->linear_num_key_heads * c->linear_key_head_dim +
+                            (size_t)c->linear_num_value_heads * c->linear_value_head_dim;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        fm_layer *L = &m->layers[l];
+        /* The KV cache needs no clearing: attention never reads past the current position. */
+        if (L->conv_state) memset(L->conv_state, 0, (size_t)(c->linear_conv_kernel_dim - 1) * conv_dim * sizeof(float));
+        if (L->S)
+            memset(L->S, 0, (size_t)c->linear_num_value_heads * c->linear_key_head_dim * c->linear_value_head_dim *
+                                sizeof(float));
+    }
+    m->pos = 0;
+}
+
+/* ---------------------------------------------------------------- load / free */
+
+fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
+    *out = NULL;
+    fm_status st = check_config(&spec->config);
+    if (st != FM_OK) return st;
+    fm_model *m = (fm_model *)calloc(1, sizeof *m);
+    if (!m) return fm_fail(FM_ERR_NOMEM, "model: out of memory");
+    m->c = spec->config;
+    switch (m->c.arch) {
+    case FM_ARCH_QWEN3_5_MOE: m->arch = &fm_arch_qwen3_5_moe; break;
+    case FM_ARCH_QWEN3_NEXT: m->arch = &fm_arch_qwen3_next; break;
+    default: free(m); return fm_fail(FM_ERR_INVALID, "unknown architecture id %d", (int)spec->config.arch);
+    }
+    m->ctx = spec->context_length > 0 ? spec->context_length : 4096;
+    m->chunk = spec->prefill_chunk > 0 ? spec->prefill_chunk : 128;
+    m->layers = (fm_layer *)calloc((size_t)m->c.num_hidden_layers, sizeof(fm_layer));
+    if (!m->layers) { st = fm_fail(FM_ERR_NOMEM, "model: out of memory"); goto fail; }
+    for (int l = 0; l < m->c.num_hidden_layers; l++) {
+        m->layers[l].full_attention = m->c.layer_is_full_attention[l];
+        m->layers[l].moe = m->c.layer_is_moe[l];
+    }
+
+    if ((st = fm_packed_read_dense(spec->dense_path, spec->dense_size, &m->dense)) != FM_OK) goto fail;
+    m->dense_size = spec->dense_size - FM_PREAMBLE_SIZE;
+    const int V = m->c.vocab_size, H = m->c.hidden_size;
+    if ((st = fm_bind_mat(m, spec, &m->embed, V, H, "embed_tokens.weight")) != FM_OK) goto fail;
+    if ((st = fm_bind_f32(m, spec, &m->norm, H, 0, "norm.weight")) != FM_OK) goto fail;
+    if (m->c.tie_word_embeddings)
+        m->lm_head = m->embed;
+    else if ((st = fm_bind_mat(m, spec, &m->lm_head, V, H, "lm_head.weight")) != FM_OK)
+        goto fail;
+    if ((st = m->arch->bind(m, spec)) != FM_OK) goto fail;
+
+    int any_moe = 0;
+    for (int l = 0; l < m->c.num_hidden_layers; l++) any_moe |= m->c.layer_is_moe[l];
+    if (any_moe) {
+        const fm_tensor_desc *ed[3] = {&spec->expert_gate, &spec->expert_up, &spec->expert_down};
+        const int I = m->c.moe_intermediate_size;
+        const int shapes[3][2] = {{I, H}, {I, H}, {H, I}};
+        for (int i = 0; i < 3; i++) {
+            const fm_tensor_desc *d = ed[i];
+            const uint64_t end_q = d->offset + fm_tensor_data_bytes(d->dtype, d->shape[0], d->shape[1]);
+            const uint64_t sb = fm_tensor_scale_bytes(d->dtype, d->shape[0], d->shape[1], d->group_size);
+            const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
+            if (d->shape[0] != shapes[i][0] || d->shape[1] != shapes[i][1]) {
+                st = fm_fail(FM_ERR_FORMAT, "expert %s has shape [%lld, %lld], the config implies [%d, %d]", d->name,
+                             (long long)d->shape[0], (long long)d->shape[1], shapes[i][0], shapes[i][1]);
+                goto fail;
+            }
+            if (end_q > spec->expert_blob_size || (quant && (d->group_size <= 0 || d->shape[1] % d->group_size ||
+                                                             d->scales_offset + sb > spec->expert_blob_size ||
+                                                             d->biases_offset + sb > spec->expert_blob_size))) {
+                st = fm_fail(FM_ERR_FORMAT, "expert %s does not fit the %llu-byte blob", d->name,
+                             (unsigned long long)spec->expert_blob_size);
+                goto fail;
+            }
+        }
+        if (spec->expert_stride < spec->expert_blob_size || spec->expert_stride % FM_PREAMBLE_SIZE) {
+            st = fm_fail(FM_ERR_FORMAT, "expert stride %llu is not a 16 KiB multiple >= blob size %llu",
+                         (unsigned long long)spec->expert_stride, (unsigned long long)spec->expert_blob_size);
+            goto fail;
+        }
+        if ((st = fm_expert_store_init(&m->experts, spec)) != FM_OK) goto fail;
+    }
+    if ((st = alloc_state(m)) != FM_OK) goto fail;
+    if ((st = alloc_scratch(m)) != FM_OK) goto fail;
+    *out = m;
+    return FM_OK;
+fail:
+    fm_model_free(m);
+    return st;
+}
+
+void fm_model_free(fm_model *m) {
+    if (!m) return;
+    if (m->layers)
+        for (int l = 0; l < m->c.num_hidden_layers; l++) {
+            fm_free(m->layers[l].conv_state);
+            fm_free(m->layers[l].S);
+            fm_free(m->layers[l].k_cache);
+            fm_free(m->layers[l].v_cache);
+        }
+    free(m->layers);
+    fm_expert_store_free(m->experts);
+    fm_free(m->dense);
+    fm_free(m->scratch_mem);
+    free(m);
+}
+
+int fm_model_position(const fm_model *m) { return m->pos; }
+int fm_model_context_length(const fm_model *m) { return m->ctx; }
+
+/* ---------------------------------------------------------------- forward */
+
+fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *logits, int all_logits) {
+    const int V = m->c.vocab_size, H = m->c.hidden_size;
+    if (n <= 0) return fm_fail(FM_ERR_INVALID, "forward: no tokens given");
+    if ((int64_t)m->pos + n > m->ctx)
+        return fm_fail(FM_ERR_CONTEXT, "forward: %d tokens at position %d exceed the context length %d", n, m->pos,
+                       m->ctx);
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= V)
+            return fm_fail(FM_ERR_INVALID, "forward: token %d at index %d is outside the vocabulary [0, %d)",
+                           tokens[i], i, V);
+    const double t0 = fm_now();
+    for (int done = 0; done < n;) {
+        const int T = n - done < m->chunk ? n - done : m->chunk;
+        for (int t = 0; t < T; t++) fm_op_get_row(&m->embed, tokens[done + t], m->s.x + (size_t)t * H);
+        fm_status st = m->arch->forward(m, m->s.x, T);
+        if (st != FM_OK) {
+            /* The state is now partly advanced: the only safe continuation is a reset. */
+            fm_model_reset(m);
+            return st;
+        }
+        m->pos += T;
+        done += T;
+        if (logits && (all_logits || done == n)) {
+            const int first = all_logits ? 0 : T - 1, rows = T - first;
+            fm_op_rmsnorm(m->s.xn, m->s.x + (size_t)first * H, m->norm, rows, H, m->c.rms_norm_eps, 1);
+            float *dst = all_logits ? logits + (size_t)(done - T) * V : logits;
+            fm_op_matmul(&m->lm_head, m->s.xn, rows, dst);
+        }
+    }
+    m->tokens += (uint64_t)n;
+    m->compute_seconds += fm_now() - t0;
+    return FM_OK;
+}
+
+/* ---------------------------------------------------------------- generation */
+
+static uint64_t rng_next(uint64_t *s) { /* xorshift64* */
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return *s * 2685821657736338717ull;
+}
+
+static int32_t pick_token(const float *logits, int V, float temperature, uint64_t *rng) {
+    int best = 0;
+    for (int i = 1; i < V; i++)
+        if (logits[i] > logits[best]) best = i;
+    if (temperature <= 0.0f) return best;
+    double sum = 0.0;
+    for (int i = 0; i < V; i++) sum += exp((double)(logits[i] - logits[best]) / temperature);
+    double u = (double)(rng_next(rng) >> 11) * (1.0 / 9007199254740992.0) * sum;
+    for (int i = 0; i < V; i++) {
+        u -= exp((double)(logits[i] - logits[best]) / temperature);
+        if (u <= 0.0) return i;
+    }
+    return best;
+}
+
+fm_status fm_model_generate(fm_model *m, const int32_t *prompt, int n_prompt, int max_tokens, float temperature,
+                            uint64_t seed, const int32_t *stop_ids, int n_stop, int32_t *out, int *n_out) {
+    *n_out = 0;
+    const int V = m->c.vocab_size;
+    float *logits = (float *)fm_alloc((size_t)V * sizeof(float));
+    if (!logits) return fm_fail(FM_ERR_NOMEM, "generate: out of memory");
+    uint64_t rng = seed ? seed : 0x9E3779B97F4A7C15ull;
+    fm_status st = fm_model_forward(m, prompt, n_prompt, logits, 0);
+    for (int i = 0; st == FM_OK && i < max_tokens; i++) {
+        const int32_t tok = pick_token(logits, V, temperature, &rng);
+        out[(*n_out)++] = tok;
+        int stop = 0;
+        for (int j = 0; j < n_stop; j++) stop |= stop_ids[j] == tok;
+        if (stop || i + 1 == max_tokens || m->pos >= m->ctx) break;
+        st = fm_model_forward(m, &tok, 1, logits, 0);
+    }
+    fm_free(logits);
+    return st;
+}
+
+void fm_model_stats(const fm_model *m, fm_stats *out) {
+    memset(out, 0, sizeof *out);
+    out->tokens = m->tokens;
+    out->compute_seconds = m->compute_seconds;
+    if (m->experts)
+        fm_expert_store_counters(m->experts, &out->expert_hits, &out->expert_misses, &out->bytes_read,
+                                 &out->io_seconds);
+}

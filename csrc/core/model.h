@@ -1,0 +1,136 @@
+/*
+ * model.h — the model's internal structs (weights, per-layer state, scratch) and the blocks shared by
+ * the architectures in csrc/models/. Shapes: H hidden, T tokens in the chunk, C the chunk capacity.
+ */
+#ifndef FM_MODEL_H
+#define FM_MODEL_H
+
+#include "../backend/ops.h"
+#include "../io/expert_store.h"
+#include "flashmoe.h"
+
+/* ---------------------------------------------------------------- weights */
+
+typedef struct {
+    fm_mat in_proj_qkv;    /* [2·Hk·dk + Hv·dv, H]: [q of all key heads | k | v] */
+    fm_mat in_proj_z;      /* [Hv·dv, H] */
+    fm_mat in_proj_b;      /* [Hv, H] */
+    fm_mat in_proj_a;      /* [Hv, H] */
+    const float *conv1d;   /* [conv_dim, K] depthwise, over [q|k|v] */
+    const float *dt_bias;  /* [Hv] */
+    const float *A_log;    /* [Hv] */
+    const float *norm;     /* [dv] gated RMSNorm weight (plain w, not 1 + w) */
+    fm_mat out_proj;       /* [H, Hv·dv] */
+} fm_deltanet_w;
+
+typedef struct {
+    fm_mat q_proj;         /* [nh·2·hd, H], per head [query(hd) | gate(hd)] */
+    fm_mat k_proj, v_proj; /* [nkv·hd, H] */
+    fm_mat o_proj;         /* [H, nh·hd] */
+    const float *q_norm;   /* [hd] zero-centred */
+    const float *k_norm;   /* [hd] zero-centred */
+} fm_attention_w;
+
+typedef struct {
+    fm_mat gate_proj, up_proj; /* [I, H] */
+    fm_mat down_proj;          /* [H, I] */
+} fm_mlp_w;
+
+typedef struct {
+    fm_mat router;      /* [E, H], never quantized */
+    fm_mlp_w shared;    /* shared expert, I = shared_expert_intermediate_size */
+    fm_mat shared_gate; /* [1, H] */
+} fm_moe_w;
+
+typedef struct {
+    const float *input_layernorm;          /* [H] */
+    const float *post_attention_layernorm; /* [H] */
+    int full_attention, moe;
+    fm_deltanet_w lin;
+    fm_attention_w attn;
+    fm_moe_w moe_w;
+    fm_mlp_w mlp; /* dense MLP layers only */
+
+    /* sequence state */
+    float *conv_state; /* [K-1, conv_dim] DeltaNet: last K-1 pre-conv inputs, oldest first */
+    float *S;          /* [Hv, dk, dv] DeltaNet recurrent state */
+    float *k_cache;    /* [ctx, nkv, hd] attention */
+    float *v_cache;    /* [ctx, nkv, hd] attention */
+} fm_layer;
+
+/* ---------------------------------------------------------------- scratch, sized for C tokens */
+
+typedef struct {
+    float *x;       /* [C, H] residual stream */
+    float *xn;      /* [C, H] normed input of a block */
+    float *out;     /* [C, H] block output */
+    /* DeltaNet */
+    float *qkv;     /* [C, conv_dim] pre-conv */
+    float *conv;    /* [C, conv_dim] post-conv q|k|v */
+    float *z;       /* [C, Hv·dv] */
+    float *b, *a;   /* [C, Hv] -> beta, g */
+    float *core;    /* [C, Hv·dv] */
+    /* attention */
+    float *q2;      /* [C, nh·2·hd] */
+    float *q;       /* [C, nh·hd] */
+    float *gate;    /* [C, nh·hd] */
+    float *k, *v;   /* [C, nkv·hd] */
+    float *att;     /* [C, nh·hd] */
+    /* MoE */
+    float *logits;  /* [C, E] router logits */
+    int32_t *topk;  /* [C, k] */
+    float *topw;    /* [C, k] */
+    float *sg;      /* [C] shared expert gate */
+    float *h1, *h2; /* [C, max(I, Is, Imlp)] */
+    float *xe;      /* [C, H] tokens routed to one expert, gathered */
+    float *ye;      /* [C, H] */
+    int32_t *tok;   /* [C] token index of each gathered row */
+    float *wt;      /* [C] routing weight of each gathered row */
+} fm_scratch;
+
+/* ---------------------------------------------------------------- the model */
+
+typedef struct fm_arch_ops {
+    const char *name;
+    fm_status (*bind)(fm_model *m, const fm_load_spec *spec); /* weights from the dense file */
+    fm_status (*forward)(fm_model *m, float *x, int T);       /* x [T, H] through all layers */
+} fm_arch_ops;
+
+struct fm_model {
+    fm_config c;
+    const fm_arch_ops *arch;
+    uint8_t *dense;        /* dense.bin payload */
+    uint64_t dense_size;   /* payload bytes */
+    fm_mat embed;          /* [V, H] */
+    fm_mat lm_head;        /* [V, H] (embed when tied) */
+    const float *norm;     /* [H] final norm */
+    fm_layer *layers;      /* [L] */
+    fm_expert_store *experts;
+    fm_scratch s;
+    void *scratch_mem;
+    int ctx, chunk, pos;
+    double compute_seconds;
+    uint64_t tokens;
+};
+
+/* Weight binding by name from the load spec, checking shape and dtype against the config. */
+fm_status fm_bind_mat(fm_model *m, const fm_load_spec *spec, fm_mat *out, int rows, int cols, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+fm_status fm_bind_f32(fm_model *m, const fm_load_spec *spec, const float **out, int rows, int cols,
+                      const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+
+/* Blocks shared by the architectures (csrc/core/blocks.c). xn [T, H] in, out [T, H]. */
+fm_status fm_bind_deltanet(fm_model *m, const fm_load_spec *spec, int l, fm_deltanet_w *w);
+fm_status fm_bind_attention(fm_model *m, const fm_load_spec *spec, int l, fm_attention_w *w);
+fm_status fm_bind_moe(fm_model *m, const fm_load_spec *spec, int l, fm_moe_w *w);
+fm_status fm_bind_mlp(fm_model *m, const fm_load_spec *spec, fm_mlp_w *w, int inter, const char *prefix);
+
+void fm_block_deltanet(fm_model *m, fm_layer *L, const float *xn, float *out, int T);
+void fm_block_attention(fm_model *m, fm_layer *L, const float *xn, float *out, int T, int pos0);
+fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *xn, float *out, int T, int norm_topk);
+void fm_block_mlp(fm_model *m, const fm_mlp_w *w, const float *xn, float *out, int T);
+
+extern const fm_arch_ops fm_arch_qwen3_5_moe;
+extern const fm_arch_ops fm_arch_qwen3_next;
+
+#endif /* FM_MODEL_H */

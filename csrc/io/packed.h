@@ -1,0 +1,29 @@
+/* packed.h — the binary side of the packed format (docs/FORMAT.md): preambles and the dense file. */
+#ifndef FM_PACKED_H
+#define FM_PACKED_H
+
+#include <stdint.h>
+
+#include "flashmoe.h"
+
+enum {
+    FM_PREAMBLE_SIZE = 16384,
+    FM_PREAMBLE_FIELDS = 32, /* bytes of the preamble that carry fields */
+    FM_FORMAT_VERSION = 1,
+    FM_KIND_DENSE = 1,
+    FM_KIND_EXPERTS = 2,
+};
+
+/* Check the first FM_PREAMBLE_FIELDS bytes of a packed binary file against what the header says. */
+fm_status fm_packed_check_preamble(const uint8_t *pre, const char *path, uint32_t kind, uint32_t layer,
+                                   uint32_t n_experts, uint64_t payload);
+
+/* Read the whole of dense.bin (after checking its size and preamble) into a 64-byte aligned buffer.
+ * Tensor offsets in the header are file offsets, so the buffer is indexed by offset - preamble. */
+fm_status fm_packed_read_dense(const char *path, uint64_t size, uint8_t **out);
+
+/* Size in bytes of the data of a tensor, and of each of its scales/biases arrays (0 if unquantized). */
+uint64_t fm_tensor_data_bytes(fm_dtype dtype, int64_t rows, int64_t cols);
+uint64_t fm_tensor_scale_bytes(fm_dtype dtype, int64_t rows, int64_t cols, int group_size);
+
+#endif /* FM_PACKED_H */

@@ -1,0 +1,51 @@
+/*
+ * qwen3_5_moe.c — Qwen3.5-MoE (Qwen3.5-397B-A17B, -122B-A10B, -35B-A3B), text decoder.
+ * HF: transformers/models/qwen3_5_moe/modeling_qwen3_5_moe.py, Qwen3_5MoeTextModel.
+ *
+ * Every layer: h += mixer(ZCNorm(h)); h += moe(ZCNorm(h)). The mixer is gated full attention when
+ * layer_types[i] == "full_attention" (every 4th layer), else Gated DeltaNet. Every layer is MoE
+ * (router softmax → top-k → renormalise, plus the sigmoid-gated shared expert).
+ */
+#include "../core/model.h"
+#include "../core/util.h"
+
+static fm_status bind(fm_model *m, const fm_load_spec *spec) {
+    const int H = m->c.hidden_size;
+    fm_status st;
+    for (int l = 0; l < m->c.num_hidden_layers; l++) {
+        fm_layer *L = &m->layers[l];
+        if (!L->moe) return fm_fail(FM_ERR_INVALID, "qwen3_5_moe: layer %d is not MoE; every layer must be", l);
+        if ((st = fm_bind_f32(m, spec, &L->input_layernorm, H, 0, "layers.%d.input_layernorm.weight", l))) return st;
+        if ((st = fm_bind_f32(m, spec, &L->post_attention_layernorm, H, 0, "layers.%d.post_attention_layernorm.weight", l)))
+            return st;
+        st = L->full_attention ? fm_bind_attention(m, spec, l, &L->attn) : fm_bind_deltanet(m, spec, l, &L->lin);
+        if (st) return st;
+        if ((st = fm_bind_moe(m, spec, l, &L->moe_w))) return st;
+    }
+    return FM_OK;
+}
+
+/* x [T, H]: the residual stream of T tokens at positions m->pos .. m->pos + T - 1. */
+static fm_status forward(fm_model *m, float *x, int T) {
+    const fm_config *c = &m->c;
+    const int H = c->hidden_size;
+    float *xn = m->s.xn, *out = m->s.out; /* [T, H] each */
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        fm_layer *L = &m->layers[l];
+        /* HF: hidden = residual + mixer(input_layernorm(hidden)) */
+        fm_op_rmsnorm(xn, x, L->input_layernorm, T, H, c->rms_norm_eps, 1);
+        if (L->full_attention)
+            fm_block_attention(m, L, xn, out, T, m->pos);
+        else
+            fm_block_deltanet(m, L, xn, out, T);
+        for (size_t i = 0; i < (size_t)T * H; i++) x[i] += out[i];
+        /* HF: hidden = residual + mlp(post_attention_layernorm(hidden)) */
+        fm_op_rmsnorm(xn, x, L->post_attention_layernorm, T, H, c->rms_norm_eps, 1);
+        fm_status st = fm_block_moe(m, l, &L->moe_w, xn, out, T, /*norm_topk=*/1);
+        if (st != FM_OK) return st;
+        for (size_t i = 0; i < (size_t)T * H; i++) x[i] += out[i];
+    }
+    return FM_OK;
+}
+
+const fm_arch_ops fm_arch_qwen3_5_moe = {"qwen3_5_moe", bind, forward};

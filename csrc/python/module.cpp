@@ -1,0 +1,304 @@
+// module.cpp — flashmoe._core: a thin pybind11 binding. No logic: it converts the load spec built by
+// python/flashmoe/model.py into fm_load_spec, releases the GIL around compute, and turns fm_status
+// into the Python exceptions of flashmoe.errors in one place (raise_status).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+extern "C" {
+#include "../backend/ops.h"
+#include "flashmoe.h"
+}
+
+namespace py = pybind11;
+
+[[noreturn]] static void raise_status(fm_status st) {
+    py::module_ errors = py::module_::import("flashmoe.errors");
+    const char *cls = "FlashMoEError";
+    switch (st) {
+    case FM_ERR_FORMAT: cls = "FormatError"; break;
+    case FM_ERR_CONTEXT: cls = "ContextLengthError"; break;
+    case FM_ERR_IO: cls = "ReadError"; break;
+    default: break;
+    }
+    PyErr_SetString(errors.attr(cls).ptr(), fm_last_error());
+    throw py::error_already_set();
+}
+
+static void check(fm_status st) {
+    if (st != FM_OK) raise_status(st);
+}
+
+static fm_tensor_desc to_desc(const py::dict &d) {
+    fm_tensor_desc t;
+    std::memset(&t, 0, sizeof t);
+    std::string name = d["name"].cast<std::string>();
+    if (name.size() >= sizeof t.name) throw py::value_error("tensor name too long: " + name);
+    std::memcpy(t.name, name.c_str(), name.size() + 1);
+    t.dtype = (fm_dtype)d["dtype"].cast<int>();
+    auto shape = d["shape"].cast<std::vector<int64_t>>();
+    if (shape.empty() || shape.size() > 2) throw py::value_error("tensor " + name + ": only 1-D and 2-D tensors");
+    t.ndim = (int)shape.size();
+    for (size_t i = 0; i < shape.size(); i++) t.shape[i] = shape[i];
+    t.group_size = d.contains("group_size") ? d["group_size"].cast<int>() : 0;
+    t.offset = d["offset"].cast<uint64_t>();
+    t.nbytes = d["nbytes"].cast<uint64_t>();
+    t.scales_offset = d.contains("scales_offset") ? d["scales_offset"].cast<uint64_t>() : 0;
+    t.biases_offset = d.contains("biases_offset") ? d["biases_offset"].cast<uint64_t>() : 0;
+    return t;
+}
+
+class Model {
+  public:
+    explicit Model(const py::dict &spec) {
+        fm_load_spec s;
+        std::memset(&s, 0, sizeof s);
+        fm_config &c = s.config;
+        py::dict cfg = spec["config"].cast<py::dict>();
+        auto geti = [&](const char *k) { return cfg[k].cast<int>(); };
+        c.arch = (fm_arch)spec["arch"].cast<int>();
+        c.vocab_size = geti("vocab_size");
+        c.hidden_size = geti("hidden_size");
+        c.num_hidden_layers = geti("num_hidden_layers");
+        c.num_attention_heads = geti("num_attention_heads");
+        c.num_key_value_heads = geti("num_key_value_heads");
+        c.head_dim = geti("head_dim");
+        c.linear_conv_kernel_dim = geti("linear_conv_kernel_dim");
+        c.linear_key_head_dim = geti("linear_key_head_dim");
+        c.linear_value_head_dim = geti("linear_value_head_dim");
+        c.linear_num_key_heads = geti("linear_num_key_heads");
+        c.linear_num_value_heads = geti("linear_num_value_heads");
+        c.num_experts = geti("num_experts");
+        c.num_experts_per_tok = geti("num_experts_per_tok");
+        c.moe_intermediate_size = geti("moe_intermediate_size");
+        c.shared_expert_intermediate_size = geti("shared_expert_intermediate_size");
+        c.intermediate_size = geti("intermediate_size");
+        c.norm_topk_prob = geti("norm_topk_prob");
+        c.tie_word_embeddings = geti("tie_word_embeddings");
+        c.rms_norm_eps = cfg["rms_norm_eps"].cast<float>();
+        c.rope_theta = cfg["rope_theta"].cast<float>();
+        c.partial_rotary_factor = cfg["partial_rotary_factor"].cast<float>();
+        auto full = spec["layer_is_full_attention"].cast<std::vector<int>>();
+        auto moe = spec["layer_is_moe"].cast<std::vector<int>>();
+        if ((int)full.size() != c.num_hidden_layers || (int)moe.size() != c.num_hidden_layers ||
+            c.num_hidden_layers > FM_MAX_LAYERS)
+            throw py::value_error("layer kinds do not match num_hidden_layers");
+        for (int l = 0; l < c.num_hidden_layers; l++) {
+            c.layer_is_full_attention[l] = (uint8_t)full[l];
+            c.layer_is_moe[l] = (uint8_t)moe[l];
+        }
+
+        dense_path_ = spec["dense_path"].cast<std::string>();
+        s.dense_path = dense_path_.c_str();
+        s.dense_size = spec["dense_size"].cast<uint64_t>();
+        for (auto item : spec["dense"].cast<py::list>()) dense_.push_back(to_desc(item.cast<py::dict>()));
+        s.dense = dense_.data();
+        s.n_dense = (int)dense_.size();
+
+        for (auto item : spec["expert_paths"].cast<py::list>())
+            expert_path_strs_.push_back(item.is_none() ? std::string() : item.cast<std::string>());
+        for (auto &p : expert_path_strs_) expert_paths_.push_back(p.empty() ? nullptr : p.c_str());
+        expert_sizes_ = spec["expert_file_sizes"].cast<std::vector<uint64_t>>();
+        checksums_ = spec["expert_checksums"].cast<std::vector<uint32_t>>();
+        if (!expert_paths_.empty()) {
+            if ((int)expert_paths_.size() != c.num_hidden_layers || expert_sizes_.size() != expert_paths_.size() ||
+                checksums_.size() != (size_t)c.num_hidden_layers * (size_t)(c.num_experts > 0 ? c.num_experts : 0))
+                throw py::value_error("expert file list does not match the layers");
+            s.expert_paths = expert_paths_.data();
+            s.expert_file_sizes = expert_sizes_.data();
+            s.expert_checksums = checksums_.data();
+            s.expert_blob_size = spec["expert_blob_size"].cast<uint64_t>();
+            s.expert_stride = spec["expert_stride"].cast<uint64_t>();
+            auto ex = spec["expert_tensors"].cast<py::list>();
+            s.expert_gate = to_desc(ex[0].cast<py::dict>());
+            s.expert_up = to_desc(ex[1].cast<py::dict>());
+            s.expert_down = to_desc(ex[2].cast<py::dict>());
+        }
+        s.context_length = spec["context_length"].cast<int>();
+        s.prefill_chunk = spec["prefill_chunk"].cast<int>();
+        s.expert_cache_slots = spec["expert_cache_slots"].cast<int>();
+        s.verify_checksums = spec["verify_checksums"].cast<bool>() ? 1 : 0;
+        vocab_ = c.vocab_size;
+
+        fm_status st;
+        {
+            py::gil_scoped_release release;
+            st = fm_model_load(&s, &m_);
+        }
+        check(st);
+    }
+    ~Model() { fm_model_free(m_); }
+    Model(const Model &) = delete;
+    Model &operator=(const Model &) = delete;
+
+    py::array_t<float> forward(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, bool all_logits) {
+        const int n = (int)tokens.size();
+        py::array_t<float> out = all_logits ? py::array_t<float>({n, vocab_}) : py::array_t<float>({1, vocab_});
+        const int32_t *tok = tokens.data();
+        float *dst = out.mutable_data();
+        fm_status st;
+        {
+            py::gil_scoped_release release;
+            st = fm_model_forward(m_, tok, n, dst, all_logits ? 1 : 0);
+        }
+        check(st);
+        return out;
+    }
+
+    std::vector<int32_t> generate(py::array_t<int32_t, py::array::c_style | py::array::forcecast> prompt,
+                                  int max_tokens, float temperature, uint64_t seed, std::vector<int32_t> stop_ids) {
+        if (max_tokens < 0) throw py::value_error("max_tokens must be >= 0");
+        std::vector<int32_t> out((size_t)max_tokens + 1);
+        int n_out = 0;
+        const int32_t *p = prompt.data();
+        const int n_prompt = (int)prompt.size();
+        fm_status st;
+        {
+            py::gil_scoped_release release;
+            st = fm_model_generate(m_, p, n_prompt, max_tokens, temperature, seed, stop_ids.data(),
+                                   (int)stop_ids.size(), out.data(), &n_out);
+        }
+        check(st);
+        out.resize((size_t)n_out);
+        return out;
+    }
+
+    void reset() { fm_model_reset(m_); }
+    int position() const { return fm_model_position(m_); }
+    int context_length() const { return fm_model_context_length(m_); }
+
+    py::dict stats() const {
+        fm_stats s;
+        fm_model_stats(m_, &s);
+        py::dict d;
+        d["tokens"] = s.tokens;
+        d["expert_hits"] = s.expert_hits;
+        d["expert_misses"] = s.expert_misses;
+        d["bytes_read"] = s.bytes_read;
+        d["io_seconds"] = s.io_seconds;
+        d["compute_seconds"] = s.compute_seconds;
+        return d;
+    }
+
+  private:
+    fm_model *m_ = nullptr;
+    int vocab_ = 0;
+    std::string dense_path_;
+    std::vector<fm_tensor_desc> dense_;
+    std::vector<std::string> expert_path_strs_;
+    std::vector<const char *> expert_paths_;
+    std::vector<uint64_t> expert_sizes_;
+    std::vector<uint32_t> checksums_;
+};
+
+// ---------------------------------------------------------------- ops, for the kernel tests
+
+using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+static fm_mat make_mat(int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs) {
+    fm_mat w;
+    w.dtype = (fm_dtype)dtype;
+    w.rows = rows;
+    w.cols = cols;
+    w.group_size = gs;
+    w.data = data.data();
+    w.scales = scales.is_none() ? nullptr : (const uint16_t *)scales.cast<py::array>().data();
+    w.biases = biases.is_none() ? nullptr : (const uint16_t *)biases.cast<py::array>().data();
+    return w;
+}
+
+static f32arr copy(const f32arr &a) { return f32arr(py::array(a.request())).attr("copy")().cast<f32arr>(); }
+
+static void bind_ops(py::module_ &m) {
+    m.def("op_matmul", [](int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
+                          f32arr x) {
+        fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs);
+        const int T = (int)(x.size() / cols);
+        f32arr y({T, rows});
+        fm_op_matmul(&w, x.data(), T, y.mutable_data());
+        return y;
+    });
+    m.def("op_get_row", [](int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
+                           int r) {
+        fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs);
+        f32arr y(cols);
+        fm_op_get_row(&w, r, y.mutable_data());
+        return y;
+    });
+    m.def("op_rmsnorm", [](f32arr x, f32arr w, float eps, bool zc) {
+        const int n = (int)w.size(), T = (int)(x.size() / n);
+        f32arr y({T, n});
+        fm_op_rmsnorm(y.mutable_data(), x.data(), w.data(), T, n, eps, zc);
+        return y;
+    });
+    m.def("op_l2norm", [](f32arr x, float eps, float scale) {
+        f32arr y = copy(x);
+        const int n = (int)x.shape(x.ndim() - 1);
+        fm_op_l2norm(y.mutable_data(), (int)(x.size() / n), n, eps, scale);
+        return y;
+    });
+    m.def("op_rope", [](f32arr x, int rot_dim, int pos0, float theta) {  // x [T, heads, hd]
+        f32arr y = copy(x);
+        fm_op_rope(y.mutable_data(), (int)x.shape(0), (int)x.shape(1), (int)x.shape(2), rot_dim, pos0, theta);
+        return y;
+    });
+    m.def("op_silu_mul", [](f32arr gate, f32arr up) {
+        f32arr y = copy(gate);
+        fm_op_silu_mul(y.mutable_data(), gate.data(), up.data(), 1, (int)gate.size());
+        return y;
+    });
+    m.def("op_attention", [](f32arr q, f32arr kc, f32arr vc, int pos0, float scale) {  // q [T, nh, hd]
+        const int T = (int)q.shape(0), nh = (int)q.shape(1), hd = (int)q.shape(2), nkv = (int)kc.shape(1);
+        if (kc.shape(0) < pos0 + T) throw py::value_error("cache shorter than pos0 + T");
+        f32arr y({T, nh, hd});
+        fm_op_attention(y.mutable_data(), q.data(), kc.data(), vc.data(), T, pos0, nh, nkv, hd, scale);
+        return y;
+    });
+    m.def("op_conv1d_silu", [](f32arr x, f32arr state, f32arr w) {  // x [T, C], state [K-1, C], w [C, K]
+        const int T = (int)x.shape(0), C = (int)x.shape(1), K = (int)w.shape(1);
+        f32arr y({T, C});
+        f32arr st = copy(state);
+        fm_op_conv1d_silu(y.mutable_data(), x.data(), st.mutable_data(), w.data(), T, C, K);
+        return py::make_tuple(y, st);
+    });
+    m.def("op_gated_delta", [](f32arr q, f32arr k, f32arr v, f32arr g, f32arr beta, f32arr S) {
+        const int T = (int)q.shape(0), Hk = (int)q.shape(1), dk = (int)q.shape(2), Hv = (int)v.shape(1),
+                  dv = (int)v.shape(2);
+        f32arr y({T, Hv, dv});
+        f32arr s2 = copy(S);
+        fm_op_gated_delta(y.mutable_data(), s2.mutable_data(), q.data(), k.data(), v.data(), g.data(), beta.data(),
+                          T, Hk, Hv, dk, dv);
+        return py::make_tuple(y, s2);
+    });
+    m.def("op_topk_softmax", [](f32arr logits, int k, bool norm) {
+        const int n = (int)logits.size();
+        if (k < 1 || k > n) throw py::value_error("k out of range");
+        py::array_t<int32_t> idx(k);
+        f32arr w(k);
+        fm_op_topk_softmax(logits.data(), n, k, norm, idx.mutable_data(), w.mutable_data());
+        return py::make_tuple(idx, w);
+    });
+}
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "flashmoe compiled core";
+    py::class_<Model>(m, "Model")
+        .def(py::init<const py::dict &>())
+        .def("forward", &Model::forward, py::arg("tokens"), py::arg("all_logits") = true)
+        .def("generate", &Model::generate)
+        .def("reset", &Model::reset)
+        .def_property_readonly("position", &Model::position)
+        .def_property_readonly("context_length", &Model::context_length)
+        .def("stats", &Model::stats);
+    bind_ops(m);
+    m.attr("F32") = (int)FM_F32;
+    m.attr("BF16") = (int)FM_BF16;
+    m.attr("Q8") = (int)FM_Q8;
+    m.attr("Q4") = (int)FM_Q4;
+    m.attr("ARCH_QWEN3_5_MOE") = (int)FM_ARCH_QWEN3_5_MOE;
+    m.attr("ARCH_QWEN3_NEXT") = (int)FM_ARCH_QWEN3_NEXT;
+}
