@@ -1,0 +1,287 @@
+"""Writer, validator and reader of the packed format (docs/FORMAT.md is the contract).
+
+PackedWriter streams tensors to disk as they come; read_header validates a packed directory completely
+before the engine hands its offsets to C; PackedReader dequantizes tensors for tests and debugging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import threading
+import zlib
+
+import numpy as np
+
+from . import arch as _arch
+from . import quant
+from .errors import ConversionError, FormatError
+
+MAGIC = b"FLASHMOE"
+VERSION = 1
+PREAMBLE = 16384
+KIND_DENSE = 1
+KIND_EXPERTS = 2
+ALIGN = 64
+BLOB_ALIGN = 16384
+NO_LAYER = 0xFFFFFFFF
+HEADER_NAME = "flashmoe.json"
+DENSE_NAME = "dense.bin"
+EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+_PREAMBLE_FMT = "<8sIIQII"  # magic, version, kind, payload size, layer, num_experts
+_CHUNK_ELEMS = 1 << 24  # rows are converted in chunks of ~16M elements (64 MB of float32)
+
+
+def _align(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def expert_file_name(layer: int) -> str:
+    return f"experts/L{layer:03d}.bin"
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """pwrite may write less than asked (Linux caps one call near 2 GiB); loop until done."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _preamble(kind: int, payload: int, layer: int, num_experts: int) -> bytes:
+    head = struct.pack(_PREAMBLE_FMT, MAGIC, VERSION, kind, payload, layer, num_experts)
+    return head + bytes(PREAMBLE - len(head))
+
+
+def _section_layout(shape, dtype: str, group_size: int | None, offset: int) -> tuple[dict, int]:
+    """Entry (offsets from `offset` on, each section 64-aligned) and the end of its last section."""
+    out = shape[0]
+    numel = math.prod(shape)
+    entry = {"dtype": dtype, "shape": list(shape)}
+    off = _align(offset)
+    if dtype in ("q4", "q8"):
+        nbytes = out * quant.packed_cols(shape[1], 4 if dtype == "q4" else 8)
+        sbytes = out * (shape[1] // group_size) * 2
+        s_off = _align(off + nbytes)
+        b_off = _align(s_off + sbytes)
+        entry.update(group_size=group_size, offset=off, nbytes=nbytes, scales_offset=s_off, biases_offset=b_off)
+        return entry, b_off + sbytes
+    nbytes = numel * (4 if dtype == "f32" else 2)
+    entry.update(offset=off, nbytes=nbytes)
+    return entry, off + nbytes
+
+
+def _encode(a, dtype: str) -> np.ndarray:
+    """A float array (float32/float16/bf16-as-uint16) in f32 or bf16 encoding."""
+    if dtype == "f32":
+        return quant.to_f32(a)
+    if a.dtype == np.uint16:
+        return np.ascontiguousarray(a)
+    return quant.f32_to_bf16(quant.to_f32(a))
+
+
+class PackedWriter:
+    """Streams a packed model to `out_dir`.
+
+    Arrays passed in are float32, float16, or uint16 holding bfloat16 bits (numpy has no bfloat16).
+    add_expert is thread-safe, so experts can be encoded in parallel.
+    """
+
+    def __init__(self, out_dir, architecture: str, config: dict, bits: int = 4, group_size: int = 64):
+        if architecture not in _arch.ARCHITECTURES:
+            raise ConversionError(f"unknown architecture {architecture!r}")
+        if bits not in (4, 8, 16):
+            raise ConversionError(f"bits must be 4, 8 or 16, got {bits}")
+        if bits != 16 and (group_size < quant.MIN_GROUP_SIZE or group_size & (group_size - 1)):
+            raise ConversionError(f"group_size must be a power of two >= 16, got {group_size}")
+        self.dir = os.fspath(out_dir)
+        self.architecture, self.config, self.bits, self.group_size = architecture, config, bits, group_size
+        self._specs = _arch.packed_dense_specs(architecture, config)
+        self._moe = _arch.moe_layers(architecture, config)
+        self._num_experts = config["num_experts"]
+        os.makedirs(os.path.join(self.dir, "experts"), exist_ok=True)
+        # A header left from an earlier run must not describe the files we are about to rewrite.
+        for stale in (HEADER_NAME, HEADER_NAME + ".tmp"):
+            if os.path.exists(os.path.join(self.dir, stale)):
+                os.remove(os.path.join(self.dir, stale))
+        self._dense_fd = os.open(os.path.join(self.dir, DENSE_NAME), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self._dense_fd, bytes(PREAMBLE), 0)
+        self._dense_pos = PREAMBLE
+        self._tensors: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._layers: dict[int, dict] = {}
+        self.expert_tensors, self.blob_size = self._expert_layout()
+        self.stride = _align(self.blob_size, BLOB_ALIGN)
+
+    # -- dense ---------------------------------------------------------------------------------------
+    def _quantized_dtype(self, name: str, in_features: int):
+        if self.bits == 16:
+            return "bf16", None
+        return f"q{self.bits}", quant.pick_group_size(in_features, self.group_size, name)
+
+    def add_dense(self, name: str, array, quantize: bool) -> None:
+        """Append one dense tensor. quantize=True for projections/embeddings; else kept high precision."""
+        spec = self._specs.get(name)
+        if spec is None:
+            raise ConversionError(f"{name}: not a tensor of a {self.architecture} model with this config")
+        if name in self._tensors:
+            raise ConversionError(f"{name}: written twice")
+        if tuple(array.shape) != tuple(spec[0]):
+            raise ConversionError(f"{name}: shape {list(array.shape)}, the config implies {list(spec[0])}")
+        if quantize:
+            dtype, g = self._quantized_dtype(name, array.shape[1])
+        else:
+            g = None
+            role = _arch.role_of(name, array.ndim)
+            dtype = "bf16" if role == _arch.HP and array.dtype == np.uint16 else "f32"
+        entry, end = _section_layout(array.shape, dtype, g, self._dense_pos)
+        rows = array.shape[0] if array.ndim == 2 else 1
+        flat = array.reshape(rows, -1)
+        cols = flat.shape[1]
+        step = max(1, _CHUNK_ELEMS // max(cols, 1))
+        for r0 in range(0, rows, step):
+            chunk = flat[r0:r0 + step]
+            if dtype in ("q4", "q8"):
+                q, s, b = quant.quantize(quant.to_f32(chunk), self.bits, g)
+                srow = (cols // g) * 2
+                _pwrite_all(self._dense_fd, q, entry["offset"] + r0 * q.shape[1])
+                _pwrite_all(self._dense_fd, s, entry["scales_offset"] + r0 * srow)
+                _pwrite_all(self._dense_fd, b, entry["biases_offset"] + r0 * srow)
+            else:
+                enc = _encode(chunk, dtype)
+                _pwrite_all(self._dense_fd, enc, entry["offset"] + r0 * cols * enc.itemsize)
+        self._tensors[name] = entry
+        self._dense_pos = end
+
+    # -- experts -------------------------------------------------------------------------------------
+    def _expert_layout(self):
+        tensors, pos = {}, 0
+        for name, shape in _arch.expert_shapes(self.config).items():
+            dtype, g = self._quantized_dtype(f"mlp.experts.{name}", shape[1])
+            tensors[name], pos = _section_layout(shape, dtype, g, pos)
+        return tensors, _align(pos)
+
+    def encode_expert(self, gate, up, down) -> bytearray:
+        """One expert's blob (blob_size bytes), without padding."""
+        blob = bytearray(self.blob_size)
+        view = memoryview(blob)
+        for name, w in zip(EXPERT_NAMES, (gate, up, down)):
+            t = self.expert_tensors[name]
+            if tuple(w.shape) != tuple(t["shape"]):
+                raise ConversionError(f"expert {name}: shape {list(w.shape)}, the config implies {t['shape']}")
+            if t["dtype"] == "bf16":
+                parts = [(t["offset"], _encode(w, "bf16"))]
+            else:
+                q, s, b = quant.quantize(quant.to_f32(w), self.bits, t["group_size"])
+                parts = [(t["offset"], q), (t["scales_offset"], s), (t["biases_offset"], b)]
+            for off, arr in parts:
+                raw = arr.tobytes()
+                view[off:off + len(raw)] = raw
+        return blob
+
+    def add_expert(self, layer: int, e: int, gate, up, down) -> None:
+        """Write expert e of `layer` (gate [I,H], up [I,H], down [H,I]); any order, each exactly once."""
+        if layer not in self._moe:
+            raise ConversionError(f"layer {layer} has no routed experts in this config")
+        if not 0 <= e < self._num_experts:
+            raise ConversionError(f"layer {layer}: expert index {e} out of range 0..{self._num_experts - 1}")
+        with self._lock:
+            st = self._layers.get(layer)
+            if st is None:
+                path = os.path.join(self.dir, expert_file_name(layer))
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                st = self._layers[layer] = {"fd": fd, "claimed": set(), "written": 0,
+                                            "crc": [None] * self._num_experts}
+            if e in st["claimed"]:
+                raise ConversionError(f"layer {layer} expert {e}: written twice")
+            st["claimed"].add(e)
+        try:
+            blob = self.encode_expert(gate, up, down)
+        except ConversionError as exc:
+            raise ConversionError(f"layer {layer} expert {e}: {exc}") from None
+        _pwrite_all(st["fd"], blob, PREAMBLE + e * self.stride)
+        with self._lock:
+            st["crc"][e] = zlib.crc32(blob)
+            st["written"] += 1
+            if st["written"] == self._num_experts:
+                self._close_layer(layer, st)
+
+    def _close_layer(self, layer: int, st: dict) -> None:
+        payload = self._num_experts * self.stride
+        os.pwrite(st["fd"], _preamble(KIND_EXPERTS, payload, layer, self._num_experts), 0)
+        os.ftruncate(st["fd"], PREAMBLE + payload)  # zero padding after the last blob
+        os.fsync(st["fd"])
+        os.close(st["fd"])
+        st["fd"] = None
+
+    # -- finish --------------------------------------------------------------------------------------
+    def finish(self, source: dict | None = None) -> dict:
+        """Check completeness, write preambles and then the header (atomically). Returns the header."""
+        missing = [n for n in self._specs if n not in self._tensors]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ConversionError(f"dense tensors never written: {', '.join(missing[:5])}{more}")
+        layers = []
+        for layer in self._moe:
+            st = self._layers.get(layer)
+            if st is None or st["written"] != self._num_experts:
+                got = set() if st is None else st["claimed"]
+                lost = [e for e in range(self._num_experts) if e not in got]
+                raise ConversionError(f"layer {layer}: experts never written: {lost[:10]}"
+                                      + (" ..." if len(lost) > 10 else ""))
+            size = PREAMBLE + self._num_experts * self.stride
+            layers.append({"layer": layer, "file": expert_file_name(layer), "size": size,
+                           "num_experts": self._num_experts, "checksums": st["crc"]})
+        payload = _align(self._dense_pos) - PREAMBLE
+        os.pwrite(self._dense_fd, _preamble(KIND_DENSE, payload, NO_LAYER, 0), 0)
+        os.ftruncate(self._dense_fd, PREAMBLE + payload)
+        os.fsync(self._dense_fd)
+        os.close(self._dense_fd)
+        self._dense_fd = None
+        qinfo = {"bits": self.bits, "mode": "none" if self.bits == 16 else "affine", "scale_dtype": "float16"}
+        if self.bits != 16:
+            qinfo["group_size"] = self.group_size
+        from . import __version__
+
+        header = {
+            "format": "flashmoe",
+            "version": VERSION,
+            "architecture": self.architecture,
+            "config": self.config,
+            "quantization": qinfo,
+            "dense": {"file": DENSE_NAME, "size": PREAMBLE + payload, "tensors": self._tensors},
+            "experts": {"blob_size": self.blob_size, "stride": self.stride,
+                        "tensors": self.expert_tensors, "layers": layers},
+            "source": {"converter": f"flashmoe {__version__}", **(source or {})},
+        }
+        tmp = os.path.join(self.dir, HEADER_NAME + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(header, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.dir, HEADER_NAME))
+        return header
+
+    def close(self) -> None:
+        """Release file descriptors without writing a header (after an error)."""
+        if self._dense_fd is not None:
+            os.close(self._dense_fd)
+            self._dense_fd = None
+        for st in self._layers.values():
+            if st["fd"] is not None:
+                os.close(st["fd"])
+                st["fd"] = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+from .reader import PackedReader, read_header  # noqa: E402  (re-exported: the format's public API)
+
+__all__ = ["PackedWriter", "PackedReader", "read_header", "MAGIC", "VERSION", "PREAMBLE", "KIND_DENSE",
+           "KIND_EXPERTS", "ALIGN", "BLOB_ALIGN"]

@@ -1,0 +1,266 @@
+"""Validation and reading of packed model directories (docs/FORMAT.md).
+
+read_header is what the engine's loader calls before handing offsets to C: it checks every fact the C
+side relies on (files, sizes, preambles, tensor names, shapes, dtypes, offsets, alignment) and raises
+FormatError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import zlib
+
+import numpy as np
+
+from . import arch as _arch
+from . import quant
+from .errors import FormatError
+from .format import (ALIGN, BLOB_ALIGN, EXPERT_NAMES, HEADER_NAME, KIND_DENSE, KIND_EXPERTS, MAGIC, NO_LAYER,
+                     PREAMBLE, VERSION, _PREAMBLE_FMT)
+
+_DTYPES = ("f32", "bf16", "q4", "q8")
+_ALLOWED = {_arch.QUANT: ("q4", "q8", "bf16", "f32"), _arch.HP: ("bf16", "f32"), _arch.F32: ("f32",)}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_preamble(path: str, kind: int, layer: int, num_experts: int, size: int) -> None:
+    with open(path, "rb") as f:
+        head = f.read(struct.calcsize(_PREAMBLE_FMT))
+    if len(head) < struct.calcsize(_PREAMBLE_FMT):
+        raise FormatError(f"{path}: file too short for its preamble")
+    magic, version, k, payload, lyr, n = struct.unpack(_PREAMBLE_FMT, head)
+    if magic != MAGIC:
+        raise FormatError(f"{path}: bad magic {magic!r} (expected {MAGIC!r}); not a flashmoe file")
+    if version != VERSION:
+        raise FormatError(f"{path}: file format version {version}, this reader knows {VERSION}")
+    if k != kind:
+        raise FormatError(f"{path}: preamble kind {k}, expected {kind}")
+    if payload != size - PREAMBLE:
+        raise FormatError(f"{path}: preamble payload size {payload}, but the file holds {size - PREAMBLE}")
+    if lyr != layer:
+        raise FormatError(f"{path}: preamble layer {lyr}, expected {layer}")
+    if n != num_experts:
+        raise FormatError(f"{path}: preamble num_experts {n}, expected {num_experts}")
+
+
+def _check_file(root: str, rel, expected_size, what: str) -> str:
+    if not isinstance(rel, str) or os.path.isabs(rel) or ".." in rel.split("/"):
+        raise FormatError(f"{root}: {what} has a bad file name {rel!r}")
+    path = os.path.join(root, rel)
+    if not os.path.isfile(path):
+        raise FormatError(f"{path}: missing ({what})")
+    actual = os.path.getsize(path)
+    if not _is_int(expected_size) or actual != expected_size:
+        raise FormatError(f"{path}: {actual} bytes, the header says {expected_size} (truncated or overwritten?)")
+    return path
+
+
+def _check_entry(where: str, name: str, t, shape, allowed, limit: int, base: int) -> None:
+    """One tensor entry: dtype, shape, sizes, alignment, and bounds within [base, limit)."""
+    if not isinstance(t, dict):
+        raise FormatError(f"{where}: tensor {name}: entry is not an object")
+    dtype = t.get("dtype")
+    if dtype not in _DTYPES:
+        raise FormatError(f"{where}: tensor {name}: unknown dtype {dtype!r}")
+    if dtype not in allowed:
+        raise FormatError(f"{where}: tensor {name}: dtype {dtype} not allowed here (expected one of {allowed})")
+    if t.get("shape") != list(shape):
+        raise FormatError(f"{where}: tensor {name}: shape {t.get('shape')}, the config implies {list(shape)}")
+    numel = math.prod(shape)
+    sections = [("offset", "nbytes", None)]
+    if dtype in ("q4", "q8"):
+        g = t.get("group_size")
+        if not _is_int(g) or g < quant.MIN_GROUP_SIZE or shape[1] % g or (dtype == "q4" and shape[1] % 2):
+            raise FormatError(f"{where}: tensor {name}: group_size {g!r} invalid for shape {list(shape)}")
+        expect = shape[0] * quant.packed_cols(shape[1], 4 if dtype == "q4" else 8)
+        sbytes = shape[0] * (shape[1] // g) * 2
+        sections += [("scales_offset", None, sbytes), ("biases_offset", None, sbytes)]
+    else:
+        expect = numel * (4 if dtype == "f32" else 2)
+    if t.get("nbytes") != expect:
+        raise FormatError(f"{where}: tensor {name}: nbytes {t.get('nbytes')!r}, {dtype} {list(shape)} needs {expect}")
+    for key, _, fixed in sections:
+        off = t.get(key)
+        n = expect if fixed is None else fixed
+        if not _is_int(off) or off < base or off % ALIGN:
+            raise FormatError(f"{where}: tensor {name}: {key} {off!r} is not a {ALIGN}-aligned offset >= {base}")
+        if off + n > limit:
+            raise FormatError(f"{where}: tensor {name}: {key} {off} + {n} bytes runs past the end ({limit})")
+
+
+def _check_config(hpath: str, arch: str, cfg) -> None:
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{hpath}: config is not an object")
+    need = _arch.REQUIRED_FIELDS + (_arch.REQUIRED_FIELDS_NEXT if arch == "qwen3_next" else ())
+    missing = [k for k in need if k not in cfg]
+    if missing:
+        raise FormatError(f"{hpath}: config lacks {', '.join(missing)}")
+    for k in need:
+        if k in ("layer_types", "rope_parameters", "mlp_only_layers", "rms_norm_eps", "tie_word_embeddings",
+                 "norm_topk_prob"):
+            continue
+        if not _is_int(cfg[k]) or cfg[k] < 0 or (cfg[k] == 0 and k != "num_experts"):
+            raise FormatError(f"{hpath}: config {k} = {cfg[k]!r} is not a positive integer")
+    lt = cfg["layer_types"]
+    if not isinstance(lt, list) or len(lt) != cfg["num_hidden_layers"] or any(x not in _arch.LAYER_TYPES for x in lt):
+        raise FormatError(f"{hpath}: config layer_types must list {cfg['num_hidden_layers']} entries of {_arch.LAYER_TYPES}")
+    rp = cfg["rope_parameters"]
+    if not isinstance(rp, dict) or "rope_theta" not in rp or "partial_rotary_factor" not in rp:
+        raise FormatError(f"{hpath}: config rope_parameters must hold rope_theta and partial_rotary_factor")
+    if cfg["linear_num_value_heads"] % cfg["linear_num_key_heads"]:
+        raise FormatError(f"{hpath}: config linear_num_value_heads is not a multiple of linear_num_key_heads")
+    if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        raise FormatError(f"{hpath}: config num_attention_heads is not a multiple of num_key_value_heads")
+    if cfg["num_experts_per_tok"] > cfg["num_experts"]:
+        raise FormatError(f"{hpath}: config num_experts_per_tok exceeds num_experts")
+
+
+def read_header(path) -> dict:
+    """Load and fully validate flashmoe.json and the binary files it names. Returns the header."""
+    root = os.fspath(path)
+    if not os.path.isdir(root):
+        raise FormatError(f"{root}: not a directory (expected a packed flashmoe model)")
+    hpath = os.path.join(root, HEADER_NAME)
+    if not os.path.isfile(hpath):
+        raise FormatError(f"{hpath}: missing; {root} is not a packed flashmoe model (convert it first)")
+    try:
+        with open(hpath, "rb") as f:
+            header = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{hpath}: not valid JSON ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != "flashmoe":
+        fmt = header.get("format") if isinstance(header, dict) else None
+        raise FormatError(f"{hpath}: format is {fmt!r}, expected 'flashmoe'")
+    if header.get("version") != VERSION:
+        raise FormatError(f"{hpath}: format version {header.get('version')!r}, this reader knows {VERSION}")
+    arch = header.get("architecture")
+    if arch not in _arch.ARCHITECTURES:
+        raise FormatError(f"{hpath}: unknown architecture {arch!r}, supported: {', '.join(_arch.ARCHITECTURES)}")
+    cfg = header.get("config")
+    _check_config(hpath, arch, cfg)
+    q = header.get("quantization")
+    if not isinstance(q, dict) or q.get("bits") not in (4, 8, 16):
+        raise FormatError(f"{hpath}: quantization.bits must be 4, 8 or 16")
+    if q.get("scale_dtype", "float16") != "float16":
+        raise FormatError(f"{hpath}: quantization.scale_dtype {q.get('scale_dtype')!r} unsupported")
+
+    dense = header.get("dense")
+    if not isinstance(dense, dict) or not isinstance(dense.get("tensors"), dict):
+        raise FormatError(f"{hpath}: missing dense section")
+    dpath = _check_file(root, dense.get("file"), dense.get("size"), "dense weights")
+    _check_preamble(dpath, KIND_DENSE, NO_LAYER, 0, dense["size"])
+    specs = _arch.packed_dense_specs(arch, cfg)
+    tensors = dense["tensors"]
+    missing = [n for n in specs if n not in tensors]
+    if missing:
+        raise FormatError(f"{hpath}: dense tensors missing: {', '.join(missing[:5])}")
+    extra = [n for n in tensors if n not in specs]
+    if extra:
+        raise FormatError(f"{hpath}: unexpected dense tensors: {', '.join(extra[:5])}")
+    for name, (shape, role) in specs.items():
+        _check_entry(dpath, name, tensors[name], shape, _ALLOWED[role], dense["size"], PREAMBLE)
+
+    ex = header.get("experts")
+    if not isinstance(ex, dict) or not isinstance(ex.get("tensors"), dict) or not isinstance(ex.get("layers"), list):
+        raise FormatError(f"{hpath}: missing experts section")
+    blob, stride = ex.get("blob_size"), ex.get("stride")
+    if not _is_int(blob) or not _is_int(stride) or blob <= 0 or stride < blob or stride % BLOB_ALIGN:
+        raise FormatError(f"{hpath}: experts blob_size {blob!r} / stride {stride!r} invalid "
+                          f"(stride must be a multiple of {BLOB_ALIGN} and >= blob_size)")
+    eshapes = _arch.expert_shapes(cfg)
+    if sorted(ex["tensors"]) != sorted(EXPERT_NAMES):
+        raise FormatError(f"{hpath}: experts.tensors must be exactly {EXPERT_NAMES}")
+    for name, shape in eshapes.items():
+        _check_entry(hpath + " experts", name, ex["tensors"][name], shape, _ALLOWED[_arch.QUANT], blob, 0)
+    want = _arch.moe_layers(arch, cfg)
+    got = [entry.get("layer") if isinstance(entry, dict) else None for entry in ex["layers"]]
+    if got != want:
+        raise FormatError(f"{hpath}: experts.layers lists layers {got}, the config has MoE layers {want}")
+    n = cfg["num_experts"]
+    for entry in ex["layers"]:
+        layer = entry["layer"]
+        if entry.get("num_experts") != n:
+            raise FormatError(f"{hpath}: layer {layer}: num_experts {entry.get('num_experts')!r}, config says {n}")
+        size = PREAMBLE + n * stride
+        if entry.get("size") != size:
+            raise FormatError(f"{hpath}: layer {layer}: size {entry.get('size')!r}, {n} experts need {size}")
+        sums = entry.get("checksums")
+        if not isinstance(sums, list) or len(sums) != n or not all(_is_int(c) and 0 <= c < 2**32 for c in sums):
+            raise FormatError(f"{hpath}: layer {layer}: checksums must be {n} CRC-32 values")
+        epath = _check_file(root, entry.get("file"), size, f"experts of layer {layer}")
+        _check_preamble(epath, KIND_EXPERTS, layer, n, size)
+    return header
+
+
+class PackedReader:
+    """Reads tensors and experts of a packed model back as float32 (tests, debugging)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.header = read_header(self.path)
+        self.bits = self.header["quantization"]["bits"]
+        self._layers = {e["layer"]: e for e in self.header["experts"]["layers"]}
+
+    def _decode(self, buf: memoryview, t: dict, base: int) -> np.ndarray:
+        shape, dtype = tuple(t["shape"]), t["dtype"]
+        raw = np.frombuffer(buf, np.uint8, t["nbytes"], t["offset"] - base)
+        if dtype == "f32":
+            return raw.view(np.float32).reshape(shape).copy()
+        if dtype == "bf16":
+            return quant.bf16_to_f32(raw.view(np.uint16)).reshape(shape)
+        g = t["group_size"]
+        sn = shape[0] * (shape[1] // g) * 2
+        s = np.frombuffer(buf, np.float16, sn // 2, t["scales_offset"] - base)
+        b = np.frombuffer(buf, np.float16, sn // 2, t["biases_offset"] - base)
+        return quant.dequantize(raw, s, b, 4 if dtype == "q4" else 8, g, shape)
+
+    def raw_tensor(self, name: str) -> tuple[dict, memoryview]:
+        """A dense tensor's entry and its bytes from `offset` to the end of its last section."""
+        t = self.header["dense"]["tensors"][name]
+        end = t["offset"] + t["nbytes"]
+        if "biases_offset" in t:
+            end = t["biases_offset"] + t["shape"][0] * (t["shape"][1] // t["group_size"]) * 2
+        with open(os.path.join(self.path, self.header["dense"]["file"]), "rb") as f:
+            f.seek(t["offset"])
+            buf = f.read(end - t["offset"])
+        return t, memoryview(buf)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A dense tensor, dequantized to float32."""
+        if name not in self.header["dense"]["tensors"]:
+            raise KeyError(name)
+        t, buf = self.raw_tensor(name)
+        return self._decode(buf, t, t["offset"])
+
+    def blob(self, layer: int, e: int) -> bytes:
+        entry = self._layers[layer]
+        if not 0 <= e < entry["num_experts"]:
+            raise IndexError(f"layer {layer}: expert {e} out of range")
+        ex = self.header["experts"]
+        with open(os.path.join(self.path, entry["file"]), "rb") as f:
+            f.seek(PREAMBLE + e * ex["stride"])
+            data = f.read(ex["blob_size"])
+        if len(data) != ex["blob_size"]:
+            raise FormatError(f"{entry['file']}: short read of layer {layer} expert {e}")
+        return data
+
+    def expert(self, layer: int, e: int):
+        """(gate, up, down) of one expert, dequantized to float32."""
+        buf = memoryview(self.blob(layer, e))
+        ts = self.header["experts"]["tensors"]
+        return tuple(self._decode(buf, ts[n], 0) for n in EXPERT_NAMES)
+
+    def verify(self) -> None:
+        """Check every expert blob against its CRC-32."""
+        for layer, entry in self._layers.items():
+            for e, want in enumerate(entry["checksums"]):
+                got = zlib.crc32(self.blob(layer, e))
+                if got != want:
+                    raise FormatError(f"{os.path.join(self.path, entry['file'])}: layer {layer} expert {e}: "
+                                      f"checksum {got:#010x}, header says {want:#010x} (corrupt)")
