@@ -1,15 +1,9 @@
 """flashmoe: run Mixture-of-Experts models larger than memory by streaming experts from SSD."""
 
-from .errors import ConversionError, FlashMoEError, FormatError
+from .convert import convert  # noqa: E402  (binds the function over the submodule name)
+from .errors import ConversionError, ContextLengthError, FlashMoEError, FormatError, ReadError
 
 __version__ = "0.1.0"
-
-
-def convert(src, dst, **options):
-    """Convert a Hugging Face checkpoint directory into a packed flashmoe model (see docs/FORMAT.md)."""
-    from .convert import convert as _convert
-
-    return _convert(src, dst, **options)
 
 
 def load(path, **options):
@@ -27,4 +21,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["ConversionError", "FlashMoEError", "FormatError", "Model", "convert", "load", "__version__"]
+__all__ = ["ConversionError", "ContextLengthError", "FlashMoEError", "ReadError", "FormatError", "Model", "convert", "load", "__version__"]

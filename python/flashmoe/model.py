@@ -1,0 +1,186 @@
+"""The public Model: load a packed directory, run the forward pass and generate, all in the C core."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import arch as _arch
+from .errors import FlashMoEError
+from .format import EXPERT_NAMES
+from .reader import read_header
+
+_DTYPE_IDS = {"f32": 0, "bf16": 1, "q8": 2, "q4": 3}
+_ARCH_IDS = {"qwen3_5_moe": 0, "qwen3_next": 1}
+DEFAULT_CONTEXT = 4096
+
+
+def _physical_ram() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _desc(name: str, t: dict) -> dict:
+    d = {"name": name, "dtype": _DTYPE_IDS[t["dtype"]], "shape": list(t["shape"]), "offset": t["offset"],
+         "nbytes": t["nbytes"]}
+    for k in ("group_size", "scales_offset", "biases_offset"):
+        if k in t:
+            d[k] = t[k]
+    return d
+
+
+def _engine_config(architecture: str, cfg: dict) -> dict:
+    """The numbers the C core reads, derived from the HF config (field names verbatim)."""
+    rope = cfg["rope_parameters"]
+    if rope.get("rope_type", "default") != "default":
+        raise FlashMoEError(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+    return {
+        **{k: int(cfg[k]) for k in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+            "linear_num_key_heads", "linear_num_value_heads", "num_experts", "num_experts_per_tok",
+            "moe_intermediate_size", "shared_expert_intermediate_size")},
+        "intermediate_size": int(cfg.get("intermediate_size") or 0),
+        # Qwen3.5 always renormalises the top-k weights; Qwen3-Next does when norm_topk_prob.
+        "norm_topk_prob": 1 if architecture == "qwen3_5_moe" else int(bool(cfg.get("norm_topk_prob", True))),
+        "tie_word_embeddings": int(bool(cfg.get("tie_word_embeddings", False))),
+        "rms_norm_eps": float(cfg["rms_norm_eps"]),
+        "rope_theta": float(rope["rope_theta"]),
+        "partial_rotary_factor": float(rope.get("partial_rotary_factor", 1.0)),
+    }
+
+
+def _eos_ids(cfg: dict) -> list[int]:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+class Model:
+    """A loaded packed model and the state of one sequence.
+
+    Use flashmoe.load(path, ...) to make one. Options:
+      context_length      tokens of KV cache (default min(max_position_embeddings, 4096))
+      prefill_chunk       tokens processed per chunk of a prompt (default 128)
+      expert_cache_slots  routed experts kept in memory (default: as many as fit in half of RAM)
+      verify_checksums    check each expert blob's CRC-32 the first time it is read
+    """
+
+    def __init__(self, path, *, context_length: int | None = None, prefill_chunk: int = 128,
+                 expert_cache_slots: int | None = None, verify_checksums: bool = False):
+        from . import _core
+
+        self.path = os.fspath(path)
+        header = read_header(self.path)
+        self.header = header
+        self.architecture = header["architecture"]
+        cfg = header["config"]
+        n_layers = cfg["num_hidden_layers"]
+        if context_length is None:
+            context_length = min(int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
+        if context_length < 1:
+            raise ValueError(f"context_length must be >= 1, got {context_length}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+
+        ex = header["experts"]
+        layers = {e["layer"]: e for e in ex["layers"]}
+        n_experts = int(cfg["num_experts"])
+        if expert_cache_slots is None:
+            expert_cache_slots = max(1, int(_physical_ram() // 2 // max(1, ex["stride"])))
+        checksums = []
+        for i in range(n_layers):
+            checksums.extend(layers[i]["checksums"] if i in layers else [0] * n_experts)
+        spec = {
+            "arch": _ARCH_IDS[self.architecture],
+            "config": _engine_config(self.architecture, cfg),
+            "layer_is_full_attention": [int(t == "full_attention") for t in cfg["layer_types"]],
+            "layer_is_moe": [int(_arch.is_moe_layer(self.architecture, cfg, i)) for i in range(n_layers)],
+            "dense_path": os.path.join(self.path, header["dense"]["file"]),
+            "dense_size": header["dense"]["size"],
+            "dense": [_desc(n, t) for n, t in header["dense"]["tensors"].items()],
+            "expert_paths": [os.path.join(self.path, layers[i]["file"]) if i in layers else None
+                             for i in range(n_layers)],
+            "expert_file_sizes": [layers[i]["size"] if i in layers else 0 for i in range(n_layers)],
+            "expert_checksums": checksums,
+            "expert_blob_size": ex["blob_size"],
+            "expert_stride": ex["stride"],
+            "expert_tensors": [_desc(n, ex["tensors"][n]) for n in EXPERT_NAMES],
+            "context_length": int(context_length),
+            "prefill_chunk": int(prefill_chunk),
+            "expert_cache_slots": int(expert_cache_slots),
+            "verify_checksums": bool(verify_checksums),
+        }
+        self._core = _core.Model(spec)
+        self._eos = _eos_ids(cfg)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def config(self) -> dict:
+        """The model's Hugging Face text config (field names verbatim)."""
+        return self.header["config"]
+
+    @property
+    def position(self) -> int:
+        """Tokens processed in the current sequence."""
+        return self._core.position
+
+    @property
+    def context_length(self) -> int:
+        return self._core.context_length
+
+    @property
+    def stats(self) -> dict:
+        """Cumulative counters: tokens, expert hits/misses, bytes read, I/O and compute seconds."""
+        return self._core.stats()
+
+    # ------------------------------------------------------------------ running
+
+    def reset(self) -> None:
+        """Forget the current sequence."""
+        self._core.reset()
+
+    def _tokens(self, token_ids) -> np.ndarray:
+        ids = np.asarray(token_ids)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"token_ids must be a non-empty 1-D sequence, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"token_ids must be integers, got {ids.dtype}")
+        return ids.astype(np.int32)
+
+    def forward(self, token_ids, reset: bool = True) -> np.ndarray:
+        """Run tokens through the model. Returns float32 logits [T, vocab] for every position.
+
+        reset=False continues from the current state (prefill, then single-token steps)."""
+        ids = self._tokens(token_ids)
+        if reset:
+            self._core.reset()
+        return self._core.forward(ids, True)
+
+    def generate(self, token_ids, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
+                 stop_token_ids=None, reset: bool = True) -> list[int]:
+        """Generate up to max_tokens new token ids after the prompt; greedy when temperature is 0.
+
+        Stops after a token in stop_token_ids (default: the config's eos_token_id), at max_tokens, or
+        when the context is full."""
+        ids = self._tokens(token_ids)
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if reset:
+            self._core.reset()
+        stops = self._eos if stop_token_ids is None else [int(t) for t in stop_token_ids]
+        if max_tokens == 0:
+            return []
+        return list(self._core.generate(ids, int(max_tokens), float(temperature), int(seed or 0), stops))
+
+
+def load(path, **options) -> Model:
+    """Load a packed flashmoe model directory (see docs/FORMAT.md). Options: see Model."""
+    return Model(path, **options)
