@@ -80,10 +80,12 @@ def quantize(w, bits: int, group_size: int):
         raise ConversionError("tensor values exceed the float16 range of quantization scales/biases")
     s = scales.astype(np.float32)[:, :, None]
     b = biases.astype(np.float32)[:, :, None]
-    safe = np.where(s > 0, s, np.float32(1))
-    q = np.rint((g - b) / safe)
+    # Dividing by +inf where scale is 0 yields q = 0 for that group without a separate select.
+    q = g - b
+    q /= np.where(s > 0, s, np.float32(np.inf))
+    np.rint(q, out=q)
     np.clip(q, 0, maxq, out=q)
-    q = np.where(s > 0, q, 0).astype(np.uint8).reshape(out, inf)
+    q = q.astype(np.uint8).reshape(out, inf)
     if bits == 4:
         q = q[:, 0::2] | (q[:, 1::2] << np.uint8(4))  # element 2j in the low nibble
     return np.ascontiguousarray(q), scales, biases
@@ -93,8 +95,8 @@ def unpack(q, bits: int, in_features: int) -> np.ndarray:
     """Packed q -> uint8 [out, in] of integer levels."""
     q = np.asarray(q, dtype=np.uint8)
     if bits == 8:
-        return q.reshape(q.shape[0], in_features)
-    q = q.reshape(q.shape[0], in_features // 2)
+        return q.reshape(-1, in_features)
+    q = q.reshape(-1, in_features // 2)
     levels = np.empty((q.shape[0], in_features), dtype=np.uint8)
     levels[:, 0::2] = q & np.uint8(0x0F)
     levels[:, 1::2] = q >> np.uint8(4)
