@@ -75,7 +75,8 @@ class _Plan:
         def need(short: str, shape) -> str:
             full = names.get(short)
             if full is None:
-                raise ConversionError(f"{src}: tensor {self.prefix}{short} missing from the checkpoint")
+                shown = short if short == "lm_head.weight" else self.prefix + short
+                raise ConversionError(f"{src}: tensor {shown} missing from the checkpoint")
             got = tuple(ckpt.shape(full))
             if got != tuple(shape):
                 raise ConversionError(f"{ckpt.where[full].path}: tensor {full} has shape {list(got)}, "

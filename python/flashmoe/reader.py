@@ -207,18 +207,28 @@ class PackedReader:
         self.bits = self.header["quantization"]["bits"]
         self._layers = {e["layer"]: e for e in self.header["experts"]["layers"]}
 
-    def _decode(self, buf: memoryview, t: dict, base: int) -> np.ndarray:
+    @staticmethod
+    def _parts(buf: memoryview, t: dict, base: int) -> dict:
+        """The stored arrays of one entry: {"data"} for f32/bf16 (bf16 as uint16), else {"q", "scales", "biases"}."""
         shape, dtype = tuple(t["shape"]), t["dtype"]
         raw = np.frombuffer(buf, np.uint8, t["nbytes"], t["offset"] - base)
         if dtype == "f32":
-            return raw.view(np.float32).reshape(shape).copy()
+            return {"data": raw.view(np.float32).reshape(shape)}
         if dtype == "bf16":
-            return quant.bf16_to_f32(raw.view(np.uint16)).reshape(shape)
-        g = t["group_size"]
-        sn = shape[0] * (shape[1] // g) * 2
-        s = np.frombuffer(buf, np.float16, sn // 2, t["scales_offset"] - base)
-        b = np.frombuffer(buf, np.float16, sn // 2, t["biases_offset"] - base)
-        return quant.dequantize(raw, s, b, 4 if dtype == "q4" else 8, g, shape)
+            return {"data": raw.view(np.uint16).reshape(shape)}
+        n = shape[0] * (shape[1] // t["group_size"])
+        return {"q": raw.reshape(shape[0], -1),
+                "scales": np.frombuffer(buf, np.float16, n, t["scales_offset"] - base).reshape(shape[0], -1),
+                "biases": np.frombuffer(buf, np.float16, n, t["biases_offset"] - base).reshape(shape[0], -1)}
+
+    def _decode(self, buf: memoryview, t: dict, base: int) -> np.ndarray:
+        p = self._parts(buf, t, base)
+        if t["dtype"] == "f32":
+            return p["data"].copy()
+        if t["dtype"] == "bf16":
+            return quant.bf16_to_f32(p["data"])
+        return quant.dequantize(p["q"], p["scales"], p["biases"], 4 if t["dtype"] == "q4" else 8,
+                                t["group_size"], tuple(t["shape"]))
 
     def raw_tensor(self, name: str) -> tuple[dict, memoryview]:
         """A dense tensor's entry and its bytes from `offset` to the end of its last section."""
@@ -230,6 +240,11 @@ class PackedReader:
             f.seek(t["offset"])
             buf = f.read(end - t["offset"])
         return t, memoryview(buf)
+
+    def tensor_parts(self, name: str) -> dict:
+        """A dense tensor's stored arrays (see _parts), for tests that check q, scales and biases."""
+        t, buf = self.raw_tensor(name)
+        return self._parts(buf, t, t["offset"])
 
     def tensor(self, name: str) -> np.ndarray:
         """A dense tensor, dequantized to float32."""
@@ -255,6 +270,12 @@ class PackedReader:
         buf = memoryview(self.blob(layer, e))
         ts = self.header["experts"]["tensors"]
         return tuple(self._decode(buf, ts[n], 0) for n in EXPERT_NAMES)
+
+    def expert_parts(self, layer: int, e: int) -> tuple:
+        """(gate, up, down) stored arrays of one expert (see _parts)."""
+        buf = memoryview(self.blob(layer, e))
+        ts = self.header["experts"]["tensors"]
+        return tuple(self._parts(buf, ts[n], 0) for n in EXPERT_NAMES)
 
     def verify(self) -> None:
         """Check every expert blob against its CRC-32."""
