@@ -356,7 +356,11 @@ fm_status fm_model_generate(fm_model *m, const int32_t *prompt, int n_prompt, in
     float *logits = (float *)fm_alloc((size_t)V * sizeof(float));
     if (!logits) return fm_fail(FM_ERR_NOMEM, "generate: out of memory");
     uint64_t rng = seed ? seed : 0x9E3779B97F4A7C15ull;
+    double t0 = fm_now();
     fm_status st = fm_model_forward(m, prompt, n_prompt, logits, 0);
+    m->last_prompt_tokens = n_prompt;
+    m->last_prompt_seconds = fm_now() - t0;
+    t0 = fm_now();
     for (int i = 0; st == FM_OK && i < max_tokens; i++) {
         const int32_t tok = pick_token(logits, V, temperature, &rng);
         out[(*n_out)++] = tok;
@@ -365,6 +369,8 @@ fm_status fm_model_generate(fm_model *m, const int32_t *prompt, int n_prompt, in
         if (stop || i + 1 == max_tokens || m->pos >= m->ctx) break;
         st = fm_model_forward(m, &tok, 1, logits, 0);
     }
+    m->last_generated_tokens = *n_out;
+    m->last_decode_seconds = fm_now() - t0;
     fm_free(logits);
     return st;
 }
@@ -373,6 +379,10 @@ void fm_model_stats(const fm_model *m, fm_stats *out) {
     memset(out, 0, sizeof *out);
     out->tokens = m->tokens;
     out->compute_seconds = m->compute_seconds;
+    out->last_prompt_tokens = m->last_prompt_tokens;
+    out->last_generated_tokens = m->last_generated_tokens;
+    out->last_prompt_seconds = m->last_prompt_seconds;
+    out->last_decode_seconds = m->last_decode_seconds;
     if (m->experts)
         fm_expert_store_counters(m->experts, &out->expert_hits, &out->expert_misses, &out->bytes_read,
                                  &out->io_seconds);

@@ -111,6 +111,8 @@ struct fm_model {
     int ctx, chunk, pos;
     double compute_seconds;
     uint64_t tokens;
+    int last_prompt_tokens, last_generated_tokens;
+    double last_prompt_seconds, last_decode_seconds;
 };
 
 /* Weight binding by name from the load spec, checking shape and dtype against the config. */

@@ -119,6 +119,9 @@ typedef struct {
     uint64_t bytes_read;     /* expert bytes read from disk */
     double io_seconds;       /* time spent reading experts */
     double compute_seconds;  /* time in fm_model_forward, reads included */
+    /* the last fm_model_generate call: prompt processing and decoding, separately */
+    int last_prompt_tokens, last_generated_tokens;
+    double last_prompt_seconds, last_decode_seconds;
 } fm_stats;
 
 void fm_model_stats(const fm_model *m, fm_stats *out);

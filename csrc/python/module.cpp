@@ -181,6 +181,10 @@ class Model {
         d["bytes_read"] = s.bytes_read;
         d["io_seconds"] = s.io_seconds;
         d["compute_seconds"] = s.compute_seconds;
+        d["last_prompt_tokens"] = s.last_prompt_tokens;
+        d["last_prompt_seconds"] = s.last_prompt_seconds;
+        d["last_generated_tokens"] = s.last_generated_tokens;
+        d["last_decode_seconds"] = s.last_decode_seconds;
         return d;
     }
 

@@ -1,0 +1,127 @@
+"""The `flashmoe` command: convert, demo, info."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+from .errors import FlashMoEError
+
+
+def _cmd_convert(args) -> int:
+    from .convert import convert
+
+    t0 = time.perf_counter()
+    header = convert(args.src, args.dst, bits=args.bits, group_size=args.group_size, progress=not args.quiet,
+                     overwrite=args.overwrite)
+    size = os.path.getsize(os.path.join(args.dst, header["dense"]["file"])) + sum(
+        e["size"] for e in header["experts"]["layers"])
+    print(f"wrote {args.dst}: {header['architecture']}, {args.bits}-bit, {size / 1e9:.2f} GB "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _model_bytes(header) -> int:
+    return header["dense"]["size"] + sum(e["size"] for e in header["experts"]["layers"])
+
+
+def _cmd_info(args) -> int:
+    from .reader import read_header
+
+    h = read_header(args.model)
+    c = h["config"]
+    q = h["quantization"]
+    n_full = sum(t == "full_attention" for t in c["layer_types"])
+    print(f"{args.model}")
+    print(f"  architecture   {h['architecture']} ({c.get('model_type')})")
+    print(f"  layers         {c['num_hidden_layers']} ({c['num_hidden_layers'] - n_full} DeltaNet + {n_full} attention)")
+    print(f"  hidden         {c['hidden_size']}, vocab {c['vocab_size']}")
+    print(f"  experts        {c['num_experts']} per layer, {c['num_experts_per_tok']} active, "
+          f"ffn {c['moe_intermediate_size']}, shared ffn {c['shared_expert_intermediate_size']}")
+    bits = f"{q['bits']}-bit" + (f", groups of {q['group_size']}" if q.get("group_size") else "")
+    print(f"  quantization   {bits}")
+    ex = h["experts"]
+    print(f"  size           {_model_bytes(h) / 1e9:.3f} GB: dense {h['dense']['size'] / 1e9:.3f} GB, "
+          f"{len(ex['layers'])} expert files, {ex['stride'] / 1e6:.3f} MB per expert")
+    return 0
+
+
+def _run_demo(path: str, n_tokens: int, seed: int, bits: int) -> None:
+    import numpy as np
+
+    from .model import load
+    from .synth import DEMO_CONFIG, write_random_model
+
+    if not os.path.exists(os.path.join(path, "flashmoe.json")):
+        t0 = time.perf_counter()
+        write_random_model(path, DEMO_CONFIG, bits=bits, seed=seed, progress=False)
+        print(f"wrote a random {bits}-bit Qwen3.5-MoE model to {path} in {time.perf_counter() - t0:.1f} s")
+    model = load(path)
+    c = model.config
+    print(f"model: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_experts']} experts "
+          f"({c['num_experts_per_tok']} active), vocab {c['vocab_size']}; "
+          f"{_model_bytes(model.header) / 1e6:.1f} MB on disk")
+    prompt = np.random.default_rng(seed).integers(0, c["vocab_size"], 64)
+
+    out = model.generate(prompt, max_tokens=n_tokens, stop_token_ids=[])
+    s = model.stats
+    # The last generated token is not fed back, so decoding ran len(out) - 1 forward steps.
+    decode_tps = (len(out) - 1) / max(s["last_decode_seconds"], 1e-9)
+    print(f"prompt: {len(prompt)} tokens in {s['last_prompt_seconds']:.3f} s "
+          f"({len(prompt) / s['last_prompt_seconds']:.1f} tok/s)")
+    print(f"generated {len(out)} tokens: {out[:16]}{' ...' if len(out) > 16 else ''}")
+    print(f"decode: {decode_tps:.2f} tok/s")
+    print(f"experts: {s['expert_hits']} hits, {s['expert_misses']} misses, {s['bytes_read'] / 1e6:.1f} MB read")
+
+
+def _cmd_demo(args) -> int:
+    if args.dir:
+        _run_demo(args.dir, args.tokens, args.seed, args.bits)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="flashmoe-demo-") as d:
+        _run_demo(d, args.tokens, args.seed, args.bits)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flashmoe", description="Run Mixture-of-Experts models larger than memory.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint into the packed format")
+    c.add_argument("src", help="Hugging Face checkpoint directory (config.json, *.safetensors)")
+    c.add_argument("dst", help="output directory")
+    c.add_argument("--bits", type=int, choices=(4, 8, 16), default=4)
+    c.add_argument("--group-size", type=int, default=64)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing packed model at dst")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_cmd_convert)
+
+    d = sub.add_parser("demo", help="write a small random Qwen3.5-MoE model and generate from it")
+    d.add_argument("--tokens", type=int, default=64, help="tokens to generate")
+    d.add_argument("--bits", type=int, choices=(4, 8, 16), default=4)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dir", help="keep the demo model in this directory (default: a temporary one)")
+    d.set_defaults(func=_cmd_demo)
+
+    i = sub.add_parser("info", help="describe a packed model")
+    i.add_argument("model")
+    i.set_defaults(func=_cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FlashMoEError, OSError, ValueError) as exc:
+        print(f"flashmoe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
