@@ -57,7 +57,8 @@ def _check_file(root: str, rel, expected_size, what: str) -> str:
         raise FormatError(f"{path}: missing ({what})")
     actual = os.path.getsize(path)
     if not _is_int(expected_size) or actual != expected_size:
-        raise FormatError(f"{path}: {actual} bytes, the header says {expected_size} (truncated or overwritten?)")
+        what = "truncated" if _is_int(expected_size) and actual < expected_size else "wrong size"
+        raise FormatError(f"{path}: {what}: {actual} bytes, the header says {expected_size}")
     return path
 
 

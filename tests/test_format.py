@@ -1,0 +1,178 @@
+"""read_header/PackedReader on damaged packed models, and the writer's own invariants (no torch needed)."""
+
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from flashmoe.errors import ConversionError, FormatError
+from flashmoe.format import BLOB_ALIGN, PREAMBLE, PackedReader, PackedWriter, read_header
+from flashmoe.synth import DEMO_CONFIG, write_random_model
+
+TINY = dict(DEMO_CONFIG, vocab_size=300, hidden_size=64, num_hidden_layers=4, layer_types=None, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+            linear_key_head_dim=16, linear_value_head_dim=16, num_experts=6, num_experts_per_tok=2,
+            moe_intermediate_size=48, shared_expert_intermediate_size=32)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("packed") / "m"
+    write_random_model(d, TINY, bits=4, group_size=32, progress=False)
+    return d
+
+
+@pytest.fixture
+def model(packed, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(packed, d)
+    return d
+
+
+def edit_header(d, fn):
+    p = d / "flashmoe.json"
+    h = json.loads(p.read_text())
+    fn(h)
+    p.write_text(json.dumps(h))
+
+
+def test_random_model_is_valid_and_deterministic(packed, tmp_path):
+    h = read_header(packed)
+    r = PackedReader(packed)
+    r.verify()
+    assert h["config"]["layer_types"] == ["linear_attention"] * 3 + ["full_attention"]
+    assert h["experts"]["stride"] % BLOB_ALIGN == 0 and h["experts"]["stride"] >= h["experts"]["blob_size"]
+    for layer in h["experts"]["layers"]:
+        size = os.path.getsize(packed / layer["file"])
+        assert size == PREAMBLE + layer["num_experts"] * h["experts"]["stride"] == layer["size"]
+    g, u, d = r.expert(2, 5)
+    assert g.shape == (48, 64) and d.shape == (64, 48)
+    assert 0.08 < g.std() < 0.17  # ~ 1/sqrt(64)
+    write_random_model(tmp_path / "again", TINY, bits=4, group_size=32, progress=False)
+    again = read_header(tmp_path / "again")
+    assert again["experts"]["layers"][1]["checksums"] == h["experts"]["layers"][1]["checksums"]
+    assert (packed / "dense.bin").read_bytes() == (tmp_path / "again" / "dense.bin").read_bytes()
+
+
+def test_demo_model_writes_fast(tmp_path):
+    import time
+
+    t = time.perf_counter()
+    h = write_random_model(tmp_path / "demo", progress=False)
+    assert time.perf_counter() - t < 10
+    assert h["config"]["hidden_size"] == 512 and len(h["experts"]["layers"]) == 8
+    assert h["dense"]["tensors"]["layers.0.mlp.gate.weight"]["dtype"] == "bf16"
+    assert h["dense"]["tensors"]["embed_tokens.weight"]["dtype"] == "q4"
+
+
+def test_preamble_fields(packed):
+    h = read_header(packed)
+    with open(packed / "experts" / "L002.bin", "rb") as f:
+        magic, version, kind, payload, layer, n = struct.unpack("<8sIIQII", f.read(32))
+        rest = f.read(PREAMBLE - 32)
+    assert (magic, version, kind, layer, n) == (b"FLASHMOE", 1, 2, 2, 6)
+    assert payload == 6 * h["experts"]["stride"] and rest == bytes(len(rest))
+    with open(packed / "dense.bin", "rb") as f:
+        magic, version, kind, payload, layer, n = struct.unpack("<8sIIQII", f.read(32))
+    assert (magic, version, kind, layer, n) == (b"FLASHMOE", 1, 1, 0xFFFFFFFF, 0)
+    assert payload == os.path.getsize(packed / "dense.bin") - PREAMBLE
+    for t in h["dense"]["tensors"].values():
+        assert all(t[k] % 64 == 0 for k in ("offset", "scales_offset", "biases_offset") if k in t)
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda d: shutil.rmtree(d), "not a directory"),
+    (lambda d: os.remove(d / "flashmoe.json"), "flashmoe.json: missing"),
+    (lambda d: (d / "flashmoe.json").write_text('{"format": "flashmoe", "vers'), "flashmoe.json: not valid JSON"),
+    (lambda d: edit_header(d, lambda h: h.update(format="gguf")), "format is 'gguf'"),
+    (lambda d: edit_header(d, lambda h: h.update(version=2)), "format version 2, this reader knows 1"),
+    (lambda d: edit_header(d, lambda h: h.update(architecture="llama")), "unknown architecture 'llama'"),
+    (lambda d: edit_header(d, lambda h: h["config"].pop("head_dim")), "config lacks head_dim"),
+    (lambda d: edit_header(d, lambda h: h["config"].update(layer_types=["full_attention"])), "layer_types"),
+    (lambda d: os.remove(d / "experts" / "L001.bin"), r"L001.bin: missing"),
+    (lambda d: os.truncate(d / "dense.bin", os.path.getsize(d / "dense.bin") - 64), r"dense.bin: truncated: \d+ bytes"),
+    (lambda d: os.truncate(d / "experts" / "L003.bin", 20000), r"L003.bin: truncated: 20000 bytes"),
+    (lambda d: _poke(d / "dense.bin", 0, b"GGUFGGUF"), r"dense.bin: bad magic"),
+    (lambda d: _poke(d / "experts" / "L000.bin", 8, struct.pack("<I", 7)), r"L000.bin: file format version 7"),
+    (lambda d: _poke(d / "experts" / "L000.bin", 12, struct.pack("<I", 1)), r"L000.bin: preamble kind 1"),
+    (lambda d: _poke(d / "experts" / "L000.bin", 16, struct.pack("<Q", 5)), r"L000.bin: preamble payload size 5"),
+    (lambda d: shutil.copyfile(d / "experts" / "L000.bin", d / "experts" / "L001.bin"),
+     r"L001.bin: preamble layer 0, expected 1"),
+    (lambda d: _poke(d / "experts" / "L002.bin", 28, struct.pack("<I", 5)), r"L002.bin: preamble num_experts 5"),
+    (lambda d: edit_header(d, lambda h: h["dense"]["tensors"]["norm.weight"].update(offset=h["dense"]["size"] - 64)),
+     r"norm.weight: offset .* runs past the end"),
+    (lambda d: edit_header(d, lambda h: h["dense"]["tensors"]["norm.weight"].update(nbytes=4)),
+     r"norm.weight: nbytes 4, f32 \[64\] needs 256"),
+    (lambda d: edit_header(d, lambda h: h["dense"]["tensors"]["norm.weight"].update(offset=16384 + 4)),
+     r"norm.weight: offset 16388 is not a 64-aligned"),
+    (lambda d: edit_header(d, lambda h: h["dense"]["tensors"]["layers.0.mlp.gate.weight"].update(dtype="q4")),
+     r"layers.0.mlp.gate.weight: dtype q4 not allowed"),
+    (lambda d: edit_header(d, lambda h: h["dense"]["tensors"]["layers.3.self_attn.q_proj.weight"].update(shape=[64, 64])),
+     r"q_proj.weight: shape \[64, 64\], the config implies \[128, 64\]"),
+    (lambda d: edit_header(d, lambda h: h["dense"]["tensors"].pop("layers.1.linear_attn.A_log")), "missing: layers.1.linear_attn.A_log"),
+    (lambda d: edit_header(d, lambda h: h["experts"].update(blob_size=h["experts"]["blob_size"] - 64)),
+     r"experts: tensor down_proj: biases_offset .* runs past"),
+    (lambda d: edit_header(d, lambda h: h["experts"].update(stride=h["experts"]["stride"] + 64)), "stride"),
+    (lambda d: edit_header(d, lambda h: h["experts"]["layers"].pop(2)), r"lists layers \[0, 1, 3\]"),
+    (lambda d: edit_header(d, lambda h: h["experts"]["layers"][0]["checksums"].pop()), "checksums must be 6"),
+    (lambda d: edit_header(d, lambda h: h["experts"]["layers"][0].update(file="../../etc/passwd")), "bad file name"),
+])
+def test_damaged_model_raises_format_error(model, damage, match):
+    damage(model)
+    with pytest.raises(FormatError, match=match):
+        read_header(model)
+
+
+def _poke(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_verify_names_corrupt_expert(model):
+    h = read_header(model)
+    stride = h["experts"]["stride"]
+    _poke(model / "experts" / "L001.bin", PREAMBLE + 3 * stride + 100, b"\x5a\xa5")
+    r = PackedReader(model)  # the header is intact; only the checksum can tell
+    with pytest.raises(FormatError, match=r"L001.bin: layer 1 expert 3: checksum"):
+        r.verify()
+
+
+def test_writer_requires_every_expert_once(tmp_path):
+    from flashmoe.arch import qwen3_5_moe
+
+    cfg = qwen3_5_moe.extract_config(dict(TINY, num_hidden_layers=1, layer_types=None))
+    w = PackedWriter(tmp_path / "m", "qwen3_5_moe", cfg, bits=8, group_size=64)
+    g = np.zeros((48, 64), np.float32)
+    d = np.zeros((64, 48), np.float32)
+    w.add_expert(0, 4, g, g, d)
+    w.add_expert(0, 0, g, g, d)  # any order
+    with pytest.raises(ConversionError, match="layer 0 expert 4: written twice"):
+        w.add_expert(0, 4, g, g, d)
+    with pytest.raises(ConversionError, match="out of range"):
+        w.add_expert(0, 6, g, g, d)
+    with pytest.raises(ConversionError, match=r"shape \[48, 63\]"):
+        w.add_expert(0, 1, g[:, :63], g, d)
+    with pytest.raises(ConversionError, match="dense tensors never written"):
+        w.finish()
+    w.close()
+    assert not (tmp_path / "m" / "flashmoe.json").exists()
+
+
+def test_writer_missing_experts(tmp_path):
+    from flashmoe.arch import qwen3_5_moe
+    from flashmoe import arch as _arch
+
+    cfg = qwen3_5_moe.extract_config(dict(TINY, num_hidden_layers=1, layer_types=None))
+    w = PackedWriter(tmp_path / "m", "qwen3_5_moe", cfg, bits=16, group_size=64)
+    for name, (shape, role) in _arch.packed_dense_specs("qwen3_5_moe", cfg).items():
+        w.add_dense(name, np.zeros(shape, np.float32), quantize=role == "quant")
+    g = np.zeros((48, 64), np.float32)
+    w.add_expert(0, 2, g, g, np.zeros((64, 48), np.float32))
+    with pytest.raises(ConversionError, match=r"layer 0: experts never written: \[0, 1, 3, 4, 5\]"):
+        w.finish()
+    w.close()
+    assert not (tmp_path / "m" / "flashmoe.json").exists()
