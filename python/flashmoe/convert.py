@@ -176,14 +176,13 @@ def _convert_experts(writer, pool, workers, ckpt, layer, how, bar) -> None:
     """Submit one layer's experts to the pool, a bounded number in flight."""
     kind = how[0]
     if kind == "fused":
-        gate_up, down = ckpt.get(how[1]), ckpt.get(how[2])
-        inter = gate_up.shape[1] // 2
-        per_expert = (ckpt.nbytes(how[1]) + ckpt.nbytes(how[2])) // gate_up.shape[0]
+        count, inter = ckpt.shape(how[1])[0], ckpt.shape(how[1])[1] // 2
+        per_expert = (ckpt.nbytes(how[1]) + ckpt.nbytes(how[2])) // count
 
         def job(e):
-            writer.add_expert(layer, e, gate_up[e, :inter], gate_up[e, inter:], down[e])
+            gate_up = ckpt.get(how[1], e)
+            writer.add_expert(layer, e, gate_up[:inter], gate_up[inter:], ckpt.get(how[2], e))
             return per_expert
-        count = gate_up.shape[0]
     else:
         trios = how[1]
 

@@ -63,11 +63,18 @@ class SafetensorsFile:
                                       f"spans {end - b} bytes")
             self.entries[name] = (dtype, tuple(shape), b)
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, index: int | None = None) -> np.ndarray:
+        """The tensor, or with `index` only tensor[index] (one expert of a fused 3-D tensor), memory-mapped.
+
+        Mapping just the slice keeps a process's mapped footprint to what it is converting.
+        """
         dtype, shape, b = self.entries[name]
         if dtype not in DTYPES:
             raise ConversionError(f"{self.path}: tensor {name} has dtype {dtype}; supported: "
                                   f"{', '.join(DTYPES)}")
+        if index is not None:
+            sub = math.prod(shape[1:]) * DTYPES[dtype].itemsize
+            b, shape = b + index * sub, shape[1:]
         if math.prod(shape) == 0:
             return np.zeros(shape, DTYPES[dtype])
         return np.memmap(self.path, dtype=DTYPES[dtype], mode="r", offset=self.data_start + b, shape=shape)
@@ -123,5 +130,5 @@ class Checkpoint:
         dt = DTYPES.get(self.dtype(name))
         return math.prod(self.shape(name)) * (dt.itemsize if dt is not None else 0)
 
-    def get(self, name: str) -> np.ndarray:
-        return self.where[name].get(name)
+    def get(self, name: str, index: int | None = None) -> np.ndarray:
+        return self.where[name].get(name, index)
