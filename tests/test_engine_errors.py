@@ -1,0 +1,118 @@
+"""Bad input and failed reads at the engine: clear exceptions naming what is wrong, never a crash or a
+computation with a missing expert. Uses a tiny synthetic model (no torch needed)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import flashmoe
+from flashmoe.errors import ContextLengthError, FlashMoEError, FormatError, ReadError
+from flashmoe.synth import DEMO_CONFIG, write_random_model
+
+TINY = {**DEMO_CONFIG, "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 4,
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"], "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 32, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16, "linear_value_head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "m"
+    write_random_model(path, TINY, bits=4, progress=False)
+    return path
+
+
+@pytest.fixture
+def copy(model_dir, tmp_path):
+    dst = tmp_path / "m"
+    shutil.copytree(model_dir, dst)
+    return dst
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FormatError, match="not a directory"):
+        flashmoe.load(tmp_path / "nope")
+
+
+def test_context_overflow_is_an_error_and_leaves_the_state_usable(model_dir):
+    m = flashmoe.load(model_dir, context_length=16)
+    ids = np.arange(20) % 300
+    with pytest.raises(ContextLengthError, match="exceed the context length 16"):
+        m.forward(ids)
+    a = m.forward(ids[:10])
+    with pytest.raises(ContextLengthError):
+        m.forward(ids[10:17], reset=False)
+    assert m.position == 10
+    b = m.forward(ids[10:16], reset=False)  # fills the context exactly
+    np.testing.assert_allclose(np.concatenate([a, b]), m.forward(ids[:16]), rtol=0, atol=1e-5)
+    # generation that reaches the limit stops there instead of failing
+    out = m.generate(ids[:10], max_tokens=50, stop_token_ids=[])
+    assert m.position == 16 and len(out) == 7
+
+
+def test_token_outside_vocabulary(model_dir):
+    m = flashmoe.load(model_dir)
+    with pytest.raises(FlashMoEError, match="outside the vocabulary"):
+        m.forward([1, 2, 300])
+    with pytest.raises(ValueError):
+        m.forward([])
+
+
+def test_expert_file_truncated_after_load_names_layer_and_expert(copy):
+    m = flashmoe.load(copy, expert_cache_slots=1)
+    header = json.loads((copy / "flashmoe.json").read_text())
+    entry = header["experts"]["layers"][0]
+    with open(copy / entry["file"], "r+b") as f:
+        f.truncate(16384 + header["experts"]["stride"] // 2)  # only half of expert 0 remains
+    with pytest.raises(ReadError, match=r"layer 0 expert \d+: short read"):
+        m.forward(np.arange(40) % 300)
+
+
+def test_truncated_expert_file_refused_at_load(copy):
+    header = json.loads((copy / "flashmoe.json").read_text())
+    path = copy / header["experts"]["layers"][2]["file"]
+    os.truncate(path, os.path.getsize(path) - 1)
+    with pytest.raises(FormatError, match="L002"):
+        flashmoe.load(copy)
+
+
+def test_corrupt_blob_detected_with_verify(copy):
+    header = json.loads((copy / "flashmoe.json").read_text())
+    stride = header["experts"]["stride"]
+    path = copy / header["experts"]["layers"][1]["file"]
+    with open(path, "r+b") as f:  # flip one byte inside every expert of layer 1
+        for e in range(TINY["num_experts"]):
+            f.seek(16384 + e * stride + 100)
+            b = f.read(1)
+            f.seek(16384 + e * stride + 100)
+            f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(FormatError, match=r"layer 1 expert \d+: checksum mismatch"):
+        flashmoe.load(copy, verify_checksums=True).forward([1, 2, 3])
+
+
+def test_shape_disagreeing_with_config_refused(copy):
+    header = json.loads((copy / "flashmoe.json").read_text())
+    header["config"]["moe_intermediate_size"] += 16
+    (copy / "flashmoe.json").write_text(json.dumps(header))
+    with pytest.raises(FormatError, match="shape"):
+        flashmoe.load(copy)
+
+
+def test_failed_read_never_computes(copy):
+    """After a read error the sequence is reset, and a later good read works from a clean state."""
+    m = flashmoe.load(copy, expert_cache_slots=1)
+    ids = np.arange(12) % 300
+    good = m.forward(ids)
+    header = json.loads((copy / "flashmoe.json").read_text())
+    path = copy / header["experts"]["layers"][3]["file"]
+    data = path.read_bytes()
+    os.truncate(path, 16384)
+    with pytest.raises(ReadError):
+        m.forward(ids)
+    assert m.position == 0
+    path.write_bytes(data)
+    np.testing.assert_array_equal(m.forward(ids), good)
