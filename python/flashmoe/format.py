@@ -281,7 +281,14 @@ class PackedWriter:
         self.close()
 
 
-from .reader import PackedReader, read_header  # noqa: E402  (re-exported: the format's public API)
+def __getattr__(name):
+    # read_header and PackedReader live in reader.py (which imports this module); re-export them lazily.
+    if name in ("read_header", "PackedReader"):
+        from . import reader
+
+        return getattr(reader, name)
+    raise AttributeError(name)
+
 
 __all__ = ["PackedWriter", "PackedReader", "read_header", "MAGIC", "VERSION", "PREAMBLE", "KIND_DENSE",
            "KIND_EXPERTS", "ALIGN", "BLOB_ALIGN"]
