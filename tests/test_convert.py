@@ -363,3 +363,21 @@ def test_layer_types_rule():
     assert _arch.moe_layers("qwen3_next", cfg) == [1, 3, 5]
     cfg = qwen3_next.extract_config({"num_hidden_layers": 3, "layer_types": ["full_attention"] * 3})
     assert cfg["layer_types"] == ["full_attention"] * 3  # honoured as given
+
+
+def test_tied_embeddings(tmp_path):
+    m = make_hf_model("qwen3_5_moe", seed=5, tie_word_embeddings=True)
+    src = save_checkpoint(m, tmp_path / "src")  # transformers' state dict still carries lm_head.weight
+    header = convert(src, tmp_path / "dst", bits=16, progress=False)
+    assert header["config"]["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in header["dense"]["tensors"]
+    np.testing.assert_array_equal(PackedReader(tmp_path / "dst").tensor("embed_tokens.weight"),
+                                  m.model.embed_tokens.weight.detach().numpy())
+
+
+@pytest.mark.parametrize("bits,group_size,match", [(3, 64, "bits must be 4, 8 or 16"),
+                                                   (4, 48, "group_size must be a power of two")])
+def test_bad_options(ckpt, tmp_path, bits, group_size, match):
+    with pytest.raises(ConversionError, match=match):
+        convert(ckpt, tmp_path / "dst", bits=bits, group_size=group_size, progress=False)
+    assert not os.path.exists(tmp_path / "dst")

@@ -141,6 +141,10 @@ def convert(src, dst, bits: int = 4, group_size: int = 64, progress: bool = True
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.isdir(src):
         raise ConversionError(f"{src}: not a directory")
+    if bits not in (4, 8, 16):
+        raise ConversionError(f"bits must be 4, 8 or 16, got {bits}")
+    if bits != 16 and (group_size < 16 or group_size & (group_size - 1)):
+        raise ConversionError(f"group_size must be a power of two >= 16, got {group_size}")
     mod, cfg, model_type = load_source_config(src)
     plan = _Plan(Checkpoint(src), mod, cfg, src)
     _prepare_dst(dst, overwrite)
