@@ -1,0 +1,307 @@
+"""Every backend op against an independent float64 numpy reference (ggml test-backend-ops style).
+
+A case is (op, id, build, ref, tol): build(rng) returns the op's positional arguments, ref(*args)
+the expected outputs computed in float64, tol the allowed normalised error per output,
+    err = max|out - ref| / max(1, max|ref|),
+justified where the case is registered. Integer outputs (top-k indices) must match exactly, as must
+outputs with tol 0. Every case runs on every backend in BACKENDS; a backend lacking the op skips it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from flashmoe import _core
+from flashmoe.quant import f32_to_bf16, quantize  # input builders only; references are below
+
+# name -> module exposing op_<name>(...) with the signatures of csrc/python/module.cpp (bind_ops).
+# Add e.g. "cuda": flashmoe._cuda here; cases it does not implement are reported as skipped.
+BACKENDS = {"cpu": _core}
+F32, BF16, Q8, Q4 = _core.F32, _core.BF16, _core.Q8, _core.Q4
+
+# Tolerances. fp32 has eps = 2^-23 ~ 1.2e-7; a formula error (wrong axis, head, sign, missing eps)
+# shows up at >= 1e-3, so these leave 10-100x headroom over rounding while still catching bugs.
+TOL_ELEM = 1e-5  # elementwise / row-norm ops: a handful of correctly rounded fp32 ops per output,
+#                  <= ~10 eps relative (expf, sqrtf are <= 1 ulp); norms' sum of squares is in double.
+TOL_DOT = 1e-5   # fp32 dots of n <= 192 terms in 8 partial sums: <= n/8+3 roundings per lane, random
+#                  signs give ~sqrt(n/8)*eps*sum|terms|; sum|terms| ~ 0.8n vs max|ref| ~ 3 sqrt(n) for
+#                  N(0,1) data -> ~1e-6. Covers matmul, attention scores, the conv taps, Sᵀk / Sᵀq.
+TOL_PROB = 1e-6  # router weights <= 1: softmax in double, one rounding to fp32, k-term fp32 renorm.
+
+
+@dataclass
+class Case:
+    op: str
+    id: str
+    build: Callable
+    ref: Callable
+    tol: tuple
+
+
+CASES: list[Case] = []
+
+
+def case(op, id, build, ref, *tol):
+    CASES.append(Case(op, id, build, ref, tol))
+
+
+def f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def randn(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# ---------------------------------------------------------------- matmul / get_row
+
+
+def ref_dequant(dtype, data, scales, biases, rows, cols, gs):
+    """W [rows, cols] in float64, exact: w = scale * q + bias per group (docs/FORMAT.md)."""
+    if dtype == F32:
+        return f64(data).reshape(rows, cols)
+    if dtype == BF16:  # the top 16 bits of a float32
+        return f64((np.asarray(data, np.uint16).astype(np.uint32) << 16).view(np.float32)).reshape(rows, cols)
+    data = np.asarray(data, np.uint8).reshape(rows, -1)
+    if dtype == Q4:
+        q = np.empty((rows, cols), np.int64)
+        q[:, 0::2] = data & 0x0F  # byte j: element 2j in the low nibble,
+        q[:, 1::2] = data >> 4    #         element 2j+1 in the high nibble
+    else:
+        q = data.astype(np.int64)
+    s = np.repeat(f64(np.asarray(scales, np.uint16).view(np.float16)).reshape(rows, -1), gs, axis=1)
+    b = np.repeat(f64(np.asarray(biases, np.uint16).view(np.float16)).reshape(rows, -1), gs, axis=1)
+    return s * q + b
+
+
+def build_weight(rng, dtype, rows, cols, gs):
+    w = randn(rng, rows, cols)
+    w[0] *= 1e-6          # tiny row: float16-subnormal scales and biases
+    w[1, :gs or 8] = 0.5  # a constant group: scale 0, q 0, bias = value
+    if dtype == F32:
+        return (F32, w, None, None, rows, cols, 0)
+    if dtype == BF16:
+        return (BF16, f32_to_bf16(w), None, None, rows, cols, 0)
+    q, s, b = quantize(w, 8 if dtype == Q8 else 4, gs)
+    return (dtype, q, s.view(np.uint16), b.view(np.uint16), rows, cols, gs)
+
+
+WEIGHTS = [("f32", F32, 0, 130), ("f32", F32, 0, 60), ("f32", F32, 0, 7)]
+WEIGHTS += [("bf16", BF16, 0, 130), ("bf16", BF16, 0, 96)]
+WEIGHTS += [(f"{n}g{gs}", d, gs, 3 * gs) for n, d in (("q8", Q8), ("q4", Q4)) for gs in (16, 32, 64)]
+for name, dtype, gs, cols in WEIGHTS:
+    for T in (1, 5):
+        case("matmul", f"{name}-13x{cols}-T{T}",
+             lambda rng, d=dtype, g=gs, c=cols, T=T: build_weight(rng, d, 13, c, g) + (randn(rng, T, c),),
+             lambda *a: f64(a[7]) @ ref_dequant(*a[:7]).T, TOL_DOT)
+    # get_row is the dequantised row exactly: s * q is exact in fp32 (11-bit x 8-bit significands), so
+    # the kernel's one rounding of (+ bias) equals the exact float64 value rounded once to fp32.
+    for r in (0, 1, 12):
+        case("get_row", f"{name}-13x{cols}-r{r}",
+             lambda rng, d=dtype, g=gs, c=cols, r=r: build_weight(rng, d, 13, c, g) + (r,),
+             lambda *a: ref_dequant(*a[:7])[a[7]].astype(np.float32), 0.0)
+
+
+# ---------------------------------------------------------------- norms, rope, silu
+
+
+def ref_rmsnorm(x, w, eps, zc):
+    x = f64(x)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1.0 + f64(w) if zc else f64(w))
+
+
+def ref_l2norm(x, eps, scale):
+    x = f64(x)
+    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def build_rows(rng, *shape, scale=3.0):
+    x = randn(rng, *shape, scale=scale)
+    x.reshape(-1, shape[-1])[0] *= 1e-4  # a tiny row, where eps matters
+    return x
+
+
+def norm_weight(rng, n, zero_centered):
+    return randn(rng, n, scale=0.1) + np.float32(0.0 if zero_centered else 1.0)  # stored near 0 when zc
+
+
+for T in (1, 3, 17):
+    for n in (60, 130):
+        for zc in (True, False):
+            case("rmsnorm", f"T{T}-n{n}-{'zc' if zc else 'plain'}",
+                 lambda rng, T=T, n=n, zc=zc: (build_rows(rng, T, n), norm_weight(rng, n, zc), 1e-6, zc),
+                 ref_rmsnorm, TOL_ELEM)
+for T, H, n, scale in ((1, 1, 60, 1.0), (3, 3, 96, 96 ** -0.5), (17, 6, 130, 1.0)):
+    case("l2norm", f"T{T}-H{H}-n{n}-s{scale:.3g}",
+         lambda rng, T=T, H=H, n=n, s=scale: (build_rows(rng, T, H, n), 1e-6, s),
+         ref_l2norm, TOL_ELEM)
+
+
+def ref_rope(x, rot, pos0, theta):
+    half, y = rot // 2, f64(x).copy()
+    # inv_freq = 1 / theta^(2i/rot) held in fp32, as HF computes it (the kernel mirrors that); the
+    # rest in float64. Positions stay <= 50, so a 1-ulp difference in inv_freq moves angles < 1e-5.
+    inv = f64(np.float32(1.0 / theta ** (np.arange(half) * 2.0 / rot)))
+    ang = (pos0 + np.arange(x.shape[0]))[:, None, None] * inv  # [T, 1, half]
+    x1, x2 = y[..., :half].copy(), y[..., half:rot].copy()
+    y[..., :half] = x1 * np.cos(ang) - x2 * np.sin(ang)
+    y[..., half:rot] = x2 * np.cos(ang) + x1 * np.sin(ang)
+    return y  # dims >= rot pass through unchanged
+
+
+for T, H, hd, rot, pos0, theta in ((1, 1, 64, 64, 0, 1e4), (3, 3, 96, 32, 7, 1e7), (17, 5, 130, 64, 30, 1e7),
+                                   (17, 6, 60, 60, 0, 1e6), (1, 3, 96, 24, 49, 1e7)):
+    case("rope", f"T{T}-H{H}-hd{hd}-rot{rot}-p{pos0}",
+         lambda rng, T=T, H=H, hd=hd, rot=rot, p=pos0, th=theta: (randn(rng, T, H, hd), rot, p, th),
+         ref_rope, TOL_ELEM)
+
+for T, n in ((1, 60), (3, 96), (17, 130)):
+    case("silu_mul", f"T{T}-n{n}", lambda rng, T=T, n=n: (randn(rng, T, n, scale=8.0), randn(rng, T, n)),
+         lambda g, u: f64(g) / (1.0 + np.exp(-f64(g))) * f64(u), TOL_ELEM)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def ref_attention(q, kc, vc, pos0, scale):
+    T, nh, hd = q.shape
+    group, out = nh // kc.shape[1], np.zeros(q.shape)
+    for t in range(T):
+        n = pos0 + t + 1  # causal: query t sees cache positions [0, pos0 + t]
+        for h in range(nh):
+            s = f64(kc[:n, h // group]) @ f64(q[t, h]) * scale
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ f64(vc[:n, h // group])
+    return out
+
+
+def build_attention(rng, T, pos0, nh, nkv, hd):
+    ctx = pos0 + T + 3
+    kc, vc = randn(rng, ctx, nkv, hd), randn(rng, ctx, nkv, hd)
+    kc[pos0 + T:] = vc[pos0 + T:] = np.nan  # beyond the filled cache: must never be read
+    return randn(rng, T, nh, hd, scale=2.0), kc, vc, pos0, hd ** -0.5
+
+
+# Scores are hd-term fp32 dots (|s| <~ 10); exp turns an absolute score error into the same relative
+# weight error, and the output is a convex combination of v, so TOL_DOT applies.
+for T, pos0, nh, nkv, hd in ((1, 0, 4, 4, 60), (1, 40, 5, 5, 96), (3, 5, 6, 2, 96), (17, 0, 3, 1, 130),
+                             (17, 20, 6, 2, 60)):
+    case("attention", f"T{T}-pos{pos0}-h{nh}kv{nkv}-hd{hd}",
+         lambda rng, a=(T, pos0, nh, nkv, hd): build_attention(rng, *a), ref_attention, TOL_DOT)
+
+
+# ---------------------------------------------------------------- Gated DeltaNet
+
+
+def ref_conv1d_silu(x, state, w):
+    T, K = x.shape[0], w.shape[1]
+    xx = np.concatenate([f64(state), f64(x)])  # [K-1+T, C], oldest first
+    a = sum(f64(w[:, j]) * xx[j:j + T] for j in range(K))
+    return a / (1.0 + np.exp(-a)), xx[T:]  # new state: the last K-1 inputs
+
+
+# T above, at and below K-1 (the state update's two paths); the state is a pure copy, so exact.
+for T, C, K in ((1, 60, 4), (2, 130, 4), (3, 96, 4), (17, 60, 4), (5, 130, 2), (1, 96, 2)):
+    case("conv1d_silu", f"T{T}-C{C}-K{K}",
+         lambda rng, T=T, C=C, K=K: (randn(rng, T, C), randn(rng, K - 1, C), randn(rng, C, K, scale=0.5)),
+         ref_conv1d_silu, TOL_DOT, 0.0)
+
+
+def ref_gated_delta(q, k, v, g, beta, S):
+    """The recurrent form of DESIGN.md §3, one token and one value head at a time."""
+    T, Hk, _ = q.shape
+    Hv = v.shape[1]
+    S, out = f64(S).copy(), np.zeros(v.shape)
+    for t in range(T):
+        for h in range(Hv):
+            kh = h // (Hv // Hk)
+            qt, kt = f64(q[t, kh]), f64(k[t, kh])
+            S[h] *= np.exp(g[t, h])
+            u = f64(v[t, h]) - S[h].T @ kt
+            S[h] += np.outer(kt, beta[t, h] * u)
+            out[t, h] = S[h].T @ qt
+    return out, S
+
+
+def build_gated_delta(rng, T, Hk, Hv, dk, dv):
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q = unit(randn(rng, T, Hk, dk)) / np.sqrt(dk)  # as the model feeds it: l2-normalised, q scaled
+    k = unit(randn(rng, T, Hk, dk))
+    g = -rng.uniform(0.0, 2.0, (T, Hv))            # log-decay, <= 0
+    beta = rng.uniform(0.0, 1.0, (T, Hv))
+    f = np.float32
+    return (q.astype(f), k.astype(f), randn(rng, T, Hv, dv), g.astype(f), beta.astype(f),
+            randn(rng, Hv, dk, dv, scale=0.5))  # nonzero initial state
+
+
+# With unit k and beta, g in range, each step's map S -> e^g (I - beta k kᵀ) S is a contraction, so
+# rounding does not grow over T; every step is dk-term fp32 dots: TOL_DOT for output and state.
+for T, Hk, Hv, dk, dv in ((1, 2, 4, 32, 48), (3, 1, 3, 60, 20), (17, 2, 6, 24, 20), (17, 3, 3, 96, 32),
+                          (5, 2, 4, 20, 60)):
+    case("gated_delta", f"T{T}-Hk{Hk}-Hv{Hv}-dk{dk}-dv{dv}",
+         lambda rng, a=(T, Hk, Hv, dk, dv): build_gated_delta(rng, *a), ref_gated_delta, TOL_DOT, TOL_DOT)
+
+
+# ---------------------------------------------------------------- router
+
+
+def build_logits(rng, n, kind):
+    return rng.integers(-3, 4, n).astype(np.float32) if kind == "ties" else randn(rng, n, scale=3.0)
+
+
+def ref_topk_softmax(logits, k, norm):
+    p = np.exp(f64(logits) - f64(logits).max())
+    p /= p.sum()
+    idx = np.argsort(-p, kind="stable")[:k]  # descending; equal probabilities keep the lower index
+    w = p[idx]
+    return idx, (w / w.sum() if norm else w)
+
+
+for n, k, norm, kind in ((60, 4, True, "randn"), (60, 4, False, "randn"), (130, 10, True, "randn"),
+                         (512, 10, False, "randn"), (512, 1, True, "randn"), (7, 7, False, "randn"),
+                         (64, 8, True, "ties"), (64, 8, False, "ties")):
+    # "ties": integer logits, so many exact ties, some straddling the k-th place. The CPU convention
+    # (lower index first, as torch.topk on CPU) is part of the contract so backends route identically.
+    case("topk_softmax", f"n{n}-k{k}-{'norm' if norm else 'raw'}-{kind}",
+         lambda rng, n=n, k=k, norm=norm, kind=kind: (build_logits(rng, n, kind), k, norm),
+         ref_topk_softmax, 0, TOL_PROB)
+
+
+# ---------------------------------------------------------------- the harness
+
+
+def normalised_error(out, ref):
+    out, ref = f64(out), f64(ref)
+    return float(np.max(np.abs(out - ref)) / max(1.0, float(np.max(np.abs(ref)))))
+
+
+@pytest.mark.parametrize("c", CASES, ids=lambda c: f"{c.op}-{c.id}")
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_op(backend, c):
+    fn = getattr(BACKENDS[backend], "op_" + c.op, None)
+    if fn is None:
+        pytest.skip(f"backend {backend} has no op_{c.op}")
+    args = c.build(np.random.default_rng(zlib.crc32(f"{c.op}-{c.id}".encode())))
+    before = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    outs = fn(*args)
+    for a, b in zip(args, before):  # ops take inputs by value (state is returned, not written in place)
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+    refs = c.ref(*args)
+    if not isinstance(refs, tuple):
+        outs, refs = (outs,), (refs,)
+    assert len(outs) == len(refs) == len(c.tol)
+    for i, (out, ref, tol) in enumerate(zip(outs, refs, c.tol)):
+        out, ref = np.asarray(out), np.asarray(ref)
+        assert out.shape == ref.shape, f"output {i}: shape {out.shape} != {ref.shape}"
+        if ref.dtype.kind in "iu":
+            np.testing.assert_array_equal(out, ref, err_msg=f"output {i}")
+            continue
+        err = normalised_error(out, ref)
+        assert err <= tol, f"output {i}: normalised error {err:.3g} > {tol:g}"
