@@ -97,6 +97,22 @@ def test_greedy_generation_matches_transformers(hf, packed):
     assert got == want
 
 
+def test_trace_matches_transformers_hidden_states(hf, packed):
+    """The named intermediates line up with transformers' per-layer hidden states."""
+    ids = prompt(hf, n=20)
+    tr = flashmoe.load(packed(16), prefill_chunk=8).trace(ids)
+    n_layers = hf.config.num_hidden_layers
+    kinds = ["attn_out" if t == "full_attention" else "deltanet_out" for t in hf.config.layer_types]
+    assert list(tr) == ["embed"] + [f"L{i}.{k}" for i, k in enumerate(kinds) for k in (k, "mlp_out", "out")] + [
+        "final_norm"]
+    with torch.no_grad():
+        hs = hf(torch.tensor([ids.tolist()]), output_hidden_states=True).hidden_states
+    np.testing.assert_allclose(tr["embed"], hs[0][0].numpy(), rtol=0, atol=0)
+    for i in range(n_layers - 1):  # transformers' last entry is after the final norm
+        assert rel_err(tr[f"L{i}.out"], hs[i + 1][0].numpy()) <= RTOL, i
+    assert tr["final_norm"].shape == (1, hf.config.hidden_size)
+
+
 def test_state_reset_and_continue(hf, packed):
     """forward(reset=True) forgets everything; two halves with reset=False equal one prefill."""
     ids = prompt(hf)

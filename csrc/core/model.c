@@ -291,6 +291,21 @@ int fm_model_context_length(const fm_model *m) { return m->ctx; }
 
 /* ---------------------------------------------------------------- forward */
 
+void fm_model_set_trace(fm_model *m, fm_trace_fn fn, void *user) {
+    m->trace = fn;
+    m->trace_user = user;
+}
+
+void fm_trace(fm_model *m, const float *x, int T, int n, const char *fmt, ...) {
+    if (!m->trace) return;
+    char name[64];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    m->trace(m->trace_user, name, x, T, n);
+}
+
 fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *logits, int all_logits) {
     const int V = m->c.vocab_size, H = m->c.hidden_size;
     if (n <= 0) return fm_fail(FM_ERR_INVALID, "forward: no tokens given");
@@ -305,6 +320,7 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
     for (int done = 0; done < n;) {
         const int T = n - done < m->chunk ? n - done : m->chunk;
         for (int t = 0; t < T; t++) fm_op_get_row(&m->embed, tokens[done + t], m->s.x + (size_t)t * H);
+        fm_trace(m, m->s.x, T, H, "embed");
         fm_status st = m->arch->forward(m, m->s.x, T);
         if (st != FM_OK) {
             /* The state is now partly advanced: the only safe continuation is a reset. */
@@ -316,6 +332,7 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
         if (logits && (all_logits || done == n)) {
             const int first = all_logits ? 0 : T - 1, rows = T - first;
             fm_op_rmsnorm(m->s.xn, m->s.x + (size_t)first * H, m->norm, rows, H, m->c.rms_norm_eps, 1);
+            fm_trace(m, m->s.xn, rows, H, "final_norm");
             float *dst = all_logits ? logits + (size_t)(done - T) * V : logits;
             fm_op_matmul(&m->lm_head, m->s.xn, rows, dst);
         }

@@ -113,7 +113,12 @@ struct fm_model {
     uint64_t tokens;
     int last_prompt_tokens, last_generated_tokens;
     double last_prompt_seconds, last_decode_seconds;
+    fm_trace_fn trace;
+    void *trace_user;
 };
+
+/* Name an intermediate x [T, n] for the debug hook (no cost when no hook is set). */
+void fm_trace(fm_model *m, const float *x, int T, int n, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
 /* Weight binding by name from the load spec, checking shape and dtype against the config. */
 fm_status fm_bind_mat(fm_model *m, const fm_load_spec *spec, fm_mat *out, int rows, int cols, const char *fmt, ...)

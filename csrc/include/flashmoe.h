@@ -112,6 +112,11 @@ fm_status fm_model_generate(fm_model *m, const int32_t *prompt, int n_prompt, in
                             float temperature, uint64_t seed, const int32_t *stop_ids, int n_stop,
                             int32_t *out, int *n_out);
 
+/* Debug hook: called with every named intermediate of the forward pass ("L3.attn_out",
+ * "L3.moe_out", "final_norm", ...), data [T, n] fp32, valid only during the call. NULL disables. */
+typedef void (*fm_trace_fn)(void *user, const char *name, const float *data, int T, int n);
+void fm_model_set_trace(fm_model *m, fm_trace_fn fn, void *user);
+
 typedef struct {
     uint64_t tokens;         /* tokens run through the model */
     uint64_t expert_hits;    /* expert uses served from memory */

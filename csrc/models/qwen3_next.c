@@ -49,6 +49,7 @@ static fm_status forward(fm_model *m, float *x, int T) {
             fm_block_attention(m, L, xn, out, T, m->pos);
         else
             fm_block_deltanet(m, L, xn, out, T);
+        fm_trace(m, out, T, H, "L%d.%s", l, L->full_attention ? "attn_out" : "deltanet_out");
         for (size_t i = 0; i < (size_t)T * H; i++) x[i] += out[i];
         fm_op_rmsnorm(xn, x, L->post_attention_layernorm, T, H, c->rms_norm_eps, 1);
         if (L->moe) {
@@ -57,7 +58,9 @@ static fm_status forward(fm_model *m, float *x, int T) {
         } else {
             fm_block_mlp(m, &L->mlp, xn, out, T); /* HF: Qwen3NextMLP(intermediate_size) */
         }
+        fm_trace(m, out, T, H, "L%d.mlp_out", l);
         for (size_t i = 0; i < (size_t)T * H; i++) x[i] += out[i];
+        fm_trace(m, x, T, H, "L%d.out", l);
     }
     return FM_OK;
 }

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -167,6 +168,41 @@ class Model {
         return out;
     }
 
+    // Forward with the debug hook on: returns {name: float32 [T, n]} of every named intermediate,
+    // chunks concatenated along T.
+    py::dict trace(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens) {
+        struct Rec {
+            std::vector<std::string> order;
+            std::map<std::string, std::pair<int, std::vector<float>>> data;
+        } rec;
+        auto cb = [](void *user, const char *name, const float *x, int T, int n) {
+            Rec *r = static_cast<Rec *>(user);
+            auto it = r->data.find(name);
+            if (it == r->data.end()) {
+                r->order.push_back(name);
+                it = r->data.emplace(name, std::make_pair(n, std::vector<float>())).first;
+            }
+            it->second.second.insert(it->second.second.end(), x, x + (size_t)T * n);
+        };
+        fm_model_set_trace(m_, cb, &rec);
+        std::vector<float> logits((size_t)vocab_);
+        fm_status st;
+        {
+            py::gil_scoped_release release;
+            st = fm_model_forward(m_, tokens.data(), (int)tokens.size(), logits.data(), 0);
+        }
+        fm_model_set_trace(m_, nullptr, nullptr);
+        check(st);
+        py::dict out;
+        for (auto &name : rec.order) {
+            auto &[n, v] = rec.data[name];
+            py::array_t<float> a({(py::ssize_t)(v.size() / n), (py::ssize_t)n});
+            std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(float));
+            out[py::str(name)] = a;
+        }
+        return out;
+    }
+
     void reset() { fm_model_reset(m_); }
     int position() const { return fm_model_position(m_); }
     int context_length() const { return fm_model_context_length(m_); }
@@ -294,6 +330,7 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init<const py::dict &>())
         .def("forward", &Model::forward, py::arg("tokens"), py::arg("all_logits") = true)
         .def("generate", &Model::generate)
+        .def("trace", &Model::trace)
         .def("reset", &Model::reset)
         .def_property_readonly("position", &Model::position)
         .def_property_readonly("context_length", &Model::context_length)

@@ -162,6 +162,15 @@ class Model:
             self._core.reset()
         return self._core.forward(ids, True)
 
+    def trace(self, token_ids, reset: bool = True) -> dict:
+        """Run tokens and return every named intermediate of the forward pass as float32 [T, n]:
+        "embed", "L{i}.attn_out" or "L{i}.deltanet_out", "L{i}.mlp_out", "L{i}.out" (the residual
+        stream after layer i), "final_norm" (last token only). For bisecting a mismatch layer by layer."""
+        ids = self._tokens(token_ids)
+        if reset:
+            self._core.reset()
+        return self._core.trace(ids)
+
     def generate(self, token_ids, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
                  stop_token_ids=None, reset: bool = True) -> list[int]:
         """Generate up to max_tokens new token ids after the prompt; greedy when temperature is 0.
