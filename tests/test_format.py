@@ -57,12 +57,8 @@ def test_random_model_is_valid_and_deterministic(packed, tmp_path):
     assert (packed / "dense.bin").read_bytes() == (tmp_path / "again" / "dense.bin").read_bytes()
 
 
-def test_demo_model_writes_fast(tmp_path):
-    import time
-
-    t = time.perf_counter()
+def test_demo_model_layout(tmp_path):
     h = write_random_model(tmp_path / "demo", progress=False)
-    assert time.perf_counter() - t < 10
     assert h["config"]["hidden_size"] == 512 and len(h["experts"]["layers"]) == 8
     assert h["dense"]["tensors"]["layers.0.mlp.gate.weight"]["dtype"] == "bf16"
     assert h["dense"]["tensors"]["embed_tokens.weight"]["dtype"] == "q4"
