@@ -47,18 +47,29 @@ static fm_status check_extent(const fm_model *m, const fm_tensor_desc *d) {
 
 static const uint8_t *dense_at(const fm_model *m, uint64_t offset) { return m->dense + (offset - FM_PREAMBLE_SIZE); }
 
-fm_status fm_bind_mat(fm_model *m, const fm_load_spec *spec, fm_mat *out, int rows, int cols, const char *fmt, ...) {
+/* Find the tensor named by fmt/ap and check its shape ([rows] when cols == 0, else [rows, cols]) and
+ * its extent in the dense file. */
+static fm_status lookup(fm_model *m, const fm_load_spec *spec, int rows, int cols, const fm_tensor_desc **out,
+                        const char *fmt, va_list ap) {
     char name[FM_MAX_NAME + 32];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(name, sizeof name, fmt, ap);
-    va_end(ap);
     const fm_tensor_desc *d = find_tensor(spec, name);
     if (!d) return fm_fail(FM_ERR_FORMAT, "tensor %s is missing from the model", name);
-    if (d->ndim != 2 || d->shape[0] != rows || d->shape[1] != cols)
-        return fm_fail(FM_ERR_FORMAT, "tensor %s has shape [%lld, %lld], the config implies [%d, %d]", name,
-                       (long long)d->shape[0], (long long)(d->ndim == 2 ? d->shape[1] : 0), rows, cols);
-    fm_status st = check_extent(m, d);
+    const int ndim = cols ? 2 : 1;
+    if (d->ndim != ndim || d->shape[0] != rows || (cols && d->shape[1] != cols))
+        return fm_fail(FM_ERR_FORMAT, "tensor %s has shape [%lld, %lld] (%d-D), the config implies [%d, %d] (%d-D)",
+                       name, (long long)d->shape[0], (long long)(d->ndim == 2 ? d->shape[1] : 0), d->ndim, rows,
+                       cols, ndim);
+    *out = d;
+    return check_extent(m, d);
+}
+
+fm_status fm_bind_mat(fm_model *m, const fm_load_spec *spec, fm_mat *out, int rows, int cols, const char *fmt, ...) {
+    const fm_tensor_desc *d = NULL;
+    va_list ap;
+    va_start(ap, fmt);
+    fm_status st = lookup(m, spec, rows, cols, &d, fmt, ap);
+    va_end(ap);
     if (st != FM_OK) return st;
     out->dtype = d->dtype;
     out->rows = rows;
@@ -74,20 +85,13 @@ fm_status fm_bind_mat(fm_model *m, const fm_load_spec *spec, fm_mat *out, int ro
 /* An f32 vector [rows] (cols == 0) or matrix [rows, cols]. */
 fm_status fm_bind_f32(fm_model *m, const fm_load_spec *spec, const float **out, int rows, int cols, const char *fmt,
                       ...) {
-    char name[FM_MAX_NAME + 32];
+    const fm_tensor_desc *d = NULL;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
+    fm_status st = lookup(m, spec, rows, cols, &d, fmt, ap);
     va_end(ap);
-    const fm_tensor_desc *d = find_tensor(spec, name);
-    if (!d) return fm_fail(FM_ERR_FORMAT, "tensor %s is missing from the model", name);
-    const int want_ndim = cols ? 2 : 1;
-    if (d->ndim != want_ndim || d->shape[0] != rows || (cols && d->shape[1] != cols))
-        return fm_fail(FM_ERR_FORMAT, "tensor %s has shape [%lld%s], the config implies [%d%s]", name,
-                       (long long)d->shape[0], d->ndim == 2 ? ", ..." : "", rows, cols ? ", ..." : "");
-    if (d->dtype != FM_F32) return fm_fail(FM_ERR_FORMAT, "tensor %s is %s, expected f32", name, dtype_name(d->dtype));
-    fm_status st = check_extent(m, d);
     if (st != FM_OK) return st;
+    if (d->dtype != FM_F32) return fm_fail(FM_ERR_FORMAT, "tensor %s is %s, expected f32", d->name, dtype_name(d->dtype));
     *out = (const float *)dense_at(m, d->offset);
     return FM_OK;
 }
