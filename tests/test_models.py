@@ -210,3 +210,11 @@ def test_qwen3_next_without_topk_renormalisation(tmp_path):
     flashmoe.convert(ck, tmp_path / "p", bits=16, progress=False)
     ids = prompt(hf, n=24)
     assert rel_err(flashmoe.load(tmp_path / "p").forward(ids), reference_logits(hf, ids)) <= RTOL
+
+
+def test_tied_embeddings(tmp_path):
+    hf = make_hf_model("qwen3_5_moe", seed=5, tie_word_embeddings=True)
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    flashmoe.convert(save_checkpoint(hf, tmp_path / "hf"), tmp_path / "p", bits=16, progress=False)
+    ids = prompt(hf, n=20)
+    assert rel_err(flashmoe.load(tmp_path / "p").forward(ids), reference_logits(hf, ids)) <= RTOL
