@@ -158,17 +158,62 @@ void fm_block_mlp(fm_model *m, const fm_mlp_w *w, const float *xn, float *out, i
     mlp(&m->s, &w->gate_proj, &w->up_proj, &w->down_proj, xn, out, T);
 }
 
+/* Experts the next MoE layer's router would pick for these tokens (its input approximated by this
+ * layer's), so the store protects them from eviction and reads them ahead while this layer computes. */
+static void predict_next(fm_model *m, int next, const float *xn, int T) {
+    const fm_config *c = &m->c;
+    fm_scratch *s = &m->s;
+    const int E = c->num_experts, k = c->num_experts_per_tok;
+    fm_op_matmul(&m->layers[next].moe_w.router, xn, T, s->logits); /* [T, E] */
+    memset(s->mark, 0, sizeof(int32_t) * (size_t)E);
+    int n = 0;
+    for (int t = 0; t < T; t++) {
+        fm_op_topk_softmax(s->logits + (size_t)t * E, E, k, 0, s->ptopk, s->pw);
+        for (int j = 0; j < k; j++)
+            if (!s->mark[s->ptopk[j]]++) s->pred[n++] = s->ptopk[j];
+    }
+    fm_expert_store_predict(m->experts, next, s->pred, n);
+}
+
 fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *xn, float *out, int T, int norm_topk) {
     const fm_config *c = &m->c;
     fm_scratch *s = &m->s;
     const int H = c->hidden_size, E = c->num_experts, k = c->num_experts_per_tok;
+    fm_expert_store *store = m->experts;
 
     /* router: softmax over all experts in fp32, top-k, optionally renormalised */
     fm_op_matmul(&w->router, xn, T, s->logits); /* [T, E] */
     for (int t = 0; t < T; t++)
         fm_op_topk_softmax(s->logits + (size_t)t * E, E, k, norm_topk, s->topk + (size_t)t * k, s->topw + (size_t)t * k);
 
-    /* shared expert, scaled by sigmoid(shared_expert_gate · x) */
+    /* group the T·k choices by expert (counting sort): expert e owns rows eoff[e] .. eoff[e+1] of ye */
+    memset(s->ecount, 0, sizeof(int32_t) * (size_t)(E + 1));
+    for (int i = 0; i < T * k; i++) s->ecount[s->topk[i]]++;
+    int n_need = 0;
+    s->eoff[0] = 0;
+    for (int e = 0; e < E; e++) {
+        s->eoff[e + 1] = s->eoff[e] + s->ecount[e];
+        if (s->ecount[e]) s->need[n_need++] = e;
+        m->usage[(size_t)layer * E + e] += (uint64_t)s->ecount[e];
+    }
+    memset(s->ecount, 0, sizeof(int32_t) * (size_t)E);
+    for (int i = 0; i < T * k; i++) {
+        const int e = s->topk[i], r = s->eoff[e] + s->ecount[e]++;
+        s->tok[r] = i / k;
+        s->row[i] = r;
+    }
+
+    /* issue the reads now: every expert that fits a slot is pinned (hit) or queued (miss) */
+    int n_held = 0, next = 0, done = 0;
+    for (; next < n_need; next++) {
+        const int slot = fm_expert_store_acquire(store, layer, s->need[next]);
+        if (slot == FM_SLOT_NONE) break;
+        s->held[n_held] = slot;
+        s->held_e[n_held++] = s->need[next];
+    }
+    if (m->layers[layer].next_moe >= 0 && m->prefetch) predict_next(m, m->layers[layer].next_moe, xn, T);
+
+    /* shared expert while the reads land, scaled by sigmoid(shared_expert_gate · x) */
     fm_op_matmul(&w->shared_gate, xn, T, s->sg); /* [T, 1] */
     fm_block_mlp(m, &w->shared, xn, out, T);
     for (int t = 0; t < T; t++) {
@@ -176,27 +221,40 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
         for (int i = 0; i < H; i++) out[(size_t)t * H + i] *= g;
     }
 
-    /* routed experts, grouped by expert so each is fetched once per chunk and applied to all its tokens */
-    for (int e = 0; e < E; e++) {
-        int n = 0;
-        for (int t = 0; t < T; t++)
-            for (int j = 0; j < k; j++)
-                if (s->topk[(size_t)t * k + j] == e) {
-                    s->tok[n] = t;
-                    s->wt[n] = s->topw[(size_t)t * k + j];
-                    memcpy(s->xe + (size_t)n * H, xn + (size_t)t * H, sizeof(float) * H);
-                    n++;
-                }
-        if (n == 0) continue;
+    /* routed experts, each computed as it arrives on all of its tokens: ye rows [n, H] */
+    while (done < n_need) {
+        int i;
+        fm_status st = n_held ? fm_expert_store_wait_any(store, s->held, n_held, &i)
+                              : fm_fail(FM_ERR_NOMEM, "layer %d: no expert slot could be freed", layer);
+        if (st != FM_OK) {
+            for (int j = 0; j < n_held; j++) fm_expert_store_release(store, s->held[j]);
+            return st;
+        }
+        const int e = s->held_e[i], r0 = s->eoff[e], n = s->eoff[e + 1] - r0;
+        for (int r = 0; r < n; r++) memcpy(s->xe + (size_t)r * H, xn + (size_t)s->tok[r0 + r] * H, sizeof(float) * H);
         fm_expert ex;
-        fm_status st = fm_expert_store_get(m->experts, layer, e, &ex);
-        if (st != FM_OK) return st;
-        mlp(s, &ex.gate, &ex.up, &ex.down, s->xe, s->ye, n); /* [n, H] */
-        for (int r = 0; r < n; r++) {
-            float *o = out + (size_t)s->tok[r] * H;
-            const float *y = s->ye + (size_t)r * H;
-            for (int i = 0; i < H; i++) o[i] += s->wt[r] * y[i];
+        fm_expert_store_view(store, s->held[i], &ex);
+        mlp(s, &ex.gate, &ex.up, &ex.down, s->xe, s->ye + (size_t)r0 * H, n);
+        fm_expert_store_release(store, s->held[i]);
+        s->held[i] = s->held[--n_held];
+        s->held_e[i] = s->held_e[n_held];
+        done++;
+        for (; next < n_need; next++) { /* a slot is free again: the experts that did not fit */
+            const int slot = fm_expert_store_acquire(store, layer, s->need[next]);
+            if (slot == FM_SLOT_NONE) break;
+            s->held[n_held] = slot;
+            s->held_e[n_held++] = s->need[next];
         }
     }
+
+    /* weighted sum in a fixed order (token, choice), whatever order the reads arrived in, so the
+     * result does not depend on the budget, the policy or the disk */
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < k; j++) {
+            const float wt = s->topw[(size_t)t * k + j];
+            const float *y = s->ye + (size_t)s->row[t * k + j] * H;
+            float *o = out + (size_t)t * H;
+            for (int i = 0; i < H; i++) o[i] += wt * y[i];
+        }
     return FM_OK;
 }

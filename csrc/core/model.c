@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../io/packed.h"
 #include "model.h"
@@ -131,7 +132,8 @@ static fm_status check_config(const fm_config *c) {
 
 static size_t max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
-static fm_status alloc_scratch(fm_model *m) {
+/* Scratch buffers for chunks of C tokens: lay them out in mem (or only size them when mem is NULL). */
+static size_t layout_scratch(fm_model *m, uint8_t *mem) {
     const fm_config *c = &m->c;
     const size_t C = (size_t)m->chunk, H = c->hidden_size;
     const size_t key_dim = (size_t)c->linear_num_key_heads * c->linear_key_head_dim;
@@ -140,27 +142,26 @@ static fm_status alloc_scratch(fm_model *m) {
     const size_t qd = (size_t)c->num_attention_heads * c->head_dim, kvd = (size_t)c->num_key_value_heads * c->head_dim;
     const size_t E = c->num_experts > 0 ? c->num_experts : 1, k = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
     const size_t inter = max3(c->moe_intermediate_size, c->shared_expert_intermediate_size, c->intermediate_size);
-    struct { void **p; size_t n; } parts[] = {
-        {(void **)&m->s.x, C * H}, {(void **)&m->s.xn, C * H}, {(void **)&m->s.out, C * H},
-        {(void **)&m->s.qkv, C * conv_dim}, {(void **)&m->s.conv, C * conv_dim}, {(void **)&m->s.z, C * vdim},
-        {(void **)&m->s.b, C * Hv}, {(void **)&m->s.a, C * Hv}, {(void **)&m->s.core, C * vdim},
-        {(void **)&m->s.q2, C * 2 * qd}, {(void **)&m->s.q, C * qd}, {(void **)&m->s.gate, C * qd},
-        {(void **)&m->s.k, C * kvd}, {(void **)&m->s.v, C * kvd}, {(void **)&m->s.att, C * qd},
-        {(void **)&m->s.logits, C * E}, {(void **)&m->s.topk, C * k}, {(void **)&m->s.topw, C * k},
-        {(void **)&m->s.sg, C}, {(void **)&m->s.h1, C * inter}, {(void **)&m->s.h2, C * inter},
-        {(void **)&m->s.xe, C * H}, {(void **)&m->s.ye, C * H}, {(void **)&m->s.tok, C * k}, {(void **)&m->s.wt, C * k},
+    fm_scratch *s = &m->s;
+    struct { void **p; size_t n; } parts[] = { /* 4-byte elements */
+        {(void **)&s->x, C * H}, {(void **)&s->xn, C * H}, {(void **)&s->out, C * H},
+        {(void **)&s->qkv, C * conv_dim}, {(void **)&s->conv, C * conv_dim}, {(void **)&s->z, C * vdim},
+        {(void **)&s->b, C * Hv}, {(void **)&s->a, C * Hv}, {(void **)&s->core, C * vdim},
+        {(void **)&s->q2, C * 2 * qd}, {(void **)&s->q, C * qd}, {(void **)&s->gate, C * qd},
+        {(void **)&s->k, C * kvd}, {(void **)&s->v, C * kvd}, {(void **)&s->att, C * qd},
+        {(void **)&s->logits, C * E}, {(void **)&s->topk, C * k}, {(void **)&s->topw, C * k},
+        {(void **)&s->sg, C}, {(void **)&s->h1, C * inter}, {(void **)&s->h2, C * inter},
+        {(void **)&s->xe, C * H}, {(void **)&s->ye, C * k * H}, {(void **)&s->tok, C * k}, {(void **)&s->row, C * k},
+        {(void **)&s->ecount, E + 1}, {(void **)&s->eoff, E + 1}, {(void **)&s->need, E}, {(void **)&s->held, E},
+        {(void **)&s->held_e, E}, {(void **)&s->ptopk, k}, {(void **)&s->pw, k}, {(void **)&s->pred, E},
+        {(void **)&s->mark, E},
     };
-    const int n_parts = (int)(sizeof parts / sizeof parts[0]);
     size_t total = 0;
-    for (int i = 0; i < n_parts; i++) total += (parts[i].n * 4 + 63) & ~(size_t)63; /* 4-byte elements */
-    uint8_t *mem = (uint8_t *)fm_alloc(total);
-    if (!mem) return fm_fail(FM_ERR_NOMEM, "cannot allocate %zu bytes of scratch for chunks of %zu tokens", total, C);
-    m->scratch_mem = mem;
-    for (int i = 0; i < n_parts; i++) {
-        *parts[i].p = mem;
-        mem += (parts[i].n * 4 + 63) & ~(size_t)63;
+    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
+        if (mem) *parts[i].p = mem + total;
+        total += (parts[i].n * 4 + 63) & ~(size_t)63;
     }
-    return FM_OK;
+    return total;
 }
 
 static fm_status alloc_state(fm_model *m) {
@@ -202,6 +203,85 @@ void fm_model_reset(fm_model *m) {
 
 /* ---------------------------------------------------------------- load / free */
 
+static double mib(uint64_t b) { return (double)b / (1024.0 * 1024.0); }
+
+/* Check the expert blob layout against the config (the C API does not trust its caller). */
+static fm_status check_experts(const fm_load_spec *spec) {
+    const int I = spec->config.moe_intermediate_size, H = spec->config.hidden_size;
+    const fm_tensor_desc *ed[3] = {&spec->expert_gate, &spec->expert_up, &spec->expert_down};
+    const int shapes[3][2] = {{I, H}, {I, H}, {H, I}};
+    for (int i = 0; i < 3; i++) {
+        const fm_tensor_desc *d = ed[i];
+        const uint64_t end_q = d->offset + fm_tensor_data_bytes(d->dtype, d->shape[0], d->shape[1]);
+        const uint64_t sb = fm_tensor_scale_bytes(d->dtype, d->shape[0], d->shape[1], d->group_size);
+        const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
+        if (d->shape[0] != shapes[i][0] || d->shape[1] != shapes[i][1])
+            return fm_fail(FM_ERR_FORMAT, "expert %s has shape [%lld, %lld], the config implies [%d, %d]", d->name,
+                           (long long)d->shape[0], (long long)d->shape[1], shapes[i][0], shapes[i][1]);
+        if (end_q > spec->expert_blob_size ||
+            (quant && (d->group_size <= 0 || d->shape[1] % d->group_size ||
+                       d->scales_offset + sb > spec->expert_blob_size || d->biases_offset + sb > spec->expert_blob_size)))
+            return fm_fail(FM_ERR_FORMAT, "expert %s does not fit the %llu-byte blob", d->name,
+                           (unsigned long long)spec->expert_blob_size);
+    }
+    if (spec->expert_stride < spec->expert_blob_size || spec->expert_stride % FM_PREAMBLE_SIZE)
+        return fm_fail(FM_ERR_FORMAT, "expert stride %llu is not a 16 KiB multiple >= blob size %llu",
+                       (unsigned long long)spec->expert_stride, (unsigned long long)spec->expert_blob_size);
+    return FM_OK;
+}
+
+/* Split the memory budget: dense weights, KV cache, DeltaNet state and scratch first, the rest is the
+ * expert cache. The smallest workable cache holds one layer's working set (k experts of a token). */
+static fm_status plan_memory(fm_model *m, const fm_load_spec *spec, int n_moe) {
+    const fm_config *c = &m->c;
+    fm_memory *mem = &m->mem;
+    const uint64_t conv_dim = 2 * (uint64_t)c->linear_num_key_heads * c->linear_key_head_dim +
+                              (uint64_t)c->linear_num_value_heads * c->linear_value_head_dim;
+    uint64_t kv = 0, state = 0;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        if (c->layer_is_full_attention[l])
+            kv += 2 * (uint64_t)m->ctx * c->num_key_value_heads * c->head_dim * sizeof(float);
+        else
+            state += ((uint64_t)(c->linear_conv_kernel_dim - 1) * conv_dim +
+                      (uint64_t)c->linear_num_value_heads * c->linear_key_head_dim * c->linear_value_head_dim) *
+                     sizeof(float);
+    }
+    const uint64_t overhead = 16ull << 20; /* thread stacks in use, tables, generation buffers */
+    mem->dense = spec->dense_size - FM_PREAMBLE_SIZE;
+    mem->kv_cache = kv;
+    mem->state = state;
+    mem->scratch = layout_scratch(m, NULL) + overhead;
+    mem->experts_total = n_moe * c->num_experts;
+    const uint64_t stride = n_moe ? fm_expert_store_slot_bytes(spec) : 0;
+    const uint64_t fixed = mem->dense + kv + state + mem->scratch;
+    const int k = c->num_experts_per_tok;
+    if (spec->memory_budget) {
+        mem->budget = spec->memory_budget;
+    } else { /* no budget given: half of physical RAM, and never less than the minimum */
+        long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+        mem->budget = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page / 2 : 8ull << 30;
+        if (mem->budget < fixed + (uint64_t)k * stride) mem->budget = fixed + (uint64_t)k * stride;
+    }
+    const uint64_t need = fixed + (n_moe ? (uint64_t)k * stride : 0);
+    if (mem->budget < need)
+        return fm_fail(FM_ERR_BUDGET,
+                       "memory budget %.1f MiB is too small: dense weights %.1f MiB + KV cache %.1f MiB (%d tokens) + "
+                       "DeltaNet state %.1f MiB + scratch %.1f MiB + one layer's %d experts %.1f MiB need at least "
+                       "%.1f MiB", mib(mem->budget), mib(mem->dense), mib(kv), m->ctx, mib(state), mib(mem->scratch),
+                       k, mib((uint64_t)k * stride), mib(need));
+    if (!n_moe) return FM_OK;
+    uint64_t slots = (mem->budget - fixed) / stride;
+    if (spec->cache_policy == FM_CACHE_PAGECACHE) { /* no engine cache: staging for two layers' reads */
+        const uint64_t staging = 2 * (uint64_t)k;
+        if (slots > staging) slots = staging;
+    }
+    if (spec->expert_cache_slots > 0 && (uint64_t)spec->expert_cache_slots < slots) slots = spec->expert_cache_slots;
+    if (slots > (uint64_t)mem->experts_total) slots = (uint64_t)mem->experts_total;
+    mem->expert_slots = (int)slots;
+    mem->expert_cache = slots * stride;
+    return FM_OK;
+}
+
 fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
     *out = NULL;
     fm_status st = check_config(&spec->config);
@@ -216,16 +296,26 @@ fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
     }
     m->ctx = spec->context_length > 0 ? spec->context_length : 4096;
     m->chunk = spec->prefill_chunk > 0 ? spec->prefill_chunk : 128;
-    m->layers = (fm_layer *)calloc((size_t)m->c.num_hidden_layers, sizeof(fm_layer));
-    if (!m->layers) { st = fm_fail(FM_ERR_NOMEM, "model: out of memory"); goto fail; }
-    for (int l = 0; l < m->c.num_hidden_layers; l++) {
+    m->prefetch = spec->prefetch && spec->cache_policy != FM_CACHE_PAGECACHE;
+    const int L = m->c.num_hidden_layers, V = m->c.vocab_size, H = m->c.hidden_size;
+    m->layers = (fm_layer *)calloc((size_t)L, sizeof(fm_layer));
+    m->usage = (uint64_t *)calloc((size_t)L * (size_t)(m->c.num_experts > 0 ? m->c.num_experts : 1), sizeof(uint64_t));
+    if (!m->layers || !m->usage) { st = fm_fail(FM_ERR_NOMEM, "model: out of memory"); goto fail; }
+    int n_moe = 0;
+    for (int l = L - 1, next = -1; l >= 0; l--) {
         m->layers[l].full_attention = m->c.layer_is_full_attention[l];
         m->layers[l].moe = m->c.layer_is_moe[l];
+        m->layers[l].next_moe = next;
+        if (m->layers[l].moe) {
+            next = l;
+            n_moe++;
+        }
     }
+    if (n_moe && (st = check_experts(spec)) != FM_OK) goto fail;
+    if ((st = plan_memory(m, spec, n_moe)) != FM_OK) goto fail;
 
     if ((st = fm_packed_read_dense(spec->dense_path, spec->dense_size, &m->dense)) != FM_OK) goto fail;
     m->dense_size = spec->dense_size - FM_PREAMBLE_SIZE;
-    const int V = m->c.vocab_size, H = m->c.hidden_size;
     if ((st = fm_bind_mat(m, spec, &m->embed, V, H, "embed_tokens.weight")) != FM_OK) goto fail;
     if ((st = fm_bind_f32(m, spec, &m->norm, H, 0, "norm.weight")) != FM_OK) goto fail;
     if (m->c.tie_word_embeddings)
@@ -233,40 +323,11 @@ fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
     else if ((st = fm_bind_mat(m, spec, &m->lm_head, V, H, "lm_head.weight")) != FM_OK)
         goto fail;
     if ((st = m->arch->bind(m, spec)) != FM_OK) goto fail;
-
-    int any_moe = 0;
-    for (int l = 0; l < m->c.num_hidden_layers; l++) any_moe |= m->c.layer_is_moe[l];
-    if (any_moe) {
-        const fm_tensor_desc *ed[3] = {&spec->expert_gate, &spec->expert_up, &spec->expert_down};
-        const int I = m->c.moe_intermediate_size;
-        const int shapes[3][2] = {{I, H}, {I, H}, {H, I}};
-        for (int i = 0; i < 3; i++) {
-            const fm_tensor_desc *d = ed[i];
-            const uint64_t end_q = d->offset + fm_tensor_data_bytes(d->dtype, d->shape[0], d->shape[1]);
-            const uint64_t sb = fm_tensor_scale_bytes(d->dtype, d->shape[0], d->shape[1], d->group_size);
-            const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
-            if (d->shape[0] != shapes[i][0] || d->shape[1] != shapes[i][1]) {
-                st = fm_fail(FM_ERR_FORMAT, "expert %s has shape [%lld, %lld], the config implies [%d, %d]", d->name,
-                             (long long)d->shape[0], (long long)d->shape[1], shapes[i][0], shapes[i][1]);
-                goto fail;
-            }
-            if (end_q > spec->expert_blob_size || (quant && (d->group_size <= 0 || d->shape[1] % d->group_size ||
-                                                             d->scales_offset + sb > spec->expert_blob_size ||
-                                                             d->biases_offset + sb > spec->expert_blob_size))) {
-                st = fm_fail(FM_ERR_FORMAT, "expert %s does not fit the %llu-byte blob", d->name,
-                             (unsigned long long)spec->expert_blob_size);
-                goto fail;
-            }
-        }
-        if (spec->expert_stride < spec->expert_blob_size || spec->expert_stride % FM_PREAMBLE_SIZE) {
-            st = fm_fail(FM_ERR_FORMAT, "expert stride %llu is not a 16 KiB multiple >= blob size %llu",
-                         (unsigned long long)spec->expert_stride, (unsigned long long)spec->expert_blob_size);
-            goto fail;
-        }
-        if ((st = fm_expert_store_init(&m->experts, spec)) != FM_OK) goto fail;
-    }
+    if (n_moe && (st = fm_expert_store_init(&m->experts, spec, m->mem.expert_slots)) != FM_OK) goto fail;
     if ((st = alloc_state(m)) != FM_OK) goto fail;
-    if ((st = alloc_scratch(m)) != FM_OK) goto fail;
+    m->scratch_mem = fm_alloc(layout_scratch(m, NULL));
+    if (!m->scratch_mem) { st = fm_fail(FM_ERR_NOMEM, "cannot allocate scratch for chunks of %d tokens", m->chunk); goto fail; }
+    layout_scratch(m, (uint8_t *)m->scratch_mem);
     *out = m;
     return FM_OK;
 fail:
@@ -284,6 +345,7 @@ void fm_model_free(fm_model *m) {
             fm_free(m->layers[l].v_cache);
         }
     free(m->layers);
+    free(m->usage);
     fm_expert_store_free(m->experts);
     fm_free(m->dense);
     fm_free(m->scratch_mem);
@@ -404,7 +466,22 @@ void fm_model_stats(const fm_model *m, fm_stats *out) {
     out->last_generated_tokens = m->last_generated_tokens;
     out->last_prompt_seconds = m->last_prompt_seconds;
     out->last_decode_seconds = m->last_decode_seconds;
-    if (m->experts)
-        fm_expert_store_counters(m->experts, &out->expert_hits, &out->expert_misses, &out->bytes_read,
-                                 &out->io_seconds);
+    if (m->experts) {
+        fm_store_counters c;
+        fm_expert_store_counters(m->experts, &c);
+        out->expert_hits = c.hits;
+        out->expert_misses = c.misses;
+        out->prefetches = c.prefetches;
+        out->prefetch_hits = c.prefetch_hits;
+        out->bytes_read = c.bytes_read;
+        out->io_wait_seconds = c.io_wait_seconds;
+        out->io_busy_seconds = c.io_busy_seconds;
+        out->direct_io = c.direct_io;
+    }
 }
+
+void fm_model_expert_usage(const fm_model *m, uint64_t *out) {
+    memcpy(out, m->usage, sizeof(uint64_t) * (size_t)m->c.num_hidden_layers * (size_t)m->c.num_experts);
+}
+
+void fm_model_memory(const fm_model *m, fm_memory *out) { *out = m->mem; }

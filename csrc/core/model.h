@@ -46,6 +46,7 @@ typedef struct {
     const float *input_layernorm;          /* [H] */
     const float *post_attention_layernorm; /* [H] */
     int full_attention, moe;
+    int next_moe; /* the next MoE layer (its router predicts what to prefetch), -1 if none */
     fm_deltanet_w lin;
     fm_attention_w attn;
     fm_moe_w moe_w;
@@ -83,9 +84,17 @@ typedef struct {
     float *sg;      /* [C] shared expert gate */
     float *h1, *h2; /* [C, max(I, Is, Imlp)] */
     float *xe;      /* [C, H] tokens routed to one expert, gathered */
-    float *ye;      /* [C, H] */
-    int32_t *tok;   /* [C] token index of each gathered row */
-    float *wt;      /* [C] routing weight of each gathered row */
+    float *ye;      /* [C·k, H] expert outputs, one row per (token, choice), grouped by expert */
+    int32_t *tok;   /* [C·k] token of each row of ye */
+    int32_t *row;   /* [C·k] row of ye of choice (t, j) */
+    int32_t *ecount, *eoff; /* [E + 1] rows per expert, first row per expert */
+    int32_t *need;  /* [E] experts this chunk uses */
+    int32_t *held;  /* [E] slot of each acquired expert (parallel to held_e) */
+    int32_t *held_e;
+    int32_t *ptopk; /* [k] next layer's predicted experts for one token */
+    float *pw;      /* [k] */
+    int32_t *pred;  /* [E] next layer's predicted experts for the chunk */
+    int32_t *mark;  /* [E] */
 } fm_scratch;
 
 /* ---------------------------------------------------------------- the model */
@@ -109,6 +118,9 @@ struct fm_model {
     fm_scratch s;
     void *scratch_mem;
     int ctx, chunk, pos;
+    fm_memory mem;         /* the budget and where it goes */
+    int prefetch;          /* predict the next layer's experts (protect, and read ahead if the store does) */
+    uint64_t *usage;       /* [L, E] token-uses of each routed expert */
     double compute_seconds;
     uint64_t tokens;
     int last_prompt_tokens, last_generated_tokens;

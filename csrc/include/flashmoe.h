@@ -27,7 +27,14 @@ typedef enum {
     FM_ERR_FORMAT = 3,   /* file content disagrees with the header: magic, size, checksum, shape */
     FM_ERR_NOMEM = 4,    /* allocation failed */
     FM_ERR_CONTEXT = 5,  /* the sequence would exceed the context length */
+    FM_ERR_BUDGET = 6,   /* the memory budget cannot hold what the model needs */
 } fm_status;
+
+typedef enum {
+    FM_CACHE_LRU = 0,       /* evict the least recently used expert */
+    FM_CACHE_LFRU = 1,      /* evict the expert with the lowest recency-weighted use frequency */
+    FM_CACHE_PAGECACHE = 2, /* no engine cache: buffered reads through the OS page cache every time */
+} fm_cache_policy;
 
 typedef enum {
     FM_F32 = 0,
@@ -85,7 +92,11 @@ typedef struct {
     /* Options. */
     int context_length;     /* tokens of KV cache to allocate */
     int prefill_chunk;      /* tokens per forward chunk (bounds scratch memory) */
-    int expert_cache_slots; /* experts kept in memory; <= 0 means all of them */
+    uint64_t memory_budget; /* bytes for everything the engine allocates; 0: half of physical RAM */
+    int expert_cache_slots; /* experts kept in memory; <= 0: as many as the budget holds */
+    fm_cache_policy cache_policy;
+    int io_threads;         /* concurrent expert reads (default 8) */
+    int prefetch;           /* read the experts predicted for the next layer ahead of need */
     int verify_checksums;   /* check each expert blob's CRC-32 on its first read */
 } fm_load_spec;
 
@@ -119,17 +130,31 @@ void fm_model_set_trace(fm_model *m, fm_trace_fn fn, void *user);
 
 typedef struct {
     uint64_t tokens;         /* tokens run through the model */
-    uint64_t expert_hits;    /* expert uses served from memory */
-    uint64_t expert_misses;  /* expert uses that read a blob from disk */
+    uint64_t expert_hits;    /* expert acquisitions served from memory (one per expert per layer per chunk) */
+    uint64_t expert_misses;  /* expert acquisitions that had to read the blob */
+    uint64_t prefetches;     /* blobs read ahead of need from the next-layer prediction */
+    uint64_t prefetch_hits;  /* hits served by a prefetched blob */
     uint64_t bytes_read;     /* expert bytes read from disk */
-    double io_seconds;       /* time spent reading experts */
-    double compute_seconds;  /* time in fm_model_forward, reads included */
+    double io_wait_seconds;  /* time the compute thread waited for expert reads */
+    double io_busy_seconds;  /* wall time with at least one expert read in flight */
+    double compute_seconds;  /* wall time in fm_model_forward, waits included */
+    int direct_io;           /* expert reads bypass the page cache (O_DIRECT) */
     /* the last fm_model_generate call: prompt processing and decoding, separately */
     int last_prompt_tokens, last_generated_tokens;
     double last_prompt_seconds, last_decode_seconds;
 } fm_stats;
 
 void fm_model_stats(const fm_model *m, fm_stats *out);
+
+/* Token-uses of each routed expert since load: out[layer * num_experts + e]. */
+void fm_model_expert_usage(const fm_model *m, uint64_t *out);
+
+/* Where the memory budget goes, in bytes. */
+typedef struct {
+    uint64_t budget, dense, kv_cache, state, scratch, expert_cache;
+    int expert_slots, experts_total;
+} fm_memory;
+void fm_model_memory(const fm_model *m, fm_memory *out);
 
 #ifdef __cplusplus
 }

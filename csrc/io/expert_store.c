@@ -1,9 +1,19 @@
-/* expert_store.c — per-layer expert files, a slot pool with LRU eviction, one pread per blob. */
+/*
+ * expert_store.c — the slot pool, the cache policies and the I/O threads.
+ *
+ * Threading: the compute thread calls acquire/wait/release/predict; io_threads workers pop slot ids
+ * from a FIFO queue and fill them with one pread each. One mutex guards all slot state; workers
+ * broadcast `done` when a read finishes. A slot being read (LOADING) or pinned by the compute thread
+ * is never evicted, so a worker owns its buffer until it publishes READY or FAILED.
+ */
 #define _GNU_SOURCE
 #include "expert_store.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -12,180 +22,412 @@
 #include "../core/util.h"
 #include "packed.h"
 
+enum { SLOT_FREE = 0, SLOT_LOADING, SLOT_READY, SLOT_FAILED };
+
+typedef struct {
+    int32_t key;        /* layer * n_experts + e, or -1 */
+    int state;
+    int pins;           /* > 0 while the compute thread uses or awaits it */
+    int prefetched;     /* filled by a prefetch and not yet used */
+    uint64_t last_use;  /* LRU clock */
+    char error[200];    /* FAILED: what went wrong */
+} slot_t;
+
 struct fm_expert_store {
-    int n_layers, n_experts;
+    int n_layers, n_experts, n_slots;
     uint64_t stride, blob_size;
     fm_tensor_desc desc[3]; /* gate, up, down; offsets relative to the blob */
-    int *fds;               /* [n_layers], -1 for layers without routed experts */
-    const uint32_t *checksums_src;
+    fm_cache_policy policy;
+    int verify, prefetch, direct;
+    int *fds;               /* [n_layers] O_DIRECT when possible, -1 for layers without experts */
+    int *fds_buffered;      /* [n_layers] fallback for O_DIRECT refusals */
     uint32_t *checksums;    /* [n_layers * n_experts] */
     uint8_t *verified;      /* [n_layers * n_experts] */
-    int verify;
 
-    int n_slots;
     uint8_t *pool;          /* [n_slots, stride], 16 KiB aligned */
+    slot_t *slots;
     int32_t *slot_of;       /* [n_layers * n_experts] -> slot or -1 */
-    int32_t *slot_key;      /* [n_slots] -> layer * n_experts + e, or -1 */
-    uint64_t *slot_tick;    /* [n_slots] last use */
+    float *freq;            /* [n_layers * n_experts] LFRU: decayed use count ... */
+    uint64_t *freq_tick;    /* ... as of this clock tick */
+    uint8_t *protect;       /* [n_layers * n_experts] predicted for the next layer */
+    int32_t *protected_keys;
+    int n_protected;
     uint64_t tick;
+    double half_life;       /* LFRU: accesses for a use to count half */
 
-    uint64_t hits, misses, bytes;
-    double io_seconds;
+    pthread_mutex_t mu;
+    pthread_cond_t work, done;
+    int *queue, q_head, q_len; /* FIFO of slot ids */
+    pthread_t *threads;
+    int n_threads, stop, in_flight;
+    double busy_since;
+
+    fm_store_counters c;
 };
 
-static fm_status check_preamble(int fd, const char *path, int layer, int n_experts, uint64_t payload) {
-    uint8_t pre[FM_PREAMBLE_FIELDS];
-    ssize_t got = pread(fd, pre, sizeof pre, 0);
-    if (got != (ssize_t)sizeof pre)
-        return fm_fail(FM_ERR_FORMAT, "%s: truncated (no preamble)", path);
-    return fm_packed_check_preamble(pre, path, FM_KIND_EXPERTS, (uint32_t)layer, (uint32_t)n_experts, payload);
+uint64_t fm_expert_store_slot_bytes(const fm_load_spec *spec) { return spec->expert_stride; }
+
+/* ---------------------------------------------------------------- reads (worker side) */
+
+static int read_full(int fd, uint8_t *dst, uint64_t n, uint64_t off, uint64_t *done) {
+    *done = 0;
+    while (*done < n) {
+        ssize_t got = pread(fd, dst + *done, n - *done, (off_t)(off + *done));
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) return errno;
+        if (got == 0) return 0; /* short read: *done < n */
+        *done += (uint64_t)got;
+    }
+    return 0;
 }
 
-fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec) {
+static void read_slot(fm_expert_store *s, int slot, int key) {
+    const int layer = key / s->n_experts, e = key % s->n_experts;
+    uint8_t *dst = s->pool + (size_t)slot * s->stride;
+    const uint64_t off = FM_PREAMBLE_SIZE + (uint64_t)e * s->stride;
+    uint64_t done = 0;
+    int err = read_full(s->fds[layer], dst, s->stride, off, &done);
+    if (err == EINVAL && s->fds[layer] != s->fds_buffered[layer]) /* O_DIRECT refused here: buffered */
+        err = read_full(s->fds_buffered[layer], dst, s->stride, off, &done);
+    if (s->fds[layer] == s->fds_buffered[layer] && s->policy != FM_CACHE_PAGECACHE)
+        posix_fadvise(s->fds_buffered[layer], (off_t)off, (off_t)s->stride, POSIX_FADV_DONTNEED);
+    char msg[200] = "";
+    if (err)
+        snprintf(msg, sizeof msg, "layer %d expert %d: read failed at offset %llu: %s", layer, e,
+                 (unsigned long long)(off + done), strerror(err));
+    else if (done < s->stride)
+        snprintf(msg, sizeof msg, "layer %d expert %d: short read %llu of %llu bytes", layer, e,
+                 (unsigned long long)done, (unsigned long long)s->stride);
+    else if (s->verify && !s->verified[key]) {
+        const uint32_t crc = fm_crc32(0, dst, s->blob_size);
+        if (crc != s->checksums[key])
+            snprintf(msg, sizeof msg, "layer %d expert %d: checksum mismatch (crc32 %08x, header says %08x)", layer, e,
+                     crc, s->checksums[key]);
+        else
+            s->verified[key] = 1; /* only this worker touches this key while LOADING */
+    }
+    pthread_mutex_lock(&s->mu);
+    slot_t *sl = &s->slots[slot];
+    if (msg[0]) {
+        sl->state = SLOT_FAILED;
+        memcpy(sl->error, msg, sizeof msg);
+    } else {
+        sl->state = SLOT_READY;
+    }
+    s->c.bytes_read += done;
+    if (--s->in_flight == 0) s->c.io_busy_seconds += fm_now() - s->busy_since;
+    pthread_cond_broadcast(&s->done);
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void *worker(void *arg) {
+    fm_expert_store *s = (fm_expert_store *)arg;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while (!s->stop && s->q_len == 0) pthread_cond_wait(&s->work, &s->mu);
+        if (s->stop) break;
+        const int slot = s->queue[s->q_head];
+        s->q_head = (s->q_head + 1) % s->n_slots;
+        s->q_len--;
+        const int key = s->slots[slot].key;
+        pthread_mutex_unlock(&s->mu);
+        read_slot(s, slot, key);
+        pthread_mutex_lock(&s->mu);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- init / free */
+
+static fm_status open_layer(fm_expert_store *s, const fm_load_spec *spec, int l) {
+    const char *path = spec->expert_paths ? spec->expert_paths[l] : NULL;
+    if (!path) return fm_fail(FM_ERR_INVALID, "layer %d: no expert file given", l);
+    s->fds_buffered[l] = open(path, O_RDONLY | O_CLOEXEC);
+    if (s->fds_buffered[l] < 0) return fm_fail(FM_ERR_IO, "layer %d: cannot open %s: %s", l, path, strerror(errno));
+    const uint64_t payload = (uint64_t)s->n_experts * s->stride;
+    struct stat st;
+    if (fstat(s->fds_buffered[l], &st) != 0 || (uint64_t)st.st_size != FM_PREAMBLE_SIZE + payload)
+        return fm_fail(FM_ERR_FORMAT, "layer %d: %s is %lld bytes, expected %llu (truncated or corrupt)", l, path,
+                       (long long)st.st_size, (unsigned long long)(FM_PREAMBLE_SIZE + payload));
+    uint8_t pre[FM_PREAMBLE_FIELDS];
+    if (pread(s->fds_buffered[l], pre, sizeof pre, 0) != (ssize_t)sizeof pre)
+        return fm_fail(FM_ERR_FORMAT, "%s: truncated (no preamble)", path);
+    fm_status r = fm_packed_check_preamble(pre, path, FM_KIND_EXPERTS, (uint32_t)l, (uint32_t)s->n_experts, payload);
+    if (r != FM_OK) return r;
+    s->fds[l] = s->fds_buffered[l];
+    if (s->policy != FM_CACHE_PAGECACHE) {
+        /* Bypass the page cache: the engine owns the cache. Blobs, offsets and buffers are 16 KiB
+         * aligned. File systems without O_DIRECT (tmpfs) fall back to buffered reads + DONTNEED. */
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
+        if (fd >= 0) s->fds[l] = fd;
+    }
+    return FM_OK;
+}
+
+fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, int n_slots) {
     const fm_config *c = &spec->config;
     fm_expert_store *s = (fm_expert_store *)calloc(1, sizeof *s);
     if (!s) return fm_fail(FM_ERR_NOMEM, "expert store: out of memory");
     *out = s;
     s->n_layers = c->num_hidden_layers;
     s->n_experts = c->num_experts;
+    s->n_slots = n_slots < 1 ? 1 : n_slots;
     s->stride = spec->expert_stride;
     s->blob_size = spec->expert_blob_size;
     s->desc[0] = spec->expert_gate;
     s->desc[1] = spec->expert_up;
     s->desc[2] = spec->expert_down;
+    s->policy = spec->cache_policy;
     s->verify = spec->verify_checksums;
-    const size_t n_total = (size_t)s->n_layers * s->n_experts;
+    s->prefetch = spec->prefetch && spec->cache_policy != FM_CACHE_PAGECACHE;
+    s->half_life = 2.0 * s->n_slots;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->work, NULL);
+    pthread_cond_init(&s->done, NULL);
+
+    const size_t n_keys = (size_t)s->n_layers * s->n_experts + 1;
     s->fds = (int *)malloc(sizeof(int) * (size_t)s->n_layers);
-    s->checksums = (uint32_t *)calloc(n_total ? n_total : 1, sizeof(uint32_t));
-    s->verified = (uint8_t *)calloc(n_total ? n_total : 1, 1);
-    s->slot_of = (int32_t *)malloc(sizeof(int32_t) * (n_total ? n_total : 1));
-    if (!s->fds || !s->checksums || !s->verified || !s->slot_of)
+    s->fds_buffered = (int *)malloc(sizeof(int) * (size_t)s->n_layers);
+    s->checksums = (uint32_t *)calloc(n_keys, sizeof(uint32_t));
+    s->verified = (uint8_t *)calloc(n_keys, 1);
+    s->slot_of = (int32_t *)malloc(sizeof(int32_t) * n_keys);
+    s->freq = (float *)calloc(n_keys, sizeof(float));
+    s->freq_tick = (uint64_t *)calloc(n_keys, sizeof(uint64_t));
+    s->protect = (uint8_t *)calloc(n_keys, 1);
+    s->protected_keys = (int32_t *)malloc(sizeof(int32_t) * (size_t)(s->n_experts + 1));
+    s->slots = (slot_t *)calloc((size_t)s->n_slots, sizeof(slot_t));
+    s->queue = (int *)malloc(sizeof(int) * (size_t)s->n_slots);
+    if (!s->fds || !s->fds_buffered || !s->checksums || !s->verified || !s->slot_of || !s->freq || !s->freq_tick ||
+        !s->protect || !s->protected_keys || !s->slots || !s->queue)
         return fm_fail(FM_ERR_NOMEM, "expert store: out of memory");
-    for (size_t i = 0; i < n_total; i++) s->slot_of[i] = -1;
-    if (spec->expert_checksums) memcpy(s->checksums, spec->expert_checksums, n_total * sizeof(uint32_t));
+    for (size_t i = 0; i < n_keys; i++) s->slot_of[i] = -1;
+    for (int i = 0; i < s->n_slots; i++) s->slots[i].key = -1;
+    if (spec->expert_checksums)
+        memcpy(s->checksums, spec->expert_checksums, (n_keys - 1) * sizeof(uint32_t));
 
-    int n_moe = 0;
+    int direct_all = 1, any = 0;
+    for (int l = 0; l < s->n_layers; l++) s->fds[l] = s->fds_buffered[l] = -1;
     for (int l = 0; l < s->n_layers; l++) {
-        s->fds[l] = -1;
         if (!c->layer_is_moe[l]) continue;
-        n_moe++;
-        const char *path = spec->expert_paths ? spec->expert_paths[l] : NULL;
-        if (!path) return fm_fail(FM_ERR_INVALID, "layer %d: no expert file given", l);
-        s->fds[l] = open(path, O_RDONLY | O_CLOEXEC);
-        if (s->fds[l] < 0) return fm_fail(FM_ERR_IO, "layer %d: cannot open %s: %s", l, path, strerror(errno));
-        struct stat st;
-        const uint64_t payload = (uint64_t)s->n_experts * s->stride;
-        if (fstat(s->fds[l], &st) != 0 || (uint64_t)st.st_size != FM_PREAMBLE_SIZE + payload)
-            return fm_fail(FM_ERR_FORMAT, "layer %d: %s is %lld bytes, expected %llu (truncated or corrupt)", l,
-                           path, (long long)st.st_size, (unsigned long long)(FM_PREAMBLE_SIZE + payload));
-        fm_status st2 = check_preamble(s->fds[l], path, l, s->n_experts, payload);
-        if (st2 != FM_OK) return st2;
+        fm_status st = open_layer(s, spec, l);
+        if (st != FM_OK) return st;
+        any = 1;
+        direct_all &= s->fds[l] != s->fds_buffered[l];
     }
+    s->c.direct_io = s->direct = any && direct_all;
 
-    int slots = spec->expert_cache_slots;
-    const int all = n_moe * s->n_experts;
-    if (slots <= 0 || slots > all) slots = all;
-    if (slots < 1) slots = 1;
-    s->n_slots = slots;
-    if (posix_memalign((void **)&s->pool, FM_PREAMBLE_SIZE, (size_t)slots * s->stride) != 0) {
+    if (posix_memalign((void **)&s->pool, FM_PREAMBLE_SIZE, (size_t)s->n_slots * s->stride) != 0) {
         s->pool = NULL;
-        return fm_fail(FM_ERR_NOMEM, "expert store: cannot allocate %d slots of %llu bytes", slots,
+        return fm_fail(FM_ERR_NOMEM, "expert store: cannot allocate %d slots of %llu bytes", s->n_slots,
                        (unsigned long long)s->stride);
     }
-    s->slot_key = (int32_t *)malloc(sizeof(int32_t) * (size_t)slots);
-    s->slot_tick = (uint64_t *)calloc((size_t)slots, sizeof(uint64_t));
-    if (!s->slot_key || !s->slot_tick) return fm_fail(FM_ERR_NOMEM, "expert store: out of memory");
-    for (int i = 0; i < slots; i++) s->slot_key[i] = -1;
+    s->n_threads = spec->io_threads > 0 ? spec->io_threads : 8;
+    s->threads = (pthread_t *)calloc((size_t)s->n_threads, sizeof(pthread_t));
+    if (!s->threads) return fm_fail(FM_ERR_NOMEM, "expert store: out of memory");
+    for (int i = 0; i < s->n_threads; i++)
+        if (pthread_create(&s->threads[i], NULL, worker, s) != 0) {
+            s->n_threads = i;
+            return fm_fail(FM_ERR_NOMEM, "expert store: cannot start I/O thread %d", i);
+        }
     return FM_OK;
+}
+
+void fm_expert_store_drain(fm_expert_store *s) {
+    pthread_mutex_lock(&s->mu);
+    while (s->q_len > 0 || s->in_flight > 0) pthread_cond_wait(&s->done, &s->mu);
+    pthread_mutex_unlock(&s->mu);
 }
 
 void fm_expert_store_free(fm_expert_store *s) {
     if (!s) return;
+    if (s->threads) {
+        fm_expert_store_drain(s);
+        pthread_mutex_lock(&s->mu);
+        s->stop = 1;
+        pthread_cond_broadcast(&s->work);
+        pthread_mutex_unlock(&s->mu);
+        for (int i = 0; i < s->n_threads; i++) pthread_join(s->threads[i], NULL);
+    }
     if (s->fds)
-        for (int l = 0; l < s->n_layers; l++)
-            if (s->fds[l] >= 0) close(s->fds[l]);
+        for (int l = 0; l < s->n_layers; l++) {
+            if (s->fds[l] >= 0 && s->fds[l] != s->fds_buffered[l]) close(s->fds[l]);
+            if (s->fds_buffered[l] >= 0) close(s->fds_buffered[l]);
+        }
     free(s->fds);
+    free(s->fds_buffered);
     free(s->checksums);
     free(s->verified);
     free(s->slot_of);
+    free(s->freq);
+    free(s->freq_tick);
+    free(s->protect);
+    free(s->protected_keys);
+    free(s->slots);
+    free(s->queue);
+    free(s->threads);
     free(s->pool);
-    free(s->slot_key);
-    free(s->slot_tick);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->work);
+    pthread_cond_destroy(&s->done);
     free(s);
 }
 
+/* ---------------------------------------------------------------- policy (caller holds mu) */
+
+static double decayed_freq(const fm_expert_store *s, int key) {
+    return s->freq[key] * exp2(-(double)(s->tick - s->freq_tick[key]) / s->half_life);
+}
+
+static void touch(fm_expert_store *s, int slot, int key) {
+    s->slots[slot].last_use = ++s->tick;
+    s->freq[key] = (float)(decayed_freq(s, key) + 1.0);
+    s->freq_tick[key] = s->tick;
+}
+
+/* Lower is evicted first. Free slots first, protected (predicted) experts last. */
+static double evict_score(const fm_expert_store *s, const slot_t *sl) {
+    if (sl->key < 0) return -1.0;
+    double score = s->policy == FM_CACHE_LFRU ? decayed_freq(s, sl->key) * 1e12 + (double)sl->last_use
+                                              : (double)sl->last_use;
+    return s->protect[sl->key] ? score + 1e30 : score;
+}
+
+static int pick_victim(const fm_expert_store *s) {
+    int best = FM_SLOT_NONE;
+    double best_score = 0.0;
+    for (int i = 0; i < s->n_slots; i++) {
+        const slot_t *sl = &s->slots[i];
+        if (sl->pins > 0 || sl->state == SLOT_LOADING) continue;
+        const double sc = evict_score(s, sl);
+        if (best == FM_SLOT_NONE || sc < best_score) {
+            best = i;
+            best_score = sc;
+        }
+    }
+    return best;
+}
+
+static void start_read(fm_expert_store *s, int slot, int key) {
+    slot_t *sl = &s->slots[slot];
+    if (sl->key >= 0) s->slot_of[sl->key] = -1;
+    sl->key = key;
+    sl->state = SLOT_LOADING;
+    sl->prefetched = 0;
+    s->slot_of[key] = slot;
+    s->queue[(s->q_head + s->q_len) % s->n_slots] = slot;
+    s->q_len++;
+    if (s->in_flight++ == 0) s->busy_since = fm_now();
+    pthread_cond_signal(&s->work);
+}
+
+/* ---------------------------------------------------------------- compute-thread API */
+
+int fm_expert_store_acquire(fm_expert_store *s, int layer, int e) {
+    const int key = layer * s->n_experts + e;
+    pthread_mutex_lock(&s->mu);
+    int slot = s->slot_of[key];
+    if (slot >= 0 && s->policy != FM_CACHE_PAGECACHE && s->slots[slot].state != SLOT_FAILED) {
+        s->c.hits++;
+        if (s->slots[slot].prefetched) s->c.prefetch_hits++;
+        s->slots[slot].prefetched = 0;
+    } else {
+        slot = (slot >= 0 && s->slots[slot].pins == 0 && s->slots[slot].state != SLOT_LOADING) ? slot : pick_victim(s);
+        if (slot == FM_SLOT_NONE) {
+            pthread_mutex_unlock(&s->mu);
+            return FM_SLOT_NONE;
+        }
+        s->c.misses++;
+        start_read(s, slot, key);
+    }
+    s->slots[slot].pins++;
+    touch(s, slot, key);
+    pthread_mutex_unlock(&s->mu);
+    return slot;
+}
+
+fm_status fm_expert_store_wait_any(fm_expert_store *s, const int *slots, int n, int *which) {
+    const double t0 = fm_now();
+    fm_status st = FM_OK;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        int i = 0;
+        for (; i < n; i++) {
+            const int state = s->slots[slots[i]].state;
+            if (state == SLOT_READY || state == SLOT_FAILED) break;
+        }
+        if (i < n) {
+            *which = i;
+            slot_t *sl = &s->slots[slots[i]];
+            if (sl->state == SLOT_FAILED) {
+                st = fm_fail(FM_ERR_IO, "%s", sl->error);
+                if (strstr(sl->error, "checksum")) st = FM_ERR_FORMAT;
+                s->slot_of[sl->key] = -1; /* drop it: a failed read is never used */
+                sl->key = -1;
+                sl->state = SLOT_FREE;
+            }
+            break;
+        }
+        pthread_cond_wait(&s->done, &s->mu);
+    }
+    s->c.io_wait_seconds += fm_now() - t0;
+    pthread_mutex_unlock(&s->mu);
+    return st;
+}
+
 static void view(const fm_tensor_desc *d, const uint8_t *blob, fm_mat *m) {
+    const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
     m->dtype = d->dtype;
     m->rows = (int)d->shape[0];
     m->cols = (int)d->shape[1];
     m->group_size = d->group_size;
     m->data = blob + d->offset;
-    m->scales = (d->dtype == FM_Q4 || d->dtype == FM_Q8) ? (const uint16_t *)(blob + d->scales_offset) : NULL;
-    m->biases = (d->dtype == FM_Q4 || d->dtype == FM_Q8) ? (const uint16_t *)(blob + d->biases_offset) : NULL;
+    m->scales = quant ? (const uint16_t *)(blob + d->scales_offset) : NULL;
+    m->biases = quant ? (const uint16_t *)(blob + d->biases_offset) : NULL;
 }
 
-static fm_status read_blob(fm_expert_store *s, int layer, int e, uint8_t *dst) {
-    const uint64_t off = FM_PREAMBLE_SIZE + (uint64_t)e * s->stride;
-    uint64_t done = 0;
-    const double t0 = fm_now();
-    while (done < s->stride) {
-        ssize_t got = pread(s->fds[layer], dst + done, s->stride - done, (off_t)(off + done));
-        if (got < 0 && errno == EINTR) continue;
-        if (got < 0)
-            return fm_fail(FM_ERR_IO, "layer %d expert %d: read failed at offset %llu: %s", layer, e,
-                           (unsigned long long)(off + done), strerror(errno));
-        if (got == 0)
-            return fm_fail(FM_ERR_IO, "layer %d expert %d: short read %llu of %llu bytes", layer, e,
-                           (unsigned long long)done, (unsigned long long)s->stride);
-        done += (uint64_t)got;
-    }
-    s->io_seconds += fm_now() - t0;
-    s->bytes += s->stride;
-    const size_t key = (size_t)layer * s->n_experts + e;
-    if (s->verify && !s->verified[key]) {
-        const uint32_t crc = fm_crc32(0, dst, s->blob_size);
-        if (crc != s->checksums[key])
-            return fm_fail(FM_ERR_FORMAT, "layer %d expert %d: checksum mismatch (crc32 %08x, header says %08x)",
-                           layer, e, crc, s->checksums[key]);
-        s->verified[key] = 1;
-    }
-    return FM_OK;
-}
-
-fm_status fm_expert_store_get(fm_expert_store *s, int layer, int e, fm_expert *out) {
-    if (layer < 0 || layer >= s->n_layers || s->fds[layer] < 0 || e < 0 || e >= s->n_experts)
-        return fm_fail(FM_ERR_INVALID, "layer %d expert %d: no such routed expert", layer, e);
-    const int32_t key = (int32_t)((size_t)layer * s->n_experts + e);
-    int slot = s->slot_of[key];
-    if (slot >= 0) {
-        s->hits++;
-    } else {
-        s->misses++;
-        /* LRU victim: an empty slot, else the least recently used one. */
-        slot = 0;
-        for (int i = 0; i < s->n_slots; i++) {
-            if (s->slot_key[i] < 0) { slot = i; break; }
-            if (s->slot_tick[i] < s->slot_tick[slot]) slot = i;
-        }
-        if (s->slot_key[slot] >= 0) s->slot_of[s->slot_key[slot]] = -1;
-        s->slot_key[slot] = -1;
-        fm_status st = read_blob(s, layer, e, s->pool + (size_t)slot * s->stride);
-        if (st != FM_OK) return st; /* the slot stays empty: a failed read is never used */
-        s->slot_key[slot] = key;
-        s->slot_of[key] = slot;
-    }
-    s->slot_tick[slot] = ++s->tick;
+void fm_expert_store_view(const fm_expert_store *s, int slot, fm_expert *out) {
     const uint8_t *blob = s->pool + (size_t)slot * s->stride;
     view(&s->desc[0], blob, &out->gate);
     view(&s->desc[1], blob, &out->up);
     view(&s->desc[2], blob, &out->down);
-    return FM_OK;
 }
 
-void fm_expert_store_counters(const fm_expert_store *s, uint64_t *hits, uint64_t *misses, uint64_t *bytes,
-                              double *io_seconds) {
-    *hits = s->hits;
-    *misses = s->misses;
-    *bytes = s->bytes;
-    *io_seconds = s->io_seconds;
+void fm_expert_store_release(fm_expert_store *s, int slot) {
+    pthread_mutex_lock(&s->mu);
+    if (s->slots[slot].pins > 0) s->slots[slot].pins--;
+    pthread_mutex_unlock(&s->mu);
+}
+
+void fm_expert_store_predict(fm_expert_store *s, int layer, const int32_t *experts, int n) {
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < s->n_protected; i++) s->protect[s->protected_keys[i]] = 0;
+    s->n_protected = 0;
+    if (layer < 0 || layer >= s->n_layers || s->fds[layer] < 0) {
+        pthread_mutex_unlock(&s->mu);
+        return;
+    }
+    for (int i = 0; i < n && s->n_protected <= s->n_experts; i++) {
+        const int key = layer * s->n_experts + experts[i];
+        if (s->protect[key]) continue;
+        s->protect[key] = 1;
+        s->protected_keys[s->n_protected++] = key;
+        if (!s->prefetch || s->slot_of[key] >= 0) continue;
+        /* Prefetch only into a slot holding nothing predicted: never displace a protected expert. */
+        const int victim = pick_victim(s);
+        if (victim == FM_SLOT_NONE) continue;
+        if (s->slots[victim].key >= 0 && s->protect[s->slots[victim].key]) continue;
+        start_read(s, victim, key);
+        s->slots[victim].prefetched = 1;
+        s->slots[victim].last_use = ++s->tick;
+        s->c.prefetches++;
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+void fm_expert_store_counters(const fm_expert_store *s, fm_store_counters *out) {
+    pthread_mutex_lock((pthread_mutex_t *)&s->mu);
+    *out = s->c;
+    if (s->in_flight > 0) out->io_busy_seconds += fm_now() - s->busy_since;
+    pthread_mutex_unlock((pthread_mutex_t *)&s->mu);
 }

@@ -1,11 +1,19 @@
 /*
- * expert_store.h — routed experts, read one blob at a time from the per-layer expert files.
+ * expert_store.h — routed experts, streamed from the per-layer expert files into a slot pool.
  *
  * Each (layer, expert) is one contiguous blob at 16384 + e * stride in experts/L###.bin holding gate,
- * up and down with their scales (docs/FORMAT.md). The store keeps up to n_slots blobs in memory in a
- * slot pool and evicts the least recently used one when a new blob must be read. A blob is read with
- * one pread; a short read or a checksum mismatch is an error naming the layer and expert, and the
- * expert is never used.
+ * up and down with their scales (docs/FORMAT.md). The store owns n_slots blob-sized buffers (the
+ * expert cache, sized from the memory budget) and a pool of I/O threads that read blobs with one
+ * pread each, O_DIRECT where the file system allows it, many in flight at once.
+ *
+ * A layer uses it in three steps, so reads overlap compute:
+ *   1. acquire each expert the router picked: a resident one is pinned at once (a hit); a missing
+ *      one gets a slot (evicting by the cache policy) and its read is queued (a miss); when every slot
+ *      is pinned, acquire returns FM_SLOT_NONE and the caller retries after releasing one;
+ *   2. wait for any of the acquired slots to be ready, compute with it, release it; repeat;
+ *   3. prefetch/protect the experts predicted for the next layer (optional).
+ * A short read, an I/O error or a checksum mismatch makes wait fail with a message naming the layer
+ * and expert; the slot is dropped and never used.
  */
 #ifndef FM_EXPERT_STORE_H
 #define FM_EXPERT_STORE_H
@@ -20,15 +28,38 @@ typedef struct {
     fm_mat gate, up, down; /* [I, H], [I, H], [H, I] views into the blob */
 } fm_expert;
 
-fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec);
+enum { FM_SLOT_NONE = -1 };
+
+typedef struct {
+    uint64_t hits, misses;      /* expert acquisitions served from memory / needing a read */
+    uint64_t prefetches;        /* reads issued ahead of need from the next-layer prediction */
+    uint64_t prefetch_hits;     /* hits on a slot that a prefetch filled */
+    uint64_t bytes_read;
+    double io_wait_seconds;     /* compute thread blocked waiting for a read */
+    double io_busy_seconds;     /* wall time with at least one read in flight */
+    int direct_io;              /* 1 when reads bypass the page cache with O_DIRECT */
+} fm_store_counters;
+
+/* n_slots: experts kept in memory (>= 1). */
+fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, int n_slots);
 void fm_expert_store_free(fm_expert_store *s);
 
-/* Make expert e of layer resident and return views of its weights. The views stay valid until the
- * next call to fm_expert_store_get. */
-fm_status fm_expert_store_get(fm_expert_store *s, int layer, int e, fm_expert *out);
+int fm_expert_store_acquire(fm_expert_store *s, int layer, int e);
+/* Block until one of slots[0..n) is ready; *which = its index. Fails if its read failed. */
+fm_status fm_expert_store_wait_any(fm_expert_store *s, const int *slots, int n, int *which);
+void fm_expert_store_view(const fm_expert_store *s, int slot, fm_expert *out);
+void fm_expert_store_release(fm_expert_store *s, int slot);
 
-/* Cumulative counters. */
-void fm_expert_store_counters(const fm_expert_store *s, uint64_t *hits, uint64_t *misses, uint64_t *bytes,
-                              double *io_seconds);
+/* Experts expected in the next layer: kept from eviction until the next call, and (when prefetch is
+ * on) read now into slots that hold nothing more valuable. */
+void fm_expert_store_predict(fm_expert_store *s, int layer, const int32_t *experts, int n);
+
+/* Wait for every queued read to finish (before a reset, an error return, or freeing). */
+void fm_expert_store_drain(fm_expert_store *s);
+
+void fm_expert_store_counters(const fm_expert_store *s, fm_store_counters *out);
+
+/* Bytes of one slot (the blob stride). */
+uint64_t fm_expert_store_slot_bytes(const fm_load_spec *spec);
 
 #endif /* FM_EXPERT_STORE_H */

@@ -64,6 +64,9 @@ fm_status fm_packed_read_dense(const char *path, uint64_t size, uint8_t **out) {
         }
         done += (uint64_t)got;
     }
+    /* The dense weights now live in our buffer: drop their page-cache copy, which counts against a
+     * memory limit (cgroup) until reclaimed. */
+    posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
 done:
     close(fd);
     if (status != FM_OK) {

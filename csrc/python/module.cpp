@@ -24,6 +24,7 @@ namespace py = pybind11;
     case FM_ERR_FORMAT: cls = "FormatError"; break;
     case FM_ERR_CONTEXT: cls = "ContextLengthError"; break;
     case FM_ERR_IO: cls = "ReadError"; break;
+    case FM_ERR_BUDGET: cls = "MemoryBudgetError"; break;
     default: break;
     }
     PyErr_SetString(errors.attr(cls).ptr(), fm_last_error());
@@ -122,8 +123,14 @@ class Model {
         s.context_length = spec["context_length"].cast<int>();
         s.prefill_chunk = spec["prefill_chunk"].cast<int>();
         s.expert_cache_slots = spec["expert_cache_slots"].cast<int>();
+        s.memory_budget = spec["memory_budget"].cast<uint64_t>();
+        s.cache_policy = (fm_cache_policy)spec["cache_policy"].cast<int>();
+        s.io_threads = spec["io_threads"].cast<int>();
+        s.prefetch = spec["prefetch"].cast<bool>() ? 1 : 0;
         s.verify_checksums = spec["verify_checksums"].cast<bool>() ? 1 : 0;
         vocab_ = c.vocab_size;
+        n_layers_ = c.num_hidden_layers;
+        n_experts_ = c.num_experts > 0 ? c.num_experts : 0;
 
         fm_status st;
         {
@@ -203,6 +210,27 @@ class Model {
         return out;
     }
 
+    py::array_t<uint64_t> expert_usage() const {
+        py::array_t<uint64_t> out({n_layers_, n_experts_});
+        if (n_experts_ > 0) fm_model_expert_usage(m_, out.mutable_data());
+        return out;
+    }
+
+    py::dict memory() const {
+        fm_memory mem;
+        fm_model_memory(m_, &mem);
+        py::dict d;
+        d["budget"] = mem.budget;
+        d["dense_bytes"] = mem.dense;
+        d["kv_bytes"] = mem.kv_cache;
+        d["state_bytes"] = mem.state;
+        d["scratch_bytes"] = mem.scratch;
+        d["expert_cache_bytes"] = mem.expert_cache;
+        d["expert_slots"] = mem.expert_slots;
+        d["experts_total"] = mem.experts_total;
+        return d;
+    }
+
     void reset() { fm_model_reset(m_); }
     int position() const { return fm_model_position(m_); }
     int context_length() const { return fm_model_context_length(m_); }
@@ -214,9 +242,13 @@ class Model {
         d["tokens"] = s.tokens;
         d["expert_hits"] = s.expert_hits;
         d["expert_misses"] = s.expert_misses;
+        d["prefetches"] = s.prefetches;
+        d["prefetch_hits"] = s.prefetch_hits;
         d["bytes_read"] = s.bytes_read;
-        d["io_seconds"] = s.io_seconds;
+        d["io_wait_seconds"] = s.io_wait_seconds;
+        d["io_busy_seconds"] = s.io_busy_seconds;
         d["compute_seconds"] = s.compute_seconds;
+        d["direct_io"] = (bool)s.direct_io;
         d["last_prompt_tokens"] = s.last_prompt_tokens;
         d["last_prompt_seconds"] = s.last_prompt_seconds;
         d["last_generated_tokens"] = s.last_generated_tokens;
@@ -226,7 +258,7 @@ class Model {
 
   private:
     fm_model *m_ = nullptr;
-    int vocab_ = 0;
+    int vocab_ = 0, n_layers_ = 0, n_experts_ = 0;
     std::string dense_path_;
     std::vector<fm_tensor_desc> dense_;
     std::vector<std::string> expert_path_strs_;
@@ -334,7 +366,9 @@ PYBIND11_MODULE(_core, m) {
         .def("reset", &Model::reset)
         .def_property_readonly("position", &Model::position)
         .def_property_readonly("context_length", &Model::context_length)
-        .def("stats", &Model::stats);
+        .def("stats", &Model::stats)
+        .def("expert_usage", &Model::expert_usage)
+        .def("memory", &Model::memory);
     bind_ops(m);
     m.attr("F32") = (int)FM_F32;
     m.attr("BF16") = (int)FM_BF16;

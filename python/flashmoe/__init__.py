@@ -1,7 +1,8 @@
 """flashmoe: run Mixture-of-Experts models larger than memory by streaming experts from SSD."""
 
 from .convert import convert  # noqa: E402  (binds the function over the submodule name)
-from .errors import ConversionError, ContextLengthError, FlashMoEError, FormatError, ReadError
+from .errors import (ConversionError, ContextLengthError, FlashMoEError, FormatError, MemoryBudgetError,
+                     ReadError)
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["ConversionError", "ContextLengthError", "FlashMoEError", "ReadError", "FormatError", "Model", "convert", "load", "__version__"]
+__all__ = ["ConversionError", "ContextLengthError", "FlashMoEError", "MemoryBudgetError", "ReadError", "FormatError", "Model", "convert", "load", "__version__"]

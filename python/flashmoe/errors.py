@@ -19,3 +19,7 @@ class ContextLengthError(FlashMoEError, ValueError):
 
 class ReadError(FlashMoEError, OSError):
     """Reading model data from disk failed (short read, I/O error)."""
+
+
+class MemoryBudgetError(FlashMoEError, ValueError):
+    """The memory budget cannot hold the dense weights plus one layer's working set of experts."""

@@ -13,14 +13,38 @@ from .reader import read_header
 
 _DTYPE_IDS = {"f32": 0, "bf16": 1, "q8": 2, "q4": 3}
 _ARCH_IDS = {"qwen3_5_moe": 0, "qwen3_next": 1}
+CACHE_POLICIES = {"lru": 0, "lfru": 1, "pagecache": 2}
 DEFAULT_CONTEXT = 4096
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+_COUNTERS = ("tokens", "expert_hits", "expert_misses", "prefetches", "prefetch_hits", "bytes_read",
+             "io_wait_seconds", "io_busy_seconds", "compute_seconds")
 
 
-def _physical_ram() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+def parse_size(value) -> int:
+    """Bytes from an int or a string such as "6GB" (10^9), "6GiB" or "6G" (2^30), "512MB", "1.5 GiB"."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        n = int(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        num = text.rstrip("bikmgt")
+        unit = text[len(num):]
+        try:
+            n = int(float(num) * _UNITS[unit])
+        except (ValueError, KeyError):
+            raise ValueError(f"cannot read a size from {value!r} (try '6GB', '6GiB' or a number of bytes)") from None
+    else:
+        raise TypeError(f"a size must be an int or a string like '6GB', got {type(value).__name__}")
+    if n <= 0:
+        raise ValueError(f"a size must be positive, got {value!r}")
+    return n
+
+
+def _derived(d: dict) -> dict:
+    d["hit_rate"] = d["expert_hits"] / max(1, d["expert_hits"] + d["expert_misses"])
+    d["read_gbps"] = d["bytes_read"] / d["io_busy_seconds"] / 1e9 if d["io_busy_seconds"] > 0 else 0.0
+    d["tokens_per_second"] = d["tokens"] / d["compute_seconds"] if d["compute_seconds"] > 0 else 0.0
+    return d
 
 
 def _desc(name: str, t: dict) -> dict:
@@ -64,13 +88,23 @@ class Model:
     """A loaded packed model and the state of one sequence.
 
     Use flashmoe.load(path, ...) to make one. Options:
+      memory_budget       bytes (or "6GB") for everything the engine allocates: dense weights, KV cache,
+                          DeltaNet state, scratch and the expert cache, which gets what is left
+                          (default: half of physical RAM). Too small a budget raises MemoryBudgetError
+                          naming the minimum.
+      cache_policy        "lfru" (default: recency-weighted frequency), "lru", or "pagecache" (no engine
+                          cache: buffered reads through the OS page cache)
+      prefetch            predict the next layer's experts from the current hidden state, keep them
+                          from eviction and read them ahead (default True)
+      io_threads          concurrent expert reads (default 8)
       context_length      tokens of KV cache (default min(max_position_embeddings, 4096))
       prefill_chunk       tokens processed per chunk of a prompt (default 128)
-      expert_cache_slots  routed experts kept in memory (default: as many as fit in half of RAM)
+      expert_cache_slots  cap the expert cache at this many experts (default: what the budget holds)
       verify_checksums    check each expert blob's CRC-32 the first time it is read
     """
 
-    def __init__(self, path, *, context_length: int | None = None, prefill_chunk: int = 128,
+    def __init__(self, path, *, memory_budget=None, cache_policy: str = "lfru", prefetch: bool = True,
+                 io_threads: int = 8, context_length: int | None = None, prefill_chunk: int = 128,
                  expert_cache_slots: int | None = None, verify_checksums: bool = False):
         from . import _core
 
@@ -87,11 +121,13 @@ class Model:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
 
+        if cache_policy not in CACHE_POLICIES:
+            raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
+        if io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {io_threads}")
         ex = header["experts"]
         layers = {e["layer"]: e for e in ex["layers"]}
         n_experts = int(cfg["num_experts"])
-        if expert_cache_slots is None:
-            expert_cache_slots = max(1, int(_physical_ram() // 2 // max(1, ex["stride"])))
         checksums = []
         for i in range(n_layers):
             checksums.extend(layers[i]["checksums"] if i in layers else [0] * n_experts)
@@ -112,11 +148,19 @@ class Model:
             "expert_tensors": [_desc(n, ex["tensors"][n]) for n in EXPERT_NAMES],
             "context_length": int(context_length),
             "prefill_chunk": int(prefill_chunk),
-            "expert_cache_slots": int(expert_cache_slots),
+            "memory_budget": parse_size(memory_budget) if memory_budget is not None else 0,
+            "expert_cache_slots": int(expert_cache_slots or 0),
+            "cache_policy": CACHE_POLICIES[cache_policy],
+            "io_threads": int(io_threads),
+            "prefetch": bool(prefetch),
             "verify_checksums": bool(verify_checksums),
         }
+        self.cache_policy = cache_policy
         self._core = _core.Model(spec)
         self._eos = _eos_ids(cfg)
+        self._base = self._raw_stats()  # counters at load / reset_stats
+        self._usage_base = self._core.expert_usage()
+        self._last = {k: 0 for k in _COUNTERS}
 
     # ------------------------------------------------------------------ properties
 
@@ -134,10 +178,46 @@ class Model:
     def context_length(self) -> int:
         return self._core.context_length
 
+    def _raw_stats(self) -> dict:
+        return self._core.stats()
+
     @property
     def stats(self) -> dict:
-        """Cumulative counters: tokens, expert hits/misses, bytes read, I/O and compute seconds."""
-        return self._core.stats()
+        """Counters since load (or reset_stats): tokens, expert_hits, expert_misses (one per expert per
+        layer per chunk), prefetches, prefetch_hits, bytes_read, io_wait_seconds (compute thread blocked
+        on reads), io_busy_seconds (reads in flight), compute_seconds, and derived hit_rate, read_gbps,
+        tokens_per_second; "last" holds the same for the last forward/generate call; "direct_io" says
+        whether expert reads bypass the page cache."""
+        raw = self._raw_stats()
+        out = _derived({k: raw[k] - self._base[k] for k in _COUNTERS})
+        out["last"] = _derived(dict(self._last))
+        out["direct_io"] = raw["direct_io"]
+        for k in ("last_prompt_tokens", "last_prompt_seconds", "last_generated_tokens", "last_decode_seconds"):
+            out[k] = raw[k]
+        return out
+
+    def reset_stats(self) -> None:
+        self._base = self._raw_stats()
+        self._usage_base = self._core.expert_usage()
+        self._last = {k: 0 for k in _COUNTERS}
+
+    def expert_usage(self) -> np.ndarray:
+        """Token-uses of each routed expert since load (or reset_stats): int64 [layers, experts]."""
+        return (self._core.expert_usage() - self._usage_base).astype(np.int64)
+
+    @property
+    def memory(self) -> dict:
+        """Where the memory budget goes, in bytes: budget, dense_bytes, kv_bytes, state_bytes,
+        scratch_bytes, expert_cache_bytes; expert_slots of experts_total experts fit the cache."""
+        return self._core.memory()
+
+    def _timed(self, fn, *args):
+        before = self._raw_stats()
+        try:
+            return fn(*args)
+        finally:
+            after = self._raw_stats()
+            self._last = {k: after[k] - before[k] for k in _COUNTERS}
 
     # ------------------------------------------------------------------ running
 
@@ -160,7 +240,7 @@ class Model:
         ids = self._tokens(token_ids)
         if reset:
             self._core.reset()
-        return self._core.forward(ids, True)
+        return self._timed(self._core.forward, ids, True)
 
     def trace(self, token_ids, reset: bool = True) -> dict:
         """Run tokens and return every named intermediate of the forward pass as float32 [T, n]:
@@ -187,7 +267,7 @@ class Model:
         stops = self._eos if stop_token_ids is None else [int(t) for t in stop_token_ids]
         if max_tokens == 0:
             return []
-        return list(self._core.generate(ids, int(max_tokens), float(temperature), int(seed or 0), stops))
+        return list(self._timed(self._core.generate, ids, int(max_tokens), float(temperature), int(seed or 0), stops))
 
 
 def load(path, **options) -> Model:
