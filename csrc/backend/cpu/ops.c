@@ -9,7 +9,9 @@
 #include <string.h>
 
 #include "../ops.h"
+#include "../../core/threads.h"
 #include "../../core/util.h"
+#include "matmul.h"
 
 /* ---------------------------------------------------------------- matmul */
 
@@ -60,21 +62,79 @@ void fm_op_get_row(const fm_mat *w, int r, float *out) {
     }
 }
 
+void fm_matmul_rows_scalar(const fm_matmul_args *a, int r0, int r1, float *rowbuf) {
+    const fm_mat *w = a->w;
+    const int n = w->cols, m = w->rows;
+    for (int r = r0; r < r1; r++) {
+        const float *wr = (const float *)w->data + (size_t)r * n;
+        if (w->dtype != FM_F32) {
+            fm_op_get_row(w, r, rowbuf);
+            wr = rowbuf;
+        }
+        for (int t = 0; t < a->T; t++) a->y[(size_t)t * m + r] = dot_f32(wr, a->x + (size_t)t * n, n);
+    }
+}
+
+typedef void (*rows_fn)(const fm_matmul_args *, int, int, float *);
+
+static rows_fn pick_kernel(const fm_mat *w) {
+#ifdef FM_HAVE_AVX2_KERNELS
+    static int have_avx2 = -1;
+    if (have_avx2 < 0) {
+        __builtin_cpu_init();
+        have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !getenv("FLASHMOE_NO_SIMD");
+    }
+    if (have_avx2 && fm_matmul_avx2_supports(w)) return fm_matmul_rows_avx2;
+#endif
+    (void)w;
+    return fm_matmul_rows_scalar;
+}
+
+typedef struct {
+    fm_matmul_args a;
+    rows_fn fn;
+} matmul_job;
+
+static void matmul_task(void *ctx, int i) {
+    const matmul_job *j = (const matmul_job *)ctx;
+    const int r0 = i * j->a.rows_per_task, r1 = r0 + j->a.rows_per_task < j->a.w->rows ? r0 + j->a.rows_per_task
+                                                                                       : j->a.w->rows;
+    float row[j->a.w->cols + 8]; /* one dequantized row; cols is bounded by the model's widths */
+    j->fn(&j->a, r0, r1, row);
+}
+
 void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y) {
     const int n = w->cols, m = w->rows;
-    float *row = NULL;
-    if (w->dtype != FM_F32) row = (float *)fm_alloc((size_t)n * sizeof(float));
-    for (int r = 0; r < m; r++) {
-        const float *wr;
-        if (w->dtype == FM_F32) {
-            wr = (const float *)w->data + (size_t)r * n;
-        } else {
-            fm_op_get_row(w, r, row);
-            wr = row;
-        }
-        for (int t = 0; t < T; t++) y[(size_t)t * m + r] = dot_f32(wr, x + (size_t)t * n, n);
+    matmul_job j = {{w, x, NULL, NULL, y, T, m}, pick_kernel(w)};
+    float *xp = NULL, *xsum = NULL;
+    if (j.fn != fm_matmul_rows_scalar && w->dtype == FM_Q4) { /* permute x per 32-element block */
+        xp = (float *)fm_alloc((size_t)T * n * sizeof(float));
+        for (int t = 0; t < T; t++)
+            for (int b = 0; b < n; b += 32)
+                for (int i = 0; i < 16; i++) {
+                    xp[(size_t)t * n + b + i] = x[(size_t)t * n + b + 2 * i];
+                    xp[(size_t)t * n + b + 16 + i] = x[(size_t)t * n + b + 2 * i + 1];
+                }
+        j.a.xp = xp;
     }
-    fm_free(row);
+    if (T == 1 && (w->dtype == FM_Q4 || w->dtype == FM_Q8)) { /* per-group sums of x for the bias term */
+        const int gs = w->group_size, ng = n / gs;
+        xsum = (float *)fm_alloc((size_t)ng * sizeof(float));
+        for (int g = 0; g < ng; g++) {
+            float s = 0.0f;
+            for (int i = g * gs; i < (g + 1) * gs; i++) s += x[i];
+            xsum[g] = s;
+        }
+        j.a.xsum = xsum;
+    }
+    /* Split rows over the pool when there is enough work to pay for waking it (~50 µs). */
+    const double work = (double)m * n * T;
+    const int threads = work < 2e5 ? 1 : fm_threads_get();
+    const int tasks = threads == 1 ? 1 : threads * 4;
+    j.a.rows_per_task = (m + tasks - 1) / tasks;
+    fm_parallel_for((m + j.a.rows_per_task - 1) / j.a.rows_per_task, matmul_task, &j);
+    fm_free(xp);
+    fm_free(xsum);
 }
 
 /* ---------------------------------------------------------------- elementwise and norms */

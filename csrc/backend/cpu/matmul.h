@@ -1,0 +1,26 @@
+/* matmul.h — the CPU matmul driver's interface to its per-ISA row kernels. */
+#ifndef FM_CPU_MATMUL_H
+#define FM_CPU_MATMUL_H
+
+#include "../ops.h"
+
+typedef struct {
+    const fm_mat *w;
+    const float *x;    /* [T, cols] */
+    const float *xp;   /* [T, cols] x permuted per 32-element block (evens, then odds), for q4; else NULL */
+    const float *xsum; /* [ng] per-group sums of x, for one token and quantized w; else NULL */
+    float *y;          /* [T, rows] */
+    int T;
+    int rows_per_task;
+} fm_matmul_args;
+
+/* Rows [r0, r1) of y; rowbuf has room for one row of cols floats. */
+void fm_matmul_rows_scalar(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define FM_HAVE_AVX2_KERNELS 1
+int fm_matmul_avx2_supports(const fm_mat *w);
+void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
+#endif
+
+#endif /* FM_CPU_MATMUL_H */

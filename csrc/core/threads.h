@@ -1,0 +1,19 @@
+/*
+ * threads.h — a persistent pool of compute threads (pthreads), shared by every model in the process.
+ *
+ * fm_parallel_for(n, fn, ctx) runs fn(ctx, i) for i in [0, n) on the pool plus the calling thread
+ * and returns when all are done. Tasks are handed out with an atomic counter, so uneven tasks
+ * balance. Calls from several threads at once are serialised. I/O threads are separate (expert store).
+ */
+#ifndef FM_THREADS_H
+#define FM_THREADS_H
+
+typedef void (*fm_task_fn)(void *ctx, int i);
+
+/* Number of threads that run tasks (workers + the caller); default: the online CPUs. */
+void fm_threads_set(int n);
+int fm_threads_get(void);
+
+void fm_parallel_for(int n, fm_task_fn fn, void *ctx);
+
+#endif /* FM_THREADS_H */
