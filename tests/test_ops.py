@@ -21,7 +21,26 @@ from flashmoe.quant import f32_to_bf16, quantize  # input builders only; referen
 
 # name -> module exposing op_<name>(...) with the signatures of csrc/python/module.cpp (bind_ops).
 # Add e.g. "cuda": flashmoe._cuda here; cases it does not implement are reported as skipped.
-BACKENDS = {"cpu": _core}
+class _CpuIsa:
+    """The CPU backend with one kernel variant forced (scalar, avx2, ...): every variant is tested."""
+
+    def __init__(self, isa):
+        self.isa = isa
+
+    def __getattr__(self, name):
+        fn = getattr(_core, name)
+
+        def call(*args):
+            _core.set_cpu_isa(self.isa)
+            try:
+                return fn(*args)
+            finally:
+                _core.set_cpu_isa("auto")
+
+        return call
+
+
+BACKENDS = {f"cpu-{isa}": _CpuIsa(isa) for isa in _core.cpu_isas()}
 F32, BF16, Q8, Q4 = _core.F32, _core.BF16, _core.Q8, _core.Q4
 
 # Tolerances. fp32 has eps = 2^-23 ~ 1.2e-7; a formula error (wrong axis, head, sign, missing eps)
@@ -99,6 +118,13 @@ for name, dtype, gs, cols in WEIGHTS:
         case("matmul", f"{name}-13x{cols}-T{T}",
              lambda rng, d=dtype, g=gs, c=cols, T=T: build_weight(rng, d, 13, c, g) + (randn(rng, T, c),),
              lambda *a: f64(a[7]) @ ref_dequant(*a[:7]).T, TOL_DOT)
+# Big enough to be split over the thread pool (rows x cols x T >= 2e5), rows not a multiple of the split.
+for name, dtype, gs in (("f32", F32, 0), ("bf16", BF16, 0), ("q8g64", Q8, 64), ("q4g64", Q4, 64), ("q4g32", Q4, 32)):
+    for T in (1, 3):
+        case("matmul", f"{name}-257x1024-T{T}",
+             lambda rng, d=dtype, g=gs, T=T: build_weight(rng, d, 257, 1024, g) + (randn(rng, T, 1024),),
+             lambda *a: f64(a[7]) @ ref_dequant(*a[:7]).T, TOL_DOT)
+for name, dtype, gs, cols in WEIGHTS:
     # get_row is the dequantised row exactly: s * q is exact in fp32 (11-bit x 8-bit significands), so
     # the kernel's one rounding of (+ bias) equals the exact float64 value rounded once to fp32.
     for r in (0, 1, 12):

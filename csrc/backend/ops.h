@@ -19,6 +19,11 @@ typedef struct {
     const uint16_t *biases;  /* fp16 [rows, cols / group_size], quantized only */
 } fm_mat;
 
+/* CPU kernel variants: "scalar" (always), "avx2" (x86-64 with AVX2 + FMA). The best one the CPU has
+ * is used unless one is forced (tests run every variant). Returns 0, or -1 if unknown/unsupported. */
+int fm_cpu_set_isa(const char *name); /* "auto", "scalar", "avx2" */
+int fm_cpu_isa_available(const char *name);
+
 /* y[T, rows] = x[T, cols] · Wᵀ */
 void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y);
 /* out[cols] = row r of W, dequantized (embedding lookup) */

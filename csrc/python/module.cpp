@@ -12,6 +12,7 @@
 
 extern "C" {
 #include "../backend/ops.h"
+#include "../core/threads.h"
 #include "flashmoe.h"
 }
 
@@ -286,6 +287,20 @@ static fm_mat make_mat(int dtype, py::array data, py::object scales, py::object 
 static f32arr copy(const f32arr &a) { return f32arr(py::array(a.request())).attr("copy")().cast<f32arr>(); }
 
 static void bind_ops(py::module_ &m) {
+    m.def("cpu_isas", []() {
+        std::vector<std::string> out;
+        for (const char *isa : {"scalar", "avx2"})
+            if (fm_cpu_isa_available(isa)) out.push_back(isa);
+        return out;
+    });
+    m.def("set_cpu_isa", [](const std::string &isa) {
+        if (fm_cpu_set_isa(isa.c_str()) != 0) throw py::value_error("CPU kernel variant not available: " + isa);
+    });
+    m.def("set_threads", [](int n) {
+        if (n < 1) throw py::value_error("threads must be >= 1");
+        fm_threads_set(n);
+    });
+    m.def("get_threads", []() { return fm_threads_get(); });
     m.def("op_matmul", [](int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
                           f32arr x) {
         fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs);

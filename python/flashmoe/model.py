@@ -97,6 +97,7 @@ class Model:
       prefetch            predict the next layer's experts from the current hidden state, keep them
                           from eviction and read them ahead (default True)
       io_threads          concurrent expert reads (default 8)
+      threads             compute threads (process-wide; default: one per CPU core)
       context_length      tokens of KV cache (default min(max_position_embeddings, 4096))
       prefill_chunk       tokens processed per chunk of a prompt (default 128)
       expert_cache_slots  cap the expert cache at this many experts (default: what the budget holds)
@@ -104,7 +105,7 @@ class Model:
     """
 
     def __init__(self, path, *, memory_budget=None, cache_policy: str = "lfru", prefetch: bool = True,
-                 io_threads: int = 8, context_length: int | None = None, prefill_chunk: int = 128,
+                 io_threads: int = 8, threads: int | None = None, context_length: int | None = None, prefill_chunk: int = 128,
                  expert_cache_slots: int | None = None, verify_checksums: bool = False):
         from . import _core
 
@@ -156,6 +157,8 @@ class Model:
             "verify_checksums": bool(verify_checksums),
         }
         self.cache_policy = cache_policy
+        if threads is not None:
+            _core.set_threads(int(threads))
         self._core = _core.Model(spec)
         self._eos = _eos_ids(cfg)
         self._base = self._raw_stats()  # counters at load / reset_stats

@@ -77,16 +77,35 @@ void fm_matmul_rows_scalar(const fm_matmul_args *a, int r0, int r1, float *rowbu
 
 typedef void (*rows_fn)(const fm_matmul_args *, int, int, float *);
 
-static rows_fn pick_kernel(const fm_mat *w) {
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1 };
+static int g_forced_isa = -1; /* -1: the best available */
+
+int fm_cpu_isa_available(const char *name) {
+    if (strcmp(name, "scalar") == 0 || strcmp(name, "auto") == 0) return 1;
 #ifdef FM_HAVE_AVX2_KERNELS
-    static int have_avx2 = -1;
-    if (have_avx2 < 0) {
+    if (strcmp(name, "avx2") == 0) {
         __builtin_cpu_init();
-        have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !getenv("FLASHMOE_NO_SIMD");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     }
-    if (have_avx2 && fm_matmul_avx2_supports(w)) return fm_matmul_rows_avx2;
+#endif
+    return 0;
+}
+
+int fm_cpu_set_isa(const char *name) {
+    if (!fm_cpu_isa_available(name)) return -1;
+    g_forced_isa = strcmp(name, "auto") == 0 ? -1 : strcmp(name, "scalar") == 0 ? ISA_SCALAR : ISA_AVX2;
+    return 0;
+}
+
+static rows_fn pick_kernel(const fm_mat *w) {
+    static int best = -1;
+    if (best < 0) best = fm_cpu_isa_available("avx2") && !getenv("FLASHMOE_NO_SIMD") ? ISA_AVX2 : ISA_SCALAR;
+    const int isa = g_forced_isa >= 0 ? g_forced_isa : best;
+#ifdef FM_HAVE_AVX2_KERNELS
+    if (isa == ISA_AVX2 && fm_matmul_avx2_supports(w)) return fm_matmul_rows_avx2;
 #endif
     (void)w;
+    (void)isa;
     return fm_matmul_rows_scalar;
 }
 
