@@ -1,13 +1,15 @@
-"""The `flashmoe` command: convert, demo, info."""
+"""The `flashmoe` command: convert, demo, info, synth."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
 
+from . import presets
 from .errors import FlashMoEError
 
 
@@ -49,7 +51,7 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _run_demo(path: str, n_tokens: int, seed: int, bits: int) -> None:
+def _run_demo(path: str, n_tokens: int, seed: int, bits: int, memory_budget=None) -> None:
     import numpy as np
 
     from .model import load
@@ -59,7 +61,7 @@ def _run_demo(path: str, n_tokens: int, seed: int, bits: int) -> None:
         t0 = time.perf_counter()
         write_random_model(path, DEMO_CONFIG, bits=bits, seed=seed, progress=False)
         print(f"wrote a random {bits}-bit Qwen3.5-MoE model to {path} in {time.perf_counter() - t0:.1f} s")
-    model = load(path)
+    model = load(path, memory_budget=memory_budget)
     c = model.config
     print(f"model: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_experts']} experts "
           f"({c['num_experts_per_tok']} active), vocab {c['vocab_size']}; "
@@ -77,12 +79,39 @@ def _run_demo(path: str, n_tokens: int, seed: int, bits: int) -> None:
     print(f"experts: {s['expert_hits']} hits, {s['expert_misses']} misses, {s['bytes_read'] / 1e6:.1f} MB read")
 
 
+def _cmd_synth(args) -> int:
+    from .synth import write_random_model
+
+    cfg = presets.get(args.preset)
+    if args.layers is not None:
+        cfg = presets.truncate(cfg, args.layers)
+    if os.path.exists(os.path.join(args.out, "flashmoe.json")) and not args.overwrite:
+        raise ValueError(f"{args.out} already holds a packed model (use --overwrite to replace it)")
+    est = presets.model_bytes(cfg, args.bits, args.group_size)["total"]
+    where = os.path.abspath(args.out)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
+    if est > free:
+        raise OSError(f"{args.out}: the model needs {est / 1e9:.2f} GB, the disk has {free / 1e9:.2f} GB free")
+    t0 = time.perf_counter()
+    header = write_random_model(args.out, cfg, bits=args.bits, group_size=args.group_size, seed=args.seed,
+                                progress=not args.quiet)
+    dt = time.perf_counter() - t0
+    size = _model_bytes(header)
+    n_full = sum(t == "full_attention" for t in cfg["layer_types"])
+    print(f"wrote {args.out}: random {args.preset}, {cfg['num_hidden_layers']} layers "
+          f"({cfg['num_hidden_layers'] - n_full} DeltaNet + {n_full} attention), {args.bits}-bit, "
+          f"{size / 1e9:.2f} GB in {dt:.1f} s ({size / dt / 1e9:.2f} GB/s)")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     if args.dir:
-        _run_demo(args.dir, args.tokens, args.seed, args.bits)
+        _run_demo(args.dir, args.tokens, args.seed, args.bits, args.memory_budget)
         return 0
     with tempfile.TemporaryDirectory(prefix="flashmoe-demo-") as d:
-        _run_demo(d, args.tokens, args.seed, args.bits)
+        _run_demo(d, args.tokens, args.seed, args.bits, args.memory_budget)
     return 0
 
 
@@ -104,7 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bits", type=int, choices=(4, 8, 16), default=4)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--dir", help="keep the demo model in this directory (default: a temporary one)")
+    d.add_argument("--memory-budget", help="memory for the engine, e.g. 64MB (default: half of RAM)")
     d.set_defaults(func=_cmd_demo)
+
+    y = sub.add_parser("synth", help="write a random model of a real model's shape (for benchmarks and tests)")
+    y.add_argument("out", help="output directory")
+    y.add_argument("--preset", required=True, choices=presets.NAMES, help="the model whose shapes to copy")
+    y.add_argument("--layers", type=int, help="keep only the first N layers (default: all)")
+    y.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    y.add_argument("--group-size", type=int, default=64)
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--overwrite", action="store_true", help="replace an existing packed model at out")
+    y.add_argument("--quiet", action="store_true", help="no progress bar")
+    y.set_defaults(func=_cmd_synth)
 
     i = sub.add_parser("info", help="describe a packed model")
     i.add_argument("model")

@@ -121,15 +121,19 @@ class PackedWriter:
             return "bf16", None
         return f"q{self.bits}", quant.pick_group_size(in_features, self.group_size, name)
 
-    def add_dense(self, name: str, array, quantize: bool) -> None:
-        """Append one dense tensor. quantize=True for projections/embeddings; else kept high precision."""
+    def _check_dense(self, name: str, shape) -> tuple:
         spec = self._specs.get(name)
         if spec is None:
             raise ConversionError(f"{name}: not a tensor of a {self.architecture} model with this config")
         if name in self._tensors:
             raise ConversionError(f"{name}: written twice")
-        if tuple(array.shape) != tuple(spec[0]):
-            raise ConversionError(f"{name}: shape {list(array.shape)}, the config implies {list(spec[0])}")
+        if tuple(shape) != tuple(spec[0]):
+            raise ConversionError(f"{name}: shape {list(shape)}, the config implies {list(spec[0])}")
+        return spec
+
+    def add_dense(self, name: str, array, quantize: bool) -> None:
+        """Append one dense tensor. quantize=True for projections/embeddings; else kept high precision."""
+        self._check_dense(name, array.shape)
         if quantize:
             dtype, g = self._quantized_dtype(name, array.shape[1])
         else:
@@ -152,6 +156,26 @@ class PackedWriter:
             else:
                 enc = _encode(chunk, dtype)
                 _pwrite_all(self._dense_fd, enc, entry["offset"] + r0 * cols * enc.itemsize)
+        self._tensors[name] = entry
+        self._dense_pos = end
+
+    def add_dense_quantized(self, name: str, shape, q, scales, biases) -> None:
+        """Append one quantized dense tensor of `shape` [out, in] given already quantized (for writers that
+        make quantized data directly, like the synthetic models): q uint8 [out, in/2 or in], scales and
+        biases float16 [out, in/group_size] with the group size this writer picks for `in`."""
+        spec = self._check_dense(name, shape)
+        if spec[1] != _arch.QUANT or self.bits == 16:
+            raise ConversionError(f"{name}: not quantized in a {self.bits}-bit model")
+        dtype, g = self._quantized_dtype(name, shape[1])
+        out, cols = shape[0], quant.packed_cols(shape[1], self.bits)
+        for part, arr, want in (("q", q, (np.uint8, (out, cols))), ("scales", scales, (np.float16, (out, shape[1] // g))),
+                                ("biases", biases, (np.float16, (out, shape[1] // g)))):
+            if (arr.dtype, tuple(arr.shape)) != want:
+                raise ConversionError(f"{name}: {part} is {arr.dtype} {list(arr.shape)}, "
+                                      f"expected {np.dtype(want[0])} {list(want[1])}")
+        entry, end = _section_layout(shape, dtype, g, self._dense_pos)
+        for off, arr in ((entry["offset"], q), (entry["scales_offset"], scales), (entry["biases_offset"], biases)):
+            _pwrite_all(self._dense_fd, np.ascontiguousarray(arr), off)
         self._tensors[name] = entry
         self._dense_pos = end
 
@@ -183,6 +207,22 @@ class PackedWriter:
 
     def add_expert(self, layer: int, e: int, gate, up, down) -> None:
         """Write expert e of `layer` (gate [I,H], up [I,H], down [H,I]); any order, each exactly once."""
+        st = self._claim_expert(layer, e)
+        try:
+            blob = self.encode_expert(gate, up, down)
+        except ConversionError as exc:
+            raise ConversionError(f"layer {layer} expert {e}: {exc}") from None
+        self._write_expert(layer, st, e, blob)
+
+    def add_expert_blob(self, layer: int, e: int, blob) -> None:
+        """Write expert e of `layer` given already encoded: blob_size bytes laid out as expert_tensors says
+        (for writers that make quantized data directly). Any order, each exactly once; thread-safe."""
+        n = memoryview(blob).nbytes
+        if n != self.blob_size:
+            raise ConversionError(f"layer {layer} expert {e}: blob of {n} bytes, the layout needs {self.blob_size}")
+        self._write_expert(layer, self._claim_expert(layer, e), e, blob)
+
+    def _claim_expert(self, layer: int, e: int) -> dict:
         if layer not in self._moe:
             raise ConversionError(f"layer {layer} has no routed experts in this config")
         if not 0 <= e < self._num_experts:
@@ -197,10 +237,9 @@ class PackedWriter:
             if e in st["claimed"]:
                 raise ConversionError(f"layer {layer} expert {e}: written twice")
             st["claimed"].add(e)
-        try:
-            blob = self.encode_expert(gate, up, down)
-        except ConversionError as exc:
-            raise ConversionError(f"layer {layer} expert {e}: {exc}") from None
+        return st
+
+    def _write_expert(self, layer: int, st: dict, e: int, blob) -> None:
         _pwrite_all(st["fd"], blob, PREAMBLE + e * self.stride)
         with self._lock:
             st["crc"][e] = zlib.crc32(blob)
