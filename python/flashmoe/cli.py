@@ -93,7 +93,7 @@ def _cmd_synth(args) -> int:
         where = os.path.dirname(where)
     free = shutil.disk_usage(where).free
     if est > free:
-        raise OSError(f"{args.out}: the model needs {est / 1e9:.2f} GB, the disk has {free / 1e9:.2f} GB free")
+        raise OSError(f"{args.out}: the model needs {est / 1e9:.2f} GB, the disk has {free / 1e9:.2f} GB")
     t0 = time.perf_counter()
     header = write_random_model(args.out, cfg, bits=args.bits, group_size=args.group_size, seed=args.seed,
                                 progress=not args.quiet)
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--memory-budget", help="memory for the engine, e.g. 64MB (default: half of RAM)")
     d.set_defaults(func=_cmd_demo)
 
-    y = sub.add_parser("synth", help="write a random model of a real model's shape (for benchmarks and tests)")
+    y = sub.add_parser("synth", help="write a random model of a real model's shapes (benchmarks, tests)")
     y.add_argument("out", help="output directory")
     y.add_argument("--preset", required=True, choices=presets.NAMES, help="the model whose shapes to copy")
     y.add_argument("--layers", type=int, help="keep only the first N layers (default: all)")

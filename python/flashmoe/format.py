@@ -167,15 +167,16 @@ class PackedWriter:
         if spec[1] != _arch.QUANT or self.bits == 16:
             raise ConversionError(f"{name}: not quantized in a {self.bits}-bit model")
         dtype, g = self._quantized_dtype(name, shape[1])
-        out, cols = shape[0], quant.packed_cols(shape[1], self.bits)
-        for part, arr, want in (("q", q, (np.uint8, (out, cols))), ("scales", scales, (np.float16, (out, shape[1] // g))),
-                                ("biases", biases, (np.float16, (out, shape[1] // g)))):
-            if (arr.dtype, tuple(arr.shape)) != want:
+        q_shape, s_shape = (shape[0], quant.packed_cols(shape[1], self.bits)), (shape[0], shape[1] // g)
+        parts = (("q", q, np.uint8, q_shape), ("scales", scales, np.float16, s_shape),
+                 ("biases", biases, np.float16, s_shape))
+        for part, arr, want_dtype, want_shape in parts:
+            if arr.dtype != want_dtype or tuple(arr.shape) != want_shape:
                 raise ConversionError(f"{name}: {part} is {arr.dtype} {list(arr.shape)}, "
-                                      f"expected {np.dtype(want[0])} {list(want[1])}")
+                                      f"expected {np.dtype(want_dtype)} {list(want_shape)}")
         entry, end = _section_layout(shape, dtype, g, self._dense_pos)
-        for off, arr in ((entry["offset"], q), (entry["scales_offset"], scales), (entry["biases_offset"], biases)):
-            _pwrite_all(self._dense_fd, np.ascontiguousarray(arr), off)
+        for key, arr in zip(("offset", "scales_offset", "biases_offset"), (q, scales, biases)):
+            _pwrite_all(self._dense_fd, np.ascontiguousarray(arr), entry[key])
         self._tensors[name] = entry
         self._dense_pos = end
 
@@ -219,7 +220,7 @@ class PackedWriter:
         (for writers that make quantized data directly). Any order, each exactly once; thread-safe."""
         n = memoryview(blob).nbytes
         if n != self.blob_size:
-            raise ConversionError(f"layer {layer} expert {e}: blob of {n} bytes, the layout needs {self.blob_size}")
+            raise ConversionError(f"layer {layer} expert {e}: a blob of {n} bytes, not {self.blob_size}")
         self._write_expert(layer, self._claim_expert(layer, e), e, blob)
 
     def _claim_expert(self, layer: int, e: int) -> dict:

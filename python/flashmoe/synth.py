@@ -127,8 +127,9 @@ def _write_dense(writer: PackedWriter, specs: dict, seed: int, bar) -> None:
             rng = np.random.default_rng(seq)
             g = quant.pick_group_size(shape[1], writer.group_size, name)
             s, b = random_scales(shape, _weight_std(name, shape), writer.bits, g, rng)
-            q = _random_bytes(np.random.SFC64(seq.spawn(1)[0]), shape[0] * quant.packed_cols(shape[1], writer.bits))
-            writer.add_dense_quantized(name, shape, q.reshape(shape[0], -1), s, b)
+            cols = quant.packed_cols(shape[1], writer.bits)
+            q = _random_bytes(np.random.SFC64(seq.spawn(1)[0]), shape[0] * cols).reshape(shape[0], cols)
+            writer.add_dense_quantized(name, shape, q, s, b)
             nbytes = q.nbytes + s.nbytes + b.nbytes
         else:
             a = _random_tensor(name, shape, role, np.random.default_rng(seq))
