@@ -224,6 +224,7 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
     /* routed experts, each computed as it arrives on all of its tokens: ye rows [n, H] */
     while (done < n_need) {
         int i;
+        /* n_held == 0 cannot happen: acquire only fails when the caller pins every slot */
         fm_status st = n_held ? fm_expert_store_wait_any(store, s->held, n_held, &i)
                               : fm_fail(FM_ERR_NOMEM, "layer %d: no expert slot could be freed", layer);
         if (st != FM_OK) {

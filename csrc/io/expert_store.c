@@ -333,9 +333,18 @@ int fm_expert_store_acquire(fm_expert_store *s, int layer, int e) {
         s->slots[slot].prefetched = 0;
     } else {
         slot = (slot >= 0 && s->slots[slot].pins == 0 && s->slots[slot].state != SLOT_LOADING) ? slot : pick_victim(s);
-        if (slot == FM_SLOT_NONE) {
-            pthread_mutex_unlock(&s->mu);
-            return FM_SLOT_NONE;
+        while (slot == FM_SLOT_NONE) {
+            /* Every slot is pinned or being read. Reads not pinned by the caller (prefetches) finish on
+             * their own: wait for one. Only when the caller pins every slot must it release one first. */
+            int unpinned_loading = 0;
+            for (int i = 0; i < s->n_slots && !unpinned_loading; i++)
+                unpinned_loading = s->slots[i].pins == 0 && s->slots[i].state == SLOT_LOADING;
+            if (!unpinned_loading) {
+                pthread_mutex_unlock(&s->mu);
+                return FM_SLOT_NONE;
+            }
+            pthread_cond_wait(&s->done, &s->mu);
+            slot = pick_victim(s);
         }
         s->c.misses++;
         start_read(s, slot, key);
