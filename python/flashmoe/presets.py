@@ -80,7 +80,7 @@ _PRESETS = {
         "eos_token_id": 151645,
     },
 }
-# Small configs of the same two families for tests and smoke runs (every code path, tiny sizes).
+# Small configs of the same two families for tests and smoke runs (every code path, small sizes).
 _TINY = {
     "vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4, "head_dim": 64,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
@@ -90,6 +90,9 @@ _TINY = {
 }
 _PRESETS["tiny"] = dict(_QWEN3_5, **_TINY)
 _PRESETS["tiny-next"] = dict(_PRESETS["qwen3-next-80b-a3b"], **_TINY, intermediate_size=256)
+# ~120 MB at 4 bits, experts 97% of it: big enough for streaming smoke runs (bench/decode.py --quick).
+_PRESETS["small"] = {**_QWEN3_5, **_TINY, "vocab_size": 4096, "hidden_size": 256, "num_experts": 64,
+                     "num_experts_per_tok": 8, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 256}
 for _name, _cfg in _PRESETS.items():
     _cfg = {k: v for k, v in _cfg.items() if v is not None}  # the tiny ones have no eos/bos ids
     _cfg["layer_types"] = _arch.default_layer_types(_cfg["num_hidden_layers"], 4)
