@@ -132,16 +132,12 @@ def assert_same_run(got, want):
         np.testing.assert_array_equal(g, w, err_msg=name)
 
 
-def settled_stats(m, stride, timeout=5.0):
-    """Model.stats once every read issued has landed. A prefetch for the next layer that the router
-    then did not pick can still be in flight when forward returns (the engine does not drain it), so
-    bytes_read may briefly lag the prefetch count; wait for it rather than race it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        s = m.stats
-        if s["bytes_read"] == (s["expert_misses"] + s["prefetches"]) * stride or time.monotonic() > deadline:
-            return s
-        time.sleep(0.005)
+def settled_stats(m, stride):
+    """Model.stats, checked to be settled: forward drains reads still in flight (mispredicted
+    prefetches) before it returns, so every read issued has landed and is counted."""
+    s = m.stats
+    assert s["bytes_read"] == (s["expert_misses"] + s["prefetches"]) * stride, s
+    return s
 
 
 # ------------------------------------------------------------------- 1. the honest run: a cgroup limit
@@ -411,10 +407,6 @@ def test_budget_below_minimum_raises_naming_the_minimum(small_dir, too_small):
         assert abs(named - need) <= 0.05 * 2**20 + 1, (str(exc.value), need)  # right to the precision shown
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: MemoryBudgetError prints the minimum rounded to 0.1 MiB, "
-                                        "often below the real minimum, so loading with the number it names "
-                                        "fails again ('memory budget 22.7 MiB is too small ... need at least "
-                                        "22.7 MiB'); csrc/core/model.c plan_memory")
 def test_loading_with_the_named_minimum_works(small_dir):
     for ctx in CTXS:
         with pytest.raises(MemoryBudgetError) as exc:

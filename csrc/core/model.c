@@ -267,8 +267,9 @@ static fm_status plan_memory(fm_model *m, const fm_load_spec *spec, int n_moe) {
         return fm_fail(FM_ERR_BUDGET,
                        "memory budget %.1f MiB is too small: dense weights %.1f MiB + KV cache %.1f MiB (%d tokens) + "
                        "DeltaNet state %.1f MiB + scratch %.1f MiB + one layer's %d experts %.1f MiB need at least "
-                       "%.1f MiB", mib(mem->budget), mib(mem->dense), mib(kv), m->ctx, mib(state), mib(mem->scratch),
-                       k, mib((uint64_t)k * stride), mib(need));
+                       "%llu bytes (%.2f MiB)", mib(mem->budget), mib(mem->dense), mib(kv), m->ctx, mib(state),
+                       mib(mem->scratch), k, mib((uint64_t)k * stride), (unsigned long long)need,
+                       ceil(mib(need) * 100.0) / 100.0);
     if (!n_moe) return FM_OK;
     uint64_t slots = (mem->budget - fixed) / stride;
     if (spec->cache_policy == FM_CACHE_PAGECACHE) { /* no engine cache: staging for two layers' reads */
@@ -390,6 +391,7 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
         fm_status st = m->arch->forward(m, m->s.x, T);
         if (st != FM_OK) {
             /* The state is now partly advanced: the only safe continuation is a reset. */
+            if (m->experts) fm_expert_store_drain(m->experts);
             fm_model_reset(m);
             return st;
         }
@@ -403,6 +405,8 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
             fm_op_matmul(&m->lm_head, m->s.xn, rows, dst);
         }
     }
+    /* Mispredicted prefetches may still be in flight: let them land so a call's counters are its own. */
+    if (m->experts) fm_expert_store_drain(m->experts);
     m->tokens += (uint64_t)n;
     m->compute_seconds += fm_now() - t0;
     return FM_OK;
