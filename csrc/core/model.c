@@ -263,6 +263,7 @@ static fm_status plan_memory(fm_model *m, const fm_load_spec *spec, int n_moe) {
         if (mem->budget < fixed + (uint64_t)k * stride) mem->budget = fixed + (uint64_t)k * stride;
     }
     const uint64_t need = fixed + (n_moe ? (uint64_t)k * stride : 0);
+    mem->minimum = need;
     if (mem->budget < need)
         return fm_fail(FM_ERR_BUDGET,
                        "memory budget %.1f MiB is too small: dense weights %.1f MiB + KV cache %.1f MiB (%d tokens) + "
@@ -283,25 +284,27 @@ static fm_status plan_memory(fm_model *m, const fm_load_spec *spec, int n_moe) {
     return FM_OK;
 }
 
-fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
+/* The model struct with its layer table and memory plan, nothing large allocated yet. */
+static fm_status model_create(const fm_load_spec *spec, fm_model **out, int *n_moe_out) {
     *out = NULL;
     fm_status st = check_config(&spec->config);
     if (st != FM_OK) return st;
     fm_model *m = (fm_model *)calloc(1, sizeof *m);
     if (!m) return fm_fail(FM_ERR_NOMEM, "model: out of memory");
+    *out = m;
     m->c = spec->config;
     switch (m->c.arch) {
     case FM_ARCH_QWEN3_5_MOE: m->arch = &fm_arch_qwen3_5_moe; break;
     case FM_ARCH_QWEN3_NEXT: m->arch = &fm_arch_qwen3_next; break;
-    default: free(m); return fm_fail(FM_ERR_INVALID, "unknown architecture id %d", (int)spec->config.arch);
+    default: return fm_fail(FM_ERR_INVALID, "unknown architecture id %d", (int)spec->config.arch);
     }
     m->ctx = spec->context_length > 0 ? spec->context_length : 4096;
     m->chunk = spec->prefill_chunk > 0 ? spec->prefill_chunk : 128;
     m->prefetch = spec->prefetch && spec->cache_policy != FM_CACHE_PAGECACHE;
-    const int L = m->c.num_hidden_layers, V = m->c.vocab_size, H = m->c.hidden_size;
+    const int L = m->c.num_hidden_layers;
     m->layers = (fm_layer *)calloc((size_t)L, sizeof(fm_layer));
     m->usage = (uint64_t *)calloc((size_t)L * (size_t)(m->c.num_experts > 0 ? m->c.num_experts : 1), sizeof(uint64_t));
-    if (!m->layers || !m->usage) { st = fm_fail(FM_ERR_NOMEM, "model: out of memory"); goto fail; }
+    if (!m->layers || !m->usage) return fm_fail(FM_ERR_NOMEM, "model: out of memory");
     int n_moe = 0;
     for (int l = L - 1, next = -1; l >= 0; l--) {
         m->layers[l].full_attention = m->c.layer_is_full_attention[l];
@@ -312,8 +315,28 @@ fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
             n_moe++;
         }
     }
-    if (n_moe && (st = check_experts(spec)) != FM_OK) goto fail;
-    if ((st = plan_memory(m, spec, n_moe)) != FM_OK) goto fail;
+    *n_moe_out = n_moe;
+    if (n_moe && (st = check_experts(spec)) != FM_OK) return st;
+    return plan_memory(m, spec, n_moe);
+}
+
+fm_status fm_model_plan(const fm_load_spec *spec, fm_memory *out) {
+    fm_model *m = NULL;
+    int n_moe = 0;
+    memset(out, 0, sizeof *out);
+    fm_status st = model_create(spec, &m, &n_moe);
+    if (m) *out = m->mem;
+    fm_model_free(m);
+    return st;
+}
+
+fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
+    *out = NULL;
+    fm_model *m = NULL;
+    int n_moe = 0;
+    fm_status st = model_create(spec, &m, &n_moe);
+    if (st != FM_OK) goto fail;
+    const int V = m->c.vocab_size, H = m->c.hidden_size;
 
     if ((st = fm_packed_read_dense(spec->dense_path, spec->dense_size, &m->dense)) != FM_OK) goto fail;
     m->dense_size = spec->dense_size - FM_PREAMBLE_SIZE;

@@ -152,9 +152,14 @@ void fm_model_expert_usage(const fm_model *m, uint64_t *out);
 /* Where the memory budget goes, in bytes. */
 typedef struct {
     uint64_t budget, dense, kv_cache, state, scratch, expert_cache;
+    uint64_t minimum; /* the smallest budget that loads: all but the expert cache, plus k experts */
     int expert_slots, experts_total;
 } fm_memory;
 void fm_model_memory(const fm_model *m, fm_memory *out);
+
+/* The memory plan a load with this spec would make, without loading; fails like fm_model_load
+ * when the budget is too small (out->minimum is set either way). */
+fm_status fm_model_plan(const fm_load_spec *spec, fm_memory *out);
 
 #ifdef __cplusplus
 }

@@ -55,88 +55,104 @@ static fm_tensor_desc to_desc(const py::dict &d) {
     return t;
 }
 
+// A load spec converted from the dict python/flashmoe/model.py builds, with the storage its pointers use.
+struct SpecHolder {
+    fm_load_spec s;
+    std::string dense_path;
+    std::vector<fm_tensor_desc> dense;
+    std::vector<std::string> expert_path_strs;
+    std::vector<const char *> expert_paths;
+    std::vector<uint64_t> expert_sizes;
+    std::vector<uint32_t> checksums;
+    SpecHolder() { std::memset(&s, 0, sizeof s); }
+    SpecHolder(const SpecHolder &) = delete;
+};
+
+static void to_spec(const py::dict &spec, SpecHolder &h) {
+    fm_config &c = h.s.config;
+    py::dict cfg = spec["config"].cast<py::dict>();
+    auto geti = [&](const char *k) { return cfg[k].cast<int>(); };
+    c.arch = (fm_arch)spec["arch"].cast<int>();
+    c.vocab_size = geti("vocab_size");
+    c.hidden_size = geti("hidden_size");
+    c.num_hidden_layers = geti("num_hidden_layers");
+    c.num_attention_heads = geti("num_attention_heads");
+    c.num_key_value_heads = geti("num_key_value_heads");
+    c.head_dim = geti("head_dim");
+    c.linear_conv_kernel_dim = geti("linear_conv_kernel_dim");
+    c.linear_key_head_dim = geti("linear_key_head_dim");
+    c.linear_value_head_dim = geti("linear_value_head_dim");
+    c.linear_num_key_heads = geti("linear_num_key_heads");
+    c.linear_num_value_heads = geti("linear_num_value_heads");
+    c.num_experts = geti("num_experts");
+    c.num_experts_per_tok = geti("num_experts_per_tok");
+    c.moe_intermediate_size = geti("moe_intermediate_size");
+    c.shared_expert_intermediate_size = geti("shared_expert_intermediate_size");
+    c.intermediate_size = geti("intermediate_size");
+    c.norm_topk_prob = geti("norm_topk_prob");
+    c.tie_word_embeddings = geti("tie_word_embeddings");
+    c.rms_norm_eps = cfg["rms_norm_eps"].cast<float>();
+    c.rope_theta = cfg["rope_theta"].cast<float>();
+    c.partial_rotary_factor = cfg["partial_rotary_factor"].cast<float>();
+    auto full = spec["layer_is_full_attention"].cast<std::vector<int>>();
+    auto moe = spec["layer_is_moe"].cast<std::vector<int>>();
+    if ((int)full.size() != c.num_hidden_layers || (int)moe.size() != c.num_hidden_layers ||
+        c.num_hidden_layers > FM_MAX_LAYERS)
+        throw py::value_error("layer kinds do not match num_hidden_layers");
+    for (int l = 0; l < c.num_hidden_layers; l++) {
+        c.layer_is_full_attention[l] = (uint8_t)full[l];
+        c.layer_is_moe[l] = (uint8_t)moe[l];
+    }
+
+    h.dense_path = spec["dense_path"].cast<std::string>();
+    h.s.dense_path = h.dense_path.c_str();
+    h.s.dense_size = spec["dense_size"].cast<uint64_t>();
+    for (auto item : spec["dense"].cast<py::list>()) h.dense.push_back(to_desc(item.cast<py::dict>()));
+    h.s.dense = h.dense.data();
+    h.s.n_dense = (int)h.dense.size();
+
+    for (auto item : spec["expert_paths"].cast<py::list>())
+        h.expert_path_strs.push_back(item.is_none() ? std::string() : item.cast<std::string>());
+    for (auto &p : h.expert_path_strs) h.expert_paths.push_back(p.empty() ? nullptr : p.c_str());
+    h.expert_sizes = spec["expert_file_sizes"].cast<std::vector<uint64_t>>();
+    h.checksums = spec["expert_checksums"].cast<std::vector<uint32_t>>();
+    if (!h.expert_paths.empty()) {
+        if ((int)h.expert_paths.size() != c.num_hidden_layers || h.expert_sizes.size() != h.expert_paths.size() ||
+            h.checksums.size() != (size_t)c.num_hidden_layers * (size_t)(c.num_experts > 0 ? c.num_experts : 0))
+            throw py::value_error("expert file list does not match the layers");
+        h.s.expert_paths = h.expert_paths.data();
+        h.s.expert_file_sizes = h.expert_sizes.data();
+        h.s.expert_checksums = h.checksums.data();
+        h.s.expert_blob_size = spec["expert_blob_size"].cast<uint64_t>();
+        h.s.expert_stride = spec["expert_stride"].cast<uint64_t>();
+        auto ex = spec["expert_tensors"].cast<py::list>();
+        h.s.expert_gate = to_desc(ex[0].cast<py::dict>());
+        h.s.expert_up = to_desc(ex[1].cast<py::dict>());
+        h.s.expert_down = to_desc(ex[2].cast<py::dict>());
+    }
+    h.s.context_length = spec["context_length"].cast<int>();
+    h.s.prefill_chunk = spec["prefill_chunk"].cast<int>();
+    h.s.expert_cache_slots = spec["expert_cache_slots"].cast<int>();
+    h.s.memory_budget = spec["memory_budget"].cast<uint64_t>();
+    h.s.cache_policy = (fm_cache_policy)spec["cache_policy"].cast<int>();
+    h.s.io_threads = spec["io_threads"].cast<int>();
+    h.s.prefetch = spec["prefetch"].cast<bool>() ? 1 : 0;
+    h.s.verify_checksums = spec["verify_checksums"].cast<bool>() ? 1 : 0;
+
+}
+
 class Model {
   public:
     explicit Model(const py::dict &spec) {
-        fm_load_spec s;
-        std::memset(&s, 0, sizeof s);
-        fm_config &c = s.config;
-        py::dict cfg = spec["config"].cast<py::dict>();
-        auto geti = [&](const char *k) { return cfg[k].cast<int>(); };
-        c.arch = (fm_arch)spec["arch"].cast<int>();
-        c.vocab_size = geti("vocab_size");
-        c.hidden_size = geti("hidden_size");
-        c.num_hidden_layers = geti("num_hidden_layers");
-        c.num_attention_heads = geti("num_attention_heads");
-        c.num_key_value_heads = geti("num_key_value_heads");
-        c.head_dim = geti("head_dim");
-        c.linear_conv_kernel_dim = geti("linear_conv_kernel_dim");
-        c.linear_key_head_dim = geti("linear_key_head_dim");
-        c.linear_value_head_dim = geti("linear_value_head_dim");
-        c.linear_num_key_heads = geti("linear_num_key_heads");
-        c.linear_num_value_heads = geti("linear_num_value_heads");
-        c.num_experts = geti("num_experts");
-        c.num_experts_per_tok = geti("num_experts_per_tok");
-        c.moe_intermediate_size = geti("moe_intermediate_size");
-        c.shared_expert_intermediate_size = geti("shared_expert_intermediate_size");
-        c.intermediate_size = geti("intermediate_size");
-        c.norm_topk_prob = geti("norm_topk_prob");
-        c.tie_word_embeddings = geti("tie_word_embeddings");
-        c.rms_norm_eps = cfg["rms_norm_eps"].cast<float>();
-        c.rope_theta = cfg["rope_theta"].cast<float>();
-        c.partial_rotary_factor = cfg["partial_rotary_factor"].cast<float>();
-        auto full = spec["layer_is_full_attention"].cast<std::vector<int>>();
-        auto moe = spec["layer_is_moe"].cast<std::vector<int>>();
-        if ((int)full.size() != c.num_hidden_layers || (int)moe.size() != c.num_hidden_layers ||
-            c.num_hidden_layers > FM_MAX_LAYERS)
-            throw py::value_error("layer kinds do not match num_hidden_layers");
-        for (int l = 0; l < c.num_hidden_layers; l++) {
-            c.layer_is_full_attention[l] = (uint8_t)full[l];
-            c.layer_is_moe[l] = (uint8_t)moe[l];
-        }
-
-        dense_path_ = spec["dense_path"].cast<std::string>();
-        s.dense_path = dense_path_.c_str();
-        s.dense_size = spec["dense_size"].cast<uint64_t>();
-        for (auto item : spec["dense"].cast<py::list>()) dense_.push_back(to_desc(item.cast<py::dict>()));
-        s.dense = dense_.data();
-        s.n_dense = (int)dense_.size();
-
-        for (auto item : spec["expert_paths"].cast<py::list>())
-            expert_path_strs_.push_back(item.is_none() ? std::string() : item.cast<std::string>());
-        for (auto &p : expert_path_strs_) expert_paths_.push_back(p.empty() ? nullptr : p.c_str());
-        expert_sizes_ = spec["expert_file_sizes"].cast<std::vector<uint64_t>>();
-        checksums_ = spec["expert_checksums"].cast<std::vector<uint32_t>>();
-        if (!expert_paths_.empty()) {
-            if ((int)expert_paths_.size() != c.num_hidden_layers || expert_sizes_.size() != expert_paths_.size() ||
-                checksums_.size() != (size_t)c.num_hidden_layers * (size_t)(c.num_experts > 0 ? c.num_experts : 0))
-                throw py::value_error("expert file list does not match the layers");
-            s.expert_paths = expert_paths_.data();
-            s.expert_file_sizes = expert_sizes_.data();
-            s.expert_checksums = checksums_.data();
-            s.expert_blob_size = spec["expert_blob_size"].cast<uint64_t>();
-            s.expert_stride = spec["expert_stride"].cast<uint64_t>();
-            auto ex = spec["expert_tensors"].cast<py::list>();
-            s.expert_gate = to_desc(ex[0].cast<py::dict>());
-            s.expert_up = to_desc(ex[1].cast<py::dict>());
-            s.expert_down = to_desc(ex[2].cast<py::dict>());
-        }
-        s.context_length = spec["context_length"].cast<int>();
-        s.prefill_chunk = spec["prefill_chunk"].cast<int>();
-        s.expert_cache_slots = spec["expert_cache_slots"].cast<int>();
-        s.memory_budget = spec["memory_budget"].cast<uint64_t>();
-        s.cache_policy = (fm_cache_policy)spec["cache_policy"].cast<int>();
-        s.io_threads = spec["io_threads"].cast<int>();
-        s.prefetch = spec["prefetch"].cast<bool>() ? 1 : 0;
-        s.verify_checksums = spec["verify_checksums"].cast<bool>() ? 1 : 0;
+        to_spec(spec, h_);
+        const fm_config &c = h_.s.config;
         vocab_ = c.vocab_size;
         n_layers_ = c.num_hidden_layers;
         n_experts_ = c.num_experts > 0 ? c.num_experts : 0;
-
         fm_status st;
         {
             py::gil_scoped_release release;
-            st = fm_model_load(&s, &m_);
+            st = fm_model_load(&h_.s, &m_);
         }
         check(st);
     }
@@ -221,6 +237,7 @@ class Model {
         fm_memory mem;
         fm_model_memory(m_, &mem);
         py::dict d;
+        d["minimum"] = mem.minimum;
         d["budget"] = mem.budget;
         d["dense_bytes"] = mem.dense;
         d["kv_bytes"] = mem.kv_cache;
@@ -260,12 +277,7 @@ class Model {
   private:
     fm_model *m_ = nullptr;
     int vocab_ = 0, n_layers_ = 0, n_experts_ = 0;
-    std::string dense_path_;
-    std::vector<fm_tensor_desc> dense_;
-    std::vector<std::string> expert_path_strs_;
-    std::vector<const char *> expert_paths_;
-    std::vector<uint64_t> expert_sizes_;
-    std::vector<uint32_t> checksums_;
+    SpecHolder h_;
 };
 
 // ---------------------------------------------------------------- ops, for the kernel tests
@@ -287,6 +299,23 @@ static fm_mat make_mat(int dtype, py::array data, py::object scales, py::object 
 static f32arr copy(const f32arr &a) { return f32arr(py::array(a.request())).attr("copy")().cast<f32arr>(); }
 
 static void bind_ops(py::module_ &m) {
+    m.def("plan_memory", [](const py::dict &spec) {
+        SpecHolder h;
+        to_spec(spec, h);
+        fm_memory mem;
+        check(fm_model_plan(&h.s, &mem));
+        py::dict d;
+        d["minimum"] = mem.minimum;
+        d["budget"] = mem.budget;
+        d["dense_bytes"] = mem.dense;
+        d["kv_bytes"] = mem.kv_cache;
+        d["state_bytes"] = mem.state;
+        d["scratch_bytes"] = mem.scratch;
+        d["expert_cache_bytes"] = mem.expert_cache;
+        d["expert_slots"] = mem.expert_slots;
+        d["experts_total"] = mem.experts_total;
+        return d;
+    });
     m.def("cpu_isas", []() {
         std::vector<std::string> out;
         for (const char *isa : {"scalar", "avx2"})

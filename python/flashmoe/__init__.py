@@ -14,6 +14,13 @@ def load(path, **options):
     return _load(path, **options)
 
 
+def memory_plan(path, **options):
+    """How load(path, **options) would split its memory budget (and the minimum), without loading."""
+    from .model import memory_plan as _plan
+
+    return _plan(path, **options)
+
+
 def __getattr__(name):
     if name == "Model":
         from .model import Model
@@ -22,4 +29,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["ConversionError", "ContextLengthError", "FlashMoEError", "MemoryBudgetError", "ReadError", "FormatError", "Model", "convert", "load", "__version__"]
+__all__ = ["ConversionError", "ContextLengthError", "FlashMoEError", "MemoryBudgetError", "ReadError", "FormatError", "Model", "convert", "load", "memory_plan", "__version__"]

@@ -51,21 +51,38 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def stats_line(s: dict) -> str:
+    """One line of streaming stats for the last call (Model.stats)."""
+    last = s["last"]
+    return (f"experts: {last['expert_hits']} hits, {last['expert_misses']} misses "
+            f"(hit rate {last['hit_rate']:.0%}), {last['prefetches']} prefetched; read "
+            f"{last['bytes_read'] / 1e6:.1f} MB at {last['read_gbps']:.2f} GB/s, "
+            f"I/O wait {last['io_wait_seconds']:.2f} s of {last['compute_seconds']:.2f} s"
+            f"{'' if s['direct_io'] else ' (buffered reads)'}")
+
+
 def _run_demo(path: str, n_tokens: int, seed: int, bits: int, memory_budget=None) -> None:
     import numpy as np
 
-    from .model import load
+    from .model import load, memory_plan, parse_size
+    from .reader import read_header
     from .synth import DEMO_CONFIG, write_random_model
 
     if not os.path.exists(os.path.join(path, "flashmoe.json")):
         t0 = time.perf_counter()
         write_random_model(path, DEMO_CONFIG, bits=bits, seed=seed, progress=False)
         print(f"wrote a random {bits}-bit Qwen3.5-MoE model to {path} in {time.perf_counter() - t0:.1f} s")
-    model = load(path, memory_budget=memory_budget)
-    c = model.config
+    ctx = 1024
+    size = _model_bytes(read_header(path))
+    if memory_budget is None:  # a third of the model, so that most experts stream from disk
+        memory_budget = max(memory_plan(path, context_length=ctx)["minimum"], size // 3)
+    model = load(path, memory_budget=memory_budget, context_length=ctx)
+    c, mem = model.config, model.memory
     print(f"model: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_experts']} experts "
-          f"({c['num_experts_per_tok']} active), vocab {c['vocab_size']}; "
-          f"{_model_bytes(model.header) / 1e6:.1f} MB on disk")
+          f"({c['num_experts_per_tok']} active), vocab {c['vocab_size']}; {size / 1e6:.1f} MB on disk")
+    print(f"memory budget {parse_size(memory_budget) / 1e6:.1f} MB ({size / mem['budget']:.1f}x smaller than "
+          f"the model): dense {mem['dense_bytes'] / 1e6:.1f} MB, expert cache {mem['expert_slots']} of "
+          f"{mem['experts_total']} experts")
     prompt = np.random.default_rng(seed).integers(0, c["vocab_size"], 64)
 
     out = model.generate(prompt, max_tokens=n_tokens, stop_token_ids=[])
@@ -76,7 +93,7 @@ def _run_demo(path: str, n_tokens: int, seed: int, bits: int, memory_budget=None
           f"({len(prompt) / s['last_prompt_seconds']:.1f} tok/s)")
     print(f"generated {len(out)} tokens: {out[:16]}{' ...' if len(out) > 16 else ''}")
     print(f"decode: {decode_tps:.2f} tok/s")
-    print(f"experts: {s['expert_hits']} hits, {s['expert_misses']} misses, {s['bytes_read'] / 1e6:.1f} MB read")
+    print(stats_line(s))
 
 
 def _cmd_synth(args) -> int:
@@ -133,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bits", type=int, choices=(4, 8, 16), default=4)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--dir", help="keep the demo model in this directory (default: a temporary one)")
-    d.add_argument("--memory-budget", help="memory for the engine, e.g. 64MB (default: half of RAM)")
+    d.add_argument("--memory-budget", help="memory for the engine, e.g. 64MB (default: a third of the model)")
     d.set_defaults(func=_cmd_demo)
 
     y = sub.add_parser("synth", help="write a random model of a real model's shapes (benchmarks, tests)")

@@ -84,6 +84,66 @@ def _eos_ids(cfg: dict) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
 
+def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", prefetch: bool = True,
+               io_threads: int = 8, context_length: int | None = None, prefill_chunk: int = 128,
+               expert_cache_slots: int | None = None, verify_checksums: bool = False):
+    """The validated header and the load spec the C core takes (csrc/python/module.cpp: to_spec)."""
+    header = read_header(path)
+    architecture = header["architecture"]
+    cfg = header["config"]
+    n_layers = cfg["num_hidden_layers"]
+    if context_length is None:
+        context_length = min(int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
+    if context_length < 1:
+        raise ValueError(f"context_length must be >= 1, got {context_length}")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    if cache_policy not in CACHE_POLICIES:
+        raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
+    if io_threads < 1:
+        raise ValueError(f"io_threads must be >= 1, got {io_threads}")
+    ex = header["experts"]
+    layers = {e["layer"]: e for e in ex["layers"]}
+    n_experts = int(cfg["num_experts"])
+    checksums = []
+    for i in range(n_layers):
+        checksums.extend(layers[i]["checksums"] if i in layers else [0] * n_experts)
+    spec = {
+        "arch": _ARCH_IDS[architecture],
+        "config": _engine_config(architecture, cfg),
+        "layer_is_full_attention": [int(t == "full_attention") for t in cfg["layer_types"]],
+        "layer_is_moe": [int(_arch.is_moe_layer(architecture, cfg, i)) for i in range(n_layers)],
+        "dense_path": os.path.join(path, header["dense"]["file"]),
+        "dense_size": header["dense"]["size"],
+        "dense": [_desc(n, t) for n, t in header["dense"]["tensors"].items()],
+        "expert_paths": [os.path.join(path, layers[i]["file"]) if i in layers else None for i in range(n_layers)],
+        "expert_file_sizes": [layers[i]["size"] if i in layers else 0 for i in range(n_layers)],
+        "expert_checksums": checksums,
+        "expert_blob_size": ex["blob_size"],
+        "expert_stride": ex["stride"],
+        "expert_tensors": [_desc(n, ex["tensors"][n]) for n in EXPERT_NAMES],
+        "context_length": int(context_length),
+        "prefill_chunk": int(prefill_chunk),
+        "memory_budget": parse_size(memory_budget) if memory_budget is not None else 0,
+        "expert_cache_slots": int(expert_cache_slots or 0),
+        "cache_policy": CACHE_POLICIES[cache_policy],
+        "io_threads": int(io_threads),
+        "prefetch": bool(prefetch),
+        "verify_checksums": bool(verify_checksums),
+    }
+    return header, spec
+
+
+def memory_plan(path, **options) -> dict:
+    """How flashmoe.load(path, **options) would split its memory budget, without loading: minimum
+    (the smallest budget that loads), budget, dense_bytes, kv_bytes, state_bytes, scratch_bytes,
+    expert_cache_bytes, expert_slots, experts_total. Raises MemoryBudgetError like load would."""
+    from . import _core
+
+    options.pop("threads", None)
+    return _core.plan_memory(_load_spec(os.fspath(path), **options)[1])
+
+
 class Model:
     """A loaded packed model and the state of one sequence.
 
@@ -104,67 +164,22 @@ class Model:
       verify_checksums    check each expert blob's CRC-32 the first time it is read
     """
 
-    def __init__(self, path, *, memory_budget=None, cache_policy: str = "lfru", prefetch: bool = True,
-                 io_threads: int = 8, threads: int | None = None, context_length: int | None = None, prefill_chunk: int = 128,
-                 expert_cache_slots: int | None = None, verify_checksums: bool = False):
+    def __init__(self, path, *, threads: int | None = None, **options):
         from . import _core
 
         self.path = os.fspath(path)
-        header = read_header(self.path)
-        self.header = header
-        self.architecture = header["architecture"]
-        cfg = header["config"]
-        n_layers = cfg["num_hidden_layers"]
-        if context_length is None:
-            context_length = min(int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
-        if context_length < 1:
-            raise ValueError(f"context_length must be >= 1, got {context_length}")
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-
-        if cache_policy not in CACHE_POLICIES:
-            raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
-        if io_threads < 1:
-            raise ValueError(f"io_threads must be >= 1, got {io_threads}")
-        ex = header["experts"]
-        layers = {e["layer"]: e for e in ex["layers"]}
-        n_experts = int(cfg["num_experts"])
-        checksums = []
-        for i in range(n_layers):
-            checksums.extend(layers[i]["checksums"] if i in layers else [0] * n_experts)
-        spec = {
-            "arch": _ARCH_IDS[self.architecture],
-            "config": _engine_config(self.architecture, cfg),
-            "layer_is_full_attention": [int(t == "full_attention") for t in cfg["layer_types"]],
-            "layer_is_moe": [int(_arch.is_moe_layer(self.architecture, cfg, i)) for i in range(n_layers)],
-            "dense_path": os.path.join(self.path, header["dense"]["file"]),
-            "dense_size": header["dense"]["size"],
-            "dense": [_desc(n, t) for n, t in header["dense"]["tensors"].items()],
-            "expert_paths": [os.path.join(self.path, layers[i]["file"]) if i in layers else None
-                             for i in range(n_layers)],
-            "expert_file_sizes": [layers[i]["size"] if i in layers else 0 for i in range(n_layers)],
-            "expert_checksums": checksums,
-            "expert_blob_size": ex["blob_size"],
-            "expert_stride": ex["stride"],
-            "expert_tensors": [_desc(n, ex["tensors"][n]) for n in EXPERT_NAMES],
-            "context_length": int(context_length),
-            "prefill_chunk": int(prefill_chunk),
-            "memory_budget": parse_size(memory_budget) if memory_budget is not None else 0,
-            "expert_cache_slots": int(expert_cache_slots or 0),
-            "cache_policy": CACHE_POLICIES[cache_policy],
-            "io_threads": int(io_threads),
-            "prefetch": bool(prefetch),
-            "verify_checksums": bool(verify_checksums),
-        }
-        self.cache_policy = cache_policy
+        self.header, spec = _load_spec(self.path, **options)
+        self.architecture = self.header["architecture"]
+        self.cache_policy = options.get("cache_policy", "lfru")
         if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
             _core.set_threads(int(threads))
         self._core = _core.Model(spec)
-        self._eos = _eos_ids(cfg)
+        self._eos = _eos_ids(self.header["config"])
         self._base = self._raw_stats()  # counters at load / reset_stats
         self._usage_base = self._core.expert_usage()
         self._last = {k: 0 for k in _COUNTERS}
-
     # ------------------------------------------------------------------ properties
 
     @property
