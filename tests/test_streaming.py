@@ -407,6 +407,16 @@ def test_budget_below_minimum_raises_naming_the_minimum(small_dir, too_small):
         assert abs(named - need) <= 0.05 * 2**20 + 1, (str(exc.value), need)  # right to the precision shown
 
 
+def test_memory_plan_names_the_same_minimum_without_loading(small_dir):
+    for ctx in CTXS:
+        fixed, min_cache = minimum_budget(small_dir, context_length=ctx)
+        plan = flashmoe.memory_plan(small_dir, context_length=ctx)
+        assert plan["minimum"] == fixed + min_cache
+        assert flashmoe.memory_plan(small_dir, context_length=ctx, memory_budget=plan["minimum"])["expert_slots"] == K
+        with pytest.raises(MemoryBudgetError):
+            flashmoe.memory_plan(small_dir, context_length=ctx, memory_budget=plan["minimum"] - 1)
+
+
 def test_loading_with_the_named_minimum_works(small_dir):
     for ctx in CTXS:
         with pytest.raises(MemoryBudgetError) as exc:
