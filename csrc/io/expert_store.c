@@ -89,8 +89,10 @@ static void read_slot(fm_expert_store *s, int slot, int key) {
     int err = read_full(s->fds[layer], dst, s->stride, off, &done);
     if (err == EINVAL && s->fds[layer] != s->fds_buffered[layer]) /* O_DIRECT refused here: buffered */
         err = read_full(s->fds_buffered[layer], dst, s->stride, off, &done);
+#ifdef POSIX_FADV_DONTNEED
     if (s->fds[layer] == s->fds_buffered[layer] && s->policy != FM_CACHE_PAGECACHE)
         posix_fadvise(s->fds_buffered[layer], (off_t)off, (off_t)s->stride, POSIX_FADV_DONTNEED);
+#endif
     char msg[200] = "";
     if (err)
         snprintf(msg, sizeof msg, "layer %d expert %d: read failed at offset %llu: %s", layer, e,
@@ -159,8 +161,16 @@ static fm_status open_layer(fm_expert_store *s, const fm_load_spec *spec, int l)
     if (s->policy != FM_CACHE_PAGECACHE) {
         /* Bypass the page cache: the engine owns the cache. Blobs, offsets and buffers are 16 KiB
          * aligned. File systems without O_DIRECT (tmpfs) fall back to buffered reads + DONTNEED. */
+#if defined(O_DIRECT)
         int fd = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
         if (fd >= 0) s->fds[l] = fd;
+#elif defined(F_NOCACHE) /* macOS: no O_DIRECT; a second descriptor with caching off */
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd >= 0 && fcntl(fd, F_NOCACHE, 1) == 0)
+            s->fds[l] = fd;
+        else if (fd >= 0)
+            close(fd);
+#endif
     }
     return FM_OK;
 }

@@ -66,7 +66,9 @@ fm_status fm_packed_read_dense(const char *path, uint64_t size, uint8_t **out) {
     }
     /* The dense weights now live in our buffer: drop their page-cache copy, which counts against a
      * memory limit (cgroup) until reclaimed. */
+#ifdef POSIX_FADV_DONTNEED
     posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+#endif
 done:
     close(fd);
     if (status != FM_OK) {
