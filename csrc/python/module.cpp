@@ -141,6 +141,20 @@ static void to_spec(const py::dict &spec, SpecHolder &h) {
 
 }
 
+static py::dict memory_dict(const fm_memory &mem) {
+    py::dict d;
+    d["minimum"] = mem.minimum;
+    d["budget"] = mem.budget;
+    d["dense_bytes"] = mem.dense;
+    d["kv_bytes"] = mem.kv_cache;
+    d["state_bytes"] = mem.state;
+    d["scratch_bytes"] = mem.scratch;
+    d["expert_cache_bytes"] = mem.expert_cache;
+    d["expert_slots"] = mem.expert_slots;
+    d["experts_total"] = mem.experts_total;
+    return d;
+}
+
 class Model {
   public:
     explicit Model(const py::dict &spec) {
@@ -236,17 +250,7 @@ class Model {
     py::dict memory() const {
         fm_memory mem;
         fm_model_memory(m_, &mem);
-        py::dict d;
-        d["minimum"] = mem.minimum;
-        d["budget"] = mem.budget;
-        d["dense_bytes"] = mem.dense;
-        d["kv_bytes"] = mem.kv_cache;
-        d["state_bytes"] = mem.state;
-        d["scratch_bytes"] = mem.scratch;
-        d["expert_cache_bytes"] = mem.expert_cache;
-        d["expert_slots"] = mem.expert_slots;
-        d["experts_total"] = mem.experts_total;
-        return d;
+        return memory_dict(mem);
     }
 
     void reset() { fm_model_reset(m_); }
@@ -304,17 +308,7 @@ static void bind_ops(py::module_ &m) {
         to_spec(spec, h);
         fm_memory mem;
         check(fm_model_plan(&h.s, &mem));
-        py::dict d;
-        d["minimum"] = mem.minimum;
-        d["budget"] = mem.budget;
-        d["dense_bytes"] = mem.dense;
-        d["kv_bytes"] = mem.kv_cache;
-        d["state_bytes"] = mem.state;
-        d["scratch_bytes"] = mem.scratch;
-        d["expert_cache_bytes"] = mem.expert_cache;
-        d["expert_slots"] = mem.expert_slots;
-        d["experts_total"] = mem.experts_total;
-        return d;
+        return memory_dict(mem);
     });
     m.def("cpu_isas", []() {
         std::vector<std::string> out;
