@@ -118,9 +118,10 @@ for name, dtype, gs, cols in WEIGHTS:
         case("matmul", f"{name}-13x{cols}-T{T}",
              lambda rng, d=dtype, g=gs, c=cols, T=T: build_weight(rng, d, 13, c, g) + (randn(rng, T, c),),
              lambda *a: f64(a[7]) @ ref_dequant(*a[:7]).T, TOL_DOT)
-# Big enough to be split over the thread pool (rows x cols x T >= 2e5), rows not a multiple of the split.
+# Big enough to be split over the thread pool (rows x cols x T >= 2e5), rows not a multiple of the split;
+# T = 1 (decode), 3 (fused quantized kernel, a few tokens) and 11 (dequantized rows in register tiles).
 for name, dtype, gs in (("f32", F32, 0), ("bf16", BF16, 0), ("q8g64", Q8, 64), ("q4g64", Q4, 64), ("q4g32", Q4, 32)):
-    for T in (1, 3):
+    for T in (1, 3, 11):
         case("matmul", f"{name}-257x1024-T{T}",
              lambda rng, d=dtype, g=gs, T=T: build_weight(rng, d, 257, 1024, g) + (randn(rng, T, 1024),),
              lambda *a: f64(a[7]) @ ref_dequant(*a[:7]).T, TOL_DOT)

@@ -4,17 +4,21 @@
 
 #include "../ops.h"
 
+/* Up to this many tokens, quantized rows are dotted straight from their packed form (no dequantized
+ * copy); above it, rows are dequantized once and multiplied in register tiles. */
+enum { FM_FUSED_MAX_TOKENS = 8 };
+
 typedef struct {
     const fm_mat *w;
     const float *x;    /* [T, cols] */
     const float *xp;   /* [T, cols] x permuted per 32-element block (evens, then odds), for q4; else NULL */
-    const float *xsum; /* [ng] per-group sums of x, for one token and quantized w; else NULL */
+    const float *xsum; /* [T, ng] per-group sums of x, for quantized w and T <= FM_FUSED_MAX_TOKENS; else NULL */
     float *y;          /* [T, rows] */
     int T;
     int rows_per_task;
 } fm_matmul_args;
 
-/* Rows [r0, r1) of y; rowbuf has room for one row of cols floats. */
+/* Rows [r0, r1) of y; rowbuf has room for 4 rows of cols floats. */
 void fm_matmul_rows_scalar(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
 
 #if defined(__x86_64__) || defined(_M_X64)

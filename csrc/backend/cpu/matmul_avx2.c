@@ -8,8 +8,9 @@
  * uses per-group sums of x computed once per call: w·x = Σ_g (s_g Σ q x + b_g Σ x).
  * q4 bytes hold elements 2j (low nibble) and 2j+1 (high nibble); instead of shuffling nibbles into
  * order, the caller passes x permuted per 32-element block (16 even elements, then 16 odd ones), so a
- * masked byte vector lines up with 16 consecutive floats. Several tokens (prefill): the row is
- * dequantized once into fp32 (in the same permuted order) and dotted with every token.
+ * masked byte vector lines up with 16 consecutive floats. Several tokens (prefill): 4 rows at a time
+ * are dequantized into fp32 (in the same permuted order) and multiplied with the tokens in 4×3 register
+ * tiles, so each load feeds several FMAs.
  */
 #include <immintrin.h>
 
@@ -89,6 +90,54 @@ static float quant_row_dot(const fm_mat *w, int r, const float *x, const float *
     return hsum(acc) + bias;
 }
 
+/* Quantized row r against TT ≤ 4 tokens at once: each group's weights are converted to fp32 once, in
+ * registers, and used for every token (few tokens per expert in a prefill chunk). out[t] = W[r]·x[t]. */
+static void quant_row_dot_multi(const fm_mat *w, int r, const float *const x[4], const float *const xsum[4], int TT,
+                                float out[4]) {
+    const int n = w->cols, gs = w->group_size, ng = n / gs;
+    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    const __m128i m = _mm_set1_epi8(0x0F);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int g = 0; g < ng; g++) {
+        __m256 ag[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        const int c0 = g * gs;
+        if (w->dtype == FM_Q4) {
+            const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2) + c0 / 2;
+            for (int b = 0; b < gs / 32; b++, q += 16) {
+                const __m128i v = _mm_loadu_si128((const __m128i *)q);
+                const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+                const __m256 l0 = u8x8_to_ps(lo), l1 = u8x8_to_ps(_mm_srli_si128(lo, 8));
+                const __m256 h0 = u8x8_to_ps(hi), h1 = u8x8_to_ps(_mm_srli_si128(hi, 8));
+                const int c = c0 + b * 32;
+                for (int t = 0; t < TT; t++) {
+                    const float *xt = x[t] + c;
+                    ag[t] = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xt), ag[t]);
+                    ag[t] = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xt + 8), ag[t]);
+                    ag[t] = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xt + 16), ag[t]);
+                    ag[t] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xt + 24), ag[t]);
+                }
+            }
+        } else {
+            const uint8_t *q = (const uint8_t *)w->data + (size_t)r * n + c0;
+            for (int i = 0; i < gs; i += 16) {
+                const __m128i v = _mm_loadu_si128((const __m128i *)(q + i));
+                const __m256 q0 = u8x8_to_ps(v), q1 = u8x8_to_ps(_mm_srli_si128(v, 8));
+                for (int t = 0; t < TT; t++) {
+                    ag[t] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x[t] + c0 + i), ag[t]);
+                    ag[t] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x[t] + c0 + i + 8), ag[t]);
+                }
+            }
+        }
+        const __m256 sg = _mm256_set1_ps(fm_f16_to_f32(sc[g]));
+        for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(sg, ag[t], acc[t]);
+    }
+    for (int t = 0; t < TT; t++) {
+        float bias = 0.0f;
+        for (int g = 0; g < ng; g++) bias += fm_f16_to_f32(bi[g]) * xsum[t][g];
+        out[t] = hsum(acc[t]) + bias;
+    }
+}
+
 /* Row r dequantized into out[cols] (q4: in the permuted order). */
 static void dequant_row(const fm_mat *w, int r, float *out) {
     const int n = w->cols;
@@ -132,20 +181,86 @@ int fm_matmul_avx2_supports(const fm_mat *w) {
     return 0;
 }
 
+/* acc[r][t] += Σ_c w[r][c]·x[t][c] for 4 rows × 3 tokens: 12 accumulators; each weight load feeds 3
+ * FMAs and each x load 4. Missing rows/tokens point at real ones and their results are dropped. */
+static void tile_4x3(const float *const w[4], const float *const x[3], int n, float out[4][3]) {
+    __m256 acc[4][3];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < 3; t++) acc[r][t] = _mm256_setzero_ps();
+    int c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const __m256 x0 = _mm256_loadu_ps(x[0] + c), x1 = _mm256_loadu_ps(x[1] + c), x2 = _mm256_loadu_ps(x[2] + c);
+        for (int r = 0; r < 4; r++) {
+            const __m256 wr = _mm256_loadu_ps(w[r] + c);
+            acc[r][0] = _mm256_fmadd_ps(wr, x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(wr, x1, acc[r][1]);
+            acc[r][2] = _mm256_fmadd_ps(wr, x2, acc[r][2]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < 3; t++) {
+            float v = hsum(acc[r][t]);
+            for (int i = c; i < n; i++) v += w[r][i] * x[t][i];
+            out[r][t] = v;
+        }
+}
+
 void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf) {
     const fm_mat *w = a->w;
     const int n = w->cols, m = w->rows, T = a->T;
     const float *x = w->dtype == FM_Q4 ? a->xp : a->x; /* q4 works in the permuted order */
-    for (int r = r0; r < r1; r++) {
-        if (T == 1 && (w->dtype == FM_Q4 || w->dtype == FM_Q8)) {
-            a->y[r] = quant_row_dot(w, r, x, a->xsum);
-            continue;
+    if (a->xsum && T > 1) { /* few tokens, quantized: fused, tokens in groups of 4 */
+        const int ng = n / w->group_size;
+        for (int r = r0; r < r1; r++)
+            for (int tb = 0; tb < T; tb += 4) {
+                const int TT = T - tb < 4 ? T - tb : 4;
+                const float *xt[4], *st[4];
+                for (int j = 0; j < TT; j++) {
+                    xt[j] = x + (size_t)(tb + j) * n;
+                    st[j] = a->xsum + (size_t)(tb + j) * ng;
+                }
+                float out[4];
+                quant_row_dot_multi(w, r, xt, st, TT, out);
+                for (int j = 0; j < TT; j++) a->y[(size_t)(tb + j) * m + r] = out[j];
+            }
+        return;
+    }
+    if (T == 1) {
+        for (int r = r0; r < r1; r++) {
+            if (w->dtype == FM_Q4 || w->dtype == FM_Q8) {
+                a->y[r] = quant_row_dot(w, r, x, a->xsum);
+            } else {
+                const float *wr = (const float *)w->data + (size_t)r * n;
+                if (w->dtype != FM_F32) {
+                    dequant_row(w, r, rowbuf);
+                    wr = rowbuf;
+                }
+                a->y[r] = dot_f32(wr, x, n);
+            }
         }
-        const float *wr = (const float *)w->data + (size_t)r * n;
-        if (w->dtype != FM_F32) {
-            dequant_row(w, r, rowbuf);
-            wr = rowbuf;
+        return;
+    }
+    /* Several tokens: dequantize 4 rows at a time (rowbuf holds 4 rows), then 4×3 register tiles. */
+    for (int rb = r0; rb < r1; rb += 4) {
+        const int R = r1 - rb < 4 ? r1 - rb : 4;
+        const float *wr[4];
+        for (int i = 0; i < 4; i++) {
+            const int r = rb + (i < R ? i : 0);
+            if (w->dtype == FM_F32) {
+                wr[i] = (const float *)w->data + (size_t)r * n;
+            } else {
+                if (i < R) dequant_row(w, r, rowbuf + (size_t)i * n);
+                wr[i] = rowbuf + (size_t)(i < R ? i : 0) * n;
+            }
         }
-        for (int t = 0; t < T; t++) a->y[(size_t)t * m + r] = dot_f32(wr, x + (size_t)t * n, n);
+        for (int tb = 0; tb < T; tb += 3) {
+            const int TT = T - tb < 3 ? T - tb : 3;
+            const float *xt[3];
+            for (int j = 0; j < 3; j++) xt[j] = x + (size_t)(tb + (j < TT ? j : 0)) * n;
+            float out[4][3];
+            tile_4x3(wr, xt, n, out);
+            for (int i = 0; i < R; i++)
+                for (int j = 0; j < TT; j++) a->y[(size_t)(tb + j) * m + rb + i] = out[i][j];
+        }
     }
 }

@@ -118,16 +118,39 @@ static void matmul_task(void *ctx, int i) {
     const matmul_job *j = (const matmul_job *)ctx;
     const int r0 = i * j->a.rows_per_task, r1 = r0 + j->a.rows_per_task < j->a.w->rows ? r0 + j->a.rows_per_task
                                                                                        : j->a.w->rows;
-    float row[j->a.w->cols + 8]; /* one dequantized row; cols is bounded by the model's widths */
+    float row[4 * j->a.w->cols + 8]; /* up to 4 dequantized rows; cols is bounded by the model's widths */
     j->fn(&j->a, r0, r1, row);
+}
+
+/* A per-thread buffer that only grows: the per-call copies of x would otherwise be fresh pages from
+ * mmap (faulted and zeroed) on every call. */
+static float *thread_buffer(size_t n) {
+    static _Thread_local float *buf;
+    static _Thread_local size_t cap;
+    if (n > cap) {
+        fm_free(buf);
+        cap = n + n / 2;
+        buf = (float *)fm_alloc(cap * sizeof(float));
+        if (!buf) cap = 0;
+    }
+    return buf;
 }
 
 void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y) {
     const int n = w->cols, m = w->rows;
     matmul_job j = {{w, x, NULL, NULL, y, T, m}, pick_kernel(w)};
-    float *xp = NULL, *xsum = NULL;
-    if (j.fn != fm_matmul_rows_scalar && w->dtype == FM_Q4) { /* permute x per 32-element block */
-        xp = (float *)fm_alloc((size_t)T * n * sizeof(float));
+    const int gs = w->group_size, ng = gs ? n / gs : 0;
+    const int need_xp = j.fn != fm_matmul_rows_scalar && w->dtype == FM_Q4;
+    /* Per-group sums of x for the fused quantized kernels (a few tokens: decode, or an expert's share of
+     * a prefill chunk); more tokens dequantize rows and use register tiles. */
+    const int need_xsum = T <= FM_FUSED_MAX_TOKENS && (w->dtype == FM_Q4 || w->dtype == FM_Q8);
+    float *buf = thread_buffer((size_t)(need_xp ? T * n : 0) + (size_t)(need_xsum ? T * ng : 0) + 16);
+    float *xp = need_xp ? buf : NULL, *xsum = need_xsum ? buf + (size_t)(need_xp ? T * n : 0) : NULL;
+    if (!buf) { /* out of memory for the copy of x: the portable kernel needs none */
+        j.fn = fm_matmul_rows_scalar;
+        xp = xsum = NULL;
+    }
+    if (xp) { /* permute x per 32-element block */
         for (int t = 0; t < T; t++)
             for (int b = 0; b < n; b += 32)
                 for (int i = 0; i < 16; i++) {
@@ -136,14 +159,13 @@ void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y) {
                 }
         j.a.xp = xp;
     }
-    if (T == 1 && (w->dtype == FM_Q4 || w->dtype == FM_Q8)) { /* per-group sums of x for the bias term */
-        const int gs = w->group_size, ng = n / gs;
-        xsum = (float *)fm_alloc((size_t)ng * sizeof(float));
-        for (int g = 0; g < ng; g++) {
-            float s = 0.0f;
-            for (int i = g * gs; i < (g + 1) * gs; i++) s += x[i];
-            xsum[g] = s;
-        }
+    if (xsum) { /* per-group sums of x for the bias term */
+        for (int t = 0; t < T; t++)
+            for (int g = 0; g < ng; g++) {
+                float s = 0.0f;
+                for (int i = g * gs; i < (g + 1) * gs; i++) s += x[(size_t)t * n + i];
+                xsum[(size_t)t * ng + g] = s;
+            }
         j.a.xsum = xsum;
     }
     /* Split rows over the pool when there is enough work to pay for waking it (~50 µs). */
@@ -151,9 +173,8 @@ void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y) {
     const int threads = work < 2e5 ? 1 : fm_threads_get();
     const int tasks = threads == 1 ? 1 : threads * 4;
     j.a.rows_per_task = (m + tasks - 1) / tasks;
+    j.a.rows_per_task = (j.a.rows_per_task + 3) & ~3; /* whole 4-row tiles per task */
     fm_parallel_for((m + j.a.rows_per_task - 1) / j.a.rows_per_task, matmul_task, &j);
-    fm_free(xp);
-    fm_free(xsum);
 }
 
 /* ---------------------------------------------------------------- elementwise and norms */
@@ -259,43 +280,6 @@ void fm_op_conv1d_silu(float *out, const float *x, float *state, const float *w,
         memmove(state, state + (size_t)T * C, (size_t)(S - T) * C * sizeof(float));
         memcpy(state + (size_t)(S - T) * C, x, (size_t)T * C * sizeof(float));
     }
-}
-
-void fm_op_gated_delta(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
-                       const float *beta, int T, int Hk, int Hv, int dk, int dv) {
-    const int r = Hv / Hk;
-    float *u = (float *)fm_alloc((size_t)dv * sizeof(float));
-    for (int t = 0; t < T; t++) {
-        for (int h = 0; h < Hv; h++) {
-            const int kh = h / r;
-            const float *qt = q + ((size_t)t * Hk + kh) * dk, *kt = k + ((size_t)t * Hk + kh) * dk;
-            const float *vt = v + ((size_t)t * Hv + h) * dv;
-            const float decay = expf(g[(size_t)t * Hv + h]), b = beta[(size_t)t * Hv + h];
-            float *Sh = S + (size_t)h * dk * dv; /* [dk, dv] */
-            /* S *= exp(g); u = beta * (v - Sᵀk) */
-            for (int j = 0; j < dv; j++) u[j] = 0.0f;
-            for (int i = 0; i < dk; i++) {
-                float *Si = Sh + (size_t)i * dv;
-                for (int j = 0; j < dv; j++) {
-                    Si[j] *= decay;
-                    u[j] += Si[j] * kt[i];
-                }
-            }
-            for (int j = 0; j < dv; j++) u[j] = (vt[j] - u[j]) * b;
-            /* S += k ⊗ u; o = Sᵀq */
-            float *ot = out + ((size_t)t * Hv + h) * dv;
-            for (int j = 0; j < dv; j++) ot[j] = 0.0f;
-            for (int i = 0; i < dk; i++) {
-                float *Si = Sh + (size_t)i * dv;
-                const float ki = kt[i], qi = qt[i];
-                for (int j = 0; j < dv; j++) {
-                    Si[j] += ki * u[j];
-                    ot[j] += Si[j] * qi;
-                }
-            }
-        }
-    }
-    fm_free(u);
 }
 
 /* ---------------------------------------------------------------- router */
