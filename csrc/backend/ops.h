@@ -53,6 +53,12 @@ void fm_op_conv1d_silu(float *out, const float *x, float *state, const float *w,
  * head h / (Hv / Hk). */
 void fm_op_gated_delta(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
                        const float *beta, int T, int Hk, int Hv, int dk, int dv);
+/* The same map in its chunked (WY / UT-transform) form, for prefill: same arguments, layouts and state
+ * update, tokens taken `chunk` at a time (<= 0: 64) with matrix products, value heads spread over the
+ * thread pool. Equal to the recurrent form up to fp32 rounding, not bitwise (tests/test_ops.py); faster
+ * from 2 tokens on, slower for 1 (bench/RESULTS.md). */
+void fm_op_gated_delta_chunk(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
+                             const float *beta, int T, int Hk, int Hv, int dk, int dv, int chunk);
 
 /* Router: probs = softmax(logits[n]) in fp32, top-k indices (descending probability) and weights,
  * renormalised to sum 1 when norm. */

@@ -101,7 +101,12 @@ void fm_block_deltanet(fm_model *m, fm_layer *L, const float *xn, float *out, in
             s->a[i] = -expf(w->A_log[h]) * fm_softplus(s->a[i] + w->dt_bias[h]);
         }
 
-    fm_op_gated_delta(s->core, L->S, q, k, v, s->a, s->b, T, Hk, Hv, dk, dv); /* [T, Hv, dv] */
+    /* [T, Hv, dv]. Prefill: the chunked form, faster from 2 tokens on, best in chunks of 16 on AVX2
+     * (bench/RESULTS.md, 2026-11-28); decode (T = 1): the recurrent form. */
+    if (T >= 2)
+        fm_op_gated_delta_chunk(s->core, L->S, q, k, v, s->a, s->b, T, Hk, Hv, dk, dv, 16);
+    else
+        fm_op_gated_delta(s->core, L->S, q, k, v, s->a, s->b, T, Hk, Hv, dk, dv);
 
     /* per value head: rmsnorm(o) * w * silu(z) */
     fm_op_rmsnorm(s->core, s->core, w->norm, T * Hv, dv, c->rms_norm_eps, 0);

@@ -384,6 +384,15 @@ static void bind_ops(py::module_ &m) {
                           T, Hk, Hv, dk, dv);
         return py::make_tuple(y, s2);
     });
+    m.def("op_gated_delta_chunk", [](f32arr q, f32arr k, f32arr v, f32arr g, f32arr beta, f32arr S, int chunk) {
+        const int T = (int)q.shape(0), Hk = (int)q.shape(1), dk = (int)q.shape(2), Hv = (int)v.shape(1),
+                  dv = (int)v.shape(2);
+        f32arr y({T, Hv, dv});
+        f32arr s2 = copy(S);
+        fm_op_gated_delta_chunk(y.mutable_data(), s2.mutable_data(), q.data(), k.data(), v.data(), g.data(),
+                                beta.data(), T, Hk, Hv, dk, dv, chunk);
+        return py::make_tuple(y, s2);
+    });
     m.def("op_topk_softmax", [](f32arr logits, int k, bool norm) {
         const int n = (int)logits.size();
         if (k < 1 || k > n) throw py::value_error("k out of range");
