@@ -9,7 +9,6 @@ outputs with tol 0. Every case runs on every backend in BACKENDS; a backend lack
 
 from __future__ import annotations
 
-import os
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -33,18 +32,10 @@ class _CpuIsa:
 
         def call(*args):
             _core.set_cpu_isa(self.isa)
-            # The chunked gated delta picks its kernel copy itself (FLASHMOE_NO_SIMD, read per call); set
-            # it for this op only: ops.c reads it once, on its first matmul, for the rest of the process.
-            no_simd = self.isa == "scalar" and name == "op_gated_delta_chunk"
-            before = os.environ.get("FLASHMOE_NO_SIMD")
-            if no_simd:
-                os.environ["FLASHMOE_NO_SIMD"] = "1"
             try:
                 return fn(*args)
             finally:
                 _core.set_cpu_isa("auto")
-                if no_simd and before is None:
-                    del os.environ["FLASHMOE_NO_SIMD"]
 
         return call
 

@@ -23,6 +23,7 @@ typedef struct {
  * is used unless one is forced (tests run every variant). Returns 0, or -1 if unknown/unsupported. */
 int fm_cpu_set_isa(const char *name); /* "auto", "scalar", "avx2" */
 int fm_cpu_isa_available(const char *name);
+int fm_cpu_use_avx2(void); /* kernels should take their AVX2 copy: selected (or best) and present */
 
 /* y[T, rows] = x[T, cols] · Wᵀ */
 void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y);

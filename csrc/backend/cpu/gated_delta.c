@@ -330,14 +330,7 @@ void fm_op_gated_delta_chunk(float *out, float *S, const float *q, const float *
     if (chunk > T) chunk = T;
     chunk_job J = {out, S, q, k, v, g, beta, T, Hk, Hv, dk, dv, chunk, Hv / Hk, chunk_group_portable};
 #ifdef HAVE_AVX2_COPY
-    /* The AVX2 copy when the CPU has it, unless FLASHMOE_NO_SIMD is set (read per call, so the tests
-     * can run the portable copy: fm_cpu_set_isa's forced variant is private to ops.c). */
-    static int avx2 = -1;
-    if (avx2 < 0) {
-        __builtin_cpu_init();
-        avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
-    if (avx2 && !getenv("FLASHMOE_NO_SIMD")) J.group = chunk_group_avx2;
+    if (fm_cpu_use_avx2()) J.group = chunk_group_avx2; /* the CPU has it and no variant is forced */
 #endif
     /* Value heads over the pool when there is enough work to pay for waking it (~50 µs; a value head
      * of a token is ~3·dk·dv multiply-adds). A task takes all value heads of a key head while there

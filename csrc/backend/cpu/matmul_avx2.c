@@ -1,7 +1,8 @@
 /*
  * matmul_avx2.c — y[T, rows] = x[T, cols] · Wᵀ for rows [r0, r1), AVX2 + FMA (x86-64).
  *
- * Compiled with -mavx2 -mfma and called only when the CPU has both (ops.c dispatches).
+ * Compiled with -mavx2 -mfma -mf16c and called only when the CPU has AVX2 and FMA (ops.c dispatches;
+ * every AVX2 CPU has F16C).
  *
  * One token (decode): each row is dotted with x straight from its packed form. Per group of g inputs
  * the kernel accumulates Σ q·x in fp32 and then adds scale·that, and the bias term Σ_g bias_g·Σx_g
@@ -25,6 +26,13 @@ static inline float hsum(__m256 v) {
 }
 
 static inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+
+/* fp16 → fp32 for n values (F16C, present on every AVX2 CPU). */
+static void f16_to_f32_n(const uint16_t *src, float *dst, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = fm_f16_to_f32(src[i]);
+}
 
 static float dot_f32(const float *a, const float *b, int n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
@@ -74,20 +82,20 @@ static inline __m256 bf16x8_to_ps(const uint16_t *p) {
 /* Quantized row: fused dot for one token. */
 static float quant_row_dot(const fm_mat *w, int r, const float *x, const float *xsum) {
     const int n = w->cols, gs = w->group_size, ng = n / gs;
-    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    float s[ng], b[ng];
+    f16_to_f32_n(w->scales + (size_t)r * ng, s, ng);
+    f16_to_f32_n(w->biases + (size_t)r * ng, b, ng);
     __m256 acc = _mm256_setzero_ps();
-    float bias = 0.0f;
     if (w->dtype == FM_Q4) {
         const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2);
         for (int g = 0; g < ng; g++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(fm_f16_to_f32(sc[g])), q4_group_dot(q + g * gs / 2, x + g * gs, gs), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), q4_group_dot(q + g * gs / 2, x + g * gs, gs), acc);
     } else {
         const uint8_t *q = (const uint8_t *)w->data + (size_t)r * n;
         for (int g = 0; g < ng; g++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(fm_f16_to_f32(sc[g])), q8_group_dot(q + g * gs, x + g * gs, gs), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), q8_group_dot(q + g * gs, x + g * gs, gs), acc);
     }
-    for (int g = 0; g < ng; g++) bias += fm_f16_to_f32(bi[g]) * xsum[g];
-    return hsum(acc) + bias;
+    return hsum(acc) + dot_f32(b, xsum, ng);
 }
 
 /* Quantized row r against TT ≤ 4 tokens at once: each group's weights are converted to fp32 once, in
@@ -95,7 +103,9 @@ static float quant_row_dot(const fm_mat *w, int r, const float *x, const float *
 static void quant_row_dot_multi(const fm_mat *w, int r, const float *const x[4], const float *const xsum[4], int TT,
                                 float out[4]) {
     const int n = w->cols, gs = w->group_size, ng = n / gs;
-    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    float sc[ng], bi[ng];
+    f16_to_f32_n(w->scales + (size_t)r * ng, sc, ng);
+    f16_to_f32_n(w->biases + (size_t)r * ng, bi, ng);
     const __m128i m = _mm_set1_epi8(0x0F);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int g = 0; g < ng; g++) {
@@ -128,14 +138,10 @@ static void quant_row_dot_multi(const fm_mat *w, int r, const float *const x[4],
                 }
             }
         }
-        const __m256 sg = _mm256_set1_ps(fm_f16_to_f32(sc[g]));
+        const __m256 sg = _mm256_set1_ps(sc[g]);
         for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(sg, ag[t], acc[t]);
     }
-    for (int t = 0; t < TT; t++) {
-        float bias = 0.0f;
-        for (int g = 0; g < ng; g++) bias += fm_f16_to_f32(bi[g]) * xsum[t][g];
-        out[t] = hsum(acc[t]) + bias;
-    }
+    for (int t = 0; t < TT; t++) out[t] = hsum(acc[t]) + dot_f32(bi, xsum[t], ng);
 }
 
 /* Row r dequantized into out[cols] (q4: in the permuted order). */

@@ -97,15 +97,19 @@ int fm_cpu_set_isa(const char *name) {
     return 0;
 }
 
-static rows_fn pick_kernel(const fm_mat *w) {
+static int selected_isa(void) {
     static int best = -1;
     if (best < 0) best = fm_cpu_isa_available("avx2") && !getenv("FLASHMOE_NO_SIMD") ? ISA_AVX2 : ISA_SCALAR;
-    const int isa = g_forced_isa >= 0 ? g_forced_isa : best;
+    return g_forced_isa >= 0 ? g_forced_isa : best;
+}
+
+int fm_cpu_use_avx2(void) { return selected_isa() == ISA_AVX2; }
+
+static rows_fn pick_kernel(const fm_mat *w) {
 #ifdef FM_HAVE_AVX2_KERNELS
-    if (isa == ISA_AVX2 && fm_matmul_avx2_supports(w)) return fm_matmul_rows_avx2;
+    if (selected_isa() == ISA_AVX2 && fm_matmul_avx2_supports(w)) return fm_matmul_rows_avx2;
 #endif
     (void)w;
-    (void)isa;
     return fm_matmul_rows_scalar;
 }
 
