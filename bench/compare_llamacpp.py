@@ -58,6 +58,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -190,6 +191,23 @@ def child_check(spec: dict) -> None:
     _emit(phase="done", greedy=[int(t) for t in greedy])
 
 
+class _Perf:
+    """perf record -e cpu-clock of this process while a phase runs (spec["perf"] is a path prefix)."""
+
+    def __init__(self, spec: dict, phase: str):
+        self.proc = None
+        if spec.get("perf"):
+            self.proc = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "-p",
+                                          str(os.getpid()), "-o", f"{spec['perf']}.{phase}.perf"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)  # attached before the phase starts
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait()
+
+
 def child_speed(spec: dict) -> None:
     """Load, (warm up), prefill the prompt, decode greedily; a JSON line per phase on stdout."""
     prompt, n = spec["prompt"], spec["tokens"]
@@ -213,15 +231,19 @@ def child_speed(spec: dict) -> None:
             model.generate(spec["warmup"], max_tokens=1, stop_token_ids=[])
             _emit(phase="warmup", tokens=len(spec["warmup"]), hit_rate=model.stats["hit_rate"])
         model.reset_stats()
+        pf = _Perf(spec, "prompt")
         u1 = usage()
         first = model.generate(prompt, max_tokens=1, stop_token_ids=[])  # prefill (fresh sequence)
         u2 = usage()
+        pf.stop()
         s_prompt = {k: v for k, v in model.stats.items() if k != "last"}
         _emit(phase="prompt", tokens=len(prompt), **delta(u1, u2), stats=s_prompt, **_rss())
         model.reset_stats()
+        pf = _Perf(spec, "decode")
         u3 = usage()
         rest = model.generate(first, max_tokens=n, stop_token_ids=[], reset=False)  # n single-token steps
         u4 = usage()
+        pf.stop()
         s_dec = {k: v for k, v in model.stats.items() if k != "last"}
         _emit(phase="decode", tokens=n, **delta(u3, u4), stats=s_dec, greedy=[int(t) for t in first + rest],
               **_rss())
@@ -238,10 +260,13 @@ def child_speed(spec: dict) -> None:
         llm.eval(spec["warmup"])
         llm.clear()
         _emit(phase="warmup", tokens=len(spec["warmup"]))
+    pf = _Perf(spec, "prompt")
     u1 = usage()
     tok = int(np.argmax(llm.eval(prompt)))
     u2 = usage()
+    pf.stop()
     _emit(phase="prompt", tokens=len(prompt), **delta(u1, u2), **_rss())
+    pf = _Perf(spec, "decode")
     out, u3 = [tok], usage()
     for i in range(n):
         tok = int(np.argmax(llm.eval([tok])))
@@ -249,6 +274,7 @@ def child_speed(spec: dict) -> None:
         if i % 4 == 3:
             _emit(phase="progress", tokens=i + 1, **delta(u3, usage()))
     u4 = usage()
+    pf.stop()
     _emit(phase="decode", tokens=n, **delta(u3, u4), greedy=out, **_rss())
 
 
@@ -417,55 +443,85 @@ def speed(args, models: dict) -> dict:
     cfg = read_header(packed)["config"]
     size = packed_size(packed)
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, cfg["vocab_size"], args.prompt).tolist()
     warmup = rng.integers(0, cfg["vocab_size"], args.warmup).tolist()
-    context = max(args.warmup, args.prompt + args.tokens + 1) + 16
-    common = {"threads": args.threads, "prompt": prompt, "tokens": args.tokens, "context": context,
-              "chunk": args.prompt}
+    prompts = {p: rng.integers(0, cfg["vocab_size"], p).tolist() for p in args.prompts}
+    tokens = {p: args.tokens if i == 0 else args.extra_tokens for i, p in enumerate(args.prompts)}
+    context = max([args.warmup] + [p + tokens[p] + 1 for p in args.prompts]) + 16
+    common = {"threads": args.threads, "context": context, "perf": args.perf}
     ours = dict(common, engine="flashmoe", path=packed)
     theirs = dict(common, engine="llama", path=gguf_path)
     logs = os.path.join(args.dir, "logs")
     os.makedirs(logs, exist_ok=True)
-    interp = {e: run_child(dict(s, baseline=1)).get("baseline", {}).get("rss", 0)
-              for e, s in (("flashmoe", ours), ("llama", theirs))}
+    interp = {}
+    for e, s in (("flashmoe", ours), ("llama", theirs)):
+        r = run_child(dict(s, baseline=1, prompt=[], tokens=0, chunk=1))
+        if "baseline" not in r:
+            sys.exit(f"{e}: the bare interpreter does not start: {r.get('error')}")
+        interp[e] = r["baseline"]["rss"]
     print(f"\n== 2. speed: {os.path.basename(packed)} ({fmt_bytes(size)} packed; GGUF Q4_0 "
-          f"{fmt_bytes(os.path.getsize(gguf_path))}), {args.threads} threads each, {args.prompt}-token "
-          f"prompt, {args.tokens} greedy decode steps; bare interpreter RSS: flashmoe "
+          f"{fmt_bytes(os.path.getsize(gguf_path))}), {args.threads} threads each; prompts of "
+          f"{', '.join(map(str, args.prompts))} tokens (one prefill chunk each) then {tokens[args.prompts[0]]} "
+          f"(after the first) / {args.extra_tokens} greedy decode steps; bare interpreter RSS: flashmoe "
           f"{fmt_bytes(interp['flashmoe'])}, llama.cpp {fmt_bytes(interp['llama'])} ==", flush=True)
     runs = []
 
     def go(setting, engine, spec, cap=None, **kw):
         t = time.perf_counter()
-        label = f"{setting} {engine}"
+        label = f"{setting} {engine} P{len(spec['prompt'])}"
         print(f"  running {label} ...", end="", flush=True)
-        r = run_child(spec, cap=cap, log=os.path.join(logs, label.replace(" ", "_") + ".log"), **kw)
-        r.update(setting=setting, engine=engine)
+        base = os.path.join(logs, label.replace(" ", "_"))
+        if spec.get("perf"):
+            spec = dict(spec, perf=base)
+        r = run_child(spec, cap=cap, log=base + ".log", **kw)
+        r.update(setting=setting, engine=engine, prompt_len=len(spec["prompt"]))
         print(f" {time.perf_counter() - t:.0f} s{'  ' + r['error'] if 'error' in r else ''}", flush=True)
+        if spec.get("perf"):
+            r["profile"] = {ph: perf_top(f"{base}.{ph}.perf") for ph in ("prompt", "decode")}
         runs.append(r)
         return r
 
-    ram_budget = size + (1 << 30)
-    go("RAM", "flashmoe", dict(ours, budget=ram_budget, warmup=warmup))
-    go("RAM", "llama.cpp", dict(theirs, repack=True, warmup=warmup))
-    go("RAM", "llama.cpp no-repack", dict(theirs, repack=False, warmup=warmup))
+    for p in args.prompts:
+        per = {"prompt": prompts[p], "tokens": tokens[p], "chunk": p}
+        go("RAM", "flashmoe", dict(ours, **per, budget=size + (1 << 30), warmup=warmup))
+        go("RAM", "llama.cpp", dict(theirs, **per, repack=True, warmup=warmup))
+        go("RAM", "llama.cpp no-repack", dict(theirs, **per, repack=False, warmup=warmup))
     for frac in args.caps:
         cap = int(size * frac)
         setting = f"cap {frac:g}"
         budget = cap - interp["flashmoe"] - SLACK
-        if budget <= 0:
-            runs.append({"setting": setting, "engine": "flashmoe", "cap": cap,
-                         "error": "cap below the bare interpreter's footprint"})
-        else:
-            go(setting, "flashmoe", dict(ours, budget=budget), cap=cap, cold=True, time_limit=args.time_limit)
-        go(setting, "llama.cpp", dict(theirs, repack=False), cap=cap, cold=True, time_limit=args.time_limit)
-    return {"runs": runs, "model_bytes": size, "gguf_bytes": os.path.getsize(gguf_path), "interp": interp,
-            "prompt": args.prompt, "tokens": args.tokens}
+        for p in args.prompts:
+            per = {"prompt": prompts[p], "tokens": tokens[p], "chunk": p, "perf": False}
+            if budget <= 0:
+                runs.append({"setting": setting, "engine": "flashmoe", "cap": cap, "prompt_len": p,
+                             "error": "cap below the bare interpreter's footprint"})
+            else:
+                go(setting, "flashmoe", dict(ours, **per, budget=budget), cap=cap, cold=True,
+                   time_limit=args.time_limit)
+            go(setting, "llama.cpp", dict(theirs, **per, repack=False), cap=cap, cold=True,
+               time_limit=args.time_limit)
+    return {"runs": runs, "model_bytes": size, "gguf_bytes": os.path.getsize(gguf_path), "interp": interp}
+
+
+def perf_top(path: str, n: int = 8) -> dict:
+    """A `perf record -e cpu-clock` file: its top symbols [(share, dso, symbol)] and the share per dso."""
+    if not os.path.exists(path):
+        return {}
+    out = subprocess.run(["perf", "report", "--stdio", "--no-children", "--sort", "dso,sym", "-i", path],
+                         capture_output=True, text=True).stdout
+    rows, dsos = [], {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0].endswith("%") and not line.startswith("#"):
+            pct, dso = float(parts[0][:-1]), os.path.basename(parts[1])
+            rows.append((pct, dso, " ".join(parts[3:])))
+            dsos[dso] = dsos.get(dso, 0.0) + pct
+    return {"top": rows[:n], "dso": sorted(((v, k) for k, v in dsos.items()), reverse=True)[:5]}
 
 
 def summarize(r: dict) -> dict:
     """Per-run numbers: tok/s, per-token I/O and faults."""
-    s = {"setting": r["setting"], "engine": r["engine"], "cap": r.get("cap"), "error": r.get("error"),
-         "cgroup_peak": r.get("cgroup_peak")}
+    s = {"setting": r["setting"], "engine": r["engine"], "prompt_len": r.get("prompt_len"), "cap": r.get("cap"),
+         "error": r.get("error"), "cgroup_peak": r.get("cgroup_peak")}
     for ph in ("prompt", "decode"):
         p = r.get(ph)
         if not p:
@@ -486,75 +542,97 @@ def summarize(r: dict) -> dict:
         s["partial_decode"] = {"tokens": p["tokens"], "seconds": p["wall"], "tok_s": p["tokens"] / p["wall"]}
     if "load" in r:
         s["load_seconds"] = r["load"]["wall"]
+    if r.get("profile"):
+        s["profile"] = r["profile"]
     return s
 
 
 def report(sp: dict, args) -> dict:
     rows = [summarize(r) for r in sp["runs"]]
-    print(f"\n{'setting':<10} {'engine':<20} {'prompt t/s':>10} {'decode t/s':>10} {'dec MB read/tok':>15} "
-          f"{'dec majflt/tok':>14} {'dec CPU/wall':>12} {'hit rate':>8} {'I/O wait':>8} {'peak mem':>9}")
+    print(f"\n{'setting':<9} {'engine':<20} {'P':>4} {'prompt t/s':>10} {'decode t/s':>10} {'pr MB rd/tok':>12} "
+          f"{'dec MB rd/tok':>13} {'dec majflt/t':>12} {'dec CPU/wall':>12} {'dec hit':>7} {'dec I/O wait':>12} "
+          f"{'peak mem':>9}")
     for s in rows:
-        lead = f"{s['setting']:<10} {s['engine']:<20}"
+        lead = f"{s['setting']:<9} {s['engine']:<20} {s['prompt_len']:>4}"
         if "decode" not in s:
             extra = ""
             if "partial_decode" in s:
                 pd = s["partial_decode"]
                 extra = f" (decoded {pd['tokens']} tokens in {pd['seconds']:.0f} s: {pd['tok_s']:.3f} tok/s)"
-            elif "prompt" in s:
-                extra = f" (prompt {s['prompt']['tok_s']:.2f} tok/s)"
+            if "prompt" in s:
+                extra += f" (prompt {s['prompt']['tok_s']:.2f} tok/s)"
             print(f"{lead} {s.get('error')}{extra}")
             continue
         d, p = s["decode"], s.get("prompt", {})
         hit = f"{d['hit_rate']:.3f}" if "hit_rate" in d else "-"
         iow = f"{d['io_wait_share']:.0%}" if "io_wait_share" in d else "-"
         peak = s["cgroup_peak"] or d.get("peak_rss") or 0
-        print(f"{lead} {p.get('tok_s', 0):>10.2f} {d['tok_s']:>10.2f} {d['read_bytes_per_token'] / 1e6:>15.1f} "
-              f"{d['majflt_per_token']:>14.1f} {d['cpu_share']:>12.2f} {hit:>8} {iow:>8} {fmt_bytes(peak):>9}")
+        print(f"{lead} {p.get('tok_s', 0):>10.2f} {d['tok_s']:>10.2f} {p.get('read_bytes_per_token', 0) / 1e6:>12.1f} "
+              f"{d['read_bytes_per_token'] / 1e6:>13.1f} {d['majflt_per_token']:>12.1f} {d['cpu_share']:>12.2f} "
+              f"{hit:>7} {iow:>12} {fmt_bytes(peak):>9}")
+    for s in rows:
+        for ph, prof in (s.get("profile") or {}).items():
+            if prof:
+                print(f"  perf {s['setting']} {s['engine']} P{s['prompt_len']} {ph}: by dso " +
+                      ", ".join(f"{dso} {pct:.0f}%" for pct, dso in prof["dso"]) + "; top symbols " +
+                      ", ".join(f"{sym} {pct:.0f}%" for pct, dso, sym in prof["top"][:5]))
 
-    by = {(s["setting"], s["engine"]): s for s in rows}
-    ratios = []
+    by = {(s["setting"], s["engine"], s["prompt_len"]): s for s in rows}
     settings = ["RAM"] + [f"cap {f:g}" for f in args.caps]
-    finished = [st for st in settings[1:] if "decode" in by.get((st, "llama.cpp"), {})]
-    # stall under a cap: against the same engine's same code path in RAM (llama.cpp runs capped without
-    # repacking, so against its no-repack RAM run)
-    ram_dec = {e: by.get(("RAM", r), {}).get("decode", {}).get("tok_s")
-               for e, r in (("flashmoe", "flashmoe"), ("llama.cpp", "llama.cpp no-repack"))}
-    print("\nratios (flashmoe / llama.cpp), and flashmoe prompt / flashmoe decode:")
-    for st in settings:
-        o, t = by.get((st, "flashmoe"), {}), by.get((st, "llama.cpp"), {})
-        row = {"setting": st}
-        if "decode" in o and "prompt" in o:
-            row["ours_prompt_over_decode"] = o["prompt"]["tok_s"] / o["decode"]["tok_s"]
-        if "decode" in o and "decode" in t:
-            row["decode_ratio"] = o["decode"]["tok_s"] / t["decode"]["tok_s"]
-            row["prompt_ratio"] = o["prompt"]["tok_s"] / t["prompt"]["tok_s"]
-        elif "decode" in o and "partial_decode" in t:
-            row["decode_ratio_at_least"] = o["decode"]["tok_s"] / t["partial_decode"]["tok_s"]
-        if st != "RAM":
-            for e, s in (("flashmoe", o), ("llama.cpp", t)):
-                if "decode" in s and ram_dec[e]:
-                    row[f"{e}_stall_per_token_s"] = 1 / s["decode"]["tok_s"] - 1 / ram_dec[e]
-        ratios.append(row)
-        goal = "1.2" if st == "RAM" else "5"
-        parts = []
-        if "decode_ratio" in row:
-            parts.append(f"decode {row['decode_ratio']:.2f}x (goal >= {goal}), prompt {row['prompt_ratio']:.2f}x")
-        elif "decode_ratio_at_least" in row:
-            parts.append(f"decode >= {row['decode_ratio_at_least']:.2f}x (llama.cpp did not finish; its rate "
-                         f"so far)")
-        else:
-            parts.append("no ratio (a run did not finish)")
-        if "ours_prompt_over_decode" in row:
-            parts.append(f"flashmoe prompt/decode {row['ours_prompt_over_decode']:.1f}x (goal >= 20)")
-        for e in ("flashmoe", "llama.cpp"):
-            if f"{e}_stall_per_token_s" in row:
-                parts.append(f"{e} stall {row[f'{e}_stall_per_token_s'] * 1e3:.0f} ms/token over RAM")
-        print(f"  {st:<9} " + "; ".join(parts))
+    ratios = []
+    print("\nratios (flashmoe / llama.cpp), and flashmoe prompt / flashmoe decode (decode of the same run):")
+    for p in args.prompts:
+        # stall under a cap: against the same engine's same code path in RAM (llama.cpp runs capped without
+        # repacking, so against its no-repack RAM run)
+        ram_dec = {e: by.get(("RAM", r, p), {}).get("decode", {}).get("tok_s")
+                   for e, r in (("flashmoe", "flashmoe"), ("llama.cpp", "llama.cpp no-repack"))}
+        for st in settings:
+            o, t = by.get((st, "flashmoe", p), {}), by.get((st, "llama.cpp", p), {})
+            row = {"setting": st, "prompt_len": p}
+            if "decode" in o and "prompt" in o:
+                row["ours_prompt_over_decode"] = o["prompt"]["tok_s"] / o["decode"]["tok_s"]
+            if "decode" in o and "decode" in t:
+                row["decode_ratio"] = o["decode"]["tok_s"] / t["decode"]["tok_s"]
+            if "prompt" in o and "prompt" in t:
+                row["prompt_ratio"] = o["prompt"]["tok_s"] / t["prompt"]["tok_s"]
+            if "decode" in o and "decode" not in t and "partial_decode" in t:
+                row["decode_ratio_at_least"] = o["decode"]["tok_s"] / t["partial_decode"]["tok_s"]
+            if st == "RAM":
+                nr = by.get((st, "llama.cpp no-repack", p), {})
+                if "decode" in o and "decode" in nr:
+                    row["decode_ratio_no_repack"] = o["decode"]["tok_s"] / nr["decode"]["tok_s"]
+                    row["prompt_ratio_no_repack"] = o["prompt"]["tok_s"] / nr["prompt"]["tok_s"]
+            else:
+                for e, s in (("flashmoe", o), ("llama.cpp", t)):
+                    if "decode" in s and ram_dec[e]:
+                        row[f"{e}_stall_per_token_s"] = 1 / s["decode"]["tok_s"] - 1 / ram_dec[e]
+            ratios.append(row)
+            goal = "1.2" if st == "RAM" else "5"
+            parts = []
+            if "decode_ratio" in row:
+                parts.append(f"decode {row['decode_ratio']:.2f}x (goal >= {goal})")
+            elif "decode_ratio_at_least" in row:
+                parts.append(f"decode >= {row['decode_ratio_at_least']:.2f}x (llama.cpp did not finish; its rate "
+                             f"so far)")
+            else:
+                parts.append("no decode ratio (a run did not finish)")
+            if "prompt_ratio" in row:
+                parts.append(f"prompt {row['prompt_ratio']:.2f}x")
+            if "decode_ratio_no_repack" in row:
+                parts.append(f"vs llama.cpp no-repack: decode {row['decode_ratio_no_repack']:.2f}x, prompt "
+                             f"{row['prompt_ratio_no_repack']:.2f}x")
+            if "ours_prompt_over_decode" in row:
+                parts.append(f"flashmoe prompt/decode {row['ours_prompt_over_decode']:.1f}x (goal >= 20)")
+            for e in ("flashmoe", "llama.cpp"):
+                if f"{e}_stall_per_token_s" in row:
+                    parts.append(f"{e} stall {row[f'{e}_stall_per_token_s'] * 1e3:.0f} ms/token over RAM")
+            print(f"  P{p:<4} {st:<9} " + "; ".join(parts))
+    p0 = args.prompts[0]
+    finished = [st for st in settings[1:] if "decode" in by.get((st, "llama.cpp", p0), {})]
     if finished:
-        st = finished[0]
-        print(f"  smallest cap where llama.cpp finished: {st}")
-    o_g = by.get(("RAM", "flashmoe"), {}).get("greedy")
-    t_g = by.get(("RAM", "llama.cpp"), {}).get("greedy")
+        print(f"  smallest cap where llama.cpp finished (P{p0}): {finished[0]}")
+    o_g = by.get(("RAM", "flashmoe", p0), {}).get("greedy")
+    t_g = by.get(("RAM", "llama.cpp", p0), {}).get("greedy")
     if o_g and t_g:
         same = next((i for i, (x, y) in enumerate(zip(o_g, t_g)) if x != y), len(o_g))
         print(f"  greedy tokens of the speed runs (flashmoe 4-bit vs llama.cpp Q4_0, requantized): equal for "
@@ -569,8 +647,12 @@ def main() -> None:
     ap.add_argument("--check-preset", default="tiny", help="the small model of the correctness check")
     ap.add_argument("--check-tokens", type=int, default=64, help="teacher-forced positions of the check")
     ap.add_argument("--greedy", type=int, default=16, help="greedy tokens compared in the check")
-    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (one prefill chunk)")
-    ap.add_argument("--tokens", type=int, default=32, help="decode steps")
+    ap.add_argument("--prompts", default="128,512",
+                    help="prompt lengths, each one prefill chunk (default 128,512); the first is the main run")
+    ap.add_argument("--tokens", type=int, default=32, help="decode steps after the first prompt length")
+    ap.add_argument("--extra-tokens", type=int, default=8, help="decode steps after the other prompt lengths")
+    ap.add_argument("--perf", action="store_true",
+                    help="profile the prompt and decode of the RAM runs with perf record -e cpu-clock")
     ap.add_argument("--warmup", type=int, default=256, help="tokens of the warm-up pass of the RAM runs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--caps", default="0.25,0.5", help="memory caps as fractions of the packed model size")
@@ -591,9 +673,10 @@ def main() -> None:
     except ImportError:
         sys.exit(NO_LLAMA)
     if args.quick:
-        args.preset, args.layers, args.prompt, args.tokens, args.warmup = "small", 8, 16, 8, 64
+        args.preset, args.layers, args.prompts, args.tokens, args.warmup = "small", 8, "16,64", 8, 64
         args.check_tokens, args.greedy, args.caps = 32, 8, "0.75,1.5"
     args.caps = [float(c) for c in args.caps.split(",") if c]
+    args.prompts = [int(p) for p in args.prompts.split(",") if p]
     t0 = time.perf_counter()
     models = ensure_models(args)
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, "
@@ -605,7 +688,8 @@ def main() -> None:
     if not args.skip_speed:
         sp = speed(args, models)
         result.update(model_bytes=sp["model_bytes"], gguf_bytes=sp["gguf_bytes"], interp=sp["interp"],
-                      prompt=args.prompt, tokens=args.tokens, caps=args.caps, **report(sp, args))
+                      prompts=args.prompts, tokens=args.tokens, extra_tokens=args.extra_tokens, caps=args.caps,
+                      **report(sp, args))
     result["seconds"] = time.perf_counter() - t0
     print(f"\ntotal {result['seconds']:.0f} s")
     print(json.dumps(result))
