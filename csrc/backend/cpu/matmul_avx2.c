@@ -49,17 +49,38 @@ static float dot_f32(const float *a, const float *b, int n) {
     return s;
 }
 
+/* 16 bytes of q4 (32 weights) as fp32: l0/l1 the low nibbles of bytes 0-7/8-15 (elements 0,2,..,14 and
+ * 16,..,30), h0/h1 the high nibbles (1,..,15 and 17,..,31). One byte per dword comes from a single
+ * in-lane byte shuffle of the broadcast bytes; the nibbles are then a mask and a shift. */
+typedef struct {
+    __m256 l0, l1, h0, h1;
+} q4x32;
+
+static inline q4x32 q4_unpack32(const uint8_t *q) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q));
+    const __m256i pick0 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1, /* dwords 0-3 */
+                                           4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i pick1 = _mm256_setr_epi8(8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1,
+                                           12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1);
+    const __m256i b0 = _mm256_shuffle_epi8(v, pick0), b1 = _mm256_shuffle_epi8(v, pick1);
+    const __m256i m = _mm256_set1_epi32(0x0F);
+    q4x32 r;
+    r.l0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, m));
+    r.l1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, m));
+    r.h0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
+    r.h1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
+    return r;
+}
+
 /* Σ q·x over one q4 group of gs elements (gs a multiple of 32), x permuted per block. */
 static inline __m256 q4_group_dot(const uint8_t *q, const float *xp, int gs) {
-    const __m128i m = _mm_set1_epi8(0x0F);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (int b = 0; b < gs / 32; b++, q += 16, xp += 32) {
-        const __m128i v = _mm_loadu_si128((const __m128i *)q);
-        const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-        a0 = _mm256_fmadd_ps(u8x8_to_ps(lo), _mm256_loadu_ps(xp), a0);
-        a1 = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xp + 8), a1);
-        a2 = _mm256_fmadd_ps(u8x8_to_ps(hi), _mm256_loadu_ps(xp + 16), a2);
-        a3 = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xp + 24), a3);
+        const q4x32 w = q4_unpack32(q);
+        a0 = _mm256_fmadd_ps(w.l0, _mm256_loadu_ps(xp), a0);
+        a1 = _mm256_fmadd_ps(w.l1, _mm256_loadu_ps(xp + 8), a1);
+        a2 = _mm256_fmadd_ps(w.h0, _mm256_loadu_ps(xp + 16), a2);
+        a3 = _mm256_fmadd_ps(w.h1, _mm256_loadu_ps(xp + 24), a3);
     }
     return _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
 }
@@ -106,7 +127,6 @@ static void quant_row_dot_multi(const fm_mat *w, int r, const float *const x[4],
     float sc[ng], bi[ng];
     f16_to_f32_n(w->scales + (size_t)r * ng, sc, ng);
     f16_to_f32_n(w->biases + (size_t)r * ng, bi, ng);
-    const __m128i m = _mm_set1_epi8(0x0F);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int g = 0; g < ng; g++) {
         __m256 ag[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -114,17 +134,14 @@ static void quant_row_dot_multi(const fm_mat *w, int r, const float *const x[4],
         if (w->dtype == FM_Q4) {
             const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2) + c0 / 2;
             for (int b = 0; b < gs / 32; b++, q += 16) {
-                const __m128i v = _mm_loadu_si128((const __m128i *)q);
-                const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-                const __m256 l0 = u8x8_to_ps(lo), l1 = u8x8_to_ps(_mm_srli_si128(lo, 8));
-                const __m256 h0 = u8x8_to_ps(hi), h1 = u8x8_to_ps(_mm_srli_si128(hi, 8));
+                const q4x32 wq = q4_unpack32(q);
                 const int c = c0 + b * 32;
                 for (int t = 0; t < TT; t++) {
                     const float *xt = x[t] + c;
-                    ag[t] = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xt), ag[t]);
-                    ag[t] = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xt + 8), ag[t]);
-                    ag[t] = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xt + 16), ag[t]);
-                    ag[t] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xt + 24), ag[t]);
+                    ag[t] = _mm256_fmadd_ps(wq.l0, _mm256_loadu_ps(xt), ag[t]);
+                    ag[t] = _mm256_fmadd_ps(wq.l1, _mm256_loadu_ps(xt + 8), ag[t]);
+                    ag[t] = _mm256_fmadd_ps(wq.h0, _mm256_loadu_ps(xt + 16), ag[t]);
+                    ag[t] = _mm256_fmadd_ps(wq.h1, _mm256_loadu_ps(xt + 24), ag[t]);
                 }
             }
         } else {
@@ -156,19 +173,17 @@ static void dequant_row(const fm_mat *w, int r, float *out) {
     }
     const int gs = w->group_size, ng = n / gs;
     const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
-    const __m128i m = _mm_set1_epi8(0x0F);
     for (int g = 0; g < ng; g++) {
         const __m256 s = _mm256_set1_ps(fm_f16_to_f32(sc[g])), b = _mm256_set1_ps(fm_f16_to_f32(bi[g]));
         float *o = out + g * gs;
         if (w->dtype == FM_Q4) {
             const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2) + g * gs / 2;
             for (int blk = 0; blk < gs / 32; blk++, q += 16, o += 32) {
-                const __m128i v = _mm_loadu_si128((const __m128i *)q);
-                const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-                _mm256_storeu_ps(o, _mm256_fmadd_ps(u8x8_to_ps(lo), s, b));
-                _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(lo, 8)), s, b));
-                _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(u8x8_to_ps(hi), s, b));
-                _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(hi, 8)), s, b));
+                const q4x32 wq = q4_unpack32(q);
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(wq.l0, s, b));
+                _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(wq.l1, s, b));
+                _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(wq.h0, s, b));
+                _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(wq.h1, s, b));
             }
         } else {
             const uint8_t *q = (const uint8_t *)w->data + (size_t)r * n + g * gs;
