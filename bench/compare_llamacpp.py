@@ -299,25 +299,32 @@ def run_child(spec: dict, cap: int | None = None, time_limit: float | None = Non
             f.write(str(os.getpid()))
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=join if cg else None)
-    timed_out = False
+    timed_out, out, err, proc = False, "", "", None
+    res = {"cold": dropped, "cap": cap}
     try:
-        out, err = proc.communicate(timeout=time_limit)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        timed_out = True
-    wall = time.perf_counter() - t0
-    res = {"wall": wall, "cold": dropped, "cap": cap}
-    if cg:
-        res["cgroup_peak"] = int(open(os.path.join(cg, "memory.max_usage_in_bytes")).read())
-        res["cgroup_failcnt"] = int(open(os.path.join(cg, "memory.failcnt")).read())
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=join if cg else None)
         try:
-            os.rmdir(cg)
-        except OSError:
-            pass
+            out, err = proc.communicate(timeout=time_limit)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            timed_out = True
+        res["wall"] = time.perf_counter() - t0
+        if cg:
+            res["cgroup_peak"] = int(open(os.path.join(cg, "memory.max_usage_in_bytes")).read())
+            res["cgroup_failcnt"] = int(open(os.path.join(cg, "memory.failcnt")).read())
+    finally:  # interrupted or not: no child left running, no cgroup left behind
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if cg:
+            try:
+                os.rmdir(cg)
+            except OSError:
+                pass
+    wall = res["wall"]
     if log:
         with open(log, "w") as f:
             f.write(err)
@@ -663,6 +670,7 @@ def main() -> None:
     ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "flashmoe-bench"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run_child's cleanup runs on kill too
     if args.child:
         spec = json.loads(args.child)
         (child_check if "out" in spec else child_speed)(spec)
