@@ -36,7 +36,8 @@ models' dequantized tensors, so both engines run the same weights up to requanti
        memory_budget = cap - its bare interpreter's footprint - 32 MiB, llama.cpp gets mmap and no
        repack (repacked weights would have to fit in anonymous memory). A run that is OOM-killed or
        passes --time-limit is reported as such with how far it got.
-   Measured per run: prompt tokens/s (--prompt random ids, one --prefill chunk), decode tokens/s
+   "slots": the experts flashmoe's cache holds after the budget's other parts (the prefill chunk's
+   scratch among them). Measured per run: prompt tokens/s (--prompt random ids, one --prefill chunk), decode tokens/s
    (--tokens greedy single-token steps), and for the prompt and the decode separately: bytes read
    from storage (/proc/self/io read_bytes: O_DIRECT reads for flashmoe, page-cache misses and their
    readahead for llama.cpp), major and minor page faults and CPU seconds (getrusage), flashmoe's
@@ -549,6 +550,8 @@ def summarize(r: dict) -> dict:
         s["partial_decode"] = {"tokens": p["tokens"], "seconds": p["wall"], "tok_s": p["tokens"] / p["wall"]}
     if "load" in r:
         s["load_seconds"] = r["load"]["wall"]
+        if "memory" in r["load"]:  # flashmoe: the budget's split (the expert cache gets what is left)
+            s["memory"] = r["load"]["memory"]
     if r.get("profile"):
         s["profile"] = r["profile"]
     return s
@@ -558,7 +561,7 @@ def report(sp: dict, args) -> dict:
     rows = [summarize(r) for r in sp["runs"]]
     print(f"\n{'setting':<9} {'engine':<20} {'P':>4} {'prompt t/s':>10} {'decode t/s':>10} {'pr MB rd/tok':>12} "
           f"{'dec MB rd/tok':>13} {'dec majflt/t':>12} {'dec CPU/wall':>12} {'dec hit':>7} {'dec I/O wait':>12} "
-          f"{'peak mem':>9}")
+          f"{'peak mem':>9} {'slots':>5}")
     for s in rows:
         lead = f"{s['setting']:<9} {s['engine']:<20} {s['prompt_len']:>4}"
         if "decode" not in s:
@@ -576,7 +579,7 @@ def report(sp: dict, args) -> dict:
         peak = s["cgroup_peak"] or d.get("peak_rss") or 0
         print(f"{lead} {p.get('tok_s', 0):>10.2f} {d['tok_s']:>10.2f} {p.get('read_bytes_per_token', 0) / 1e6:>12.1f} "
               f"{d['read_bytes_per_token'] / 1e6:>13.1f} {d['majflt_per_token']:>12.1f} {d['cpu_share']:>12.2f} "
-              f"{hit:>7} {iow:>12} {fmt_bytes(peak):>9}")
+              f"{hit:>7} {iow:>12} {fmt_bytes(peak):>9} {s.get('memory', {}).get('expert_slots', '-'):>5}")
     for s in rows:
         for ph, prof in (s.get("profile") or {}).items():
             if prof:
