@@ -1,16 +1,17 @@
 """flashmoe side by side with llama.cpp on the same random Qwen3.5-MoE model: same function, speed in RAM
 and under a memory cap.
 
-    python bench/compare_llamacpp.py [--layers 8] [--prompt 128] [--tokens 32] [--caps 0.25,0.5]
-                                     [--time-limit 600] [--threads 2] [--skip-check] [--skip-speed]
-                                     [--quick] [--dir DIR]
+    python bench/compare_llamacpp.py [--layers 8] [--prompts 128,512] [--tokens 32] [--extra-tokens 8]
+                                     [--caps 0.25,0.5] [--time-limit 600] [--threads 2] [--warmup 256]
+                                     [--skip-check] [--skip-speed] [--perf] [--quick] [--dir DIR]
 
 llama.cpp is an OPTIONAL bench dependency (never a runtime or test dependency of flashmoe). Install
 llama-cpp-python 0.3.36, which builds the llama.cpp it vendors from source (about 20 minutes on 2
 cores), and the gguf package:
 
     CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \\
-                -DLLAMA_BUILD_TOOLS=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python==0.3.36 gguf
+                -DLLAMA_BUILD_TOOLS=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \\
+        pip install llama-cpp-python==0.3.36 gguf
 
 Models (written once under --dir and reused; bench/gguf_export.py makes the GGUFs from the packed
 models' dequantized tensors, so both engines run the same weights up to requantization):
@@ -36,18 +37,24 @@ models' dequantized tensors, so both engines run the same weights up to requanti
        memory_budget = cap - its bare interpreter's footprint - 32 MiB, llama.cpp gets mmap and no
        repack (repacked weights would have to fit in anonymous memory). A run that is OOM-killed or
        passes --time-limit is reported as such with how far it got.
-   "slots": the experts flashmoe's cache holds after the budget's other parts (the prefill chunk's
-   scratch among them). Measured per run: prompt tokens/s (--prompt random ids, one --prefill chunk), decode tokens/s
-   (--tokens greedy single-token steps), and for the prompt and the decode separately: bytes read
-   from storage (/proc/self/io read_bytes: O_DIRECT reads for flashmoe, page-cache misses and their
-   readahead for llama.cpp), major and minor page faults and CPU seconds (getrusage), flashmoe's
-   expert hit rate, I/O wait and read GB/s (Model.stats), the cgroup's peak usage. Stall per decode
-   token = (decode seconds per token under the cap) - (the same in RAM): time lost to the memory limit.
+   Each prompt length in --prompts is run in every setting (one prefill chunk / llama.cpp batch of
+   the whole prompt; --tokens decode steps after the first length, --extra-tokens after the others).
+   Measured per run: prompt tokens/s, decode tokens/s (greedy single-token steps), and for the prompt
+   and the decode separately: bytes read from storage (/proc/self/io read_bytes: O_DIRECT reads for
+   flashmoe, page-cache misses and their readahead for llama.cpp), major and minor page faults and
+   CPU seconds (getrusage), flashmoe's expert hit rate, I/O wait and read GB/s (Model.stats) and its
+   expert cache slots (what the budget leaves after dense weights, KV, state and the prefill chunk's
+   scratch), the cgroup's peak usage. Stall per decode token = (decode seconds per token under the
+   cap) - (the same engine and code path in RAM): time lost to the memory limit. --perf adds
+   `perf record -e cpu-clock` profiles of the RAM runs' prompt and decode (top symbols, share per
+   library).
 Ratios printed: flashmoe / llama.cpp decode and prompt tokens/s at each setting (goals: >= 1.2 in RAM,
 >= 5 under a cap where both finish; where llama.cpp does not finish, the smallest cap where it does),
 and flashmoe prompt tok/s / flashmoe decode tok/s (goal >= 20).
 
---quick: the `small` preset (120 MB), 16-token prompt, 8 tokens, caps of 0.75 and 1.5 times the model
+Results, with the analysis of where each engine's time goes: bench/RESULTS.md.
+
+--quick: the `small` preset (120 MB), 16- and 64-token prompts, 8 tokens, caps of 0.75 and 1.5 times the model
 (a quarter of 120 MB is below the bare interpreter): a smoke test of the script (under a minute once
 its models are written).
 """
@@ -415,7 +422,8 @@ def check(args, models: dict) -> list:
         results = {}
         for label, path in [("flashmoe", packed)] + ggufs:
             out = os.path.join(tmp, f"{key}-{len(results)}.npy")
-            r = run_child(dict(base, engine="flashmoe" if label == "flashmoe" else "llama", path=path, out=out),
+            engine = "flashmoe" if label == "flashmoe" else "llama"
+            r = run_child(dict(base, engine=engine, path=path, out=out),
                           time_limit=1800)
             if "error" in r:
                 print(f"  {name} {label}: {r['error']}")
@@ -468,7 +476,8 @@ def speed(args, models: dict) -> dict:
         interp[e] = r["baseline"]["rss"]
     print(f"\n== 2. speed: {os.path.basename(packed)} ({fmt_bytes(size)} packed; GGUF Q4_0 "
           f"{fmt_bytes(os.path.getsize(gguf_path))}), {args.threads} threads each; prompts of "
-          f"{', '.join(map(str, args.prompts))} tokens (one prefill chunk each) then {tokens[args.prompts[0]]} "
+          f"{', '.join(map(str, args.prompts))} tokens (one prefill chunk each) then "
+          f"{tokens[args.prompts[0]]} "
           f"(after the first) / {args.extra_tokens} greedy decode steps; bare interpreter RSS: flashmoe "
           f"{fmt_bytes(interp['flashmoe'])}, llama.cpp {fmt_bytes(interp['llama'])} ==", flush=True)
     runs = []
@@ -528,8 +537,8 @@ def perf_top(path: str, n: int = 8) -> dict:
 
 def summarize(r: dict) -> dict:
     """Per-run numbers: tok/s, per-token I/O and faults."""
-    s = {"setting": r["setting"], "engine": r["engine"], "prompt_len": r.get("prompt_len"), "cap": r.get("cap"),
-         "error": r.get("error"), "cgroup_peak": r.get("cgroup_peak")}
+    s = {"setting": r["setting"], "engine": r["engine"], "prompt_len": r.get("prompt_len"),
+         "cap": r.get("cap"), "error": r.get("error"), "cgroup_peak": r.get("cgroup_peak")}
     for ph in ("prompt", "decode"):
         p = r.get(ph)
         if not p:
@@ -559,8 +568,9 @@ def summarize(r: dict) -> dict:
 
 def report(sp: dict, args) -> dict:
     rows = [summarize(r) for r in sp["runs"]]
-    print(f"\n{'setting':<9} {'engine':<20} {'P':>4} {'prompt t/s':>10} {'decode t/s':>10} {'pr MB rd/tok':>12} "
-          f"{'dec MB rd/tok':>13} {'dec majflt/t':>12} {'dec CPU/wall':>12} {'dec hit':>7} {'dec I/O wait':>12} "
+    print(f"\n{'setting':<9} {'engine':<20} {'P':>4} {'prompt t/s':>10} {'decode t/s':>10} "
+          f"{'pr MB rd/tok':>12} {'dec MB rd/tok':>13} {'dec majflt/t':>12} {'dec CPU/wall':>12} "
+          f"{'dec hit':>7} {'dec I/O wait':>12} "
           f"{'peak mem':>9} {'slots':>5}")
     for s in rows:
         lead = f"{s['setting']:<9} {s['engine']:<20} {s['prompt_len']:>4}"
@@ -577,8 +587,9 @@ def report(sp: dict, args) -> dict:
         hit = f"{d['hit_rate']:.3f}" if "hit_rate" in d else "-"
         iow = f"{d['io_wait_share']:.0%}" if "io_wait_share" in d else "-"
         peak = s["cgroup_peak"] or d.get("peak_rss") or 0
-        print(f"{lead} {p.get('tok_s', 0):>10.2f} {d['tok_s']:>10.2f} {p.get('read_bytes_per_token', 0) / 1e6:>12.1f} "
-              f"{d['read_bytes_per_token'] / 1e6:>13.1f} {d['majflt_per_token']:>12.1f} {d['cpu_share']:>12.2f} "
+        print(f"{lead} {p.get('tok_s', 0):>10.2f} {d['tok_s']:>10.2f} "
+              f"{p.get('read_bytes_per_token', 0) / 1e6:>12.1f} {d['read_bytes_per_token'] / 1e6:>13.1f} "
+              f"{d['majflt_per_token']:>12.1f} {d['cpu_share']:>12.2f} "
               f"{hit:>7} {iow:>12} {fmt_bytes(peak):>9} {s.get('memory', {}).get('expert_slots', '-'):>5}")
     for s in rows:
         for ph, prof in (s.get("profile") or {}).items():
@@ -622,8 +633,8 @@ def report(sp: dict, args) -> dict:
             if "decode_ratio" in row:
                 parts.append(f"decode {row['decode_ratio']:.2f}x (goal >= {goal})")
             elif "decode_ratio_at_least" in row:
-                parts.append(f"decode >= {row['decode_ratio_at_least']:.2f}x (llama.cpp did not finish; its rate "
-                             f"so far)")
+                parts.append(f"decode >= {row['decode_ratio_at_least']:.2f}x (llama.cpp did not finish; "
+                             f"its rate so far)")
             else:
                 parts.append("no decode ratio (a run did not finish)")
             if "prompt_ratio" in row:
@@ -658,7 +669,8 @@ def main() -> None:
     ap.add_argument("--check-tokens", type=int, default=64, help="teacher-forced positions of the check")
     ap.add_argument("--greedy", type=int, default=16, help="greedy tokens compared in the check")
     ap.add_argument("--prompts", default="128,512",
-                    help="prompt lengths, each one prefill chunk (default 128,512); the first is the main run")
+                    help="prompt lengths, each one prefill chunk (default 128,512); the first is the main "
+                         "run")
     ap.add_argument("--tokens", type=int, default=32, help="decode steps after the first prompt length")
     ap.add_argument("--extra-tokens", type=int, default=8, help="decode steps after the other prompt lengths")
     ap.add_argument("--perf", action="store_true",
@@ -699,7 +711,8 @@ def main() -> None:
     if not args.skip_speed:
         sp = speed(args, models)
         result.update(model_bytes=sp["model_bytes"], gguf_bytes=sp["gguf_bytes"], interp=sp["interp"],
-                      prompts=args.prompts, tokens=args.tokens, extra_tokens=args.extra_tokens, caps=args.caps,
+                      prompts=args.prompts, tokens=args.tokens, extra_tokens=args.extra_tokens,
+                      caps=args.caps,
                       **report(sp, args))
     result["seconds"] = time.perf_counter() - t0
     print(f"\ntotal {result['seconds']:.0f} s")

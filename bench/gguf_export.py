@@ -250,8 +250,8 @@ class Exporter:
         t = self.header["experts"]["tensors"][proj]
         n_exp = self.cfg["num_experts"]
         shape = t["shape"]
-        out = np.empty((n_exp,) + byte_shape(shape, self.qtype),
-                       np.float32 if self.qtype == QT.F32 else np.float16 if self.qtype == QT.F16 else np.uint8)
+        dtype = np.float32 if self.qtype == QT.F32 else np.float16 if self.qtype == QT.F16 else np.uint8
+        out = np.empty((n_exp,) + byte_shape(shape, self.qtype), dtype)
         k = EXPERT_NAMES.index(proj)
         bits, g = (4 if t["dtype"] == "q4" else 8), t.get("group_size")
         exact = self._exact_ok(t)
