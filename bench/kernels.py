@@ -5,7 +5,7 @@
 Every CPU kernel variant present (scalar, avx2, ...) is timed on the same weights in one run. Matvec
 (one token): weight bytes (data + scales + biases) / time, next to the DRAM read bandwidth measured in
 the same run (numpy sum over 1 GiB: a streaming read), on weights of 64+ MB so they come from DRAM, not
-cache. Matmul (T tokens): 2·rows·cols·T / time. Prints a table and a JSON line; median of --repeats.
+cache; the DRAM reads use the same number of threads. Matmul (T tokens): 2·rows·cols·T / time. Prints a table and a JSON line; median of --repeats.
 """
 
 from __future__ import annotations
@@ -48,9 +48,14 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def dram_read_gbps(n_bytes: int = 1 << 30) -> float:
+def dram_read_gbps(threads: int, n_bytes: int = 1 << 30) -> float:
+    """Streaming read bandwidth with as many threads as the kernels use (numpy releases the GIL in sum)."""
+    import concurrent.futures as cf
+
     a = np.ones(n_bytes // 8, dtype=np.float64)
-    return n_bytes / timed(a.sum, 5) / 1e9
+    parts = np.array_split(a, threads)
+    with cf.ThreadPoolExecutor(threads) as pool:
+        return n_bytes / timed(lambda: list(pool.map(np.sum, parts)), 5) / 1e9
 
 
 def main() -> None:
@@ -62,7 +67,7 @@ def main() -> None:
     _core.set_threads(args.threads)
     rows = 8192 if args.quick else 65536
     isas = _core.cpu_isas()
-    dram = dram_read_gbps()
+    dram = dram_read_gbps(_core.get_threads())
     results = {"threads": _core.get_threads(), "dram_read_gbps": round(dram, 2), "matvec": [], "matmul": []}
 
     print(f"DRAM read bandwidth {dram:.1f} GB/s; {_core.get_threads()} threads; kernels: {', '.join(isas)}")
