@@ -274,7 +274,8 @@ class Model:
         """Generate up to max_tokens new token ids after the prompt; greedy when temperature is 0.
 
         Stops after a token in stop_token_ids (default: the config's eos_token_id), at max_tokens, or
-        when the context is full."""
+        when the context is full. Afterwards the state holds the prompt and every generated token but
+        the last (it was sampled, not yet run): continue with forward([last], reset=False)."""
         ids = self._tokens(token_ids)
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
