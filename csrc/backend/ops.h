@@ -19,9 +19,10 @@ typedef struct {
     const uint16_t *biases;  /* fp16 [rows, cols / group_size], quantized only */
 } fm_mat;
 
-/* CPU kernel variants: "scalar" (always), "avx2" (x86-64 with AVX2 + FMA). The best one the CPU has
- * is used unless one is forced (tests run every variant). Returns 0, or -1 if unknown/unsupported. */
-int fm_cpu_set_isa(const char *name); /* "auto", "scalar", "avx2" */
+/* CPU kernel variants: "scalar" (always), "avx2" (x86-64 with AVX2 + FMA), "neon" (AArch64). The best
+ * one the CPU has is used unless one is forced (tests run every variant). Returns 0, or -1 if
+ * unknown/unsupported. */
+int fm_cpu_set_isa(const char *name); /* "auto", "scalar", "avx2", "neon" */
 int fm_cpu_isa_available(const char *name);
 int fm_cpu_use_avx2(void); /* kernels should take their AVX2 copy: selected (or best) and present */
 

@@ -27,4 +27,10 @@ int fm_matmul_avx2_supports(const fm_mat *w);
 void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
 #endif
 
+#if defined(__aarch64__)
+#define FM_HAVE_NEON_KERNELS 1
+int fm_matmul_neon_supports(const fm_mat *w);
+void fm_matmul_rows_neon(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
+#endif
+
 #endif /* FM_CPU_MATMUL_H */

@@ -77,7 +77,7 @@ void fm_matmul_rows_scalar(const fm_matmul_args *a, int r0, int r1, float *rowbu
 
 typedef void (*rows_fn)(const fm_matmul_args *, int, int, float *);
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1 };
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_NEON = 2 };
 static int g_forced_isa = -1; /* -1: the best available */
 
 int fm_cpu_isa_available(const char *name) {
@@ -88,18 +88,28 @@ int fm_cpu_isa_available(const char *name) {
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     }
 #endif
+#ifdef FM_HAVE_NEON_KERNELS
+    if (strcmp(name, "neon") == 0) return 1; /* part of every AArch64 CPU */
+#endif
     return 0;
 }
 
 int fm_cpu_set_isa(const char *name) {
     if (!fm_cpu_isa_available(name)) return -1;
-    g_forced_isa = strcmp(name, "auto") == 0 ? -1 : strcmp(name, "scalar") == 0 ? ISA_SCALAR : ISA_AVX2;
+    g_forced_isa = strcmp(name, "auto") == 0     ? -1
+                   : strcmp(name, "scalar") == 0 ? ISA_SCALAR
+                   : strcmp(name, "neon") == 0   ? ISA_NEON
+                                                 : ISA_AVX2;
     return 0;
 }
 
 static int selected_isa(void) {
     static int best = -1;
-    if (best < 0) best = fm_cpu_isa_available("avx2") && !getenv("FLASHMOE_NO_SIMD") ? ISA_AVX2 : ISA_SCALAR;
+    if (best < 0)
+        best = getenv("FLASHMOE_NO_SIMD")           ? ISA_SCALAR
+               : fm_cpu_isa_available("avx2") ? ISA_AVX2
+               : fm_cpu_isa_available("neon") ? ISA_NEON
+                                              : ISA_SCALAR;
     return g_forced_isa >= 0 ? g_forced_isa : best;
 }
 
@@ -108,6 +118,9 @@ int fm_cpu_use_avx2(void) { return selected_isa() == ISA_AVX2; }
 static rows_fn pick_kernel(const fm_mat *w) {
 #ifdef FM_HAVE_AVX2_KERNELS
     if (selected_isa() == ISA_AVX2 && fm_matmul_avx2_supports(w)) return fm_matmul_rows_avx2;
+#endif
+#ifdef FM_HAVE_NEON_KERNELS
+    if (selected_isa() == ISA_NEON && fm_matmul_neon_supports(w)) return fm_matmul_rows_neon;
 #endif
     (void)w;
     return fm_matmul_rows_scalar;

@@ -1,0 +1,45 @@
+"""The SIMD matmul kernels against the portable ones in C (tests/c/test_kernels.c): natively (AVX2 on
+x86-64), and NEON built with an AArch64 cross compiler and run under qemu-user when those are installed
+(Debian: gcc-aarch64-linux-gnu qemu-user); skipped otherwise."""
+
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["tests/c/test_kernels.c", "csrc/backend/cpu/ops.c", "csrc/core/threads.c", "csrc/core/util.c"]
+FLAGS = ["-std=gnu11", "-O2", "-Icsrc/include"]
+
+
+def run_checked(cmd, **kw):
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_native_kernels_against_portable(tmp_path):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not (ROOT / "tests/c/test_kernels.c").exists():
+        pytest.skip("no C compiler or no source tree")
+    objs = []
+    if platform.machine() in ("x86_64", "AMD64"):
+        obj = tmp_path / "matmul_avx2.o"
+        run_checked([cc, *FLAGS, "-mavx2", "-mfma", "-mf16c", "-c", "csrc/backend/cpu/matmul_avx2.c", "-o", obj])
+        objs.append(obj)
+    exe = tmp_path / "test_kernels"
+    run_checked([cc, *FLAGS, "-o", exe, *COMMON, *objs, "-lpthread", "-lm"])
+    out = run_checked([exe])
+    assert out.strip().endswith(" 0 failed"), out
+
+
+def test_neon_kernels_under_qemu(tmp_path):
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if cc is None or qemu is None:
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user)")
+    exe = tmp_path / "test_kernels_arm64"
+    run_checked([cc, *FLAGS, "-static", "-o", exe, *COMMON, "csrc/backend/cpu/matmul_neon.c", "-lpthread", "-lm"])
+    out = run_checked([qemu, exe])
+    assert "kernel variant neon" in out and out.strip().endswith(" 0 failed"), out
