@@ -48,6 +48,13 @@ def _cmd_info(args) -> int:
     ex = h["experts"]
     print(f"  size           {_model_bytes(h) / 1e9:.3f} GB: dense {h['dense']['size'] / 1e9:.3f} GB, "
           f"{len(ex['layers'])} expert files, {ex['stride'] / 1e6:.3f} MB per expert")
+    from .model import memory_plan
+
+    plan = memory_plan(args.model, context_length=args.context_length)
+    ctx = args.context_length or "default"
+    print(f"  min budget     {plan['minimum'] / 1e9:.3f} GB (context {ctx}: KV cache {plan['kv_bytes'] / 1e6:.1f} MB, "
+          f"scratch {plan['scratch_bytes'] / 1e6:.1f} MB, one layer's experts); each GB more caches "
+          f"{int(1e9 // ex['stride'])} experts")
     return 0
 
 
@@ -166,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a packed model")
     i.add_argument("model")
+    i.add_argument("--context-length", type=int, help="tokens of KV cache for the minimum budget")
     i.set_defaults(func=_cmd_info)
     return p
 
