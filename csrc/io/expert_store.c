@@ -47,8 +47,8 @@ struct fm_expert_store {
     uint8_t *pool;          /* [n_slots, stride], 16 KiB aligned */
     slot_t *slots;
     int32_t *slot_of;       /* [n_layers * n_experts] -> slot or -1 */
-    float *freq;            /* [n_layers * n_experts] LFRU: decayed use count ... */
-    uint64_t *freq_tick;    /* ... as of this clock tick */
+    double *lfreq;          /* [n_layers * n_experts] LFRU: log2(decayed use count) + tick / half_life,
+                             * a clock-free key: comparing it compares the decayed counts at any time */
     uint8_t *protect;       /* [n_layers * n_experts] predicted for the next layer */
     int32_t *protected_keys;
     int n_protected;
@@ -202,16 +202,18 @@ fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, 
     s->checksums = (uint32_t *)calloc(n_keys, sizeof(uint32_t));
     s->verified = (uint8_t *)calloc(n_keys, 1);
     s->slot_of = (int32_t *)malloc(sizeof(int32_t) * n_keys);
-    s->freq = (float *)calloc(n_keys, sizeof(float));
-    s->freq_tick = (uint64_t *)calloc(n_keys, sizeof(uint64_t));
+    s->lfreq = (double *)malloc(n_keys * sizeof(double));
     s->protect = (uint8_t *)calloc(n_keys, 1);
     s->protected_keys = (int32_t *)malloc(sizeof(int32_t) * (size_t)(s->n_experts + 1));
     s->slots = (slot_t *)calloc((size_t)s->n_slots, sizeof(slot_t));
     s->queue = (int *)malloc(sizeof(int) * (size_t)s->n_slots);
-    if (!s->fds || !s->fds_buffered || !s->checksums || !s->verified || !s->slot_of || !s->freq || !s->freq_tick ||
+    if (!s->fds || !s->fds_buffered || !s->checksums || !s->verified || !s->slot_of || !s->lfreq ||
         !s->protect || !s->protected_keys || !s->slots || !s->queue)
         return fm_fail(FM_ERR_NOMEM, "expert store: out of memory");
-    for (size_t i = 0; i < n_keys; i++) s->slot_of[i] = -1;
+    for (size_t i = 0; i < n_keys; i++) {
+        s->slot_of[i] = -1;
+        s->lfreq[i] = -INFINITY; /* never used: a count of 0 */
+    }
     for (int i = 0; i < s->n_slots; i++) s->slots[i].key = -1;
     if (spec->expert_checksums)
         memcpy(s->checksums, spec->expert_checksums, (n_keys - 1) * sizeof(uint32_t));
@@ -269,8 +271,7 @@ void fm_expert_store_free(fm_expert_store *s) {
     free(s->checksums);
     free(s->verified);
     free(s->slot_of);
-    free(s->freq);
-    free(s->freq_tick);
+    free(s->lfreq);
     free(s->protect);
     free(s->protected_keys);
     free(s->slots);
@@ -285,34 +286,30 @@ void fm_expert_store_free(fm_expert_store *s) {
 
 /* ---------------------------------------------------------------- policy (caller holds mu) */
 
-static double decayed_freq(const fm_expert_store *s, int key) {
-    return s->freq[key] * exp2(-(double)(s->tick - s->freq_tick[key]) / s->half_life);
-}
-
+/* LFRU keeps, per expert, the use count decayed by half every half_life accesses, in the log domain
+ * with the clock folded in, so eviction compares keys without an exp per slot; touch pays one. */
 static void touch(fm_expert_store *s, int slot, int key) {
     s->slots[slot].last_use = ++s->tick;
-    s->freq[key] = (float)(decayed_freq(s, key) + 1.0);
-    s->freq_tick[key] = s->tick;
+    const double now = (double)s->tick / s->half_life;
+    s->lfreq[key] = log2(exp2(s->lfreq[key] - now) + 1.0) + now;
 }
 
-/* Lower is evicted first. Free slots first, protected (predicted) experts last. */
-static double evict_score(const fm_expert_store *s, const slot_t *sl) {
-    if (sl->key < 0) return -1.0;
-    double score = s->policy == FM_CACHE_LFRU ? decayed_freq(s, sl->key) * 1e12 + (double)sl->last_use
-                                              : (double)sl->last_use;
-    return s->protect[sl->key] ? score + 1e30 : score;
-}
-
+/* The slot to refill: a free one, else the lowest (score, last use) among the evictable ones, where
+ * score is the LFRU key (or nothing under LRU) and predicted experts come last. */
 static int pick_victim(const fm_expert_store *s) {
-    int best = FM_SLOT_NONE;
+    int best = FM_SLOT_NONE, best_tier = 0;
     double best_score = 0.0;
     for (int i = 0; i < s->n_slots; i++) {
         const slot_t *sl = &s->slots[i];
         if (sl->pins > 0 || sl->state == SLOT_LOADING) continue;
-        const double sc = evict_score(s, sl);
-        if (best == FM_SLOT_NONE || sc < best_score) {
+        if (sl->key < 0) return i;
+        const int tier = s->protect[sl->key];
+        const double score = s->policy == FM_CACHE_LFRU ? s->lfreq[sl->key] : 0.0;
+        if (best == FM_SLOT_NONE || tier < best_tier || (tier == best_tier && score < best_score) ||
+            (tier == best_tier && score == best_score && sl->last_use < s->slots[best].last_use)) {
             best = i;
-            best_score = sc;
+            best_tier = tier;
+            best_score = score;
         }
     }
     return best;
