@@ -164,22 +164,32 @@ static size_t layout_scratch(fm_model *m, uint8_t *mem) {
     return total;
 }
 
-static fm_status alloc_state(fm_model *m) {
-    const fm_config *c = &m->c;
+/* Bytes of one layer's sequence state: DeltaNet conv state [K-1, conv_dim] and recurrent state
+ * [Hv, dk, dv]; attention K and V caches [ctx, nkv, hd] each. */
+static size_t conv_state_bytes(const fm_config *c) {
     const size_t conv_dim = 2 * (size_t)c->linear_num_key_heads * c->linear_key_head_dim +
                             (size_t)c->linear_num_value_heads * c->linear_value_head_dim;
+    return (size_t)(c->linear_conv_kernel_dim - 1) * conv_dim * sizeof(float);
+}
+static size_t recurrent_state_bytes(const fm_config *c) {
+    return (size_t)c->linear_num_value_heads * c->linear_key_head_dim * c->linear_value_head_dim * sizeof(float);
+}
+static size_t kv_cache_bytes(const fm_config *c, int ctx) {
+    return (size_t)ctx * c->num_key_value_heads * c->head_dim * sizeof(float);
+}
+
+static fm_status alloc_state(fm_model *m) {
+    const fm_config *c = &m->c;
     for (int l = 0; l < c->num_hidden_layers; l++) {
         fm_layer *L = &m->layers[l];
         if (L->full_attention) {
-            const size_t n = (size_t)m->ctx * c->num_key_value_heads * c->head_dim * sizeof(float);
-            L->k_cache = (float *)fm_alloc(n);
-            L->v_cache = (float *)fm_alloc(n);
+            L->k_cache = (float *)fm_alloc(kv_cache_bytes(c, m->ctx));
+            L->v_cache = (float *)fm_alloc(kv_cache_bytes(c, m->ctx));
             if (!L->k_cache || !L->v_cache)
                 return fm_fail(FM_ERR_NOMEM, "layer %d: cannot allocate the KV cache for %d tokens", l, m->ctx);
         } else {
-            L->conv_state = (float *)fm_alloc((size_t)(c->linear_conv_kernel_dim - 1) * conv_dim * sizeof(float));
-            L->S = (float *)fm_alloc((size_t)c->linear_num_value_heads * c->linear_key_head_dim *
-                                     c->linear_value_head_dim * sizeof(float));
+            L->conv_state = (float *)fm_alloc(conv_state_bytes(c));
+            L->S = (float *)fm_alloc(recurrent_state_bytes(c));
             if (!L->conv_state || !L->S) return fm_fail(FM_ERR_NOMEM, "layer %d: cannot allocate DeltaNet state", l);
         }
     }
@@ -188,15 +198,11 @@ static fm_status alloc_state(fm_model *m) {
 
 void fm_model_reset(fm_model *m) {
     const fm_config *c = &m->c;
-    const size_t conv_dim = 2 * (size_t)c->linear_num_key_heads * c->linear_key_head_dim +
-                            (size_t)c->linear_num_value_heads * c->linear_value_head_dim;
     for (int l = 0; l < c->num_hidden_layers; l++) {
         fm_layer *L = &m->layers[l];
         /* The KV cache needs no clearing: attention never reads past the current position. */
-        if (L->conv_state) memset(L->conv_state, 0, (size_t)(c->linear_conv_kernel_dim - 1) * conv_dim * sizeof(float));
-        if (L->S)
-            memset(L->S, 0, (size_t)c->linear_num_value_heads * c->linear_key_head_dim * c->linear_value_head_dim *
-                                sizeof(float));
+        if (L->conv_state) memset(L->conv_state, 0, conv_state_bytes(c));
+        if (L->S) memset(L->S, 0, recurrent_state_bytes(c));
     }
     m->pos = 0;
 }
@@ -235,16 +241,12 @@ static fm_status check_experts(const fm_load_spec *spec) {
 static fm_status plan_memory(fm_model *m, const fm_load_spec *spec, int n_moe) {
     const fm_config *c = &m->c;
     fm_memory *mem = &m->mem;
-    const uint64_t conv_dim = 2 * (uint64_t)c->linear_num_key_heads * c->linear_key_head_dim +
-                              (uint64_t)c->linear_num_value_heads * c->linear_value_head_dim;
     uint64_t kv = 0, state = 0;
     for (int l = 0; l < c->num_hidden_layers; l++) {
         if (c->layer_is_full_attention[l])
-            kv += 2 * (uint64_t)m->ctx * c->num_key_value_heads * c->head_dim * sizeof(float);
+            kv += 2 * (uint64_t)kv_cache_bytes(c, m->ctx);
         else
-            state += ((uint64_t)(c->linear_conv_kernel_dim - 1) * conv_dim +
-                      (uint64_t)c->linear_num_value_heads * c->linear_key_head_dim * c->linear_value_head_dim) *
-                     sizeof(float);
+            state += (uint64_t)(conv_state_bytes(c) + recurrent_state_bytes(c));
     }
     const uint64_t overhead = 16ull << 20; /* thread stacks in use, tables, generation buffers */
     mem->dense = spec->dense_size - FM_PREAMBLE_SIZE;

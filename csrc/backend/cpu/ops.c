@@ -160,7 +160,8 @@ void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y) {
     const int need_xp = j.fn != fm_matmul_rows_scalar && w->dtype == FM_Q4;
     /* Per-group sums of x for the fused quantized kernels (a few tokens: decode, or an expert's share of
      * a prefill chunk); more tokens dequantize rows and use register tiles. */
-    const int need_xsum = T <= FM_FUSED_MAX_TOKENS && (w->dtype == FM_Q4 || w->dtype == FM_Q8);
+    const int need_xsum = j.fn != fm_matmul_rows_scalar && T <= FM_FUSED_MAX_TOKENS &&
+                          (w->dtype == FM_Q4 || w->dtype == FM_Q8);
     float *buf = thread_buffer((size_t)(need_xp ? T * n : 0) + (size_t)(need_xsum ? T * ng : 0) + 16);
     float *xp = need_xp ? buf : NULL, *xsum = need_xsum ? buf + (size_t)(need_xp ? T * n : 0) : NULL;
     if (!buf) { /* out of memory for the copy of x: the portable kernel needs none */
