@@ -375,6 +375,7 @@ void fm_model_free(fm_model *m) {
     fm_expert_store_free(m->experts);
     fm_free(m->dense);
     fm_free(m->scratch_mem);
+    fm_free(m->step_logits);
     free(m);
 }
 
@@ -439,42 +440,28 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
 
 /* ---------------------------------------------------------------- generation */
 
-static uint64_t rng_next(uint64_t *s) { /* xorshift64* */
-    *s ^= *s >> 12;
-    *s ^= *s << 25;
-    *s ^= *s >> 27;
-    return *s * 2685821657736338717ull;
-}
-
-static int32_t pick_token(const float *logits, int V, float temperature, uint64_t *rng) {
-    int best = 0;
-    for (int i = 1; i < V; i++)
-        if (logits[i] > logits[best]) best = i;
-    if (temperature <= 0.0f) return best;
-    double sum = 0.0;
-    for (int i = 0; i < V; i++) sum += exp((double)(logits[i] - logits[best]) / temperature);
-    double u = (double)(rng_next(rng) >> 11) * (1.0 / 9007199254740992.0) * sum;
-    for (int i = 0; i < V; i++) {
-        u -= exp((double)(logits[i] - logits[best]) / temperature);
-        if (u <= 0.0) return i;
-    }
-    return best;
-}
-
-fm_status fm_model_generate(fm_model *m, const int32_t *prompt, int n_prompt, int max_tokens, float temperature,
-                            uint64_t seed, const int32_t *stop_ids, int n_stop, int32_t *out, int *n_out) {
+fm_status fm_model_generate(fm_model *m, const int32_t *prompt, int n_prompt, int max_tokens, const fm_sampling *sp,
+                            const int32_t *stop_ids, int n_stop, int32_t *out, int *n_out) {
     *n_out = 0;
     const int V = m->c.vocab_size;
+    const fm_sampling greedy = fm_sampling_default();
+    fm_sampler *smp = NULL;
+    fm_status st = fm_sampler_new(sp ? sp : &greedy, V, &smp);
+    if (st != FM_OK) return st;
     float *logits = (float *)fm_alloc((size_t)V * sizeof(float));
-    if (!logits) return fm_fail(FM_ERR_NOMEM, "generate: out of memory");
-    uint64_t rng = seed ? seed : 0x9E3779B97F4A7C15ull;
+    if (!logits) {
+        fm_sampler_free(smp);
+        return fm_fail(FM_ERR_NOMEM, "generate: out of memory");
+    }
+    if (n_prompt > 0) fm_sampler_accept(smp, prompt, n_prompt);
     double t0 = fm_now();
-    fm_status st = fm_model_forward(m, prompt, n_prompt, logits, 0);
+    st = fm_model_forward(m, prompt, n_prompt, logits, 0);
     m->last_prompt_tokens = n_prompt;
     m->last_prompt_seconds = fm_now() - t0;
     t0 = fm_now();
     for (int i = 0; st == FM_OK && i < max_tokens; i++) {
-        const int32_t tok = pick_token(logits, V, temperature, &rng);
+        const int32_t tok = fm_sampler_sample(smp, logits);
+        fm_sampler_accept(smp, &tok, 1);
         out[(*n_out)++] = tok;
         int stop = 0;
         for (int j = 0; j < n_stop; j++) stop |= stop_ids[j] == tok;
@@ -484,8 +471,134 @@ fm_status fm_model_generate(fm_model *m, const int32_t *prompt, int n_prompt, in
     m->last_generated_tokens = *n_out;
     m->last_decode_seconds = fm_now() - t0;
     fm_free(logits);
+    fm_sampler_free(smp);
     return st;
 }
+
+fm_status fm_model_decode_step(fm_model *m, const int32_t *tokens, int n, fm_sampler *s, int32_t *next) {
+    const int V = m->c.vocab_size;
+    if (!s) return fm_fail(FM_ERR_INVALID, "decode_step: no sampler given");
+    if (fm_sampler_vocab_size(s) != V)
+        return fm_fail(FM_ERR_INVALID, "decode_step: the sampler is for a vocabulary of %d, the model has %d",
+                       fm_sampler_vocab_size(s), V);
+    if (!m->step_logits && !(m->step_logits = (float *)fm_alloc((size_t)V * sizeof(float))))
+        return fm_fail(FM_ERR_NOMEM, "decode_step: out of memory");
+    const double t0 = fm_now();
+    fm_status st = fm_model_forward(m, tokens, n, m->step_logits, 0);
+    if (st != FM_OK) return st;
+    const int32_t tok = fm_sampler_sample(s, m->step_logits);
+    fm_sampler_accept(s, &tok, 1);
+    *next = tok;
+    const double dt = fm_now() - t0;
+    if (n > 1) {
+        m->last_prompt_tokens = n;
+        m->last_prompt_seconds = dt;
+        m->last_generated_tokens = 1;
+        m->last_decode_seconds = 0.0;
+    } else {
+        m->last_generated_tokens++;
+        m->last_decode_seconds += dt;
+    }
+    return FM_OK;
+}
+
+/* ---------------------------------------------------------------- snapshots */
+
+struct fm_snapshot {
+    fm_config c; /* what the state layout depends on, checked on restore */
+    int ctx, pos;
+    size_t bytes;
+    uint8_t *data; /* per layer in order: K rows [0, pos) then V rows [0, pos), or conv state then S */
+};
+
+/* Bytes of the snapshot of m's state at position pos. */
+static size_t snapshot_bytes(const fm_config *c, int pos) {
+    size_t total = 0;
+    for (int l = 0; l < c->num_hidden_layers; l++)
+        total += c->layer_is_full_attention[l] ? 2 * kv_cache_bytes(c, pos) : conv_state_bytes(c) + recurrent_state_bytes(c);
+    return total;
+}
+
+/* Copy the state between the model and buf (to_buf: snapshot, else restore). */
+static void copy_state(fm_model *m, uint8_t *buf, int pos, int to_buf) {
+    const fm_config *c = &m->c;
+    size_t off = 0;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        fm_layer *L = &m->layers[l];
+        void *parts[2] = {L->full_attention ? (void *)L->k_cache : (void *)L->conv_state,
+                          L->full_attention ? (void *)L->v_cache : (void *)L->S};
+        const size_t sizes[2] = {L->full_attention ? kv_cache_bytes(c, pos) : conv_state_bytes(c),
+                                 L->full_attention ? kv_cache_bytes(c, pos) : recurrent_state_bytes(c)};
+        for (int i = 0; i < 2; i++) {
+            if (to_buf)
+                memcpy(buf + off, parts[i], sizes[i]);
+            else
+                memcpy(parts[i], buf + off, sizes[i]);
+            off += sizes[i];
+        }
+    }
+}
+
+fm_status fm_model_snapshot(const fm_model *m, fm_snapshot **out) {
+    *out = NULL;
+    fm_snapshot *s = (fm_snapshot *)calloc(1, sizeof *s);
+    if (!s) return fm_fail(FM_ERR_NOMEM, "snapshot: out of memory");
+    s->c = m->c;
+    s->ctx = m->ctx;
+    s->pos = m->pos;
+    s->bytes = snapshot_bytes(&m->c, m->pos);
+    s->data = (uint8_t *)fm_alloc(s->bytes);
+    if (!s->data) {
+        free(s);
+        return fm_fail(FM_ERR_NOMEM, "snapshot: cannot allocate %zu bytes for the state at position %d",
+                       snapshot_bytes(&m->c, m->pos), m->pos);
+    }
+    copy_state((fm_model *)m, s->data, s->pos, 1);
+    *out = s;
+    return FM_OK;
+}
+
+/* The config fields the state layout depends on must agree. */
+static fm_status check_snapshot(const fm_model *m, const fm_snapshot *s) {
+    const fm_config *a = &m->c, *b = &s->c;
+#define SAME(f)                                                                                                \
+    if (a->f != b->f)                                                                                          \
+        return fm_fail(FM_ERR_INVALID, "restore: the snapshot is of a model with " #f " %d, this model has %d", \
+                       (int)b->f, (int)a->f)
+    SAME(arch); SAME(vocab_size); SAME(hidden_size); SAME(num_hidden_layers); SAME(num_attention_heads);
+    SAME(num_key_value_heads); SAME(head_dim); SAME(linear_conv_kernel_dim); SAME(linear_key_head_dim);
+    SAME(linear_value_head_dim); SAME(linear_num_key_heads); SAME(linear_num_value_heads); SAME(num_experts);
+#undef SAME
+    for (int l = 0; l < a->num_hidden_layers; l++)
+        if (a->layer_is_full_attention[l] != b->layer_is_full_attention[l])
+            return fm_fail(FM_ERR_INVALID, "restore: the snapshot's layer %d is of another kind than this model's", l);
+    if (s->ctx != m->ctx)
+        return fm_fail(FM_ERR_INVALID,
+                       "restore: the snapshot is of a model loaded with context length %d, this one has %d", s->ctx,
+                       m->ctx);
+    if (s->pos < 0 || s->pos > m->ctx || s->bytes != snapshot_bytes(a, s->pos))
+        return fm_fail(FM_ERR_INVALID, "restore: the snapshot is inconsistent (position %d, %zu bytes)", s->pos,
+                       s->bytes);
+    return FM_OK;
+}
+
+fm_status fm_model_restore(fm_model *m, const fm_snapshot *s) {
+    if (!s) return fm_fail(FM_ERR_INVALID, "restore: no snapshot given");
+    fm_status st = check_snapshot(m, s);
+    if (st != FM_OK) return st;
+    copy_state(m, s->data, s->pos, 0);
+    m->pos = s->pos;
+    return FM_OK;
+}
+
+void fm_snapshot_free(fm_snapshot *s) {
+    if (!s) return;
+    fm_free(s->data);
+    free(s);
+}
+
+size_t fm_snapshot_bytes(const fm_snapshot *s) { return s->bytes; }
+int fm_snapshot_position(const fm_snapshot *s) { return s->pos; }
 
 void fm_model_stats(const fm_model *m, fm_stats *out) {
     memset(out, 0, sizeof *out);

@@ -127,6 +127,7 @@ struct fm_model {
     double last_prompt_seconds, last_decode_seconds;
     fm_trace_fn trace;
     void *trace_user;
+    float *step_logits;    /* [V] fm_model_decode_step's logits, allocated on first use */
 };
 
 /* Name an intermediate x [T, n] for the debug hook (no cost when no hook is set). */

@@ -116,12 +116,83 @@ int fm_model_context_length(const fm_model *m);
  * logits: [n, vocab] when all_logits, else [vocab] for the last token; may be NULL. */
 fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *logits, int all_logits);
 
-/* Generate up to max_tokens after the prompt (which continues the current state).
- * temperature <= 0 is greedy; otherwise softmax sampling with a seeded generator.
- * Stops after emitting any of stop_ids. Returns the number of tokens written to out. */
+/* ---------------------------------------------------------------- sampling
+ *
+ * The pipeline, per call of fm_sampler_sample (llama.cpp / Hugging Face / OpenAI semantics where they
+ * agree), on the logits l of one position:
+ *   1. penalties over every accepted token t (prompt and generated; count c[t] > 0), in this order:
+ *        repetition_penalty r (1 = off, HF / llama.cpp): l[t] = l[t] > 0 ? l[t] / r : l[t] * r
+ *        presence_penalty pp and frequency_penalty fp (0 = off, OpenAI): l[t] -= c[t]·fp + pp
+ *   2. temperature 0: argmax (ties: the lowest id). Otherwise:
+ *   3. top_k (0 = off): keep the k largest logits (ties at the boundary: lower ids first);
+ *   4. p = softmax(l / temperature) over what is kept;
+ *   5. top_p (1 = off): keep the smallest set of most probable tokens whose probability sums to
+ *      >= top_p (ties: lower ids first);
+ *   6. min_p (0 = off): keep tokens with p >= min_p · max p;
+ *   7. renormalise and draw with xoshiro256** seeded by splitmix64(seed) (seed 0: a fixed default).
+ * The same parameters, seed, accepted tokens and logits give the same token on every run. Cost at a
+ * 248k vocabulary: a few passes over the logits (no full sort; only the candidates at the top_p
+ * boundary are sorted). */
+typedef struct {
+    float temperature;       /* >= 0; 0 = greedy */
+    int top_k;               /* >= 0; 0 = off */
+    float top_p;             /* (0, 1]; 1 = off */
+    float min_p;             /* [0, 1]; 0 = off */
+    float repetition_penalty; /* > 0; 1 = off */
+    float presence_penalty;  /* 0 = off */
+    float frequency_penalty; /* 0 = off */
+    uint64_t seed;           /* 0: a fixed default seed */
+} fm_sampling;
+
+/* Greedy with every filter and penalty off: temperature 0, top_k 0, top_p 1, min_p 0, penalties off. */
+fm_sampling fm_sampling_default(void);
+
+typedef struct fm_sampler fm_sampler;
+
+/* FM_ERR_INVALID with a message naming the parameter when p is out of range. */
+fm_status fm_sampler_new(const fm_sampling *p, int vocab_size, fm_sampler **out);
+void fm_sampler_free(fm_sampler *s);
+int fm_sampler_vocab_size(const fm_sampler *s);
+/* Record tokens seen (prompt and generated) for the penalties; ids outside the vocabulary are ignored. */
+void fm_sampler_accept(fm_sampler *s, const int32_t *tokens, int n);
+/* Step 1 of the pipeline only, in place on logits [vocab]. */
+void fm_sampler_apply_penalties(const fm_sampler *s, float *logits);
+/* Pick a token from logits [vocab] (modified in place). Does not accept it: the caller does. */
+int32_t fm_sampler_sample(fm_sampler *s, float *logits);
+/* Forget the accepted tokens and reseed: the sampler is as new. */
+void fm_sampler_reset(fm_sampler *s);
+
+/* Generate up to max_tokens after the prompt (which continues the current state), sampling with
+ * sp (NULL: greedy); the prompt and every generated token are accepted for the penalties.
+ * Stops after emitting any of stop_ids. Returns the number of tokens written to out. Afterwards the
+ * state holds the prompt and every generated token but the last. */
 fm_status fm_model_generate(fm_model *m, const int32_t *prompt, int n_prompt, int max_tokens,
-                            float temperature, uint64_t seed, const int32_t *stop_ids, int n_stop,
-                            int32_t *out, int *n_out);
+                            const fm_sampling *sp, const int32_t *stop_ids, int n_stop, int32_t *out,
+                            int *n_out);
+
+/* One step for streaming: run the n tokens (a prompt or a chunk of one, or the last sampled token)
+ * from the current position, then sample the next token from the last position's logits with s,
+ * accept it into s and write it to *next. The caller accepts the prompt tokens itself
+ * (fm_sampler_accept) when penalties should see them. The n tokens are accepted into the state
+ * (position += n); the sampled token is not run yet: pass it to the next call. Errors like
+ * fm_model_forward. Stats: n > 1 starts a new generation (last_prompt_tokens = n,
+ * last_prompt_seconds, last_generated_tokens = 1, last_decode_seconds = 0); n == 1 adds one
+ * generated token and its time to last_generated_tokens / last_decode_seconds. */
+fm_status fm_model_decode_step(fm_model *m, const int32_t *tokens, int n, fm_sampler *s, int32_t *next);
+
+/* ---------------------------------------------------------------- snapshots
+ *
+ * A copy of everything that defines the sequence: the position, rows [0, position) of each attention
+ * layer's KV cache, and each DeltaNet layer's conv and recurrent state. Restoring it into the same
+ * model (or one loaded with the same config and context length) makes every later logit bit-identical
+ * to what the model that took it would have produced. For multi-turn prefix reuse. */
+typedef struct fm_snapshot fm_snapshot;
+fm_status fm_model_snapshot(const fm_model *m, fm_snapshot **out);
+/* FM_ERR_INVALID (the model stays as it was) when the snapshot comes from another config or context length. */
+fm_status fm_model_restore(fm_model *m, const fm_snapshot *s);
+void fm_snapshot_free(fm_snapshot *s);
+size_t fm_snapshot_bytes(const fm_snapshot *s); /* state bytes held */
+int fm_snapshot_position(const fm_snapshot *s);
 
 /* Debug hook: called with every named intermediate of the forward pass ("L3.attn_out",
  * "L3.moe_out", "final_norm", ...), data [T, n] fp32, valid only during the call. NULL disables. */

@@ -7,6 +7,7 @@
 
 #include <cstring>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -155,6 +156,88 @@ static py::dict memory_dict(const fm_memory &mem) {
     return d;
 }
 
+// ---------------------------------------------------------------- sampling and snapshots
+
+static fm_sampling to_sampling(const py::dict &d) {
+    fm_sampling p = fm_sampling_default();
+    for (auto item : d) {
+        const std::string k = item.first.cast<std::string>();
+        py::handle v = item.second;
+        if (k == "temperature") p.temperature = v.cast<float>();
+        else if (k == "top_k") p.top_k = v.cast<int>();
+        else if (k == "top_p") p.top_p = v.cast<float>();
+        else if (k == "min_p") p.min_p = v.cast<float>();
+        else if (k == "repetition_penalty") p.repetition_penalty = v.cast<float>();
+        else if (k == "presence_penalty") p.presence_penalty = v.cast<float>();
+        else if (k == "frequency_penalty") p.frequency_penalty = v.cast<float>();
+        else if (k == "seed") p.seed = v.is_none() ? 0 : v.cast<uint64_t>();
+        else throw py::value_error("unknown sampling parameter: " + k);
+    }
+    return p;
+}
+
+// A sampler (csrc/core/sample.c): penalties over accepted tokens, temperature, top_k/top_p/min_p, seeded draw.
+class Sampler {
+  public:
+    Sampler(const py::dict &params, int vocab_size) {
+        fm_sampling p = to_sampling(params);
+        fm_status st = fm_sampler_new(&p, vocab_size, &s_);
+        if (st == FM_ERR_INVALID) throw py::value_error(fm_last_error());
+        check(st);
+    }
+    ~Sampler() { fm_sampler_free(s_); }
+    Sampler(const Sampler &) = delete;
+    Sampler &operator=(const Sampler &) = delete;
+
+    void accept(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens) {
+        fm_sampler_accept(s_, tokens.data(), (int)tokens.size());
+    }
+    int sample(py::array_t<float, py::array::c_style | py::array::forcecast> logits) {
+        std::vector<float> l = checked_copy(logits);
+        int32_t t;
+        {
+            py::gil_scoped_release release;
+            t = fm_sampler_sample(s_, l.data());
+        }
+        return t;
+    }
+    py::array_t<float> apply_penalties(py::array_t<float, py::array::c_style | py::array::forcecast> logits) {
+        std::vector<float> l = checked_copy(logits);
+        fm_sampler_apply_penalties(s_, l.data());
+        py::array_t<float> out((py::ssize_t)l.size());
+        std::memcpy(out.mutable_data(), l.data(), l.size() * sizeof(float));
+        return out;
+    }
+    void reset() { fm_sampler_reset(s_); }
+    int vocab_size() const { return fm_sampler_vocab_size(s_); }
+    fm_sampler *get() { return s_; }
+
+  private:
+    std::vector<float> checked_copy(const py::array_t<float, py::array::c_style | py::array::forcecast> &logits) {
+        const int V = fm_sampler_vocab_size(s_);
+        if (logits.size() != V)
+            throw py::value_error("logits have " + std::to_string(logits.size()) + " entries, the sampler's vocabulary " +
+                                  std::to_string(V));
+        return std::vector<float>(logits.data(), logits.data() + V);
+    }
+    fm_sampler *s_ = nullptr;
+};
+
+// The sequence state of a model at one position (fm_model_snapshot).
+class Snapshot {
+  public:
+    explicit Snapshot(fm_snapshot *s) : s_(s) {}
+    ~Snapshot() { fm_snapshot_free(s_); }
+    Snapshot(const Snapshot &) = delete;
+    Snapshot &operator=(const Snapshot &) = delete;
+    int position() const { return fm_snapshot_position(s_); }
+    size_t nbytes() const { return fm_snapshot_bytes(s_); }
+    const fm_snapshot *get() const { return s_; }
+
+  private:
+    fm_snapshot *s_;
+};
+
 class Model {
   public:
     explicit Model(const py::dict &spec) {
@@ -195,11 +278,14 @@ class Model {
         int n_out = 0;
         const int32_t *p = prompt.data();
         const int n_prompt = (int)prompt.size();
+        fm_sampling sp = fm_sampling_default();
+        sp.temperature = temperature;
+        sp.seed = seed;
         fm_status st;
         {
             py::gil_scoped_release release;
-            st = fm_model_generate(m_, p, n_prompt, max_tokens, temperature, seed, stop_ids.data(),
-                                   (int)stop_ids.size(), out.data(), &n_out);
+            st = fm_model_generate(m_, p, n_prompt, max_tokens, &sp, stop_ids.data(), (int)stop_ids.size(),
+                                   out.data(), &n_out);
         }
         check(st);
         out.resize((size_t)n_out);
@@ -239,6 +325,42 @@ class Model {
             out[py::str(name)] = a;
         }
         return out;
+    }
+
+    // Run tokens from the current position, sample the next token from the last logits (GIL released).
+    int decode_step(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, Sampler &sampler) {
+        const int32_t *tok = tokens.data();
+        const int n = (int)tokens.size();
+        fm_sampler *smp = sampler.get();
+        int32_t next = -1;
+        fm_status st;
+        {
+            py::gil_scoped_release release;
+            st = fm_model_decode_step(m_, tok, n, smp, &next);
+        }
+        check(st);
+        return next;
+    }
+
+    std::unique_ptr<Snapshot> snapshot() const {
+        fm_snapshot *s = nullptr;
+        fm_status st;
+        {
+            py::gil_scoped_release release;
+            st = fm_model_snapshot(m_, &s);
+        }
+        check(st);
+        return std::make_unique<Snapshot>(s);
+    }
+
+    void restore(const Snapshot &snap) {
+        fm_status st;
+        {
+            py::gil_scoped_release release;
+            st = fm_model_restore(m_, snap.get());
+        }
+        if (st == FM_ERR_INVALID) throw py::value_error(fm_last_error());
+        check(st);
     }
 
     py::array_t<uint64_t> expert_usage() const {
@@ -405,10 +527,23 @@ static void bind_ops(py::module_ &m) {
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "flashmoe compiled core";
+    py::class_<Sampler>(m, "Sampler")
+        .def(py::init<const py::dict &, int>(), py::arg("params"), py::arg("vocab_size"))
+        .def("accept", &Sampler::accept, py::arg("tokens"))
+        .def("sample", &Sampler::sample, py::arg("logits"))
+        .def("apply_penalties", &Sampler::apply_penalties, py::arg("logits"))
+        .def("reset", &Sampler::reset)
+        .def_property_readonly("vocab_size", &Sampler::vocab_size);
+    py::class_<Snapshot>(m, "Snapshot")
+        .def_property_readonly("position", &Snapshot::position)
+        .def_property_readonly("nbytes", &Snapshot::nbytes);
     py::class_<Model>(m, "Model")
         .def(py::init<const py::dict &>())
         .def("forward", &Model::forward, py::arg("tokens"), py::arg("all_logits") = true)
         .def("generate", &Model::generate)
+        .def("decode_step", &Model::decode_step, py::arg("tokens"), py::arg("sampler"))
+        .def("snapshot", &Model::snapshot)
+        .def("restore", &Model::restore, py::arg("snapshot"))
         .def("trace", &Model::trace)
         .def("reset", &Model::reset)
         .def_property_readonly("position", &Model::position)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -142,6 +144,74 @@ def memory_plan(path, **options) -> dict:
 
     options.pop("threads", None)
     return _core.plan_memory(_load_spec(os.fspath(path), **options)[1])
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each token (defaults as mlx-lm / OpenAI: plain sampling at temperature 1).
+
+    The pipeline, in the C core (csrc/core/sample.c, semantics in csrc/include/flashmoe.h): penalties
+    over the prompt and generated tokens (repetition_penalty HF-style: a seen token's logit divided
+    by it if positive, multiplied if negative; presence_penalty subtracted once per seen token,
+    frequency_penalty times its count), then temperature 0 -> argmax, else top_k, softmax at the
+    temperature, top_p, min_p, renormalise, a seeded draw. seed None: a fresh random seed per use.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # 1 = off
+    min_p: float = 0.0                # 0 = off
+    repetition_penalty: float = 1.0   # 1 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def validate(self) -> "SamplingParams":
+        """Raise ValueError naming the first bad field; returns self."""
+        def num(name, v):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            return float(v)
+
+        def integer(name, v):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            return int(v)
+
+        if num("temperature", self.temperature) < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if integer("top_k", self.top_k) < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < num("top_p", self.top_p) <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not 0 <= num("min_p", self.min_p) <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if num("repetition_penalty", self.repetition_penalty) <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        num("presence_penalty", self.presence_penalty)
+        num("frequency_penalty", self.frequency_penalty)
+        if self.seed is not None and not 0 <= integer("seed", self.seed) < 2**64:
+            raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed}")
+        if integer("max_tokens", self.max_tokens) < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        for t in self.stop_token_ids:
+            if integer("stop_token_ids entry", t) < 0:
+                raise ValueError(f"stop_token_ids must be token ids >= 0, got {t}")
+        return self
+
+    def core_params(self) -> dict:
+        """The dict _core.Sampler takes; a random seed when seed is None (0 is the C default seed)."""
+        self.validate()
+        seed = self.seed if self.seed is not None else secrets.randbits(64)
+        return {"temperature": float(self.temperature), "top_k": int(self.top_k), "top_p": float(self.top_p),
+                "min_p": float(self.min_p), "repetition_penalty": float(self.repetition_penalty),
+                "presence_penalty": float(self.presence_penalty),
+                "frequency_penalty": float(self.frequency_penalty), "seed": int(seed)}
 
 
 class Model:
@@ -288,6 +358,30 @@ class Model:
             return []
         return list(self._timed(self._core.generate, ids, int(max_tokens), float(temperature), int(seed or 0), stops))
 
+
+    # ------------------------------------------------------------------ low level: steps and snapshots
+
+    def snapshot(self):
+        """A copy of the sequence state (position, KV cache rows, DeltaNet state): a _core.Snapshot with
+        .position and .nbytes. restore(snap) returns this model to exactly that state."""
+        return self._core.snapshot()
+
+    def restore(self, snap) -> None:
+        """Return to the state of a snapshot taken from this model (or one loaded with the same config
+        and context length; otherwise ValueError). Later logits are bit-identical to the original run."""
+        self._core.restore(snap)
+
+    def _new_sampler(self, params: SamplingParams | None = None):
+        """A _core.Sampler for this model's vocabulary (params None: SamplingParams())."""
+        from . import _core
+
+        params = SamplingParams() if params is None else params
+        return _core.Sampler(params.core_params(), int(self.config["vocab_size"]))
+
+    def _step(self, tokens, sampler) -> int:
+        """Run tokens from the current position and return the next token sampled with sampler (which
+        accepts it). The GIL is released while the C core runs."""
+        return int(self._core.decode_step(self._tokens(tokens), sampler))
 
 def load(path, **options) -> Model:
     """Load a packed flashmoe model directory (see docs/FORMAT.md). Options: see Model."""
