@@ -30,7 +30,7 @@ struct fm_sampler {
     float *e2;        /* [V] kept after top_p / min_p */
     int32_t *ids2;    /* [V] */
     double *hist;     /* [NB] top_p bucket masses */
-    cand *tmp;        /* [V] the top_p boundary bucket */
+    cand *tmp;        /* [2V] the top_p boundary bucket, then the candidates above tau */
     double *blk;      /* [V / BLOCK + 1] sums of blocks of e */
 };
 
@@ -117,7 +117,7 @@ fm_status fm_sampler_new(const fm_sampling *p, int vocab_size, fm_sampler **out)
     s->e2 = (float *)fm_alloc(V * sizeof(float));
     s->ids2 = (int32_t *)fm_alloc(V * sizeof(int32_t));
     s->hist = (double *)fm_alloc(NB * sizeof(double));
-    s->tmp = (cand *)fm_alloc(V * sizeof(cand));
+    s->tmp = (cand *)fm_alloc(2 * V * sizeof(cand));
     s->blk = (double *)fm_alloc((V / BLOCK + 1) * sizeof(double));
     if (!s->count || !s->touched || !s->e || !s->ids || !s->e2 || !s->ids2 || !s->hist || !s->tmp || !s->blk) {
         fm_sampler_free(s);
@@ -195,9 +195,16 @@ static inline float exp_neg(float x) {
     return x < -87.0f ? 0.0f : v;
 }
 
+/* The exp pass is most of a sample's time: on x86-64 with GCC, an AVX2 clone picked at load (ifunc). */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define FM_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FM_CLONES
+#endif
+
 /* e[i] = exp((l[i] - mx) * inv_t) for i < n; blk[b] = the sum of block b of BLOCK entries (float lanes,
  * then double); returns the total. */
-static double exp_all(const float *restrict l, float *restrict e, double *restrict blk, int n, float mx, float inv_t) {
+FM_CLONES static double exp_all(const float *restrict l, float *restrict e, double *restrict blk, int n, float mx, float inv_t) {
     for (int i = 0; i < n; i++) e[i] = exp_neg((l[i] - mx) * inv_t);
     double sum = 0.0;
     enum { LANES = 16 };
@@ -243,6 +250,20 @@ static int32_t argmax(const float *l, int n) {
     return 0; /* all NaN */
 }
 
+/* Blocks of SKIP tokens are tested with one vectorised comparison before the scalar code looks at them:
+ * most of a 248k vocabulary is far below any threshold that matters. */
+enum { SKIP = 32 };
+static inline int block_any_ge(const float *x, float thr) {
+    int any = 0;
+    for (int j = 0; j < SKIP; j++) any |= x[j] >= thr;
+    return any;
+}
+static inline int block_any_gt(const float *x, float thr) {
+    int any = 0;
+    for (int j = 0; j < SKIP; j++) any |= x[j] > thr;
+    return any;
+}
+
 /* a ranks above b: larger value, then lower id. */
 static inline int above(float va, int32_t ia, float vb, int32_t ib) { return va > vb || (va == vb && ia < ib); }
 
@@ -251,6 +272,10 @@ static inline int above(float va, int32_t ia, float vb, int32_t ib) { return va 
 static void top_k_select(const float *l, int V, int k, int32_t *ids) {
     int n = 0;
     for (int32_t i = 0; i < V; i++) {
+        if (n == k && (i % SKIP) == 0 && i + SKIP <= V && !block_any_gt(l + i, l[ids[0]])) {
+            i += SKIP - 1;
+            continue;
+        }
         if (n == k) {
             if (!above(l[i], i, l[ids[0]], ids[0])) continue;
             /* replace the root, sift down */
@@ -299,13 +324,23 @@ static int top_p_select(fm_sampler *s, const float *e, const int32_t *ids, int n
     const double target = top_p * Z;
     const float tau = (float)(Z * (1.0 - top_p) / n);
     double *hist = s->hist; /* all zero between calls */
-    uint32_t lo = NB, hi = 0;
+    cand *c = s->tmp + n;   /* the tokens >= tau (s->tmp holds 2 * V) */
+    int nc = 0;
     for (int i = 0; i < n; i++) {
+        if ((i % SKIP) == 0 && i + SKIP <= n && !block_any_ge(e + i, tau)) {
+            i += SKIP - 1;
+            continue;
+        }
         if (!(e[i] >= tau) || e[i] <= 0.0f) continue;
-        const uint32_t b = bucket_of(e[i]);
-        hist[b] += e[i];
-        if (b < lo) lo = b;
-        if (b > hi) hi = b;
+        c[nc].e = e[i];
+        c[nc++].id = ids ? ids[i] : i;
+    }
+    uint32_t lo = NB, hi = 0;
+    for (int i = 0; i < nc; i++) {
+        const uint32_t b = bucket_of(c[i].e);
+        hist[b] += c[i].e;
+        lo = b < lo ? b : lo;
+        hi = b > hi ? b : hi;
     }
     if (lo > hi) return 0;
     double acc = 0.0;
@@ -321,15 +356,13 @@ static int top_p_select(fm_sampler *s, const float *e, const int32_t *ids, int n
     /* keep buckets above the boundary; gather the boundary bucket for sorting */
     int k = 0, nb = 0;
     cand *tmp = s->tmp;
-    for (int i = 0; i < n; i++) {
-        if (!(e[i] >= tau) || e[i] <= 0.0f) continue;
-        const uint32_t b = bucket_of(e[i]);
+    for (int i = 0; i < nc; i++) {
+        const uint32_t b = bucket_of(c[i].e);
         if (b > boundary) {
-            oe[k] = e[i];
-            oid[k++] = ids ? ids[i] : i;
+            oe[k] = c[i].e;
+            oid[k++] = c[i].id;
         } else if (b == boundary) {
-            tmp[nb].e = e[i];
-            tmp[nb++].id = ids ? ids[i] : i;
+            tmp[nb++] = c[i];
         }
     }
     qsort(tmp, (size_t)nb, sizeof(cand), cand_cmp);
@@ -421,15 +454,19 @@ int32_t fm_sampler_sample(fm_sampler *s, float *logits) {
         ids = s->ids2;
     }
     if (p->min_p > 0.0f) { /* the most probable token has e == 1 exactly */
-        float emax = 0.0f;
-        for (int i = 0; i < n; i++) emax = e[i] > emax ? e[i] : emax;
+        const float emax = max_of(e, n);
         const float thr = p->min_p * emax;
         int k = 0;
-        for (int i = 0; i < n; i++)
+        for (int i = 0; i < n; i++) {
+            if ((i % SKIP) == 0 && i + SKIP <= n && !block_any_ge(e + i, thr)) {
+                i += SKIP - 1;
+                continue;
+            }
             if (e[i] >= thr) {
                 s->e2[k] = e[i]; /* in place when e == e2 (k <= i) */
                 s->ids2[k++] = ids ? ids[i] : i;
             }
+        }
         e = s->e2;
         ids = s->ids2;
         n = k;
