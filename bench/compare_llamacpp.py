@@ -188,7 +188,8 @@ def child_check(spec: dict) -> None:
     if spec["engine"] == "flashmoe":
         import flashmoe
 
-        model = flashmoe.load(spec["path"], threads=spec["threads"], context_length=spec["context"])
+        model = flashmoe.load(spec["path"], threads=spec["threads"], context_length=spec["context"],
+                              int8_activations=spec.get("int8", True))
         logits = model.forward(ids)
         greedy = model.generate(prefix, max_tokens=n, stop_token_ids=[])
     else:
@@ -420,10 +421,11 @@ def check(args, models: dict) -> list:
                 "context": 2 * T + args.greedy}
         name = os.path.basename(packed)
         results = {}
-        for label, path in [("flashmoe", packed)] + ggufs:
+        # flashmoe with fp32 activations (the exact function) and with int8 ones (its default)
+        for label, path in [("flashmoe", packed), ("flashmoe int8", packed)] + ggufs:
             out = os.path.join(tmp, f"{key}-{len(results)}.npy")
-            engine = "flashmoe" if label == "flashmoe" else "llama"
-            r = run_child(dict(base, engine=engine, path=path, out=out),
+            engine = "flashmoe" if label.startswith("flashmoe") else "llama"
+            r = run_child(dict(base, engine=engine, path=path, out=out, int8=label == "flashmoe int8"),
                           time_limit=1800)
             if "error" in r:
                 print(f"  {name} {label}: {r['error']}")
@@ -432,7 +434,8 @@ def check(args, models: dict) -> list:
             os.remove(out)
         if "flashmoe" not in results:
             continue
-        pairs = [("flashmoe", g) for g, _ in ggufs] + [(ggufs[0][0], ggufs[1][0])]
+        pairs = ([("flashmoe", g) for g, _ in ggufs] + [("flashmoe int8", g) for g, _ in ggufs]
+                 + [(ggufs[0][0], ggufs[1][0])])
         print(f"\n{name}: {T} positions teacher-forced; greedy {args.greedy} tokens after a {T // 4}-token "
               f"prefix")
         print(f"  {'A':>30} vs {'B (llama.cpp)':<22} {'top-1 agree':>11} {'max|dlogit|':>11} "
@@ -441,7 +444,7 @@ def check(args, models: dict) -> list:
             if a_lab not in results or b_lab not in results:
                 continue
             c = compare_logits(results[a_lab][0], results[b_lab][0], results[a_lab][1], results[b_lab][1])
-            a_name = a_lab if a_lab == "flashmoe" else f"llama.cpp {a_lab}"
+            a_name = a_lab if a_lab.startswith("flashmoe") else f"llama.cpp {a_lab}"
             mdis = "-" if c["median_margin_disagreeing"] is None else f"{c['median_margin_disagreeing']:.3f}"
             print(f"  {a_name:>30} vs {b_lab:<22} {c['top1_agreement']:>11.3f} {c['max_abs_diff']:>11.4f} "
                   f"{c['rel_rms_diff']:>8.4f} {c['greedy_equal_prefix']:>5}/{c['greedy_tokens']:<5}  "

@@ -3,7 +3,7 @@
     python bench/kernels.py [--threads N] [--quick]
 
 Every CPU kernel variant present (scalar, avx2, ...) is timed on the same weights in one run. Matvec
-(one token): weight bytes (data + scales + biases) / time, next to the DRAM read bandwidth measured in
+(one token), with fp32 activations and with int8 ones (csrc/backend/ops.h): weight bytes (data + scales + biases) / time, next to the DRAM read bandwidth measured in
 the same run (numpy sum over 1 GiB: a streaming read), on weights of 64+ MB so they come from DRAM, not
 cache; the DRAM reads use the same number of threads. Matmul (T tokens): 2·rows·cols·T / time. Prints a table and a JSON line; median of --repeats.
 """
@@ -71,17 +71,20 @@ def main() -> None:
     results = {"threads": _core.get_threads(), "dram_read_gbps": round(dram, 2), "matvec": [], "matmul": []}
 
     print(f"DRAM read bandwidth {dram:.1f} GB/s; {_core.get_threads()} threads; kernels: {', '.join(isas)}")
-    print(f"\nmatvec (decode), {rows} x 2048 weights\n{'dtype':>6} {'kernel':>7} {'ms':>8} {'GB/s':>7} {'of DRAM':>8}")
+    print(f"\nmatvec (decode), {rows} x 2048 weights; x in fp32, or int8 per weight group (the default)")
+    print(f"{'dtype':>6} {'x':>5} {'kernel':>7} {'ms':>8} {'GB/s':>7} {'of DRAM':>8}")
     for dtype in DTYPES:
         w, nbytes = weight(dtype, rows, 2048)
         x = np.random.default_rng(1).standard_normal((1, 2048), dtype=np.float32)
-        for isa in isas:
-            _core.set_cpu_isa(isa)
-            sec = timed(lambda: _core.op_matmul(*w, x), args.repeats)
-            gbps = nbytes / sec / 1e9
-            print(f"{dtype:>6} {isa:>7} {sec * 1e3:>8.2f} {gbps:>7.2f} {gbps / dram:>8.0%}")
-            results["matvec"].append({"dtype": dtype, "kernel": isa, "ms": round(sec * 1e3, 3), "gbps": round(gbps, 2),
-                                      "share_of_dram": round(gbps / dram, 3)})
+        for int8 in (False, True) if dtype != "bf16" else (False,):
+            for isa in isas:
+                _core.set_cpu_isa(isa)
+                sec = timed(lambda: _core.op_matmul(*w, x, int8), args.repeats)
+                gbps = nbytes / sec / 1e9
+                xs = "int8" if int8 else "fp32"
+                print(f"{dtype:>6} {xs:>5} {isa:>7} {sec * 1e3:>8.2f} {gbps:>7.2f} {gbps / dram:>8.0%}")
+                results["matvec"].append({"dtype": dtype, "x": xs, "kernel": isa, "ms": round(sec * 1e3, 3),
+                                          "gbps": round(gbps, 2), "share_of_dram": round(gbps / dram, 3)})
     _core.set_cpu_isa("auto")
 
     print(f"\nmatmul (prefill), 4096 x 2048 weights\n{'dtype':>6} {'kernel':>7} {'T':>4} {'ms':>8} {'GFLOP/s':>8}")
@@ -91,7 +94,8 @@ def main() -> None:
             x = np.random.default_rng(2).standard_normal((T, 2048), dtype=np.float32)
             for isa in isas:
                 _core.set_cpu_isa(isa)
-                sec = timed(lambda: _core.op_matmul(*w, x), max(3, args.repeats // 2))
+                int8 = dtype != "bf16"  # the default; it applies up to 8 tokens
+                sec = timed(lambda: _core.op_matmul(*w, x, int8), max(3, args.repeats // 2))
                 gflops = 2 * 4096 * 2048 * T / sec / 1e9
                 print(f"{dtype:>6} {isa:>7} {T:>4} {sec * 1e3:>8.2f} {gflops:>8.1f}")
                 results["matmul"].append({"dtype": dtype, "kernel": isa, "T": T, "ms": round(sec * 1e3, 3),

@@ -39,7 +39,9 @@ def test_missing_directory(tmp_path):
 
 
 def test_context_overflow_is_an_error_and_leaves_the_state_usable(model_dir):
-    m = flashmoe.load(model_dir, context_length=16)
+    # fp32 activations: with int8 ones, the 6- and 10-token calls would take other kernels than the
+    # 16-token one (ops.h), a ~1% difference that is not what this test is about.
+    m = flashmoe.load(model_dir, context_length=16, int8_activations=False)
     ids = np.arange(20) % 300
     with pytest.raises(ContextLengthError, match="exceed the context length 16"):
         m.forward(ids)

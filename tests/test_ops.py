@@ -125,6 +125,45 @@ for name, dtype, gs in (("f32", F32, 0), ("bf16", BF16, 0), ("q8g64", Q8, 64), (
         case("matmul", f"{name}-257x1024-T{T}",
              lambda rng, d=dtype, g=gs, T=T: build_weight(rng, d, 257, 1024, g) + (randn(rng, T, 1024),),
              lambda *a: f64(a[7]) @ ref_dequant(*a[:7]).T, TOL_DOT)
+def quantize_x_ref(x, gs):
+    """int8 activations as csrc/backend/ops.h defines them, in float32 exactly as the C code rounds:
+    per group, m = max|x|, xq = rint(x * (127 / m)), d = m / 127 (all zero when m = 0)."""
+    x = np.asarray(x, np.float32).reshape(x.shape[0], -1, gs)
+    amax = np.abs(x).max(axis=2, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    return np.rint(x * inv), amax / np.float32(127)
+
+
+def ref_matmul_int8(dtype, data, scales, biases, rows, cols, gs, x, int8_act):
+    """y = sum_g d_g * (scale_g * sum q*xq + bias_g * sum xq), in float64 (ops.h)."""
+    assert int8_act and dtype in (Q4, Q8)
+    xq, d = quantize_x_ref(x, gs)                                              # [T, ng, gs], [T, ng, 1]
+    s = f64(np.asarray(scales, np.uint16).view(np.float16)).reshape(rows, -1)  # [rows, ng]
+    b = f64(np.asarray(biases, np.uint16).view(np.float16)).reshape(rows, -1)
+    q = (ref_dequant(dtype, data, np.full_like(scales, 0x3C00), np.zeros_like(biases), rows, cols, gs)
+         .reshape(rows, -1, gs))                                               # the integers q, [rows, ng, gs]
+    dots = np.einsum("rgi,tgi->trg", q, f64(xq))                               # [T, rows, ng]
+    dx = f64(d)[:, None, :, 0]                                                 # [T, 1, ng]
+    return (dx * (dots * s[None] + b[None] * f64(xq).sum(axis=2)[:, None, :])).sum(axis=2)
+
+
+def x_with_zero_group(rng, T, cols, gs):
+    x = randn(rng, T, cols)
+    x[0, :gs] = 0.0  # m = 0: xq = 0, d = 0
+    return x
+
+
+# int8 activations (decode, and the fused few-token kernel): every group size the kernels take, T up to
+# FM_FUSED_MAX_TOKENS; enough rows to be split over the thread pool in the 257-row cases.
+for name, dtype in (("q8", Q8), ("q4", Q4)):
+    for gs, rows, cols in ((32, 13, 96), (64, 13, 192), (128, 13, 384), (64, 257, 1024), (256, 9, 512)):
+        for T in (1, 3, 8):
+            case("matmul", f"int8-{name}g{gs}-{rows}x{cols}-T{T}",
+                 lambda rng, d=dtype, g=gs, r=rows, c=cols, T=T: build_weight(rng, d, r, c, g)
+                 + (x_with_zero_group(rng, T, c, g), True),
+                 ref_matmul_int8, TOL_DOT)
+
 for name, dtype, gs, cols in WEIGHTS:
     # get_row is the dequantised row exactly: s * q is exact in fp32 (11-bit x 8-bit significands), so
     # the kernel's one rounding of (+ bias) equals the exact float64 value rounded once to fp32.

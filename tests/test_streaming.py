@@ -358,10 +358,12 @@ def test_outputs_identical_across_compute_threads(small_dir, reference):
         _core.set_threads(before)
 
 
-def test_prefill_chunk_changes_logits_only_in_the_last_bits(references):
-    _, want, _ = references(128)
+def test_prefill_chunk_changes_logits_only_in_the_last_bits(small_dir):
+    # fp32 activations: with int8 ones a chunk of <= 8 tokens takes the int8 kernels for every matmul
+    # and a longer one only for its experts (ops.h), a ~1% change that is not what this test is about.
+    want = run(small_dir, prefill_chunk=128, int8_activations=False)[1]
     for chunk in (1, 5):
-        _, got, _ = references(chunk)
+        got = run(small_dir, prefill_chunk=chunk, int8_activations=False)[1]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 

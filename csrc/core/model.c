@@ -76,6 +76,7 @@ fm_status fm_bind_mat(fm_model *m, const fm_load_spec *spec, fm_mat *out, int ro
     out->rows = rows;
     out->cols = cols;
     out->group_size = d->group_size;
+    out->int8_act = spec->int8_activations;
     out->data = dense_at(m, d->offset);
     const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
     out->scales = quant ? (const uint16_t *)dense_at(m, d->scales_offset) : NULL;

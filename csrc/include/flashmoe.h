@@ -98,6 +98,7 @@ typedef struct {
     int io_threads;         /* concurrent expert reads (default 8) */
     int prefetch;           /* read the experts predicted for the next layer ahead of need */
     int verify_checksums;   /* check each expert blob's CRC-32 on its first read */
+    int int8_activations;   /* decode matvecs on int8-quantized activations (see csrc/backend/ops.h) */
 } fm_load_spec;
 
 typedef struct fm_model fm_model;

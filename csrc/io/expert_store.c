@@ -38,7 +38,7 @@ struct fm_expert_store {
     uint64_t stride, blob_size;
     fm_tensor_desc desc[3]; /* gate, up, down; offsets relative to the blob */
     fm_cache_policy policy;
-    int verify, prefetch, direct;
+    int verify, prefetch, direct, int8_act;
     int *fds;               /* [n_layers] O_DIRECT when possible, -1 for layers without experts */
     int *fds_buffered;      /* [n_layers] fallback for O_DIRECT refusals */
     uint32_t *checksums;    /* [n_layers * n_experts] */
@@ -190,6 +190,7 @@ fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, 
     s->desc[2] = spec->expert_down;
     s->policy = spec->cache_policy;
     s->verify = spec->verify_checksums;
+    s->int8_act = spec->int8_activations;
     s->prefetch = spec->prefetch && spec->cache_policy != FM_CACHE_PAGECACHE;
     s->half_life = 2.0 * s->n_slots;
     pthread_mutex_init(&s->mu, NULL);
@@ -391,12 +392,13 @@ fm_status fm_expert_store_wait_any(fm_expert_store *s, const int *slots, int n, 
     return st;
 }
 
-static void view(const fm_tensor_desc *d, const uint8_t *blob, fm_mat *m) {
+static void view(const fm_tensor_desc *d, const uint8_t *blob, int int8_act, fm_mat *m) {
     const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
     m->dtype = d->dtype;
     m->rows = (int)d->shape[0];
     m->cols = (int)d->shape[1];
     m->group_size = d->group_size;
+    m->int8_act = int8_act;
     m->data = blob + d->offset;
     m->scales = quant ? (const uint16_t *)(blob + d->scales_offset) : NULL;
     m->biases = quant ? (const uint16_t *)(blob + d->biases_offset) : NULL;
@@ -404,9 +406,9 @@ static void view(const fm_tensor_desc *d, const uint8_t *blob, fm_mat *m) {
 
 void fm_expert_store_view(const fm_expert_store *s, int slot, fm_expert *out) {
     const uint8_t *blob = s->pool + (size_t)slot * s->stride;
-    view(&s->desc[0], blob, &out->gate);
-    view(&s->desc[1], blob, &out->up);
-    view(&s->desc[2], blob, &out->down);
+    view(&s->desc[0], blob, s->int8_act, &out->gate);
+    view(&s->desc[1], blob, s->int8_act, &out->up);
+    view(&s->desc[2], blob, s->int8_act, &out->down);
 }
 
 void fm_expert_store_release(fm_expert_store *s, int slot) {

@@ -139,6 +139,7 @@ static void to_spec(const py::dict &spec, SpecHolder &h) {
     h.s.io_threads = spec["io_threads"].cast<int>();
     h.s.prefetch = spec["prefetch"].cast<bool>() ? 1 : 0;
     h.s.verify_checksums = spec["verify_checksums"].cast<bool>() ? 1 : 0;
+    h.s.int8_activations = spec.contains("int8_activations") && spec["int8_activations"].cast<bool>() ? 1 : 0;
 
 }
 
@@ -410,8 +411,10 @@ class Model {
 
 using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
-static fm_mat make_mat(int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs) {
-    fm_mat w;
+static fm_mat make_mat(int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
+                       bool int8_act = false) {
+    fm_mat w = {};
+    w.int8_act = int8_act ? 1 : 0;
     w.dtype = (fm_dtype)dtype;
     w.rows = rows;
     w.cols = cols;
@@ -447,13 +450,14 @@ static void bind_ops(py::module_ &m) {
     });
     m.def("get_threads", []() { return fm_threads_get(); });
     m.def("op_matmul", [](int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
-                          f32arr x) {
-        fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs);
+                          f32arr x, bool int8_act) {
+        fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs, int8_act);
         const int T = (int)(x.size() / cols);
         f32arr y({T, rows});
         fm_op_matmul(&w, x.data(), T, y.mutable_data());
         return y;
-    });
+    }, py::arg("dtype"), py::arg("data"), py::arg("scales"), py::arg("biases"), py::arg("rows"), py::arg("cols"),
+       py::arg("gs"), py::arg("x"), py::arg("int8_act") = false);
     m.def("op_get_row", [](int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
                            int r) {
         fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs);

@@ -88,7 +88,8 @@ def _eos_ids(cfg: dict) -> list[int]:
 
 def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", prefetch: bool = True,
                io_threads: int = 8, context_length: int | None = None, prefill_chunk: int = 128,
-               expert_cache_slots: int | None = None, verify_checksums: bool = False):
+               expert_cache_slots: int | None = None, verify_checksums: bool = False,
+               int8_activations: bool = True):
     """The validated header and the load spec the C core takes (csrc/python/module.cpp: to_spec)."""
     header = read_header(path)
     architecture = header["architecture"]
@@ -132,6 +133,7 @@ def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", pre
         "io_threads": int(io_threads),
         "prefetch": bool(prefetch),
         "verify_checksums": bool(verify_checksums),
+        "int8_activations": bool(int8_activations),
     }
     return header, spec
 
@@ -232,6 +234,9 @@ class Model:
       prefill_chunk       tokens processed per chunk of a prompt (default 128)
       expert_cache_slots  cap the expert cache at this many experts (default: what the budget holds)
       verify_checksums    check each expert blob's CRC-32 the first time it is read
+      int8_activations    decode on int8-quantized activations, as llama.cpp does (default True): ~2x
+                          faster 4-bit matvecs, ~1% error per product; False keeps them fp32 (the
+                          exact dequantized function; csrc/backend/ops.h)
     """
 
     def __init__(self, path, *, threads: int | None = None, **options):

@@ -33,7 +33,7 @@ static uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs, int T) {
+static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs, int T, int int8_act) {
     const int ng = gs ? cols / gs : 0;
     size_t data_bytes = dtype == FM_F32 ? (size_t)rows * cols * 4 : dtype == FM_BF16 ? (size_t)rows * cols * 2
                       : dtype == FM_Q8  ? (size_t)rows * cols : (size_t)rows * cols / 2;
@@ -53,7 +53,7 @@ static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs,
         biases[i] = f32_to_f16(uniform(-0.4f, -0.01f));
     }
     for (int i = 0; i < T * cols; i++) x[i] = uniform(-1, 1);
-    fm_mat w = {dtype, rows, cols, gs, data, ng ? scales : NULL, ng ? biases : NULL};
+    fm_mat w = {dtype, rows, cols, gs, data, ng ? scales : NULL, ng ? biases : NULL, int8_act};
     fm_cpu_set_isa("scalar");
     fm_op_matmul(&w, x, T, y0);
     fm_cpu_set_isa(isa);
@@ -65,7 +65,9 @@ static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs,
         ref = fmax(ref, fabs((double)y0[i]));
     }
     const int ok = err / ref <= 1e-5; /* fp32 dots summed in other orders: ~1e-6 */
-    if (!ok) printf("FAIL %s dtype %d %dx%d g%d T%d: normalised error %.3g\n", isa, dtype, rows, cols, gs, T, err / ref);
+    if (!ok)
+        printf("FAIL %s dtype %d %dx%d g%d T%d int8 %d: normalised error %.3g\n", isa, dtype, rows, cols, gs, T,
+               int8_act, err / ref);
     free(data), free(scales), free(biases), free(x), free(y0), free(y1);
     return ok;
 }
@@ -81,10 +83,11 @@ int main(void) {
         const int Ts[] = {1, 3, 11};
         for (size_t i = 0; i < sizeof W / sizeof W[0]; i++)
             for (int t = 0; t < 3; t++)
-                for (int rows = 37; rows <= 301; rows += 264) {
-                    if (run_case(isas[k], W[i].d, rows, 256, W[i].gs, Ts[t])) passed++;
-                    else failed++;
-                }
+                for (int rows = 37; rows <= 301; rows += 264)
+                    for (int int8 = 0; int8 <= (W[i].gs % 32 == 0); int8++) { /* int8 activations: ops.h */
+                        if (run_case(isas[k], W[i].d, rows, 256, W[i].gs, Ts[t], int8)) passed++;
+                        else failed++;
+                    }
     }
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;

@@ -13,6 +13,10 @@ typedef struct {
     const float *x;    /* [T, cols] */
     const float *xp;   /* [T, cols] x permuted per 32-element block (evens, then odds), for q4; else NULL */
     const float *xsum; /* [T, ng] per-group sums of x, for quantized w and T <= FM_FUSED_MAX_TOKENS; else NULL */
+    /* int8 activations (ops.h), else NULL: */
+    const int8_t *xq;  /* [T, cols] x quantized per group (permuted like xp for q4 in the SIMD kernels) */
+    const float *xd;   /* [T, ng] each group's step: x ≈ xd·xq */
+    const float *xqs;  /* [T, ng] Σ xq per group (exact in fp32), for the bias term */
     float *y;          /* [T, rows] */
     int T;
     int rows_per_task;

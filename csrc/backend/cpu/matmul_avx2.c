@@ -161,6 +161,111 @@ static void quant_row_dot_multi(const fm_mat *w, int r, const float *const x[4],
     for (int t = 0; t < TT; t++) out[t] = hsum(acc[t]) + dot_f32(bi, xsum[t], ng);
 }
 
+/* ---------------------------------------------------------------- int8 activations (ops.h) */
+
+/* 16 bytes of q4 as 32 unsigned bytes: the low nibbles (elements 0, 2, .., 30) in the low lane, the high
+ * nibbles (1, 3, .., 31) in the high lane: the permuted order xq comes in. */
+static inline __m256i q4_bytes32(const uint8_t *q) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)q);
+    return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1),
+                            _mm256_set1_epi8(0x0F));
+}
+
+/* Σ q·xq of one q4 group as 8 int32 lanes. maddubs pairs are at most 2·15·127, so up to 8 blocks are
+ * summed in int16 before widening. */
+static inline __m256i q4_group_idot(const uint8_t *q, const int8_t *xq, int gs) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    for (int b0 = 0; b0 < gs / 32; b0 += 8) {
+        __m256i p = _mm256_setzero_si256();
+        for (int b = b0; b < gs / 32 && b < b0 + 8; b++)
+            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q4_bytes32(q + 16 * b),
+                                                         _mm256_loadu_si256((const __m256i *)(xq + 32 * b))));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    }
+    return acc;
+}
+
+/* Σ (q - 128)·xq of one q8 group: maddubs multiplies unsigned by signed bytes, so it takes |q - 128| and
+ * xq carrying the sign of q - 128 (pairs at most 2·128·127, no saturation); callers add 128·Σ xq. */
+static inline __m256i q8_group_idot(const uint8_t *q, const int8_t *xq, int gs) {
+    const __m256i ones = _mm256_set1_epi16(1), off = _mm256_set1_epi8((char)0x80);
+    __m256i acc = _mm256_setzero_si256();
+    for (int i = 0; i < gs; i += 32) {
+        const __m256i qs = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + i)), off);
+        const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(qs),
+                                               _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + i)), qs));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    }
+    return acc;
+}
+
+static inline __m256i group_idot(const fm_mat *w, const uint8_t *row, int g, const int8_t *xq) {
+    const int gs = w->group_size;
+    return w->dtype == FM_Q4 ? q4_group_idot(row + g * gs / 2, xq + g * gs, gs)
+                             : q8_group_idot(row + g * gs, xq + g * gs, gs);
+}
+
+/* Row r against one token's int8 activations: Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), where for q8
+ * Σ q·xq = Σ (q - 128)·xq + 128·Σ xq: the offset joins the bias, b' = bias + 128·scale. */
+static float int8_row_dot(const fm_mat *w, int r, const int8_t *xq, const float *xd, const float *xqs) {
+    const int n = w->cols, ng = n / w->group_size;
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (w->dtype == FM_Q4 ? n / 2 : n);
+    float d[ng], b[ng];
+    f16_to_f32_n(w->scales + (size_t)r * ng, d, ng);
+    f16_to_f32_n(w->biases + (size_t)r * ng, b, ng);
+    const float off = w->dtype == FM_Q8 ? 128.0f : 0.0f;
+    for (int g = 0; g < ng; g++) {
+        b[g] = (b[g] + off * d[g]) * xd[g];
+        d[g] *= xd[g];
+    }
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++)
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_idot(w, row, g, xq)), _mm256_broadcast_ss(d + g), acc);
+    return hsum(acc) + dot_f32(b, xqs, ng);
+}
+
+/* The same for TT <= 4 tokens at once: each q4 block is unpacked once for all of them. */
+static void int8_row_dot_multi(const fm_mat *w, int r, const fm_matmul_args *a, int t0, int TT, float out[4]) {
+    const int n = w->cols, gs = w->group_size, ng = n / gs;
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (w->dtype == FM_Q4 ? n / 2 : n);
+    float sc[ng], bi[ng];
+    f16_to_f32_n(w->scales + (size_t)r * ng, sc, ng);
+    f16_to_f32_n(w->biases + (size_t)r * ng, bi, ng);
+    const int8_t *xq[4];
+    const float *xd[4];
+    for (int t = 0; t < TT; t++) xq[t] = a->xq + (size_t)(t0 + t) * n, xd[t] = a->xd + (size_t)(t0 + t) * ng;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float bias[4] = {0, 0, 0, 0};
+    for (int g = 0; g < ng; g++) {
+        __m256i dot[4];
+        if (w->dtype == FM_Q4) {
+            __m256i p[4];
+            for (int t = 0; t < TT; t++) dot[t] = p[t] = _mm256_setzero_si256();
+            for (int b = 0; b < gs / 32; b++) {
+                const __m256i wq = q4_bytes32(row + g * gs / 2 + 16 * b);
+                for (int t = 0; t < TT; t++)
+                    p[t] = _mm256_add_epi16(p[t], _mm256_maddubs_epi16(wq, _mm256_loadu_si256(
+                                                                           (const __m256i *)(xq[t] + g * gs + 32 * b))));
+                if ((b & 7) == 7 || b == gs / 32 - 1)
+                    for (int t = 0; t < TT; t++) {
+                        dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(p[t], ones));
+                        p[t] = _mm256_setzero_si256();
+                    }
+            }
+        } else {
+            for (int t = 0; t < TT; t++) dot[t] = q8_group_idot(row + g * gs, xq[t] + g * gs, gs);
+        }
+        const float b = bi[g] + (w->dtype == FM_Q8 ? 128.0f * sc[g] : 0.0f); /* q8: the -128 offset */
+        for (int t = 0; t < TT; t++) {
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_set1_ps(sc[g] * xd[t][g]), acc[t]);
+            bias[t] += b * xd[t][g] * a->xqs[(size_t)(t0 + t) * ng + g];
+        }
+    }
+    for (int t = 0; t < TT; t++) out[t] = hsum(acc[t]) + bias[t];
+}
+
 /* Row r dequantized into out[cols] (q4: in the permuted order). */
 static void dequant_row(const fm_mat *w, int r, float *out) {
     const int n = w->cols;
@@ -230,6 +335,21 @@ void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
     const fm_mat *w = a->w;
     const int n = w->cols, m = w->rows, T = a->T;
     const float *x = w->dtype == FM_Q4 ? a->xp : a->x; /* q4 works in the permuted order */
+    if (a->xq) { /* int8 activations: one token, or tokens in groups of 4 */
+        for (int r = r0; r < r1; r++) {
+            if (T == 1) {
+                a->y[r] = int8_row_dot(w, r, a->xq, a->xd, a->xqs);
+                continue;
+            }
+            for (int tb = 0; tb < T; tb += 4) {
+                const int TT = T - tb < 4 ? T - tb : 4;
+                float out[4];
+                int8_row_dot_multi(w, r, a, tb, TT, out);
+                for (int j = 0; j < TT; j++) a->y[(size_t)(tb + j) * m + r] = out[j];
+            }
+        }
+        return;
+    }
     if (a->xsum && T > 1) { /* few tokens, quantized: fused, tokens in groups of 4 */
         const int ng = n / w->group_size;
         for (int r = r0; r < r1; r++)

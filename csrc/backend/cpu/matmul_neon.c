@@ -7,7 +7,8 @@
  * sums of x the driver computes once per call. q4: the driver passes x permuted per 32-element block
  * (16 even elements, then 16 odd ones), so the low and high nibbles of 16 bytes line up with 16
  * consecutive floats each. Several tokens: each row is dequantized once (in the same order) and dotted
- * with every token.
+ * with every token. int8 activations (ops.h): widening int8 multiplies (vmull_s8) into int32; the
+ * dot-product extension (sdot) would do better where present and is not used yet.
  *
  * Checked against the portable kernels by tests/c/test_kernels.c, built with an AArch64 cross compiler
  * and run under qemu-user (tests/test_cross_isa.py).
@@ -83,6 +84,55 @@ static float quant_row_dot(const fm_mat *w, int r, const float *x, const float *
     return vaddvq_f32(acc) + bias;
 }
 
+/* Σ q·xq of one group on int8 activations (ops.h), q as signed bytes: q4 nibbles, or q8 offset by -128
+ * (the caller adds 128·Σ xq). Products are widened with vmull_s8 (at most 128·127 each, 4 of them still
+ * fit int16) and pairwise-added into int32. */
+static inline int32_t int8_group_dot(const fm_mat *w, const uint8_t *row, int g, const int8_t *xq) {
+    const int gs = w->group_size;
+    const int8_t *x = xq + g * gs;
+    int32x4_t acc = vdupq_n_s32(0);
+    if (w->dtype == FM_Q4) {
+        const uint8_t *q = row + g * gs / 2;
+        for (int b = 0; b < gs / 32; b++, q += 16, x += 32) {
+            const uint8x16_t v = vld1q_u8(q);
+            const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F)));
+            const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+            const int8x16_t x0 = vld1q_s8(x), x1 = vld1q_s8(x + 16); /* evens, then odds */
+            int16x8_t p = vmull_s8(vget_low_s8(lo), vget_low_s8(x0));
+            p = vmlal_s8(p, vget_high_s8(lo), vget_high_s8(x0));
+            p = vmlal_s8(p, vget_low_s8(hi), vget_low_s8(x1));
+            p = vmlal_s8(p, vget_high_s8(hi), vget_high_s8(x1));
+            acc = vpadalq_s16(acc, p);
+        }
+    } else {
+        const uint8_t *q = row + g * gs;
+        for (int i = 0; i < gs; i += 16) {
+            const int8x16_t qs = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(q + i), vdupq_n_u8(0x80)));
+            const int8x16_t xv = vld1q_s8(x + i);
+            int16x8_t p = vmull_s8(vget_low_s8(qs), vget_low_s8(xv));
+            p = vmlal_s8(p, vget_high_s8(qs), vget_high_s8(xv));
+            acc = vpadalq_s16(acc, p);
+        }
+    }
+    return vaddvq_s32(acc);
+}
+
+/* Row r against token t's int8 activations: Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq). */
+static float int8_row_dot(const fm_matmul_args *a, int r, int t) {
+    const fm_mat *w = a->w;
+    const int n = w->cols, ng = n / w->group_size;
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (w->dtype == FM_Q4 ? n / 2 : n);
+    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    const int8_t *xq = a->xq + (size_t)t * n;
+    const float *xd = a->xd + (size_t)t * ng, *xqs = a->xqs + (size_t)t * ng;
+    float y = 0.0f;
+    for (int g = 0; g < ng; g++) {
+        const float dot = (float)int8_group_dot(w, row, g, xq) + (w->dtype == FM_Q8 ? 128.0f * xqs[g] : 0.0f);
+        y += xd[g] * (fm_f16_to_f32(sc[g]) * dot + fm_f16_to_f32(bi[g]) * xqs[g]);
+    }
+    return y;
+}
+
 /* Row r dequantized into out[cols] (q4: in the permuted order). */
 static void dequant_row(const fm_mat *w, int r, float *out) {
     const int n = w->cols;
@@ -130,6 +180,11 @@ void fm_matmul_rows_neon(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
     const int n = w->cols, m = w->rows, T = a->T;
     const float *x = w->dtype == FM_Q4 ? a->xp : a->x; /* q4 works in the permuted order */
     const int quant = w->dtype == FM_Q4 || w->dtype == FM_Q8;
+    if (a->xq) {
+        for (int r = r0; r < r1; r++)
+            for (int t = 0; t < T; t++) a->y[(size_t)t * m + r] = int8_row_dot(a, r, t);
+        return;
+    }
     for (int r = r0; r < r1; r++) {
         if (quant && a->xsum && T == 1) {
             a->y[r] = quant_row_dot(w, r, x, a->xsum);

@@ -62,9 +62,32 @@ void fm_op_get_row(const fm_mat *w, int r, float *out) {
     }
 }
 
+/* Row r against int8 activations (ops.h): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), x in natural order. */
+static float int8_row_dot(const fm_mat *w, int r, const int8_t *xq, const float *xd, const float *xqs) {
+    const int n = w->cols, gs = w->group_size, ng = n / gs;
+    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (w->dtype == FM_Q4 ? n / 2 : n);
+    float acc = 0.0f;
+    for (int g = 0; g < ng; g++) {
+        int32_t dot = 0;
+        for (int i = g * gs; i < (g + 1) * gs; i++)
+            dot += (w->dtype == FM_Q4 ? (q[i / 2] >> ((i & 1) * 4)) & 15 : q[i]) * xq[i];
+        acc += xd[g] * (fm_f16_to_f32(sc[g]) * (float)dot + fm_f16_to_f32(bi[g]) * xqs[g]);
+    }
+    return acc;
+}
+
 void fm_matmul_rows_scalar(const fm_matmul_args *a, int r0, int r1, float *rowbuf) {
     const fm_mat *w = a->w;
     const int n = w->cols, m = w->rows;
+    if (a->xq) {
+        const int ng = n / w->group_size;
+        for (int r = r0; r < r1; r++)
+            for (int t = 0; t < a->T; t++)
+                a->y[(size_t)t * m + r] = int8_row_dot(w, r, a->xq + (size_t)t * n, a->xd + (size_t)t * ng,
+                                                       a->xqs + (size_t)t * ng);
+        return;
+    }
     for (int r = r0; r < r1; r++) {
         const float *wr = (const float *)w->data + (size_t)r * n;
         if (w->dtype != FM_F32) {
@@ -153,38 +176,72 @@ static float *thread_buffer(size_t n) {
     return buf;
 }
 
+/* x[n] → xq, xd, xqs per group of gs (the int8 activations of ops.h); q4 SIMD kernels take xq permuted
+ * per 32-element block like xp. */
+static void quantize_x(const float *x, int n, int gs, int permute, int8_t *xq, float *xd, float *xqs) {
+    for (int g = 0; g < n / gs; g++) {
+        const float *xg = x + g * gs;
+        float amax = 0.0f;
+        for (int i = 0; i < gs; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < gs; i++) {
+            const int v = (int)rintf(xg[i] * inv); /* |v| <= 127: |x·inv| <= 127 up to one rounding */
+            const int j = permute ? (i & ~31) + ((i & 1) ? 16 : 0) + ((i & 31) >> 1) : i;
+            xq[g * gs + j] = (int8_t)v;
+            sum += v;
+        }
+        xd[g] = amax / 127.0f;
+        xqs[g] = (float)sum;
+    }
+}
+
 void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y) {
     const int n = w->cols, m = w->rows;
-    matmul_job j = {{w, x, NULL, NULL, y, T, m}, pick_kernel(w)};
-    const int gs = w->group_size, ng = gs ? n / gs : 0;
-    const int need_xp = j.fn != fm_matmul_rows_scalar && w->dtype == FM_Q4;
-    /* Per-group sums of x for the fused quantized kernels (a few tokens: decode, or an expert's share of
-     * a prefill chunk); more tokens dequantize rows and use register tiles. */
-    const int need_xsum = j.fn != fm_matmul_rows_scalar && T <= FM_FUSED_MAX_TOKENS &&
-                          (w->dtype == FM_Q4 || w->dtype == FM_Q8);
-    float *buf = thread_buffer((size_t)(need_xp ? T * n : 0) + (size_t)(need_xsum ? T * ng : 0) + 16);
-    float *xp = need_xp ? buf : NULL, *xsum = need_xsum ? buf + (size_t)(need_xp ? T * n : 0) : NULL;
-    if (!buf) { /* out of memory for the copy of x: the portable kernel needs none */
+    matmul_job j = {{w, x, NULL, NULL, NULL, NULL, NULL, y, T, m}, pick_kernel(w)};
+    const int quant = w->dtype == FM_Q4 || w->dtype == FM_Q8;
+    const int gs = w->group_size, ng = quant ? n / gs : 0, simd = j.fn != fm_matmul_rows_scalar;
+    /* Few tokens (decode, or an expert's share of a prefill chunk), quantized: fused kernels, on int8
+     * activations when asked (the same function on every variant, ops.h), else on fp32 x with per-group
+     * sums of x for the bias term. More tokens dequantize rows and use register tiles. */
+    const int fused = quant && T <= FM_FUSED_MAX_TOKENS;
+    const int int8 = fused && w->int8_act && gs % 32 == 0;
+    const int need_xp = simd && w->dtype == FM_Q4 && !int8;
+    const int need_xsum = fused && simd && !int8;
+    const size_t n_xp = need_xp ? (size_t)T * n : 0, n_xsum = need_xsum ? (size_t)T * ng : 0;
+    const size_t n_i8 = int8 ? 2 * (size_t)T * ng + ((size_t)T * n + 3) / 4 : 0; /* xd, xqs, then xq */
+    float *buf = thread_buffer(n_xp + n_xsum + n_i8 + 16);
+    if (!buf) { /* out of memory for the copies of x: the portable fp32 kernel needs none */
         j.fn = fm_matmul_rows_scalar;
-        xp = xsum = NULL;
-    }
-    if (xp) { /* permute x per 32-element block */
-        for (int t = 0; t < T; t++)
-            for (int b = 0; b < n; b += 32)
-                for (int i = 0; i < 16; i++) {
-                    xp[(size_t)t * n + b + i] = x[(size_t)t * n + b + 2 * i];
-                    xp[(size_t)t * n + b + 16 + i] = x[(size_t)t * n + b + 2 * i + 1];
+    } else {
+        if (need_xp) { /* permute x per 32-element block */
+            float *xp = buf;
+            for (int t = 0; t < T; t++)
+                for (int b = 0; b < n; b += 32)
+                    for (int i = 0; i < 16; i++) {
+                        xp[(size_t)t * n + b + i] = x[(size_t)t * n + b + 2 * i];
+                        xp[(size_t)t * n + b + 16 + i] = x[(size_t)t * n + b + 2 * i + 1];
+                    }
+            j.a.xp = xp;
+        }
+        if (need_xsum) { /* per-group sums of x for the bias term */
+            float *xsum = buf + n_xp;
+            for (int t = 0; t < T; t++)
+                for (int g = 0; g < ng; g++) {
+                    float s = 0.0f;
+                    for (int i = g * gs; i < (g + 1) * gs; i++) s += x[(size_t)t * n + i];
+                    xsum[(size_t)t * ng + g] = s;
                 }
-        j.a.xp = xp;
-    }
-    if (xsum) { /* per-group sums of x for the bias term */
-        for (int t = 0; t < T; t++)
-            for (int g = 0; g < ng; g++) {
-                float s = 0.0f;
-                for (int i = g * gs; i < (g + 1) * gs; i++) s += x[(size_t)t * n + i];
-                xsum[(size_t)t * ng + g] = s;
-            }
-        j.a.xsum = xsum;
+            j.a.xsum = xsum;
+        }
+        if (int8) {
+            float *xd = buf + n_xp + n_xsum, *xqs = xd + (size_t)T * ng;
+            int8_t *xq = (int8_t *)(xqs + (size_t)T * ng);
+            for (int t = 0; t < T; t++)
+                quantize_x(x + (size_t)t * n, n, gs, simd && w->dtype == FM_Q4, xq + (size_t)t * n,
+                           xd + (size_t)t * ng, xqs + (size_t)t * ng);
+            j.a.xq = xq, j.a.xd = xd, j.a.xqs = xqs;
+        }
     }
     /* Split rows over the pool when there is enough work to pay for waking it (~50 µs). */
     const double work = (double)m * n * T;
