@@ -16,10 +16,11 @@ import os
 import statistics
 import time
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # idle BLAS threads would spin on the cores we time
+import numpy as np  # noqa: E402
 
-from flashmoe import _core
-from flashmoe.quant import f32_to_bf16, quantize
+from flashmoe import _core  # noqa: E402
+from flashmoe.quant import f32_to_bf16, quantize  # noqa: E402
 
 DTYPES = {"q4": (_core.Q4, 4), "q8": (_core.Q8, 8), "bf16": (_core.BF16, 16)}
 

@@ -28,7 +28,8 @@ int fm_cpu_isa_available(const char *name);
 int fm_cpu_use_avx2(void); /* kernels should take their AVX2 copy: selected (or best) and present */
 
 /* y[T, rows] = x[T, cols] · Wᵀ.
- * int8 activations: when w->int8_act is set, w is q4/q8 with a group size that is a multiple of 32 and
+ * int8 activations: when w->int8_act is set, w is q4/q8 with a group size that is a multiple of 32 (up
+ * to 256) and
  * T <= 8 (decode, or an expert's few tokens of a prefill chunk), each token's x is
  * quantized per weight group g as llama.cpp does: m = max|x_g|, xq = rint(x·(127/m)), d_g = m/127, and
  *   y = Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq)   (integer dot products),

@@ -171,19 +171,14 @@ static inline __m256i q4_bytes32(const uint8_t *q) {
                             _mm256_set1_epi8(0x0F));
 }
 
-/* Σ q·xq of one q4 group as 8 int32 lanes. maddubs pairs are at most 2·15·127, so up to 8 blocks are
- * summed in int16 before widening. */
+/* Σ q·xq of one q4 group as 8 int32 lanes. maddubs pairs are at most 2·15·127, so the group's (at most
+ * 8, ops.h) blocks are summed in int16 before widening. */
 static inline __m256i q4_group_idot(const uint8_t *q, const int8_t *xq, int gs) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc = _mm256_setzero_si256();
-    for (int b0 = 0; b0 < gs / 32; b0 += 8) {
-        __m256i p = _mm256_setzero_si256();
-        for (int b = b0; b < gs / 32 && b < b0 + 8; b++)
-            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q4_bytes32(q + 16 * b),
-                                                         _mm256_loadu_si256((const __m256i *)(xq + 32 * b))));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
-    }
-    return acc;
+    __m256i p = _mm256_maddubs_epi16(q4_bytes32(q), _mm256_loadu_si256((const __m256i *)xq));
+    for (int b = 1; b < gs / 32; b++)
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q4_bytes32(q + 16 * b),
+                                                      _mm256_loadu_si256((const __m256i *)(xq + 32 * b))));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
 /* Σ (q - 128)·xq of one q8 group: maddubs multiplies unsigned by signed bytes, so it takes |q - 128| and
@@ -200,29 +195,51 @@ static inline __m256i q8_group_idot(const uint8_t *q, const int8_t *xq, int gs) 
     return acc;
 }
 
-static inline __m256i group_idot(const fm_mat *w, const uint8_t *row, int g, const int8_t *xq) {
-    const int gs = w->group_size;
-    return w->dtype == FM_Q4 ? q4_group_idot(row + g * gs / 2, xq + g * gs, gs)
-                             : q8_group_idot(row + g * gs, xq + g * gs, gs);
+/* Row r against one token's int8 activations: Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), where for q8
+ * Σ q·xq = Σ (q - 128)·xq + 128·Σ xq: the offset joins the bias, b' = bias + 128·scale. Groups go 8 at
+ * a time so the fp16 scales and biases convert in one instruction each; q4 is a constant after
+ * inlining, so each format gets its own loop. */
+static inline __attribute__((always_inline)) float int8_row_dot_t(const fm_mat *w, int r, const int8_t *xq,
+                                                                  const float *xd, const float *xqs, const int q4) {
+    const int n = w->cols, gs = w->group_size, ng = n / gs;
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (q4 ? n / 2 : n);
+    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    const __m256 off = _mm256_set1_ps(q4 ? 0.0f : 128.0f);
+    __m256 acc = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
+    float d[8];
+    for (int g0 = 0; g0 < ng; g0 += 8) {
+        const int G = ng - g0 < 8 ? ng - g0 : 8;
+        __m256 s, b;
+        if (G == 8) {
+            s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g0)));
+            b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bi + g0)));
+        } else {
+            float ts[8] = {0}, tb[8] = {0};
+            for (int k = 0; k < G; k++) ts[k] = fm_f16_to_f32(sc[g0 + k]), tb[k] = fm_f16_to_f32(bi[g0 + k]);
+            s = _mm256_loadu_ps(ts), b = _mm256_loadu_ps(tb);
+        }
+        __m256 dx, sq;
+        if (G == 8) {
+            dx = _mm256_loadu_ps(xd + g0), sq = _mm256_loadu_ps(xqs + g0);
+        } else {
+            float tx[8] = {0}, tq[8] = {0};
+            for (int k = 0; k < G; k++) tx[k] = xd[g0 + k], tq[k] = xqs[g0 + k];
+            dx = _mm256_loadu_ps(tx), sq = _mm256_loadu_ps(tq);
+        }
+        accb = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_fmadd_ps(off, s, b), dx), sq, accb);
+        _mm256_storeu_ps(d, _mm256_mul_ps(s, dx));
+        for (int k = 0; k < G; k++) {
+            const int g = g0 + k;
+            const __m256i dot = q4 ? q4_group_idot(row + g * gs / 2, xq + g * gs, gs)
+                                   : q8_group_idot(row + g * gs, xq + g * gs, gs);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[k]), acc);
+        }
+    }
+    return hsum(_mm256_add_ps(acc, accb));
 }
 
-/* Row r against one token's int8 activations: Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), where for q8
- * Σ q·xq = Σ (q - 128)·xq + 128·Σ xq: the offset joins the bias, b' = bias + 128·scale. */
 static float int8_row_dot(const fm_mat *w, int r, const int8_t *xq, const float *xd, const float *xqs) {
-    const int n = w->cols, ng = n / w->group_size;
-    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (w->dtype == FM_Q4 ? n / 2 : n);
-    float d[ng], b[ng];
-    f16_to_f32_n(w->scales + (size_t)r * ng, d, ng);
-    f16_to_f32_n(w->biases + (size_t)r * ng, b, ng);
-    const float off = w->dtype == FM_Q8 ? 128.0f : 0.0f;
-    for (int g = 0; g < ng; g++) {
-        b[g] = (b[g] + off * d[g]) * xd[g];
-        d[g] *= xd[g];
-    }
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < ng; g++)
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_idot(w, row, g, xq)), _mm256_broadcast_ss(d + g), acc);
-    return hsum(acc) + dot_f32(b, xqs, ng);
+    return w->dtype == FM_Q4 ? int8_row_dot_t(w, r, xq, xd, xqs, 1) : int8_row_dot_t(w, r, xq, xd, xqs, 0);
 }
 
 /* The same for TT <= 4 tokens at once: each q4 block is unpacked once for all of them. */
@@ -242,18 +259,14 @@ static void int8_row_dot_multi(const fm_mat *w, int r, const fm_matmul_args *a, 
         __m256i dot[4];
         if (w->dtype == FM_Q4) {
             __m256i p[4];
-            for (int t = 0; t < TT; t++) dot[t] = p[t] = _mm256_setzero_si256();
+            for (int t = 0; t < TT; t++) p[t] = _mm256_setzero_si256();
             for (int b = 0; b < gs / 32; b++) {
                 const __m256i wq = q4_bytes32(row + g * gs / 2 + 16 * b);
                 for (int t = 0; t < TT; t++)
                     p[t] = _mm256_add_epi16(p[t], _mm256_maddubs_epi16(wq, _mm256_loadu_si256(
                                                                            (const __m256i *)(xq[t] + g * gs + 32 * b))));
-                if ((b & 7) == 7 || b == gs / 32 - 1)
-                    for (int t = 0; t < TT; t++) {
-                        dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(p[t], ones));
-                        p[t] = _mm256_setzero_si256();
-                    }
             }
+            for (int t = 0; t < TT; t++) dot[t] = _mm256_madd_epi16(p[t], ones); /* <= 8 blocks: ops.h */
         } else {
             for (int t = 0; t < TT; t++) dot[t] = q8_group_idot(row + g * gs, xq[t] + g * gs, gs);
         }

@@ -205,7 +205,7 @@ void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y) {
      * activations when asked (the same function on every variant, ops.h), else on fp32 x with per-group
      * sums of x for the bias term. More tokens dequantize rows and use register tiles. */
     const int fused = quant && T <= FM_FUSED_MAX_TOKENS;
-    const int int8 = fused && w->int8_act && gs % 32 == 0;
+    const int int8 = fused && w->int8_act && gs % 32 == 0 && gs <= 256;
     const int need_xp = simd && w->dtype == FM_Q4 && !int8;
     const int need_xsum = fused && simd && !int8;
     const size_t n_xp = need_xp ? (size_t)T * n : 0, n_xsum = need_xsum ? (size_t)T * ng : 0;
