@@ -86,11 +86,11 @@ def main() -> None:
     model = flashmoe.load(path)
     cfg = model.config
     ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], args.prompt)
-    model.generate(ids[:8], max_tokens=4, stop_token_ids=[])  # warm: experts resident, pages touched
+    model.generate_tokens(ids[:8], max_tokens=4, stop_token_ids=[])  # warm: experts resident, pages touched
 
     prompt_tps, decode_tps = [], []
     for r in range(args.runs):
-        out = model.generate(ids, max_tokens=args.tokens, stop_token_ids=[])
+        out = model.generate_tokens(ids, max_tokens=args.tokens, stop_token_ids=[])
         s = model.stats
         prompt_tps.append(s["last_prompt_tokens"] / s["last_prompt_seconds"])
         decode_tps.append((len(out) - 1) / s["last_decode_seconds"])

@@ -191,7 +191,7 @@ def child_check(spec: dict) -> None:
         model = flashmoe.load(spec["path"], threads=spec["threads"], context_length=spec["context"],
                               int8_activations=spec.get("int8", True))
         logits = model.forward(ids)
-        greedy = model.generate(prefix, max_tokens=n, stop_token_ids=[])
+        greedy = model.generate_tokens(prefix, max_tokens=n, stop_token_ids=[])
     else:
         llm = Llama(spec["path"], spec["threads"], spec["context"], max(len(ids), 8), repack=True)
         logits = llm.eval(ids, all_logits=True)
@@ -237,12 +237,12 @@ def child_speed(spec: dict) -> None:
             return
         _emit(phase="load", **delta(u0, usage()), memory=model.memory, **_rss())
         if spec.get("warmup"):
-            model.generate(spec["warmup"], max_tokens=1, stop_token_ids=[])
+            model.generate_tokens(spec["warmup"], max_tokens=1, stop_token_ids=[])
             _emit(phase="warmup", tokens=len(spec["warmup"]), hit_rate=model.stats["hit_rate"])
         model.reset_stats()
         pf = _Perf(spec, "prompt")
         u1 = usage()
-        first = model.generate(prompt, max_tokens=1, stop_token_ids=[])  # prefill (fresh sequence)
+        first = model.generate_tokens(prompt, max_tokens=1, stop_token_ids=[])  # prefill (fresh sequence)
         u2 = usage()
         pf.stop()
         s_prompt = {k: v for k, v in model.stats.items() if k != "last"}
@@ -250,7 +250,7 @@ def child_speed(spec: dict) -> None:
         model.reset_stats()
         pf = _Perf(spec, "decode")
         u3 = usage()
-        rest = model.generate(first, max_tokens=n, stop_token_ids=[], reset=False)  # n single-token steps
+        rest = model.generate_tokens(first, max_tokens=n, stop_token_ids=[], reset=False)  # n single-token steps
         u4 = usage()
         pf.stop()
         s_dec = {k: v for k, v in model.stats.items() if k != "last"}

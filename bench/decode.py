@@ -179,10 +179,10 @@ def child_main(spec: dict) -> None:
         return
     cfg = model.config
     prompt = np.random.default_rng(spec["seed"]).integers(0, cfg["vocab_size"], spec["prompt"])
-    model.generate(prompt[:-1], max_tokens=1, stop_token_ids=[])  # prefill; fills the expert cache
+    model.generate_tokens(prompt[:-1], max_tokens=1, stop_token_ids=[])  # prefill; fills the expert cache
     model.reset_stats()
     t0 = time.perf_counter()
-    model.generate(prompt[-1:], max_tokens=spec["tokens"], temperature=1.0, seed=spec["seed"],
+    model.generate_tokens(prompt[-1:], max_tokens=spec["tokens"], temperature=1.0, seed=spec["seed"],
                    stop_token_ids=[], reset=False)
     wall = time.perf_counter() - t0
     stats = model.stats

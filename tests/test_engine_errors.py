@@ -54,7 +54,7 @@ def test_context_overflow_is_an_error_and_leaves_the_state_usable(model_dir):
     # chunked gated delta rule): ~1.5e-5 here on logits up to ~4; a broken state gives errors of order 1.
     np.testing.assert_allclose(np.concatenate([a, b]), m.forward(ids[:16]), rtol=0, atol=1e-4)
     # generation that reaches the limit stops there instead of failing
-    out = m.generate(ids[:10], max_tokens=50, stop_token_ids=[])
+    out = m.generate_tokens(ids[:10], max_tokens=50, stop_token_ids=[])
     assert m.position == 16 and len(out) == 7
 
 

@@ -93,7 +93,7 @@ def test_greedy_generation_matches_transformers(hf, packed):
         out = hf.generate(torch.tensor([ids.tolist()]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
     want = out[0, len(ids):].tolist()
-    got = flashmoe.load(packed(16)).generate(ids, max_tokens=32)
+    got = flashmoe.load(packed(16)).generate_tokens(ids, max_tokens=32)
     assert got == want
 
 

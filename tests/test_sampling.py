@@ -312,7 +312,7 @@ PROMPT = [5, 17, 200, 3, 99, 42, 7, 250, 1, 64, 128, 33, 8, 19, 77, 140, 2, 9, 3
 
 
 def test_greedy_steps_equal_generate(model):
-    want = model.generate(PROMPT, max_tokens=24, stop_token_ids=[])
+    want = model.generate_tokens(PROMPT, max_tokens=24, stop_token_ids=[])
     got = step_loop(model, PROMPT, SamplingParams(temperature=0.0), 24)
     assert got == want
     assert model.position == len(PROMPT) + 23
@@ -329,7 +329,7 @@ def test_seeded_steps_reproducible_and_equal_generate(model):
     c = step_loop(model, PROMPT, SamplingParams(temperature=1.5, seed=78), 24)
     assert a != c
     # generate(temperature, seed) runs the same sampler with the other parameters off
-    assert model.generate(PROMPT, max_tokens=24, temperature=1.5, seed=77, stop_token_ids=[]) == a
+    assert model.generate_tokens(PROMPT, max_tokens=24, temperature=1.5, seed=77, stop_token_ids=[]) == a
 
 
 def test_penalised_steps_avoid_repeats(model):

@@ -97,7 +97,7 @@ def run(path, **opts):
     """Greedy tokens, prefill logits [len(PROMPT), V] and decode logits [N_GEN - 1, V] (one token per
     step, the path generation takes), and the model."""
     m = flashmoe.load(path, context_length=CTX, **opts)
-    tokens = np.array(m.generate(PROMPT, N_GEN, stop_token_ids=[]), dtype=np.int64)
+    tokens = np.array(m.generate_tokens(PROMPT, N_GEN, stop_token_ids=[]), dtype=np.int64)
     prefill = m.forward(PROMPT)
     decode = np.concatenate([m.forward([t], reset=False) for t in tokens[:-1]])
     return tokens, prefill, decode, m
@@ -199,7 +199,7 @@ path, budget, ctx, n_gen, out = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
 rss0 = status("VmRSS")
 prompt = np.load(os.path.join(out, "prompt.npy"))
 m = flashmoe.load(path, memory_budget=budget, context_length=ctx)
-tokens = np.array(m.generate(prompt, n_gen, stop_token_ids=[]), dtype=np.int64)
+tokens = np.array(m.generate_tokens(prompt, n_gen, stop_token_ids=[]), dtype=np.int64)
 logits = m.forward(np.concatenate([prompt, tokens]))
 np.save(os.path.join(out, "tokens.npy"), tokens)
 np.save(os.path.join(out, "logits.npy"), logits)
@@ -236,7 +236,7 @@ def test_runs_within_a_cgroup_memory_limit_and_matches_an_unbudgeted_run(tmp_pat
     np.save(tmp_path / "prompt.npy", prompt)
     ref = flashmoe.load(path, context_length=BIG_CTX)  # no budget: half of RAM, every expert cached
     assert ref.memory["expert_slots"] == ref.memory["experts_total"]
-    ref_tokens = np.array(ref.generate(prompt, n_gen, stop_token_ids=[]), dtype=np.int64)
+    ref_tokens = np.array(ref.generate_tokens(prompt, n_gen, stop_token_ids=[]), dtype=np.int64)
     ref_logits = ref.forward(np.concatenate([prompt, ref_tokens]))
     del ref
 
@@ -378,8 +378,8 @@ def test_minimum_budget_is_exact(small_dir, ctx):
     assert (mem["dense_bytes"] + mem["kv_bytes"] + mem["state_bytes"] + mem["scratch_bytes"]
             + mem["expert_cache_bytes"]) <= mem["budget"] == fixed + min_cache
     unbudgeted = flashmoe.load(small_dir, context_length=ctx)
-    np.testing.assert_array_equal(m.generate(PROMPT, 2, stop_token_ids=[]),
-                                  unbudgeted.generate(PROMPT, 2, stop_token_ids=[]))
+    np.testing.assert_array_equal(m.generate_tokens(PROMPT, 2, stop_token_ids=[]),
+                                  unbudgeted.generate_tokens(PROMPT, 2, stop_token_ids=[]))
     with pytest.raises(MemoryBudgetError):
         flashmoe.load(small_dir, context_length=ctx, memory_budget=fixed + min_cache - 1)
 
@@ -489,7 +489,7 @@ def test_counters_add_up(small_dir, budget, policy, prefetch, io_threads):
 
     # decode only: N single-token steps
     n = 10
-    m.generate(PROMPT[:1], n, stop_token_ids=[])
+    m.generate_tokens(PROMPT[:1], n, stop_token_ids=[])
     s = settled_stats(m, stride)
     usage = m.expert_usage()
     assert usage.shape == (SMALL["num_hidden_layers"], SMALL["num_experts"])
@@ -543,7 +543,7 @@ def test_truncated_expert_file_while_streaming(small_copy, reference, layer, bud
         m.forward(PROMPT)
     path.write_bytes(data)
     np.testing.assert_array_equal(m.forward(PROMPT), reference[1])
-    np.testing.assert_array_equal(m.generate(PROMPT, N_GEN, stop_token_ids=[]), reference[0])
+    np.testing.assert_array_equal(m.generate_tokens(PROMPT, N_GEN, stop_token_ids=[]), reference[0])
 
 
 @pytest.mark.parametrize("layer", [0, 2])
@@ -565,7 +565,7 @@ def test_corrupt_blob_while_streaming_with_checksums(small_copy, reference, laye
     assert m.position == 0
     path.write_bytes(data)
     np.testing.assert_array_equal(m.forward(PROMPT), reference[1])
-    np.testing.assert_array_equal(m.generate(PROMPT, N_GEN, stop_token_ids=[]), reference[0])
+    np.testing.assert_array_equal(m.generate_tokens(PROMPT, N_GEN, stop_token_ids=[]), reference[0])
 
 
 def test_failed_prefetch_that_is_never_used_does_not_raise(small_copy):
@@ -575,7 +575,7 @@ def test_failed_prefetch_that_is_never_used_does_not_raise(small_copy):
     must be ignored."""
     prompt, n_gen = PROMPT[:3], 4
     ref = flashmoe.load(small_copy, context_length=CTX)
-    ref_tokens = ref.generate(prompt, n_gen, stop_token_ids=[])
+    ref_tokens = ref.generate_tokens(prompt, n_gen, stop_token_ids=[])
     ref_logits = ref.forward(prompt)
     usage = ref.expert_usage()
     n_bad = 0
@@ -589,7 +589,7 @@ def test_failed_prefetch_that_is_never_used_does_not_raise(small_copy):
     assert n_bad > 0
     m = flashmoe.load(small_copy, context_length=CTX, io_threads=8, prefetch=True, verify_checksums=True)
     assert m.memory["expert_slots"] == m.memory["experts_total"]
-    tokens = m.generate(prompt, n_gen, stop_token_ids=[])
+    tokens = m.generate_tokens(prompt, n_gen, stop_token_ids=[])
     logits = m.forward(prompt)
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_array_equal(logits, ref_logits)

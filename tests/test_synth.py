@@ -91,7 +91,7 @@ def test_tiny_model_loads_generates_and_routes_token_by_token(tiny_model):
     prompt = np.random.default_rng(0).integers(0, cfg["vocab_size"], 8)
     model.forward(prompt)
     model.reset_stats()
-    out = model.generate(prompt[-1:], max_tokens=32, reset=False, stop_token_ids=[])
+    out = model.generate_tokens(prompt[-1:], max_tokens=32, reset=False, stop_token_ids=[])
     assert len(out) == 32 and all(0 <= t < cfg["vocab_size"] for t in out)
     usage = model.expert_usage()
     assert usage.shape == (4, n_exp) and (usage.sum(axis=1) == 32 * k).all()

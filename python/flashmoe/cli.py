@@ -1,4 +1,4 @@
-"""The `flashmoe` command: convert, demo, info, synth."""
+"""The `flashmoe` command: convert, demo, info, synth, generate, chat."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def _run_demo(path: str, n_tokens: int, seed: int, bits: int, memory_budget=None
           f"{mem['experts_total']} experts")
     prompt = np.random.default_rng(seed).integers(0, c["vocab_size"], 64)
 
-    out = model.generate(prompt, max_tokens=n_tokens, stop_token_ids=[])
+    out = model.generate_tokens(prompt, max_tokens=n_tokens, stop_token_ids=[])
     s = model.stats
     # The last generated token is not fed back, so decoding ran len(out) - 1 forward steps.
     decode_tps = (len(out) - 1) / max(s["last_decode_seconds"], 1e-9)
@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--context-length", type=int, help="tokens of KV cache for the minimum budget")
     i.set_defaults(func=_cmd_info)
+
+    from .cli_run import add_commands
+
+    add_commands(sub)
     return p
 
 

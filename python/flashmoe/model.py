@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import arch as _arch
-from .errors import FlashMoEError
+from .errors import FlashMoEError, FormatError
 from .format import EXPERT_NAMES
 from .reader import read_header
 
@@ -234,13 +234,17 @@ class Model:
       prefill_chunk       tokens processed per chunk of a prompt (default 128)
       expert_cache_slots  cap the expert cache at this many experts (default: what the budget holds)
       verify_checksums    check each expert blob's CRC-32 the first time it is read
+      prompt_cache        snapshots of earlier prompt states kept for reuse by generate/chat (default 4;
+                          0 = none). Each holds the KV rows and DeltaNet state at its position and
+                          lives outside memory_budget (prompt_cache_bytes says how much).
       int8_activations    decode on int8-quantized activations, as llama.cpp does (default True): ~2x
                           faster 4-bit matvecs, ~1% error per product; False keeps them fp32 (the
                           exact dequantized function; csrc/backend/ops.h)
     """
 
-    def __init__(self, path, *, threads: int | None = None, **options):
+    def __init__(self, path, *, threads: int | None = None, prompt_cache: int = 4, **options):
         from . import _core
+        from .generation import PromptCache
 
         self.path = os.fspath(path)
         self.header, spec = _load_spec(self.path, **options)
@@ -251,6 +255,12 @@ class Model:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             _core.set_threads(int(threads))
         self._core = _core.Model(spec)
+        self.prefill_chunk = int(spec["prefill_chunk"])
+        if prompt_cache < 0:
+            raise ValueError(f"prompt_cache must be >= 0 snapshots, got {prompt_cache}")
+        self._cache = PromptCache(self._core, int(prompt_cache))
+        self._tokenizer = None
+        self._last_generation = None
         self._eos = _eos_ids(self.header["config"])
         self._base = self._raw_stats()  # counters at load / reset_stats
         self._usage_base = self._core.expert_usage()
@@ -315,8 +325,20 @@ class Model:
     # ------------------------------------------------------------------ running
 
     def reset(self) -> None:
-        """Forget the current sequence."""
-        self._core.reset()
+        """Forget the current sequence (prompt cache snapshots stay; clear_prompt_cache drops them)."""
+        self._cache.reset_state()
+
+    def clear_prompt_cache(self) -> None:
+        """Forget the current sequence and every prompt cache snapshot."""
+        self._cache.clear()
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        return self._cache.nbytes
+
+    def _state_changed(self) -> None:
+        """A low-level call ran tokens the prompt cache does not track: never reuse this state."""
+        self._cache.tokens = []
 
     def _tokens(self, token_ids) -> np.ndarray:
         ids = np.asarray(token_ids)
@@ -333,6 +355,7 @@ class Model:
         ids = self._tokens(token_ids)
         if reset:
             self._core.reset()
+        self._state_changed()
         return self._timed(self._core.forward, ids, True)
 
     def trace(self, token_ids, reset: bool = True) -> dict:
@@ -342,11 +365,13 @@ class Model:
         ids = self._tokens(token_ids)
         if reset:
             self._core.reset()
+        self._state_changed()
         return self._core.trace(ids)
 
-    def generate(self, token_ids, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
-                 stop_token_ids=None, reset: bool = True) -> list[int]:
-        """Generate up to max_tokens new token ids after the prompt; greedy when temperature is 0.
+    def generate_tokens(self, token_ids, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
+                        stop_token_ids=None, reset: bool = True) -> list[int]:
+        """Token ids in, token ids out, the whole loop in C (benchmarks; generate() is the full API).
+        Generate up to max_tokens new token ids after the prompt; greedy when temperature is 0.
 
         Stops after a token in stop_token_ids (default: the config's eos_token_id), at max_tokens, or
         when the context is full. Afterwards the state holds the prompt and every generated token but
@@ -358,6 +383,7 @@ class Model:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if reset:
             self._core.reset()
+        self._state_changed()
         stops = self._eos if stop_token_ids is None else [int(t) for t in stop_token_ids]
         if max_tokens == 0:
             return []
@@ -375,6 +401,7 @@ class Model:
         """Return to the state of a snapshot taken from this model (or one loaded with the same config
         and context length; otherwise ValueError). Later logits are bit-identical to the original run."""
         self._core.restore(snap)
+        self._state_changed()
 
     def _new_sampler(self, params: SamplingParams | None = None):
         """A _core.Sampler for this model's vocabulary (params None: SamplingParams())."""
@@ -386,7 +413,166 @@ class Model:
     def _step(self, tokens, sampler) -> int:
         """Run tokens from the current position and return the next token sampled with sampler (which
         accepts it). The GIL is released while the C core runs."""
+        self._state_changed()
         return int(self._core.decode_step(self._tokens(tokens), sampler))
+
+    # ------------------------------------------------------------------ text: generate, stream, chat
+
+    @property
+    def tokenizer(self):
+        """The model's Tokenizer (tokenizer.json in the model directory), or None if it has none."""
+        if self._tokenizer is None and os.path.exists(os.path.join(self.path, "tokenizer.json")):
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_dir(self.path)
+        return self._tokenizer
+
+    def _require_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise FormatError(f"{what} needs the model's tokenizer, and {self.path} has no tokenizer.json "
+                              f"(copy the tokenizer files of the original model there, or pass token ids)")
+        return self.tokenizer
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Tokens that end generation: the tokenizer's and generation_config's eos, and the config's."""
+        ids = list(self.tokenizer.eos_token_ids) if self.tokenizer is not None else []
+        return ids + [t for t in self._eos if t not in ids]
+
+    def default_sampling(self) -> SamplingParams:
+        """The model's recommended sampling (generation_config.json: temperature, top_k, top_p, min_p,
+        repetition_penalty), else SamplingParams() defaults."""
+        path = os.path.join(self.path, "generation_config.json")
+        params = SamplingParams()
+        if os.path.exists(path):
+            import json
+
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+            if cfg.get("do_sample") is False:
+                params.temperature = 0.0
+            for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+                if cfg.get(k) is not None:
+                    setattr(params, k, type(getattr(params, k))(cfg[k]))
+        return params
+
+    def _sampling(self, sampling: SamplingParams | None, overrides: dict) -> SamplingParams:
+        import dataclasses
+
+        base = dataclasses.replace(sampling) if sampling is not None else self.default_sampling()
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(SamplingParams)}
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(base, **overrides).validate()
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self._require_tokenizer("a text prompt").encode(prompt)
+        return [int(t) for t in self._tokens(prompt)]
+
+    def stream(self, prompt, sampling: SamplingParams | None = None, *, skip_special_tokens: bool = True,
+               progress=None, **overrides):
+        """Generate after prompt (text, or token ids), yielding GenerationChunk deltas as tokens arrive;
+        the last one carries finish_reason, usage and stats. Leaving the loop stops decoding at once.
+
+        sampling: SamplingParams (default: default_sampling()); keyword overrides of its fields, e.g.
+        temperature=0, max_tokens=64, stop=["\\n\\n"], seed=1. The prompt continues from a cached
+        state when it extends one (see prompt_cache)."""
+        from .generation import run_generation
+
+        params = self._sampling(sampling, overrides)
+        ids = self._prompt_ids(prompt)
+        return run_generation(self, ids, params, tokenizer=self.tokenizer, skip_special_tokens=skip_special_tokens,
+                              progress=progress)
+
+    def generate(self, prompt, sampling: SamplingParams | None = None, **kwargs):
+        """Generate after prompt (text, or token ids) and return a GenerationResult: text, token_ids,
+        finish_reason ("stop" or "length"), usage and stats. Options as stream()."""
+        from .generation import GenerationResult
+
+        text, ids = [], []
+        for c in self.stream(prompt, sampling, **kwargs):
+            text.append(c.text)
+            ids.extend(c.token_ids)
+        return GenerationResult("".join(text), ids, c.finish_reason, c.usage, c.stats)
+
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt: bool = True,
+                            enable_thinking: bool | None = None, **extra) -> str:
+        """The prompt text for messages under the model's own chat template (the string transformers'
+        apply_chat_template renders). Assistant tool_calls may carry arguments as a JSON string."""
+        tok = self._require_tokenizer("apply_chat_template")
+        return tok.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                       enable_thinking=enable_thinking, **extra)
+
+    def _chat_prompt(self, messages, tools, enable_thinking, template_kwargs):
+        from .tool_calls import prompt_opens_think
+
+        tok = self._require_tokenizer("chat")
+        text = self.apply_chat_template(messages, tools, True, enable_thinking, **(template_kwargs or {}))
+        ids = tok.encode(text)
+        # Snapshot at the start of the last turn (its <|im_start|>): the next turn's prompt repeats
+        # everything before it, even when the template re-renders this turn's answer differently.
+        start = tok.token_to_id("<|im_start|>")
+        marks = [len(ids) - 1 - ids[::-1].index(start)] if start is not None and start in ids else []
+        return ids, marks, prompt_opens_think(text)
+
+    def stream_chat(self, messages, tools=None, enable_thinking: bool | None = None,
+                    sampling: SamplingParams | None = None, *, template_kwargs: dict | None = None,
+                    progress=None, **overrides):
+        """chat() as a stream of OpenAI-style delta dicts: {"reasoning_content": str}, {"content": str},
+        {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]}, and last
+        {"finish_reason": "stop" | "length" | "tool_calls", "usage": {...}, "stats": {...}}."""
+        from .generation import run_generation
+        from .tool_calls import ChatStreamParser
+
+        params = self._sampling(sampling, overrides)
+        ids, marks, opened = self._chat_prompt(messages, tools, enable_thinking, template_kwargs)
+        parser = ChatStreamParser(tools, prompt_opened_think=opened)
+        called = False
+        for c in run_generation(self, ids, params, tokenizer=self.tokenizer, skip_special_tokens=True,
+                                snapshot_at=marks, progress=progress):
+            deltas = parser.feed(c.text) if c.text else []
+            if c.finish_reason is not None:
+                deltas += parser.finish()
+            for d in deltas:
+                called = called or "tool_calls" in d
+                yield d
+            if c.finish_reason is not None:
+                finish = "tool_calls" if called and c.finish_reason == "stop" else c.finish_reason
+                yield {"finish_reason": finish, "usage": c.usage, "stats": c.stats}
+
+    def chat(self, messages, tools=None, enable_thinking: bool | None = None,
+             sampling: SamplingParams | None = None, *, template_kwargs: dict | None = None, progress=None,
+             **overrides) -> "AssistantMessage":
+        """Answer a conversation: messages and tools in the OpenAI shape, rendered with the model's chat
+        template. Returns the assistant message as an OpenAI-shaped dict {"role", "content",
+        "reasoning_content" (the <think> part, or None), "tool_calls" (list, each with arguments a JSON
+        string)}, which can be appended to messages as is; .finish_reason ("stop", "length",
+        "tool_calls"), .usage and .stats ride along as attributes. Sampling as generate()."""
+        from .generation import run_generation
+        from .tool_calls import parse_chat_response
+
+        params = self._sampling(sampling, overrides)
+        ids, marks, opened = self._chat_prompt(messages, tools, enable_thinking, template_kwargs)
+        text = []
+        for c in run_generation(self, ids, params, tokenizer=self.tokenizer, skip_special_tokens=True,
+                                snapshot_at=marks, progress=progress):
+            text.append(c.text)
+        msg = AssistantMessage(parse_chat_response("".join(text), tools, prompt_opened_think=opened))
+        finish = c.finish_reason
+        if msg["tool_calls"] and finish == "stop":
+            finish = "tool_calls"
+        msg.finish_reason, msg.usage, msg.stats = finish, c.usage, c.stats
+        return msg
+
+
+class AssistantMessage(dict):
+    """An OpenAI-shaped assistant message (a plain dict) with finish_reason, usage and stats attached."""
+
+    finish_reason: str | None = None
+    usage: dict | None = None
+    stats: dict | None = None
+
 
 def load(path, **options) -> Model:
     """Load a packed flashmoe model directory (see docs/FORMAT.md). Options: see Model."""
