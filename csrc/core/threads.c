@@ -1,63 +1,99 @@
-/* threads.c — the compute thread pool. Workers sleep on a condition variable between jobs. */
+/*
+ * threads.c — the compute thread pool.
+ *
+ * A decode step issues hundreds of small parallel jobs (every matvec of every expert), a few tens of
+ * microseconds each, so waking sleeping workers through a condition variable per job (tens of
+ * microseconds of futex and scheduler latency) would cost as much as the work. Workers therefore spin
+ * on a job counter for a while after each job (FM_SPIN_SECONDS) and only then sleep on the condition
+ * variable; the caller spins until the workers are done. Between bursts (waiting for a disk read, or
+ * for the next prompt) the workers sleep and use no CPU.
+ */
 #define _GNU_SOURCE
 #include "threads.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield")
+#else
+#define cpu_relax() ((void)0)
+#endif
 
 enum { MAX_THREADS = 256 };
+#define FM_SPIN_SECONDS 0.002 /* how long an idle worker polls for the next job before it sleeps */
 
 static struct {
-    pthread_mutex_t mu;       /* guards the fields below */
-    pthread_cond_t wake, idle;
-    pthread_mutex_t call_mu;  /* one fm_parallel_for at a time */
+    pthread_mutex_t mu; /* with wake: sleeping workers */
+    pthread_cond_t wake;
+    pthread_mutex_t call_mu; /* one fm_parallel_for at a time */
     pthread_t threads[MAX_THREADS];
     int n_workers, wanted, started;
-    unsigned long generation; /* bumped per job */
-    fm_task_fn fn;
+    fm_task_fn fn; /* the current job, published by the release increment of generation */
     void *ctx;
-    int n_tasks, next, busy; /* next task; workers still inside the current job */
-    int stop;
-} P = {.mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .idle = PTHREAD_COND_INITIALIZER,
-       .call_mu = PTHREAD_MUTEX_INITIALIZER};
+    int n_tasks;
+    atomic_ulong generation; /* bumped per job */
+    atomic_int next;         /* next task of the current job */
+    atomic_int pending;      /* workers not yet done with the current job */
+    atomic_int sleeping;     /* workers waiting on `wake` */
+    atomic_int stop;
+} P = {.mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .call_mu = PTHREAD_MUTEX_INITIALIZER};
 
-/* Take and run tasks of the current job until none are left (caller holds P.mu; released while running). */
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 static void run_tasks(void) {
-    while (P.next < P.n_tasks) {
-        const int i = P.next++;
-        fm_task_fn fn = P.fn;
-        void *ctx = P.ctx;
-        pthread_mutex_unlock(&P.mu);
-        fn(ctx, i);
-        pthread_mutex_lock(&P.mu);
+    for (int i; (i = atomic_fetch_add(&P.next, 1)) < P.n_tasks;) P.fn(P.ctx, i);
+}
+
+/* Wait until generation moves past `seen` (or stop): spin first, then sleep. */
+static void wait_for_job(unsigned long seen) {
+    double until = 0.0;
+    for (unsigned spins = 0; atomic_load(&P.generation) == seen && !atomic_load(&P.stop); spins++) {
+        if ((spins & 1023) == 0) { /* read the clock now and then */
+            const double t = now();
+            if (until == 0.0) until = t + FM_SPIN_SECONDS;
+            else if (t > until) break;
+        }
+        cpu_relax();
     }
+    if (atomic_load(&P.generation) != seen || atomic_load(&P.stop)) return;
+    pthread_mutex_lock(&P.mu);
+    atomic_fetch_add(&P.sleeping, 1); /* seq_cst: the caller's generation store or this store is seen */
+    while (atomic_load(&P.generation) == seen && !atomic_load(&P.stop)) pthread_cond_wait(&P.wake, &P.mu);
+    atomic_fetch_sub(&P.sleeping, 1);
+    pthread_mutex_unlock(&P.mu);
 }
 
 static void *worker(void *arg) {
-    (void)arg;
-    unsigned long seen = 0;
-    pthread_mutex_lock(&P.mu);
+    unsigned long seen = (unsigned long)(uintptr_t)arg; /* the generation when it was created */
     for (;;) {
-        while (!P.stop && P.generation == seen) pthread_cond_wait(&P.wake, &P.mu);
-        if (P.stop) break;
-        seen = P.generation;
-        P.busy++;
+        wait_for_job(seen);
+        if (atomic_load(&P.stop)) break;
+        seen = atomic_load(&P.generation);
         run_tasks();
-        if (--P.busy == 0) pthread_cond_broadcast(&P.idle);
+        atomic_fetch_sub(&P.pending, 1);
     }
-    pthread_mutex_unlock(&P.mu);
     return NULL;
 }
 
 static void stop_workers(void) {
     pthread_mutex_lock(&P.mu);
-    P.stop = 1;
+    atomic_store(&P.stop, 1);
     pthread_cond_broadcast(&P.wake);
     pthread_mutex_unlock(&P.mu);
     for (int i = 0; i < P.n_workers; i++) pthread_join(P.threads[i], NULL);
     P.n_workers = 0;
-    P.stop = 0;
+    atomic_store(&P.stop, 0);
 }
 
 static void ensure_started(void) {
@@ -69,7 +105,8 @@ static void ensure_started(void) {
     }
     const int workers = P.wanted - 1 < MAX_THREADS ? P.wanted - 1 : MAX_THREADS;
     for (int i = 0; i < workers; i++) {
-        if (pthread_create(&P.threads[i], NULL, worker, NULL) != 0) break;
+        void *gen = (void *)(uintptr_t)atomic_load(&P.generation);
+        if (pthread_create(&P.threads[i], NULL, worker, gen) != 0) break;
         P.n_workers++;
     }
 }
@@ -99,15 +136,18 @@ void fm_parallel_for(int n, fm_task_fn fn, void *ctx) {
         for (int i = 0; i < n; i++) fn(ctx, i);
         return;
     }
-    pthread_mutex_lock(&P.mu);
     P.fn = fn;
     P.ctx = ctx;
     P.n_tasks = n;
-    P.next = 0;
-    P.generation++;
-    pthread_cond_broadcast(&P.wake);
+    atomic_store(&P.next, 0);
+    atomic_store(&P.pending, P.n_workers);
+    atomic_fetch_add(&P.generation, 1); /* publishes the job (seq_cst) */
+    if (atomic_load(&P.sleeping) > 0) {
+        pthread_mutex_lock(&P.mu);
+        pthread_cond_broadcast(&P.wake);
+        pthread_mutex_unlock(&P.mu);
+    }
     run_tasks();
-    while (P.busy > 0) pthread_cond_wait(&P.idle, &P.mu);
-    pthread_mutex_unlock(&P.mu);
+    while (atomic_load(&P.pending) > 0) cpu_relax();
     pthread_mutex_unlock(&P.call_mu);
 }
