@@ -21,12 +21,26 @@ def memory_plan(path, **options):
     return _plan(path, **options)
 
 
-def __getattr__(name):
-    if name == "Model":
-        from .model import Model
+def parse_tool_calls(text, tools=None):
+    """(content, tool_calls) from model output text: Qwen3.5's XML tool calls (arguments typed by the
+    tools' JSON schemas) and Qwen3-Next's JSON ones, in the OpenAI shape; malformed calls stay content."""
+    from .tool_calls import parse_tool_calls as _parse
 
-        return Model
+    return _parse(text, tools)
+
+
+_LAZY = {"Model": "model", "SamplingParams": "model", "AssistantMessage": "model", "Tokenizer": "tokenizer",
+         "GenerationResult": "generation", "GenerationChunk": "generation"}
+
+
+def __getattr__(name):
+    if name in _LAZY:  # imported on first use: `import flashmoe` stays light
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)
 
 
-__all__ = ["ConversionError", "ContextLengthError", "FlashMoEError", "MemoryBudgetError", "ReadError", "FormatError", "Model", "convert", "load", "memory_plan", "__version__"]
+__all__ = ["AssistantMessage", "ConversionError", "ContextLengthError", "FlashMoEError", "FormatError",
+           "GenerationChunk", "GenerationResult", "MemoryBudgetError", "Model", "ReadError", "SamplingParams",
+           "Tokenizer", "convert", "load", "memory_plan", "parse_tool_calls", "__version__"]

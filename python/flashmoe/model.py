@@ -87,7 +87,7 @@ def _eos_ids(cfg: dict) -> list[int]:
 
 
 def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", prefetch: bool = True,
-               io_threads: int = 8, context_length: int | None = None, prefill_chunk: int = 128,
+               io_threads: int = 8, context_length: int | None = None, prefill_chunk: int | None = None,
                expert_cache_slots: int | None = None, verify_checksums: bool = False,
                int8_activations: bool = True):
     """The validated header and the load spec the C core takes (csrc/python/module.cpp: to_spec)."""
@@ -99,7 +99,7 @@ def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", pre
         context_length = min(int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
     if context_length < 1:
         raise ValueError(f"context_length must be >= 1, got {context_length}")
-    if prefill_chunk < 1:
+    if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if cache_policy not in CACHE_POLICIES:
         raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
@@ -126,7 +126,7 @@ def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", pre
         "expert_stride": ex["stride"],
         "expert_tensors": [_desc(n, ex["tensors"][n]) for n in EXPERT_NAMES],
         "context_length": int(context_length),
-        "prefill_chunk": int(prefill_chunk),
+        "prefill_chunk": int(prefill_chunk or 128),
         "memory_budget": parse_size(memory_budget) if memory_budget is not None else 0,
         "expert_cache_slots": int(expert_cache_slots or 0),
         "cache_policy": CACHE_POLICIES[cache_policy],
@@ -135,7 +135,26 @@ def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", pre
         "verify_checksums": bool(verify_checksums),
         "int8_activations": bool(int8_activations),
     }
+    if prefill_chunk is None:
+        spec["prefill_chunk"] = _auto_prefill_chunk(spec)
     return header, spec
+
+
+def _auto_prefill_chunk(spec: dict) -> int:
+    """The largest prompt chunk of 512, 256 and 128 tokens whose scratch costs at most a tenth of the
+    expert cache. A bigger chunk gives each expert more of its tokens per read and moves them onto the
+    register-tiled kernel (prompt 115 -> 191 tok/s from 128 to 512 at the 35B shape, bench/RESULTS.md),
+    but its scratch comes out of the memory budget, i.e. out of the expert cache."""
+    from . import _core
+
+    for chunk in (512, 256):
+        try:
+            plan = _core.plan_memory({**spec, "prefill_chunk": chunk})
+        except FlashMoEError:  # the budget does not even fit this chunk's scratch
+            continue
+        if plan["scratch_bytes"] <= plan["expert_cache_bytes"] / 10:
+            return chunk
+    return 128
 
 
 def memory_plan(path, **options) -> dict:
@@ -231,7 +250,8 @@ class Model:
       io_threads          concurrent expert reads (default 8)
       threads             compute threads (process-wide; default: one per CPU core)
       context_length      tokens of KV cache (default min(max_position_embeddings, 4096))
-      prefill_chunk       tokens processed per chunk of a prompt (default 128)
+      prefill_chunk       tokens processed per chunk of a prompt (default: 512, 256 or 128, the largest
+                          whose scratch costs at most a tenth of the expert cache)
       expert_cache_slots  cap the expert cache at this many experts (default: what the budget holds)
       verify_checksums    check each expert blob's CRC-32 the first time it is read
       prompt_cache        snapshots of earlier prompt states kept for reuse by generate/chat (default 4;
