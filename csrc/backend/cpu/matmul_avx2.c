@@ -171,16 +171,6 @@ static inline __m256i q4_bytes32(const uint8_t *q) {
                             _mm256_set1_epi8(0x0F));
 }
 
-/* Σ q·xq of one q4 group as 8 int32 lanes. maddubs pairs are at most 2·15·127, so the group's (at most
- * 8, ops.h) blocks are summed in int16 before widening. */
-static inline __m256i q4_group_idot(const uint8_t *q, const int8_t *xq, int gs) {
-    __m256i p = _mm256_maddubs_epi16(q4_bytes32(q), _mm256_loadu_si256((const __m256i *)xq));
-    for (int b = 1; b < gs / 32; b++)
-        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q4_bytes32(q + 16 * b),
-                                                      _mm256_loadu_si256((const __m256i *)(xq + 32 * b))));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-}
-
 /* Σ (q - 128)·xq of one q8 group: maddubs multiplies unsigned by signed bytes, so it takes |q - 128| and
  * xq carrying the sign of q - 128 (pairs at most 2·128·127, no saturation); callers add 128·Σ xq. */
 static inline __m256i q8_group_idot(const uint8_t *q, const int8_t *xq, int gs) {
@@ -195,88 +185,94 @@ static inline __m256i q8_group_idot(const uint8_t *q, const int8_t *xq, int gs) 
     return acc;
 }
 
-/* Row r against one token's int8 activations: Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), where for q8
- * Σ q·xq = Σ (q - 128)·xq + 128·Σ xq: the offset joins the bias, b' = bias + 128·scale. Groups go 8 at
- * a time so the fp16 scales and biases convert in one instruction each; q4 is a constant after
- * inlining, so each format gets its own loop. */
-static inline __attribute__((always_inline)) float int8_row_dot_t(const fm_mat *w, int r, const int8_t *xq,
-                                                                  const float *xd, const float *xqs, const int q4) {
+/* G <= 8 floats or fp16 values as a vector, zero-filled past G (the last groups of a row). */
+static inline __m256 load8(const float *p, int G) {
+    if (G == 8) return _mm256_loadu_ps(p);
+    float t[8] = {0};
+    for (int k = 0; k < G; k++) t[k] = p[k];
+    return _mm256_loadu_ps(t);
+}
+static inline __m256 load8h(const uint16_t *p, int G) {
+    if (G == 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    uint16_t t[8] = {0};
+    for (int k = 0; k < G; k++) t[k] = p[k];
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+}
+
+/* Row r against TT tokens' int8 activations (tokens t0 ..): out[t] = Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq),
+ * where for q8 Σ q·xq = Σ (q - 128)·xq + 128·Σ xq, so the offset joins the bias: b' = bias + 128·scale.
+ * Groups go 8 at a time so the fp16 scales and biases convert in one instruction each; each q4 block is
+ * unpacked once for all the tokens. TT and q4 are constants after inlining: one loop per case. */
+static inline __attribute__((always_inline)) void int8_rows_t(const fm_mat *w, int r, const fm_matmul_args *a,
+                                                              int t0, float *out, const int TT, const int q4) {
     const int n = w->cols, gs = w->group_size, ng = n / gs;
     const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (q4 ? n / 2 : n);
     const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    const int8_t *xq[4];
+    const float *xd[4], *xqs[4];
+    for (int t = 0; t < TT; t++) {
+        xq[t] = a->xq + (size_t)(t0 + t) * n;
+        xd[t] = a->xd + (size_t)(t0 + t) * ng;
+        xqs[t] = a->xqs + (size_t)(t0 + t) * ng;
+    }
     const __m256 off = _mm256_set1_ps(q4 ? 0.0f : 128.0f);
-    __m256 acc = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
-    float d[8];
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4], accb[4];
+    for (int t = 0; t < TT; t++) acc[t] = accb[t] = _mm256_setzero_ps();
+    float d[4][8];
     for (int g0 = 0; g0 < ng; g0 += 8) {
         const int G = ng - g0 < 8 ? ng - g0 : 8;
-        __m256 s, b;
-        if (G == 8) {
-            s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g0)));
-            b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bi + g0)));
-        } else {
-            float ts[8] = {0}, tb[8] = {0};
-            for (int k = 0; k < G; k++) ts[k] = fm_f16_to_f32(sc[g0 + k]), tb[k] = fm_f16_to_f32(bi[g0 + k]);
-            s = _mm256_loadu_ps(ts), b = _mm256_loadu_ps(tb);
+        const __m256 s = load8h(sc + g0, G), b = _mm256_fmadd_ps(off, s, load8h(bi + g0, G));
+        for (int t = 0; t < TT; t++) {
+            const __m256 dx = load8(xd[t] + g0, G);
+            accb[t] = _mm256_fmadd_ps(_mm256_mul_ps(b, dx), load8(xqs[t] + g0, G), accb[t]);
+            _mm256_storeu_ps(d[t], _mm256_mul_ps(s, dx));
         }
-        __m256 dx, sq;
-        if (G == 8) {
-            dx = _mm256_loadu_ps(xd + g0), sq = _mm256_loadu_ps(xqs + g0);
-        } else {
-            float tx[8] = {0}, tq[8] = {0};
-            for (int k = 0; k < G; k++) tx[k] = xd[g0 + k], tq[k] = xqs[g0 + k];
-            dx = _mm256_loadu_ps(tx), sq = _mm256_loadu_ps(tq);
-        }
-        accb = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_fmadd_ps(off, s, b), dx), sq, accb);
-        _mm256_storeu_ps(d, _mm256_mul_ps(s, dx));
         for (int k = 0; k < G; k++) {
             const int g = g0 + k;
-            const __m256i dot = q4 ? q4_group_idot(row + g * gs / 2, xq + g * gs, gs)
-                                   : q8_group_idot(row + g * gs, xq + g * gs, gs);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[k]), acc);
-        }
-    }
-    return hsum(_mm256_add_ps(acc, accb));
-}
-
-static float int8_row_dot(const fm_mat *w, int r, const int8_t *xq, const float *xd, const float *xqs) {
-    return w->dtype == FM_Q4 ? int8_row_dot_t(w, r, xq, xd, xqs, 1) : int8_row_dot_t(w, r, xq, xd, xqs, 0);
-}
-
-/* The same for TT <= 4 tokens at once: each q4 block is unpacked once for all of them. */
-static void int8_row_dot_multi(const fm_mat *w, int r, const fm_matmul_args *a, int t0, int TT, float out[4]) {
-    const int n = w->cols, gs = w->group_size, ng = n / gs;
-    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (w->dtype == FM_Q4 ? n / 2 : n);
-    float sc[ng], bi[ng];
-    f16_to_f32_n(w->scales + (size_t)r * ng, sc, ng);
-    f16_to_f32_n(w->biases + (size_t)r * ng, bi, ng);
-    const int8_t *xq[4];
-    const float *xd[4];
-    for (int t = 0; t < TT; t++) xq[t] = a->xq + (size_t)(t0 + t) * n, xd[t] = a->xd + (size_t)(t0 + t) * ng;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    float bias[4] = {0, 0, 0, 0};
-    for (int g = 0; g < ng; g++) {
-        __m256i dot[4];
-        if (w->dtype == FM_Q4) {
-            __m256i p[4];
-            for (int t = 0; t < TT; t++) p[t] = _mm256_setzero_si256();
-            for (int b = 0; b < gs / 32; b++) {
-                const __m256i wq = q4_bytes32(row + g * gs / 2 + 16 * b);
+            __m256i dot[4];
+            if (q4) {
+                __m256i p[4];
+                const __m256i w0 = q4_bytes32(row + g * gs / 2);
                 for (int t = 0; t < TT; t++)
-                    p[t] = _mm256_add_epi16(p[t], _mm256_maddubs_epi16(wq, _mm256_loadu_si256(
-                                                                           (const __m256i *)(xq[t] + g * gs + 32 * b))));
+                    p[t] = _mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)(xq[t] + g * gs)));
+                for (int blk = 1; blk < gs / 32; blk++) { /* <= 8 blocks (ops.h): int16 sums do not overflow */
+                    const __m256i wq = q4_bytes32(row + g * gs / 2 + 16 * blk);
+                    for (int t = 0; t < TT; t++)
+                        p[t] = _mm256_add_epi16(p[t], _mm256_maddubs_epi16(wq, _mm256_loadu_si256(
+                                                                               (const __m256i *)(xq[t] + g * gs + 32 * blk))));
+                }
+                for (int t = 0; t < TT; t++) dot[t] = _mm256_madd_epi16(p[t], ones);
+            } else {
+                for (int t = 0; t < TT; t++) dot[t] = q8_group_idot(row + g * gs, xq[t] + g * gs, gs);
             }
-            for (int t = 0; t < TT; t++) dot[t] = _mm256_madd_epi16(p[t], ones); /* <= 8 blocks: ops.h */
-        } else {
-            for (int t = 0; t < TT; t++) dot[t] = q8_group_idot(row + g * gs, xq[t] + g * gs, gs);
-        }
-        const float b = bi[g] + (w->dtype == FM_Q8 ? 128.0f * sc[g] : 0.0f); /* q8: the -128 offset */
-        for (int t = 0; t < TT; t++) {
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_set1_ps(sc[g] * xd[t][g]), acc[t]);
-            bias[t] += b * xd[t][g] * a->xqs[(size_t)(t0 + t) * ng + g];
+            for (int t = 0; t < TT; t++)
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_set1_ps(d[t][k]), acc[t]);
         }
     }
-    for (int t = 0; t < TT; t++) out[t] = hsum(acc[t]) + bias[t];
+    for (int t = 0; t < TT; t++) out[t] = hsum(_mm256_add_ps(acc[t], accb[t]));
+}
+
+/* Rows [r0, r1) against all T tokens, in groups of up to 4 tokens. */
+static void int8_rows(const fm_matmul_args *a, int r0, int r1) {
+    const fm_mat *w = a->w;
+    const int m = w->rows, T = a->T, q4 = w->dtype == FM_Q4;
+    for (int r = r0; r < r1; r++)
+        for (int tb = 0; tb < T; tb += 4) {
+            float out[4];
+            const int TT = T - tb < 4 ? T - tb : 4;
+            switch (TT * 2 + q4) {
+            case 2: int8_rows_t(w, r, a, tb, out, 1, 0); break;
+            case 3: int8_rows_t(w, r, a, tb, out, 1, 1); break;
+            case 4: int8_rows_t(w, r, a, tb, out, 2, 0); break;
+            case 5: int8_rows_t(w, r, a, tb, out, 2, 1); break;
+            case 6: int8_rows_t(w, r, a, tb, out, 3, 0); break;
+            case 7: int8_rows_t(w, r, a, tb, out, 3, 1); break;
+            case 8: int8_rows_t(w, r, a, tb, out, 4, 0); break;
+            default: int8_rows_t(w, r, a, tb, out, 4, 1); break;
+            }
+            for (int j = 0; j < TT; j++) a->y[(size_t)(tb + j) * m + r] = out[j];
+        }
 }
 
 /* Row r dequantized into out[cols] (q4: in the permuted order). */
@@ -348,19 +344,8 @@ void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
     const fm_mat *w = a->w;
     const int n = w->cols, m = w->rows, T = a->T;
     const float *x = w->dtype == FM_Q4 ? a->xp : a->x; /* q4 works in the permuted order */
-    if (a->xq) { /* int8 activations: one token, or tokens in groups of 4 */
-        for (int r = r0; r < r1; r++) {
-            if (T == 1) {
-                a->y[r] = int8_row_dot(w, r, a->xq, a->xd, a->xqs);
-                continue;
-            }
-            for (int tb = 0; tb < T; tb += 4) {
-                const int TT = T - tb < 4 ? T - tb : 4;
-                float out[4];
-                int8_row_dot_multi(w, r, a, tb, TT, out);
-                for (int j = 0; j < TT; j++) a->y[(size_t)(tb + j) * m + r] = out[j];
-            }
-        }
+    if (a->xq) { /* int8 activations */
+        int8_rows(a, r0, r1);
         return;
     }
     if (a->xsum && T > 1) { /* few tokens, quantized: fused, tokens in groups of 4 */

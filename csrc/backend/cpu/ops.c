@@ -182,7 +182,7 @@ static void quantize_x(const float *x, int n, int gs, int permute, int8_t *xq, f
     for (int g = 0; g < n / gs; g++) {
         const float *xg = x + g * gs;
         float amax = 0.0f;
-        for (int i = 0; i < gs; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        for (int i = 0; i < gs; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax;
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
         for (int i = 0; i < gs; i++) {
