@@ -216,3 +216,28 @@ def test_default_sampling_reads_generation_config(model_dir, tmp_path):
     p = flashmoe.load(d).default_sampling()
     assert (p.temperature, p.top_k, p.top_p) == (0.6, 20, 0.95)
     assert SamplingParams().temperature == 1.0
+
+
+def test_response_prefix_forces_the_start_of_the_answer(model, monkeypatch):
+    import flashmoe.generation as g
+
+    prefix = "<tool_call>\n<function=get_weather>\n"
+    monkeypatch.setattr(g, "run_generation", scripted("<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"))
+    for msg in (model.chat([{"role": "user", "content": "Weather?"}], tools=TOOLS, enable_thinking=False,
+                           response_prefix=prefix),):
+        assert msg.finish_reason == "tool_calls" and msg["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
+    deltas = list(model.stream_chat([{"role": "user", "content": "Weather?"}], tools=TOOLS, enable_thinking=False,
+                                    response_prefix=prefix))
+    calls = [d["tool_calls"][0]["function"] for d in deltas if "tool_calls" in d]
+    assert calls == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    # the prefix is part of the prompt the engine runs
+    seen = {}
+
+    def capture(model_, prompt, params, **kw):
+        seen["prompt"] = prompt
+        yield from scripted("x")(model_, prompt, params)
+
+    monkeypatch.setattr(g, "run_generation", capture)
+    model.chat([{"role": "user", "content": "Weather?"}], enable_thinking=False, response_prefix="Sure")
+    text = model.apply_chat_template([{"role": "user", "content": "Weather?"}], enable_thinking=False) + "Sure"
+    assert seen["prompt"] == model.tokenizer.encode(text)

@@ -524,21 +524,23 @@ class Model:
         return tok.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                        enable_thinking=enable_thinking, **extra)
 
-    def _chat_prompt(self, messages, tools, enable_thinking, template_kwargs):
+    def _chat_prompt(self, messages, tools, enable_thinking, template_kwargs, response_prefix=None):
         from .tool_calls import prompt_opens_think
 
         tok = self._require_tokenizer("chat")
         text = self.apply_chat_template(messages, tools, True, enable_thinking, **(template_kwargs or {}))
+        opened = prompt_opens_think(text)
+        text += response_prefix or ""
         ids = tok.encode(text)
         # Snapshot at the start of the last turn (its <|im_start|>): the next turn's prompt repeats
         # everything before it, even when the template re-renders this turn's answer differently.
         start = tok.token_to_id("<|im_start|>")
         marks = [len(ids) - 1 - ids[::-1].index(start)] if start is not None and start in ids else []
-        return ids, marks, prompt_opens_think(text)
+        return ids, marks, opened
 
     def stream_chat(self, messages, tools=None, enable_thinking: bool | None = None,
                     sampling: SamplingParams | None = None, *, template_kwargs: dict | None = None,
-                    progress=None, **overrides):
+                    response_prefix: str | None = None, progress=None, **overrides):
         """chat() as a stream of OpenAI-style delta dicts: {"reasoning_content": str}, {"content": str},
         {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]}, and last
         {"finish_reason": "stop" | "length" | "tool_calls", "usage": {...}, "stats": {...}}."""
@@ -546,12 +548,13 @@ class Model:
         from .tool_calls import ChatStreamParser
 
         params = self._sampling(sampling, overrides)
-        ids, marks, opened = self._chat_prompt(messages, tools, enable_thinking, template_kwargs)
+        ids, marks, opened = self._chat_prompt(messages, tools, enable_thinking, template_kwargs, response_prefix)
         parser = ChatStreamParser(tools, prompt_opened_think=opened)
         called = False
+        pending = parser.feed(response_prefix) if response_prefix else []
         for c in run_generation(self, ids, params, tokenizer=self.tokenizer, skip_special_tokens=True,
                                 snapshot_at=marks, progress=progress):
-            deltas = parser.feed(c.text) if c.text else []
+            deltas, pending = pending + (parser.feed(c.text) if c.text else []), []
             if c.finish_reason is not None:
                 deltas += parser.finish()
             for d in deltas:
@@ -562,19 +565,21 @@ class Model:
                 yield {"finish_reason": finish, "usage": c.usage, "stats": c.stats}
 
     def chat(self, messages, tools=None, enable_thinking: bool | None = None,
-             sampling: SamplingParams | None = None, *, template_kwargs: dict | None = None, progress=None,
-             **overrides) -> "AssistantMessage":
+             sampling: SamplingParams | None = None, *, template_kwargs: dict | None = None,
+             response_prefix: str | None = None, progress=None, **overrides) -> "AssistantMessage":
         """Answer a conversation: messages and tools in the OpenAI shape, rendered with the model's chat
         template. Returns the assistant message as an OpenAI-shaped dict {"role", "content",
         "reasoning_content" (the <think> part, or None), "tool_calls" (list, each with arguments a JSON
         string)}, which can be appended to messages as is; .finish_reason ("stop", "length",
-        "tool_calls"), .usage and .stats ride along as attributes. Sampling as generate()."""
+        "tool_calls"), .usage and .stats ride along as attributes. Sampling as generate().
+        response_prefix: text the answer is made to start with (appended to the prompt, and part of the
+        parsed answer), e.g. "<tool_call>\n<function=get_weather>\n" to force a call."""
         from .generation import run_generation
         from .tool_calls import parse_chat_response
 
         params = self._sampling(sampling, overrides)
-        ids, marks, opened = self._chat_prompt(messages, tools, enable_thinking, template_kwargs)
-        text = []
+        ids, marks, opened = self._chat_prompt(messages, tools, enable_thinking, template_kwargs, response_prefix)
+        text = [response_prefix or ""]
         for c in run_generation(self, ids, params, tokenizer=self.tokenizer, skip_special_tokens=True,
                                 snapshot_at=marks, progress=progress):
             text.append(c.text)
