@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_run import add_commands
 
     add_commands(sub)
+    from .server import add_serve_command
+
+    add_serve_command(sub)
     return p
 
 
