@@ -12,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["tests/c/test_kernels.c", "csrc/backend/cpu/ops.c", "csrc/core/threads.c", "csrc/core/util.c"]
 FLAGS = ["-std=gnu11", "-O2", "-Icsrc/include"]
+AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+AVX512 = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"]  # runs where present
 
 
 def run_checked(cmd, **kw):
@@ -26,9 +28,10 @@ def test_native_kernels_against_portable(tmp_path):
         pytest.skip("no C compiler or no source tree")
     objs = []
     if platform.machine() in ("x86_64", "AMD64"):
-        obj = tmp_path / "matmul_avx2.o"
-        run_checked([cc, *FLAGS, "-mavx2", "-mfma", "-mf16c", "-c", "csrc/backend/cpu/matmul_avx2.c", "-o", obj])
-        objs.append(obj)
+        for name, flags in (("avx2", AVX2), ("avx512", AVX512)):
+            obj = tmp_path / f"matmul_{name}.o"
+            run_checked([cc, *FLAGS, *flags, "-c", f"csrc/backend/cpu/matmul_{name}.c", "-o", obj])
+            objs.append(obj)
     exe = tmp_path / "test_kernels"
     run_checked([cc, *FLAGS, "-o", exe, *COMMON, *objs, "-lpthread", "-lm"])
     out = run_checked([exe])

@@ -73,13 +73,14 @@ static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs,
 }
 
 int main(void) {
-    const char *isas[] = {"avx2", "neon"};
+    const char *isas[] = {"avx2", "avx512", "neon"};
     int passed = 0, failed = 0;
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < 3; k++) {
         if (!fm_cpu_isa_available(isas[k])) continue;
         printf("kernel variant %s\n", isas[k]);
         const struct { fm_dtype d; int gs; } W[] = {{FM_F32, 0}, {FM_BF16, 0}, {FM_Q8, 16}, {FM_Q8, 64},
-                                                    {FM_Q4, 32}, {FM_Q4, 64}, {FM_Q4, 16}};
+                                                    {FM_Q4, 32}, {FM_Q4, 64}, {FM_Q4, 16},
+                                                    {FM_Q4, 128}, {FM_Q8, 128}};
         const int Ts[] = {1, 3, 11};
         for (size_t i = 0; i < sizeof W / sizeof W[0]; i++)
             for (int t = 0; t < 3; t++)

@@ -29,6 +29,9 @@ void fm_matmul_rows_scalar(const fm_matmul_args *a, int r0, int r1, float *rowbu
 #define FM_HAVE_AVX2_KERNELS 1
 int fm_matmul_avx2_supports(const fm_mat *w);
 void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
+/* AVX-512 VNNI: int8 activations with group sizes that are multiples of 64; the rest goes to AVX2. */
+int fm_matmul_avx512_supports_int8(const fm_mat *w);
+void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
 #endif
 
 #if defined(__aarch64__)

@@ -100,7 +100,7 @@ void fm_matmul_rows_scalar(const fm_matmul_args *a, int r0, int r1, float *rowbu
 
 typedef void (*rows_fn)(const fm_matmul_args *, int, int, float *);
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_NEON = 2 };
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_NEON = 2, ISA_AVX512 = 3 };
 static int g_forced_isa = -1; /* -1: the best available */
 
 int fm_cpu_isa_available(const char *name) {
@@ -109,6 +109,13 @@ int fm_cpu_isa_available(const char *name) {
     if (strcmp(name, "avx2") == 0) {
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    if (strcmp(name, "avx512") == 0) { /* AVX-512 VNNI for the int8 kernels, AVX2 for the rest */
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512vnni");
     }
 #endif
 #ifdef FM_HAVE_NEON_KERNELS
@@ -122,6 +129,7 @@ int fm_cpu_set_isa(const char *name) {
     g_forced_isa = strcmp(name, "auto") == 0     ? -1
                    : strcmp(name, "scalar") == 0 ? ISA_SCALAR
                    : strcmp(name, "neon") == 0   ? ISA_NEON
+                   : strcmp(name, "avx512") == 0 ? ISA_AVX512
                                                  : ISA_AVX2;
     return 0;
 }
@@ -130,16 +138,19 @@ static int selected_isa(void) {
     static int best = -1;
     if (best < 0)
         best = getenv("FLASHMOE_NO_SIMD")           ? ISA_SCALAR
+               : fm_cpu_isa_available("avx512") ? ISA_AVX512
                : fm_cpu_isa_available("avx2") ? ISA_AVX2
                : fm_cpu_isa_available("neon") ? ISA_NEON
                                               : ISA_SCALAR;
     return g_forced_isa >= 0 ? g_forced_isa : best;
 }
 
-int fm_cpu_use_avx2(void) { return selected_isa() == ISA_AVX2; }
+int fm_cpu_use_avx2(void) { return selected_isa() == ISA_AVX2 || selected_isa() == ISA_AVX512; }
 
 static rows_fn pick_kernel(const fm_mat *w) {
 #ifdef FM_HAVE_AVX2_KERNELS
+    if (selected_isa() == ISA_AVX512 && fm_matmul_avx2_supports(w))
+        return w->int8_act && fm_matmul_avx512_supports_int8(w) ? fm_matmul_rows_avx512 : fm_matmul_rows_avx2;
     if (selected_isa() == ISA_AVX2 && fm_matmul_avx2_supports(w)) return fm_matmul_rows_avx2;
 #endif
 #ifdef FM_HAVE_NEON_KERNELS

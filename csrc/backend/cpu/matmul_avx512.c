@@ -1,0 +1,119 @@
+/*
+ * matmul_avx512.c — the int8-activation matmul (csrc/backend/ops.h) with AVX-512 VNNI (x86-64).
+ *
+ * Compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512vnni -mavx2 -mfma -mf16c and called
+ * only when the CPU has all of them (ops.c). VNNI's vpdpbusd multiplies 64 unsigned weight bytes by 64
+ * signed activation bytes and adds each four products into an int32 lane in one instruction, with no
+ * int16 intermediate: q8 needs no -128 offset and q4 no shuffle beyond unpacking nibbles. One 512-bit
+ * step covers 64 inputs, so this kernel takes group sizes that are multiples of 64; everything else
+ * (fp32 activations, many tokens, other group sizes) runs the AVX2 kernels.
+ *
+ * q4 layout: 32 bytes hold 64 weights, two 32-element blocks of 16 bytes; xq comes permuted per block
+ * (16 even elements, then 16 odd ones), so the 128-bit lanes [block0 & 15, block0 >> 4, block1 & 15,
+ * block1 >> 4] line up with 64 consecutive xq bytes.
+ *
+ * Checked against the portable kernels by tests/c/test_kernels.c on a CPU that has AVX-512 VNNI.
+ */
+#include <immintrin.h>
+
+#include "../../core/util.h"
+#include "matmul.h"
+
+int fm_matmul_avx512_supports_int8(const fm_mat *w) {
+    return (w->dtype == FM_Q4 || w->dtype == FM_Q8) && w->group_size % 64 == 0;
+}
+
+/* 32 bytes of q4 (64 weights) as 64 unsigned bytes in xq's permuted order. */
+static inline __m512i q4_bytes64(const uint8_t *q) {
+    const __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)q));
+    const __m512i twice = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(1, 1, 0, 0)); /* lanes b0 b0 b1 b1 */
+    const __m512i hi = _mm512_srli_epi16(twice, 4);
+    return _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, twice, hi), _mm512_set1_epi8(0x0F));
+}
+
+static inline __m256 load8(const float *p, int G) {
+    if (G == 8) return _mm256_loadu_ps(p);
+    float t[8] = {0};
+    for (int k = 0; k < G; k++) t[k] = p[k];
+    return _mm256_loadu_ps(t);
+}
+static inline __m256 load8h(const uint16_t *p, int G) {
+    if (G == 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    uint16_t t[8] = {0};
+    for (int k = 0; k < G; k++) t[k] = p[k];
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+}
+
+/* Row r against TT tokens (t0 ..): out[t] = Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq). TT and q4 are
+ * constants after inlining. */
+static inline __attribute__((always_inline)) void rows_t(const fm_mat *w, int r, const fm_matmul_args *a, int t0,
+                                                         float *out, const int TT, const int q4) {
+    const int n = w->cols, gs = w->group_size, ng = n / gs;
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (q4 ? n / 2 : n);
+    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    const int8_t *xq[4];
+    const float *xd[4], *xqs[4];
+    for (int t = 0; t < TT; t++) {
+        xq[t] = a->xq + (size_t)(t0 + t) * n;
+        xd[t] = a->xd + (size_t)(t0 + t) * ng;
+        xqs[t] = a->xqs + (size_t)(t0 + t) * ng;
+    }
+    __m512 acc[4];
+    __m256 accb[4];
+    for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps(), accb[t] = _mm256_setzero_ps();
+    float d[4][8];
+    for (int g0 = 0; g0 < ng; g0 += 8) {
+        const int G = ng - g0 < 8 ? ng - g0 : 8;
+        const __m256 s = load8h(sc + g0, G), b = load8h(bi + g0, G);
+        for (int t = 0; t < TT; t++) {
+            const __m256 dx = load8(xd[t] + g0, G);
+            accb[t] = _mm256_fmadd_ps(_mm256_mul_ps(b, dx), load8(xqs[t] + g0, G), accb[t]);
+            _mm256_storeu_ps(d[t], _mm256_mul_ps(s, dx));
+        }
+        for (int k = 0; k < G; k++) {
+            const int g = g0 + k;
+            __m512i dot[4];
+            for (int t = 0; t < TT; t++) dot[t] = _mm512_setzero_si512();
+            for (int i = 0; i < gs; i += 64) {
+                const __m512i wq = q4 ? q4_bytes64(row + (g * gs + i) / 2)
+                                      : _mm512_loadu_si512((const void *)(row + g * gs + i));
+                for (int t = 0; t < TT; t++)
+                    dot[t] = _mm512_dpbusd_epi32(dot[t], wq, _mm512_loadu_si512((const void *)(xq[t] + g * gs + i)));
+            }
+            for (int t = 0; t < TT; t++)
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t]), _mm512_set1_ps(d[t][k]), acc[t]);
+        }
+    }
+    for (int t = 0; t < TT; t++) {
+        const __m256 v = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(acc[t]), _mm512_extractf32x8_ps(acc[t], 1)),
+                                       accb[t]);
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        out[t] = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+    }
+}
+
+void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbuf) {
+    const fm_mat *w = a->w;
+    if (!a->xq) { /* fp32 activations: the AVX2 kernels */
+        fm_matmul_rows_avx2(a, r0, r1, rowbuf);
+        return;
+    }
+    const int m = w->rows, T = a->T, q4 = w->dtype == FM_Q4;
+    for (int r = r0; r < r1; r++)
+        for (int tb = 0; tb < T; tb += 4) {
+            float out[4];
+            const int TT = T - tb < 4 ? T - tb : 4;
+            switch (TT * 2 + q4) {
+            case 2: rows_t(w, r, a, tb, out, 1, 0); break;
+            case 3: rows_t(w, r, a, tb, out, 1, 1); break;
+            case 4: rows_t(w, r, a, tb, out, 2, 0); break;
+            case 5: rows_t(w, r, a, tb, out, 2, 1); break;
+            case 6: rows_t(w, r, a, tb, out, 3, 0); break;
+            case 7: rows_t(w, r, a, tb, out, 3, 1); break;
+            case 8: rows_t(w, r, a, tb, out, 4, 0); break;
+            default: rows_t(w, r, a, tb, out, 4, 1); break;
+            }
+            for (int j = 0; j < TT; j++) a->y[(size_t)(tb + j) * m + r] = out[j];
+        }
+}
