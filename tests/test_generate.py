@@ -241,3 +241,13 @@ def test_response_prefix_forces_the_start_of_the_answer(model, monkeypatch):
     model.chat([{"role": "user", "content": "Weather?"}], enable_thinking=False, response_prefix="Sure")
     text = model.apply_chat_template([{"role": "user", "content": "Weather?"}], enable_thinking=False) + "Sure"
     assert seen["prompt"] == model.tokenizer.encode(text)
+
+
+def test_the_result_says_which_stop_ended_it(model):
+    ref = model.generate("Tell me a story", max_tokens=24, stop_token_ids=[], **GREEDY)
+    stop = ref.text[len(ref.text) // 2: len(ref.text) // 2 + 3]
+    r = model.generate("Tell me a story", max_tokens=24, stop=["zzzz", stop], stop_token_ids=[], **GREEDY)
+    assert r.finish_reason == "stop" and r.stop == stop
+    r = model.generate("Tell me a story", max_tokens=24, stop_token_ids=[ref.token_ids[2]], **GREEDY)
+    assert r.finish_reason == "stop" and r.stop == ref.token_ids[2]
+    assert model.generate("Tell me a story", max_tokens=3, stop_token_ids=[], **GREEDY).stop is None

@@ -28,6 +28,7 @@ class GenerationResult:
     finish_reason: str
     usage: dict = field(default_factory=dict)   # prompt_tokens, completion_tokens, total_tokens, cached_tokens
     stats: dict = field(default_factory=dict)   # prompt/decode seconds and tokens/s, expert hit rate, read GB/s
+    stop: str | int | None = None               # the stop string or stop token id that ended it, if any
 
 
 @dataclass
@@ -41,6 +42,7 @@ class GenerationChunk:
     finish_reason: str | None = None
     usage: dict | None = None
     stats: dict | None = None
+    stop: str | int | None = None  # what ended it with "stop": the stop string, or the stop token id
 
 
 class PromptCache:
@@ -171,21 +173,23 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
     decoder = tokenizer.stream_decoder(skip_special_tokens=skip_special_tokens) if tokenizer else None
     out: list[int] = []
     text, emitted, n_yielded = "", 0, 0
-    finish, cut = None, False
+    finish, cut, matched = None, False, None
 
-    def stop_cut(s: str) -> int:
-        return min((i for i in (s.find(x) for x in params.stop) if i >= 0), default=-1)
+    def stop_cut(s: str) -> tuple[int, str | None]:
+        """Where the first stop string starts in s (-1: none), and which one."""
+        hits = [(i, x) for i, x in ((s.find(x), x) for x in params.stop) if i >= 0]
+        return min(hits) if hits else (-1, None)
 
     while True:
         if token in stop_ids:
-            finish = "stop"
+            finish, matched = "stop", token
             break
         out.append(token)
         if decoder is not None:
             text += decoder.push(token)
-            i = stop_cut(text) if params.stop else -1
+            i, hit = stop_cut(text) if params.stop else (-1, None)
             if i >= 0:
-                text, finish, cut = text[:i], "stop", True
+                text, finish, cut, matched = text[:i], "stop", True, hit
                 break
         if len(out) >= params.max_tokens or model.position >= ctx:  # no room for the sampled token
             finish = "length"
@@ -196,9 +200,9 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
         token = cache.step(token, sampler)
     if decoder is not None and not cut:
         text += decoder.flush()
-        i = stop_cut(text) if params.stop else -1
+        i, hit = stop_cut(text) if params.stop else (-1, None)
         if i >= 0:
-            text, finish = text[:i], "stop"
+            text, finish, matched = text[:i], "stop", hit
     t2 = time.perf_counter()
 
     usage = {"prompt_tokens": len(prompt), "completion_tokens": len(out),
@@ -214,4 +218,4 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
              "expert_hit_rate": hits / (hits + misses) if hits + misses else 1.0,
              "bytes_read": read, "read_gbps": read / (t2 - t0) / 1e9 if t2 > t0 else 0.0}
     model._last_generation = (usage, stats)
-    yield GenerationChunk(text[emitted:], out[n_yielded:], finish, usage, stats)
+    yield GenerationChunk(text[emitted:], out[n_yielded:], finish, usage, stats, matched)

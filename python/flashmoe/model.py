@@ -514,7 +514,7 @@ class Model:
         for c in self.stream(prompt, sampling, **kwargs):
             text.append(c.text)
             ids.extend(c.token_ids)
-        return GenerationResult("".join(text), ids, c.finish_reason, c.usage, c.stats)
+        return GenerationResult("".join(text), ids, c.finish_reason, c.usage, c.stats, c.stop)
 
     def apply_chat_template(self, messages, tools=None, add_generation_prompt: bool = True,
                             enable_thinking: bool | None = None, **extra) -> str:
@@ -543,7 +543,8 @@ class Model:
                     response_prefix: str | None = None, progress=None, **overrides):
         """chat() as a stream of OpenAI-style delta dicts: {"reasoning_content": str}, {"content": str},
         {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]}, and last
-        {"finish_reason": "stop" | "length" | "tool_calls", "usage": {...}, "stats": {...}}."""
+        {"finish_reason": "stop" | "length" | "tool_calls", "usage": {...}, "stats": {...}, "stop": the stop
+        string or stop token id that ended it, or None}."""
         from .generation import run_generation
         from .tool_calls import ChatStreamParser
 
@@ -562,7 +563,7 @@ class Model:
                 yield d
             if c.finish_reason is not None:
                 finish = "tool_calls" if called and c.finish_reason == "stop" else c.finish_reason
-                yield {"finish_reason": finish, "usage": c.usage, "stats": c.stats}
+                yield {"finish_reason": finish, "usage": c.usage, "stats": c.stats, "stop": c.stop}
 
     def chat(self, messages, tools=None, enable_thinking: bool | None = None,
              sampling: SamplingParams | None = None, *, template_kwargs: dict | None = None,

@@ -209,8 +209,8 @@ def _stop(job: ChatJob, filt: DeltaFilter, finish: str) -> tuple[str, str | None
         return "tool_use", None
     if finish == "length":
         return "max_tokens", None
-    if filt.stop_string and job.params.stop:
-        return "stop_sequence", job.params.stop[0]  # which one is not reported by the engine
+    if filt.stop_string:
+        return "stop_sequence", filt.stop_string
     return "end_turn", None
 
 

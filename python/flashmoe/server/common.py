@@ -244,8 +244,7 @@ class ChatJob:
     count_prompt: bool = False  # first item: {"prompt_tokens": n} (Anthropic's message_start)
 
     def work(self, model):
-        """The function the engine runs: yields stream_chat deltas, the last one with `position` (the
-        engine's position when generation ended, which tells a stop string from a stop token)."""
+        """The function the engine runs: yields stream_chat deltas (the last one says which stop ended it)."""
 
         def run(job):
             if self.count_prompt:
@@ -262,8 +261,6 @@ class ChatJob:
                 response_prefix=self.response_prefix,
                 progress=job.progress,
             ):
-                if "finish_reason" in d:
-                    d = {**d, "position": model.position}
                 yield d
 
         return run
@@ -280,7 +277,7 @@ class DeltaFilter:
         self.job = job
         self.held: dict | None = None
         self.n_calls = 0
-        self.stop_string = False
+        self.stop_string: str | None = None
 
     def feed(self, d: dict) -> list[dict]:
         out = []
@@ -311,13 +308,8 @@ class DeltaFilter:
                 d["finish_reason"] = "stop"
             elif d["finish_reason"] == "stop" and self.n_calls and not self.job.drop_tool_calls:
                 d["finish_reason"] = "tool_calls"  # a call recovered from an unclosed block
-            usage = d.get("usage") or {}
-            # the stop string's last token is sampled, not run: the engine ends one short of the tokens
-            self.stop_string = (
-                d["finish_reason"] == "stop"
-                and "position" in d
-                and d["position"] == usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0) - 1
-            )
+            # the stop string that ended it (Anthropic's stop_sequence), None for a stop token
+            self.stop_string = d.get("stop") if d["finish_reason"] == "stop" and isinstance(d.get("stop"), str) else None
         out.append(d)
         return out
 
