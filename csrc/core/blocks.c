@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "model.h"
+#include "threads.h"
 #include "util.h"
 
 /* ---------------------------------------------------------------- binding */
@@ -180,6 +181,31 @@ static void predict_next(fm_model *m, int next, const float *xn, int T) {
     fm_expert_store_predict(m->experts, next, s->pred, n);
 }
 
+/* One token's experts computed side by side, one expert per pool task (its matvecs then run on that
+ * thread alone): a decode step's expert matvecs are small, and splitting each over the threads costs a
+ * barrier per matvec. Expert j of the batch uses rows j of h1/h2 (which hold a chunk's rows, and the
+ * caller checks the chunk is at least the batch); the result lands in its own ye row, so it is the same
+ * as computing the experts one after the other. */
+typedef struct {
+    fm_model *m;
+    const float *xn;
+    const int *slots, *experts;
+} expert_batch;
+
+static void expert_task(void *ctx, int j) {
+    const expert_batch *B = (const expert_batch *)ctx;
+    fm_scratch *s = &B->m->s;
+    const fm_config *c = &B->m->c;
+    fm_expert ex;
+    fm_expert_store_view(B->m->experts, B->slots[j], &ex);
+    const size_t inter = (size_t)ex.gate.rows;
+    float *h1 = s->h1 + (size_t)j * B->m->scratch_inter, *h2 = s->h2 + (size_t)j * B->m->scratch_inter;
+    fm_op_matmul(&ex.gate, B->xn, 1, h1);
+    fm_op_matmul(&ex.up, B->xn, 1, h2);
+    fm_op_silu_mul(h1, h1, h2, 1, (int)inter);
+    fm_op_matmul(&ex.down, h1, 1, s->ye + (size_t)s->eoff[B->experts[j]] * c->hidden_size);
+}
+
 fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *xn, float *out, int T, int norm_topk) {
     const fm_config *c = &m->c;
     fm_scratch *s = &m->s;
@@ -226,9 +252,34 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
         for (int i = 0; i < H; i++) out[(size_t)t * H + i] *= g;
     }
 
-    /* routed experts, each computed as it arrives on all of its tokens: ye rows [n, H] */
+    /* routed experts, each computed as it arrives on all of its tokens: ye rows [n, H]. One token: the
+     * experts already in memory go side by side, one per thread. */
+    const int batch_ok = T == 1 && k <= m->chunk && fm_threads_get() > 1;
     while (done < n_need) {
         int i;
+        int n_ready = batch_ok ? fm_expert_store_poll(store, s->held, n_held, s->ready) : 0;
+        if (n_ready >= 2) {
+            for (int j = 0; j < n_ready; j++) { /* gather, highest index first so removal keeps the rest */
+                s->batch_slot[j] = s->held[s->ready[j]];
+                s->batch_e[j] = s->held_e[s->ready[j]];
+            }
+            expert_batch B = {m, xn, s->batch_slot, s->batch_e};
+            fm_parallel_for(n_ready, expert_task, &B);
+            for (int j = n_ready - 1; j >= 0; j--) {
+                const int at = s->ready[j];
+                fm_expert_store_release(store, s->held[at]);
+                s->held[at] = s->held[--n_held];
+                s->held_e[at] = s->held_e[n_held];
+            }
+            done += n_ready;
+            for (; next < n_need; next++) {
+                const int slot = fm_expert_store_acquire(store, layer, s->need[next]);
+                if (slot == FM_SLOT_NONE) break;
+                s->held[n_held] = slot;
+                s->held_e[n_held++] = s->need[next];
+            }
+            continue;
+        }
         /* n_held == 0 cannot happen: acquire only fails when the caller pins every slot */
         fm_status st = n_held ? fm_expert_store_wait_any(store, s->held, n_held, &i)
                               : fm_fail(FM_ERR_NOMEM, "layer %d: no expert slot could be freed", layer);

@@ -155,8 +155,9 @@ static size_t layout_scratch(fm_model *m, uint8_t *mem) {
         {(void **)&s->xe, C * H}, {(void **)&s->ye, C * k * H}, {(void **)&s->tok, C * k}, {(void **)&s->row, C * k},
         {(void **)&s->ecount, E + 1}, {(void **)&s->eoff, E + 1}, {(void **)&s->need, E}, {(void **)&s->held, E},
         {(void **)&s->held_e, E}, {(void **)&s->ptopk, k}, {(void **)&s->pw, k}, {(void **)&s->pred, E},
-        {(void **)&s->mark, E},
+        {(void **)&s->mark, E}, {(void **)&s->ready, E}, {(void **)&s->batch_slot, E}, {(void **)&s->batch_e, E},
     };
+    m->scratch_inter = inter;
     size_t total = 0;
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
         if (mem) *parts[i].p = mem + total;

@@ -91,6 +91,7 @@ typedef struct {
     int32_t *need;  /* [E] experts this chunk uses */
     int32_t *held;  /* [E] slot of each acquired expert (parallel to held_e) */
     int32_t *held_e;
+    int32_t *ready, *batch_slot, *batch_e; /* [E] experts computed side by side (fm_block_moe, one token) */
     int32_t *ptopk; /* [k] next layer's predicted experts for one token */
     float *pw;      /* [k] */
     int32_t *pred;  /* [E] next layer's predicted experts for the chunk */
@@ -118,6 +119,7 @@ struct fm_model {
     fm_scratch s;
     void *scratch_mem;
     int ctx, chunk, pos;
+    size_t scratch_inter; /* floats per token row of the h1/h2 scratch */
     fm_memory mem;         /* the budget and where it goes */
     int prefetch;          /* predict the next layer's experts (protect, and read ahead if the store does) */
     uint64_t *usage;       /* [L, E] token-uses of each routed expert */

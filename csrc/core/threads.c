@@ -51,8 +51,12 @@ static double now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+static _Thread_local int tl_in_task; /* this thread is running a task: a nested call runs inline */
+
 static void run_tasks(void) {
+    tl_in_task = 1;
     for (int i; (i = atomic_fetch_add(&P.next, 1)) < P.n_tasks;) P.fn(P.ctx, i);
+    tl_in_task = 0;
 }
 
 /* Wait until generation moves past `seen` (or stop): spin first, then sleep. */
@@ -120,6 +124,7 @@ void fm_threads_set(int n) {
 }
 
 int fm_threads_get(void) {
+    if (tl_in_task) return 1; /* inside a task, this thread is all there is (and call_mu is held) */
     pthread_mutex_lock(&P.call_mu);
     ensure_started();
     const int n = P.n_workers + 1;
@@ -129,6 +134,10 @@ int fm_threads_get(void) {
 
 void fm_parallel_for(int n, fm_task_fn fn, void *ctx) {
     if (n <= 0) return;
+    if (tl_in_task) { /* called from inside a task (an expert's matvec): the pool is busy with the outer job */
+        for (int i = 0; i < n; i++) fn(ctx, i);
+        return;
+    }
     pthread_mutex_lock(&P.call_mu);
     ensure_started();
     if (n == 1 || P.n_workers == 0) {

@@ -3,7 +3,8 @@
  *
  * fm_parallel_for(n, fn, ctx) runs fn(ctx, i) for i in [0, n) on the pool plus the calling thread
  * and returns when all are done. Tasks are handed out with an atomic counter, so uneven tasks
- * balance. Calls from several threads at once are serialised. I/O threads are separate (expert store).
+ * balance. Calls from several threads at once are serialised; a call from inside a task runs its tasks
+ * inline on that thread. I/O threads are separate (expert store).
  */
 #ifndef FM_THREADS_H
 #define FM_THREADS_H

@@ -392,6 +392,15 @@ fm_status fm_expert_store_wait_any(fm_expert_store *s, const int *slots, int n, 
     return st;
 }
 
+int fm_expert_store_poll(fm_expert_store *s, const int *slots, int n, int *ready) {
+    int k = 0;
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < n; i++)
+        if (s->slots[slots[i]].state == SLOT_READY) ready[k++] = i;
+    pthread_mutex_unlock(&s->mu);
+    return k;
+}
+
 static void view(const fm_tensor_desc *d, const uint8_t *blob, int int8_act, fm_mat *m) {
     const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
     m->dtype = d->dtype;

@@ -47,6 +47,9 @@ void fm_expert_store_free(fm_expert_store *s);
 int fm_expert_store_acquire(fm_expert_store *s, int layer, int e);
 /* Block until one of slots[0..n) is ready; *which = its index. Fails if its read failed. */
 fm_status fm_expert_store_wait_any(fm_expert_store *s, const int *slots, int n, int *which);
+/* Without blocking: the indices i of slots[0..n) that are ready to compute now, into ready[]; returns
+ * how many. (A failed read is not reported here: wait_any reports it.) */
+int fm_expert_store_poll(fm_expert_store *s, const int *slots, int n, int *ready);
 void fm_expert_store_view(const fm_expert_store *s, int slot, fm_expert *out);
 void fm_expert_store_release(fm_expert_store *s, int slot);
 

@@ -32,17 +32,26 @@
 
 /* ---------------------------------------------------------------- recurrent form */
 
-void fm_op_gated_delta(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
-                       const float *beta, int T, int Hk, int Hv, int dk, int dv) {
-    const int r = Hv / Hk;
-    float *u = (float *)fm_alloc((size_t)dv * sizeof(float));
-    for (int t = 0; t < T; t++) {
-        for (int h = 0; h < Hv; h++) {
+typedef struct {
+    float *out, *S;
+    const float *q, *k, *v, *g, *beta;
+    int T, Hk, Hv, dk, dv, heads_per_task;
+} recurrent_job;
+
+/* Value heads [h0, h1) through all T tokens: each head's state is its own, so heads split over
+ * threads give the same numbers as one thread. */
+static void recurrent_task(void *ctx, int task) {
+    const recurrent_job *J = (const recurrent_job *)ctx;
+    const int Hk = J->Hk, Hv = J->Hv, dk = J->dk, dv = J->dv, r = Hv / Hk;
+    const int h0 = task * J->heads_per_task, h1 = h0 + J->heads_per_task < Hv ? h0 + J->heads_per_task : Hv;
+    float u[dv];
+    for (int h = h0; h < h1; h++) {
+        float *Sh = J->S + (size_t)h * dk * dv; /* [dk, dv] */
+        for (int t = 0; t < J->T; t++) {
             const int kh = h / r;
-            const float *qt = q + ((size_t)t * Hk + kh) * dk, *kt = k + ((size_t)t * Hk + kh) * dk;
-            const float *vt = v + ((size_t)t * Hv + h) * dv;
-            const float decay = expf(g[(size_t)t * Hv + h]), b = beta[(size_t)t * Hv + h];
-            float *Sh = S + (size_t)h * dk * dv; /* [dk, dv] */
+            const float *qt = J->q + ((size_t)t * Hk + kh) * dk, *kt = J->k + ((size_t)t * Hk + kh) * dk;
+            const float *vt = J->v + ((size_t)t * Hv + h) * dv;
+            const float decay = expf(J->g[(size_t)t * Hv + h]), b = J->beta[(size_t)t * Hv + h];
             /* S *= exp(g); u = beta * (v - Sᵀk) */
             for (int j = 0; j < dv; j++) u[j] = 0.0f;
             for (int i = 0; i < dk; i++) {
@@ -54,7 +63,7 @@ void fm_op_gated_delta(float *out, float *S, const float *q, const float *k, con
             }
             for (int j = 0; j < dv; j++) u[j] = (vt[j] - u[j]) * b;
             /* S += k ⊗ u; o = Sᵀq */
-            float *ot = out + ((size_t)t * Hv + h) * dv;
+            float *ot = J->out + ((size_t)t * Hv + h) * dv;
             for (int j = 0; j < dv; j++) ot[j] = 0.0f;
             for (int i = 0; i < dk; i++) {
                 float *Si = Sh + (size_t)i * dv;
@@ -66,7 +75,15 @@ void fm_op_gated_delta(float *out, float *S, const float *q, const float *k, con
             }
         }
     }
-    fm_free(u);
+}
+
+void fm_op_gated_delta(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
+                       const float *beta, int T, int Hk, int Hv, int dk, int dv) {
+    recurrent_job J = {out, S, q, k, v, g, beta, T, Hk, Hv, dk, dv, Hv};
+    /* Decode streams every head's state (2 MB a layer at the 35B shape) twice: worth the pool. */
+    const int tasks = (double)T * Hv * dk * dv < 1e5 ? 1 : (Hv < 2 * fm_threads_get() ? Hv : 2 * fm_threads_get());
+    J.heads_per_task = (Hv + tasks - 1) / tasks;
+    fm_parallel_for((Hv + J.heads_per_task - 1) / J.heads_per_task, recurrent_task, &J);
 }
 
 /* ---------------------------------------------------------------- chunked form: the product */
