@@ -42,7 +42,9 @@ def test_neon_kernels_under_qemu(tmp_path):
     cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
     if cc is None or qemu is None:
         pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user)")
-    exe = tmp_path / "test_kernels_arm64"
-    run_checked([cc, *FLAGS, "-static", "-o", exe, *COMMON, "csrc/backend/cpu/matmul_neon.c", "-lpthread", "-lm"])
-    out = run_checked([qemu, exe])
-    assert "kernel variant neon" in out and out.strip().endswith(" 0 failed"), out
+    exe, dot = tmp_path / "test_kernels_arm64", tmp_path / "matmul_neon_dot.o"
+    run_checked([cc, *FLAGS, "-march=armv8.2-a+dotprod", "-c", "csrc/backend/cpu/matmul_neon_dot.c", "-o", dot])
+    run_checked([cc, *FLAGS, "-static", "-o", exe, *COMMON, "csrc/backend/cpu/matmul_neon.c", dot, "-lpthread", "-lm"])
+    out = run_checked([qemu, "-cpu", "max", exe])  # an emulated CPU with the dot product: both variants run
+    assert "kernel variant neon\n" in out and "kernel variant neondot" in out, out
+    assert out.strip().endswith(" 0 failed"), out

@@ -21,10 +21,11 @@ typedef struct {
 } fm_mat;
 
 /* CPU kernel variants: "scalar" (always), "avx2" (x86-64 with AVX2 + FMA), "avx512" (AVX-512 VNNI for the
- * int8-activation kernels, AVX2 for the rest), "neon" (AArch64). The best
+ * int8-activation kernels, AVX2 for the rest), "neon" (AArch64), "neondot" (the Armv8.2 dot product for the
+ * int8-activation kernels, NEON for the rest). The best
  * one the CPU has is used unless one is forced (tests run every variant). Returns 0, or -1 if
  * unknown/unsupported. */
-int fm_cpu_set_isa(const char *name); /* "auto", "scalar", "avx2", "avx512", "neon" */
+int fm_cpu_set_isa(const char *name); /* "auto", "scalar", "avx2", "avx512", "neon", "neondot" */
 int fm_cpu_isa_available(const char *name);
 int fm_cpu_use_avx2(void); /* kernels should take their AVX2 copy: selected (or best) and present */
 

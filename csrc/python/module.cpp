@@ -437,7 +437,7 @@ static void bind_ops(py::module_ &m) {
     });
     m.def("cpu_isas", []() {
         std::vector<std::string> out;
-        for (const char *isa : {"scalar", "avx2", "avx512", "neon"})
+        for (const char *isa : {"scalar", "avx2", "avx512", "neon", "neondot"})
             if (fm_cpu_isa_available(isa)) out.push_back(isa);
         return out;
     });

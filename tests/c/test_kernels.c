@@ -73,9 +73,9 @@ static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs,
 }
 
 int main(void) {
-    const char *isas[] = {"avx2", "avx512", "neon"};
+    const char *isas[] = {"avx2", "avx512", "neon", "neondot"};
     int passed = 0, failed = 0;
-    for (int k = 0; k < 3; k++) {
+    for (int k = 0; k < 4; k++) {
         if (!fm_cpu_isa_available(isas[k])) continue;
         printf("kernel variant %s\n", isas[k]);
         const struct { fm_dtype d; int gs; } W[] = {{FM_F32, 0}, {FM_BF16, 0}, {FM_Q8, 16}, {FM_Q8, 64},

@@ -38,6 +38,8 @@ void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbu
 #define FM_HAVE_NEON_KERNELS 1
 int fm_matmul_neon_supports(const fm_mat *w);
 void fm_matmul_rows_neon(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
+/* Armv8.2 dot product (SDOT): int8 activations; the rest goes to the NEON kernels. */
+void fm_matmul_rows_neon_dot(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
 #endif
 
 #endif /* FM_CPU_MATMUL_H */

@@ -100,7 +100,26 @@ void fm_matmul_rows_scalar(const fm_matmul_args *a, int r0, int r1, float *rowbu
 
 typedef void (*rows_fn)(const fm_matmul_args *, int, int, float *);
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_NEON = 2, ISA_AVX512 = 3 };
+#ifdef FM_HAVE_NEON_KERNELS /* the Armv8.2 dot-product instructions, asked of the OS */
+#if defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+static int cpu_has_dotprod(void) { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+static int cpu_has_dotprod(void) {
+    int v = 0;
+    size_t n = sizeof v;
+    return sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &n, NULL, 0) == 0 && v;
+}
+#else
+static int cpu_has_dotprod(void) { return 0; }
+#endif
+#endif
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_NEON = 2, ISA_AVX512 = 3, ISA_NEON_DOT = 4 };
 static int g_forced_isa = -1; /* -1: the best available */
 
 int fm_cpu_isa_available(const char *name) {
@@ -120,6 +139,7 @@ int fm_cpu_isa_available(const char *name) {
 #endif
 #ifdef FM_HAVE_NEON_KERNELS
     if (strcmp(name, "neon") == 0) return 1; /* part of every AArch64 CPU */
+    if (strcmp(name, "neondot") == 0) return cpu_has_dotprod();
 #endif
     return 0;
 }
@@ -130,6 +150,7 @@ int fm_cpu_set_isa(const char *name) {
                    : strcmp(name, "scalar") == 0 ? ISA_SCALAR
                    : strcmp(name, "neon") == 0   ? ISA_NEON
                    : strcmp(name, "avx512") == 0 ? ISA_AVX512
+                   : strcmp(name, "neondot") == 0 ? ISA_NEON_DOT
                                                  : ISA_AVX2;
     return 0;
 }
@@ -140,6 +161,7 @@ static int selected_isa(void) {
         best = getenv("FLASHMOE_NO_SIMD")           ? ISA_SCALAR
                : fm_cpu_isa_available("avx512") ? ISA_AVX512
                : fm_cpu_isa_available("avx2") ? ISA_AVX2
+               : fm_cpu_isa_available("neondot") ? ISA_NEON_DOT
                : fm_cpu_isa_available("neon") ? ISA_NEON
                                               : ISA_SCALAR;
     return g_forced_isa >= 0 ? g_forced_isa : best;
@@ -155,6 +177,8 @@ static rows_fn pick_kernel(const fm_mat *w) {
 #endif
 #ifdef FM_HAVE_NEON_KERNELS
     if (selected_isa() == ISA_NEON && fm_matmul_neon_supports(w)) return fm_matmul_rows_neon;
+    if (selected_isa() == ISA_NEON_DOT && fm_matmul_neon_supports(w))
+        return w->int8_act ? fm_matmul_rows_neon_dot : fm_matmul_rows_neon;
 #endif
     (void)w;
     return fm_matmul_rows_scalar;
