@@ -72,15 +72,7 @@ fm_status fm_bind_mat(fm_model *m, const fm_load_spec *spec, fm_mat *out, int ro
     fm_status st = lookup(m, spec, rows, cols, &d, fmt, ap);
     va_end(ap);
     if (st != FM_OK) return st;
-    out->dtype = d->dtype;
-    out->rows = rows;
-    out->cols = cols;
-    out->group_size = d->group_size;
-    out->int8_act = spec->int8_activations;
-    out->data = dense_at(m, d->offset);
-    const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
-    out->scales = quant ? (const uint16_t *)dense_at(m, d->scales_offset) : NULL;
-    out->biases = quant ? (const uint16_t *)dense_at(m, d->biases_offset) : NULL;
+    fm_mat_view(d, m->dense, FM_PREAMBLE_SIZE, spec->int8_activations, out); /* lookup checked [rows, cols] */
     return FM_OK;
 }
 

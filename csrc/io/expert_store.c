@@ -401,23 +401,11 @@ int fm_expert_store_poll(fm_expert_store *s, const int *slots, int n, int *ready
     return k;
 }
 
-static void view(const fm_tensor_desc *d, const uint8_t *blob, int int8_act, fm_mat *m) {
-    const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
-    m->dtype = d->dtype;
-    m->rows = (int)d->shape[0];
-    m->cols = (int)d->shape[1];
-    m->group_size = d->group_size;
-    m->int8_act = int8_act;
-    m->data = blob + d->offset;
-    m->scales = quant ? (const uint16_t *)(blob + d->scales_offset) : NULL;
-    m->biases = quant ? (const uint16_t *)(blob + d->biases_offset) : NULL;
-}
-
 void fm_expert_store_view(const fm_expert_store *s, int slot, fm_expert *out) {
     const uint8_t *blob = s->pool + (size_t)slot * s->stride;
-    view(&s->desc[0], blob, s->int8_act, &out->gate);
-    view(&s->desc[1], blob, s->int8_act, &out->up);
-    view(&s->desc[2], blob, s->int8_act, &out->down);
+    fm_mat_view(&s->desc[0], blob, 0, s->int8_act, &out->gate);
+    fm_mat_view(&s->desc[1], blob, 0, s->int8_act, &out->up);
+    fm_mat_view(&s->desc[2], blob, 0, s->int8_act, &out->down);
 }
 
 void fm_expert_store_release(fm_expert_store *s, int slot) {

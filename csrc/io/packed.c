@@ -94,3 +94,15 @@ uint64_t fm_tensor_scale_bytes(fm_dtype dtype, int64_t rows, int64_t cols, int g
     if (dtype != FM_Q4 && dtype != FM_Q8) return 0;
     return (uint64_t)rows * (uint64_t)(cols / group_size) * 2;
 }
+
+void fm_mat_view(const fm_tensor_desc *d, const uint8_t *base, uint64_t origin, int int8_act, fm_mat *out) {
+    const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
+    out->dtype = d->dtype;
+    out->rows = (int)d->shape[0];
+    out->cols = d->ndim == 2 ? (int)d->shape[1] : 1;
+    out->group_size = d->group_size;
+    out->int8_act = int8_act;
+    out->data = base + (d->offset - origin);
+    out->scales = quant ? (const uint16_t *)(base + (d->scales_offset - origin)) : NULL;
+    out->biases = quant ? (const uint16_t *)(base + (d->biases_offset - origin)) : NULL;
+}

@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include "flashmoe.h"
+#include "../backend/ops.h"
 
 enum {
     FM_PREAMBLE_SIZE = 16384,
@@ -25,5 +26,9 @@ fm_status fm_packed_read_dense(const char *path, uint64_t size, uint8_t **out);
 /* Size in bytes of the data of a tensor, and of each of its scales/biases arrays (0 if unquantized). */
 uint64_t fm_tensor_data_bytes(fm_dtype dtype, int64_t rows, int64_t cols);
 uint64_t fm_tensor_scale_bytes(fm_dtype dtype, int64_t rows, int64_t cols, int group_size);
+
+/* The fm_mat view of tensor d in a buffer whose first byte is file offset `origin` (the dense buffer:
+ * FM_PREAMBLE_SIZE; an expert blob: 0, its offsets being relative to the blob). */
+void fm_mat_view(const fm_tensor_desc *d, const uint8_t *base, uint64_t origin, int int8_act, fm_mat *out);
 
 #endif /* FM_PACKED_H */
