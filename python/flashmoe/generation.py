@@ -175,9 +175,13 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
     text, emitted, n_yielded = "", 0, 0
     finish, cut, matched = None, False, None
 
-    def stop_cut(s: str) -> tuple[int, str | None]:
-        """Where the first stop string starts in s (-1: none), and which one."""
-        hits = [(i, x) for i, x in ((s.find(x), x) for x in params.stop) if i >= 0]
+    longest = max((len(x) for x in params.stop), default=0)
+
+    def stop_cut(s: str, start: int) -> tuple[int, str | None]:
+        """Where the first stop string starts in s (-1: none), and which one; only a match ending past
+        `start` is new, so each token's search covers its own text and a stop string's length before it."""
+        frm = max(0, start - longest + 1)
+        hits = [(i, x) for i, x in ((s.find(x, frm), x) for x in params.stop) if i >= 0]
         return min(hits) if hits else (-1, None)
 
     while True:
@@ -186,8 +190,9 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
             break
         out.append(token)
         if decoder is not None:
+            seen = len(text)
             text += decoder.push(token)
-            i, hit = stop_cut(text) if params.stop else (-1, None)
+            i, hit = stop_cut(text, seen) if params.stop else (-1, None)
             if i >= 0:
                 text, finish, cut, matched = text[:i], "stop", True, hit
                 break
@@ -199,8 +204,9 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
         emitted, n_yielded = max(emitted, safe), len(out)
         token = cache.step(token, sampler)
     if decoder is not None and not cut:
+        seen = len(text)
         text += decoder.flush()
-        i, hit = stop_cut(text) if params.stop else (-1, None)
+        i, hit = stop_cut(text, seen) if params.stop else (-1, None)
         if i >= 0:
             text, finish, matched = text[:i], "stop", hit
     t2 = time.perf_counter()

@@ -462,18 +462,15 @@ class Model:
     def default_sampling(self) -> SamplingParams:
         """The model's recommended sampling (generation_config.json: temperature, top_k, top_p, min_p,
         repetition_penalty), else SamplingParams() defaults."""
-        path = os.path.join(self.path, "generation_config.json")
-        params = SamplingParams()
-        if os.path.exists(path):
-            import json
+        from .tokenizer import read_json
 
-            with open(path, encoding="utf-8") as f:
-                cfg = json.load(f)
-            if cfg.get("do_sample") is False:
-                params.temperature = 0.0
-            for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
-                if cfg.get(k) is not None:
-                    setattr(params, k, type(getattr(params, k))(cfg[k]))
+        cfg = read_json(os.path.join(self.path, "generation_config.json"))  # {} when absent
+        params = SamplingParams()
+        if cfg.get("do_sample") is False:
+            params.temperature = 0.0
+        for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+            if cfg.get(k) is not None:
+                setattr(params, k, type(getattr(params, k))(cfg[k]))
         return params
 
     def _sampling(self, sampling: SamplingParams | None, overrides: dict) -> SamplingParams:

@@ -17,7 +17,7 @@ TOKENIZER_FILE = "tokenizer.json"
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     """The object in `path`, or {} when the file does not exist."""
     if not os.path.isfile(path):
         return {}
@@ -61,7 +61,7 @@ def _load_chat_templates(model_dir: str, tok_config: dict) -> dict[str, str]:
             if isinstance(item, dict) and isinstance(item.get("template"), str):
                 templates[str(item.get("name"))] = item["template"]
     if not templates:
-        legacy = _read_json(os.path.join(model_dir, "chat_template.json")).get("chat_template")
+        legacy = read_json(os.path.join(model_dir, "chat_template.json")).get("chat_template")
         if isinstance(legacy, str):
             templates["default"] = legacy
     folder = os.path.join(model_dir, "chat_templates")
@@ -130,10 +130,10 @@ class Tokenizer:
             backend = _Backend.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON or an unknown model
             raise FormatError(f"{path}: cannot load the tokenizer ({e})") from None
-        config = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
+        config = read_json(os.path.join(model_dir, "tokenizer_config.json"))
         return cls(backend, config,
-                   generation_config=_read_json(os.path.join(model_dir, "generation_config.json")),
-                   model_config=_read_json(os.path.join(model_dir, "config.json")),
+                   generation_config=read_json(os.path.join(model_dir, "generation_config.json")),
+                   model_config=read_json(os.path.join(model_dir, "config.json")),
                    chat_templates=_load_chat_templates(model_dir, config))
 
     @property

@@ -40,6 +40,31 @@ int fm_matmul_neon_supports(const fm_mat *w);
 void fm_matmul_rows_neon(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
 /* Armv8.2 dot product (SDOT): int8 activations; the rest goes to the NEON kernels. */
 void fm_matmul_rows_neon_dot(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
+
+/* Rows [r0, r1) × every token on int8 activations (ops.h): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), with
+ * Σ q·xq of a group from GROUP_DOT(w, row, g, xq), which takes q4 nibbles or q8 offset by -128 as signed
+ * bytes (the 128·Σ xq is added here). Shared by the NEON and NEON-dotprod kernels, which differ only in
+ * GROUP_DOT (a static inline function in each: it inlines here). */
+#define FM_NEON_INT8_ROWS(GROUP_DOT, a, r0, r1)                                                          \
+    do {                                                                                                 \
+        const fm_mat *w_ = (a)->w;                                                                       \
+        const int n_ = w_->cols, m_ = w_->rows, ng_ = n_ / w_->group_size;                               \
+        const float off_ = w_->dtype == FM_Q8 ? 128.0f : 0.0f;                                           \
+        for (int r_ = (r0); r_ < (r1); r_++) {                                                           \
+            const uint8_t *row_ = (const uint8_t *)w_->data + (size_t)r_ * (w_->dtype == FM_Q4 ? n_ / 2 : n_); \
+            const uint16_t *sc_ = w_->scales + (size_t)r_ * ng_, *bi_ = w_->biases + (size_t)r_ * ng_;   \
+            for (int t_ = 0; t_ < (a)->T; t_++) {                                                        \
+                const int8_t *xq_ = (a)->xq + (size_t)t_ * n_;                                           \
+                const float *xd_ = (a)->xd + (size_t)t_ * ng_, *xqs_ = (a)->xqs + (size_t)t_ * ng_;      \
+                float y_ = 0.0f;                                                                         \
+                for (int g_ = 0; g_ < ng_; g_++) {                                                       \
+                    const float dot_ = (float)GROUP_DOT(w_, row_, g_, xq_) + off_ * xqs_[g_];            \
+                    y_ += xd_[g_] * (fm_f16_to_f32(sc_[g_]) * dot_ + fm_f16_to_f32(bi_[g_]) * xqs_[g_]); \
+                }                                                                                        \
+                (a)->y[(size_t)t_ * m_ + r_] = y_;                                                       \
+            }                                                                                            \
+        }                                                                                                \
+    } while (0)
 #endif
 
 #endif /* FM_CPU_MATMUL_H */

@@ -13,17 +13,8 @@
  * are dequantized into fp32 (in the same permuted order) and multiplied with the tokens in 4×3 register
  * tiles, so each load feeds several FMAs.
  */
-#include <immintrin.h>
-
 #include "../../core/util.h"
-#include "matmul.h"
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#include "matmul_x86.h"
 
 static inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 
@@ -185,20 +176,6 @@ static inline __m256i q8_group_idot(const uint8_t *q, const int8_t *xq, int gs) 
     return acc;
 }
 
-/* G <= 8 floats or fp16 values as a vector, zero-filled past G (the last groups of a row). */
-static inline __m256 load8(const float *p, int G) {
-    if (G == 8) return _mm256_loadu_ps(p);
-    float t[8] = {0};
-    for (int k = 0; k < G; k++) t[k] = p[k];
-    return _mm256_loadu_ps(t);
-}
-static inline __m256 load8h(const uint16_t *p, int G) {
-    if (G == 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    uint16_t t[8] = {0};
-    for (int k = 0; k < G; k++) t[k] = p[k];
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
-}
-
 /* Row r against TT tokens' int8 activations (tokens t0 ..): out[t] = Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq),
  * where for q8 Σ q·xq = Σ (q - 128)·xq + 128·Σ xq, so the offset joins the bias: b' = bias + 128·scale.
  * Groups go 8 at a time so the fp16 scales and biases convert in one instruction each; each q4 block is
@@ -251,28 +228,6 @@ static inline __attribute__((always_inline)) void int8_rows_t(const fm_mat *w, i
         }
     }
     for (int t = 0; t < TT; t++) out[t] = hsum(_mm256_add_ps(acc[t], accb[t]));
-}
-
-/* Rows [r0, r1) against all T tokens, in groups of up to 4 tokens. */
-static void int8_rows(const fm_matmul_args *a, int r0, int r1) {
-    const fm_mat *w = a->w;
-    const int m = w->rows, T = a->T, q4 = w->dtype == FM_Q4;
-    for (int r = r0; r < r1; r++)
-        for (int tb = 0; tb < T; tb += 4) {
-            float out[4];
-            const int TT = T - tb < 4 ? T - tb : 4;
-            switch (TT * 2 + q4) {
-            case 2: int8_rows_t(w, r, a, tb, out, 1, 0); break;
-            case 3: int8_rows_t(w, r, a, tb, out, 1, 1); break;
-            case 4: int8_rows_t(w, r, a, tb, out, 2, 0); break;
-            case 5: int8_rows_t(w, r, a, tb, out, 2, 1); break;
-            case 6: int8_rows_t(w, r, a, tb, out, 3, 0); break;
-            case 7: int8_rows_t(w, r, a, tb, out, 3, 1); break;
-            case 8: int8_rows_t(w, r, a, tb, out, 4, 0); break;
-            default: int8_rows_t(w, r, a, tb, out, 4, 1); break;
-            }
-            for (int j = 0; j < TT; j++) a->y[(size_t)(tb + j) * m + r] = out[j];
-        }
 }
 
 /* Row r dequantized into out[cols] (q4: in the permuted order). */
@@ -345,7 +300,7 @@ void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
     const int n = w->cols, m = w->rows, T = a->T;
     const float *x = w->dtype == FM_Q4 ? a->xp : a->x; /* q4 works in the permuted order */
     if (a->xq) { /* int8 activations */
-        int8_rows(a, r0, r1);
+        FM_INT8_ROWS(int8_rows_t, a, r0, r1);
         return;
     }
     if (a->xsum && T > 1) { /* few tokens, quantized: fused, tokens in groups of 4 */

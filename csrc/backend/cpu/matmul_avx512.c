@@ -14,10 +14,8 @@
  *
  * Checked against the portable kernels by tests/c/test_kernels.c on a CPU that has AVX-512 VNNI.
  */
-#include <immintrin.h>
-
 #include "../../core/util.h"
-#include "matmul.h"
+#include "matmul_x86.h"
 
 int fm_matmul_avx512_supports_int8(const fm_mat *w) {
     return (w->dtype == FM_Q4 || w->dtype == FM_Q8) && w->group_size % 64 == 0;
@@ -29,19 +27,6 @@ static inline __m512i q4_bytes64(const uint8_t *q) {
     const __m512i twice = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(1, 1, 0, 0)); /* lanes b0 b0 b1 b1 */
     const __m512i hi = _mm512_srli_epi16(twice, 4);
     return _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, twice, hi), _mm512_set1_epi8(0x0F));
-}
-
-static inline __m256 load8(const float *p, int G) {
-    if (G == 8) return _mm256_loadu_ps(p);
-    float t[8] = {0};
-    for (int k = 0; k < G; k++) t[k] = p[k];
-    return _mm256_loadu_ps(t);
-}
-static inline __m256 load8h(const uint16_t *p, int G) {
-    if (G == 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    uint16_t t[8] = {0};
-    for (int k = 0; k < G; k++) t[k] = p[k];
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
 }
 
 /* Row r against TT tokens (t0 ..): out[t] = Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq). TT and q4 are
@@ -84,36 +69,15 @@ static inline __attribute__((always_inline)) void rows_t(const fm_mat *w, int r,
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t]), _mm512_set1_ps(d[t][k]), acc[t]);
         }
     }
-    for (int t = 0; t < TT; t++) {
-        const __m256 v = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(acc[t]), _mm512_extractf32x8_ps(acc[t], 1)),
-                                       accb[t]);
-        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        out[t] = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
-    }
+    for (int t = 0; t < TT; t++)
+        out[t] = hsum(_mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(acc[t]), _mm512_extractf32x8_ps(acc[t], 1)),
+                                    accb[t]));
 }
 
 void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbuf) {
-    const fm_mat *w = a->w;
     if (!a->xq) { /* fp32 activations: the AVX2 kernels */
         fm_matmul_rows_avx2(a, r0, r1, rowbuf);
         return;
     }
-    const int m = w->rows, T = a->T, q4 = w->dtype == FM_Q4;
-    for (int r = r0; r < r1; r++)
-        for (int tb = 0; tb < T; tb += 4) {
-            float out[4];
-            const int TT = T - tb < 4 ? T - tb : 4;
-            switch (TT * 2 + q4) {
-            case 2: rows_t(w, r, a, tb, out, 1, 0); break;
-            case 3: rows_t(w, r, a, tb, out, 1, 1); break;
-            case 4: rows_t(w, r, a, tb, out, 2, 0); break;
-            case 5: rows_t(w, r, a, tb, out, 2, 1); break;
-            case 6: rows_t(w, r, a, tb, out, 3, 0); break;
-            case 7: rows_t(w, r, a, tb, out, 3, 1); break;
-            case 8: rows_t(w, r, a, tb, out, 4, 0); break;
-            default: rows_t(w, r, a, tb, out, 4, 1); break;
-            }
-            for (int j = 0; j < TT; j++) a->y[(size_t)(tb + j) * m + r] = out[j];
-        }
+    FM_INT8_ROWS(rows_t, a, r0, r1);
 }

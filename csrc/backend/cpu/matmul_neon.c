@@ -117,22 +117,6 @@ static inline int32_t int8_group_dot(const fm_mat *w, const uint8_t *row, int g,
     return vaddvq_s32(acc);
 }
 
-/* Row r against token t's int8 activations: Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq). */
-static float int8_row_dot(const fm_matmul_args *a, int r, int t) {
-    const fm_mat *w = a->w;
-    const int n = w->cols, ng = n / w->group_size;
-    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (w->dtype == FM_Q4 ? n / 2 : n);
-    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
-    const int8_t *xq = a->xq + (size_t)t * n;
-    const float *xd = a->xd + (size_t)t * ng, *xqs = a->xqs + (size_t)t * ng;
-    float y = 0.0f;
-    for (int g = 0; g < ng; g++) {
-        const float dot = (float)int8_group_dot(w, row, g, xq) + (w->dtype == FM_Q8 ? 128.0f * xqs[g] : 0.0f);
-        y += xd[g] * (fm_f16_to_f32(sc[g]) * dot + fm_f16_to_f32(bi[g]) * xqs[g]);
-    }
-    return y;
-}
-
 /* Row r dequantized into out[cols] (q4: in the permuted order). */
 static void dequant_row(const fm_mat *w, int r, float *out) {
     const int n = w->cols;
@@ -181,8 +165,7 @@ void fm_matmul_rows_neon(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
     const float *x = w->dtype == FM_Q4 ? a->xp : a->x; /* q4 works in the permuted order */
     const int quant = w->dtype == FM_Q4 || w->dtype == FM_Q8;
     if (a->xq) {
-        for (int r = r0; r < r1; r++)
-            for (int t = 0; t < T; t++) a->y[(size_t)t * m + r] = int8_row_dot(a, r, t);
+        FM_NEON_INT8_ROWS(int8_group_dot, a, r0, r1);
         return;
     }
     for (int r = r0; r < r1; r++) {

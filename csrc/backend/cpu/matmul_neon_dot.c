@@ -34,25 +34,9 @@ static inline int32_t group_dot(const fm_mat *w, const uint8_t *row, int g, cons
 }
 
 void fm_matmul_rows_neon_dot(const fm_matmul_args *a, int r0, int r1, float *rowbuf) {
-    const fm_mat *w = a->w;
     if (!a->xq) {
         fm_matmul_rows_neon(a, r0, r1, rowbuf);
         return;
     }
-    const int n = w->cols, m = w->rows, ng = n / w->group_size;
-    const float off = w->dtype == FM_Q8 ? 128.0f : 0.0f;
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (w->dtype == FM_Q4 ? n / 2 : n);
-        const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
-        for (int t = 0; t < a->T; t++) {
-            const int8_t *xq = a->xq + (size_t)t * n;
-            const float *xd = a->xd + (size_t)t * ng, *xqs = a->xqs + (size_t)t * ng;
-            float y = 0.0f;
-            for (int g = 0; g < ng; g++) { /* Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq) */
-                const float dot = (float)group_dot(w, row, g, xq) + off * xqs[g];
-                y += xd[g] * (fm_f16_to_f32(sc[g]) * dot + fm_f16_to_f32(bi[g]) * xqs[g]);
-            }
-            a->y[(size_t)t * m + r] = y;
-        }
-    }
+    FM_NEON_INT8_ROWS(group_dot, a, r0, r1);
 }
