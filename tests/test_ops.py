@@ -154,15 +154,22 @@ def x_with_zero_group(rng, T, cols, gs):
     return x
 
 
-# int8 activations (decode, and the fused few-token kernel): every group size the kernels take, T up to
-# FM_FUSED_MAX_TOKENS; enough rows to be split over the thread pool in the 257-row cases.
+# int8 activations: every group size the kernels take; T up to FM_FUSED_MAX_TOKENS (decode, rows straight
+# from their packed form) and past it (prefill: unpacked rows in 2-row tiles, odd row counts leave one
+# row; 4096 columns make blocks of 48 tokens, so T = 50 crosses a block with a 2-token tail); enough rows
+# to be split over the thread pool in the 257-row cases.
 for name, dtype in (("q8", Q8), ("q4", Q4)):
     for gs, rows, cols in ((32, 13, 96), (64, 13, 192), (128, 13, 384), (64, 257, 1024), (256, 9, 512)):
-        for T in (1, 3, 8):
+        for T in (1, 3, 8, 9, 14):
             case("matmul", f"int8-{name}g{gs}-{rows}x{cols}-T{T}",
                  lambda rng, d=dtype, g=gs, r=rows, c=cols, T=T: build_weight(rng, d, r, c, g)
                  + (x_with_zero_group(rng, T, c, g), True),
                  ref_matmul_int8, TOL_DOT)
+    for gs, rows, cols, T in ((64, 7, 4096, 50), (32, 5, 4096, 50)):
+        case("matmul", f"int8-{name}g{gs}-{rows}x{cols}-T{T}",
+             lambda rng, d=dtype, g=gs, r=rows, c=cols, T=T: build_weight(rng, d, r, c, g)
+             + (x_with_zero_group(rng, T, c, g), True),
+             ref_matmul_int8, TOL_DOT)
 
 for name, dtype, gs, cols in WEIGHTS:
     # get_row is the dequantised row exactly: s * q is exact in fp32 (11-bit x 8-bit significands), so

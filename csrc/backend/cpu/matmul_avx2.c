@@ -179,7 +179,8 @@ static inline __m256i q8_group_idot(const uint8_t *q, const int8_t *xq, int gs) 
 /* Row r against TT tokens' int8 activations (tokens t0 ..): out[t] = Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq),
  * where for q8 Σ q·xq = Σ (q - 128)·xq + 128·Σ xq, so the offset joins the bias: b' = bias + 128·scale.
  * Groups go 8 at a time so the fp16 scales and biases convert in one instruction each; each q4 block is
- * unpacked once for all the tokens. TT and q4 are constants after inlining: one loop per case. */
+ * unpacked once for all the tokens. TT and q4 are constants after inlining: one loop per case. (The AVX2
+ * driver takes one token here, more go to the tiles below; the AVX-512 kernel has the same shape.) */
 static inline __attribute__((always_inline)) void int8_rows_t(const fm_mat *w, int r, const fm_matmul_args *a,
                                                               int t0, float *out, const int TT, const int q4) {
     const int n = w->cols, gs = w->group_size, ng = n / gs;
@@ -228,6 +229,175 @@ static inline __attribute__((always_inline)) void int8_rows_t(const fm_mat *w, i
         }
     }
     for (int t = 0; t < TT; t++) out[t] = hsum(_mm256_add_ps(acc[t], accb[t]));
+}
+
+/* Several tokens on int8 activations (prefill): rows are first unpacked to one byte per weight (q4: the
+ * nibbles, in xq's permuted order; q8: q - 128 as signed bytes) so the inner loop is loads and maddubs,
+ * then multiplied in 2-row × TT-token register tiles: each unpacked weight vector feeds TT tokens. The
+ * tokens go in blocks whose xq fits in L2 (a pass over the task's rows per block), so the activations
+ * are not streamed from L3 once per row pair. Same function as int8_rows_t. */
+static void unpack_row_i8(const fm_mat *w, int r, uint8_t *out) {
+    const int n = w->cols;
+    if (w->dtype == FM_Q4) {
+        const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2);
+        for (int c = 0; c < n; c += 32) _mm256_storeu_si256((__m256i *)(out + c), q4_bytes32(q + c / 2));
+    } else {
+        const uint8_t *q = (const uint8_t *)w->data + (size_t)r * n;
+        const __m256i off = _mm256_set1_epi8((char)0x80);
+        for (int c = 0; c < n; c += 32)
+            _mm256_storeu_si256((__m256i *)(out + c), _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + c)), off));
+    }
+}
+
+/* Rows rr[0], rr[1] (unpacked in wb[0], wb[1]) × tokens t0 .. t0 + TT: out[i][t]. NB = gs / 32 blocks per
+ * group. q4: Σ q·xq in int16 over a group (<= 8 blocks of pairs <= 2·15·127: no overflow); q8: Σ (q -
+ * 128)·xq per block via |q - 128| and xq signed like q - 128, widened each block (pairs reach 2·128·127). */
+static inline __attribute__((always_inline)) void int8_tile_2xt(const fm_mat *w, const uint8_t *const wb[2], const int rr[2],
+                                                                const fm_matmul_args *a, int t0, float out[2][4],
+                                                                const int TT, const int q4, const int NB) {
+    const int n = w->cols, gs = w->group_size, ng = n / gs;
+    if (NB < 1 || NB > 8) __builtin_unreachable(); /* gs is 32 .. 256 (ops.h) */
+    const uint16_t *sc[2], *bi[2];
+    for (int i = 0; i < 2; i++) sc[i] = w->scales + (size_t)rr[i] * ng, bi[i] = w->biases + (size_t)rr[i] * ng;
+    const int8_t *xq[4];
+    const float *xd[4], *xqs[4];
+    for (int t = 0; t < TT; t++) {
+        xq[t] = a->xq + (size_t)(t0 + t) * n;
+        xd[t] = a->xd + (size_t)(t0 + t) * ng;
+        xqs[t] = a->xqs + (size_t)(t0 + t) * ng;
+    }
+    const __m256 off = _mm256_set1_ps(q4 ? 0.0f : 128.0f);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2][4];
+    for (int i = 0; i < 2; i++)
+        for (int t = 0; t < TT; t++) acc[i][t] = _mm256_setzero_ps();
+    float sd[2][4][8];
+    for (int g0 = 0; g0 < ng; g0 += 8) {
+        const int G = ng - g0 < 8 ? ng - g0 : 8;
+        for (int i = 0; i < 2; i++) { /* the bias term joins the accumulators' lanes; scale·step per group */
+            const __m256 s = load8h(sc[i] + g0, G), b = _mm256_fmadd_ps(off, s, load8h(bi[i] + g0, G));
+            for (int t = 0; t < TT; t++) {
+                const __m256 dx = load8(xd[t] + g0, G);
+                acc[i][t] = _mm256_fmadd_ps(_mm256_mul_ps(b, dx), load8(xqs[t] + g0, G), acc[i][t]);
+                _mm256_storeu_ps(sd[i][t], _mm256_mul_ps(s, dx));
+            }
+        }
+        for (int k = 0; k < G; k++) {
+            const int c = (g0 + k) * gs;
+            for (int i = 0; i < 2; i++) {
+                __m256i wv[8], ws[8];
+                for (int b = 0; b < NB; b++) {
+                    ws[b] = _mm256_loadu_si256((const __m256i *)(wb[i] + c + 32 * b));
+                    wv[b] = q4 ? ws[b] : _mm256_abs_epi8(ws[b]);
+                }
+                for (int t = 0; t < TT; t++) {
+                    __m256i dot;
+                    if (q4) {
+                        __m256i p = _mm256_maddubs_epi16(wv[0], _mm256_loadu_si256((const __m256i *)(xq[t] + c)));
+                        for (int b = 1; b < NB; b++)
+                            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(wv[b], _mm256_loadu_si256(
+                                                                             (const __m256i *)(xq[t] + c + 32 * b))));
+                        dot = _mm256_madd_epi16(p, ones);
+                    } else {
+                        dot = _mm256_setzero_si256();
+                        for (int b = 0; b < NB; b++) {
+                            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t] + c + 32 * b));
+                            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[b], _mm256_sign_epi8(xv, ws[b])), ones));
+                        }
+                    }
+                    acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sd[i][t][k]), acc[i][t]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < 2; i++)
+        for (int t = 0; t < TT; t++) out[i][t] = hsum(acc[i][t]);
+}
+
+static inline __attribute__((always_inline)) void int8_tiles_nb(const fm_matmul_args *a, int r0, int r1, uint8_t *wbuf,
+                                                                const int q4, const int NB) {
+    const fm_mat *w = a->w;
+    const int n = w->cols, m = w->rows, T = a->T;
+    const int TB = (192 * 1024 / n) & ~3; /* tokens per block: ~192 KiB of xq */
+    const int tblock = TB < 4 ? 4 : TB;
+    for (int tb = 0; tb < T; tb += tblock) {
+        const int te = T - tb < tblock ? T : tb + tblock;
+        for (int r = r0; r < r1; r += 2) {
+            const int R = r1 - r < 2 ? 1 : 2, rr[2] = {r, r + R - 1}; /* one row left: computed twice */
+            const uint8_t *wb[2] = {wbuf, wbuf + (R == 2 ? n : 0)};
+            unpack_row_i8(w, r, wbuf);
+            if (R == 2) unpack_row_i8(w, r + 1, wbuf + n);
+            for (int t = tb; t < te; t += 4) {
+                float out[2][4];
+                switch (te - t < 4 ? te - t : 4) {
+                case 1: int8_tile_2xt(w, wb, rr, a, t, out, 1, q4, NB); break;
+                case 2: int8_tile_2xt(w, wb, rr, a, t, out, 2, q4, NB); break;
+                case 3: int8_tile_2xt(w, wb, rr, a, t, out, 3, q4, NB); break;
+                default: int8_tile_2xt(w, wb, rr, a, t, out, 4, q4, NB); break;
+                }
+                const int TT = te - t < 4 ? te - t : 4;
+                for (int i = 0; i < R; i++)
+                    for (int j = 0; j < TT; j++) a->y[(size_t)(t + j) * m + r + i] = out[i][j];
+            }
+        }
+    }
+}
+
+/* x[n] → int8 activations (ops.h) per group of gs (a multiple of 32); permute: each 32-block as 16 even
+ * elements, then 16 odd ones (q4). The same numbers as the portable quantize_x: the product x·inv is
+ * rounded to fp32 first, then to the nearest integer, ties to even (cvtps in the default MXCSR mode is
+ * rintf). */
+void fm_quantize_x_avx2(const float *x, int n, int gs, int permute, int8_t *xq, float *xd, float *xqs) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undo packs' per-lane interleave */
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int g = 0; g < n / gs; g++) {
+        const float *xg = x + (size_t)g * gs;
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < gs; i += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xg + i), absmask));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m256i sum = _mm256_setzero_si256();
+        for (int i = 0; i < gs; i += 32) {
+            __m256i v[4];
+            for (int k = 0; k < 4; k++) {
+                v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i + 8 * k), inv));
+                sum = _mm256_add_epi32(sum, v[k]);
+            }
+            __m256i b = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3])), order);
+            if (permute) b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, split), _MM_SHUFFLE(3, 1, 2, 0));
+            _mm256_storeu_si256((__m256i *)(xq + (size_t)g * gs + i), b);
+        }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+        xd[g] = amax / 127.0f;
+        xqs[g] = (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* The int8 paths as functions of their own: inlined into fm_matmul_rows_avx2 they made GCC spill the
+ * decode loop's state to the stack (decode 26 tok/s against 34). */
+static __attribute__((noinline)) void int8_tiles(const fm_matmul_args *a, int r0, int r1, uint8_t *wbuf) {
+    const int q4 = a->w->dtype == FM_Q4, nb = a->w->group_size / 32;
+    if (q4 && nb == 2) int8_tiles_nb(a, r0, r1, wbuf, 1, 2);
+    else if (nb == 2) int8_tiles_nb(a, r0, r1, wbuf, 0, 2);
+    else if (q4) int8_tiles_nb(a, r0, r1, wbuf, 1, nb);
+    else int8_tiles_nb(a, r0, r1, wbuf, 0, nb);
+}
+
+static __attribute__((noinline)) void int8_rows_1(const fm_matmul_args *a, int r0, int r1) {
+    const fm_mat *w = a->w;
+    for (int r = r0; r < r1; r++) {
+        float out;
+        if (w->dtype == FM_Q4) int8_rows_t(w, r, a, 0, &out, 1, 1);
+        else int8_rows_t(w, r, a, 0, &out, 1, 0);
+        a->y[r] = out;
+    }
 }
 
 /* Row r dequantized into out[cols] (q4: in the permuted order). */
@@ -299,8 +469,13 @@ void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
     const fm_mat *w = a->w;
     const int n = w->cols, m = w->rows, T = a->T;
     const float *x = w->dtype == FM_Q4 ? a->xp : a->x; /* q4 works in the permuted order */
-    if (a->xq) { /* int8 activations */
-        FM_INT8_ROWS(int8_rows_t, a, r0, r1);
+    if (a->xq && T > 1) { /* int8 activations, several tokens: unpacked rows in tiles (2x the row kernel
+                            * from 2 tokens on, bench/RESULTS.md) */
+        int8_tiles(a, r0, r1, (uint8_t *)rowbuf); /* rowbuf: room for 2 rows of cols bytes */
+        return;
+    }
+    if (a->xq) { /* int8 activations, one token: rows straight from their packed form */
+        int8_rows_1(a, r0, r1);
         return;
     }
     if (a->xsum && T > 1) { /* few tokens, quantized: fused, tokens in groups of 4 */

@@ -75,7 +75,10 @@ static inline __attribute__((always_inline)) void rows_t(const fm_mat *w, int r,
 }
 
 void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbuf) {
-    if (!a->xq) { /* fp32 activations: the AVX2 kernels */
+    /* fp32 activations, and more tokens than a decode step's: the AVX2 kernels. VNNI tiles for prefill
+     * (4 rows × 4 tokens, 512-bit and 256-bit) ran at 0.6-0.9× the AVX2 tiles on the lent Xeon
+     * (bench/RESULTS.md). */
+    if (!a->xq || a->T > FM_FUSED_MAX_TOKENS) {
         fm_matmul_rows_avx2(a, r0, r1, rowbuf);
         return;
     }

@@ -231,16 +231,37 @@ static void quantize_x(const float *x, int n, int gs, int permute, int8_t *xq, f
     }
 }
 
+typedef struct {
+    const float *x;
+    int n, gs, simd, permute; /* simd: an x86 SIMD kernel runs (AVX2 quantizer); permute: q4 there or NEON */
+    int8_t *xq;
+    float *xd, *xqs;
+} quantize_job;
+
+static void quantize_task(void *ctx, int t) {
+    const quantize_job *q = (const quantize_job *)ctx;
+    const int ng = q->n / q->gs;
+#ifdef FM_HAVE_AVX2_KERNELS
+    if (q->simd) {
+        fm_quantize_x_avx2(q->x + (size_t)t * q->n, q->n, q->gs, q->permute, q->xq + (size_t)t * q->n,
+                           q->xd + (size_t)t * ng, q->xqs + (size_t)t * ng);
+        return;
+    }
+#endif
+    quantize_x(q->x + (size_t)t * q->n, q->n, q->gs, q->permute, q->xq + (size_t)t * q->n, q->xd + (size_t)t * ng,
+               q->xqs + (size_t)t * ng);
+}
+
 void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y) {
     const int n = w->cols, m = w->rows;
     matmul_job j = {{w, x, NULL, NULL, NULL, NULL, NULL, y, T, m}, pick_kernel(w)};
     const int quant = w->dtype == FM_Q4 || w->dtype == FM_Q8;
     const int gs = w->group_size, ng = quant ? n / gs : 0, simd = j.fn != fm_matmul_rows_scalar;
-    /* Few tokens (decode, or an expert's share of a prefill chunk), quantized: fused kernels, on int8
-     * activations when asked (the same function on every variant, ops.h), else on fp32 x with per-group
-     * sums of x for the bias term. More tokens dequantize rows and use register tiles. */
+    /* Quantized weights on int8 activations when asked (the same function on every variant, ops.h).
+     * Otherwise few tokens (decode, or an expert's share of a prefill chunk) take fused kernels on fp32 x
+     * with per-group sums of x for the bias term, and more tokens dequantize rows into register tiles. */
     const int fused = quant && T <= FM_FUSED_MAX_TOKENS;
-    const int int8 = fused && w->int8_act && gs % 32 == 0 && gs <= 256;
+    const int int8 = quant && w->int8_act && gs % 32 == 0 && gs <= 256;
     const int need_xp = simd && w->dtype == FM_Q4 && !int8;
     const int need_xsum = fused && simd && !int8;
     const size_t n_xp = need_xp ? (size_t)T * n : 0, n_xsum = need_xsum ? (size_t)T * ng : 0;
@@ -272,9 +293,10 @@ void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y) {
         if (int8) {
             float *xd = buf + n_xp + n_xsum, *xqs = xd + (size_t)T * ng;
             int8_t *xq = (int8_t *)(xqs + (size_t)T * ng);
-            for (int t = 0; t < T; t++)
-                quantize_x(x + (size_t)t * n, n, gs, simd && w->dtype == FM_Q4, xq + (size_t)t * n,
-                           xd + (size_t)t * ng, xqs + (size_t)t * ng);
+            quantize_job q = {x, n, gs, simd, simd && w->dtype == FM_Q4, xq, xd, xqs};
+            if (T >= 16) fm_parallel_for(T, quantize_task, &q); /* a prefill chunk: ~T·n/3 ns serial */
+            else
+                for (int t = 0; t < T; t++) quantize_task(&q, t);
             j.a.xq = xq, j.a.xd = xd, j.a.xqs = xqs;
         }
     }
