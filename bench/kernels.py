@@ -88,19 +88,21 @@ def main() -> None:
                                           "gbps": round(gbps, 2), "share_of_dram": round(gbps / dram, 3)})
     _core.set_cpu_isa("auto")
 
-    print(f"\nmatmul (prefill), 4096 x 2048 weights\n{'dtype':>6} {'kernel':>7} {'T':>4} {'ms':>8} {'GFLOP/s':>8}")
+    print(f"\nmatmul (prefill), 4096 x 2048 weights; x in fp32, or int8 per weight group (the default)\n"
+          f"{'dtype':>6} {'x':>5} {'kernel':>7} {'T':>4} {'ms':>8} {'GFLOP/s':>8}")
     for dtype in DTYPES:
         w, _ = weight(dtype, 4096, 2048)
         for T in (4, 32, 128):
             x = np.random.default_rng(2).standard_normal((T, 2048), dtype=np.float32)
-            for isa in isas:
-                _core.set_cpu_isa(isa)
-                int8 = dtype != "bf16"  # the default; it applies up to 8 tokens
-                sec = timed(lambda: _core.op_matmul(*w, x, int8), max(3, args.repeats // 2))
-                gflops = 2 * 4096 * 2048 * T / sec / 1e9
-                print(f"{dtype:>6} {isa:>7} {T:>4} {sec * 1e3:>8.2f} {gflops:>8.1f}")
-                results["matmul"].append({"dtype": dtype, "kernel": isa, "T": T, "ms": round(sec * 1e3, 3),
-                                          "gflops": round(gflops, 1)})
+            for int8 in (False, True) if dtype != "bf16" else (False,):
+                for isa in isas:
+                    _core.set_cpu_isa(isa)
+                    sec = timed(lambda: _core.op_matmul(*w, x, int8), max(3, args.repeats // 2))
+                    gflops = 2 * 4096 * 2048 * T / sec / 1e9
+                    xs = "int8" if int8 else "fp32"
+                    print(f"{dtype:>6} {xs:>5} {isa:>7} {T:>4} {sec * 1e3:>8.2f} {gflops:>8.1f}")
+                    results["matmul"].append({"dtype": dtype, "x": xs, "kernel": isa, "T": T,
+                                              "ms": round(sec * 1e3, 3), "gflops": round(gflops, 1)})
     _core.set_cpu_isa("auto")
     print(json.dumps(results))
 

@@ -4,7 +4,7 @@
  * activations, GFLOP/s (2·rows·cols·T per call), median of 9 runs after a warm-up. Weights are small
  * enough to stay in cache between runs: this measures the arithmetic, not DRAM.
  *
- *   cc -O2 -std=gnu11 -Icsrc/include bench/matmul.c csrc/backend/cpu/ops.c csrc/core/threads.c \
+ *   cc -O3 -std=gnu11 -Icsrc/include bench/matmul.c csrc/backend/cpu/ops.c csrc/core/threads.c \
  *      csrc/core/util.c csrc/backend/cpu/matmul_avx2.c csrc/backend/cpu/matmul_avx512.c -lm -lpthread
  *   (compile matmul_avx2.c and matmul_avx512.c with their flags, as bench/matvec.c says)
  *   ./a.out [threads]
@@ -32,7 +32,7 @@ int main(int argc, char **argv) {
     /* an expert's gate/up and down of the 35B shape, and a DeltaNet input projection */
     const struct { int rows, cols; const char *what; } S[] = {
         {512, 2048, "expert gate/up"}, {2048, 512, "expert down"}, {12288, 2048, "deltanet in_proj"}};
-    const int Ts[] = {16, 64, 512}, gs = 64, reps = 9, maxT = 512, maxr = 12288, maxc = 2048;
+    const int Ts[] = {4, 16, 512}, gs = 64, reps = 9, maxT = 512, maxr = 12288, maxc = 2048;
     uint8_t *q = malloc((size_t)maxr * maxc);
     uint16_t *s = malloc(sizeof(uint16_t) * maxr * (maxc / gs)), *b = malloc(sizeof(uint16_t) * maxr * (maxc / gs));
     float *x = malloc(sizeof(float) * maxT * maxc), *y = malloc(sizeof(float) * maxT * maxr);

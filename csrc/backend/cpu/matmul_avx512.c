@@ -75,12 +75,16 @@ static inline __attribute__((always_inline)) void rows_t(const fm_mat *w, int r,
 }
 
 void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbuf) {
-    /* fp32 activations, and more tokens than a decode step's: the AVX2 kernels. VNNI tiles for prefill
-     * (4 rows × 4 tokens, 512-bit and 256-bit) ran at 0.6-0.9× the AVX2 tiles on the lent Xeon
-     * (bench/RESULTS.md). */
-    if (!a->xq || a->T > FM_FUSED_MAX_TOKENS) {
+    /* fp32 activations, and several tokens (prefill): the AVX2 kernels. VNNI tiles for prefill (4 rows ×
+     * 4 tokens, 512-bit and 256-bit) ran at 0.7-0.9× the AVX2 tiles on the lent Xeon (bench/RESULTS.md). */
+    if (!a->xq || a->T > 1) {
         fm_matmul_rows_avx2(a, r0, r1, rowbuf);
         return;
     }
-    FM_INT8_ROWS(rows_t, a, r0, r1);
+    for (int r = r0; r < r1; r++) { /* one token (decode) */
+        float out;
+        if (a->w->dtype == FM_Q4) rows_t(a->w, r, a, 0, &out, 1, 1);
+        else rows_t(a->w, r, a, 0, &out, 1, 0);
+        a->y[r] = out;
+    }
 }
