@@ -17,7 +17,7 @@ typedef struct {
     const void *data;        /* f32, bf16, or packed q (uint8) */
     const uint16_t *scales;  /* fp16 [rows, cols / group_size], quantized only */
     const uint16_t *biases;  /* fp16 [rows, cols / group_size], quantized only */
-    int int8_act;            /* quantize activations to int8 for few-token products (fm_op_matmul) */
+    int int8_act;            /* quantize activations to int8 per weight group (fm_op_matmul) */
 } fm_mat;
 
 /* CPU kernel variants: "scalar" (always), "avx2" (x86-64 with AVX2 + FMA), "avx512" (AVX-512 VNNI for the
@@ -30,13 +30,12 @@ int fm_cpu_isa_available(const char *name);
 int fm_cpu_use_avx2(void); /* kernels should take their AVX2 copy: selected (or best) and present */
 
 /* y[T, rows] = x[T, cols] · Wᵀ.
- * int8 activations: when w->int8_act is set, w is q4/q8 with a group size that is a multiple of 32 (up
- * to 256) and
- * T <= 8 (decode, or an expert's few tokens of a prefill chunk), each token's x is
- * quantized per weight group g as llama.cpp does: m = max|x_g|, xq = rint(x·(127/m)), d_g = m/127, and
+ * int8 activations: when w->int8_act is set and w is q4/q8 with a group size that is a multiple of 32
+ * (up to 256), each token's x (any T: decode and prefill) is quantized per weight group g as llama.cpp
+ * does: m = max|x_g|, xq = rint(x·(127/m)), d_g = m/127, and
  *   y = Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq)   (integer dot products),
  * i.e. the dequantized W times x rounded to d·xq. Every CPU variant computes this same function; it
- * halves the decode work of the SIMD kernels. */
+ * halves the decode work of the SIMD kernels and makes prefill tiles ~1.5x faster than fp32 ones. */
 void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y);
 /* out[cols] = row r of W, dequantized (embedding lookup) */
 void fm_op_get_row(const fm_mat *w, int r, float *out);

@@ -178,6 +178,7 @@ static void predict_next(fm_model *m, int next, const float *xn, int T) {
         for (int j = 0; j < k; j++)
             if (!s->mark[s->ptopk[j]]++) s->pred[n++] = s->ptopk[j];
     }
+    s->n_pred = n;
     fm_expert_store_predict(m->experts, next, s->pred, n);
 }
 
@@ -242,7 +243,8 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
         s->held[n_held] = slot;
         s->held_e[n_held++] = s->need[next];
     }
-    if (m->layers[layer].next_moe >= 0 && m->prefetch) predict_next(m, m->layers[layer].next_moe, xn, T);
+    const int next_moe = m->layers[layer].next_moe, n_pred_ok = next_moe >= 0 && m->prefetch;
+    if (n_pred_ok) predict_next(m, next_moe, xn, T);
 
     /* shared expert while the reads land, scaled by sigmoid(shared_expert_gate · x) */
     fm_op_matmul(&w->shared_gate, xn, T, s->sg); /* [T, 1] */
@@ -303,6 +305,11 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
             s->held_e[n_held++] = s->need[next];
         }
     }
+
+    /* A chunk's experts pinned every slot while the prediction above was made, so it could read little
+     * ahead; now that they are released, read the next layer's predicted experts into the freed slots
+     * while the next layer's attention or DeltaNet computes. (Decode leaves slots free the first time.) */
+    if (n_pred_ok && T > 1) fm_expert_store_predict(store, next_moe, s->pred, s->n_pred);
 
     /* weighted sum in a fixed order (token, choice), whatever order the reads arrived in, so the
      * result does not depend on the budget, the policy or the disk */

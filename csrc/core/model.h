@@ -95,6 +95,7 @@ typedef struct {
     int32_t *ptopk; /* [k] next layer's predicted experts for one token */
     float *pw;      /* [k] */
     int32_t *pred;  /* [E] next layer's predicted experts for the chunk */
+    int n_pred;     /* how many of pred are set */
     int32_t *mark;  /* [E] */
 } fm_scratch;
 

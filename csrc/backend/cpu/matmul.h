@@ -4,8 +4,9 @@
 
 #include "../ops.h"
 
-/* Up to this many tokens, quantized rows are dotted straight from their packed form (no dequantized
- * copy); above it, rows are dequantized once and multiplied in register tiles. */
+/* fp32 activations: up to this many tokens, quantized rows are dotted straight from their packed form
+ * (no dequantized copy); above it, rows are dequantized once and multiplied in register tiles. (int8
+ * activations: one token reads rows packed, more go to int8 tiles; the AVX-512 kernel takes decode.) */
 enum { FM_FUSED_MAX_TOKENS = 8 };
 
 typedef struct {
