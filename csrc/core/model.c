@@ -136,26 +136,38 @@ static size_t layout_scratch(fm_model *m, uint8_t *mem) {
     const size_t E = c->num_experts > 0 ? c->num_experts : 1, k = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
     const size_t inter = max3(c->moe_intermediate_size, c->shared_expert_intermediate_size, c->intermediate_size);
     fm_scratch *s = &m->s;
-    struct { void **p; size_t n; } parts[] = { /* 4-byte elements */
-        {(void **)&s->x, C * H}, {(void **)&s->xn, C * H}, {(void **)&s->out, C * H},
-        {(void **)&s->qkv, C * conv_dim}, {(void **)&s->conv, C * conv_dim}, {(void **)&s->z, C * vdim},
-        {(void **)&s->b, C * Hv}, {(void **)&s->a, C * Hv}, {(void **)&s->core, C * vdim},
-        {(void **)&s->q2, C * 2 * qd}, {(void **)&s->q, C * qd}, {(void **)&s->gate, C * qd},
-        {(void **)&s->k, C * kvd}, {(void **)&s->v, C * kvd}, {(void **)&s->att, C * qd},
-        {(void **)&s->logits, C * E}, {(void **)&s->topk, C * k}, {(void **)&s->topw, C * k},
-        {(void **)&s->sg, C}, {(void **)&s->h1, C * inter}, {(void **)&s->h2, C * inter},
-        {(void **)&s->xe, C * H}, {(void **)&s->ye, C * k * H}, {(void **)&s->tok, C * k}, {(void **)&s->row, C * k},
-        {(void **)&s->ecount, E + 1}, {(void **)&s->eoff, E + 1}, {(void **)&s->need, E}, {(void **)&s->held, E},
-        {(void **)&s->held_e, E}, {(void **)&s->ptopk, k}, {(void **)&s->pw, k}, {(void **)&s->pred, E},
-        {(void **)&s->mark, E}, {(void **)&s->ready, E}, {(void **)&s->batch_slot, E}, {(void **)&s->batch_e, E},
+    /* 4-byte elements. A layer's mixer (DeltaNet or attention) reads xn and writes out, then its MoE does
+     * the same: each one's buffers are dead once it returns, so the three groups share one region. */
+    enum { OWN, DELTANET, ATTENTION, MOE, N_GROUPS };
+    struct { void **p; size_t n; int group; } parts[] = {
+        {(void **)&s->x, C * H, OWN}, {(void **)&s->xn, C * H, OWN}, {(void **)&s->out, C * H, OWN},
+        {(void **)&s->qkv, C * conv_dim, DELTANET}, {(void **)&s->conv, C * conv_dim, DELTANET},
+        {(void **)&s->z, C * vdim, DELTANET}, {(void **)&s->b, C * Hv, DELTANET}, {(void **)&s->a, C * Hv, DELTANET},
+        {(void **)&s->core, C * vdim, DELTANET},
+        {(void **)&s->q2, C * 2 * qd, ATTENTION}, {(void **)&s->q, C * qd, ATTENTION},
+        {(void **)&s->gate, C * qd, ATTENTION}, {(void **)&s->k, C * kvd, ATTENTION},
+        {(void **)&s->v, C * kvd, ATTENTION}, {(void **)&s->att, C * qd, ATTENTION},
+        {(void **)&s->logits, C * E, MOE}, {(void **)&s->topk, C * k, MOE}, {(void **)&s->topw, C * k, MOE},
+        {(void **)&s->sg, C, MOE}, {(void **)&s->h1, C * inter, MOE}, {(void **)&s->h2, C * inter, MOE},
+        {(void **)&s->xe, C * H, MOE}, {(void **)&s->ye, C * k * H, MOE}, {(void **)&s->tok, C * k, MOE},
+        {(void **)&s->row, C * k, MOE},
+        {(void **)&s->ecount, E + 1, OWN}, {(void **)&s->eoff, E + 1, OWN}, {(void **)&s->need, E, OWN},
+        {(void **)&s->held, E, OWN}, {(void **)&s->held_e, E, OWN}, {(void **)&s->ptopk, k, OWN},
+        {(void **)&s->pw, k, OWN}, {(void **)&s->pred, E, OWN}, {(void **)&s->mark, E, OWN},
+        {(void **)&s->ready, E, OWN}, {(void **)&s->batch_slot, E, OWN}, {(void **)&s->batch_e, E, OWN},
     };
     m->scratch_inter = inter;
-    size_t total = 0;
-    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
-        if (mem) *parts[i].p = mem + total;
-        total += (parts[i].n * 4 + 63) & ~(size_t)63;
+    const size_t n_parts = sizeof parts / sizeof parts[0];
+    size_t used[N_GROUPS] = {0}, own = 0, shared = 0; /* OWN first, then the shared region */
+    for (size_t i = 0; i < n_parts; i++)
+        if (parts[i].group == OWN) own += (parts[i].n * 4 + 63) & ~(size_t)63;
+    for (size_t i = 0; i < n_parts; i++) {
+        const int g = parts[i].group;
+        if (mem) *parts[i].p = mem + (g == OWN ? 0 : own) + used[g];
+        used[g] += (parts[i].n * 4 + 63) & ~(size_t)63;
+        if (g != OWN && used[g] > shared) shared = used[g];
     }
-    return total;
+    return own + shared;
 }
 
 /* Bytes of one layer's sequence state: DeltaNet conv state [K-1, conv_dim] and recurrent state
