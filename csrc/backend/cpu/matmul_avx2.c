@@ -91,6 +91,22 @@ static inline __m256 bf16x8_to_ps(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
+/* Σ w·x for a bf16 row, converted in registers (one pass over the row, no dequantized copy). */
+static float dot_bf16(const uint16_t *w, const float *x, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(bf16x8_to_ps(w + i), _mm256_loadu_ps(x + i), s0);
+        s1 = _mm256_fmadd_ps(bf16x8_to_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), s1);
+        s2 = _mm256_fmadd_ps(bf16x8_to_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), s2);
+        s3 = _mm256_fmadd_ps(bf16x8_to_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(bf16x8_to_ps(w + i), _mm256_loadu_ps(x + i), s0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; i < n; i++) s += fm_bf16_to_f32(w[i]) * x[i];
+    return s;
+}
+
 /* Quantized row: fused dot for one token. */
 static float quant_row_dot(const fm_mat *w, int r, const float *x, const float *xsum) {
     const int n = w->cols, gs = w->group_size, ng = n / gs;
@@ -496,16 +512,9 @@ void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
     }
     if (T == 1) {
         for (int r = r0; r < r1; r++) {
-            if (w->dtype == FM_Q4 || w->dtype == FM_Q8) {
-                a->y[r] = quant_row_dot(w, r, x, a->xsum);
-            } else {
-                const float *wr = (const float *)w->data + (size_t)r * n;
-                if (w->dtype != FM_F32) {
-                    dequant_row(w, r, rowbuf);
-                    wr = rowbuf;
-                }
-                a->y[r] = dot_f32(wr, x, n);
-            }
+            if (w->dtype == FM_Q4 || w->dtype == FM_Q8) a->y[r] = quant_row_dot(w, r, x, a->xsum);
+            else if (w->dtype == FM_BF16) a->y[r] = dot_bf16((const uint16_t *)w->data + (size_t)r * n, x, n);
+            else a->y[r] = dot_f32((const float *)w->data + (size_t)r * n, x, n);
         }
         return;
     }
