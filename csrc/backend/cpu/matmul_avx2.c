@@ -261,20 +261,25 @@ static void unpack_row_i8(const fm_mat *w, int r, uint8_t *out) {
         const uint8_t *q = (const uint8_t *)w->data + (size_t)r * n;
         const __m256i off = _mm256_set1_epi8((char)0x80);
         for (int c = 0; c < n; c += 32)
-            _mm256_storeu_si256((__m256i *)(out + c), _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + c)), off));
+            _mm256_storeu_si256((__m256i *)(out + c),
+                                _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + c)), off));
     }
 }
 
 /* Rows rr[0], rr[1] (unpacked in wb[0], wb[1]) × tokens t0 .. t0 + TT: out[i][t]. NB = gs / 32 blocks per
  * group. q4: Σ q·xq in int16 over a group (<= 8 blocks of pairs <= 2·15·127: no overflow); q8: Σ (q -
  * 128)·xq per block via |q - 128| and xq signed like q - 128, widened each block (pairs reach 2·128·127). */
-static inline __attribute__((always_inline)) void int8_tile_2xt(const fm_mat *w, const uint8_t *const wb[2], const int rr[2],
-                                                                const fm_matmul_args *a, int t0, float out[2][4],
-                                                                const int TT, const int q4, const int NB) {
+static inline __attribute__((always_inline)) void int8_tile_2xt(const fm_mat *w, const uint8_t *const wb[2],
+                                                                const int rr[2], const fm_matmul_args *a, int t0,
+                                                                float out[2][4], const int TT, const int q4,
+                                                                const int NB) {
     const int n = w->cols, gs = w->group_size, ng = n / gs;
     if (NB < 1 || NB > 8) __builtin_unreachable(); /* gs is 32 .. 256 (ops.h) */
     const uint16_t *sc[2], *bi[2];
-    for (int i = 0; i < 2; i++) sc[i] = w->scales + (size_t)rr[i] * ng, bi[i] = w->biases + (size_t)rr[i] * ng;
+    for (int i = 0; i < 2; i++) {
+        sc[i] = w->scales + (size_t)rr[i] * ng;
+        bi[i] = w->biases + (size_t)rr[i] * ng;
+    }
     const int8_t *xq[4];
     const float *xd[4], *xqs[4];
     for (int t = 0; t < TT; t++) {
@@ -318,7 +323,8 @@ static inline __attribute__((always_inline)) void int8_tile_2xt(const fm_mat *w,
                         dot = _mm256_setzero_si256();
                         for (int b = 0; b < NB; b++) {
                             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t] + c + 32 * b));
-                            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[b], _mm256_sign_epi8(xv, ws[b])), ones));
+                            const __m256i p = _mm256_maddubs_epi16(wv[b], _mm256_sign_epi8(xv, ws[b]));
+                            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, ones));
                         }
                     }
                     acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sd[i][t][k]), acc[i][t]);
@@ -345,13 +351,13 @@ static inline __attribute__((always_inline)) void int8_tiles_nb(const fm_matmul_
             if (R == 2) unpack_row_i8(w, r + 1, wbuf + n);
             for (int t = tb; t < te; t += 4) {
                 float out[2][4];
-                switch (te - t < 4 ? te - t : 4) {
+                const int TT = te - t < 4 ? te - t : 4;
+                switch (TT) {
                 case 1: int8_tile_2xt(w, wb, rr, a, t, out, 1, q4, NB); break;
                 case 2: int8_tile_2xt(w, wb, rr, a, t, out, 2, q4, NB); break;
                 case 3: int8_tile_2xt(w, wb, rr, a, t, out, 3, q4, NB); break;
                 default: int8_tile_2xt(w, wb, rr, a, t, out, 4, q4, NB); break;
                 }
-                const int TT = te - t < 4 ? te - t : 4;
                 for (int i = 0; i < R; i++)
                     for (int j = 0; j < TT; j++) a->y[(size_t)(t + j) * m + r + i] = out[i][j];
             }
