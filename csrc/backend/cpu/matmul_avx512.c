@@ -32,8 +32,8 @@ static inline __m512i q4_bytes64(const uint8_t *q) {
 /* Row r against TT tokens (t0 ..): out[t] = Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq). TT and q4 are
  * constants after inlining. */
 static inline __attribute__((always_inline)) void rows_t(const fm_mat *w, int r, const fm_matmul_args *a, int t0,
-                                                         float *out, const int TT, const int q4) {
-    const int n = w->cols, gs = w->group_size, ng = n / gs;
+                                                         float *out, const int TT, const int q4, const int GS) {
+    const int n = w->cols, gs = GS ? GS : w->group_size, ng = n / gs; /* GS: the group size as a constant */
     const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (q4 ? n / 2 : n);
     const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
     const int8_t *xq[4];
@@ -81,10 +81,13 @@ void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbu
         fm_matmul_rows_avx2(a, r0, r1, rowbuf);
         return;
     }
-    for (int r = r0; r < r1; r++) { /* one token (decode) */
+    const int q4 = a->w->dtype == FM_Q4, g64 = a->w->group_size == 64;
+    for (int r = r0; r < r1; r++) { /* one token (decode); group size 64 as a constant, as in AVX2 */
         float out;
-        if (a->w->dtype == FM_Q4) rows_t(a->w, r, a, 0, &out, 1, 1);
-        else rows_t(a->w, r, a, 0, &out, 1, 0);
+        if (q4 && g64) rows_t(a->w, r, a, 0, &out, 1, 1, 64);
+        else if (q4) rows_t(a->w, r, a, 0, &out, 1, 1, 0);
+        else if (g64) rows_t(a->w, r, a, 0, &out, 1, 0, 64);
+        else rows_t(a->w, r, a, 0, &out, 1, 0, 0);
         a->y[r] = out;
     }
 }
