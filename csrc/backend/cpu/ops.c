@@ -358,35 +358,43 @@ void fm_op_silu_mul(float *out, const float *gate, const float *up, int T, int n
 
 /* ---------------------------------------------------------------- attention */
 
+typedef struct {
+    float *out;
+    const float *q, *k_cache, *v_cache;
+    int pos0, nh, nkv, hd;
+    float scale;
+} attention_job;
+
+/* One query (token t, head h) over its causal keys, softmax computed online (a running max and sum, the
+ * output rescaled when the max grows), so a task needs no buffer of scores. */
+static void attention_task(void *ctx, int i) {
+    const attention_job *a = (const attention_job *)ctx;
+    const int t = i / a->nh, h = i % a->nh, hd = a->hd, nkv = a->nkv, kvh = h / (a->nh / nkv);
+    const int n_keys = a->pos0 + t + 1; /* causal: positions [0, pos0 + t] */
+    const float *qh = a->q + ((size_t)t * a->nh + h) * hd;
+    float *oh = a->out + ((size_t)t * a->nh + h) * hd;
+    memset(oh, 0, (size_t)hd * sizeof(float));
+    float mx = -INFINITY, sum = 0.0f;
+    for (int j = 0; j < n_keys; j++) {
+        const float sc = dot_f32(qh, a->k_cache + ((size_t)j * nkv + kvh) * hd, hd) * a->scale;
+        if (sc > mx) { /* rescale what was summed under the old max */
+            const float c = expf(mx - sc);
+            sum *= c;
+            for (int d = 0; d < hd; d++) oh[d] *= c;
+            mx = sc;
+        }
+        const float p = expf(sc - mx);
+        const float *vj = a->v_cache + ((size_t)j * nkv + kvh) * hd;
+        sum += p;
+        for (int d = 0; d < hd; d++) oh[d] += p * vj[d];
+    }
+    for (int d = 0; d < hd; d++) oh[d] /= sum;
+}
+
 void fm_op_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int T, int pos0,
                      int nh, int nkv, int hd, float scale) {
-    const int group = nh / nkv, n_ctx = pos0 + T;
-    float *scores = (float *)fm_alloc((size_t)n_ctx * sizeof(float));
-    for (int t = 0; t < T; t++) {
-        const int n_keys = pos0 + t + 1; /* causal: positions [0, pos0 + t] */
-        for (int h = 0; h < nh; h++) {
-            const int kvh = h / group;
-            const float *qh = q + ((size_t)t * nh + h) * hd;
-            float mx = -INFINITY;
-            for (int j = 0; j < n_keys; j++) {
-                scores[j] = dot_f32(qh, k_cache + ((size_t)j * nkv + kvh) * hd, hd) * scale;
-                if (scores[j] > mx) mx = scores[j];
-            }
-            float sum = 0.0f;
-            for (int j = 0; j < n_keys; j++) {
-                scores[j] = expf(scores[j] - mx);
-                sum += scores[j];
-            }
-            float *oh = out + ((size_t)t * nh + h) * hd;
-            memset(oh, 0, (size_t)hd * sizeof(float));
-            for (int j = 0; j < n_keys; j++) {
-                const float p = scores[j] / sum;
-                const float *vj = v_cache + ((size_t)j * nkv + kvh) * hd;
-                for (int d = 0; d < hd; d++) oh[d] += p * vj[d];
-            }
-        }
-    }
-    fm_free(scores);
+    attention_job a = {out, q, k_cache, v_cache, pos0, nh, nkv, hd, scale};
+    fm_parallel_for(T * nh, attention_task, &a); /* queries are independent: one task each */
 }
 
 /* ---------------------------------------------------------------- Gated DeltaNet */
