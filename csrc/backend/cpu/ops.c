@@ -399,20 +399,34 @@ void fm_op_attention(float *out, const float *q, const float *k_cache, const flo
 
 /* ---------------------------------------------------------------- Gated DeltaNet */
 
+typedef struct {
+    float *out;
+    const float *x, *state, *w;
+    int T, C, K, per_task;
+} conv_job;
+
+/* Channels [c0, c0 + per_task) for every token (each channel is its own filter). */
+static void conv_task(void *ctx, int i) {
+    const conv_job *a = (const conv_job *)ctx;
+    const int S = a->K - 1, C = a->C, c0 = i * a->per_task, c1 = c0 + a->per_task < C ? c0 + a->per_task : C;
+    for (int t = 0; t < a->T; t++)
+        for (int c = c0; c < c1; c++) {
+            float acc = 0.0f;
+            for (int j = 0; j < a->K; j++) {
+                const int src = t - S + j; /* < 0: from the state */
+                const float v = src >= 0 ? a->x[(size_t)src * C + c] : a->state[(size_t)(S + src) * C + c];
+                acc += a->w[(size_t)c * a->K + j] * v;
+            }
+            a->out[(size_t)t * C + c] = fm_silu(acc);
+        }
+}
+
 void fm_op_conv1d_silu(float *out, const float *x, float *state, const float *w, int T, int C, int K) {
     /* HF: F.conv1d(pad K-1 left, groups=C)[:T]; out[t] = sum_j w[j] * in[t - (K-1) + j] */
     const int S = K - 1;
-    for (int t = 0; t < T; t++) {
-        for (int c = 0; c < C; c++) {
-            float acc = 0.0f;
-            for (int j = 0; j < K; j++) {
-                const int src = t - S + j; /* < 0: from the state */
-                const float v = src >= 0 ? x[(size_t)src * C + c] : state[(size_t)(S + src) * C + c];
-                acc += w[(size_t)c * K + j] * v;
-            }
-            out[(size_t)t * C + c] = fm_silu(acc);
-        }
-    }
+    conv_job a = {out, x, state, w, T, C, K, C};
+    if ((double)T * C * K >= 2e5) a.per_task = (C + 4 * fm_threads_get() - 1) / (4 * fm_threads_get());
+    fm_parallel_for((C + a.per_task - 1) / a.per_task, conv_task, &a);
     /* The new state is the last S inputs of [state | x]. */
     if (T >= S) {
         memcpy(state, x + (size_t)(T - S) * C, (size_t)S * C * sizeof(float));
