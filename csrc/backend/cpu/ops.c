@@ -365,39 +365,66 @@ typedef struct {
     float scale;
 } attention_job;
 
-/* One query (token t, head h) over its causal keys, softmax computed online (a running max and sum, the
- * output rescaled when the max grows), so a task needs no buffer of scores. */
-static void attention_task(void *ctx, int i) {
-    const attention_job *a = (const attention_job *)ctx;
-    const int t = i / a->nh, h = i % a->nh, hd = a->hd, nkv = a->nkv, kvh = h / (a->nh / nkv);
+/* Token t's query heads that share KV head g (heads g·G .. g·G + G - 1) over their causal keys: each
+ * key and value row is read once for the G heads. Softmax online (a running max and sum per head, the
+ * output rescaled when the max grows), so no buffer of scores. The dot keeps four vectors of partial
+ * sums so the compiler vectorises it without a chain through one accumulator. */
+static inline __attribute__((always_inline)) void attention_body(const attention_job *a, int i) {
+    const int nkv = a->nkv, hd = a->hd, G = a->nh / nkv, t = i / nkv, g = i % nkv;
     const int n_keys = a->pos0 + t + 1; /* causal: positions [0, pos0 + t] */
-    const float *qh = a->q + ((size_t)t * a->nh + h) * hd;
-    float *oh = a->out + ((size_t)t * a->nh + h) * hd;
-    memset(oh, 0, (size_t)hd * sizeof(float));
-    float mx = -INFINITY, sum = 0.0f;
+    const float *q = a->q + ((size_t)t * a->nh + (size_t)g * G) * hd;
+    float *o = a->out + ((size_t)t * a->nh + (size_t)g * G) * hd;
+    float mx[G], sum[G];
+    for (int h = 0; h < G; h++) mx[h] = -INFINITY, sum[h] = 0.0f;
+    memset(o, 0, (size_t)G * hd * sizeof(float));
     for (int j = 0; j < n_keys; j++) {
-        const float sc = dot_f32(qh, a->k_cache + ((size_t)j * nkv + kvh) * hd, hd) * a->scale;
-        if (sc > mx) { /* rescale what was summed under the old max */
-            const float c = expf(mx - sc);
-            sum *= c;
-            for (int d = 0; d < hd; d++) oh[d] *= c;
-            mx = sc;
+        const float *kj = a->k_cache + ((size_t)j * nkv + g) * hd, *vj = a->v_cache + ((size_t)j * nkv + g) * hd;
+        for (int h = 0; h < G; h++) {
+            const float *qh = q + (size_t)h * hd;
+            float *oh = o + (size_t)h * hd;
+            float s0[8] = {0}, s1[8] = {0}, s2[8] = {0}, s3[8] = {0};
+            int d = 0;
+            for (; d + 32 <= hd; d += 32) {
+                for (int l = 0; l < 8; l++) s0[l] += qh[d + l] * kj[d + l];
+                for (int l = 0; l < 8; l++) s1[l] += qh[d + 8 + l] * kj[d + 8 + l];
+                for (int l = 0; l < 8; l++) s2[l] += qh[d + 16 + l] * kj[d + 16 + l];
+                for (int l = 0; l < 8; l++) s3[l] += qh[d + 24 + l] * kj[d + 24 + l];
+            }
+            for (int l = 0; l < 8; l++) s0[l] += (s1[l] + s2[l]) + s3[l];
+            float dot = ((s0[0] + s0[4]) + (s0[1] + s0[5])) + ((s0[2] + s0[6]) + (s0[3] + s0[7]));
+            for (; d < hd; d++) dot += qh[d] * kj[d];
+            const float sc = dot * a->scale;
+            if (sc > mx[h]) { /* rescale what was summed under the old max */
+                const float c = expf(mx[h] - sc);
+                sum[h] *= c;
+                for (int e = 0; e < hd; e++) oh[e] *= c;
+                mx[h] = sc;
+            }
+            const float p = expf(sc - mx[h]);
+            sum[h] += p;
+            for (int e = 0; e < hd; e++) oh[e] += p * vj[e];
         }
-        const float p = expf(sc - mx);
-        const float *vj = a->v_cache + ((size_t)j * nkv + kvh) * hd;
-        sum += p;
-        for (int d = 0; d < hd; d++) oh[d] += p * vj[d];
     }
-    for (int d = 0; d < hd; d++) oh[d] /= sum;
+    for (int h = 0; h < G; h++)
+        for (int e = 0; e < hd; e++) o[(size_t)h * hd + e] /= sum[h];
 }
+
+static void attention_task(void *ctx, int i) { attention_body((const attention_job *)ctx, i); }
+#ifdef FM_HAVE_AVX2_KERNELS /* the same loops compiled for AVX2 + FMA, taken when the AVX2 kernels are */
+__attribute__((target("avx2,fma"))) static void attention_task_avx2(void *ctx, int i) {
+    attention_body((const attention_job *)ctx, i);
+}
+#endif
 
 void fm_op_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int T, int pos0,
                      int nh, int nkv, int hd, float scale) {
     attention_job a = {out, q, k_cache, v_cache, pos0, nh, nkv, hd, scale};
-    fm_parallel_for(T * nh, attention_task, &a); /* queries are independent: one task each */
+    fm_task_fn fn = attention_task;
+#ifdef FM_HAVE_AVX2_KERNELS
+    if (fm_cpu_use_avx2()) fn = attention_task_avx2;
+#endif
+    fm_parallel_for(T * nkv, fn, &a); /* (token, KV head) pairs are independent: one task each */
 }
-
-/* ---------------------------------------------------------------- Gated DeltaNet */
 
 typedef struct {
     float *out;
