@@ -1,11 +1,14 @@
 /* util.c — errors, aligned allocation, timing, CRC-32. */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE /* MADV_HUGEPAGE */
 #include "util.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 static _Thread_local char g_error[1024];
 
@@ -29,6 +32,17 @@ void *fm_alloc(size_t bytes) {
 }
 
 void fm_free(void *p) { free(p); }
+
+void *fm_alloc_weights(size_t bytes) {
+    enum { HUGE = 2u << 20 };
+    void *p = NULL;
+    bytes = bytes ? (bytes + HUGE - 1) & ~(size_t)(HUGE - 1) : HUGE;
+    if (posix_memalign(&p, HUGE, bytes) != 0) return NULL;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, bytes, MADV_HUGEPAGE); /* advice only: where refused, 4 KiB pages as before */
+#endif
+    return p;
+}
 
 double fm_now(void) {
     struct timespec ts;

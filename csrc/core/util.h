@@ -15,6 +15,10 @@ fm_status fm_fail(fm_status st, const char *fmt, ...) __attribute__((format(prin
 /* 64-byte aligned, zeroed allocation; NULL on failure. fm_free(NULL) is a no-op. */
 void *fm_alloc(size_t bytes);
 void fm_free(void *p);
+/* Weights streamed every token (dense weights, the expert cache): 2 MiB aligned and, on Linux, advised
+ * into transparent huge pages, so the stream crosses a page (TLB entry, prefetch boundary) every 2 MiB,
+ * not every 4 KiB. Not zeroed: the caller fills it. fm_free releases it. */
+void *fm_alloc_weights(size_t bytes);
 
 double fm_now(void); /* monotonic seconds */
 

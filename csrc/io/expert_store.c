@@ -44,7 +44,7 @@ struct fm_expert_store {
     uint32_t *checksums;    /* [n_layers * n_experts] */
     uint8_t *verified;      /* [n_layers * n_experts] */
 
-    uint8_t *pool;          /* [n_slots, stride], 16 KiB aligned */
+    uint8_t *pool;          /* [n_slots, stride], 2 MiB aligned (fm_alloc_weights) */
     slot_t *slots;
     int32_t *slot_of;       /* [n_layers * n_experts] -> slot or -1 */
     double *lfreq;          /* [n_layers * n_experts] LFRU: log2(decayed use count) + tick / half_life,
@@ -230,8 +230,7 @@ fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, 
     }
     s->c.direct_io = s->direct = any && direct_all;
 
-    if (posix_memalign((void **)&s->pool, FM_PREAMBLE_SIZE, (size_t)s->n_slots * s->stride) != 0) {
-        s->pool = NULL;
+    if (!(s->pool = (uint8_t *)fm_alloc_weights((size_t)s->n_slots * s->stride))) { /* aligned for O_DIRECT */
         return fm_fail(FM_ERR_NOMEM, "expert store: cannot allocate %d slots of %llu bytes", s->n_slots,
                        (unsigned long long)s->stride);
     }

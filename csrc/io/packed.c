@@ -49,7 +49,7 @@ fm_status fm_packed_read_dense(const char *path, uint64_t size, uint8_t **out) {
     status = fm_packed_check_preamble(pre, path, FM_KIND_DENSE, 0xFFFFFFFFu, 0, size - FM_PREAMBLE_SIZE);
     if (status != FM_OK) goto done;
     const uint64_t n = size - FM_PREAMBLE_SIZE;
-    buf = (uint8_t *)fm_alloc(n);
+    buf = (uint8_t *)fm_alloc_weights(n); /* every byte is read into below */
     if (!buf) {
         status = fm_fail(FM_ERR_NOMEM, "%s: cannot allocate %llu bytes for dense weights", path, (unsigned long long)n);
         goto done;
