@@ -243,7 +243,10 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
         s->held[n_held] = slot;
         s->held_e[n_held++] = s->need[next];
     }
-    const int next_moe = m->layers[layer].next_moe, n_pred_ok = next_moe >= 0 && m->prefetch;
+    /* Predict the next layer's experts for the store to read ahead, unless it holds all of them already
+     * (everything in RAM once warm: the prediction would only cost a router matvec per layer). */
+    const int next_moe = m->layers[layer].next_moe;
+    const int n_pred_ok = next_moe >= 0 && m->prefetch && !fm_expert_store_layer_resident(store, next_moe);
     if (n_pred_ok) predict_next(m, next_moe, xn, T);
 
     /* shared expert while the reads land, scaled by sigmoid(shared_expert_gate · x) */

@@ -47,6 +47,7 @@ struct fm_expert_store {
     uint8_t *pool;          /* [n_slots, stride], 2 MiB aligned (fm_alloc_weights) */
     slot_t *slots;
     int32_t *slot_of;       /* [n_layers * n_experts] -> slot or -1 */
+    int *resident;          /* [n_layers + 1] experts of each layer with a slot (read or being read) */
     double *lfreq;          /* [n_layers * n_experts] LFRU: log2(decayed use count) + tick / half_life,
                              * a clock-free key: comparing it compares the decayed counts at any time */
     uint8_t *protect;       /* [n_layers * n_experts] predicted for the next layer */
@@ -203,12 +204,13 @@ fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, 
     s->checksums = (uint32_t *)calloc(n_keys, sizeof(uint32_t));
     s->verified = (uint8_t *)calloc(n_keys, 1);
     s->slot_of = (int32_t *)malloc(sizeof(int32_t) * n_keys);
+    s->resident = (int *)calloc((size_t)s->n_layers + 1, sizeof(int));
     s->lfreq = (double *)malloc(n_keys * sizeof(double));
     s->protect = (uint8_t *)calloc(n_keys, 1);
     s->protected_keys = (int32_t *)malloc(sizeof(int32_t) * (size_t)(s->n_experts + 1));
     s->slots = (slot_t *)calloc((size_t)s->n_slots, sizeof(slot_t));
     s->queue = (int *)malloc(sizeof(int) * (size_t)s->n_slots);
-    if (!s->fds || !s->fds_buffered || !s->checksums || !s->verified || !s->slot_of || !s->lfreq ||
+    if (!s->fds || !s->fds_buffered || !s->checksums || !s->verified || !s->slot_of || !s->resident || !s->lfreq ||
         !s->protect || !s->protected_keys || !s->slots || !s->queue)
         return fm_fail(FM_ERR_NOMEM, "expert store: out of memory");
     for (size_t i = 0; i < n_keys; i++) {
@@ -271,6 +273,7 @@ void fm_expert_store_free(fm_expert_store *s) {
     free(s->checksums);
     free(s->verified);
     free(s->slot_of);
+    free(s->resident);
     free(s->lfreq);
     free(s->protect);
     free(s->protected_keys);
@@ -317,7 +320,11 @@ static int pick_victim(const fm_expert_store *s) {
 
 static void start_read(fm_expert_store *s, int slot, int key) {
     slot_t *sl = &s->slots[slot];
-    if (sl->key >= 0) s->slot_of[sl->key] = -1;
+    if (sl->key >= 0) {
+        s->slot_of[sl->key] = -1;
+        s->resident[sl->key / s->n_experts]--;
+    }
+    s->resident[key / s->n_experts]++;
     sl->key = key;
     sl->state = SLOT_LOADING;
     sl->prefetched = 0;
@@ -379,6 +386,7 @@ fm_status fm_expert_store_wait_any(fm_expert_store *s, const int *slots, int n, 
                 st = fm_fail(FM_ERR_IO, "%s", sl->error);
                 if (strstr(sl->error, "checksum")) st = FM_ERR_FORMAT;
                 s->slot_of[sl->key] = -1; /* drop it: a failed read is never used */
+                s->resident[sl->key / s->n_experts]--;
                 sl->key = -1;
                 sl->state = SLOT_FREE;
             }
@@ -411,6 +419,13 @@ void fm_expert_store_release(fm_expert_store *s, int slot) {
     pthread_mutex_lock(&s->mu);
     if (s->slots[slot].pins > 0) s->slots[slot].pins--;
     pthread_mutex_unlock(&s->mu);
+}
+
+int fm_expert_store_layer_resident(fm_expert_store *s, int layer) {
+    pthread_mutex_lock(&s->mu);
+    const int all = layer >= 0 && layer < s->n_layers && s->resident[layer] == s->n_experts;
+    pthread_mutex_unlock(&s->mu);
+    return all;
 }
 
 void fm_expert_store_predict(fm_expert_store *s, int layer, const int32_t *experts, int n) {

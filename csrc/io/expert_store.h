@@ -53,6 +53,8 @@ int fm_expert_store_poll(fm_expert_store *s, const int *slots, int n, int *ready
 void fm_expert_store_view(const fm_expert_store *s, int slot, fm_expert *out);
 void fm_expert_store_release(fm_expert_store *s, int slot);
 
+/* 1 when every expert of layer has a slot (read or being read): predicting for it cannot help. */
+int fm_expert_store_layer_resident(fm_expert_store *s, int layer);
 /* Experts expected in the next layer: kept from eviction until the next call, and (when prefetch is
  * on) read now into slots that hold nothing more valuable. */
 void fm_expert_store_predict(fm_expert_store *s, int layer, const int32_t *experts, int n);
