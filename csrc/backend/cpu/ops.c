@@ -365,10 +365,27 @@ typedef struct {
     float scale;
 } attention_job;
 
+/* Σ a·b over n, in four vectors of partial sums so the compiler vectorises it without a chain through
+ * one accumulator. */
+static inline __attribute__((always_inline)) float dot_vec(const float *a, const float *b, int n) {
+    float s0[8] = {0}, s1[8] = {0}, s2[8] = {0}, s3[8] = {0};
+    int d = 0;
+    for (; d + 32 <= n; d += 32) {
+        for (int l = 0; l < 8; l++) s0[l] += a[d + l] * b[d + l];
+        for (int l = 0; l < 8; l++) s1[l] += a[d + 8 + l] * b[d + 8 + l];
+        for (int l = 0; l < 8; l++) s2[l] += a[d + 16 + l] * b[d + 16 + l];
+        for (int l = 0; l < 8; l++) s3[l] += a[d + 24 + l] * b[d + 24 + l];
+    }
+    for (int l = 0; l < 8; l++) s0[l] += (s1[l] + s2[l]) + s3[l];
+    float dot = ((s0[0] + s0[4]) + (s0[1] + s0[5])) + ((s0[2] + s0[6]) + (s0[3] + s0[7]));
+    for (; d < n; d++) dot += a[d] * b[d];
+    return dot;
+}
+
 /* Token t's query heads that share KV head g (heads g·G .. g·G + G - 1) over their causal keys: each
  * key and value row is read once for the G heads. Softmax online (a running max and sum per head, the
- * output rescaled when the max grows), so no buffer of scores. The dot keeps four vectors of partial
- * sums so the compiler vectorises it without a chain through one accumulator. */
+ * output rescaled when the max grows), so no buffer of scores; keys go two at a time, so each pass over
+ * a head's output adds two value rows. */
 static inline __attribute__((always_inline)) void attention_body(const attention_job *a, int i) {
     const int nkv = a->nkv, hd = a->hd, G = a->nh / nkv, t = i / nkv, g = i % nkv;
     const int n_keys = a->pos0 + t + 1; /* causal: positions [0, pos0 + t] */
@@ -377,32 +394,25 @@ static inline __attribute__((always_inline)) void attention_body(const attention
     float mx[G], sum[G];
     for (int h = 0; h < G; h++) mx[h] = -INFINITY, sum[h] = 0.0f;
     memset(o, 0, (size_t)G * hd * sizeof(float));
-    for (int j = 0; j < n_keys; j++) {
-        const float *kj = a->k_cache + ((size_t)j * nkv + g) * hd, *vj = a->v_cache + ((size_t)j * nkv + g) * hd;
+    for (int j = 0; j < n_keys; j += 2) {
+        const int two = j + 1 < n_keys; /* else the second key is the first again, with weight 0 */
+        const float *k0 = a->k_cache + ((size_t)j * nkv + g) * hd, *v0 = a->v_cache + ((size_t)j * nkv + g) * hd;
+        const float *k1 = two ? k0 + (size_t)nkv * hd : k0, *v1 = two ? v0 + (size_t)nkv * hd : v0;
         for (int h = 0; h < G; h++) {
             const float *qh = q + (size_t)h * hd;
             float *oh = o + (size_t)h * hd;
-            float s0[8] = {0}, s1[8] = {0}, s2[8] = {0}, s3[8] = {0};
-            int d = 0;
-            for (; d + 32 <= hd; d += 32) {
-                for (int l = 0; l < 8; l++) s0[l] += qh[d + l] * kj[d + l];
-                for (int l = 0; l < 8; l++) s1[l] += qh[d + 8 + l] * kj[d + 8 + l];
-                for (int l = 0; l < 8; l++) s2[l] += qh[d + 16 + l] * kj[d + 16 + l];
-                for (int l = 0; l < 8; l++) s3[l] += qh[d + 24 + l] * kj[d + 24 + l];
-            }
-            for (int l = 0; l < 8; l++) s0[l] += (s1[l] + s2[l]) + s3[l];
-            float dot = ((s0[0] + s0[4]) + (s0[1] + s0[5])) + ((s0[2] + s0[6]) + (s0[3] + s0[7]));
-            for (; d < hd; d++) dot += qh[d] * kj[d];
-            const float sc = dot * a->scale;
-            if (sc > mx[h]) { /* rescale what was summed under the old max */
-                const float c = expf(mx[h] - sc);
+            const float sc0 = dot_vec(qh, k0, hd) * a->scale;
+            const float sc1 = two ? dot_vec(qh, k1, hd) * a->scale : -INFINITY;
+            const float m = sc0 > sc1 ? sc0 : sc1;
+            if (m > mx[h]) { /* rescale what was summed under the old max */
+                const float c = expf(mx[h] - m);
                 sum[h] *= c;
                 for (int e = 0; e < hd; e++) oh[e] *= c;
-                mx[h] = sc;
+                mx[h] = m;
             }
-            const float p = expf(sc - mx[h]);
-            sum[h] += p;
-            for (int e = 0; e < hd; e++) oh[e] += p * vj[e];
+            const float p0 = expf(sc0 - mx[h]), p1 = two ? expf(sc1 - mx[h]) : 0.0f;
+            sum[h] += p0 + p1;
+            for (int e = 0; e < hd; e++) oh[e] += p0 * v0[e] + p1 * v1[e];
         }
     }
     for (int h = 0; h < G; h++)
