@@ -11,16 +11,10 @@
  */
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
 
 #include "../csrc/backend/ops.h"
 #include "../csrc/core/threads.h"
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
+#include "../csrc/core/util.h" /* fm_now */
 
 static int cmp(const void *a, const void *b) {
     const double x = *(const double *)a, y = *(const double *)b;
@@ -55,9 +49,9 @@ int main(int argc, char **argv) {
                         double t[reps];
                         fm_op_matmul(&w, x, T, y);
                         for (int r = 0; r < reps; r++) {
-                            const double t0 = now();
+                            const double t0 = fm_now();
                             fm_op_matmul(&w, x, T, y);
-                            t[r] = now() - t0;
+                            t[r] = fm_now() - t0;
                         }
                         qsort(t, reps, sizeof t[0], cmp);
                         printf("  %s %s %6.1f", isas[v], int8 ? "int8" : "fp32",

@@ -12,16 +12,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "../csrc/backend/ops.h"
 #include "../csrc/core/threads.h"
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
+#include "../csrc/core/util.h" /* fm_now */
 
 static int cmp(const void *a, const void *b) {
     const double x = *(const double *)a, y = *(const double *)b;
@@ -58,9 +52,9 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n; i++) big[i] = 1.0;
     read_job rj = {big, n, {0}};
     for (int r = 0; r < reps; r++) {
-        const double t0 = now();
+        const double t0 = fm_now();
         fm_parallel_for(64, read_task, &rj);
-        t[r] = now() - t0;
+        t[r] = fm_now() - t0;
     }
     qsort(t, reps, sizeof t[0], cmp);
     printf("threads %d, streaming read %.1f GB/s\n", fm_threads_get(), (double)n * 8 / t[reps / 2] / 1e9);
@@ -77,9 +71,9 @@ int main(int argc, char **argv) {
                 fm_mat w = {dt, rows, cols, gs, q, s, b, int8};
                 fm_op_matmul(&w, x, 1, y);
                 for (int r = 0; r < reps; r++) {
-                    const double t0 = now();
+                    const double t0 = fm_now();
                     fm_op_matmul(&w, x, 1, y);
-                    t[r] = now() - t0;
+                    t[r] = fm_now() - t0;
                 }
                 qsort(t, reps, sizeof t[0], cmp);
                 printf("%s x %s %-7s %7.2f GB/s\n", dt == FM_Q4 ? "q4" : "q8", int8 ? "int8" : "fp32", isas[k],

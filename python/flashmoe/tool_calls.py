@@ -168,32 +168,38 @@ def _strip_one_newline(value: str) -> str:
     return value
 
 
+def _tag_name(text: str, start: int) -> tuple[str, int] | None:
+    """The name of an opening tag such as <function=NAME> whose name begins at start, and the index of its
+    '>'; None if the tag is unterminated or the name empty or spread over lines."""
+    gt = text.find(">", start)
+    if gt < 0:
+        return None
+    name = text[start:gt].strip()
+    if not name or "\n" in name or "<" in name:
+        return None
+    return name, gt
+
+
 def _parse_xml_block(body: str, schemas: dict[str, dict]) -> list[tuple[str, dict]] | None:
     calls = []
     pos = body.find(_FUNC)
     if pos < 0 or body[:pos].strip():
         return None
     while pos >= 0:
-        start = pos + len(_FUNC)
-        gt = body.find(">", start)
-        if gt < 0:
+        tag = _tag_name(body, pos + len(_FUNC))
+        if tag is None:
             return None
-        name = body[start:gt].strip()
-        if not name or "\n" in name or "<" in name:
-            return None
+        name, gt = tag
         end = body.find(_FUNC_END, gt)
         fbody = body[gt + 1:] if end < 0 else body[gt + 1:end]  # a missing </function> is forgiven
         props = schemas.get(name, {})
         args: dict = {}
         p = fbody.find(_PARAM)
         while p >= 0:
-            pstart = p + len(_PARAM)
-            pgt = fbody.find(">", pstart)
-            if pgt < 0:
+            ptag = _tag_name(fbody, p + len(_PARAM))
+            if ptag is None:
                 return None
-            pname = fbody[pstart:pgt].strip()
-            if not pname or "\n" in pname or "<" in pname:
-                return None
+            pname, pgt = ptag
             pend = fbody.find(_PARAM_END, pgt)
             value = fbody[pgt + 1:] if pend < 0 else fbody[pgt + 1:pend]  # so is the last </parameter>
             args[pname] = convert_argument(_strip_one_newline(value), props.get(pname))

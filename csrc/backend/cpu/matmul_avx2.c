@@ -25,20 +25,33 @@ static void f16_to_f32_n(const uint16_t *src, float *dst, int n) {
     for (; i < n; i++) dst[i] = fm_f16_to_f32(src[i]);
 }
 
-static float dot_f32(const float *a, const float *b, int n) {
+static inline __m256 bf16x8_to_ps(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* 8 elements of a row of fp32 or bf16 (converted in registers) as fp32. */
+static inline __attribute__((always_inline)) __m256 load_row8(const void *w, int i, const int bf16) {
+    return bf16 ? bf16x8_to_ps((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
+}
+
+/* Σ w·x over n, w fp32 or bf16: one pass over the row, no dequantized copy. bf16 is a literal. */
+static inline __attribute__((always_inline)) float dot_row(const void *w, const int bf16, const float *x, int n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
     int i = 0;
     for (; i + 32 <= n; i += 32) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
-        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+        s0 = _mm256_fmadd_ps(load_row8(w, i, bf16), _mm256_loadu_ps(x + i), s0);
+        s1 = _mm256_fmadd_ps(load_row8(w, i + 8, bf16), _mm256_loadu_ps(x + i + 8), s1);
+        s2 = _mm256_fmadd_ps(load_row8(w, i + 16, bf16), _mm256_loadu_ps(x + i + 16), s2);
+        s3 = _mm256_fmadd_ps(load_row8(w, i + 24, bf16), _mm256_loadu_ps(x + i + 24), s3);
     }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(load_row8(w, i, bf16), _mm256_loadu_ps(x + i), s0);
     float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++) s += (bf16 ? fm_bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i]) * x[i];
     return s;
 }
+
+static float dot_f32(const float *a, const float *b, int n) { return dot_row(a, 0, b, n); }
+static float dot_bf16(const uint16_t *w, const float *x, int n) { return dot_row(w, 1, x, n); }
 
 /* 16 bytes of q4 (32 weights) as fp32: l0/l1 the low nibbles of bytes 0-7/8-15 (elements 0,2,..,14 and
  * 16,..,30), h0/h1 the high nibbles (1,..,15 and 17,..,31). One byte per dword comes from a single
@@ -85,26 +98,6 @@ static inline __m256 q8_group_dot(const uint8_t *q, const float *x, int gs) {
         a1 = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(v, 8)), _mm256_loadu_ps(x + i + 8), a1);
     }
     return _mm256_add_ps(a0, a1);
-}
-
-static inline __m256 bf16x8_to_ps(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-/* Σ w·x for a bf16 row, converted in registers (one pass over the row, no dequantized copy). */
-static float dot_bf16(const uint16_t *w, const float *x, int n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm256_fmadd_ps(bf16x8_to_ps(w + i), _mm256_loadu_ps(x + i), s0);
-        s1 = _mm256_fmadd_ps(bf16x8_to_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), s1);
-        s2 = _mm256_fmadd_ps(bf16x8_to_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), s2);
-        s3 = _mm256_fmadd_ps(bf16x8_to_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), s3);
-    }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(bf16x8_to_ps(w + i), _mm256_loadu_ps(x + i), s0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    for (; i < n; i++) s += fm_bf16_to_f32(w[i]) * x[i];
-    return s;
 }
 
 /* Quantized row: fused dot for one token. */
@@ -192,67 +185,52 @@ static inline __m256i q8_group_idot(const uint8_t *q, const int8_t *xq, int gs) 
     return acc;
 }
 
-/* Row r against TT tokens' int8 activations (tokens t0 ..): out[t] = Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq),
- * where for q8 Σ q·xq = Σ (q - 128)·xq + 128·Σ xq, so the offset joins the bias: b' = bias + 128·scale.
- * Groups go 8 at a time so the fp16 scales and biases convert in one instruction each; each q4 block is
- * unpacked once for all the tokens. TT and q4 are constants after inlining: one loop per case. (The AVX2
- * driver takes one token here, more go to the tiles below; the AVX-512 kernel has the same shape.) */
-static inline __attribute__((always_inline)) void int8_rows_t(const fm_mat *w, int r, const fm_matmul_args *a,
-                                                              int t0, float *out, const int TT, const int q4,
-                                                              const int GS) {
-    const int n = w->cols, gs = GS ? GS : w->group_size, ng = n / gs; /* GS: the group size as a constant */
+/* Row r against one token's int8 activations (decode): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), where for
+ * q8 Σ q·xq = Σ (q - 128)·xq + 128·Σ xq, so the offset joins the bias: b' = bias + 128·scale. Groups go
+ * 8 at a time so the fp16 scales and biases convert in one instruction each. q4 and GS (the group size
+ * when a constant, else 0) are literals after inlining: one loop per case. More tokens go to the tiles
+ * below. */
+static inline __attribute__((always_inline)) float int8_row(const fm_mat *w, int r, const fm_matmul_args *a,
+                                                            const int q4, const int GS) {
+    const int n = w->cols, gs = GS ? GS : w->group_size, ng = n / gs;
     const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (q4 ? n / 2 : n);
     const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
-    const int8_t *xq[4];
-    const float *xd[4], *xqs[4];
-    for (int t = 0; t < TT; t++) {
-        xq[t] = a->xq + (size_t)(t0 + t) * n;
-        xd[t] = a->xd + (size_t)(t0 + t) * ng;
-        xqs[t] = a->xqs + (size_t)(t0 + t) * ng;
-    }
+    const int8_t *xq = a->xq;
     const __m256 off = _mm256_set1_ps(q4 ? 0.0f : 128.0f);
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[4], accb[4];
-    for (int t = 0; t < TT; t++) acc[t] = accb[t] = _mm256_setzero_ps();
-    float d[4][8];
+    __m256 acc = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
+    float d[8];
     for (int g0 = 0; g0 < ng; g0 += 8) {
         const int G = ng - g0 < 8 ? ng - g0 : 8;
         const __m256 s = load8h(sc + g0, G), b = _mm256_fmadd_ps(off, s, load8h(bi + g0, G));
-        for (int t = 0; t < TT; t++) {
-            const __m256 dx = load8(xd[t] + g0, G);
-            accb[t] = _mm256_fmadd_ps(_mm256_mul_ps(b, dx), load8(xqs[t] + g0, G), accb[t]);
-            _mm256_storeu_ps(d[t], _mm256_mul_ps(s, dx));
-        }
+        const __m256 dx = load8(a->xd + g0, G);
+        accb = _mm256_fmadd_ps(_mm256_mul_ps(b, dx), load8(a->xqs + g0, G), accb);
+        _mm256_storeu_ps(d, _mm256_mul_ps(s, dx));
         for (int k = 0; k < G; k++) {
             const int g = g0 + k;
-            __m256i dot[4];
+            __m256i dot;
             if (q4) {
-                __m256i p[4];
-                const __m256i w0 = q4_bytes32(row + g * gs / 2);
-                for (int t = 0; t < TT; t++)
-                    p[t] = _mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)(xq[t] + g * gs)));
-                for (int blk = 1; blk < gs / 32; blk++) { /* <= 8 blocks (ops.h): int16 sums do not overflow */
-                    const __m256i wq = q4_bytes32(row + g * gs / 2 + 16 * blk);
-                    for (int t = 0; t < TT; t++)
-                        p[t] = _mm256_add_epi16(p[t], _mm256_maddubs_epi16(wq, _mm256_loadu_si256(
-                                                                               (const __m256i *)(xq[t] + g * gs + 32 * blk))));
-                }
-                for (int t = 0; t < TT; t++) dot[t] = _mm256_madd_epi16(p[t], ones);
+                const uint8_t *qg = row + g * gs / 2;
+                const int8_t *xg = xq + g * gs;
+                __m256i p = _mm256_maddubs_epi16(q4_bytes32(qg), _mm256_loadu_si256((const __m256i *)xg));
+                for (int blk = 1; blk < gs / 32; blk++) /* <= 8 blocks (ops.h): int16 sums do not overflow */
+                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q4_bytes32(qg + 16 * blk),
+                                                                 _mm256_loadu_si256((const __m256i *)(xg + 32 * blk))));
+                dot = _mm256_madd_epi16(p, ones);
             } else {
-                for (int t = 0; t < TT; t++) dot[t] = q8_group_idot(row + g * gs, xq[t] + g * gs, gs);
+                dot = q8_group_idot(row + g * gs, xq + g * gs, gs);
             }
-            for (int t = 0; t < TT; t++)
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_set1_ps(d[t][k]), acc[t]);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[k]), acc);
         }
     }
-    for (int t = 0; t < TT; t++) out[t] = hsum(_mm256_add_ps(acc[t], accb[t]));
+    return hsum(_mm256_add_ps(acc, accb));
 }
 
 /* Several tokens on int8 activations (prefill): rows are first unpacked to one byte per weight (q4: the
  * nibbles, in xq's permuted order; q8: q - 128 as signed bytes) so the inner loop is loads and maddubs,
  * then multiplied in 2-row × TT-token register tiles: each unpacked weight vector feeds TT tokens. The
  * tokens go in blocks whose xq fits in L2 (a pass over the task's rows per block), so the activations
- * are not streamed from L3 once per row pair. Same function as int8_rows_t. */
+ * are not streamed from L3 once per row pair. Same function as int8_row. */
 static void unpack_row_i8(const fm_mat *w, int r, uint8_t *out) {
     const int n = w->cols;
     if (w->dtype == FM_Q4) {
@@ -418,14 +396,11 @@ static __attribute__((noinline)) void int8_tiles(const fm_matmul_args *a, int r0
 static __attribute__((noinline)) void int8_rows_1(const fm_matmul_args *a, int r0, int r1) {
     const fm_mat *w = a->w;
     const int q4 = w->dtype == FM_Q4, g64 = w->group_size == 64;
-    for (int r = r0; r < r1; r++) {
-        float out;
-        if (q4 && g64) int8_rows_t(w, r, a, 0, &out, 1, 1, 64);
-        else if (q4) int8_rows_t(w, r, a, 0, &out, 1, 1, 0);
-        else if (g64) int8_rows_t(w, r, a, 0, &out, 1, 0, 64);
-        else int8_rows_t(w, r, a, 0, &out, 1, 0, 0);
-        a->y[r] = out;
-    }
+    for (int r = r0; r < r1; r++)
+        a->y[r] = q4 && g64 ? int8_row(w, r, a, 1, 64)
+                  : q4      ? int8_row(w, r, a, 1, 0)
+                  : g64     ? int8_row(w, r, a, 0, 64)
+                            : int8_row(w, r, a, 0, 0);
 }
 
 /* Row r dequantized into out[cols] (q4: in the permuted order). */

@@ -29,49 +29,34 @@ static inline __m512i q4_bytes64(const uint8_t *q) {
     return _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, twice, hi), _mm512_set1_epi8(0x0F));
 }
 
-/* Row r against TT tokens (t0 ..): out[t] = Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq). TT and q4 are
- * constants after inlining. */
-static inline __attribute__((always_inline)) void rows_t(const fm_mat *w, int r, const fm_matmul_args *a, int t0,
-                                                         float *out, const int TT, const int q4, const int GS) {
-    const int n = w->cols, gs = GS ? GS : w->group_size, ng = n / gs; /* GS: the group size as a constant */
+/* Row r against one token (decode): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq). q4 and GS (the group size
+ * when a constant, else 0) are literals after inlining. */
+static inline __attribute__((always_inline)) float row_dot(const fm_mat *w, int r, const fm_matmul_args *a,
+                                                           const int q4, const int GS) {
+    const int n = w->cols, gs = GS ? GS : w->group_size, ng = n / gs;
     const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (q4 ? n / 2 : n);
     const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
-    const int8_t *xq[4];
-    const float *xd[4], *xqs[4];
-    for (int t = 0; t < TT; t++) {
-        xq[t] = a->xq + (size_t)(t0 + t) * n;
-        xd[t] = a->xd + (size_t)(t0 + t) * ng;
-        xqs[t] = a->xqs + (size_t)(t0 + t) * ng;
-    }
-    __m512 acc[4];
-    __m256 accb[4];
-    for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps(), accb[t] = _mm256_setzero_ps();
-    float d[4][8];
+    const int8_t *xq = a->xq;
+    __m512 acc = _mm512_setzero_ps();
+    __m256 accb = _mm256_setzero_ps();
+    float d[8];
     for (int g0 = 0; g0 < ng; g0 += 8) {
         const int G = ng - g0 < 8 ? ng - g0 : 8;
-        const __m256 s = load8h(sc + g0, G), b = load8h(bi + g0, G);
-        for (int t = 0; t < TT; t++) {
-            const __m256 dx = load8(xd[t] + g0, G);
-            accb[t] = _mm256_fmadd_ps(_mm256_mul_ps(b, dx), load8(xqs[t] + g0, G), accb[t]);
-            _mm256_storeu_ps(d[t], _mm256_mul_ps(s, dx));
-        }
+        const __m256 s = load8h(sc + g0, G), b = load8h(bi + g0, G), dx = load8(a->xd + g0, G);
+        accb = _mm256_fmadd_ps(_mm256_mul_ps(b, dx), load8(a->xqs + g0, G), accb);
+        _mm256_storeu_ps(d, _mm256_mul_ps(s, dx));
         for (int k = 0; k < G; k++) {
             const int g = g0 + k;
-            __m512i dot[4];
-            for (int t = 0; t < TT; t++) dot[t] = _mm512_setzero_si512();
+            __m512i dot = _mm512_setzero_si512();
             for (int i = 0; i < gs; i += 64) {
                 const __m512i wq = q4 ? q4_bytes64(row + (g * gs + i) / 2)
                                       : _mm512_loadu_si512((const void *)(row + g * gs + i));
-                for (int t = 0; t < TT; t++)
-                    dot[t] = _mm512_dpbusd_epi32(dot[t], wq, _mm512_loadu_si512((const void *)(xq[t] + g * gs + i)));
+                dot = _mm512_dpbusd_epi32(dot, wq, _mm512_loadu_si512((const void *)(xq + g * gs + i)));
             }
-            for (int t = 0; t < TT; t++)
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t]), _mm512_set1_ps(d[t][k]), acc[t]);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(d[k]), acc);
         }
     }
-    for (int t = 0; t < TT; t++)
-        out[t] = hsum(_mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(acc[t]), _mm512_extractf32x8_ps(acc[t], 1)),
-                                    accb[t]));
+    return hsum(_mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1)), accb));
 }
 
 void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbuf) {
@@ -82,12 +67,9 @@ void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbu
         return;
     }
     const int q4 = a->w->dtype == FM_Q4, g64 = a->w->group_size == 64;
-    for (int r = r0; r < r1; r++) { /* one token (decode); group size 64 as a constant, as in AVX2 */
-        float out;
-        if (q4 && g64) rows_t(a->w, r, a, 0, &out, 1, 1, 64);
-        else if (q4) rows_t(a->w, r, a, 0, &out, 1, 1, 0);
-        else if (g64) rows_t(a->w, r, a, 0, &out, 1, 0, 64);
-        else rows_t(a->w, r, a, 0, &out, 1, 0, 0);
-        a->y[r] = out;
-    }
+    for (int r = r0; r < r1; r++) /* one token (decode); group size 64 as a constant, as in AVX2 */
+        a->y[r] = q4 && g64 ? row_dot(a->w, r, a, 1, 64)
+                  : q4      ? row_dot(a->w, r, a, 1, 0)
+                  : g64     ? row_dot(a->w, r, a, 0, 64)
+                            : row_dot(a->w, r, a, 0, 0);
 }

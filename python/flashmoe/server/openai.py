@@ -30,6 +30,16 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
+def _sse_chunk(rid, obj, created, name, choice, usage, include_usage) -> str:
+    """One streamed chunk as an SSE event: its one choice (none for the usage-only chunk) and, when the
+    client asked for usage, a usage field (null until the last chunk, as OpenAI sends it)."""
+    c = {"id": rid, "object": obj, "created": created, "model": name, "system_fingerprint": None,
+         "choices": [choice] if choice is not None else []}
+    if include_usage:
+        c["usage"] = usage
+    return f"data: {json_dumps(c)}\n\n"
+
+
 def error_body(err: APIError) -> dict:
     kind = {
         401: "invalid_request_error",  # as OpenAI answers a bad key (code "invalid_api_key")
@@ -263,19 +273,9 @@ async def chat_completions(server, request):
         )
 
     def chunk(delta=None, finish=None, usage=None, choices=True):
-        c = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": name,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]
-            if choices
-            else [],
-        }
-        if include_usage:
-            c["usage"] = usage
-        return f"data: {json_dumps(c)}\n\n"
+        choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+        return _sse_chunk(rid, "chat.completion.chunk", created, name, choice if choices else None,
+                          usage, include_usage)
 
     first = await _first(request, engine_job)
 
@@ -391,19 +391,9 @@ async def completions(server, request):
         )
 
     def chunk(text="", finish=None, usage=None, choices=True):
-        c = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": name,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
-            if choices
-            else [],
-        }
-        if include_usage:
-            c["usage"] = usage
-        return f"data: {json_dumps(c)}\n\n"
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return _sse_chunk(rid, "text_completion", created, name, choice if choices else None, usage,
+                          include_usage)
 
     first = await _first(request, engine_job)
 
