@@ -245,98 +245,145 @@ static void unpack_row_i8(const fm_mat *w, int r, uint8_t *out) {
     }
 }
 
-/* Rows rr[0], rr[1] (unpacked in wb[0], wb[1]) × tokens t0 .. t0 + TT: out[i][t]. NB = gs / 32 blocks per
- * group. q4: Σ q·xq in int16 over a group (<= 8 blocks of pairs <= 2·15·127: no overflow); q8: Σ (q -
- * 128)·xq per block via |q - 128| and xq signed like q - 128, widened each block (pairs reach 2·128·127). */
-static inline __attribute__((always_inline)) void int8_tile_2xt(const fm_mat *w, const uint8_t *const wb[2],
-                                                                const int rr[2], const fm_matmul_args *a, int t0,
-                                                                float out[2][4], const int TT, const int q4,
-                                                                const int NB) {
-    const int n = w->cols, gs = w->group_size, ng = n / gs;
-    if (NB < 1 || NB > 8) __builtin_unreachable(); /* gs is 32 .. 256 (ops.h) */
-    const uint16_t *sc[2], *bi[2];
-    for (int i = 0; i < 2; i++) {
-        sc[i] = w->scales + (size_t)rr[i] * ng;
-        bi[i] = w->biases + (size_t)rr[i] * ng;
-    }
-    const int8_t *xq[4];
-    const float *xd[4], *xqs[4];
-    for (int t = 0; t < TT; t++) {
-        xq[t] = a->xq + (size_t)(t0 + t) * n;
-        xd[t] = a->xd + (size_t)(t0 + t) * ng;
-        xqs[t] = a->xqs + (size_t)(t0 + t) * ng;
-    }
-    const __m256 off = _mm256_set1_ps(q4 ? 0.0f : 128.0f);
+/* Σ over one group of unpacked row wr against one token's xq (both at the group's first element), as
+ * lane partial sums. q4: pairs q·xq (<= 2·15·127) summed over the group's NB blocks in int16, returned
+ * as 16 int16 (I16) or widened to 8 int32. q8: Σ (q - 128)·xq per block via |q - 128| and xq signed like
+ * q - 128 (pairs reach 2·128·127, so each block is widened at once), 8 int32. */
+static inline __attribute__((always_inline)) __m256i group_part(const uint8_t *wr, const int8_t *xt, const int q4,
+                                                                const int NB, const int I16) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[2][4];
-    for (int i = 0; i < 2; i++)
-        for (int t = 0; t < TT; t++) acc[i][t] = _mm256_setzero_ps();
-    float sd[2][4][8];
-    for (int g0 = 0; g0 < ng; g0 += 8) {
-        const int G = ng - g0 < 8 ? ng - g0 : 8;
-        for (int i = 0; i < 2; i++) { /* the bias term joins the accumulators' lanes; scale·step per group */
-            const __m256 s = load8h(sc[i] + g0, G), b = _mm256_fmadd_ps(off, s, load8h(bi[i] + g0, G));
-            for (int t = 0; t < TT; t++) {
-                const __m256 dx = load8(xd[t] + g0, G);
-                acc[i][t] = _mm256_fmadd_ps(_mm256_mul_ps(b, dx), load8(xqs[t] + g0, G), acc[i][t]);
-                _mm256_storeu_ps(sd[i][t], _mm256_mul_ps(s, dx));
-            }
-        }
-        for (int k = 0; k < G; k++) {
-            const int c = (g0 + k) * gs;
-            for (int i = 0; i < 2; i++) {
-                __m256i wv[8], ws[8];
-                for (int b = 0; b < NB; b++) {
-                    ws[b] = _mm256_loadu_si256((const __m256i *)(wb[i] + c + 32 * b));
-                    wv[b] = q4 ? ws[b] : _mm256_abs_epi8(ws[b]);
-                }
-                for (int t = 0; t < TT; t++) {
-                    __m256i dot;
-                    if (q4) {
-                        __m256i p = _mm256_maddubs_epi16(wv[0], _mm256_loadu_si256((const __m256i *)(xq[t] + c)));
-                        for (int b = 1; b < NB; b++)
-                            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(wv[b], _mm256_loadu_si256(
-                                                                             (const __m256i *)(xq[t] + c + 32 * b))));
-                        dot = _mm256_madd_epi16(p, ones);
-                    } else {
-                        dot = _mm256_setzero_si256();
-                        for (int b = 0; b < NB; b++) {
-                            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t] + c + 32 * b));
-                            const __m256i p = _mm256_maddubs_epi16(wv[b], _mm256_sign_epi8(xv, ws[b]));
-                            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, ones));
-                        }
-                    }
-                    acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sd[i][t][k]), acc[i][t]);
-                }
-            }
+    if (q4) {
+        __m256i p = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)wr),
+                                         _mm256_loadu_si256((const __m256i *)xt));
+        for (int b = 1; b < NB; b++) /* <= 8 blocks (ops.h): no int16 overflow */
+            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(wr + 32 * b)),
+                                                         _mm256_loadu_si256((const __m256i *)(xt + 32 * b))));
+        return I16 ? p : _mm256_madd_epi16(p, ones);
+    }
+    __m256i s = _mm256_setzero_si256();
+    for (int b = 0; b < NB; b++) {
+        const __m256i ws = _mm256_loadu_si256((const __m256i *)(wr + 32 * b));
+        const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xt + 32 * b)), ws);
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(ws), xs), ones));
+    }
+    return s;
+}
+
+/* Four lane-partial vectors (of the pairs A, B, C, D) → 8 int32 lanes [A, B, C, D, A, B, C, D], each a
+ * sum of a quarter of its pair's lanes. The reduction is unpacks and adds, which run beside the
+ * multiplies (maddubs, madd, FMA and the int→float conversion share two pipes on Zen 3): the group's
+ * conversion and scaling then cost one instruction per four pairs instead of one per pair. I16: int16
+ * lanes; each output int16 before the final madd sums 4 of them, so this needs lanes <= 8191 (q4,
+ * groups of 32 or 64: 2·2·15·127 = 7620). */
+static inline __attribute__((always_inline)) __m256i reduce4(__m256i a, __m256i b, __m256i c, __m256i d,
+                                                            const int I16) {
+    if (I16) {
+        const __m256i ab = _mm256_add_epi16(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+        const __m256i cd = _mm256_add_epi16(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
+        return _mm256_madd_epi16(_mm256_add_epi16(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd)),
+                                 _mm256_set1_epi16(1));
+    }
+    const __m256i ab = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+    const __m256i cd = _mm256_add_epi32(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+}
+
+static inline __m256 bcast_pair(const float *p) { /* [p0, p1] four times */
+    long long v;
+    memcpy(&v, p, 8);
+    return _mm256_castsi256_ps(_mm256_set1_epi64x(v));
+}
+
+/* Two unpacked rows (wb[0], wb[1]) × tokens xq[0..4) (NS = 1: the first two): out[i][t]. Per group and
+ * token pair the four (row, token) dot products are reduced into one vector [r0·ta, r0·tb, r1·ta, r1·tb]
+ * and scaled at once by [s0, s0, s1, s1] ⊙ [da, db, da, db]; the bias term Σ_g b'_g·d_g·Σxq_g likewise.
+ * rs: per group [s0, s0, s1, s1, b'0, b'0, b'1, b'1] (b' = bias, plus 128·scale for q8); dT, bT: the
+ * block's d and d·Σxq per group, token-major within a group (stride ts), so a token pair is adjacent. */
+static inline __attribute__((always_inline)) void int8_tile(const uint8_t *const wb[2], const float *rs,
+                                                            const int8_t *const xq[4], const float *dT,
+                                                            const float *bT, int ts, int ng, int gs,
+                                                            float out[2][4], const int NS, const int q4,
+                                                            const int NB) {
+    const int I16 = q4 && NB <= 2;
+    __m256 acc[2]; /* both halves are partial sums of the same 4 pairs */
+    __m128 accb[2]; /* the bias term, once */
+    for (int j = 0; j < NS; j++) acc[j] = _mm256_setzero_ps(), accb[j] = _mm_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        const int c = g * gs;
+        const __m256 S = _mm256_broadcast_ps((const __m128 *)(rs + 8 * g));
+        const __m128 B = _mm_loadu_ps(rs + 8 * g + 4);
+        for (int j = 0; j < NS; j++) {
+            const int8_t *xa = xq[2 * j] + c, *xb = xq[2 * j + 1] + c;
+            const __m256i dot = reduce4(group_part(wb[0] + c, xa, q4, NB, I16), group_part(wb[0] + c, xb, q4, NB, I16),
+                                        group_part(wb[1] + c, xa, q4, NB, I16), group_part(wb[1] + c, xb, q4, NB, I16),
+                                        I16);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(S, bcast_pair(dT + (size_t)g * ts + 2 * j)),
+                                     acc[j]);
+            accb[j] = _mm_fmadd_ps(B, _mm256_castps256_ps128(bcast_pair(bT + (size_t)g * ts + 2 * j)), accb[j]);
         }
     }
-    for (int i = 0; i < 2; i++)
-        for (int t = 0; t < TT; t++) out[i][t] = hsum(acc[i][t]);
+    for (int j = 0; j < NS; j++) {
+        float o[4];
+        _mm_storeu_ps(o, _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1)),
+                                    accb[j]));
+        out[0][2 * j] = o[0], out[0][2 * j + 1] = o[1], out[1][2 * j] = o[2], out[1][2 * j + 1] = o[3];
+    }
 }
+
+enum { TILE_TAB = 8192 }; /* floats of per-block token tables on the stack (32 KiB) */
 
 static inline __attribute__((always_inline)) void int8_tiles_nb(const fm_matmul_args *a, int r0, int r1, uint8_t *wbuf,
                                                                 const int q4, const int NB) {
     const fm_mat *w = a->w;
-    const int n = w->cols, m = w->rows, T = a->T;
-    const int TB = (192 * 1024 / n) & ~3; /* tokens per block: ~192 KiB of xq */
-    const int tblock = TB < 4 ? 4 : TB;
+    const int n = w->cols, m = w->rows, T = a->T, gs = w->group_size, ng = n / gs;
+    /* tokens per block: ~192 KiB of xq (it stays in L2 over the pass through the rows), and the block's
+     * scale tables within TILE_TAB (callers check ng <= TILE_TAB / 16 so at least 4 tokens fit) */
+    int tblock = (192 * 1024 / n) & ~3;
+    if (tblock > ((TILE_TAB / (2 * ng) - 2) & ~3)) tblock = (TILE_TAB / (2 * ng) - 2) & ~3;
+    if (tblock < 4) tblock = 4;
+    float tab[TILE_TAB] __attribute__((aligned(32)));
+    float *rs = (float *)(wbuf + 2 * (size_t)n); /* after the two unpacked rows: 8 floats per group */
+    const __m256 off = _mm256_set1_ps(q4 ? 0.0f : 128.0f);
     for (int tb = 0; tb < T; tb += tblock) {
-        const int te = T - tb < tblock ? T : tb + tblock;
+        const int te = T - tb < tblock ? T : tb + tblock, ts = ((te - tb) + 1) & ~1; /* even: pairs */
+        float *dT = tab, *bT = tab + (size_t)ng * ts;
+        for (int g = 0; g < ng; g++)
+            for (int k = 0; k < ts; k++) {
+                const size_t i = (size_t)(tb + (tb + k < te ? k : 0)) * ng + g; /* padding: a real token */
+                dT[(size_t)g * ts + k] = a->xd[i];
+                bT[(size_t)g * ts + k] = a->xd[i] * a->xqs[i];
+            }
         for (int r = r0; r < r1; r += 2) {
-            const int R = r1 - r < 2 ? 1 : 2, rr[2] = {r, r + R - 1}; /* one row left: computed twice */
+            const int R = r1 - r < 2 ? 1 : 2; /* one row left: computed twice */
             const uint8_t *wb[2] = {wbuf, wbuf + (R == 2 ? n : 0)};
             unpack_row_i8(w, r, wbuf);
             if (R == 2) unpack_row_i8(w, r + 1, wbuf + n);
-            for (int t = tb; t < te; t += 4) {
-                float out[2][4];
-                const int TT = te - t < 4 ? te - t : 4;
-                switch (TT) {
-                case 1: int8_tile_2xt(w, wb, rr, a, t, out, 1, q4, NB); break;
-                case 2: int8_tile_2xt(w, wb, rr, a, t, out, 2, q4, NB); break;
-                case 3: int8_tile_2xt(w, wb, rr, a, t, out, 3, q4, NB); break;
-                default: int8_tile_2xt(w, wb, rr, a, t, out, 4, q4, NB); break;
+            const uint16_t *sc0 = w->scales + (size_t)r * ng, *sc1 = w->scales + (size_t)(r + R - 1) * ng;
+            const uint16_t *bi0 = w->biases + (size_t)r * ng, *bi1 = w->biases + (size_t)(r + R - 1) * ng;
+            for (int g0 = 0; g0 < ng; g0 += 8) { /* rs for 8 groups (whole chunks fit: rowbuf's 4·cols floats) */
+                const int G = ng - g0 < 8 ? ng - g0 : 8;
+                const __m256 s0 = load8h(sc0 + g0, G), s1 = load8h(sc1 + g0, G);
+                const __m256 b0 = _mm256_fmadd_ps(off, s0, load8h(bi0 + g0, G));
+                const __m256 b1 = _mm256_fmadd_ps(off, s1, load8h(bi1 + g0, G));
+                const __m256 s01[2] = {_mm256_unpacklo_ps(s0, s1), _mm256_unpackhi_ps(s0, s1)}; /* groups 0,1,4,5 | 2,3,6,7 */
+                const __m256 b01[2] = {_mm256_unpacklo_ps(b0, b1), _mm256_unpackhi_ps(b0, b1)};
+                for (int h = 0; h < 2; h++) {
+                    const __m256 S0 = _mm256_shuffle_ps(s01[h], s01[h], 0x50), B0 = _mm256_shuffle_ps(b01[h], b01[h], 0x50);
+                    const __m256 S1 = _mm256_shuffle_ps(s01[h], s01[h], 0xFA), B1 = _mm256_shuffle_ps(b01[h], b01[h], 0xFA);
+                    float *o = rs + 8 * (g0 + 2 * h);
+                    _mm256_storeu_ps(o, _mm256_permute2f128_ps(S0, B0, 0x20));      /* group 2h */
+                    _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(S1, B1, 0x20));  /* group 2h + 1 */
+                    _mm256_storeu_ps(o + 32, _mm256_permute2f128_ps(S0, B0, 0x31)); /* group 2h + 4 */
+                    _mm256_storeu_ps(o + 40, _mm256_permute2f128_ps(S1, B1, 0x31)); /* group 2h + 5 */
                 }
+            }
+            for (int t = tb; t < te; t += 4) {
+                const int TT = te - t < 4 ? te - t : 4;
+                const int8_t *xq[4];
+                for (int k = 0; k < 4; k++) xq[k] = a->xq + (size_t)(t + (k < TT ? k : 0)) * n;
+                float out[2][4];
+                if (TT <= 2) int8_tile(wb, rs, xq, dT + (t - tb), bT + (t - tb), ts, ng, gs, out, 1, q4, NB);
+                else int8_tile(wb, rs, xq, dT + (t - tb), bT + (t - tb), ts, ng, gs, out, 2, q4, NB);
                 for (int i = 0; i < R; i++)
                     for (int j = 0; j < TT; j++) a->y[(size_t)(t + j) * m + r + i] = out[i][j];
             }
@@ -384,9 +431,19 @@ void fm_quantize_x_avx2(const float *x, int n, int gs, int permute, int8_t *xq, 
 /* The int8 paths as functions of their own: inlined into fm_matmul_rows_avx2 they made GCC spill the
  * decode loop's state to the stack (decode 26 tok/s against 34). */
 static __attribute__((noinline)) void int8_tiles(const fm_matmul_args *a, int r0, int r1, uint8_t *wbuf) {
-    const int q4 = a->w->dtype == FM_Q4, nb = a->w->group_size / 32;
+    const fm_mat *w = a->w;
+    const int q4 = w->dtype == FM_Q4, nb = w->group_size / 32, n = w->cols, ng = n / w->group_size;
+    if (ng > TILE_TAB / 16) { /* rows wider than the tiles' tables (beyond any model's): token by token */
+        for (int t = 0; t < a->T; t++) {
+            fm_matmul_args b = *a;
+            b.xq += (size_t)t * n, b.xd += (size_t)t * ng, b.xqs += (size_t)t * ng, b.y += (size_t)t * w->rows;
+            for (int r = r0; r < r1; r++) b.y[r] = int8_row(w, r, &b, q4, 0);
+        }
+        return;
+    }
     if (q4 && nb == 2) int8_tiles_nb(a, r0, r1, wbuf, 1, 2);
     else if (nb == 2) int8_tiles_nb(a, r0, r1, wbuf, 0, 2);
+    else if (q4 && nb == 1) int8_tiles_nb(a, r0, r1, wbuf, 1, 1);
     else if (q4) int8_tiles_nb(a, r0, r1, wbuf, 1, nb);
     else int8_tiles_nb(a, r0, r1, wbuf, 0, nb);
 }
