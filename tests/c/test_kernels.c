@@ -81,14 +81,20 @@ int main(void) {
         const struct { fm_dtype d; int gs; } W[] = {{FM_F32, 0}, {FM_BF16, 0}, {FM_Q8, 16}, {FM_Q8, 64},
                                                     {FM_Q4, 32}, {FM_Q4, 64}, {FM_Q4, 16},
                                                     {FM_Q4, 128}, {FM_Q8, 128}};
-        const int Ts[] = {1, 3, 11, 37};
+        const int Ts[] = {1, 2, 3, 11, 37};
         for (size_t i = 0; i < sizeof W / sizeof W[0]; i++)
-            for (int t = 0; t < 4; t++)
+            for (int t = 0; t < 5; t++)
                 for (int rows = 37; rows <= 301; rows += 264)
                     for (int int8 = 0; int8 <= (W[i].gs % 32 == 0); int8++) { /* int8 activations: ops.h */
                         if (run_case(isas[k], W[i].d, rows, 256, W[i].gs, Ts[t], int8)) passed++;
                         else failed++;
                     }
+        /* rows wider than the AVX2 int8 tiles' tables (over 512 groups): their token-by-token fallback */
+        for (int d = 0; d < 2; d++)
+            for (int T = 3; T <= 6; T += 3) {
+                if (run_case(isas[k], d ? FM_Q8 : FM_Q4, 5, 513 * 32, 32, T, 1)) passed++;
+                else failed++;
+            }
     }
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
