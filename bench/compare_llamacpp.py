@@ -465,7 +465,7 @@ def speed(args, models: dict) -> dict:
     warmup = rng.integers(0, cfg["vocab_size"], args.warmup).tolist()
     prompts = {p: rng.integers(0, cfg["vocab_size"], p).tolist() for p in args.prompts}
     tokens = {p: args.tokens if i == 0 else args.extra_tokens for i, p in enumerate(args.prompts)}
-    context = max([args.warmup] + [p + tokens[p] + 1 for p in args.prompts]) + 16
+    context = max([args.warmup] + [p + max(tokens[p], args.tokens) + 1 for p in args.prompts]) + 16
     common = {"threads": args.threads, "context": context, "perf": args.perf}
     ours = dict(common, engine="flashmoe", path=packed)
     theirs = dict(common, engine="llama", path=gguf_path)
@@ -480,8 +480,8 @@ def speed(args, models: dict) -> dict:
     print(f"\n== 2. speed: {os.path.basename(packed)} ({fmt_bytes(size)} packed; GGUF Q4_0 "
           f"{fmt_bytes(os.path.getsize(gguf_path))}), {args.threads} threads each; prompts of "
           f"{', '.join(map(str, args.prompts))} tokens (one prefill chunk each) then "
-          f"{tokens[args.prompts[0]]} "
-          f"(after the first) / {args.extra_tokens} greedy decode steps; bare interpreter RSS: flashmoe "
+          f"{tokens[args.prompts[0]]} greedy decode steps (under a cap: {args.extra_tokens} after the later "
+          f"prompts); in RAM each engine runs {args.ram_repeats} times in turn; bare interpreter RSS: flashmoe "
           f"{fmt_bytes(interp['flashmoe'])}, llama.cpp {fmt_bytes(interp['llama'])} ==", flush=True)
     runs = []
 
@@ -500,11 +500,19 @@ def speed(args, models: dict) -> dict:
         runs.append(r)
         return r
 
+    # In RAM the engines are run in turn --ram-repeats times (this host's speed drifts by 10-20% between
+    # minutes): each phase is reported at its median run, with the spread.
     for p in args.prompts:
-        per = {"prompt": prompts[p], "tokens": tokens[p], "chunk": p}
-        go("RAM", "flashmoe", dict(ours, **per, budget=size + (1 << 30), warmup=warmup))
-        go("RAM", "llama.cpp", dict(theirs, **per, repack=True, warmup=warmup))
-        go("RAM", "llama.cpp no-repack", dict(theirs, **per, repack=False, warmup=warmup))
+        per = {"prompt": prompts[p], "tokens": args.tokens, "chunk": p}
+        trio = [("flashmoe", dict(ours, **per, budget=size + (1 << 30), warmup=warmup)),
+                ("llama.cpp", dict(theirs, **per, repack=True, warmup=warmup)),
+                ("llama.cpp no-repack", dict(theirs, **per, repack=False, warmup=warmup))]
+        reps = {e: [] for e, _ in trio}
+        for _ in range(args.ram_repeats):
+            for e, spec in trio:
+                reps[e].append(go("RAM", e, spec))
+                runs.pop()
+        runs.extend(median_run(reps[e]) for e, _ in trio)
     for frac in args.caps:
         cap = int(size * frac)
         setting = f"cap {frac:g}"
@@ -520,6 +528,19 @@ def speed(args, models: dict) -> dict:
             go(setting, "llama.cpp", dict(theirs, **per, repack=False), cap=cap, cold=True,
                time_limit=args.time_limit)
     return {"runs": runs, "model_bytes": size, "gguf_bytes": os.path.getsize(gguf_path), "interp": interp}
+
+
+def median_run(reps: list) -> dict:
+    """Runs of one setting merged: each phase from the run with the median wall time of that phase, and
+    every run's tok/s under "repeats"."""
+    ok = [r for r in reps if "error" not in r and r.get("prompt") and r.get("decode")]
+    if not ok:
+        return reps[-1]
+    out = dict(ok[0])
+    for ph in ("prompt", "decode"):
+        out[ph] = sorted((r[ph] for r in ok), key=lambda x: x["wall"])[len(ok) // 2]
+    out["repeats"] = {ph: [r[ph]["tokens"] / r[ph]["wall"] for r in ok] for ph in ("prompt", "decode")}
+    return out
 
 
 def perf_top(path: str, n: int = 8) -> dict:
@@ -557,6 +578,8 @@ def summarize(r: dict) -> dict:
                          engine_read_gbps=st["read_gbps"], engine_bytes_read_per_token=st["bytes_read"] / n)
     if "greedy" in r.get("decode", {}):
         s["greedy"] = r["decode"]["greedy"]
+    if "repeats" in r:
+        s["repeats"] = r["repeats"]
     if "error" in r and "progress" in r:  # how far a killed llama.cpp run got
         p = r["progress"]
         s["partial_decode"] = {"tokens": p["tokens"], "seconds": p["wall"], "tok_s": p["tokens"] / p["wall"]}
@@ -594,6 +617,10 @@ def report(sp: dict, args) -> dict:
               f"{p.get('read_bytes_per_token', 0) / 1e6:>12.1f} {d['read_bytes_per_token'] / 1e6:>13.1f} "
               f"{d['majflt_per_token']:>12.1f} {d['cpu_share']:>12.2f} "
               f"{hit:>7} {iow:>12} {fmt_bytes(peak):>9} {s.get('memory', {}).get('expert_slots', '-'):>5}")
+    for s in rows:
+        if len(s.get("repeats", {}).get("decode", [])) > 1:
+            print(f"  {s['setting']} {s['engine']} P{s['prompt_len']}: each run's prompt / decode tok/s: " +
+                  ", ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(s["repeats"]["prompt"], s["repeats"]["decode"])))
     for s in rows:
         for ph, prof in (s.get("profile") or {}).items():
             if prof:
@@ -680,6 +707,8 @@ def main() -> None:
                     help="profile the prompt and decode of the RAM runs with perf record -e cpu-clock")
     ap.add_argument("--warmup", type=int, default=256, help="tokens of the warm-up pass of the RAM runs")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ram-repeats", type=int, default=3,
+                    help="runs of each engine in RAM, taken in turn; each phase is reported at its median")
     ap.add_argument("--caps", default="0.25,0.5", help="memory caps as fractions of the packed model size")
     ap.add_argument("--time-limit", type=float, default=600, help="seconds before a capped run is killed")
     ap.add_argument("--skip-check", action="store_true")

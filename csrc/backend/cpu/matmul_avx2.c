@@ -228,9 +228,11 @@ static inline __attribute__((always_inline)) float int8_row(const fm_mat *w, int
 
 /* Several tokens on int8 activations (prefill): rows are first unpacked to one byte per weight (q4: the
  * nibbles, in xq's permuted order; q8: q - 128 as signed bytes) so the inner loop is loads and maddubs,
- * then multiplied in 2-row × TT-token register tiles: each unpacked weight vector feeds TT tokens. The
- * tokens go in blocks whose xq fits in L2 (a pass over the task's rows per block), so the activations
- * are not streamed from L3 once per row pair. Same function as int8_row. */
+ * then multiplied in 2-row × 4-token tiles (int8_tile): per group, the four dots of a row pair and a token
+ * pair are reduced into one vector, so the int→float conversion and the scaling cost one instruction per
+ * four dots (q4 prefill 200 -> 250 GFLOP/s on 2 Zen 3 cores, bench/RESULTS.md). The tokens go in blocks
+ * whose xq fits in L2 (a pass over the task's rows per block), so the activations are not streamed from
+ * L3 once per row pair. Same function as int8_row. */
 static void unpack_row_i8(const fm_mat *w, int r, uint8_t *out) {
     const int n = w->cols;
     if (w->dtype == FM_Q4) {
