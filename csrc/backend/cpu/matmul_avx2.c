@@ -455,11 +455,14 @@ static __attribute__((noinline)) void int8_tiles(const fm_matmul_args *a, int r0
 static __attribute__((noinline)) void int8_rows_1(const fm_matmul_args *a, int r0, int r1) {
     const fm_mat *w = a->w;
     const int q4 = w->dtype == FM_Q4, g64 = w->group_size == 64;
-    for (int r = r0; r < r1; r++)
+    const fm_row_prefetch pf = fm_row_prefetch_init(w);
+    for (int r = r0; r < r1; r++) {
+        fm_row_prefetch_at(w, pf, r, r1);
         a->y[r] = q4 && g64 ? int8_row(w, r, a, 1, 64)
                   : q4      ? int8_row(w, r, a, 1, 0)
                   : g64     ? int8_row(w, r, a, 0, 64)
                             : int8_row(w, r, a, 0, 0);
+    }
 }
 
 /* Row r dequantized into out[cols] (q4: in the permuted order). */
@@ -557,7 +560,9 @@ void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
         return;
     }
     if (T == 1) {
+        const fm_row_prefetch pf = fm_row_prefetch_init(w);
         for (int r = r0; r < r1; r++) {
+            fm_row_prefetch_at(w, pf, r, r1);
             if (w->dtype == FM_Q4 || w->dtype == FM_Q8) a->y[r] = quant_row_dot(w, r, x, a->xsum);
             else if (w->dtype == FM_BF16) a->y[r] = dot_bf16((const uint16_t *)w->data + (size_t)r * n, x, n);
             else a->y[r] = dot_f32((const float *)w->data + (size_t)r * n, x, n);

@@ -67,9 +67,12 @@ void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbu
         return;
     }
     const int q4 = a->w->dtype == FM_Q4, g64 = a->w->group_size == 64;
-    for (int r = r0; r < r1; r++) /* one token (decode); group size 64 as a constant, as in AVX2 */
+    const fm_row_prefetch pf = fm_row_prefetch_init(a->w);
+    for (int r = r0; r < r1; r++) { /* one token (decode); group size 64 as a constant, as in AVX2 */
+        fm_row_prefetch_at(a->w, pf, r, r1);
         a->y[r] = q4 && g64 ? row_dot(a->w, r, a, 1, 64)
                   : q4      ? row_dot(a->w, r, a, 1, 0)
                   : g64     ? row_dot(a->w, r, a, 0, 64)
                             : row_dot(a->w, r, a, 0, 0);
+    }
 }
