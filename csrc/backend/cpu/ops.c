@@ -361,7 +361,7 @@ void fm_op_silu_mul(float *out, const float *gate, const float *up, int T, int n
 typedef struct {
     float *out;
     const float *q, *k_cache, *v_cache;
-    int pos0, nh, nkv, hd;
+    int T, pos0, nh, nkv, hd;
     float scale;
 } attention_job;
 
@@ -382,41 +382,68 @@ static inline __attribute__((always_inline)) float dot_vec(const float *a, const
     return dot;
 }
 
-/* Token t's query heads that share KV head g (heads g·G .. g·G + G - 1) over their causal keys: each
- * key and value row is read once for the G heads. Softmax online (a running max and sum per head, the
- * output rescaled when the max grows), so no buffer of scores; keys go two at a time, so each pass over
- * a head's output adds two value rows. */
+/* A task takes ATT_TOKENS tokens' query heads that share one KV head and walks their causal keys in
+ * blocks of ATT_KEYS: a block's K and V rows (16 KiB at head_dim 256) come from the cache once for all
+ * of those rows and stay in L1 while each row goes over them. (One token per task streamed the whole
+ * cache once per token: at 8K positions the loads of K were most of attention's time.) */
+enum { ATT_TOKENS = 4, ATT_KEYS = 8 };
+
+/* Query row qh over keys [j0, j0 + nb) of one KV head (kb, vb: their first K and V rows, stride floats
+ * apart): softmax online per block (a running max *mx and sum *sum; oh is rescaled when a block raises
+ * the max), so no buffer of scores beyond a block's, and each pass over oh adds a whole block of value
+ * rows. */
+static inline __attribute__((always_inline)) void attend_block(const float *qh, float *oh, float *mx, float *sum,
+                                                               const float *kb, const float *vb, size_t stride,
+                                                               int nb, int hd, float scale) {
+    float p[ATT_KEYS], m = *mx;
+    for (int k = 0; k < nb; k++) {
+        p[k] = dot_vec(qh, kb + k * stride, hd) * scale;
+        m = p[k] > m ? p[k] : m;
+    }
+    if (m > *mx) { /* rescale what was summed under the old max */
+        const float c = expf(*mx - m);
+        *sum *= c;
+        for (int e = 0; e < hd; e++) oh[e] *= c;
+        *mx = m;
+    }
+    for (int k = 0; k < nb; k++) *sum += p[k] = expf(p[k] - m);
+    for (int k = nb; k < ATT_KEYS; k++) p[k] = 0.0f; /* a short block: the first row again, weight 0 */
+    const float *v[ATT_KEYS];
+    for (int k = 0; k < ATT_KEYS; k++) v[k] = vb + (k < nb ? k : 0) * stride;
+    for (int e = 0; e < hd; e++) {
+        float acc = oh[e];
+        for (int k = 0; k < ATT_KEYS; k++) acc += p[k] * v[k][e];
+        oh[e] = acc;
+    }
+}
+
+/* Task i: tokens t0 .. t0 + nt (at most ATT_TOKENS) × the G query heads of KV head g; token t attends
+ * to positions [0, pos0 + t]. */
 static inline __attribute__((always_inline)) void attention_body(const attention_job *a, int i) {
-    const int nkv = a->nkv, hd = a->hd, G = a->nh / nkv, t = i / nkv, g = i % nkv;
-    const int n_keys = a->pos0 + t + 1; /* causal: positions [0, pos0 + t] */
-    const float *q = a->q + ((size_t)t * a->nh + (size_t)g * G) * hd;
-    float *o = a->out + ((size_t)t * a->nh + (size_t)g * G) * hd;
-    float mx[G], sum[G];
-    for (int h = 0; h < G; h++) mx[h] = -INFINITY, sum[h] = 0.0f;
-    memset(o, 0, (size_t)G * hd * sizeof(float));
-    for (int j = 0; j < n_keys; j += 2) {
-        const int two = j + 1 < n_keys; /* else the second key is the first again, with weight 0 */
-        const float *k0 = a->k_cache + ((size_t)j * nkv + g) * hd, *v0 = a->v_cache + ((size_t)j * nkv + g) * hd;
-        const float *k1 = two ? k0 + (size_t)nkv * hd : k0, *v1 = two ? v0 + (size_t)nkv * hd : v0;
-        for (int h = 0; h < G; h++) {
-            const float *qh = q + (size_t)h * hd;
-            float *oh = o + (size_t)h * hd;
-            const float sc0 = dot_vec(qh, k0, hd) * a->scale;
-            const float sc1 = two ? dot_vec(qh, k1, hd) * a->scale : -INFINITY;
-            const float m = sc0 > sc1 ? sc0 : sc1;
-            if (m > mx[h]) { /* rescale what was summed under the old max */
-                const float c = expf(mx[h] - m);
-                sum[h] *= c;
-                for (int e = 0; e < hd; e++) oh[e] *= c;
-                mx[h] = m;
-            }
-            const float p0 = expf(sc0 - mx[h]), p1 = two ? expf(sc1 - mx[h]) : 0.0f;
-            sum[h] += p0 + p1;
-            for (int e = 0; e < hd; e++) oh[e] += p0 * v0[e] + p1 * v1[e];
+    const int nkv = a->nkv, hd = a->hd, G = a->nh / nkv, g = i % nkv, t0 = (i / nkv) * ATT_TOKENS;
+    const int nt = a->T - t0 < ATT_TOKENS ? a->T - t0 : ATT_TOKENS;
+    const size_t stride = (size_t)nkv * hd; /* from one position's row of this KV head to the next */
+    float mx[ATT_TOKENS * G], sum[ATT_TOKENS * G];
+    for (int r = 0; r < nt * G; r++) mx[r] = -INFINITY, sum[r] = 0.0f;
+    for (int tt = 0; tt < nt; tt++)
+        memset(a->out + ((size_t)(t0 + tt) * a->nh + (size_t)g * G) * hd, 0, (size_t)G * hd * sizeof(float));
+    for (int j0 = 0; j0 < a->pos0 + t0 + nt; j0 += ATT_KEYS) {
+        const float *kb = a->k_cache + ((size_t)j0 * nkv + g) * hd, *vb = a->v_cache + ((size_t)j0 * nkv + g) * hd;
+        for (int tt = 0; tt < nt; tt++) {
+            const int n_keys = a->pos0 + t0 + tt + 1;
+            if (j0 >= n_keys) continue;
+            const int nb = n_keys - j0 < ATT_KEYS ? n_keys - j0 : ATT_KEYS;
+            const size_t row0 = (size_t)(t0 + tt) * a->nh + (size_t)g * G;
+            for (int h = 0; h < G; h++)
+                attend_block(a->q + (row0 + h) * hd, a->out + (row0 + h) * hd, &mx[tt * G + h], &sum[tt * G + h],
+                             kb, vb, stride, nb, hd, a->scale);
         }
     }
-    for (int h = 0; h < G; h++)
-        for (int e = 0; e < hd; e++) o[(size_t)h * hd + e] /= sum[h];
+    for (int tt = 0; tt < nt; tt++)
+        for (int h = 0; h < G; h++) {
+            float *o = a->out + ((size_t)(t0 + tt) * a->nh + (size_t)g * G + h) * hd;
+            for (int e = 0; e < hd; e++) o[e] /= sum[tt * G + h];
+        }
 }
 
 static void attention_task(void *ctx, int i) { attention_body((const attention_job *)ctx, i); }
@@ -428,12 +455,12 @@ __attribute__((target("avx2,fma"))) static void attention_task_avx2(void *ctx, i
 
 void fm_op_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int T, int pos0,
                      int nh, int nkv, int hd, float scale) {
-    attention_job a = {out, q, k_cache, v_cache, pos0, nh, nkv, hd, scale};
+    attention_job a = {out, q, k_cache, v_cache, T, pos0, nh, nkv, hd, scale};
     fm_task_fn fn = attention_task;
 #ifdef FM_HAVE_AVX2_KERNELS
     if (fm_cpu_use_avx2()) fn = attention_task_avx2;
 #endif
-    fm_parallel_for(T * nkv, fn, &a); /* (token, KV head) pairs are independent: one task each */
+    fm_parallel_for((T + ATT_TOKENS - 1) / ATT_TOKENS * nkv, fn, &a); /* (token block, KV head): independent */
 }
 
 typedef struct {
