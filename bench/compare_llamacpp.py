@@ -485,7 +485,7 @@ def speed(args, models: dict) -> dict:
           f"{fmt_bytes(interp['flashmoe'])}, llama.cpp {fmt_bytes(interp['llama'])} ==", flush=True)
     runs = []
 
-    def go(setting, engine, spec, cap=None, **kw):
+    def go(setting, engine, spec, cap=None, keep=True, **kw):
         t = time.perf_counter()
         label = f"{setting} {engine} P{len(spec['prompt'])}"
         print(f"  running {label} ...", end="", flush=True)
@@ -497,7 +497,8 @@ def speed(args, models: dict) -> dict:
         print(f" {time.perf_counter() - t:.0f} s{'  ' + r['error'] if 'error' in r else ''}", flush=True)
         if spec.get("perf"):
             r["profile"] = {ph: perf_top(f"{base}.{ph}.perf") for ph in ("prompt", "decode")}
-        runs.append(r)
+        if keep:
+            runs.append(r)
         return r
 
     # In RAM the engines are run in turn --ram-repeats times (this host's speed drifts by 10-20% between
@@ -510,8 +511,7 @@ def speed(args, models: dict) -> dict:
         reps = {e: [] for e, _ in trio}
         for _ in range(args.ram_repeats):
             for e, spec in trio:
-                reps[e].append(go("RAM", e, spec))
-                runs.pop()
+                reps[e].append(go("RAM", e, spec, keep=False))
         runs.extend(median_run(reps[e]) for e, _ in trio)
     for frac in args.caps:
         cap = int(size * frac)

@@ -20,6 +20,18 @@ typedef struct {
     int int8_act;            /* quantize activations to int8 per weight group (fm_op_matmul) */
 } fm_mat;
 
+/* Size in bytes of the data of a rows × cols tensor of dtype (q4: two values per byte). */
+static inline uint64_t fm_tensor_data_bytes(fm_dtype dtype, int64_t rows, int64_t cols) {
+    const uint64_t n = (uint64_t)rows * (uint64_t)cols;
+    switch (dtype) {
+    case FM_F32: return n * 4;
+    case FM_BF16: return n * 2;
+    case FM_Q8: return n;
+    case FM_Q4: return n / 2;
+    }
+    return 0;
+}
+
 /* CPU kernel variants: "scalar" (always), "avx2" (x86-64 with AVX2 + FMA), "avx512" (AVX-512 VNNI for the
  * int8-activation kernels, AVX2 for the rest), "neon" (AArch64), "neondot" (the Armv8.2 dot product for the
  * int8-activation kernels, NEON for the rest). The best

@@ -79,17 +79,6 @@ done:
     return status;
 }
 
-uint64_t fm_tensor_data_bytes(fm_dtype dtype, int64_t rows, int64_t cols) {
-    const uint64_t n = (uint64_t)rows * (uint64_t)cols;
-    switch (dtype) {
-    case FM_F32: return n * 4;
-    case FM_BF16: return n * 2;
-    case FM_Q8: return n;
-    case FM_Q4: return n / 2;
-    }
-    return 0;
-}
-
 uint64_t fm_tensor_scale_bytes(fm_dtype dtype, int64_t rows, int64_t cols, int group_size) {
     if (dtype != FM_Q4 && dtype != FM_Q8) return 0;
     return (uint64_t)rows * (uint64_t)(cols / group_size) * 2;

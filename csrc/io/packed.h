@@ -23,8 +23,8 @@ fm_status fm_packed_check_preamble(const uint8_t *pre, const char *path, uint32_
  * Tensor offsets in the header are file offsets, so the buffer is indexed by offset - preamble. */
 fm_status fm_packed_read_dense(const char *path, uint64_t size, uint8_t **out);
 
-/* Size in bytes of the data of a tensor, and of each of its scales/biases arrays (0 if unquantized). */
-uint64_t fm_tensor_data_bytes(fm_dtype dtype, int64_t rows, int64_t cols);
+/* Size in bytes of each of a tensor's scales/biases arrays (0 if unquantized); its data: ops.h's
+ * fm_tensor_data_bytes. */
 uint64_t fm_tensor_scale_bytes(fm_dtype dtype, int64_t rows, int64_t cols, int group_size);
 
 /* The fm_mat view of tensor d in a buffer whose first byte is file offset `origin` (the dense buffer:

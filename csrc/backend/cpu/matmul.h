@@ -34,8 +34,7 @@ typedef struct {
 
 static inline fm_row_prefetch fm_row_prefetch_init(const fm_mat *w) {
     const int quant = w->dtype == FM_Q4 || w->dtype == FM_Q8;
-    const size_t rb = w->dtype == FM_Q4 ? (size_t)w->cols / 2 : w->dtype == FM_Q8 ? (size_t)w->cols
-                    : w->dtype == FM_BF16 ? (size_t)w->cols * 2 : (size_t)w->cols * 4;
+    const size_t rb = (size_t)fm_tensor_data_bytes(w->dtype, 1, w->cols);
     fm_row_prefetch p = {rb, quant ? w->cols / w->group_size : 0, rb >= 4096 ? 1 : (int)(4096 / rb)};
     return p;
 }

@@ -339,9 +339,9 @@ static inline __attribute__((always_inline)) void int8_tiles_nb(const fm_matmul_
     const fm_mat *w = a->w;
     const int n = w->cols, m = w->rows, T = a->T, gs = w->group_size, ng = n / gs;
     /* tokens per block: ~192 KiB of xq (it stays in L2 over the pass through the rows), and the block's
-     * scale tables within TILE_TAB (callers check ng <= TILE_TAB / 16 so at least 4 tokens fit) */
+     * two tables (2·ng·tblock floats) within TILE_TAB: the caller checks ng <= TILE_TAB / 16, so 8 fit */
     int tblock = (192 * 1024 / n) & ~3;
-    if (tblock > ((TILE_TAB / (2 * ng) - 2) & ~3)) tblock = (TILE_TAB / (2 * ng) - 2) & ~3;
+    if (tblock > ((TILE_TAB / (2 * ng)) & ~3)) tblock = (TILE_TAB / (2 * ng)) & ~3;
     if (tblock < 4) tblock = 4;
     float tab[TILE_TAB] __attribute__((aligned(32)));
     float *rs = (float *)(wbuf + 2 * (size_t)n); /* after the two unpacked rows: 8 floats per group */

@@ -423,27 +423,27 @@ static inline __attribute__((always_inline)) void attention_body(const attention
     const int nkv = a->nkv, hd = a->hd, G = a->nh / nkv, g = i % nkv, t0 = (i / nkv) * ATT_TOKENS;
     const int nt = a->T - t0 < ATT_TOKENS ? a->T - t0 : ATT_TOKENS;
     const size_t stride = (size_t)nkv * hd; /* from one position's row of this KV head to the next */
+    const size_t tok = (size_t)a->nh * hd;  /* from one token's query (and output) rows to the next */
+    const size_t first = (size_t)t0 * tok + (size_t)g * G * hd; /* token t0's row of head g·G */
+    const float *q = a->q + first;
+    float *o = a->out + first;
     float mx[ATT_TOKENS * G], sum[ATT_TOKENS * G];
     for (int r = 0; r < nt * G; r++) mx[r] = -INFINITY, sum[r] = 0.0f;
-    for (int tt = 0; tt < nt; tt++)
-        memset(a->out + ((size_t)(t0 + tt) * a->nh + (size_t)g * G) * hd, 0, (size_t)G * hd * sizeof(float));
+    for (int tt = 0; tt < nt; tt++) memset(o + tt * tok, 0, (size_t)G * hd * sizeof(float));
     for (int j0 = 0; j0 < a->pos0 + t0 + nt; j0 += ATT_KEYS) {
         const float *kb = a->k_cache + ((size_t)j0 * nkv + g) * hd, *vb = a->v_cache + ((size_t)j0 * nkv + g) * hd;
         for (int tt = 0; tt < nt; tt++) {
             const int n_keys = a->pos0 + t0 + tt + 1;
             if (j0 >= n_keys) continue;
             const int nb = n_keys - j0 < ATT_KEYS ? n_keys - j0 : ATT_KEYS;
-            const size_t row0 = (size_t)(t0 + tt) * a->nh + (size_t)g * G;
             for (int h = 0; h < G; h++)
-                attend_block(a->q + (row0 + h) * hd, a->out + (row0 + h) * hd, &mx[tt * G + h], &sum[tt * G + h],
-                             kb, vb, stride, nb, hd, a->scale);
+                attend_block(q + tt * tok + (size_t)h * hd, o + tt * tok + (size_t)h * hd, &mx[tt * G + h],
+                             &sum[tt * G + h], kb, vb, stride, nb, hd, a->scale);
         }
     }
     for (int tt = 0; tt < nt; tt++)
-        for (int h = 0; h < G; h++) {
-            float *o = a->out + ((size_t)(t0 + tt) * a->nh + (size_t)g * G + h) * hd;
-            for (int e = 0; e < hd; e++) o[e] /= sum[tt * G + h];
-        }
+        for (int h = 0; h < G; h++)
+            for (int e = 0; e < hd; e++) o[tt * tok + (size_t)h * hd + e] /= sum[tt * G + h];
 }
 
 static void attention_task(void *ctx, int i) { attention_body((const attention_job *)ctx, i); }
