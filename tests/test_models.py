@@ -87,6 +87,23 @@ def test_chunked_prefill_then_decode(hf, packed, chunk):
     assert rel_err(np.concatenate([head, np.stack(tail)]), reference_logits(hf, ids)) <= RTOL
 
 
+def test_long_chunk_matches_transformers(hf, packed):
+    """One chunk whose experts have both few tokens (run one per thread, on two threads) and more than
+    the 64 a thread takes alone (split over the pool): both paths, against transformers."""
+    from flashmoe import _core
+
+    before = _core.get_threads()
+    try:
+        ids = prompt(hf, n=200, seed=1)
+        m = flashmoe.load(packed(16), prefill_chunk=256, threads=2)
+        got = m.forward(ids)
+        usage = m.expert_usage()
+        assert (usage > 64).any() and ((usage > 0) & (usage <= 64)).any(), usage
+        assert rel_err(got, reference_logits(hf, ids)) <= RTOL
+    finally:
+        _core.set_threads(before)
+
+
 def test_greedy_generation_matches_transformers(hf, packed):
     ids = prompt(hf, n=12, seed=3)
     with torch.no_grad():

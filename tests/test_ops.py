@@ -233,9 +233,22 @@ for T, H, hd, rot, pos0, theta in ((1, 1, 64, 64, 0, 1e4), (3, 3, 96, 32, 7, 1e7
          lambda rng, T=T, H=H, hd=hd, rot=rot, p=pos0, th=theta: (randn(rng, T, H, hd), rot, p, th),
          ref_rope, TOL_ELEM)
 
+
+def sigmoid(g):
+    return 0.5 * (1.0 + np.tanh(0.5 * f64(g)))  # no overflow at large |g|
+
+
 for T, n in ((1, 60), (3, 96), (17, 130)):
     case("silu_mul", f"T{T}-n{n}", lambda rng, T=T, n=n: (randn(rng, T, n, scale=8.0), randn(rng, T, n)),
-         lambda g, u: f64(g) / (1.0 + np.exp(-f64(g))) * f64(u), TOL_ELEM)
+         lambda g, u: f64(g) * sigmoid(g) * f64(u), TOL_ELEM)
+    case("sigmoid_mul", f"T{T}-n{n}", lambda rng, T=T, n=n: (randn(rng, T, n, scale=8.0), randn(rng, T, n)),
+         lambda g, x: f64(x) * sigmoid(g), TOL_ELEM)
+# Gates across and beyond the range where exp(-g) is clamped (|g| > 87): saturated ends, no inf or nan.
+EXTREME_GATES = np.concatenate([np.linspace(-120, 120, 241), [-1e4, -88.5, -87.2, 87.2, 88.5, 1e4]]).astype(np.float32)
+case("silu_mul", "extremes", lambda rng: (EXTREME_GATES[None, :], np.ones((1, EXTREME_GATES.size), np.float32)),
+     lambda g, u: f64(g) * sigmoid(g) * f64(u), TOL_ELEM)
+case("sigmoid_mul", "extremes", lambda rng: (EXTREME_GATES[None, :], np.ones((1, EXTREME_GATES.size), np.float32)),
+     lambda g, x: f64(x) * sigmoid(g), TOL_ELEM)
 
 
 # ---------------------------------------------------------------- attention

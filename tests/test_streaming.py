@@ -77,7 +77,8 @@ def expert_file(path, layer):
 
 def minimum_budget(path, **opts):
     """The smallest budget: everything but the expert cache, plus one token's k experts, computed from
-    Model.memory of an unbudgeted load with the same options (the context and chunk size change it)."""
+    Model.memory of an unbudgeted load with the same options (the context, the chunk size and the
+    threads change it)."""
     m = flashmoe.load(path, **opts)
     mem, k = m.memory, m.config["num_experts_per_tok"]
     fixed = mem["dense_bytes"] + mem["kv_bytes"] + mem["state_bytes"] + mem["scratch_bytes"]
@@ -352,7 +353,7 @@ def test_outputs_identical_across_compute_threads(small_dir, reference):
     before = _core.get_threads()
     try:
         for n in (1, 3):
-            got = run(small_dir, threads=n, memory_budget=budget_for(small_dir, "min"))[:3]
+            got = run(small_dir, threads=n, memory_budget=budget_for(small_dir, "min", threads=n))[:3]
             assert_same_run(got, reference)
     finally:
         _core.set_threads(before)

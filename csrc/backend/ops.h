@@ -60,6 +60,8 @@ void fm_op_l2norm(float *x, int T, int n, float eps, float scale);
 void fm_op_rope(float *x, int T, int heads, int head_dim, int rot_dim, int pos0, float theta);
 /* out[T, n] = silu(gate) * up */
 void fm_op_silu_mul(float *out, const float *gate, const float *up, int T, int n);
+/* out[T, n] = x * sigmoid(gate) */
+void fm_op_sigmoid_mul(float *out, const float *gate, const float *x, int T, int n);
 
 /* Causal attention of T new queries over a KV cache holding positions [0, pos0 + T).
  * q[T, nh, hd]; k_cache, v_cache [ctx, nkv, hd] with the new keys already written; out[T, nh, hd]. */

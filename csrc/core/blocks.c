@@ -144,8 +144,7 @@ void fm_block_attention(fm_model *m, fm_layer *L, const float *xn, float *out, i
     fm_op_attention(s->att, s->q, L->k_cache, L->v_cache, T, pos0, nh, nkv, hd, 1.0f / sqrtf((float)hd));
 
     /* HF: attn_output * sigmoid(gate), then o_proj */
-    const size_t n = (size_t)T * nh * hd;
-    for (size_t i = 0; i < n; i++) s->att[i] *= fm_sigmoid(s->gate[i]);
+    fm_op_sigmoid_mul(s->att, s->gate, s->att, T, nh * hd);
     fm_op_matmul(&w->o_proj, s->att, T, out); /* [T, H] */
 }
 
@@ -182,11 +181,27 @@ static void predict_next(fm_model *m, int next, const float *xn, int T) {
     fm_expert_store_predict(m->experts, next, s->pred, n);
 }
 
-/* One token's experts computed side by side, one expert per pool task (its matvecs then run on that
- * thread alone): a decode step's expert matvecs are small, and splitting each over the threads costs a
- * barrier per matvec. Expert j of the batch uses rows j of h1/h2 (which hold a chunk's rows, and the
- * caller checks the chunk is at least the batch); the result lands in its own ye row, so it is the same
- * as computing the experts one after the other. */
+/* Expert e on its n tokens (rows eoff[e] .. of ye): gather them from xn into xe [n, H] (one token is
+ * read in place), then ye rows = down(silu(gate x) * up x) with h1, h2 [n, I]. */
+static void expert_mlp(fm_model *m, const fm_expert *ex, const float *xn, int e, float *xe, float *h1, float *h2) {
+    fm_scratch *s = &m->s;
+    const size_t H = m->c.hidden_size;
+    const int r0 = s->eoff[e], n = s->eoff[e + 1] - r0;
+    const float *x = xn + (size_t)s->tok[r0] * H;
+    if (n > 1) {
+        for (int r = 0; r < n; r++) memcpy(xe + (size_t)r * H, xn + (size_t)s->tok[r0 + r] * H, sizeof(float) * H);
+        x = xe;
+    }
+    fm_op_matmul(&ex->gate, x, n, h1);
+    fm_op_matmul(&ex->up, x, n, h2);
+    fm_op_silu_mul(h1, h1, h2, n, ex->gate.rows);
+    fm_op_matmul(&ex->down, h1, n, s->ye + (size_t)r0 * H);
+}
+
+/* Experts computed side by side, one per pool task, each on the lane of scratch of the thread running
+ * it (its matmuls then run on that thread alone): a decode step's experts, and most of a prefill chunk's
+ * (~C·k/E tokens each), are too small to split over the threads for a barrier per matmul. Each result
+ * lands in its own ye rows, so it is the same as computing the experts one after the other. */
 typedef struct {
     fm_model *m;
     const float *xn;
@@ -195,16 +210,12 @@ typedef struct {
 
 static void expert_task(void *ctx, int j) {
     const expert_batch *B = (const expert_batch *)ctx;
-    fm_scratch *s = &B->m->s;
-    const fm_config *c = &B->m->c;
+    fm_model *m = B->m;
+    const size_t H = m->c.hidden_size, I = m->c.moe_intermediate_size, tokens = m->lane_tokens;
+    float *xe = m->s.lanes + (size_t)fm_thread_index() * tokens * (H + 2 * I);
     fm_expert ex;
-    fm_expert_store_view(B->m->experts, B->slots[j], &ex);
-    const size_t inter = (size_t)ex.gate.rows;
-    float *h1 = s->h1 + (size_t)j * B->m->scratch_inter, *h2 = s->h2 + (size_t)j * B->m->scratch_inter;
-    fm_op_matmul(&ex.gate, B->xn, 1, h1);
-    fm_op_matmul(&ex.up, B->xn, 1, h2);
-    fm_op_silu_mul(h1, h1, h2, 1, (int)inter);
-    fm_op_matmul(&ex.down, h1, 1, s->ye + (size_t)s->eoff[B->experts[j]] * c->hidden_size);
+    fm_expert_store_view(m->experts, B->slots[j], &ex);
+    expert_mlp(m, &ex, B->xn, B->experts[j], xe, xe + tokens * H, xe + tokens * (H + I));
 }
 
 fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *xn, float *out, int T, int norm_topk) {
@@ -257,20 +268,32 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
         for (int i = 0; i < H; i++) out[(size_t)t * H + i] *= g;
     }
 
-    /* routed experts, each computed as it arrives on all of its tokens: ye rows [n, H]. One token: the
-     * experts already in memory go side by side, one per thread. */
-    const int batch_ok = T == 1 && k <= m->chunk && fm_threads_get() > 1;
+    /* routed experts, each computed as it arrives on all of its tokens: ye rows [n, H]. The small ones
+     * already in memory go side by side, one per thread, biggest first so the last to finish is short;
+     * the rest, one at a time split over the pool. */
+    const int threads = fm_threads_get(), batch_ok = threads > 1 && threads <= m->lanes;
     while (done < n_need) {
         int i;
-        int n_ready = batch_ok ? fm_expert_store_poll(store, s->held, n_held, s->ready) : 0;
+        const int n_polled = batch_ok ? fm_expert_store_poll(store, s->held, n_held, s->ready) : 0;
+        int n_ready = 0; /* ready[] keeps the polled held indices (ascending) of the small experts */
+        for (int j = 0; j < n_polled; j++) {
+            const int e = s->held_e[s->ready[j]];
+            if (s->eoff[e + 1] - s->eoff[e] <= m->lane_tokens) s->ready[n_ready++] = s->ready[j];
+        }
         if (n_ready >= 2) {
-            for (int j = 0; j < n_ready; j++) { /* gather, highest index first so removal keeps the rest */
-                s->batch_slot[j] = s->held[s->ready[j]];
-                s->batch_e[j] = s->held_e[s->ready[j]];
+            for (int j = 0; j < n_ready; j++) { /* insertion sort by tokens, descending */
+                const int slot = s->held[s->ready[j]], e = s->held_e[s->ready[j]], n = s->eoff[e + 1] - s->eoff[e];
+                int at = j;
+                for (; at > 0 && s->eoff[s->batch_e[at - 1] + 1] - s->eoff[s->batch_e[at - 1]] < n; at--) {
+                    s->batch_slot[at] = s->batch_slot[at - 1];
+                    s->batch_e[at] = s->batch_e[at - 1];
+                }
+                s->batch_slot[at] = slot;
+                s->batch_e[at] = e;
             }
             expert_batch B = {m, xn, s->batch_slot, s->batch_e};
             fm_parallel_for(n_ready, expert_task, &B);
-            for (int j = n_ready - 1; j >= 0; j--) {
+            for (int j = n_ready - 1; j >= 0; j--) { /* highest index first, so removal keeps the rest */
                 const int at = s->ready[j];
                 fm_expert_store_release(store, s->held[at]);
                 s->held[at] = s->held[--n_held];
@@ -292,11 +315,9 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
             for (int j = 0; j < n_held; j++) fm_expert_store_release(store, s->held[j]);
             return st;
         }
-        const int e = s->held_e[i], r0 = s->eoff[e], n = s->eoff[e + 1] - r0;
-        for (int r = 0; r < n; r++) memcpy(s->xe + (size_t)r * H, xn + (size_t)s->tok[r0 + r] * H, sizeof(float) * H);
         fm_expert ex;
         fm_expert_store_view(store, s->held[i], &ex);
-        mlp(s, &ex.gate, &ex.up, &ex.down, s->xe, s->ye + (size_t)r0 * H, n);
+        expert_mlp(m, &ex, xn, s->held_e[i], s->xe, s->h1, s->h2);
         fm_expert_store_release(store, s->held[i]);
         s->held[i] = s->held[--n_held];
         s->held_e[i] = s->held_e[n_held];

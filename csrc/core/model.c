@@ -11,6 +11,7 @@
 
 #include "../io/packed.h"
 #include "model.h"
+#include "threads.h"
 #include "util.h"
 
 /* ---------------------------------------------------------------- weight binding */
@@ -99,6 +100,9 @@ static fm_status check_config(const fm_config *c) {
     POS(head_dim); POS(linear_conv_kernel_dim); POS(linear_key_head_dim); POS(linear_value_head_dim);
     POS(linear_num_key_heads); POS(linear_num_value_heads);
 #undef POS
+    if (c->linear_conv_kernel_dim > FM_MAX_CONV_KERNEL) /* the conv keeps its taps on the stack (ops.c) */
+        return fm_fail(FM_ERR_INVALID, "config: linear_conv_kernel_dim %d, at most %d supported",
+                       c->linear_conv_kernel_dim, FM_MAX_CONV_KERNEL);
     if (c->num_hidden_layers > FM_MAX_LAYERS)
         return fm_fail(FM_ERR_INVALID, "config: %d layers, at most %d supported", c->num_hidden_layers, FM_MAX_LAYERS);
     if (c->num_attention_heads % c->num_key_value_heads)
@@ -136,6 +140,12 @@ static size_t layout_scratch(fm_model *m, uint8_t *mem) {
     const size_t E = c->num_experts > 0 ? c->num_experts : 1, k = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
     const size_t inter = max3(c->moe_intermediate_size, c->shared_expert_intermediate_size, c->intermediate_size);
     fm_scratch *s = &m->s;
+    /* Experts of up to LANE_TOKENS tokens run one per thread, each on its own lane of scratch: a chunk's
+     * experts have ~C·k/E tokens each, too little work to split one matmul over the pool (a barrier
+     * per matmul); bigger ones are split. */
+    enum { LANE_TOKENS = 64 };
+    m->lanes = c->num_experts > 0 ? fm_threads_get() : 0;
+    m->lane_tokens = m->chunk < LANE_TOKENS ? m->chunk : LANE_TOKENS;
     /* 4-byte elements. A layer's mixer (DeltaNet or attention) reads xn and writes out, then its MoE does
      * the same: each one's buffers are dead once it returns, so the three groups share one region. */
     enum { OWN, DELTANET, ATTENTION, MOE, N_GROUPS };
@@ -155,8 +165,8 @@ static size_t layout_scratch(fm_model *m, uint8_t *mem) {
         {(void **)&s->held, E, OWN}, {(void **)&s->held_e, E, OWN}, {(void **)&s->ptopk, k, OWN},
         {(void **)&s->pw, k, OWN}, {(void **)&s->pred, E, OWN}, {(void **)&s->mark, E, OWN},
         {(void **)&s->ready, E, OWN}, {(void **)&s->batch_slot, E, OWN}, {(void **)&s->batch_e, E, OWN},
+        {(void **)&s->lanes, (size_t)m->lanes * m->lane_tokens * (H + 2 * (size_t)c->moe_intermediate_size), MOE},
     };
-    m->scratch_inter = inter;
     const size_t n_parts = sizeof parts / sizeof parts[0];
     size_t used[N_GROUPS] = {0}, own = 0, shared = 0; /* OWN first, then the shared region */
     for (size_t i = 0; i < n_parts; i++)

@@ -91,7 +91,8 @@ typedef struct {
     int32_t *need;  /* [E] experts this chunk uses */
     int32_t *held;  /* [E] slot of each acquired expert (parallel to held_e) */
     int32_t *held_e;
-    int32_t *ready, *batch_slot, *batch_e; /* [E] experts computed side by side (fm_block_moe, one token) */
+    int32_t *ready, *batch_slot, *batch_e; /* [E] experts computed side by side, one per thread */
+    float *lanes;   /* [threads, lane_tokens·(H + 2·I)] each thread's xe, h1, h2 for the experts it computes */
     int32_t *ptopk; /* [k] next layer's predicted experts for one token */
     float *pw;      /* [k] */
     int32_t *pred;  /* [E] next layer's predicted experts for the chunk */
@@ -120,7 +121,8 @@ struct fm_model {
     fm_scratch s;
     void *scratch_mem;
     int ctx, chunk, pos;
-    size_t scratch_inter; /* floats per token row of the h1/h2 scratch */
+    int lanes;            /* threads the per-thread expert scratch (s.lanes) was laid out for */
+    int lane_tokens;      /* the most tokens of one expert a thread computes alone; more go to the pool */
     fm_memory mem;         /* the budget and where it goes */
     int prefetch;          /* predict the next layer's experts (protect, and read ahead if the store does) */
     uint64_t *usage;       /* [L, E] token-uses of each routed expert */

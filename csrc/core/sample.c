@@ -174,40 +174,10 @@ void fm_sampler_apply_penalties(const fm_sampler *s, float *logits) {
     }
 }
 
-/* exp(x) for x <= 0, relative error ~2e-7, exactly 1 at 0 and 0 below -87 (so -inf gives 0): Cody-Waite
- * range reduction and a degree-6 polynomial, written so that the loop over the vocabulary vectorises. */
-static inline float exp_neg(float x) {
-    const float xc = x < -87.0f ? -87.0f : x;
-    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer, held in the low bits */
-    const float t = xc * 1.44269504088896341f + magic;
-    const float kf = t - magic;
-    const float r = (xc - kf * 0.693145751953125f) - kf * 1.428606765330187045e-06f;
-    float p = 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    uint32_t tb;
-    memcpy(&tb, &t, 4);
-    const uint32_t sb = (tb - 0x4B400000u + 127u) << 23; /* 2^kf */
-    float scale;
-    memcpy(&scale, &sb, 4);
-    const float v = p * scale;
-    return x < -87.0f ? 0.0f : v;
-}
-
-/* The exp pass is most of a sample's time: on x86-64 with GCC, an AVX2 clone picked at load (ifunc). */
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define FM_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FM_CLONES
-#endif
-
 /* e[i] = exp((l[i] - mx) * inv_t) for i < n; blk[b] = the sum of block b of BLOCK entries (float lanes,
  * then double); returns the total. */
 FM_CLONES static double exp_all(const float *restrict l, float *restrict e, double *restrict blk, int n, float mx, float inv_t) {
-    for (int i = 0; i < n; i++) e[i] = exp_neg((l[i] - mx) * inv_t);
+    for (int i = 0; i < n; i++) e[i] = fm_exp((l[i] - mx) * inv_t);
     double sum = 0.0;
     enum { LANES = 16 };
     for (int b = 0; b < n; b += BLOCK) {
@@ -439,7 +409,7 @@ int32_t fm_sampler_sample(fm_sampler *s, float *logits) {
         if (!(mx > -INFINITY)) return argmax(logits, V);
         Z = 0.0;
         for (int i = 0; i < n; i++) {
-            e[i] = exp_neg((logits[ids[i]] - mx) * inv_t);
+            e[i] = fm_exp((logits[ids[i]] - mx) * inv_t);
             Z += e[i];
         }
     } else {

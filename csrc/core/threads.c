@@ -52,6 +52,9 @@ static double now(void) {
 }
 
 static _Thread_local int tl_in_task; /* this thread is running a task: a nested call runs inline */
+static _Thread_local int tl_index;   /* 0 outside the pool, 1 .. n_workers for the workers */
+
+int fm_thread_index(void) { return tl_index; }
 
 static void run_tasks(void) {
     tl_in_task = 1;
@@ -78,8 +81,16 @@ static void wait_for_job(unsigned long seen) {
     pthread_mutex_unlock(&P.mu);
 }
 
+typedef struct {
+    unsigned long generation; /* when it was created */
+    int index;
+} worker_arg;
+
 static void *worker(void *arg) {
-    unsigned long seen = (unsigned long)(uintptr_t)arg; /* the generation when it was created */
+    const worker_arg a = *(const worker_arg *)arg;
+    free(arg);
+    unsigned long seen = a.generation;
+    tl_index = a.index;
     for (;;) {
         wait_for_job(seen);
         if (atomic_load(&P.stop)) break;
@@ -109,8 +120,13 @@ static void ensure_started(void) {
     }
     const int workers = P.wanted - 1 < MAX_THREADS ? P.wanted - 1 : MAX_THREADS;
     for (int i = 0; i < workers; i++) {
-        void *gen = (void *)(uintptr_t)atomic_load(&P.generation);
-        if (pthread_create(&P.threads[i], NULL, worker, gen) != 0) break;
+        worker_arg *a = (worker_arg *)malloc(sizeof *a);
+        if (!a) break;
+        *a = (worker_arg){atomic_load(&P.generation), i + 1};
+        if (pthread_create(&P.threads[i], NULL, worker, a) != 0) {
+            free(a);
+            break;
+        }
         P.n_workers++;
     }
 }

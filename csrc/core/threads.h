@@ -17,4 +17,8 @@ int fm_threads_get(void);
 
 void fm_parallel_for(int n, fm_task_fn fn, void *ctx);
 
+/* The calling thread's index in the pool: 0 for a thread outside it (the one calling fm_parallel_for),
+ * 1 .. fm_threads_get() - 1 for the workers. Tasks use it to pick a per-thread scratch. */
+int fm_thread_index(void);
+
 #endif /* FM_THREADS_H */

@@ -48,7 +48,7 @@ typedef enum {
     FM_ARCH_QWEN3_NEXT = 1,
 } fm_arch;
 
-enum { FM_MAX_LAYERS = 256, FM_MAX_NAME = 96 };
+enum { FM_MAX_LAYERS = 256, FM_MAX_NAME = 96, FM_MAX_CONV_KERNEL = 64 };
 
 /* Hyper-parameters, HF field names. Layer kinds come per layer. */
 typedef struct {

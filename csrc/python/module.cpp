@@ -487,6 +487,12 @@ static void bind_ops(py::module_ &m) {
         fm_op_silu_mul(y.mutable_data(), gate.data(), up.data(), 1, (int)gate.size());
         return y;
     });
+    m.def("op_sigmoid_mul", [](f32arr gate, f32arr x) {
+        if (gate.size() != x.size()) throw py::value_error("gate and x differ in size");
+        f32arr y = copy(x);
+        fm_op_sigmoid_mul(y.mutable_data(), gate.data(), x.data(), 1, (int)x.size());
+        return y;
+    });
     m.def("op_attention", [](f32arr q, f32arr kc, f32arr vc, int pos0, float scale) {  // q [T, nh, hd]
         const int T = (int)q.shape(0), nh = (int)q.shape(1), hd = (int)q.shape(2), nkv = (int)kc.shape(1);
         if (kc.shape(0) < pos0 + T) throw py::value_error("cache shorter than pos0 + T");
