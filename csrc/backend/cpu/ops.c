@@ -370,85 +370,129 @@ typedef struct {
     float scale;
 } attention_job;
 
-/* Σ a·b over n, in four vectors of partial sums so the compiler vectorises it without a chain through
- * one accumulator. */
-static inline __attribute__((always_inline)) float dot_vec(const float *a, const float *b, int n) {
-    float s0[8] = {0}, s1[8] = {0}, s2[8] = {0}, s3[8] = {0};
-    int d = 0;
-    for (; d + 32 <= n; d += 32) {
-        for (int l = 0; l < 8; l++) s0[l] += a[d + l] * b[d + l];
-        for (int l = 0; l < 8; l++) s1[l] += a[d + 8 + l] * b[d + 8 + l];
-        for (int l = 0; l < 8; l++) s2[l] += a[d + 16 + l] * b[d + 16 + l];
-        for (int l = 0; l < 8; l++) s3[l] += a[d + 24 + l] * b[d + 24 + l];
-    }
-    for (int l = 0; l < 8; l++) s0[l] += (s1[l] + s2[l]) + s3[l];
-    float dot = ((s0[0] + s0[4]) + (s0[1] + s0[5])) + ((s0[2] + s0[6]) + (s0[3] + s0[7]));
-    for (; d < n; d++) dot += a[d] * b[d];
-    return dot;
-}
-
 /* A task takes ATT_TOKENS tokens' query heads that share one KV head and walks their causal keys in
  * blocks of ATT_KEYS: a block's K and V rows (16 KiB at head_dim 256) come from the cache once for all
- * of those rows and stay in L1 while each row goes over them. (One token per task streamed the whole
- * cache once per token: at 8K positions the loads of K were most of attention's time.) */
+ * of those rows and stay in L1 while the rows go over them, two at a time. (One token per task streamed
+ * the whole cache once per token: at 8K positions the loads of K were most of attention's time.) */
 enum { ATT_TOKENS = 4, ATT_KEYS = 8 };
 
-/* Query row qh over keys [j0, j0 + nb) of one KV head (kb, vb: their first K and V rows, stride floats
- * apart): softmax online per block (a running max *mx and sum *sum; oh is rescaled when a block raises
- * the max), so no buffer of scores beyond a block's, and each pass over oh adds a whole block of value
- * rows. */
-static inline __attribute__((always_inline)) void attend_block(const float *qh, float *oh, float *mx, float *sum,
-                                                               const float *kb, const float *vb, size_t stride,
-                                                               int nb, int hd, float scale) {
-    float p[ATT_KEYS], m = *mx;
-    for (int k = 0; k < nb; k++) {
-        p[k] = dot_vec(qh, kb + k * stride, hd) * scale;
-        m = p[k] > m ? p[k] : m;
+/* 8 floats as one value (GCC and Clang vector extensions): 8 lanes of AVX2 in the AVX2 build of the
+ * attention loops, two SSE or NEON registers elsewhere. Explicit, because the loops below have too many
+ * pointers for the auto-vectoriser's alias checks. */
+typedef float fv8 __attribute__((vector_size(32)));
+static inline fv8 load8(const float *p) {
+    fv8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* s[r][k] = q_r · kr[k] · scale for two query rows and the block's keys, 4 keys at a time: each K load
+ * feeds both rows (two loads were one FMA in a dot at a time, and loads bound it), and each (row, key)
+ * keeps 8 lanes of partial sums, added once at the end. */
+static inline __attribute__((always_inline)) void block_scores(const float *const q[2], const float *const kr[ATT_KEYS],
+                                                               int hd, float scale, float s[2][ATT_KEYS]) {
+    for (int k0 = 0; k0 < ATT_KEYS; k0 += 4) {
+        fv8 a[2][4];
+        for (int k = 0; k < 4; k++) a[0][k] = a[1][k] = (fv8){0}; /* not "= {0}": GCC zeroes that in memory */
+        int d = 0;
+        for (; d + 8 <= hd; d += 8) {
+            const fv8 q0 = load8(q[0] + d), q1 = load8(q[1] + d);
+            for (int k = 0; k < 4; k++) {
+                const fv8 kv = load8(kr[k0 + k] + d);
+                a[0][k] += q0 * kv;
+                a[1][k] += q1 * kv;
+            }
+        }
+        for (int r = 0; r < 2; r++)
+            for (int k = 0; k < 4; k++) {
+                const fv8 v = a[r][k];
+                float t = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+                for (int e = d; e < hd; e++) t += q[r][e] * kr[k0 + k][e];
+                s[r][k0 + k] = t * scale;
+            }
     }
-    if (m > *mx) { /* rescale what was summed under the old max */
-        const float c = expf(*mx - m);
-        *sum *= c;
-        for (int e = 0; e < hd; e++) oh[e] *= c;
-        *mx = m;
+}
+
+/* Two query rows (q, o, running max mx and sum) over keys [j0, j0 + nb[r]) of one KV head (kb, vb: the
+ * block's first K and V rows, stride floats apart; the rows' blocks may differ in length at the causal
+ * edge, keys past a row's own are read but weigh 0): softmax online per block (o is rescaled when a
+ * block raises the max), so no buffer of scores beyond a block's, and each pass over o adds a whole
+ * block of value rows. */
+static inline __attribute__((always_inline)) void attend_rows(const float *const q[2], float *const o[2], float *mx,
+                                                              float *sum, const float *kb, const float *vb,
+                                                              size_t stride, const int nb[2], int hd, float scale) {
+    const int n = nb[0] > nb[1] ? nb[0] : nb[1];
+    const float *kr[ATT_KEYS], *vr[ATT_KEYS];
+    for (int k = 0; k < ATT_KEYS; k++) { /* a short block: the first row again, weight 0 */
+        kr[k] = kb + (k < n ? k : 0) * stride;
+        vr[k] = vb + (k < n ? k : 0) * stride;
     }
-    for (int k = 0; k < nb; k++) *sum += p[k] = expf(p[k] - m);
-    for (int k = nb; k < ATT_KEYS; k++) p[k] = 0.0f; /* a short block: the first row again, weight 0 */
-    const float *v[ATT_KEYS];
-    for (int k = 0; k < ATT_KEYS; k++) v[k] = vb + (k < nb ? k : 0) * stride;
-    for (int e = 0; e < hd; e++) {
-        float acc = oh[e];
-        for (int k = 0; k < ATT_KEYS; k++) acc += p[k] * v[k][e];
-        oh[e] = acc;
+    float s[2][ATT_KEYS];
+    block_scores(q, kr, hd, scale, s);
+    for (int r = 0; r < 2; r++) {
+        float m = mx[r];
+        for (int k = 0; k < nb[r]; k++) m = s[r][k] > m ? s[r][k] : m;
+        if (m > mx[r]) { /* rescale what was summed under the old max */
+            const float c = fm_exp(mx[r] - m);
+            sum[r] *= c;
+            for (int e = 0; e < hd; e++) o[r][e] *= c;
+            mx[r] = m;
+        }
+        for (int k = 0; k < ATT_KEYS; k++) s[r][k] = fm_exp(s[r][k] - m);
+        for (int k = nb[r]; k < ATT_KEYS; k++) s[r][k] = 0.0f;
+        for (int k = 0; k < ATT_KEYS; k++) sum[r] += s[r][k];
     }
+    int e = 0;
+    for (; e + 8 <= hd; e += 8) {
+        fv8 a0 = load8(o[0] + e), a1 = load8(o[1] + e);
+        for (int k = 0; k < ATT_KEYS; k++) {
+            const fv8 v = load8(vr[k] + e);
+            a0 += s[0][k] * v;
+            a1 += s[1][k] * v;
+        }
+        memcpy(o[0] + e, &a0, sizeof a0);
+        memcpy(o[1] + e, &a1, sizeof a1);
+    }
+    for (; e < hd; e++)
+        for (int k = 0; k < ATT_KEYS; k++) o[0][e] += s[0][k] * vr[k][e], o[1][e] += s[1][k] * vr[k][e];
 }
 
 /* Task i: tokens t0 .. t0 + nt (at most ATT_TOKENS) × the G query heads of KV head g; token t attends
- * to positions [0, pos0 + t]. */
+ * to positions [0, pos0 + t]. Row r = tt·G + h; an odd row out is paired with a copy of itself whose
+ * output goes to a spare buffer. */
 static inline __attribute__((always_inline)) void attention_body(const attention_job *a, int i) {
     const int nkv = a->nkv, hd = a->hd, G = a->nh / nkv, g = i % nkv, t0 = (i / nkv) * ATT_TOKENS;
     const int nt = a->T - t0 < ATT_TOKENS ? a->T - t0 : ATT_TOKENS;
     const size_t stride = (size_t)nkv * hd; /* from one position's row of this KV head to the next */
     const size_t tok = (size_t)a->nh * hd;  /* from one token's query (and output) rows to the next */
     const size_t first = (size_t)t0 * tok + (size_t)g * G * hd; /* token t0's row of head g·G */
-    const float *q = a->q + first;
-    float *o = a->out + first;
-    float mx[ATT_TOKENS * G], sum[ATT_TOKENS * G];
-    for (int r = 0; r < nt * G; r++) mx[r] = -INFINITY, sum[r] = 0.0f;
-    for (int tt = 0; tt < nt; tt++) memset(o + tt * tok, 0, (size_t)G * hd * sizeof(float));
+    const int rows = nt * G;
+    float mx[ATT_TOKENS * G + 1], sum[ATT_TOKENS * G + 1], spare[hd];
+    for (int r = 0; r <= rows; r++) mx[r] = -INFINITY, sum[r] = 0.0f;
+    for (int tt = 0; tt < nt; tt++) memset(a->out + first + tt * tok, 0, (size_t)G * hd * sizeof(float));
+    memset(spare, 0, sizeof spare);
     for (int j0 = 0; j0 < a->pos0 + t0 + nt; j0 += ATT_KEYS) {
         const float *kb = a->k_cache + ((size_t)j0 * nkv + g) * hd, *vb = a->v_cache + ((size_t)j0 * nkv + g) * hd;
-        for (int tt = 0; tt < nt; tt++) {
-            const int n_keys = a->pos0 + t0 + tt + 1;
-            if (j0 >= n_keys) continue;
-            const int nb = n_keys - j0 < ATT_KEYS ? n_keys - j0 : ATT_KEYS;
-            for (int h = 0; h < G; h++)
-                attend_block(q + tt * tok + (size_t)h * hd, o + tt * tok + (size_t)h * hd, &mx[tt * G + h],
-                             &sum[tt * G + h], kb, vb, stride, nb, hd, a->scale);
+        for (int r = 0; r < rows; r += 2) {
+            const float *q[2];
+            float *o[2];
+            int nb[2];
+            for (int p = 0; p < 2; p++) {
+                const int rr = r + p < rows ? r + p : r, tt = rr / G, h = rr % G;
+                const int left = a->pos0 + t0 + tt + 1 - j0; /* keys of this row from j0 on */
+                q[p] = a->q + first + tt * tok + (size_t)h * hd;
+                o[p] = r + p < rows ? a->out + first + tt * tok + (size_t)h * hd : spare;
+                nb[p] = left < 0 ? 0 : (left < ATT_KEYS ? left : ATT_KEYS);
+            }
+            if (nb[0] == 0 && nb[1] == 0) continue;
+            attend_rows(q, o, &mx[r], &sum[r], kb, vb, stride, nb, hd, a->scale); /* mx[rows]: the spare's */
         }
     }
     for (int tt = 0; tt < nt; tt++)
-        for (int h = 0; h < G; h++)
-            for (int e = 0; e < hd; e++) o[tt * tok + (size_t)h * hd + e] /= sum[tt * G + h];
+        for (int h = 0; h < G; h++) {
+            float *oh = a->out + first + tt * tok + (size_t)h * hd;
+            for (int e = 0; e < hd; e++) oh[e] /= sum[tt * G + h];
+        }
 }
 
 static void attention_task(void *ctx, int i) { attention_body((const attention_job *)ctx, i); }
