@@ -98,6 +98,14 @@ def test_corrupt_blob_detected_with_verify(copy):
         flashmoe.load(copy, verify_checksums=True).forward([1, 2, 3])
 
 
+def test_conv_kernel_beyond_the_engine_refused(tmp_path):
+    """The DeltaNet conv keeps a block's taps on the stack: a kernel past the bound is refused at load."""
+    path = tmp_path / "m"
+    write_random_model(path, {**TINY, "linear_conv_kernel_dim": 65}, bits=4, progress=False)
+    with pytest.raises(FlashMoEError, match="linear_conv_kernel_dim 65, at most 64"):
+        flashmoe.load(path)
+
+
 def test_shape_disagreeing_with_config_refused(copy):
     header = json.loads((copy / "flashmoe.json").read_text())
     header["config"]["moe_intermediate_size"] += 16
