@@ -181,12 +181,14 @@ static void predict_next(fm_model *m, int next, const float *xn, int T) {
     fm_expert_store_predict(m->experts, next, s->pred, n);
 }
 
+static inline int expert_tokens(const fm_scratch *s, int e) { return s->eoff[e + 1] - s->eoff[e]; }
+
 /* Expert e on its n tokens (rows eoff[e] .. of ye): gather them from xn into xe [n, H] (one token is
  * read in place), then ye rows = down(silu(gate x) * up x) with h1, h2 [n, I]. */
 static void expert_mlp(fm_model *m, const fm_expert *ex, const float *xn, int e, float *xe, float *h1, float *h2) {
     fm_scratch *s = &m->s;
     const size_t H = m->c.hidden_size;
-    const int r0 = s->eoff[e], n = s->eoff[e + 1] - r0;
+    const int r0 = s->eoff[e], n = expert_tokens(s, e);
     const float *x = xn + (size_t)s->tok[r0] * H;
     if (n > 1) {
         for (int r = 0; r < n; r++) memcpy(xe + (size_t)r * H, xn + (size_t)s->tok[r0 + r] * H, sizeof(float) * H);
@@ -276,15 +278,13 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
         int i;
         const int n_polled = batch_ok ? fm_expert_store_poll(store, s->held, n_held, s->ready) : 0;
         int n_ready = 0; /* ready[] keeps the polled held indices (ascending) of the small experts */
-        for (int j = 0; j < n_polled; j++) {
-            const int e = s->held_e[s->ready[j]];
-            if (s->eoff[e + 1] - s->eoff[e] <= m->lane_tokens) s->ready[n_ready++] = s->ready[j];
-        }
+        for (int j = 0; j < n_polled; j++)
+            if (expert_tokens(s, s->held_e[s->ready[j]]) <= m->lane_tokens) s->ready[n_ready++] = s->ready[j];
         if (n_ready >= 2) {
             for (int j = 0; j < n_ready; j++) { /* insertion sort by tokens, descending */
-                const int slot = s->held[s->ready[j]], e = s->held_e[s->ready[j]], n = s->eoff[e + 1] - s->eoff[e];
+                const int slot = s->held[s->ready[j]], e = s->held_e[s->ready[j]], n = expert_tokens(s, e);
                 int at = j;
-                for (; at > 0 && s->eoff[s->batch_e[at - 1] + 1] - s->eoff[s->batch_e[at - 1]] < n; at--) {
+                for (; at > 0 && expert_tokens(s, s->batch_e[at - 1]) < n; at--) {
                     s->batch_slot[at] = s->batch_slot[at - 1];
                     s->batch_e[at] = s->batch_e[at - 1];
                 }
