@@ -214,7 +214,7 @@ static void expert_task(void *ctx, int j) {
     const expert_batch *B = (const expert_batch *)ctx;
     fm_model *m = B->m;
     const size_t H = m->c.hidden_size, I = m->c.moe_intermediate_size, tokens = m->lane_tokens;
-    float *xe = m->s.lanes + (size_t)fm_thread_index() * tokens * (H + 2 * I);
+    float *xe = m->s.lanes + (size_t)fm_thread_index() * m->lane_floats;
     fm_expert ex;
     fm_expert_store_view(m->experts, B->slots[j], &ex);
     expert_mlp(m, &ex, B->xn, B->experts[j], xe, xe + tokens * H, xe + tokens * (H + I));

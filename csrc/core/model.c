@@ -140,12 +140,6 @@ static size_t layout_scratch(fm_model *m, uint8_t *mem) {
     const size_t E = c->num_experts > 0 ? c->num_experts : 1, k = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
     const size_t inter = max3(c->moe_intermediate_size, c->shared_expert_intermediate_size, c->intermediate_size);
     fm_scratch *s = &m->s;
-    /* Experts of up to LANE_TOKENS tokens run one per thread, each on its own lane of scratch: a chunk's
-     * experts have ~C·k/E tokens each, too little work to split one matmul over the pool (a barrier
-     * per matmul); bigger ones are split. */
-    enum { LANE_TOKENS = 64 };
-    m->lanes = c->num_experts > 0 ? fm_threads_get() : 0;
-    m->lane_tokens = m->chunk < LANE_TOKENS ? m->chunk : LANE_TOKENS;
     /* 4-byte elements. A layer's mixer (DeltaNet or attention) reads xn and writes out, then its MoE does
      * the same: each one's buffers are dead once it returns, so the three groups share one region. */
     enum { OWN, DELTANET, ATTENTION, MOE, N_GROUPS };
@@ -165,7 +159,7 @@ static size_t layout_scratch(fm_model *m, uint8_t *mem) {
         {(void **)&s->held, E, OWN}, {(void **)&s->held_e, E, OWN}, {(void **)&s->ptopk, k, OWN},
         {(void **)&s->pw, k, OWN}, {(void **)&s->pred, E, OWN}, {(void **)&s->mark, E, OWN},
         {(void **)&s->ready, E, OWN}, {(void **)&s->batch_slot, E, OWN}, {(void **)&s->batch_e, E, OWN},
-        {(void **)&s->lanes, (size_t)m->lanes * m->lane_tokens * (H + 2 * (size_t)c->moe_intermediate_size), MOE},
+        {(void **)&s->lanes, (size_t)m->lanes * m->lane_floats, MOE},
     };
     const size_t n_parts = sizeof parts / sizeof parts[0];
     size_t used[N_GROUPS] = {0}, own = 0, shared = 0; /* OWN first, then the shared region */
@@ -318,6 +312,13 @@ static fm_status model_create(const fm_load_spec *spec, fm_model **out, int *n_m
     }
     m->ctx = spec->context_length > 0 ? spec->context_length : 4096;
     m->chunk = spec->prefill_chunk > 0 ? spec->prefill_chunk : 128;
+    /* Experts of up to LANE_TOKENS tokens run one per thread, each on its own lane of scratch: a chunk's
+     * experts have ~C·k/E tokens each, too little work to split one matmul over the pool (a barrier
+     * per matmul); bigger ones are split. */
+    enum { LANE_TOKENS = 64 };
+    m->lanes = m->c.num_experts > 0 ? fm_threads_get() : 0;
+    m->lane_tokens = m->chunk < LANE_TOKENS ? m->chunk : LANE_TOKENS;
+    m->lane_floats = (size_t)m->lane_tokens * ((size_t)m->c.hidden_size + 2 * (size_t)m->c.moe_intermediate_size);
     m->prefetch = spec->prefetch && spec->cache_policy != FM_CACHE_PAGECACHE;
     const int L = m->c.num_hidden_layers;
     m->layers = (fm_layer *)calloc((size_t)L, sizeof(fm_layer));

@@ -123,6 +123,7 @@ struct fm_model {
     int ctx, chunk, pos;
     int lanes;            /* threads the per-thread expert scratch (s.lanes) was laid out for */
     int lane_tokens;      /* the most tokens of one expert a thread computes alone; more go to the pool */
+    size_t lane_floats;   /* one lane: xe [lane_tokens, H], then h1, h2 [lane_tokens, I] */
     fm_memory mem;         /* the budget and where it goes */
     int prefetch;          /* predict the next layer's experts (protect, and read ahead if the store does) */
     uint64_t *usage;       /* [L, E] token-uses of each routed expert */

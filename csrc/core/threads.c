@@ -13,8 +13,6 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
-#include <stdint.h>
-#include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
 #if defined(__x86_64__) || defined(__i386__)
@@ -29,11 +27,17 @@
 enum { MAX_THREADS = 256 };
 #define FM_SPIN_SECONDS 0.002 /* how long an idle worker polls for the next job before it sleeps */
 
+typedef struct {
+    unsigned long generation; /* the job generation when the worker was created */
+    int index;                /* its fm_thread_index() */
+} worker_arg;
+
 static struct {
     pthread_mutex_t mu; /* with wake: sleeping workers */
     pthread_cond_t wake;
     pthread_mutex_t call_mu; /* one fm_parallel_for at a time */
     pthread_t threads[MAX_THREADS];
+    worker_arg args[MAX_THREADS];
     int n_workers, wanted, started;
     fm_task_fn fn; /* the current job, published by the release increment of generation */
     void *ctx;
@@ -81,16 +85,10 @@ static void wait_for_job(unsigned long seen) {
     pthread_mutex_unlock(&P.mu);
 }
 
-typedef struct {
-    unsigned long generation; /* when it was created */
-    int index;
-} worker_arg;
-
 static void *worker(void *arg) {
-    const worker_arg a = *(const worker_arg *)arg;
-    free(arg);
-    unsigned long seen = a.generation;
-    tl_index = a.index;
+    const worker_arg *a = (const worker_arg *)arg;
+    unsigned long seen = a->generation;
+    tl_index = a->index;
     for (;;) {
         wait_for_job(seen);
         if (atomic_load(&P.stop)) break;
@@ -120,13 +118,8 @@ static void ensure_started(void) {
     }
     const int workers = P.wanted - 1 < MAX_THREADS ? P.wanted - 1 : MAX_THREADS;
     for (int i = 0; i < workers; i++) {
-        worker_arg *a = (worker_arg *)malloc(sizeof *a);
-        if (!a) break;
-        *a = (worker_arg){atomic_load(&P.generation), i + 1};
-        if (pthread_create(&P.threads[i], NULL, worker, a) != 0) {
-            free(a);
-            break;
-        }
+        P.args[i] = (worker_arg){atomic_load(&P.generation), i + 1};
+        if (pthread_create(&P.threads[i], NULL, worker, &P.args[i]) != 0) break;
         P.n_workers++;
     }
 }

@@ -79,6 +79,7 @@ static inline float fm_exp(float x) {
 
 static inline float fm_silu(float x) { return x / (1.0f + fm_exp(-x)); }
 static inline float fm_sigmoid(float x) { return 1.0f / (1.0f + fm_exp(-x)); }
+static inline float fm_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 /* Loops of fm_exp and friends run 8 wide: on x86-64 with GCC, an AVX2 clone picked at load (ifunc). */
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
@@ -86,6 +87,5 @@ static inline float fm_sigmoid(float x) { return 1.0f / (1.0f + fm_exp(-x)); }
 #else
 #define FM_CLONES
 #endif
-static inline float fm_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 #endif /* FM_UTIL_H */
