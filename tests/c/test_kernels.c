@@ -89,12 +89,18 @@ int main(void) {
                         if (run_case(isas[k], W[i].d, rows, 256, W[i].gs, Ts[t], int8)) passed++;
                         else failed++;
                     }
-        /* rows wider than the AVX2 int8 tiles' tables (over 512 groups): their token-by-token fallback */
-        for (int d = 0; d < 2; d++)
+        /* wide rows (over 512 groups); and more tokens than the AVX2 int8 tiles' block (48 tokens at
+         * 4096 columns): several blocks, the last with a full tile, three tokens or two */
+        for (int d = 0; d < 2; d++) {
             for (int T = 3; T <= 6; T += 3) {
                 if (run_case(isas[k], d ? FM_Q8 : FM_Q4, 5, 513 * 32, 32, T, 1)) passed++;
                 else failed++;
             }
+            for (int T = 98; T <= 100; T++) {
+                if (run_case(isas[k], d ? FM_Q8 : FM_Q4, 7, 4096, 64 >> (T & 1), T, 1)) passed++;
+                else failed++;
+            }
+        }
     }
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;

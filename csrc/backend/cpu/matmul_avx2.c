@@ -226,31 +226,90 @@ static inline __attribute__((always_inline)) float int8_row(const fm_mat *w, int
     return hsum(_mm256_add_ps(acc, accb));
 }
 
-/* Several tokens on int8 activations (prefill): rows are first unpacked to one byte per weight (q4: the
+/* Several tokens on int8 activations (prefill): a row pair is unpacked to one byte per weight (q4: the
  * nibbles, in xq's permuted order; q8: q - 128 as signed bytes) so the inner loop is loads and maddubs,
- * then multiplied in 2-row × 4-token tiles (int8_tile): per group, the four dots of a row pair and a token
- * pair are reduced into one vector, so the int→float conversion and the scaling cost one instruction per
- * four dots (q4 prefill 200 -> 250 GFLOP/s on 2 Zen 3 cores, bench/RESULTS.md). The tokens go in blocks
- * whose xq fits in L2 (a pass over the task's rows per block), so the activations are not streamed from
- * L3 once per row pair. Same function as int8_row. */
-static void unpack_row_i8(const fm_mat *w, int r, uint8_t *out) {
-    const int n = w->cols;
+ * then multiplied in 2-row × 4-token tiles (int8_tile). The tokens go in blocks whose activations fit in
+ * L2 (a pass over the task's rows per block), so they are not streamed from L3 once per row pair. Same
+ * function as int8_row.
+ *
+ * The tiles read two streams, each front to back through one pointer, so the loop needs few registers
+ * (with a pointer per row and per token, GCC spilled the activations to the stack and read them back).
+ * A row pair: per group, both rows (gs bytes each), then [s0 s0 s1 s1 b'0 b'0 b'1 b'1] (b' = bias, plus
+ * 128·scale for q8). A tile of four tokens: per group, the four tokens' xq (gs bytes each), then
+ * [d0 d1 d0 d1 d2 d3 d2 d3] and [e0 e1 e0 e1 e2 e3 e2 e3] (e = d·Σxq), in the order the tile uses them. */
+static inline size_t row_pair_stride(int gs) { return 2 * (size_t)gs + 8 * sizeof(float); }
+static inline size_t tile_stride(int gs) { return 4 * (size_t)gs + 16 * sizeof(float); }
+
+/* Row r unpacked into the row pair stream W as its row i (0 or 1). */
+static void unpack_row_i8(const fm_mat *w, int r, int i, uint8_t *W) {
+    const int n = w->cols, gs = w->group_size;
+    const size_t ws = row_pair_stride(gs);
+    uint8_t *o = W + (size_t)i * gs;
     if (w->dtype == FM_Q4) {
         const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2);
-        for (int c = 0; c < n; c += 32) _mm256_storeu_si256((__m256i *)(out + c), q4_bytes32(q + c / 2));
+        for (int c0 = 0; c0 < n; c0 += gs, o += ws)
+            for (int c = 0; c < gs; c += 32) _mm256_storeu_si256((__m256i *)(o + c), q4_bytes32(q + (c0 + c) / 2));
     } else {
         const uint8_t *q = (const uint8_t *)w->data + (size_t)r * n;
         const __m256i off = _mm256_set1_epi8((char)0x80);
-        for (int c = 0; c < n; c += 32)
-            _mm256_storeu_si256((__m256i *)(out + c),
-                                _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + c)), off));
+        for (int c0 = 0; c0 < n; c0 += gs, o += ws)
+            for (int c = 0; c < gs; c += 32)
+                _mm256_storeu_si256((__m256i *)(o + c),
+                                    _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + c0 + c)), off));
     }
 }
 
-/* Σ over one group of unpacked row wr against one token's xq (both at the group's first element), as
- * lane partial sums. q4: pairs q·xq (<= 2·15·127) summed over the group's NB blocks in int16, returned
- * as 16 int16 (I16) or widened to 8 int32. q8: Σ (q - 128)·xq per block via |q - 128| and xq signed like
- * q - 128 (pairs reach 2·128·127, so each block is widened at once), 8 int32. */
+/* Rows r0 and r1 (r1 == r0 for a lone last row) into the row pair stream W: their bytes and scales. */
+static void row_pair(const fm_mat *w, int r0, int r1, uint8_t *W) {
+    const int ng = w->cols / w->group_size, gs = w->group_size;
+    const size_t ws = row_pair_stride(gs);
+    const __m256 off = _mm256_set1_ps(w->dtype == FM_Q4 ? 0.0f : 128.0f);
+    unpack_row_i8(w, r0, 0, W);
+    unpack_row_i8(w, r1, 1, W);
+    const uint16_t *sc0 = w->scales + (size_t)r0 * ng, *sc1 = w->scales + (size_t)r1 * ng;
+    const uint16_t *bi0 = w->biases + (size_t)r0 * ng, *bi1 = w->biases + (size_t)r1 * ng;
+    for (int g0 = 0; g0 < ng; g0 += 8) { /* 8 groups at a time */
+        const int G = ng - g0 < 8 ? ng - g0 : 8;
+        const __m256 s0 = load8h(sc0 + g0, G), s1 = load8h(sc1 + g0, G);
+        const __m256 b0 = _mm256_fmadd_ps(off, s0, load8h(bi0 + g0, G));
+        const __m256 b1 = _mm256_fmadd_ps(off, s1, load8h(bi1 + g0, G));
+        const __m256 s01[2] = {_mm256_unpacklo_ps(s0, s1), _mm256_unpackhi_ps(s0, s1)}; /* groups 0,1,4,5 | 2,3,6,7 */
+        const __m256 b01[2] = {_mm256_unpacklo_ps(b0, b1), _mm256_unpackhi_ps(b0, b1)};
+        for (int h = 0; h < 2; h++) {
+            const __m256 S0 = _mm256_shuffle_ps(s01[h], s01[h], 0x50), B0 = _mm256_shuffle_ps(b01[h], b01[h], 0x50);
+            const __m256 S1 = _mm256_shuffle_ps(s01[h], s01[h], 0xFA), B1 = _mm256_shuffle_ps(b01[h], b01[h], 0xFA);
+            const __m256 v[4] = {_mm256_permute2f128_ps(S0, B0, 0x20), _mm256_permute2f128_ps(S1, B1, 0x20),
+                                 _mm256_permute2f128_ps(S0, B0, 0x31), _mm256_permute2f128_ps(S1, B1, 0x31)};
+            const int gi[4] = {2 * h, 2 * h + 1, 2 * h + 4, 2 * h + 5};
+            for (int k = 0; k < 4; k++)
+                if (gi[k] < G) _mm256_storeu_ps((float *)(W + (size_t)(g0 + gi[k]) * ws + 2 * gs), v[k]);
+        }
+    }
+}
+
+/* Tokens t..t+3 of the int8 activations into the tile stream X; slots past te repeat token t. */
+static void tile_pack(const fm_matmul_args *a, int t, int te, uint8_t *X) {
+    const int n = a->w->cols, gs = a->w->group_size, ng = n / gs;
+    const size_t xs = tile_stride(gs);
+    for (int k = 0; k < 4; k++) {
+        const int tk = t + k < te ? t + k : t, at = (k >> 1) * 4 + (k & 1); /* its places in the d and e rows */
+        const int8_t *xq = a->xq + (size_t)tk * n;
+        const float *xd = a->xd + (size_t)tk * ng, *xqs = a->xqs + (size_t)tk * ng;
+        uint8_t *o = X + (size_t)k * gs;
+        for (int g = 0; g < ng; g++, o += xs) {
+            for (int c = 0; c < gs; c += 32)
+                _mm256_storeu_si256((__m256i *)(o + c), _mm256_loadu_si256((const __m256i *)(xq + (size_t)g * gs + c)));
+            float *de = (float *)(o - (size_t)k * gs + 4 * (size_t)gs);
+            de[at] = de[at + 2] = xd[g];
+            de[8 + at] = de[8 + at + 2] = xd[g] * xqs[g];
+        }
+    }
+}
+
+/* Σ over one group of a row against one token's xq (both at the group's first element), as lane partial
+ * sums. q4: pairs q·xq (<= 2·15·127) summed over the group's NB blocks in int16, returned as 16 int16
+ * (I16) or widened to 8 int32. q8: Σ (q - 128)·xq per block via |q - 128| and xq signed like q - 128
+ * (pairs reach 2·128·127, so each block is widened at once), 8 int32. */
 static inline __attribute__((always_inline)) __m256i group_part(const uint8_t *wr, const int8_t *xt, const int q4,
                                                                 const int NB, const int I16) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -290,102 +349,84 @@ static inline __attribute__((always_inline)) __m256i reduce4(__m256i a, __m256i 
     return _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
 }
 
-static inline __m256 bcast_pair(const float *p) { /* [p0, p1] four times */
-    long long v;
-    memcpy(&v, p, 8);
-    return _mm256_castsi256_ps(_mm256_set1_epi64x(v));
-}
-
-/* Two unpacked rows (wb[0], wb[1]) × tokens xq[0..4) (NS = 1: the first two): out[i][t]. Per group and
- * token pair the four (row, token) dot products are reduced into one vector [r0·ta, r0·tb, r1·ta, r1·tb]
- * and scaled at once by [s0, s0, s1, s1] ⊙ [da, db, da, db]; the bias term Σ_g b'_g·d_g·Σxq_g likewise.
- * rs: per group [s0, s0, s1, s1, b'0, b'0, b'1, b'1] (b' = bias, plus 128·scale for q8); dT, bT: the
- * block's d and d·Σxq per group, token-major within a group (stride ts), so a token pair is adjacent. */
-static inline __attribute__((always_inline)) void int8_tile(const uint8_t *const wb[2], const float *rs,
-                                                            const int8_t *const xq[4], const float *dT,
-                                                            const float *bT, int ts, int ng, int gs,
+/* A row pair (stream W) × a tile (stream X) of ng groups of 32·NB: out[i][t]. Per group and token pair
+ * the four (row, token) dots are reduced into one vector [r0·ta, r0·tb, r1·ta, r1·tb] and scaled at once
+ * by [s0, s0, s1, s1] ⊙ [da, db, da, db]; the bias term Σ_g b'_g·e_g likewise, both token pairs in one
+ * vector. NS = 1: the first token pair only. Software-pipelined: the multiplies of group g + 1 are
+ * issued before the reduction and scaling of group g, so the reduction's inputs are ready when it enters
+ * the scheduler (the other way round, Zen 3 took ~19 cycles a group instead of ~16.5). */
+static inline __attribute__((always_inline)) void int8_tile(const uint8_t *W, const uint8_t *X, int ng,
                                                             float out[2][4], const int NS, const int q4,
                                                             const int NB) {
-    const int I16 = q4 && NB <= 2;
-    __m256 acc[2]; /* both halves are partial sums of the same 4 pairs */
-    __m128 accb[2]; /* the bias term, once */
-    for (int j = 0; j < NS; j++) acc[j] = _mm256_setzero_ps(), accb[j] = _mm_setzero_ps();
-    for (int g = 0; g < ng; g++) {
-        const int c = g * gs;
-        const __m256 S = _mm256_broadcast_ps((const __m128 *)(rs + 8 * g));
-        const __m128 B = _mm_loadu_ps(rs + 8 * g + 4);
-        for (int j = 0; j < NS; j++) {
-            const int8_t *xa = xq[2 * j] + c, *xb = xq[2 * j + 1] + c;
-            const __m256i dot = reduce4(group_part(wb[0] + c, xa, q4, NB, I16), group_part(wb[0] + c, xb, q4, NB, I16),
-                                        group_part(wb[1] + c, xa, q4, NB, I16), group_part(wb[1] + c, xb, q4, NB, I16),
-                                        I16);
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(S, bcast_pair(dT + (size_t)g * ts + 2 * j)),
-                                     acc[j]);
-            accb[j] = _mm_fmadd_ps(B, _mm256_castps256_ps128(bcast_pair(bT + (size_t)g * ts + 2 * j)), accb[j]);
-        }
+    const int I16 = q4 && NB <= 2, gs = 32 * NB;
+    const size_t ws = row_pair_stride(gs), xs = tile_stride(gs);
+    __m256 acc[2], accb = _mm256_setzero_ps(); /* acc: both halves partial sums of the same 4 pairs */
+    __m256i p[2][4];                           /* group_part of the next group */
+    for (int j = 0; j < NS; j++) acc[j] = _mm256_setzero_ps();
+#define TILE_PARTS(Wg, Xg)                                                                                        \
+    for (int j = 0; j < NS; j++) {                                                                                \
+        const int8_t *xa = (const int8_t *)(Xg) + 2 * j * gs, *xb = xa + gs;                                      \
+        p[j][0] = group_part((Wg), xa, q4, NB, I16), p[j][1] = group_part((Wg), xb, q4, NB, I16);                 \
+        p[j][2] = group_part((Wg) + gs, xa, q4, NB, I16), p[j][3] = group_part((Wg) + gs, xb, q4, NB, I16);       \
     }
+    TILE_PARTS(W, X)
+    for (int g = 0; g < ng; g++, W += ws, X += xs) {
+        __m256i dot[2];
+        for (int j = 0; j < NS; j++) dot[j] = reduce4(p[j][0], p[j][1], p[j][2], p[j][3], I16);
+        if (g + 1 < ng) TILE_PARTS(W + ws, X + xs)
+        const float *rs = (const float *)(W + 2 * gs), *de = (const float *)(X + 4 * gs);
+        const __m256 S = _mm256_broadcast_ps((const __m128 *)rs);
+        for (int j = 0; j < NS; j++)
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j]),
+                                     _mm256_mul_ps(S, _mm256_broadcast_ps((const __m128 *)(de + 4 * j))), acc[j]);
+        accb = _mm256_fmadd_ps(_mm256_broadcast_ps((const __m128 *)(rs + 4)), _mm256_loadu_ps(de + 8), accb);
+    }
+#undef TILE_PARTS
     for (int j = 0; j < NS; j++) {
         float o[4];
         _mm_storeu_ps(o, _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1)),
-                                    accb[j]));
+                                    j ? _mm256_extractf128_ps(accb, 1) : _mm256_castps256_ps128(accb)));
         out[0][2 * j] = o[0], out[0][2 * j + 1] = o[1], out[1][2 * j] = o[2], out[1][2 * j + 1] = o[3];
     }
 }
 
-enum { TILE_TAB = 8192 }; /* floats of per-block token tables on the stack (32 KiB) */
+/* The tile streams of a block of tokens, per thread: kept across calls (fresh pages would be faulted
+ * and zeroed on every call). NULL when it cannot be had. */
+static uint8_t *tile_buffer(size_t bytes) {
+    static _Thread_local uint8_t *buf;
+    static _Thread_local size_t cap;
+    if (bytes > cap) {
+        fm_free(buf);
+        buf = (uint8_t *)fm_alloc(bytes);
+        cap = buf ? bytes : 0;
+    }
+    return buf;
+}
 
-static inline __attribute__((always_inline)) void int8_tiles_nb(const fm_matmul_args *a, int r0, int r1, uint8_t *wbuf,
-                                                                const int q4, const int NB) {
+/* Tokens per block: ~192 KiB of activations, which stay in L2 over the pass through the rows. */
+static int tile_block(int n, int T) {
+    int tb = (192 * 1024 / n) & ~3;
+    if (tb < 4) tb = 4;
+    return tb < ((T + 3) & ~3) ? tb : (T + 3) & ~3;
+}
+
+static inline __attribute__((always_inline)) void int8_tiles_nb(const fm_matmul_args *a, int r0, int r1, uint8_t *W,
+                                                                uint8_t *Xb, const int q4, const int NB) {
     const fm_mat *w = a->w;
-    const int n = w->cols, m = w->rows, T = a->T, gs = w->group_size, ng = n / gs;
-    /* tokens per block: ~192 KiB of xq (it stays in L2 over the pass through the rows), and the block's
-     * two tables (2·ng·tblock floats) within TILE_TAB: the caller checks ng <= TILE_TAB / 16, so 8 fit */
-    int tblock = (192 * 1024 / n) & ~3;
-    if (tblock > ((TILE_TAB / (2 * ng)) & ~3)) tblock = (TILE_TAB / (2 * ng)) & ~3;
-    if (tblock < 4) tblock = 4;
-    float tab[TILE_TAB] __attribute__((aligned(32)));
-    float *rs = (float *)(wbuf + 2 * (size_t)n); /* after the two unpacked rows: 8 floats per group */
-    const __m256 off = _mm256_set1_ps(q4 ? 0.0f : 128.0f);
+    const int n = w->cols, m = w->rows, T = a->T, ng = n / w->group_size, tblock = tile_block(n, T);
+    const size_t tile_bytes = (size_t)ng * tile_stride(w->group_size);
     for (int tb = 0; tb < T; tb += tblock) {
-        const int te = T - tb < tblock ? T : tb + tblock, ts = ((te - tb) + 1) & ~1; /* even: pairs */
-        float *dT = tab, *bT = tab + (size_t)ng * ts;
-        for (int g = 0; g < ng; g++)
-            for (int k = 0; k < ts; k++) {
-                const size_t i = (size_t)(tb + (tb + k < te ? k : 0)) * ng + g; /* padding: a real token */
-                dT[(size_t)g * ts + k] = a->xd[i];
-                bT[(size_t)g * ts + k] = a->xd[i] * a->xqs[i];
-            }
+        const int te = T - tb < tblock ? T : tb + tblock;
+        for (int t = tb; t < te; t += 4) tile_pack(a, t, te, Xb + (size_t)((t - tb) / 4) * tile_bytes);
         for (int r = r0; r < r1; r += 2) {
             const int R = r1 - r < 2 ? 1 : 2; /* one row left: computed twice */
-            const uint8_t *wb[2] = {wbuf, wbuf + (R == 2 ? n : 0)};
-            unpack_row_i8(w, r, wbuf);
-            if (R == 2) unpack_row_i8(w, r + 1, wbuf + n);
-            const uint16_t *sc0 = w->scales + (size_t)r * ng, *sc1 = w->scales + (size_t)(r + R - 1) * ng;
-            const uint16_t *bi0 = w->biases + (size_t)r * ng, *bi1 = w->biases + (size_t)(r + R - 1) * ng;
-            for (int g0 = 0; g0 < ng; g0 += 8) { /* rs for 8 groups (whole chunks fit: rowbuf's 4·cols floats) */
-                const int G = ng - g0 < 8 ? ng - g0 : 8;
-                const __m256 s0 = load8h(sc0 + g0, G), s1 = load8h(sc1 + g0, G);
-                const __m256 b0 = _mm256_fmadd_ps(off, s0, load8h(bi0 + g0, G));
-                const __m256 b1 = _mm256_fmadd_ps(off, s1, load8h(bi1 + g0, G));
-                const __m256 s01[2] = {_mm256_unpacklo_ps(s0, s1), _mm256_unpackhi_ps(s0, s1)}; /* groups 0,1,4,5 | 2,3,6,7 */
-                const __m256 b01[2] = {_mm256_unpacklo_ps(b0, b1), _mm256_unpackhi_ps(b0, b1)};
-                for (int h = 0; h < 2; h++) {
-                    const __m256 S0 = _mm256_shuffle_ps(s01[h], s01[h], 0x50), B0 = _mm256_shuffle_ps(b01[h], b01[h], 0x50);
-                    const __m256 S1 = _mm256_shuffle_ps(s01[h], s01[h], 0xFA), B1 = _mm256_shuffle_ps(b01[h], b01[h], 0xFA);
-                    float *o = rs + 8 * (g0 + 2 * h);
-                    _mm256_storeu_ps(o, _mm256_permute2f128_ps(S0, B0, 0x20));      /* group 2h */
-                    _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(S1, B1, 0x20));  /* group 2h + 1 */
-                    _mm256_storeu_ps(o + 32, _mm256_permute2f128_ps(S0, B0, 0x31)); /* group 2h + 4 */
-                    _mm256_storeu_ps(o + 40, _mm256_permute2f128_ps(S1, B1, 0x31)); /* group 2h + 5 */
-                }
-            }
+            row_pair(w, r, r + R - 1, W);
             for (int t = tb; t < te; t += 4) {
                 const int TT = te - t < 4 ? te - t : 4;
-                const int8_t *xq[4];
-                for (int k = 0; k < 4; k++) xq[k] = a->xq + (size_t)(t + (k < TT ? k : 0)) * n;
+                const uint8_t *X = Xb + (size_t)((t - tb) / 4) * tile_bytes;
                 float out[2][4];
-                if (TT <= 2) int8_tile(wb, rs, xq, dT + (t - tb), bT + (t - tb), ts, ng, gs, out, 1, q4, NB);
-                else int8_tile(wb, rs, xq, dT + (t - tb), bT + (t - tb), ts, ng, gs, out, 2, q4, NB);
+                if (TT <= 2) int8_tile(W, X, ng, out, 1, q4, NB);
+                else int8_tile(W, X, ng, out, 2, q4, NB);
                 for (int i = 0; i < R; i++)
                     for (int j = 0; j < TT; j++) a->y[(size_t)(t + j) * m + r + i] = out[i][j];
             }
@@ -435,7 +476,8 @@ void fm_quantize_x_avx2(const float *x, int n, int gs, int permute, int8_t *xq, 
 static __attribute__((noinline)) void int8_tiles(const fm_matmul_args *a, int r0, int r1, uint8_t *wbuf) {
     const fm_mat *w = a->w;
     const int q4 = w->dtype == FM_Q4, nb = w->group_size / 32, n = w->cols, ng = n / w->group_size;
-    if (ng > TILE_TAB / 16) { /* rows wider than the tiles' tables (beyond any model's): token by token */
+    uint8_t *Xb = tile_buffer((size_t)(tile_block(n, a->T) / 4) * ng * tile_stride(w->group_size));
+    if (!Xb) { /* no memory for the tile streams: token by token */
         for (int t = 0; t < a->T; t++) {
             fm_matmul_args b = *a;
             b.xq += (size_t)t * n, b.xd += (size_t)t * ng, b.xqs += (size_t)t * ng, b.y += (size_t)t * w->rows;
@@ -443,11 +485,11 @@ static __attribute__((noinline)) void int8_tiles(const fm_matmul_args *a, int r0
         }
         return;
     }
-    if (q4 && nb == 2) int8_tiles_nb(a, r0, r1, wbuf, 1, 2);
-    else if (nb == 2) int8_tiles_nb(a, r0, r1, wbuf, 0, 2);
-    else if (q4 && nb == 1) int8_tiles_nb(a, r0, r1, wbuf, 1, 1);
-    else if (q4) int8_tiles_nb(a, r0, r1, wbuf, 1, nb);
-    else int8_tiles_nb(a, r0, r1, wbuf, 0, nb);
+    if (q4 && nb == 2) int8_tiles_nb(a, r0, r1, wbuf, Xb, 1, 2);
+    else if (nb == 2) int8_tiles_nb(a, r0, r1, wbuf, Xb, 0, 2);
+    else if (q4 && nb == 1) int8_tiles_nb(a, r0, r1, wbuf, Xb, 1, 1);
+    else if (q4) int8_tiles_nb(a, r0, r1, wbuf, Xb, 1, nb);
+    else int8_tiles_nb(a, r0, r1, wbuf, Xb, 0, nb);
 }
 
 /* Decode: group size 64 (the converter's default) as a constant lets GCC unroll the block loop: q4
@@ -536,7 +578,7 @@ void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
     const float *x = w->dtype == FM_Q4 ? a->xp : a->x; /* q4 works in the permuted order */
     if (a->xq && T > 1) { /* int8 activations, several tokens: unpacked rows in tiles (2x the row kernel
                             * from 2 tokens on, bench/RESULTS.md) */
-        int8_tiles(a, r0, r1, (uint8_t *)rowbuf); /* rowbuf: room for 2 rows of cols bytes */
+        int8_tiles(a, r0, r1, (uint8_t *)rowbuf); /* rowbuf: room for a row pair stream (2·cols + 32·ng bytes) */
         return;
     }
     if (a->xq) { /* int8 activations, one token: rows straight from their packed form */
