@@ -240,32 +240,35 @@ static inline __attribute__((always_inline)) float int8_row(const fm_mat *w, int
 static inline size_t row_pair_stride(int gs) { return 2 * (size_t)gs + 8 * sizeof(float); }
 static inline size_t tile_stride(int gs) { return 4 * (size_t)gs + 16 * sizeof(float); }
 
-/* Row r unpacked into the row pair stream W as its row i (0 or 1). */
-static void unpack_row_i8(const fm_mat *w, int r, int i, uint8_t *W) {
-    const int n = w->cols, gs = w->group_size;
+/* Row r unpacked into the row pair stream W as its row i (0 or 1). NB: blocks of 32 per group, a
+ * literal after inlining, so the copy is one straight loop per group. */
+static inline __attribute__((always_inline)) void unpack_row_i8(const fm_mat *w, int r, int i, uint8_t *W,
+                                                                const int NB) {
+    const int n = w->cols, gs = 32 * NB;
     const size_t ws = row_pair_stride(gs);
     uint8_t *o = W + (size_t)i * gs;
     if (w->dtype == FM_Q4) {
         const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2);
-        for (int c0 = 0; c0 < n; c0 += gs, o += ws)
-            for (int c = 0; c < gs; c += 32) _mm256_storeu_si256((__m256i *)(o + c), q4_bytes32(q + (c0 + c) / 2));
+        for (int c0 = 0; c0 < n; c0 += gs, o += ws, q += gs / 2)
+            for (int b = 0; b < NB; b++) _mm256_storeu_si256((__m256i *)(o + 32 * b), q4_bytes32(q + 16 * b));
     } else {
         const uint8_t *q = (const uint8_t *)w->data + (size_t)r * n;
         const __m256i off = _mm256_set1_epi8((char)0x80);
-        for (int c0 = 0; c0 < n; c0 += gs, o += ws)
-            for (int c = 0; c < gs; c += 32)
-                _mm256_storeu_si256((__m256i *)(o + c),
-                                    _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + c0 + c)), off));
+        for (int c0 = 0; c0 < n; c0 += gs, o += ws, q += gs)
+            for (int b = 0; b < NB; b++)
+                _mm256_storeu_si256((__m256i *)(o + 32 * b),
+                                    _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + 32 * b)), off));
     }
 }
 
 /* Rows r0 and r1 (r1 == r0 for a lone last row) into the row pair stream W: their bytes and scales. */
-static void row_pair(const fm_mat *w, int r0, int r1, uint8_t *W) {
-    const int ng = w->cols / w->group_size, gs = w->group_size;
+static inline __attribute__((always_inline)) void row_pair(const fm_mat *w, int r0, int r1, uint8_t *W,
+                                                           const int NB) {
+    const int gs = 32 * NB, ng = w->cols / gs;
     const size_t ws = row_pair_stride(gs);
     const __m256 off = _mm256_set1_ps(w->dtype == FM_Q4 ? 0.0f : 128.0f);
-    unpack_row_i8(w, r0, 0, W);
-    unpack_row_i8(w, r1, 1, W);
+    unpack_row_i8(w, r0, 0, W, NB);
+    unpack_row_i8(w, r1, 1, W, NB);
     const uint16_t *sc0 = w->scales + (size_t)r0 * ng, *sc1 = w->scales + (size_t)r1 * ng;
     const uint16_t *bi0 = w->biases + (size_t)r0 * ng, *bi1 = w->biases + (size_t)r1 * ng;
     for (int g0 = 0; g0 < ng; g0 += 8) { /* 8 groups at a time */
@@ -420,7 +423,7 @@ static inline __attribute__((always_inline)) void int8_tiles_nb(const fm_matmul_
         for (int t = tb; t < te; t += 4) tile_pack(a, t, te, Xb + (size_t)((t - tb) / 4) * tile_bytes);
         for (int r = r0; r < r1; r += 2) {
             const int R = r1 - r < 2 ? 1 : 2; /* one row left: computed twice */
-            row_pair(w, r, r + R - 1, W);
+            row_pair(w, r, r + R - 1, W, NB);
             for (int t = tb; t < te; t += 4) {
                 const int TT = te - t < 4 ? te - t : 4;
                 const uint8_t *X = Xb + (size_t)((t - tb) / 4) * tile_bytes;
