@@ -417,21 +417,31 @@ static inline __attribute__((always_inline)) void int8_tiles_nb(const fm_matmul_
                                                                 uint8_t *Xb, const int q4, const int NB) {
     const fm_mat *w = a->w;
     const int n = w->cols, m = w->rows, T = a->T, ng = n / w->group_size, tblock = tile_block(n, T);
-    const size_t tile_bytes = (size_t)ng * tile_stride(w->group_size);
+    const size_t tile_bytes = (size_t)ng * tile_stride(w->group_size), pair_bytes = (size_t)ng * row_pair_stride(w->group_size);
     for (int tb = 0; tb < T; tb += tblock) {
         const int te = T - tb < tblock ? T : tb + tblock;
+        /* Over 8 tokens, 4 row pairs at a time, so a tile's activations are read from L2 once for all four
+         * (DeltaNet in_proj at 512 tokens +8%); with one or two tiles, a pair at a time keeps it all in L1
+         * (4 would be 10% slower at 8 tokens), bench/RESULTS.md. */
+        const int RP = te - tb > 8 ? 4 : 1;
         for (int t = tb; t < te; t += 4) tile_pack(a, t, te, Xb + (size_t)((t - tb) / 4) * tile_bytes);
-        for (int r = r0; r < r1; r += 2) {
-            const int R = r1 - r < 2 ? 1 : 2; /* one row left: computed twice */
-            row_pair(w, r, r + R - 1, W, NB);
+        for (int r = r0; r < r1; r += 2 * RP) {
+            int np = 0, R[4];
+            for (; np < RP && r + 2 * np < r1; np++) {
+                const int rp = r + 2 * np;
+                R[np] = r1 - rp < 2 ? 1 : 2; /* one row left: computed twice */
+                row_pair(w, rp, rp + R[np] - 1, W + np * pair_bytes, NB);
+            }
             for (int t = tb; t < te; t += 4) {
                 const int TT = te - t < 4 ? te - t : 4;
                 const uint8_t *X = Xb + (size_t)((t - tb) / 4) * tile_bytes;
-                float out[2][4];
-                if (TT <= 2) int8_tile(W, X, ng, out, 1, q4, NB);
-                else int8_tile(W, X, ng, out, 2, q4, NB);
-                for (int i = 0; i < R; i++)
-                    for (int j = 0; j < TT; j++) a->y[(size_t)(t + j) * m + r + i] = out[i][j];
+                for (int p = 0; p < np; p++) {
+                    float out[2][4];
+                    if (TT <= 2) int8_tile(W + p * pair_bytes, X, ng, out, 1, q4, NB);
+                    else int8_tile(W + p * pair_bytes, X, ng, out, 2, q4, NB);
+                    for (int i = 0; i < R[p]; i++)
+                        for (int j = 0; j < TT; j++) a->y[(size_t)(t + j) * m + r + 2 * p + i] = out[i][j];
+                }
             }
         }
     }
@@ -581,7 +591,7 @@ void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
     const float *x = w->dtype == FM_Q4 ? a->xp : a->x; /* q4 works in the permuted order */
     if (a->xq && T > 1) { /* int8 activations, several tokens: unpacked rows in tiles (2x the row kernel
                             * from 2 tokens on, bench/RESULTS.md) */
-        int8_tiles(a, r0, r1, (uint8_t *)rowbuf); /* rowbuf: room for a row pair stream (2·cols + 32·ng bytes) */
+        int8_tiles(a, r0, r1, (uint8_t *)rowbuf); /* rowbuf: room for 4 row pair streams, 4·(2·cols + 32·ng) bytes */
         return;
     }
     if (a->xq) { /* int8 activations, one token: rows straight from their packed form */
