@@ -335,8 +335,9 @@ static inline __attribute__((always_inline)) __m256i group_part(const uint8_t *w
 
 /* Four lane-partial vectors (of the pairs A, B, C, D) → 8 int32 lanes [A, B, C, D, A, B, C, D], each a
  * sum of a quarter of its pair's lanes. The reduction is unpacks and adds, which run beside the
- * multiplies (maddubs, madd, FMA and the int→float conversion share two pipes on Zen 3): the group's
- * conversion and scaling then cost one instruction per four pairs instead of one per pair. I16: int16
+ * multiplies (on Zen 3 maddubs and madd share two pipes, and FMA, mul and the int→float conversion
+ * compete for them; unpacks have two others): the group's conversion and scaling then cost one
+ * instruction per four pairs instead of one per pair. I16: int16
  * lanes; each output int16 before the final madd sums 4 of them, so this needs lanes <= 8191 (q4,
  * groups of 32 or 64: 2·2·15·127 = 7620). */
 static inline __attribute__((always_inline)) __m256i reduce4(__m256i a, __m256i b, __m256i c, __m256i d,
