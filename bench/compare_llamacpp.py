@@ -74,7 +74,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import drop_page_cache, fmt_bytes, memory_cgroup_dir, model_path  # noqa: E402  (bench/decode.py)
+from decode import BENCH_DIR, drop_page_cache, fmt_bytes, memory_cgroup_dir, model_path  # noqa: E402  (bench/decode.py)
 
 SLACK = 32 << 20  # as bench/decode.py: what the limit allows besides budget + interpreter
 NO_LLAMA = ("llama-cpp-python is not installed. It is an optional bench dependency; see the top of "
@@ -714,7 +714,7 @@ def main() -> None:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--quick", action="store_true", help="the small preset, few tokens: a smoke test")
-    ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "flashmoe-bench"))
+    ap.add_argument("--dir", default=BENCH_DIR)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run_child's cleanup runs on kill too

@@ -104,6 +104,9 @@ def memory_cgroup_dir() -> str | None:
     return None
 
 
+BENCH_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "flashmoe-bench")  # where the benchmark models live
+
+
 def model_path(args) -> tuple[str, dict]:
     """The benchmark model: written once under args.dir, reused after."""
     cfg = presets.truncate(args.preset, args.layers)
@@ -285,7 +288,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (they warm the expert cache)")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the budget x policy sweep")
     ap.add_argument("--quick", action="store_true", help="a 120 MB model, few tokens: a smoke test")
-    ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "flashmoe-bench"))
+    ap.add_argument("--dir", default=BENCH_DIR)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import BENCH_DIR, model_path  # noqa: E402  (bench/decode.py: the shared benchmark model)
 
 
 def child(spec: dict) -> None:
@@ -60,14 +61,12 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen3.5-35b-a3b")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "flashmoe-bench"))
+    ap.add_argument("--dir", default=BENCH_DIR)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(json.loads(args.child))
         return
-
-    from decode import model_path  # bench/decode.py: the shared benchmark model
 
     path, header = model_path(args)
     spec = {"path": path, "prompt": args.prompt, "chunk": args.chunk or args.prompt, "runs": args.runs,

@@ -44,6 +44,15 @@ void *fm_alloc_weights(size_t bytes) {
     return p;
 }
 
+void *fm_grow(void **buf, size_t *cap, size_t bytes, size_t grow_to) {
+    if (bytes > *cap) {
+        fm_free(*buf);
+        *buf = fm_alloc(grow_to);
+        *cap = *buf ? grow_to : 0;
+    }
+    return *buf;
+}
+
 double fm_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

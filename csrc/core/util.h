@@ -19,6 +19,10 @@ void fm_free(void *p);
  * into transparent huge pages, so the stream crosses a page (TLB entry, prefetch boundary) every 2 MiB,
  * not every 4 KiB. Not zeroed: the caller fills it. fm_free releases it. */
 void *fm_alloc_weights(size_t bytes);
+/* A scratch buffer kept across calls that only grows, so a hot path does not fault in and zero fresh
+ * pages on every call: *buf with room for `bytes`, reallocated to grow_to (>= bytes) when smaller. The
+ * caller owns *buf and *cap (thread-local where threads call it). NULL, with *cap 0, when that fails. */
+void *fm_grow(void **buf, size_t *cap, size_t bytes, size_t grow_to);
 
 double fm_now(void); /* monotonic seconds */
 

@@ -182,15 +182,9 @@ typedef struct chunk_job {
 
 /* Per-thread scratch that only grows (fresh large allocations would be new zeroed pages every call). */
 static float *scratch(size_t n) {
-    static _Thread_local float *buf;
+    static _Thread_local void *buf;
     static _Thread_local size_t cap;
-    if (n > cap) {
-        fm_free(buf);
-        cap = n;
-        buf = (float *)fm_alloc(cap * sizeof(float));
-        if (!buf) cap = 0;
-    }
-    return buf;
+    return (float *)fm_grow(&buf, &cap, n * sizeof(float), n * sizeof(float));
 }
 
 static size_t chunk_scratch_floats(int C, int dk, int dv) {

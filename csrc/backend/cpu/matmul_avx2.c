@@ -394,17 +394,11 @@ static inline __attribute__((always_inline)) void int8_tile(const uint8_t *W, co
     }
 }
 
-/* The tile streams of a block of tokens, per thread: kept across calls (fresh pages would be faulted
- * and zeroed on every call). NULL when it cannot be had. */
+/* The tile streams of a block of tokens, per thread (fm_grow). NULL when it cannot be had. */
 static uint8_t *tile_buffer(size_t bytes) {
-    static _Thread_local uint8_t *buf;
+    static _Thread_local void *buf;
     static _Thread_local size_t cap;
-    if (bytes > cap) {
-        fm_free(buf);
-        buf = (uint8_t *)fm_alloc(bytes);
-        cap = buf ? bytes : 0;
-    }
-    return buf;
+    return (uint8_t *)fm_grow(&buf, &cap, bytes, bytes);
 }
 
 /* Tokens per block: ~192 KiB of activations, which stay in L2 over the pass through the rows. */

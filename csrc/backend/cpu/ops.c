@@ -200,15 +200,9 @@ static void matmul_task(void *ctx, int i) {
 /* A per-thread buffer that only grows: the per-call copies of x would otherwise be fresh pages from
  * mmap (faulted and zeroed) on every call. */
 static float *thread_buffer(size_t n) {
-    static _Thread_local float *buf;
+    static _Thread_local void *buf;
     static _Thread_local size_t cap;
-    if (n > cap) {
-        fm_free(buf);
-        cap = n + n / 2;
-        buf = (float *)fm_alloc(cap * sizeof(float));
-        if (!buf) cap = 0;
-    }
-    return buf;
+    return (float *)fm_grow(&buf, &cap, n * sizeof(float), (n + n / 2) * sizeof(float));
 }
 
 /* x[n] → xq, xd, xqs per group of gs (the int8 activations of ops.h); q4 SIMD kernels take xq permuted
