@@ -368,6 +368,10 @@ fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
     if ((st = m->arch->bind(m, spec)) != FM_OK) goto fail;
     if (n_moe && (st = fm_expert_store_init(&m->experts, spec, m->mem.expert_slots)) != FM_OK) goto fail;
     if ((st = alloc_state(m)) != FM_OK) goto fail;
+    if (!(m->seq = (int32_t *)malloc(sizeof(int32_t) * (size_t)m->ctx))) {
+        st = fm_fail(FM_ERR_NOMEM, "cannot allocate the token list for a context of %d", m->ctx);
+        goto fail;
+    }
     m->scratch_mem = fm_alloc(layout_scratch(m, NULL));
     if (!m->scratch_mem) { st = fm_fail(FM_ERR_NOMEM, "cannot allocate scratch for chunks of %d tokens", m->chunk); goto fail; }
     layout_scratch(m, (uint8_t *)m->scratch_mem);
@@ -389,6 +393,7 @@ void fm_model_free(fm_model *m) {
         }
     free(m->layers);
     free(m->usage);
+    free(m->seq);
     fm_expert_store_free(m->experts);
     fm_free(m->dense);
     fm_free(m->scratch_mem);
@@ -397,6 +402,11 @@ void fm_model_free(fm_model *m) {
 }
 
 int fm_model_position(const fm_model *m) { return m->pos; }
+const int32_t *fm_model_tokens(const fm_model *m) { return m->seq; }
+
+void fm_model_debug_fail_reads(fm_model *m, int after, int count) {
+    if (m->experts) fm_expert_store_debug_fail_reads(m->experts, after, count);
+}
 int fm_model_context_length(const fm_model *m) { return m->ctx; }
 
 /* ---------------------------------------------------------------- forward */
@@ -433,11 +443,13 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
         fm_trace(m, m->s.x, T, H, "embed");
         fm_status st = m->arch->forward(m, m->s.x, T);
         if (st != FM_OK) {
-            /* The state is now partly advanced: the only safe continuation is a reset. */
-            if (m->experts) fm_expert_store_drain(m->experts);
+            /* Some layers of this chunk have advanced their state and others not: the only consistent
+             * state left is the empty sequence. Reads still in flight land first; no slot stays pinned. */
+            if (m->experts) fm_expert_store_recover(m->experts);
             fm_model_reset(m);
             return st;
         }
+        memcpy(m->seq + m->pos, tokens + done, sizeof(int32_t) * (size_t)T);
         m->pos += T;
         done += T;
         if (logits && (all_logits || done == n)) {
@@ -526,6 +538,7 @@ struct fm_snapshot {
     int ctx, pos;
     size_t bytes;
     uint8_t *data; /* per layer in order: K rows [0, pos) then V rows [0, pos), or conv state then S */
+    int32_t *tokens; /* [pos] the tokens that state holds */
 };
 
 /* Bytes of the snapshot of m's state at position pos. */
@@ -565,12 +578,16 @@ fm_status fm_model_snapshot(const fm_model *m, fm_snapshot **out) {
     s->pos = m->pos;
     s->bytes = snapshot_bytes(&m->c, m->pos);
     s->data = (uint8_t *)fm_alloc(s->bytes);
-    if (!s->data) {
+    s->tokens = (int32_t *)malloc(sizeof(int32_t) * (size_t)(m->pos > 0 ? m->pos : 1));
+    if (!s->data || !s->tokens) {
+        fm_free(s->data);
+        free(s->tokens);
         free(s);
         return fm_fail(FM_ERR_NOMEM, "snapshot: cannot allocate %zu bytes for the state at position %d",
                        snapshot_bytes(&m->c, m->pos), m->pos);
     }
     copy_state((fm_model *)m, s->data, s->pos, 1);
+    memcpy(s->tokens, m->seq, sizeof(int32_t) * (size_t)s->pos);
     *out = s;
     return FM_OK;
 }
@@ -604,6 +621,7 @@ fm_status fm_model_restore(fm_model *m, const fm_snapshot *s) {
     fm_status st = check_snapshot(m, s);
     if (st != FM_OK) return st;
     copy_state(m, s->data, s->pos, 0);
+    memcpy(m->seq, s->tokens, sizeof(int32_t) * (size_t)s->pos);
     m->pos = s->pos;
     return FM_OK;
 }
@@ -611,11 +629,13 @@ fm_status fm_model_restore(fm_model *m, const fm_snapshot *s) {
 void fm_snapshot_free(fm_snapshot *s) {
     if (!s) return;
     fm_free(s->data);
+    free(s->tokens);
     free(s);
 }
 
 size_t fm_snapshot_bytes(const fm_snapshot *s) { return s->bytes; }
 int fm_snapshot_position(const fm_snapshot *s) { return s->pos; }
+const int32_t *fm_snapshot_tokens(const fm_snapshot *s) { return s->tokens; }
 
 void fm_model_stats(const fm_model *m, fm_stats *out) {
     memset(out, 0, sizeof *out);

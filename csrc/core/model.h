@@ -121,6 +121,7 @@ struct fm_model {
     fm_scratch s;
     void *scratch_mem;
     int ctx, chunk, pos;
+    int32_t *seq;          /* [ctx] the tokens of the sequence, [0, pos) valid: what the state holds */
     int lanes;            /* threads the per-thread expert scratch (s.lanes) was laid out for */
     int lane_tokens;      /* the most tokens of one expert a thread computes alone; more go to the pool */
     size_t lane_floats;   /* one lane: xe [lane_tokens, H], then h1, h2 [lane_tokens, I] */

@@ -111,9 +111,15 @@ void fm_model_free(fm_model *m);
 /* Forget the sequence: position 0, caches and recurrent state cleared. */
 void fm_model_reset(fm_model *m);
 int fm_model_position(const fm_model *m);
+/* The tokens the sequence state holds, [fm_model_position(m)] of them, in order (valid until the next
+ * call that changes the state). What a prompt cache matches prompts against: it is the engine's own
+ * record, so it can never disagree with the state (a failed forward resets both). */
+const int32_t *fm_model_tokens(const fm_model *m);
 int fm_model_context_length(const fm_model *m);
 
 /* Run n tokens through the model, continuing from the current position.
+ * On failure (a read error, a checksum mismatch) the sequence is reset to position 0: a chunk that
+ * failed part way has advanced some layers' state and not others, and no other state is consistent.
  * logits: [n, vocab] when all_logits, else [vocab] for the last token; may be NULL. */
 fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *logits, int all_logits);
 
@@ -194,6 +200,7 @@ fm_status fm_model_restore(fm_model *m, const fm_snapshot *s);
 void fm_snapshot_free(fm_snapshot *s);
 size_t fm_snapshot_bytes(const fm_snapshot *s); /* state bytes held */
 int fm_snapshot_position(const fm_snapshot *s);
+const int32_t *fm_snapshot_tokens(const fm_snapshot *s); /* [position] the tokens its state holds */
 
 /* Debug hook: called with every named intermediate of the forward pass ("L3.attn_out",
  * "L3.moe_out", "final_norm", ...), data [T, n] fp32, valid only during the call. NULL disables. */
@@ -217,6 +224,9 @@ typedef struct {
 } fm_stats;
 
 void fm_model_stats(const fm_model *m, fm_stats *out);
+
+/* For tests: after `after` more expert reads succeed, the next `count` fail with EIO (count 0: off). */
+void fm_model_debug_fail_reads(fm_model *m, int after, int count);
 
 /* Token-uses of each routed expert since load: out[layer * num_experts + e]. */
 void fm_model_expert_usage(const fm_model *m, uint64_t *out);

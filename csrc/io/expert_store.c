@@ -30,6 +30,7 @@ typedef struct {
     int pins;           /* > 0 while the compute thread uses or awaits it */
     int prefetched;     /* filled by a prefetch and not yet used */
     uint64_t last_use;  /* LRU clock */
+    fm_status error_status; /* FAILED: FM_ERR_IO or FM_ERR_FORMAT (checksum) */
     char error[200];    /* FAILED: what went wrong */
 } slot_t;
 
@@ -62,6 +63,7 @@ struct fm_expert_store {
     pthread_t *threads;
     int n_threads, stop, in_flight;
     double busy_since;
+    int fail_after, fail_count; /* test hook: fail `fail_count` reads after `fail_after` more good ones */
 
     fm_store_counters c;
 };
@@ -82,12 +84,12 @@ static int read_full(int fd, uint8_t *dst, uint64_t n, uint64_t off, uint64_t *d
     return 0;
 }
 
-static void read_slot(fm_expert_store *s, int slot, int key) {
+static void read_slot(fm_expert_store *s, int slot, int key, int inject_fault) {
     const int layer = key / s->n_experts, e = key % s->n_experts;
     uint8_t *dst = s->pool + (size_t)slot * s->stride;
     const uint64_t off = FM_PREAMBLE_SIZE + (uint64_t)e * s->stride;
     uint64_t done = 0;
-    int err = read_full(s->fds[layer], dst, s->stride, off, &done);
+    int err = inject_fault ? EIO : read_full(s->fds[layer], dst, s->stride, off, &done);
     if (err == EINVAL && s->fds[layer] != s->fds_buffered[layer]) /* O_DIRECT refused here: buffered */
         err = read_full(s->fds_buffered[layer], dst, s->stride, off, &done);
 #ifdef POSIX_FADV_DONTNEED
@@ -95,6 +97,7 @@ static void read_slot(fm_expert_store *s, int slot, int key) {
         posix_fadvise(s->fds_buffered[layer], (off_t)off, (off_t)s->stride, POSIX_FADV_DONTNEED);
 #endif
     char msg[200] = "";
+    fm_status status = FM_ERR_IO;
     if (err)
         snprintf(msg, sizeof msg, "layer %d expert %d: read failed at offset %llu: %s", layer, e,
                  (unsigned long long)(off + done), strerror(err));
@@ -103,16 +106,18 @@ static void read_slot(fm_expert_store *s, int slot, int key) {
                  (unsigned long long)done, (unsigned long long)s->stride);
     else if (s->verify && !s->verified[key]) {
         const uint32_t crc = fm_crc32(0, dst, s->blob_size);
-        if (crc != s->checksums[key])
+        if (crc != s->checksums[key]) {
+            status = FM_ERR_FORMAT;
             snprintf(msg, sizeof msg, "layer %d expert %d: checksum mismatch (crc32 %08x, header says %08x)", layer, e,
                      crc, s->checksums[key]);
-        else
+        } else
             s->verified[key] = 1; /* only this worker touches this key while LOADING */
     }
     pthread_mutex_lock(&s->mu);
     slot_t *sl = &s->slots[slot];
     if (msg[0]) {
         sl->state = SLOT_FAILED;
+        sl->error_status = status;
         memcpy(sl->error, msg, sizeof msg);
     } else {
         sl->state = SLOT_READY;
@@ -133,8 +138,14 @@ static void *worker(void *arg) {
         s->q_head = (s->q_head + 1) % s->n_slots;
         s->q_len--;
         const int key = s->slots[slot].key;
+        int inject = 0;
+        if (s->fail_count > 0 && s->fail_after-- <= 0) {
+            s->fail_after = 0;
+            s->fail_count--;
+            inject = 1;
+        }
         pthread_mutex_unlock(&s->mu);
-        read_slot(s, slot, key);
+        read_slot(s, slot, key, inject);
         pthread_mutex_lock(&s->mu);
     }
     pthread_mutex_unlock(&s->mu);
@@ -201,6 +212,9 @@ fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, 
     const size_t n_keys = (size_t)s->n_layers * s->n_experts + 1;
     s->fds = (int *)malloc(sizeof(int) * (size_t)s->n_layers);
     s->fds_buffered = (int *)malloc(sizeof(int) * (size_t)s->n_layers);
+    /* -1 at once: the free path closes what these hold, whichever allocation below fails */
+    for (int l = 0; s->fds && l < s->n_layers; l++) s->fds[l] = -1;
+    for (int l = 0; s->fds_buffered && l < s->n_layers; l++) s->fds_buffered[l] = -1;
     s->checksums = (uint32_t *)calloc(n_keys, sizeof(uint32_t));
     s->verified = (uint8_t *)calloc(n_keys, 1);
     s->slot_of = (int32_t *)malloc(sizeof(int32_t) * n_keys);
@@ -222,7 +236,6 @@ fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, 
         memcpy(s->checksums, spec->expert_checksums, (n_keys - 1) * sizeof(uint32_t));
 
     int direct_all = 1, any = 0;
-    for (int l = 0; l < s->n_layers; l++) s->fds[l] = s->fds_buffered[l] = -1;
     for (int l = 0; l < s->n_layers; l++) {
         if (!c->layer_is_moe[l]) continue;
         fm_status st = open_layer(s, spec, l);
@@ -253,6 +266,15 @@ void fm_expert_store_drain(fm_expert_store *s) {
     pthread_mutex_unlock(&s->mu);
 }
 
+void fm_expert_store_recover(fm_expert_store *s) {
+    fm_expert_store_drain(s);
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < s->n_slots; i++) s->slots[i].pins = 0;
+    for (int i = 0; i < s->n_protected; i++) s->protect[s->protected_keys[i]] = 0;
+    s->n_protected = 0;
+    pthread_mutex_unlock(&s->mu);
+}
+
 void fm_expert_store_free(fm_expert_store *s) {
     if (!s) return;
     if (s->threads) {
@@ -263,11 +285,11 @@ void fm_expert_store_free(fm_expert_store *s) {
         pthread_mutex_unlock(&s->mu);
         for (int i = 0; i < s->n_threads; i++) pthread_join(s->threads[i], NULL);
     }
-    if (s->fds)
-        for (int l = 0; l < s->n_layers; l++) {
-            if (s->fds[l] >= 0 && s->fds[l] != s->fds_buffered[l]) close(s->fds[l]);
-            if (s->fds_buffered[l] >= 0) close(s->fds_buffered[l]);
-        }
+    for (int l = 0; l < s->n_layers; l++) {
+        const int buffered = s->fds_buffered ? s->fds_buffered[l] : -1;
+        if (s->fds && s->fds[l] >= 0 && s->fds[l] != buffered) close(s->fds[l]);
+        if (buffered >= 0) close(buffered);
+    }
     free(s->fds);
     free(s->fds_buffered);
     free(s->checksums);
@@ -383,8 +405,7 @@ fm_status fm_expert_store_wait_any(fm_expert_store *s, const int *slots, int n, 
             *which = i;
             slot_t *sl = &s->slots[slots[i]];
             if (sl->state == SLOT_FAILED) {
-                st = fm_fail(FM_ERR_IO, "%s", sl->error);
-                if (strstr(sl->error, "checksum")) st = FM_ERR_FORMAT;
+                st = fm_fail(sl->error_status, "%s", sl->error);
                 s->slot_of[sl->key] = -1; /* drop it: a failed read is never used */
                 s->resident[sl->key / s->n_experts]--;
                 sl->key = -1;
@@ -451,6 +472,13 @@ void fm_expert_store_predict(fm_expert_store *s, int layer, const int32_t *exper
         s->slots[victim].last_use = ++s->tick;
         s->c.prefetches++;
     }
+    pthread_mutex_unlock(&s->mu);
+}
+
+void fm_expert_store_debug_fail_reads(fm_expert_store *s, int after, int count) {
+    pthread_mutex_lock(&s->mu);
+    s->fail_after = after > 0 ? after : 0;
+    s->fail_count = count > 0 ? count : 0;
     pthread_mutex_unlock(&s->mu);
 }
 

@@ -61,6 +61,13 @@ void fm_expert_store_predict(fm_expert_store *s, int layer, const int32_t *exper
 
 /* Wait for every queued read to finish (before a reset, an error return, or freeing). */
 void fm_expert_store_drain(fm_expert_store *s);
+/* After a failed forward: drain, then unpin every slot and drop the next-layer protection, so the
+ * store is as a fresh one would be but for what it caches. */
+void fm_expert_store_recover(fm_expert_store *s);
+
+/* Test hook: after `after` more reads succeed, the next `count` reads fail with EIO (never touching
+ * the disk), as a failing drive would. count 0 turns it off. */
+void fm_expert_store_debug_fail_reads(fm_expert_store *s, int after, int count);
 
 void fm_expert_store_counters(const fm_expert_store *s, fm_store_counters *out);
 

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -233,13 +234,27 @@ class Snapshot {
     Snapshot &operator=(const Snapshot &) = delete;
     int position() const { return fm_snapshot_position(s_); }
     size_t nbytes() const { return fm_snapshot_bytes(s_); }
+    py::array_t<int32_t> tokens() const {
+        py::array_t<int32_t> out(position());
+        std::memcpy(out.mutable_data(), fm_snapshot_tokens(s_), sizeof(int32_t) * (size_t)position());
+        return out;
+    }
     const fm_snapshot *get() const { return s_; }
 
   private:
     fm_snapshot *s_;
 };
 
+// One sequence state per model: calls from several Python threads are serialised here (the GIL is
+// released first, then the model's mutex taken, so a thread waiting for the model never holds the GIL).
 class Model {
+    // The GIL released and the model's mutex held, for the scope.
+    struct Exclusive {
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock;
+        explicit Exclusive(std::mutex &mu) : lock(mu) {}
+    };
+
   public:
     explicit Model(const py::dict &spec) {
         to_spec(spec, h_);
@@ -265,7 +280,7 @@ class Model {
         float *dst = out.mutable_data();
         fm_status st;
         {
-            py::gil_scoped_release release;
+            Exclusive ex(mu_);
             st = fm_model_forward(m_, tok, n, dst, all_logits ? 1 : 0);
         }
         check(st);
@@ -284,7 +299,7 @@ class Model {
         sp.seed = seed;
         fm_status st;
         {
-            py::gil_scoped_release release;
+            Exclusive ex(mu_);
             st = fm_model_generate(m_, p, n_prompt, max_tokens, &sp, stop_ids.data(), (int)stop_ids.size(),
                                    out.data(), &n_out);
         }
@@ -309,14 +324,14 @@ class Model {
             }
             it->second.second.insert(it->second.second.end(), x, x + (size_t)T * n);
         };
-        fm_model_set_trace(m_, cb, &rec);
         std::vector<float> logits((size_t)vocab_);
         fm_status st;
         {
-            py::gil_scoped_release release;
+            Exclusive ex(mu_);
+            fm_model_set_trace(m_, cb, &rec);
             st = fm_model_forward(m_, tokens.data(), (int)tokens.size(), logits.data(), 0);
+            fm_model_set_trace(m_, nullptr, nullptr);
         }
-        fm_model_set_trace(m_, nullptr, nullptr);
         check(st);
         py::dict out;
         for (auto &name : rec.order) {
@@ -336,18 +351,18 @@ class Model {
         int32_t next = -1;
         fm_status st;
         {
-            py::gil_scoped_release release;
+            Exclusive ex(mu_);
             st = fm_model_decode_step(m_, tok, n, smp, &next);
         }
         check(st);
         return next;
     }
 
-    std::unique_ptr<Snapshot> snapshot() const {
+    std::unique_ptr<Snapshot> snapshot() {
         fm_snapshot *s = nullptr;
         fm_status st;
         {
-            py::gil_scoped_release release;
+            Exclusive ex(mu_);
             st = fm_model_snapshot(m_, &s);
         }
         check(st);
@@ -357,7 +372,7 @@ class Model {
     void restore(const Snapshot &snap) {
         fm_status st;
         {
-            py::gil_scoped_release release;
+            Exclusive ex(mu_);
             st = fm_model_restore(m_, snap.get());
         }
         if (st == FM_ERR_INVALID) throw py::value_error(fm_last_error());
@@ -376,8 +391,27 @@ class Model {
         return memory_dict(mem);
     }
 
-    void reset() { fm_model_reset(m_); }
+    void reset() {
+        Exclusive ex(mu_);
+        fm_model_reset(m_);
+    }
     int position() const { return fm_model_position(m_); }
+    // The tokens the state holds (fm_model_tokens), copied under the lock.
+    py::array_t<int32_t> tokens() {
+        std::vector<int32_t> t;
+        {
+            Exclusive ex(mu_);
+            const int32_t *p = fm_model_tokens(m_);
+            t.assign(p, p + fm_model_position(m_));
+        }
+        py::array_t<int32_t> out((py::ssize_t)t.size());
+        if (!t.empty()) std::memcpy(out.mutable_data(), t.data(), t.size() * sizeof(int32_t));
+        return out;
+    }
+    void debug_fail_reads(int after, int count) {
+        Exclusive ex(mu_);
+        fm_model_debug_fail_reads(m_, after, count);
+    }
     int context_length() const { return fm_model_context_length(m_); }
 
     py::dict stats() const {
@@ -402,6 +436,7 @@ class Model {
     }
 
   private:
+    std::mutex mu_;
     fm_model *m_ = nullptr;
     int vocab_ = 0, n_layers_ = 0, n_experts_ = 0;
     SpecHolder h_;
@@ -546,7 +581,8 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("vocab_size", &Sampler::vocab_size);
     py::class_<Snapshot>(m, "Snapshot")
         .def_property_readonly("position", &Snapshot::position)
-        .def_property_readonly("nbytes", &Snapshot::nbytes);
+        .def_property_readonly("nbytes", &Snapshot::nbytes)
+        .def_property_readonly("tokens", &Snapshot::tokens);
     py::class_<Model>(m, "Model")
         .def(py::init<const py::dict &>())
         .def("forward", &Model::forward, py::arg("tokens"), py::arg("all_logits") = true)
@@ -556,6 +592,8 @@ PYBIND11_MODULE(_core, m) {
         .def("restore", &Model::restore, py::arg("snapshot"))
         .def("trace", &Model::trace)
         .def("reset", &Model::reset)
+        .def("tokens", &Model::tokens)
+        .def("debug_fail_reads", &Model::debug_fail_reads, py::arg("after"), py::arg("count"))
         .def_property_readonly("position", &Model::position)
         .def_property_readonly("context_length", &Model::context_length)
         .def("stats", &Model::stats)
