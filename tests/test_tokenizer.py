@@ -138,3 +138,70 @@ def test_stream_decoder_long_sequence_stays_small(tok):
     out = [dec.push(i) for i in ids]
     assert len(dec._ids) <= StreamDecoder._TRIM + 16  # the window is trimmed: O(1) work per token
     assert "".join(out) + dec.flush() == tok.decode(ids)
+
+
+# ---- min_tokens: a lower bound on the token count, without tokenizing ------------------------------
+
+BOUND_TEXTS = TEXTS + [
+    "x" * 5000,
+    "eather" * 300,  # the longest vocabulary token of the 300-token fixture, over and over
+    "<|endoftext|>" * 100,  # the longest token of all (13 bytes), one token each
+    "<|im_start|>user\n" + "Paris " * 200 + "<|im_end|>",
+    # texts that Unicode normalization shrinks: e + combining acute -> é (3 -> 2 bytes), a Hangul
+    # syllable from its three jamo (9 -> 3), the Angstrom sign -> Å (3 -> 2), > + combining long solidus
+    # overlay -> ≯ (an ASCII character becoming the base of a composed one)
+    "e\u0301" * 400,
+    "\u1100\u1161\u11a8" * 300,
+    "\u212b" * 300,
+    ">\u0338" * 300 + "=\u0338" * 300,
+    "\ufb01 \u2460 \uff21" * 200,  # NFKC: ﬁ -> fi, ① -> 1, Ａ -> A
+    "中文" * 500 + "a",
+]
+
+
+def _backend_variant(vocab_size=300, normalizer="NFC", truncate=False, rstrip=False):
+    """The fixture's BPE with its normalizer swapped (or truncation / an added token eating spaces)."""
+    from tokenizers import AddedToken, normalizers
+
+    from text_fixtures import build_tokenizer
+
+    backend = build_tokenizer(vocab_size)
+    if normalizer != "NFC":
+        backend.normalizer = None if normalizer is None else getattr(normalizers, normalizer)()
+    if truncate:
+        backend.enable_truncation(64)
+    if rstrip:
+        backend.add_tokens([AddedToken("<sep>", rstrip=True)])
+    return backend
+
+
+@pytest.mark.parametrize("normalizer,rule", [("NFC", "ascii"), ("NFKC", "ascii"), ("NFD", "ascii"), (None, "bytes")])
+def test_min_tokens_never_exceeds_the_count(normalizer, rule):
+    tok = Tokenizer(_backend_variant(normalizer=normalizer))
+    assert tok._length_rule == (rule, len("<|endoftext|>"))
+    for text in BOUND_TEXTS:
+        n = len(tok.encode(text))
+        assert tok.min_tokens(text) <= n == tok.count_tokens(text), (normalizer, text[:40])
+    # tight for a text of the longest token; bytes / 13 for any ASCII text
+    assert tok.min_tokens("<|endoftext|>" * 100) == 100
+    text = "The quick brown fox jumps over the lazy dog. " * 100
+    assert tok.min_tokens(text) == -(-len(text) // 13)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(vocab_size=251),  # the byte alphabet is incomplete: a byte outside it is dropped, no token at all
+    dict(truncate=True),
+    dict(rstrip=True),  # an added token that swallows the spaces after it
+    dict(normalizer="Lowercase"),  # a normalizer that is not a Unicode normal form
+])
+def test_min_tokens_gives_no_bound_it_cannot_prove(variant):
+    tok = Tokenizer(_backend_variant(**variant))
+    assert tok._length_rule is None and tok.min_tokens("x" * 10000) == 0
+
+
+def test_min_tokens_of_other_models_is_zero():
+    from tokenizers import Tokenizer as Backend, models, pre_tokenizers
+
+    backend = Backend(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert Tokenizer(backend).min_tokens("a " * 1000) == 0

@@ -7,6 +7,7 @@ checkpoints ship next to it. `flashmoe convert` copies those files into the pack
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -77,6 +78,11 @@ def _load_chat_templates(model_dir: str, tok_config: dict) -> dict[str, str]:
     return templates
 
 
+def _component(part) -> dict:
+    """A tokenizers pipeline component (normalizer, pre-tokenizer) as its JSON, {} for none."""
+    return {} if part is None else json.loads(part.__getstate__())
+
+
 class Tokenizer:
     """Text <-> token ids for one model, plus its chat template and stop tokens.
 
@@ -143,7 +149,80 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encoding(text, add_special_tokens).ids
+
+    def count_tokens(self, text: str, add_special_tokens: bool = False) -> int:
+        """len(encode(text)), without making the list."""
+        return len(self._encoding(text, add_special_tokens))
+
+    def _encoding(self, text: str, add_special_tokens: bool = False):
+        """The backend's Encoding of text; its .ids is encode's list (built when asked for: millions of
+        Python ints for a long text)."""
+        # encode_batch(_fast) rather than encode: encode holds the GIL for the whole text (20 s for 15 MB,
+        # stalling every other thread, such as a server's event loop), the batch calls release it. The
+        # fast one also skips the offsets, which cost time and memory for nothing here.
+        batch = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
+        return batch([text], add_special_tokens=add_special_tokens)[0]
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)), found without tokenizing (0 when there is none to give).
+
+        For a byte-level BPE whose vocabulary holds all 256 bytes, the tokens of a text decode to its
+        normalized bytes, each token to at most max_token_bytes of them, so there are at least
+        bytes / max_token_bytes tokens. Without a normalizer the bytes are the text's. Under a Unicode
+        normal form (NFC...) they are at least the text's ASCII characters: no normal form removes an ASCII
+        character or merges two (one can only become the base of a composed character, of more bytes).
+        Linear in the text, but a single pass in C: a way to refuse a prompt that cannot fit a context
+        before spending seconds and gigabytes on tokenizing it."""
+        if self._length_rule is None:
+            return 0
+        rule, max_token_bytes = self._length_rule
+        if text.isascii():  # O(1) in CPython; then bytes == characters == ASCII characters
+            n = len(text)
+        elif rule == "bytes":
+            n = len(text.encode("utf-8", "surrogatepass"))
+        else:
+            n = len(text.encode("ascii", "ignore"))
+        return -(-n // max_token_bytes)
+
+    @functools.cached_property
+    def _length_rule(self) -> tuple[str, int] | None:
+        """What min_tokens counts, "bytes" or "ascii" (under a Unicode normal form), and the most bytes a
+        token stands for; None when this tokenizer gives no bound."""
+        from tokenizers import models, pre_tokenizers
+
+        tok = self._tok
+        if not isinstance(tok.model, models.BPE) or tok.truncation is not None:
+            return None
+        pre = _component(tok.pre_tokenizer)
+        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+        # every byte of the text must reach the BPE as one of the 256 byte symbols: a ByteLevel step,
+        # only steps that never drop text, and the whole byte alphabet in the vocabulary (a byte outside
+        # it would be dropped, and a text of such bytes would be no tokens at all)
+        if not any(s.get("type") == "ByteLevel" for s in steps) or any(
+            s.get("type") not in ("ByteLevel", "Split", "Digits", "Punctuation") or s.get("behavior") == "Removed"
+            for s in steps
+        ):
+            return None
+        vocab = tok.get_vocab(with_added_tokens=True)
+        if any(c not in vocab for c in pre_tokenizers.ByteLevel.alphabet()):
+            return None
+        added = tok.get_added_tokens_decoder()
+        if any(t.lstrip or t.rstrip for t in added.values()):  # such a token also eats the spaces around it
+            return None
+        norm = _component(tok.normalizer)
+        forms = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm] if norm else []
+        if any(f.get("type") not in ("NFC", "NFD", "NFKC", "NFKD") for f in forms):
+            return None
+        # the most bytes one token stands for: a vocabulary token's symbols are one byte each, an added
+        # token is its text
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        max_token_bytes = max(
+            len(added[i].content.encode()) if i in added
+            else sum(1 if c in alphabet else len(c.encode()) for c in token)
+            for token, i in vocab.items()
+        )
+        return ("ascii" if forms else "bytes"), max_token_bytes
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
