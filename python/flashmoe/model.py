@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import arch as _arch
-from .errors import FlashMoEError, FormatError
+from .errors import ContextLengthError, FlashMoEError, FormatError
 from .format import EXPERT_NAMES
 from .reader import read_header
 
@@ -19,6 +19,7 @@ CACHE_POLICIES = {"lru": 0, "lfru": 1, "pagecache": 2}
 DEFAULT_CONTEXT = 4096
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _COUNTERS = ("tokens", "expert_hits", "expert_misses", "prefetches", "prefetch_hits", "bytes_read",
              "io_wait_seconds", "io_busy_seconds", "compute_seconds")
 
@@ -193,7 +194,9 @@ class SamplingParams:
     def validate(self) -> "SamplingParams":
         """Raise ValueError naming the first bad field; returns self."""
         def num(name, v):
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+            # finite as the C core's float32, too: 1e300 would become inf there
+            if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+                    or not abs(v) <= _FLOAT32_MAX):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
             return float(v)
 
@@ -206,6 +209,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if integer("top_k", self.top_k) < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.top_k >= 2**31:  # a C int
+            raise ValueError(f"top_k must be below 2**31 (0 = off), got {self.top_k}")
         if not 0 < num("top_p", self.top_p) <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not 0 <= num("min_p", self.min_p) <= 1:
@@ -482,9 +487,24 @@ class Model:
             raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(base, **overrides).validate()
 
+    def _encode_prompt(self, text: str, what: str) -> list[int]:
+        """The token ids of a prompt text; ContextLengthError, without tokenizing, for a text too long to
+        fit the context whatever its tokens (tokenizing megabytes takes seconds and gigabytes)."""
+        tok = self._require_tokenizer(what)
+        ctx = self.context_length
+        least = tok.min_tokens(text)
+        if least > ctx:
+            raise ContextLengthError(f"the prompt has at least {least} tokens ({len(text)} characters) but the "
+                                     f"context holds {ctx} (load the model with a larger context_length)")
+        encoding = tok._encoding(text)
+        if len(encoding) > ctx:  # said before the ids become a list of Python ints
+            raise ContextLengthError(f"the prompt has {len(encoding)} tokens but the context holds {ctx} "
+                                     f"(load the model with a larger context_length)")
+        return encoding.ids
+
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
-            return self._require_tokenizer("a text prompt").encode(prompt)
+            return self._encode_prompt(prompt, "a text prompt")
         return [int(t) for t in self._tokens(prompt)]
 
     def stream(self, prompt, sampling: SamplingParams | None = None, *, skip_special_tokens: bool = True,
@@ -528,7 +548,7 @@ class Model:
         text = self.apply_chat_template(messages, tools, True, enable_thinking, **(template_kwargs or {}))
         opened = prompt_opens_think(text)
         text += response_prefix or ""
-        ids = tok.encode(text)
+        ids = self._encode_prompt(text, "chat")
         # Snapshot at the start of the last turn (its <|im_start|>): the next turn's prompt repeats
         # everything before it, even when the template re-renders this turn's answer differently.
         start = tok.token_to_id("<|im_start|>")
