@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, StreamingResponse
 
 from .common import (
@@ -26,6 +27,7 @@ from .common import (
     max_tokens_of,
     new_id,
     read_json,
+    require_tokenizer,
     sampling_params,
     text_of,
 )
@@ -156,6 +158,7 @@ def _tools(body: dict) -> list[dict] | None:
 
 def messages_job(server, body: dict) -> ChatJob:
     check_model(body, server.cfg)
+    require_tokenizer(server.model)
     messages = _messages(body)
     tools = _tools(body)
     params = sampling_params(
@@ -224,7 +227,7 @@ def _input(arguments: str):
 
 async def messages(server, request):
     body = await read_json(request, server.cfg.max_body_bytes)
-    job = messages_job(server, body)
+    job = await run_in_threadpool(messages_job, server, body)  # off the event loop, as in openai.py
     stream = body.get("stream") is True
     job.count_prompt = stream
     engine_job = server.engine.submit(job.work(server.model))
@@ -375,12 +378,13 @@ async def messages(server, request):
 async def count_tokens(server, request):
     body = await read_json(request, server.cfg.max_body_bytes)
     check_model(body, server.cfg)
-    msgs, tools = _messages(body), _tools(body)
+    require_tokenizer(server.model)
+    msgs, tools = await run_in_threadpool(lambda: (_messages(body), _tools(body)))
     model = server.model
 
     def work(job):
         text = model.apply_chat_template(msgs, tools)
-        yield len(model.tokenizer.encode(text))
+        yield model.tokenizer.count_tokens(text)
 
     job = server.engine.submit(work)
     async with Watch(request, job):

@@ -27,7 +27,8 @@ class Server:
         self.cfg = cfg
         self.engine = Engine(model)
         self.defaults = model.default_sampling()
-        model.tokenizer  # loaded now, not on the event loop at the first request
+        if model.tokenizer is not None:  # loaded now, not at the first request
+            model.tokenizer.min_tokens("")  # which works out the tokenizer's longest token once
         self.created = int(time.time())
 
 

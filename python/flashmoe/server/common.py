@@ -9,7 +9,7 @@ import json
 import secrets
 import time
 
-from ..errors import ContextLengthError, FlashMoEError
+from ..errors import ContextLengthError, FlashMoEError, FormatError, MemoryBudgetError, ReadError
 from ..tool_calls import TOOL_OPEN, parse_tool_calls
 
 
@@ -29,17 +29,38 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
     return APIError(400, message, param=param, code=code)
 
 
-def engine_error(exc: BaseException) -> APIError:
-    """An exception from the engine as an APIError: bad input 400, anything else 500."""
+def engine_error(exc: BaseException, prompt_param: str = "messages") -> APIError:
+    """An exception from the engine as an APIError: what the request asked wrongly 400 (a prompt over the
+    context, a template refusing the messages, a bad argument), the server's own failures 500 with what
+    failed. The requests' fields are checked before they reach the engine, so a 400 from here is about
+    the prompt (prompt_param names its field)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ContextLengthError):
-        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
-    if isinstance(exc, (ValueError, TypeError)):
-        return APIError(400, str(exc))
+        return APIError(400, str(exc), param=prompt_param, code="context_length_exceeded")
+    if isinstance(exc, ReadError):
+        return APIError(500, f"the engine could not read the model's files: {exc}", code="read_error")
+    if isinstance(exc, FormatError):
+        # at run time this is an expert that failed its checksum (the files are corrupt); a server
+        # without a tokenizer or chat template refuses text requests before they get here
+        return APIError(500, f"the model's files failed a check: {exc}", code="model_error")
+    if isinstance(exc, MemoryBudgetError):
+        return APIError(500, f"the engine ran out of memory: {exc}", code="model_error")
+    if isinstance(exc, ValueError):  # ChatTemplateError, a token id outside the vocabulary...
+        return APIError(400, str(exc), param=prompt_param)
     if isinstance(exc, FlashMoEError):
-        return APIError(500, str(exc))
+        return APIError(500, f"the engine failed: {exc}", code="model_error")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def require_tokenizer(model, chat: bool = True) -> None:
+    """400 for a text request to a model without a tokenizer (or, for chat, without a chat template)."""
+    tok = model.tokenizer
+    if tok is None:
+        raise bad("this model has no tokenizer (no tokenizer.json in its directory): only /v1/completions "
+                  "with a prompt of token ids is served")
+    if chat and tok.chat_template is None:
+        raise bad("this model's tokenizer has no chat template: only /v1/completions is served")
 
 
 def new_id(prefix: str) -> str:
@@ -251,7 +272,10 @@ class ChatJob:
                 text = model.apply_chat_template(
                     self.messages, self.tools, True, self.enable_thinking, **(self.template_kwargs or {})
                 )
-                yield {"prompt_tokens": len(model.tokenizer.encode(text + (self.response_prefix or "")))}
+                # _encode_prompt: a prompt too long for the context fails here, before tokenizing
+                n = len(model._encode_prompt(text + (self.response_prefix or ""), "chat"))
+                del text
+                yield {"prompt_tokens": n}
             for d in model.stream_chat(
                 self.messages,
                 tools=self.tools,

@@ -2,20 +2,26 @@
 
 The event loop never runs the model. A request becomes a Job: a function that returns an iterator
 (model.stream_chat, model.stream...), queued FIFO for the worker thread, which iterates it (the C core
-releases the GIL) and hands each item to the event loop through an asyncio.Queue with
-loop.call_soon_threadsafe. Job.cancel() (a client went away) is checked between items and between
-chunks of the prompt, and the iterator is closed, so the engine moves on to the next request at once.
+and the tokenizer release the GIL) and hands each item to the event loop through an asyncio.Queue with
+loop.call_soon_threadsafe. Job.cancel() (a client went away) takes a queued job out of the queue at once;
+a running one is stopped between items and between chunks of the prompt, and its iterator is closed, so
+the engine moves on to the next request at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import ctypes
 import itertools
-import queue
+import os
 import threading
 from typing import Any, Callable, Iterator
 
 _ITEM, _ERROR, _DONE = 0, 1, 2
+
+# A job that leaves the process this much bigger hands the allocator's free memory back to the OS (below).
+TRIM_AFTER_GROWTH = 64 << 20
 
 
 class JobCancelled(Exception):
@@ -28,9 +34,10 @@ class Job:
 
     _ids = itertools.count(1)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, work: Callable[["Job"], Iterator[Any]]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, work: Callable[["Job"], Iterator[Any]], engine=None):
         self.id = next(self._ids)
         self.work = work
+        self._engine = engine
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
@@ -39,6 +46,8 @@ class Job:
     # ---- any thread
     def cancel(self) -> None:
         self._cancelled.set()
+        if self._engine is not None:
+            self._engine._drop(self)
 
     @property
     def cancelled(self) -> bool:
@@ -67,7 +76,12 @@ class Job:
             return value
         self._finished = True
         if kind == _ERROR:
-            raise value
+            try:
+                raise value
+            finally:
+                # else exception -> traceback -> this frame -> exception: a cycle that keeps the worker's
+                # frames in the traceback (a rejected prompt's text and ids) alive until the next gc pass
+                value = None
         raise StopAsyncIteration
 
     def __aiter__(self):
@@ -77,13 +91,42 @@ class Job:
         return await self.next()
 
 
+def _rss() -> int:
+    """This process's resident bytes (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _find_malloc_trim():
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # glibc's; absent from other C libraries
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def release_memory() -> None:
+    """Give the C allocator's free memory back to the OS. glibc keeps what a big job freed (tokenizing
+    15 MB of text goes through ~1.8 GB in many small blocks, from several threads' arenas) for reuse,
+    so the server would hold gigabytes after one large prompt; malloc_trim returns them (a few ms)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 class Engine:
     """Runs jobs on one model, one at a time, in submission order, on a worker thread."""
 
     def __init__(self, model, name: str = "flashmoe-engine"):
         self.model = model
-        self._jobs: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
         self._current: Job | None = None
         self._closed = False
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
@@ -97,72 +140,95 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return self._jobs.qsize()
+        return len(self._queue)
 
     def submit(
         self, work: Callable[[Job], Iterator[Any]], loop: asyncio.AbstractEventLoop | None = None
     ) -> Job:
         """Queue work(job) -> iterator; returns the Job to iterate on the event loop."""
-        if self._closed:
-            raise RuntimeError("the engine is shut down")
-        job = Job(loop or asyncio.get_running_loop(), work)
-        self._jobs.put(job)
+        job = Job(loop or asyncio.get_running_loop(), work, self)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            self._queue.append(job)
+            self._cv.notify()
         return job
+
+    def _drop(self, job: Job) -> None:
+        """A cancelled job still in the queue leaves it now: it never runs, and its request (and the
+        memory it holds) is answered at once rather than when its turn would have come."""
+        with self._cv:
+            try:
+                self._queue.remove(job)
+            except ValueError:  # running (the worker sees the flag), done, or never queued
+                return
+            self.counts["cancelled"] += 1
+        job.work = None
+        job._put(_DONE)
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel the running and queued jobs and stop the worker."""
-        with self._lock:
+        with self._cv:
             if self._closed:
                 return
             self._closed = True
-        cur = self._current
+            pending = list(self._queue)
+            self._queue.clear()
+            cur = self._current
+            self._cv.notify()
         if cur is not None:
             cur.cancel()
-        pending = []
-        while True:
-            try:
-                pending.append(self._jobs.get_nowait())
-            except queue.Empty:
-                break
         for job in pending:
             job.cancel()
             job._put(_DONE)
-        self._jobs.put(None)
         self._thread.join(timeout)
 
     # ---- worker
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                job = self._queue.popleft()
+                self._current = job
+            self._run_job(job)
+            del job  # the request's data goes with it, not when the next request comes
+
+    def _run_job(self, job: Job) -> None:
+        before = _rss()
+        it, outcome = None, "completed"
+        try:
+            if job.cancelled:  # cancelled between leaving the queue and starting
+                outcome = "cancelled"
                 return
-            if job.cancelled:  # the client left while queued
-                self.counts["cancelled"] += 1
-                job._put(_DONE)
-                continue
-            self._current = job
-            it = None
-            try:
-                it = job.work(job)
-                for item in it:
-                    if job.cancelled:
-                        break
-                    job._put(_ITEM, item)
-                self.counts["cancelled" if job.cancelled else "completed"] += 1
-            except JobCancelled:
-                self.counts["cancelled"] += 1
-            except Exception as exc:  # handed to the request, which answers with an error
+            it = job.work(job)
+            for item in it:
                 if job.cancelled:
-                    self.counts["cancelled"] += 1
-                else:
-                    self.counts["failed"] += 1
-                    job._put(_ERROR, exc)
-            finally:
-                close = getattr(it, "close", None)
-                if close is not None:
-                    try:
-                        close()  # leaving the generator stops decoding at once
-                    except Exception:
-                        pass
+                    break
+                job._put(_ITEM, item)
+            if job.cancelled:
+                outcome = "cancelled"
+        except JobCancelled:
+            outcome = "cancelled"
+        except Exception as exc:  # handed to the request, which answers with an error
+            if job.cancelled:
+                outcome = "cancelled"
+            else:
+                outcome = "failed"
+                job._put(_ERROR, exc)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                try:
+                    close()  # leaving the generator stops decoding at once
+                except Exception:
+                    pass
+            job.work = it = None  # the request's data (its prompt) goes now
+            if before and _rss() - before >= TRIM_AFTER_GROWTH:
+                release_memory()  # before the request is answered, so that it is done when it is
+            with self._cv:
+                self.counts[outcome] += 1
                 self._current = None
-                job._put(_DONE)
+            job._put(_DONE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, StreamingResponse
 
 from .common import (
@@ -22,12 +23,15 @@ from .common import (
     new_id,
     now,
     read_json,
+    require_tokenizer,
     sampling_params,
     text_of,
 )
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ROLES = ("system", "developer", "user", "assistant", "tool")
+# what the template is already given: chat_template_kwargs may not pass them again
+_TEMPLATE_ARGS = ("messages", "tools", "documents", "add_generation_prompt", "template", "self")
 
 
 def _sse_chunk(rid, obj, created, name, choice, usage, include_usage) -> str:
@@ -174,6 +178,7 @@ def _tools(body: dict) -> list[dict] | None:
 def chat_job(server, body: dict) -> ChatJob:
     cfg = server.cfg
     check_model(body, cfg)
+    require_tokenizer(server.model)
     _common_checks(body)
     rf = body.get("response_format")
     if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
@@ -190,6 +195,9 @@ def chat_job(server, body: dict) -> ChatJob:
     if kwargs is not None and not isinstance(kwargs, dict):
         raise bad("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
     kwargs = dict(kwargs or {})
+    taken = [k for k in _TEMPLATE_ARGS if k in kwargs]
+    if taken:
+        raise bad(f"chat_template_kwargs cannot set {', '.join(taken)}", param="chat_template_kwargs")
     thinking = kwargs.pop("enable_thinking", None)
     if thinking is None and isinstance(body.get("enable_thinking"), bool):
         thinking = body["enable_thinking"]
@@ -224,7 +232,9 @@ def chat_job(server, body: dict) -> ChatJob:
 
 async def chat_completions(server, request):
     body = await read_json(request, server.cfg.max_body_bytes)
-    job = chat_job(server, body)
+    # in a thread: checking a body of 16 MiB (300k messages...) takes a while, and Python code there
+    # leaves the event loop its turns
+    job = await run_in_threadpool(chat_job, server, body)
     stream = get_bool(body, "stream")
     include_usage = _stream_options(body) if stream else False
     engine_job = server.engine.submit(job.work(server.model))
@@ -300,7 +310,7 @@ async def chat_completions(server, request):
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _first(request, job):
+async def _first(request, job, prompt_param: str = "messages"):
     """The job's first item (None when it has none), waited for before any response is sent, so that an
     engine error (context too long, bad template) is answered with a status code."""
     async with Watch(request, job):
@@ -309,7 +319,7 @@ async def _first(request, job):
         except StopAsyncIteration:
             return None
         except Exception as e:
-            raise engine_error(e) from None
+            raise engine_error(e, prompt_param) from None
 
 
 async def _chain(items, job):
@@ -329,7 +339,12 @@ def _prompt(server, body: dict):
     if isinstance(p, str):
         if not p:
             raise bad("'prompt' is empty", param="prompt")
+        require_tokenizer(server.model, chat=False)
         return p
+    ctx = server.model.context_length
+    if isinstance(p, list) and len(p) > ctx and isinstance(p[0], int):  # before looking at millions of them
+        raise bad(f"the prompt has {len(p)} tokens but the context holds {ctx}", param="prompt",
+                  code="context_length_exceeded")
     if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         vocab = int(server.model.config["vocab_size"])
         badid = next((t for t in p if not 0 <= t < vocab), None)
@@ -350,6 +365,8 @@ async def completions(server, request):
     prompt = _prompt(server, body)
     params = _sampling(server, body, max_tokens_of(body, ("max_tokens",), server.cfg), get_stop(body, "stop"))
     echo = get_bool(body, "echo")
+    if echo and not isinstance(prompt, str):
+        require_tokenizer(server.model, chat=False)  # to echo the ids as text
     stream = get_bool(body, "stream")
     include_usage = _stream_options(body) if stream else False
     model = server.model
@@ -375,7 +392,7 @@ async def completions(server, request):
                     if "finish_reason" in d:
                         finish, usage = d["finish_reason"], d["usage"]
             except Exception as e:
-                raise engine_error(e) from None
+                raise engine_error(e, "prompt") from None
         if finish is None:
             raise APIError(499, "the client closed the request")
         return JSONResponse(
@@ -395,7 +412,7 @@ async def completions(server, request):
         return _sse_chunk(rid, "text_completion", created, name, choice if choices else None, usage,
                           include_usage)
 
-    first = await _first(request, engine_job)
+    first = await _first(request, engine_job, "prompt")
 
     async def events():
         try:
@@ -408,7 +425,7 @@ async def completions(server, request):
                     yield chunk(d["text"])
             yield "data: [DONE]\n\n"
         except Exception as e:
-            yield f"data: {json_dumps(error_body(engine_error(e)))}\n\n"
+            yield f"data: {json_dumps(error_body(engine_error(e, 'prompt')))}\n\n"
         finally:
             engine_job.cancel()
 
