@@ -408,9 +408,9 @@ class Model {
         if (!t.empty()) std::memcpy(out.mutable_data(), t.data(), t.size() * sizeof(int32_t));
         return out;
     }
-    void debug_fail_reads(int after, int count) {
+    void debug_fail_reads(int after, int count, bool corrupt) {
         Exclusive ex(mu_);
-        fm_model_debug_fail_reads(m_, after, count);
+        fm_model_debug_fail_reads(m_, after, count, corrupt ? 1 : 0);
     }
     int context_length() const { return fm_model_context_length(m_); }
 
@@ -593,7 +593,7 @@ PYBIND11_MODULE(_core, m) {
         .def("trace", &Model::trace)
         .def("reset", &Model::reset)
         .def("tokens", &Model::tokens)
-        .def("debug_fail_reads", &Model::debug_fail_reads, py::arg("after"), py::arg("count"))
+        .def("debug_fail_reads", &Model::debug_fail_reads, py::arg("after"), py::arg("count"), py::arg("corrupt") = false)
         .def_property_readonly("position", &Model::position)
         .def_property_readonly("context_length", &Model::context_length)
         .def("stats", &Model::stats)
