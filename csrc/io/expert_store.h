@@ -12,9 +12,9 @@
  *      is pinned, acquire returns FM_SLOT_NONE and the caller retries after releasing one;
  *   2. wait for any of the acquired slots to be ready, compute with it, release it; repeat;
  *   3. prefetch/protect the experts predicted for the next layer (optional).
- * A short read, an I/O error, a checksum mismatch (verify_checksums: every read is checked) or an
- * experts file changed on disk since load (checked after every read: inode, size, times) makes wait
- * fail with a message naming the layer and expert; the slot is dropped and never used.
+ * A short read, an I/O error, a checksum mismatch (verify_checksums: every read is checked) or, without
+ * verify_checksums, an experts file changed on disk since load (checked after every read: inode, size,
+ * times) makes wait fail with a message naming the layer and expert; the slot is dropped, never used.
  */
 #ifndef FM_EXPERT_STORE_H
 #define FM_EXPERT_STORE_H
