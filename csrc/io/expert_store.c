@@ -153,7 +153,7 @@ static fm_status open_layer(fm_expert_store *s, const fm_load_spec *spec, int l)
     if (fstat(s->fds_buffered[l], &st) != 0 || (uint64_t)st.st_size != FM_PREAMBLE_SIZE + payload)
         return fm_fail(FM_ERR_FORMAT, "layer %d: %s is %lld bytes, expected %llu (truncated or corrupt)", l, path,
                        (long long)st.st_size, (unsigned long long)(FM_PREAMBLE_SIZE + payload));
-    uint8_t pre[FM_PREAMBLE_FIELDS];
+    uint8_t pre[FM_PREAMBLE_SIZE];
     if (pread(s->fds_buffered[l], pre, sizeof pre, 0) != (ssize_t)sizeof pre)
         return fm_fail(FM_ERR_FORMAT, "%s: truncated (no preamble)", path);
     fm_status r = fm_packed_check_preamble(pre, path, FM_KIND_EXPERTS, (uint32_t)l, (uint32_t)s->n_experts, payload);
