@@ -206,7 +206,7 @@ static fm_status open_layer(fm_expert_store *s, const fm_load_spec *spec, int l)
     stamp_of(&st, &s->stamps[l]);
     const size_t n = strlen(path), keep = sizeof s->stamps[l].path - 1; /* the name's end says the most */
     memcpy(s->stamps[l].path, n > keep ? path + (n - keep) : path, (n > keep ? keep : n) + 1);
-    uint8_t pre[FM_PREAMBLE_FIELDS];
+    uint8_t pre[FM_PREAMBLE_SIZE];
     if (pread(s->fds_buffered[l], pre, sizeof pre, 0) != (ssize_t)sizeof pre)
         return fm_fail(FM_ERR_FORMAT, "%s: truncated (no preamble)", path);
     fm_status r = fm_packed_check_preamble(pre, path, FM_KIND_EXPERTS, (uint32_t)l, (uint32_t)s->n_experts, payload);

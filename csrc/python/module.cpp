@@ -109,6 +109,8 @@ static void to_spec(const py::dict &spec, SpecHolder &h) {
     h.dense_path = spec["dense_path"].cast<std::string>();
     h.s.dense_path = h.dense_path.c_str();
     h.s.dense_size = spec["dense_size"].cast<uint64_t>();
+    h.s.has_dense_checksum = spec.contains("has_dense_checksum") && spec["has_dense_checksum"].cast<bool>() ? 1 : 0;
+    h.s.dense_checksum = h.s.has_dense_checksum ? spec["dense_checksum"].cast<uint32_t>() : 0;
     for (auto item : spec["dense"].cast<py::list>()) h.dense.push_back(to_desc(item.cast<py::dict>()));
     h.s.dense = h.dense.data();
     h.s.n_dense = (int)h.dense.size();

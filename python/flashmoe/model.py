@@ -133,6 +133,8 @@ def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", pre
         "layer_is_moe": [int(_arch.is_moe_layer(architecture, cfg, i)) for i in range(n_layers)],
         "dense_path": os.path.join(path, header["dense"]["file"]),
         "dense_size": header["dense"]["size"],
+        "has_dense_checksum": "checksum" in header["dense"],  # absent in models written before it existed
+        "dense_checksum": header["dense"].get("checksum", 0),
         "dense": [_desc(n, t) for n, t in header["dense"]["tensors"].items()],
         "expert_paths": [os.path.join(path, layers[i]["file"]) if i in layers else None for i in range(n_layers)],
         "expert_file_sizes": [layers[i]["size"] if i in layers else 0 for i in range(n_layers)],
