@@ -1,9 +1,13 @@
 """read_header/PackedReader on damaged packed models, and the writer's own invariants (no torch needed)."""
 
+import builtins
+import errno
 import json
 import os
+import re
 import shutil
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -37,6 +41,25 @@ def edit_header(d, fn):
     h = json.loads(p.read_text())
     fn(h)
     p.write_text(json.dumps(h))
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def set_config(**kw):
+    return lambda d: edit_header(d, lambda h: h["config"].update(kw))
+
+
+def set_rope(**kw):
+    return lambda d: edit_header(d, lambda h: h["config"]["rope_parameters"].update(kw))
+
+
+def set_tensor(name, **kw):
+    return lambda d: edit_header(d, lambda h: h["dense"]["tensors"][name].update(kw))
+
+
+def set_expert(name, **kw):
+    return lambda d: edit_header(d, lambda h: h["experts"]["tensors"][name].update(kw))
 
 
 def test_random_model_is_valid_and_deterministic(packed, tmp_path):
@@ -115,6 +138,62 @@ def test_preamble_fields(packed):
     (lambda d: edit_header(d, lambda h: h["experts"]["layers"].pop(2)), r"lists layers \[0, 1, 3\]"),
     (lambda d: edit_header(d, lambda h: h["experts"]["layers"][0]["checksums"].pop()), "checksums must be 6"),
     (lambda d: edit_header(d, lambda h: h["experts"]["layers"][0].update(file="../../etc/passwd")), "bad file name"),
+    # config numbers that would load and give NaN or silently wrong logits
+    *[(set_config(rms_norm_eps=v), r"flashmoe.json: config rms_norm_eps = .* must be a finite number > 0")
+      for v in (NAN, INF, 0, -1e-6, 1e-50, True, "1e-6", 10**400)],
+    *[(set_rope(rope_theta=v), r"flashmoe.json: config rope_parameters.rope_theta = .* must be a finite number > 0")
+      for v in (0, -1e6, NAN, INF, 1e39)],
+    *[(set_rope(partial_rotary_factor=v), r"config rope_parameters.partial_rotary_factor = .* must be a number in \(0, 1\]")
+      for v in (-0.25, 0, NAN, 1.5, None)],
+    (set_rope(partial_rotary_factor=0.3), r"partial_rotary_factor 0.3 gives an odd rotary dim 9 \(head_dim 32\)"),
+    (set_rope(rope_type="yarn"), r"config rope_parameters.rope_type 'yarn' unsupported"),
+    # floats and out-of-range integers where the engine takes integers
+    (set_config(hidden_size=64.0), r"config hidden_size = 64.0 is not an integer in 1..16777216"),
+    (set_config(num_experts=2**70), r"config num_experts = 1180591620717411303424 is not an integer in 0..16777216"),
+    (set_config(num_attention_heads=2**31), r"config num_attention_heads = 2147483648 is not an integer"),
+    (lambda d: edit_header(d, lambda h: h["config"].update(num_hidden_layers=300, layer_types=["full_attention"] * 300)),
+     r"config num_hidden_layers = 300: at most 256 layers"),
+    (set_config(tie_word_embeddings="false"), r"config tie_word_embeddings = 'false' is not a boolean"),
+    (set_config(hidden_act="gelu"), r"config hidden_act 'gelu' unsupported \(only silu\)"),
+    (set_config(attention_bias=True), r"config attention_bias True unsupported"),
+    (set_config(max_position_embeddings="4096"), r"config max_position_embeddings = '4096' is not an integer"),
+    (set_config(max_position_embeddings=0), r"config max_position_embeddings = 0 is not an integer"),
+    (set_config(intermediate_size=1.5), r"config intermediate_size = 1.5 is not an integer"),
+    *[(set_config(eos_token_id=v), r"config eos_token_id = .* is not a token id or a list of them")
+      for v in ("x", [1, "2"], -1, 2**40, 1.0)],
+    (set_tensor("norm.weight", nbytes=256.0), r"tensor norm.weight: nbytes 256.0, f32 \[64\] needs 256"),
+    (set_tensor("norm.weight", shape=[64.0]), r"tensor norm.weight: shape \[64.0\], the config implies \[64\]"),
+    (set_tensor("norm.weight", group_size="x"), r"tensor norm.weight: f32 has no group_size"),
+    (set_tensor("norm.weight", scales_offset=2**70), r"tensor norm.weight: f32 has no scales_offset"),
+    (set_tensor("embed_tokens.weight", group_size=32.0), r"embed_tokens.weight: group_size 32.0 invalid"),
+    (set_expert("gate_proj", nbytes=1536.0), r"experts: tensor gate_proj: nbytes 1536.0"),
+    (lambda d: edit_header(d, lambda h: h["experts"]["layers"][1].update(size=float(h["experts"]["layers"][1]["size"]))),
+     r"layer 1: size 114688.0, 6 experts need 114688"),
+    (lambda d: edit_header(d, lambda h: h["experts"]["layers"][1].update(layer=1.0)), r"lists layers \[0, None, 2, 3\]"),
+    (lambda d: edit_header(d, lambda h: h["experts"].update(stride=2**64 + 16384)), "stride"),
+    (lambda d: edit_header(d, lambda h: h["dense"].update(checksum=-1)), r"dense.checksum -1 is not a CRC-32"),
+    (lambda d: edit_header(d, lambda h: h["dense"].update(checksum=2.0)), r"dense.checksum 2.0 is not a CRC-32"),
+    # sections sharing bytes
+    (set_tensor("norm.weight", offset=40704), r"dense.bin: tensor norm.weight offset .* overlaps .*layers.0.input_layernorm.weight"),
+    (lambda d: edit_header(d, lambda h: h["dense"]["tensors"]["embed_tokens.weight"].update(
+        scales_offset=h["dense"]["tensors"]["embed_tokens.weight"]["biases_offset"])),
+     r"tensor embed_tokens.weight scales_offset .* overlaps embed_tokens.weight biases_offset"),
+    (set_expert("up_proj", offset=0), r"experts: tensor gate_proj offset .* overlaps up_proj offset"),
+    (set_expert("down_proj", scales_offset=3648), r"experts: tensor up_proj biases_offset .* overlaps down_proj scales_offset"),
+    # a preamble whose reserved tail is not zero
+    (lambda d: _poke(d / "dense.bin", 100, b"\x01"), r"dense.bin: preamble byte 100 is not zero"),
+    (lambda d: _poke(d / "experts" / "L002.bin", PREAMBLE - 1, b"\x80"), r"L002.bin: preamble byte 16383 is not zero"),
+    # headers and files that cannot be read as such
+    (lambda d: (d / "flashmoe.json").write_text('{"format": ' + "[" * 100000 + "]" * 100000 + "}"),
+     r"flashmoe.json: not valid JSON \(nested too deeply\)"),
+    (lambda d: (d / "flashmoe.json").write_bytes(b'{"format": "flashmoe\xff"}'), r"flashmoe.json: not valid JSON \(.*utf-8"),
+    (lambda d: os.truncate(d / "flashmoe.json", 64 * 2**20 + 1), r"flashmoe.json: 67108865 bytes, larger than any header"),
+    (lambda d: _replace_with_dir(d / "flashmoe.json"), r"flashmoe.json: not a regular file"),
+    (lambda d: _replace_with_dir(d / "dense.bin"), r"dense.bin: not a regular file \(dense weights\)"),
+    (lambda d: _replace_with_symlink(d / "experts" / "L001.bin", "/dev/zero"), r"L001.bin: not a regular file"),
+    (lambda d: _replace_with_symlink(d / "dense.bin", d / "nowhere"), r"dense.bin: missing"),
+    (lambda d: edit_header(d, lambda h: h["dense"].update(file="dense\0.bin")), "bad file name"),
+    (lambda d: edit_header(d, lambda h: h["dense"].update(file="dense.bin/x")), r"dense.bin/x: cannot read"),
 ])
 def test_damaged_model_raises_format_error(model, damage, match):
     damage(model)
@@ -122,10 +201,67 @@ def test_damaged_model_raises_format_error(model, damage, match):
         read_header(model)
 
 
+@pytest.mark.parametrize("change,match", [
+    (dict(mlp_only_layers=3), r"config mlp_only_layers = 3 is not a list of layer indices"),
+    (dict(mlp_only_layers=[1.0]), r"config mlp_only_layers = \[1.0\] is not a list of layer indices"),
+    (dict(norm_topk_prob="yes"), r"config norm_topk_prob = 'yes' is not a boolean"),
+    (dict(decoder_sparse_step=0), r"config decoder_sparse_step = 0 is not an integer in 1..16777216"),
+    (dict(intermediate_size=2**40), r"config intermediate_size = 1099511627776 is not an integer in 1..16777216"),
+])
+def test_damaged_qwen3_next_config_raises_format_error(tmp_path, change, match):
+    cfg = dict(TINY, model_type="qwen3_next", intermediate_size=96, mlp_only_layers=[1], decoder_sparse_step=1,
+               norm_topk_prob=True)
+    write_random_model(tmp_path / "m", cfg, architecture="qwen3_next", bits=4, group_size=32, progress=False)
+    read_header(tmp_path / "m")
+    set_config(**change)(tmp_path / "m")
+    with pytest.raises(FormatError, match=match):
+        read_header(tmp_path / "m")
+
+
 def _poke(path, offset, data):
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(data)
+
+
+def _replace_with_dir(path):
+    os.remove(path)
+    os.mkdir(path)
+
+
+def _replace_with_symlink(path, target):
+    os.remove(path)
+    os.symlink(target, path)
+
+
+@pytest.mark.parametrize("rel", ["flashmoe.json", "dense.bin", "experts/L001.bin"])
+def test_unreadable_file_raises_format_error(model, rel, monkeypatch):
+    target = os.fspath(model / rel)
+    if os.geteuid() != 0:
+        os.chmod(target, 0)
+    else:  # chmod does not stop root: make open() refuse the file as it would for another user
+        real_open = builtins.open
+
+        def refusing_open(file, *args, **kwargs):
+            if os.fspath(file) == target:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), target)
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(FormatError, match=rf"{re.escape(rel)}: cannot read: Permission denied"):
+        read_header(model)
+
+
+def test_symlinked_files_are_followed(model, tmp_path):
+    """Data files may be symlinks (experts on another disk): the header cannot name a path outside the
+    model directory, but whoever owns the directory may point its files anywhere."""
+    elsewhere = tmp_path / "other-disk"
+    shutil.move(model / "experts", elsewhere)
+    os.symlink(elsewhere, model / "experts")
+    os.rename(model / "dense.bin", elsewhere / "dense.bin")
+    os.symlink(elsewhere / "dense.bin", model / "dense.bin")
+    assert read_header(model)["dense"]["file"] == "dense.bin"
+    PackedReader(model).verify()
 
 
 def test_verify_names_corrupt_expert(model):

@@ -535,14 +535,20 @@ def test_truncated_expert_file_while_streaming(small_copy, reference, layer, bud
     keep = SMALL["num_experts"] // 2
     os.truncate(path, PREAMBLE + keep * STRIDE + STRIDE // 2)  # experts >= 16 short or empty
     assert used[keep:].sum() > 0
-    with pytest.raises(ReadError, match=rf"layer {layer} expert \d+: short read") as exc:
+    # The first failed read: a short one, or a whole one of a file that has changed since load (the
+    # truncation set its times).
+    with pytest.raises((ReadError, FormatError), match=rf"layer {layer} expert \d+: (short read|.* changed on disk)") as exc:
         m.forward(PROMPT)
     e = int(re.search(r"expert (\d+)", str(exc.value)).group(1))
-    assert e >= keep and used[e] > 0, (str(exc.value), used)  # an expert the router really needed
+    assert used[e] > 0 and (e >= keep or "changed" in str(exc.value)), (str(exc.value), used)
     assert m.position == 0
-    with pytest.raises(ReadError):  # still broken: still an error, never garbage
+    with pytest.raises((ReadError, FormatError)):  # still broken: still an error, never garbage
         m.forward(PROMPT)
-    path.write_bytes(data)
+    path.write_bytes(data)  # written back in place: changed since load, refused until loaded again
+    with pytest.raises(FormatError, match=rf"layer {layer} expert \d+: .* changed on disk"):
+        m.forward(PROMPT)
+    m = flashmoe.load(small_copy, context_length=CTX, io_threads=8, prefetch=True,
+                      memory_budget=budget_for(small_copy, budget))
     np.testing.assert_array_equal(m.forward(PROMPT), reference[1])
     np.testing.assert_array_equal(m.generate_tokens(PROMPT, N_GEN, stop_token_ids=[]), reference[0])
 

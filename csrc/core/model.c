@@ -27,12 +27,19 @@ static const char *dtype_name(fm_dtype d) {
     return (unsigned)d < 4 ? names[d] : "?";
 }
 
+/* [offset, offset + n) lies inside [lo, hi), written so that offset + n cannot wrap around. */
+static int fits(uint64_t offset, uint64_t n, uint64_t lo, uint64_t hi) {
+    return offset >= lo && hi >= lo && n <= hi - lo && offset - lo <= hi - lo - n;
+}
+
 /* Check that a tensor lies inside the dense payload and has the size its dtype and shape imply. */
 static fm_status check_extent(const fm_model *m, const fm_tensor_desc *d) {
     const uint64_t lo = FM_PREAMBLE_SIZE, hi = FM_PREAMBLE_SIZE + m->dense_size;
     const int64_t rows = d->shape[0], cols = d->ndim == 2 ? d->shape[1] : 1;
+    if ((unsigned)d->dtype > FM_Q4)
+        return fm_fail(FM_ERR_FORMAT, "tensor %s: unknown dtype %d", d->name, (int)d->dtype);
     const uint64_t want = fm_tensor_data_bytes(d->dtype, rows, cols);
-    if (d->nbytes != want || d->offset < lo || d->offset + d->nbytes > hi)
+    if (d->nbytes != want || !fits(d->offset, d->nbytes, lo, hi))
         return fm_fail(FM_ERR_FORMAT, "tensor %s: %llu bytes at offset %llu do not fit dense.bin (%s %lldx%lld needs %llu)",
                        d->name, (unsigned long long)d->nbytes, (unsigned long long)d->offset, dtype_name(d->dtype),
                        (long long)rows, (long long)cols, (unsigned long long)want);
@@ -41,7 +48,7 @@ static fm_status check_extent(const fm_model *m, const fm_tensor_desc *d) {
             return fm_fail(FM_ERR_FORMAT, "tensor %s: group size %d does not divide %lld columns", d->name,
                            d->group_size, (long long)cols);
         const uint64_t sb = fm_tensor_scale_bytes(d->dtype, rows, cols, d->group_size);
-        if (d->scales_offset < lo || d->scales_offset + sb > hi || d->biases_offset < lo || d->biases_offset + sb > hi)
+        if (!fits(d->scales_offset, sb, lo, hi) || !fits(d->biases_offset, sb, lo, hi))
             return fm_fail(FM_ERR_FORMAT, "tensor %s: scales or biases lie outside dense.bin", d->name);
     }
     return FM_OK;
@@ -94,12 +101,25 @@ fm_status fm_bind_f32(fm_model *m, const fm_load_spec *spec, const float **out, 
 /* ---------------------------------------------------------------- config, state and scratch */
 
 static fm_status check_config(const fm_config *c) {
-#define POS(f) \
-    if (c->f <= 0) return fm_fail(FM_ERR_INVALID, "config: " #f " must be positive, got %d", c->f)
-    POS(vocab_size); POS(hidden_size); POS(num_hidden_layers); POS(num_attention_heads); POS(num_key_value_heads);
-    POS(head_dim); POS(linear_conv_kernel_dim); POS(linear_key_head_dim); POS(linear_value_head_dim);
-    POS(linear_num_key_heads); POS(linear_num_value_heads);
-#undef POS
+    /* Sizes far above any real model's, small enough that products of a few of them (heads x head_dim x
+     * tokens x 4 bytes) stay within 64 bits; python/flashmoe/reader.py has the same bound. */
+    enum { MAX_DIM = 1 << 24 };
+#define DIM(f, lo) \
+    if (c->f < (lo) || c->f > MAX_DIM) \
+        return fm_fail(FM_ERR_INVALID, "config: " #f " must be in %d..%d, got %d", (lo), MAX_DIM, c->f)
+    DIM(vocab_size, 1); DIM(hidden_size, 1); DIM(num_hidden_layers, 1); DIM(num_attention_heads, 1);
+    DIM(num_key_value_heads, 1); DIM(head_dim, 1); DIM(linear_conv_kernel_dim, 1); DIM(linear_key_head_dim, 1);
+    DIM(linear_value_head_dim, 1); DIM(linear_num_key_heads, 1); DIM(linear_num_value_heads, 1);
+    DIM(num_experts, 0); DIM(num_experts_per_tok, 0); DIM(moe_intermediate_size, 0);
+    DIM(shared_expert_intermediate_size, 0); DIM(intermediate_size, 0);
+#undef DIM
+    /* NaN, infinity, zero or a negative value here would load and give NaN or silently wrong logits. */
+    if (!(isfinite(c->rms_norm_eps) && c->rms_norm_eps > 0))
+        return fm_fail(FM_ERR_INVALID, "config: rms_norm_eps %g must be finite and > 0", c->rms_norm_eps);
+    if (!(isfinite(c->rope_theta) && c->rope_theta > 0))
+        return fm_fail(FM_ERR_INVALID, "config: rope_theta %g must be finite and > 0", c->rope_theta);
+    if (!(c->partial_rotary_factor > 0 && c->partial_rotary_factor <= 1)) /* false for NaN */
+        return fm_fail(FM_ERR_INVALID, "config: partial_rotary_factor %g must be in (0, 1]", c->partial_rotary_factor);
     if (c->linear_conv_kernel_dim > FM_MAX_CONV_KERNEL) /* the conv keeps its taps on the stack (ops.c) */
         return fm_fail(FM_ERR_INVALID, "config: linear_conv_kernel_dim %d, at most %d supported",
                        c->linear_conv_kernel_dim, FM_MAX_CONV_KERNEL);
@@ -111,7 +131,7 @@ static fm_status check_config(const fm_config *c) {
     if (c->linear_num_value_heads % c->linear_num_key_heads)
         return fm_fail(FM_ERR_INVALID, "config: linear_num_value_heads %d not a multiple of linear_num_key_heads %d",
                        c->linear_num_value_heads, c->linear_num_key_heads);
-    const int rot = (int)(c->head_dim * c->partial_rotary_factor);
+    const int rot = (int)(c->head_dim * c->partial_rotary_factor); /* as blocks.c computes it */
     if (rot % 2 || rot > c->head_dim)
         return fm_fail(FM_ERR_INVALID, "config: rotary dim %d (head_dim %d x partial_rotary_factor %g) must be even",
                        rot, c->head_dim, c->partial_rotary_factor);
@@ -226,23 +246,31 @@ static fm_status check_experts(const fm_load_spec *spec) {
     const int I = spec->config.moe_intermediate_size, H = spec->config.hidden_size;
     const fm_tensor_desc *ed[3] = {&spec->expert_gate, &spec->expert_up, &spec->expert_down};
     const int shapes[3][2] = {{I, H}, {I, H}, {H, I}};
+    const uint64_t blob = spec->expert_blob_size;
     for (int i = 0; i < 3; i++) {
         const fm_tensor_desc *d = ed[i];
-        const uint64_t end_q = d->offset + fm_tensor_data_bytes(d->dtype, d->shape[0], d->shape[1]);
-        const uint64_t sb = fm_tensor_scale_bytes(d->dtype, d->shape[0], d->shape[1], d->group_size);
         const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
-        if (d->shape[0] != shapes[i][0] || d->shape[1] != shapes[i][1])
+        if ((unsigned)d->dtype > FM_Q4)
+            return fm_fail(FM_ERR_FORMAT, "expert %s: unknown dtype %d", d->name, (int)d->dtype);
+        if (d->ndim != 2 || d->shape[0] != shapes[i][0] || d->shape[1] != shapes[i][1])
             return fm_fail(FM_ERR_FORMAT, "expert %s has shape [%lld, %lld], the config implies [%d, %d]", d->name,
                            (long long)d->shape[0], (long long)d->shape[1], shapes[i][0], shapes[i][1]);
-        if (end_q > spec->expert_blob_size ||
-            (quant && (d->group_size <= 0 || d->shape[1] % d->group_size ||
-                       d->scales_offset + sb > spec->expert_blob_size || d->biases_offset + sb > spec->expert_blob_size)))
-            return fm_fail(FM_ERR_FORMAT, "expert %s does not fit the %llu-byte blob", d->name,
-                           (unsigned long long)spec->expert_blob_size);
+        /* before fm_tensor_scale_bytes divides by it */
+        if (quant && (d->group_size <= 0 || d->shape[1] % d->group_size || (d->dtype == FM_Q4 && d->group_size % 2)))
+            return fm_fail(FM_ERR_FORMAT, "expert %s: group size %d does not divide %lld columns", d->name,
+                           d->group_size, (long long)d->shape[1]);
+        const uint64_t sb = fm_tensor_scale_bytes(d->dtype, d->shape[0], d->shape[1], d->group_size);
+        if (!fits(d->offset, fm_tensor_data_bytes(d->dtype, d->shape[0], d->shape[1]), 0, blob) ||
+            (quant && (!fits(d->scales_offset, sb, 0, blob) || !fits(d->biases_offset, sb, 0, blob))))
+            return fm_fail(FM_ERR_FORMAT, "expert %s does not fit the %llu-byte blob", d->name, (unsigned long long)blob);
     }
-    if (spec->expert_stride < spec->expert_blob_size || spec->expert_stride % FM_PREAMBLE_SIZE)
+    if (spec->expert_stride < blob || spec->expert_stride % FM_PREAMBLE_SIZE)
         return fm_fail(FM_ERR_FORMAT, "expert stride %llu is not a 16 KiB multiple >= blob size %llu",
-                       (unsigned long long)spec->expert_stride, (unsigned long long)spec->expert_blob_size);
+                       (unsigned long long)spec->expert_stride, (unsigned long long)blob);
+    const uint64_t n = (uint64_t)spec->config.num_experts; /* a layer's file: preamble + n * stride bytes */
+    if (n > 0 && spec->expert_stride > (UINT64_MAX - FM_PREAMBLE_SIZE) / n)
+        return fm_fail(FM_ERR_FORMAT, "expert stride %llu is too large for a file of %llu experts",
+                       (unsigned long long)spec->expert_stride, (unsigned long long)n);
     return FM_OK;
 }
 
@@ -259,6 +287,9 @@ static fm_status plan_memory(fm_model *m, const fm_load_spec *spec, int n_moe) {
             state += (uint64_t)(conv_state_bytes(c) + recurrent_state_bytes(c));
     }
     const uint64_t overhead = 16ull << 20; /* thread stacks in use, tables, generation buffers */
+    if (spec->dense_size < FM_PREAMBLE_SIZE)
+        return fm_fail(FM_ERR_FORMAT, "%s: %llu bytes, less than its %d-byte preamble", spec->dense_path,
+                       (unsigned long long)spec->dense_size, FM_PREAMBLE_SIZE);
     mem->dense = spec->dense_size - FM_PREAMBLE_SIZE;
     mem->kv_cache = kv;
     mem->state = state;
@@ -357,7 +388,8 @@ fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
     if (st != FM_OK) goto fail;
     const int V = m->c.vocab_size, H = m->c.hidden_size;
 
-    if ((st = fm_packed_read_dense(spec->dense_path, spec->dense_size, &m->dense)) != FM_OK) goto fail;
+    const uint32_t *dense_crc = spec->verify_checksums && spec->has_dense_checksum ? &spec->dense_checksum : NULL;
+    if ((st = fm_packed_read_dense(spec->dense_path, spec->dense_size, dense_crc, &m->dense)) != FM_OK) goto fail;
     m->dense_size = spec->dense_size - FM_PREAMBLE_SIZE;
     if ((st = fm_bind_mat(m, spec, &m->embed, V, H, "embed_tokens.weight")) != FM_OK) goto fail;
     if ((st = fm_bind_f32(m, spec, &m->norm, H, 0, "norm.weight")) != FM_OK) goto fail;
@@ -404,8 +436,8 @@ void fm_model_free(fm_model *m) {
 int fm_model_position(const fm_model *m) { return m->pos; }
 const int32_t *fm_model_tokens(const fm_model *m) { return m->seq; }
 
-void fm_model_debug_fail_reads(fm_model *m, int after, int count) {
-    if (m->experts) fm_expert_store_debug_fail_reads(m->experts, after, count);
+void fm_model_debug_fail_reads(fm_model *m, int after, int count, int corrupt) {
+    if (m->experts) fm_expert_store_debug_fail_reads(m->experts, after, count, corrupt);
 }
 int fm_model_context_length(const fm_model *m) { return m->ctx; }
 

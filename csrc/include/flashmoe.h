@@ -81,6 +81,8 @@ typedef struct {
     uint64_t dense_size;
     int n_dense;
     const fm_tensor_desc *dense;
+    int has_dense_checksum;  /* dense_checksum is given: CRC-32 of dense.bin after its preamble */
+    uint32_t dense_checksum; /* checked at load when verify_checksums */
 
     /* Routed experts: one file per MoE layer (NULL for other layers). */
     const char *const *expert_paths; /* [num_hidden_layers] */
@@ -97,7 +99,7 @@ typedef struct {
     fm_cache_policy cache_policy;
     int io_threads;         /* concurrent expert reads (default 8) */
     int prefetch;           /* read the experts predicted for the next layer ahead of need */
-    int verify_checksums;   /* check each expert blob's CRC-32 on its first read */
+    int verify_checksums;   /* check dense.bin's CRC-32 at load and each expert blob's on every read */
     int int8_activations;   /* decode matvecs on int8-quantized activations (see csrc/backend/ops.h) */
 } fm_load_spec;
 
@@ -225,8 +227,9 @@ typedef struct {
 
 void fm_model_stats(const fm_model *m, fm_stats *out);
 
-/* For tests: after `after` more expert reads succeed, the next `count` fail with EIO (count 0: off). */
-void fm_model_debug_fail_reads(fm_model *m, int after, int count);
+/* For tests: after `after` more expert reads succeed, the next `count` fail with EIO, or when corrupt
+ * return with one byte flipped (count 0: off). */
+void fm_model_debug_fail_reads(fm_model *m, int after, int count, int corrupt);
 
 /* Token-uses of each routed expert since load: out[layer * num_experts + e]. */
 void fm_model_expert_usage(const fm_model *m, uint64_t *out);

@@ -24,6 +24,26 @@
 
 enum { SLOT_FREE = 0, SLOT_LOADING, SLOT_READY, SLOT_FAILED };
 
+/* What identifies a file's contents without reading them: a write through write(2) or a truncation
+ * changes the times (Linux updates them before copying data in), a replacement changes the inode. */
+typedef struct {
+    uint64_t ino, size;
+    int64_t mtime_ns, ctime_ns;
+    char path[160];
+} file_stamp;
+
+static void stamp_of(const struct stat *st, file_stamp *out) {
+    out->ino = (uint64_t)st->st_ino;
+    out->size = (uint64_t)st->st_size;
+#ifdef __APPLE__
+    out->mtime_ns = (int64_t)st->st_mtimespec.tv_sec * 1000000000 + st->st_mtimespec.tv_nsec;
+    out->ctime_ns = (int64_t)st->st_ctimespec.tv_sec * 1000000000 + st->st_ctimespec.tv_nsec;
+#else
+    out->mtime_ns = (int64_t)st->st_mtim.tv_sec * 1000000000 + st->st_mtim.tv_nsec;
+    out->ctime_ns = (int64_t)st->st_ctim.tv_sec * 1000000000 + st->st_ctim.tv_nsec;
+#endif
+}
+
 typedef struct {
     int32_t key;        /* layer * n_experts + e, or -1 */
     int state;
@@ -43,7 +63,7 @@ struct fm_expert_store {
     int *fds;               /* [n_layers] O_DIRECT when possible, -1 for layers without experts */
     int *fds_buffered;      /* [n_layers] fallback for O_DIRECT refusals */
     uint32_t *checksums;    /* [n_layers * n_experts] */
-    uint8_t *verified;      /* [n_layers * n_experts] */
+    file_stamp *stamps;     /* [n_layers] each experts file as opened: a read checks it is unchanged */
 
     uint8_t *pool;          /* [n_slots, stride], 2 MiB aligned (fm_alloc_weights) */
     slot_t *slots;
@@ -64,6 +84,7 @@ struct fm_expert_store {
     int n_threads, stop, in_flight;
     double busy_since;
     int fail_after, fail_count; /* test hook: fail `fail_count` reads after `fail_after` more good ones */
+    int fail_corrupt;           /* ... by flipping a byte of what was read instead of an EIO */
 
     fm_store_counters c;
 };
@@ -84,12 +105,24 @@ static int read_full(int fd, uint8_t *dst, uint64_t n, uint64_t off, uint64_t *d
     return 0;
 }
 
+/* 1 when the file behind fd is still the one opened at load: same inode, size and times. Called after a
+ * read, so a write that had begun by then (its time stamp is set before its data lands) is seen. */
+static int file_unchanged(int fd, const file_stamp *at_load) {
+    struct stat st;
+    file_stamp now;
+    if (fstat(fd, &st) != 0) return 0;
+    stamp_of(&st, &now);
+    return now.ino == at_load->ino && now.size == at_load->size && now.mtime_ns == at_load->mtime_ns &&
+           now.ctime_ns == at_load->ctime_ns;
+}
+
+/* inject_fault (the test hook): 1 fails the read with EIO, 2 flips a byte of what was read. */
 static void read_slot(fm_expert_store *s, int slot, int key, int inject_fault) {
     const int layer = key / s->n_experts, e = key % s->n_experts;
     uint8_t *dst = s->pool + (size_t)slot * s->stride;
     const uint64_t off = FM_PREAMBLE_SIZE + (uint64_t)e * s->stride;
     uint64_t done = 0;
-    int err = inject_fault ? EIO : read_full(s->fds[layer], dst, s->stride, off, &done);
+    int err = inject_fault == 1 ? EIO : read_full(s->fds[layer], dst, s->stride, off, &done);
     if (err == EINVAL && s->fds[layer] != s->fds_buffered[layer]) /* O_DIRECT refused here: buffered */
         err = read_full(s->fds_buffered[layer], dst, s->stride, off, &done);
 #ifdef POSIX_FADV_DONTNEED
@@ -104,14 +137,20 @@ static void read_slot(fm_expert_store *s, int slot, int key, int inject_fault) {
     else if (done < s->stride)
         snprintf(msg, sizeof msg, "layer %d expert %d: short read %llu of %llu bytes", layer, e,
                  (unsigned long long)done, (unsigned long long)s->stride);
-    else if (s->verify && !s->verified[key]) {
-        const uint32_t crc = fm_crc32(0, dst, s->blob_size);
-        if (crc != s->checksums[key]) {
+    else if (!s->verify && !file_unchanged(s->fds_buffered[layer], &s->stamps[layer])) {
+        /* (with verify on, the checksum below judges the bytes themselves, changed file or not) */
+        status = FM_ERR_FORMAT;
+        snprintf(msg, sizeof msg, "layer %d expert %d: %s changed on disk since the model was loaded; load it again",
+                 layer, e, s->stamps[layer].path);
+    } else {
+        if (inject_fault == 2) dst[s->blob_size / 2] ^= 0x20;
+        /* every read, not only the first: a blob read again after eviction may have rotted since */
+        const uint32_t crc = s->verify ? fm_crc32(0, dst, s->blob_size) : 0;
+        if (s->verify && crc != s->checksums[key]) {
             status = FM_ERR_FORMAT;
             snprintf(msg, sizeof msg, "layer %d expert %d: checksum mismatch (crc32 %08x, header says %08x)", layer, e,
                      crc, s->checksums[key]);
-        } else
-            s->verified[key] = 1; /* only this worker touches this key while LOADING */
+        }
     }
     pthread_mutex_lock(&s->mu);
     slot_t *sl = &s->slots[slot];
@@ -142,7 +181,7 @@ static void *worker(void *arg) {
         if (s->fail_count > 0 && s->fail_after-- <= 0) {
             s->fail_after = 0;
             s->fail_count--;
-            inject = 1;
+            inject = s->fail_corrupt ? 2 : 1;
         }
         pthread_mutex_unlock(&s->mu);
         read_slot(s, slot, key, inject);
@@ -164,7 +203,10 @@ static fm_status open_layer(fm_expert_store *s, const fm_load_spec *spec, int l)
     if (fstat(s->fds_buffered[l], &st) != 0 || (uint64_t)st.st_size != FM_PREAMBLE_SIZE + payload)
         return fm_fail(FM_ERR_FORMAT, "layer %d: %s is %lld bytes, expected %llu (truncated or corrupt)", l, path,
                        (long long)st.st_size, (unsigned long long)(FM_PREAMBLE_SIZE + payload));
-    uint8_t pre[FM_PREAMBLE_FIELDS];
+    stamp_of(&st, &s->stamps[l]);
+    const size_t n = strlen(path), keep = sizeof s->stamps[l].path - 1; /* the name's end says the most */
+    memcpy(s->stamps[l].path, n > keep ? path + (n - keep) : path, (n > keep ? keep : n) + 1);
+    uint8_t pre[FM_PREAMBLE_SIZE];
     if (pread(s->fds_buffered[l], pre, sizeof pre, 0) != (ssize_t)sizeof pre)
         return fm_fail(FM_ERR_FORMAT, "%s: truncated (no preamble)", path);
     fm_status r = fm_packed_check_preamble(pre, path, FM_KIND_EXPERTS, (uint32_t)l, (uint32_t)s->n_experts, payload);
@@ -216,7 +258,7 @@ fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, 
     for (int l = 0; s->fds && l < s->n_layers; l++) s->fds[l] = -1;
     for (int l = 0; s->fds_buffered && l < s->n_layers; l++) s->fds_buffered[l] = -1;
     s->checksums = (uint32_t *)calloc(n_keys, sizeof(uint32_t));
-    s->verified = (uint8_t *)calloc(n_keys, 1);
+    s->stamps = (file_stamp *)calloc((size_t)s->n_layers, sizeof(file_stamp));
     s->slot_of = (int32_t *)malloc(sizeof(int32_t) * n_keys);
     s->resident = (int *)calloc((size_t)s->n_layers + 1, sizeof(int));
     s->lfreq = (double *)malloc(n_keys * sizeof(double));
@@ -224,7 +266,7 @@ fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, 
     s->protected_keys = (int32_t *)malloc(sizeof(int32_t) * (size_t)(s->n_experts + 1));
     s->slots = (slot_t *)calloc((size_t)s->n_slots, sizeof(slot_t));
     s->queue = (int *)malloc(sizeof(int) * (size_t)s->n_slots);
-    if (!s->fds || !s->fds_buffered || !s->checksums || !s->verified || !s->slot_of || !s->resident || !s->lfreq ||
+    if (!s->fds || !s->fds_buffered || !s->checksums || !s->stamps || !s->slot_of || !s->resident || !s->lfreq ||
         !s->protect || !s->protected_keys || !s->slots || !s->queue)
         return fm_fail(FM_ERR_NOMEM, "expert store: out of memory");
     for (size_t i = 0; i < n_keys; i++) {
@@ -293,7 +335,7 @@ void fm_expert_store_free(fm_expert_store *s) {
     free(s->fds);
     free(s->fds_buffered);
     free(s->checksums);
-    free(s->verified);
+    free(s->stamps);
     free(s->slot_of);
     free(s->resident);
     free(s->lfreq);
@@ -475,10 +517,11 @@ void fm_expert_store_predict(fm_expert_store *s, int layer, const int32_t *exper
     pthread_mutex_unlock(&s->mu);
 }
 
-void fm_expert_store_debug_fail_reads(fm_expert_store *s, int after, int count) {
+void fm_expert_store_debug_fail_reads(fm_expert_store *s, int after, int count, int corrupt) {
     pthread_mutex_lock(&s->mu);
     s->fail_after = after > 0 ? after : 0;
     s->fail_count = count > 0 ? count : 0;
+    s->fail_corrupt = corrupt;
     pthread_mutex_unlock(&s->mu);
 }
 

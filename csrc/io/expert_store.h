@@ -12,8 +12,9 @@
  *      is pinned, acquire returns FM_SLOT_NONE and the caller retries after releasing one;
  *   2. wait for any of the acquired slots to be ready, compute with it, release it; repeat;
  *   3. prefetch/protect the experts predicted for the next layer (optional).
- * A short read, an I/O error or a checksum mismatch makes wait fail with a message naming the layer
- * and expert; the slot is dropped and never used.
+ * A short read, an I/O error, a checksum mismatch (verify_checksums: every read is checked) or, without
+ * verify_checksums, an experts file changed on disk since load (checked after every read: inode, size,
+ * times) makes wait fail with a message naming the layer and expert; the slot is dropped, never used.
  */
 #ifndef FM_EXPERT_STORE_H
 #define FM_EXPERT_STORE_H
@@ -65,9 +66,10 @@ void fm_expert_store_drain(fm_expert_store *s);
  * store is as a fresh one would be but for what it caches. */
 void fm_expert_store_recover(fm_expert_store *s);
 
-/* Test hook: after `after` more reads succeed, the next `count` reads fail with EIO (never touching
- * the disk), as a failing drive would. count 0 turns it off. */
-void fm_expert_store_debug_fail_reads(fm_expert_store *s, int after, int count);
+/* Test hook: after `after` more reads succeed, the next `count` reads fail as a failing drive's would:
+ * with EIO (never touching the disk), or when corrupt, with one byte of what was read flipped (only
+ * verify_checksums notices). count 0 turns it off. */
+void fm_expert_store_debug_fail_reads(fm_expert_store *s, int after, int count, int corrupt);
 
 void fm_expert_store_counters(const fm_expert_store *s, fm_store_counters *out);
 

@@ -26,16 +26,20 @@ fm_status fm_packed_check_preamble(const uint8_t *pre, const char *path, uint32_
     if (rd32(pre + 24) != layer) return fm_fail(FM_ERR_FORMAT, "%s: preamble layer %u, expected %u", path, rd32(pre + 24), layer);
     if (rd32(pre + 28) != n_experts)
         return fm_fail(FM_ERR_FORMAT, "%s: preamble says %u experts, expected %u", path, rd32(pre + 28), n_experts);
+    for (int i = FM_PREAMBLE_FIELDS; i < FM_PREAMBLE_SIZE; i++) /* reserved: a later version may use them */
+        if (pre[i])
+            return fm_fail(FM_ERR_FORMAT, "%s: preamble byte %d is not zero (bytes %d..%d are reserved)", path, i,
+                           FM_PREAMBLE_FIELDS, FM_PREAMBLE_SIZE - 1);
     return FM_OK;
 }
 
-fm_status fm_packed_read_dense(const char *path, uint64_t size, uint8_t **out) {
+fm_status fm_packed_read_dense(const char *path, uint64_t size, const uint32_t *crc, uint8_t **out) {
     *out = NULL;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return fm_fail(FM_ERR_IO, "cannot open %s: %s", path, strerror(errno));
     struct stat st;
     fm_status status = FM_OK;
-    uint8_t pre[FM_PREAMBLE_FIELDS];
+    uint8_t pre[FM_PREAMBLE_SIZE];
     uint8_t *buf = NULL;
     if (fstat(fd, &st) != 0 || (uint64_t)st.st_size != size || size < FM_PREAMBLE_SIZE) {
         status = fm_fail(FM_ERR_FORMAT, "%s is %lld bytes, header says %llu (truncated or corrupt)", path,
@@ -63,6 +67,13 @@ fm_status fm_packed_read_dense(const char *path, uint64_t size, uint8_t **out) {
             goto done;
         }
         done += (uint64_t)got;
+    }
+    if (crc) {
+        const uint32_t got = fm_crc32(0, buf, n);
+        if (got != *crc) {
+            status = fm_fail(FM_ERR_FORMAT, "%s: checksum mismatch (crc32 %08x, header says %08x)", path, got, *crc);
+            goto done;
+        }
     }
     /* The dense weights now live in our buffer: drop their page-cache copy, which counts against a
      * memory limit (cgroup) until reclaimed. */

@@ -109,6 +109,8 @@ static void to_spec(const py::dict &spec, SpecHolder &h) {
     h.dense_path = spec["dense_path"].cast<std::string>();
     h.s.dense_path = h.dense_path.c_str();
     h.s.dense_size = spec["dense_size"].cast<uint64_t>();
+    h.s.has_dense_checksum = spec.contains("has_dense_checksum") && spec["has_dense_checksum"].cast<bool>() ? 1 : 0;
+    h.s.dense_checksum = h.s.has_dense_checksum ? spec["dense_checksum"].cast<uint32_t>() : 0;
     for (auto item : spec["dense"].cast<py::list>()) h.dense.push_back(to_desc(item.cast<py::dict>()));
     h.s.dense = h.dense.data();
     h.s.n_dense = (int)h.dense.size();
@@ -408,9 +410,9 @@ class Model {
         if (!t.empty()) std::memcpy(out.mutable_data(), t.data(), t.size() * sizeof(int32_t));
         return out;
     }
-    void debug_fail_reads(int after, int count) {
+    void debug_fail_reads(int after, int count, bool corrupt) {
         Exclusive ex(mu_);
-        fm_model_debug_fail_reads(m_, after, count);
+        fm_model_debug_fail_reads(m_, after, count, corrupt ? 1 : 0);
     }
     int context_length() const { return fm_model_context_length(m_); }
 
@@ -593,7 +595,7 @@ PYBIND11_MODULE(_core, m) {
         .def("trace", &Model::trace)
         .def("reset", &Model::reset)
         .def("tokens", &Model::tokens)
-        .def("debug_fail_reads", &Model::debug_fail_reads, py::arg("after"), py::arg("count"))
+        .def("debug_fail_reads", &Model::debug_fail_reads, py::arg("after"), py::arg("count"), py::arg("corrupt") = false)
         .def_property_readonly("position", &Model::position)
         .def_property_readonly("context_length", &Model::context_length)
         .def("stats", &Model::stats)

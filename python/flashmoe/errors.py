@@ -23,3 +23,13 @@ class ReadError(FlashMoEError, OSError):
 
 class MemoryBudgetError(FlashMoEError, ValueError):
     """The memory budget cannot hold the dense weights plus one layer's working set of experts."""
+
+
+class ArgumentError(FlashMoEError, ValueError, TypeError):
+    """A bad argument to the API: a value out of range or of the wrong type (it is both a ValueError and a
+    TypeError, so code that catches either of those keeps working)."""
+
+
+class ModelBusyError(FlashMoEError):
+    """This thread already holds the model with an unfinished stream, and another call would interleave
+    with it (other threads wait their turn instead)."""

@@ -277,6 +277,10 @@ class PackedWriter:
         payload = _align(self._dense_pos) - PREAMBLE
         os.pwrite(self._dense_fd, _preamble(KIND_DENSE, payload, NO_LAYER, 0), 0)
         os.ftruncate(self._dense_fd, PREAMBLE + payload)
+        # Sections were written out of order, with zero gaps: the CRC is taken over the finished file.
+        crc = 0
+        for off in range(PREAMBLE, PREAMBLE + payload, 1 << 24):
+            crc = zlib.crc32(os.pread(self._dense_fd, min(1 << 24, PREAMBLE + payload - off), off), crc)
         os.fsync(self._dense_fd)
         os.close(self._dense_fd)
         self._dense_fd = None
@@ -291,7 +295,7 @@ class PackedWriter:
             "architecture": self.architecture,
             "config": self.config,
             "quantization": qinfo,
-            "dense": {"file": DENSE_NAME, "size": PREAMBLE + payload, "tensors": self._tensors},
+            "dense": {"file": DENSE_NAME, "size": PREAMBLE + payload, "checksum": crc, "tensors": self._tensors},
             "experts": {"blob_size": self.blob_size, "stride": self.stride,
                         "tensors": self.expert_tensors, "layers": layers},
             "source": {"converter": f"flashmoe {__version__}", **(source or {})},

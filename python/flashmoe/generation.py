@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import ContextLengthError
+from .errors import ArgumentError, ContextLengthError
 
 
 @dataclass
@@ -46,7 +46,13 @@ class GenerationChunk:
 
 
 class PromptCache:
-    """The tokens the engine state holds, and up to `capacity` snapshots of earlier states (LRU).
+    """Up to `capacity` snapshots of earlier engine states (LRU), and the choice of where a prompt starts.
+
+    What the engine state holds is never tracked here: the engine records the tokens of its sequence
+    itself (`_core.Model.tokens()`, and `Snapshot.tokens` for a snapshot), updates them only when a
+    chunk has run through every layer, and resets them with the state when a forward fails. So an
+    exception anywhere (a read error, Ctrl-C between a C call and the next line, a bad argument) can
+    never leave this cache claiming a state the engine is not in.
 
     A snapshot holds the KV rows and the DeltaNet state at its position (the recurrent state cannot be
     rewound, so reuse of a shorter prefix needs one). Snapshots live outside memory_budget; their sizes
@@ -55,29 +61,32 @@ class PromptCache:
     def __init__(self, core, capacity: int = 4):
         self._core = core
         self.capacity = capacity
-        self.tokens: list[int] = []          # what the engine state holds, in order
-        self._snaps: list[tuple[list[int], object]] = []
+        self._snaps: list[tuple[list[int], object]] = []  # (the snapshot's own tokens, snapshot)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens the engine state holds, in order (the engine's record)."""
+        return self._core.tokens().tolist()
 
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for _, s in self._snaps)
 
     def clear(self) -> None:
-        self._core.reset()
-        self.tokens = []
         self._snaps = []
+        self._core.reset()
 
     def reset_state(self) -> None:
         """Forget the current sequence; snapshots stay."""
         self._core.reset()
-        self.tokens = []
 
     def start(self, prompt: list[int]) -> int:
-        """Put the engine in the longest cached state that is a proper prefix of prompt (at least one
-        prompt token must still run, for its logits); returns how many prompt tokens it already holds."""
-        n = len(self.tokens)
+        """Put the engine in the longest known state whose tokens are a proper prefix of prompt (at least
+        one prompt token must still run, for its logits); returns how many prompt tokens it holds."""
+        held = self.tokens
+        n = len(held)
         best, best_len = None, 0
-        if 0 < n < len(prompt) and prompt[:n] == self.tokens:
+        if 0 < n < len(prompt) and prompt[:n] == held:
             best, best_len = "current", n
         for i, (toks, _) in enumerate(self._snaps):
             k = len(toks)
@@ -90,27 +99,24 @@ class PromptCache:
             toks, snap = self._snaps.pop(best)
             self._snaps.append((toks, snap))  # most recently used last
             self._core.restore(snap)
-            self.tokens = list(toks)
         return best_len
 
     def snapshot(self) -> None:
-        if self.capacity <= 0 or any(t == self.tokens for t, _ in self._snaps):
+        held = self.tokens
+        if self.capacity <= 0 or any(t == held for t, _ in self._snaps):
             return
-        self._snaps.append((list(self.tokens), self._core.snapshot()))
+        snap = self._core.snapshot()
+        self._snaps.append((snap.tokens.tolist(), snap))
         while len(self._snaps) > self.capacity:
             self._snaps.pop(0)
 
     def run(self, ids: list[int]) -> np.ndarray:
         """Run ids from the current position; the last position's logits [vocab]."""
-        logits = self._core.forward(np.asarray(ids, dtype=np.int32), False)
-        self.tokens.extend(ids)
-        return np.asarray(logits).reshape(-1)
+        return np.asarray(self._core.forward(np.asarray(ids, dtype=np.int32), False)).reshape(-1)
 
     def step(self, token: int, sampler) -> int:
         """Run one token and sample the next in C (the sampler accepts it)."""
-        nxt = self._core.decode_step(np.asarray([token], dtype=np.int32), sampler)
-        self.tokens.append(int(token))
-        return int(nxt)
+        return int(self._core.decode_step(np.asarray([token], dtype=np.int32), sampler))
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -136,92 +142,96 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
     cache: PromptCache = model._cache
     ctx = model.context_length
     if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise ArgumentError("the prompt is empty: give at least one token")
     if len(prompt) > ctx:
         raise ContextLengthError(f"the prompt has {len(prompt)} tokens but the context holds {ctx} "
                                  f"(load the model with a larger context_length)")
     vocab = int(model.config["vocab_size"])
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        raise ArgumentError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
     if params.stop and tokenizer is None:
-        raise ValueError("stop strings need the model's tokenizer (tokenizer.json in the model directory)")
+        raise ArgumentError("stop strings need the model's tokenizer (tokenizer.json in the model directory)")
     stop_ids = set(model.eos_token_ids) | {int(t) for t in params.stop_token_ids}
     sampler = model._new_sampler(params)
     sampler.accept(np.asarray(prompt, dtype=np.int32))
 
-    before = model._raw_stats()
-    t0 = time.perf_counter()
-    reused = cache.start(prompt)
-    marks = sorted({p for p in (snapshot_at or []) if reused < p < len(prompt)} | {len(prompt) - 1})
-    pos, logits = reused, None
-    chunk = max(1, model.prefill_chunk) * 4  # progress granularity; the core chunks again inside
-    for end in marks + [len(prompt)]:
-        while pos < end:
-            step = min(end - pos, chunk)
-            logits = cache.run(prompt[pos:pos + step])
-            pos += step
-            if progress:
-                progress(pos - reused, len(prompt) - reused)
-        if end in marks and end > reused and end < len(prompt):
-            cache.snapshot()
-    model._last_prompt_logits = logits
-    token = int(sampler.sample(np.array(logits, dtype=np.float32)))
-    sampler.accept(np.asarray([token], dtype=np.int32))
-    t1 = time.perf_counter()
+    # One generation at a time on a model: held from the first next() until the generator ends or is
+    # closed (leaving the loop, or garbage collection), so another thread's call waits its turn.
+    with model._exclusive("a generation"):
+        before = model._raw_stats()
+        t0 = time.perf_counter()
+        reused = cache.start(prompt)
+        marks = sorted({p for p in (snapshot_at or []) if reused < p < len(prompt)} | {len(prompt) - 1})
+        pos, logits = reused, None
+        chunk = max(1, model.prefill_chunk) * 4  # progress granularity; the core chunks again inside
+        for end in marks + [len(prompt)]:
+            while pos < end:
+                step = min(end - pos, chunk)
+                logits = cache.run(prompt[pos:pos + step])
+                pos += step
+                if progress:
+                    progress(pos - reused, len(prompt) - reused)
+            if end in marks and end > reused and end < len(prompt):
+                cache.snapshot()
+        model._last_prompt_logits = logits
+        token = int(sampler.sample(np.array(logits, dtype=np.float32)))
+        sampler.accept(np.asarray([token], dtype=np.int32))
+        t1 = time.perf_counter()
 
-    decoder = tokenizer.stream_decoder(skip_special_tokens=skip_special_tokens) if tokenizer else None
-    out: list[int] = []
-    text, emitted, n_yielded = "", 0, 0
-    finish, cut, matched = None, False, None
+        decoder = tokenizer.stream_decoder(skip_special_tokens=skip_special_tokens) if tokenizer else None
+        out: list[int] = []
+        text, emitted, n_yielded = "", 0, 0
+        # max_tokens 0 runs (and caches) the prompt and generates nothing, as llama.cpp's n_predict 0
+        finish, cut, matched = (None if params.max_tokens > 0 else "length"), False, None
 
-    longest = max((len(x) for x in params.stop), default=0)
+        longest = max((len(x) for x in params.stop), default=0)
 
-    def stop_cut(s: str, start: int) -> tuple[int, str | None]:
-        """Where the first stop string starts in s (-1: none), and which one; only a match ending past
-        `start` is new, so each token's search covers its own text and a stop string's length before it."""
-        frm = max(0, start - longest + 1)
-        hits = [(i, x) for i, x in ((s.find(x, frm), x) for x in params.stop) if i >= 0]
-        return min(hits) if hits else (-1, None)
+        def stop_cut(s: str, start: int) -> tuple[int, str | None]:
+            """Where the first stop string starts in s (-1: none), and which one; only a match ending past
+            `start` is new, so each token's search covers its own text and a stop string's length before it."""
+            frm = max(0, start - longest + 1)
+            hits = [(i, x) for i, x in ((s.find(x, frm), x) for x in params.stop) if i >= 0]
+            return min(hits) if hits else (-1, None)
 
-    while True:
-        if token in stop_ids:
-            finish, matched = "stop", token
-            break
-        out.append(token)
-        if decoder is not None:
+        while finish is None:
+            if token in stop_ids:
+                finish, matched = "stop", token
+                break
+            out.append(token)
+            if decoder is not None:
+                seen = len(text)
+                text += decoder.push(token)
+                i, hit = stop_cut(text, seen) if params.stop else (-1, None)
+                if i >= 0:
+                    text, finish, cut, matched = text[:i], "stop", True, hit
+                    break
+            if len(out) >= params.max_tokens or model.position >= ctx:  # no room for the sampled token
+                finish = "length"
+                break
+            safe = len(text) - _held_back(text, params.stop)
+            yield GenerationChunk(text[emitted:safe], [token])
+            emitted, n_yielded = max(emitted, safe), len(out)
+            token = cache.step(token, sampler)
+        if decoder is not None and not cut:
             seen = len(text)
-            text += decoder.push(token)
+            text += decoder.flush()
             i, hit = stop_cut(text, seen) if params.stop else (-1, None)
             if i >= 0:
-                text, finish, cut, matched = text[:i], "stop", True, hit
-                break
-        if len(out) >= params.max_tokens or model.position >= ctx:  # no room for the sampled token
-            finish = "length"
-            break
-        safe = len(text) - _held_back(text, params.stop)
-        yield GenerationChunk(text[emitted:safe], [token])
-        emitted, n_yielded = max(emitted, safe), len(out)
-        token = cache.step(token, sampler)
-    if decoder is not None and not cut:
-        seen = len(text)
-        text += decoder.flush()
-        i, hit = stop_cut(text, seen) if params.stop else (-1, None)
-        if i >= 0:
-            text, finish, matched = text[:i], "stop", hit
-    t2 = time.perf_counter()
+                text, finish, matched = text[:i], "stop", hit
+        t2 = time.perf_counter()
 
-    usage = {"prompt_tokens": len(prompt), "completion_tokens": len(out),
-             "total_tokens": len(prompt) + len(out), "cached_tokens": reused}
-    after = model._raw_stats()
-    hits = after["expert_hits"] - before["expert_hits"]
-    misses = after["expert_misses"] - before["expert_misses"]
-    read = after["bytes_read"] - before["bytes_read"]
-    decode_s = t2 - t1
-    stats = {"prompt_seconds": t1 - t0, "prompt_tokens_per_second": (len(prompt) - reused) / max(t1 - t0, 1e-9),
-             "decode_seconds": decode_s,
-             "decode_tokens_per_second": (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0,
-             "expert_hit_rate": hits / (hits + misses) if hits + misses else 1.0,
-             "bytes_read": read, "read_gbps": read / (t2 - t0) / 1e9 if t2 > t0 else 0.0}
-    model._last_generation = (usage, stats)
-    yield GenerationChunk(text[emitted:], out[n_yielded:], finish, usage, stats, matched)
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": len(out),
+                 "total_tokens": len(prompt) + len(out), "cached_tokens": reused}
+        after = model._raw_stats()
+        hits = after["expert_hits"] - before["expert_hits"]
+        misses = after["expert_misses"] - before["expert_misses"]
+        read = after["bytes_read"] - before["bytes_read"]
+        decode_s = t2 - t1
+        stats = {"prompt_seconds": t1 - t0, "prompt_tokens_per_second": (len(prompt) - reused) / max(t1 - t0, 1e-9),
+                 "decode_seconds": decode_s,
+                 "decode_tokens_per_second": (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0,
+                 "expert_hit_rate": hits / (hits + misses) if hits + misses else 1.0,
+                 "bytes_read": read, "read_gbps": read / (t2 - t0) / 1e9 if t2 > t0 else 0.0}
+        model._last_generation = (usage, stats)
+        yield GenerationChunk(text[emitted:], out[n_yielded:], finish, usage, stats, matched)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import arch as _arch
-from .errors import ContextLengthError, FlashMoEError, FormatError
+from .errors import ArgumentError, ContextLengthError, FlashMoEError, FormatError, ModelBusyError
 from .format import EXPERT_NAMES
 from .reader import read_header
 
@@ -19,6 +21,10 @@ CACHE_POLICIES = {"lru": 0, "lfru": 1, "pagecache": 2}
 DEFAULT_CONTEXT = 4096
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+INT32_MAX = 2**31 - 1
+MAX_THREADS = 256          # csrc/core/threads.c
+MAX_STOP_STRINGS = 256     # each is searched for after every token
+MAX_STOP_LENGTH = 4096
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _COUNTERS = ("tokens", "expert_hits", "expert_misses", "prefetches", "prefetch_hits", "bytes_read",
              "io_wait_seconds", "io_busy_seconds", "compute_seconds")
@@ -34,13 +40,22 @@ def parse_size(value) -> int:
         unit = text[len(num):]
         try:
             n = int(float(num) * _UNITS[unit])
-        except (ValueError, KeyError):
-            raise ValueError(f"cannot read a size from {value!r} (try '6GB', '6GiB' or a number of bytes)") from None
+        except (ValueError, KeyError, OverflowError):
+            raise ArgumentError(f"cannot read a size from {value!r} (try '6GB', '6GiB' or a number of bytes)") from None
     else:
-        raise TypeError(f"a size must be an int or a string like '6GB', got {type(value).__name__}")
-    if n <= 0:
-        raise ValueError(f"a size must be positive, got {value!r}")
+        raise ArgumentError(f"a size must be an int or a string like '6GB', got {type(value).__name__}")
+    if not 0 < n < 2**64:
+        raise ArgumentError(f"a size must be positive and below 2**64 bytes, got {value!r}")
     return n
+
+
+def int_arg(name: str, value, lo: int, hi: int = INT32_MAX) -> int:
+    """value as an int in [lo, hi], else ArgumentError naming it (bools and floats are not integers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ArgumentError(f"{name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ArgumentError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return int(value)
 
 
 def _derived(d: dict) -> dict:
@@ -98,14 +113,14 @@ def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", pre
     n_layers = cfg["num_hidden_layers"]
     if context_length is None:
         context_length = min(int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
-    if context_length < 1:
-        raise ValueError(f"context_length must be >= 1, got {context_length}")
-    if prefill_chunk is not None and prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-    if cache_policy not in CACHE_POLICIES:
-        raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
-    if io_threads < 1:
-        raise ValueError(f"io_threads must be >= 1, got {io_threads}")
+    context_length = int_arg("context_length", context_length, 1)
+    if prefill_chunk is not None:
+        prefill_chunk = int_arg("prefill_chunk", prefill_chunk, 1)
+    if expert_cache_slots is not None:
+        expert_cache_slots = int_arg("expert_cache_slots", expert_cache_slots, 1)
+    if not isinstance(cache_policy, str) or cache_policy not in CACHE_POLICIES:
+        raise ArgumentError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
+    io_threads = int_arg("io_threads", io_threads, 1, 1024)
     ex = header["experts"]
     layers = {e["layer"]: e for e in ex["layers"]}
     n_experts = int(cfg["num_experts"])
@@ -119,6 +134,8 @@ def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", pre
         "layer_is_moe": [int(_arch.is_moe_layer(architecture, cfg, i)) for i in range(n_layers)],
         "dense_path": os.path.join(path, header["dense"]["file"]),
         "dense_size": header["dense"]["size"],
+        "has_dense_checksum": "checksum" in header["dense"],  # absent in models written before it existed
+        "dense_checksum": header["dense"].get("checksum", 0),
         "dense": [_desc(n, t) for n, t in header["dense"]["tensors"].items()],
         "expert_paths": [os.path.join(path, layers[i]["file"]) if i in layers else None for i in range(n_layers)],
         "expert_file_sizes": [layers[i]["size"] if i in layers else 0 for i in range(n_layers)],
@@ -192,42 +209,50 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
 
     def validate(self) -> "SamplingParams":
-        """Raise ValueError naming the first bad field; returns self."""
+        """Raise ArgumentError (a ValueError) naming the first bad field; returns self."""
         def num(name, v):
-            # finite as the C core's float32, too: 1e300 would become inf there
-            if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
-                    or not abs(v) <= _FLOAT32_MAX):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-            return float(v)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise ArgumentError(f"{name} must be a finite number, got {v!r}")
+            try:
+                f = float(v)
+            except OverflowError:
+                f = float("inf")
+            if not abs(f) <= _FLOAT32_MAX:  # finite as the C core's float32, too: 1e300 would be inf there
+                raise ArgumentError(f"{name} must be a finite number, got {v!r}")
+            return f
 
         def integer(name, v):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise ValueError(f"{name} must be an integer, got {v!r}")
+                raise ArgumentError(f"{name} must be an integer, got {v!r}")
             return int(v)
 
         if num("temperature", self.temperature) < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if integer("top_k", self.top_k) < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.top_k >= 2**31:  # a C int
-            raise ValueError(f"top_k must be below 2**31 (0 = off), got {self.top_k}")
+            raise ArgumentError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= integer("top_k", self.top_k) <= INT32_MAX:
+            raise ArgumentError(f"top_k must be >= 0 (0 = off) and below 2**31, got {self.top_k}")
         if not 0 < num("top_p", self.top_p) <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+            raise ArgumentError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not 0 <= num("min_p", self.min_p) <= 1:
-            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+            raise ArgumentError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if num("repetition_penalty", self.repetition_penalty) <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+            raise ArgumentError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         num("presence_penalty", self.presence_penalty)
         num("frequency_penalty", self.frequency_penalty)
         if self.seed is not None and not 0 <= integer("seed", self.seed) < 2**64:
-            raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed}")
+            raise ArgumentError(f"seed must be None or an integer in [0, 2**64), got {self.seed}")
         if integer("max_tokens", self.max_tokens) < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            raise ArgumentError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if isinstance(self.stop, (str, bytes)) or not isinstance(self.stop, (list, tuple)) or \
+                not all(isinstance(x, str) and x for x in self.stop):
+            raise ArgumentError(f"stop must be a list of non-empty strings, got {self.stop!r:.200}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_LENGTH for x in self.stop):
+            raise ArgumentError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters "
+                             f"(got {len(self.stop)}, the longest {max(map(len, self.stop))})")
+        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, (list, tuple, set)):
+            raise ArgumentError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r:.200}")
         for t in self.stop_token_ids:
-            if integer("stop_token_ids entry", t) < 0:
-                raise ValueError(f"stop_token_ids must be token ids >= 0, got {t}")
+            if not 0 <= integer("stop_token_ids entry", t) <= INT32_MAX:
+                raise ArgumentError(f"stop_token_ids must be token ids in [0, 2**31), got {t}")
         return self
 
     def core_params(self) -> dict:
@@ -258,7 +283,7 @@ class Model:
       prefill_chunk       tokens processed per chunk of a prompt (default: 512, 256 or 128, the largest
                           whose scratch costs at most a tenth of the expert cache)
       expert_cache_slots  cap the expert cache at this many experts (default: what the budget holds)
-      verify_checksums    check each expert blob's CRC-32 the first time it is read
+      verify_checksums    check each expert blob's CRC-32 on every read (costs CPU: bench/RESULTS.md)
       prompt_cache        snapshots of earlier prompt states kept for reuse by generate/chat (default 4;
                           0 = none). Each holds the KV rows and DeltaNet state at its position and
                           lives outside memory_budget (prompt_cache_bytes says how much).
@@ -275,15 +300,14 @@ class Model:
         self.header, spec = _load_spec(self.path, **options)
         self.architecture = self.header["architecture"]
         self.cache_policy = options.get("cache_policy", "lfru")
+        prompt_cache = int_arg("prompt_cache", prompt_cache, 0, 4096)
         if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
-            _core.set_threads(int(threads))
+            _core.set_threads(int_arg("threads", threads, 1, MAX_THREADS))
         self._core = _core.Model(spec)
         self.prefill_chunk = int(spec["prefill_chunk"])
-        if prompt_cache < 0:
-            raise ValueError(f"prompt_cache must be >= 0 snapshots, got {prompt_cache}")
-        self._cache = PromptCache(self._core, int(prompt_cache))
+        self._cache = PromptCache(self._core, prompt_cache)
+        self._lock = threading.Lock()
+        self._lock_owner = None  # the thread holding _lock
         self._tokenizer = None
         self._last_generation = None
         self._eos = _eos_ids(self.header["config"])
@@ -349,28 +373,52 @@ class Model:
 
     # ------------------------------------------------------------------ running
 
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        """Hold the model for one call (or one whole generation): calls from other threads wait their
+        turn, so a Model can be shared between threads. A call from the thread that already holds it
+        (an unfinished stream it has not closed) would interleave with that stream: ModelBusyError."""
+        me = threading.get_ident()
+        if self._lock_owner == me:
+            raise ModelBusyError(f"{what}: this thread still holds the model with an unfinished stream; "
+                                 f"exhaust it or call its close() first")
+        with self._lock:
+            self._lock_owner = me
+            try:
+                yield
+            finally:
+                self._lock_owner = None
+
     def reset(self) -> None:
         """Forget the current sequence (prompt cache snapshots stay; clear_prompt_cache drops them)."""
-        self._cache.reset_state()
+        with self._exclusive("reset"):
+            self._cache.reset_state()
 
     def clear_prompt_cache(self) -> None:
         """Forget the current sequence and every prompt cache snapshot."""
-        self._cache.clear()
+        with self._exclusive("clear_prompt_cache"):
+            self._cache.clear()
 
     @property
     def prompt_cache_bytes(self) -> int:
         return self._cache.nbytes
 
-    def _state_changed(self) -> None:
-        """A low-level call ran tokens the prompt cache does not track: never reuse this state."""
-        self._cache.tokens = []
-
     def _tokens(self, token_ids) -> np.ndarray:
-        ids = np.asarray(token_ids)
+        """token_ids as int32, each checked against the vocabulary before the cast (which would wrap)."""
+        try:
+            ids = np.asarray(token_ids)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ArgumentError(f"token_ids must be a 1-D sequence of integers ({exc})") from None
         if ids.ndim != 1 or ids.size == 0:
-            raise ValueError(f"token_ids must be a non-empty 1-D sequence, got shape {ids.shape}")
+            raise ArgumentError(f"token_ids must be a non-empty 1-D sequence, got shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"token_ids must be integers, got {ids.dtype}")
+            if ids.dtype != object or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ArgumentError(f"token_ids must be integers, got {ids.dtype}")
+        vocab = int(self.config["vocab_size"])
+        bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+        if bad.size:
+            i = int(bad[0])
+            raise ArgumentError(f"token id {ids[i]} at index {i} is outside the vocabulary [0, {vocab})")
         return ids.astype(np.int32)
 
     def forward(self, token_ids, reset: bool = True) -> np.ndarray:
@@ -378,20 +426,20 @@ class Model:
 
         reset=False continues from the current state (prefill, then single-token steps)."""
         ids = self._tokens(token_ids)
-        if reset:
-            self._core.reset()
-        self._state_changed()
-        return self._timed(self._core.forward, ids, True)
+        with self._exclusive("forward"):
+            if reset:
+                self._core.reset()
+            return self._timed(self._core.forward, ids, True)
 
     def trace(self, token_ids, reset: bool = True) -> dict:
         """Run tokens and return every named intermediate of the forward pass as float32 [T, n]:
         "embed", "L{i}.attn_out" or "L{i}.deltanet_out", "L{i}.mlp_out", "L{i}.out" (the residual
         stream after layer i), "final_norm" (last token only). For bisecting a mismatch layer by layer."""
         ids = self._tokens(token_ids)
-        if reset:
-            self._core.reset()
-        self._state_changed()
-        return self._core.trace(ids)
+        with self._exclusive("trace"):
+            if reset:
+                self._core.reset()
+            return self._core.trace(ids)
 
     def generate_tokens(self, token_ids, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
                         stop_token_ids=None, reset: bool = True) -> list[int]:
@@ -402,31 +450,35 @@ class Model:
         when the context is full. Afterwards the state holds the prompt and every generated token but
         the last (it was sampled, not yet run): continue with forward([last], reset=False)."""
         ids = self._tokens(token_ids)
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if reset:
-            self._core.reset()
-        self._state_changed()
-        stops = self._eos if stop_token_ids is None else [int(t) for t in stop_token_ids]
-        if max_tokens == 0:
-            return []
-        return list(self._timed(self._core.generate, ids, int(max_tokens), float(temperature), int(seed or 0), stops))
-
+        params = SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens,
+                                stop_token_ids=[] if stop_token_ids is None else list(stop_token_ids)).validate()
+        stops = self._eos if stop_token_ids is None else [int(t) for t in params.stop_token_ids]
+        with self._exclusive("generate_tokens"):
+            if reset:
+                self._core.reset()
+            if max_tokens == 0:
+                return []
+            # more tokens than the context holds cannot be generated: bound the C side's output buffer
+            n = min(int(max_tokens), self.context_length)
+            return list(self._timed(self._core.generate, ids, n, float(temperature), int(seed or 0), stops))
 
     # ------------------------------------------------------------------ low level: steps and snapshots
 
     def snapshot(self):
-        """A copy of the sequence state (position, KV cache rows, DeltaNet state): a _core.Snapshot with
-        .position and .nbytes. restore(snap) returns this model to exactly that state."""
-        return self._core.snapshot()
+        """A copy of the sequence state (position, KV cache rows, DeltaNet state, and the tokens it holds):
+        a _core.Snapshot with .position, .nbytes and .tokens. restore(snap) returns this model to exactly
+        that state."""
+        with self._exclusive("snapshot"):
+            return self._core.snapshot()
 
     def restore(self, snap) -> None:
         """Return to the state of a snapshot taken from this model (or one loaded with the same config
-        and context length; otherwise ValueError). Later logits are bit-identical to the original run."""
-        self._core.restore(snap)
-        self._state_changed()
+        and context length; otherwise ArgumentError). Later logits are bit-identical to the original run."""
+        with self._exclusive("restore"):
+            try:
+                self._core.restore(snap)
+            except (ValueError, TypeError) as exc:
+                raise ArgumentError(str(exc)) from None
 
     def _new_sampler(self, params: SamplingParams | None = None):
         """A _core.Sampler for this model's vocabulary (params None: SamplingParams())."""
@@ -438,8 +490,9 @@ class Model:
     def _step(self, tokens, sampler) -> int:
         """Run tokens from the current position and return the next token sampled with sampler (which
         accepts it). The GIL is released while the C core runs."""
-        self._state_changed()
-        return int(self._core.decode_step(self._tokens(tokens), sampler))
+        ids = self._tokens(tokens)
+        with self._exclusive("step"):
+            return int(self._core.decode_step(ids, sampler))
 
     # ------------------------------------------------------------------ text: generate, stream, chat
 
@@ -484,7 +537,7 @@ class Model:
         base = dataclasses.replace(sampling) if sampling is not None else self.default_sampling()
         unknown = set(overrides) - {f.name for f in dataclasses.fields(SamplingParams)}
         if unknown:
-            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+            raise ArgumentError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(base, **overrides).validate()
 
     def _encode_prompt(self, text: str, what: str) -> list[int]:

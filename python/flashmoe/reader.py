@@ -1,8 +1,9 @@
 """Validation and reading of packed model directories (docs/FORMAT.md).
 
 read_header is what the engine's loader calls before handing offsets to C: it checks every fact the C
-side relies on (files, sizes, preambles, tensor names, shapes, dtypes, offsets, alignment) and raises
-FormatError naming the file and the problem.
+side relies on (files, sizes, preambles, tensor names, shapes, dtypes, offsets, alignment, value ranges
+and types: every integer it hands to C fits the C type) and raises FormatError naming the file and the
+problem.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 import zlib
 
@@ -23,18 +25,38 @@ from .format import (ALIGN, BLOB_ALIGN, EXPERT_NAMES, HEADER_NAME, KIND_DENSE, K
 
 _DTYPES = ("f32", "bf16", "q4", "q8")
 _ALLOWED = {_arch.QUANT: ("q4", "q8", "bf16", "f32"), _arch.HP: ("bf16", "f32"), _arch.F32: ("f32",)}
+_QUANT_KEYS = ("group_size", "scales_offset", "biases_offset")
+_FIELDS = struct.calcsize(_PREAMBLE_FMT)  # preamble bytes that carry fields; the rest must be zero
+_MAX_HEADER = 64 << 20  # a 397B model's header is ~1 MB; reading stops here
+# Config sizes: far above any real model, small enough that the engine's products of a few of them
+# (heads x head_dim x tokens x 4 bytes) stay within 64 bits; csrc/core/model.c check_config agrees.
+_MAX_DIM = 1 << 24
+_MAX_LAYERS = 256  # FM_MAX_LAYERS (csrc/include/flashmoe.h)
+_INT32_MAX = 2**31 - 1
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _f32(x: float) -> float:
+    """x rounded to float32, as the engine stores it; OverflowError past the float32 range."""
+    return struct.unpack("<f", struct.pack("<f", float(x)))[0]
+
+
+def _open_error(path: str, exc: OSError) -> FormatError:
+    return FormatError(f"{path}: cannot read: {exc.strerror or exc}")
+
+
 def _check_preamble(path: str, kind: int, layer: int, num_experts: int, size: int) -> None:
-    with open(path, "rb") as f:
-        head = f.read(struct.calcsize(_PREAMBLE_FMT))
-    if len(head) < struct.calcsize(_PREAMBLE_FMT):
+    try:
+        with open(path, "rb") as f:
+            head = f.read(PREAMBLE)
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    if len(head) < PREAMBLE:
         raise FormatError(f"{path}: file too short for its preamble")
-    magic, version, k, payload, lyr, n = struct.unpack(_PREAMBLE_FMT, head)
+    magic, version, k, payload, lyr, n = struct.unpack_from(_PREAMBLE_FMT, head)
     if magic != MAGIC:
         raise FormatError(f"{path}: bad magic {magic!r} (expected {MAGIC!r}); not a flashmoe file")
     if version != VERSION:
@@ -47,23 +69,40 @@ def _check_preamble(path: str, kind: int, layer: int, num_experts: int, size: in
         raise FormatError(f"{path}: preamble layer {lyr}, expected {layer}")
     if n != num_experts:
         raise FormatError(f"{path}: preamble num_experts {n}, expected {num_experts}")
+    tail = head[_FIELDS:]
+    if any(tail):  # reserved: a later version may give these bytes meaning
+        at = _FIELDS + len(tail) - len(tail.lstrip(b"\0"))
+        raise FormatError(f"{path}: preamble byte {at} is not zero (bytes {_FIELDS}..{PREAMBLE - 1} are reserved)")
+
+
+def _stat(path: str, what: str) -> os.stat_result:
+    """stat of a file the model needs, which must be a regular file (symlinks are followed)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing ({what})") from None
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FormatError(f"{path}: not a regular file ({what})")
+    return st
 
 
 def _check_file(root: str, rel, expected_size, what: str) -> str:
-    if not isinstance(rel, str) or os.path.isabs(rel) or ".." in rel.split("/"):
+    # Names stay inside the model directory; a symlink there is followed (experts on another disk).
+    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or ".." in rel.split("/"):
         raise FormatError(f"{root}: {what} has a bad file name {rel!r}")
     path = os.path.join(root, rel)
-    if not os.path.isfile(path):
-        raise FormatError(f"{path}: missing ({what})")
-    actual = os.path.getsize(path)
+    actual = _stat(path, what).st_size
     if not _is_int(expected_size) or actual != expected_size:
         what = "truncated" if _is_int(expected_size) and actual < expected_size else "wrong size"
         raise FormatError(f"{path}: {what}: {actual} bytes, the header says {expected_size}")
     return path
 
 
-def _check_entry(where: str, name: str, t, shape, allowed, limit: int, base: int) -> None:
-    """One tensor entry: dtype, shape, sizes, alignment, and bounds within [base, limit)."""
+def _check_entry(where: str, name: str, t, shape, allowed, limit: int, base: int) -> list:
+    """One tensor entry: dtype, shape, sizes, alignment, and bounds within [base, limit).
+    Returns its sections as (start, end, what) for _check_overlaps."""
     if not isinstance(t, dict):
         raise FormatError(f"{where}: tensor {name}: entry is not an object")
     dtype = t.get("dtype")
@@ -71,28 +110,59 @@ def _check_entry(where: str, name: str, t, shape, allowed, limit: int, base: int
         raise FormatError(f"{where}: tensor {name}: unknown dtype {dtype!r}")
     if dtype not in allowed:
         raise FormatError(f"{where}: tensor {name}: dtype {dtype} not allowed here (expected one of {allowed})")
-    if t.get("shape") != list(shape):
+    if t.get("shape") != list(shape) or not all(map(_is_int, t["shape"])):  # [64.0] == [64] in Python
         raise FormatError(f"{where}: tensor {name}: shape {t.get('shape')}, the config implies {list(shape)}")
     numel = math.prod(shape)
-    sections = [("offset", "nbytes", None)]
+    sections = [("offset", None)]
     if dtype in ("q4", "q8"):
         g = t.get("group_size")
-        if not _is_int(g) or g < quant.MIN_GROUP_SIZE or shape[1] % g or (dtype == "q4" and shape[1] % 2):
+        if (not _is_int(g) or g < quant.MIN_GROUP_SIZE or shape[1] % g
+                or (dtype == "q4" and (shape[1] % 2 or g % 2))):
             raise FormatError(f"{where}: tensor {name}: group_size {g!r} invalid for shape {list(shape)}")
         expect = shape[0] * quant.packed_cols(shape[1], 4 if dtype == "q4" else 8)
         sbytes = shape[0] * (shape[1] // g) * 2
-        sections += [("scales_offset", None, sbytes), ("biases_offset", None, sbytes)]
+        sections += [("scales_offset", sbytes), ("biases_offset", sbytes)]
     else:
         expect = numel * (4 if dtype == "f32" else 2)
-    if t.get("nbytes") != expect:
+        for key in _QUANT_KEYS:  # the loader would hand them to C
+            if key in t:
+                raise FormatError(f"{where}: tensor {name}: {dtype} has no {key} (found {t[key]!r})")
+    if not _is_int(t.get("nbytes")) or t["nbytes"] != expect:
         raise FormatError(f"{where}: tensor {name}: nbytes {t.get('nbytes')!r}, {dtype} {list(shape)} needs {expect}")
-    for key, _, fixed in sections:
+    out = []
+    for key, fixed in sections:
         off = t.get(key)
         n = expect if fixed is None else fixed
         if not _is_int(off) or off < base or off % ALIGN:
             raise FormatError(f"{where}: tensor {name}: {key} {off!r} is not a {ALIGN}-aligned offset >= {base}")
         if off + n > limit:
             raise FormatError(f"{where}: tensor {name}: {key} {off} + {n} bytes runs past the end ({limit})")
+        out.append((off, off + n, f"{name} {key}"))
+    return out
+
+
+def _check_overlaps(where: str, sections: list) -> None:
+    """No two sections share a byte. Sorted by start, every section is non-empty, so checking
+    neighbours suffices."""
+    sections = sorted(sections, key=lambda s: s[0])  # stable: ties stay in header order
+    for (s0, e0, a), (s1, e1, b) in zip(sections, sections[1:]):
+        if s1 < e0:
+            raise FormatError(f"{where}: tensor {a} [{s0}, {e0}) overlaps {b} [{s1}, {e1})")
+
+
+def _config_int(hpath: str, cfg: dict, k: str, lo: int, hi: int = _MAX_DIM) -> None:
+    if not _is_int(cfg[k]) or not lo <= cfg[k] <= hi:
+        raise FormatError(f"{hpath}: config {k} = {cfg[k]!r} is not an integer in {lo}..{hi}")
+
+
+def _positive_float(hpath: str, name: str, v) -> None:
+    """A number the engine keeps as a float32 and divides by or takes powers of: finite and > 0 there."""
+    try:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(_f32(v)) and _f32(v) > 0
+    except OverflowError:  # beyond float32 (or float) range
+        ok = False
+    if not ok:
+        raise FormatError(f"{hpath}: config {name} = {v!r} must be a finite number > 0 (as a float32)")
 
 
 def _check_config(hpath: str, arch: str, cfg) -> None:
@@ -106,14 +176,49 @@ def _check_config(hpath: str, arch: str, cfg) -> None:
         if k in ("layer_types", "rope_parameters", "mlp_only_layers", "rms_norm_eps", "tie_word_embeddings",
                  "norm_topk_prob"):
             continue
-        if not _is_int(cfg[k]) or cfg[k] < 0 or (cfg[k] == 0 and k != "num_experts"):
-            raise FormatError(f"{hpath}: config {k} = {cfg[k]!r} is not a positive integer")
+        _config_int(hpath, cfg, k, 0 if k == "num_experts" else 1)
+    if cfg["num_hidden_layers"] > _MAX_LAYERS:
+        raise FormatError(f"{hpath}: config num_hidden_layers = {cfg['num_hidden_layers']}: at most {_MAX_LAYERS} "
+                          "layers are supported")
+    for k, hi in (("intermediate_size", _MAX_DIM), ("max_position_embeddings", _INT32_MAX)):
+        if k not in need and cfg.get(k) is not None:  # optional; the loader reads them when present
+            _config_int(hpath, cfg, k, 0 if k == "intermediate_size" else 1, hi)
+    for k in ("tie_word_embeddings", "norm_topk_prob"):
+        if k in cfg and not isinstance(cfg[k], bool):  # "false" would be true
+            raise FormatError(f"{hpath}: config {k} = {cfg[k]!r} is not a boolean")
+    # The engine computes silu MLPs and bias-free attention, whatever the header says: refuse other models
+    # (the converter does too, arch.normalize_config).
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise FormatError(f"{hpath}: config hidden_act {cfg['hidden_act']!r} unsupported (only silu)")
+    if cfg.get("attention_bias") not in (None, False):
+        raise FormatError(f"{hpath}: config attention_bias {cfg['attention_bias']!r} unsupported (only false)")
+    eos = cfg.get("eos_token_id")
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    if eos is not None and not all(_is_int(e) and 0 <= e <= _INT32_MAX for e in eos_ids):
+        raise FormatError(f"{hpath}: config eos_token_id = {eos!r} is not a token id or a list of them")
+    _positive_float(hpath, "rms_norm_eps", cfg["rms_norm_eps"])
     lt = cfg["layer_types"]
     if not isinstance(lt, list) or len(lt) != cfg["num_hidden_layers"] or any(x not in _arch.LAYER_TYPES for x in lt):
         raise FormatError(f"{hpath}: config layer_types must list {cfg['num_hidden_layers']} entries of {_arch.LAYER_TYPES}")
+    if arch == "qwen3_next":
+        mlp_only = cfg["mlp_only_layers"]
+        if not isinstance(mlp_only, list) or not all(map(_is_int, mlp_only)):  # indices past the last layer: no-ops
+            raise FormatError(f"{hpath}: config mlp_only_layers = {mlp_only!r} is not a list of layer indices")
     rp = cfg["rope_parameters"]
     if not isinstance(rp, dict) or "rope_theta" not in rp or "partial_rotary_factor" not in rp:
         raise FormatError(f"{hpath}: config rope_parameters must hold rope_theta and partial_rotary_factor")
+    if rp.get("rope_type", "default") != "default":
+        raise FormatError(f"{hpath}: config rope_parameters.rope_type {rp['rope_type']!r} unsupported "
+                          "(only 'default')")
+    _positive_float(hpath, "rope_parameters.rope_theta", rp["rope_theta"])
+    prf = rp["partial_rotary_factor"]
+    if not (isinstance(prf, (int, float)) and not isinstance(prf, bool) and 0 < prf <= 1):
+        raise FormatError(f"{hpath}: config rope_parameters.partial_rotary_factor = {prf!r} must be a number "
+                          "in (0, 1]")
+    rot = int(_f32(cfg["head_dim"] * _f32(prf)))  # as the engine computes it, in float32 (csrc/core/blocks.c)
+    if rot % 2:
+        raise FormatError(f"{hpath}: config rope_parameters.partial_rotary_factor {prf} gives an odd rotary dim "
+                          f"{rot} (head_dim {cfg['head_dim']})")
     if cfg["linear_num_value_heads"] % cfg["linear_num_key_heads"]:
         raise FormatError(f"{hpath}: config linear_num_value_heads is not a multiple of linear_num_key_heads")
     if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
@@ -128,12 +233,23 @@ def read_header(path) -> dict:
     if not os.path.isdir(root):
         raise FormatError(f"{root}: not a directory (expected a packed flashmoe model)")
     hpath = os.path.join(root, HEADER_NAME)
-    if not os.path.isfile(hpath):
+    if not os.path.lexists(hpath):
         raise FormatError(f"{hpath}: missing; {root} is not a packed flashmoe model (convert it first)")
+    size = _stat(hpath, "the header").st_size
+    if size <= _MAX_HEADER:
+        try:
+            with open(hpath, "rb") as f:
+                raw = f.read(_MAX_HEADER + 1)  # bounded: the file may have grown since
+        except OSError as exc:
+            raise _open_error(hpath, exc) from None
+        size = len(raw)
+    if size > _MAX_HEADER:
+        raise FormatError(f"{hpath}: {size} bytes, larger than any header ({_MAX_HEADER} at most)")
     try:
-        with open(hpath, "rb") as f:
-            header = json.loads(f.read().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise FormatError(f"{hpath}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # UnicodeDecodeError is one
         raise FormatError(f"{hpath}: not valid JSON ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != "flashmoe":
         fmt = header.get("format") if isinstance(header, dict) else None
@@ -154,6 +270,9 @@ def read_header(path) -> dict:
     dense = header.get("dense")
     if not isinstance(dense, dict) or not isinstance(dense.get("tensors"), dict):
         raise FormatError(f"{hpath}: missing dense section")
+    crc = dense.get("checksum", 0)  # absent in models written before it existed
+    if not _is_int(crc) or not 0 <= crc < 2**32:
+        raise FormatError(f"{hpath}: dense.checksum {crc!r} is not a CRC-32")
     dpath = _check_file(root, dense.get("file"), dense.get("size"), "dense weights")
     _check_preamble(dpath, KIND_DENSE, NO_LAYER, 0, dense["size"])
     specs = _arch.packed_dense_specs(arch, cfg)
@@ -164,32 +283,37 @@ def read_header(path) -> dict:
     extra = [n for n in tensors if n not in specs]
     if extra:
         raise FormatError(f"{hpath}: unexpected dense tensors: {', '.join(extra[:5])}")
+    sections = []
     for name, (shape, role) in specs.items():
-        _check_entry(dpath, name, tensors[name], shape, _ALLOWED[role], dense["size"], PREAMBLE)
+        sections += _check_entry(dpath, name, tensors[name], shape, _ALLOWED[role], dense["size"], PREAMBLE)
+    _check_overlaps(dpath, sections)
 
     ex = header.get("experts")
     if not isinstance(ex, dict) or not isinstance(ex.get("tensors"), dict) or not isinstance(ex.get("layers"), list):
         raise FormatError(f"{hpath}: missing experts section")
     blob, stride = ex.get("blob_size"), ex.get("stride")
-    if not _is_int(blob) or not _is_int(stride) or blob <= 0 or stride < blob or stride % BLOB_ALIGN:
+    if (not _is_int(blob) or not _is_int(stride) or blob <= 0 or stride < blob or stride % BLOB_ALIGN
+            or stride >= 2**64):
         raise FormatError(f"{hpath}: experts blob_size {blob!r} / stride {stride!r} invalid "
-                          f"(stride must be a multiple of {BLOB_ALIGN} and >= blob_size)")
+                          f"(stride must be a multiple of {BLOB_ALIGN}, >= blob_size and < 2^64)")
     eshapes = _arch.expert_shapes(cfg)
     if sorted(ex["tensors"]) != sorted(EXPERT_NAMES):
         raise FormatError(f"{hpath}: experts.tensors must be exactly {EXPERT_NAMES}")
+    sections, where = [], hpath + " experts"
     for name, shape in eshapes.items():
-        _check_entry(hpath + " experts", name, ex["tensors"][name], shape, _ALLOWED[_arch.QUANT], blob, 0)
+        sections += _check_entry(where, name, ex["tensors"][name], shape, _ALLOWED[_arch.QUANT], blob, 0)
+    _check_overlaps(where, sections)
     want = _arch.moe_layers(arch, cfg)
-    got = [entry.get("layer") if isinstance(entry, dict) else None for entry in ex["layers"]]
+    got = [e.get("layer") if isinstance(e, dict) and _is_int(e.get("layer")) else None for e in ex["layers"]]
     if got != want:
         raise FormatError(f"{hpath}: experts.layers lists layers {got}, the config has MoE layers {want}")
     n = cfg["num_experts"]
     for entry in ex["layers"]:
         layer = entry["layer"]
-        if entry.get("num_experts") != n:
+        if not _is_int(entry.get("num_experts")) or entry["num_experts"] != n:
             raise FormatError(f"{hpath}: layer {layer}: num_experts {entry.get('num_experts')!r}, config says {n}")
         size = PREAMBLE + n * stride
-        if entry.get("size") != size:
+        if not _is_int(entry.get("size")) or entry["size"] != size:
             raise FormatError(f"{hpath}: layer {layer}: size {entry.get('size')!r}, {n} experts need {size}")
         sums = entry.get("checksums")
         if not isinstance(sums, list) or len(sums) != n or not all(_is_int(c) and 0 <= c < 2**32 for c in sums):
@@ -279,7 +403,16 @@ class PackedReader:
         return tuple(self._parts(buf, ts[n], 0) for n in EXPERT_NAMES)
 
     def verify(self) -> None:
-        """Check every expert blob against its CRC-32."""
+        """Check dense.bin's payload (if the header has its CRC-32) and every expert blob against their CRC-32."""
+        dense = self.header["dense"]
+        if "checksum" in dense:
+            path, crc = os.path.join(self.path, dense["file"]), 0
+            with open(path, "rb") as f:
+                f.seek(PREAMBLE)
+                while chunk := f.read(1 << 24):
+                    crc = zlib.crc32(chunk, crc)
+            if crc != dense["checksum"]:
+                raise FormatError(f"{path}: checksum {crc:#010x}, header says {dense['checksum']:#010x} (corrupt)")
         for layer, entry in self._layers.items():
             for e, want in enumerate(entry["checksums"]):
                 got = zlib.crc32(self.blob(layer, e))
