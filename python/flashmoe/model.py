@@ -547,11 +547,12 @@ class Model:
         ctx = self.context_length
         least = tok.min_tokens(text)
         if least > ctx:
-            raise ContextLengthError(f"the prompt has at least {least} tokens ({len(text)} characters) but the "
-                                     f"context holds {ctx} (load the model with a larger context_length)")
+            raise ContextLengthError(f"the prompt has at least {least} tokens ({len(text)} characters) but "
+                                     f"the context holds {ctx} (load the model with a larger context_length)")
         encoding = tok._encoding(text)
         if len(encoding) > ctx:  # said before the ids become a list of Python ints
-            raise ContextLengthError(f"the prompt has {len(encoding)} tokens but the context holds {ctx} "
+            n, encoding = len(encoding), None  # (not kept alive by the exception's traceback)
+            raise ContextLengthError(f"the prompt has {n} tokens but the context holds {ctx} "
                                      f"(load the model with a larger context_length)")
         return encoding.ids
 

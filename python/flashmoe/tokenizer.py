@@ -199,9 +199,9 @@ class Tokenizer:
         # every byte of the text must reach the BPE as one of the 256 byte symbols: a ByteLevel step,
         # only steps that never drop text, and the whole byte alphabet in the vocabulary (a byte outside
         # it would be dropped, and a text of such bytes would be no tokens at all)
+        keeps_text = ("ByteLevel", "Split", "Digits", "Punctuation")
         if not any(s.get("type") == "ByteLevel" for s in steps) or any(
-            s.get("type") not in ("ByteLevel", "Split", "Digits", "Punctuation") or s.get("behavior") == "Removed"
-            for s in steps
+            s.get("type") not in keeps_text or s.get("behavior") == "Removed" for s in steps
         ):
             return None
         vocab = tok.get_vocab(with_added_tokens=True)

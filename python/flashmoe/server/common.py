@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import secrets
 import time
 
@@ -187,8 +188,8 @@ def sampling_params(defaults, max_tokens: int, stop: list[str], **fields):
     params = dataclasses.replace(defaults, max_tokens=max_tokens, stop=stop, **given)
     try:
         return params.validate()
-    except ValueError as e:
-        raise bad(str(e), param=str(e).split(" ")[0]) from None
+    except ValueError as e:  # its message starts with the field's name
+        raise bad(str(e), param=re.match(r"\w*", str(e)).group()) from None
 
 
 def check_model(body: dict, cfg: ServerConfig) -> None:
@@ -207,7 +208,9 @@ def check_model(body: dict, cfg: ServerConfig) -> None:
 
 
 def text_of(content, where: str) -> str:
-    """A message content given as a string or a list of text parts / blocks, as one string."""
+    """A message content given as a string or a list of text parts / blocks, as one string. where:
+    the content's place in the request ("messages[2]", "system"), which names the field of an error."""
+    param = re.match(r"\w*", where).group()
     if content is None:
         return ""
     if isinstance(content, str):
@@ -219,16 +222,16 @@ def text_of(content, where: str) -> str:
                 out.append(part)
                 continue
             if not isinstance(part, dict):
-                raise bad(f"{where}: a content part must be an object")
+                raise bad(f"{where}: a content part must be an object", param=param)
             kind = part.get("type")
             if kind in ("text", "input_text", "output_text"):
                 if not isinstance(part.get("text"), str):
-                    raise bad(f"{where}: a text part needs 'text' as a string")
+                    raise bad(f"{where}: a text part needs 'text' as a string", param=param)
                 out.append(part["text"])
             else:
-                raise bad(f"{where}: content of type {kind!r} is not supported (text only)")
+                raise bad(f"{where}: content of type {kind!r} is not supported (text only)", param=param)
         return "".join(out)
-    raise bad(f"{where}: content must be a string or a list of parts")
+    raise bad(f"{where}: content must be a string or a list of parts", param=param)
 
 
 # ---- chat jobs -----------------------------------------------------------------------------------

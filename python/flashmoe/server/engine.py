@@ -16,6 +16,7 @@ import ctypes
 import itertools
 import os
 import threading
+import traceback
 from typing import Any, Callable, Iterator
 
 _ITEM, _ERROR, _DONE = 0, 1, 2
@@ -115,7 +116,7 @@ _malloc_trim = _find_malloc_trim()
 def release_memory() -> None:
     """Give the C allocator's free memory back to the OS. glibc keeps what a big job freed (tokenizing
     15 MB of text goes through ~1.8 GB in many small blocks, from several threads' arenas) for reuse,
-    so the server would hold gigabytes after one large prompt; malloc_trim returns them (a few ms)."""
+    so the server would hold gigabytes after one large prompt; malloc_trim returns them (25 ms for 450 MB)."""
     if _malloc_trim is not None:
         _malloc_trim(0)
 
@@ -217,6 +218,9 @@ class Engine:
                 outcome = "cancelled"
             else:
                 outcome = "failed"
+                # the request needs the exception, not the locals of the frames it went through (a
+                # prompt's text, ids, encoding: hundreds of MB for a long one, to be freed now)
+                traceback.clear_frames(exc.__traceback__)
                 job._put(_ERROR, exc)
         finally:
             close = getattr(it, "close", None)
