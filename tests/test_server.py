@@ -4,6 +4,7 @@ text: the shapes, the streaming, tool calls forced with tool_choice, queueing an
 what is checked). Scripted generation (as in test_generate.py) stands in where the text matters:
 parallel tool calls and a generation slow enough to be cancelled."""
 
+import contextlib
 import json
 import os
 import socket
@@ -63,11 +64,10 @@ def model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def served(model_dir):
-    """A server in this process (so that generation can be scripted), on a free loopback port."""
-    model = flashmoe.load(model_dir, context_length=1024, int8_activations=False)
-    app = create_app(model, model_name=NAME, api_key=KEY, max_tokens_limit=128, max_body_bytes=64 * 1024)
+@contextlib.contextmanager
+def serving(app):
+    """app served by uvicorn in a thread of this process (so that generation can be scripted), on a free
+    loopback port; yields its URL."""
     sock = socket.create_server(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -77,12 +77,21 @@ def served(model_dir):
             break
         time.sleep(0.02)
     assert server.started
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield url, app.state.server
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
     assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    model = flashmoe.load(model_dir, context_length=1024, int8_activations=False)
+    app = create_app(model, model_name=NAME, api_key=KEY, max_tokens_limit=128, max_body_bytes=64 * 1024)
+    with serving(app) as url:
+        yield url, app.state.server
 
 
 @pytest.fixture
@@ -661,3 +670,334 @@ def test_serve_command(model_dir):
             proc.kill()
             proc.wait()
     assert proc.returncode in (0, -15)
+
+
+# ---- issue 14: no stall, the right status, no poisoned retry, cancellation -----------------------------
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def health(url):
+    r = httpx.get(url + "/health", timeout=10)
+    assert r.status_code == 200
+    return r.json()
+
+
+def rss() -> int:
+    """This process's resident bytes (0 where there is no /proc)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def wait_for(cond, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def post_and_hold(url, path, body):
+    """POST body on a raw socket, returned open: closing it is the client leaving."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+@pytest.fixture(scope="module")
+def big_served(model_dir):
+    """A server with the default body limit (16 MiB) and a context of 1024 tokens."""
+    model = flashmoe.load(model_dir, context_length=1024, int8_activations=False)
+    app = create_app(model, model_name=NAME)
+    with serving(app) as url:
+        yield url, app.state.server
+
+
+@pytest.mark.parametrize("kind", ["ascii", "cjk"])
+def test_a_huge_prompt_neither_stalls_the_server_nor_keeps_its_memory(big_served, kind):
+    """A chat message of 15 MB of ASCII (refused from its length alone, untokenized) or of 2 M CJK
+    characters (which no byte count can refuse under NFC: tokenized, 6 M tokens, with the GIL released)
+    while another client polls /health every 50 ms: /health answers throughout, the prompt gets the usual
+    context-length 400, and the memory tokenizing went through is given back. Before: /health waited
+    17 s (ASCII) behind the tokenizer holding the GIL, and the process kept 1.9 GB."""
+    url, _ = big_served
+    if kind == "ascii":
+        text = ("The weather in Paris is sunny, 21 degrees. " * 350_000)[:15_000_000]
+    else:
+        text = "中文日本語你好世界" * 222_223
+    body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": text}], "max_tokens": 2})
+    body = body.encode()
+    assert len(body) < 16 * 1024 * 1024
+    del text
+    answers, stop = [], threading.Event()
+
+    def poll():
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                answers.append((time.perf_counter(), c.get(url + "/health").status_code))
+                time.sleep(0.05)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    before = rss()
+    t0 = time.perf_counter()
+    poller.start()
+    r = httpx.post(url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},
+                   timeout=120)
+    t1 = time.perf_counter()
+    stop.set()
+    poller.join(60)
+    grown = rss() - before
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+    assert "the context holds 1024" in err["message"]
+    assert all(status == 200 for _, status in answers)
+    times = [t0] + [t for t, _ in answers if t0 < t < t1] + [t1]
+    longest_wait = max(b - a for a, b in zip(times, times[1:]))
+    assert longest_wait < 1.0, f"/health went unanswered for {longest_wait:.2f} s"
+    if before:  # Linux
+        assert grown < 100 << 20, f"the server kept {grown >> 20} MiB more after the request"
+
+
+def test_a_prompt_text_is_refused_untokenized_only_when_it_cannot_fit(served, monkeypatch):
+    """Over context_length times the longest token's bytes, a prompt is refused without tokenizing; at
+    that edge, a text of exactly context_length tokens (the longest token over and over) still runs."""
+    from flashmoe.errors import ContextLengthError
+    from flashmoe.tokenizer import Tokenizer
+
+    model = served[1].model
+    ctx = model.context_length
+    longest = "<|endoftext|>"  # 13 bytes, one token: the longest of the test tokenizer
+    assert model.tokenizer._length_rule == ("ascii", len(longest))
+    seen = []
+    encoding = Tokenizer._encoding
+    monkeypatch.setattr(Tokenizer, "_encoding",
+                        lambda self, text, *a: seen.append(text) or encoding(self, text, *a))
+    assert model._encode_prompt(longest * ctx, "chat") == model.tokenizer.encode(longest) * ctx
+    seen.clear()
+    with pytest.raises(ContextLengthError, match=f"at least {ctx + 1} tokens .* the context holds {ctx}"):
+        model._encode_prompt(longest * (ctx + 1), "chat")
+    assert seen == []  # never tokenized
+    # a text the bound lets through is tokenized, and counted before its ids become a list
+    with pytest.raises(ContextLengthError, match=f"has {ctx + 1} tokens"):
+        model._encode_prompt("<|im_end|>" * (ctx + 1), "chat")
+    assert len(seen) == 1
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_FIELDS = [  # path, field, value, code (None: not checked)
+    ("/v1/chat/completions", "top_k", 2**70, None),
+    ("/v1/chat/completions", "top_k", 2**31, None),
+    ("/v1/chat/completions", "seed", -1, None),
+    ("/v1/chat/completions", "seed", 2**70, None),
+    ("/v1/chat/completions", "max_tokens", 2**70, "invalid_value"),
+    ("/v1/chat/completions", "max_completion_tokens", 10**30, "invalid_value"),
+    ("/v1/chat/completions", "temperature", NAN, None),
+    ("/v1/chat/completions", "top_p", NAN, None),
+    ("/v1/chat/completions", "min_p", INF, None),
+    ("/v1/chat/completions", "presence_penalty", NAN, None),
+    ("/v1/chat/completions", "repetition_penalty", 1e308, None),  # a finite double, inf as a float32
+    ("/v1/chat/completions", "n", 2, None),
+    ("/v1/chat/completions", "n", 2**70, None),
+    ("/v1/chat/completions", "logit_bias", {"5": 1}, None),
+    ("/v1/chat/completions", "logprobs", True, None),
+    ("/v1/chat/completions", "stop", ["a"] * 1000, None),
+    ("/v1/chat/completions", "chat_template_kwargs", {"messages": []}, None),
+    ("/v1/chat/completions", "chat_template_kwargs", {"add_generation_prompt": False}, None),
+    ("/v1/chat/completions", "messages", [{"role": "user", "content": [{"type": "image_url"}]}], None),
+    ("/v1/completions", "prompt", [2**31], None),
+    ("/v1/completions", "prompt", [-1], None),
+    ("/v1/completions", "prompt", [2**70], None),
+    ("/v1/completions", "prompt", [5] * 2000, "context_length_exceeded"),
+    ("/v1/completions", "prompt", "x " * 1500, "context_length_exceeded"),
+    ("/v1/completions", "top_k", 2**70, None),
+    ("/v1/completions", "seed", 2**70, None),
+    ("/v1/completions", "temperature", NAN, None),
+    ("/v1/completions", "max_tokens", 2**70, "invalid_value"),
+    ("/v1/completions", "n", 2, None),
+    ("/v1/completions", "logit_bias", {"1": 2}, None),
+    ("/v1/messages", "top_k", 2**70, None),
+    ("/v1/messages", "temperature", NAN, None),
+    ("/v1/messages", "top_p", INF, None),
+    ("/v1/messages", "max_tokens", 2**70, None),
+]
+
+
+@pytest.mark.parametrize("path,field,value,code", BAD_FIELDS,
+                         ids=[f"{p[4:].replace('/', '.')}-{f}-{i}"
+                              for i, (p, f, _, _) in enumerate(BAD_FIELDS)])
+def test_a_bad_field_gets_400_naming_it(url, path, field, value, code):
+    base = {"model": NAME, "max_tokens": 2}
+    base.update({"prompt": "Hello"} if path == "/v1/completions" else {"messages": USER})
+    r = httpx.post(url + path, content=json.dumps({**base, field: value}),
+                   headers={**AUTH, "content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text
+    if path == "/v1/messages":
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and field in err["message"], err
+    else:
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == field, err
+        assert code is None or err["code"] == code, err
+    assert "internal error" not in err["message"]
+
+
+def test_engine_errors_map_by_kind():
+    """What the engine raises: about the request 400 (naming the prompt's field), the server's own
+    failures 500 saying what failed, in both APIs' shapes."""
+    from flashmoe.chat import ChatTemplateError
+    from flashmoe.errors import (ArgumentError, ContextLengthError, FlashMoEError, FormatError,
+                                 MemoryBudgetError, ReadError)
+    from flashmoe.server import anthropic as an_api
+    from flashmoe.server import openai as oa_api
+    from flashmoe.server.common import engine_error
+
+    cases = [
+        (ContextLengthError("the prompt has 5000 tokens but the context holds 1024"), 400,
+         "context_length_exceeded", "the prompt has 5000"),
+        (ChatTemplateError("chat template error: roles must alternate"), 400, None, "roles must alternate"),
+        (ArgumentError("token id 7 is outside the vocabulary [0, 5)"), 400, None, "token id 7"),
+        (ReadError("layer 0 expert 3: read failed at offset 0: Input/output error"), 500, "read_error",
+         "could not read the model's files: layer 0 expert 3"),
+        (FormatError("layer 0 expert 3: checksum mismatch"), 500, "model_error", "failed a check: layer 0"),
+        (MemoryBudgetError("cannot allocate the KV cache"), 500, "model_error", "ran out of memory"),
+        (FlashMoEError("something in the core"), 500, "model_error", "the engine failed: something"),
+        (RuntimeError("boom"), 500, None, "internal error: RuntimeError: boom"),
+        (TypeError("unsupported operand"), 500, None, "internal error: TypeError"),
+    ]
+    for exc, status, code, words in cases:
+        err = engine_error(exc, "prompt")
+        assert (err.status, err.code, err.param) == (status, code, "prompt" if status == 400 else None), exc
+        assert words in err.message, (exc, err.message)
+        kinds = (oa_api.error_body(err)["error"]["type"], an_api.error_body(err)["error"]["type"])
+        assert kinds == (("invalid_request_error",) * 2 if status == 400 else ("server_error", "api_error"))
+
+
+def test_a_model_without_a_tokenizer_serves_token_ids_and_refuses_text_with_400(tmp_path):
+    write_random_model(tmp_path / "m", TINY, bits=4, progress=False)
+    model = flashmoe.load(tmp_path / "m", context_length=256, int8_activations=False)
+    with serving(create_app(model, model_name=NAME)) as base:
+        for path, body in [("/v1/chat/completions", {"messages": USER}), ("/v1/messages", {"messages": USER}),
+                           ("/v1/messages/count_tokens", {"messages": USER}),
+                           ("/v1/completions", {"prompt": "Hi"})]:
+            r = httpx.post(base + path, json={"model": NAME, "max_tokens": 2, **body}, timeout=30)
+            assert r.status_code == 400 and "no tokenizer" in r.text, (path, r.text)
+        r = httpx.post(base + "/v1/completions", json={"model": NAME, "prompt": [1, 2, 3], "max_tokens": 2,
+                                                      "temperature": 0}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3
+
+
+def test_a_failed_read_answers_500_and_the_retry_gets_what_a_fresh_server_gives(model_dir):
+    """An expert read fails (the fault hook) at points spread over a request: in the prompt, after the
+    prompt's snapshot, in decode. The request gets a 500 saying so, /health keeps answering, and the
+    client's retry returns exactly the fresh server's answer (greedy), not one from a state the failure
+    left half-built."""
+    opts = dict(context_length=1024, int8_activations=False, expert_cache_slots=2, prefetch=False)
+    body = {"model": NAME, "messages": USER, "max_tokens": 8, "temperature": 0}
+
+    def answer(r):
+        assert r.status_code == 200, r.text
+        j = r.json()
+        return j["choices"], j["usage"]["prompt_tokens"], j["usage"]["completion_tokens"]
+
+    fresh = flashmoe.load(model_dir, **opts)
+    with serving(create_app(fresh, model_name=NAME)) as base:
+        misses = fresh.stats["expert_misses"]
+        want = answer(httpx.post(base + "/v1/chat/completions", json=body, timeout=60))
+        reads = fresh.stats["expert_misses"] - misses  # two cache slots, no prefetch: every miss is a read
+    assert reads >= 64
+    model = flashmoe.load(model_dir, **opts)
+    errors = []
+    with serving(create_app(model, model_name=NAME)) as base:
+        for after in range(0, reads - reads // 8, reads // 8):
+            model.clear_prompt_cache()  # each round starts as the fresh server did: failures land as meant
+            model._core.debug_fail_reads(after, 1)
+            r = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 500, (after, r.text)
+            errors.append(r.json()["error"])
+            assert healthy(base)
+            retry = answer(httpx.post(base + "/v1/chat/completions", json=body, timeout=60))
+            assert retry == want, f"the retry after a read failing once {after} reads into the request"
+    for err in errors:
+        assert err["type"] == "server_error" and err["code"] == "read_error", err
+        assert "could not read the model's files" in err["message"] and "Input/output error" in err["message"]
+
+
+def test_a_queued_request_whose_client_leaves_is_dropped_at_once_and_never_runs(url, served, monkeypatch):
+    import flashmoe.generation as g
+
+    release, running, prompts = threading.Event(), threading.Event(), []
+
+    def run(model, prompt, params, **kw):  # the first request holds the engine until released
+        prompts.append(model.tokenizer.decode(prompt))
+        running.set()
+        assert release.wait(30)
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": 1, "total_tokens": len(prompt) + 1,
+                 "cached_tokens": 0}
+        yield GenerationChunk("done", [1], "stop", usage, {})
+
+    monkeypatch.setattr(g, "run_generation", run)
+    before = health(url)["requests"]
+    first = {}
+    body = {"model": NAME, "messages": [{"role": "user", "content": "the first"}]}
+    t = threading.Thread(target=lambda: first.update(
+        r=httpx.post(url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60)))
+    t.start()
+    try:
+        assert running.wait(10)
+        sock = post_and_hold(url, "/v1/chat/completions",
+                             {"model": NAME, "messages": [{"role": "user", "content": "the second"}]})
+        wait_for(lambda: health(url)["queued"] == 1, "the second request to be queued")
+        sock.close()
+        # it leaves the queue as soon as the server sees its client go, while the first still runs
+        wait_for(lambda: health(url)["queued"] == 0, "the second request to leave the queue")
+        h = health(url)
+        assert h["busy"] and h["requests"] == {**before, "cancelled": before["cancelled"] + 1}
+    finally:
+        release.set()
+        t.join(30)
+    assert first["r"].status_code == 200 and first["r"].json()["choices"][0]["finish_reason"] == "stop"
+    assert len(prompts) == 1 and "the first" in prompts[0]  # the second never ran
+    wait_for(lambda: not health(url)["busy"], "the engine to be idle")
+    assert health(url)["requests"] == {**before, "completed": before["completed"] + 1,
+                                       "cancelled": before["cancelled"] + 1}
+
+
+def test_a_client_leaving_during_a_long_prompt_stops_it_at_the_next_piece(model_dir, monkeypatch):
+    """A long prompt runs in pieces of 4 prefill chunks, the job's progress callback between them: once the
+    server sees the client go, the next boundary stops the prompt (the rest of it never runs)."""
+    from flashmoe.generation import PromptCache
+
+    model = flashmoe.load(model_dir, context_length=1024, int8_activations=False, prefill_chunk=8)
+    app = create_app(model, model_name=NAME)
+    engine = app.state.server.engine
+    messages = [{"role": "user", "content": "The weather in Paris is sunny. " * 50}]
+    n_prompt = len(model.tokenizer.encode(model.apply_chat_template(messages)))
+    piece = 4 * 8
+    assert 10 * piece < n_prompt <= 1024
+    pieces, started = [], threading.Event()
+    run = PromptCache.run
+
+    def one_piece(self, ids):
+        out = run(self, ids)
+        pieces.append(len(ids))
+        if len(pieces) == 1:  # hold the prompt here until the server has seen the client leave
+            started.set()
+            wait_for(lambda: engine._current is not None and engine._current.cancelled, "the cancellation")
+        return out
+
+    monkeypatch.setattr(PromptCache, "run", one_piece)
+    with serving(app) as base:
+        sock = post_and_hold(base, "/v1/chat/completions",
+                             {"model": NAME, "messages": messages, "max_tokens": 4})
+        assert started.wait(10)
+        sock.close()
+        wait_for(lambda: not health(base)["busy"], "the engine to stop")
+        assert health(base)["requests"] == {"completed": 0, "cancelled": 1, "failed": 0}
+    assert pieces == [piece] and model.position == piece < n_prompt

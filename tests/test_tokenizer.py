@@ -175,7 +175,8 @@ def _backend_variant(vocab_size=300, normalizer="NFC", truncate=False, rstrip=Fa
     return backend
 
 
-@pytest.mark.parametrize("normalizer,rule", [("NFC", "ascii"), ("NFKC", "ascii"), ("NFD", "ascii"), (None, "bytes")])
+@pytest.mark.parametrize("normalizer,rule",
+                         [("NFC", "ascii"), ("NFKC", "ascii"), ("NFD", "ascii"), (None, "bytes")])
 def test_min_tokens_never_exceeds_the_count(normalizer, rule):
     tok = Tokenizer(_backend_variant(normalizer=normalizer))
     assert tok._length_rule == (rule, len("<|endoftext|>"))
