@@ -67,6 +67,12 @@ struct fm_expert_store {
 
     uint8_t *pool;          /* [n_slots, stride], 2 MiB aligned (fm_alloc_weights) */
     slot_t *slots;
+    /* The evictable slots (unpinned, not being read): the free ones on a stack, the others in a binary
+     * min-heap by eviction order, so a miss finds its victim in O(log slots) (the 397B shape has
+     * thousands of slots; a scan of all of them per miss, under the lock, would not scale). */
+    int *free_stack, n_free;
+    int *heap, n_heap;
+    int *heap_pos;          /* [n_slots] index in heap, or -1 */
     int32_t *slot_of;       /* [n_layers * n_experts] -> slot or -1 */
     int *resident;          /* [n_layers + 1] experts of each layer with a slot (read or being read) */
     double *lfreq;          /* [n_layers * n_experts] LFRU: log2(decayed use count) + tick / half_life,
@@ -88,6 +94,9 @@ struct fm_expert_store {
 
     fm_store_counters c;
 };
+
+static void make_evictable(fm_expert_store *s, int slot); /* the policy's order, below */
+static void rebuild_evictable(fm_expert_store *s);
 
 uint64_t fm_expert_store_slot_bytes(const fm_load_spec *spec) { return spec->expert_stride; }
 
@@ -161,6 +170,7 @@ static void read_slot(fm_expert_store *s, int slot, int key, int inject_fault) {
     } else {
         sl->state = SLOT_READY;
     }
+    if (sl->pins == 0) make_evictable(s, slot); /* a prefetch nobody waits for yet */
     s->c.bytes_read += done;
     if (--s->in_flight == 0) s->c.io_busy_seconds += fm_now() - s->busy_since;
     pthread_cond_broadcast(&s->done);
@@ -266,14 +276,18 @@ fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, 
     s->protected_keys = (int32_t *)malloc(sizeof(int32_t) * (size_t)(s->n_experts + 1));
     s->slots = (slot_t *)calloc((size_t)s->n_slots, sizeof(slot_t));
     s->queue = (int *)malloc(sizeof(int) * (size_t)s->n_slots);
+    s->free_stack = (int *)malloc(sizeof(int) * (size_t)s->n_slots);
+    s->heap = (int *)malloc(sizeof(int) * (size_t)s->n_slots);
+    s->heap_pos = (int *)malloc(sizeof(int) * (size_t)s->n_slots);
     if (!s->fds || !s->fds_buffered || !s->checksums || !s->stamps || !s->slot_of || !s->resident || !s->lfreq ||
-        !s->protect || !s->protected_keys || !s->slots || !s->queue)
+        !s->protect || !s->protected_keys || !s->slots || !s->queue || !s->free_stack || !s->heap || !s->heap_pos)
         return fm_fail(FM_ERR_NOMEM, "expert store: out of memory");
     for (size_t i = 0; i < n_keys; i++) {
         s->slot_of[i] = -1;
         s->lfreq[i] = -INFINITY; /* never used: a count of 0 */
     }
     for (int i = 0; i < s->n_slots; i++) s->slots[i].key = -1;
+    rebuild_evictable(s); /* every slot free, the lowest index on top */
     if (spec->expert_checksums)
         memcpy(s->checksums, spec->expert_checksums, (n_keys - 1) * sizeof(uint32_t));
 
@@ -314,6 +328,7 @@ void fm_expert_store_recover(fm_expert_store *s) {
     for (int i = 0; i < s->n_slots; i++) s->slots[i].pins = 0;
     for (int i = 0; i < s->n_protected; i++) s->protect[s->protected_keys[i]] = 0;
     s->n_protected = 0;
+    rebuild_evictable(s);
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -343,6 +358,9 @@ void fm_expert_store_free(fm_expert_store *s) {
     free(s->protected_keys);
     free(s->slots);
     free(s->queue);
+    free(s->free_stack);
+    free(s->heap);
+    free(s->heap_pos);
     free(s->threads);
     free(s->pool);
     pthread_mutex_destroy(&s->mu);
@@ -361,25 +379,109 @@ static void touch(fm_expert_store *s, int slot, int key) {
     s->lfreq[key] = log2(exp2(s->lfreq[key] - now) + 1.0) + now;
 }
 
-/* The slot to refill: a free one, else the lowest (score, last use) among the evictable ones, where
- * score is the LFRU key (or nothing under LRU) and predicted experts come last. */
-static int pick_victim(const fm_expert_store *s) {
-    int best = FM_SLOT_NONE, best_tier = 0;
-    double best_score = 0.0;
+/* Eviction order: the lower (tier, score, last use) goes first, where tier is 1 for an expert predicted
+ * for the next layer and score the LFRU key (nothing under LRU). last_use values are unique, so this is
+ * a total order. */
+static int evict_before(const fm_expert_store *s, int a, int b) {
+    const slot_t *x = &s->slots[a], *y = &s->slots[b];
+    const int ta = s->protect[x->key], tb = s->protect[y->key];
+    if (ta != tb) return ta < tb;
+    if (s->policy == FM_CACHE_LFRU && s->lfreq[x->key] != s->lfreq[y->key]) return s->lfreq[x->key] < s->lfreq[y->key];
+    return x->last_use < y->last_use;
+}
+
+static void heap_set(fm_expert_store *s, int i, int slot) {
+    s->heap[i] = slot;
+    s->heap_pos[slot] = i;
+}
+
+static void heap_sift(fm_expert_store *s, int i) {
+    const int slot = s->heap[i];
+    while (i > 0 && evict_before(s, slot, s->heap[(i - 1) / 2])) { /* up */
+        heap_set(s, i, s->heap[(i - 1) / 2]);
+        i = (i - 1) / 2;
+    }
+    for (;;) { /* down */
+        int c = 2 * i + 1;
+        if (c >= s->n_heap) break;
+        if (c + 1 < s->n_heap && evict_before(s, s->heap[c + 1], s->heap[c])) c++;
+        if (!evict_before(s, s->heap[c], slot)) break;
+        heap_set(s, i, s->heap[c]);
+        i = c;
+    }
+    heap_set(s, i, slot);
+}
+
+/* A slot became evictable (unpinned and not being read): onto the free stack or into the heap. */
+static void make_evictable(fm_expert_store *s, int slot) {
+    if (s->slots[slot].key < 0) {
+        s->free_stack[s->n_free++] = slot;
+        return;
+    }
+    heap_set(s, s->n_heap++, slot);
+    heap_sift(s, s->n_heap - 1);
+}
+
+/* A slot in the heap is pinned or refilled: out of the heap (free slots are only ever taken from the
+ * top of their stack). */
+static void take(fm_expert_store *s, int slot) {
+    if (s->slots[slot].key < 0) {
+        s->n_free--;
+        return;
+    }
+    const int i = s->heap_pos[slot];
+    if (i < 0) return;
+    s->heap_pos[slot] = -1;
+    const int last = s->heap[--s->n_heap];
+    if (i < s->n_heap) {
+        heap_set(s, i, last);
+        heap_sift(s, i);
+    }
+}
+
+/* An evictable slot's order may have changed (its expert's protection): restore the heap. */
+static void reorder(fm_expert_store *s, int key) {
+    const int slot = s->slot_of[key];
+    if (slot >= 0 && s->heap_pos[slot] >= 0) heap_sift(s, s->heap_pos[slot]);
+}
+
+#ifdef FM_STORE_CHECK
+/* The eviction order by a scan of every slot: what the stack and the heap must agree with. A build
+ * with -DFM_STORE_CHECK checks it on every pick (bench/RESULTS.md says when the suite last ran so). */
+static void check_victim(const fm_expert_store *s, int got) {
+    int best = FM_SLOT_NONE, n_free = 0, n_evictable = 0;
     for (int i = 0; i < s->n_slots; i++) {
         const slot_t *sl = &s->slots[i];
         if (sl->pins > 0 || sl->state == SLOT_LOADING) continue;
-        if (sl->key < 0) return i;
-        const int tier = s->protect[sl->key];
-        const double score = s->policy == FM_CACHE_LFRU ? s->lfreq[sl->key] : 0.0;
-        if (best == FM_SLOT_NONE || tier < best_tier || (tier == best_tier && score < best_score) ||
-            (tier == best_tier && score == best_score && sl->last_use < s->slots[best].last_use)) {
-            best = i;
-            best_tier = tier;
-            best_score = score;
-        }
+        n_evictable++;
+        if (sl->key < 0) n_free++;
+        else if (best == FM_SLOT_NONE || evict_before(s, i, best)) best = i;
     }
-    return best;
+    const int ok = n_free == s->n_free && n_evictable == s->n_free + s->n_heap &&
+                   (n_free ? s->slots[got].key < 0 : got == best);
+    if (!ok) {
+        fprintf(stderr, "expert store: victim %d, a scan says %d (free %d/%d, evictable %d/%d)\n", got, best, n_free,
+                s->n_free, n_evictable, s->n_free + s->n_heap);
+        abort();
+    }
+}
+#endif
+
+/* The slot to refill (not taken yet): a free one, else the first in eviction order. */
+static int pick_victim(const fm_expert_store *s) {
+    const int slot = s->n_free > 0 ? s->free_stack[s->n_free - 1] : s->n_heap > 0 ? s->heap[0] : FM_SLOT_NONE;
+#ifdef FM_STORE_CHECK
+    check_victim(s, slot);
+#endif
+    return slot;
+}
+
+/* Every unpinned slot that is not being read back into the free stack and the heap (after recover). */
+static void rebuild_evictable(fm_expert_store *s) {
+    s->n_free = s->n_heap = 0;
+    for (int i = s->n_slots - 1; i >= 0; i--) s->heap_pos[i] = -1;
+    for (int i = s->n_slots - 1; i >= 0; i--)
+        if (s->slots[i].pins == 0 && s->slots[i].state != SLOT_LOADING) make_evictable(s, i);
 }
 
 static void start_read(fm_expert_store *s, int slot, int key) {
@@ -409,7 +511,9 @@ int fm_expert_store_acquire(fm_expert_store *s, int layer, int e) {
         s->c.hits++;
         if (s->slots[slot].prefetched) s->c.prefetch_hits++;
         s->slots[slot].prefetched = 0;
+        if (s->slots[slot].pins == 0) take(s, slot); /* no longer evictable (no-op while it is read) */
     } else {
+        /* a failed or page-cache slot of this very expert, if it is evictable, else the policy's victim */
         slot = (slot >= 0 && s->slots[slot].pins == 0 && s->slots[slot].state != SLOT_LOADING) ? slot : pick_victim(s);
         while (slot == FM_SLOT_NONE) {
             /* Every slot is pinned or being read. Reads not pinned by the caller (prefetches) finish on
@@ -425,6 +529,7 @@ int fm_expert_store_acquire(fm_expert_store *s, int layer, int e) {
             slot = pick_victim(s);
         }
         s->c.misses++;
+        take(s, slot);
         start_read(s, slot, key);
     }
     s->slots[slot].pins++;
@@ -480,7 +585,8 @@ void fm_expert_store_view(const fm_expert_store *s, int slot, fm_expert *out) {
 
 void fm_expert_store_release(fm_expert_store *s, int slot) {
     pthread_mutex_lock(&s->mu);
-    if (s->slots[slot].pins > 0) s->slots[slot].pins--;
+    if (s->slots[slot].pins > 0 && --s->slots[slot].pins == 0 && s->slots[slot].state != SLOT_LOADING)
+        make_evictable(s, slot);
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -493,7 +599,10 @@ int fm_expert_store_layer_resident(fm_expert_store *s, int layer) {
 
 void fm_expert_store_predict(fm_expert_store *s, int layer, const int32_t *experts, int n) {
     pthread_mutex_lock(&s->mu);
-    for (int i = 0; i < s->n_protected; i++) s->protect[s->protected_keys[i]] = 0;
+    for (int i = 0; i < s->n_protected; i++) {
+        s->protect[s->protected_keys[i]] = 0;
+        reorder(s, s->protected_keys[i]);
+    }
     s->n_protected = 0;
     if (layer < 0 || layer >= s->n_layers || s->fds[layer] < 0) {
         pthread_mutex_unlock(&s->mu);
@@ -504,11 +613,13 @@ void fm_expert_store_predict(fm_expert_store *s, int layer, const int32_t *exper
         if (s->protect[key]) continue;
         s->protect[key] = 1;
         s->protected_keys[s->n_protected++] = key;
+        reorder(s, key);
         if (!s->prefetch || s->slot_of[key] >= 0) continue;
         /* Prefetch only into a slot holding nothing predicted: never displace a protected expert. */
         const int victim = pick_victim(s);
         if (victim == FM_SLOT_NONE) continue;
         if (s->slots[victim].key >= 0 && s->protect[s->slots[victim].key]) continue;
+        take(s, victim);
         start_read(s, victim, key);
         s->slots[victim].prefetched = 1;
         s->slots[victim].last_use = ++s->tick;
