@@ -199,7 +199,7 @@ class Engine:
 
     def _run_job(self, job: Job) -> None:
         before = _rss()
-        it, outcome = None, "completed"
+        it, outcome, failure = None, "completed", None
         try:
             if job.cancelled:  # cancelled between leaving the queue and starting
                 outcome = "cancelled"
@@ -217,11 +217,10 @@ class Engine:
             if job.cancelled:
                 outcome = "cancelled"
             else:
-                outcome = "failed"
+                outcome, failure = "failed", exc
                 # the request needs the exception, not the locals of the frames it went through (a
                 # prompt's text, ids, encoding: hundreds of MB for a long one, to be freed now)
                 traceback.clear_frames(exc.__traceback__)
-                job._put(_ERROR, exc)
         finally:
             close = getattr(it, "close", None)
             if close is not None:
@@ -231,8 +230,13 @@ class Engine:
                     pass
             job.work = it = None  # the request's data (its prompt) goes now
             if before and _rss() - before >= TRIM_AFTER_GROWTH:
-                release_memory()  # before the request is answered, so that it is done when it is
+                release_memory()
             with self._cv:
                 self.counts[outcome] += 1
                 self._current = None
-            job._put(_DONE)
+            # only now is the request answered: the engine is idle and its memory back when it is
+            if failure is not None:
+                job._put(_ERROR, failure)
+                failure = None  # else exception -> traceback -> this frame -> exception, a cycle
+            else:
+                job._put(_DONE)
