@@ -277,7 +277,7 @@ class ChatJob:
                 )
                 # _encode_prompt: a prompt too long for the context fails here, before tokenizing
                 n = len(model._encode_prompt(text + (self.response_prefix or ""), "chat"))
-                del text
+                del text  # not held while the whole answer is generated
                 yield {"prompt_tokens": n}
             for d in model.stream_chat(
                 self.messages,
