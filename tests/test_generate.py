@@ -163,8 +163,17 @@ def scripted(text):
     return run
 
 
-def test_chat_returns_tool_calls(model, monkeypatch):
+@pytest.fixture
+def roomy(model_dir):
+    """The model with a context that holds a prompt with TOOLS (the scripted tests below run no model,
+    but a prompt is refused when it does not fit the context, before any generation)."""
+    return flashmoe.load(model_dir, context_length=1024, int8_activations=False)
+
+
+def test_chat_returns_tool_calls(roomy, monkeypatch):
     import flashmoe.generation as g
+
+    model = roomy
 
     call = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n" \
            "</parameter>\n</function>\n</tool_call>"
@@ -218,8 +227,10 @@ def test_default_sampling_reads_generation_config(model_dir, tmp_path):
     assert SamplingParams().temperature == 1.0
 
 
-def test_response_prefix_forces_the_start_of_the_answer(model, monkeypatch):
+def test_response_prefix_forces_the_start_of_the_answer(roomy, monkeypatch):
     import flashmoe.generation as g
+
+    model = roomy
 
     prefix = "<tool_call>\n<function=get_weather>\n"
     monkeypatch.setattr(g, "run_generation", scripted("<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"))
