@@ -60,57 +60,95 @@ def test_generate_streams_text_and_a_stats_line(tmp_path):
     assert bad.returncode == 1 and "top_p must be in (0, 1]" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_chat_in_a_terminal(tmp_path):
-    """The interactive chat driven through a pseudo-terminal, as a person would."""
-    import pty
-    import select
-    import time
+class Terminal:
+    """The CLI run on a pseudo-terminal, as a person would: send lines, wait for output."""
 
-    model = tiny_model_with_tokenizer(tmp_path / "m")
-    pid, fd = pty.fork()
-    if pid == 0:  # child: the CLI on the pty
-        os.execve(sys.executable, [sys.executable, "-m", "flashmoe.cli", "chat", model, "--max-tokens", "5",
-                                   "--temperature", "0"], ENV)
-    seen = b""
+    def __init__(self, *args):
+        import pty
 
-    def expect(pattern: bytes, timeout=120):
-        nonlocal seen
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # child: the CLI on the pty
+            os.execve(sys.executable, [sys.executable, "-m", "flashmoe.cli", *args], ENV)
+        self.seen = b""
+
+    def send(self, line: str) -> None:
+        os.write(self.fd, line.encode() + b"\n")
+
+    def expect(self, pattern: bytes, timeout=120) -> None:
+        """Wait for pattern; what came after it stays for the next expect."""
+        import select
+        import time
+
         end = time.time() + timeout
-        while pattern not in seen:
-            assert time.time() < end, f"timed out waiting for {pattern!r}; got {seen[-500:]!r}"
-            if select.select([fd], [], [], 0.5)[0]:
+        while pattern not in self.seen:
+            assert time.time() < end, f"timed out waiting for {pattern!r}; got {self.seen[-500:]!r}"
+            if select.select([self.fd], [], [], 0.5)[0]:
                 try:
-                    seen += os.read(fd, 4096)
+                    self.seen += os.read(self.fd, 4096)
                 except OSError:
                     break
-        assert pattern in seen, seen[-500:]
-        start = seen.index(pattern) + len(pattern)
-        rest, seen = seen[start:], seen[start:]
-        return rest
+        assert pattern in self.seen, self.seen[-500:]
+        self.all = getattr(self, "all", b"") + self.seen[:self.seen.index(pattern) + len(pattern)]
+        self.seen = self.seen[self.seen.index(pattern) + len(pattern):]
 
-    try:
-        expect(b"> ")
-        os.write(fd, b"Hello\n")
-        expect(b"experts hit")
-        expect(b"> ")
-        os.write(fd, b"/stats\n")
-        expect(b"expert_hits")
-        expect(b"> ")
-        os.write(fd, b"/system Be brief.\n")
-        expect(b"system prompt set")
-        expect(b"> ")
-        os.write(fd, b"Again\n")
-        expect(b"tok/s")
-        expect(b"> ")
-        os.write(fd, b"/reset\n")
-        expect(b"conversation reset")
-        expect(b"> ")
-        os.write(fd, b"/exit\n")
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
+    def exit_code(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+    def close(self) -> None:
         try:
-            os.kill(pid, 9)
+            os.kill(self.pid, 9)
         except ProcessLookupError:
             pass
-        os.close(fd)
+        os.close(self.fd)
+
+
+def test_chat_in_a_terminal(tmp_path):
+    """The interactive chat driven through a pseudo-terminal, as a person would."""
+    model = tiny_model_with_tokenizer(tmp_path / "m")
+    t = Terminal("chat", model, "--max-tokens", "5", "--temperature", "0")
+    try:
+        t.expect(b"> ")
+        t.send("Hello")
+        t.expect(b"experts hit")
+        t.expect(b"> ")
+        t.send("/stats")
+        t.expect(b"expert_hits")
+        t.expect(b"> ")
+        t.send("/system Be brief.")
+        t.expect(b"system prompt set")
+        t.expect(b"> ")
+        t.send("Again")
+        t.expect(b"tok/s")
+        t.expect(b"> ")
+        t.send("/reset")
+        t.expect(b"conversation reset")
+        t.expect(b"> ")
+        t.send("/exit")
+        assert t.exit_code() == 0
+    finally:
+        t.close()
+
+
+def test_chat_goes_on_after_a_failed_turn(tmp_path):
+    """A read error in one turn (the experts files cut short under the running chat) drops that turn
+    with a message, not a traceback, and the chat goes on."""
+    model = tiny_model_with_tokenizer(tmp_path / "m")
+    experts = sorted((tmp_path / "m" / "experts").iterdir())
+    budget = flashmoe.memory_plan(model)["minimum"]  # room for one layer's experts: every turn reads
+    t = Terminal("chat", model, "--max-tokens", "5", "--temperature", "0", "--memory-budget", str(budget))
+    try:
+        t.expect(b"> ")
+        t.send("Hello")
+        t.expect(b"experts hit")
+        t.expect(b"> ")
+        for f in experts:
+            os.truncate(f, 16384)
+        t.send("Something else entirely, to read other experts for")
+        t.expect(b"this turn is dropped, try again]")
+        t.expect(b"> ")
+        t.send("/exit")
+        assert t.exit_code() == 0
+        assert b"Traceback" not in t.all
+    finally:
+        t.close()

@@ -1,4 +1,4 @@
-/* util.c — errors, aligned allocation, timing, CRC-32. */
+/* util.c — errors, aligned allocation, timing. (CRC-32: crc32.c) */
 #define _GNU_SOURCE /* MADV_HUGEPAGE */
 #include "util.h"
 
@@ -57,38 +57,4 @@ double fm_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* Slicing-by-8 CRC-32 (reflected polynomial 0xEDB88320), tables built on first use. */
-static uint32_t g_crc_table[8][256];
-static int g_crc_ready;
-
-static void crc_init(void) {
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        g_crc_table[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++) g_crc_table[t][i] = (g_crc_table[t - 1][i] >> 8) ^ g_crc_table[0][g_crc_table[t - 1][i] & 0xff];
-    __atomic_store_n(&g_crc_ready, 1, __ATOMIC_RELEASE);
-}
-
-uint32_t fm_crc32(uint32_t crc, const void *data, size_t n) {
-    if (!__atomic_load_n(&g_crc_ready, __ATOMIC_ACQUIRE)) crc_init(); /* idempotent: a race only rebuilds */
-    const uint8_t *p = (const uint8_t *)data;
-    crc = ~crc;
-    while (n >= 8) {
-        uint32_t lo, hi;
-        memcpy(&lo, p, 4);
-        memcpy(&hi, p + 4, 4);
-        lo ^= crc;
-        crc = g_crc_table[7][lo & 0xff] ^ g_crc_table[6][(lo >> 8) & 0xff] ^ g_crc_table[5][(lo >> 16) & 0xff] ^
-              g_crc_table[4][lo >> 24] ^ g_crc_table[3][hi & 0xff] ^ g_crc_table[2][(hi >> 8) & 0xff] ^
-              g_crc_table[1][(hi >> 16) & 0xff] ^ g_crc_table[0][hi >> 24];
-        p += 8;
-        n -= 8;
-    }
-    while (n--) crc = g_crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
-    return ~crc;
 }

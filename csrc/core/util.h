@@ -26,7 +26,8 @@ void *fm_grow(void **buf, size_t *cap, size_t bytes, size_t grow_to);
 
 double fm_now(void); /* monotonic seconds */
 
-uint32_t fm_crc32(uint32_t crc, const void *data, size_t n); /* IEEE, as zlib.crc32 */
+uint32_t fm_crc32(uint32_t crc, const void *data, size_t n); /* IEEE, as zlib.crc32 (crc32.c) */
+uint32_t fm_crc32_portable(uint32_t crc, const void *data, size_t n); /* the same by table only (tests) */
 
 static inline float fm_bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;

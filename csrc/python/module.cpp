@@ -16,6 +16,8 @@ extern "C" {
 #include "../backend/ops.h"
 #include "../core/threads.h"
 #include "flashmoe.h"
+uint32_t fm_crc32(uint32_t crc, const void *data, size_t n); /* core/util.h */
+uint32_t fm_crc32_portable(uint32_t crc, const void *data, size_t n);
 }
 
 namespace py = pybind11;
@@ -472,6 +474,12 @@ static void bind_ops(py::module_ &m) {
         check(fm_model_plan(&h.s, &mem));
         return memory_dict(mem);
     });
+    // the engine's CRC-32, for the tests (zlib.crc32's); portable: the table version the others fall back to
+    m.def("crc32", [](py::buffer data, uint32_t crc, bool portable) {
+        py::buffer_info b = data.request();
+        py::gil_scoped_release release;
+        return (portable ? fm_crc32_portable : fm_crc32)(crc, b.ptr, (size_t)(b.size * b.itemsize));
+    }, py::arg("data"), py::arg("crc") = 0, py::arg("portable") = false);
     m.def("cpu_isas", []() {
         std::vector<std::string> out;
         for (const char *isa : {"scalar", "avx2", "avx512", "neon", "neondot"})

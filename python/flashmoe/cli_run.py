@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .errors import FlashMoEError
+
 LONG_PROMPT = 256  # tokens to process before a prompt gets a progress bar
 
 
@@ -183,6 +185,10 @@ def cmd_chat(args) -> int:
                     print(reply_stats_line(d["usage"], d["stats"]), file=sys.stderr)
         except KeyboardInterrupt:  # stop this reply, keep the conversation
             print("\n[interrupted]", file=sys.stderr)
+        except FlashMoEError as exc:  # e.g. a failed read: the model is still consistent, so go on
+            print(f"\n[error: {exc}; this turn is dropped, try again]", file=sys.stderr)
+            messages.pop()
+            continue
         finally:
             progress.close()
         messages.append(reply)
