@@ -229,6 +229,20 @@ def run_child(spec: dict, cgroup_parent: str | None, limit: int | None) -> dict:
     return out
 
 
+def run_script(script: str, spec: dict, pkg: str = "") -> dict:
+    """Run `python script --child SPEC` in a fresh process, with the flashmoe package of directory pkg
+    first on the path (an older build, side by side; "" for the installed one): its last line of stdout,
+    read as JSON. Exits with the child's stderr when it fails."""
+    env = dict(os.environ)
+    if pkg:
+        env["PYTHONPATH"] = os.path.abspath(pkg) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, os.path.abspath(script), "--child", json.dumps(spec)], env=env,
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{pkg or 'installed'}: the run failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def _run_self(spec: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
                           capture_output=True, text=True, timeout=3600)

@@ -18,8 +18,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import run_script  # noqa: E402  (bench/decode.py)
 
 CONFIG = {"hidden_size": 64, "num_hidden_layers": 60, "num_experts": 512, "num_experts_per_tok": 10,
           "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "vocab_size": 512,
@@ -68,14 +70,7 @@ def main() -> None:
     res: dict[str, list] = {b: [] for b in builds}
     for rnd in range(args.rounds):
         for b in builds:
-            env = dict(os.environ)
-            if b:
-                env["PYTHONPATH"] = os.path.abspath(b) + os.pathsep + env.get("PYTHONPATH", "")
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], env=env,
-                               capture_output=True, text=True)
-            if p.returncode != 0:
-                sys.exit(f"{b or 'installed'}: the run failed:\n{p.stderr[-2000:]}")
-            row = json.loads(p.stdout.strip().splitlines()[-1])
+            row = run_script(__file__, spec, b)
             res[b].append(row)
             print(f"  round {rnd + 1} {b or 'installed'}: decode {row['decode']:.1f} tok/s, "
                   f"{row['us_per_miss']:.2f} us per miss ({row['misses']} misses)", flush=True)

@@ -20,11 +20,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import BENCH_DIR, model_path  # noqa: E402  (bench/decode.py: the shared benchmark model)
+from decode import BENCH_DIR, model_path, run_script  # noqa: E402  (bench/decode.py: the shared benchmark model)
 
 
 def child(spec: dict) -> None:
@@ -78,14 +77,7 @@ def main() -> None:
     res: dict[str, list] = {b: [] for b in builds}
     for rnd in range(args.rounds):
         for b in builds:
-            env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-            if b:
-                env["PYTHONPATH"] = os.path.abspath(b) + os.pathsep + env.get("PYTHONPATH", "")
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                               env=env, capture_output=True, text=True)
-            if p.returncode != 0:
-                sys.exit(f"{b or 'installed'}: the run failed:\n{p.stderr[-2000:]}")
-            rows = json.loads(p.stdout.strip().splitlines()[-1])
+            rows = run_script(__file__, spec, b)
             res[b] += rows
             print(f"  round {rnd + 1} {b or 'installed'}: prompt tok/s "
                   + " ".join(f"{r['prompt']:.1f}" for r in rows)

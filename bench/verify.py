@@ -17,11 +17,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import BENCH_DIR, model_path  # noqa: E402  (bench/decode.py: the shared benchmark model)
+from decode import BENCH_DIR, model_path, run_script  # noqa: E402  (bench/decode.py: the shared benchmark model)
 
 
 def child(spec: dict) -> None:
@@ -62,14 +61,10 @@ def main() -> None:
         for verify in (False, True):
             spec = {"path": path, "budget": budget, "verify": verify, "tokens": args.tokens,
                     "vocab": header["config"]["vocab_size"]}
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                               capture_output=True, text=True)
-            if p.returncode != 0:
-                sys.exit(f"the run failed:\n{p.stderr[-2000:]}")
-            row = json.loads(p.stdout.strip().splitlines()[-1])
+            row = run_script(__file__, spec)
             res[verify].append(row)
-            print(f"  round {rnd + 1} verify={verify}: decode {row['decode']:.2f} tok/s, read {row['read_gbps']:.2f} GB/s, "
-                  f"hit rate {row['hit_rate']:.2f}", flush=True)
+            print(f"  round {rnd + 1} verify={verify}: decode {row['decode']:.2f} tok/s, "
+                  f"read {row['read_gbps']:.2f} GB/s, hit rate {row['hit_rate']:.2f}", flush=True)
     off, on = (statistics.median(r["decode"] for r in res[v]) for v in (False, True))
     print(f"verify off {off:.2f} tok/s, on {on:.2f} tok/s: x{on / off:.3f} (medians of {args.rounds})")
     print(json.dumps({"off": off, "on": on, "ratio": on / off}))

@@ -135,7 +135,8 @@ def test_experts_file_overwritten_after_load_is_refused(model_dir, tmp_path, ver
     with open(f, "r+b") as fh:  # in place: the loaded model's descriptor sees the new bytes
         fh.write(data)
     # without checksums the file's inode, size and times tell; with them, every read's CRC-32
-    match = r"layer 1 expert \d+: checksum mismatch" if verify else r"L001\.bin changed on disk since the model was loaded"
+    match = (r"layer 1 expert \d+: checksum mismatch" if verify
+             else r"L001\.bin changed on disk since the model was loaded")
     with pytest.raises(FormatError, match=match):
         m.forward(ids)
     assert m.position == 0
