@@ -82,12 +82,13 @@ def test_stop_string_cuts_the_text_and_is_never_streamed(model):
 
 
 def test_stop_token_ends_generation(model):
-    ids = model.generate("Stop here", max_tokens=8, stop_token_ids=[], **GREEDY).token_ids
-    k = next((i for i in range(2, len(ids)) if ids[i] not in ids[:i]), None)  # a token's first appearance
-    if k is None:
-        pytest.skip("the greedy tokens repeat from the start")
-    r = model.generate("Stop here", max_tokens=8, stop_token_ids=[ids[k]], **GREEDY)
-    assert r.finish_reason == "stop" and r.token_ids == ids[:k]
+    # a presence penalty far above the logits' range: greedy then never repeats a token, so the third
+    # token is a first appearance, and stopping on it must end the answer just before it
+    kw = dict(max_tokens=8, presence_penalty=1000.0, **GREEDY)
+    ids = model.generate("Stop here", stop_token_ids=[], **kw).token_ids
+    assert len(set(ids)) == len(ids) == 8
+    r = model.generate("Stop here", stop_token_ids=[ids[2]], **kw)
+    assert r.finish_reason == "stop" and r.stop == ids[2] and r.token_ids == ids[:2]
 
 
 def test_leaving_the_stream_stops_decoding(model):

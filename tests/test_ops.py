@@ -149,6 +149,29 @@ def ref_matmul_int8(dtype, data, scales, biases, rows, cols, gs, x, int8_act):
     return (dx * (dots * s[None] + b[None] * f64(xq).sum(axis=2)[:, None, :])).sum(axis=2)
 
 
+# float16-subnormal scales and biases (below 2^-14 = 6.1e-5) on every row: weights ~1.5e-5, with x scaled
+# up by as much so that outputs are O(1) and the normalised error judges them (in the cases above only row 0
+# is tiny, and its outputs of ~1e-5 would pass the tolerance even if computed as zero). Every kernel
+# variant reads these scales: the fp32-activation paths (T = 1, 5, 11) and the int8 ones.
+def build_subnormal(rng, dtype, rows, cols, gs, T, int8_act):
+    w = randn(rng, rows, cols) * np.float32(1.5e-5)
+    q, s, b = quantize(w, 8 if dtype == Q8 else 4, gs)
+    sub = lambda a: np.all((np.abs(a.astype(np.float32)) < 2.0 ** -14) & (a != 0))  # noqa: E731
+    assert sub(s) and sub(b), "the scales and biases must be float16 subnormals"
+    return (dtype, q, s.view(np.uint16), b.view(np.uint16), rows, cols, gs,
+            randn(rng, T, cols) * np.float32(1 / 1.5e-5)) + ((True,) if int8_act else ())
+
+
+for name, dtype, gs in (("q8g32", Q8, 32), ("q8g64", Q8, 64), ("q4g32", Q4, 32), ("q4g64", Q4, 64)):
+    for T in (1, 5, 11):
+        case("matmul", f"subnormal-{name}-13x{4 * gs}-T{T}",
+             lambda rng, d=dtype, g=gs, T=T: build_subnormal(rng, d, 13, 4 * g, g, T, False),
+             lambda *a: f64(a[7]) @ ref_dequant(*a[:7]).T, TOL_DOT)
+        case("matmul", f"subnormal-int8-{name}-13x{4 * gs}-T{T}",
+             lambda rng, d=dtype, g=gs, T=T: build_subnormal(rng, d, 13, 4 * g, g, T, True),
+             ref_matmul_int8, TOL_DOT)
+
+
 def x_with_zero_group(rng, T, cols, gs):
     x = randn(rng, T, cols)
     x[0, :gs] = 0.0  # m = 0: xq = 0, d = 0

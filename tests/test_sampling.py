@@ -114,17 +114,82 @@ def test_each_filter_actually_cuts():
     assert 1 < (ref_probs(logits, min_p=0.1) > 0).sum() < V
 
 
-def test_large_vocabulary_support():
-    """At the Qwen vocabulary the bucketed top_p path never draws outside the reference support."""
-    rng = np.random.default_rng(3)
+def chi2_bound(df: int, z: float = 6.0) -> float:
+    """The chi-square value a correct sampler exceeds with probability ~Phi(-z) (z = 6: ~1e-9), by the
+    Wilson-Hilferty approximation ((X/df)^(1/3) is nearly normal, mean 1 - 2/(9 df), var 2/(9 df))."""
+    v = 2.0 / (9.0 * df)
+    return df * (1.0 - v + z * np.sqrt(v)) ** 3
+
+
+def chi2_against(got, p, n_min=5.0):
+    """Pearson's chi-square of the draws `got` against the distribution p: one bin per token expected at
+    least n_min times, the rest of the support in one more bin. Returns (statistic, degrees of freedom)."""
+    N = len(got)
+    support = np.flatnonzero(p > 0)
+    big = support[p[support] * N >= n_min]
+    expected = np.append(p[big] * N, (p[support].sum() - p[big].sum()) * N)
+    counts = np.bincount(got, minlength=len(p))
+    observed = np.append(counts[big], counts[support].sum() - counts[big].sum())
+    if expected[-1] < n_min:  # the rest is too light for a bin of its own: fold it into the last token's
+        expected[-2] += expected[-1]
+        observed[-2] += observed[-1]
+        expected, observed = expected[:-1], observed[:-1]
+    return float(((observed - expected) ** 2 / expected).sum()), len(expected) - 1
+
+
+def big_vocabulary_logits():
+    """Logits at the Qwen vocabulary (248320 = 7760 blocks of 32): a light N(0, 1) background and 24
+    heavy tokens, 8 on the first position of a 32-token block, 8 on its last and 8 inside one, each
+    block otherwise light. The filters' block skips test 32 tokens at once: an off-by-one there (a skip
+    that also passes the next block's first token, or a test that misses a block's last) drops heavy
+    tokens, which carry most of the probability."""
     n = 248320
-    logits = rng.normal(0, 2.5, n).astype(np.float32)
-    logits[rng.choice(n, 40, replace=False)] += rng.uniform(6, 14, 40).astype(np.float32)
-    for case in (dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_k=40, top_p=0.95),
-                 dict(temperature=1.0, min_p=0.05)):
-        p = ref_probs(logits, margin=1e-6, **case)
-        got = draws({**case, "seed": 7}, logits, 300)
-        assert set(got.tolist()) <= set(np.flatnonzero(p > 0).tolist()), case
+    rng = np.random.default_rng(21)
+    logits = rng.normal(0, 1.0, n).astype(np.float32)
+    blocks = rng.choice(n // 32 - 2, 24, replace=False) + 1
+    heavy = np.concatenate([blocks[:8] * 32, blocks[8:16] * 32 + 31, blocks[16:] * 32 + rng.integers(1, 31, 8)])
+    logits[heavy] = (14.0 + rng.uniform(0.0, 3.0, 24)).astype(np.float32)
+    return logits, heavy
+
+
+BIG_CASES = [dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_k=40, top_p=0.95),
+             dict(temperature=1.0, min_p=0.05)]
+
+
+@pytest.mark.parametrize("case", BIG_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_large_vocabulary_distribution_matches_reference(case):
+    """2000 seeded draws at the Qwen vocabulary against the exact distribution: no draw outside the
+    reference support, and Pearson's chi-square within its 6-sigma bound (a correct sampler exceeds it
+    with probability ~1e-9; the float32 exp moves probabilities by ~1e-6, nothing at this N). A sampler
+    that always returns the argmax, or loses the heavy tokens at block edges, is off by chi-square
+    values in the thousands (tests/plant_bugs.py plants both)."""
+    logits, heavy = big_vocabulary_logits()
+    p = ref_probs(logits, margin=1e-6, **case)
+    assert np.all(p[heavy[:16]] > 0) or case.get("top_p", 1) < 1  # block-edge tokens carry mass
+    assert p[heavy[:16]].sum() > 0.2, p[heavy[:16]].sum()
+    N = 2000
+    got = draws({**case, "seed": 7}, logits, N)
+    assert set(got.tolist()) <= set(np.flatnonzero(p > 0).tolist()), case
+    stat, df = chi2_against(got, p)
+    assert df >= 8, df  # the support has many tokens: the test is not vacuous
+    assert stat <= chi2_bound(df), (stat, df, chi2_bound(df))
+
+
+@pytest.mark.parametrize("isa", [i for i in _core.cpu_isas() if i != "auto"])
+def test_every_kernel_variant_draws_the_same(isa):
+    """The sampler's exp pass has an AVX2 copy and a plain one (csrc/core/util.h FM_AVX2_COPY); a forced
+    kernel variant picks between them. Both do the same float32 operations in the same order for each
+    element and the same block sums, so the same seed draws the same tokens: the plain copy, which no
+    other test runs on x86, is checked here against the distribution-tested default."""
+    logits, _ = big_vocabulary_logits()
+    for case in BIG_CASES + [dict(temperature=1.0)]:
+        want = draws({**case, "seed": 3}, logits, 200)
+        _core.set_cpu_isa(isa)
+        try:
+            got = draws({**case, "seed": 3}, logits, 200)
+        finally:
+            _core.set_cpu_isa("auto")
+        np.testing.assert_array_equal(got, want, err_msg=f"{isa} {case}")
 
 
 def test_unfiltered_large_vocabulary_frequencies():

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../backend/ops.h"
 #include "util.h"
 
 enum { BLOCK = 1024 }; /* tokens per block of exp sums */
@@ -176,7 +177,8 @@ void fm_sampler_apply_penalties(const fm_sampler *s, float *logits) {
 
 /* e[i] = exp((l[i] - mx) * inv_t) for i < n; blk[b] = the sum of block b of BLOCK entries (float lanes,
  * then double); returns the total. */
-FM_CLONES static double exp_all(const float *restrict l, float *restrict e, double *restrict blk, int n, float mx, float inv_t) {
+FM_INLINE double exp_all_body(const float *restrict l, float *restrict e, double *restrict blk, int n, float mx,
+                             float inv_t) {
     for (int i = 0; i < n; i++) e[i] = fm_exp((l[i] - mx) * inv_t);
     double sum = 0.0;
     enum { LANES = 16 };
@@ -193,6 +195,23 @@ FM_CLONES static double exp_all(const float *restrict l, float *restrict e, doub
         sum += bs;
     }
     return sum;
+}
+
+static double exp_all_plain(const float *restrict l, float *restrict e, double *restrict blk, int n, float mx,
+                            float inv_t) {
+    return exp_all_body(l, e, blk, n, mx, inv_t);
+}
+#ifdef FM_HAVE_AVX2_COPY
+FM_AVX2_COPY static double exp_all_avx2(const float *restrict l, float *restrict e, double *restrict blk, int n,
+                                        float mx, float inv_t) {
+    return exp_all_body(l, e, blk, n, mx, inv_t);
+}
+#endif
+static double exp_all(const float *restrict l, float *restrict e, double *restrict blk, int n, float mx, float inv_t) {
+#ifdef FM_HAVE_AVX2_COPY
+    if (fm_cpu_use_avx2()) return exp_all_avx2(l, e, blk, n, mx, inv_t);
+#endif
+    return exp_all_plain(l, e, blk, n, mx, inv_t);
 }
 
 static float max_of(const float *l, int n) {

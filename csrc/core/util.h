@@ -86,11 +86,14 @@ static inline float fm_silu(float x) { return x / (1.0f + fm_exp(-x)); }
 static inline float fm_sigmoid(float x) { return 1.0f / (1.0f + fm_exp(-x)); }
 static inline float fm_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-/* Loops of fm_exp and friends run 8 wide: on x86-64 with GCC, an AVX2 clone picked at load (ifunc). */
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define FM_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FM_CLONES
+/* Loops of fm_exp and friends run 8 wide where the CPU has AVX2. On x86-64 each such function is an
+ * FM_INLINE body compiled twice, once FM_AVX2_COPY and once plain, and the caller picks with
+ * fm_cpu_use_avx2() (csrc/backend/ops.h) at each call: a forced "scalar" kernel variant then runs the
+ * plain copy too, so the tests check both (an ifunc clone, picked at load, would ignore it). */
+#define FM_INLINE static inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FM_HAVE_AVX2_COPY 1
+#define FM_AVX2_COPY __attribute__((target("avx2")))
 #endif
 
 #endif /* FM_UTIL_H */

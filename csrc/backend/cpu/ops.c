@@ -345,14 +345,45 @@ void fm_op_rope(float *x, int T, int heads, int head_dim, int rot_dim, int pos0,
     }
 }
 
-FM_CLONES void fm_op_silu_mul(float *out, const float *gate, const float *up, int T, int n) {
-    const size_t total = (size_t)T * n;
+FM_INLINE void silu_mul(float *out, const float *gate, const float *up, size_t total) {
     for (size_t i = 0; i < total; i++) out[i] = fm_silu(gate[i]) * up[i];
 }
-
-FM_CLONES void fm_op_sigmoid_mul(float *out, const float *gate, const float *x, int T, int n) {
-    const size_t total = (size_t)T * n;
+FM_INLINE void sigmoid_mul(float *out, const float *gate, const float *x, size_t total) {
     for (size_t i = 0; i < total; i++) out[i] = x[i] * fm_sigmoid(gate[i]);
+}
+static void silu_mul_plain(float *out, const float *gate, const float *up, size_t total) {
+    silu_mul(out, gate, up, total);
+}
+static void sigmoid_mul_plain(float *out, const float *gate, const float *x, size_t total) {
+    sigmoid_mul(out, gate, x, total);
+}
+#ifdef FM_HAVE_AVX2_COPY
+FM_AVX2_COPY static void silu_mul_avx2(float *out, const float *gate, const float *up, size_t total) {
+    silu_mul(out, gate, up, total);
+}
+FM_AVX2_COPY static void sigmoid_mul_avx2(float *out, const float *gate, const float *x, size_t total) {
+    sigmoid_mul(out, gate, x, total);
+}
+#endif
+
+void fm_op_silu_mul(float *out, const float *gate, const float *up, int T, int n) {
+#ifdef FM_HAVE_AVX2_COPY
+    if (fm_cpu_use_avx2()) {
+        silu_mul_avx2(out, gate, up, (size_t)T * n);
+        return;
+    }
+#endif
+    silu_mul_plain(out, gate, up, (size_t)T * n);
+}
+
+void fm_op_sigmoid_mul(float *out, const float *gate, const float *x, int T, int n) {
+#ifdef FM_HAVE_AVX2_COPY
+    if (fm_cpu_use_avx2()) {
+        sigmoid_mul_avx2(out, gate, x, (size_t)T * n);
+        return;
+    }
+#endif
+    sigmoid_mul_plain(out, gate, x, (size_t)T * n);
 }
 
 /* ---------------------------------------------------------------- attention */
@@ -515,8 +546,7 @@ typedef struct {
 /* Channels [c0, c0 + per_task) for every token (each channel is its own filter), CONV_BLOCK channels at
  * a time with their taps transposed to [K][CONV_BLOCK], so the loops over channels vectorise. */
 enum { CONV_BLOCK = 64 };
-FM_CLONES static void conv_task(void *ctx, int i) {
-    const conv_job *a = (const conv_job *)ctx;
+FM_INLINE void conv_channels(const conv_job *a, int i) {
     const int K = a->K, S = K - 1, C = a->C, c0 = i * a->per_task, c1 = c0 + a->per_task < C ? c0 + a->per_task : C;
     for (int cb = c0; cb < c1; cb += CONV_BLOCK) {
         const int nb = c1 - cb < CONV_BLOCK ? c1 - cb : CONV_BLOCK;
@@ -536,12 +566,21 @@ FM_CLONES static void conv_task(void *ctx, int i) {
     }
 }
 
+static void conv_task(void *ctx, int i) { conv_channels((const conv_job *)ctx, i); }
+#ifdef FM_HAVE_AVX2_COPY
+FM_AVX2_COPY static void conv_task_avx2(void *ctx, int i) { conv_channels((const conv_job *)ctx, i); }
+#endif
+
 void fm_op_conv1d_silu(float *out, const float *x, float *state, const float *w, int T, int C, int K) {
     /* HF: F.conv1d(pad K-1 left, groups=C)[:T]; out[t] = sum_j w[j] * in[t - (K-1) + j] */
     const int S = K - 1;
     conv_job a = {out, x, state, w, T, C, K, C};
     if ((double)T * C * K >= 2e5) a.per_task = (C + 4 * fm_threads_get() - 1) / (4 * fm_threads_get());
-    fm_parallel_for((C + a.per_task - 1) / a.per_task, conv_task, &a);
+    fm_task_fn task = conv_task;
+#ifdef FM_HAVE_AVX2_COPY
+    if (fm_cpu_use_avx2()) task = conv_task_avx2;
+#endif
+    fm_parallel_for((C + a.per_task - 1) / a.per_task, task, &a);
     /* The new state is the last S inputs of [state | x]. */
     if (T >= S) {
         memcpy(state, x + (size_t)(T - S) * C, (size_t)S * C * sizeof(float));

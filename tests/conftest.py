@@ -1,0 +1,59 @@
+"""Skips that must not happen where FLASHMOE_CI_REQUIRE says so.
+
+Some tests skip where the machine lacks what they need (root and a writable memory cgroup, an AArch64
+cross compiler and qemu-user). On the CI machine they must run: .ci/run sets FLASHMOE_CI_REQUIRE, a comma
+list of the features marked on tests with @pytest.mark.ci_feature(name), or "all" for every skip of the
+suite, and a test that skips while its feature is required fails instead, with the skip's reason.
+"""
+
+import os
+
+import pytest
+
+FEATURES = {"cgroup": "the cgroup memory-limit test (tests/test_streaming.py)",
+            "neon": "the NEON kernels under qemu-user (tests/test_cross_isa.py)"}
+collect_ignore = ["plant_bugs.py"]  # a script, not tests (see its docstring)
+
+
+def _required() -> set:
+    names = {n.strip() for n in os.environ.get("FLASHMOE_CI_REQUIRE", "").split(",") if n.strip()}
+    unknown = names - set(FEATURES) - {"all"}
+    if unknown:
+        raise pytest.UsageError(f"FLASHMOE_CI_REQUIRE names unknown features {sorted(unknown)}; "
+                                f"known: all, {', '.join(sorted(FEATURES))}")
+    return names
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ci_feature(name): a skip of this test fails where FLASHMOE_CI_REQUIRE "
+                                       "names the feature (or 'all')")
+    _required()
+
+
+def _reason(longrepr) -> str:
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.skipped or hasattr(rep, "wasxfail"):
+        return
+    required = _required()
+    features = {m.args[0] for m in item.iter_markers("ci_feature")}
+    hit = "all" if "all" in required else next(iter(features & required), None)
+    if hit:
+        rep.outcome = "failed"
+        rep.longrepr = (f"skipped, but FLASHMOE_CI_REQUIRE={os.environ['FLASHMOE_CI_REQUIRE']} requires it to run "
+                        f"here ({hit}): {_reason(rep.longrepr)}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and "all" in _required():  # a whole module skipped (pytest.importorskip)
+        rep.outcome = "failed"
+        rep.longrepr = (f"skipped, but FLASHMOE_CI_REQUIRE={os.environ['FLASHMOE_CI_REQUIRE']} requires every test "
+                        f"to run here: {_reason(rep.longrepr)}")

@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Plant deliberate bugs, one at a time, in a copy of the project and report which ones the tests catch.
+
+Not a test (pytest collects test_*.py only) and not run by CI: rerun it after big changes, and add a plant
+whenever a bug escapes the suite. Each plant is a small textual patch (the text must occur exactly once,
+so a plant that no longer applies is reported, not skipped) and the tests that should catch it.
+
+    python tests/plant_bugs.py                 # every plant
+    python tests/plant_bugs.py --only rope_sign lfru_is_lru
+    python tests/plant_bugs.py --list
+
+It copies the working tree (tracked and untracked files, not ignored ones) to a temporary directory, builds
+it there into a --target directory (pip install --no-deps --no-build-isolation, so the interpreter running
+this needs the build requirements: scikit-build-core, pybind11, cmake, ninja; later builds are incremental),
+runs the plant's tests unplanted once (they must pass) and then planted, and prints a table: caught (with
+the number of failing tests) or ESCAPED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Plant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: list  # pytest arguments: files, node ids, -k expressions
+    what: str
+
+
+PLANTS = [
+    # -- the first four, from issue 21's introduction
+    Plant("rope_sign", "csrc/backend/cpu/ops.c",
+          "xh[i] = x1 * c - x2 * s;", "xh[i] = x1 * c + x2 * s;",
+          ["tests/test_ops.py", "-k", "rope"], "RoPE rotates the wrong way"),
+    Plant("quant_group_swap", "csrc/backend/cpu/ops.c",
+          """            const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2);
+            for (int g = 0; g < ng; g++) {
+                const float s = fm_f16_to_f32(sc[g]), b = fm_f16_to_f32(bi[g]);""",
+          """            const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2);
+            for (int g = 0; g < ng; g++) {
+                const float s = fm_f16_to_f32(sc[g ^ (ng > 1)]), b = fm_f16_to_f32(bi[g ^ (ng > 1)]);""",
+          ["tests/test_ops.py", "-k", "get_row or matmul"], "q4 rows dequantized with a neighbour group's scale"),
+    Plant("router_drops_kth", "csrc/core/blocks.c",
+          "        for (int j = 0; j < k; j++) {\n            const float wt",
+          "        for (int j = 0; j < k - 1; j++) {\n            const float wt",
+          ["tests/test_models.py", "-k", "prefill_matches or decode_token"], "the k-th routed expert is left out"),
+    Plant("decode_router_unnormalised", "csrc/core/blocks.c",
+          "fm_op_topk_softmax(s->logits + (size_t)t * E, E, k, norm_topk, s->topk",
+          "fm_op_topk_softmax(s->logits + (size_t)t * E, E, k, norm_topk && T > 1, s->topk",
+          ["tests/test_models.py", "-k", "decode_token"], "decode steps skip the top-k renormalisation"),
+    # -- issue 21, item 1: the prompt cache
+    Plant("prompt_cache_current_last_token", "python/flashmoe/generation.py",
+          "if 0 < n < len(prompt) and prompt[:n] == held:",
+          "if 0 < n < len(prompt) and prompt[:n - 1] == held[:n - 1]:",
+          ["tests/test_prompt_cache.py"], "the current state is reused when all but its last token match"),
+    Plant("prompt_cache_snapshot_last_token", "python/flashmoe/generation.py",
+          "if best_len < k < len(prompt) and prompt[:k] == toks:",
+          "if best_len < k < len(prompt) and prompt[:k - 1] == toks[:k - 1]:",
+          ["tests/test_prompt_cache.py"], "a snapshot is reused when all but its last token match"),
+    Plant("prompt_cache_fifo", "python/flashmoe/generation.py",
+          "toks, snap = self._snaps.pop(best)\n            self._snaps.append((toks, snap))",
+          "toks, snap = self._snaps[best]",
+          ["tests/test_prompt_cache.py"], "snapshots dropped first in, first out instead of least recently used"),
+    Plant("prompt_cache_over_cap", "python/flashmoe/generation.py",
+          "while len(self._snaps) > self.capacity:", "while len(self._snaps) > self.capacity + 1:",
+          ["tests/test_prompt_cache.py"], "one snapshot more than prompt_cache is kept"),
+    # -- item 3: the sampler at 248k tokens
+    Plant("top_p_block_skip_off_by_one", "csrc/core/sample.c",
+          """        if ((i % SKIP) == 0 && i + SKIP <= n && !block_any_ge(e + i, tau)) {
+            i += SKIP - 1;""",
+          """        if ((i % SKIP) == 0 && i + SKIP <= n && !block_any_ge(e + i, tau)) {
+            i += SKIP;""",
+          ["tests/test_sampling.py"], "top_p's block skip also passes the next block's first token"),
+    Plant("block_test_misses_last", "csrc/core/sample.c",
+          "for (int j = 0; j < SKIP; j++) any |= x[j] >= thr;", "for (int j = 0; j < SKIP - 1; j++) any |= x[j] >= thr;",
+          ["tests/test_sampling.py"], "the block test ignores a block's last token (top_p, min_p)"),
+    Plant("sampler_always_argmax", "csrc/core/sample.c",
+          "    if (p->temperature <= 0.0f) return argmax(logits, V);\n",
+          "    if (p->temperature >= 0.0f) return argmax(logits, V);\n",
+          ["tests/test_sampling.py", "-k", "large_vocabulary"], "sampling always returns the argmax"),
+    Plant("sampler_plain_copy", "csrc/core/sample.c",
+          "                            float inv_t) {\n    return exp_all_body(l, e, blk, n, mx, inv_t);",
+          "                            float inv_t) {\n    return exp_all_body(l, e, blk, n, mx, inv_t * 0.5f);",
+          ["tests/test_sampling.py"], "a wrong temperature in the plain (non-AVX2) copy of the sampler's exp"),
+    # -- item 4: the expert cache policies
+    Plant("lfru_is_lru", "csrc/io/expert_store.c",
+          "const double score = s->policy == FM_CACHE_LFRU ? s->lfreq[sl->key] : 0.0;",
+          "const double score = 0.0;",
+          ["tests/test_cache_policy.py"], "lfru silently evicts as plain LRU"),
+    Plant("prefetch_unprotected", "csrc/io/expert_store.c",
+          "const int tier = s->protect[sl->key];", "const int tier = 0;",
+          ["tests/test_cache_policy.py"], "predicted (prefetched) experts lose their protection from eviction"),
+    # -- kernels: clones, subnormal scales
+    Plant("silu_plain_copy", "csrc/backend/cpu/ops.c",
+          "static void silu_mul_plain(float *out, const float *gate, const float *up, size_t total) {\n"
+          "    silu_mul(out, gate, up, total);",
+          "static void silu_mul_plain(float *out, const float *gate, const float *up, size_t total) {\n"
+          "    silu_mul(out, gate, up, total - (total > 1));",
+          ["tests/test_ops.py", "-k", "silu_mul"], "the plain (non-AVX2) copy of silu_mul skips the last element"),
+    Plant("f16_subnormal_flushed", "csrc/core/util.h",
+          "    } else { /* subnormal: renormalise */",
+          "    } else if (1) {\n        u = sign;\n    } else { /* subnormal: renormalise */",
+          ["tests/test_ops.py", "-k", "matmul or get_row"], "float16 subnormal scales and biases read as zero"),
+    Plant("neon_bias_group", "csrc/backend/cpu/matmul_neon.c",
+          "bias += fm_f16_to_f32(bi[g]) * xsum[g];", "bias += fm_f16_to_f32(bi[g ^ (ng > 1)]) * xsum[g];",
+          ["tests/test_cross_isa.py", "-k", "neon"], "NEON q4/q8 rows take a neighbour group's bias"),
+    Plant("neon_shared_f16_subnormal", "csrc/core/util.h",
+          "    } else { /* subnormal: renormalise */",
+          "    } else if (1) {\n        u = sign;\n    } else { /* subnormal: renormalise */",
+          ["tests/test_cross_isa.py", "-k", "neon"],
+          "subnormal scales read as zero, in code NEON and the portable kernels share (numpy sees it)"),
+    # -- the default configuration and the trace
+    Plant("experts_without_int8", "csrc/io/expert_store.c",
+          "s->int8_act = spec->int8_activations;", "s->int8_act = 0;",
+          ["tests/test_models.py", "-k", "int8"], "routed experts skip the int8 activations the rest uses"),
+    Plant("trace_final_norm_unnormalised", "csrc/core/model.c",
+          'fm_trace(m, m->s.xn, rows, H, "final_norm");',
+          'fm_trace(m, m->s.x + (size_t)first * H, rows, H, "final_norm");',
+          ["tests/test_models.py", "-k", "trace"], "the trace's final_norm is the stream before the norm"),
+    Plant("trace_last_layer_out", "csrc/models/qwen3_5_moe.c",
+          'fm_trace(m, x, T, H, "L%d.out", l);',
+          'fm_trace(m, l == m->c.num_hidden_layers - 1 ? out : x, T, H, "L%d.out", l);',
+          ["tests/test_models.py", "-k", "trace"], "the trace's last layer output is its MoE output"),
+    # -- README promises: memory and reads
+    Plant("default_budget_quarter", "csrc/core/model.c",
+          "(uint64_t)pages * (uint64_t)page / 2", "(uint64_t)pages * (uint64_t)page / 4",
+          ["tests/test_io.py"], "no budget gives a quarter of RAM"),
+    Plant("gb_read_as_gib", "python/flashmoe/model.py",
+          '"gb": 10**9,', '"gb": 1 << 30,', ["tests/test_io.py"], '"6GB" read as 6 GiB'),
+    Plant("no_o_direct", "csrc/io/expert_store.c",
+          "int fd = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);", "int fd = open(path, O_RDONLY | O_CLOEXEC);",
+          ["tests/test_io.py"], "expert reads go through the page cache"),
+    Plant("io_threads_ignored", "csrc/io/expert_store.c",
+          "s->n_threads = spec->io_threads > 0 ? spec->io_threads : 8;", "s->n_threads = 8;",
+          ["tests/test_io.py"], "io_threads ignored: always 8 reads in flight"),
+    # -- README promises: the server
+    Plant("serve_ignores_env_key", "python/flashmoe/server/cli.py",
+          'default=os.environ.get("FLASHMOE_API_KEY"),', "default=None,",
+          ["tests/test_server_promises.py"], "$FLASHMOE_API_KEY ignored"),
+    Plant("serve_binds_everywhere", "python/flashmoe/server/cli.py",
+          '"--host", default="127.0.0.1"', '"--host", default="0.0.0.0"',
+          ["tests/test_server_promises.py"], "serve binds to every interface by default"),
+    Plant("serve_body_limit_16mb", "python/flashmoe/server/cli.py",
+          "DEFAULT_MAX_BODY = 16 * 1024 * 1024", "DEFAULT_MAX_BODY = 16 * 1000 * 1000",
+          ["tests/test_server_promises.py"], "the default body limit is 16 MB, not 16 MiB"),
+    Plant("serve_max_tokens_not_context", "python/flashmoe/server/app.py",
+          "max_tokens_limit=int(max_tokens_limit or model.context_length),",
+          "max_tokens_limit=int(max_tokens_limit or 4096),",
+          ["tests/test_server_promises.py"], "the default max-tokens limit is not the context length"),
+    Plant("serve_ignores_max_completion_tokens", "python/flashmoe/server/openai.py",
+          'max_tokens_of(body, ("max_completion_tokens", "max_tokens"), cfg),',
+          'max_tokens_of(body, ("max_tokens",), cfg),',
+          ["tests/test_server_promises.py"], "max_completion_tokens ignored"),
+    Plant("serve_lifo", "python/flashmoe/server/engine.py",
+          "self._jobs: queue.Queue = queue.Queue()", "self._jobs: queue.Queue = queue.LifoQueue()",
+          ["tests/test_server_promises.py"], "queued requests served last in, first out"),
+    Plant("serve_health_waits", "python/flashmoe/server/app.py",
+          "        eng = server.engine\n        return JSONResponse(",
+          "        eng = server.engine\n        while eng.busy:\n            time.sleep(0.01)\n        return JSONResponse(",
+          ["tests/test_server_promises.py"], "/health waits for the running request"),
+    Plant("model_calls_hold_the_gil", "csrc/python/module.cpp",
+          "        py::gil_scoped_release release;\n        std::lock_guard<std::mutex> lock;",
+          "        std::lock_guard<std::mutex> lock;",
+          ["tests/test_server_promises.py", "-k", "health"], "model calls keep the GIL while C computes"),
+]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def copy_tree(dst):
+    files = run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = os.path.join(ROOT, rel)
+        if not os.path.isfile(src):
+            continue  # deleted in the working tree
+        os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+        shutil.copy2(src, os.path.join(dst, rel))
+
+
+def build(tree, target):
+    shutil.rmtree(target, ignore_errors=True)
+    r = run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", target,
+             "."], cwd=tree)
+    if r.returncode != 0:
+        raise RuntimeError(f"build failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+
+def pytest(tree, target, args):
+    env = dict(os.environ, PYTHONPATH=target)
+    env.pop("FLASHMOE_CI_REQUIRE", None)
+    t0 = time.monotonic()
+    r = run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *args], cwd=tree, env=env)
+    tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]
+    failed = int(m.group(1)) if (m := re.search(r"(\d+) failed", tail)) else 0
+    errors = int(m.group(1)) if (m := re.search(r"(\d+) errors?", tail)) else 0
+    names = sorted({m.group(1) for m in re.finditer(r"^(?:FAILED|ERROR) \S+::(\w+)", r.stdout, re.M)})
+    return r.returncode, failed + errors, tail, time.monotonic() - t0, names
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="plant names to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the plants and exit")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    a = ap.parse_args()
+    plants = [p for p in PLANTS if not a.only or p.name in a.only]
+    if a.list or not plants:
+        for p in PLANTS:
+            print(f"{p.name:34} {p.file:34} {p.what}")
+        return 0
+    tmp = tempfile.mkdtemp(prefix="flashmoe-plants-")
+    tree, target = os.path.join(tmp, "src"), os.path.join(tmp, "site")
+    rows = []
+    try:
+        copy_tree(tree)
+        build(tree, target)
+        for tests in dict.fromkeys(tuple(p.tests) for p in plants):  # they pass unplanted, else "caught"
+            rc, n, tail, _, _ = pytest(tree, target, list(tests))          # would mean nothing
+            if rc != 0:
+                print(f"{' '.join(tests)}: fails without a plant: {tail}", file=sys.stderr)
+                return 2
+        for p in plants:
+            path = os.path.join(tree, p.file)
+            with open(path) as f:
+                text = f.read()
+            count = text.count(p.old)
+            if count != 1:
+                rows.append((p, f"DOES NOT APPLY (found {count}x)", ""))
+                continue
+            with open(path, "w") as f:
+                f.write(text.replace(p.old, p.new))
+            try:
+                build(tree, target)
+                rc, n, tail, secs, names = pytest(tree, target, p.tests)
+                verdict = f"caught: {n} failed" if rc == 1 and n > 0 else ("ESCAPED" if rc == 0 else f"ERROR rc={rc}")
+                rows.append((p, verdict, ", ".join(names)))
+            except RuntimeError as exc:
+                rows.append((p, "ERROR: does not build", ""))
+                print(exc, file=sys.stderr)
+            finally:
+                with open(path, "w") as f:
+                    f.write(text)
+            print(f"{p.name}: {rows[-1][1]}", file=sys.stderr, flush=True)
+        build(tree, target)  # leave the copy built as it was
+    finally:
+        if not a.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    w = max(len(p.name) for p, _, _ in rows)
+    print(f"{'plant':{w}}  {'verdict':18}  what (tests run) -> failing tests")
+    for p, verdict, names in rows:
+        print(f"{p.name:{w}}  {verdict:18}  {p.what} ({' '.join(p.tests)})")
+        if names:
+            print(f"{'':{w}}  {'':18}  -> {names}")
+    escaped = [p.name for p, v, _ in rows if not v.startswith("caught")]
+    print(f"\n{len(rows) - len(escaped)} of {len(rows)} caught" + (f"; not caught: {', '.join(escaped)}" if escaped else ""))
+    return 1 if escaped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
