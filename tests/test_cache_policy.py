@@ -161,18 +161,16 @@ class Store:
         self._touch(key)
 
     def predict(self, layer_keys, c):
-        """fm_expert_store_predict with the prediction in the router's order."""
-        self.protect = set()
+        """fm_expert_store_predict: every predicted expert protected first, then the missing ones read
+        ahead in the router's order into slots holding nothing protected."""
+        self.protect = set(layer_keys)
         issued = set()  # being read: not evictable within this call
-        for key in layer_keys:
-            if key in self.protect:
-                continue
-            self.protect.add(key)
+        for key in dict.fromkeys(layer_keys):
             if not self.prefetch or key in self.slots:
                 continue
             v = self.victim(issued)
             if v is not None and v in self.protect:  # never displace a protected expert
-                continue
+                break
             if v is not None:
                 del self.slots[v]
             self.tick += 1

@@ -608,17 +608,21 @@ void fm_expert_store_predict(fm_expert_store *s, int layer, const int32_t *exper
         pthread_mutex_unlock(&s->mu);
         return;
     }
+    /* Protect every predicted expert first, then read ahead: a resident expert late in the list must not
+     * be evicted by the read ahead of an earlier one. */
     for (int i = 0; i < n && s->n_protected <= s->n_experts; i++) {
         const int key = layer * s->n_experts + experts[i];
         if (s->protect[key]) continue;
         s->protect[key] = 1;
         s->protected_keys[s->n_protected++] = key;
         reorder(s, key);
-        if (!s->prefetch || s->slot_of[key] >= 0) continue;
+    }
+    for (int i = 0; s->prefetch && i < s->n_protected; i++) {
+        const int key = s->protected_keys[i];
+        if (s->slot_of[key] >= 0) continue;
         /* Prefetch only into a slot holding nothing predicted: never displace a protected expert. */
         const int victim = pick_victim(s);
-        if (victim == FM_SLOT_NONE) continue;
-        if (s->slots[victim].key >= 0 && s->protect[s->slots[victim].key]) continue;
+        if (victim == FM_SLOT_NONE || (s->slots[victim].key >= 0 && s->protect[s->slots[victim].key])) break;
         take(s, victim);
         start_read(s, victim, key);
         s->slots[victim].prefetched = 1;
