@@ -218,8 +218,9 @@ def test_stop_and_thinking_switch(oa):
     r = oa.chat.completions.create(**base)
     text = r.choices[0].message.content
     assert getattr(r.choices[0].message, "reasoning_content", None) is None
-    if len(text) < 6:
-        pytest.skip("too little text to cut")
+    # the fixture model's greedy answer is fixed: long enough to cut (if a fixture change makes it short,
+    # pick another prompt rather than skip)
+    assert len(text) >= 6, text
     stop = text[3:6]
     cut = oa.chat.completions.create(**base, stop=[stop])
     assert (
