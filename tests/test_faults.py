@@ -8,6 +8,7 @@ on the greedy tokens that follow."""
 
 import _thread
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -259,6 +260,16 @@ def test_interrupt_after_an_engine_call_then_the_next_turn_is_a_fresh_answer(mod
 def test_ctrl_c_at_random_moments_of_streams(model_dir, fresh):
     """Real asynchronous interrupts (what Ctrl-C raises) at spread-out moments of 30 streams: each next
     turn, which carries the partial answer, equals a fresh model's."""
+    # Python's own SIGINT handler, which raises KeyboardInterrupt: a process started in the background
+    # (as CI may start it) ignores SIGINT, and then interrupt_main() would do nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_streams(model_dir, fresh)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_streams(model_dir, fresh):
     m = flashmoe.load(model_dir, **OPTS)
     first, _ = chat_prompts(m)
     # how long one stream of the first prompt takes, to spread the interrupts over it
