@@ -30,7 +30,7 @@ import pytest
 import flashmoe
 from flashmoe import arch as _arch
 from flashmoe.format import PackedWriter
-from flashmoe.quant import bf16_to_f32, f32_to_bf16
+from flashmoe.quant import f32_to_bf16
 from flashmoe.reader import PackedReader
 from flashmoe.synth import DEMO_CONFIG
 

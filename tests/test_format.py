@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import struct
-import zlib
 
 import numpy as np
 import pytest

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import arch as _arch
 from . import quant
-from .errors import ConversionError, FormatError
+from .errors import ConversionError
 
 MAGIC = b"FLASHMOE"
 VERSION = 1
