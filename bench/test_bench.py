@@ -46,8 +46,9 @@ def _decode_rounds(benchmark, model, header) -> list[dict]:
         model.generate_tokens(prompt[-1:], max_tokens=DECODE_TOKENS, stop_token_ids=[], reset=False)
         rounds.append(model.stats)
 
-    benchmark.pedantic(decode, setup=setup, rounds=ROUNDS, iterations=1)
-    return rounds
+    # One untimed round first: the first decode after loading pays one-off costs (page faults, threads).
+    benchmark.pedantic(decode, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    return rounds[-ROUNDS:]  # the timed ones
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,8 @@ def test_decode_budget(benchmark, bench_model, context):
             bytes_read=read, bytes_read_per_token=round(per_token), direct_io=rounds[-1]["direct_io"],
             hit_rate=round(sum(r["expert_hits"] for r in rounds)
                            / max(1, sum(r["expert_hits"] + r["expert_misses"] for r in rounds)), 4),
+            engine_read_gbps=round(sum(r["bytes_read"] for r in rounds)
+                                   / max(1e-9, sum(r["io_busy_seconds"] for r in rounds)) / 1e9, 3),
             io_wait_share=round(sum(r["io_wait_seconds"] for r in rounds) / (benchmark.stats.stats.total or 1), 4),
             ceiling_tokens_per_s=ceiling and round(ceiling, 3), ratio_to_ceiling=ceiling and round(tok_s / ceiling, 4))
 
@@ -109,7 +112,8 @@ def test_prompt_ram(benchmark, bench_model, context, model_in_ram):
         model_in_ram.generate_tokens(prompt, max_tokens=1, stop_token_ids=[])
         rounds.append(model_in_ram.stats)
 
-    benchmark.pedantic(prefill, setup=setup, rounds=ROUNDS, iterations=1)
+    benchmark.pedantic(prefill, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    rounds = rounds[-ROUNDS:]  # the timed ones
     # The engine's own prompt timing leaves out the one decode step that generate_tokens adds.
     tok_s = sorted(r["last_prompt_tokens"] / r["last_prompt_seconds"] for r in rounds)[len(rounds) // 2]
     _record(benchmark, context, measured_against=None, tokens=PROMPT_TOKENS, tokens_per_s=round(tok_s, 3),
@@ -118,12 +122,13 @@ def test_prompt_ram(benchmark, bench_model, context, model_in_ram):
 
 @pytest.mark.parametrize("dtype", ["q4", "q8"])
 def test_matvec_kernel(benchmark, context, dtype):
-    """One decode matvec (65536 x 2048 weights: larger than any cache, so read from DRAM; int8
+    """One decode matvec (~300 MB of weights x 2048 columns, so that most of it comes from DRAM; int8
     activations, the engine's default) with the kernel the engine picks: weight GB/s against DRAM."""
     from flashmoe import _core
     from flashmoe.quant import quantize
 
-    rows, cols, gs, bits = 65536, 2048, 64, {"q4": 4, "q8": 8}[dtype]
+    cols, gs, bits = 2048, 64, {"q4": 4, "q8": 8}[dtype]
+    rows = 4096 * (64 if bits == 4 else 32)  # ~300 MB either way
     block = np.random.default_rng(0).standard_normal((4096, cols), dtype=np.float32) / np.sqrt(cols)
     q, s, b = quantize(block, bits, gs)  # one quantized block tiled: random enough, fast to build
     q, s, b = (np.ascontiguousarray(np.tile(a, (rows // 4096, 1))) for a in (q, s, b))
