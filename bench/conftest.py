@@ -39,10 +39,8 @@ Compare raw times only on one machine; across machines compare extra_info's rati
 from __future__ import annotations
 
 import concurrent.futures as cf
-import mmap
 import os
 import platform
-import random
 import subprocess
 import sys
 import time
@@ -52,6 +50,9 @@ import pytest
 from flashmoe import presets
 from flashmoe.reader import read_header
 from flashmoe.synth import write_random_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ceilings import disk_read_gbps  # noqa: E402  (bench/ceilings.py)
 
 PRESET, LAYERS, VOCAB = "qwen3.5-35b-a3b", 4, 32768
 
@@ -87,55 +88,6 @@ def model_bytes(path: str) -> int:
 
 
 # ------------------------------------------------------------------------------------ the ceilings
-
-def _open_uncached(path: str) -> tuple[int, str]:
-    """A descriptor that bypasses the page cache, and how: O_DIRECT (Linux), F_NOCACHE (macOS), or plain
-    buffered reads where neither is possible (tmpfs refuses O_DIRECT: the number is then a memory copy)."""
-    if hasattr(os, "O_DIRECT"):
-        try:
-            return os.open(path, os.O_RDONLY | os.O_DIRECT), "O_DIRECT"
-        except OSError:
-            return os.open(path, os.O_RDONLY), "buffered (O_DIRECT refused)"
-    fd = os.open(path, os.O_RDONLY)
-    import fcntl
-
-    try:
-        fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)  # 48: F_NOCACHE in Darwin's <fcntl.h>
-        return fd, "F_NOCACHE"
-    except OSError:
-        return fd, "buffered"
-
-
-def disk_read_gbps(path: str, header: dict, threads: int = 8, seconds: float = 2.0) -> tuple[float, str]:
-    """GB/s of `threads` threads reading whole expert blobs at random (layer, expert), uncached."""
-    ex = header["experts"]
-    size = -(-ex["blob_size"] // 4096) * 4096  # whole logical blocks, as O_DIRECT wants
-    opened = [_open_uncached(os.path.join(path, layer["file"])) for layer in ex["layers"]]
-    fds, mode = [fd for fd, _ in opened], opened[0][1]
-    n_experts = header["config"]["num_experts"]
-    preadv = getattr(os, "preadv", None)
-
-    def worker(i: int) -> int:
-        buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
-        rng, done = random.Random(i), 0
-        while time.perf_counter() < stop:
-            fd, offset = fds[rng.randrange(len(fds))], 16384 + rng.randrange(n_experts) * ex["stride"]
-            if preadv:
-                done += preadv(fd, [buf], offset)
-            else:  # an interpreter without preadv: F_NOCACHE needs no aligned buffer
-                done += len(os.pread(fd, size, offset))
-        return done
-
-    try:
-        t0 = time.perf_counter()
-        stop = t0 + seconds
-        with cf.ThreadPoolExecutor(threads) as pool:
-            total = sum(pool.map(worker, range(threads)))
-        return total / (time.perf_counter() - t0) / 1e9, mode
-    finally:
-        for fd in fds:
-            os.close(fd)
-
 
 def dram_copy_gbps(threads: int, n_bytes: int = 512 << 20, repeats: int = 5) -> float:
     """Bytes read + written per second by np.copyto of n_bytes, split over as many threads as the engine

@@ -49,11 +49,8 @@ if __name__ == "__main__":
     _join_cgroup(sys.argv)
 
 import argparse  # noqa: E402
-import concurrent.futures as cf  # noqa: E402
 import math  # noqa: E402
-import mmap  # noqa: E402
 import platform  # noqa: E402
-import random  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -64,6 +61,9 @@ from flashmoe import presets  # noqa: E402
 from flashmoe.model import parse_size  # noqa: E402
 from flashmoe.reader import read_header  # noqa: E402
 from flashmoe.synth import write_random_model  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ceilings import disk_read_gbps  # noqa: E402  (bench/ceilings.py)
 
 POLICIES = ("lru", "lfru", "pagecache")
 SWEEP_FRACTIONS = (0.10, 0.25, 0.50, 1.00)
@@ -138,29 +138,7 @@ def auto_layers(preset: str, budget: int) -> int:
 
 def read_ceiling(path: str, header: dict, threads: int = 8, seconds: float = 3.0, seed: int = 0) -> float:
     """GB/s of `threads` threads reading whole expert blobs with O_DIRECT at random (layer, expert)."""
-    ex = header["experts"]
-    size = -(-ex["blob_size"] // 4096) * 4096  # O_DIRECT wants whole logical blocks
-    fds = [os.open(os.path.join(path, layer["file"]), os.O_RDONLY | os.O_DIRECT) for layer in ex["layers"]]
-    n_experts = header["config"]["num_experts"]
-
-    def worker(i: int) -> int:
-        buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
-        rng = random.Random(seed * 1000 + i)
-        done = 0
-        while time.perf_counter() < stop:
-            fd = fds[rng.randrange(len(fds))]
-            done += os.preadv(fd, [buf], 16384 + rng.randrange(n_experts) * ex["stride"])
-        return done
-
-    try:
-        t0 = time.perf_counter()
-        stop = t0 + seconds
-        with cf.ThreadPoolExecutor(threads) as pool:
-            total = sum(pool.map(worker, range(threads)))
-        return total / (time.perf_counter() - t0) / 1e9
-    finally:
-        for fd in fds:
-            os.close(fd)
+    return disk_read_gbps(path, header, threads, seconds, seed)[0]
 
 
 # ------------------------------------------------------------------------------------ one measured run
