@@ -34,10 +34,11 @@ def pytest_ignore_collect(collection_path, config):
 def pytest_collection_modifyitems(config, items):
     if not config.getoption("--no-torch"):
         return
-    torch = [item for item in items if item.get_closest_marker("torch")]
+    # (a file of TORCH_FILES named on the command line is collected all the same: its items go here)
+    torch = [item for item in items if item.get_closest_marker("torch") or item.path.name in TORCH_FILES]
     if torch:
         config.hook.pytest_deselected(items=torch)
-        items[:] = [item for item in items if not item.get_closest_marker("torch")]
+        items[:] = [item for item in items if item not in torch]
 
 
 def _required() -> set:
