@@ -13,6 +13,32 @@ import pytest
 FEATURES = {"cgroup": "the cgroup memory-limit test (tests/test_streaming.py)",
             "neon": "the NEON kernels under qemu-user (tests/test_cross_isa.py)"}
 collect_ignore = ["plant_bugs.py"]  # a script, not tests (see its docstring)
+# Tests that need torch and transformers: these files import them at module level (hf_fixtures.py), other
+# tests carry @pytest.mark.torch. `pytest --no-torch` leaves out both: the tests run against each built
+# wheel (pyproject.toml [tool.cibuildwheel], .ci/run), where torch is not installed.
+TORCH_FILES = {"test_convert.py", "test_models.py", "test_snapshot.py"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--no-torch", action="store_true",
+                     help="leave out the tests that need torch and transformers (conftest.py: TORCH_FILES, "
+                          "@pytest.mark.torch)")
+
+
+def pytest_ignore_collect(collection_path, config):
+    if config.getoption("--no-torch") and collection_path.name in TORCH_FILES:
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--no-torch"):
+        return
+    # (a file of TORCH_FILES named on the command line is collected all the same: its items go here)
+    torch = [item for item in items if item.get_closest_marker("torch") or item.path.name in TORCH_FILES]
+    if torch:
+        config.hook.pytest_deselected(items=torch)
+        items[:] = [item for item in items if item not in torch]
 
 
 def _required() -> set:
@@ -25,6 +51,7 @@ def _required() -> set:
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "torch: needs torch and transformers (left out by --no-torch)")
     config.addinivalue_line("markers", "ci_feature(name): a skip of this test fails where FLASHMOE_CI_REQUIRE "
                                        "names the feature (or 'all')")
     _required()

@@ -82,6 +82,7 @@ def pair(request, tmp_path_factory):
     return request.param, Tokenizer.from_dir(d), transformers.AutoTokenizer.from_pretrained(d)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("chat", sorted(CHATS))
 @pytest.mark.parametrize("enable_thinking", [None, True, False])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
@@ -103,6 +104,7 @@ def test_render_matches_transformers(pair, chat, enable_thinking, add_generation
                                 eos_token="<|im_end|>") == want
 
 
+@pytest.mark.torch
 def test_render_details(pair):
     name, tok, _ = pair
     prompt = tok.apply_chat_template(_conversation(), tools=TOOLS)

@@ -130,6 +130,7 @@ def test_bf16_round_to_nearest_even():
     assert np.isnan(quant.bf16_to_f32(quant.f32_to_bf16(np.array([np.nan], np.float32))))[0]
 
 
+@pytest.mark.torch
 def test_bf16_matches_torch():
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * 1e3

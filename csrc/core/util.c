@@ -34,10 +34,10 @@ void *fm_alloc(size_t bytes) {
 void fm_free(void *p) { free(p); }
 
 void *fm_alloc_weights(size_t bytes) {
-    enum { HUGE = 2u << 20 };
+    enum { HUGE_PAGE = 2u << 20 }; /* not HUGE: a macro of <math.h> on macOS */
     void *p = NULL;
-    bytes = bytes ? (bytes + HUGE - 1) & ~(size_t)(HUGE - 1) : HUGE;
-    if (posix_memalign(&p, HUGE, bytes) != 0) return NULL;
+    bytes = bytes ? (bytes + HUGE_PAGE - 1) & ~(size_t)(HUGE_PAGE - 1) : HUGE_PAGE;
+    if (posix_memalign(&p, HUGE_PAGE, bytes) != 0) return NULL;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     madvise(p, bytes, MADV_HUGEPAGE); /* advice only: where refused, 4 KiB pages as before */
 #endif

@@ -51,7 +51,7 @@ typedef struct {
     int prefetched;     /* filled by a prefetch and not yet used */
     uint64_t last_use;  /* LRU clock */
     fm_status error_status; /* FAILED: FM_ERR_IO or FM_ERR_FORMAT (checksum) */
-    char error[200];    /* FAILED: what went wrong */
+    char error[256];    /* FAILED: what went wrong (room for the longest message with a file_stamp path) */
 } slot_t;
 
 struct fm_expert_store {
@@ -138,7 +138,7 @@ static void read_slot(fm_expert_store *s, int slot, int key, int inject_fault) {
     if (s->fds[layer] == s->fds_buffered[layer] && s->policy != FM_CACHE_PAGECACHE)
         posix_fadvise(s->fds_buffered[layer], (off_t)off, (off_t)s->stride, POSIX_FADV_DONTNEED);
 #endif
-    char msg[200] = "";
+    char msg[sizeof s->slots[0].error] = "";
     fm_status status = FM_ERR_IO;
     if (err)
         snprintf(msg, sizeof msg, "layer %d expert %d: read failed at offset %llu: %s", layer, e,

@@ -405,11 +405,10 @@ enum { ATT_TOKENS = 4, ATT_KEYS = 8 };
  * attention loops, two SSE or NEON registers elsewhere. Explicit, because the loops below have too many
  * pointers for the auto-vectoriser's alias checks. */
 typedef float fv8 __attribute__((vector_size(32)));
-static inline fv8 load8(const float *p) {
-    fv8 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
+/* An unaligned load, as a macro: a function returning fv8 makes GCC warn (-Wpsabi) that the ABI of an
+ * AVX-sized return differs without AVX, static and inlined as it is. */
+typedef float fv8_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
+#define load8(p) (*(const fv8_unaligned *)(p))
 
 /* s[r][k] = q_r · kr[k] · scale for two query rows and the block's keys, 4 keys at a time: each K load
  * feeds both rows (two loads were one FMA in a dot at a time, and loads bound it), and each (row, key)
