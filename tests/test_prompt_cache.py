@@ -16,6 +16,7 @@ import pytest
 
 import flashmoe
 from flashmoe.synth import DEMO_CONFIG, write_random_model
+from test_faults import same_as_fresh  # the prompt's answer and the engine's tokens against a fresh model
 
 TINY = {**DEMO_CONFIG, "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 4,
         "layer_types": ["linear_attention"] * 3 + ["full_attention"], "num_experts": 8, "num_experts_per_tok": 2,
@@ -50,15 +51,6 @@ def fresh(model_dir):
         assert r.usage["cached_tokens"] == 0
         return m._last_prompt_logits.copy(), r.token_ids
     return answer
-
-
-def same_as_fresh(model, fresh, prompt, n=6):
-    want_logits, want_tokens = fresh(prompt, n)
-    r = model.generate(prompt, max_tokens=n, **GREEDY)
-    np.testing.assert_allclose(model._last_prompt_logits, want_logits, rtol=0,
-                               atol=1e-4 * np.abs(want_logits).max())
-    assert r.token_ids == want_tokens
-    return r
 
 
 def other_token(t):
