@@ -388,3 +388,13 @@ def test_tied_embeddings(tmp_path):
     flashmoe.convert(save_checkpoint(hf, tmp_path / "hf"), tmp_path / "p", bits=16, progress=False)
     ids = prompt(hf, n=20)
     assert rel_err(flashmoe.load(tmp_path / "p").forward(ids), reference_logits(hf, ids)) <= RTOL
+
+
+def test_rotary_dim_as_transformers_computes_it(tmp_path):
+    """The rotary dim is int(head_dim * partial_rotary_factor) in double precision, as in transformers:
+    head_dim 90 at 0.7 is 62 there, but 63.000004 in float32, which the engine once refused as odd."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.7}
+    hf = make_hf_model("qwen3_5_moe", seed=3, head_dim=90, rope_parameters=rope)
+    flashmoe.convert(save_checkpoint(hf, tmp_path / "hf"), tmp_path / "p", bits=16, progress=False)
+    ids = prompt(hf, n=20)
+    assert rel_err(flashmoe.load(tmp_path / "p").forward(ids), reference_logits(hf, ids)) <= RTOL

@@ -131,7 +131,7 @@ static fm_status check_config(const fm_config *c) {
     if (c->linear_num_value_heads % c->linear_num_key_heads)
         return fm_fail(FM_ERR_INVALID, "config: linear_num_value_heads %d not a multiple of linear_num_key_heads %d",
                        c->linear_num_value_heads, c->linear_num_key_heads);
-    const int rot = (int)(c->head_dim * c->partial_rotary_factor); /* as blocks.c computes it */
+    const int rot = (int)(c->head_dim * c->partial_rotary_factor); /* as blocks.c and HF compute it */
     if (rot % 2 || rot > c->head_dim)
         return fm_fail(FM_ERR_INVALID, "config: rotary dim %d (head_dim %d x partial_rotary_factor %g) must be even",
                        rot, c->head_dim, c->partial_rotary_factor);

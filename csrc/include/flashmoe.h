@@ -60,7 +60,8 @@ typedef struct {
     int num_experts, num_experts_per_tok, moe_intermediate_size, shared_expert_intermediate_size;
     int intermediate_size; /* dense MLP layers (Qwen3-Next mlp_only_layers), 0 if none */
     int norm_topk_prob, tie_word_embeddings;
-    float rms_norm_eps, rope_theta, partial_rotary_factor;
+    float rms_norm_eps, rope_theta;
+    double partial_rotary_factor; /* double: the rotary dim is int(head_dim * factor), as HF computes it */
     uint8_t layer_is_full_attention[FM_MAX_LAYERS];
     uint8_t layer_is_moe[FM_MAX_LAYERS];
 } fm_config;

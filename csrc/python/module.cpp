@@ -97,7 +97,7 @@ static void to_spec(const py::dict &spec, SpecHolder &h) {
     c.tie_word_embeddings = geti("tie_word_embeddings");
     c.rms_norm_eps = cfg["rms_norm_eps"].cast<float>();
     c.rope_theta = cfg["rope_theta"].cast<float>();
-    c.partial_rotary_factor = cfg["partial_rotary_factor"].cast<float>();
+    c.partial_rotary_factor = cfg["partial_rotary_factor"].cast<double>();
     auto full = spec["layer_is_full_attention"].cast<std::vector<int>>();
     auto moe = spec["layer_is_moe"].cast<std::vector<int>>();
     if ((int)full.size() != c.num_hidden_layers || (int)moe.size() != c.num_hidden_layers ||

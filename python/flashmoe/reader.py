@@ -215,7 +215,7 @@ def _check_config(hpath: str, arch: str, cfg) -> None:
     if not (isinstance(prf, (int, float)) and not isinstance(prf, bool) and 0 < prf <= 1):
         raise FormatError(f"{hpath}: config rope_parameters.partial_rotary_factor = {prf!r} must be a number "
                           "in (0, 1]")
-    rot = int(_f32(cfg["head_dim"] * _f32(prf)))  # as the engine computes it, in float32 (csrc/core/blocks.c)
+    rot = int(cfg["head_dim"] * prf)  # as transformers and the engine (csrc/core/blocks.c) compute it
     if rot % 2:
         raise FormatError(f"{hpath}: config rope_parameters.partial_rotary_factor {prf} gives an odd rotary dim "
                           f"{rot} (head_dim {cfg['head_dim']})")
