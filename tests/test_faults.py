@@ -21,13 +21,9 @@ from text_fixtures import write_tokenizer
 
 import flashmoe
 from flashmoe.errors import ArgumentError, FlashMoEError, FormatError, ModelBusyError, ReadError
-from flashmoe.synth import DEMO_CONFIG, write_random_model
+from flashmoe.synth import write_random_model
+from test_generate import TINY  # the tiny model of the generation tests
 
-TINY = {**DEMO_CONFIG, "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 4,
-        "layer_types": ["linear_attention"] * 3 + ["full_attention"], "num_experts": 8, "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "head_dim": 16,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16}
 GREEDY = dict(temperature=0.0, stop_token_ids=[])
 # A small expert cache, so that every turn reads experts (and can fail reading them).
 OPTS = dict(context_length=256, int8_activations=False, expert_cache_slots=3)
@@ -398,6 +394,26 @@ def test_other_threads_wait_for_an_open_stream(model_dir, fresh):
     t.join(0.5)
     assert t.is_alive() and not done  # waiting its turn
     list(stream)
+    t.join(30)
+    assert done and done[0] == fresh(second)[1]
+
+
+def test_an_abandoned_stream_releases_the_model_when_collected(model_dir, fresh):
+    """A stream dropped without being finished or closed holds the model until it is garbage-collected
+    (README: Threads); then another thread's call runs."""
+    import gc
+
+    m = flashmoe.load(model_dir, **OPTS)
+    first, second = chat_prompts(m)
+    stream = m.stream(first, max_tokens=10, **GREEDY)
+    next(stream)
+    done = []
+    t = threading.Thread(target=lambda: done.append(m.generate(second, max_tokens=6, **GREEDY).token_ids))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and not done  # held by the open stream
+    del stream
+    gc.collect()
     t.join(30)
     assert done and done[0] == fresh(second)[1]
 

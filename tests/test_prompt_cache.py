@@ -15,14 +15,10 @@ import numpy as np
 import pytest
 
 import flashmoe
-from flashmoe.synth import DEMO_CONFIG, write_random_model
+from flashmoe.synth import write_random_model
+from test_generate import TINY  # the tiny model of the generation tests
 from test_faults import same_as_fresh  # the prompt's answer and the engine's tokens against a fresh model
 
-TINY = {**DEMO_CONFIG, "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 4,
-        "layer_types": ["linear_attention"] * 3 + ["full_attention"], "num_experts": 8, "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "head_dim": 16,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16}
 GREEDY = dict(temperature=0.0, stop_token_ids=[])
 OPTS = dict(context_length=256, int8_activations=False)
 RNG = np.random.default_rng(2)

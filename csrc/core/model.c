@@ -435,11 +435,11 @@ void fm_model_free(fm_model *m) {
 
 int fm_model_position(const fm_model *m) { return m->pos; }
 const int32_t *fm_model_tokens(const fm_model *m) { return m->seq; }
+int fm_model_context_length(const fm_model *m) { return m->ctx; }
 
 void fm_model_debug_fail_reads(fm_model *m, int after, int count, int corrupt) {
     if (m->experts) fm_expert_store_debug_fail_reads(m->experts, after, count, corrupt);
 }
-int fm_model_context_length(const fm_model *m) { return m->ctx; }
 
 /* ---------------------------------------------------------------- forward */
 
