@@ -16,7 +16,7 @@ collect_ignore = ["plant_bugs.py"]  # a script, not tests (see its docstring)
 # Tests that need torch and transformers: these files import them at module level (hf_fixtures.py), other
 # tests carry @pytest.mark.torch. `pytest --no-torch` leaves out both: the tests run against each built
 # wheel (pyproject.toml [tool.cibuildwheel], .ci/run), where torch is not installed.
-TORCH_FILES = {"test_convert.py", "test_models.py", "test_snapshot.py"}
+TORCH_FILES = {"test_convert.py", "test_models.py", "test_snapshot.py", "test_mlx_import.py"}
 
 
 def pytest_addoption(parser):

@@ -60,6 +60,9 @@ fm_status fm_bind_moe(fm_model *m, const fm_load_spec *spec, int l, fm_moe_w *w)
         return st;
     if ((st = fm_bind_mat(m, spec, &w->shared_gate, 1, c->hidden_size, "layers.%d.mlp.shared_expert_gate.weight", l)))
         return st;
+    /* Routing picks experts from near-tied scores: keep its activations in fp32 even when the router is
+     * quantized (an MLX import's 8-bit router) and int8 activations are on for everything else. */
+    w->router.int8_act = w->shared_gate.int8_act = 0;
     snprintf(prefix, sizeof prefix, "layers.%d.mlp.shared_expert", l);
     return fm_bind_mlp(m, spec, &w->shared, c->shared_expert_intermediate_size, prefix);
 }

@@ -21,13 +21,37 @@ def _cmd_convert(args) -> int:
                      overwrite=args.overwrite)
     size = os.path.getsize(os.path.join(args.dst, header["dense"]["file"])) + sum(
         e["size"] for e in header["experts"]["layers"])
-    print(f"wrote {args.dst}: {header['architecture']}, {args.bits}-bit, {size / 1e9:.2f} GB "
-          f"in {time.perf_counter() - t0:.1f} s")
+    src = "MLX " if header["source"].get("format") == "mlx" else ""
+    print(f"wrote {args.dst}: {header['architecture']} from {src}{args.src}, {header['quantization']['bits']}-bit, "
+          f"{size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def _model_bytes(header) -> int:
     return header["dense"]["size"] + sum(e["size"] for e in header["experts"]["layers"])
+
+
+_KINDS = (("embeddings", "embed_tokens."), ("lm_head", "lm_head."), ("attention", ".self_attn."),
+          ("deltanet", ".linear_attn."), ("router", ".mlp.gate.weight"), ("shared expert gate", ".shared_expert_gate."),
+          ("shared expert", ".shared_expert."), ("dense mlp", ".mlp."))
+
+
+def tensor_widths(header) -> dict:
+    """Tensor kind -> how its matrices are stored ("4-bit", "8-bit", "bf16", "f32", or several)."""
+    def width(t):
+        if t["dtype"] in ("q4", "q8"):
+            return f"{t['dtype'][1]}-bit"
+        return t["dtype"]
+
+    kinds: dict = {}
+    for name, t in header["dense"]["tensors"].items():
+        if len(t["shape"]) != 2 or name.endswith("conv1d.weight"):
+            continue  # norms, conv1d, A_log, dt_bias: always f32
+        kind = next(k for k, key in _KINDS + (("other", ""),) if key in name or name.startswith(key))
+        kinds.setdefault(kind, set()).add(width(t))
+    kinds["routed experts"] = {width(t) for t in header["experts"]["tensors"].values()}
+    order = ("8-bit", "4-bit", "bf16", "f32")
+    return {k: "/".join(sorted(v, key=order.index)) for k, v in kinds.items()}
 
 
 def _cmd_info(args) -> int:
@@ -43,8 +67,15 @@ def _cmd_info(args) -> int:
     print(f"  hidden         {c['hidden_size']}, vocab {c['vocab_size']}")
     print(f"  experts        {c['num_experts']} per layer, {c['num_experts_per_tok']} active, "
           f"ffn {c['moe_intermediate_size']}, shared ffn {c['shared_expert_intermediate_size']}")
+    src = h.get("source", {})
+    origin = {"mlx": "MLX checkpoint", "hf": "Hugging Face checkpoint"}.get(src.get("format"), "")
+    if origin:
+        how = "imported exactly" if src.get("format") == "mlx" else "converted"
+        print(f"  source         {origin} ({src.get('model_type')}, {src.get('dtype')}), {how} by "
+              f"{src.get('converter', 'flashmoe')}")
     bits = f"{q['bits']}-bit" + (f", groups of {q['group_size']}" if q.get("group_size") else "")
     print(f"  quantization   {bits}")
+    print(f"  widths         {'; '.join(f'{k} {v}' for k, v in tensor_widths(h).items())}")
     ex = h["experts"]
     print(f"  size           {_model_bytes(h) / 1e9:.3f} GB: dense {h['dense']['size'] / 1e9:.3f} GB, "
           f"{len(ex['layers'])} expert files, {ex['stride'] / 1e6:.3f} MB per expert")
@@ -143,11 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashmoe", description="Run Mixture-of-Experts models larger than memory.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint into the packed format")
-    c.add_argument("src", help="Hugging Face checkpoint directory (config.json, *.safetensors)")
+    c = sub.add_parser("convert", help="convert a Hugging Face or MLX checkpoint into the packed format")
+    c.add_argument("src", help="checkpoint directory (config.json, *.safetensors): Hugging Face, or MLX (mlx-lm's "
+                               "4/8-bit models, imported exactly as they are)")
     c.add_argument("dst", help="output directory")
-    c.add_argument("--bits", type=int, choices=(4, 8, 16), default=4)
-    c.add_argument("--group-size", type=int, default=64)
+    c.add_argument("--bits", type=int, choices=(4, 8, 16),
+                   help="quantize a Hugging Face checkpoint to this width (default 4); an MLX one keeps its own")
+    c.add_argument("--group-size", type=int, help="quantization group size (default 64; MLX: its own)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing packed model at dst")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_convert)

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint -> packed flashmoe model (docs/FORMAT.md).
+"""Hugging Face checkpoint -> packed flashmoe model (docs/FORMAT.md); MLX checkpoints go to mlx_import.py.
 
 Streams: tensors are memory-mapped from the safetensors shards and written as they are converted, so
 memory stays bounded however large the checkpoint. Every tensor is checked against the shape the
@@ -17,6 +17,7 @@ import shutil
 from . import arch as _arch
 from .errors import ConversionError
 from .format import HEADER_NAME, PackedWriter
+from .mlx_import import import_mlx, is_mlx_checkpoint
 from .safetensors_io import DTYPE_NAMES, Checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -34,8 +35,9 @@ def _module_for(model_type):
     raise ConversionError(f"unknown model_type {model_type!r}, supported: {', '.join(supported)}")
 
 
-def load_source_config(src: str):
-    """(architecture module, normalised text config, raw model_type) of a checkpoint directory."""
+def load_source_config(src: str, with_raw: bool = False):
+    """(architecture module, normalised text config, raw model_type) of a checkpoint directory (and the raw
+    config.json when with_raw)."""
     path = os.path.join(src, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: missing (not a Hugging Face checkpoint directory?)")
@@ -49,6 +51,8 @@ def load_source_config(src: str):
         cfg = mod.extract_config(raw)
     except ConversionError as exc:
         raise ConversionError(f"{path}: {exc}") from None
+    if with_raw:
+        return mod, cfg, raw.get("model_type"), raw
     return mod, cfg, raw.get("model_type")
 
 
@@ -130,23 +134,34 @@ def _prepare_dst(dst: str, overwrite: bool) -> None:
     os.makedirs(dst, exist_ok=True)
 
 
-def convert(src, dst, bits: int = 4, group_size: int = 64, progress: bool = True, overwrite: bool = False,
-            workers: int | None = None) -> dict:
-    """Convert the Hugging Face checkpoint directory `src` into a packed model at `dst`.
+def convert(src, dst, bits: int | None = None, group_size: int | None = None, progress: bool = True,
+            overwrite: bool = False, workers: int | None = None) -> dict:
+    """Convert the checkpoint directory `src` into a packed model at `dst`. Returns the header.
 
-    bits: 4 or 8 (group-wise affine) or 16 (bf16, lossless from bf16 sources). Returns the header.
+    A Hugging Face checkpoint is quantized: bits 4 (the default) or 8 (group-wise affine, groups of
+    group_size, default 64) or 16 (bf16, lossless from bf16 sources). An MLX checkpoint (mlx-lm's
+    layout) keeps its own quantization, never re-quantized: bits or group_size that disagree with it are
+    an error (mlx_import.py).
     """
     from tqdm.auto import tqdm
 
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.isdir(src):
         raise ConversionError(f"{src}: not a directory")
-    if bits not in (4, 8, 16):
+    if bits is not None and bits not in (4, 8, 16):
         raise ConversionError(f"bits must be 4, 8 or 16, got {bits}")
-    if bits != 16 and (group_size < 16 or group_size & (group_size - 1)):
+    if group_size is not None and (group_size < 16 or group_size & (group_size - 1)):
         raise ConversionError(f"group_size must be a power of two >= 16, got {group_size}")
-    mod, cfg, model_type = load_source_config(src)
-    plan = _Plan(Checkpoint(src), mod, cfg, src)
+    mod, cfg, model_type, raw = load_source_config(src, with_raw=True)
+    ckpt = Checkpoint(src)
+    if is_mlx_checkpoint(raw, ckpt.names()):
+        header = import_mlx(src, dst, mod, cfg, raw, model_type, bits, group_size, progress, workers,
+                            prepare_dst=lambda d: _prepare_dst(d, overwrite))
+        _copy_tokenizer(src, dst)
+        return header
+    bits = 4 if bits is None else bits
+    group_size = 64 if group_size is None else group_size
+    plan = _Plan(ckpt, mod, cfg, src)
     _prepare_dst(dst, overwrite)
     ckpt = plan.ckpt
     workers = workers or min(8, os.cpu_count() or 1)
@@ -164,16 +179,20 @@ def convert(src, dst, bits: int = 4, group_size: int = 64, progress: bool = True
                     del src_arr
                 if layer in plan.experts:
                     _convert_experts(writer, pool, workers, ckpt, layer, plan.experts[layer], bar)
-        header = writer.finish({"model_type": model_type, "dtype": plan.dtype})
+        header = writer.finish({"format": "hf", "model_type": model_type, "dtype": plan.dtype})
     except BaseException:
         writer.close()
         raise
     finally:
         bar.close()
+    _copy_tokenizer(src, dst)
+    return header
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-    return header
 
 
 def _convert_experts(writer, pool, workers, ckpt, layer, how, bar) -> None:
@@ -195,6 +214,11 @@ def _convert_experts(writer, pool, workers, ckpt, layer, how, bar) -> None:
             writer.add_expert(layer, e, g, u, d)
             return sum(ckpt.nbytes(n) for n in trios[e])
         count = len(trios)
+    run_bounded(pool, workers, count, job, bar)
+
+
+def run_bounded(pool, workers: int, count: int, job, bar) -> None:
+    """job(0..count-1) on the pool, at most 2 * workers in flight; each returns bytes for the progress bar."""
     pending = set()
     try:
         for e in range(count):

@@ -20,7 +20,10 @@ from . import quant
 from .errors import ConversionError
 
 MAGIC = b"FLASHMOE"
-VERSION = 1
+VERSION = 2  # the newest header version this code writes and reads (binary preambles stay at FILE_VERSION)
+VERSIONS = (1, 2)  # 2 added a quantized tensor's scale_dtype "bfloat16"; a model that uses none is written as 1
+FILE_VERSION = 1  # the preamble's version: the binary layout has not changed since version 1
+SCALE_DTYPES = ("float16", "bfloat16")
 PREAMBLE = 16384
 KIND_DENSE = 1
 KIND_EXPERTS = 2
@@ -51,11 +54,12 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
 
 
 def _preamble(kind: int, payload: int, layer: int, num_experts: int) -> bytes:
-    head = struct.pack(_PREAMBLE_FMT, MAGIC, VERSION, kind, payload, layer, num_experts)
+    head = struct.pack(_PREAMBLE_FMT, MAGIC, FILE_VERSION, kind, payload, layer, num_experts)
     return head + bytes(PREAMBLE - len(head))
 
 
-def _section_layout(shape, dtype: str, group_size: int | None, offset: int) -> tuple[dict, int]:
+def _section_layout(shape, dtype: str, group_size: int | None, offset: int,
+                    scale_dtype: str = "float16") -> tuple[dict, int]:
     """Entry (offsets from `offset` on, each section 64-aligned) and the end of its last section."""
     out = shape[0]
     numel = math.prod(shape)
@@ -67,10 +71,32 @@ def _section_layout(shape, dtype: str, group_size: int | None, offset: int) -> t
         s_off = _align(off + nbytes)
         b_off = _align(s_off + sbytes)
         entry.update(group_size=group_size, offset=off, nbytes=nbytes, scales_offset=s_off, biases_offset=b_off)
+        if scale_dtype != "float16":  # absent means float16: version-1 headers stay as they were
+            entry["scale_dtype"] = scale_dtype
         return entry, b_off + sbytes
     nbytes = numel * (4 if dtype == "f32" else 2)
     entry.update(offset=off, nbytes=nbytes)
     return entry, off + nbytes
+
+
+def _stored_parts(name: str, entry: dict, data=None, q=None, scales=None, biases=None) -> list:
+    """[(offset, array)] to write for a tensor given as stored, each array checked against the entry."""
+    shape, dtype = entry["shape"], entry["dtype"]
+    if dtype in ("q4", "q8"):
+        s_dtype = np.float16 if entry.get("scale_dtype", "float16") == "float16" else np.uint16
+        s_shape = (shape[0], shape[1] // entry["group_size"])
+        want = (("q", q, np.uint8, (shape[0], quant.packed_cols(shape[1], int(dtype[1:]))), "offset"),
+                ("scales", scales, s_dtype, s_shape, "scales_offset"),
+                ("biases", biases, s_dtype, s_shape, "biases_offset"))
+    else:
+        want = (("data", data, np.float32 if dtype == "f32" else np.uint16, tuple(shape), "offset"),)
+    out = []
+    for part, arr, want_dtype, want_shape, key in want:
+        if arr is None or arr.dtype != want_dtype or tuple(arr.shape) != tuple(want_shape):
+            got = "missing" if arr is None else f"{arr.dtype} {list(arr.shape)}"
+            raise ConversionError(f"{name}: {part} is {got}, expected {np.dtype(want_dtype)} {list(want_shape)}")
+        out.append((entry[key], np.ascontiguousarray(arr)))
+    return out
 
 
 def _encode(a, dtype: str) -> np.ndarray:
@@ -87,9 +113,14 @@ class PackedWriter:
 
     Arrays passed in are float32, float16, or uint16 holding bfloat16 bits (numpy has no bfloat16).
     add_expert is thread-safe, so experts can be encoded in parallel.
+
+    Writers that already hold stored values (the MLX importer) give each tensor's encoding themselves:
+    add_dense_stored, and `expert_formats` {projection: (dtype, group_size, scale_dtype)} with
+    add_expert_stored.
     """
 
-    def __init__(self, out_dir, architecture: str, config: dict, bits: int = 4, group_size: int = 64):
+    def __init__(self, out_dir, architecture: str, config: dict, bits: int = 4, group_size: int = 64,
+                 expert_formats: dict | None = None):
         if architecture not in _arch.ARCHITECTURES:
             raise ConversionError(f"unknown architecture {architecture!r}")
         if bits not in (4, 8, 16):
@@ -112,7 +143,7 @@ class PackedWriter:
         self._tensors: dict[str, dict] = {}
         self._lock = threading.Lock()
         self._layers: dict[int, dict] = {}
-        self.expert_tensors, self.blob_size = self._expert_layout()
+        self.expert_tensors, self.blob_size = self._expert_layout(expert_formats or {})
         self.stride = _align(self.blob_size, BLOB_ALIGN)
 
     # -- dense ---------------------------------------------------------------------------------------
@@ -167,25 +198,35 @@ class PackedWriter:
         if spec[1] != _arch.QUANT or self.bits == 16:
             raise ConversionError(f"{name}: not quantized in a {self.bits}-bit model")
         dtype, g = self._quantized_dtype(name, shape[1])
-        q_shape, s_shape = (shape[0], quant.packed_cols(shape[1], self.bits)), (shape[0], shape[1] // g)
-        parts = (("q", q, np.uint8, q_shape), ("scales", scales, np.float16, s_shape),
-                 ("biases", biases, np.float16, s_shape))
-        for part, arr, want_dtype, want_shape in parts:
-            if arr.dtype != want_dtype or tuple(arr.shape) != want_shape:
-                raise ConversionError(f"{name}: {part} is {arr.dtype} {list(arr.shape)}, "
-                                      f"expected {np.dtype(want_dtype)} {list(want_shape)}")
-        entry, end = _section_layout(shape, dtype, g, self._dense_pos)
-        for key, arr in zip(("offset", "scales_offset", "biases_offset"), (q, scales, biases)):
-            _pwrite_all(self._dense_fd, np.ascontiguousarray(arr), entry[key])
+        self.add_dense_stored(name, shape, dtype, q=q, scales=scales, biases=biases, group_size=g)
+
+    def add_dense_stored(self, name: str, shape, dtype: str, *, data=None, q=None, scales=None, biases=None,
+                         group_size: int | None = None, scale_dtype: str = "float16") -> None:
+        """Append one dense tensor given exactly as it is to be stored: nothing is re-encoded.
+
+        f32: data float32; bf16: data uint16 (bfloat16 bits); q4/q8: q uint8 [out, in/2 or in], scales and
+        biases [out, in/group_size] as float16 (scale_dtype float16) or uint16 bfloat16 bits (bfloat16).
+        Any dtype is accepted for any matrix (the engine's kernels take every dtype everywhere); 1-D and
+        the always-float32 tensors (norms, conv1d, A_log, dt_bias) must be f32.
+        """
+        spec = self._check_dense(name, shape)
+        if spec[1] == _arch.F32 and dtype != "f32":
+            raise ConversionError(f"{name}: stored as float32 in every packed model, got {dtype}")
+        entry, end = _section_layout(shape, dtype, group_size, self._dense_pos, scale_dtype)
+        for off, arr in _stored_parts(name, entry, data=data, q=q, scales=scales, biases=biases):
+            _pwrite_all(self._dense_fd, arr, off)
         self._tensors[name] = entry
         self._dense_pos = end
 
     # -- experts -------------------------------------------------------------------------------------
-    def _expert_layout(self):
+    def _expert_layout(self, formats: dict):
         tensors, pos = {}, 0
         for name, shape in _arch.expert_shapes(self.config).items():
-            dtype, g = self._quantized_dtype(f"mlp.experts.{name}", shape[1])
-            tensors[name], pos = _section_layout(shape, dtype, g, pos)
+            if name in formats:
+                dtype, g, scale_dtype = formats[name]
+            else:
+                (dtype, g), scale_dtype = self._quantized_dtype(f"mlp.experts.{name}", shape[1]), "float16"
+            tensors[name], pos = _section_layout(shape, dtype, g, pos, scale_dtype)
         return tensors, _align(pos)
 
     def encode_expert(self, gate, up, down) -> bytearray:
@@ -205,6 +246,27 @@ class PackedWriter:
                 raw = arr.tobytes()
                 view[off:off + len(raw)] = raw
         return blob
+
+    def encode_expert_stored(self, parts: dict) -> bytearray:
+        """One expert's blob from its stored arrays: parts[projection] = {"data": ...} or {"q", "scales",
+        "biases"} in the layout's encoding (see add_dense_stored). Nothing is re-encoded."""
+        blob = bytearray(self.blob_size)
+        view = memoryview(blob)
+        for name in EXPERT_NAMES:
+            t = self.expert_tensors[name]
+            for off, arr in _stored_parts(f"expert {name}", t, **parts[name]):
+                raw = memoryview(np.ascontiguousarray(arr)).cast("B")
+                view[off:off + len(raw)] = raw
+        return blob
+
+    def add_expert_stored(self, layer: int, e: int, parts: dict) -> None:
+        """Write expert e of `layer` from its stored arrays (encode_expert_stored); thread-safe."""
+        st = self._claim_expert(layer, e)
+        try:
+            blob = self.encode_expert_stored(parts)
+        except ConversionError as exc:
+            raise ConversionError(f"layer {layer} expert {e}: {exc}") from None
+        self._write_expert(layer, st, e, blob)
 
     def add_expert(self, layer: int, e: int, gate, up, down) -> None:
         """Write expert e of `layer` (gate [I,H], up [I,H], down [H,I]); any order, each exactly once."""
@@ -257,8 +319,11 @@ class PackedWriter:
         st["fd"] = None
 
     # -- finish --------------------------------------------------------------------------------------
-    def finish(self, source: dict | None = None) -> dict:
-        """Check completeness, write preambles and then the header (atomically). Returns the header."""
+    def finish(self, source: dict | None = None, quantization: dict | None = None) -> dict:
+        """Check completeness, write preambles and then the header (atomically). Returns the header.
+
+        quantization: the header's summary section, when the writer's bits/group_size do not describe the
+        model (an import that keeps its source's widths)."""
         missing = [n for n in self._specs if n not in self._tensors]
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -287,11 +352,15 @@ class PackedWriter:
         qinfo = {"bits": self.bits, "mode": "none" if self.bits == 16 else "affine", "scale_dtype": "float16"}
         if self.bits != 16:
             qinfo["group_size"] = self.group_size
+        if quantization is not None:
+            qinfo = dict(quantization)
         from . import __version__
 
+        entries = list(self._tensors.values()) + list(self.expert_tensors.values())
+        bf16_scales = any(t.get("scale_dtype") == "bfloat16" for t in entries)
         header = {
             "format": "flashmoe",
-            "version": VERSION,
+            "version": 2 if bf16_scales else 1,
             "architecture": self.architecture,
             "config": self.config,
             "quantization": qinfo,

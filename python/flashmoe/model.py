@@ -71,6 +71,8 @@ def _desc(name: str, t: dict) -> dict:
     for k in ("group_size", "scales_offset", "biases_offset"):
         if k in t:
             d[k] = t[k]
+    if t.get("scale_dtype") == "bfloat16":
+        d["scale_bf16"] = 1
     return d
 
 

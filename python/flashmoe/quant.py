@@ -104,9 +104,10 @@ def unpack(q, bits: int, in_features: int) -> np.ndarray:
 
 
 def dequantize(q, scales, biases, bits: int, group_size: int, shape) -> np.ndarray:
-    """Inverse of quantize: float32 [out, in] = scale * q + bias per group."""
+    """Inverse of quantize: float32 [out, in] = scale * q + bias per group. Scales and biases are float16,
+    or uint16 holding bfloat16 bits (an MLX import's), or float32."""
     out, inf = shape
     levels = unpack(q, bits, inf).astype(np.float32).reshape(out, inf // group_size, group_size)
-    s = np.asarray(scales, dtype=np.float16).reshape(out, inf // group_size, 1).astype(np.float32)
-    b = np.asarray(biases, dtype=np.float16).reshape(out, inf // group_size, 1).astype(np.float32)
+    s = to_f32(np.asarray(scales)).reshape(out, inf // group_size, 1)
+    b = to_f32(np.asarray(biases)).reshape(out, inf // group_size, 1)
     return (levels * s + b).reshape(out, inf)

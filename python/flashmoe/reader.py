@@ -20,12 +20,14 @@ import numpy as np
 from . import arch as _arch
 from . import quant
 from .errors import FormatError
-from .format import (ALIGN, BLOB_ALIGN, EXPERT_NAMES, HEADER_NAME, KIND_DENSE, KIND_EXPERTS, MAGIC, NO_LAYER,
-                     PREAMBLE, VERSION, _PREAMBLE_FMT)
+from .format import (ALIGN, BLOB_ALIGN, EXPERT_NAMES, FILE_VERSION, HEADER_NAME, KIND_DENSE, KIND_EXPERTS, MAGIC,
+                     NO_LAYER, PREAMBLE, SCALE_DTYPES, VERSIONS, _PREAMBLE_FMT)
 
 _DTYPES = ("f32", "bf16", "q4", "q8")
-_ALLOWED = {_arch.QUANT: ("q4", "q8", "bf16", "f32"), _arch.HP: ("bf16", "f32"), _arch.F32: ("f32",)}
-_QUANT_KEYS = ("group_size", "scales_offset", "biases_offset")
+# Matrices may take any dtype (the kernels take every one everywhere; an MLX import keeps the router at 8
+# bits); norms, conv1d, A_log and dt_bias are always float32.
+_ALLOWED = {_arch.QUANT: _DTYPES, _arch.HP: _DTYPES, _arch.F32: ("f32",)}
+_QUANT_KEYS = ("group_size", "scales_offset", "biases_offset", "scale_dtype")
 _FIELDS = struct.calcsize(_PREAMBLE_FMT)  # preamble bytes that carry fields; the rest must be zero
 _MAX_HEADER = 64 << 20  # a 397B model's header is ~1 MB; reading stops here
 # Config sizes: far above any real model, small enough that the engine's products of a few of them
@@ -59,8 +61,8 @@ def _check_preamble(path: str, kind: int, layer: int, num_experts: int, size: in
     magic, version, k, payload, lyr, n = struct.unpack_from(_PREAMBLE_FMT, head)
     if magic != MAGIC:
         raise FormatError(f"{path}: bad magic {magic!r} (expected {MAGIC!r}); not a flashmoe file")
-    if version != VERSION:
-        raise FormatError(f"{path}: file format version {version}, this reader knows {VERSION}")
+    if version != FILE_VERSION:
+        raise FormatError(f"{path}: file format version {version}, this reader knows {FILE_VERSION}")
     if k != kind:
         raise FormatError(f"{path}: preamble kind {k}, expected {kind}")
     if payload != size - PREAMBLE:
@@ -100,7 +102,7 @@ def _check_file(root: str, rel, expected_size, what: str) -> str:
     return path
 
 
-def _check_entry(where: str, name: str, t, shape, allowed, limit: int, base: int) -> list:
+def _check_entry(where: str, name: str, t, shape, allowed, limit: int, base: int, version: int = 1) -> list:
     """One tensor entry: dtype, shape, sizes, alignment, and bounds within [base, limit).
     Returns its sections as (start, end, what) for _check_overlaps."""
     if not isinstance(t, dict):
@@ -119,6 +121,10 @@ def _check_entry(where: str, name: str, t, shape, allowed, limit: int, base: int
         if (not _is_int(g) or g < quant.MIN_GROUP_SIZE or shape[1] % g
                 or (dtype == "q4" and (shape[1] % 2 or g % 2))):
             raise FormatError(f"{where}: tensor {name}: group_size {g!r} invalid for shape {list(shape)}")
+        sd = t.get("scale_dtype", "float16")
+        if sd not in SCALE_DTYPES[:version]:  # bfloat16 scales came with version 2
+            raise FormatError(f"{where}: tensor {name}: scale_dtype {sd!r} unsupported in a version {version} "
+                              f"header (expected one of {SCALE_DTYPES[:version]})")
         expect = shape[0] * quant.packed_cols(shape[1], 4 if dtype == "q4" else 8)
         sbytes = shape[0] * (shape[1] // g) * 2
         sections += [("scales_offset", sbytes), ("biases_offset", sbytes)]
@@ -254,8 +260,9 @@ def read_header(path) -> dict:
     if not isinstance(header, dict) or header.get("format") != "flashmoe":
         fmt = header.get("format") if isinstance(header, dict) else None
         raise FormatError(f"{hpath}: format is {fmt!r}, expected 'flashmoe'")
-    if header.get("version") != VERSION:
-        raise FormatError(f"{hpath}: format version {header.get('version')!r}, this reader knows {VERSION}")
+    version = header.get("version")
+    if version not in VERSIONS or not _is_int(version):
+        raise FormatError(f"{hpath}: format version {version!r}, this reader knows {', '.join(map(str, VERSIONS))}")
     arch = header.get("architecture")
     if arch not in _arch.ARCHITECTURES:
         raise FormatError(f"{hpath}: unknown architecture {arch!r}, supported: {', '.join(_arch.ARCHITECTURES)}")
@@ -264,7 +271,7 @@ def read_header(path) -> dict:
     q = header.get("quantization")
     if not isinstance(q, dict) or q.get("bits") not in (4, 8, 16):
         raise FormatError(f"{hpath}: quantization.bits must be 4, 8 or 16")
-    if q.get("scale_dtype", "float16") != "float16":
+    if q.get("scale_dtype", "float16") not in SCALE_DTYPES[:version]:
         raise FormatError(f"{hpath}: quantization.scale_dtype {q.get('scale_dtype')!r} unsupported")
 
     dense = header.get("dense")
@@ -285,7 +292,7 @@ def read_header(path) -> dict:
         raise FormatError(f"{hpath}: unexpected dense tensors: {', '.join(extra[:5])}")
     sections = []
     for name, (shape, role) in specs.items():
-        sections += _check_entry(dpath, name, tensors[name], shape, _ALLOWED[role], dense["size"], PREAMBLE)
+        sections += _check_entry(dpath, name, tensors[name], shape, _ALLOWED[role], dense["size"], PREAMBLE, version)
     _check_overlaps(dpath, sections)
 
     ex = header.get("experts")
@@ -301,7 +308,7 @@ def read_header(path) -> dict:
         raise FormatError(f"{hpath}: experts.tensors must be exactly {EXPERT_NAMES}")
     sections, where = [], hpath + " experts"
     for name, shape in eshapes.items():
-        sections += _check_entry(where, name, ex["tensors"][name], shape, _ALLOWED[_arch.QUANT], blob, 0)
+        sections += _check_entry(where, name, ex["tensors"][name], shape, _ALLOWED[_arch.QUANT], blob, 0, version)
     _check_overlaps(where, sections)
     want = _arch.moe_layers(arch, cfg)
     got = [e.get("layer") if isinstance(e, dict) and _is_int(e.get("layer")) else None for e in ex["layers"]]
@@ -324,7 +331,8 @@ def read_header(path) -> dict:
 
 
 class PackedReader:
-    """Reads tensors and experts of a packed model back as float32 (tests, debugging)."""
+    """Reads tensors and experts of a packed model back as float32 (tests, debugging). Stored arrays come
+    back as stored: scales and biases float16, or uint16 bfloat16 bits where scale_dtype is bfloat16."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -342,9 +350,10 @@ class PackedReader:
         if dtype == "bf16":
             return {"data": raw.view(np.uint16).reshape(shape)}
         n = shape[0] * (shape[1] // t["group_size"])
+        sdt = np.float16 if t.get("scale_dtype", "float16") == "float16" else np.uint16  # uint16: bf16 bits
         return {"q": raw.reshape(shape[0], -1),
-                "scales": np.frombuffer(buf, np.float16, n, t["scales_offset"] - base).reshape(shape[0], -1),
-                "biases": np.frombuffer(buf, np.float16, n, t["biases_offset"] - base).reshape(shape[0], -1)}
+                "scales": np.frombuffer(buf, sdt, n, t["scales_offset"] - base).reshape(shape[0], -1),
+                "biases": np.frombuffer(buf, sdt, n, t["biases_offset"] - base).reshape(shape[0], -1)}
 
     def _decode(self, buf: memoryview, t: dict, base: int) -> np.ndarray:
         p = self._parts(buf, t, base)

@@ -16,7 +16,9 @@ import numpy as np
 
 from .errors import ConversionError
 
-DTYPES = {"BF16": np.dtype(np.uint16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32)}
+# U32: MLX's packed quantized weights (mlx_import.py); the Hugging Face converter takes only the floats.
+DTYPES = {"BF16": np.dtype(np.uint16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
+          "U32": np.dtype("<u4")}
 DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 _MAX_HEADER = 1 << 28
 
