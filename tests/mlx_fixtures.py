@@ -124,3 +124,55 @@ def mlx_lm_logits(mlx_dir, ids) -> np.ndarray:
     model.set_dtype(mx.float32)
     out = model(mx.array(np.asarray(ids, np.int32))[None])
     return np.array(out[0].astype(mx.float32))
+
+
+def write_synthetic_mlx(out_dir, cfg: dict, bits: int = 4, group_size: int = 64, seed: int = 0) -> dict:
+    """A Qwen3.5-MoE checkpoint in mlx-lm's layout and naming with random stored values (random uint32 words,
+    random bf16 scales and biases, some of them ones float16 cannot hold), written with MLX's own
+    safetensors writer. Quantized as mlx-lm does: every matrix whose input width the group size divides,
+    the router and shared-expert gate at 8 bits. Returns {name: numpy array as stored (bf16 as uint16)}."""
+    import mlx.core as mx
+    from flashmoe import arch as _arch
+    from flashmoe.quant import f32_to_bf16
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(out_dir, exist_ok=True)
+
+    def bf16(shape, std, mean=0.0):
+        return f32_to_bf16(rng.standard_normal(shape, dtype=np.float32) * np.float32(std) + np.float32(mean))
+
+    def quantized(shape, b, g):
+        *lead, out, inf = shape
+        scales = bf16((*lead, out, inf // g), 0.002)
+        scales.reshape(-1)[::97] = f32_to_bf16(np.float32(-1e-7))  # what MLX stores for a constant group
+        return {".weight": rng.integers(0, 2**32, (*lead, out, inf * b // 32), dtype=np.uint32),
+                ".scales": scales, ".biases": bf16(scales.shape, 0.02)}
+
+    stored, overrides = {}, {}
+    for name, (shape, role) in _arch.packed_dense_specs("qwen3_5_moe", cfg).items():
+        full = ("language_model." if name.startswith("lm_head") else "language_model.model.") + name
+        base = full[: -len(".weight")] if full.endswith(".weight") else full
+        if role == _arch.F32:
+            if name.endswith("conv1d.weight"):
+                stored[full] = bf16((shape[0], shape[1], 1), 0.3)
+            else:  # norms as mlx-lm stores them (1 + w), A_log, dt_bias
+                stored[full] = bf16(shape, 0.1, 1.0)
+        elif shape[1] % group_size:
+            stored[full] = bf16(shape, 0.02)
+        else:
+            b = 8 if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) else bits
+            if b != bits:
+                overrides[base] = {"group_size": group_size, "bits": b}
+            stored.update({base + k: v for k, v in quantized(shape, b, group_size).items()})
+    for layer in _arch.moe_layers("qwen3_5_moe", cfg):
+        for proj, shape in _arch.expert_shapes(cfg).items():
+            base = f"language_model.model.layers.{layer}.mlp.switch_mlp.{proj}"
+            stored.update({base + k: v for k, v in quantized((cfg["num_experts"],) + tuple(shape), bits,
+                                                                 group_size).items()})
+    arrays = {k: mx.array(v).view(mx.bfloat16) if v.dtype == np.uint16 else mx.array(v) for k, v in stored.items()}
+    mx.save_safetensors(os.path.join(out_dir, "model.safetensors"), arrays, metadata={"format": "mlx"})
+    config = {"model_type": "qwen3_5_moe", "text_config": cfg,
+              "quantization": {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f)
+    return stored

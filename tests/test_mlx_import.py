@@ -27,6 +27,7 @@ from mlx_fixtures import (QUANTIZABLE, QUANTIZABLE_NEXT, make_mlx_checkpoint, ml
 
 import flashmoe  # noqa: E402
 from flashmoe.cli import main  # noqa: E402
+from flashmoe import quant  # noqa: E402
 from flashmoe.errors import ConversionError  # noqa: E402
 from flashmoe.reader import PackedReader  # noqa: E402
 
@@ -257,3 +258,44 @@ def test_refuses_shapes_that_disagree_with_the_config(mlx4, tmp_path):
     base = "language_model.model.layers.0.linear_attn.in_proj_qkv"
     _edit_config(src, lambda c: c["quantization"].update({base: {"group_size": 64, "bits": 8}}))
     _fails(src, tmp_path, rf"tensor {base}.weight is U32 \[176, 16\]; 8-bit groups of 64 .* need U32 \[176, 32\]")
+
+
+# ---------------------------------------------------------------- a full-shape layer
+
+
+def test_full_shape_layer_is_mlx_bytes(tmp_path):
+    """One Qwen3.5-397B-A17B layer at its real shapes (16 of its 512 experts, a small vocabulary), in MLX's
+    layout with random words and bf16 scales (some below float16's range): every quantized tensor and expert
+    blob of the import holds MLX's bytes, reordered, not recomputed; norms are MLX's values less 1."""
+    from mlx_fixtures import write_synthetic_mlx
+
+    from flashmoe import presets
+
+    cfg = presets.truncate(presets.get("qwen3.5-397b-a17b"), 1)
+    cfg.update(vocab_size=512, num_experts=16, num_experts_per_tok=4)
+    stored = write_synthetic_mlx(tmp_path / "mlx", cfg, bits=4, group_size=64)
+    header = flashmoe.convert(tmp_path / "mlx", tmp_path / "packed", progress=False)
+    r = PackedReader(tmp_path / "packed")
+    p = "language_model.model."
+    for name, t in header["dense"]["tensors"].items():
+        src = (p[:-len("model.")] if name.startswith("lm_head") else p) + name
+        base = src[: -len(".weight")] if src.endswith(".weight") else src
+        if t["dtype"] in ("q4", "q8"):
+            parts = r.tensor_parts(name)
+            assert np.array_equal(parts["q"], stored[base + ".weight"].view(np.uint8).reshape(t["shape"][0], -1))
+            assert np.array_equal(parts["scales"], stored[base + ".scales"])
+            assert np.array_equal(parts["biases"], stored[base + ".biases"])
+        elif name.endswith("norm.weight") and ".linear_attn." not in name:
+            assert np.array_equal(r.tensor(name) + np.float32(1), quant.bf16_to_f32(stored[src]))
+        elif name.endswith("conv1d.weight"):
+            assert np.array_equal(r.tensor(name), quant.bf16_to_f32(stored[src][:, :, 0]))
+        else:
+            assert np.array_equal(r.tensor(name), quant.bf16_to_f32(stored[src])), name
+    assert header["dense"]["tensors"]["layers.0.linear_attn.in_proj_qkv.weight"]["shape"] == [12288, 4096]
+    for e in (0, 7, 15):
+        for proj, parts in zip(("gate_proj", "up_proj", "down_proj"), r.expert_parts(0, e)):
+            base = f"{p}layers.0.mlp.switch_mlp.{proj}"
+            assert np.array_equal(parts["q"], stored[base + ".weight"][e].view(np.uint8).reshape(parts["q"].shape))
+            assert np.array_equal(parts["scales"], stored[base + ".scales"][e])
+            assert np.array_equal(parts["biases"], stored[base + ".biases"][e])
+    r.verify()
