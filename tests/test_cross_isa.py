@@ -97,17 +97,18 @@ def _array(a) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def encode(op, args) -> bytes:
-    """One run_ops.c record for test_ops' arguments of op."""
+def encode(op, args, kwargs) -> bytes:
+    """One run_ops.c record for test_ops' arguments (and keyword arguments) of op."""
     ints, floats = [], []
     if op in ("matmul", "get_row"):
         dtype, data, scales, biases, rows, cols, gs = args[:7]
+        sb = int(bool(kwargs.get("scale_bf16", False)))
         if op == "matmul":
             x = np.asarray(args[7], np.float32)
-            ints = [dtype, rows, cols, gs, x.size // cols, int(len(args) > 8 and bool(args[8]))]
+            ints = [dtype, rows, cols, gs, x.size // cols, int(len(args) > 8 and bool(args[8])), sb]
             arrays = [data, scales, biases, x]
         else:
-            ints, arrays = [dtype, rows, cols, gs, args[7]], [data, scales, biases]
+            ints, arrays = [dtype, rows, cols, gs, args[7], sb], [data, scales, biases]
     elif op in ("silu_mul", "sigmoid_mul"):
         ints, arrays = [args[0].size], [np.asarray(args[0], np.float32), np.asarray(args[1], np.float32)]
     elif op == "conv1d_silu":
@@ -143,14 +144,14 @@ def test_ops_against_numpy(build, kind, tmp_path):
     cmd = build(kind, "run_ops.c")
     cases = [c for c in test_ops.CASES if c.op in OPS]
     args = [c.build(np.random.default_rng(zlib.crc32(f"{c.op}-{c.id}".encode()))) for c in cases]
-    (tmp_path / "cases.bin").write_bytes(b"".join(encode(c.op, a) for c, a in zip(cases, args)))
+    (tmp_path / "cases.bin").write_bytes(b"".join(encode(c.op, a, c.kwargs) for c, a in zip(cases, args)))
     out = run_checked(cmd + [str(tmp_path / "cases.bin"), str(tmp_path / "out.bin")])
     variants = [ln.split()[-1] for ln in out.splitlines() if ln.startswith("kernel variant ")]
     want = {"native": {"scalar"} | ({"avx2"} if platform.machine() in ("x86_64", "AMD64") else set()),
             "neon": {"scalar", "neon", "neondot"}}[kind]
     assert want <= set(variants), out
     buf, pos, bad = (tmp_path / "out.bin").read_bytes(), 0, []
-    refs = [c.ref(*a) for c, a in zip(cases, args)]
+    refs = [c.ref(*a, **c.kwargs) for c, a in zip(cases, args)]
     for variant in variants:
         for c, ref in zip(cases, refs):
             outs, pos = decode(buf, pos)

@@ -5,13 +5,14 @@ the expected outputs computed in float64, tol the allowed normalised error per o
     err = max|out - ref| / max(1, max|ref|),
 justified where the case is registered. Integer outputs (top-k indices) must match exactly, as must
 outputs with tol 0. Every case runs on every backend in BACKENDS; a backend lacking the op skips it.
+A case's keyword arguments (kwargs, e.g. scale_bf16) go to both the op and the reference.
 """
 
 from __future__ import annotations
 
 import functools
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -31,10 +32,10 @@ class _CpuIsa:
     def __getattr__(self, name):
         fn = getattr(_core, name)
 
-        def call(*args):
+        def call(*args, **kwargs):
             _core.set_cpu_isa(self.isa)
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             finally:
                 _core.set_cpu_isa("auto")
 
@@ -61,13 +62,14 @@ class Case:
     build: Callable
     ref: Callable
     tol: tuple
+    kwargs: dict = field(default_factory=dict)
 
 
 CASES: list[Case] = []
 
 
-def case(op, id, build, ref, *tol):
-    CASES.append(Case(op, id, build, ref, tol))
+def case(op, id, build, ref, *tol, **kwargs):
+    CASES.append(Case(op, id, build, ref, tol, kwargs))
 
 
 def f64(a):
@@ -81,7 +83,14 @@ def randn(rng, *shape, scale=1.0):
 # ---------------------------------------------------------------- matmul / get_row
 
 
-def ref_dequant(dtype, data, scales, biases, rows, cols, gs):
+def ref_scales(a, rows, scale_bf16):
+    """Scales or biases [rows, ng] in float64, exact: bfloat16 bits (the top 16 of a float32) when
+    scale_bf16, else float16."""
+    u = np.asarray(a, np.uint16)
+    return f64((u.astype(np.uint32) << 16).view(np.float32) if scale_bf16 else u.view(np.float16)).reshape(rows, -1)
+
+
+def ref_dequant(dtype, data, scales, biases, rows, cols, gs, scale_bf16=False):
     """W [rows, cols] in float64, exact: w = scale * q + bias per group (docs/FORMAT.md)."""
     if dtype == F32:
         return f64(data).reshape(rows, cols)
@@ -94,38 +103,89 @@ def ref_dequant(dtype, data, scales, biases, rows, cols, gs):
         q[:, 1::2] = data >> 4    #         element 2j+1 in the high nibble
     else:
         q = data.astype(np.int64)
-    s = np.repeat(f64(np.asarray(scales, np.uint16).view(np.float16)).reshape(rows, -1), gs, axis=1)
-    b = np.repeat(f64(np.asarray(biases, np.uint16).view(np.float16)).reshape(rows, -1), gs, axis=1)
+    s = np.repeat(ref_scales(scales, rows, scale_bf16), gs, axis=1)
+    b = np.repeat(ref_scales(biases, rows, scale_bf16), gs, axis=1)
     return s * q + b
 
 
-def build_weight(rng, dtype, rows, cols, gs):
+def pack_q(q, bits):
+    """Levels q [rows, cols] (uint8) as stored: q4 two per byte, element 2j in the low nibble."""
+    q = q.astype(np.uint8)
+    return np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << np.uint8(4)) if bits == 4 else q)
+
+
+def quantize_mlx(w, bits, gs):
+    """Input builder: w [rows, cols] quantized as MLX's affine quantizer does (mlx/ops.cpp), with bfloat16
+    scales and biases as MLX checkpoints store them. Per group: scale = max((max - min) / (2^bits - 1),
+    1e-7), negated unless |min| > |max| (so about half the scales are negative); bias = that edge (max or
+    min), scale = edge / rint(edge / scale) where that is not 0 (else bias 0). A constant group gets scale
+    -1e-7 (not a float16 normal) and q 0. q is computed from the stored bf16 values."""
+    maxq = (1 << bits) - 1
+    g = np.asarray(w, np.float32).reshape(w.shape[0], -1, gs)
+    mx, mn = g.max(axis=2), g.min(axis=2)
+    up = np.abs(mn) > np.abs(mx)
+    s = np.maximum((mx - mn) / np.float32(maxq), np.float32(1e-7))
+    s = np.where(up, s, -s)
+    edge = np.where(up, mn, mx)
+    q0 = np.rint(edge / s)
+    s = np.where(q0 != 0, edge / np.where(q0 != 0, q0, 1), s).astype(np.float32)
+    b = np.where(q0 == 0, 0, edge).astype(np.float32)
+    s16, b16 = f32_to_bf16(s), f32_to_bf16(b)
+    sf, bf = ref_scales(s16, w.shape[0], True)[..., None], ref_scales(b16, w.shape[0], True)[..., None]
+    q = np.clip(np.rint((g - bf) / sf), 0, maxq).reshape(w.shape)
+    return pack_q(q, bits), s16, b16
+
+
+def build_weight(rng, dtype, rows, cols, gs, scale_bf16=False):
     w = randn(rng, rows, cols)
-    w[0] *= 1e-6          # tiny row: float16-subnormal scales and biases
-    w[1, :gs or 8] = 0.5  # a constant group: scale 0, q 0, bias = value
+    w[0] *= 1e-6          # tiny row: float16-subnormal scales and biases (bf16: ~3e-7 scales)
+    w[1, :gs or 8] = 0.5  # a constant group: scale 0, q 0, bias = value (bf16: scale -1e-7)
     if dtype == F32:
         return (F32, w, None, None, rows, cols, 0)
     if dtype == BF16:
         return (BF16, f32_to_bf16(w), None, None, rows, cols, 0)
+    if scale_bf16:
+        q, s, b = quantize_mlx(w, 8 if dtype == Q8 else 4, gs)
+        return (dtype, q, s, b, rows, cols, gs)
     q, s, b = quantize(w, 8 if dtype == Q8 else 4, gs)
     return (dtype, q, s.view(np.uint16), b.view(np.uint16), rows, cols, gs)
+
+
+# Scale dtypes of q4/q8 matrices: float16 (our converter), bfloat16 (MLX checkpoints; kwargs scale_bf16).
+SCALE_DTYPES = (("", {}), ("-sbf16", {"scale_bf16": True}))
+
+
+def scale_dtypes(dtype):
+    return SCALE_DTYPES if dtype in (Q4, Q8) else SCALE_DTYPES[:1]
 
 
 WEIGHTS = [("f32", F32, 0, 130), ("f32", F32, 0, 60), ("f32", F32, 0, 7)]
 WEIGHTS += [("bf16", BF16, 0, 130), ("bf16", BF16, 0, 96)]
 WEIGHTS += [(f"{n}g{gs}", d, gs, 3 * gs) for n, d in (("q8", Q8), ("q4", Q4)) for gs in (16, 32, 64)]
+
+
+def ref_matmul(*a, scale_bf16=False):
+    return f64(a[7]) @ ref_dequant(*a[:7], scale_bf16=scale_bf16).T
+
+
 for name, dtype, gs, cols in WEIGHTS:
-    for T in (1, 5):
-        case("matmul", f"{name}-13x{cols}-T{T}",
-             lambda rng, d=dtype, g=gs, c=cols, T=T: build_weight(rng, d, 13, c, g) + (randn(rng, T, c),),
-             lambda *a: f64(a[7]) @ ref_dequant(*a[:7]).T, TOL_DOT)
+    for sname, kw in scale_dtypes(dtype):
+        for T in (1, 5):
+            case("matmul", f"{name}{sname}-13x{cols}-T{T}",
+                 lambda rng, d=dtype, g=gs, c=cols, T=T, kw=kw: build_weight(rng, d, 13, c, g, **kw)
+                 + (randn(rng, T, c),),
+                 ref_matmul, TOL_DOT, **kw)
 # Big enough to be split over the thread pool (rows x cols x T >= 2e5), rows not a multiple of the split;
 # T = 1 (decode), 3 (fused quantized kernel, a few tokens) and 11 (dequantized rows in register tiles).
 for name, dtype, gs in (("f32", F32, 0), ("bf16", BF16, 0), ("q8g64", Q8, 64), ("q4g64", Q4, 64), ("q4g32", Q4, 32)):
-    for T in (1, 3, 11):
-        case("matmul", f"{name}-257x1024-T{T}",
-             lambda rng, d=dtype, g=gs, T=T: build_weight(rng, d, 257, 1024, g) + (randn(rng, T, 1024),),
-             lambda *a: f64(a[7]) @ ref_dequant(*a[:7]).T, TOL_DOT)
+    for sname, kw in scale_dtypes(dtype):
+        for T in (1, 3, 11):
+            case("matmul", f"{name}{sname}-257x1024-T{T}",
+                 lambda rng, d=dtype, g=gs, T=T, kw=kw: build_weight(rng, d, 257, 1024, g, **kw)
+                 + (randn(rng, T, 1024),),
+                 ref_matmul, TOL_DOT, **kw)
+
+
 def quantize_x_ref(x, gs):
     """int8 activations as csrc/backend/ops.h defines them, in float32 exactly as the C code rounds:
     per group, m = max|x|, xq = rint(x * (127 / m)), d = m / 127 (all zero when m = 0)."""
@@ -136,12 +196,11 @@ def quantize_x_ref(x, gs):
     return np.rint(x * inv), amax / np.float32(127)
 
 
-def ref_matmul_int8(dtype, data, scales, biases, rows, cols, gs, x, int8_act):
+def ref_matmul_int8(dtype, data, scales, biases, rows, cols, gs, x, int8_act, scale_bf16=False):
     """y = sum_g d_g * (scale_g * sum q*xq + bias_g * sum xq), in float64 (ops.h)."""
     assert int8_act and dtype in (Q4, Q8)
     xq, d = quantize_x_ref(x, gs)                                              # [T, ng, gs], [T, ng, 1]
-    s = f64(np.asarray(scales, np.uint16).view(np.float16)).reshape(rows, -1)  # [rows, ng]
-    b = f64(np.asarray(biases, np.uint16).view(np.float16)).reshape(rows, -1)
+    s, b = ref_scales(scales, rows, scale_bf16), ref_scales(biases, rows, scale_bf16)  # [rows, ng]
     q = (ref_dequant(dtype, data, np.full_like(scales, 0x3C00), np.zeros_like(biases), rows, cols, gs)
          .reshape(rows, -1, gs))                                               # the integers q, [rows, ng, gs]
     dots = np.einsum("rgi,tgi->trg", q, f64(xq))                               # [T, rows, ng]
@@ -166,10 +225,43 @@ for name, dtype, gs in (("q8g32", Q8, 32), ("q8g64", Q8, 64), ("q4g32", Q4, 32),
     for T in (1, 5, 11):
         case("matmul", f"subnormal-{name}-13x{4 * gs}-T{T}",
              lambda rng, d=dtype, g=gs, T=T: build_subnormal(rng, d, 13, 4 * g, g, T, False),
-             lambda *a: f64(a[7]) @ ref_dequant(*a[:7]).T, TOL_DOT)
+             ref_matmul, TOL_DOT)
         case("matmul", f"subnormal-int8-{name}-13x{4 * gs}-T{T}",
              lambda rng, d=dtype, g=gs, T=T: build_subnormal(rng, d, 13, 4 * g, g, T, True),
              ref_matmul_int8, TOL_DOT)
+
+
+# bfloat16 scales and biases that float16 cannot hold, as MLX checkpoints have them: magnitudes ~1e-7
+# (float16 subnormals, rounded to a step of 6e-8) or ~1e-30 (zero in float16), both signs, on every row,
+# with x scaled up by as much so that outputs are O(1) (as above). A kernel that reads bf16 scales as
+# float16, or narrows them through float16, fails these; every kernel variant reads them.
+def build_bf16_extreme(rng, dtype, rows, cols, gs, mag):
+    bits, ng = 8 if dtype == Q8 else 4, cols // gs
+    q = rng.integers(0, 1 << bits, (rows, cols))
+    s = rng.uniform(0.5, 2.0, (rows, ng)) * rng.choice([-1.0, 1.0], (rows, ng)) * mag
+    b = rng.uniform(-8.0, 8.0, (rows, ng)) * mag
+    s16, b16 = f32_to_bf16(s.astype(np.float32)), f32_to_bf16(b.astype(np.float32))
+    sv = ref_scales(s16, rows, True)
+    assert np.abs(sv - sv.astype(np.float16)).max() > 0.1 * mag  # float16 cannot hold them: the cases tell
+    return (dtype, pack_q(q, bits), s16, b16, rows, cols, gs)
+
+
+for name, dtype, gs in (("q8g32", Q8, 32), ("q8g64", Q8, 64), ("q4g32", Q4, 32), ("q4g64", Q4, 64)):
+    for mag in (1e-7, 1e-30):
+        for T in (1, 5, 11):
+            case("matmul", f"bf16-extreme{mag:.0e}-{name}-13x{4 * gs}-T{T}",
+                 lambda rng, d=dtype, g=gs, m=mag, T=T: build_bf16_extreme(rng, d, 13, 4 * g, g, m)
+                 + (randn(rng, T, 4 * g) * np.float32(1 / m),),
+                 ref_matmul, TOL_DOT, scale_bf16=True)
+            case("matmul", f"bf16-extreme{mag:.0e}-int8-{name}-13x{4 * gs}-T{T}",
+                 lambda rng, d=dtype, g=gs, m=mag, T=T: build_bf16_extreme(rng, d, 13, 4 * g, g, m)
+                 + (randn(rng, T, 4 * g) * np.float32(1 / m), True),
+                 ref_matmul_int8, TOL_DOT, scale_bf16=True)
+        for r in (0, 12):  # tol 0: a get_row of ~1e-30 values that is off at all fails
+            case("get_row", f"bf16-extreme{mag:.0e}-{name}-13x{4 * gs}-r{r}",
+                 lambda rng, d=dtype, g=gs, m=mag, r=r: build_bf16_extreme(rng, d, 13, 4 * g, g, m) + (r,),
+                 lambda *a, scale_bf16: ref_dequant(*a[:7], scale_bf16=scale_bf16)[a[7]].astype(np.float32), 0.0,
+                 scale_bf16=True)
 
 
 def x_with_zero_group(rng, T, cols, gs):
@@ -183,25 +275,25 @@ def x_with_zero_group(rng, T, cols, gs):
 # row; 4096 columns make blocks of 48 tokens, so T = 50 crosses a block with a 2-token tail); enough rows
 # to be split over the thread pool in the 257-row cases.
 for name, dtype in (("q8", Q8), ("q4", Q4)):
-    for gs, rows, cols in ((32, 13, 96), (64, 13, 192), (128, 13, 384), (64, 257, 1024), (256, 9, 512)):
-        for T in (1, 3, 8, 9, 14):
-            case("matmul", f"int8-{name}g{gs}-{rows}x{cols}-T{T}",
-                 lambda rng, d=dtype, g=gs, r=rows, c=cols, T=T: build_weight(rng, d, r, c, g)
-                 + (x_with_zero_group(rng, T, c, g), True),
-                 ref_matmul_int8, TOL_DOT)
-    for gs, rows, cols, T in ((64, 7, 4096, 50), (32, 5, 4096, 50)):
-        case("matmul", f"int8-{name}g{gs}-{rows}x{cols}-T{T}",
-             lambda rng, d=dtype, g=gs, r=rows, c=cols, T=T: build_weight(rng, d, r, c, g)
-             + (x_with_zero_group(rng, T, c, g), True),
-             ref_matmul_int8, TOL_DOT)
+    for sname, kw in scale_dtypes(dtype):
+        for gs, rows, cols, Ts in ((32, 13, 96, (1, 3, 8, 9, 14)), (64, 13, 192, (1, 3, 8, 9, 14)),
+                                   (128, 13, 384, (1, 3, 8, 9, 14)), (64, 257, 1024, (1, 3, 8, 9, 14)),
+                                   (256, 9, 512, (1, 3, 8, 9, 14)), (64, 7, 4096, (50,)), (32, 5, 4096, (50,))):
+            for T in Ts:
+                case("matmul", f"int8-{name}g{gs}{sname}-{rows}x{cols}-T{T}",
+                     lambda rng, d=dtype, g=gs, r=rows, c=cols, T=T, kw=kw: build_weight(rng, d, r, c, g, **kw)
+                     + (x_with_zero_group(rng, T, c, g), True),
+                     ref_matmul_int8, TOL_DOT, **kw)
 
 for name, dtype, gs, cols in WEIGHTS:
-    # get_row is the dequantised row exactly: s * q is exact in fp32 (11-bit x 8-bit significands), so
-    # the kernel's one rounding of (+ bias) equals the exact float64 value rounded once to fp32.
-    for r in (0, 1, 12):
-        case("get_row", f"{name}-13x{cols}-r{r}",
-             lambda rng, d=dtype, g=gs, c=cols, r=r: build_weight(rng, d, 13, c, g) + (r,),
-             lambda *a: ref_dequant(*a[:7])[a[7]].astype(np.float32), 0.0)
+    # get_row is the dequantised row exactly: s * q is exact in fp32 (11-bit or, bf16, 8-bit x 8-bit
+    # significands), so the kernel's one rounding of (+ bias) equals the exact float64 value rounded once.
+    for sname, kw in scale_dtypes(dtype):
+        for r in (0, 1, 12):
+            case("get_row", f"{name}{sname}-13x{cols}-r{r}",
+                 lambda rng, d=dtype, g=gs, c=cols, r=r, kw=kw: build_weight(rng, d, 13, c, g, **kw) + (r,),
+                 lambda *a, scale_bf16=False: ref_dequant(*a[:7], scale_bf16=scale_bf16)[a[7]].astype(np.float32),
+                 0.0, **kw)
 
 
 # ---------------------------------------------------------------- norms, rope, silu
@@ -438,11 +530,11 @@ def test_op(backend, c):
         pytest.skip(f"backend {backend} has no op_{c.op}")
     args = c.build(np.random.default_rng(zlib.crc32(f"{c.op}-{c.id}".encode())))
     before = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
-    outs = fn(*args)
+    outs = fn(*args, **c.kwargs)
     for a, b in zip(args, before):  # ops take inputs by value (state is returned, not written in place)
         if isinstance(a, np.ndarray):
             np.testing.assert_array_equal(a, b)
-    refs = c.ref(*args)
+    refs = c.ref(*args, **c.kwargs)
     if not isinstance(refs, tuple):
         outs, refs = (outs,), (refs,)
     assert len(outs) == len(refs) == len(c.tol)

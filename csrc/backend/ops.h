@@ -15,9 +15,10 @@ typedef struct {
     fm_dtype dtype;
     int rows, cols, group_size;
     const void *data;        /* f32, bf16, or packed q (uint8) */
-    const uint16_t *scales;  /* fp16 [rows, cols / group_size], quantized only */
-    const uint16_t *biases;  /* fp16 [rows, cols / group_size], quantized only */
+    const uint16_t *scales;  /* fp16 or bf16 [rows, cols / group_size], quantized only */
+    const uint16_t *biases;  /* the same dtype as scales, [rows, cols / group_size], quantized only */
     int int8_act;            /* quantize activations to int8 per weight group (fm_op_matmul) */
+    int scale_bf16;          /* scales and biases are bfloat16 bits, else float16 */
 } fm_mat;
 
 /* Size in bytes of the data of a rows × cols tensor of dtype (q4: two values per byte). */

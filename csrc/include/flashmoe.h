@@ -39,7 +39,7 @@ typedef enum {
 typedef enum {
     FM_F32 = 0,
     FM_BF16 = 1,
-    FM_Q8 = 2,  /* group-wise affine, uint8 q, fp16 scales and biases */
+    FM_Q8 = 2,  /* group-wise affine, uint8 q, fp16 (or bf16: fm_tensor_desc.scale_bf16) scales and biases */
     FM_Q4 = 3,  /* same with two 4-bit values per byte, low nibble first */
 } fm_dtype;
 
@@ -73,6 +73,7 @@ typedef struct {
     int ndim;
     int64_t shape[2];
     int group_size;
+    int scale_bf16; /* q4/q8: scales and biases are bfloat16 bits (MLX checkpoints), else float16 */
     uint64_t offset, nbytes, scales_offset, biases_offset;
 } fm_tensor_desc;
 

@@ -102,6 +102,7 @@ void fm_mat_view(const fm_tensor_desc *d, const uint8_t *base, uint64_t origin, 
     out->cols = d->ndim == 2 ? (int)d->shape[1] : 1;
     out->group_size = d->group_size;
     out->int8_act = int8_act;
+    out->scale_bf16 = quant && d->scale_bf16;
     out->data = base + (d->offset - origin);
     out->scales = quant ? (const uint16_t *)(base + (d->scales_offset - origin)) : NULL;
     out->biases = quant ? (const uint16_t *)(base + (d->biases_offset - origin)) : NULL;

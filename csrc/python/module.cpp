@@ -52,6 +52,7 @@ static fm_tensor_desc to_desc(const py::dict &d) {
     t.ndim = (int)shape.size();
     for (size_t i = 0; i < shape.size(); i++) t.shape[i] = shape[i];
     t.group_size = d.contains("group_size") ? d["group_size"].cast<int>() : 0;
+    t.scale_bf16 = d.contains("scale_bf16") && d["scale_bf16"].cast<bool>() ? 1 : 0; // else fp16 scales
     t.offset = d["offset"].cast<uint64_t>();
     t.nbytes = d["nbytes"].cast<uint64_t>();
     t.scales_offset = d.contains("scales_offset") ? d["scales_offset"].cast<uint64_t>() : 0;
@@ -451,9 +452,10 @@ class Model {
 using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 static fm_mat make_mat(int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
-                       bool int8_act = false) {
+                       bool int8_act, bool scale_bf16) {
     fm_mat w = {};
     w.int8_act = int8_act ? 1 : 0;
+    w.scale_bf16 = scale_bf16 ? 1 : 0;
     w.dtype = (fm_dtype)dtype;
     w.rows = rows;
     w.cols = cols;
@@ -494,22 +496,24 @@ static void bind_ops(py::module_ &m) {
         fm_threads_set(n);
     });
     m.def("get_threads", []() { return fm_threads_get(); });
+    // scale_bf16: the scales and biases (uint16 arrays) hold bfloat16 bits, else float16
     m.def("op_matmul", [](int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
-                          f32arr x, bool int8_act) {
-        fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs, int8_act);
+                          f32arr x, bool int8_act, bool scale_bf16) {
+        fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs, int8_act, scale_bf16);
         const int T = (int)(x.size() / cols);
         f32arr y({T, rows});
         fm_op_matmul(&w, x.data(), T, y.mutable_data());
         return y;
     }, py::arg("dtype"), py::arg("data"), py::arg("scales"), py::arg("biases"), py::arg("rows"), py::arg("cols"),
-       py::arg("gs"), py::arg("x"), py::arg("int8_act") = false);
+       py::arg("gs"), py::arg("x"), py::arg("int8_act") = false, py::kw_only(), py::arg("scale_bf16") = false);
     m.def("op_get_row", [](int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
-                           int r) {
-        fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs);
+                           int r, bool scale_bf16) {
+        fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs, false, scale_bf16);
         f32arr y(cols);
         fm_op_get_row(&w, r, y.mutable_data());
         return y;
-    });
+    }, py::arg("dtype"), py::arg("data"), py::arg("scales"), py::arg("biases"), py::arg("rows"), py::arg("cols"),
+       py::arg("gs"), py::arg("r"), py::kw_only(), py::arg("scale_bf16") = false);
     m.def("op_rmsnorm", [](f32arr x, f32arr w, float eps, bool zc) {
         const int n = (int)w.size(), T = (int)(x.size() / n);
         f32arr y({T, n});

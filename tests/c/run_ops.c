@@ -3,7 +3,8 @@
  * outputs to another file, so that tests/test_cross_isa.py can compare kernels of another ISA (NEON under
  * qemu-user) with the float64 numpy references of tests/test_ops.py. Usage: run_ops CASES OUTPUTS.
  *
- * CASES: records of  char op[16] | int32 ints[8] | float floats[4] | int32 n | n × (uint64 bytes, data).
+ * CASES: records of  char op[16] | int32 ints[8] | float floats[4] | int32 n | n × (uint64 bytes, data)
+ * (tests/test_cross_isa.py's encode says what the ints of each op are).
  * OUTPUTS: for each variant (in the order of the "kernel variant NAME" lines printed on stdout), for each
  * case: int32 n | n × (uint64 bytes, data).
  */
@@ -46,10 +47,11 @@ static void run_case(const op_case *c, FILE *out) {
     if (strcmp(c->op, "matmul") == 0 || strcmp(c->op, "get_row") == 0) {
         const int dtype = I[0], rows = I[1], cols = I[2], gs = I[3];
         fm_mat w = {(fm_dtype)dtype, rows, cols, gs, c->arr[0], c->bytes[1] ? (const uint16_t *)c->arr[1] : NULL,
-                    c->bytes[2] ? (const uint16_t *)c->arr[2] : NULL, 0};
-        if (strcmp(c->op, "matmul") == 0) {
+                    c->bytes[2] ? (const uint16_t *)c->arr[2] : NULL, 0, 0};
+        if (strcmp(c->op, "matmul") == 0) { /* ints: dtype rows cols gs T int8_act scale_bf16 */
             const int T = I[4];
             w.int8_act = I[5];
+            w.scale_bf16 = I[6];
             const uint64_t bytes = sizeof(float) * (uint64_t)T * rows;
             float *y = out_buffer(bytes);
             fm_op_matmul(&w, (const float *)c->arr[3], T, y);
@@ -57,8 +59,9 @@ static void run_case(const op_case *c, FILE *out) {
             fwrite(&n, sizeof n, 1, out);
             put_array(out, y, bytes);
             free(y);
-        } else {
+        } else { /* ints: dtype rows cols gs r scale_bf16 */
             float *y = out_buffer(sizeof(float) * (uint64_t)cols);
+            w.scale_bf16 = I[5];
             fm_op_get_row(&w, I[4], y);
             const int32_t n = 1;
             fwrite(&n, sizeof n, 1, out);

@@ -33,7 +33,8 @@ static uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs, int T, int int8_act) {
+/* sb: bf16 scales and biases, of both signs (as MLX's quantizer makes them), else fp16 ones. */
+static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs, int T, int int8_act, int sb) {
     const int ng = gs ? cols / gs : 0;
     size_t data_bytes = dtype == FM_F32 ? (size_t)rows * cols * 4 : dtype == FM_BF16 ? (size_t)rows * cols * 2
                       : dtype == FM_Q8  ? (size_t)rows * cols : (size_t)rows * cols / 2;
@@ -49,11 +50,16 @@ static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs,
     else
         for (size_t i = 0; i < data_bytes; i++) data[i] = (uint8_t)rnd();
     for (int i = 0; i < rows * ng; i++) {
-        scales[i] = f32_to_f16(uniform(0.002f, 0.05f));
-        biases[i] = f32_to_f16(uniform(-0.4f, -0.01f));
+        if (sb) {
+            scales[i] = f32_to_bf16(uniform(0.002f, 0.05f) * (rnd() & 1 ? -1.0f : 1.0f));
+            biases[i] = f32_to_bf16(uniform(-0.4f, 0.4f));
+        } else {
+            scales[i] = f32_to_f16(uniform(0.002f, 0.05f));
+            biases[i] = f32_to_f16(uniform(-0.4f, -0.01f));
+        }
     }
     for (int i = 0; i < T * cols; i++) x[i] = uniform(-1, 1);
-    fm_mat w = {dtype, rows, cols, gs, data, ng ? scales : NULL, ng ? biases : NULL, int8_act};
+    fm_mat w = {dtype, rows, cols, gs, data, ng ? scales : NULL, ng ? biases : NULL, int8_act, sb};
     fm_cpu_set_isa("scalar");
     fm_op_matmul(&w, x, T, y0);
     fm_cpu_set_isa(isa);
@@ -66,8 +72,8 @@ static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs,
     }
     const int ok = err / ref <= 1e-5; /* fp32 dots summed in other orders: ~1e-6 */
     if (!ok)
-        printf("FAIL %s dtype %d %dx%d g%d T%d int8 %d: normalised error %.3g\n", isa, dtype, rows, cols, gs, T,
-               int8_act, err / ref);
+        printf("FAIL %s dtype %d %dx%d g%d T%d int8 %d %s scales: normalised error %.3g\n", isa, dtype, rows,
+               cols, gs, T, int8_act, sb ? "bf16" : "fp16", err / ref);
     free(data), free(scales), free(biases), free(x), free(y0), free(y1);
     return ok;
 }
@@ -85,19 +91,20 @@ int main(void) {
         for (size_t i = 0; i < sizeof W / sizeof W[0]; i++)
             for (int t = 0; t < 5; t++)
                 for (int rows = 37; rows <= 301; rows += 264)
-                    for (int int8 = 0; int8 <= (W[i].gs % 32 == 0); int8++) { /* int8 activations: ops.h */
-                        if (run_case(isas[k], W[i].d, rows, 256, W[i].gs, Ts[t], int8)) passed++;
-                        else failed++;
-                    }
+                    for (int int8 = 0; int8 <= (W[i].gs % 32 == 0); int8++)    /* int8 activations: ops.h */
+                        for (int sb = 0; sb <= (W[i].gs > 0); sb++) { /* scale dtype of q4/q8 */
+                            if (run_case(isas[k], W[i].d, rows, 256, W[i].gs, Ts[t], int8, sb)) passed++;
+                            else failed++;
+                        }
         /* wide rows (over 512 groups); and more tokens than the AVX2 int8 tiles' block (48 tokens at
          * 4096 columns): several blocks, the last with a full tile, three tokens or two */
         for (int d = 0; d < 2; d++) {
             for (int T = 3; T <= 6; T += 3) {
-                if (run_case(isas[k], d ? FM_Q8 : FM_Q4, 5, 513 * 32, 32, T, 1)) passed++;
+                if (run_case(isas[k], d ? FM_Q8 : FM_Q4, 5, 513 * 32, 32, T, 1, T == 6)) passed++;
                 else failed++;
             }
             for (int T = 98; T <= 100; T++) {
-                if (run_case(isas[k], d ? FM_Q8 : FM_Q4, 7, 4096, 64 >> (T & 1), T, 1)) passed++;
+                if (run_case(isas[k], d ? FM_Q8 : FM_Q4, 7, 4096, 64 >> (T & 1), T, 1, T == 99)) passed++;
                 else failed++;
             }
         }

@@ -67,11 +67,35 @@ void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbu
 #endif
 
 #if defined(__aarch64__)
+#include <arm_neon.h>
+
+#include "../../core/util.h"
+
 #define FM_HAVE_NEON_KERNELS 1
 int fm_matmul_neon_supports(const fm_mat *w);
 void fm_matmul_rows_neon(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
 /* Armv8.2 dot product (SDOT): int8 activations; the rest goes to the NEON kernels. */
 void fm_matmul_rows_neon_dot(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
+
+/* Row r's scales and biases as fp32, s[ng] and b[ng] (ng = cols / group_size): fp16, or bf16 bits when
+ * w->scale_bf16 (looked at once per row), 4 at a time. */
+static inline void fm_neon_row_scales(const fm_mat *w, int r, int ng, float *s, float *b) {
+    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    int g = 0;
+    if (w->scale_bf16) {
+        for (; g + 4 <= ng; g += 4) {
+            vst1q_f32(s + g, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(sc + g), 16)));
+            vst1q_f32(b + g, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(bi + g), 16)));
+        }
+        for (; g < ng; g++) s[g] = fm_bf16_to_f32(sc[g]), b[g] = fm_bf16_to_f32(bi[g]);
+    } else {
+        for (; g + 4 <= ng; g += 4) {
+            vst1q_f32(s + g, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sc + g))));
+            vst1q_f32(b + g, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(bi + g))));
+        }
+        for (; g < ng; g++) s[g] = fm_f16_to_f32(sc[g]), b[g] = fm_f16_to_f32(bi[g]);
+    }
+}
 
 /* Rows [r0, r1) × every token on int8 activations (ops.h): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), with
  * Σ q·xq of a group from GROUP_DOT(w, row, g, xq), which takes q4 nibbles or q8 offset by -128 as signed
@@ -84,14 +108,15 @@ void fm_matmul_rows_neon_dot(const fm_matmul_args *a, int r0, int r1, float *row
         const float off_ = w_->dtype == FM_Q8 ? 128.0f : 0.0f;                                           \
         for (int r_ = (r0); r_ < (r1); r_++) {                                                           \
             const uint8_t *row_ = (const uint8_t *)w_->data + (size_t)r_ * (w_->dtype == FM_Q4 ? n_ / 2 : n_); \
-            const uint16_t *sc_ = w_->scales + (size_t)r_ * ng_, *bi_ = w_->biases + (size_t)r_ * ng_;   \
+            float sc_[ng_], bi_[ng_];                                                                    \
+            fm_neon_row_scales(w_, r_, ng_, sc_, bi_);                                                   \
             for (int t_ = 0; t_ < (a)->T; t_++) {                                                        \
                 const int8_t *xq_ = (a)->xq + (size_t)t_ * n_;                                           \
                 const float *xd_ = (a)->xd + (size_t)t_ * ng_, *xqs_ = (a)->xqs + (size_t)t_ * ng_;      \
                 float y_ = 0.0f;                                                                         \
                 for (int g_ = 0; g_ < ng_; g_++) {                                                       \
                     const float dot_ = (float)GROUP_DOT(w_, row_, g_, xq_) + off_ * xqs_[g_];            \
-                    y_ += xd_[g_] * (fm_f16_to_f32(sc_[g_]) * dot_ + fm_f16_to_f32(bi_[g_]) * xqs_[g_]); \
+                    y_ += xd_[g_] * (sc_[g_] * dot_ + bi_[g_] * xqs_[g_]);                               \
                 }                                                                                        \
                 (a)->y[(size_t)t_ * m_ + r_] = y_;                                                       \
             }                                                                                            \

@@ -18,11 +18,25 @@
 
 static inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 
-/* fp16 → fp32 for n values (F16C, present on every AVX2 CPU). */
-static void f16_to_f32_n(const uint16_t *src, float *dst, int n) {
+/* n scales or biases as fp32 (bf16 a literal, as in load8s). */
+static inline __attribute__((always_inline)) void scales_to_f32(const uint16_t *src, float *dst, int n, const int bf16) {
     int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-    for (; i < n; i++) dst[i] = fm_f16_to_f32(src[i]);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8s(src + i, 8, bf16));
+    for (; i < n; i++) dst[i] = bf16 ? fm_bf16_to_f32(src[i]) : fm_f16_to_f32(src[i]);
+}
+
+/* Row r's scales and biases as fp32, s[ng] and b[ng] (ng = cols / group_size, which the caller has): the
+ * scale dtype is looked at once per row. Inlined: as a call (and its division) it made the fp32 matvecs
+ * 3-9% slower. */
+static inline __attribute__((always_inline)) void row_scales(const fm_mat *w, int r, int ng, float *s, float *b) {
+    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    if (w->scale_bf16) {
+        scales_to_f32(sc, s, ng, 1);
+        scales_to_f32(bi, b, ng, 1);
+    } else {
+        scales_to_f32(sc, s, ng, 0);
+        scales_to_f32(bi, b, ng, 0);
+    }
 }
 
 static inline __m256 bf16x8_to_ps(const uint16_t *p) {
@@ -104,8 +118,7 @@ static inline __m256 q8_group_dot(const uint8_t *q, const float *x, int gs) {
 static float quant_row_dot(const fm_mat *w, int r, const float *x, const float *xsum) {
     const int n = w->cols, gs = w->group_size, ng = n / gs;
     float s[ng], b[ng];
-    f16_to_f32_n(w->scales + (size_t)r * ng, s, ng);
-    f16_to_f32_n(w->biases + (size_t)r * ng, b, ng);
+    row_scales(w, r, ng, s, b);
     __m256 acc = _mm256_setzero_ps();
     if (w->dtype == FM_Q4) {
         const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2);
@@ -125,8 +138,7 @@ static void quant_row_dot_multi(const fm_mat *w, int r, const float *const x[4],
                                 float out[4]) {
     const int n = w->cols, gs = w->group_size, ng = n / gs;
     float sc[ng], bi[ng];
-    f16_to_f32_n(w->scales + (size_t)r * ng, sc, ng);
-    f16_to_f32_n(w->biases + (size_t)r * ng, bi, ng);
+    row_scales(w, r, ng, sc, bi);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int g = 0; g < ng; g++) {
         __m256 ag[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -187,11 +199,11 @@ static inline __m256i q8_group_idot(const uint8_t *q, const int8_t *xq, int gs) 
 
 /* Row r against one token's int8 activations (decode): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), where for
  * q8 Σ q·xq = Σ (q - 128)·xq + 128·Σ xq, so the offset joins the bias: b' = bias + 128·scale. Groups go
- * 8 at a time so the fp16 scales and biases convert in one instruction each. q4 and GS (the group size
- * when a constant, else 0) are literals after inlining: one loop per case. More tokens go to the tiles
- * below. */
+ * 8 at a time so the scales and biases convert in one or two instructions each. q4, GS (the group size
+ * when a constant, else 0) and SB (bf16 scales and biases) are literals after inlining: one loop per
+ * case. More tokens go to the tiles below. */
 static inline __attribute__((always_inline)) float int8_row(const fm_mat *w, int r, const fm_matmul_args *a,
-                                                            const int q4, const int GS) {
+                                                            const int q4, const int GS, const int SB) {
     const int n = w->cols, gs = GS ? GS : w->group_size, ng = n / gs;
     const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (q4 ? n / 2 : n);
     const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
@@ -202,7 +214,7 @@ static inline __attribute__((always_inline)) float int8_row(const fm_mat *w, int
     float d[8];
     for (int g0 = 0; g0 < ng; g0 += 8) {
         const int G = ng - g0 < 8 ? ng - g0 : 8;
-        const __m256 s = load8h(sc + g0, G), b = _mm256_fmadd_ps(off, s, load8h(bi + g0, G));
+        const __m256 s = load8s(sc + g0, G, SB), b = _mm256_fmadd_ps(off, s, load8s(bi + g0, G, SB));
         const __m256 dx = load8(a->xd + g0, G);
         accb = _mm256_fmadd_ps(_mm256_mul_ps(b, dx), load8(a->xqs + g0, G), accb);
         _mm256_storeu_ps(d, _mm256_mul_ps(s, dx));
@@ -261,21 +273,20 @@ static inline __attribute__((always_inline)) void unpack_row_i8(const fm_mat *w,
     }
 }
 
-/* Rows r0 and r1 (r1 == r0 for a lone last row) into the row pair stream W: their bytes and scales. */
-static inline __attribute__((always_inline)) void row_pair(const fm_mat *w, int r0, int r1, uint8_t *W,
-                                                           const int NB) {
-    const int gs = 32 * NB, ng = w->cols / gs;
+/* The scales and biases of rows r0 and r1 into the row pair stream W (groups of gs), as the tile reads
+ * them. SB: bf16 scales and biases, a literal. */
+static inline __attribute__((always_inline)) void pair_scales(const fm_mat *w, int r0, int r1, uint8_t *W, const int gs,
+                                                              const int SB) {
+    const int ng = w->cols / gs;
     const size_t ws = row_pair_stride(gs);
     const __m256 off = _mm256_set1_ps(w->dtype == FM_Q4 ? 0.0f : 128.0f);
-    unpack_row_i8(w, r0, 0, W, NB);
-    unpack_row_i8(w, r1, 1, W, NB);
     const uint16_t *sc0 = w->scales + (size_t)r0 * ng, *sc1 = w->scales + (size_t)r1 * ng;
     const uint16_t *bi0 = w->biases + (size_t)r0 * ng, *bi1 = w->biases + (size_t)r1 * ng;
     for (int g0 = 0; g0 < ng; g0 += 8) { /* 8 groups at a time */
         const int G = ng - g0 < 8 ? ng - g0 : 8;
-        const __m256 s0 = load8h(sc0 + g0, G), s1 = load8h(sc1 + g0, G);
-        const __m256 b0 = _mm256_fmadd_ps(off, s0, load8h(bi0 + g0, G));
-        const __m256 b1 = _mm256_fmadd_ps(off, s1, load8h(bi1 + g0, G));
+        const __m256 s0 = load8s(sc0 + g0, G, SB), s1 = load8s(sc1 + g0, G, SB);
+        const __m256 b0 = _mm256_fmadd_ps(off, s0, load8s(bi0 + g0, G, SB));
+        const __m256 b1 = _mm256_fmadd_ps(off, s1, load8s(bi1 + g0, G, SB));
         const __m256 s01[2] = {_mm256_unpacklo_ps(s0, s1), _mm256_unpackhi_ps(s0, s1)}; /* groups 0,1,4,5 | 2,3,6,7 */
         const __m256 b01[2] = {_mm256_unpacklo_ps(b0, b1), _mm256_unpackhi_ps(b0, b1)};
         for (int h = 0; h < 2; h++) {
@@ -288,6 +299,15 @@ static inline __attribute__((always_inline)) void row_pair(const fm_mat *w, int 
                 if (gi[k] < G) _mm256_storeu_ps((float *)(W + (size_t)(g0 + gi[k]) * ws + 2 * gs), v[k]);
         }
     }
+}
+
+/* Rows r0 and r1 (r1 == r0 for a lone last row) into the row pair stream W: their bytes and scales. */
+static inline __attribute__((always_inline)) void row_pair(const fm_mat *w, int r0, int r1, uint8_t *W,
+                                                           const int NB) {
+    unpack_row_i8(w, r0, 0, W, NB);
+    unpack_row_i8(w, r1, 1, W, NB);
+    if (w->scale_bf16) pair_scales(w, r0, r1, W, 32 * NB, 1);
+    else pair_scales(w, r0, r1, W, 32 * NB, 0);
 }
 
 /* Tokens t..t+3 of the int8 activations into the tile stream X; slots past te repeat token t. */
@@ -489,7 +509,8 @@ static __attribute__((noinline)) void int8_tiles(const fm_matmul_args *a, int r0
         for (int t = 0; t < a->T; t++) {
             fm_matmul_args b = *a;
             b.xq += (size_t)t * n, b.xd += (size_t)t * ng, b.xqs += (size_t)t * ng, b.y += (size_t)t * w->rows;
-            for (int r = r0; r < r1; r++) b.y[r] = int8_row(w, r, &b, q4, 0);
+            for (int r = r0; r < r1; r++)
+                b.y[r] = w->scale_bf16 ? int8_row(w, r, &b, q4, 0, 1) : int8_row(w, r, &b, q4, 0, 0);
         }
         return;
     }
@@ -501,18 +522,23 @@ static __attribute__((noinline)) void int8_tiles(const fm_matmul_args *a, int r0
 }
 
 /* Decode: group size 64 (the converter's default) as a constant lets GCC unroll the block loop: q4
- * matvec 12.5 -> 14.0 GB/s on one thread (bench/RESULTS.md). */
-static __attribute__((noinline)) void int8_rows_1(const fm_matmul_args *a, int r0, int r1) {
+ * matvec 12.5 -> 14.0 GB/s on one thread (bench/RESULTS.md). SB: bf16 scales, a literal. */
+static inline __attribute__((always_inline)) void int8_rows(const fm_matmul_args *a, int r0, int r1, const int SB) {
     const fm_mat *w = a->w;
     const int q4 = w->dtype == FM_Q4, g64 = w->group_size == 64;
     const fm_row_prefetch pf = fm_row_prefetch_init(w);
     for (int r = r0; r < r1; r++) {
         fm_row_prefetch_at(w, pf, r, r1);
-        a->y[r] = q4 && g64 ? int8_row(w, r, a, 1, 64)
-                  : q4      ? int8_row(w, r, a, 1, 0)
-                  : g64     ? int8_row(w, r, a, 0, 64)
-                            : int8_row(w, r, a, 0, 0);
+        a->y[r] = q4 && g64 ? int8_row(w, r, a, 1, 64, SB)
+                  : q4      ? int8_row(w, r, a, 1, 0, SB)
+                  : g64     ? int8_row(w, r, a, 0, 64, SB)
+                            : int8_row(w, r, a, 0, 0, SB);
     }
+}
+
+static __attribute__((noinline)) void int8_rows_1(const fm_matmul_args *a, int r0, int r1) {
+    if (a->w->scale_bf16) int8_rows(a, r0, r1, 1);
+    else int8_rows(a, r0, r1, 0);
 }
 
 /* Row r dequantized into out[cols] (q4: in the permuted order). */
@@ -526,9 +552,10 @@ static void dequant_row(const fm_mat *w, int r, float *out) {
         return;
     }
     const int gs = w->group_size, ng = n / gs;
-    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    float sc[ng], bi[ng];
+    row_scales(w, r, ng, sc, bi);
     for (int g = 0; g < ng; g++) {
-        const __m256 s = _mm256_set1_ps(fm_f16_to_f32(sc[g])), b = _mm256_set1_ps(fm_f16_to_f32(bi[g]));
+        const __m256 s = _mm256_set1_ps(sc[g]), b = _mm256_set1_ps(bi[g]);
         float *o = out + g * gs;
         if (w->dtype == FM_Q4) {
             const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2) + g * gs / 2;

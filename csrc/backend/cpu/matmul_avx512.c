@@ -29,10 +29,10 @@ static inline __m512i q4_bytes64(const uint8_t *q) {
     return _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, twice, hi), _mm512_set1_epi8(0x0F));
 }
 
-/* Row r against one token (decode): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq). q4 and GS (the group size
- * when a constant, else 0) are literals after inlining. */
+/* Row r against one token (decode): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq). q4, GS (the group size
+ * when a constant, else 0) and SB (bf16 scales and biases) are literals after inlining. */
 static inline __attribute__((always_inline)) float row_dot(const fm_mat *w, int r, const fm_matmul_args *a,
-                                                           const int q4, const int GS) {
+                                                           const int q4, const int GS, const int SB) {
     const int n = w->cols, gs = GS ? GS : w->group_size, ng = n / gs;
     const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (q4 ? n / 2 : n);
     const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
@@ -42,7 +42,7 @@ static inline __attribute__((always_inline)) float row_dot(const fm_mat *w, int 
     float d[8];
     for (int g0 = 0; g0 < ng; g0 += 8) {
         const int G = ng - g0 < 8 ? ng - g0 : 8;
-        const __m256 s = load8h(sc + g0, G), b = load8h(bi + g0, G), dx = load8(a->xd + g0, G);
+        const __m256 s = load8s(sc + g0, G, SB), b = load8s(bi + g0, G, SB), dx = load8(a->xd + g0, G);
         accb = _mm256_fmadd_ps(_mm256_mul_ps(b, dx), load8(a->xqs + g0, G), accb);
         _mm256_storeu_ps(d, _mm256_mul_ps(s, dx));
         for (int k = 0; k < G; k++) {
@@ -59,6 +59,19 @@ static inline __attribute__((always_inline)) float row_dot(const fm_mat *w, int 
     return hsum(_mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1)), accb));
 }
 
+/* One token (decode); group size 64 as a constant, as in AVX2. */
+static inline __attribute__((always_inline)) void rows_1(const fm_matmul_args *a, int r0, int r1, const int SB) {
+    const int q4 = a->w->dtype == FM_Q4, g64 = a->w->group_size == 64;
+    const fm_row_prefetch pf = fm_row_prefetch_init(a->w);
+    for (int r = r0; r < r1; r++) {
+        fm_row_prefetch_at(a->w, pf, r, r1);
+        a->y[r] = q4 && g64 ? row_dot(a->w, r, a, 1, 64, SB)
+                  : q4      ? row_dot(a->w, r, a, 1, 0, SB)
+                  : g64     ? row_dot(a->w, r, a, 0, 64, SB)
+                            : row_dot(a->w, r, a, 0, 0, SB);
+    }
+}
+
 void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbuf) {
     /* fp32 activations, and several tokens (prefill): the AVX2 kernels. VNNI tiles for prefill (4 rows ×
      * 4 tokens, 512-bit and 256-bit) ran at 0.7-0.9× the AVX2 tiles on the lent Xeon (bench/RESULTS.md). */
@@ -66,13 +79,6 @@ void fm_matmul_rows_avx512(const fm_matmul_args *a, int r0, int r1, float *rowbu
         fm_matmul_rows_avx2(a, r0, r1, rowbuf);
         return;
     }
-    const int q4 = a->w->dtype == FM_Q4, g64 = a->w->group_size == 64;
-    const fm_row_prefetch pf = fm_row_prefetch_init(a->w);
-    for (int r = r0; r < r1; r++) { /* one token (decode); group size 64 as a constant, as in AVX2 */
-        fm_row_prefetch_at(a->w, pf, r, r1);
-        a->y[r] = q4 && g64 ? row_dot(a->w, r, a, 1, 64)
-                  : q4      ? row_dot(a->w, r, a, 1, 0)
-                  : g64     ? row_dot(a->w, r, a, 0, 64)
-                            : row_dot(a->w, r, a, 0, 0);
-    }
+    if (a->w->scale_bf16) rows_1(a, r0, r1, 1);
+    else rows_1(a, r0, r1, 0);
 }

@@ -51,7 +51,8 @@ static inline void q4_unpack32(const uint8_t *q, float32x4_t w[8]) {
 
 static float quant_row_dot(const fm_mat *w, int r, const float *x, const float *xsum) {
     const int n = w->cols, gs = w->group_size, ng = n / gs;
-    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    float sc[ng], bi[ng];
+    fm_neon_row_scales(w, r, ng, sc, bi);
     float32x4_t acc = vdupq_n_f32(0);
     float bias = 0.0f;
     for (int g = 0; g < ng; g++) {
@@ -78,8 +79,8 @@ static float quant_row_dot(const fm_mat *w, int r, const float *x, const float *
                 a1 = vfmaq_f32(a1, q[3], vld1q_f32(xb + 12));
             }
         }
-        acc = vfmaq_n_f32(acc, vaddq_f32(a0, a1), fm_f16_to_f32(sc[g]));
-        bias += fm_f16_to_f32(bi[g]) * xsum[g];
+        acc = vfmaq_n_f32(acc, vaddq_f32(a0, a1), sc[g]);
+        bias += bi[g] * xsum[g];
     }
     return vaddvq_f32(acc) + bias;
 }
@@ -128,11 +129,12 @@ static void dequant_row(const fm_mat *w, int r, float *out) {
         return;
     }
     const int gs = w->group_size, ng = n / gs;
-    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    float sc[ng], bi[ng];
+    fm_neon_row_scales(w, r, ng, sc, bi);
     float32x4_t q[8];
     for (int g = 0; g < ng; g++) {
-        const float32x4_t b = vdupq_n_f32(fm_f16_to_f32(bi[g]));
-        const float s = fm_f16_to_f32(sc[g]);
+        const float32x4_t b = vdupq_n_f32(bi[g]);
+        const float s = sc[g];
         float *o = out + g * gs;
         if (w->dtype == FM_Q4) {
             const uint8_t *qb = (const uint8_t *)w->data + (size_t)r * (n / 2) + g * gs / 2;

@@ -25,6 +25,16 @@ static float dot_f32(const float *a, const float *b, int n) {
     return s;
 }
 
+/* Row r's scales and biases as fp32, s[ng] and b[ng] (ng = cols / group_size): fp16, or bf16 bits when
+ * w->scale_bf16. */
+static void row_scales(const fm_mat *w, int r, int ng, float *s, float *b) {
+    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+    if (w->scale_bf16)
+        for (int g = 0; g < ng; g++) s[g] = fm_bf16_to_f32(sc[g]), b[g] = fm_bf16_to_f32(bi[g]);
+    else
+        for (int g = 0; g < ng; g++) s[g] = fm_f16_to_f32(sc[g]), b[g] = fm_f16_to_f32(bi[g]);
+}
+
 void fm_op_get_row(const fm_mat *w, int r, float *out) {
     const int n = w->cols;
     switch (w->dtype) {
@@ -39,17 +49,18 @@ void fm_op_get_row(const fm_mat *w, int r, float *out) {
     case FM_Q8:
     case FM_Q4: {
         const int gs = w->group_size, ng = n / gs;
-        const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
+        float sc[ng], bi[ng];
+        row_scales(w, r, ng, sc, bi);
         if (w->dtype == FM_Q8) {
             const uint8_t *q = (const uint8_t *)w->data + (size_t)r * n;
             for (int g = 0; g < ng; g++) {
-                const float s = fm_f16_to_f32(sc[g]), b = fm_f16_to_f32(bi[g]);
+                const float s = sc[g], b = bi[g];
                 for (int i = g * gs; i < (g + 1) * gs; i++) out[i] = s * (float)q[i] + b;
             }
         } else {
             const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2);
             for (int g = 0; g < ng; g++) {
-                const float s = fm_f16_to_f32(sc[g]), b = fm_f16_to_f32(bi[g]);
+                const float s = sc[g], b = bi[g];
                 for (int i = g * gs; i < (g + 1) * gs; i += 2) {
                     const uint8_t byte = q[i / 2];
                     out[i] = s * (float)(byte & 15) + b;
@@ -65,14 +76,15 @@ void fm_op_get_row(const fm_mat *w, int r, float *out) {
 /* Row r against int8 activations (ops.h): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), x in natural order. */
 static float int8_row_dot(const fm_mat *w, int r, const int8_t *xq, const float *xd, const float *xqs) {
     const int n = w->cols, gs = w->group_size, ng = n / gs;
-    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
     const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (w->dtype == FM_Q4 ? n / 2 : n);
+    float sc[ng], bi[ng];
+    row_scales(w, r, ng, sc, bi);
     float acc = 0.0f;
     for (int g = 0; g < ng; g++) {
         int32_t dot = 0;
         for (int i = g * gs; i < (g + 1) * gs; i++)
             dot += (w->dtype == FM_Q4 ? (q[i / 2] >> ((i & 1) * 4)) & 15 : q[i]) * xq[i];
-        acc += xd[g] * (fm_f16_to_f32(sc[g]) * (float)dot + fm_f16_to_f32(bi[g]) * xqs[g]);
+        acc += xd[g] * (sc[g] * (float)dot + bi[g] * xqs[g]);
     }
     return acc;
 }
