@@ -141,6 +141,18 @@ def test_loss_free_against_the_mlx_values(imported):
         assert np.array_equal(r.tensor(name), np.array(want)), name
 
 
+def test_tied_embeddings(tmp_path):
+    """mlx-lm drops a tied lm_head; the engine then reads logits through the (4-bit, bf16-scaled) embedding."""
+    # (Qwen3-Next: mlx-lm's Qwen3.5 wrapper keeps a tied lm_head it then refuses, an mlx-lm bug)
+    mlx_dir, hf = make_mlx_checkpoint(tmp_path, "qwen3_next", 4, 64, tie_word_embeddings=True)
+    header = flashmoe.convert(mlx_dir, tmp_path / "packed", progress=False)
+    assert "lm_head.weight" not in header["dense"]["tensors"]
+    ids = prompt(16)
+    got = flashmoe.load(tmp_path / "packed", int8_activations=False).forward(ids)
+    ref = reference_logits(reference_model(mlx_dir, "qwen3_next", hf), ids)
+    assert rel_err(got, ref) <= RTOL and (got.argmax(1) == ref.argmax(1)).all()
+
+
 def test_info_shows_the_source(imported, capsys):
     assert main(["info", imported["dst"]]) == 0
     out = capsys.readouterr().out
