@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from flashmoe import _core
+from flashmoe.errors import FlashMoEError
 from flashmoe.format import PREAMBLE
 from flashmoe.model import _load_spec
 from flashmoe.synth import write_random_model
@@ -103,3 +104,13 @@ def test_without_the_flag_bf16_bits_read_as_fp16_are_wrong(pair):
     a, b = _core.Model(spec16), _core.Model(unflagged)
     a.reset(), b.reset()
     assert not np.allclose(a.forward(ids, True), b.forward(ids, True), atol=1e-2)
+
+
+def test_the_loader_refuses_the_flag_where_it_means_nothing(pair):
+    """scale_bf16 on a tensor without scales (f32 norm, bf16 router) is a malformed spec, not ignored."""
+    _, spec_bf = pair
+    for name, dtype in (("norm.weight", "f32"), ("layers.0.mlp.gate.weight", "bf16")):
+        spec = {**spec_bf, "dense": [dict(d) for d in spec_bf["dense"]]}
+        next(d for d in spec["dense"] if d["name"] == name)["scale_bf16"] = 1
+        with pytest.raises(FlashMoEError, match=rf"tensor {name}: scale_bf16 1 on a {dtype} tensor"):
+            _core.Model(spec)

@@ -38,6 +38,9 @@ static fm_status check_extent(const fm_model *m, const fm_tensor_desc *d) {
     const int64_t rows = d->shape[0], cols = d->ndim == 2 ? d->shape[1] : 1;
     if ((unsigned)d->dtype > FM_Q4)
         return fm_fail(FM_ERR_FORMAT, "tensor %s: unknown dtype %d", d->name, (int)d->dtype);
+    if ((unsigned)d->scale_bf16 > 1 || (d->scale_bf16 && d->dtype != FM_Q4 && d->dtype != FM_Q8))
+        return fm_fail(FM_ERR_FORMAT, "tensor %s: scale_bf16 %d on a %s tensor", d->name, d->scale_bf16,
+                       dtype_name(d->dtype));
     const uint64_t want = fm_tensor_data_bytes(d->dtype, rows, cols);
     if (d->nbytes != want || !fits(d->offset, d->nbytes, lo, hi))
         return fm_fail(FM_ERR_FORMAT, "tensor %s: %llu bytes at offset %llu do not fit dense.bin (%s %lldx%lld needs %llu)",
@@ -252,6 +255,9 @@ static fm_status check_experts(const fm_load_spec *spec) {
         const int quant = d->dtype == FM_Q4 || d->dtype == FM_Q8;
         if ((unsigned)d->dtype > FM_Q4)
             return fm_fail(FM_ERR_FORMAT, "expert %s: unknown dtype %d", d->name, (int)d->dtype);
+        if ((unsigned)d->scale_bf16 > 1 || (d->scale_bf16 && !quant))
+            return fm_fail(FM_ERR_FORMAT, "expert %s: scale_bf16 %d on a %s tensor", d->name, d->scale_bf16,
+                           dtype_name(d->dtype));
         if (d->ndim != 2 || d->shape[0] != shapes[i][0] || d->shape[1] != shapes[i][1])
             return fm_fail(FM_ERR_FORMAT, "expert %s has shape [%lld, %lld], the config implies [%d, %d]", d->name,
                            (long long)d->shape[0], (long long)d->shape[1], shapes[i][0], shapes[i][1]);
