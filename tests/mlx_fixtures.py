@@ -28,8 +28,10 @@ QUANTIZABLE = dict(moe_intermediate_size=64, shared_expert_intermediate_size=96,
 QUANTIZABLE_NEXT = dict(QUANTIZABLE, intermediate_size=128)
 
 
-def make_mlx_checkpoint(out_dir, arch: str, bits: int, group_size: int = 64, seed: int = 0, **overrides):
-    """(mlx checkpoint directory, the transformers model it came from)."""
+def make_mlx_checkpoint(out_dir, arch: str, bits: int, group_size: int = 64, seed: int = 0, quant_predicate=None,
+                        **overrides):
+    """(mlx checkpoint directory, the transformers model it came from). quant_predicate: mlx-lm's
+    (path, module) -> False | {"bits", "group_size"}, to quantize only some modules."""
     from mlx_lm.convert import convert
 
     out_dir = os.fspath(out_dir)
@@ -45,7 +47,8 @@ def make_mlx_checkpoint(out_dir, arch: str, bits: int, group_size: int = 64, see
         with open(path, "w") as f:
             json.dump(cfg, f)
     mlx_dir = os.path.join(out_dir, "mlx")
-    convert(hf_dir, mlx_path=mlx_dir, quantize=True, q_bits=bits, q_group_size=group_size, dtype="bfloat16")
+    convert(hf_dir, mlx_path=mlx_dir, quantize=True, q_bits=bits, q_group_size=group_size, dtype="bfloat16",
+            quant_predicate=quant_predicate)
     return mlx_dir, model
 
 

@@ -229,6 +229,27 @@ PLANTS = [
           "        py::gil_scoped_release release;\n        std::lock_guard<std::mutex> lock;",
           "        std::lock_guard<std::mutex> lock;",
           ["tests/test_server_promises.py", "-k", "health"], "model calls keep the GIL while C computes"),
+    # -- issue 16: importing MLX checkpoints
+    Plant("mlx_norm_keeps_plus_one", "python/flashmoe/mlx_import.py",
+          "            w = v - np.float32(1)\n", "            w = v - np.float32(0)\n",
+          ["tests/test_mlx_import.py", "-k", "prefill and qwen3_5_moe-4bit-g64"],
+          "mlx-lm's 1 + w norms imported as they are"),
+    Plant("mlx_scales_flag_dropped", "python/flashmoe/model.py",
+          '        d["scale_bf16"] = 1', '        d["scale_bf16"] = 0',
+          ["tests/test_mlx_import.py", "-k", "prefill and qwen3_next-8bit-g64"],
+          "the loader reads an MLX import's bf16 scales as fp16"),
+    Plant("mlx_qkvz_not_split", "python/flashmoe/mlx_import.py",
+          "        split = qwen3_next.split_qkvz if", "        split = qwen3_next.split_ba if",
+          ["tests/test_mlx_import.py", "-k", "prefill and qwen3_next-4bit-g64"],
+          "Qwen3-Next's fused in_proj_qkvz de-interleaved the wrong way"),
+    Plant("mlx_override_ignored", "python/flashmoe/mlx_import.py",
+          "        if isinstance(override, dict):\n            params.update(override)",
+          "        if isinstance(override, dict) and False:\n            params.update(override)",
+          ["tests/test_mlx_import.py", "-k", "prefill and qwen3_5_moe-4bit-g64"],
+          "the 8-bit router read with the 4-bit defaults"),
+    Plant("mlx_router_int8", "csrc/core/blocks.c",
+          "    w->router.int8_act = w->shared_gate.int8_act = 0;", "",
+          ["tests/test_mlx_import.py", "-k", "router_activations"], "an 8-bit router takes int8 activations"),
 ]
 
 

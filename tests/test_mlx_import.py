@@ -153,6 +153,22 @@ def test_tied_embeddings(tmp_path):
     assert rel_err(got, ref) <= RTOL and (got.argmax(1) == ref.argmax(1)).all()
 
 
+def test_router_activations_stay_fp32(tmp_path):
+    """With int8 activations on (the default), an 8-bit router still routes on fp32 activations: a model
+    whose only quantized matrices are its routers gives bit-identical logits either way."""
+    def routers_only(path, module):
+        return {"group_size": 64, "bits": 8} if path.endswith("mlp.gate") else False
+
+    mlx_dir, _ = make_mlx_checkpoint(tmp_path, "qwen3_5_moe", 8, 64, quant_predicate=routers_only)
+    header = flashmoe.convert(mlx_dir, tmp_path / "packed", progress=False)
+    quantized = {n for n, t in header["dense"]["tensors"].items() if t["dtype"] in ("q4", "q8")}
+    assert quantized == {f"layers.{i}.mlp.gate.weight" for i in range(4)}
+    ids = prompt(20)
+    a = flashmoe.load(tmp_path / "packed", int8_activations=True).forward(ids)
+    b = flashmoe.load(tmp_path / "packed", int8_activations=False).forward(ids)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_info_shows_the_source(imported, capsys):
     assert main(["info", imported["dst"]]) == 0
     out = capsys.readouterr().out
