@@ -260,6 +260,16 @@ def test_refuses_widths_the_format_lacks(tmp_path, bits):
     _fails(mlx_dir, tmp_path, rf"tensor model\.\S+ is {bits}-bit; the packed format stores 4- and 8-bit")
 
 
+def test_refuses_float32_expert_scales(tmp_path):
+    from mlx_lm.convert import convert as mlx_convert
+
+    from hf_fixtures import make_hf_model, save_checkpoint
+
+    hf = save_checkpoint(make_hf_model("qwen3_5_moe"), tmp_path / "hf", multimodal=True)
+    mlx_convert(str(hf), mlx_path=str(tmp_path / "mlx"), quantize=True, q_bits=4, dtype="float32")
+    _fails(tmp_path / "mlx", tmp_path, r"layers.0.mlp.switch_mlp.gate_proj has float32 scales")
+
+
 def test_refuses_bits_that_disagree(mlx4, tmp_path):
     _fails(mlx4, tmp_path, r"keeps its own quantization \(its routed experts are 4-bit\); --bits 8", bits=8)
     _fails(mlx4, tmp_path, r"groups of 64\); --group-size 32", group_size=32)
@@ -327,3 +337,14 @@ def test_full_shape_layer_is_mlx_bytes(tmp_path):
             assert np.array_equal(parts["scales"], stored[base + ".scales"][e])
             assert np.array_equal(parts["biases"], stored[base + ".biases"][e])
     r.verify()
+
+
+def test_float32_scales_narrow_only_when_exact():
+    from flashmoe.mlx_import import _scales
+
+    f16_exact = np.array([0.5, -3.0e-5, 1000.0], np.float32)  # a float16 subnormal, exact
+    bf16_exact = np.array([1e-30, -2.0**100], np.float32)  # outside float16's range
+    assert _scales("t", f16_exact, "F32").dtype == np.float16
+    assert np.array_equal(quant.bf16_to_f32(_scales("t", bf16_exact, "F32")), bf16_exact)
+    with pytest.raises(ConversionError, match="tensor t: float32 values that neither"):
+        _scales("t", np.array([0.1], np.float32), "F32")

@@ -69,8 +69,9 @@ class _Source:
 
 def _stored_scale_dtype(src_dtype):
     """Scales are kept in the checkpoint's own 16-bit type, never converted (bench/RESULTS.md: bf16 scales
-    cost the kernels nothing); float32 ones are narrowed only where every value survives (_scales)."""
-    return {"BF16": "bfloat16", "F16": "float16", "F32": None, None: "float16"}[src_dtype]
+    cost the kernels nothing); a dense tensor's float32 ones are narrowed where every value survives
+    (_scales), routed experts' are refused (_Plan: one layout for every expert must be fixed up front)."""
+    return {"BF16": "bfloat16", "F16": "float16", None: "float16"}[src_dtype]
 
 
 class _Plan:
@@ -123,6 +124,10 @@ class _Plan:
         self.expert_formats = {}
         for layer, srcs in self.experts.items():
             for p, s in srcs.items():
+                if s.quantized and s.scale_dtype == "F32":
+                    raise ConversionError(
+                        f"{src}: {s.base} has float32 scales (an MLX model quantized in float32), which no 16-bit "
+                        "type holds in general; convert the MLX model with --dtype bfloat16 or float16")
                 first = self.expert_formats.setdefault(p, (s.format(), s))
                 if first[0] != s.format():
                     raise ConversionError(
