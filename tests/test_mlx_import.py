@@ -343,7 +343,7 @@ def test_float32_scales_narrow_only_when_exact():
     from flashmoe.mlx_import import _scales
 
     f16_exact = np.array([0.5, -2.0**-20, 1000.0], np.float32)  # -2^-20: a float16 subnormal
-    bf16_exact = np.array([1e-30, -2.0**100], np.float32)  # outside float16's range
+    bf16_exact = np.array([2.0**-100, -1.5 * 2.0**100], np.float32)  # outside float16's range
     assert _scales("t", f16_exact, "F32").dtype == np.float16
     assert np.array_equal(quant.bf16_to_f32(_scales("t", bf16_exact, "F32")), bf16_exact)
     with pytest.raises(ConversionError, match="tensor t: float32 values that neither"):
