@@ -260,6 +260,13 @@ def test_refuses_widths_the_format_lacks(tmp_path, bits):
     _fails(mlx_dir, tmp_path, rf"tensor model\.\S+ is {bits}-bit; the packed format stores 4- and 8-bit")
 
 
+def test_cli_convert(mlx4, tmp_path, capsys):
+    assert main(["convert", str(mlx4), str(tmp_path / "a"), "--quiet"]) == 0
+    assert "from MLX" in capsys.readouterr().out
+    assert main(["convert", str(mlx4), str(tmp_path / "b"), "--bits", "8", "--quiet"]) == 1
+    assert "--bits 8 disagrees" in capsys.readouterr().err
+
+
 def test_refuses_float32_expert_scales(tmp_path):
     from mlx_lm.convert import convert as mlx_convert
 
