@@ -3,7 +3,7 @@
     python bench/kernels.py [--threads N] [--quick] [--scales-only]
 
 Every CPU kernel variant present (scalar, avx2, ...) is timed on the same weights in one run. Matvec
-(one token), with fp32 activations and with int8 ones (csrc/backend/ops.h): weight bytes (data + scales + biases) / time, next to the DRAM read bandwidth measured in
+(one token), with fp32 activations and with int8 ones (csrc/backend/cpu/cpu.h): weight bytes (data + scales + biases) / time, next to the DRAM read bandwidth measured in
 the same run (numpy sum over 1 GiB: a streaming read), on weights of 64+ MB so they come from DRAM, not
 cache; the DRAM reads use the same number of threads. Matmul (T tokens): 2·rows·cols·T / time. Prints a table and a JSON line; median of --repeats.
 

@@ -12,8 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "../csrc/backend/ops.h"
-#include "../csrc/core/threads.h"
+#include "../csrc/backend/cpu/cpu.h"
+#include "../csrc/backend/cpu/threads.h"
 #include "../csrc/core/util.h" /* fm_now */
 
 static int cmp(const void *a, const void *b) {
@@ -47,10 +47,10 @@ int main(int argc, char **argv) {
                     for (int int8 = 0; int8 <= 1; int8++) {
                         fm_mat w = {d ? FM_Q8 : FM_Q4, S[k].rows, S[k].cols, gs, q, s, b, int8};
                         double t[reps];
-                        fm_op_matmul(&w, x, T, y);
+                        fm_cpu_matmul(&w, x, T, y);
                         for (int r = 0; r < reps; r++) {
                             const double t0 = fm_now();
-                            fm_op_matmul(&w, x, T, y);
+                            fm_cpu_matmul(&w, x, T, y);
                             t[r] = fm_now() - t0;
                         }
                         qsort(t, reps, sizeof t[0], cmp);

@@ -13,8 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../csrc/backend/ops.h"
-#include "../csrc/core/threads.h"
+#include "../csrc/backend/cpu/cpu.h"
+#include "../csrc/backend/cpu/threads.h"
 #include "../csrc/core/util.h" /* fm_now */
 
 static int cmp(const void *a, const void *b) {
@@ -69,10 +69,10 @@ int main(int argc, char **argv) {
                 if (!fm_cpu_isa_available(isas[k])) continue;
                 fm_cpu_set_isa(isas[k]);
                 fm_mat w = {dt, rows, cols, gs, q, s, b, int8};
-                fm_op_matmul(&w, x, 1, y);
+                fm_cpu_matmul(&w, x, 1, y);
                 for (int r = 0; r < reps; r++) {
                     const double t0 = fm_now();
-                    fm_op_matmul(&w, x, 1, y);
+                    fm_cpu_matmul(&w, x, 1, y);
                     t[r] = fm_now() - t0;
                 }
                 qsort(t, reps, sizeof t[0], cmp);

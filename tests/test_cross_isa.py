@@ -24,7 +24,7 @@ import pytest
 import test_ops
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["csrc/backend/cpu/ops.c", "csrc/core/threads.c", "csrc/core/util.c"]
+COMMON = ["csrc/backend/cpu/ops.c", "csrc/backend/cpu/threads.c", "csrc/core/util.c"]
 FLAGS = ["-std=gnu11", "-O2", "-Icsrc/include"]
 AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 AVX512 = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"]  # runs where present

@@ -187,7 +187,7 @@ for name, dtype, gs in (("f32", F32, 0), ("bf16", BF16, 0), ("q8g64", Q8, 64), (
 
 
 def quantize_x_ref(x, gs):
-    """int8 activations as csrc/backend/ops.h defines them, in float32 exactly as the C code rounds:
+    """int8 activations as csrc/backend/cpu/cpu.h defines them, in float32 exactly as the C code rounds:
     per group, m = max|x|, xq = rint(x * (127 / m)), d = m / 127 (all zero when m = 0)."""
     x = np.asarray(x, np.float32).reshape(x.shape[0], -1, gs)
     amax = np.abs(x).max(axis=2, keepdims=True)

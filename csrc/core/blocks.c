@@ -8,7 +8,6 @@
 #include <string.h>
 
 #include "model.h"
-#include "threads.h"
 #include "util.h"
 
 /* ---------------------------------------------------------------- binding */
@@ -77,45 +76,30 @@ void fm_block_deltanet(fm_model *m, fm_layer *L, const float *xn, float *out, in
     const int dk = c->linear_key_head_dim, dv = c->linear_value_head_dim, K = c->linear_conv_kernel_dim;
     const int key_dim = Hk * dk, conv_dim = 2 * key_dim + Hv * dv;
 
-    fm_op_matmul(&w->in_proj_qkv, xn, T, s->qkv); /* [T, conv_dim] */
-    fm_op_matmul(&w->in_proj_z, xn, T, s->z);     /* [T, Hv·dv] */
-    fm_op_matmul(&w->in_proj_b, xn, T, s->b);     /* [T, Hv] */
-    fm_op_matmul(&w->in_proj_a, xn, T, s->a);     /* [T, Hv] */
+    const fm_backend *be = &m->be;
+    FM_OP(be, matmul, &w->in_proj_qkv, xn, T, s->qkv); /* [T, conv_dim] */
+    FM_OP(be, matmul, &w->in_proj_z, xn, T, s->z);     /* [T, Hv·dv] */
+    FM_OP(be, matmul, &w->in_proj_b, xn, T, s->b);     /* [T, Hv] */
+    FM_OP(be, matmul, &w->in_proj_a, xn, T, s->a);     /* [T, Hv] */
 
     /* causal depthwise conv + SiLU over [q|k|v]; the state keeps the last K-1 pre-conv rows */
-    fm_op_conv1d_silu(s->conv, s->qkv, L->conv_state, w->conv1d, T, conv_dim, K);
+    FM_OP(be, conv1d_silu, s->conv, s->qkv, L->conv_state, w->conv1d, T, conv_dim, K);
 
-    /* split into q [T, Hk, dk], k [T, Hk, dk], v [T, Hv, dv] (reusing q/k/v scratch, contiguous) */
+    /* split into q [T, Hk, dk], k [T, Hk, dk], v [T, Hv, dv] (reusing the pre-conv scratch, contiguous) */
     float *q = s->qkv, *k = s->qkv + (size_t)T * key_dim, *v = s->qkv + (size_t)2 * T * key_dim;
-    for (int t = 0; t < T; t++) {
-        const float *row = s->conv + (size_t)t * conv_dim;
-        memcpy(q + (size_t)t * key_dim, row, sizeof(float) * key_dim);
-        memcpy(k + (size_t)t * key_dim, row + key_dim, sizeof(float) * key_dim);
-        memcpy(v + (size_t)t * Hv * dv, row + 2 * key_dim, sizeof(float) * (size_t)Hv * dv);
-    }
+    FM_OP(be, deltanet_split, q, k, v, s->conv, T, key_dim, Hv * dv);
     /* HF: l2norm(q) / sqrt(dk), l2norm(k), eps 1e-6 inside the rsqrt */
-    fm_op_l2norm(q, T * Hk, dk, 1e-6f, 1.0f / sqrtf((float)dk));
-    fm_op_l2norm(k, T * Hk, dk, 1e-6f, 1.0f);
+    FM_OP(be, l2norm, q, T * Hk, dk, 1e-6f, 1.0f / sqrtf((float)dk));
+    FM_OP(be, l2norm, k, T * Hk, dk, 1e-6f, 1.0f);
 
     /* beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in place over b and a */
-    for (int t = 0; t < T; t++)
-        for (int h = 0; h < Hv; h++) {
-            const size_t i = (size_t)t * Hv + h;
-            s->b[i] = fm_sigmoid(s->b[i]);
-            s->a[i] = -expf(w->A_log[h]) * fm_softplus(s->a[i] + w->dt_bias[h]);
-        }
-
-    /* [T, Hv, dv]. Prefill: the chunked form, faster from 2 tokens on, best in chunks of 16 on AVX2
-     * (bench/RESULTS.md, 2026-11-28); decode (T = 1): the recurrent form. */
-    if (T >= 2)
-        fm_op_gated_delta_chunk(s->core, L->S, q, k, v, s->a, s->b, T, Hk, Hv, dk, dv, 16);
-    else
-        fm_op_gated_delta(s->core, L->S, q, k, v, s->a, s->b, T, Hk, Hv, dk, dv);
+    FM_OP(be, deltanet_gates, s->b, s->a, w->A_log, w->dt_bias, T, Hv);
+    FM_OP(be, gated_delta, s->core, L->S, q, k, v, s->a, s->b, T, Hk, Hv, dk, dv); /* [T, Hv, dv] */
 
     /* per value head: rmsnorm(o) * w * silu(z) */
-    fm_op_rmsnorm(s->core, s->core, w->norm, T * Hv, dv, c->rms_norm_eps, 0);
-    fm_op_silu_mul(s->core, s->z, s->core, T, Hv * dv);
-    fm_op_matmul(&w->out_proj, s->core, T, out); /* [T, H] */
+    FM_OP(be, rmsnorm, s->core, s->core, w->norm, T * Hv, dv, c->rms_norm_eps, 0);
+    FM_OP(be, silu_mul, s->core, s->z, s->core, T, Hv * dv);
+    FM_OP(be, matmul, &w->out_proj, s->core, T, out); /* [T, H] */
 }
 
 /* ---------------------------------------------------------------- gated attention */
@@ -127,43 +111,35 @@ void fm_block_attention(fm_model *m, fm_layer *L, const float *xn, float *out, i
     const int nh = c->num_attention_heads, nkv = c->num_key_value_heads, hd = c->head_dim;
     const int rot = (int)(hd * c->partial_rotary_factor);
 
-    fm_op_matmul(&w->q_proj, xn, T, s->q2); /* [T, nh, 2·hd] */
-    fm_op_matmul(&w->k_proj, xn, T, s->k);  /* [T, nkv, hd] */
-    fm_op_matmul(&w->v_proj, xn, T, s->v);  /* [T, nkv, hd] */
-    for (int t = 0; t < T; t++)
-        for (int h = 0; h < nh; h++) {
-            const float *src = s->q2 + ((size_t)t * nh + h) * 2 * hd;
-            memcpy(s->q + ((size_t)t * nh + h) * hd, src, sizeof(float) * hd);
-            memcpy(s->gate + ((size_t)t * nh + h) * hd, src + hd, sizeof(float) * hd);
-        }
-    fm_op_rmsnorm(s->q, s->q, w->q_norm, T * nh, hd, c->rms_norm_eps, 1);
-    fm_op_rmsnorm(s->k, s->k, w->k_norm, T * nkv, hd, c->rms_norm_eps, 1);
-    fm_op_rope(s->q, T, nh, hd, rot, pos0, c->rope_theta);
-    fm_op_rope(s->k, T, nkv, hd, rot, pos0, c->rope_theta);
+    const fm_backend *be = &m->be;
+    FM_OP(be, matmul, &w->q_proj, xn, T, s->q2); /* [T, nh, 2·hd] */
+    FM_OP(be, matmul, &w->k_proj, xn, T, s->k);  /* [T, nkv, hd] */
+    FM_OP(be, matmul, &w->v_proj, xn, T, s->v);  /* [T, nkv, hd] */
+    FM_OP(be, split_q_gate, s->q, s->gate, s->q2, T, nh, hd);
+    FM_OP(be, rmsnorm, s->q, s->q, w->q_norm, T * nh, hd, c->rms_norm_eps, 1);
+    FM_OP(be, rmsnorm, s->k, s->k, w->k_norm, T * nkv, hd, c->rms_norm_eps, 1);
+    FM_OP(be, rope, s->q, T, nh, hd, rot, pos0, c->rope_theta);
+    FM_OP(be, rope, s->k, T, nkv, hd, rot, pos0, c->rope_theta);
 
-    const size_t kv = (size_t)nkv * hd;
-    memcpy(L->k_cache + (size_t)pos0 * kv, s->k, sizeof(float) * T * kv);
-    memcpy(L->v_cache + (size_t)pos0 * kv, s->v, sizeof(float) * T * kv);
-    fm_op_attention(s->att, s->q, L->k_cache, L->v_cache, T, pos0, nh, nkv, hd, 1.0f / sqrtf((float)hd));
+    FM_OP(be, kv_write, L->k_cache, s->k, pos0, T, nkv * hd);
+    FM_OP(be, kv_write, L->v_cache, s->v, pos0, T, nkv * hd);
+    FM_OP(be, attention, s->att, s->q, L->k_cache, L->v_cache, T, pos0, nh, nkv, hd, 1.0f / sqrtf((float)hd));
 
     /* HF: attn_output * sigmoid(gate), then o_proj */
-    fm_op_sigmoid_mul(s->att, s->gate, s->att, T, nh * hd);
-    fm_op_matmul(&w->o_proj, s->att, T, out); /* [T, H] */
+    FM_OP(be, sigmoid_mul, s->att, s->gate, s->att, T, nh * hd);
+    FM_OP(be, matmul, &w->o_proj, s->att, T, out); /* [T, H] */
 }
 
 /* ---------------------------------------------------------------- MLP and MoE */
 
 /* out[T, H] = down(silu(gate x) * up x) */
-static void mlp(fm_scratch *s, const fm_mat *gate, const fm_mat *up, const fm_mat *down, const float *x, float *out,
-                int T) {
-    fm_op_matmul(gate, x, T, s->h1);
-    fm_op_matmul(up, x, T, s->h2);
-    fm_op_silu_mul(s->h1, s->h1, s->h2, T, gate->rows);
-    fm_op_matmul(down, s->h1, T, out);
-}
-
 void fm_block_mlp(fm_model *m, const fm_mlp_w *w, const float *xn, float *out, int T) {
-    mlp(&m->s, &w->gate_proj, &w->up_proj, &w->down_proj, xn, out, T);
+    const fm_backend *be = &m->be;
+    fm_scratch *s = &m->s;
+    FM_OP(be, matmul, &w->gate_proj, xn, T, s->h1);
+    FM_OP(be, matmul, &w->up_proj, xn, T, s->h2);
+    FM_OP(be, silu_mul, s->h1, s->h1, s->h2, T, w->gate_proj.rows);
+    FM_OP(be, matmul, &w->down_proj, s->h1, T, out);
 }
 
 /* Experts the next MoE layer's router would pick for these tokens (its input approximated by this
@@ -172,69 +148,21 @@ static void predict_next(fm_model *m, int next, const float *xn, int T) {
     const fm_config *c = &m->c;
     fm_scratch *s = &m->s;
     const int E = c->num_experts, k = c->num_experts_per_tok;
-    fm_op_matmul(&m->layers[next].moe_w.router, xn, T, s->logits); /* [T, E] */
+    FM_OP(&m->be, matmul, &m->layers[next].moe_w.router, xn, T, s->logits); /* [T, E] */
+    FM_OP(&m->be, route, s->logits, T, E, k, 0, s->ptopk, s->pw);           /* [T, k] on the host */
     memset(s->mark, 0, sizeof(int32_t) * (size_t)E);
     int n = 0;
-    for (int t = 0; t < T; t++) {
-        fm_op_topk_softmax(s->logits + (size_t)t * E, E, k, 0, s->ptopk, s->pw);
-        for (int j = 0; j < k; j++)
-            if (!s->mark[s->ptopk[j]]++) s->pred[n++] = s->ptopk[j];
-    }
+    for (int i = 0; i < T * k; i++)
+        if (!s->mark[s->ptopk[i]]++) s->pred[n++] = s->ptopk[i];
     s->n_pred = n;
     fm_expert_store_predict(m->experts, next, s->pred, n);
 }
 
-static inline int expert_tokens(const fm_scratch *s, int e) { return s->eoff[e + 1] - s->eoff[e]; }
-
-/* Expert e on its n tokens (rows eoff[e] .. of ye): gather them from xn into xe [n, H] (one token is
- * read in place), then ye rows = down(silu(gate x) * up x) with h1, h2 [n, I]. */
-static void expert_mlp(fm_model *m, const fm_expert *ex, const float *xn, int e, float *xe, float *h1, float *h2) {
+/* Group the T·k routing choices by expert (counting sort): expert e owns rows eoff[e] .. eoff[e+1] of ye,
+ * row[t·k + j] is the row of choice (t, j), tok[r] the token of row r; need[] lists the experts used. */
+static int group_by_expert(fm_model *m, int layer, int T) {
     fm_scratch *s = &m->s;
-    const size_t H = m->c.hidden_size;
-    const int r0 = s->eoff[e], n = expert_tokens(s, e);
-    const float *x = xn + (size_t)s->tok[r0] * H;
-    if (n > 1) {
-        for (int r = 0; r < n; r++) memcpy(xe + (size_t)r * H, xn + (size_t)s->tok[r0 + r] * H, sizeof(float) * H);
-        x = xe;
-    }
-    fm_op_matmul(&ex->gate, x, n, h1);
-    fm_op_matmul(&ex->up, x, n, h2);
-    fm_op_silu_mul(h1, h1, h2, n, ex->gate.rows);
-    fm_op_matmul(&ex->down, h1, n, s->ye + (size_t)r0 * H);
-}
-
-/* Experts computed side by side, one per pool task, each on the lane of scratch of the thread running
- * it (its matmuls then run on that thread alone): a decode step's experts, and most of a prefill chunk's
- * (~C·k/E tokens each), are too small to split over the threads for a barrier per matmul. Each result
- * lands in its own ye rows, so it is the same as computing the experts one after the other. */
-typedef struct {
-    fm_model *m;
-    const float *xn;
-    const int *slots, *experts;
-} expert_batch;
-
-static void expert_task(void *ctx, int j) {
-    const expert_batch *B = (const expert_batch *)ctx;
-    fm_model *m = B->m;
-    const size_t H = m->c.hidden_size, I = m->c.moe_intermediate_size, tokens = m->lane_tokens;
-    float *xe = m->s.lanes + (size_t)fm_thread_index() * m->lane_floats;
-    fm_expert ex;
-    fm_expert_store_view(m->experts, B->slots[j], &ex);
-    expert_mlp(m, &ex, B->xn, B->experts[j], xe, xe + tokens * H, xe + tokens * (H + I));
-}
-
-fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *xn, float *out, int T, int norm_topk) {
-    const fm_config *c = &m->c;
-    fm_scratch *s = &m->s;
-    const int H = c->hidden_size, E = c->num_experts, k = c->num_experts_per_tok;
-    fm_expert_store *store = m->experts;
-
-    /* router: softmax over all experts in fp32, top-k, optionally renormalised */
-    fm_op_matmul(&w->router, xn, T, s->logits); /* [T, E] */
-    for (int t = 0; t < T; t++)
-        fm_op_topk_softmax(s->logits + (size_t)t * E, E, k, norm_topk, s->topk + (size_t)t * k, s->topw + (size_t)t * k);
-
-    /* group the T·k choices by expert (counting sort): expert e owns rows eoff[e] .. eoff[e+1] of ye */
+    const int E = m->c.num_experts, k = m->c.num_experts_per_tok;
     memset(s->ecount, 0, sizeof(int32_t) * (size_t)(E + 1));
     for (int i = 0; i < T * k; i++) s->ecount[s->topk[i]]++;
     int n_need = 0;
@@ -250,15 +178,47 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
         s->tok[r] = i / k;
         s->row[i] = r;
     }
+    return n_need;
+}
+
+/* Pin (hit) or queue the read of (miss) the next experts of need[] while slots are free. */
+static void acquire_more(fm_model *m, int layer, int n_need, int *next, int *n_held) {
+    fm_scratch *s = &m->s;
+    for (; *next < n_need; (*next)++) {
+        const int slot = fm_expert_store_acquire(m->experts, layer, s->need[*next]);
+        if (slot == FM_SLOT_NONE) break;
+        s->held[*n_held] = slot;
+        s->held_e[(*n_held)++] = s->need[*next];
+    }
+}
+
+/* The backend's work item for held expert i (its slot's views and its token rows). */
+static fm_expert_work expert_work(fm_model *m, int i) {
+    fm_scratch *s = &m->s;
+    const int e = s->held_e[i];
+    fm_expert *v = &s->views[i];
+    fm_expert_store_view(m->experts, s->held[i], v);
+    return (fm_expert_work){&v->gate, &v->up, &v->down, s->tok + s->eoff[e], s->eoff[e + 1] - s->eoff[e], s->eoff[e]};
+}
+
+/* The sparse MoE block. The core schedules (routing on the host, which experts, which slots, which
+ * reads, the next layer's prediction); the backend computes (router, shared expert, each routed expert's
+ * FFN as its read lands, the weighted combine). */
+fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *xn, float *out, int T, int norm_topk) {
+    const fm_config *c = &m->c;
+    const fm_backend *be = &m->be;
+    fm_scratch *s = &m->s;
+    const int H = c->hidden_size, E = c->num_experts, k = c->num_experts_per_tok;
+    fm_expert_store *store = m->experts;
+
+    /* router: softmax over all experts in fp32, top-k, optionally renormalised; the choices come to the host */
+    FM_OP(be, matmul, &w->router, xn, T, s->logits); /* [T, E] */
+    FM_OP(be, route, s->logits, T, E, k, norm_topk, s->topk, s->topw);
+    const int n_need = group_by_expert(m, layer, T);
 
     /* issue the reads now: every expert that fits a slot is pinned (hit) or queued (miss) */
     int n_held = 0, next = 0, done = 0;
-    for (; next < n_need; next++) {
-        const int slot = fm_expert_store_acquire(store, layer, s->need[next]);
-        if (slot == FM_SLOT_NONE) break;
-        s->held[n_held] = slot;
-        s->held_e[n_held++] = s->need[next];
-    }
+    acquire_more(m, layer, n_need, &next, &n_held);
     /* Predict the next layer's experts for the store to read ahead, unless it holds all of them already
      * (everything in RAM once warm: the prediction would only cost a router matvec per layer). */
     const int next_moe = m->layers[layer].next_moe;
@@ -266,71 +226,36 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
     if (n_pred_ok) predict_next(m, next_moe, xn, T);
 
     /* shared expert while the reads land, scaled by sigmoid(shared_expert_gate · x) */
-    fm_op_matmul(&w->shared_gate, xn, T, s->sg); /* [T, 1] */
+    FM_OP(be, matmul, &w->shared_gate, xn, T, s->sg); /* [T, 1] */
     fm_block_mlp(m, &w->shared, xn, out, T);
-    for (int t = 0; t < T; t++) {
-        const float g = fm_sigmoid(s->sg[t]);
-        for (int i = 0; i < H; i++) out[(size_t)t * H + i] *= g;
-    }
+    FM_OP(be, gate_rows, out, s->sg, T, H);
 
-    /* routed experts, each computed as it arrives on all of its tokens: ye rows [n, H]. The small ones
-     * already in memory go side by side, one per thread, biggest first so the last to finish is short;
-     * the rest, one at a time split over the pool. */
-    const int threads = fm_threads_get(), batch_ok = threads > 1 && threads <= m->lanes;
+    /* routed experts, each computed as its read lands, on all of its tokens: the ones already in memory
+     * together (the backend may run them side by side), else the first to arrive */
     while (done < n_need) {
-        int i;
-        const int n_polled = batch_ok ? fm_expert_store_poll(store, s->held, n_held, s->ready) : 0;
-        int n_ready = 0; /* ready[] keeps the polled held indices (ascending) of the small experts */
-        for (int j = 0; j < n_polled; j++)
-            if (expert_tokens(s, s->held_e[s->ready[j]]) <= m->lane_tokens) s->ready[n_ready++] = s->ready[j];
-        if (n_ready >= 2) {
-            for (int j = 0; j < n_ready; j++) { /* insertion sort by tokens, descending */
-                const int slot = s->held[s->ready[j]], e = s->held_e[s->ready[j]], n = expert_tokens(s, e);
-                int at = j;
-                for (; at > 0 && expert_tokens(s, s->batch_e[at - 1]) < n; at--) {
-                    s->batch_slot[at] = s->batch_slot[at - 1];
-                    s->batch_e[at] = s->batch_e[at - 1];
-                }
-                s->batch_slot[at] = slot;
-                s->batch_e[at] = e;
+        int n_ready = fm_expert_store_poll(store, s->held, n_held, s->ready);
+        if (n_ready == 0) {
+            /* n_held == 0 cannot happen: acquire only fails when the caller pins every slot */
+            int i = 0;
+            fm_status st = n_held ? fm_expert_store_wait_any(store, s->held, n_held, &i)
+                                  : fm_fail(FM_ERR_NOMEM, "layer %d: no expert slot could be freed", layer);
+            if (st != FM_OK) {
+                for (int j = 0; j < n_held; j++) fm_expert_store_release(store, s->held[j]);
+                return st;
             }
-            expert_batch B = {m, xn, s->batch_slot, s->batch_e};
-            fm_parallel_for(n_ready, expert_task, &B);
-            for (int j = n_ready - 1; j >= 0; j--) { /* highest index first, so removal keeps the rest */
-                const int at = s->ready[j];
-                fm_expert_store_release(store, s->held[at]);
-                s->held[at] = s->held[--n_held];
-                s->held_e[at] = s->held_e[n_held];
-            }
-            done += n_ready;
-            for (; next < n_need; next++) {
-                const int slot = fm_expert_store_acquire(store, layer, s->need[next]);
-                if (slot == FM_SLOT_NONE) break;
-                s->held[n_held] = slot;
-                s->held_e[n_held++] = s->need[next];
-            }
-            continue;
+            s->ready[n_ready++] = i;
         }
-        /* n_held == 0 cannot happen: acquire only fails when the caller pins every slot */
-        fm_status st = n_held ? fm_expert_store_wait_any(store, s->held, n_held, &i)
-                              : fm_fail(FM_ERR_NOMEM, "layer %d: no expert slot could be freed", layer);
-        if (st != FM_OK) {
-            for (int j = 0; j < n_held; j++) fm_expert_store_release(store, s->held[j]);
-            return st;
+        for (int j = 0; j < n_ready; j++) s->work[j] = expert_work(m, s->ready[j]);
+        FM_OP(be, experts, s->work, n_ready, xn, s->ye, H);
+        /* Slots are released after the event that follows their compute (CPU: at once). */
+        for (int j = n_ready - 1; j >= 0; j--) { /* ready[] ascends: highest index first keeps the rest */
+            const int at = s->ready[j];
+            fm_expert_store_release(store, s->held[at]);
+            s->held[at] = s->held[--n_held];
+            s->held_e[at] = s->held_e[n_held];
         }
-        fm_expert ex;
-        fm_expert_store_view(store, s->held[i], &ex);
-        expert_mlp(m, &ex, xn, s->held_e[i], s->xe, s->h1, s->h2);
-        fm_expert_store_release(store, s->held[i]);
-        s->held[i] = s->held[--n_held];
-        s->held_e[i] = s->held_e[n_held];
-        done++;
-        for (; next < n_need; next++) { /* a slot is free again: the experts that did not fit */
-            const int slot = fm_expert_store_acquire(store, layer, s->need[next]);
-            if (slot == FM_SLOT_NONE) break;
-            s->held[n_held] = slot;
-            s->held_e[n_held++] = s->need[next];
-        }
+        done += n_ready;
+        acquire_more(m, layer, n_need, &next, &n_held); /* slots are free again: the experts that did not fit */
     }
 
     /* A chunk's experts pinned every slot while the prediction above was made, so it could read little
@@ -340,12 +265,6 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
 
     /* weighted sum in a fixed order (token, choice), whatever order the reads arrived in, so the
      * result does not depend on the budget, the policy or the disk */
-    for (int t = 0; t < T; t++)
-        for (int j = 0; j < k; j++) {
-            const float wt = s->topw[(size_t)t * k + j];
-            const float *y = s->ye + (size_t)s->row[t * k + j] * H;
-            float *o = out + (size_t)t * H;
-            for (int i = 0; i < H; i++) o[i] += wt * y[i];
-        }
+    FM_OP(be, moe_combine, out, s->ye, s->row, s->topw, T, k, H);
     return FM_OK;
 }

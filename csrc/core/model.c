@@ -11,8 +11,9 @@
 
 #include "../io/packed.h"
 #include "model.h"
-#include "threads.h"
 #include "util.h"
+
+enum { LOGIT_ROWS = 4 }; /* lm_head rows computed at a time into backend memory, then copied to the host */
 
 /* ---------------------------------------------------------------- weight binding */
 
@@ -152,37 +153,43 @@ static fm_status check_config(const fm_config *c) {
 
 static size_t max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
-/* Scratch buffers for chunks of C tokens: lay them out in mem (or only size them when mem is NULL). */
-static size_t layout_scratch(fm_model *m, uint8_t *mem) {
+/* Scratch for chunks of C tokens, in two regions: the activations in backend memory (dev) and the
+ * routing tables in host memory (host). Lays them out when the pointers are given; returns the bytes of
+ * each region. */
+static void layout_scratch(fm_model *m, uint8_t *dev, uint8_t *host, size_t *dev_bytes, size_t *host_bytes) {
     const fm_config *c = &m->c;
-    const size_t C = (size_t)m->chunk, H = c->hidden_size;
+    const size_t C = (size_t)m->chunk, H = c->hidden_size, V = c->vocab_size;
     const size_t key_dim = (size_t)c->linear_num_key_heads * c->linear_key_head_dim;
     const size_t vdim = (size_t)c->linear_num_value_heads * c->linear_value_head_dim;
     const size_t conv_dim = 2 * key_dim + vdim, Hv = c->linear_num_value_heads;
     const size_t qd = (size_t)c->num_attention_heads * c->head_dim, kvd = (size_t)c->num_key_value_heads * c->head_dim;
     const size_t E = c->num_experts > 0 ? c->num_experts : 1, k = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
-    const size_t inter = max3(c->moe_intermediate_size, c->shared_expert_intermediate_size, c->intermediate_size);
+    const size_t inter = c->shared_expert_intermediate_size > c->intermediate_size ? c->shared_expert_intermediate_size
+                                                                                   : c->intermediate_size;
+    const size_t logit_rows = C < LOGIT_ROWS ? C : LOGIT_ROWS;
     fm_scratch *s = &m->s;
-    /* 4-byte elements. A layer's mixer (DeltaNet or attention) reads xn and writes out, then its MoE does
-     * the same: each one's buffers are dead once it returns, so the three groups share one region. */
-    enum { OWN, DELTANET, ATTENTION, MOE, N_GROUPS };
+    /* Elements of 4 bytes (fm_expert and fm_expert_work: whole 4-byte words). A layer's mixer (DeltaNet or
+     * attention) reads xn and writes out, then its MoE does the same: each one's buffers are dead once it
+     * returns, so the three groups share one region of the backend's memory. */
+    enum { OWN, DELTANET, ATTENTION, MOE, HOST, N_GROUPS };
     struct { void **p; size_t n; int group; } parts[] = {
         {(void **)&s->x, C * H, OWN}, {(void **)&s->xn, C * H, OWN}, {(void **)&s->out, C * H, OWN},
+        {(void **)&s->logits_out, logit_rows * V, OWN},
         {(void **)&s->qkv, C * conv_dim, DELTANET}, {(void **)&s->conv, C * conv_dim, DELTANET},
         {(void **)&s->z, C * vdim, DELTANET}, {(void **)&s->b, C * Hv, DELTANET}, {(void **)&s->a, C * Hv, DELTANET},
         {(void **)&s->core, C * vdim, DELTANET},
         {(void **)&s->q2, C * 2 * qd, ATTENTION}, {(void **)&s->q, C * qd, ATTENTION},
         {(void **)&s->gate, C * qd, ATTENTION}, {(void **)&s->k, C * kvd, ATTENTION},
         {(void **)&s->v, C * kvd, ATTENTION}, {(void **)&s->att, C * qd, ATTENTION},
-        {(void **)&s->logits, C * E, MOE}, {(void **)&s->topk, C * k, MOE}, {(void **)&s->topw, C * k, MOE},
-        {(void **)&s->sg, C, MOE}, {(void **)&s->h1, C * inter, MOE}, {(void **)&s->h2, C * inter, MOE},
-        {(void **)&s->xe, C * H, MOE}, {(void **)&s->ye, C * k * H, MOE}, {(void **)&s->tok, C * k, MOE},
-        {(void **)&s->row, C * k, MOE},
-        {(void **)&s->ecount, E + 1, OWN}, {(void **)&s->eoff, E + 1, OWN}, {(void **)&s->need, E, OWN},
-        {(void **)&s->held, E, OWN}, {(void **)&s->held_e, E, OWN}, {(void **)&s->ptopk, k, OWN},
-        {(void **)&s->pw, k, OWN}, {(void **)&s->pred, E, OWN}, {(void **)&s->mark, E, OWN},
-        {(void **)&s->ready, E, OWN}, {(void **)&s->batch_slot, E, OWN}, {(void **)&s->batch_e, E, OWN},
-        {(void **)&s->lanes, (size_t)m->lanes * m->lane_floats, MOE},
+        {(void **)&s->logits, C * E, MOE}, {(void **)&s->sg, C, MOE}, {(void **)&s->h1, C * inter, MOE},
+        {(void **)&s->h2, C * inter, MOE}, {(void **)&s->ye, C * k * H, MOE},
+        {(void **)&s->topk, C * k, HOST}, {(void **)&s->topw, C * k, HOST}, {(void **)&s->tok, C * k, HOST},
+        {(void **)&s->row, C * k, HOST}, {(void **)&s->ecount, E + 1, HOST}, {(void **)&s->eoff, E + 1, HOST},
+        {(void **)&s->need, E, HOST}, {(void **)&s->held, E, HOST}, {(void **)&s->held_e, E, HOST},
+        {(void **)&s->ready, E, HOST}, {(void **)&s->ptopk, C * k, HOST}, {(void **)&s->pw, C * k, HOST},
+        {(void **)&s->pred, E, HOST}, {(void **)&s->mark, E, HOST},
+        {(void **)&s->views, E * (sizeof(fm_expert) / 4), HOST},
+        {(void **)&s->work, E * (sizeof(fm_expert_work) / 4), HOST},
     };
     const size_t n_parts = sizeof parts / sizeof parts[0];
     size_t used[N_GROUPS] = {0}, own = 0, shared = 0; /* OWN first, then the shared region */
@@ -190,11 +197,22 @@ static size_t layout_scratch(fm_model *m, uint8_t *mem) {
         if (parts[i].group == OWN) own += (parts[i].n * 4 + 63) & ~(size_t)63;
     for (size_t i = 0; i < n_parts; i++) {
         const int g = parts[i].group;
-        if (mem) *parts[i].p = mem + (g == OWN ? 0 : own) + used[g];
+        if (g == HOST) {
+            if (host) *parts[i].p = host + used[g];
+        } else if (dev) {
+            *parts[i].p = dev + (g == OWN ? 0 : own) + used[g];
+        }
         used[g] += (parts[i].n * 4 + 63) & ~(size_t)63;
-        if (g != OWN && used[g] > shared) shared = used[g];
+        if (g != OWN && g != HOST && used[g] > shared) shared = used[g];
     }
-    return own + shared;
+    *dev_bytes = own + shared;
+    *host_bytes = used[HOST];
+}
+
+static size_t scratch_bytes(fm_model *m) {
+    size_t dev, host;
+    layout_scratch(m, NULL, NULL, &dev, &host);
+    return dev + host + m->be_workspace;
 }
 
 /* Bytes of one layer's sequence state: DeltaNet conv state [K-1, conv_dim] and recurrent state
@@ -211,22 +229,38 @@ static size_t kv_cache_bytes(const fm_config *c, int ctx) {
     return (size_t)ctx * c->num_key_value_heads * c->head_dim * sizeof(float);
 }
 
+static float *alloc_state_buf(fm_model *m, size_t bytes) {
+    return (float *)FM_OP(&m->be, alloc, FM_MEM_STATE, bytes);
+}
+
 static fm_status alloc_state(fm_model *m) {
     const fm_config *c = &m->c;
     for (int l = 0; l < c->num_hidden_layers; l++) {
         fm_layer *L = &m->layers[l];
         if (L->full_attention) {
-            L->k_cache = (float *)fm_alloc(kv_cache_bytes(c, m->ctx));
-            L->v_cache = (float *)fm_alloc(kv_cache_bytes(c, m->ctx));
+            L->k_cache = alloc_state_buf(m, kv_cache_bytes(c, m->ctx));
+            L->v_cache = alloc_state_buf(m, kv_cache_bytes(c, m->ctx));
             if (!L->k_cache || !L->v_cache)
                 return fm_fail(FM_ERR_NOMEM, "layer %d: cannot allocate the KV cache for %d tokens", l, m->ctx);
         } else {
-            L->conv_state = (float *)fm_alloc(conv_state_bytes(c));
-            L->S = (float *)fm_alloc(recurrent_state_bytes(c));
+            L->conv_state = alloc_state_buf(m, conv_state_bytes(c));
+            L->S = alloc_state_buf(m, recurrent_state_bytes(c));
             if (!L->conv_state || !L->S) return fm_fail(FM_ERR_NOMEM, "layer %d: cannot allocate DeltaNet state", l);
         }
     }
     return FM_OK;
+}
+
+static void free_state(fm_model *m) {
+    const fm_config *c = &m->c;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        fm_layer *L = &m->layers[l];
+        void *bufs[4] = {L->conv_state, L->S, L->k_cache, L->v_cache};
+        const size_t sizes[4] = {conv_state_bytes(c), recurrent_state_bytes(c), kv_cache_bytes(c, m->ctx),
+                                 kv_cache_bytes(c, m->ctx)};
+        for (int i = 0; i < 4; i++)
+            if (bufs[i]) FM_OP(&m->be, free, FM_MEM_STATE, bufs[i], sizes[i]);
+    }
 }
 
 void fm_model_reset(fm_model *m) {
@@ -234,8 +268,8 @@ void fm_model_reset(fm_model *m) {
     for (int l = 0; l < c->num_hidden_layers; l++) {
         fm_layer *L = &m->layers[l];
         /* The KV cache needs no clearing: attention never reads past the current position. */
-        if (L->conv_state) memset(L->conv_state, 0, conv_state_bytes(c));
-        if (L->S) memset(L->S, 0, recurrent_state_bytes(c));
+        if (L->conv_state) FM_OP(&m->be, fill_zero, L->conv_state, conv_state_bytes(c));
+        if (L->S) FM_OP(&m->be, fill_zero, L->S, recurrent_state_bytes(c));
     }
     m->pos = 0;
 }
@@ -299,7 +333,7 @@ static fm_status plan_memory(fm_model *m, const fm_load_spec *spec, int n_moe) {
     mem->dense = spec->dense_size - FM_PREAMBLE_SIZE;
     mem->kv_cache = kv;
     mem->state = state;
-    mem->scratch = layout_scratch(m, NULL) + overhead;
+    mem->scratch = scratch_bytes(m) + overhead;
     mem->experts_total = n_moe * c->num_experts;
     const uint64_t stride = n_moe ? fm_expert_store_slot_bytes(spec) : 0;
     const uint64_t fixed = mem->dense + kv + state + mem->scratch;
@@ -349,13 +383,11 @@ static fm_status model_create(const fm_load_spec *spec, fm_model **out, int *n_m
     }
     m->ctx = spec->context_length > 0 ? spec->context_length : 4096;
     m->chunk = spec->prefill_chunk > 0 ? spec->prefill_chunk : 128;
-    /* Experts of up to LANE_TOKENS tokens run one per thread, each on its own lane of scratch: a chunk's
-     * experts have ~C·k/E tokens each, too little work to split one matmul over the pool (a barrier
-     * per matmul); bigger ones are split. */
-    enum { LANE_TOKENS = 64 };
-    m->lanes = m->c.num_experts > 0 ? fm_threads_get() : 0;
-    m->lane_tokens = m->chunk < LANE_TOKENS ? m->chunk : LANE_TOKENS;
-    m->lane_floats = (size_t)m->lane_tokens * ((size_t)m->c.hidden_size + 2 * (size_t)m->c.moe_intermediate_size);
+    const fm_backend_ops *ops = fm_backend_find(spec->backend);
+    if (!ops) return FM_ERR_INVALID; /* fm_backend_find said which */
+    const fm_backend_params bp = {&m->c, m->chunk};
+    m->be.op = ops;
+    m->be_workspace = ops->workspace_bytes(&bp);
     m->prefetch = spec->prefetch && spec->cache_policy != FM_CACHE_PAGECACHE;
     const int L = m->c.num_hidden_layers;
     m->layers = (fm_layer *)calloc((size_t)L, sizeof(fm_layer));
@@ -394,9 +426,16 @@ fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
     if (st != FM_OK) goto fail;
     const int V = m->c.vocab_size, H = m->c.hidden_size;
 
+    const fm_backend_params bp = {&m->c, m->chunk};
+    if ((st = fm_backend_open(m->be.op, &bp, &m->be)) != FM_OK) goto fail;
     const uint32_t *dense_crc = spec->verify_checksums && spec->has_dense_checksum ? &spec->dense_checksum : NULL;
-    if ((st = fm_packed_read_dense(spec->dense_path, spec->dense_size, dense_crc, &m->dense)) != FM_OK) goto fail;
+    if ((st = fm_packed_read_dense(spec->dense_path, spec->dense_size, dense_crc, &m->dense_host)) != FM_OK) goto fail;
     m->dense_size = spec->dense_size - FM_PREAMBLE_SIZE;
+    if (!(m->dense = (uint8_t *)FM_OP(&m->be, wrap_host, m->dense_host, m->dense_size))) {
+        st = fm_fail(FM_ERR_NOMEM, "%s backend: cannot map the dense weights (%zu bytes)", m->be.op->name,
+                     (size_t)m->dense_size);
+        goto fail;
+    }
     if ((st = fm_bind_mat(m, spec, &m->embed, V, H, "embed_tokens.weight")) != FM_OK) goto fail;
     if ((st = fm_bind_f32(m, spec, &m->norm, H, 0, "norm.weight")) != FM_OK) goto fail;
     if (m->c.tie_word_embeddings)
@@ -410,9 +449,15 @@ fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
         st = fm_fail(FM_ERR_NOMEM, "cannot allocate the token list for a context of %d", m->ctx);
         goto fail;
     }
-    m->scratch_mem = fm_alloc(layout_scratch(m, NULL));
-    if (!m->scratch_mem) { st = fm_fail(FM_ERR_NOMEM, "cannot allocate scratch for chunks of %d tokens", m->chunk); goto fail; }
-    layout_scratch(m, (uint8_t *)m->scratch_mem);
+    size_t dev_bytes, host_bytes;
+    layout_scratch(m, NULL, NULL, &dev_bytes, &host_bytes);
+    m->scratch_mem = FM_OP(&m->be, alloc, FM_MEM_SCRATCH, dev_bytes);
+    m->host_scratch = fm_alloc(host_bytes);
+    if (!m->scratch_mem || !m->host_scratch) {
+        st = fm_fail(FM_ERR_NOMEM, "cannot allocate scratch for chunks of %d tokens", m->chunk);
+        goto fail;
+    }
+    layout_scratch(m, (uint8_t *)m->scratch_mem, (uint8_t *)m->host_scratch, &dev_bytes, &host_bytes);
     *out = m;
     return FM_OK;
 fail:
@@ -422,22 +467,27 @@ fail:
 
 void fm_model_free(fm_model *m) {
     if (!m) return;
-    if (m->layers)
-        for (int l = 0; l < m->c.num_hidden_layers; l++) {
-            fm_free(m->layers[l].conv_state);
-            fm_free(m->layers[l].S);
-            fm_free(m->layers[l].k_cache);
-            fm_free(m->layers[l].v_cache);
+    if (m->be.ctx) { /* the backend instance was opened: its buffers go back to it */
+        if (m->layers) free_state(m);
+        if (m->scratch_mem) {
+            size_t dev_bytes, host_bytes;
+            layout_scratch(m, NULL, NULL, &dev_bytes, &host_bytes);
+            FM_OP(&m->be, free, FM_MEM_SCRATCH, m->scratch_mem, dev_bytes);
         }
+        if (m->dense) FM_OP(&m->be, unwrap_host, m->dense, m->dense_size);
+    }
+    fm_expert_store_free(m->experts);
+    fm_backend_close(&m->be);
     free(m->layers);
     free(m->usage);
     free(m->seq);
-    fm_expert_store_free(m->experts);
-    fm_free(m->dense);
-    fm_free(m->scratch_mem);
+    fm_free(m->dense_host);
+    fm_free(m->host_scratch);
     fm_free(m->step_logits);
     free(m);
 }
+
+const char *fm_model_backend(const fm_model *m) { return m->be.op ? m->be.op->name : "cpu"; }
 
 int fm_model_position(const fm_model *m) { return m->pos; }
 const int32_t *fm_model_tokens(const fm_model *m) { return m->seq; }
@@ -477,7 +527,7 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
     const double t0 = fm_now();
     for (int done = 0; done < n;) {
         const int T = n - done < m->chunk ? n - done : m->chunk;
-        for (int t = 0; t < T; t++) fm_op_get_row(&m->embed, tokens[done + t], m->s.x + (size_t)t * H);
+        FM_OP(&m->be, embed, &m->embed, tokens + done, T, m->s.x);
         fm_trace(m, m->s.x, T, H, "embed");
         fm_status st = m->arch->forward(m, m->s.x, T);
         if (st != FM_OK) {
@@ -492,10 +542,14 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
         done += T;
         if (logits && (all_logits || done == n)) {
             const int first = all_logits ? 0 : T - 1, rows = T - first;
-            fm_op_rmsnorm(m->s.xn, m->s.x + (size_t)first * H, m->norm, rows, H, m->c.rms_norm_eps, 1);
+            FM_OP(&m->be, rmsnorm, m->s.xn, m->s.x + (size_t)first * H, m->norm, rows, H, m->c.rms_norm_eps, 1);
             fm_trace(m, m->s.xn, rows, H, "final_norm");
             float *dst = all_logits ? logits + (size_t)(done - T) * V : logits;
-            fm_op_matmul(&m->lm_head, m->s.xn, rows, dst);
+            for (int r = 0; r < rows; r += LOGIT_ROWS) { /* LOGIT_ROWS at a time, then to the host */
+                const int nr = rows - r < LOGIT_ROWS ? rows - r : LOGIT_ROWS;
+                FM_OP(&m->be, matmul, &m->lm_head, m->s.xn + (size_t)r * H, nr, m->s.logits_out);
+                FM_OP(&m->be, to_host, dst + (size_t)r * V, m->s.logits_out, sizeof(float) * (size_t)nr * V);
+            }
         }
     }
     /* Mispredicted prefetches may still be in flight: let them land so a call's counters are its own. */
@@ -599,9 +653,9 @@ static void copy_state(fm_model *m, uint8_t *buf, int pos, int to_buf) {
                                  L->full_attention ? kv_cache_bytes(c, pos) : recurrent_state_bytes(c)};
         for (int i = 0; i < 2; i++) {
             if (to_buf)
-                memcpy(buf + off, parts[i], sizes[i]);
+                FM_OP(&m->be, to_host, buf + off, parts[i], sizes[i]);
             else
-                memcpy(parts[i], buf + off, sizes[i]);
+                FM_OP(&m->be, from_host, parts[i], buf + off, sizes[i]);
             off += sizes[i];
         }
     }

@@ -5,7 +5,7 @@
 #ifndef FM_MODEL_H
 #define FM_MODEL_H
 
-#include "../backend/ops.h"
+#include "../backend/backend.h"
 #include "../io/expert_store.h"
 #include "flashmoe.h"
 
@@ -37,7 +37,7 @@ typedef struct {
 } fm_mlp_w;
 
 typedef struct {
-    fm_mat router;      /* [E, H], never quantized */
+    fm_mat router;      /* [E, H]; always fp32 activations (8-bit in MLX imports) */
     fm_mlp_w shared;    /* shared expert, I = shared_expert_intermediate_size */
     fm_mat shared_gate; /* [1, H] */
 } fm_moe_w;
@@ -61,10 +61,13 @@ typedef struct {
 
 /* ---------------------------------------------------------------- scratch, sized for C tokens */
 
+/* Activations live in backend memory (FM_MEM_SCRATCH); the routing tables the core schedules with live
+ * on the host. */
 typedef struct {
     float *x;       /* [C, H] residual stream */
     float *xn;      /* [C, H] normed input of a block */
     float *out;     /* [C, H] block output */
+    float *logits_out; /* [min(C, LOGIT_ROWS), V] lm_head rows before they are copied to the host */
     /* DeltaNet */
     float *qkv;     /* [C, conv_dim] pre-conv */
     float *conv;    /* [C, conv_dim] post-conv q|k|v */
@@ -79,22 +82,23 @@ typedef struct {
     float *att;     /* [C, nh·hd] */
     /* MoE */
     float *logits;  /* [C, E] router logits */
+    float *sg;      /* [C] shared expert gate */
+    float *h1, *h2; /* [C, max(Is, Imlp)] shared expert / dense MLP */
+    float *ye;      /* [C·k, H] expert outputs, one row per (token, choice), grouped by expert */
+    /* host: the routing and the schedule */
     int32_t *topk;  /* [C, k] */
     float *topw;    /* [C, k] */
-    float *sg;      /* [C] shared expert gate */
-    float *h1, *h2; /* [C, max(I, Is, Imlp)] */
-    float *xe;      /* [C, H] tokens routed to one expert, gathered */
-    float *ye;      /* [C·k, H] expert outputs, one row per (token, choice), grouped by expert */
     int32_t *tok;   /* [C·k] token of each row of ye */
     int32_t *row;   /* [C·k] row of ye of choice (t, j) */
     int32_t *ecount, *eoff; /* [E + 1] rows per expert, first row per expert */
     int32_t *need;  /* [E] experts this chunk uses */
     int32_t *held;  /* [E] slot of each acquired expert (parallel to held_e) */
     int32_t *held_e;
-    int32_t *ready, *batch_slot, *batch_e; /* [E] experts computed side by side, one per thread */
-    float *lanes;   /* [threads, lane_tokens·(H + 2·I)] each thread's xe, h1, h2 for the experts it computes */
-    int32_t *ptopk; /* [k] next layer's predicted experts for one token */
-    float *pw;      /* [k] */
+    int32_t *ready; /* [E] held indices whose reads have landed */
+    fm_expert *views;       /* [E] weight views of the slots handed to the backend */
+    fm_expert_work *work;   /* [E] */
+    int32_t *ptopk; /* [C, k] next layer's predicted experts */
+    float *pw;      /* [C, k] */
     int32_t *pred;  /* [E] next layer's predicted experts for the chunk */
     int n_pred;     /* how many of pred are set */
     int32_t *mark;  /* [E] */
@@ -111,7 +115,10 @@ typedef struct fm_arch_ops {
 struct fm_model {
     fm_config c;
     const fm_arch_ops *arch;
-    uint8_t *dense;        /* dense.bin payload */
+    fm_backend be;         /* where the layers compute (backend.h) */
+    size_t be_workspace;   /* the backend instance's own scratch bytes (in the memory plan) */
+    uint8_t *dense;        /* dense.bin payload, as the backend addresses it (weights point into it) */
+    uint8_t *dense_host;   /* the same bytes in host memory, as read */
     uint64_t dense_size;   /* payload bytes */
     fm_mat embed;          /* [V, H] */
     fm_mat lm_head;        /* [V, H] (embed when tied) */
@@ -119,12 +126,10 @@ struct fm_model {
     fm_layer *layers;      /* [L] */
     fm_expert_store *experts;
     fm_scratch s;
-    void *scratch_mem;
+    void *scratch_mem;     /* backend memory: the activations of fm_scratch */
+    void *host_scratch;    /* host memory: its routing tables */
     int ctx, chunk, pos;
     int32_t *seq;          /* [ctx] the tokens of the sequence, [0, pos) valid: what the state holds */
-    int lanes;            /* threads the per-thread expert scratch (s.lanes) was laid out for */
-    int lane_tokens;      /* the most tokens of one expert a thread computes alone; more go to the pool */
-    size_t lane_floats;   /* one lane: xe [lane_tokens, H], then h1, h2 [lane_tokens, I] */
     fm_memory mem;         /* the budget and where it goes */
     int prefetch;          /* predict the next layer's experts (protect, and read ahead if the store does) */
     uint64_t *usage;       /* [L, E] token-uses of each routed expert */

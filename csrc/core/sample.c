@@ -9,7 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../backend/ops.h"
 #include "util.h"
 
 enum { BLOCK = 1024 }; /* tokens per block of exp sums */

@@ -14,6 +14,10 @@ fm_status fm_fail(fm_status st, const char *fmt, ...) __attribute__((format(prin
 
 /* 64-byte aligned, zeroed allocation; NULL on failure. fm_free(NULL) is a no-op. */
 void *fm_alloc(size_t bytes);
+
+/* 1 when host code (the sampler) should take its AVX2 copy: the CPU's kernel variant, as the CPU backend
+ * chose it or a test forced it (csrc/backend/cpu/ops.c defines it). */
+int fm_cpu_use_avx2(void);
 void fm_free(void *p);
 /* Weights streamed every token (dense weights, the expert cache): 2 MiB aligned and, on Linux, advised
  * into transparent huge pages, so the stream crosses a page (TLB entry, prefetch boundary) every 2 MiB,

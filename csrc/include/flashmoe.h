@@ -102,7 +102,8 @@ typedef struct {
     int io_threads;         /* concurrent expert reads (default 8) */
     int prefetch;           /* read the experts predicted for the next layer ahead of need */
     int verify_checksums;   /* check dense.bin's CRC-32 at load and each expert blob's on every read */
-    int int8_activations;   /* decode matvecs on int8-quantized activations (see csrc/backend/ops.h) */
+    int int8_activations;   /* decode matvecs on int8-quantized activations (see csrc/backend/cpu/cpu.h) */
+    const char *backend;    /* where the layers compute: "cpu" (NULL or "": cpu); see fm_backend_names() */
 } fm_load_spec;
 
 typedef struct fm_model fm_model;
@@ -110,6 +111,9 @@ typedef struct fm_model fm_model;
 const char *fm_last_error(void);
 
 fm_status fm_model_load(const fm_load_spec *spec, fm_model **out);
+/* The backend a model computes on ("cpu", ...), and the comma-separated backends this build has. */
+const char *fm_model_backend(const fm_model *m);
+const char *fm_backend_names(void);
 void fm_model_free(fm_model *m);
 
 /* Forget the sequence: position 0, caches and recurrent state cleared. */

@@ -21,7 +21,7 @@
 
 #include <stdint.h>
 
-#include "../backend/ops.h"
+#include "../backend/tensor.h"
 
 typedef struct fm_expert_store fm_expert_store;
 

@@ -5,7 +5,7 @@
 #include <stdint.h>
 
 #include "flashmoe.h"
-#include "../backend/ops.h"
+#include "../backend/tensor.h"
 
 enum {
     FM_PREAMBLE_SIZE = 16384,

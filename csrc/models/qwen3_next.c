@@ -41,17 +41,18 @@ static fm_status bind(fm_model *m, const fm_load_spec *spec) {
 static fm_status forward(fm_model *m, float *x, int T) {
     const fm_config *c = &m->c;
     const int H = c->hidden_size;
+    const fm_backend *be = &m->be;
     float *xn = m->s.xn, *out = m->s.out; /* [T, H] each */
     for (int l = 0; l < c->num_hidden_layers; l++) {
         fm_layer *L = &m->layers[l];
-        fm_op_rmsnorm(xn, x, L->input_layernorm, T, H, c->rms_norm_eps, 1);
+        FM_OP(be, rmsnorm, xn, x, L->input_layernorm, T, H, c->rms_norm_eps, 1);
         if (L->full_attention)
             fm_block_attention(m, L, xn, out, T, m->pos);
         else
             fm_block_deltanet(m, L, xn, out, T);
         fm_trace(m, out, T, H, "L%d.%s", l, L->full_attention ? "attn_out" : "deltanet_out");
-        for (size_t i = 0; i < (size_t)T * H; i++) x[i] += out[i];
-        fm_op_rmsnorm(xn, x, L->post_attention_layernorm, T, H, c->rms_norm_eps, 1);
+        FM_OP(be, add, x, out, (size_t)T * H);
+        FM_OP(be, rmsnorm, xn, x, L->post_attention_layernorm, T, H, c->rms_norm_eps, 1);
         if (L->moe) {
             fm_status st = fm_block_moe(m, l, &L->moe_w, xn, out, T, c->norm_topk_prob);
             if (st != FM_OK) return st;
@@ -59,7 +60,7 @@ static fm_status forward(fm_model *m, float *x, int T) {
             fm_block_mlp(m, &L->mlp, xn, out, T); /* HF: Qwen3NextMLP(intermediate_size) */
         }
         fm_trace(m, out, T, H, "L%d.mlp_out", l);
-        for (size_t i = 0; i < (size_t)T * H; i++) x[i] += out[i];
+        FM_OP(be, add, x, out, (size_t)T * H);
         fm_trace(m, x, T, H, "L%d.out", l);
     }
     return FM_OK;

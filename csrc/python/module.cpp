@@ -13,8 +13,8 @@
 #include <vector>
 
 extern "C" {
-#include "../backend/ops.h"
-#include "../core/threads.h"
+#include "../backend/cpu/cpu.h"
+#include "../backend/cpu/threads.h"
 #include "flashmoe.h"
 uint32_t fm_crc32(uint32_t crc, const void *data, size_t n); /* core/util.h */
 uint32_t fm_crc32_portable(uint32_t crc, const void *data, size_t n);
@@ -64,6 +64,7 @@ static fm_tensor_desc to_desc(const py::dict &d) {
 struct SpecHolder {
     fm_load_spec s;
     std::string dense_path;
+    std::string backend;
     std::vector<fm_tensor_desc> dense;
     std::vector<std::string> expert_path_strs;
     std::vector<const char *> expert_paths;
@@ -146,6 +147,10 @@ static void to_spec(const py::dict &spec, SpecHolder &h) {
     h.s.prefetch = spec["prefetch"].cast<bool>() ? 1 : 0;
     h.s.verify_checksums = spec["verify_checksums"].cast<bool>() ? 1 : 0;
     h.s.int8_activations = spec.contains("int8_activations") && spec["int8_activations"].cast<bool>() ? 1 : 0;
+    if (spec.contains("backend") && !spec["backend"].is_none()) {
+        h.backend = spec["backend"].cast<std::string>();
+        h.s.backend = h.backend.c_str();
+    }
 
 }
 
@@ -418,6 +423,7 @@ class Model {
         fm_model_debug_fail_reads(m_, after, count, corrupt ? 1 : 0);
     }
     int context_length() const { return fm_model_context_length(m_); }
+    std::string backend() const { return fm_model_backend(m_); }
 
     py::dict stats() const {
         fm_stats s;
@@ -496,13 +502,14 @@ static void bind_ops(py::module_ &m) {
         fm_threads_set(n);
     });
     m.def("get_threads", []() { return fm_threads_get(); });
+    m.def("backends", []() { return std::string(fm_backend_names()); }, "comma-separated backends this build has");
     // scale_bf16: the scales and biases (uint16 arrays) hold bfloat16 bits, else float16
     m.def("op_matmul", [](int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
                           f32arr x, bool int8_act, bool scale_bf16) {
         fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs, int8_act, scale_bf16);
         const int T = (int)(x.size() / cols);
         f32arr y({T, rows});
-        fm_op_matmul(&w, x.data(), T, y.mutable_data());
+        fm_cpu_matmul(&w, x.data(), T, y.mutable_data());
         return y;
     }, py::arg("dtype"), py::arg("data"), py::arg("scales"), py::arg("biases"), py::arg("rows"), py::arg("cols"),
        py::arg("gs"), py::arg("x"), py::arg("int8_act") = false, py::kw_only(), py::arg("scale_bf16") = false);
@@ -510,50 +517,50 @@ static void bind_ops(py::module_ &m) {
                            int r, bool scale_bf16) {
         fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs, false, scale_bf16);
         f32arr y(cols);
-        fm_op_get_row(&w, r, y.mutable_data());
+        fm_cpu_get_row(&w, r, y.mutable_data());
         return y;
     }, py::arg("dtype"), py::arg("data"), py::arg("scales"), py::arg("biases"), py::arg("rows"), py::arg("cols"),
        py::arg("gs"), py::arg("r"), py::kw_only(), py::arg("scale_bf16") = false);
     m.def("op_rmsnorm", [](f32arr x, f32arr w, float eps, bool zc) {
         const int n = (int)w.size(), T = (int)(x.size() / n);
         f32arr y({T, n});
-        fm_op_rmsnorm(y.mutable_data(), x.data(), w.data(), T, n, eps, zc);
+        fm_cpu_rmsnorm(y.mutable_data(), x.data(), w.data(), T, n, eps, zc);
         return y;
     });
     m.def("op_l2norm", [](f32arr x, float eps, float scale) {
         f32arr y = copy(x);
         const int n = (int)x.shape(x.ndim() - 1);
-        fm_op_l2norm(y.mutable_data(), (int)(x.size() / n), n, eps, scale);
+        fm_cpu_l2norm(y.mutable_data(), (int)(x.size() / n), n, eps, scale);
         return y;
     });
     m.def("op_rope", [](f32arr x, int rot_dim, int pos0, float theta) {  // x [T, heads, hd]
         f32arr y = copy(x);
-        fm_op_rope(y.mutable_data(), (int)x.shape(0), (int)x.shape(1), (int)x.shape(2), rot_dim, pos0, theta);
+        fm_cpu_rope(y.mutable_data(), (int)x.shape(0), (int)x.shape(1), (int)x.shape(2), rot_dim, pos0, theta);
         return y;
     });
     m.def("op_silu_mul", [](f32arr gate, f32arr up) {
         f32arr y = copy(gate);
-        fm_op_silu_mul(y.mutable_data(), gate.data(), up.data(), 1, (int)gate.size());
+        fm_cpu_silu_mul(y.mutable_data(), gate.data(), up.data(), 1, (int)gate.size());
         return y;
     });
     m.def("op_sigmoid_mul", [](f32arr gate, f32arr x) {
         if (gate.size() != x.size()) throw py::value_error("gate and x differ in size");
         f32arr y = copy(x);
-        fm_op_sigmoid_mul(y.mutable_data(), gate.data(), x.data(), 1, (int)x.size());
+        fm_cpu_sigmoid_mul(y.mutable_data(), gate.data(), x.data(), 1, (int)x.size());
         return y;
     });
     m.def("op_attention", [](f32arr q, f32arr kc, f32arr vc, int pos0, float scale) {  // q [T, nh, hd]
         const int T = (int)q.shape(0), nh = (int)q.shape(1), hd = (int)q.shape(2), nkv = (int)kc.shape(1);
         if (kc.shape(0) < pos0 + T) throw py::value_error("cache shorter than pos0 + T");
         f32arr y({T, nh, hd});
-        fm_op_attention(y.mutable_data(), q.data(), kc.data(), vc.data(), T, pos0, nh, nkv, hd, scale);
+        fm_cpu_attention(y.mutable_data(), q.data(), kc.data(), vc.data(), T, pos0, nh, nkv, hd, scale);
         return y;
     });
     m.def("op_conv1d_silu", [](f32arr x, f32arr state, f32arr w) {  // x [T, C], state [K-1, C], w [C, K]
         const int T = (int)x.shape(0), C = (int)x.shape(1), K = (int)w.shape(1);
         f32arr y({T, C});
         f32arr st = copy(state);
-        fm_op_conv1d_silu(y.mutable_data(), x.data(), st.mutable_data(), w.data(), T, C, K);
+        fm_cpu_conv1d_silu(y.mutable_data(), x.data(), st.mutable_data(), w.data(), T, C, K);
         return py::make_tuple(y, st);
     });
     m.def("op_gated_delta", [](f32arr q, f32arr k, f32arr v, f32arr g, f32arr beta, f32arr S) {
@@ -561,7 +568,7 @@ static void bind_ops(py::module_ &m) {
                   dv = (int)v.shape(2);
         f32arr y({T, Hv, dv});
         f32arr s2 = copy(S);
-        fm_op_gated_delta(y.mutable_data(), s2.mutable_data(), q.data(), k.data(), v.data(), g.data(), beta.data(),
+        fm_cpu_gated_delta(y.mutable_data(), s2.mutable_data(), q.data(), k.data(), v.data(), g.data(), beta.data(),
                           T, Hk, Hv, dk, dv);
         return py::make_tuple(y, s2);
     });
@@ -570,7 +577,7 @@ static void bind_ops(py::module_ &m) {
                   dv = (int)v.shape(2);
         f32arr y({T, Hv, dv});
         f32arr s2 = copy(S);
-        fm_op_gated_delta_chunk(y.mutable_data(), s2.mutable_data(), q.data(), k.data(), v.data(), g.data(),
+        fm_cpu_gated_delta_chunk(y.mutable_data(), s2.mutable_data(), q.data(), k.data(), v.data(), g.data(),
                                 beta.data(), T, Hk, Hv, dk, dv, chunk);
         return py::make_tuple(y, s2);
     });
@@ -579,7 +586,7 @@ static void bind_ops(py::module_ &m) {
         if (k < 1 || k > n) throw py::value_error("k out of range");
         py::array_t<int32_t> idx(k);
         f32arr w(k);
-        fm_op_topk_softmax(logits.data(), n, k, norm, idx.mutable_data(), w.mutable_data());
+        fm_cpu_topk_softmax(logits.data(), n, k, norm, idx.mutable_data(), w.mutable_data());
         return py::make_tuple(idx, w);
     });
 }
@@ -610,6 +617,7 @@ PYBIND11_MODULE(_core, m) {
         .def("debug_fail_reads", &Model::debug_fail_reads, py::arg("after"), py::arg("count"), py::arg("corrupt") = false)
         .def_property_readonly("position", &Model::position)
         .def_property_readonly("context_length", &Model::context_length)
+        .def_property_readonly("backend", &Model::backend)
         .def("stats", &Model::stats)
         .def("expert_usage", &Model::expert_usage)
         .def("memory", &Model::memory);

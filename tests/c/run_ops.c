@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../csrc/backend/ops.h"
+#include "../../csrc/backend/cpu/cpu.h"
 
 typedef struct {
     char op[16];
@@ -54,7 +54,7 @@ static void run_case(const op_case *c, FILE *out) {
             w.scale_bf16 = I[6];
             const uint64_t bytes = sizeof(float) * (uint64_t)T * rows;
             float *y = out_buffer(bytes);
-            fm_op_matmul(&w, (const float *)c->arr[3], T, y);
+            fm_cpu_matmul(&w, (const float *)c->arr[3], T, y);
             const int32_t n = 1;
             fwrite(&n, sizeof n, 1, out);
             put_array(out, y, bytes);
@@ -62,7 +62,7 @@ static void run_case(const op_case *c, FILE *out) {
         } else { /* ints: dtype rows cols gs r scale_bf16 */
             float *y = out_buffer(sizeof(float) * (uint64_t)cols);
             w.scale_bf16 = I[5];
-            fm_op_get_row(&w, I[4], y);
+            fm_cpu_get_row(&w, I[4], y);
             const int32_t n = 1;
             fwrite(&n, sizeof n, 1, out);
             put_array(out, y, sizeof(float) * (uint64_t)cols);
@@ -72,9 +72,9 @@ static void run_case(const op_case *c, FILE *out) {
         const int n = I[0];
         float *y = out_buffer(sizeof(float) * (uint64_t)n);
         if (strcmp(c->op, "silu_mul") == 0)
-            fm_op_silu_mul(y, (const float *)c->arr[0], (const float *)c->arr[1], 1, n);
+            fm_cpu_silu_mul(y, (const float *)c->arr[0], (const float *)c->arr[1], 1, n);
         else
-            fm_op_sigmoid_mul(y, (const float *)c->arr[0], (const float *)c->arr[1], 1, n);
+            fm_cpu_sigmoid_mul(y, (const float *)c->arr[0], (const float *)c->arr[1], 1, n);
         const int32_t k = 1;
         fwrite(&k, sizeof k, 1, out);
         put_array(out, y, sizeof(float) * (uint64_t)n);
@@ -83,7 +83,7 @@ static void run_case(const op_case *c, FILE *out) {
         const int T = I[0], C = I[1], K = I[2];
         float *y = out_buffer(sizeof(float) * (uint64_t)T * C), *st = out_buffer(c->bytes[1]);
         memcpy(st, c->arr[1], c->bytes[1]);
-        fm_op_conv1d_silu(y, (const float *)c->arr[0], st, (const float *)c->arr[2], T, C, K);
+        fm_cpu_conv1d_silu(y, (const float *)c->arr[0], st, (const float *)c->arr[2], T, C, K);
         const int32_t k = 2;
         fwrite(&k, sizeof k, 1, out);
         put_array(out, y, sizeof(float) * (uint64_t)T * C);
@@ -92,7 +92,7 @@ static void run_case(const op_case *c, FILE *out) {
     } else if (strcmp(c->op, "rmsnorm") == 0) {
         const int T = I[0], n = I[1];
         float *y = out_buffer(sizeof(float) * (uint64_t)T * n);
-        fm_op_rmsnorm(y, (const float *)c->arr[0], (const float *)c->arr[1], T, n, c->floats[0], I[2]);
+        fm_cpu_rmsnorm(y, (const float *)c->arr[0], (const float *)c->arr[1], T, n, c->floats[0], I[2]);
         const int32_t k = 1;
         fwrite(&k, sizeof k, 1, out);
         put_array(out, y, sizeof(float) * (uint64_t)T * n);
@@ -101,7 +101,7 @@ static void run_case(const op_case *c, FILE *out) {
         const int T = I[0], heads = I[1], hd = I[2];
         float *y = out_buffer(c->bytes[0]);
         memcpy(y, c->arr[0], c->bytes[0]);
-        fm_op_rope(y, T, heads, hd, I[3], I[4], c->floats[0]);
+        fm_cpu_rope(y, T, heads, hd, I[3], I[4], c->floats[0]);
         const int32_t k = 1;
         fwrite(&k, sizeof k, 1, out);
         put_array(out, y, c->bytes[0]);

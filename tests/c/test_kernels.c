@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../csrc/backend/ops.h"
+#include "../../csrc/backend/cpu/cpu.h"
 
 static uint32_t rng_state = 12345;
 static uint32_t rnd(void) {
@@ -61,9 +61,9 @@ static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs,
     for (int i = 0; i < T * cols; i++) x[i] = uniform(-1, 1);
     fm_mat w = {dtype, rows, cols, gs, data, ng ? scales : NULL, ng ? biases : NULL, int8_act, sb};
     fm_cpu_set_isa("scalar");
-    fm_op_matmul(&w, x, T, y0);
+    fm_cpu_matmul(&w, x, T, y0);
     fm_cpu_set_isa(isa);
-    fm_op_matmul(&w, x, T, y1);
+    fm_cpu_matmul(&w, x, T, y1);
     fm_cpu_set_isa("auto");
     double err = 0, ref = 1;
     for (int i = 0; i < T * rows; i++) {

@@ -1,8 +1,8 @@
 /*
  * gated_delta.c — the gated delta rule of Gated DeltaNet (shared/DESIGN.md §3), two ways:
  *
- *   fm_op_gated_delta        the recurrent form, one token at a time: decode, and the reference.
- *   fm_op_gated_delta_chunk  the chunked (WY / UT-transform) form for prefill: the same map, computed
+ *   fm_cpu_gated_delta        the recurrent form, one token at a time: decode, and the reference.
+ *   fm_cpu_gated_delta_chunk  the chunked (WY / UT-transform) form for prefill: the same map, computed
  *                            C tokens at a time with matrix products instead of T rank-1 updates.
  *
  * The chunked form. Per value head, a chunk of n tokens starting from the state S0 [dk, dv]; with
@@ -26,9 +26,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../core/threads.h"
+#include "threads.h"
 #include "../../core/util.h"
-#include "../ops.h"
+#include "cpu.h"
 
 /* ---------------------------------------------------------------- recurrent form */
 
@@ -77,7 +77,7 @@ static void recurrent_task(void *ctx, int task) {
     }
 }
 
-void fm_op_gated_delta(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
+void fm_cpu_gated_delta(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
                        const float *beta, int T, int Hk, int Hv, int dk, int dv) {
     recurrent_job J = {out, S, q, k, v, g, beta, T, Hk, Hv, dk, dv, Hv};
     /* Decode streams every head's state (2 MB a layer at the 35B shape) twice: worth the pool. */
@@ -292,7 +292,7 @@ INLINE void chunk_group(const chunk_job *J, int h0, float *buf, const int wide) 
     }
 }
 
-/* The recurrent form for one value head, as fm_op_gated_delta computes it. */
+/* The recurrent form for one value head, as fm_cpu_gated_delta computes it. */
 static void recurrent_head(const chunk_job *J, int h) {
     const int Hk = J->Hk, Hv = J->Hv, dk = J->dk, dv = J->dv, kh = h / (Hv / Hk);
     float *Sh = J->S + (size_t)h * dk * dv, u[dv];
@@ -334,7 +334,7 @@ static void chunk_task(void *ctx, int i) {
     if (buf) J->group(J, i * J->per, buf);
 }
 
-void fm_op_gated_delta_chunk(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
+void fm_cpu_gated_delta_chunk(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
                              const float *beta, int T, int Hk, int Hv, int dk, int dv, int chunk) {
     if (T <= 0) return;
     if (chunk <= 0) chunk = 64;

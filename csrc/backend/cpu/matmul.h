@@ -2,7 +2,7 @@
 #ifndef FM_CPU_MATMUL_H
 #define FM_CPU_MATMUL_H
 
-#include "../ops.h"
+#include "cpu.h"
 
 /* fp32 activations: up to this many tokens, quantized rows are dotted straight from their packed form
  * (no dequantized copy); above it, rows are dequantized once and multiplied in register tiles. (int8
@@ -14,7 +14,7 @@ typedef struct {
     const float *x;    /* [T, cols] */
     const float *xp;   /* [T, cols] x permuted per 32-element block (evens, then odds), for q4; else NULL */
     const float *xsum; /* [T, ng] per-group sums of x, for quantized w and T <= FM_FUSED_MAX_TOKENS; else NULL */
-    /* int8 activations (ops.h), else NULL: */
+    /* int8 activations (cpu.h), else NULL: */
     const int8_t *xq;  /* [T, cols] x quantized per group (permuted like xp for q4 in the SIMD kernels) */
     const float *xd;   /* [T, ng] each group's step: x ≈ xd·xq */
     const float *xqs;  /* [T, ng] Σ xq per group (exact in fp32), for the bias term */
@@ -97,7 +97,7 @@ static inline void fm_neon_row_scales(const fm_mat *w, int r, int ng, float *s, 
     }
 }
 
-/* Rows [r0, r1) × every token on int8 activations (ops.h): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), with
+/* Rows [r0, r1) × every token on int8 activations (cpu.h): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), with
  * Σ q·xq of a group from GROUP_DOT(w, row, g, xq), which takes q4 nibbles or q8 offset by -128 as signed
  * bytes (the 128·Σ xq is added here). Shared by the NEON and NEON-dotprod kernels, which differ only in
  * GROUP_DOT (a static inline function in each: it inlines here). */

@@ -173,7 +173,7 @@ static void quant_row_dot_multi(const fm_mat *w, int r, const float *const x[4],
     for (int t = 0; t < TT; t++) out[t] = hsum(acc[t]) + dot_f32(bi, xsum[t], ng);
 }
 
-/* ---------------------------------------------------------------- int8 activations (ops.h) */
+/* ---------------------------------------------------------------- int8 activations (cpu.h) */
 
 /* 16 bytes of q4 as 32 unsigned bytes: the low nibbles (elements 0, 2, .., 30) in the low lane, the high
  * nibbles (1, 3, .., 31) in the high lane: the permuted order xq comes in. */
@@ -225,7 +225,7 @@ static inline __attribute__((always_inline)) float int8_row(const fm_mat *w, int
                 const uint8_t *qg = row + g * gs / 2;
                 const int8_t *xg = xq + g * gs;
                 __m256i p = _mm256_maddubs_epi16(q4_bytes32(qg), _mm256_loadu_si256((const __m256i *)xg));
-                for (int blk = 1; blk < gs / 32; blk++) /* <= 8 blocks (ops.h): int16 sums do not overflow */
+                for (int blk = 1; blk < gs / 32; blk++) /* <= 8 blocks (cpu.h): int16 sums do not overflow */
                     p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q4_bytes32(qg + 16 * blk),
                                                                  _mm256_loadu_si256((const __m256i *)(xg + 32 * blk))));
                 dot = _mm256_madd_epi16(p, ones);
@@ -339,7 +339,7 @@ static inline __attribute__((always_inline)) __m256i group_part(const uint8_t *w
     if (q4) {
         __m256i p = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)wr),
                                          _mm256_loadu_si256((const __m256i *)xt));
-        for (int b = 1; b < NB; b++) /* <= 8 blocks (ops.h): no int16 overflow */
+        for (int b = 1; b < NB; b++) /* <= 8 blocks (cpu.h): no int16 overflow */
             p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(wr + 32 * b)),
                                                          _mm256_loadu_si256((const __m256i *)(xt + 32 * b))));
         return I16 ? p : _mm256_madd_epi16(p, ones);
@@ -462,7 +462,7 @@ static inline __attribute__((always_inline)) void int8_tiles_nb(const fm_matmul_
     }
 }
 
-/* x[n] → int8 activations (ops.h) per group of gs (a multiple of 32); permute: each 32-block as 16 even
+/* x[n] → int8 activations (cpu.h) per group of gs (a multiple of 32); permute: each 32-block as 16 even
  * elements, then 16 odd ones (q4). The same numbers as the portable quantize_x: the product x·inv is
  * rounded to fp32 first, then to the nearest integer, ties to even (cvtps in the default MXCSR mode is
  * rintf). */

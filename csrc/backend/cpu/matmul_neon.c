@@ -7,7 +7,7 @@
  * sums of x the driver computes once per call. q4: the driver passes x permuted per 32-element block
  * (16 even elements, then 16 odd ones), so the low and high nibbles of 16 bytes line up with 16
  * consecutive floats each. Several tokens: each row is dequantized once (in the same order) and dotted
- * with every token. int8 activations (ops.h): widening int8 multiplies (vmull_s8) into int32; the
+ * with every token. int8 activations (cpu.h): widening int8 multiplies (vmull_s8) into int32; the
  * dot-product extension (sdot) would do better where present and is not used yet.
  *
  * Checked against the portable kernels by tests/c/test_kernels.c, built with an AArch64 cross compiler
@@ -85,7 +85,7 @@ static float quant_row_dot(const fm_mat *w, int r, const float *x, const float *
     return vaddvq_f32(acc) + bias;
 }
 
-/* Σ q·xq of one group on int8 activations (ops.h), q as signed bytes: q4 nibbles, or q8 offset by -128
+/* Σ q·xq of one group on int8 activations (cpu.h), q as signed bytes: q4 nibbles, or q8 offset by -128
  * (the caller adds 128·Σ xq). Products are widened with vmull_s8 (at most 128·127 each, 4 of them still
  * fit int16) and pairwise-added into int32. */
 static inline int32_t int8_group_dot(const fm_mat *w, const uint8_t *row, int g, const int8_t *xq) {

@@ -8,8 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../ops.h"
-#include "../../core/threads.h"
+#include "cpu.h"
+#include "threads.h"
 #include "../../core/util.h"
 #include "matmul.h"
 
@@ -35,7 +35,7 @@ static void row_scales(const fm_mat *w, int r, int ng, float *s, float *b) {
         for (int g = 0; g < ng; g++) s[g] = fm_f16_to_f32(sc[g]), b[g] = fm_f16_to_f32(bi[g]);
 }
 
-void fm_op_get_row(const fm_mat *w, int r, float *out) {
+void fm_cpu_get_row(const fm_mat *w, int r, float *out) {
     const int n = w->cols;
     switch (w->dtype) {
     case FM_F32:
@@ -73,7 +73,7 @@ void fm_op_get_row(const fm_mat *w, int r, float *out) {
     }
 }
 
-/* Row r against int8 activations (ops.h): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), x in natural order. */
+/* Row r against int8 activations (cpu.h): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), x in natural order. */
 static float int8_row_dot(const fm_mat *w, int r, const int8_t *xq, const float *xd, const float *xqs) {
     const int n = w->cols, gs = w->group_size, ng = n / gs;
     const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (w->dtype == FM_Q4 ? n / 2 : n);
@@ -103,7 +103,7 @@ void fm_matmul_rows_scalar(const fm_matmul_args *a, int r0, int r1, float *rowbu
     for (int r = r0; r < r1; r++) {
         const float *wr = (const float *)w->data + (size_t)r * n;
         if (w->dtype != FM_F32) {
-            fm_op_get_row(w, r, rowbuf);
+            fm_cpu_get_row(w, r, rowbuf);
             wr = rowbuf;
         }
         for (int t = 0; t < a->T; t++) a->y[(size_t)t * m + r] = dot_f32(wr, a->x + (size_t)t * n, n);
@@ -217,7 +217,7 @@ static float *thread_buffer(size_t n) {
     return (float *)fm_grow(&buf, &cap, n * sizeof(float), (n + n / 2) * sizeof(float));
 }
 
-/* x[n] → xq, xd, xqs per group of gs (the int8 activations of ops.h); q4 SIMD kernels take xq permuted
+/* x[n] → xq, xd, xqs per group of gs (the int8 activations of cpu.h); q4 SIMD kernels take xq permuted
  * per 32-element block like xp. */
 static void quantize_x(const float *x, int n, int gs, int permute, int8_t *xq, float *xd, float *xqs) {
     for (int g = 0; g < n / gs; g++) {
@@ -258,12 +258,12 @@ static void quantize_task(void *ctx, int t) {
                q->xqs + (size_t)t * ng);
 }
 
-void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y) {
+void fm_cpu_matmul(const fm_mat *w, const float *x, int T, float *y) {
     const int n = w->cols, m = w->rows;
     matmul_job j = {{w, x, NULL, NULL, NULL, NULL, NULL, y, T, m}, pick_kernel(w)};
     const int quant = w->dtype == FM_Q4 || w->dtype == FM_Q8;
     const int gs = w->group_size, ng = quant ? n / gs : 0, simd = j.fn != fm_matmul_rows_scalar;
-    /* Quantized weights on int8 activations when asked (the same function on every variant, ops.h).
+    /* Quantized weights on int8 activations when asked (the same function on every variant, cpu.h).
      * Otherwise few tokens (decode, or an expert's share of a prefill chunk) take fused kernels on fp32 x
      * with per-group sums of x for the bias term, and more tokens dequantize rows into register tiles. */
     const int fused = quant && T <= FM_FUSED_MAX_TOKENS;
@@ -317,7 +317,7 @@ void fm_op_matmul(const fm_mat *w, const float *x, int T, float *y) {
 
 /* ---------------------------------------------------------------- elementwise and norms */
 
-void fm_op_rmsnorm(float *out, const float *x, const float *w, int T, int n, float eps, int zero_centered) {
+void fm_cpu_rmsnorm(float *out, const float *x, const float *w, int T, int n, float eps, int zero_centered) {
     for (int t = 0; t < T; t++) {
         const float *xt = x + (size_t)t * n;
         float *ot = out + (size_t)t * n;
@@ -328,7 +328,7 @@ void fm_op_rmsnorm(float *out, const float *x, const float *w, int T, int n, flo
     }
 }
 
-void fm_op_l2norm(float *x, int T, int n, float eps, float scale) {
+void fm_cpu_l2norm(float *x, int T, int n, float eps, float scale) {
     for (int t = 0; t < T; t++) {
         float *xt = x + (size_t)t * n;
         double ss = 0.0;
@@ -338,7 +338,7 @@ void fm_op_l2norm(float *x, int T, int n, float eps, float scale) {
     }
 }
 
-void fm_op_rope(float *x, int T, int heads, int head_dim, int rot_dim, int pos0, float theta) {
+void fm_cpu_rope(float *x, int T, int heads, int head_dim, int rot_dim, int pos0, float theta) {
     const int half = rot_dim / 2;
     for (int t = 0; t < T; t++) {
         const double pos = (double)(pos0 + t);
@@ -378,7 +378,7 @@ FM_AVX2_COPY static void sigmoid_mul_avx2(float *out, const float *gate, const f
 }
 #endif
 
-void fm_op_silu_mul(float *out, const float *gate, const float *up, int T, int n) {
+void fm_cpu_silu_mul(float *out, const float *gate, const float *up, int T, int n) {
 #ifdef FM_HAVE_AVX2_COPY
     if (fm_cpu_use_avx2()) {
         silu_mul_avx2(out, gate, up, (size_t)T * n);
@@ -388,7 +388,7 @@ void fm_op_silu_mul(float *out, const float *gate, const float *up, int T, int n
     silu_mul_plain(out, gate, up, (size_t)T * n);
 }
 
-void fm_op_sigmoid_mul(float *out, const float *gate, const float *x, int T, int n) {
+void fm_cpu_sigmoid_mul(float *out, const float *gate, const float *x, int T, int n) {
 #ifdef FM_HAVE_AVX2_COPY
     if (fm_cpu_use_avx2()) {
         sigmoid_mul_avx2(out, gate, x, (size_t)T * n);
@@ -538,7 +538,7 @@ __attribute__((target("avx2,fma"))) static void attention_task_avx2(void *ctx, i
 }
 #endif
 
-void fm_op_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int T, int pos0,
+void fm_cpu_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int T, int pos0,
                      int nh, int nkv, int hd, float scale) {
     attention_job a = {out, q, k_cache, v_cache, T, pos0, nh, nkv, hd, scale};
     fm_task_fn fn = attention_task;
@@ -582,7 +582,7 @@ static void conv_task(void *ctx, int i) { conv_channels((const conv_job *)ctx, i
 FM_AVX2_COPY static void conv_task_avx2(void *ctx, int i) { conv_channels((const conv_job *)ctx, i); }
 #endif
 
-void fm_op_conv1d_silu(float *out, const float *x, float *state, const float *w, int T, int C, int K) {
+void fm_cpu_conv1d_silu(float *out, const float *x, float *state, const float *w, int T, int C, int K) {
     /* HF: F.conv1d(pad K-1 left, groups=C)[:T]; out[t] = sum_j w[j] * in[t - (K-1) + j] */
     const int S = K - 1;
     conv_job a = {out, x, state, w, T, C, K, C};
@@ -603,7 +603,7 @@ void fm_op_conv1d_silu(float *out, const float *x, float *state, const float *w,
 
 /* ---------------------------------------------------------------- router */
 
-void fm_op_topk_softmax(const float *logits, int n, int k, int norm, int32_t *idx, float *weights) {
+void fm_cpu_topk_softmax(const float *logits, int n, int k, int norm, int32_t *idx, float *weights) {
     float mx = -INFINITY;
     for (int i = 0; i < n; i++)
         if (logits[i] > mx) mx = logits[i];

@@ -1,0 +1,140 @@
+/*
+ * backend.h — the contract every compute backend fills in: CPU today (cpu/), CUDA and Metal next.
+ *
+ * The host stays in control. The core runs the layers in order and hands the backend one op at a
+ * time; after each MoE router it reads the top-k back (the one device→host transfer of a layer),
+ * decides which experts to read into which slots, and asks the backend to run each expert's FFN over
+ * its tokens once its slot is filled. There is no graph and no scheduler: streaming experts from disk
+ * needs the host between the router and the reads.
+ *
+ * Pointers to tensor data (activations, state, weights, expert slots) are the backend's addresses: the
+ * core passes them between ops and never reads or writes through them itself; where it must see data
+ * (the logits the sampler reads) it copies it to the host. Every op reads its inputs and writes its
+ * outputs in issue order, as if run one after the other (a GPU backend queues them on one stream).
+ *
+ * Adding a backend: a directory csrc/backend/NAME/ with an fm_backend_ops table and an entry in
+ * backend.c's registry (docs/ARCHITECTURE.md has the checklist).
+ */
+#ifndef FM_BACKEND_H
+#define FM_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "flashmoe.h"
+#include "tensor.h"
+
+/* What a buffer holds, so a backend can place it: dense weights (read once, read-only), sequence state
+ * (KV cache, DeltaNet state; snapshots copy it), scratch (a chunk's activations), expert slots (the
+ * expert cache: read into from disk, then read by compute), staging (host memory reads land in). */
+typedef enum {
+    FM_MEM_DENSE = 0,
+    FM_MEM_STATE = 1,
+    FM_MEM_SCRATCH = 2,
+    FM_MEM_EXPERT_SLOTS = 3,
+    FM_MEM_STAGING = 4,
+} fm_mem_kind;
+
+/* A point in the backend's stream of ops: complete once every op issued before it has finished.
+ * 0 means "already complete" (the CPU backend's ops finish before they return). */
+typedef uint64_t fm_event;
+
+/* One routed expert's FFN over the tokens routed to it: y = down(silu(gate x) * up x) for the n rows
+ * tok[0..n) of xn, written to rows [row0, row0 + n) of ye. */
+typedef struct {
+    const fm_mat *gate, *up, *down; /* [I, H], [I, H], [H, I], in an expert slot */
+    const int32_t *tok;             /* [n] host: token index of each row */
+    int n, row0;
+} fm_expert_work;
+
+/* A backend's instance for one model: sized for chunks of `chunk` tokens of `config`. */
+typedef struct {
+    const fm_config *config;
+    int chunk;
+} fm_backend_params;
+
+typedef struct fm_backend_ops {
+    const char *name;
+    /* host memory the instance allocates for itself (its own scratch), for the memory budget */
+    size_t (*workspace_bytes)(const fm_backend_params *p);
+    fm_status (*create)(const fm_backend_params *p, void **ctx); /* *ctx is set (for destroy) even on failure */
+    void (*destroy)(void *ctx);
+
+    /* ---- memory */
+    void *(*alloc)(void *ctx, fm_mem_kind kind, size_t bytes); /* zeroed; NULL when out of memory */
+    void (*free)(void *ctx, fm_mem_kind kind, void *p, size_t bytes);
+    void (*fill_zero)(void *ctx, void *p, size_t bytes);
+    void (*copy)(void *ctx, void *dst, const void *src, size_t bytes);         /* backend → backend */
+    void (*to_host)(void *ctx, void *host, const void *src, size_t bytes);     /* waits for pending ops */
+    void (*from_host)(void *ctx, void *dst, const void *host, size_t bytes);
+    /* The host address of backend memory, or NULL where the host cannot see it (the expert store reads
+     * into slots through it; CPU: identity). */
+    void *(*host_view)(void *ctx, void *p);
+    /* Host memory the backend is to read as its own (the dense weights as read from disk): its backend
+     * address, valid until unwrap_host; NULL on failure. CPU: identity; Metal: newBufferWithBytesNoCopy;
+     * CUDA: a device copy or cudaHostRegister. */
+    void *(*wrap_host)(void *ctx, void *host, size_t bytes);
+    void (*unwrap_host)(void *ctx, void *p, size_t bytes);
+
+    /* ---- synchronisation */
+    fm_event (*record)(void *ctx);           /* an event after every op issued so far */
+    void (*wait)(void *ctx, fm_event ev);    /* block the host until ev completes */
+    fm_status (*finish)(void *ctx);          /* wait for everything; a failed op reports here */
+
+    /* ---- ops: activations fp32, row-major, T tokens */
+    void (*matmul)(void *ctx, const fm_mat *w, const float *x, int T, float *y); /* y[T, rows] = x · Wᵀ */
+    void (*embed)(void *ctx, const fm_mat *w, const int32_t *ids, int T, float *out); /* ids: host */
+    void (*rmsnorm)(void *ctx, float *out, const float *x, const float *w, int T, int n, float eps, int zero_centered);
+    void (*l2norm)(void *ctx, float *x, int T, int n, float eps, float scale);
+    void (*rope)(void *ctx, float *x, int T, int heads, int head_dim, int rot_dim, int pos0, float theta);
+    void (*silu_mul)(void *ctx, float *out, const float *gate, const float *up, int T, int n);
+    void (*sigmoid_mul)(void *ctx, float *out, const float *gate, const float *x, int T, int n);
+    void (*add)(void *ctx, float *x, const float *y, size_t n); /* x += y (residual) */
+    /* gated attention: q2 [T, nh, 2·hd] (per head query | gate) → q, gate [T, nh, hd] */
+    void (*split_q_gate)(void *ctx, float *q, float *gate, const float *q2, int T, int nh, int hd);
+    /* rows [pos0, pos0 + T) of a cache [ctx, row] ← src [T, row] */
+    void (*kv_write)(void *ctx, float *cache, const float *src, int pos0, int T, int row);
+    void (*attention)(void *ctx, float *out, const float *q, const float *k_cache, const float *v_cache, int T,
+                      int pos0, int nh, int nkv, int hd, float scale);
+    void (*conv1d_silu)(void *ctx, float *out, const float *x, float *state, const float *w, int T, int C, int K);
+    /* DeltaNet: conv [T, 2·kd + vd] → q, k [T, kd], v [T, vd], contiguous */
+    void (*deltanet_split)(void *ctx, float *q, float *k, float *v, const float *conv, int T, int kd, int vd);
+    /* DeltaNet gates in place: b → beta = sigmoid(b), a → g = -exp(A_log)·softplus(a + dt_bias); [T, Hv] */
+    void (*deltanet_gates)(void *ctx, float *b, float *a, const float *A_log, const float *dt_bias, int T, int Hv);
+    /* the gated delta rule over T tokens (csrc/backend/cpu/cpu.h has the shapes); the backend picks the
+     * recurrent or the chunked form */
+    void (*gated_delta)(void *ctx, float *out, float *S, const float *q, const float *k, const float *v, const float *g,
+                        const float *beta, int T, int Hk, int Hv, int dk, int dv);
+    /* router: softmax over logits [T, E] in fp32, top-k per token (descending), renormalised when norm;
+     * idx and weights [T, k] land on the host */
+    void (*route)(void *ctx, const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights);
+    /* out[t, :] *= sigmoid(g[t]) (the shared expert's gate), out [T, n] */
+    void (*gate_rows)(void *ctx, float *out, const float *g, int T, int n);
+    /* routed experts, in any order or side by side (each writes only its own rows of ye [·, H]); xn
+     * [T, H] the layer's normed input; h = H */
+    void (*experts)(void *ctx, const fm_expert_work *work, int n_work, const float *xn, float *ye, int h);
+    /* out[t] += Σ_j weights[t, j] · ye[row[t, j]], j in order (row, weights: host [T, k]) */
+    void (*moe_combine)(void *ctx, float *out, const float *ye, const int32_t *row, const float *weights, int T,
+                        int k, int h);
+} fm_backend_ops;
+
+/* A backend instance: the table and its state for one model. */
+typedef struct {
+    const fm_backend_ops *op;
+    void *ctx;
+} fm_backend;
+
+/* Call op `name` of backend instance b: FM_OP(b, matmul, &w, x, T, y). */
+#define FM_OP(b, name, ...) ((b)->op->name((b)->ctx, __VA_ARGS__))
+
+/* The backends built into this library, by name; NULL (and an error naming the built ones) otherwise. */
+const fm_backend_ops *fm_backend_find(const char *name);
+/* Comma-separated names of the built backends, e.g. "cpu". */
+const char *fm_backend_names(void);
+fm_status fm_backend_open(const fm_backend_ops *ops, const fm_backend_params *p, fm_backend *out);
+void fm_backend_close(fm_backend *b);
+
+/* Each backend's table (a backend not built has none). */
+const fm_backend_ops *fm_backend_cpu(void);
+
+#endif /* FM_BACKEND_H */
