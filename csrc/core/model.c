@@ -151,8 +151,6 @@ static fm_status check_config(const fm_config *c) {
     return FM_OK;
 }
 
-static size_t max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
-
 /* Scratch for chunks of C tokens, in two regions: the activations in backend memory (dev) and the
  * routing tables in host memory (host). Lays them out when the pointers are given; returns the bytes of
  * each region. */
