@@ -2,6 +2,7 @@
 
     python bench/prefill.py [--prompt 1024] [--chunk N] [--runs 3] [--rounds 3] [--decode 0]
                             [--pkg DIR ...] [--preset qwen3.5-35b-a3b] [--layers 8] [--threads 2] [--dir DIR]
+                            [--budget-share 0.25]
 
 The model is the one bench/decode.py and bench/compare_llamacpp.py use (the preset's real per-layer
 shapes, 4-bit, --layers deep), written once under --dir. Each round starts one fresh process per build;
@@ -9,7 +10,8 @@ it loads the model, reads one warm-up prompt (the experts then sit in the expert
 --runs prompts of --prompt random token ids (prefill chunks of --chunk, by default the whole prompt in
 one), and with --decode N also N greedy decode steps after each. A build is a directory holding a
 `flashmoe` package (--pkg, repeatable: e.g. one built from an older commit; by default the installed
-one). The builds take turns round by round, because this machine's speed drifts by 10-40% from one
+one). --budget-share loads under a memory budget of that share of the model (the experts then stream from
+disk). The builds take turns round by round, because this machine's speed drifts by 10-40% from one
 minute to the next; printed: every run, then per build the median over all rounds and the ratio to the
 first build.
 """
@@ -31,8 +33,9 @@ def child(spec: dict) -> None:
 
     import flashmoe
 
+    opts = {"memory_budget": spec["budget"]} if spec.get("budget") else {}
     m = flashmoe.load(spec["path"], context_length=spec["context"], prefill_chunk=spec["chunk"],
-                      threads=spec["threads"])
+                      threads=spec["threads"], **opts)
     n = spec["prompt"]
     ids = np.random.default_rng(0).integers(0, spec["vocab"], n * (spec["runs"] + 1))
     m.generate_tokens(ids[:n], max_tokens=1, stop_token_ids=[])  # warm-up: experts in the store
@@ -60,6 +63,8 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen3.5-35b-a3b")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget-share", type=float, default=0.0,
+                    help="memory budget as a share of the model's size (e.g. 0.25; default: everything in RAM)")
     ap.add_argument("--dir", default=BENCH_DIR)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -71,6 +76,9 @@ def main() -> None:
     spec = {"path": path, "prompt": args.prompt, "chunk": args.chunk or args.prompt, "runs": args.runs,
             "decode": args.decode, "threads": args.threads, "vocab": header["config"]["vocab_size"],
             "context": args.prompt + max(args.decode, 1) + 16}
+    if args.budget_share:
+        size = header["dense"]["size"] + sum(e["size"] for e in header["experts"]["layers"])
+        spec["budget"] = int(size * args.budget_share)
     builds = args.pkg or [""]
     print(f"{path}: prompts of {args.prompt} tokens in chunks of {spec['chunk']}, {args.threads} threads, "
           f"{args.runs} per process, {args.rounds} rounds", flush=True)
@@ -83,13 +91,15 @@ def main() -> None:
                   + " ".join(f"{r['prompt']:.1f}" for r in rows)
                   + ("; decode tok/s " + " ".join(f"{r['decode']:.1f}" for r in rows) if args.decode > 1 else ""),
                   flush=True)
-    first = None
+    first = first_dec = None
     for b in builds:
         med = statistics.median(r["prompt"] for r in res[b])
         first = first or med
         line = f"{b or 'installed'}: prompt {med:.1f} tok/s (median of {len(res[b])}, x{med / first:.3f})"
         if args.decode > 1:
-            line += f", decode {statistics.median(r['decode'] for r in res[b]):.1f} tok/s"
+            dec = statistics.median(r["decode"] for r in res[b])
+            first_dec = first_dec or dec
+            line += f", decode {dec:.1f} tok/s (x{dec / first_dec:.3f})"
         print(line)
 
 

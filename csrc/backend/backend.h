@@ -125,7 +125,7 @@ typedef struct {
 } fm_backend;
 
 /* Call op `name` of backend instance b: FM_OP(b, matmul, &w, x, T, y). */
-#define FM_OP(b, name, ...) ((b)->op->name((b)->ctx, __VA_ARGS__))
+#define FM_OP(b, name, ...) ((b)->op->name((b)->ctx, ##__VA_ARGS__))
 
 /* The backends built into this library, by name; NULL (and an error naming the built ones) otherwise. */
 const fm_backend_ops *fm_backend_find(const char *name);

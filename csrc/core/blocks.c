@@ -240,17 +240,17 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
             fm_status st = n_held ? fm_expert_store_wait_any(store, s->held, n_held, &i)
                                   : fm_fail(FM_ERR_NOMEM, "layer %d: no expert slot could be freed", layer);
             if (st != FM_OK) {
-                for (int j = 0; j < n_held; j++) fm_expert_store_release(store, s->held[j]);
+                for (int j = 0; j < n_held; j++) fm_expert_store_release(store, s->held[j], FM_OP(be, record));
                 return st;
             }
             s->ready[n_ready++] = i;
         }
         for (int j = 0; j < n_ready; j++) s->work[j] = expert_work(m, s->ready[j]);
         FM_OP(be, experts, s->work, n_ready, xn, s->ye, H);
-        /* Slots are released after the event that follows their compute (CPU: at once). */
+        const fm_event computed = FM_OP(be, record); /* a new read into these slots waits for it */
         for (int j = n_ready - 1; j >= 0; j--) { /* ready[] ascends: highest index first keeps the rest */
             const int at = s->ready[j];
-            fm_expert_store_release(store, s->held[at]);
+            fm_expert_store_release(store, s->held[at], computed);
             s->held[at] = s->held[--n_held];
             s->held_e[at] = s->held_e[n_held];
         }

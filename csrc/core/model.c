@@ -441,7 +441,7 @@ fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
     else if ((st = fm_bind_mat(m, spec, &m->lm_head, V, H, "lm_head.weight")) != FM_OK)
         goto fail;
     if ((st = m->arch->bind(m, spec)) != FM_OK) goto fail;
-    if (n_moe && (st = fm_expert_store_init(&m->experts, spec, m->mem.expert_slots)) != FM_OK) goto fail;
+    if (n_moe && (st = fm_expert_store_init(&m->experts, spec, m->mem.expert_slots, &m->be)) != FM_OK) goto fail;
     if ((st = alloc_state(m)) != FM_OK) goto fail;
     if (!(m->seq = (int32_t *)malloc(sizeof(int32_t) * (size_t)m->ctx))) {
         st = fm_fail(FM_ERR_NOMEM, "cannot allocate the token list for a context of %d", m->ctx);

@@ -51,6 +51,7 @@ typedef struct {
     int prefetched;     /* filled by a prefetch and not yet used */
     uint64_t last_use;  /* LRU clock */
     fm_status error_status; /* FAILED: FM_ERR_IO or FM_ERR_FORMAT (checksum) */
+    fm_event free_after;    /* the compute that last read the slot: a new read waits for it */
     char error[256];    /* FAILED: what went wrong (room for the longest message with a file_stamp path) */
 } slot_t;
 
@@ -65,7 +66,9 @@ struct fm_expert_store {
     uint32_t *checksums;    /* [n_layers * n_experts] */
     file_stamp *stamps;     /* [n_layers] each experts file as opened: a read checks it is unchanged */
 
-    uint8_t *pool;          /* [n_slots, stride], 2 MiB aligned (fm_alloc_weights) */
+    const fm_backend *be;   /* owns the slot memory; its ops read the slots */
+    uint8_t *pool;          /* [n_slots, stride] in backend memory (FM_MEM_EXPERT_SLOTS): what views point at */
+    uint8_t *pool_host;     /* the same memory as the host sees it: what reads land in */
     slot_t *slots;
     /* The evictable slots (unpinned, not being read): the free ones on a stack, the others in a binary
      * min-heap by eviction order, so a miss finds its victim in O(log slots) (the 397B shape has
@@ -128,8 +131,9 @@ static int file_unchanged(int fd, const file_stamp *at_load) {
 /* inject_fault (the test hook): 1 fails the read with EIO, 2 flips a byte of what was read. */
 static void read_slot(fm_expert_store *s, int slot, int key, int inject_fault) {
     const int layer = key / s->n_experts, e = key % s->n_experts;
-    uint8_t *dst = s->pool + (size_t)slot * s->stride;
+    uint8_t *dst = s->pool_host + (size_t)slot * s->stride;
     const uint64_t off = FM_PREAMBLE_SIZE + (uint64_t)e * s->stride;
+    FM_OP(s->be, wait, s->slots[slot].free_after); /* the compute that read the old expert has ended */
     uint64_t done = 0;
     int err = inject_fault == 1 ? EIO : read_full(s->fds[layer], dst, s->stride, off, &done);
     if (err == EINVAL && s->fds[layer] != s->fds_buffered[layer]) /* O_DIRECT refused here: buffered */
@@ -239,7 +243,7 @@ static fm_status open_layer(fm_expert_store *s, const fm_load_spec *spec, int l)
     return FM_OK;
 }
 
-fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, int n_slots) {
+fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, int n_slots, const fm_backend *be) {
     const fm_config *c = &spec->config;
     fm_expert_store *s = (fm_expert_store *)calloc(1, sizeof *s);
     if (!s) return fm_fail(FM_ERR_NOMEM, "expert store: out of memory");
@@ -301,10 +305,15 @@ fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, 
     }
     s->c.direct_io = s->direct = any && direct_all;
 
-    if (!(s->pool = (uint8_t *)fm_alloc_weights((size_t)s->n_slots * s->stride))) { /* aligned for O_DIRECT */
+    s->be = be; /* the backend's slot memory: 2 MiB aligned for O_DIRECT on the CPU */
+    if ((s->pool = (uint8_t *)FM_OP(be, alloc, FM_MEM_EXPERT_SLOTS, (size_t)s->n_slots * s->stride)) &&
+        !(s->pool_host = (uint8_t *)FM_OP(be, host_view, s->pool))) { /* the caller frees s */
+        return fm_fail(FM_ERR_INVALID, "%s backend: expert slots the host cannot read into (staged reads are not "
+                       "written yet)", be->op->name);
+    }
+    if (!s->pool)
         return fm_fail(FM_ERR_NOMEM, "expert store: cannot allocate %d slots of %llu bytes", s->n_slots,
                        (unsigned long long)s->stride);
-    }
     s->n_threads = spec->io_threads > 0 ? spec->io_threads : 8;
     s->threads = (pthread_t *)calloc((size_t)s->n_threads, sizeof(pthread_t));
     if (!s->threads) return fm_fail(FM_ERR_NOMEM, "expert store: out of memory");
@@ -362,7 +371,7 @@ void fm_expert_store_free(fm_expert_store *s) {
     free(s->heap);
     free(s->heap_pos);
     free(s->threads);
-    free(s->pool);
+    if (s->pool) FM_OP(s->be, free, FM_MEM_EXPERT_SLOTS, s->pool, (size_t)s->n_slots * s->stride);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->work);
     pthread_cond_destroy(&s->done);
@@ -583,8 +592,9 @@ void fm_expert_store_view(const fm_expert_store *s, int slot, fm_expert *out) {
     fm_mat_view(&s->desc[2], blob, 0, s->int8_act, &out->down);
 }
 
-void fm_expert_store_release(fm_expert_store *s, int slot) {
+void fm_expert_store_release(fm_expert_store *s, int slot, fm_event after) {
     pthread_mutex_lock(&s->mu);
+    s->slots[slot].free_after = after;
     if (s->slots[slot].pins > 0 && --s->slots[slot].pins == 0 && s->slots[slot].state != SLOT_LOADING)
         make_evictable(s, slot);
     pthread_mutex_unlock(&s->mu);

@@ -21,7 +21,7 @@
 
 #include <stdint.h>
 
-#include "../backend/tensor.h"
+#include "../backend/backend.h"
 
 typedef struct fm_expert_store fm_expert_store;
 
@@ -42,7 +42,8 @@ typedef struct {
 } fm_store_counters;
 
 /* n_slots: experts kept in memory (>= 1). */
-fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, int n_slots);
+/* The slot memory comes from the backend (FM_MEM_EXPERT_SLOTS), read into through its host view. */
+fm_status fm_expert_store_init(fm_expert_store **out, const fm_load_spec *spec, int n_slots, const fm_backend *be);
 void fm_expert_store_free(fm_expert_store *s);
 
 int fm_expert_store_acquire(fm_expert_store *s, int layer, int e);
@@ -52,7 +53,9 @@ fm_status fm_expert_store_wait_any(fm_expert_store *s, const int *slots, int n, 
  * how many. (A failed read is not reported here: wait_any reports it.) */
 int fm_expert_store_poll(fm_expert_store *s, const int *slots, int n, int *ready);
 void fm_expert_store_view(const fm_expert_store *s, int slot, fm_expert *out);
-void fm_expert_store_release(fm_expert_store *s, int slot);
+/* Unpin a slot; `after`: the backend event after which the compute reading it has ended (a read into the
+ * slot waits for it; 0: nothing pending). */
+void fm_expert_store_release(fm_expert_store *s, int slot, fm_event after);
 
 /* 1 when every expert of layer has a slot (read or being read): predicting for it cannot help. */
 int fm_expert_store_layer_resident(fm_expert_store *s, int layer);

@@ -29,7 +29,7 @@ def parse_tool_calls(text, tools=None):
     return _parse(text, tools)
 
 
-_LAZY = {"Model": "model", "SamplingParams": "model", "AssistantMessage": "model", "Tokenizer": "tokenizer",
+_LAZY = {"Model": "model", "SamplingParams": "model", "backends": "model", "AssistantMessage": "model", "Tokenizer": "tokenizer",
          "GenerationResult": "generation", "GenerationChunk": "generation"}
 
 
@@ -43,4 +43,4 @@ def __getattr__(name):
 
 __all__ = ["AssistantMessage", "ConversionError", "ContextLengthError", "FlashMoEError", "FormatError",
            "GenerationChunk", "GenerationResult", "MemoryBudgetError", "Model", "ReadError", "SamplingParams",
-           "Tokenizer", "convert", "load", "memory_plan", "parse_tool_calls", "__version__"]
+           "Tokenizer", "backends", "convert", "load", "memory_plan", "parse_tool_calls", "__version__"]

@@ -76,6 +76,9 @@ def _cmd_info(args) -> int:
     bits = f"{q['bits']}-bit" + (f", groups of {q['group_size']}" if q.get("group_size") else "")
     print(f"  quantization   {bits}")
     print(f"  widths         {'; '.join(f'{k} {v}' for k, v in tensor_widths(h).items())}")
+    from .model import backends
+
+    print(f"  backends       {', '.join(backends())} (built into this flashmoe; load(..., backend=...))")
     ex = h["experts"]
     print(f"  size           {_model_bytes(h) / 1e9:.3f} GB: dense {h['dense']['size'] / 1e9:.3f} GB, "
           f"{len(ex['layers'])} expert files, {ex['stride'] / 1e6:.3f} MB per expert")
@@ -96,7 +99,7 @@ def stats_line(s: dict) -> str:
             f"(hit rate {last['hit_rate']:.0%}), {last['prefetches']} prefetched; read "
             f"{last['bytes_read'] / 1e6:.1f} MB at {last['read_gbps']:.2f} GB/s, "
             f"I/O wait {last['io_wait_seconds']:.2f} s of {last['compute_seconds']:.2f} s"
-            f"{'' if s['direct_io'] else ' (buffered reads)'}")
+            f"{'' if s['direct_io'] else ' (buffered reads)'}; backend {s['backend']}")
 
 
 def _run_demo(path: str, n_tokens: int, seed: int, bits: int, memory_budget=None) -> None:

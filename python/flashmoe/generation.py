@@ -232,6 +232,7 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
                  "decode_seconds": decode_s,
                  "decode_tokens_per_second": (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0,
                  "expert_hit_rate": hits / (hits + misses) if hits + misses else 1.0,
-                 "bytes_read": read, "read_gbps": read / (t2 - t0) / 1e9 if t2 > t0 else 0.0}
+                 "bytes_read": read, "read_gbps": read / (t2 - t0) / 1e9 if t2 > t0 else 0.0,
+                 "backend": model.backend}
         model._last_generation = (usage, stats)
         yield GenerationChunk(text[emitted:], out[n_yielded:], finish, usage, stats, matched)

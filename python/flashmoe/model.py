@@ -107,8 +107,10 @@ def _eos_ids(cfg: dict) -> list[int]:
 def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", prefetch: bool = True,
                io_threads: int = 8, context_length: int | None = None, prefill_chunk: int | None = None,
                expert_cache_slots: int | None = None, verify_checksums: bool = False,
-               int8_activations: bool = True):
+               int8_activations: bool = True, backend: str = "cpu"):
     """The validated header and the load spec the C core takes (csrc/python/module.cpp: to_spec)."""
+    if not isinstance(backend, str):
+        raise ArgumentError(f"backend must be a string (one of {', '.join(backends())}), got {backend!r}")
     header = read_header(path)
     architecture = header["architecture"]
     cfg = header["config"]
@@ -154,6 +156,7 @@ def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", pre
         "prefetch": bool(prefetch),
         "verify_checksums": bool(verify_checksums),
         "int8_activations": bool(int8_activations),
+        "backend": backend,
     }
     if prefill_chunk is None:
         spec["prefill_chunk"] = _auto_prefill_chunk(spec)
@@ -291,7 +294,9 @@ class Model:
                           lives outside memory_budget (prompt_cache_bytes says how much).
       int8_activations    matmuls on int8-quantized activations, as llama.cpp does (default True): ~2x
                           faster 4-bit decode, ~1.4x faster prompts, ~1% error per product; False keeps
-                          them fp32 (the exact dequantized function; csrc/backend/ops.h)
+                          them fp32 (the exact dequantized function; csrc/backend/cpu/cpu.h)
+      backend             where the layers compute: "cpu" (the default; flashmoe.backends() lists what
+                          this build has; docs/ARCHITECTURE.md)
     """
 
     def __init__(self, path, *, threads: int | None = None, prompt_cache: int = 4, **options):
@@ -332,6 +337,11 @@ class Model:
     def context_length(self) -> int:
         return self._core.context_length
 
+    @property
+    def backend(self) -> str:
+        """The backend the layers compute on ("cpu", ...)."""
+        return self._core.backend
+
     def _raw_stats(self) -> dict:
         return self._core.stats()
 
@@ -341,11 +351,12 @@ class Model:
         layer per chunk), prefetches, prefetch_hits, bytes_read, io_wait_seconds (compute thread blocked
         on reads), io_busy_seconds (reads in flight), compute_seconds, and derived hit_rate, read_gbps,
         tokens_per_second; "last" holds the same for the last forward/generate call; "direct_io" says
-        whether expert reads bypass the page cache."""
+        whether expert reads bypass the page cache; "backend" where the layers computed."""
         raw = self._raw_stats()
         out = _derived({k: raw[k] - self._base[k] for k in _COUNTERS})
         out["last"] = _derived(dict(self._last))
         out["direct_io"] = raw["direct_io"]
+        out["backend"] = self._core.backend
         for k in ("last_prompt_tokens", "last_prompt_seconds", "last_generated_tokens", "last_decode_seconds"):
             out[k] = raw[k]
         return out
@@ -671,6 +682,14 @@ class AssistantMessage(dict):
     finish_reason: str | None = None
     usage: dict | None = None
     stats: dict | None = None
+
+
+def backends() -> list[str]:
+    """The compute backends this build of flashmoe has (load's `backend`): "cpu", and "cuda" or "metal"
+    where they were built."""
+    from . import _core
+
+    return _core.backends().split(",")
 
 
 def load(path, **options) -> Model:
