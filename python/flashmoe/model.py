@@ -109,8 +109,10 @@ def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", pre
                expert_cache_slots: int | None = None, verify_checksums: bool = False,
                int8_activations: bool = True, backend: str = "cpu"):
     """The validated header and the load spec the C core takes (csrc/python/module.cpp: to_spec)."""
-    if not isinstance(backend, str):
-        raise ArgumentError(f"backend must be a string (one of {', '.join(backends())}), got {backend!r}")
+    built = backends()
+    if not isinstance(backend, str) or backend not in built:
+        why = ("is not built into this flashmoe" if backend in KNOWN_BACKENDS else "is not a flashmoe backend")
+        raise ArgumentError(f"backend {backend!r} {why} (built: {', '.join(built)}; docs/ARCHITECTURE.md)")
     header = read_header(path)
     architecture = header["architecture"]
     cfg = header["config"]
@@ -682,6 +684,9 @@ class AssistantMessage(dict):
     finish_reason: str | None = None
     usage: dict | None = None
     stats: dict | None = None
+
+
+KNOWN_BACKENDS = ("cpu", "cuda", "metal")
 
 
 def backends() -> list[str]:

@@ -1,0 +1,84 @@
+"""Choosing a backend (load's `backend`), and the promises of the backend split that tests elsewhere do not
+check: the core and the models compile without the CPU backend's headers, and a model computes the same
+whatever the thread count (the CPU backend runs small experts side by side, big ones split)."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+import flashmoe
+from flashmoe import _core
+from flashmoe.errors import ArgumentError, FlashMoEError
+from flashmoe.synth import write_random_model
+from test_engine_errors import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    write_random_model(d, TINY, bits=4, progress=False)
+    return d
+
+
+def test_default_backend_is_cpu(model_dir):
+    m = flashmoe.load(model_dir)
+    assert m.backend == "cpu" and "cpu" in flashmoe.backends()
+    m.forward([1, 2, 3])
+    assert m.stats["backend"] == "cpu"
+
+
+@pytest.mark.parametrize("name,match", [("cuda", "'cuda' is not built into this flashmoe"),
+                                        ("metal", "'metal' is not built into this flashmoe"),
+                                        ("tpu", "'tpu' is not a flashmoe backend"),
+                                        (3, "3 is not a flashmoe backend")])
+def test_unbuilt_or_unknown_backend_is_a_clear_error(model_dir, name, match):
+    if name in flashmoe.backends():
+        pytest.skip(f"{name} is built here")
+    with pytest.raises(ArgumentError, match=match):
+        flashmoe.load(model_dir, backend=name)
+
+
+def test_the_c_loader_refuses_an_unknown_backend_too(model_dir):
+    from flashmoe.model import _load_spec
+
+    spec = _load_spec(os.fspath(model_dir))[1]
+    spec["backend"] = "tpu"
+    with pytest.raises(FlashMoEError, match="unknown backend 'tpu'"):
+        _core.Model(spec)
+
+
+def test_core_and_models_include_no_cpu_backend_header():
+    """csrc/core, csrc/models and csrc/io reach the CPU kernels only through csrc/backend/backend.h."""
+    include = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
+    offenders = []
+    for sub in ("core", "models", "io"):
+        for name in os.listdir(os.path.join(ROOT, "csrc", sub)):
+            with open(os.path.join(ROOT, "csrc", sub, name), encoding="utf-8") as f:
+                text = f.read()
+            offenders += [f"{sub}/{name}: {inc}" for inc in include.findall(text) if "backend/cpu" in inc
+                          or inc in ("cpu.h", "threads.h", "matmul.h")]
+            offenders += [f"{sub}/{name}: calls {c}" for c in re.findall(r"\bfm_cpu_(?!use_avx2)\w+", text)]
+    assert not offenders
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_logits_do_not_depend_on_how_experts_are_spread(model_dir, threads):
+    """1 thread: every expert alone; 2: experts of up to 64 tokens side by side on their own lanes, bigger
+    ones split over the pool (256 tokens in one chunk over 8 experts, 2 each: both kinds). Same function."""
+    ids = (np.arange(256) * 7) % TINY["vocab_size"]
+    before = _core.get_threads()
+    try:
+        _core.set_threads(1)
+        ref = flashmoe.load(model_dir, prefill_chunk=256).forward(ids)
+        _core.set_threads(threads)
+        m = flashmoe.load(model_dir, prefill_chunk=256)
+        got = m.forward(ids)
+        counts = m.expert_usage()
+        assert (counts > 64).any() and ((counts > 0) & (counts <= 64)).any()  # both paths ran
+    finally:
+        _core.set_threads(before)
+    np.testing.assert_array_equal(got, ref)  # rows split over threads, never a reduction: bit for bit
