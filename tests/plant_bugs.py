@@ -239,7 +239,7 @@ PLANTS = [
           ["tests/test_models.py", "-k", "prefill_matches"], "the attention query read from the gate half"),
     Plant("lanes_take_unsorted_work", "csrc/backend/cpu/backend_cpu.c",
           "lane_job J = {c, c->order, xn, ye};", "lane_job J = {c, work, xn, ye};",
-          ["tests/test_models.py", "-k", "prefill_matches"], "side-by-side experts computed from the wrong list"),
+          ["tests/test_backend.py", "-k", "spread"], "side-by-side experts computed from the wrong list"),
     # -- issue 16: importing MLX checkpoints
     Plant("mlx_norm_keeps_plus_one", "python/flashmoe/mlx_import.py",
           "            w = v - np.float32(1)\n", "            w = v - np.float32(0)\n",
