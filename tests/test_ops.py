@@ -4,12 +4,20 @@ A case is (op, id, build, ref, tol): build(rng) returns the op's positional argu
 the expected outputs computed in float64, tol the allowed normalised error per output,
     err = max|out - ref| / max(1, max|ref|),
 justified where the case is registered. Integer outputs (top-k indices) must match exactly, as must
-outputs with tol 0. Every case runs on every backend in BACKENDS; a backend lacking the op skips it.
-A case's keyword arguments (kwargs, e.g. scale_bf16) go to both the op and the reference.
+outputs with tol 0. A case's keyword arguments (kwargs, e.g. scale_bf16) go to both the op and the
+reference; its threads, if set, is the thread count the op runs with.
+
+Every case runs on every backend this build has (BACKENDS; the CPU once per kernel variant, TARGETS)
+through _core.op_<name>(..., backend=NAME), which runs the op of that backend's table
+(csrc/backend/backend.h): a CUDA or Metal build is tested by being built. A backend whose table lacks
+an op reports the case as skipped. The ops of CPU_KERNEL_OPS are CPU kernel forms called directly
+(fm_cpu_*), run on the CPU variants only. tests/test_cross_isa.py runs some of these cases again with
+the NEON kernels under qemu.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
 from dataclasses import dataclass, field
@@ -21,29 +29,36 @@ import pytest
 from flashmoe import _core
 from flashmoe.quant import f32_to_bf16, quantize  # input builders only; references are below
 
-# name -> module exposing op_<name>(...) with the signatures of csrc/python/module.cpp (bind_ops).
-# Add e.g. "cuda": flashmoe._cuda here; cases it does not implement are reported as skipped.
-class _CpuIsa:
-    """The CPU backend with one kernel variant forced (scalar, avx2, ...): every variant is tested."""
-
-    def __init__(self, isa):
-        self.isa = isa
-
-    def __getattr__(self, name):
-        fn = getattr(_core, name)
-
-        def call(*args, **kwargs):
-            _core.set_cpu_isa(self.isa)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _core.set_cpu_isa("auto")
-
-        return call
-
-
-BACKENDS = {f"cpu-{isa}": _CpuIsa(isa) for isa in _core.cpu_isas()}
+BACKENDS = [b for b in ("cpu", "cuda", "metal") if b in _core.backends().split(",")]
+# (backend, CPU kernel variant or None): the CPU with each variant it can run forced (scalar, avx2, ...).
+TARGETS = [("cpu", isa) for isa in _core.cpu_isas()] + [(b, None) for b in BACKENDS if b != "cpu"]
+# The gated delta rule's two CPU forms, each tested against the reference (the interface's gated_delta,
+# which picks one, is op gated_delta_auto).
+CPU_KERNEL_OPS = {"gated_delta", "gated_delta_chunk"}
 F32, BF16, Q8, Q4 = _core.F32, _core.BF16, _core.Q8, _core.Q4
+
+
+def target_id(target):
+    backend, isa = target
+    return f"{backend}-{isa}" if isa else backend
+
+
+@contextlib.contextmanager
+def running_on(target, threads=None):
+    """The CPU kernel variant of target forced, and the thread pool at threads (if given), for the scope."""
+    isa, before = target[1], _core.get_threads() if threads else None
+    if isa:
+        _core.set_cpu_isa(isa)
+    if threads:
+        _core.set_threads(threads)
+    try:
+        yield
+    finally:
+        if isa:
+            _core.set_cpu_isa("auto")
+        if threads:
+            _core.set_threads(before)
+
 
 # Tolerances. fp32 has eps = 2^-23 ~ 1.2e-7; a formula error (wrong axis, head, sign, missing eps)
 # shows up at >= 1e-3, so these leave 10-100x headroom over rounding while still catching bugs.
@@ -63,13 +78,18 @@ class Case:
     ref: Callable
     tol: tuple
     kwargs: dict = field(default_factory=dict)
+    threads: int | None = None
+
+    @property
+    def cpu_kernel(self):
+        return self.op in CPU_KERNEL_OPS
 
 
 CASES: list[Case] = []
 
 
-def case(op, id, build, ref, *tol, **kwargs):
-    CASES.append(Case(op, id, build, ref, tol, kwargs))
+def case(op, id, build, ref, *tol, threads=None, **kwargs):
+    CASES.append(Case(op, id, build, ref, tol, kwargs, threads))
 
 
 def f64(a):
@@ -295,6 +315,15 @@ for name, dtype, gs, cols in WEIGHTS:
                  lambda *a, scale_bf16=False: ref_dequant(*a[:7], scale_bf16=scale_bf16)[a[7]].astype(np.float32),
                  0.0, **kw)
 
+# embed: the rows of a list of ids (T = 6, repeats, both ends), each exact as get_row's.
+for name, dtype, gs, cols in WEIGHTS:
+    for sname, kw in scale_dtypes(dtype):
+        case("embed", f"{name}{sname}-13x{cols}-T6",
+             lambda rng, d=dtype, g=gs, c=cols, kw=kw: build_weight(rng, d, 13, c, g, **kw)
+             + (np.array([12, 0, 1, 5, 1, 12], np.int32),),
+             lambda *a, scale_bf16=False: ref_dequant(*a[:7], scale_bf16=scale_bf16)[a[7]].astype(np.float32),
+             0.0, **kw)
+
 
 # ---------------------------------------------------------------- norms, rope, silu
 
@@ -366,6 +395,20 @@ case("silu_mul", "extremes", lambda rng: (EXTREME_GATES[None, :], np.ones((1, EX
 case("sigmoid_mul", "extremes", lambda rng: (EXTREME_GATES[None, :], np.ones((1, EXTREME_GATES.size), np.float32)),
      lambda g, x: f64(x) * sigmoid(g), TOL_ELEM)
 
+# gate_rows: out[t] * sigmoid(g[t]), the shared expert's gate: one sigmoid and one product per output.
+for T, n in ((1, 60), (3, 96), (17, 130)):
+    case("gate_rows", f"T{T}-n{n}", lambda rng, T=T, n=n: (randn(rng, T, n), randn(rng, T, scale=8.0)),
+         lambda x, g: f64(x) * sigmoid(g)[:, None], TOL_ELEM)
+case("gate_rows", "extremes", lambda rng: (randn(rng, EXTREME_GATES.size, 5), EXTREME_GATES),
+     lambda x, g: f64(x) * sigmoid(g)[:, None], TOL_ELEM)
+
+# add (the residual): one fp32 addition per element, correctly rounded. The float64 sum of two fp32 values
+# rounded to fp32 is that same value (rounding twice is harmless for + when 53 >= 2·24 + 2), so exact;
+# y is small next to x, so that the sums round.
+for shape in ((1, 60), (3, 130), (17, 1000)):
+    case("add", "x".join(map(str, shape)), lambda rng, s=shape: (randn(rng, *s), randn(rng, *s, scale=1e-3)),
+         lambda x, y: (f64(x) + f64(y)).astype(np.float32), 0.0)
+
 
 # ---------------------------------------------------------------- attention
 
@@ -397,6 +440,23 @@ for T, pos0, nh, nkv, hd in ((1, 0, 4, 4, 60), (1, 40, 5, 5, 96), (3, 5, 6, 2, 9
                              (17, 20, 6, 2, 60), (9, 13, 8, 2, 64), (6, 0, 6, 2, 40)):
     case("attention", f"T{T}-pos{pos0}-h{nh}kv{nkv}-hd{hd}",
          lambda rng, a=(T, pos0, nh, nkv, hd): build_attention(rng, *a), ref_attention, TOL_DOT)
+
+# The gated query projection [T, nh, 2·hd] (per head: query | gate) split into q and gate [T, nh, hd], and
+# rows [pos0, pos0 + T) of a KV cache [ctx, row] written (the other rows kept): copies, so exact.
+for T, nh, hd in ((1, 4, 64), (5, 3, 60), (17, 2, 130)):
+    case("split_q_gate", f"T{T}-h{nh}-hd{hd}", lambda rng, a=(T, nh, 2 * hd): (randn(rng, *a),),
+         lambda q2: (q2[..., :q2.shape[2] // 2], q2[..., q2.shape[2] // 2:]), 0.0, 0.0)
+
+
+def ref_kv_write(cache, src, pos0):
+    out = f64(cache).copy()
+    out[pos0:pos0 + src.shape[0]] = src
+    return out
+
+
+for ctx, row, pos0, T in ((8, 120, 0, 1), (20, 96, 7, 5), (20, 256, 3, 17), (33, 60, 32, 1)):
+    case("kv_write", f"ctx{ctx}-row{row}-pos{pos0}-T{T}",
+         lambda rng, c=ctx, r=row, p=pos0, T=T: (randn(rng, c, r), randn(rng, T, r), p), ref_kv_write, 0.0)
 
 
 # ---------------------------------------------------------------- Gated DeltaNet
@@ -446,8 +506,8 @@ def build_gated_delta(rng, T, Hk, Hv, dk, dv):
 
 # With unit k and beta, g in range, each step's map S -> e^g (I - beta k kᵀ) S is a contraction, so
 # rounding does not grow over T; every step is dk-term fp32 dots: TOL_DOT for output and state.
-for T, Hk, Hv, dk, dv in ((1, 2, 4, 32, 48), (3, 1, 3, 60, 20), (17, 2, 6, 24, 20), (17, 3, 3, 96, 32),
-                          (5, 2, 4, 20, 60)):
+GATED_DELTA = [(1, 2, 4, 32, 48), (3, 1, 3, 60, 20), (17, 2, 6, 24, 20), (17, 3, 3, 96, 32), (5, 2, 4, 20, 60)]
+for T, Hk, Hv, dk, dv in GATED_DELTA:
     case("gated_delta", f"T{T}-Hk{Hk}-Hv{Hv}-dk{dk}-dv{dv}",
          lambda rng, a=(T, Hk, Hv, dk, dv): build_gated_delta(rng, *a), ref_gated_delta, TOL_DOT, TOL_DOT)
 
@@ -488,6 +548,46 @@ for T, Hk, Hv, dk, dv, C, gk, bk in GATED_DELTA_CHUNK:
          lambda rng, a=(T, Hk, Hv, dk, dv, C, gk, bk): build_gated_delta_chunk(rng, *a),
          lambda *a: ref_gated_delta(*a[:6]), TOL_DOT, TOL_DOT)
 
+# The interface's gated_delta: the backend picks the form (the CPU: recurrent for one token, chunked for
+# more), on the cases of both forms, against the same reference with the same tolerance.
+for T, Hk, Hv, dk, dv in GATED_DELTA:
+    case("gated_delta_auto", f"T{T}-Hk{Hk}-Hv{Hv}-dk{dk}-dv{dv}",
+         lambda rng, a=(T, Hk, Hv, dk, dv): build_gated_delta(rng, *a), ref_gated_delta, TOL_DOT, TOL_DOT)
+for T, Hk, Hv, dk, dv, _, gk, bk in GATED_DELTA_CHUNK:
+    case("gated_delta_auto", f"T{T}-Hk{Hk}-Hv{Hv}-dk{dk}-dv{dv}-g{gk}-b{bk}",
+         lambda rng, a=(T, Hk, Hv, dk, dv, 0, gk, bk): build_gated_delta_chunk(rng, *a)[:6],
+         ref_gated_delta, TOL_DOT, TOL_DOT)
+
+
+# DeltaNet's conv output [T, 2·kd + vd] split into q, k [T, kd] and v [T, vd]: copies, so exact.
+for T, kd, vd in ((1, 32, 48), (5, 60, 36), (17, 128, 256)):
+    case("deltanet_split", f"T{T}-kd{kd}-vd{vd}",
+         lambda rng, T=T, kd=kd, vd=vd: (randn(rng, T, 2 * kd + vd), kd, vd),
+         lambda conv, kd, vd: (conv[:, :kd], conv[:, kd:2 * kd], conv[:, 2 * kd:]), 0.0, 0.0, 0.0)
+
+
+def ref_deltanet_gates(b, a, A_log, dt_bias):
+    """beta = sigmoid(b), g = -exp(A_log) · softplus(a + dt_bias) (HF Qwen3NextGatedDeltaNet)."""
+    return sigmoid(b), -np.exp(f64(A_log)) * np.logaddexp(0.0, f64(a) + f64(dt_bias))
+
+
+def build_deltanet_gates(rng, T, Hv, extremes=False):
+    A_log = np.log(rng.uniform(1.0, 16.0, Hv)).astype(np.float32)  # as HF initialises it: A in [1, 16)
+    dt_bias = randn(rng, Hv)
+    if extremes:  # sigmoid's clamp on b; softplus from underflow (e^-120) past its linear branch (x > 20) on a
+        return EXTREME_GATES[None, :], np.linspace(-120, 30, Hv).astype(np.float32)[None, :], A_log, dt_bias
+    return randn(rng, T, Hv, scale=4.0), randn(rng, T, Hv, scale=4.0), A_log, dt_bias
+
+
+# A handful of correctly rounded fp32 operations per output (a + dt_bias, expf, log1pf, the product; libm's
+# expf and log1pf are within 1 ulp), so TOL_ELEM; where softplus amplifies the rounding of a + dt_bias
+# (relatively by |x| for x << 0) its value is below e^-20, far under the normalisation.
+for T, Hv in ((1, 4), (5, 16), (17, 48)):
+    case("deltanet_gates", f"T{T}-Hv{Hv}", lambda rng, T=T, Hv=Hv: build_deltanet_gates(rng, T, Hv),
+         ref_deltanet_gates, TOL_ELEM, TOL_ELEM)
+case("deltanet_gates", "extremes", lambda rng: build_deltanet_gates(rng, 1, EXTREME_GATES.size, extremes=True),
+     ref_deltanet_gates, TOL_ELEM, TOL_ELEM)
+
 
 # ---------------------------------------------------------------- router
 
@@ -514,6 +614,86 @@ for n, k, norm, kind in ((60, 4, True, "randn"), (60, 4, False, "randn"), (130, 
          ref_topk_softmax, 0, TOL_PROB)
 
 
+def ref_route(logits, k, norm):
+    rows = [ref_topk_softmax(row, k, norm) for row in logits]
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
+# route: topk_softmax of each token's logits [T, E]; norm on and off, ties.
+for T, E, k, norm, kind in ((3, 60, 4, True, "randn"), (3, 60, 4, False, "randn"), (17, 512, 10, True, "randn"),
+                            (17, 512, 10, False, "randn"), (9, 64, 8, True, "ties"), (9, 64, 8, False, "ties")):
+    case("route", f"T{T}-E{E}-k{k}-{'norm' if norm else 'raw'}-{kind}",
+         lambda rng, T=T, E=E, k=k, norm=norm, kind=kind: (np.stack([build_logits(rng, E, kind) for _ in range(T)]),
+                                                           k, norm),
+         ref_route, 0, TOL_PROB)
+
+
+# ---------------------------------------------------------------- MoE: routed experts, combine
+
+
+def build_moe_combine(rng, T, k, h):
+    """out [T, h], ye [T·k, h] (each token's k expert rows, in an order the experts wrote them), row and
+    router-like weights [T, k] (positive, summing to 0.5..1)."""
+    p = np.exp(rng.standard_normal((T, k)))
+    w = p / p.sum(axis=1, keepdims=True) * rng.uniform(0.5, 1.0, (T, 1))
+    return (randn(rng, T, h), randn(rng, T * k, h), rng.permutation(T * k).reshape(T, k).astype(np.int32),
+            w.astype(np.float32))
+
+
+def ref_moe_combine(out, ye, row, w):
+    return f64(out) + np.einsum("tj,tjh->th", f64(w), f64(ye)[row])
+
+
+# out[t] + Σ_j w[t, j] · ye[row[t, j]], in fp32 in order: 2k roundings of partial sums bounded by
+# |out| + max|ye| (the weights are >= 0 and sum to <= 1), <= 2k·2^-24·(that) ~ 3e-6 of max|ref| at k = 10:
+# TOL_ELEM.
+for T, k, h in ((1, 4, 60), (3, 1, 64), (5, 8, 130), (17, 10, 96)):
+    case("moe_combine", f"T{T}-k{k}-h{h}", lambda rng, T=T, k=k, h=h: build_moe_combine(rng, T, k, h),
+         ref_moe_combine, TOL_ELEM)
+
+
+def build_experts(rng, dtype, gs, H, I, T, sizes, scale_bf16=False):
+    """xn [T, H] and one (gate [I, H], up [I, H], down [H, I], tok) per size: tok that many distinct tokens,
+    in no order (the op gathers them)."""
+    kw = {"scale_bf16": True} if scale_bf16 else {}
+    experts = [(build_weight(rng, dtype, I, H, gs, **kw), build_weight(rng, dtype, I, H, gs, **kw),
+                build_weight(rng, dtype, H, I, gs, **kw), rng.permutation(T)[:n].astype(np.int32)) for n in sizes]
+    return randn(rng, T, H), experts
+
+
+def ref_experts(xn, experts, scale_bf16=False):
+    """Each expert's rows y = down(silu(gate x) · up x) over its tokens, the experts' rows one after another."""
+    ys = []
+    for gate, up, down, tok in experts:
+        x = f64(xn)[tok]
+        g = x @ ref_dequant(*gate, scale_bf16=scale_bf16).T
+        u = x @ ref_dequant(*up, scale_bf16=scale_bf16).T
+        ys.append((g * sigmoid(g) * u) @ ref_dequant(*down, scale_bf16=scale_bf16).T)
+    return np.concatenate(ys)
+
+
+# The routed experts' FFN, with the weights of the matmul cases (H, I awkward where the dtype allows: not
+# multiples of 4-row tiles or of 8 lanes) and fp32 activations (int8 ones are the matmul cases'). Token groups:
+# a decode step (4 experts of the one token, read in place), a small chunk (every expert <= 64 tokens: one
+# per thread, side by side), a mixed one (70, 100 and 65 tokens split over the pool, the rest side by side;
+# 64 is the most a lane takes), and one with a single small expert (run alone). threads 1: every expert
+# over the pool; 2: the side-by-side lanes too. Tolerance TOL_DOT, as the matmuls': each output is an
+# I-term fp32 dot of h = silu(g)·u, whose own error is that of the H-term gate and up dots (silu's
+# relative condition number is <= 1.1 where it is not small) plus two roundings. Observed here: <= 1.0e-6
+# (q4 with bf16 scales, AVX2), <= 3e-7 for f32 and bf16 weights.
+EXPERT_WEIGHTS = [("f32", F32, 0, 130, 60), ("bf16", BF16, 0, 96, 130), ("q8g64", Q8, 64, 192, 128),
+                  ("q4g32", Q4, 32, 192, 96)]
+EXPERT_GROUPS = [("decode", 1, (1, 1, 1, 1)), ("small", 20, (7, 1, 20, 3, 12)),
+                 ("mixed", 100, (70, 5, 33, 1, 100, 64, 65)), ("one-small", 80, (80, 9))]
+for name, dtype, gs, H, I in EXPERT_WEIGHTS:
+    for sname, kw in scale_dtypes(dtype):
+        for group, T, sizes in EXPERT_GROUPS:
+            for threads in (1, 2):
+                case("experts", f"{name}{sname}-H{H}-I{I}-{group}-t{threads}",
+                     lambda rng, a=(dtype, gs, H, I, T, sizes), kw=kw: build_experts(rng, *a, **kw),
+                     ref_experts, TOL_DOT, threads=threads, **kw)
+
+
 # ---------------------------------------------------------------- the harness
 
 
@@ -522,23 +702,26 @@ def normalised_error(out, ref):
     return float(np.max(np.abs(out - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
-@pytest.mark.parametrize("c", CASES, ids=lambda c: f"{c.op}-{c.id}")
-@pytest.mark.parametrize("backend", list(BACKENDS))
-def test_op(backend, c):
-    fn = getattr(BACKENDS[backend], "op_" + c.op, None)
-    if fn is None:
-        pytest.skip(f"backend {backend} has no op_{c.op}")
-    args = c.build(np.random.default_rng(zlib.crc32(f"{c.op}-{c.id}".encode())))
-    before = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
-    outs = fn(*args, **c.kwargs)
-    for a, b in zip(args, before):  # ops take inputs by value (state is returned, not written in place)
-        if isinstance(a, np.ndarray):
-            np.testing.assert_array_equal(a, b)
-    refs = c.ref(*args, **c.kwargs)
+def case_args(c):
+    return c.build(np.random.default_rng(zlib.crc32(f"{c.op}-{c.id}".encode())))
+
+
+def run_op(target, op, args, c):
+    """The outputs of op (case c's, or another taking its arguments) on target, with c's keyword arguments and
+    thread count; skips where the backend's table lacks the op."""
+    kwargs = c.kwargs if op in CPU_KERNEL_OPS else dict(c.kwargs, backend=target[0])
+    with running_on(target, c.threads):
+        try:
+            return getattr(_core, "op_" + op)(*args, **kwargs)
+        except NotImplementedError as e:
+            pytest.skip(str(e))
+
+
+def check_outputs(outs, refs, tols):
     if not isinstance(refs, tuple):
         outs, refs = (outs,), (refs,)
-    assert len(outs) == len(refs) == len(c.tol)
-    for i, (out, ref, tol) in enumerate(zip(outs, refs, c.tol)):
+    assert len(outs) == len(refs) == len(tols)
+    for i, (out, ref, tol) in enumerate(zip(outs, refs, tols)):
         out, ref = np.asarray(out), np.asarray(ref)
         assert out.shape == ref.shape, f"output {i}: shape {out.shape} != {ref.shape}"
         if ref.dtype.kind in "iu":
@@ -548,18 +731,55 @@ def test_op(backend, c):
         assert err <= tol, f"output {i}: normalised error {err:.3g} > {tol:g}"
 
 
-@pytest.mark.parametrize("c", [c for c in CASES if c.op == "gated_delta_chunk"], ids=lambda c: c.id)
-@pytest.mark.parametrize("backend", list(BACKENDS))
-def test_gated_delta_chunk_vs_recurrent(backend, c):
+@pytest.mark.parametrize("target,c", [pytest.param(t, c, id=f"{target_id(t)}-{c.op}-{c.id}")
+                                      for t in TARGETS for c in CASES if t[0] == "cpu" or not c.cpu_kernel])
+def test_op(target, c):
+    args = case_args(c)
+    before = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    outs = run_op(target, c.op, args, c)
+    for a, b in zip(args, before):  # ops take inputs by value (state is returned, not written in place)
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+    check_outputs(outs, c.ref(*args, **c.kwargs), c.tol)
+
+
+@pytest.mark.parametrize("target,c", [pytest.param(t, c, id=f"{target_id(t)}-{c.id}") for t in TARGETS if t[0] == "cpu"
+                                      for c in CASES if c.op == "gated_delta_chunk"])
+def test_gated_delta_chunk_vs_recurrent(target, c):
     """The chunked form against the C recurrent form directly: each within TOL_DOT of the float64
     reference (test_op), so within 2·TOL_DOT of each other."""
-    be = BACKENDS[backend]
-    if getattr(be, "op_gated_delta_chunk", None) is None or getattr(be, "op_gated_delta", None) is None:
-        pytest.skip(f"backend {backend} lacks a gated delta op")
-    args = c.build(np.random.default_rng(zlib.crc32(f"{c.op}-{c.id}".encode())))
-    for i, (a, b) in enumerate(zip(be.op_gated_delta_chunk(*args), be.op_gated_delta(*args[:6]))):
+    args = case_args(c)
+    chunked, recurrent = run_op(target, "gated_delta_chunk", args, c), run_op(target, "gated_delta", args[:6], c)
+    for i, (a, b) in enumerate(zip(chunked, recurrent)):
         err = normalised_error(a, b)
         assert err <= 2 * TOL_DOT, f"output {i}: chunked vs recurrent normalised error {err:.3g}"
+
+
+@pytest.mark.parametrize("name", [n for n in ("cuda", "metal", "nonesuch") if n not in BACKENDS])
+def test_backend_not_built_is_a_clear_error(name):
+    """A backend this build lacks: ArgumentError naming it and the built ones, from the op-only instance
+    and from op_experts' own."""
+    from flashmoe.errors import ArgumentError
+    x = np.ones((1, 8), np.float32)
+    with pytest.raises(ArgumentError, match=f"backend '{name}'.*built: {','.join(BACKENDS)}"):
+        _core.op_add(x, x, backend=name)
+    w = build_weight(np.random.default_rng(0), F32, 8, 8, 0)
+    with pytest.raises(ArgumentError, match=f"backend '{name}'"):
+        _core.op_experts(x, [(w, w, w, np.zeros(1, np.int32))], backend=name)
+
+
+def test_op_arguments_out_of_range_are_refused():
+    """Indices the ops would follow out of their arrays are checked before the op runs."""
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="not in the cache"):
+        _core.op_kv_write(randn(rng, 4, 8), randn(rng, 2, 8), 3)
+    with pytest.raises(ValueError, match="out of range"):
+        _core.op_moe_combine(randn(rng, 1, 8), randn(rng, 2, 8), np.array([[0, 2]], np.int32), randn(rng, 1, 2))
+    w = build_weight(rng, F32, 8, 8, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        _core.op_experts(randn(rng, 2, 8), [(w, w, w, np.array([2], np.int32))])
+    with pytest.raises(ValueError, match="bytes expected"):
+        _core.op_matmul(F32, randn(rng, 7, 8), None, None, 8, 8, 0, randn(rng, 1, 8))
 
 
 @pytest.mark.parametrize("portable", [False, True])

@@ -13,6 +13,7 @@
 #include <vector>
 
 extern "C" {
+#include "../backend/backend.h"
 #include "../backend/cpu/cpu.h"
 #include "../backend/cpu/threads.h"
 #include "flashmoe.h"
@@ -22,8 +23,14 @@ uint32_t fm_crc32_portable(uint32_t crc, const void *data, size_t n);
 
 namespace py = pybind11;
 
-[[noreturn]] static void raise_status(fm_status st) {
+// fm_last_error() as the exception class cls of flashmoe.errors.
+[[noreturn]] static void raise_error(const char *cls) {
     py::module_ errors = py::module_::import("flashmoe.errors");
+    PyErr_SetString(errors.attr(cls).ptr(), fm_last_error());
+    throw py::error_already_set();
+}
+
+[[noreturn]] static void raise_status(fm_status st) {
     const char *cls = "FlashMoEError";
     switch (st) {
     case FM_ERR_FORMAT: cls = "FormatError"; break;
@@ -32,8 +39,7 @@ namespace py = pybind11;
     case FM_ERR_BUDGET: cls = "MemoryBudgetError"; break;
     default: break;
     }
-    PyErr_SetString(errors.attr(cls).ptr(), fm_last_error());
-    throw py::error_already_set();
+    raise_error(cls);
 }
 
 static void check(fm_status st) {
@@ -453,27 +459,6 @@ class Model {
     SpecHolder h_;
 };
 
-// ---------------------------------------------------------------- ops, for the kernel tests
-
-using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
-
-static fm_mat make_mat(int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
-                       bool int8_act, bool scale_bf16) {
-    fm_mat w = {};
-    w.int8_act = int8_act ? 1 : 0;
-    w.scale_bf16 = scale_bf16 ? 1 : 0;
-    w.dtype = (fm_dtype)dtype;
-    w.rows = rows;
-    w.cols = cols;
-    w.group_size = gs;
-    w.data = data.data();
-    w.scales = scales.is_none() ? nullptr : (const uint16_t *)scales.cast<py::array>().data();
-    w.biases = biases.is_none() ? nullptr : (const uint16_t *)biases.cast<py::array>().data();
-    return w;
-}
-
-static f32arr copy(const f32arr &a) { return f32arr(py::array(a.request())).attr("copy")().cast<f32arr>(); }
-
 static void bind_ops(py::module_ &m) {
     m.def("plan_memory", [](const py::dict &spec) {
         SpecHolder h;
@@ -503,66 +488,305 @@ static void bind_ops(py::module_ &m) {
     });
     m.def("get_threads", []() { return fm_threads_get(); });
     m.def("backends", []() { return std::string(fm_backend_names()); }, "comma-separated backends this build has");
+}
+
+// ---------------------------------------------------------------- ops, for the op tests (tests/test_ops.py)
+//
+// Each op_* runs one op of a backend's table (csrc/backend/backend.h) on the backend named by its keyword
+// backend= ("cpu" unless given): the inputs are copied into that backend's memory, the op is issued,
+// finish() is checked and the outputs come back in new arrays (the inputs are never written). An unknown
+// or unbuilt backend raises ArgumentError with fm_last_error's text; a backend whose table lacks the op,
+// NotImplementedError. The exceptions are op_gated_delta and op_gated_delta_chunk: CPU kernel entry
+// points (fm_cpu_*, the two forms the interface's gated_delta chooses between), not through a backend.
+
+using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using i32arr = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+static f32arr copy(const f32arr &a) { return f32arr(py::array(a.request())).attr("copy")().cast<f32arr>(); }
+static f32arr like(const f32arr &a) { return f32arr(std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim())); }
+
+// The op-test instance of each backend: opened on first use with a config without experts (no expert
+// scratch), kept for the life of the process. (The op entry points hold the GIL, which serialises them.)
+static fm_backend *op_backend(const std::string &name) {
+    static std::map<std::string, fm_backend> open;
+    auto it = open.find(name);
+    if (it != open.end()) return &it->second;
+    const fm_backend_ops *ops = fm_backend_find(name.c_str());
+    if (!ops) raise_error("ArgumentError");
+    static const fm_config no_experts = {};
+    const fm_backend_params p = {&no_experts, 1};
+    fm_backend b;
+    const fm_status st = fm_backend_open(ops, &p, &b);
+    if (st != FM_OK) {
+        fm_backend_close(&b);
+        raise_status(st);
+    }
+    return &open.emplace(name, b).first->second;
+}
+
+[[noreturn]] static void missing_op(const fm_backend *b, const char *op) {
+    PyErr_SetString(PyExc_NotImplementedError, (std::string("backend '") + b->op->name + "' has no op " + op).c_str());
+    throw py::error_already_set();
+}
+
+// One op call: its backend instance and the buffers it holds in that backend's memory, freed when the
+// call goes (and the instance closed, where the call opened one of its own).
+class OpCall {
+  public:
+    explicit OpCall(const std::string &backend) : b_(op_backend(backend)) {}
+    // An instance of the call's own, sized by p (op_experts: the experts' scratch depends on the shapes).
+    OpCall(const std::string &backend, const fm_backend_params &p) {
+        const fm_backend_ops *ops = fm_backend_find(backend.c_str());
+        if (!ops) raise_error("ArgumentError");
+        const fm_status st = fm_backend_open(ops, &p, &own_);
+        if (st != FM_OK) {
+            fm_backend_close(&own_);
+            raise_status(st);
+        }
+        b_ = &own_;
+    }
+    ~OpCall() {
+        for (const Buf &a : bufs_) b_->op->free(b_->ctx, a.kind, a.p, a.bytes);
+        if (b_ == &own_) fm_backend_close(&own_);
+    }
+    OpCall(const OpCall &) = delete;
+    OpCall &operator=(const OpCall &) = delete;
+
+    fm_backend *b() const { return b_; }
+
+    // A copy of host bytes in the backend's memory.
+    void *in(const void *host, size_t bytes, fm_mem_kind kind = FM_MEM_SCRATCH) {
+        void *p = alloc(kind, bytes);
+        FM_OP(b_, from_host, p, host, bytes);
+        return p;
+    }
+    float *in(const f32arr &a) { return (float *)in(a.data(), (size_t)a.nbytes()); }
+    float *zeros(size_t n) { return (float *)alloc(FM_MEM_SCRATCH, n * sizeof(float)); }
+
+    // A weight matrix (dtype, data, scales, biases, rows, cols, gs: the arrays as stored) in the backend's
+    // memory of `kind`, its sizes checked.
+    fm_mat mat(int dtype, const py::array &data, const py::object &scales, const py::object &biases, int rows, int cols,
+               int gs, bool int8_act, bool scale_bf16, fm_mem_kind kind) {
+        if (dtype < FM_F32 || dtype > FM_Q4 || rows <= 0 || cols <= 0)
+            throw py::value_error("bad matrix dtype or shape");
+        fm_mat w = {};
+        w.dtype = (fm_dtype)dtype;
+        w.rows = rows;
+        w.cols = cols;
+        w.int8_act = int8_act ? 1 : 0;
+        w.scale_bf16 = scale_bf16 ? 1 : 0;
+        w.data = array_in(data, fm_tensor_data_bytes(w.dtype, rows, cols), "data", kind);
+        if (dtype == FM_Q8 || dtype == FM_Q4) {
+            if (gs <= 0 || cols % gs != 0 || scales.is_none() || biases.is_none())
+                throw py::value_error("a quantized matrix needs a group size dividing cols, scales and biases");
+            const size_t nb = sizeof(uint16_t) * (size_t)rows * (size_t)(cols / gs);
+            w.group_size = gs;
+            w.scales = (const uint16_t *)array_in(scales.cast<py::array>(), nb, "scales", kind);
+            w.biases = (const uint16_t *)array_in(biases.cast<py::array>(), nb, "biases", kind);
+        }
+        return w;
+    }
+
+    // Wait for the ops issued so far; a failed op raises here.
+    void sync() { check(FM_OP(b_, finish)); }
+    // The op output at backend address src, copied into host (its size), once the ops have finished.
+    template <class A> A out(A host, const void *src) {
+        sync();
+        FM_OP(b_, to_host, host.mutable_data(), src, (size_t)host.nbytes());
+        return host;
+    }
+
+  private:
+    struct Buf {
+        fm_mem_kind kind;
+        void *p;
+        size_t bytes;
+    };
+    void *alloc(fm_mem_kind kind, size_t bytes) {
+        void *p = b_->op->alloc(b_->ctx, kind, bytes ? bytes : 1);
+        if (!p) throw std::bad_alloc();
+        bufs_.push_back({kind, p, bytes ? bytes : 1});
+        return p;
+    }
+    void *array_in(const py::array &a, uint64_t need, const char *what, fm_mem_kind kind) {
+        py::array c = py::array::ensure(a, py::array::c_style);
+        if (!c || (uint64_t)c.nbytes() != need)
+            throw py::value_error(std::string("matrix ") + what + ": " + std::to_string(need) + " bytes expected");
+        return in(c.data(), (size_t)need, kind);
+    }
+    fm_backend *b_ = nullptr;
+    fm_backend own_ = {};
+    std::vector<Buf> bufs_;
+};
+
+// FM_OP on a call's instance: NotImplementedError where the backend's table has no such op.
+#define RUN_OP(c, name, ...)                                                                                           \
+    do {                                                                                                               \
+        if (!(c).b()->op->name) missing_op((c).b(), #name);                                                            \
+        FM_OP((c).b(), name, __VA_ARGS__);                                                                             \
+    } while (0)
+
+static void check_size(bool ok, const char *what) {
+    if (!ok) throw py::value_error(what);
+}
+
+// Rows ids of a matrix, dequantized: the embed op. [T, cols]
+static f32arr run_embed(int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
+                        const i32arr &ids, bool scale_bf16, const std::string &backend) {
+    const int T = (int)ids.size();
+    for (int t = 0; t < T; t++) check_size(ids.data()[t] >= 0 && ids.data()[t] < rows, "row id out of range");
+    OpCall c(backend);
+    const fm_mat w = c.mat(dtype, data, scales, biases, rows, cols, gs, false, scale_bf16, FM_MEM_DENSE);
+    float *y = c.zeros((size_t)T * cols);
+    RUN_OP(c, embed, &w, ids.data(), T, y);
+    return c.out(f32arr({T, cols}), y);
+}
+
+// A matrix of op_experts given as the tuple (dtype, data, scales, biases, rows, cols, gs).
+static fm_mat expert_mat(OpCall &c, const py::handle &t, int rows, int cols, bool scale_bf16) {
+    py::tuple m = t.cast<py::tuple>();
+    check_size(m.size() == 7, "an expert matrix is (dtype, data, scales, biases, rows, cols, gs)");
+    check_size(m[4].cast<int>() == rows && m[5].cast<int>() == cols, "expert matrices: gate, up [I, H], down [H, I]");
+    return c.mat(m[0].cast<int>(), m[1].cast<py::array>(), m[2], m[3], rows, cols, m[6].cast<int>(), false, scale_bf16,
+                 FM_MEM_EXPERT_SLOTS);
+}
+
+static void bind_op_tests(py::module_ &m) {
+    const auto kw_backend = py::arg("backend") = "cpu";
     // scale_bf16: the scales and biases (uint16 arrays) hold bfloat16 bits, else float16
     m.def("op_matmul", [](int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
-                          f32arr x, bool int8_act, bool scale_bf16) {
-        fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs, int8_act, scale_bf16);
+                          f32arr x, bool int8_act, bool scale_bf16, const std::string &backend) {
+        check_size(cols > 0 && x.size() % cols == 0, "x is not [T, cols]");
         const int T = (int)(x.size() / cols);
-        f32arr y({T, rows});
-        fm_cpu_matmul(&w, x.data(), T, y.mutable_data());
-        return y;
+        OpCall c(backend);
+        const fm_mat w = c.mat(dtype, data, scales, biases, rows, cols, gs, int8_act, scale_bf16, FM_MEM_DENSE);
+        float *y = c.zeros((size_t)T * rows);
+        RUN_OP(c, matmul, &w, c.in(x), T, y);
+        return c.out(f32arr({T, rows}), y);
     }, py::arg("dtype"), py::arg("data"), py::arg("scales"), py::arg("biases"), py::arg("rows"), py::arg("cols"),
-       py::arg("gs"), py::arg("x"), py::arg("int8_act") = false, py::kw_only(), py::arg("scale_bf16") = false);
+       py::arg("gs"), py::arg("x"), py::arg("int8_act") = false, py::kw_only(), py::arg("scale_bf16") = false,
+       kw_backend);
+    m.def("op_embed", &run_embed, py::arg("dtype"), py::arg("data"), py::arg("scales"), py::arg("biases"),
+          py::arg("rows"), py::arg("cols"), py::arg("gs"), py::arg("ids"), py::kw_only(), py::arg("scale_bf16") = false,
+          kw_backend);
     m.def("op_get_row", [](int dtype, py::array data, py::object scales, py::object biases, int rows, int cols, int gs,
-                           int r, bool scale_bf16) {
-        fm_mat w = make_mat(dtype, data, scales, biases, rows, cols, gs, false, scale_bf16);
-        f32arr y(cols);
-        fm_cpu_get_row(&w, r, y.mutable_data());
-        return y;
+                           int r, bool scale_bf16, const std::string &backend) {  // embed with one id: [cols]
+        i32arr ids(1);
+        ids.mutable_data()[0] = r;
+        return run_embed(dtype, data, scales, biases, rows, cols, gs, ids, scale_bf16, backend).attr("reshape")(cols);
     }, py::arg("dtype"), py::arg("data"), py::arg("scales"), py::arg("biases"), py::arg("rows"), py::arg("cols"),
-       py::arg("gs"), py::arg("r"), py::kw_only(), py::arg("scale_bf16") = false);
-    m.def("op_rmsnorm", [](f32arr x, f32arr w, float eps, bool zc) {
-        const int n = (int)w.size(), T = (int)(x.size() / n);
-        f32arr y({T, n});
-        fm_cpu_rmsnorm(y.mutable_data(), x.data(), w.data(), T, n, eps, zc);
-        return y;
-    });
-    m.def("op_l2norm", [](f32arr x, float eps, float scale) {
-        f32arr y = copy(x);
+       py::arg("gs"), py::arg("r"), py::kw_only(), py::arg("scale_bf16") = false, kw_backend);
+    m.def("op_rmsnorm", [](f32arr x, f32arr w, float eps, bool zc, const std::string &backend) {  // x [T, n], w [n]
+        const int n = (int)w.size();
+        check_size(n > 0 && x.size() % n == 0, "x is not [T, n]");
+        const int T = (int)(x.size() / n);
+        OpCall c(backend);
+        float *y = c.zeros(x.size());
+        RUN_OP(c, rmsnorm, y, c.in(x), c.in(w), T, n, eps, zc);
+        return c.out(f32arr({T, n}), y);
+    }, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("zero_centered"), py::kw_only(), kw_backend);
+    m.def("op_l2norm", [](f32arr x, float eps, float scale, const std::string &backend) {  // per row of the last axis
         const int n = (int)x.shape(x.ndim() - 1);
-        fm_cpu_l2norm(y.mutable_data(), (int)(x.size() / n), n, eps, scale);
-        return y;
-    });
-    m.def("op_rope", [](f32arr x, int rot_dim, int pos0, float theta) {  // x [T, heads, hd]
-        f32arr y = copy(x);
-        fm_cpu_rope(y.mutable_data(), (int)x.shape(0), (int)x.shape(1), (int)x.shape(2), rot_dim, pos0, theta);
-        return y;
-    });
-    m.def("op_silu_mul", [](f32arr gate, f32arr up) {
-        f32arr y = copy(gate);
-        fm_cpu_silu_mul(y.mutable_data(), gate.data(), up.data(), 1, (int)gate.size());
-        return y;
-    });
-    m.def("op_sigmoid_mul", [](f32arr gate, f32arr x) {
-        if (gate.size() != x.size()) throw py::value_error("gate and x differ in size");
-        f32arr y = copy(x);
-        fm_cpu_sigmoid_mul(y.mutable_data(), gate.data(), x.data(), 1, (int)x.size());
-        return y;
-    });
-    m.def("op_attention", [](f32arr q, f32arr kc, f32arr vc, int pos0, float scale) {  // q [T, nh, hd]
+        OpCall c(backend);
+        float *y = c.in(x);
+        RUN_OP(c, l2norm, y, (int)(x.size() / n), n, eps, scale);
+        return c.out(like(x), y);
+    }, py::arg("x"), py::arg("eps"), py::arg("scale"), py::kw_only(), kw_backend);
+    m.def("op_rope", [](f32arr x, int rot_dim, int pos0, float theta, const std::string &backend) {  // x [T, heads, hd]
+        check_size(x.ndim() == 3 && rot_dim <= x.shape(2), "x is not [T, heads, head_dim >= rot_dim]");
+        OpCall c(backend);
+        float *y = c.in(x);
+        RUN_OP(c, rope, y, (int)x.shape(0), (int)x.shape(1), (int)x.shape(2), rot_dim, pos0, theta);
+        return c.out(like(x), y);
+    }, py::arg("x"), py::arg("rot_dim"), py::arg("pos0"), py::arg("theta"), py::kw_only(), kw_backend);
+    m.def("op_silu_mul", [](f32arr gate, f32arr up, const std::string &backend) {  // silu(gate) * up
+        check_size(gate.size() == up.size(), "gate and up differ in size");
+        OpCall c(backend);
+        float *y = c.zeros(gate.size());
+        RUN_OP(c, silu_mul, y, c.in(gate), c.in(up), 1, (int)gate.size());
+        return c.out(like(gate), y);
+    }, py::arg("gate"), py::arg("up"), py::kw_only(), kw_backend);
+    m.def("op_sigmoid_mul", [](f32arr gate, f32arr x, const std::string &backend) {  // x * sigmoid(gate)
+        check_size(gate.size() == x.size(), "gate and x differ in size");
+        OpCall c(backend);
+        float *y = c.zeros(x.size());
+        RUN_OP(c, sigmoid_mul, y, c.in(gate), c.in(x), 1, (int)x.size());
+        return c.out(like(x), y);
+    }, py::arg("gate"), py::arg("x"), py::kw_only(), kw_backend);
+    m.def("op_add", [](f32arr x, f32arr y, const std::string &backend) {  // x + y
+        check_size(x.size() == y.size(), "x and y differ in size");
+        OpCall c(backend);
+        float *out = c.in(x);
+        RUN_OP(c, add, out, c.in(y), (size_t)x.size());
+        return c.out(like(x), out);
+    }, py::arg("x"), py::arg("y"), py::kw_only(), kw_backend);
+    m.def("op_split_q_gate", [](f32arr q2, const std::string &backend) {  // q2 [T, nh, 2·hd] -> q, gate [T, nh, hd]
+        check_size(q2.ndim() == 3 && q2.shape(2) % 2 == 0, "q2 is not [T, nh, 2·hd]");
+        const int T = (int)q2.shape(0), nh = (int)q2.shape(1), hd = (int)q2.shape(2) / 2;
+        OpCall c(backend);
+        float *q = c.zeros(q2.size() / 2), *gate = c.zeros(q2.size() / 2);
+        RUN_OP(c, split_q_gate, q, gate, c.in(q2), T, nh, hd);
+        return py::make_tuple(c.out(f32arr({T, nh, hd}), q), c.out(f32arr({T, nh, hd}), gate));
+    }, py::arg("q2"), py::kw_only(), kw_backend);
+    m.def("op_kv_write", [](f32arr cache, f32arr src, int pos0, const std::string &backend) {  // [ctx, row], [T, row]
+        check_size(cache.ndim() == 2 && src.ndim() == 2 && cache.shape(1) == src.shape(1),
+                   "cache [ctx, row], src [T, row]");
+        check_size(pos0 >= 0 && pos0 + src.shape(0) <= cache.shape(0), "rows [pos0, pos0 + T) are not in the cache");
+        OpCall c(backend);
+        float *kc = c.in(cache);
+        RUN_OP(c, kv_write, kc, c.in(src), pos0, (int)src.shape(0), (int)src.shape(1));
+        return c.out(like(cache), kc);
+    }, py::arg("cache"), py::arg("src"), py::arg("pos0"), py::kw_only(), kw_backend);
+    m.def("op_attention", [](f32arr q, f32arr kc, f32arr vc, int pos0, float scale, const std::string &backend) {
+        // q [T, nh, hd]; k, v cache [ctx, nkv, hd]
+        check_size(q.ndim() == 3 && kc.ndim() == 3 && vc.ndim() == 3, "q, k_cache, v_cache are 3-D");
         const int T = (int)q.shape(0), nh = (int)q.shape(1), hd = (int)q.shape(2), nkv = (int)kc.shape(1);
         if (kc.shape(0) < pos0 + T) throw py::value_error("cache shorter than pos0 + T");
-        f32arr y({T, nh, hd});
-        fm_cpu_attention(y.mutable_data(), q.data(), kc.data(), vc.data(), T, pos0, nh, nkv, hd, scale);
-        return y;
-    });
-    m.def("op_conv1d_silu", [](f32arr x, f32arr state, f32arr w) {  // x [T, C], state [K-1, C], w [C, K]
+        OpCall c(backend);
+        float *y = c.zeros(q.size());
+        RUN_OP(c, attention, y, c.in(q), c.in(kc), c.in(vc), T, pos0, nh, nkv, hd, scale);
+        return c.out(f32arr({T, nh, hd}), y);
+    }, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos0"), py::arg("scale"), py::kw_only(),
+       kw_backend);
+    m.def("op_conv1d_silu", [](f32arr x, f32arr state, f32arr w, const std::string &backend) {
+        // x [T, C], state [K-1, C], w [C, K] -> out [T, C], the new state
         const int T = (int)x.shape(0), C = (int)x.shape(1), K = (int)w.shape(1);
-        f32arr y({T, C});
-        f32arr st = copy(state);
-        fm_cpu_conv1d_silu(y.mutable_data(), x.data(), st.mutable_data(), w.data(), T, C, K);
-        return py::make_tuple(y, st);
-    });
+        check_size(state.size() == (py::ssize_t)(K - 1) * C && w.size() == (py::ssize_t)C * K,
+                   "state [K-1, C], w [C, K]");
+        OpCall c(backend);
+        float *y = c.zeros(x.size()), *st = c.in(state);
+        RUN_OP(c, conv1d_silu, y, c.in(x), st, c.in(w), T, C, K);
+        return py::make_tuple(c.out(f32arr({T, C}), y), c.out(like(state), st));
+    }, py::arg("x"), py::arg("state"), py::arg("w"), py::kw_only(), kw_backend);
+    m.def("op_deltanet_split", [](f32arr conv, int kd, int vd, const std::string &backend) {  // [T, 2·kd + vd]
+        check_size(conv.ndim() == 2 && conv.shape(1) == 2 * kd + vd, "conv is not [T, 2·kd + vd]");
+        const int T = (int)conv.shape(0);
+        OpCall c(backend);
+        float *q = c.zeros((size_t)T * kd), *k = c.zeros((size_t)T * kd), *v = c.zeros((size_t)T * vd);
+        RUN_OP(c, deltanet_split, q, k, v, c.in(conv), T, kd, vd);
+        return py::make_tuple(c.out(f32arr({T, kd}), q), c.out(f32arr({T, kd}), k), c.out(f32arr({T, vd}), v));
+    }, py::arg("conv"), py::arg("kd"), py::arg("vd"), py::kw_only(), kw_backend);
+    m.def("op_deltanet_gates", [](f32arr b, f32arr a, f32arr A_log, f32arr dt_bias, const std::string &backend) {
+        // b, a [T, Hv]; A_log, dt_bias [Hv] -> beta, g [T, Hv]
+        check_size(b.ndim() == 2 && a.ndim() == 2 && a.shape(0) == b.shape(0) && a.shape(1) == b.shape(1) &&
+                   A_log.size() == b.shape(1) && dt_bias.size() == b.shape(1), "b, a [T, Hv]; A_log, dt_bias [Hv]");
+        OpCall c(backend);
+        float *beta = c.in(b), *g = c.in(a);
+        RUN_OP(c, deltanet_gates, beta, g, c.in(A_log), c.in(dt_bias), (int)b.shape(0), (int)b.shape(1));
+        return py::make_tuple(c.out(like(b), beta), c.out(like(a), g));
+    }, py::arg("b"), py::arg("a"), py::arg("A_log"), py::arg("dt_bias"), py::kw_only(), kw_backend);
+    m.def("op_gated_delta_auto", [](f32arr q, f32arr k, f32arr v, f32arr g, f32arr beta, f32arr S,
+                                    const std::string &backend) {  // the interface's gated_delta: it picks the form
+        const int T = (int)q.shape(0), Hk = (int)q.shape(1), dk = (int)q.shape(2), Hv = (int)v.shape(1),
+                  dv = (int)v.shape(2);
+        OpCall c(backend);
+        float *y = c.zeros((size_t)T * Hv * dv), *s2 = c.in(S);
+        RUN_OP(c, gated_delta, y, s2, c.in(q), c.in(k), c.in(v), c.in(g), c.in(beta), T, Hk, Hv, dk, dv);
+        return py::make_tuple(c.out(f32arr({T, Hv, dv}), y), c.out(like(S), s2));
+    }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"), py::arg("S"), py::kw_only(),
+       kw_backend);
+    // CPU kernel entry points, not through a backend: the recurrent and the chunked form of the gated delta
+    // rule (fm_cpu_gated_delta, fm_cpu_gated_delta_chunk), tested each against the reference.
     m.def("op_gated_delta", [](f32arr q, f32arr k, f32arr v, f32arr g, f32arr beta, f32arr S) {
         const int T = (int)q.shape(0), Hk = (int)q.shape(1), dk = (int)q.shape(2), Hv = (int)v.shape(1),
                   dv = (int)v.shape(2);
@@ -581,14 +805,85 @@ static void bind_ops(py::module_ &m) {
                                 beta.data(), T, Hk, Hv, dk, dv, chunk);
         return py::make_tuple(y, s2);
     });
-    m.def("op_topk_softmax", [](f32arr logits, int k, bool norm) {
+    m.def("op_route", [](f32arr logits, int k, bool norm, const std::string &backend) {
+        // logits [T, E] -> top-k indices and weights [T, k]
+        check_size(logits.ndim() == 2, "logits are not [T, E]");
+        const int T = (int)logits.shape(0), E = (int)logits.shape(1);
+        if (k < 1 || k > E) throw py::value_error("k out of range");
+        OpCall c(backend);
+        py::array_t<int32_t> idx({T, k});
+        f32arr w({T, k});
+        RUN_OP(c, route, c.in(logits), T, E, k, norm, idx.mutable_data(), w.mutable_data());  // to the host
+        c.sync();
+        return py::make_tuple(idx, w);
+    }, py::arg("logits"), py::arg("k"), py::arg("norm"), py::kw_only(), kw_backend);
+    m.def("op_topk_softmax", [](f32arr logits, int k, bool norm, const std::string &backend) {  // route, T = 1
         const int n = (int)logits.size();
         if (k < 1 || k > n) throw py::value_error("k out of range");
+        OpCall c(backend);
         py::array_t<int32_t> idx(k);
         f32arr w(k);
-        fm_cpu_topk_softmax(logits.data(), n, k, norm, idx.mutable_data(), w.mutable_data());
+        RUN_OP(c, route, c.in(logits), 1, n, k, norm, idx.mutable_data(), w.mutable_data());
+        c.sync();
         return py::make_tuple(idx, w);
-    });
+    }, py::arg("logits"), py::arg("k"), py::arg("norm"), py::kw_only(), kw_backend);
+    m.def("op_gate_rows", [](f32arr x, f32arr g, const std::string &backend) {  // x [T, n] * sigmoid(g [T])
+        check_size(x.ndim() == 2 && g.size() == x.shape(0), "x [T, n], g [T]");
+        OpCall c(backend);
+        float *y = c.in(x);
+        RUN_OP(c, gate_rows, y, c.in(g), (int)x.shape(0), (int)x.shape(1));
+        return c.out(like(x), y);
+    }, py::arg("x"), py::arg("g"), py::kw_only(), kw_backend);
+    m.def("op_moe_combine", [](f32arr out, f32arr ye, i32arr row, f32arr weights, const std::string &backend) {
+        // out [T, h] + Σ_j weights[t, j] · ye[row[t, j]]; row, weights [T, k]
+        check_size(out.ndim() == 2 && ye.ndim() == 2 && out.shape(1) == ye.shape(1), "out [T, h], ye [R, h]");
+        check_size(row.ndim() == 2 && row.shape(0) == out.shape(0) && weights.size() == row.size(),
+                   "row, weights [T, k]");
+        for (py::ssize_t i = 0; i < row.size(); i++) check_size(row.data()[i] >= 0 && row.data()[i] < ye.shape(0),
+                                                               "a row of ye out of range");
+        OpCall c(backend);
+        float *y = c.in(out);
+        RUN_OP(c, moe_combine, y, c.in(ye), row.data(), weights.data(), (int)out.shape(0), (int)row.shape(1),
+               (int)out.shape(1));  // row, weights: host
+        return c.out(like(out), y);
+    }, py::arg("out"), py::arg("ye"), py::arg("row"), py::arg("weights"), py::kw_only(), kw_backend);
+    // Routed experts: experts is a list of (gate, up, down, tok), each matrix a tuple (dtype, data, scales,
+    // biases, rows, cols, gs), tok int32 [n] the rows of xn [T, H] routed to it. Expert j's rows of the result
+    // ye [Σ n, H] follow expert j - 1's. The call opens an instance of its own, for a chunk of T tokens of
+    // len(experts) experts of these shapes (the CPU sizes its expert scratch by them, and its lanes by the
+    // thread count at the call: _core.set_threads first).
+    m.def("op_experts", [](f32arr xn, py::list experts, bool scale_bf16, const std::string &backend) {
+        check_size(xn.ndim() == 2 && xn.shape(0) > 0 && py::len(experts) > 0, "xn [T, H] and at least one expert");
+        const int T = (int)xn.shape(0), H = (int)xn.shape(1), n_work = (int)py::len(experts);
+        const int I = (int)experts[0].cast<py::tuple>()[0].cast<py::tuple>()[4].cast<int>();
+        fm_config cfg = {};
+        cfg.hidden_size = H;
+        cfg.moe_intermediate_size = I;
+        cfg.num_experts = n_work;
+        const fm_backend_params p = {&cfg, T};
+        OpCall c(backend, p);
+        std::vector<fm_mat> mats((size_t)3 * n_work);
+        std::vector<i32arr> toks;
+        std::vector<fm_expert_work> work((size_t)n_work);
+        int rows = 0;
+        for (int j = 0; j < n_work; j++) {
+            py::tuple e = experts[j].cast<py::tuple>();
+            check_size(e.size() == 4, "an expert is (gate, up, down, tok)");
+            mats[3 * j] = expert_mat(c, e[0], I, H, scale_bf16);
+            mats[3 * j + 1] = expert_mat(c, e[1], I, H, scale_bf16);
+            mats[3 * j + 2] = expert_mat(c, e[2], H, I, scale_bf16);
+            toks.push_back(e[3].cast<i32arr>());
+            const i32arr &tok = toks.back();
+            check_size(tok.size() >= 1 && tok.size() <= T, "an expert has 1 to T tokens");
+            for (py::ssize_t i = 0; i < tok.size(); i++) check_size(tok.data()[i] >= 0 && tok.data()[i] < T,
+                                                                   "a token of an expert out of range");
+            work[j] = {&mats[3 * j], &mats[3 * j + 1], &mats[3 * j + 2], tok.data(), (int)tok.size(), rows};
+            rows += (int)tok.size();
+        }
+        float *ye = c.zeros((size_t)rows * H);
+        RUN_OP(c, experts, work.data(), n_work, c.in(xn), ye, H);
+        return c.out(f32arr({rows, H}), ye);
+    }, py::arg("xn"), py::arg("experts"), py::kw_only(), py::arg("scale_bf16") = false, kw_backend);
 }
 
 PYBIND11_MODULE(_core, m) {
@@ -622,6 +917,7 @@ PYBIND11_MODULE(_core, m) {
         .def("expert_usage", &Model::expert_usage)
         .def("memory", &Model::memory);
     bind_ops(m);
+    bind_op_tests(m);
     m.attr("F32") = (int)FM_F32;
     m.attr("BF16") = (int)FM_BF16;
     m.attr("Q8") = (int)FM_Q8;
