@@ -61,7 +61,8 @@ typedef struct fm_backend_ops {
     void (*destroy)(void *ctx);
 
     /* ---- memory */
-    void *(*alloc)(void *ctx, fm_mem_kind kind, size_t bytes); /* zeroed; NULL when out of memory */
+    /* NULL when out of memory; zeroed, except dense weights and expert slots (every byte is read into) */
+    void *(*alloc)(void *ctx, fm_mem_kind kind, size_t bytes);
     void (*free)(void *ctx, fm_mem_kind kind, void *p, size_t bytes);
     void (*fill_zero)(void *ctx, void *p, size_t bytes);
     void (*copy)(void *ctx, void *dst, const void *src, size_t bytes);         /* backend → backend */
