@@ -1,9 +1,8 @@
-"""Choosing a backend (load's `backend`), and the promises of the backend split that tests elsewhere do not
-check: the core and the models compile without the CPU backend's headers, and a model computes the same
-whatever the thread count (the CPU backend runs small experts side by side, big ones split)."""
+"""Choosing a backend (load's `backend`), and a promise of the backend split that tests elsewhere do not
+check: a model computes the same whatever the thread count (the CPU backend runs small experts side by
+side, big ones split). The include rule is tests/test_layering.py."""
 
 import os
-import re
 
 import numpy as np
 import pytest
@@ -13,9 +12,6 @@ from flashmoe import _core
 from flashmoe.errors import ArgumentError, FlashMoEError
 from flashmoe.synth import write_random_model
 from test_engine_errors import TINY
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -49,20 +45,6 @@ def test_the_c_loader_refuses_an_unknown_backend_too(model_dir):
     spec["backend"] = "tpu"
     with pytest.raises(FlashMoEError, match="unknown backend 'tpu'"):
         _core.Model(spec)
-
-
-def test_core_and_models_include_no_cpu_backend_header():
-    """csrc/core, csrc/models and csrc/io reach the CPU kernels only through csrc/backend/backend.h."""
-    include = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
-    offenders = []
-    for sub in ("core", "models", "io"):
-        for name in os.listdir(os.path.join(ROOT, "csrc", sub)):
-            with open(os.path.join(ROOT, "csrc", sub, name), encoding="utf-8") as f:
-                text = f.read()
-            offenders += [f"{sub}/{name}: {inc}" for inc in include.findall(text) if "backend/cpu" in inc
-                          or inc in ("cpu.h", "threads.h", "matmul.h")]
-            offenders += [f"{sub}/{name}: calls {c}" for c in re.findall(r"\bfm_cpu_(?!use_avx2)\w+", text)]
-    assert not offenders
 
 
 @pytest.mark.parametrize("threads", [1, 2])
