@@ -97,7 +97,8 @@ def stats_line(s: dict) -> str:
     last = s["last"]
     return (f"experts: {last['expert_hits']} hits, {last['expert_misses']} misses "
             f"(hit rate {last['hit_rate']:.0%}), {last['prefetches']} prefetched; read "
-            f"{last['bytes_read'] / 1e6:.1f} MB at {last['read_gbps']:.2f} GB/s, "
+            f"{last['bytes_read'] / 1e6:.1f} MB at {last['read_gbps']:.2f} GB/s "
+            f"(x{last['read_amplification']:.2f} the distinct experts used), "
             f"I/O wait {last['io_wait_seconds']:.2f} s of {last['compute_seconds']:.2f} s"
             f"{'' if s['direct_io'] else ' (buffered reads)'}; backend {s['backend']}")
 

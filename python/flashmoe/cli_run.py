@@ -77,7 +77,8 @@ def reply_stats_line(usage: dict, stats: dict) -> str:
     cached = f", {usage['cached_tokens']} cached" if usage["cached_tokens"] else ""
     return (f"[{usage['completion_tokens']} tokens, {stats['decode_tokens_per_second']:.1f} tok/s | prompt {new} "
             f"tokens{cached}, {stats['prompt_tokens_per_second']:.1f} tok/s | experts hit "
-            f"{stats['expert_hit_rate']:.0%}, read {stats['read_gbps']:.2f} GB/s, {stats['backend']}]")
+            f"{stats['expert_hit_rate']:.0%}, read {stats['read_gbps']:.2f} GB/s, prompt read "
+            f"x{stats['prompt_read_amplification']:.2f} of its experts, {stats['backend']}]")
 
 
 def cmd_generate(args) -> int:

@@ -159,7 +159,7 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
     # One generation at a time on a model: held from the first next() until the generator ends or is
     # closed (leaving the loop, or garbage collection), so another thread's call waits its turn.
     with model._exclusive("a generation"):
-        before = model._raw_stats()
+        before, usage = model._raw_stats(), model._core.expert_usage()
         t0 = time.perf_counter()
         reused = cache.start(prompt)
         marks = sorted({p for p in (snapshot_at or []) if reused < p < len(prompt)} | {len(prompt) - 1})
@@ -178,6 +178,8 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
         token = int(sampler.sample(np.array(logits, dtype=np.float32)))
         sampler.accept(np.asarray([token], dtype=np.int32))
         t1 = time.perf_counter()
+        prompt_read = model._raw_stats()["bytes_read"] - before["bytes_read"]
+        prompt_distinct = model._distinct_bytes(usage)
 
         decoder = tokenizer.stream_decoder(skip_special_tokens=skip_special_tokens) if tokenizer else None
         out: list[int] = []
@@ -233,6 +235,7 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
                  "decode_tokens_per_second": (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0,
                  "expert_hit_rate": hits / (hits + misses) if hits + misses else 1.0,
                  "bytes_read": read, "read_gbps": read / (t2 - t0) / 1e9 if t2 > t0 else 0.0,
+                 "prompt_read_amplification": prompt_read / prompt_distinct if prompt_distinct else 0.0,
                  "backend": model.backend}
         model._last_generation = (usage, stats)
         yield GenerationChunk(text[emitted:], out[n_yielded:], finish, usage, stats, matched)

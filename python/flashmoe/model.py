@@ -60,6 +60,9 @@ def int_arg(name: str, value, lo: int, hi: int = INT32_MAX) -> int:
 
 def _derived(d: dict) -> dict:
     d["hit_rate"] = d["expert_hits"] / max(1, d["expert_hits"] + d["expert_misses"])
+    # bytes read from disk per byte of the distinct routed experts the tokens used: 1.0 when each was read
+    # once; more when a small cache reads some again (a prompt's chunks); below 1 when some were cached
+    d["read_amplification"] = d["bytes_read"] / d["distinct_expert_bytes"] if d["distinct_expert_bytes"] else 0.0
     d["read_gbps"] = d["bytes_read"] / d["io_busy_seconds"] / 1e9 if d["io_busy_seconds"] > 0 else 0.0
     d["tokens_per_second"] = d["tokens"] / d["compute_seconds"] if d["compute_seconds"] > 0 else 0.0
     return d
@@ -323,6 +326,8 @@ class Model:
         self._base = self._raw_stats()  # counters at load / reset_stats
         self._usage_base = self._core.expert_usage()
         self._last = {k: 0 for k in _COUNTERS}
+        self._last["distinct_expert_bytes"] = 0
+        self._expert_stride = int(self.header["experts"]["stride"])
     # ------------------------------------------------------------------ properties
 
     @property
@@ -352,10 +357,13 @@ class Model:
         """Counters since load (or reset_stats): tokens, expert_hits, expert_misses (one per expert per
         layer per chunk), prefetches, prefetch_hits, bytes_read, io_wait_seconds (compute thread blocked
         on reads), io_busy_seconds (reads in flight), compute_seconds, and derived hit_rate, read_gbps,
-        tokens_per_second; "last" holds the same for the last forward/generate call; "direct_io" says
+        tokens_per_second; distinct_expert_bytes (the routed experts the tokens used, each counted once
+        per layer) and read_amplification (bytes_read / distinct_expert_bytes: 1.0 when every expert used
+        was read once); "last" holds the same for the last forward/generate call; "direct_io" says
         whether expert reads bypass the page cache; "backend" where the layers computed."""
         raw = self._raw_stats()
-        out = _derived({k: raw[k] - self._base[k] for k in _COUNTERS})
+        out = _derived({**{k: raw[k] - self._base[k] for k in _COUNTERS},
+                        "distinct_expert_bytes": self._distinct_bytes(self._usage_base)})
         out["last"] = _derived(dict(self._last))
         out["direct_io"] = raw["direct_io"]
         out["backend"] = self._core.backend
@@ -367,6 +375,11 @@ class Model:
         self._base = self._raw_stats()
         self._usage_base = self._core.expert_usage()
         self._last = {k: 0 for k in _COUNTERS}
+        self._last["distinct_expert_bytes"] = 0
+
+    def _distinct_bytes(self, usage_before) -> int:
+        """Bytes of the routed experts used since usage_before (an expert_usage() snapshot)."""
+        return int(np.count_nonzero(self._core.expert_usage() - usage_before)) * self._expert_stride
 
     def expert_usage(self) -> np.ndarray:
         """Token-uses of each routed expert since load (or reset_stats): int64 [layers, experts]."""
@@ -379,12 +392,13 @@ class Model:
         return self._core.memory()
 
     def _timed(self, fn, *args):
-        before = self._raw_stats()
+        before, usage = self._raw_stats(), self._core.expert_usage()
         try:
             return fn(*args)
         finally:
             after = self._raw_stats()
             self._last = {k: after[k] - before[k] for k in _COUNTERS}
+            self._last["distinct_expert_bytes"] = self._distinct_bytes(usage)
 
     # ------------------------------------------------------------------ running
 
