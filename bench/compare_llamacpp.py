@@ -379,10 +379,9 @@ def ensure_models(args) -> dict:
 
 
 def packed_size(path: str) -> int:
-    from flashmoe.reader import read_header
+    from flashmoe.reader import model_bytes, read_header
 
-    h = read_header(path)
-    return h["dense"]["size"] + sum(layer["size"] for layer in h["experts"]["layers"])
+    return model_bytes(read_header(path))
 
 
 # ------------------------------------------------------------------------------------ 1. same function

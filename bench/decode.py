@@ -59,7 +59,7 @@ import numpy as np  # noqa: E402
 
 from flashmoe import presets  # noqa: E402
 from flashmoe.model import parse_size  # noqa: E402
-from flashmoe.reader import read_header  # noqa: E402
+from flashmoe.reader import model_bytes, read_header  # noqa: E402
 from flashmoe.synth import write_random_model  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -292,7 +292,7 @@ def main() -> None:
     budget = parse_size(args.budget)
     args.layers = args.layers or auto_layers(args.preset, budget)
     path, header = model_path(args)
-    size = header["dense"]["size"] + sum(layer["size"] for layer in header["experts"]["layers"])
+    size = model_bytes(header)
     bench = Bench(path, header, size, args)
 
     # The disk swings run to run: two ceiling samples before the main run and two after, their median.

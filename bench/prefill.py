@@ -25,6 +25,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flashmoe.reader import model_bytes  # noqa: E402
 from decode import BENCH_DIR, model_path, run_script  # noqa: E402  (bench/decode.py: the shared benchmark model)
 
 
@@ -77,7 +78,7 @@ def main() -> None:
             "decode": args.decode, "threads": args.threads, "vocab": header["config"]["vocab_size"],
             "context": args.prompt + max(args.decode, 1) + 16}
     if args.budget_share:
-        size = header["dense"]["size"] + sum(e["size"] for e in header["experts"]["layers"])
+        size = model_bytes(header)
         spec["budget"] = int(size * args.budget_share)
     builds = args.pkg or [""]
     print(f"{path}: prompts of {args.prompt} tokens in chunks of {spec['chunk']}, {args.threads} threads, "

@@ -22,6 +22,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flashmoe.reader import model_bytes  # noqa: E402
 from decode import BENCH_DIR, drop_page_cache, model_path, run_script  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def main() -> None:
         child(json.loads(args.child))
         return
     path, header = model_path(args)
-    size = header["dense"]["size"] + sum(e["size"] for e in header["experts"]["layers"])
+    size = model_bytes(header)
     blob = header["experts"]["stride"]
     budget = int(size * args.share)
     settings = [("in RAM", 0, 0), ("in RAM, chunks of 128", 0, 128),

@@ -20,6 +20,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flashmoe.reader import model_bytes  # noqa: E402
 from decode import BENCH_DIR, model_path, run_script  # noqa: E402  (bench/decode.py: the shared benchmark model)
 
 
@@ -53,7 +54,7 @@ def main() -> None:
         child(json.loads(args.child))
         return
     path, header = model_path(args)
-    size = header["dense"]["size"] + sum(e["size"] for e in header["experts"]["layers"])
+    size = model_bytes(header)
     budget = int(size * args.budget_fraction)
     print(f"{path}: {size / 1e9:.2f} GB, budget {budget / 1e9:.2f} GB, {args.tokens} decode steps")
     res: dict[bool, list] = {False: [], True: []}

@@ -19,16 +19,13 @@ def _cmd_convert(args) -> int:
     t0 = time.perf_counter()
     header = convert(args.src, args.dst, bits=args.bits, group_size=args.group_size, progress=not args.quiet,
                      overwrite=args.overwrite)
-    size = os.path.getsize(os.path.join(args.dst, header["dense"]["file"])) + sum(
-        e["size"] for e in header["experts"]["layers"])
+    from .reader import model_bytes
+
+    size = model_bytes(header)
     src = "MLX " if header["source"].get("format") == "mlx" else ""
     print(f"wrote {args.dst}: {header['architecture']} from {src}{args.src}, {header['quantization']['bits']}-bit, "
           f"{size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
     return 0
-
-
-def _model_bytes(header) -> int:
-    return header["dense"]["size"] + sum(e["size"] for e in header["experts"]["layers"])
 
 
 _KINDS = (("embeddings", "embed_tokens."), ("lm_head", "lm_head."), ("attention", ".self_attn."),
@@ -55,7 +52,7 @@ def tensor_widths(header) -> dict:
 
 
 def _cmd_info(args) -> int:
-    from .reader import read_header
+    from .reader import model_bytes, read_header
 
     h = read_header(args.model)
     c = h["config"]
@@ -80,7 +77,7 @@ def _cmd_info(args) -> int:
 
     print(f"  backends       {', '.join(backends())} (built into this flashmoe; load(..., backend=...))")
     ex = h["experts"]
-    print(f"  size           {_model_bytes(h) / 1e9:.3f} GB: dense {h['dense']['size'] / 1e9:.3f} GB, "
+    print(f"  size           {model_bytes(h) / 1e9:.3f} GB: dense {h['dense']['size'] / 1e9:.3f} GB, "
           f"{len(ex['layers'])} expert files, {ex['stride'] / 1e6:.3f} MB per expert")
     from .model import memory_plan
 
@@ -107,7 +104,7 @@ def _run_demo(path: str, n_tokens: int, seed: int, bits: int, memory_budget=None
     import numpy as np
 
     from .model import load, memory_plan, parse_size
-    from .reader import read_header
+    from .reader import model_bytes, read_header
     from .synth import DEMO_CONFIG, write_random_model
 
     if not os.path.exists(os.path.join(path, "flashmoe.json")):
@@ -115,7 +112,7 @@ def _run_demo(path: str, n_tokens: int, seed: int, bits: int, memory_budget=None
         write_random_model(path, DEMO_CONFIG, bits=bits, seed=seed, progress=False)
         print(f"wrote a random {bits}-bit Qwen3.5-MoE model to {path} in {time.perf_counter() - t0:.1f} s")
     ctx = 1024
-    size = _model_bytes(read_header(path))
+    size = model_bytes(read_header(path))
     if memory_budget is None:  # a third of the model, so that most experts stream from disk
         memory_budget = max(memory_plan(path, context_length=ctx)["minimum"], size // 3)
     model = load(path, memory_budget=memory_budget, context_length=ctx)
@@ -139,6 +136,7 @@ def _run_demo(path: str, n_tokens: int, seed: int, bits: int, memory_budget=None
 
 
 def _cmd_synth(args) -> int:
+    from .reader import model_bytes
     from .synth import write_random_model
 
     cfg = presets.get(args.preset)
@@ -157,7 +155,7 @@ def _cmd_synth(args) -> int:
     header = write_random_model(args.out, cfg, bits=args.bits, group_size=args.group_size, seed=args.seed,
                                 progress=not args.quiet)
     dt = time.perf_counter() - t0
-    size = _model_bytes(header)
+    size = model_bytes(header)
     n_full = sum(t == "full_attention" for t in cfg["layer_types"])
     print(f"wrote {args.out}: random {args.preset}, {cfg['num_hidden_layers']} layers "
           f"({cfg['num_hidden_layers'] - n_full} DeltaNet + {n_full} attention), {args.bits}-bit, "

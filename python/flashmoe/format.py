@@ -230,22 +230,19 @@ class PackedWriter:
         return tensors, _align(pos)
 
     def encode_expert(self, gate, up, down) -> bytearray:
-        """One expert's blob (blob_size bytes), without padding."""
-        blob = bytearray(self.blob_size)
-        view = memoryview(blob)
+        """One expert's blob (blob_size bytes), without padding: each projection quantized (or bf16 at 16
+        bits), then laid out as encode_expert_stored does."""
+        parts = {}
         for name, w in zip(EXPERT_NAMES, (gate, up, down)):
             t = self.expert_tensors[name]
             if tuple(w.shape) != tuple(t["shape"]):
                 raise ConversionError(f"expert {name}: shape {list(w.shape)}, the config implies {t['shape']}")
             if t["dtype"] == "bf16":
-                parts = [(t["offset"], _encode(w, "bf16"))]
+                parts[name] = {"data": _encode(w, "bf16")}
             else:
-                q, s, b = quant.quantize(quant.to_f32(w), self.bits, t["group_size"])
-                parts = [(t["offset"], q), (t["scales_offset"], s), (t["biases_offset"], b)]
-            for off, arr in parts:
-                raw = arr.tobytes()
-                view[off:off + len(raw)] = raw
-        return blob
+                parts[name] = dict(zip(("q", "scales", "biases"),
+                                       quant.quantize(quant.to_f32(w), self.bits, t["group_size"])))
+        return self.encode_expert_stored(parts)
 
     def encode_expert_stored(self, parts: dict) -> bytearray:
         """One expert's blob from its stored arrays: parts[projection] = {"data": ...} or {"q", "scales",
@@ -255,24 +252,22 @@ class PackedWriter:
         for name in EXPERT_NAMES:
             t = self.expert_tensors[name]
             for off, arr in _stored_parts(f"expert {name}", t, **parts[name]):
-                raw = memoryview(np.ascontiguousarray(arr)).cast("B")
+                raw = memoryview(arr).cast("B")  # contiguous: _stored_parts made it so
                 view[off:off + len(raw)] = raw
         return blob
 
     def add_expert_stored(self, layer: int, e: int, parts: dict) -> None:
         """Write expert e of `layer` from its stored arrays (encode_expert_stored); thread-safe."""
-        st = self._claim_expert(layer, e)
-        try:
-            blob = self.encode_expert_stored(parts)
-        except ConversionError as exc:
-            raise ConversionError(f"layer {layer} expert {e}: {exc}") from None
-        self._write_expert(layer, st, e, blob)
+        self._add_expert(layer, e, lambda: self.encode_expert_stored(parts))
 
     def add_expert(self, layer: int, e: int, gate, up, down) -> None:
         """Write expert e of `layer` (gate [I,H], up [I,H], down [H,I]); any order, each exactly once."""
+        self._add_expert(layer, e, lambda: self.encode_expert(gate, up, down))
+
+    def _add_expert(self, layer: int, e: int, encode) -> None:
         st = self._claim_expert(layer, e)
         try:
-            blob = self.encode_expert(gate, up, down)
+            blob = encode()
         except ConversionError as exc:
             raise ConversionError(f"layer {layer} expert {e}: {exc}") from None
         self._write_expert(layer, st, e, blob)

@@ -91,7 +91,7 @@ class _Plan:
         self.qoverride = {k: v for k, v in q.items() if k not in ("bits", "group_size", "mode")}
         self.used: set[str] = set()
 
-        self.dense = []  # (packed name, [source name or (split fn, part index)], _Source, kind)
+        self.dense = []  # (packed name, packed shape, _Source, kind: how to undo mlx-lm, role)
         specs = _arch.packed_dense_specs(mod.ARCHITECTURE, cfg)
         h = cfg["hidden_size"]
         hk, hv, dk, dv = _arch.linear_attn_dims(cfg)
@@ -99,18 +99,18 @@ class _Plan:
             if mod.ARCHITECTURE == "qwen3_next" and name.endswith(("in_proj_qkv.weight", "in_proj_z.weight")):
                 fused = name.rsplit(".", 2)[0] + ".in_proj_qkvz"
                 src_t = self._tensor(fused, (2 * hk * dk + 2 * hv * dv, h))
-                self.dense.append((name, src_t, ("qkvz", 0 if "in_proj_qkv." in name else 1), role))
+                self.dense.append((name, shape, src_t, ("qkvz", 0 if "in_proj_qkv." in name else 1), role))
             elif mod.ARCHITECTURE == "qwen3_next" and name.endswith(("in_proj_b.weight", "in_proj_a.weight")):
                 fused = name.rsplit(".", 2)[0] + ".in_proj_ba"
                 src_t = self._tensor(fused, (2 * hv, h))
-                self.dense.append((name, src_t, ("ba", 0 if "in_proj_b." in name else 1), role))
+                self.dense.append((name, shape, src_t, ("ba", 0 if "in_proj_b." in name else 1), role))
             elif name.endswith("conv1d.weight"):
                 src_t = self._tensor(name[:-len(".weight")], (shape[0], shape[1], 1))
-                self.dense.append((name, src_t, ("conv1d",), role))
+                self.dense.append((name, shape, src_t, ("conv1d",), role))
             else:
                 kind = ("zero_centred",) if (name.endswith(ZERO_CENTRED) or name == "norm.weight") else ("plain",)
                 base, suffix = (name[:-len(".weight")], ".weight") if name.endswith(".weight") else (name, "")
-                self.dense.append((name, self._tensor(base, shape, suffix), kind, role))
+                self.dense.append((name, shape, self._tensor(base, shape, suffix), kind, role))
         if cfg.get("tie_word_embeddings"):  # mlx-lm drops a tied copy; accept one if present
             self.used |= {self.head + "lm_head." + s for s in ("weight", "scales", "biases")}
 
@@ -222,7 +222,7 @@ def _scales(name: str, a, src_dtype: str) -> np.ndarray:
     raise ConversionError(f"tensor {name}: float32 values that neither float16 nor bfloat16 holds exactly")
 
 
-def _dense_arrays(plan: _Plan, name: str, s: _Source, kind: tuple, role: str):
+def _dense_arrays(plan: _Plan, s: _Source, kind: tuple, role: str):
     """(dtype, arrays) of one packed dense tensor, MLX's transformations undone."""
     cfg = plan.cfg
     parts = plan.read(s)
@@ -277,12 +277,10 @@ def import_mlx(src: str, dst: str, mod, cfg: dict, raw: dict, model_type, bits=N
     g = gate.group_size if gate is not None and gate.quantized else 64
     writer = PackedWriter(dst, mod.ARCHITECTURE, cfg, src_bits if src_bits in (4, 8) else 16, g,
                           expert_formats=plan.expert_formats)
-    kinds = collections.Counter()
     try:
-        for name, s, kind, role in plan.dense:
-            dtype, parts = _dense_arrays(plan, name, s, kind, role)
-            writer.add_dense_stored(name, _shape_of(dtype, parts), dtype, **parts)
-            kinds[dtype] += 1
+        for name, shape, s, kind, role in plan.dense:
+            dtype, parts = _dense_arrays(plan, s, kind, role)
+            writer.add_dense_stored(name, shape, dtype, **parts)
             bar.update(sum(ckpt.nbytes(n) for n in _names_of(plan, s)) // (2 if kind[0] in ("qkvz", "ba") else 1))
         workers = workers or min(8, os.cpu_count() or 1)
         with cf.ThreadPoolExecutor(workers) as pool:
@@ -311,13 +309,6 @@ def import_mlx(src: str, dst: str, mod, cfg: dict, raw: dict, model_type, bits=N
 
 def _names_of(plan: _Plan, s: _Source) -> list:
     return [s.weight, s.base + ".scales", s.base + ".biases"] if s.quantized else [s.weight]
-
-
-def _shape_of(dtype: str, parts: dict) -> tuple:
-    if dtype in ("q4", "q8"):
-        q = parts["q"]
-        return (q.shape[0], q.shape[1] * (2 if dtype == "q4" else 1))
-    return tuple(parts["data"].shape)
 
 
 def _main_dtype(plan: _Plan) -> str:

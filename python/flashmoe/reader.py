@@ -233,6 +233,11 @@ def _check_config(hpath: str, arch: str, cfg) -> None:
         raise FormatError(f"{hpath}: config num_experts_per_tok exceeds num_experts")
 
 
+def model_bytes(header: dict) -> int:
+    """Bytes of a packed model's binary files: dense.bin and every experts file."""
+    return header["dense"]["size"] + sum(e["size"] for e in header["experts"]["layers"])
+
+
 def read_header(path) -> dict:
     """Load and fully validate flashmoe.json and the binary files it names. Returns the header."""
     root = os.fspath(path)
