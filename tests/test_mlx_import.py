@@ -236,7 +236,7 @@ def test_refuses_missing_biases(mlx4, tmp_path):
     _fails(src, tmp_path, r"embed_tokens.weight has scales but no biases")
 
 
-@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
 def test_refuses_non_affine_modes(mlx4, tmp_path, mode):
     src = _copy(mlx4, tmp_path)
     _edit_config(src, lambda c: c["quantization"].update(mode=mode))
@@ -254,7 +254,7 @@ def test_refuses_a_real_mxfp4_checkpoint(tmp_path):
     _fails(tmp_path / "mlx", tmp_path, r"tensor language_model\.\S+ is quantized in MLX mode 'mxfp4'")
 
 
-@pytest.mark.parametrize("bits", [3, 6])
+@pytest.mark.parametrize("bits", [2, 3, 5, 6])
 def test_refuses_widths_the_format_lacks(tmp_path, bits):
     mlx_dir, _ = make_mlx_checkpoint(tmp_path, "qwen3_next", bits, 64)
     _fails(mlx_dir, tmp_path, rf"tensor model\.\S+ is {bits}-bit; the packed format stores 4- and 8-bit")
