@@ -755,6 +755,41 @@ def test_gated_delta_chunk_vs_recurrent(target, c):
         assert err <= 2 * TOL_DOT, f"output {i}: chunked vs recurrent normalised error {err:.3g}"
 
 
+def split_at(T, pos0, cuts):
+    """Calls [a, b) over tokens 0..T at positions pos0 + t, cut at the absolute positions in cuts."""
+    bounds = [0] + sorted({c - pos0 for c in cuts if 0 < c - pos0 < T}) + [T]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@pytest.mark.parametrize("target", [pytest.param(t, id=target_id(t)) for t in TARGETS])
+@pytest.mark.parametrize("T,pos0", [(100, 0), (100, 5), (37, 15), (33, 31), (2, 15)])
+def test_gated_delta_same_bits_however_split(target, T, pos0):
+    """Batch invariance (backend.h): the interface's gated_delta over a sequence gives the same bits in one
+    call as in calls cut at multiples of FM_DELTANET_CHUNK (16) positions, at every thread count. pos0 15 or
+    31 makes a 1-token first chunk (the recurrent step, as a 1-token call takes), T = 16k + 1 past a boundary
+    a 1-token last one."""
+    rng = np.random.default_rng(T * 100 + pos0)
+    q, k, v, g, beta, S = build_gated_delta(rng, T, 2, 4, 32, 24)
+
+    def run(calls, threads):
+        state, outs = S, []
+        with running_on(target, threads):
+            for a, b in calls:
+                o, state = _core.op_gated_delta_auto(q[a:b], k[a:b], v[a:b], g[a:b], beta[a:b], state,
+                                                     pos0=pos0 + a, backend=target[0])
+                outs.append(o)
+        return np.concatenate(outs), state
+
+    whole, whole_state = run([(0, T)], 1)
+    check_outputs((whole, whole_state), ref_gated_delta(q, k, v, g, beta, S), (TOL_DOT, TOL_DOT))
+    splits = [split_at(T, pos0, range(0, pos0 + T, 16)), split_at(T, pos0, range(0, pos0 + T, 64)),
+              split_at(T, pos0, [48, 96])]
+    for calls in splits:
+        for threads in (1, 2):
+            out, state = run(calls, threads)
+            assert np.array_equal(out, whole) and np.array_equal(state, whole_state), (calls, threads)
+
+
 @pytest.mark.parametrize("name", [n for n in ("cuda", "metal", "nonesuch") if n not in BACKENDS])
 def test_backend_not_built_is_a_clear_error(name):
     """A backend this build lacks: ArgumentError naming it and the built ones, from the op-only instance

@@ -24,6 +24,13 @@
 #include "flashmoe.h"
 #include "tensor.h"
 
+/* Batch invariance: every op gives each token the same bits however many tokens share the call, so
+ * outputs do not depend on the chunk size, the memory budget or the threads. The one op with state
+ * carried across tokens inside a call, gated_delta, may cut its tokens into chunks; the core only
+ * splits a sequence into calls at multiples of this many positions (or where the caller's call ends),
+ * and a backend's chunks must end at multiples of it in absolute position. */
+enum { FM_DELTANET_CHUNK = 16 };
+
 /* What a buffer holds, so a backend can place it: dense weights (read once, read-only), sequence state
  * (KV cache, DeltaNet state; snapshots copy it), scratch (a chunk's activations), expert slots (the
  * expert cache: read into from disk, then read by compute), staging (host memory reads land in). */
@@ -102,10 +109,11 @@ typedef struct fm_backend_ops {
     void (*deltanet_split)(void *ctx, float *q, float *k, float *v, const float *conv, int T, int kd, int vd);
     /* DeltaNet gates in place: b → beta = sigmoid(b), a → g = -exp(A_log)·softplus(a + dt_bias); [T, Hv] */
     void (*deltanet_gates)(void *ctx, float *b, float *a, const float *A_log, const float *dt_bias, int T, int Hv);
-    /* the gated delta rule over T tokens (csrc/backend/cpu/cpu.h has the shapes); the backend picks the
-     * recurrent or the chunked form */
+    /* the gated delta rule over T tokens at positions pos0 .. pos0 + T - 1 (csrc/backend/cpu/cpu.h has the
+     * shapes); the backend picks the recurrent or the chunked form, and must give the same bits however
+     * the tokens are split into calls at multiples of FM_DELTANET_CHUNK positions */
     void (*gated_delta)(void *ctx, float *out, float *S, const float *q, const float *k, const float *v, const float *g,
-                        const float *beta, int T, int Hk, int Hv, int dk, int dv);
+                        const float *beta, int T, int pos0, int Hk, int Hv, int dk, int dv);
     /* router: softmax over logits [T, E] in fp32, top-k per token (descending), renormalised when norm;
      * idx and weights [T, k] land on the host */
     void (*route)(void *ctx, const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights);

@@ -68,7 +68,7 @@ fm_status fm_bind_moe(fm_model *m, const fm_load_spec *spec, int l, fm_moe_w *w)
 
 /* ---------------------------------------------------------------- Gated DeltaNet */
 
-void fm_block_deltanet(fm_model *m, fm_layer *L, const float *xn, float *out, int T) {
+void fm_block_deltanet(fm_model *m, fm_layer *L, const float *xn, float *out, int T, int pos0) {
     const fm_config *c = &m->c;
     const fm_deltanet_w *w = &L->lin;
     fm_scratch *s = &m->s;
@@ -94,7 +94,7 @@ void fm_block_deltanet(fm_model *m, fm_layer *L, const float *xn, float *out, in
 
     /* beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in place over b and a */
     FM_OP(be, deltanet_gates, s->b, s->a, w->A_log, w->dt_bias, T, Hv);
-    FM_OP(be, gated_delta, s->core, L->S, q, k, v, s->a, s->b, T, Hk, Hv, dk, dv); /* [T, Hv, dv] */
+    FM_OP(be, gated_delta, s->core, L->S, q, k, v, s->a, s->b, T, pos0, Hk, Hv, dk, dv); /* [T, Hv, dv] */
 
     /* per value head: rmsnorm(o) * w * silu(z) */
     FM_OP(be, rmsnorm, s->core, s->core, w->norm, T * Hv, dv, c->rms_norm_eps, 0);
@@ -132,19 +132,24 @@ void fm_block_attention(fm_model *m, fm_layer *L, const float *xn, float *out, i
 
 /* ---------------------------------------------------------------- MLP and MoE */
 
-/* out[T, H] = down(silu(gate x) * up x) */
+/* out[T, H] = down(silu(gate x) * up x), a chunk of tokens at a time (h1, h2 hold C) */
 void fm_block_mlp(fm_model *m, const fm_mlp_w *w, const float *xn, float *out, int T) {
     const fm_backend *be = &m->be;
     fm_scratch *s = &m->s;
-    FM_OP(be, matmul, &w->gate_proj, xn, T, s->h1);
-    FM_OP(be, matmul, &w->up_proj, xn, T, s->h2);
-    FM_OP(be, silu_mul, s->h1, s->h1, s->h2, T, w->gate_proj.rows);
-    FM_OP(be, matmul, &w->down_proj, s->h1, T, out);
+    const size_t H = (size_t)m->c.hidden_size;
+    for (int t0 = 0, n; t0 < T; t0 += n) {
+        n = T - t0 < m->chunk ? T - t0 : m->chunk;
+        FM_OP(be, matmul, &w->gate_proj, xn + t0 * H, n, s->h1);
+        FM_OP(be, matmul, &w->up_proj, xn + t0 * H, n, s->h2);
+        FM_OP(be, silu_mul, s->h1, s->h1, s->h2, n, w->gate_proj.rows);
+        FM_OP(be, matmul, &w->down_proj, s->h1, n, out + t0 * H);
+    }
 }
 
 /* Experts the next MoE layer's router would pick for these tokens (its input approximated by this
- * layer's), so the store protects them from eviction and reads them ahead while this layer computes. */
-static void predict_next(fm_model *m, int next, const float *xn, int T) {
+ * layer's) into s->pred, for the store to protect from eviction and read ahead while this layer
+ * computes: handed to it now when read_ahead, else by the caller later. */
+static void predict_next(fm_model *m, int next, const float *xn, int T, int read_ahead) {
     const fm_config *c = &m->c;
     fm_scratch *s = &m->s;
     const int E = c->num_experts, k = c->num_experts_per_tok;
@@ -155,7 +160,7 @@ static void predict_next(fm_model *m, int next, const float *xn, int T) {
     for (int i = 0; i < T * k; i++)
         if (!s->mark[s->ptopk[i]]++) s->pred[n++] = s->ptopk[i];
     s->n_pred = n;
-    fm_expert_store_predict(m->experts, next, s->pred, n);
+    if (read_ahead) fm_expert_store_predict(m->experts, next, s->pred, n);
 }
 
 /* Group the T·k routing choices by expert (counting sort): expert e owns rows eoff[e] .. eoff[e+1] of ye,
@@ -179,6 +184,22 @@ static int group_by_expert(fm_model *m, int layer, int T) {
         s->row[i] = r;
     }
     return n_need;
+}
+
+/* need[] with the experts that have a slot first (in order, then the others in order): pinning them
+ * before any miss evicts means a layer whose experts do not all fit never evicts one of its own that was
+ * read ahead for it. (The order changes no result: each expert writes its own rows of ye.) */
+static void hits_first(fm_model *m, int layer, int n_need) {
+    fm_scratch *s = &m->s;
+    int n_hit = 0, n_miss = 0;
+    for (int i = 0; i < n_need; i++) {
+        const int e = s->need[i];
+        if (fm_expert_store_has(m->experts, layer, e))
+            s->need[n_hit++] = e;
+        else
+            s->ready[n_miss++] = e; /* ready[] is free until the compute loop */
+    }
+    memcpy(s->need + n_hit, s->ready, sizeof(int32_t) * (size_t)n_miss);
 }
 
 /* Pin (hit) or queue the read of (miss) the next experts of need[] while slots are free. */
@@ -215,15 +236,19 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
     FM_OP(be, matmul, &w->router, xn, T, s->logits); /* [T, E] */
     FM_OP(be, route, s->logits, T, E, k, norm_topk, s->topk, s->topw);
     const int n_need = group_by_expert(m, layer, T);
+    hits_first(m, layer, n_need);
 
     /* issue the reads now: every expert that fits a slot is pinned (hit) or queued (miss) */
     int n_held = 0, next = 0, done = 0;
     acquire_more(m, layer, n_need, &next, &n_held);
     /* Predict the next layer's experts for the store to read ahead, unless it holds all of them already
-     * (everything in RAM once warm: the prediction would only cost a router matvec per layer). */
+     * (everything in RAM once warm: the prediction would only cost a router matvec per layer). While this
+     * layer still has experts waiting for a slot, reading ahead would take their slots: then the read
+     * ahead waits for the end of the layer. */
     const int next_moe = m->layers[layer].next_moe;
     const int n_pred_ok = next_moe >= 0 && m->prefetch && !fm_expert_store_layer_resident(store, next_moe);
-    if (n_pred_ok) predict_next(m, next_moe, xn, T);
+    const int ahead_now = next == n_need;
+    if (n_pred_ok) predict_next(m, next_moe, xn, T, ahead_now);
 
     /* shared expert while the reads land, scaled by sigmoid(shared_expert_gate · x) */
     FM_OP(be, matmul, &w->shared_gate, xn, T, s->sg); /* [T, 1] */
@@ -258,10 +283,10 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
         acquire_more(m, layer, n_need, &next, &n_held); /* slots are free again: the experts that did not fit */
     }
 
-    /* A chunk's experts pinned every slot while the prediction above was made, so it could read little
+    /* A prompt's experts pinned every slot while the prediction above was made, so it could read little
      * ahead; now that they are released, read the next layer's predicted experts into the freed slots
      * while the next layer's attention or DeltaNet computes. (Decode leaves slots free the first time.) */
-    if (n_pred_ok && T > 1) fm_expert_store_predict(store, next_moe, s->pred, s->n_pred);
+    if (n_pred_ok && (T > 1 || !ahead_now)) fm_expert_store_predict(store, next_moe, s->pred, s->n_pred);
 
     /* weighted sum in a fixed order (token, choice), whatever order the reads arrived in, so the
      * result does not depend on the budget, the policy or the disk */

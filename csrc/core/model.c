@@ -14,6 +14,10 @@
 #include "util.h"
 
 enum { LOGIT_ROWS = 4 }; /* lm_head rows computed at a time into backend memory, then copied to the host */
+/* The most tokens of a prompt run layer by layer (a segment): each routed expert the segment uses is
+ * read once per layer, whatever the budget. Its buffers grow with it: [S, H] three times and the
+ * experts' outputs [S·k, H] (134 MB at 2048 tokens of the 35B shape). */
+enum { SEGMENT_TOKENS = 2048 };
 
 /* ---------------------------------------------------------------- weight binding */
 
@@ -151,12 +155,12 @@ static fm_status check_config(const fm_config *c) {
     return FM_OK;
 }
 
-/* Scratch for chunks of C tokens, in two regions: the activations in backend memory (dev) and the
- * routing tables in host memory (host). Lays them out when the pointers are given; returns the bytes of
- * each region. */
+/* Scratch for segments of S tokens whose mixers run C at a time, in two regions: the activations in
+ * backend memory (dev) and the routing tables in host memory (host). Lays them out when the pointers are
+ * given; returns the bytes of each region. */
 static void layout_scratch(fm_model *m, uint8_t *dev, uint8_t *host, size_t *dev_bytes, size_t *host_bytes) {
     const fm_config *c = &m->c;
-    const size_t C = (size_t)m->chunk, H = c->hidden_size, V = c->vocab_size;
+    const size_t C = (size_t)m->chunk, S = (size_t)m->segment, H = c->hidden_size, V = c->vocab_size;
     const size_t key_dim = (size_t)c->linear_num_key_heads * c->linear_key_head_dim;
     const size_t vdim = (size_t)c->linear_num_value_heads * c->linear_value_head_dim;
     const size_t conv_dim = 2 * key_dim + vdim, Hv = c->linear_num_value_heads;
@@ -171,7 +175,7 @@ static void layout_scratch(fm_model *m, uint8_t *dev, uint8_t *host, size_t *dev
      * returns, so the three groups share one region of the backend's memory. */
     enum { OWN, DELTANET, ATTENTION, MOE, HOST, N_GROUPS };
     struct { void **p; size_t n; int group; } parts[] = {
-        {(void **)&s->x, C * H, OWN}, {(void **)&s->xn, C * H, OWN}, {(void **)&s->out, C * H, OWN},
+        {(void **)&s->x, S * H, OWN}, {(void **)&s->xn, S * H, OWN}, {(void **)&s->out, S * H, OWN},
         {(void **)&s->logits_out, logit_rows * V, OWN},
         {(void **)&s->qkv, C * conv_dim, DELTANET}, {(void **)&s->conv, C * conv_dim, DELTANET},
         {(void **)&s->z, C * vdim, DELTANET}, {(void **)&s->b, C * Hv, DELTANET}, {(void **)&s->a, C * Hv, DELTANET},
@@ -179,12 +183,12 @@ static void layout_scratch(fm_model *m, uint8_t *dev, uint8_t *host, size_t *dev
         {(void **)&s->q2, C * 2 * qd, ATTENTION}, {(void **)&s->q, C * qd, ATTENTION},
         {(void **)&s->gate, C * qd, ATTENTION}, {(void **)&s->k, C * kvd, ATTENTION},
         {(void **)&s->v, C * kvd, ATTENTION}, {(void **)&s->att, C * qd, ATTENTION},
-        {(void **)&s->logits, C * E, MOE}, {(void **)&s->sg, C, MOE}, {(void **)&s->h1, C * inter, MOE},
-        {(void **)&s->h2, C * inter, MOE}, {(void **)&s->ye, C * k * H, MOE},
-        {(void **)&s->topk, C * k, HOST}, {(void **)&s->topw, C * k, HOST}, {(void **)&s->tok, C * k, HOST},
-        {(void **)&s->row, C * k, HOST}, {(void **)&s->ecount, E + 1, HOST}, {(void **)&s->eoff, E + 1, HOST},
+        {(void **)&s->logits, S * E, MOE}, {(void **)&s->sg, S, MOE}, {(void **)&s->h1, C * inter, MOE},
+        {(void **)&s->h2, C * inter, MOE}, {(void **)&s->ye, S * k * H, MOE},
+        {(void **)&s->topk, S * k, HOST}, {(void **)&s->topw, S * k, HOST}, {(void **)&s->tok, S * k, HOST},
+        {(void **)&s->row, S * k, HOST}, {(void **)&s->ecount, E + 1, HOST}, {(void **)&s->eoff, E + 1, HOST},
         {(void **)&s->need, E, HOST}, {(void **)&s->held, E, HOST}, {(void **)&s->held_e, E, HOST},
-        {(void **)&s->ready, E, HOST}, {(void **)&s->ptopk, C * k, HOST}, {(void **)&s->pw, C * k, HOST},
+        {(void **)&s->ready, E, HOST}, {(void **)&s->ptopk, S * k, HOST}, {(void **)&s->pw, S * k, HOST},
         {(void **)&s->pred, E, HOST}, {(void **)&s->mark, E, HOST},
         {(void **)&s->views, E * (sizeof(fm_expert) / 4), HOST},
         {(void **)&s->work, E * (sizeof(fm_expert_work) / 4), HOST},
@@ -380,7 +384,12 @@ static fm_status model_create(const fm_load_spec *spec, fm_model **out, int *n_m
     default: return fm_fail(FM_ERR_INVALID, "unknown architecture id %d", (int)spec->config.arch);
     }
     m->ctx = spec->context_length > 0 ? spec->context_length : 4096;
-    m->chunk = spec->prefill_chunk > 0 ? spec->prefill_chunk : 128;
+    /* Chunks are whole DeltaNet chunks (backend.h: the calls of a prompt are cut at multiples of it), and
+     * a segment is whole chunks: up to SEGMENT_TOKENS, or the context if shorter. */
+    const int chunk = spec->prefill_chunk > 0 ? spec->prefill_chunk : 128;
+    m->chunk = (chunk + FM_DELTANET_CHUNK - 1) / FM_DELTANET_CHUNK * FM_DELTANET_CHUNK;
+    const int segment = m->ctx < SEGMENT_TOKENS ? m->ctx : SEGMENT_TOKENS;
+    m->segment = segment <= m->chunk ? m->chunk : (segment + m->chunk - 1) / m->chunk * m->chunk;
     const fm_backend_ops *ops = fm_backend_find(spec->backend);
     if (!ops) return FM_ERR_INVALID; /* fm_backend_find said which */
     const fm_backend_params bp = {&m->c, m->chunk};
@@ -512,6 +521,24 @@ void fm_trace(fm_model *m, const float *x, int T, int n, const char *fmt, ...) {
     m->trace(m->trace_user, name, x, T, n);
 }
 
+/* The segment's T tokens in s.x (positions pos ..) through every layer, one layer at a time (FlexGen's
+ * order): its mixer on chunks that end at multiples of C in absolute position, in order (the state
+ * advances chunk by chunk), then its MLP or MoE on all T tokens, which reads each routed expert the
+ * segment uses once. Every op is batch invariant (backend.h), so the cut changes no bit of the result. */
+static fm_status run_layers(fm_model *m, int T) {
+    const size_t H = (size_t)m->c.hidden_size;
+    for (int l = 0; l < m->c.num_hidden_layers; l++) {
+        for (int t0 = 0, n; t0 < T; t0 += n) {
+            n = m->chunk - (m->pos + t0) % m->chunk;
+            if (n > T - t0) n = T - t0;
+            m->arch->mixer(m, l, m->s.x + (size_t)t0 * H, n, m->pos + t0);
+        }
+        fm_status st = m->arch->mlp(m, l, m->s.x, T);
+        if (st != FM_OK) return st;
+    }
+    return FM_OK;
+}
+
 fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *logits, int all_logits) {
     const int V = m->c.vocab_size, H = m->c.hidden_size;
     if (n <= 0) return fm_fail(FM_ERR_INVALID, "forward: no tokens given");
@@ -524,10 +551,11 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
                            tokens[i], i, V);
     const double t0 = fm_now();
     for (int done = 0; done < n;) {
-        const int T = n - done < m->chunk ? n - done : m->chunk;
+        /* segments end at multiples of S in absolute position, as chunks do at multiples of C */
+        const int T = n - done < m->segment - m->pos % m->segment ? n - done : m->segment - m->pos % m->segment;
         FM_OP(&m->be, embed, &m->embed, tokens + done, T, m->s.x);
         fm_trace(m, m->s.x, T, H, "embed");
-        fm_status st = m->arch->forward(m, m->s.x, T);
+        fm_status st = run_layers(m, T);
         if (st != FM_OK) {
             /* Some layers of this chunk have advanced their state and others not: the only consistent
              * state left is the empty sequence. Reads still in flight land first; no slot stays pinned. */

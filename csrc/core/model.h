@@ -1,6 +1,7 @@
 /*
  * model.h — the model's internal structs (weights, per-layer state, scratch) and the blocks shared by
- * the architectures in csrc/models/. Shapes: H hidden, T tokens in the chunk, C the chunk capacity.
+ * the architectures in csrc/models/. Shapes: H hidden, T tokens in a call, C the chunk capacity (a
+ * mixer's tokens per call), S the segment capacity (the tokens a prompt runs layer by layer).
  */
 #ifndef FM_MODEL_H
 #define FM_MODEL_H
@@ -59,14 +60,15 @@ typedef struct {
     float *v_cache;    /* [ctx, nkv, hd] attention */
 } fm_layer;
 
-/* ---------------------------------------------------------------- scratch, sized for C tokens */
+/* ---------------------------------------------------------------- scratch */
 
 /* Activations live in backend memory (FM_MEM_SCRATCH); the routing tables the core schedules with live
- * on the host. */
+ * on the host. A prompt runs S tokens at a time through each layer in turn: the residual stream and the
+ * MoE's buffers hold S tokens, the mixers' hold C (they run a chunk of the segment at a time). */
 typedef struct {
-    float *x;       /* [C, H] residual stream */
-    float *xn;      /* [C, H] normed input of a block */
-    float *out;     /* [C, H] block output */
+    float *x;       /* [S, H] residual stream */
+    float *xn;      /* [S, H] normed input of a block */
+    float *out;     /* [S, H] block output */
     float *logits_out; /* [min(C, LOGIT_ROWS), V] lm_head rows before they are copied to the host */
     /* DeltaNet */
     float *qkv;     /* [C, conv_dim] pre-conv */
@@ -81,15 +83,15 @@ typedef struct {
     float *k, *v;   /* [C, nkv·hd] */
     float *att;     /* [C, nh·hd] */
     /* MoE */
-    float *logits;  /* [C, E] router logits */
-    float *sg;      /* [C] shared expert gate */
-    float *h1, *h2; /* [C, max(Is, Imlp)] shared expert / dense MLP */
-    float *ye;      /* [C·k, H] expert outputs, one row per (token, choice), grouped by expert */
+    float *logits;  /* [S, E] router logits */
+    float *sg;      /* [S] shared expert gate */
+    float *h1, *h2; /* [C, max(Is, Imlp)] shared expert / dense MLP, a chunk of tokens at a time */
+    float *ye;      /* [S·k, H] expert outputs, one row per (token, choice), grouped by expert */
     /* host: the routing and the schedule */
-    int32_t *topk;  /* [C, k] */
-    float *topw;    /* [C, k] */
-    int32_t *tok;   /* [C·k] token of each row of ye */
-    int32_t *row;   /* [C·k] row of ye of choice (t, j) */
+    int32_t *topk;  /* [S, k] */
+    float *topw;    /* [S, k] */
+    int32_t *tok;   /* [S·k] token of each row of ye */
+    int32_t *row;   /* [S·k] row of ye of choice (t, j) */
     int32_t *ecount, *eoff; /* [E + 1] rows per expert, first row per expert */
     int32_t *need;  /* [E] experts this chunk uses */
     int32_t *held;  /* [E] slot of each acquired expert (parallel to held_e) */
@@ -97,8 +99,8 @@ typedef struct {
     int32_t *ready; /* [E] held indices whose reads have landed */
     fm_expert *views;       /* [E] weight views of the slots handed to the backend */
     fm_expert_work *work;   /* [E] */
-    int32_t *ptopk; /* [C, k] next layer's predicted experts */
-    float *pw;      /* [C, k] */
+    int32_t *ptopk; /* [S, k] next layer's predicted experts */
+    float *pw;      /* [S, k] */
     int32_t *pred;  /* [E] next layer's predicted experts for the chunk */
     int n_pred;     /* how many of pred are set */
     int32_t *mark;  /* [E] */
@@ -106,10 +108,14 @@ typedef struct {
 
 /* ---------------------------------------------------------------- the model */
 
+/* An architecture: its weights, and each layer's two halves on the residual stream x [T, H] of tokens
+ * at positions pos0 .. pos0 + T - 1. The driver (model.c) runs a layer's mixer on chunks of at most C
+ * tokens, in order, then its MLP on the whole segment (at most S), before the next layer. */
 typedef struct fm_arch_ops {
     const char *name;
-    fm_status (*bind)(fm_model *m, const fm_load_spec *spec); /* weights from the dense file */
-    fm_status (*forward)(fm_model *m, float *x, int T);       /* x [T, H] through all layers */
+    fm_status (*bind)(fm_model *m, const fm_load_spec *spec);    /* weights from the dense file */
+    void (*mixer)(fm_model *m, int l, float *x, int T, int pos0); /* attention or DeltaNet: the state */
+    fm_status (*mlp)(fm_model *m, int l, float *x, int T);        /* MoE or dense MLP: no state */
 } fm_arch_ops;
 
 struct fm_model {
@@ -129,6 +135,7 @@ struct fm_model {
     void *scratch_mem;     /* backend memory: the activations of fm_scratch */
     void *host_scratch;    /* host memory: its routing tables */
     int ctx, chunk, pos;
+    int segment;           /* S: tokens of a prompt run through each layer at a time (a multiple of chunk) */
     int32_t *seq;          /* [ctx] the tokens of the sequence, [0, pos) valid: what the state holds */
     fm_memory mem;         /* the budget and where it goes */
     int prefetch;          /* predict the next layer's experts (protect, and read ahead if the store does) */
@@ -157,7 +164,7 @@ fm_status fm_bind_attention(fm_model *m, const fm_load_spec *spec, int l, fm_att
 fm_status fm_bind_moe(fm_model *m, const fm_load_spec *spec, int l, fm_moe_w *w);
 fm_status fm_bind_mlp(fm_model *m, const fm_load_spec *spec, fm_mlp_w *w, int inter, const char *prefix);
 
-void fm_block_deltanet(fm_model *m, fm_layer *L, const float *xn, float *out, int T);
+void fm_block_deltanet(fm_model *m, fm_layer *L, const float *xn, float *out, int T, int pos0);
 void fm_block_attention(fm_model *m, fm_layer *L, const float *xn, float *out, int T, int pos0);
 fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *xn, float *out, int T, int norm_topk);
 void fm_block_mlp(fm_model *m, const fm_mlp_w *w, const float *xn, float *out, int T);

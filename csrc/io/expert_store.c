@@ -600,6 +600,14 @@ void fm_expert_store_release(fm_expert_store *s, int slot, fm_event after) {
     pthread_mutex_unlock(&s->mu);
 }
 
+int fm_expert_store_has(fm_expert_store *s, int layer, int e) {
+    pthread_mutex_lock(&s->mu);
+    const int has = layer >= 0 && layer < s->n_layers && e >= 0 && e < s->n_experts &&
+                    s->slot_of[layer * s->n_experts + e] >= 0;
+    pthread_mutex_unlock(&s->mu);
+    return has;
+}
+
 int fm_expert_store_layer_resident(fm_expert_store *s, int layer) {
     pthread_mutex_lock(&s->mu);
     const int all = layer >= 0 && layer < s->n_layers && s->resident[layer] == s->n_experts;

@@ -57,6 +57,8 @@ void fm_expert_store_view(const fm_expert_store *s, int slot, fm_expert *out);
  * slot waits for it; 0: nothing pending). */
 void fm_expert_store_release(fm_expert_store *s, int slot, fm_event after);
 
+/* 1 when expert e of layer has a slot (read or being read). */
+int fm_expert_store_has(fm_expert_store *s, int layer, int e);
 /* 1 when every expert of layer has a slot (read or being read): predicting for it cannot help. */
 int fm_expert_store_layer_resident(fm_expert_store *s, int layer);
 /* Experts expected in the next layer: kept from eviction until the next call, and (when prefetch is

@@ -25,31 +25,38 @@ static fm_status bind(fm_model *m, const fm_load_spec *spec) {
     return FM_OK;
 }
 
-/* x [T, H]: the residual stream of T tokens at positions m->pos .. m->pos + T - 1. */
-static fm_status forward(fm_model *m, float *x, int T) {
+/* Layer l's first half on x [T, H] (T <= C tokens at positions pos0 ..):
+ * HF: hidden = residual + mixer(input_layernorm(hidden)) */
+static void mixer(fm_model *m, int l, float *x, int T, int pos0) {
     const fm_config *c = &m->c;
     const int H = c->hidden_size;
     const fm_backend *be = &m->be;
+    fm_layer *L = &m->layers[l];
     float *xn = m->s.xn, *out = m->s.out; /* [T, H] each */
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        fm_layer *L = &m->layers[l];
-        /* HF: hidden = residual + mixer(input_layernorm(hidden)) */
-        FM_OP(be, rmsnorm, xn, x, L->input_layernorm, T, H, c->rms_norm_eps, 1);
-        if (L->full_attention)
-            fm_block_attention(m, L, xn, out, T, m->pos);
-        else
-            fm_block_deltanet(m, L, xn, out, T);
-        fm_trace(m, out, T, H, "L%d.%s", l, L->full_attention ? "attn_out" : "deltanet_out");
-        FM_OP(be, add, x, out, (size_t)T * H);
-        /* HF: hidden = residual + mlp(post_attention_layernorm(hidden)) */
-        FM_OP(be, rmsnorm, xn, x, L->post_attention_layernorm, T, H, c->rms_norm_eps, 1);
-        fm_status st = fm_block_moe(m, l, &L->moe_w, xn, out, T, /*norm_topk=*/1);
-        if (st != FM_OK) return st;
-        fm_trace(m, out, T, H, "L%d.mlp_out", l);
-        FM_OP(be, add, x, out, (size_t)T * H);
-        fm_trace(m, x, T, H, "L%d.out", l);
-    }
+    FM_OP(be, rmsnorm, xn, x, L->input_layernorm, T, H, c->rms_norm_eps, 1);
+    if (L->full_attention)
+        fm_block_attention(m, L, xn, out, T, pos0);
+    else
+        fm_block_deltanet(m, L, xn, out, T, pos0);
+    fm_trace(m, out, T, H, "L%d.%s", l, L->full_attention ? "attn_out" : "deltanet_out");
+    FM_OP(be, add, x, out, (size_t)T * H);
+}
+
+/* Layer l's second half on x [T, H] (T <= S tokens):
+ * HF: hidden = residual + mlp(post_attention_layernorm(hidden)) */
+static fm_status mlp(fm_model *m, int l, float *x, int T) {
+    const fm_config *c = &m->c;
+    const int H = c->hidden_size;
+    const fm_backend *be = &m->be;
+    fm_layer *L = &m->layers[l];
+    float *xn = m->s.xn, *out = m->s.out; /* [T, H] each */
+    FM_OP(be, rmsnorm, xn, x, L->post_attention_layernorm, T, H, c->rms_norm_eps, 1);
+    fm_status st = fm_block_moe(m, l, &L->moe_w, xn, out, T, /*norm_topk=*/1);
+    if (st != FM_OK) return st;
+    fm_trace(m, out, T, H, "L%d.mlp_out", l);
+    FM_OP(be, add, x, out, (size_t)T * H);
+    fm_trace(m, x, T, H, "L%d.out", l);
     return FM_OK;
 }
 
-const fm_arch_ops fm_arch_qwen3_5_moe = {"qwen3_5_moe", bind, forward};
+const fm_arch_ops fm_arch_qwen3_5_moe = {"qwen3_5_moe", bind, mixer, mlp};

@@ -775,16 +775,16 @@ static void bind_op_tests(py::module_ &m) {
         RUN_OP(c, deltanet_gates, beta, g, c.in(A_log), c.in(dt_bias), (int)b.shape(0), (int)b.shape(1));
         return py::make_tuple(c.out(like(b), beta), c.out(like(a), g));
     }, py::arg("b"), py::arg("a"), py::arg("A_log"), py::arg("dt_bias"), py::kw_only(), kw_backend);
-    m.def("op_gated_delta_auto", [](f32arr q, f32arr k, f32arr v, f32arr g, f32arr beta, f32arr S,
+    m.def("op_gated_delta_auto", [](f32arr q, f32arr k, f32arr v, f32arr g, f32arr beta, f32arr S, int pos0,
                                     const std::string &backend) {  // the interface's gated_delta: it picks the form
         const int T = (int)q.shape(0), Hk = (int)q.shape(1), dk = (int)q.shape(2), Hv = (int)v.shape(1),
                   dv = (int)v.shape(2);
         OpCall c(backend);
         float *y = c.zeros((size_t)T * Hv * dv), *s2 = c.in(S);
-        RUN_OP(c, gated_delta, y, s2, c.in(q), c.in(k), c.in(v), c.in(g), c.in(beta), T, Hk, Hv, dk, dv);
+        RUN_OP(c, gated_delta, y, s2, c.in(q), c.in(k), c.in(v), c.in(g), c.in(beta), T, pos0, Hk, Hv, dk, dv);
         return py::make_tuple(c.out(f32arr({T, Hv, dv}), y), c.out(like(S), s2));
     }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"), py::arg("S"), py::kw_only(),
-       kw_backend);
+       py::arg("pos0") = 0, kw_backend);
     // CPU kernel entry points, not through a backend: the recurrent and the chunked form of the gated delta
     // rule (fm_cpu_gated_delta, fm_cpu_gated_delta_chunk), tested each against the reference.
     m.def("op_gated_delta", [](f32arr q, f32arr k, f32arr v, f32arr g, f32arr beta, f32arr S) {
@@ -796,15 +796,17 @@ static void bind_op_tests(py::module_ &m) {
                           T, Hk, Hv, dk, dv);
         return py::make_tuple(y, s2);
     });
-    m.def("op_gated_delta_chunk", [](f32arr q, f32arr k, f32arr v, f32arr g, f32arr beta, f32arr S, int chunk) {
+    m.def("op_gated_delta_chunk", [](f32arr q, f32arr k, f32arr v, f32arr g, f32arr beta, f32arr S, int chunk,
+                                     int pos0) {
         const int T = (int)q.shape(0), Hk = (int)q.shape(1), dk = (int)q.shape(2), Hv = (int)v.shape(1),
                   dv = (int)v.shape(2);
         f32arr y({T, Hv, dv});
         f32arr s2 = copy(S);
         fm_cpu_gated_delta_chunk(y.mutable_data(), s2.mutable_data(), q.data(), k.data(), v.data(), g.data(),
-                                beta.data(), T, Hk, Hv, dk, dv, chunk);
+                                beta.data(), T, Hk, Hv, dk, dv, chunk, pos0);
         return py::make_tuple(y, s2);
-    });
+    }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"), py::arg("S"), py::arg("chunk"),
+       py::arg("pos0") = 0);
     m.def("op_route", [](f32arr logits, int k, bool norm, const std::string &backend) {
         // logits [T, E] -> top-k indices and weights [T, k]
         check_size(logits.ndim() == 2, "logits are not [T, E]");

@@ -18,7 +18,7 @@
 enum { LANE_TOKENS = 64 }; /* experts of up to this many tokens run one per thread */
 
 typedef struct {
-    int H, I;
+    int H, I, chunk;
     int lanes;          /* threads the lanes were laid out for */
     int lane_tokens;    /* the most tokens of one expert a thread computes alone */
     size_t lane_floats; /* one lane: xe [lane_tokens, H], then h1, h2 [lane_tokens, I] */
@@ -49,6 +49,7 @@ static fm_status cpu_create(const fm_backend_params *p, void **out) {
     if (cfg->num_experts <= 0) return FM_OK;
     c->H = cfg->hidden_size;
     c->I = cfg->moe_intermediate_size;
+    c->chunk = p->chunk;
     c->lanes = fm_threads_get();
     c->lane_tokens = lane_tokens_for(p);
     c->lane_floats = (size_t)c->lane_tokens * ((size_t)c->H + 2 * (size_t)c->I);
@@ -161,12 +162,13 @@ static void cpu_deltanet_gates(void *ctx, float *b, float *a, const float *A_log
 }
 
 static void cpu_gated_delta(void *ctx, float *out, float *S, const float *q, const float *k, const float *v,
-                            const float *g, const float *beta, int T, int Hk, int Hv, int dk, int dv) {
+                            const float *g, const float *beta, int T, int pos0, int Hk, int Hv, int dk, int dv) {
     (void)ctx;
     /* Prefill: the chunked form, faster from 2 tokens on, best in chunks of 16 on AVX2 (bench/RESULTS.md,
-     * 2026-11-28); decode (T = 1): the recurrent form. */
+     * 2026-11-28), aligned to absolute positions; decode (T = 1): the recurrent form, which the chunked
+     * form also takes for a 1-token chunk. */
     if (T >= 2)
-        fm_cpu_gated_delta_chunk(out, S, q, k, v, g, beta, T, Hk, Hv, dk, dv, 16);
+        fm_cpu_gated_delta_chunk(out, S, q, k, v, g, beta, T, Hk, Hv, dk, dv, FM_DELTANET_CHUNK, pos0);
     else
         fm_cpu_gated_delta(out, S, q, k, v, g, beta, T, Hk, Hv, dk, dv);
 }
@@ -237,8 +239,15 @@ static void cpu_experts(void *ctx, const fm_expert_work *work, int n_work, const
             int at = n_small++;
             for (; at > 0 && c->order[at - 1].n < work[j].n; at--) c->order[at] = c->order[at - 1];
             c->order[at] = work[j];
-        } else {
-            expert_ffn(&work[j], xn, ye, H, c->xe, c->h1, c->h2); /* split over the pool */
+        } else { /* split over the pool, at most a chunk of its tokens at a time (a prompt's expert may have
+                  * more: the MoE runs on a whole segment) */
+            for (int t0 = 0; t0 < work[j].n; t0 += c->chunk) {
+                fm_expert_work piece = work[j];
+                piece.tok += t0;
+                piece.row0 += t0;
+                piece.n = work[j].n - t0 < c->chunk ? work[j].n - t0 : c->chunk;
+                expert_ffn(&piece, xn, ye, H, c->xe, c->h1, c->h2);
+            }
         }
     }
     if (n_small == 1) {

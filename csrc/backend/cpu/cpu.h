@@ -59,11 +59,13 @@ void fm_cpu_conv1d_silu(float *out, const float *x, float *state, const float *w
 void fm_cpu_gated_delta(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
                        const float *beta, int T, int Hk, int Hv, int dk, int dv);
 /* The same map in its chunked (WY / UT-transform) form, for prefill: same arguments, layouts and state
- * update, tokens taken `chunk` at a time (<= 0: 64) with matrix products, value heads spread over the
- * thread pool. Equal to the recurrent form up to fp32 rounding, not bitwise (tests/test_ops.py); faster
- * from 2 tokens on, slower for 1 (bench/RESULTS.md). */
+ * update, tokens taken in chunks that end at multiples of `chunk` (<= 0: 64) counted from absolute
+ * position pos0 of the first token, with matrix products, value heads spread over the thread pool. A
+ * chunk of one token takes the recurrent step. So a sequence gives the same bits however it is split
+ * into calls at multiples of `chunk` (batch invariance). Equal to the recurrent form up to fp32
+ * rounding, not bitwise (tests/test_ops.py); faster from 2 tokens on (bench/RESULTS.md). */
 void fm_cpu_gated_delta_chunk(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
-                             const float *beta, int T, int Hk, int Hv, int dk, int dv, int chunk);
+                             const float *beta, int T, int Hk, int Hv, int dk, int dv, int chunk, int pos0);
 
 /* Router: probs = softmax(logits[n]) in fp32, top-k indices (descending probability) and weights,
  * renormalised to sum 1 when norm. */

@@ -38,43 +38,50 @@ typedef struct {
     int T, Hk, Hv, dk, dv, heads_per_task;
 } recurrent_job;
 
+/* Value head h through tokens [t0, t1), one rank-1 update each. The one copy of the recurrent step:
+ * decode, and a 1-token chunk of the chunked form, call it, so the two give the same bits (noinline:
+ * one compiled body, whatever the caller's ISA copy). */
+static __attribute__((noinline)) void recurrent_steps(float *out, float *Sh, const float *q, const float *k,
+                                                      const float *v, const float *g, const float *beta, int h,
+                                                      int t0, int t1, int Hk, int Hv, int dk, int dv) {
+    const int kh = h / (Hv / Hk);
+    float u[dv];
+    for (int t = t0; t < t1; t++) {
+        const float *qt = q + ((size_t)t * Hk + kh) * dk, *kt = k + ((size_t)t * Hk + kh) * dk;
+        const float *vt = v + ((size_t)t * Hv + h) * dv;
+        const float decay = expf(g[(size_t)t * Hv + h]), b = beta[(size_t)t * Hv + h];
+        /* S *= exp(g); u = beta * (v - Sᵀk) */
+        for (int j = 0; j < dv; j++) u[j] = 0.0f;
+        for (int i = 0; i < dk; i++) {
+            float *Si = Sh + (size_t)i * dv;
+            for (int j = 0; j < dv; j++) {
+                Si[j] *= decay;
+                u[j] += Si[j] * kt[i];
+            }
+        }
+        for (int j = 0; j < dv; j++) u[j] = (vt[j] - u[j]) * b;
+        /* S += k ⊗ u; o = Sᵀq */
+        float *ot = out + ((size_t)t * Hv + h) * dv;
+        for (int j = 0; j < dv; j++) ot[j] = 0.0f;
+        for (int i = 0; i < dk; i++) {
+            float *Si = Sh + (size_t)i * dv;
+            const float ki = kt[i], qi = qt[i];
+            for (int j = 0; j < dv; j++) {
+                Si[j] += ki * u[j];
+                ot[j] += Si[j] * qi;
+            }
+        }
+    }
+}
+
 /* Value heads [h0, h1) through all T tokens: each head's state is its own, so heads split over
  * threads give the same numbers as one thread. */
 static void recurrent_task(void *ctx, int task) {
     const recurrent_job *J = (const recurrent_job *)ctx;
-    const int Hk = J->Hk, Hv = J->Hv, dk = J->dk, dv = J->dv, r = Hv / Hk;
-    const int h0 = task * J->heads_per_task, h1 = h0 + J->heads_per_task < Hv ? h0 + J->heads_per_task : Hv;
-    float u[dv];
-    for (int h = h0; h < h1; h++) {
-        float *Sh = J->S + (size_t)h * dk * dv; /* [dk, dv] */
-        for (int t = 0; t < J->T; t++) {
-            const int kh = h / r;
-            const float *qt = J->q + ((size_t)t * Hk + kh) * dk, *kt = J->k + ((size_t)t * Hk + kh) * dk;
-            const float *vt = J->v + ((size_t)t * Hv + h) * dv;
-            const float decay = expf(J->g[(size_t)t * Hv + h]), b = J->beta[(size_t)t * Hv + h];
-            /* S *= exp(g); u = beta * (v - Sᵀk) */
-            for (int j = 0; j < dv; j++) u[j] = 0.0f;
-            for (int i = 0; i < dk; i++) {
-                float *Si = Sh + (size_t)i * dv;
-                for (int j = 0; j < dv; j++) {
-                    Si[j] *= decay;
-                    u[j] += Si[j] * kt[i];
-                }
-            }
-            for (int j = 0; j < dv; j++) u[j] = (vt[j] - u[j]) * b;
-            /* S += k ⊗ u; o = Sᵀq */
-            float *ot = J->out + ((size_t)t * Hv + h) * dv;
-            for (int j = 0; j < dv; j++) ot[j] = 0.0f;
-            for (int i = 0; i < dk; i++) {
-                float *Si = Sh + (size_t)i * dv;
-                const float ki = kt[i], qi = qt[i];
-                for (int j = 0; j < dv; j++) {
-                    Si[j] += ki * u[j];
-                    ot[j] += Si[j] * qi;
-                }
-            }
-        }
-    }
+    const int h0 = task * J->heads_per_task, h1 = h0 + J->heads_per_task < J->Hv ? h0 + J->heads_per_task : J->Hv;
+    for (int h = h0; h < h1; h++)
+        recurrent_steps(J->out, J->S + (size_t)h * J->dk * J->dv, J->q, J->k, J->v, J->g, J->beta, h, 0, J->T, J->Hk,
+                        J->Hv, J->dk, J->dv);
 }
 
 void fm_cpu_gated_delta(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
@@ -175,7 +182,7 @@ INLINE void gemm(int m, int N, int K, const float *A, size_t lda, const float *B
 typedef struct chunk_job {
     float *out, *S;
     const float *q, *k, *v, *g, *beta;
-    int T, Hk, Hv, dk, dv, chunk;
+    int T, Hk, Hv, dk, dv, chunk, pos0;
     int per; /* value heads per task, all of one key head (they share Kᵀ and the Gram matrices) */
     void (*group)(const struct chunk_job *, int, float *); /* chunk_group for the CPU's ISA */
 } chunk_job;
@@ -211,8 +218,17 @@ INLINE void chunk_group(const chunk_job *J, int h0, float *buf, const int wide) 
     float *el = eg + C;              /* [C] e^{γ_last − γ_i} */
     double *gam = (double *)(el + C); /* [C] γ_i */
 
-    for (int c0 = 0; c0 < J->T; c0 += C) {
-        const int n = J->T - c0 < C ? J->T - c0 : C;
+    for (int c0 = 0, n; c0 < J->T; c0 += n) {
+        /* chunks end at multiples of C in absolute positions (pos0 + c0), so a prompt is cut into the
+         * same chunks however the calls split it at multiples of C; a 1-token chunk is the recurrent step */
+        n = C - (J->pos0 + c0) % C;
+        if (n > J->T - c0) n = J->T - c0;
+        if (n == 1) {
+            for (int h = h0; h < h0 + J->per; h++)
+                recurrent_steps(J->out, J->S + (size_t)h * dk * dv, J->q, J->k, J->v, J->g, J->beta, h, c0, c0 + 1, Hk,
+                                Hv, dk, dv);
+            continue;
+        }
         const float *Q = J->q + ((size_t)c0 * Hk + kh) * dk, *K = J->k + ((size_t)c0 * Hk + kh) * dk;
 
         /* shared by the key head's value heads: Kᵀ and the Gram matrices' lower triangles */
@@ -292,31 +308,6 @@ INLINE void chunk_group(const chunk_job *J, int h0, float *buf, const int wide) 
     }
 }
 
-/* The recurrent form for one value head, as fm_cpu_gated_delta computes it. */
-static void recurrent_head(const chunk_job *J, int h) {
-    const int Hk = J->Hk, Hv = J->Hv, dk = J->dk, dv = J->dv, kh = h / (Hv / Hk);
-    float *Sh = J->S + (size_t)h * dk * dv, u[dv];
-    for (int t = 0; t < J->T; t++) {
-        const float *qt = J->q + ((size_t)t * Hk + kh) * dk, *kt = J->k + ((size_t)t * Hk + kh) * dk;
-        const float *vt = J->v + ((size_t)t * Hv + h) * dv;
-        const float decay = expf(J->g[(size_t)t * Hv + h]), b = J->beta[(size_t)t * Hv + h];
-        float *ot = J->out + ((size_t)t * Hv + h) * dv;
-        for (int j = 0; j < dv; j++) u[j] = 0.0f;
-        for (int i = 0; i < dk; i++)
-            for (int j = 0; j < dv; j++) {
-                Sh[(size_t)i * dv + j] *= decay;
-                u[j] += Sh[(size_t)i * dv + j] * kt[i];
-            }
-        for (int j = 0; j < dv; j++) u[j] = (vt[j] - u[j]) * b;
-        for (int j = 0; j < dv; j++) ot[j] = 0.0f;
-        for (int i = 0; i < dk; i++)
-            for (int j = 0; j < dv; j++) {
-                Sh[(size_t)i * dv + j] += kt[i] * u[j];
-                ot[j] += Sh[(size_t)i * dv + j] * qt[i];
-            }
-    }
-}
-
 static void chunk_group_portable(const chunk_job *J, int h0, float *buf) { chunk_group(J, h0, buf, 0); }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -329,17 +320,18 @@ __attribute__((target("avx2,fma"))) static void chunk_group_avx2(const chunk_job
 static void chunk_task(void *ctx, int i) {
     const chunk_job *J = (const chunk_job *)ctx;
     float *buf = scratch(chunk_scratch_floats(J->chunk, J->dk, J->dv));
-    for (int h = i * J->per; h < (i + 1) * J->per && !buf; h++)
-        recurrent_head(J, h); /* out of memory for the scratch: the recurrent form needs none */
+    for (int h = i * J->per; h < (i + 1) * J->per && !buf; h++) /* no memory for the scratch: the recurrent form */
+        recurrent_steps(J->out, J->S + (size_t)h * J->dk * J->dv, J->q, J->k, J->v, J->g, J->beta, h, 0, J->T, J->Hk,
+                        J->Hv, J->dk, J->dv);
     if (buf) J->group(J, i * J->per, buf);
 }
 
 void fm_cpu_gated_delta_chunk(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
-                             const float *beta, int T, int Hk, int Hv, int dk, int dv, int chunk) {
+                             const float *beta, int T, int Hk, int Hv, int dk, int dv, int chunk, int pos0) {
     if (T <= 0) return;
     if (chunk <= 0) chunk = 64;
-    if (chunk > T) chunk = T;
-    chunk_job J = {out, S, q, k, v, g, beta, T, Hk, Hv, dk, dv, chunk, Hv / Hk, chunk_group_portable};
+    if (pos0 < 0) pos0 = 0;
+    chunk_job J = {out, S, q, k, v, g, beta, T, Hk, Hv, dk, dv, chunk, pos0, Hv / Hk, chunk_group_portable};
 #ifdef HAVE_AVX2_COPY
     if (fm_cpu_use_avx2()) J.group = chunk_group_avx2; /* the CPU has it and no variant is forced */
 #endif
