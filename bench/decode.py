@@ -37,16 +37,11 @@ import os
 import sys
 
 
-def _join_cgroup(argv) -> None:
-    """A measured child joins its memory cgroup before importing anything big: memory charged before the
-    move would stay outside the limit."""
-    if len(argv) > 2 and argv[1] == "--child" and json.loads(argv[2]).get("cgroup"):
-        with open(os.path.join(json.loads(argv[2])["cgroup"], "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-
-
 if __name__ == "__main__":
-    _join_cgroup(sys.argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from cgroup_join import join_cgroup
+
+    join_cgroup(sys.argv)
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -182,8 +177,9 @@ def _proc_status(key: str) -> int:
     return 0
 
 
-def run_child(spec: dict, cgroup_parent: str | None, limit: int | None) -> dict:
-    """One run in a fresh process with a cold page cache, inside a memory cgroup when there is one."""
+def run_child(spec: dict, cgroup_parent: str | None, limit: int | None, script: str = __file__) -> dict:
+    """One run of `script --child SPEC` (this one by default) in a fresh process with a cold page cache,
+    inside a memory cgroup when there is one: its last line of stdout, as JSON."""
     cold = drop_page_cache()
     cg = None
     if cgroup_parent and limit:
@@ -192,7 +188,7 @@ def run_child(spec: dict, cgroup_parent: str | None, limit: int | None) -> dict:
         with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as f:
             f.write(str(limit))
     try:
-        proc = _run_self(dict(spec, cgroup=cg))
+        proc = _run_self(dict(spec, cgroup=cg), script)
     finally:
         if cg:
             try:
@@ -221,8 +217,8 @@ def run_script(script: str, spec: dict, pkg: str = "") -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def _run_self(spec: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+def _run_self(spec: dict, script: str = __file__) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.abspath(script), "--child", json.dumps(spec)],
                           capture_output=True, text=True, timeout=3600)
 
 

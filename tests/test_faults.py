@@ -297,6 +297,33 @@ def _ctrl_c_streams(model_dir, fresh):
     assert in_stream >= 5, in_stream
 
 
+def test_ctrl_c_inside_a_long_prompt_stops_it_at_the_next_layer(model_dir, fresh):
+    """A prompt runs in one engine call, layer by layer, without the GIL: Ctrl-C is let through after each
+    layer, so it stops the call long before its end; the state is reset and the next turn is a fresh one."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        m = flashmoe.load(model_dir, context_length=2048, int8_activations=False)
+        ids = np.random.default_rng(5).integers(0, TINY["vocab_size"], 2000)
+        t0 = time.perf_counter()
+        m.forward(ids, all_logits=False)
+        span = time.perf_counter() - t0
+        timer = threading.Timer(span / 10, _thread.interrupt_main)
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            timer.start()
+            m.forward(ids, all_logits=False)
+            timer.join()
+            time.sleep(span)  # finished before the interrupt (a stalled machine): take it here
+        stopped = time.perf_counter() - t0
+        timer.cancel()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert m.position in (0, len(ids))
+    if m.position == 0:  # stopped inside the call: well before its end (4 layers, a tenth in)
+        assert stopped < 0.8 * span, (stopped, span)
+    same_as_fresh(m, fresh, chat_prompts(m)[0] + TAIL)
+
+
 # ---------------------------------------------------------------- bad arguments
 
 

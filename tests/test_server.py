@@ -970,9 +970,11 @@ def test_a_queued_request_whose_client_leaves_is_dropped_at_once_and_never_runs(
                                        "cancelled": before["cancelled"] + 1}
 
 
-def test_a_client_leaving_during_a_long_prompt_stops_it_at_the_next_piece(model_dir, monkeypatch):
-    """A long prompt runs in pieces of 4 prefill chunks, the job's progress callback between them: once the
-    server sees the client go, the next boundary stops the prompt (the rest of it never runs)."""
+def test_a_client_leaving_during_a_long_prompt_stops_it_at_the_next_layer(model_dir, monkeypatch):
+    """A long prompt runs in one engine call, layer by layer, the job's progress callback after each layer:
+    once the server sees the client go, the next layer stops the prompt (the rest never runs), the engine
+    state is reset (no prefix of a layer-by-layer prompt is complete), and the next request is served as
+    by a fresh model."""
     from flashmoe.generation import PromptCache
 
     model = flashmoe.load(model_dir, context_length=1024, int8_activations=False, prefill_chunk=8)
@@ -980,20 +982,22 @@ def test_a_client_leaving_during_a_long_prompt_stops_it_at_the_next_piece(model_
     engine = app.state.server.engine
     messages = [{"role": "user", "content": "The weather in Paris is sunny. " * 50}]
     n_prompt = len(model.tokenizer.encode(model.apply_chat_template(messages)))
-    piece = 4 * 8
-    assert 10 * piece < n_prompt <= 1024
-    pieces, started = [], threading.Event()
+    assert 320 < n_prompt <= 1024
+    calls, reports, started = [], [], threading.Event()
     run = PromptCache.run
 
-    def one_piece(self, ids):
-        out = run(self, ids)
-        pieces.append(len(ids))
-        if len(pieces) == 1:  # hold the prompt here until the server has seen the client leave
-            started.set()
-            wait_for(lambda: engine._current is not None and engine._current.cancelled, "the cancellation")
-        return out
+    def watched(self, ids, progress=None):
+        calls.append(len(ids))
 
-    monkeypatch.setattr(PromptCache, "run", one_piece)
+        def report(done, total):
+            reports.append((done, total))
+            if len(reports) == 1:  # hold the prompt after its first layer until the server has seen the client leave
+                started.set()
+                wait_for(lambda: engine._current is not None and engine._current.cancelled, "the cancellation")
+            progress(done, total)
+        return run(self, ids, report if progress else None)
+
+    monkeypatch.setattr(PromptCache, "run", watched)
     with serving(app) as base:
         sock = post_and_hold(base, "/v1/chat/completions",
                              {"model": NAME, "messages": messages, "max_tokens": 4})
@@ -1001,4 +1005,12 @@ def test_a_client_leaving_during_a_long_prompt_stops_it_at_the_next_piece(model_
         sock.close()
         wait_for(lambda: not health(base)["busy"], "the engine to stop")
         assert health(base)["requests"] == {"completed": 0, "cancelled": 1, "failed": 0}
-    assert pieces == [piece] and model.position == piece < n_prompt
+        n_layers = model.config["num_hidden_layers"]
+        assert 320 < calls[0] <= n_prompt and reports == [(calls[0] // n_layers, calls[0])]  # up to the last turn
+        assert model.position == 0
+        monkeypatch.setattr(PromptCache, "run", run)
+        short = [{"role": "user", "content": "Hi"}]
+        r = httpx.post(f"{base}/v1/chat/completions", json={"model": NAME, "messages": short, "max_tokens": 4,
+                                                              "temperature": 0}, timeout=60).json()
+    fresh = flashmoe.load(model_dir, context_length=1024, int8_activations=False, prefill_chunk=8)
+    assert r["choices"][0]["message"]["content"] == fresh.chat(short, max_tokens=4, temperature=0)["content"]

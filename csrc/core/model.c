@@ -511,6 +511,11 @@ void fm_model_set_trace(fm_model *m, fm_trace_fn fn, void *user) {
     m->trace_user = user;
 }
 
+void fm_model_set_progress(fm_model *m, fm_progress_fn fn, void *user) {
+    m->progress = fn;
+    m->progress_user = user;
+}
+
 void fm_trace(fm_model *m, const float *x, int T, int n, const char *fmt, ...) {
     if (!m->trace) return;
     char name[64];
@@ -525,9 +530,10 @@ void fm_trace(fm_model *m, const float *x, int T, int n, const char *fmt, ...) {
  * order): its mixer on chunks that end at multiples of C in absolute position, in order (the state
  * advances chunk by chunk), then its MLP or MoE on all T tokens, which reads each routed expert the
  * segment uses once. Every op is batch invariant (backend.h), so the cut changes no bit of the result. */
-static fm_status run_layers(fm_model *m, int T) {
+static fm_status run_layers(fm_model *m, int T, int done, int total) {
     const size_t H = (size_t)m->c.hidden_size;
-    for (int l = 0; l < m->c.num_hidden_layers; l++) {
+    const int L = m->c.num_hidden_layers;
+    for (int l = 0; l < L; l++) {
         for (int t0 = 0, n; t0 < T; t0 += n) {
             n = m->chunk - (m->pos + t0) % m->chunk;
             if (n > T - t0) n = T - t0;
@@ -535,6 +541,9 @@ static fm_status run_layers(fm_model *m, int T) {
         }
         fm_status st = m->arch->mlp(m, l, m->s.x, T);
         if (st != FM_OK) return st;
+        const int now = done + (int)((int64_t)T * (l + 1) / L);
+        if (m->progress && m->progress(m->progress_user, now, total))
+            return fm_fail(FM_ERR_CANCELLED, "forward: stopped by the caller after layer %d of %d tokens", l, total);
     }
     return FM_OK;
 }
@@ -555,7 +564,7 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
         const int T = n - done < m->segment - m->pos % m->segment ? n - done : m->segment - m->pos % m->segment;
         FM_OP(&m->be, embed, &m->embed, tokens + done, T, m->s.x);
         fm_trace(m, m->s.x, T, H, "embed");
-        fm_status st = run_layers(m, T);
+        fm_status st = run_layers(m, T, done, n);
         if (st != FM_OK) {
             /* Some layers of this chunk have advanced their state and others not: the only consistent
              * state left is the empty sequence. Reads still in flight land first; no slot stays pinned. */

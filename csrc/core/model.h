@@ -146,6 +146,8 @@ struct fm_model {
     double last_prompt_seconds, last_decode_seconds;
     fm_trace_fn trace;
     void *trace_user;
+    fm_progress_fn progress;
+    void *progress_user;
     float *step_logits;    /* [V] fm_model_decode_step's logits, allocated on first use */
 };
 

@@ -28,6 +28,7 @@ typedef enum {
     FM_ERR_NOMEM = 4,    /* allocation failed */
     FM_ERR_CONTEXT = 5,  /* the sequence would exceed the context length */
     FM_ERR_BUDGET = 6,   /* the memory budget cannot hold what the model needs */
+    FM_ERR_CANCELLED = 7, /* the progress callback asked to stop (the sequence is reset) */
 } fm_status;
 
 typedef enum {
@@ -214,6 +215,13 @@ const int32_t *fm_snapshot_tokens(const fm_snapshot *s); /* [position] the token
  * "L3.moe_out", "final_norm", ...), data [T, n] fp32, valid only during the call. NULL disables. */
 typedef void (*fm_trace_fn)(void *user, const char *name, const float *data, int T, int n);
 void fm_model_set_trace(fm_model *m, fm_trace_fn fn, void *user);
+
+/* Progress of fm_model_forward: called after each layer of each segment of a prompt with the tokens done
+ * so far (a segment's tokens count in proportion to its layers done) out of the call's total. A nonzero
+ * return stops the forward with FM_ERR_CANCELLED, the sequence reset as after any failed forward (a
+ * prompt runs layer by layer, so no shorter prefix is complete). NULL disables. */
+typedef int (*fm_progress_fn)(void *user, int done, int total);
+void fm_model_set_progress(fm_model *m, fm_progress_fn fn, void *user);
 
 typedef struct {
     uint64_t tokens;         /* tokens run through the model */

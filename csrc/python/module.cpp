@@ -289,15 +289,44 @@ class Model {
     Model(const Model &) = delete;
     Model &operator=(const Model &) = delete;
 
-    py::array_t<float> forward(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, bool all_logits) {
+    // Progress from inside fm_model_forward, which runs without the GIL: after each layer of a prompt it
+    // takes the GIL to let Ctrl-C through and to call progress(done, total); an exception from either
+    // stops the forward (the engine resets the sequence) and is raised once it has returned.
+    struct ProgressCall {
+        py::object fn;  // callable(done, total) or None
+        std::unique_ptr<py::error_already_set> error;
+        static int call(void *user, int done, int total) {
+            auto *p = static_cast<ProgressCall *>(user);
+            py::gil_scoped_acquire gil;
+            try {
+                if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+                if (!p->fn.is_none()) p->fn(done, total);
+            } catch (py::error_already_set &e) {
+                p->error = std::make_unique<py::error_already_set>(std::move(e));
+                return 1;
+            }
+            return 0;
+        }
+    };
+
+    py::array_t<float> forward(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, bool all_logits,
+                               py::object progress) {
         const int n = (int)tokens.size();
         py::array_t<float> out = all_logits ? py::array_t<float>({n, vocab_}) : py::array_t<float>({1, vocab_});
         const int32_t *tok = tokens.data();
         float *dst = out.mutable_data();
+        ProgressCall pc{std::move(progress), nullptr};
+        const bool watch = n > 1 || !pc.fn.is_none(); // a single token's layers are too short to be worth it
         fm_status st;
         {
             Exclusive ex(mu_);
+            if (watch) fm_model_set_progress(m_, ProgressCall::call, &pc);
             st = fm_model_forward(m_, tok, n, dst, all_logits ? 1 : 0);
+            fm_model_set_progress(m_, nullptr, nullptr);
+        }
+        if (pc.error) {
+            pc.error->restore();
+            throw py::error_already_set();
         }
         check(st);
         return out;
@@ -903,7 +932,8 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("tokens", &Snapshot::tokens);
     py::class_<Model>(m, "Model")
         .def(py::init<const py::dict &>())
-        .def("forward", &Model::forward, py::arg("tokens"), py::arg("all_logits") = true)
+        .def("forward", &Model::forward, py::arg("tokens"), py::arg("all_logits") = true,
+             py::arg("progress") = py::none())
         .def("generate", &Model::generate)
         .def("decode_step", &Model::decode_step, py::arg("tokens"), py::arg("sampler"))
         .def("snapshot", &Model::snapshot)

@@ -110,9 +110,10 @@ class PromptCache:
         while len(self._snaps) > self.capacity:
             self._snaps.pop(0)
 
-    def run(self, ids: list[int]) -> np.ndarray:
-        """Run ids from the current position; the last position's logits [vocab]."""
-        return np.asarray(self._core.forward(np.asarray(ids, dtype=np.int32), False)).reshape(-1)
+    def run(self, ids: list[int], progress=None) -> np.ndarray:
+        """Run ids from the current position in one engine call (progress(done, len(ids)) after each
+        layer; an exception from it stops the run and resets the state); the last position's logits."""
+        return np.asarray(self._core.forward(np.asarray(ids, dtype=np.int32), False, progress)).reshape(-1)
 
     def step(self, token: int, sampler) -> int:
         """Run one token and sample the next in C (the sampler accepts it)."""
@@ -164,14 +165,15 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
         reused = cache.start(prompt)
         marks = sorted({p for p in (snapshot_at or []) if reused < p < len(prompt)} | {len(prompt) - 1})
         pos, logits = reused, None
-        chunk = max(1, model.prefill_chunk) * 4  # progress granularity; the core chunks again inside
+        # Each part in one engine call, which runs it layer by layer (each expert read once per layer, not
+        # once per call) and reports progress after each layer; call boundaries do not depend on the chunk
+        # or the budget, so neither does the output.
         for end in marks + [len(prompt)]:
-            while pos < end:
-                step = min(end - pos, chunk)
-                logits = cache.run(prompt[pos:pos + step])
-                pos += step
-                if progress:
-                    progress(pos - reused, len(prompt) - reused)
+            if pos < end:
+                at = pos
+                report = (lambda done, total: progress(at + done - reused, len(prompt) - reused)) if progress else None
+                logits = cache.run(prompt[pos:end], report)
+                pos = end
             if end in marks and end > reused and end < len(prompt):
                 cache.snapshot()
         model._last_prompt_logits = logits

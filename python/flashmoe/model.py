@@ -450,15 +450,16 @@ class Model:
             raise ArgumentError(f"token id {ids[i]} at index {i} is outside the vocabulary [0, {vocab})")
         return ids.astype(np.int32)
 
-    def forward(self, token_ids, reset: bool = True) -> np.ndarray:
-        """Run tokens through the model. Returns float32 logits [T, vocab] for every position.
+    def forward(self, token_ids, reset: bool = True, all_logits: bool = True) -> np.ndarray:
+        """Run tokens through the model. Returns float32 logits [T, vocab] for every position, or
+        [1, vocab] for the last one when all_logits is False (a long prompt's would be T x vocab floats).
 
         reset=False continues from the current state (prefill, then single-token steps)."""
         ids = self._tokens(token_ids)
         with self._exclusive("forward"):
             if reset:
                 self._core.reset()
-            return self._timed(self._core.forward, ids, True)
+            return self._timed(self._core.forward, ids, bool(all_logits))
 
     def trace(self, token_ids, reset: bool = True) -> dict:
         """Run tokens and return every named intermediate of the forward pass as float32 [T, n]:
