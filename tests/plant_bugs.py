@@ -262,6 +262,28 @@ PLANTS = [
     Plant("mlx_router_int8", "csrc/core/blocks.c",
           "    w->router.int8_act = w->shared_gate.int8_act = 0;", "",
           ["tests/test_mlx_import.py", "-k", "router_activations"], "an 8-bit router takes int8 activations"),
+    # -- issue 19: layer-by-layer prompts and batch invariance
+    Plant("deltanet_chunks_unaligned", "csrc/backend/cpu/gated_delta.c",
+          "        n = C - (J->pos0 + c0) % C;", "        n = C - c0 % C;",
+          ["tests/test_ops.py", "-k", "same_bits"], "the DeltaNet's chunks start at the call, not at absolute positions"),
+    Plant("deltanet_one_token_chunk_chunked", "csrc/backend/cpu/gated_delta.c",
+          "        if (n == 1) {", "        if (n == 0) {",
+          ["tests/test_ops.py", "-k", "same_bits"], "a 1-token chunk takes the chunked form, a 1-token call the recurrent"),
+    Plant("prompt_chunk_major", "csrc/core/model.c",
+          "    m->segment = segment <= m->chunk ? m->chunk : (segment + m->chunk - 1) / m->chunk * m->chunk;",
+          "    m->segment = m->chunk;",
+          ["tests/test_read_amplification.py"], "a prompt runs chunk by chunk again: experts read once per chunk"),
+    Plant("read_ahead_takes_the_layers_slots", "csrc/core/blocks.c",
+          "    const int ahead_now = next == n_need;", "    const int ahead_now = 1;",
+          ["tests/test_read_amplification.py"], "read-ahead evicts experts the current layer still needs"),
+    Plant("misses_before_hits", "csrc/core/blocks.c",
+          "    hits_first(m, layer, n_need);\n", "    (void)hits_first;\n",
+          ["tests/test_read_amplification.py"], "a miss evicts an expert read ahead for this layer"),
+    Plant("generation_cuts_prompts_by_chunk", "python/flashmoe/generation.py",
+          "                logits = cache.run(prompt[pos:end], report)\n",
+          "                for s in range(pos, end, 4 * model.prefill_chunk):\n"
+          "                    logits = cache.run(prompt[s:min(end, s + 4 * model.prefill_chunk)], report)\n",
+          ["tests/test_budget_invariance.py", "-k", "generate"], "generate cuts a prompt into calls that depend on the chunk"),
 ]
 
 

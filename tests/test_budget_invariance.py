@@ -93,6 +93,22 @@ def test_a_prompt_over_several_segments_gives_the_same_bits(model_dir, int8):
         assert tokens == ref_tokens, where
 
 
+def test_generate_gives_the_same_bits_at_every_chunk_and_budget(model_dir):
+    """The high-level path (generate: the prompt cache's snapshot marks, progress after each layer) cuts a
+    prompt into engine calls that depend on neither the chunk nor the budget."""
+    ids = [int(t) for t in prompt(700, seed=3)]
+    seen = []
+    for chunk, budget in ((64, "minimum"), (80, "quarter"), (512, "unlimited")):
+        m = flashmoe.load(model_dir, memory_budget=budgets(model_dir, chunk)[budget], prefill_chunk=chunk,
+                          context_length=1024)
+        calls = []
+        r = m.generate(ids, max_tokens=GENERATE, temperature=0, stop_token_ids=[],
+                       progress=lambda done, total: calls.append((done, total)))
+        assert calls[-1] == (len(ids), len(ids)) and calls == sorted(calls)
+        seen.append((m._last_prompt_logits.tobytes(), r.token_ids))
+    assert seen[0] == seen[1] == seen[2]
+
+
 def test_continuing_at_a_deltanet_chunk_boundary_gives_the_same_bits(model_dir):
     """A prompt sent in two calls cut at a multiple of 16 positions gives the bits of one call; cut
     elsewhere, only the DeltaNet's chunks differ (README: continuing from a snapshot may differ in the

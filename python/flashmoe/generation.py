@@ -171,7 +171,7 @@ def run_generation(model, prompt: list[int], params, *, tokenizer=None, skip_spe
         for end in marks + [len(prompt)]:
             if pos < end:
                 at = pos
-                report = (lambda done, total: progress(at + done - reused, len(prompt) - reused)) if progress else None
+                report = (lambda done, _, at=at: progress(at + done - reused, len(prompt) - reused)) if progress else None
                 logits = cache.run(prompt[pos:end], report)
                 pos = end
             if end in marks and end > reused and end < len(prompt):

@@ -170,9 +170,9 @@ def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", pre
 
 def _auto_prefill_chunk(spec: dict) -> int:
     """The largest prompt chunk of 512, 256 and 128 tokens whose scratch costs at most a tenth of the
-    expert cache. A bigger chunk gives each expert more of its tokens per read and moves them onto the
-    register-tiled kernel (prompt 115 -> 191 tok/s from 128 to 512 at the 35B shape, bench/RESULTS.md),
-    but its scratch comes out of the memory budget, i.e. out of the expert cache."""
+    expert cache. A prompt runs layer by layer whatever the chunk, so it changes neither what is read nor
+    the output; a bigger one runs the attention, DeltaNet and shared-expert matmuls on more tokens at a
+    time, but its scratch comes out of the memory budget, i.e. out of the expert cache."""
     from . import _core
 
     for chunk in (512, 256):
@@ -290,8 +290,9 @@ class Model:
       io_threads          concurrent expert reads (default 8)
       threads             compute threads (process-wide; default: one per CPU core)
       context_length      tokens of KV cache (default min(max_position_embeddings, 4096))
-      prefill_chunk       tokens processed per chunk of a prompt (default: 512, 256 or 128, the largest
-                          whose scratch costs at most a tenth of the expert cache)
+      prefill_chunk       a prompt's attention and DeltaNet run this many tokens at a time, rounded up
+                          to a multiple of 16 (default: 512, 256 or 128, the largest whose scratch costs
+                          at most a tenth of the expert cache); changes neither the reads nor the output
       expert_cache_slots  cap the expert cache at this many experts (default: what the budget holds)
       verify_checksums    check each expert blob's CRC-32 on every read (costs CPU: bench/RESULTS.md)
       prompt_cache        snapshots of earlier prompt states kept for reuse by generate/chat (default 4;
