@@ -318,10 +318,20 @@ void fm_quantize_x_avx2(const float *x, int n, int gs, int permute, int8_t *xq, 
     }
 }
 
+/* Decode, q4: two blocks' xq in the AVX2 order (per 32-block: 16 evens, then 16 odds) → their evens (xl)
+ * and odds (xh), so that a 32-byte load of the packed row needs one mask or shift per nibble and no
+ * shuffle (q4_bytes32 takes four instructions per 16 bytes). */
+static inline void x_pair(const int8_t *xq, __m256i *xl, __m256i *xh) {
+    const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq), x1 = _mm256_loadu_si256((const __m256i *)(xq + 32));
+    *xl = _mm256_permute2x128_si256(x0, x1, 0x20);
+    *xh = _mm256_permute2x128_si256(x0, x1, 0x31);
+}
+
 /* Decode on int8 activations: rows r[0..3] (the lanes) against one token, straight from their packed form,
- * in the order of matmul_x86.h; a group's xq is loaded once for the four rows. s4, b4: scales4's; e[g] =
- * d_g·Σxq_g. NB (32-blocks a group) is a literal for groups of 64 (the converter's default), so GCC
- * unrolls the block loop: q4 matvec 12.5 -> 14.0 GB/s on one thread (bench/RESULTS.md). */
+ * in the order of matmul_x86.h; a group's xq is loaded (and for q4 split, x_pair) once for the four rows.
+ * s4, b4: scales4's; e[g] = d_g·Σxq_g. NB (32-blocks a group) is a literal for groups of 64 (the
+ * converter's default), so GCC unrolls the block loop: q4 matvec 12.5 -> 14.0 GB/s on one thread
+ * (bench/RESULTS.md). */
 static inline __attribute__((always_inline)) __m128 int8_rows4(const fm_mat *w, const int r[4], const fm_matmul_args *a,
                                                                const float *e, const float *s4, const float *b4,
                                                                const int q4, const int NB) {
@@ -332,7 +342,24 @@ static inline __attribute__((always_inline)) __m128 int8_rows4(const fm_mat *w, 
     for (int g = 0; g < ng; g++) {
         const int8_t *xg = a->xq + (size_t)g * gs;
         __m256i p[4];
-        for (int i = 0; i < 4; i++) p[i] = group_part(row[i] + (size_t)g * gb, xg, q4, NB, I16, 1);
+        if (q4 && NB % 2 == 0) { /* pairs of blocks; int16 sums as group_part's */
+            const __m256i m = _mm256_set1_epi8(0x0F);
+            for (int i = 0; i < 4; i++) p[i] = _mm256_setzero_si256();
+            for (int b = 0; b < NB; b += 2) {
+                __m256i xl, xh;
+                x_pair(xg + 32 * b, &xl, &xh);
+                for (int i = 0; i < 4; i++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(row[i] + (size_t)g * gb + 16 * b));
+                    p[i] = _mm256_add_epi16(p[i], _mm256_add_epi16(
+                        _mm256_maddubs_epi16(_mm256_and_si256(v, m), xl),
+                        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), xh)));
+                }
+            }
+            if (!I16)
+                for (int i = 0; i < 4; i++) p[i] = _mm256_madd_epi16(p[i], _mm256_set1_epi16(1));
+        } else {
+            for (int i = 0; i < 4; i++) p[i] = group_part(row[i] + (size_t)g * gb, xg, q4, NB, I16, 1);
+        }
         fold4(halves_sum(reduce4(p[0], p[1], p[2], p[3], I16)), s4 + 4 * g, b4 + 4 * g, a->xd[g], e[g], &acc, &accb);
     }
     return _mm_add_ps(acc, accb);
@@ -342,8 +369,8 @@ static inline __attribute__((always_inline)) __m128 int8_rows4(const fm_mat *w, 
 static inline __attribute__((always_inline)) void int8_rows_nb(const fm_matmul_args *a, int r0, int r1, const int q4,
                                                                const int NB, const int SB) {
     const fm_mat *w = a->w;
-    const int ng = w->cols / w->group_size, ng4 = (ng + 3) & ~3;
-    float e[ng], s4[4 * ng4], b4[4 * ng4];
+    const int ng = w->cols / w->group_size, ng8 = (ng + 7) & ~7;
+    float e[ng], s4[4 * ng8], b4[4 * ng8];
     for (int g = 0; g < ng; g++) e[g] = a->xd[g] * a->xqs[g];
     const fm_row_prefetch pf = fm_row_prefetch_init(w);
     for (int rb = r0; rb < r1; rb += 4) {

@@ -3,7 +3,6 @@
 #define FM_CPU_MATMUL_X86_H
 
 #include <immintrin.h>
-#include <math.h>
 
 #include "../../core/util.h"
 #include "matmul.h"
@@ -74,28 +73,31 @@ static inline __m128i halves_sum(__m256i v) {
     return _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
 }
 
-/* Decode's 4 rows (lanes) of one token: their scales s and b' = fma(off, scale, bias), as [ng][4]
- * (ng rounded up to 4, zeros past it) so that a group's four are one load. SB: bf16 scales, a literal. */
+/* Decode's 4 rows (lanes) of one token: their scales s and b' = fma(off, scale, bias), as [ng][4] so that
+ * a group's four are one load; s4, b4 have room for ng rounded up to 8 groups. 8 groups of the 4 rows at a
+ * time, transposed in registers. SB: bf16 scales, a literal. */
 static inline __attribute__((always_inline)) void scales4(const fm_mat *w, const int r[4], float off, float *s4,
                                                           float *b4, const int SB) {
-    const int ng = w->cols / w->group_size, ng4 = (ng + 3) & ~3;
-    float s[4][ng4], b[4][ng4];
-    for (int i = 0; i < 4; i++) {
-        scales_to_f32(w->scales + (size_t)r[i] * ng, s[i], ng, SB);
-        scales_to_f32(w->biases + (size_t)r[i] * ng, b[i], ng, SB);
-        for (int g = 0; g < ng; g++) b[i][g] = fmaf(off, s[i][g], b[i][g]);
-        for (int g = ng; g < ng4; g++) s[i][g] = b[i][g] = 0.0f;
-    }
-    for (int g = 0; g < ng4; g += 4) {
-        __m128 v0 = _mm_loadu_ps(s[0] + g), v1 = _mm_loadu_ps(s[1] + g), v2 = _mm_loadu_ps(s[2] + g),
-               v3 = _mm_loadu_ps(s[3] + g);
-        _MM_TRANSPOSE4_PS(v0, v1, v2, v3);
-        _mm_storeu_ps(s4 + 4 * g, v0), _mm_storeu_ps(s4 + 4 * g + 4, v1);
-        _mm_storeu_ps(s4 + 4 * g + 8, v2), _mm_storeu_ps(s4 + 4 * g + 12, v3);
-        v0 = _mm_loadu_ps(b[0] + g), v1 = _mm_loadu_ps(b[1] + g), v2 = _mm_loadu_ps(b[2] + g), v3 = _mm_loadu_ps(b[3] + g);
-        _MM_TRANSPOSE4_PS(v0, v1, v2, v3);
-        _mm_storeu_ps(b4 + 4 * g, v0), _mm_storeu_ps(b4 + 4 * g + 4, v1);
-        _mm_storeu_ps(b4 + 4 * g + 8, v2), _mm_storeu_ps(b4 + 4 * g + 12, v3);
+    const int ng = w->cols / w->group_size;
+    const __m256 o = _mm256_set1_ps(off);
+    for (int g0 = 0; g0 < ng; g0 += 8) {
+        const int G = ng - g0 < 8 ? ng - g0 : 8;
+        __m256 v[2][4];
+        for (int i = 0; i < 4; i++) {
+            v[0][i] = load8s(w->scales + (size_t)r[i] * ng + g0, G, SB);
+            v[1][i] = _mm256_fmadd_ps(o, v[0][i], load8s(w->biases + (size_t)r[i] * ng + g0, G, SB));
+        }
+        for (int k = 0; k < 2; k++) { /* rows × groups → groups × rows: [g, g+1] per store */
+            float *dst = (k ? b4 : s4) + 4 * g0;
+            const __m256 t0 = _mm256_unpacklo_ps(v[k][0], v[k][1]), t1 = _mm256_unpackhi_ps(v[k][0], v[k][1]);
+            const __m256 t2 = _mm256_unpacklo_ps(v[k][2], v[k][3]), t3 = _mm256_unpackhi_ps(v[k][2], v[k][3]);
+            const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE); /* g0|g4, g1|g5 */
+            const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE); /* g2|g6, g3|g7 */
+            _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u1, 0x20));
+            _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
+            _mm256_storeu_ps(dst + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
+            _mm256_storeu_ps(dst + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+        }
     }
 }
 
