@@ -4,7 +4,7 @@
  * activations, GFLOP/s (2·rows·cols·T per call), median of 9 runs after a warm-up. Weights are small
  * enough to stay in cache between runs: this measures the arithmetic, not DRAM.
  *
- *   cc -O3 -std=gnu11 -Icsrc/include bench/matmul.c csrc/backend/cpu/ops.c csrc/core/threads.c \
+ *   cc -O3 -std=gnu11 -Icsrc/include bench/matmul.c csrc/backend/cpu/ops.c csrc/backend/cpu/threads.c \
  *      csrc/core/util.c csrc/backend/cpu/matmul_avx2.c csrc/backend/cpu/matmul_avx512.c -lm -lpthread
  *   (compile matmul_avx2.c and matmul_avx512.c with their flags, as bench/matvec.c says)
  *   ./a.out [threads]
