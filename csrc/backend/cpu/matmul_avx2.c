@@ -65,6 +65,7 @@ static inline q4x32 q4_unpack32(const uint8_t *q) {
     r.h1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
     return r;
 }
+
 /* ---------------------------------------------------------------- int8 activations (cpu.h) */
 
 /* 16 bytes of q4 as 32 unsigned bytes: the low nibbles (elements 0, 2, .., 30) in the low lane, the high
@@ -74,11 +75,12 @@ static inline __m256i q4_bytes32(const uint8_t *q) {
     return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1),
                             _mm256_set1_epi8(0x0F));
 }
+
 /* Several tokens on int8 activations (prefill): a row pair is unpacked to one byte per weight (q4: the
  * nibbles, in xq's permuted order; q8: q - 128 as signed bytes) so the inner loop is loads and maddubs,
  * then multiplied in 2-row × 4-token tiles (int8_tile). The tokens go in blocks whose activations fit in
- * L2 (a pass over the task's rows per block), so they are not streamed from L3 once per row pair. Same
- * function as int8_row.
+ * L2 (a pass over the task's rows per block), so they are not streamed from L3 once per row pair. The
+ * same bits as decode's int8_rows4 (the order of matmul_x86.h).
  *
  * The tiles read two streams, each front to back through one pointer, so the loop needs few registers
  * (with a pointer per row and per token, GCC spilled the activations to the stack and read them back).
