@@ -1,10 +1,10 @@
 /*
  * matmul.c — prefill matmul speed of every CPU kernel variant, in C (for machines without the Python
- * build): q4 and q8 weights (group 64) of the engine's prefill shapes against T tokens, fp32 and int8
+ * build): q4 and q8 weights (group 64) of the engine's shapes against T tokens (1: decode from cache), fp32 and int8
  * activations, GFLOP/s (2·rows·cols·T per call), median of 9 runs after a warm-up. Weights are small
  * enough to stay in cache between runs: this measures the arithmetic, not DRAM.
  *
- *   cc -O3 -std=gnu11 -Icsrc/include bench/matmul.c csrc/backend/cpu/ops.c csrc/core/threads.c \
+ *   cc -O3 -std=gnu11 -Icsrc/include bench/matmul.c csrc/backend/cpu/ops.c csrc/backend/cpu/threads.c \
  *      csrc/core/util.c csrc/backend/cpu/matmul_avx2.c csrc/backend/cpu/matmul_avx512.c -lm -lpthread
  *   (compile matmul_avx2.c and matmul_avx512.c with their flags, as bench/matvec.c says)
  *   ./a.out [threads]
@@ -26,7 +26,7 @@ int main(int argc, char **argv) {
     /* an expert's gate/up and down of the 35B shape, and a DeltaNet input projection */
     const struct { int rows, cols; const char *what; } S[] = {
         {512, 2048, "expert gate/up"}, {2048, 512, "expert down"}, {12288, 2048, "deltanet in_proj"}};
-    const int Ts[] = {4, 16, 512}, gs = 64, reps = 9, maxT = 512, maxr = 12288, maxc = 2048;
+    const int Ts[] = {1, 2, 4, 16, 512}, gs = 64, reps = 9, maxT = 512, maxr = 12288, maxc = 2048;
     uint8_t *q = malloc((size_t)maxr * maxc);
     uint16_t *s = malloc(sizeof(uint16_t) * maxr * (maxc / gs)), *b = malloc(sizeof(uint16_t) * maxr * (maxc / gs));
     float *x = malloc(sizeof(float) * maxT * maxc), *y = malloc(sizeof(float) * maxT * maxr);
@@ -38,7 +38,7 @@ int main(int argc, char **argv) {
     const char *isas[] = {"scalar", "avx2", "avx512", "neon", "neondot"};
     for (size_t k = 0; k < sizeof S / sizeof S[0]; k++)
         for (int d = 0; d < 2; d++)
-            for (int ti = 0; ti < 3; ti++) {
+            for (int ti = 0; ti < (int)(sizeof Ts / sizeof Ts[0]); ti++) {
                 const int T = Ts[ti];
                 printf("%-16s %5d x %4d %s T=%-3d", S[k].what, S[k].rows, S[k].cols, d ? "q8" : "q4", T);
                 for (int v = 0; v < 5; v++) {

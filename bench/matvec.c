@@ -3,7 +3,7 @@
  * build): q4/q8 weights of rows (default 65536) × 2048, group 64, from DRAM, fp32 and int8 activations, GB/s of
  * weight bytes, median of 15 runs, next to a streaming read of 1 GiB with the same threads.
  *
- *   cc -O3 -std=gnu11 -Icsrc/include bench/matvec.c csrc/backend/cpu/ops.c csrc/core/threads.c \
+ *   cc -O3 -std=gnu11 -Icsrc/include bench/matvec.c csrc/backend/cpu/ops.c csrc/backend/cpu/threads.c \
  *      csrc/core/util.c csrc/backend/cpu/matmul_avx2.c csrc/backend/cpu/matmul_avx512.c -lm -lpthread
  *   (compile matmul_avx2.c with -mavx2 -mfma -mf16c and matmul_avx512.c with those and -mavx512f
  *   -mavx512bw -mavx512dq -mavx512vl -mavx512vnni, as CMakeLists.txt does)

@@ -2,7 +2,7 @@
 
     python bench/prefill.py [--prompt 1024] [--chunk N] [--runs 3] [--rounds 3] [--decode 0]
                             [--pkg DIR ...] [--preset qwen3.5-35b-a3b] [--layers 8] [--threads 2] [--dir DIR]
-                            [--budget-share 0.25]
+                            [--budget-share 0.25] [--fp32-activations]
 
 The model is the one bench/decode.py and bench/compare_llamacpp.py use (the preset's real per-layer
 shapes, 4-bit, --layers deep), written once under --dir. Each round starts one fresh process per build;
@@ -36,7 +36,7 @@ def child(spec: dict) -> None:
 
     opts = {"memory_budget": spec["budget"]} if spec.get("budget") else {}
     m = flashmoe.load(spec["path"], context_length=spec["context"], prefill_chunk=spec["chunk"],
-                      threads=spec["threads"], **opts)
+                      threads=spec["threads"], int8_activations=not spec.get("fp32_act"), **opts)
     n = spec["prompt"]
     ids = np.random.default_rng(0).integers(0, spec["vocab"], n * (spec["runs"] + 1))
     m.generate_tokens(ids[:n], max_tokens=1, stop_token_ids=[])  # warm-up: experts in the store
@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget-share", type=float, default=0.0,
                     help="memory budget as a share of the model's size (e.g. 0.25; default: everything in RAM)")
+    ap.add_argument("--fp32-activations", action="store_true", help="int8_activations=False (default: int8)")
     ap.add_argument("--dir", default=BENCH_DIR)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -76,7 +77,7 @@ def main() -> None:
     path, header = model_path(args)
     spec = {"path": path, "prompt": args.prompt, "chunk": args.chunk or args.prompt, "runs": args.runs,
             "decode": args.decode, "threads": args.threads, "vocab": header["config"]["vocab_size"],
-            "context": args.prompt + max(args.decode, 1) + 16}
+            "context": args.prompt + max(args.decode, 1) + 16, "fp32_act": args.fp32_activations}
     if args.budget_share:
         size = model_bytes(header)
         spec["budget"] = int(size * args.budget_share)

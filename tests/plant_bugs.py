@@ -117,7 +117,7 @@ PLANTS = [
           "    } else if (1) {\n        u = sign;\n    } else { /* subnormal: renormalise */",
           ["tests/test_ops.py", "-k", "matmul or get_row"], "float16 subnormal scales and biases read as zero"),
     Plant("neon_bias_group", "csrc/backend/cpu/matmul_neon.c",
-          "bias += bi[g] * xsum[g];", "bias += bi[g ^ (ng > 1)] * xsum[g];",
+          "const float32x4_t b = vdupq_n_f32(bi[g]);", "const float32x4_t b = vdupq_n_f32(bi[g ^ (ng > 1)]);",
           ["tests/test_cross_isa.py", "-k", "neon"], "NEON q4/q8 rows take a neighbour group's bias"),
     Plant("neon_shared_f16_subnormal", "csrc/core/util.h",
           "    } else { /* subnormal: renormalise */",
@@ -130,7 +130,7 @@ PLANTS = [
           "return _mm256_cvtph_ps(v);",
           ["tests/test_ops.py", "-k", "avx2 and (sbf16 or bf16-extreme)"], "the x86 kernels read bf16 scales as fp16"),
     Plant("avx2_int8_decode_bf16_as_f16", "csrc/backend/cpu/matmul_avx2.c",
-          "if (a->w->scale_bf16) int8_rows(a, r0, r1, 1);", "if (a->w->scale_bf16) int8_rows(a, r0, r1, 0);",
+          "if (a->w->scale_bf16) ROWS_SB(1);", "if (a->w->scale_bf16) ROWS_SB(0);",
           ["tests/test_ops.py", "-k", "avx2 and int8 and (sbf16 or bf16-extreme)"],
           "the AVX2 int8 decode reads bf16 scales as fp16"),
     Plant("avx512_bf16_as_f16", "csrc/backend/cpu/matmul_avx512.c",
@@ -284,6 +284,13 @@ PLANTS = [
           "                for s in range(pos, end, 4 * model.prefill_chunk):\n"
           "                    logits = cache.run(prompt[s:min(end, s + 4 * model.prefill_chunk)], report)\n",
           ["tests/test_budget_invariance.py", "-k", "generate"], "generate cuts a prompt into calls that depend on the chunk"),
+    # -- batch invariance (csrc/backend/cpu/matmul.h): within tolerance of numpy, so test_ops passes it
+    Plant("int8_tile_one_chain", "csrc/backend/cpu/matmul_avx2.c",
+          "accb = _mm256_fmadd_ps(_mm256_broadcast_ps((const __m128 *)(rs + 4)), _mm256_loadu_ps(de + 8), accb);",
+          "acc = _mm256_fmadd_ps(_mm256_broadcast_ps((const __m128 *)(rs + 4)), _mm256_loadu_ps(de + 8), acc);",
+          ["tests/test_batch_invariance.py", "-k", "int8"],
+          "the int8 prefill tiles add the bias terms into the dots' chain (decode keeps two): a token's outputs "
+          "depend on its batch"),
 ]
 
 

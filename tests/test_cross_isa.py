@@ -5,7 +5,9 @@
   cases of tests/test_ops.py with every kernel variant the build has (NEON and NEON dot product under
   `qemu -cpu max`); each output must be within test_ops' tolerance of test_ops' numpy reference. (The
   native run checks the runner itself: test_ops covers the native variants through Python.)
-- test_*_kernels_against_portable: tests/c/test_kernels.c, every SIMD matmul against the portable C one.
+- test_*_kernels_against_portable: tests/c/test_kernels.c, every SIMD matmul against the portable C one,
+  and every variant's batch invariance (rows of a batch bitwise equal to the tokens alone, at 1 and 2
+  threads: tests/test_batch_invariance.py's check, which reaches the NEON variants this way).
 
 The AArch64 runs need aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu
 libc6-dev-arm64-cross qemu-user); without them they skip, and fail instead where FLASHMOE_CI_REQUIRE names
@@ -170,6 +172,7 @@ def test_ops_against_numpy(build, kind, tmp_path):
 
 def test_native_kernels_against_portable(build):
     out = run_checked(build("native", "test_kernels.c"))
+    assert "batch invariance scalar" in out, out
     assert out.strip().endswith(" 0 failed"), out
 
 
@@ -177,4 +180,5 @@ def test_native_kernels_against_portable(build):
 def test_neon_kernels_against_portable_under_qemu(build):
     out = run_checked(build("neon", "test_kernels.c"))
     assert "kernel variant neon\n" in out and "kernel variant neondot" in out, out
+    assert "batch invariance neon\n" in out and "batch invariance neondot" in out, out
     assert out.strip().endswith(" 0 failed"), out

@@ -290,8 +290,8 @@ def x_with_zero_group(rng, T, cols, gs):
     return x
 
 
-# int8 activations: every group size the kernels take; T up to FM_FUSED_MAX_TOKENS (decode, rows straight
-# from their packed form) and past it (prefill: unpacked rows in 2-row tiles, odd row counts leave one
+# int8 activations: every group size the kernels take; T = 1 (decode, rows straight from their packed
+# form) and more (prefill: unpacked rows in 2-row tiles, odd row counts leave one
 # row; 4096 columns make blocks of 48 tokens, so T = 50 crosses a block with a 2-token tail); enough rows
 # to be split over the thread pool in the 257-row cases.
 for name, dtype in (("q8", Q8), ("q4", Q4)):

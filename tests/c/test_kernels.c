@@ -1,6 +1,9 @@
 /*
  * test_kernels.c — every SIMD matmul variant this build has against the portable kernels, in C, so it
  * can run on another ISA under qemu-user (tests/test_cross_isa.py builds it with a cross compiler).
+ * Also batch invariance (csrc/backend/cpu/matmul.h): each variant's rows of a batch bitwise equal to its
+ * tokens alone, for every T, place in the batch and thread count (tests/test_batch_invariance.py does it
+ * through Python for the native variants; this is how the NEON ones get it, under qemu).
  * Prints one line per failing case and ends with "N passed, M failed"; exits 1 on any failure.
  */
 #include <math.h>
@@ -9,6 +12,7 @@
 #include <string.h>
 
 #include "../../csrc/backend/cpu/cpu.h"
+#include "../../csrc/backend/cpu/threads.h"
 
 static uint32_t rng_state = 12345;
 static uint32_t rnd(void) {
@@ -78,6 +82,54 @@ static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs,
     return ok;
 }
 
+/* Batch invariance of isa on one weight: y of batches x[s, s + T) at 1 and 2 threads against each token
+ * alone (1 thread), bitwise. */
+static int batch_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs, int int8_act, int sb) {
+    enum { NX = 48 };
+    const int ng = gs ? cols / gs : 0;
+    const size_t data_bytes = dtype == FM_F32 ? (size_t)rows * cols * 4 : dtype == FM_BF16 ? (size_t)rows * cols * 2
+                            : dtype == FM_Q8  ? (size_t)rows * cols : (size_t)rows * cols / 2;
+    uint8_t *data = malloc(data_bytes);
+    uint16_t *scales = malloc(sizeof(uint16_t) * (size_t)rows * (ng ? ng : 1));
+    uint16_t *biases = malloc(sizeof(uint16_t) * (size_t)rows * (ng ? ng : 1));
+    float *x = malloc(sizeof(float) * (size_t)NX * cols), *one = malloc(sizeof(float) * (size_t)NX * rows);
+    float *y = malloc(sizeof(float) * (size_t)NX * rows);
+    if (dtype == FM_F32)
+        for (size_t i = 0; i < (size_t)rows * cols; i++) ((float *)data)[i] = uniform(-1, 1);
+    else if (dtype == FM_BF16)
+        for (size_t i = 0; i < (size_t)rows * cols; i++) ((uint16_t *)data)[i] = f32_to_bf16(uniform(-1, 1));
+    else
+        for (size_t i = 0; i < data_bytes; i++) data[i] = (uint8_t)rnd();
+    for (int i = 0; i < rows * ng; i++) {
+        scales[i] = sb ? f32_to_bf16(uniform(-0.05f, 0.05f)) : f32_to_f16(uniform(0.002f, 0.05f));
+        biases[i] = sb ? f32_to_bf16(uniform(-0.4f, 0.4f)) : f32_to_f16(uniform(-0.4f, -0.01f));
+    }
+    for (int i = 0; i < NX * cols; i++) x[i] = uniform(-1, 1);
+    fm_mat w = {dtype, rows, cols, gs, data, ng ? scales : NULL, ng ? biases : NULL, int8_act, sb};
+    const int before = fm_threads_get();
+    fm_cpu_set_isa(isa);
+    fm_threads_set(1);
+    for (int t = 0; t < NX; t++) fm_cpu_matmul(&w, x + (size_t)t * cols, 1, one + (size_t)t * rows);
+    int ok = 1;
+    const int Ts[] = {2, 3, 4, 5, 7, 8, 9, 13, 17, 33, NX};
+    for (int threads = 1; threads <= 2 && ok; threads++) {
+        fm_threads_set(threads);
+        for (size_t k = 0; k < sizeof Ts / sizeof Ts[0] && ok; k++) {
+            const int T = Ts[k], s = (3 * T) % (NX - T + 1);
+            fm_cpu_matmul(&w, x + (size_t)s * cols, T, y);
+            if (memcmp(y, one + (size_t)s * rows, sizeof(float) * (size_t)T * rows) != 0) {
+                printf("FAIL batch %s dtype %d %dx%d g%d int8 %d %s scales: T=%d threads %d differs from the "
+                       "tokens alone\n", isa, dtype, rows, cols, gs, int8_act, sb ? "bf16" : "fp16", T, threads);
+                ok = 0;
+            }
+        }
+    }
+    fm_threads_set(before);
+    fm_cpu_set_isa("auto");
+    free(data), free(scales), free(biases), free(x), free(one), free(y);
+    return ok;
+}
+
 int main(void) {
     const char *isas[] = {"avx2", "avx512", "neon", "neondot"};
     int passed = 0, failed = 0;
@@ -108,6 +160,21 @@ int main(void) {
                 else failed++;
             }
         }
+    }
+    const char *all[] = {"scalar", "avx2", "avx512", "neon", "neondot"};
+    for (int k = 0; k < 5; k++) {
+        if (!fm_cpu_isa_available(all[k])) continue;
+        printf("batch invariance %s\n", all[k]);
+        const struct { fm_dtype d; int gs, cols; } W[] = {{FM_F32, 0, 130}, {FM_BF16, 0, 130}, {FM_Q8, 16, 80},
+                                                          {FM_Q8, 32, 96},  {FM_Q8, 64, 1024}, {FM_Q8, 128, 384},
+                                                          {FM_Q4, 32, 1024}, {FM_Q4, 64, 192}, {FM_Q4, 128, 384}};
+        for (size_t i = 0; i < sizeof W / sizeof W[0]; i++)
+            for (int int8 = 0; int8 <= (W[i].gs % 32 == 0 && W[i].gs > 0); int8++)
+                for (int sb = 0; sb <= (W[i].gs > 0); sb++) {
+                    /* 257 rows x 1024: split over 2 threads; 13 rows: not a multiple of the 4-row tiles */
+                    if (batch_case(all[k], W[i].d, W[i].cols == 1024 ? 257 : 13, W[i].cols, W[i].gs, int8, sb)) passed++;
+                    else failed++;
+                }
     }
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;

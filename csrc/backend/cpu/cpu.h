@@ -27,7 +27,9 @@ int fm_cpu_use_avx2(void); /* kernels should take their AVX2 copy: selected (or 
  * does: m = max|x_g|, xq = rint(x·(127/m)), d_g = m/127, and
  *   y = Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq)   (integer dot products),
  * i.e. the dequantized W times x rounded to d·xq. Every CPU variant computes this same function; it
- * halves the decode work of the SIMD kernels and makes prefill tiles ~1.5x faster than fp32 ones. */
+ * halves the decode work of the SIMD kernels and makes prefill tiles ~1.5x faster than fp32 ones.
+ * Batch-invariant: within one variant, row t of y is bitwise the same whatever T, t's place in x or the
+ * thread count (matmul.h). */
 void fm_cpu_matmul(const fm_mat *w, const float *x, int T, float *y);
 /* out[cols] = row r of W, dequantized (embedding lookup) */
 void fm_cpu_get_row(const fm_mat *w, int r, float *out);

@@ -4,16 +4,15 @@
 
 #include "cpu.h"
 
-/* fp32 activations: up to this many tokens, quantized rows are dotted straight from their packed form
- * (no dequantized copy); above it, rows are dequantized once and multiplied in register tiles. (int8
- * activations: one token reads rows packed, more go to int8 tiles; the AVX-512 kernel takes decode.) */
-enum { FM_FUSED_MAX_TOKENS = 8 };
+/* Batch invariance: a kernel variant computes row r · token t in one order whatever T, the token's place in
+ * the chunk, the rows it shares a task or tile with, or the thread count, so the outputs of a token are
+ * bitwise the same in decode and in any prefill chunk (tests/test_batch_invariance.py). Each variant may
+ * have its own order; the fast paths of one variant (decode rows, prefill tiles) share it. */
 
 typedef struct {
     const fm_mat *w;
     const float *x;    /* [T, cols] */
     const float *xp;   /* [T, cols] x permuted per 32-element block (evens, then odds), for q4; else NULL */
-    const float *xsum; /* [T, ng] per-group sums of x, for quantized w and T <= FM_FUSED_MAX_TOKENS; else NULL */
     /* int8 activations (cpu.h), else NULL: */
     const int8_t *xq;  /* [T, cols] x quantized per group (permuted like xp for q4 in the SIMD kernels) */
     const float *xd;   /* [T, ng] each group's step: x ≈ xd·xq */

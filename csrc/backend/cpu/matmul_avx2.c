@@ -4,26 +4,22 @@
  * Compiled with -mavx2 -mfma -mf16c and called only when the CPU has AVX2 and FMA (ops.c dispatches;
  * every AVX2 CPU has F16C).
  *
- * One token (decode): each row is dotted with x straight from its packed form. Per group of g inputs
- * the kernel accumulates Σ q·x in fp32 and then adds scale·that, and the bias term Σ_g bias_g·Σx_g
- * uses per-group sums of x computed once per call: w·x = Σ_g (s_g Σ q x + b_g Σ x).
+ * Batch invariance: every path computes a (row, token) output in one fixed order, so a token's outputs are
+ * bitwise the same whatever batch, position in it, or thread count it ran with (tests/test_batch_invariance.py).
+ * fp32 activations: the row as fp32 (bf16 widened; q4/q8 as fma(q, scale, bias)), one 8-lane chain
+ * acc = fma(w[c, c+8), x[c, c+8), acc) for c = 0, 8, .., hsum, then the last cols % 8 by fmaf in order.
+ * Decode runs 4 rows at a time (4 chains for the ILP), quantized rows dequantized in registers; several
+ * tokens dequantize 4 rows once into rowbuf and multiply them with 3 tokens at a time in register tiles.
+ * int8 activations: the order of matmul_x86.h, in 4-row decode groups and in 2-row × 4-token tiles.
+ *
  * q4 bytes hold elements 2j (low nibble) and 2j+1 (high nibble); instead of shuffling nibbles into
  * order, the caller passes x permuted per 32-element block (16 even elements, then 16 odd ones), so a
- * masked byte vector lines up with 16 consecutive floats. Several tokens (prefill): 4 rows at a time
- * are dequantized into fp32 (in the same permuted order) and multiplied with the tokens in 4×3 register
- * tiles, so each load feeds several FMAs.
+ * masked byte vector lines up with 16 consecutive floats (the chain above runs in that order).
  */
 #include "../../core/util.h"
 #include "matmul_x86.h"
 
 static inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
-
-/* n scales or biases as fp32 (bf16 a literal, as in load8s). */
-static inline __attribute__((always_inline)) void scales_to_f32(const uint16_t *src, float *dst, int n, const int bf16) {
-    int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8s(src + i, 8, bf16));
-    for (; i < n; i++) dst[i] = bf16 ? fm_bf16_to_f32(src[i]) : fm_f16_to_f32(src[i]);
-}
 
 /* Row r's scales and biases as fp32, s[ng] and b[ng] (ng = cols / group_size, which the caller has): the
  * scale dtype is looked at once per row. Inlined: as a call (and its division) it made the fp32 matvecs
@@ -47,26 +43,6 @@ static inline __m256 bf16x8_to_ps(const uint16_t *p) {
 static inline __attribute__((always_inline)) __m256 load_row8(const void *w, int i, const int bf16) {
     return bf16 ? bf16x8_to_ps((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
 }
-
-/* Σ w·x over n, w fp32 or bf16: one pass over the row, no dequantized copy. bf16 is a literal. */
-static inline __attribute__((always_inline)) float dot_row(const void *w, const int bf16, const float *x, int n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm256_fmadd_ps(load_row8(w, i, bf16), _mm256_loadu_ps(x + i), s0);
-        s1 = _mm256_fmadd_ps(load_row8(w, i + 8, bf16), _mm256_loadu_ps(x + i + 8), s1);
-        s2 = _mm256_fmadd_ps(load_row8(w, i + 16, bf16), _mm256_loadu_ps(x + i + 16), s2);
-        s3 = _mm256_fmadd_ps(load_row8(w, i + 24, bf16), _mm256_loadu_ps(x + i + 24), s3);
-    }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(load_row8(w, i, bf16), _mm256_loadu_ps(x + i), s0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    for (; i < n; i++) s += (bf16 ? fm_bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i]) * x[i];
-    return s;
-}
-
-static float dot_f32(const float *a, const float *b, int n) { return dot_row(a, 0, b, n); }
-static float dot_bf16(const uint16_t *w, const float *x, int n) { return dot_row(w, 1, x, n); }
-
 /* 16 bytes of q4 (32 weights) as fp32: l0/l1 the low nibbles of bytes 0-7/8-15 (elements 0,2,..,14 and
  * 16,..,30), h0/h1 the high nibbles (1,..,15 and 17,..,31). One byte per dword comes from a single
  * in-lane byte shuffle of the broadcast bytes; the nibbles are then a mask and a shift. */
@@ -90,89 +66,6 @@ static inline q4x32 q4_unpack32(const uint8_t *q) {
     return r;
 }
 
-/* Σ q·x over one q4 group of gs elements (gs a multiple of 32), x permuted per block. */
-static inline __m256 q4_group_dot(const uint8_t *q, const float *xp, int gs) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int b = 0; b < gs / 32; b++, q += 16, xp += 32) {
-        const q4x32 w = q4_unpack32(q);
-        a0 = _mm256_fmadd_ps(w.l0, _mm256_loadu_ps(xp), a0);
-        a1 = _mm256_fmadd_ps(w.l1, _mm256_loadu_ps(xp + 8), a1);
-        a2 = _mm256_fmadd_ps(w.h0, _mm256_loadu_ps(xp + 16), a2);
-        a3 = _mm256_fmadd_ps(w.h1, _mm256_loadu_ps(xp + 24), a3);
-    }
-    return _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-}
-
-/* Σ q·x over one q8 group (gs a multiple of 16). */
-static inline __m256 q8_group_dot(const uint8_t *q, const float *x, int gs) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (int i = 0; i < gs; i += 16) {
-        const __m128i v = _mm_loadu_si128((const __m128i *)(q + i));
-        a0 = _mm256_fmadd_ps(u8x8_to_ps(v), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(v, 8)), _mm256_loadu_ps(x + i + 8), a1);
-    }
-    return _mm256_add_ps(a0, a1);
-}
-
-/* Quantized row: fused dot for one token. */
-static float quant_row_dot(const fm_mat *w, int r, const float *x, const float *xsum) {
-    const int n = w->cols, gs = w->group_size, ng = n / gs;
-    float s[ng], b[ng];
-    row_scales(w, r, ng, s, b);
-    __m256 acc = _mm256_setzero_ps();
-    if (w->dtype == FM_Q4) {
-        const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2);
-        for (int g = 0; g < ng; g++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), q4_group_dot(q + g * gs / 2, x + g * gs, gs), acc);
-    } else {
-        const uint8_t *q = (const uint8_t *)w->data + (size_t)r * n;
-        for (int g = 0; g < ng; g++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), q8_group_dot(q + g * gs, x + g * gs, gs), acc);
-    }
-    return hsum(acc) + dot_f32(b, xsum, ng);
-}
-
-/* Quantized row r against TT ≤ 4 tokens at once: each group's weights are converted to fp32 once, in
- * registers, and used for every token (few tokens per expert in a prefill chunk). out[t] = W[r]·x[t]. */
-static void quant_row_dot_multi(const fm_mat *w, int r, const float *const x[4], const float *const xsum[4], int TT,
-                                float out[4]) {
-    const int n = w->cols, gs = w->group_size, ng = n / gs;
-    float sc[ng], bi[ng];
-    row_scales(w, r, ng, sc, bi);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int g = 0; g < ng; g++) {
-        __m256 ag[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        const int c0 = g * gs;
-        if (w->dtype == FM_Q4) {
-            const uint8_t *q = (const uint8_t *)w->data + (size_t)r * (n / 2) + c0 / 2;
-            for (int b = 0; b < gs / 32; b++, q += 16) {
-                const q4x32 wq = q4_unpack32(q);
-                const int c = c0 + b * 32;
-                for (int t = 0; t < TT; t++) {
-                    const float *xt = x[t] + c;
-                    ag[t] = _mm256_fmadd_ps(wq.l0, _mm256_loadu_ps(xt), ag[t]);
-                    ag[t] = _mm256_fmadd_ps(wq.l1, _mm256_loadu_ps(xt + 8), ag[t]);
-                    ag[t] = _mm256_fmadd_ps(wq.h0, _mm256_loadu_ps(xt + 16), ag[t]);
-                    ag[t] = _mm256_fmadd_ps(wq.h1, _mm256_loadu_ps(xt + 24), ag[t]);
-                }
-            }
-        } else {
-            const uint8_t *q = (const uint8_t *)w->data + (size_t)r * n + c0;
-            for (int i = 0; i < gs; i += 16) {
-                const __m128i v = _mm_loadu_si128((const __m128i *)(q + i));
-                const __m256 q0 = u8x8_to_ps(v), q1 = u8x8_to_ps(_mm_srli_si128(v, 8));
-                for (int t = 0; t < TT; t++) {
-                    ag[t] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x[t] + c0 + i), ag[t]);
-                    ag[t] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x[t] + c0 + i + 8), ag[t]);
-                }
-            }
-        }
-        const __m256 sg = _mm256_set1_ps(sc[g]);
-        for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(sg, ag[t], acc[t]);
-    }
-    for (int t = 0; t < TT; t++) out[t] = hsum(acc[t]) + dot_f32(bi, xsum[t], ng);
-}
-
 /* ---------------------------------------------------------------- int8 activations (cpu.h) */
 
 /* 16 bytes of q4 as 32 unsigned bytes: the low nibbles (elements 0, 2, .., 30) in the low lane, the high
@@ -183,66 +76,11 @@ static inline __m256i q4_bytes32(const uint8_t *q) {
                             _mm256_set1_epi8(0x0F));
 }
 
-/* Σ (q - 128)·xq of one q8 group: maddubs multiplies unsigned by signed bytes, so it takes |q - 128| and
- * xq carrying the sign of q - 128 (pairs at most 2·128·127, no saturation); callers add 128·Σ xq. */
-static inline __m256i q8_group_idot(const uint8_t *q, const int8_t *xq, int gs) {
-    const __m256i ones = _mm256_set1_epi16(1), off = _mm256_set1_epi8((char)0x80);
-    __m256i acc = _mm256_setzero_si256();
-    for (int i = 0; i < gs; i += 32) {
-        const __m256i qs = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + i)), off);
-        const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(qs),
-                                               _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + i)), qs));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
-    }
-    return acc;
-}
-
-/* Row r against one token's int8 activations (decode): Σ_g d_g·(scale_g·Σ q·xq + bias_g·Σ xq), where for
- * q8 Σ q·xq = Σ (q - 128)·xq + 128·Σ xq, so the offset joins the bias: b' = bias + 128·scale. Groups go
- * 8 at a time so the scales and biases convert in one or two instructions each. q4, GS (the group size
- * when a constant, else 0) and SB (bf16 scales and biases) are literals after inlining: one loop per
- * case. More tokens go to the tiles below. */
-static inline __attribute__((always_inline)) float int8_row(const fm_mat *w, int r, const fm_matmul_args *a,
-                                                            const int q4, const int GS, const int SB) {
-    const int n = w->cols, gs = GS ? GS : w->group_size, ng = n / gs;
-    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * (q4 ? n / 2 : n);
-    const uint16_t *sc = w->scales + (size_t)r * ng, *bi = w->biases + (size_t)r * ng;
-    const int8_t *xq = a->xq;
-    const __m256 off = _mm256_set1_ps(q4 ? 0.0f : 128.0f);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
-    float d[8];
-    for (int g0 = 0; g0 < ng; g0 += 8) {
-        const int G = ng - g0 < 8 ? ng - g0 : 8;
-        const __m256 s = load8s(sc + g0, G, SB), b = _mm256_fmadd_ps(off, s, load8s(bi + g0, G, SB));
-        const __m256 dx = load8(a->xd + g0, G);
-        accb = _mm256_fmadd_ps(_mm256_mul_ps(b, dx), load8(a->xqs + g0, G), accb);
-        _mm256_storeu_ps(d, _mm256_mul_ps(s, dx));
-        for (int k = 0; k < G; k++) {
-            const int g = g0 + k;
-            __m256i dot;
-            if (q4) {
-                const uint8_t *qg = row + g * gs / 2;
-                const int8_t *xg = xq + g * gs;
-                __m256i p = _mm256_maddubs_epi16(q4_bytes32(qg), _mm256_loadu_si256((const __m256i *)xg));
-                for (int blk = 1; blk < gs / 32; blk++) /* <= 8 blocks (cpu.h): int16 sums do not overflow */
-                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q4_bytes32(qg + 16 * blk),
-                                                                 _mm256_loadu_si256((const __m256i *)(xg + 32 * blk))));
-                dot = _mm256_madd_epi16(p, ones);
-            } else {
-                dot = q8_group_idot(row + g * gs, xq + g * gs, gs);
-            }
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[k]), acc);
-        }
-    }
-    return hsum(_mm256_add_ps(acc, accb));
-}
-
 /* Several tokens on int8 activations (prefill): a row pair is unpacked to one byte per weight (q4: the
  * nibbles, in xq's permuted order; q8: q - 128 as signed bytes) so the inner loop is loads and maddubs,
  * then multiplied in 2-row × 4-token tiles (int8_tile). The tokens go in blocks whose activations fit in
- * L2 (a pass over the task's rows per block), so they are not streamed from L3 once per row pair. Same
- * function as int8_row.
+ * L2 (a pass over the task's rows per block), so they are not streamed from L3 once per row pair. The
+ * same bits as decode's int8_rows4 (the order of matmul_x86.h).
  *
  * The tiles read two streams, each front to back through one pointer, so the loop needs few registers
  * (with a pointer per row and per token, GCC spilled the activations to the stack and read them back).
@@ -330,88 +168,71 @@ static void tile_pack(const fm_matmul_args *a, int t, int te, uint8_t *X) {
 }
 
 /* Σ over one group of a row against one token's xq (both at the group's first element), as lane partial
- * sums. q4: pairs q·xq (<= 2·15·127) summed over the group's NB blocks in int16, returned as 16 int16
+ * sums. The row is unpacked (a row pair stream: q4 nibbles as bytes, q8 as q - 128) or, PK, packed as
+ * stored. q4: pairs q·xq (<= 2·15·127) summed over the group's NB blocks in int16, returned as 16 int16
  * (I16) or widened to 8 int32. q8: Σ (q - 128)·xq per block via |q - 128| and xq signed like q - 128
  * (pairs reach 2·128·127, so each block is widened at once), 8 int32. */
 static inline __attribute__((always_inline)) __m256i group_part(const uint8_t *wr, const int8_t *xt, const int q4,
-                                                                const int NB, const int I16) {
+                                                                const int NB, const int I16, const int PK) {
     const __m256i ones = _mm256_set1_epi16(1);
     if (q4) {
-        __m256i p = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)wr),
-                                         _mm256_loadu_si256((const __m256i *)xt));
-        for (int b = 1; b < NB; b++) /* <= 8 blocks (cpu.h): no int16 overflow */
-            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(wr + 32 * b)),
-                                                         _mm256_loadu_si256((const __m256i *)(xt + 32 * b))));
+        __m256i p = _mm256_setzero_si256();
+        for (int b = 0; b < NB; b++) { /* <= 8 blocks (cpu.h): no int16 overflow */
+            const __m256i wb = PK ? q4_bytes32(wr + 16 * b) : _mm256_loadu_si256((const __m256i *)(wr + 32 * b));
+            const __m256i m = _mm256_maddubs_epi16(wb, _mm256_loadu_si256((const __m256i *)(xt + 32 * b)));
+            p = b ? _mm256_add_epi16(p, m) : m;
+        }
         return I16 ? p : _mm256_madd_epi16(p, ones);
     }
     __m256i s = _mm256_setzero_si256();
     for (int b = 0; b < NB; b++) {
-        const __m256i ws = _mm256_loadu_si256((const __m256i *)(wr + 32 * b));
+        __m256i ws = _mm256_loadu_si256((const __m256i *)(wr + 32 * b));
+        if (PK) ws = _mm256_xor_si256(ws, _mm256_set1_epi8((char)0x80));
         const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xt + 32 * b)), ws);
         s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(ws), xs), ones));
     }
     return s;
 }
 
-/* Four lane-partial vectors (of the pairs A, B, C, D) → 8 int32 lanes [A, B, C, D, A, B, C, D], each a
- * sum of a quarter of its pair's lanes. The reduction is unpacks and adds, which run beside the
- * multiplies (on Zen 3 maddubs and madd share two pipes, and FMA, mul and the int→float conversion
- * compete for them; unpacks have two others): the group's conversion and scaling then cost one
- * instruction per four pairs instead of one per pair. I16: int16
- * lanes; each output int16 before the final madd sums 4 of them, so this needs lanes <= 8191 (q4,
- * groups of 32 or 64: 2·2·15·127 = 7620). */
-static inline __attribute__((always_inline)) __m256i reduce4(__m256i a, __m256i b, __m256i c, __m256i d,
-                                                            const int I16) {
-    if (I16) {
-        const __m256i ab = _mm256_add_epi16(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
-        const __m256i cd = _mm256_add_epi16(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
-        return _mm256_madd_epi16(_mm256_add_epi16(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd)),
-                                 _mm256_set1_epi16(1));
-    }
-    const __m256i ab = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
-    const __m256i cd = _mm256_add_epi32(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
-    return _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
-}
-
-/* A row pair (stream W) × a tile (stream X) of ng groups of 32·NB: out[i][t]. Per group and token pair
- * the four (row, token) dots are reduced into one vector [r0·ta, r0·tb, r1·ta, r1·tb] and scaled at once
- * by [s0, s0, s1, s1] ⊙ [da, db, da, db]; the bias term Σ_g b'_g·e_g likewise, both token pairs in one
- * vector. NS = 1: the first token pair only. Software-pipelined: the multiplies of group g + 1 are
- * issued before the reduction and scaling of group g, so the reduction's inputs are ready when it enters
- * the scheduler (the other way round, Zen 3 took ~19 cycles a group instead of ~16.5). */
+/* A row pair (stream W) × a tile (stream X) of ng groups of 32·NB: out[i][t], in the order of matmul_x86.h.
+ * Per group the eight (row, token) dots are reduced into one vector [r0·ta, r0·tb, r1·ta, r1·tb | the same
+ * for tc, td] and scaled at once by [s0, s0, s1, s1]·[da, db, da, db | dc, dd, dc, dd]; the bias term
+ * likewise. NS = 1: the first token pair only (the upper half is then computed and dropped).
+ * Software-pipelined: the multiplies of group g + 1 are issued before the reduction and scaling of group
+ * g, so the reduction's inputs are ready when it enters the scheduler (the other way round, Zen 3 took
+ * ~19 cycles a group instead of ~16.5). */
 static inline __attribute__((always_inline)) void int8_tile(const uint8_t *W, const uint8_t *X, int ng,
                                                             float out[2][4], const int NS, const int q4,
                                                             const int NB) {
     const int I16 = q4 && NB <= 2, gs = 32 * NB;
     const size_t ws = row_pair_stride(gs), xs = tile_stride(gs);
-    __m256 acc[2], accb = _mm256_setzero_ps(); /* acc: both halves partial sums of the same 4 pairs */
-    __m256i p[2][4];                           /* group_part of the next group */
-    for (int j = 0; j < NS; j++) acc[j] = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
+    __m256i p[2][4]; /* group_part of the next group */
 #define TILE_PARTS(Wg, Xg)                                                                                        \
     for (int j = 0; j < NS; j++) {                                                                                \
         const int8_t *xa = (const int8_t *)(Xg) + 2 * j * gs, *xb = xa + gs;                                      \
-        p[j][0] = group_part((Wg), xa, q4, NB, I16), p[j][1] = group_part((Wg), xb, q4, NB, I16);                 \
-        p[j][2] = group_part((Wg) + gs, xa, q4, NB, I16), p[j][3] = group_part((Wg) + gs, xb, q4, NB, I16);       \
+        p[j][0] = group_part((Wg), xa, q4, NB, I16, 0), p[j][1] = group_part((Wg), xb, q4, NB, I16, 0);           \
+        p[j][2] = group_part((Wg) + gs, xa, q4, NB, I16, 0), p[j][3] = group_part((Wg) + gs, xb, q4, NB, I16, 0); \
     }
     TILE_PARTS(W, X)
     for (int g = 0; g < ng; g++, W += ws, X += xs) {
-        __m256i dot[2];
-        for (int j = 0; j < NS; j++) dot[j] = reduce4(p[j][0], p[j][1], p[j][2], p[j][3], I16);
+        const __m256i d0 = reduce4(p[0][0], p[0][1], p[0][2], p[0][3], I16);
+        const __m256i d1 = NS == 2 ? reduce4(p[1][0], p[1][1], p[1][2], p[1][3], I16) : d0;
         if (g + 1 < ng) TILE_PARTS(W + ws, X + xs)
+        /* whole dots: [pair 0 | pair 1], each half the sum of its reduce4's two halves */
+        const __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(d0, d1, 0x20),
+                                             _mm256_permute2x128_si256(d0, d1, 0x31));
         const float *rs = (const float *)(W + 2 * gs), *de = (const float *)(X + 4 * gs);
-        const __m256 S = _mm256_broadcast_ps((const __m128 *)rs);
-        for (int j = 0; j < NS; j++)
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j]),
-                                     _mm256_mul_ps(S, _mm256_broadcast_ps((const __m128 *)(de + 4 * j))), acc[j]);
+        const __m256 sd = _mm256_mul_ps(_mm256_broadcast_ps((const __m128 *)rs), _mm256_loadu_ps(de));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sd, acc);
         accb = _mm256_fmadd_ps(_mm256_broadcast_ps((const __m128 *)(rs + 4)), _mm256_loadu_ps(de + 8), accb);
     }
 #undef TILE_PARTS
-    for (int j = 0; j < NS; j++) {
-        float o[4];
-        _mm_storeu_ps(o, _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1)),
-                                    j ? _mm256_extractf128_ps(accb, 1) : _mm256_castps256_ps128(accb)));
-        out[0][2 * j] = o[0], out[0][2 * j + 1] = o[1], out[1][2 * j] = o[2], out[1][2 * j + 1] = o[3];
-    }
+    float o[8];
+    _mm256_storeu_ps(o, _mm256_add_ps(acc, accb));
+    for (int j = 0; j < NS; j++)
+        out[0][2 * j] = o[4 * j], out[0][2 * j + 1] = o[4 * j + 1], out[1][2 * j] = o[4 * j + 2],
+        out[1][2 * j + 1] = o[4 * j + 3];
 }
 
 /* The tile streams of a block of tokens, per thread (fm_grow). NULL when it cannot be had. */
@@ -499,18 +320,97 @@ void fm_quantize_x_avx2(const float *x, int n, int gs, int permute, int8_t *xq, 
     }
 }
 
+/* Decode, q4: two blocks' xq in the AVX2 order (per 32-block: 16 evens, then 16 odds) → their evens (xl)
+ * and odds (xh), so that a 32-byte load of the packed row needs one mask or shift per nibble and no
+ * shuffle (q4_bytes32 takes four instructions per 16 bytes). */
+static inline void x_pair(const int8_t *xq, __m256i *xl, __m256i *xh) {
+    const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq), x1 = _mm256_loadu_si256((const __m256i *)(xq + 32));
+    *xl = _mm256_permute2x128_si256(x0, x1, 0x20);
+    *xh = _mm256_permute2x128_si256(x0, x1, 0x31);
+}
+
+/* Decode on int8 activations: rows r[0..3] (the lanes) against one token, straight from their packed form,
+ * in the order of matmul_x86.h; a group's xq is loaded (and for q4 split, x_pair) once for the four rows.
+ * s4, b4: scales4's; e[g] = d_g·Σxq_g. NB (32-blocks a group) is a literal for groups of 64 (the
+ * converter's default), so GCC unrolls the block loop: q4 matvec 12.5 -> 14.0 GB/s on one thread
+ * (bench/RESULTS.md). */
+static inline __attribute__((always_inline)) __m128 int8_rows4(const fm_mat *w, const int r[4], const fm_matmul_args *a,
+                                                               const float *e, const float *s4, const float *b4,
+                                                               const int q4, const int NB) {
+    const int n = w->cols, gs = 32 * NB, ng = n / gs, I16 = q4 && NB <= 2, gb = q4 ? gs / 2 : gs;
+    const uint8_t *row[4];
+    for (int i = 0; i < 4; i++) row[i] = (const uint8_t *)w->data + (size_t)r[i] * (q4 ? n / 2 : n);
+    __m128 acc = _mm_setzero_ps(), accb = _mm_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        const int8_t *xg = a->xq + (size_t)g * gs;
+        __m256i p[4];
+        if (q4 && NB % 2 == 0) { /* pairs of blocks; int16 sums as group_part's */
+            const __m256i m = _mm256_set1_epi8(0x0F);
+            for (int i = 0; i < 4; i++) p[i] = _mm256_setzero_si256();
+            for (int b = 0; b < NB; b += 2) {
+                __m256i xl, xh;
+                x_pair(xg + 32 * b, &xl, &xh);
+                for (int i = 0; i < 4; i++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(row[i] + (size_t)g * gb + 16 * b));
+                    p[i] = _mm256_add_epi16(p[i], _mm256_add_epi16(
+                        _mm256_maddubs_epi16(_mm256_and_si256(v, m), xl),
+                        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), xh)));
+                }
+            }
+            if (!I16)
+                for (int i = 0; i < 4; i++) p[i] = _mm256_madd_epi16(p[i], _mm256_set1_epi16(1));
+        } else {
+            for (int i = 0; i < 4; i++) p[i] = group_part(row[i] + (size_t)g * gb, xg, q4, NB, I16, 1);
+        }
+        fold4(halves_sum(reduce4(p[0], p[1], p[2], p[3], I16)), s4 + 4 * g, b4 + 4 * g, a->xd[g], e[g], &acc, &accb);
+    }
+    return _mm_add_ps(acc, accb);
+}
+
+/* Rows [r0, r1) against one token, 4 at a time (rows past r1 repeat the first, their results dropped). */
+static inline __attribute__((always_inline)) void int8_rows_nb(const fm_matmul_args *a, int r0, int r1, const int q4,
+                                                               const int NB, const int SB) {
+    const fm_mat *w = a->w;
+    const int ng = w->cols / w->group_size, ng8 = (ng + 7) & ~7;
+    float e[ng], s4[4 * ng8], b4[4 * ng8];
+    for (int g = 0; g < ng; g++) e[g] = a->xd[g] * a->xqs[g];
+    const fm_row_prefetch pf = fm_row_prefetch_init(w);
+    for (int rb = r0; rb < r1; rb += 4) {
+        int r[4];
+        for (int i = 0; i < 4; i++) {
+            r[i] = rb + i < r1 ? rb + i : rb;
+            fm_row_prefetch_at(w, pf, rb + i, r1);
+        }
+        scales4(w, r, q4 ? 0.0f : 128.0f, s4, b4, SB);
+        float o[4];
+        _mm_storeu_ps(o, int8_rows4(w, r, a, e, s4, b4, q4, NB));
+        for (int i = 0; i < 4 && rb + i < r1; i++) a->y[rb + i] = o[i];
+    }
+}
+
 /* The int8 paths as functions of their own: inlined into fm_matmul_rows_avx2 they made GCC spill the
  * decode loop's state to the stack (decode 26 tok/s against 34). */
+static __attribute__((noinline)) void int8_rows_1(const fm_matmul_args *a, int r0, int r1) {
+    const int q4 = a->w->dtype == FM_Q4, nb = a->w->group_size / 32;
+#define ROWS_SB(SB)                                                         \
+    (q4 && nb == 2 ? int8_rows_nb(a, r0, r1, 1, 2, SB)                      \
+     : q4          ? int8_rows_nb(a, r0, r1, 1, nb, SB)                     \
+     : nb == 2     ? int8_rows_nb(a, r0, r1, 0, 2, SB)                      \
+                   : int8_rows_nb(a, r0, r1, 0, nb, SB))
+    if (a->w->scale_bf16) ROWS_SB(1);
+    else ROWS_SB(0);
+#undef ROWS_SB
+}
+
 static __attribute__((noinline)) void int8_tiles(const fm_matmul_args *a, int r0, int r1, uint8_t *wbuf) {
     const fm_mat *w = a->w;
     const int q4 = w->dtype == FM_Q4, nb = w->group_size / 32, n = w->cols, ng = n / w->group_size;
     uint8_t *Xb = tile_buffer((size_t)(tile_block(n, a->T) / 4) * ng * tile_stride(w->group_size));
-    if (!Xb) { /* no memory for the tile streams: token by token */
+    if (!Xb) { /* no memory for the tile streams: token by token (the same order) */
         for (int t = 0; t < a->T; t++) {
             fm_matmul_args b = *a;
             b.xq += (size_t)t * n, b.xd += (size_t)t * ng, b.xqs += (size_t)t * ng, b.y += (size_t)t * w->rows;
-            for (int r = r0; r < r1; r++)
-                b.y[r] = w->scale_bf16 ? int8_row(w, r, &b, q4, 0, 1) : int8_row(w, r, &b, q4, 0, 0);
+            int8_rows_1(&b, r0, r1);
         }
         return;
     }
@@ -519,26 +419,6 @@ static __attribute__((noinline)) void int8_tiles(const fm_matmul_args *a, int r0
     else if (q4 && nb == 1) int8_tiles_nb(a, r0, r1, wbuf, Xb, 1, 1);
     else if (q4) int8_tiles_nb(a, r0, r1, wbuf, Xb, 1, nb);
     else int8_tiles_nb(a, r0, r1, wbuf, Xb, 0, nb);
-}
-
-/* Decode: group size 64 (the converter's default) as a constant lets GCC unroll the block loop: q4
- * matvec 12.5 -> 14.0 GB/s on one thread (bench/RESULTS.md). SB: bf16 scales, a literal. */
-static inline __attribute__((always_inline)) void int8_rows(const fm_matmul_args *a, int r0, int r1, const int SB) {
-    const fm_mat *w = a->w;
-    const int q4 = w->dtype == FM_Q4, g64 = w->group_size == 64;
-    const fm_row_prefetch pf = fm_row_prefetch_init(w);
-    for (int r = r0; r < r1; r++) {
-        fm_row_prefetch_at(w, pf, r, r1);
-        a->y[r] = q4 && g64 ? int8_row(w, r, a, 1, 64, SB)
-                  : q4      ? int8_row(w, r, a, 1, 0, SB)
-                  : g64     ? int8_row(w, r, a, 0, 64, SB)
-                            : int8_row(w, r, a, 0, 0, SB);
-    }
-}
-
-static __attribute__((noinline)) void int8_rows_1(const fm_matmul_args *a, int r0, int r1) {
-    if (a->w->scale_bf16) int8_rows(a, r0, r1, 1);
-    else int8_rows(a, r0, r1, 0);
 }
 
 /* Row r dequantized into out[cols] (q4: in the permuted order). */
@@ -583,28 +463,100 @@ int fm_matmul_avx2_supports(const fm_mat *w) {
     return 0;
 }
 
-/* acc[r][t] += Σ_c w[r][c]·x[t][c] for 4 rows × 3 tokens: 12 accumulators; each weight load feeds 3
- * FMAs and each x load 4. Missing rows/tokens point at real ones and their results are dropped. */
-static void tile_4x3(const float *const w[4], const float *const x[3], int n, float out[4][3]) {
+/* out[r][t] = w[r]·x[t] for 4 rows × TT <= 3 tokens (a literal), in the one fp32 order of this file: per
+ * (r, t) a chain of 8 lanes over the columns, hsum, then the last cols % 8 by fmaf. 12 accumulators at
+ * TT = 3: each weight load feeds 3 FMAs and each x load 4. w: fp32 rows, or bf16 ones widened here (bf16,
+ * a literal). Missing rows/tokens point at real ones and their results are dropped. */
+static inline __attribute__((always_inline)) void dot_tile(const void *const w[4], const int bf16,
+                                                           const float *const x[3], int n, float out[4][3],
+                                                           const int TT) {
     __m256 acc[4][3];
     for (int r = 0; r < 4; r++)
-        for (int t = 0; t < 3; t++) acc[r][t] = _mm256_setzero_ps();
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm256_setzero_ps();
     int c = 0;
     for (; c + 8 <= n; c += 8) {
-        const __m256 x0 = _mm256_loadu_ps(x[0] + c), x1 = _mm256_loadu_ps(x[1] + c), x2 = _mm256_loadu_ps(x[2] + c);
+        __m256 xv[3];
+        for (int t = 0; t < TT; t++) xv[t] = _mm256_loadu_ps(x[t] + c);
         for (int r = 0; r < 4; r++) {
-            const __m256 wr = _mm256_loadu_ps(w[r] + c);
-            acc[r][0] = _mm256_fmadd_ps(wr, x0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(wr, x1, acc[r][1]);
-            acc[r][2] = _mm256_fmadd_ps(wr, x2, acc[r][2]);
+            const __m256 wr = load_row8(w[r], c, bf16);
+            for (int t = 0; t < TT; t++) acc[r][t] = _mm256_fmadd_ps(wr, xv[t], acc[r][t]);
         }
     }
     for (int r = 0; r < 4; r++)
-        for (int t = 0; t < 3; t++) {
+        for (int t = 0; t < TT; t++) {
             float v = hsum(acc[r][t]);
-            for (int i = c; i < n; i++) v += w[r][i] * x[t][i];
+            for (int i = c; i < n; i++)
+                v = fmaf(bf16 ? fm_bf16_to_f32(((const uint16_t *)w[r])[i]) : ((const float *)w[r])[i], x[t][i], v);
             out[r][t] = v;
         }
+}
+
+static void dot_tile_tt(const float *const w[4], const float *const x[3], int n, float out[4][3], int TT) {
+    const void *const *wv = (const void *const *)w;
+    if (TT == 3) dot_tile(wv, 0, x, n, out, 3);
+    else if (TT == 2) dot_tile(wv, 0, x, n, out, 2);
+    else dot_tile(wv, 0, x, n, out, 1);
+}
+
+/* Decode on q4/q8 weights: rows r[0..3] against one token, each dequantized in registers to dequant_row's
+ * values (fma(q, scale, bias)) and dotted in dot_tile's order; the four chains give the ILP. */
+static inline __attribute__((always_inline)) void quant_rows4(const fm_mat *w, const int r[4], const float *x,
+                                                              float out[4], const int q4) {
+    const int n = w->cols, gs = w->group_size, ng = n / gs;
+    float sc[4][ng], bi[4][ng];
+    const uint8_t *q[4];
+    __m256 acc[4];
+    for (int i = 0; i < 4; i++) {
+        row_scales(w, r[i], ng, sc[i], bi[i]);
+        q[i] = (const uint8_t *)w->data + (size_t)r[i] * (q4 ? n / 2 : n);
+        acc[i] = _mm256_setzero_ps();
+    }
+    for (int g = 0; g < ng; g++) {
+        __m256 S[4], B[4];
+        for (int i = 0; i < 4; i++) S[i] = _mm256_set1_ps(sc[i][g]), B[i] = _mm256_set1_ps(bi[i][g]);
+        for (int c = g * gs; c < (g + 1) * gs; c += q4 ? 32 : 8) /* the rows side by side: 4 chains in flight */
+            for (int i = 0; i < 4; i++) {
+                if (q4) {
+                    const q4x32 wq = q4_unpack32(q[i] + c / 2);
+                    acc[i] = _mm256_fmadd_ps(_mm256_fmadd_ps(wq.l0, S[i], B[i]), _mm256_loadu_ps(x + c), acc[i]);
+                    acc[i] = _mm256_fmadd_ps(_mm256_fmadd_ps(wq.l1, S[i], B[i]), _mm256_loadu_ps(x + c + 8), acc[i]);
+                    acc[i] = _mm256_fmadd_ps(_mm256_fmadd_ps(wq.h0, S[i], B[i]), _mm256_loadu_ps(x + c + 16), acc[i]);
+                    acc[i] = _mm256_fmadd_ps(_mm256_fmadd_ps(wq.h1, S[i], B[i]), _mm256_loadu_ps(x + c + 24), acc[i]);
+                } else {
+                    const __m256 wv = _mm256_fmadd_ps(u8x8_to_ps(_mm_loadl_epi64((const __m128i *)(q[i] + c))), S[i], B[i]);
+                    acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + c), acc[i]);
+                }
+            }
+    }
+    for (int i = 0; i < 4; i++) out[i] = hsum(acc[i]);
+}
+
+/* One token (decode), 4 rows at a time, each read once straight from its packed form (rows past r1 repeat
+ * the first, their results dropped). */
+static __attribute__((noinline)) void rows_1(const fm_matmul_args *a, const float *x, int r0, int r1) {
+    const fm_mat *w = a->w;
+    const int n = w->cols;
+    const fm_row_prefetch pf = fm_row_prefetch_init(w);
+    const size_t rb_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, n);
+    for (int rb = r0; rb < r1; rb += 4) {
+        int r[4];
+        const void *wr[4];
+        for (int i = 0; i < 4; i++) {
+            r[i] = rb + i < r1 ? rb + i : rb;
+            wr[i] = (const uint8_t *)w->data + (size_t)r[i] * rb_bytes;
+            fm_row_prefetch_at(w, pf, rb + i, r1);
+        }
+        float out[4][3], y[4];
+        const float *const xt[3] = {x, x, x};
+        switch (w->dtype) {
+        case FM_Q4: quant_rows4(w, r, x, y, 1); break;
+        case FM_Q8: quant_rows4(w, r, x, y, 0); break;
+        case FM_BF16: dot_tile(wr, 1, xt, n, out, 1); break;
+        case FM_F32: dot_tile(wr, 0, xt, n, out, 1); break;
+        }
+        const int quant = w->dtype == FM_Q4 || w->dtype == FM_Q8;
+        for (int i = 0; i < 4 && rb + i < r1; i++) a->y[rb + i] = quant ? y[i] : out[i][0];
+    }
 }
 
 void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf) {
@@ -620,30 +572,8 @@ void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
         int8_rows_1(a, r0, r1);
         return;
     }
-    if (a->xsum && T > 1) { /* few tokens, quantized: fused, tokens in groups of 4 */
-        const int ng = n / w->group_size;
-        for (int r = r0; r < r1; r++)
-            for (int tb = 0; tb < T; tb += 4) {
-                const int TT = T - tb < 4 ? T - tb : 4;
-                const float *xt[4], *st[4];
-                for (int j = 0; j < TT; j++) {
-                    xt[j] = x + (size_t)(tb + j) * n;
-                    st[j] = a->xsum + (size_t)(tb + j) * ng;
-                }
-                float out[4];
-                quant_row_dot_multi(w, r, xt, st, TT, out);
-                for (int j = 0; j < TT; j++) a->y[(size_t)(tb + j) * m + r] = out[j];
-            }
-        return;
-    }
     if (T == 1) {
-        const fm_row_prefetch pf = fm_row_prefetch_init(w);
-        for (int r = r0; r < r1; r++) {
-            fm_row_prefetch_at(w, pf, r, r1);
-            if (w->dtype == FM_Q4 || w->dtype == FM_Q8) a->y[r] = quant_row_dot(w, r, x, a->xsum);
-            else if (w->dtype == FM_BF16) a->y[r] = dot_bf16((const uint16_t *)w->data + (size_t)r * n, x, n);
-            else a->y[r] = dot_f32((const float *)w->data + (size_t)r * n, x, n);
-        }
+        rows_1(a, x, r0, r1);
         return;
     }
     /* Several tokens: dequantize 4 rows at a time (rowbuf holds 4 rows), then 4×3 register tiles. */
@@ -664,7 +594,7 @@ void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
             const float *xt[3];
             for (int j = 0; j < 3; j++) xt[j] = x + (size_t)(tb + (j < TT ? j : 0)) * n;
             float out[4][3];
-            tile_4x3(wr, xt, n, out);
+            dot_tile_tt(wr, xt, n, out, TT);
             for (int i = 0; i < R; i++)
                 for (int j = 0; j < TT; j++) a->y[(size_t)(tb + j) * m + rb + i] = out[i][j];
         }

@@ -2,13 +2,11 @@
  * matmul_neon.c — y[T, rows] = x[T, cols] · Wᵀ for rows [r0, r1), NEON (AArch64, where it is always
  * present). The same scheme as matmul_avx2.c at 4 lanes:
  *
- * One token (decode): quantized rows are dotted straight from their packed form; per group of g inputs
- * Σ q·x is accumulated in fp32, then scale·that, and the bias term Σ_g bias_g·Σx_g uses the per-group
- * sums of x the driver computes once per call. q4: the driver passes x permuted per 32-element block
- * (16 even elements, then 16 odd ones), so the low and high nibbles of 16 bytes line up with 16
- * consecutive floats each. Several tokens: each row is dequantized once (in the same order) and dotted
- * with every token. int8 activations (cpu.h): widening int8 multiplies (vmull_s8) into int32; the
- * dot-product extension (sdot) would do better where present and is not used yet.
+ * Each row is dequantized once (fma(q, scale, bias); q4 in the permuted order below) and dotted with every
+ * token by dot_f32, decode included, so a token's outputs do not depend on the batch (matmul.h). q4: the
+ * driver passes x permuted per 32-element block (16 even elements, then 16 odd ones), so the low and high
+ * nibbles of 16 bytes line up with 16 consecutive floats each. int8 activations (cpu.h): widening int8
+ * multiplies (vmull_s8) into int32, each (row, token) by FM_NEON_INT8_ROWS in one order.
  *
  * Checked against the portable kernels by tests/c/test_kernels.c, built with an AArch64 cross compiler
  * and run under qemu-user (tests/test_cross_isa.py).
@@ -47,42 +45,6 @@ static inline void q4_unpack32(const uint8_t *q, float32x4_t w[8]) {
     const uint8x16_t v = vld1q_u8(q);
     u8x16_to_f32(vandq_u8(v, vdupq_n_u8(0x0F)), w);
     u8x16_to_f32(vshrq_n_u8(v, 4), w + 4);
-}
-
-static float quant_row_dot(const fm_mat *w, int r, const float *x, const float *xsum) {
-    const int n = w->cols, gs = w->group_size, ng = n / gs;
-    float sc[ng], bi[ng];
-    fm_neon_row_scales(w, r, ng, sc, bi);
-    float32x4_t acc = vdupq_n_f32(0);
-    float bias = 0.0f;
-    for (int g = 0; g < ng; g++) {
-        float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0);
-        float32x4_t q[8];
-        if (w->dtype == FM_Q4) {
-            const uint8_t *qb = (const uint8_t *)w->data + (size_t)r * (n / 2) + g * gs / 2;
-            for (int b = 0; b < gs / 32; b++) {
-                const float *xb = x + g * gs + b * 32;
-                q4_unpack32(qb + b * 16, q);
-                for (int i = 0; i < 8; i += 2) {
-                    a0 = vfmaq_f32(a0, q[i], vld1q_f32(xb + 4 * i));
-                    a1 = vfmaq_f32(a1, q[i + 1], vld1q_f32(xb + 4 * i + 4));
-                }
-            }
-        } else {
-            const uint8_t *qb = (const uint8_t *)w->data + (size_t)r * n + g * gs;
-            for (int i = 0; i < gs; i += 16) {
-                const float *xb = x + g * gs + i;
-                u8x16_to_f32(vld1q_u8(qb + i), q);
-                a0 = vfmaq_f32(a0, q[0], vld1q_f32(xb));
-                a1 = vfmaq_f32(a1, q[1], vld1q_f32(xb + 4));
-                a0 = vfmaq_f32(a0, q[2], vld1q_f32(xb + 8));
-                a1 = vfmaq_f32(a1, q[3], vld1q_f32(xb + 12));
-            }
-        }
-        acc = vfmaq_n_f32(acc, vaddq_f32(a0, a1), sc[g]);
-        bias += bi[g] * xsum[g];
-    }
-    return vaddvq_f32(acc) + bias;
 }
 
 /* Σ q·xq of one group on int8 activations (cpu.h), q as signed bytes: q4 nibbles, or q8 offset by -128
@@ -165,16 +127,11 @@ void fm_matmul_rows_neon(const fm_matmul_args *a, int r0, int r1, float *rowbuf)
     const fm_mat *w = a->w;
     const int n = w->cols, m = w->rows, T = a->T;
     const float *x = w->dtype == FM_Q4 ? a->xp : a->x; /* q4 works in the permuted order */
-    const int quant = w->dtype == FM_Q4 || w->dtype == FM_Q8;
     if (a->xq) {
         FM_NEON_INT8_ROWS(int8_group_dot, a, r0, r1);
         return;
     }
-    for (int r = r0; r < r1; r++) {
-        if (quant && a->xsum && T == 1) {
-            a->y[r] = quant_row_dot(w, r, x, a->xsum);
-            continue;
-        }
+    for (int r = r0; r < r1; r++) { /* one order for every T (matmul.h): the row dequantized, then dot_f32 */
         const float *wr = (const float *)w->data + (size_t)r * n;
         if (w->dtype != FM_F32) {
             dequant_row(w, r, rowbuf);

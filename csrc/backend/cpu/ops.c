@@ -260,19 +260,17 @@ static void quantize_task(void *ctx, int t) {
 
 void fm_cpu_matmul(const fm_mat *w, const float *x, int T, float *y) {
     const int n = w->cols, m = w->rows;
-    matmul_job j = {{w, x, NULL, NULL, NULL, NULL, NULL, y, T, m}, pick_kernel(w)};
+    matmul_job j = {{w, x, NULL, NULL, NULL, NULL, y, T, m}, pick_kernel(w)};
     const int quant = w->dtype == FM_Q4 || w->dtype == FM_Q8;
     const int gs = w->group_size, ng = quant ? n / gs : 0, simd = j.fn != fm_matmul_rows_scalar;
     /* Quantized weights on int8 activations when asked (the same function on every variant, cpu.h).
-     * Otherwise few tokens (decode, or an expert's share of a prefill chunk) take fused kernels on fp32 x
-     * with per-group sums of x for the bias term, and more tokens dequantize rows into register tiles. */
-    const int fused = quant && T <= FM_FUSED_MAX_TOKENS;
+     * Nothing here depends on T but the sizes: each token's copies of x are made alone (batch invariance,
+     * matmul.h). */
     const int int8 = quant && w->int8_act && gs % 32 == 0 && gs <= 256;
     const int need_xp = simd && w->dtype == FM_Q4 && !int8;
-    const int need_xsum = fused && simd && !int8;
-    const size_t n_xp = need_xp ? (size_t)T * n : 0, n_xsum = need_xsum ? (size_t)T * ng : 0;
+    const size_t n_xp = need_xp ? (size_t)T * n : 0;
     const size_t n_i8 = int8 ? 2 * (size_t)T * ng + ((size_t)T * n + 3) / 4 : 0; /* xd, xqs, then xq */
-    float *buf = thread_buffer(n_xp + n_xsum + n_i8 + 16);
+    float *buf = thread_buffer(n_xp + n_i8 + 16);
     if (!buf) { /* out of memory for the copies of x: the portable fp32 kernel needs none */
         j.fn = fm_matmul_rows_scalar;
     } else {
@@ -286,18 +284,8 @@ void fm_cpu_matmul(const fm_mat *w, const float *x, int T, float *y) {
                     }
             j.a.xp = xp;
         }
-        if (need_xsum) { /* per-group sums of x for the bias term */
-            float *xsum = buf + n_xp;
-            for (int t = 0; t < T; t++)
-                for (int g = 0; g < ng; g++) {
-                    float s = 0.0f;
-                    for (int i = g * gs; i < (g + 1) * gs; i++) s += x[(size_t)t * n + i];
-                    xsum[(size_t)t * ng + g] = s;
-                }
-            j.a.xsum = xsum;
-        }
         if (int8) {
-            float *xd = buf + n_xp + n_xsum, *xqs = xd + (size_t)T * ng;
+            float *xd = buf + n_xp, *xqs = xd + (size_t)T * ng;
             int8_t *xq = (int8_t *)(xqs + (size_t)T * ng);
             quantize_job q = {x, n, gs, simd, simd && w->dtype == FM_Q4, xq, xd, xqs};
             if (T >= 16) fm_parallel_for(T, quantize_task, &q); /* a prefill chunk: ~T·n/3 ns serial */
