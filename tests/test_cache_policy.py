@@ -108,7 +108,8 @@ class Slot:
 @dataclass
 class Store:
     """expert_store.c's policy for single-token forwards (csrc/core/blocks.c: per MoE layer, acquire the
-    token's experts in ascending order, then predict the next MoE layer's, compute, release)."""
+    token's experts that have a slot, then the others, each in ascending order; then predict the next MoE
+    layer's, compute, release)."""
     n_slots: int
     policy: str            # "lru" or "lfru"
     prefetch: bool
@@ -183,7 +184,7 @@ class Store:
         c = dict(expert_hits=0, expert_misses=0, prefetches=0, prefetch_hits=0)
         for layer in range(LAYERS):
             keys = [layer * E + int(e) for e in sorted(experts[layer])]
-            for key in keys:
+            for key in sorted(keys, key=lambda k: k not in self.slots):  # hits first (blocks.c: hits_first)
                 self.acquire(key, c)
             nxt = layer + 1
             resident = sum(1 for k in self.slots if k // E == nxt)
