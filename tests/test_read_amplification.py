@@ -33,7 +33,8 @@ def test_every_expert_read_once_is_one(model_dir):
 def test_a_prompt_reads_each_expert_once_under_the_minimum_budget(model_dir, policy, prefetch):
     """Issue 19: at the minimum budget (k slots) a prompt of many chunks runs layer by layer, so each
     routed expert it uses is read once per layer, not once per chunk (5.4x before, on the 35B shape at a
-    quarter budget). Read-ahead must not undo it: it waits while the layer's own experts need the slots."""
+    quarter budget). Read-ahead must not undo it: a layer pins its experts already in a slot before it
+    reads any other, so none read ahead for it is evicted unused."""
     plan = flashmoe.memory_plan(model_dir, prefill_chunk=16)
     m = flashmoe.load(model_dir, memory_budget=plan["minimum"], prefill_chunk=16, prefetch=prefetch,
                       cache_policy=policy)

@@ -147,9 +147,8 @@ void fm_block_mlp(fm_model *m, const fm_mlp_w *w, const float *xn, float *out, i
 }
 
 /* Experts the next MoE layer's router would pick for these tokens (its input approximated by this
- * layer's) into s->pred, for the store to protect from eviction and read ahead while this layer
- * computes: handed to it now when read_ahead, else by the caller later. */
-static void predict_next(fm_model *m, int next, const float *xn, int T, int read_ahead) {
+ * layer's), so the store protects them from eviction and reads them ahead while this layer computes. */
+static void predict_next(fm_model *m, int next, const float *xn, int T) {
     const fm_config *c = &m->c;
     fm_scratch *s = &m->s;
     const int E = c->num_experts, k = c->num_experts_per_tok;
@@ -160,7 +159,7 @@ static void predict_next(fm_model *m, int next, const float *xn, int T, int read
     for (int i = 0; i < T * k; i++)
         if (!s->mark[s->ptopk[i]]++) s->pred[n++] = s->ptopk[i];
     s->n_pred = n;
-    if (read_ahead) fm_expert_store_predict(m->experts, next, s->pred, n);
+    fm_expert_store_predict(m->experts, next, s->pred, n);
 }
 
 /* Group the T·k routing choices by expert (counting sort): expert e owns rows eoff[e] .. eoff[e+1] of ye,
@@ -188,7 +187,8 @@ static int group_by_expert(fm_model *m, int layer, int T) {
 
 /* need[] with the experts that have a slot first (in order, then the others in order): pinning them
  * before any miss evicts means a layer whose experts do not all fit never evicts one of its own that was
- * read ahead for it. (The order changes no result: each expert writes its own rows of ye.) */
+ * read ahead for it (a prompt's read 1.19x over at the minimum budget with prefetch, before). The order
+ * changes no result: each expert writes its own rows of ye. */
 static void hits_first(fm_model *m, int layer, int n_need) {
     fm_scratch *s = &m->s;
     int n_hit = 0, n_miss = 0;
@@ -242,13 +242,10 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
     int n_held = 0, next = 0, done = 0;
     acquire_more(m, layer, n_need, &next, &n_held);
     /* Predict the next layer's experts for the store to read ahead, unless it holds all of them already
-     * (everything in RAM once warm: the prediction would only cost a router matvec per layer). While this
-     * layer still has experts waiting for a slot, reading ahead would take their slots: then the read
-     * ahead waits for the end of the layer. */
+     * (everything in RAM once warm: the prediction would only cost a router matvec per layer). */
     const int next_moe = m->layers[layer].next_moe;
     const int n_pred_ok = next_moe >= 0 && m->prefetch && !fm_expert_store_layer_resident(store, next_moe);
-    const int ahead_now = next == n_need;
-    if (n_pred_ok) predict_next(m, next_moe, xn, T, ahead_now);
+    if (n_pred_ok) predict_next(m, next_moe, xn, T);
 
     /* shared expert while the reads land, scaled by sigmoid(shared_expert_gate · x) */
     FM_OP(be, matmul, &w->shared_gate, xn, T, s->sg); /* [T, 1] */
@@ -286,7 +283,7 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
     /* A prompt's experts pinned every slot while the prediction above was made, so it could read little
      * ahead; now that they are released, read the next layer's predicted experts into the freed slots
      * while the next layer's attention or DeltaNet computes. (Decode leaves slots free the first time.) */
-    if (n_pred_ok && (T > 1 || !ahead_now)) fm_expert_store_predict(store, next_moe, s->pred, s->n_pred);
+    if (n_pred_ok && T > 1) fm_expert_store_predict(store, next_moe, s->pred, s->n_pred);
 
     /* weighted sum in a fixed order (token, choice), whatever order the reads arrived in, so the
      * result does not depend on the budget, the policy or the disk */
