@@ -45,8 +45,7 @@ typedef _Float16 half;
  * Metal's constructors float4(a, b, c, d) are not valid for them: a function-like macro per type makes
  * the call fm_vec<float4>(...), which splats one scalar, converts one vector, or concatenates. */
 #ifdef FM_METAL_AS_PASS
-#define FM_VEC(T, N) FM_VEC_CTOR(T##N)
-#define FM_VEC_CTOR(V) /* OpenCL's vector literal (V)(...) */
+#define FM_VEC(T, N) /* OpenCL has them; constructors become its vector literals (V)(...) */
 #else
 template <class T> struct fm_vec_info { static constexpr int n = 1; using elem = T; };
 #define FM_VEC(T, N)                                                                              \
