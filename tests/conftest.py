@@ -1,9 +1,10 @@
 """Skips that must not happen where FLASHMOE_CI_REQUIRE says so.
 
 Some tests skip where the machine lacks what they need (root and a writable memory cgroup, an AArch64
-cross compiler and qemu-user). On the CI machine they must run: .ci/run sets FLASHMOE_CI_REQUIRE, a comma
-list of the features marked on tests with @pytest.mark.ci_feature(name), or "all" for every skip of the
-suite, and a test that skips while its feature is required fails instead, with the skip's reason.
+cross compiler and qemu-user, clang-19). On the CI machine they must run: .ci/run sets
+FLASHMOE_CI_REQUIRE, a comma list of the features marked on tests with @pytest.mark.ci_feature(name), or
+"all" for every skip of the suite, and a test that skips while its feature is required fails instead,
+with the skip's reason.
 """
 
 import os
@@ -11,7 +12,8 @@ import os
 import pytest
 
 FEATURES = {"cgroup": "the cgroup memory-limit test (tests/test_streaming.py)",
-            "neon": "the NEON kernels under qemu-user (tests/test_cross_isa.py)"}
+            "neon": "the NEON kernels under qemu-user (tests/test_cross_isa.py)",
+            "clang19": "the Metal kernels in the grid emulator and the address-space pass (tests/test_metal_emu.py)"}
 collect_ignore = ["plant_bugs.py"]  # a script, not tests (see its docstring)
 # Tests that need torch and transformers: these files import them at module level (hf_fixtures.py), other
 # tests carry @pytest.mark.torch. `pytest --no-torch` leaves out both: the tests run against each built

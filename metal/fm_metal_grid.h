@@ -1,0 +1,44 @@
+/*
+ * fm_metal_grid.h — how each kernel is dispatched: pure functions from an op's shape to the threadgroup
+ * grid, the threads per threadgroup and the threadgroup memory, for dispatchThreadgroups. The Objective-C
+ * host and the CPU emulator's launcher (tests/metal_emu/ops.cpp) both call these, so the emulator
+ * exercises the host's dispatch arithmetic too. C99, host side only.
+ */
+#ifndef FM_METAL_GRID_H
+#define FM_METAL_GRID_H
+
+#include <stdint.h>
+
+#include "fm_metal_args.h"
+
+typedef struct {
+    uint32_t groups[3];  /* threadgroups per grid */
+    uint32_t threads[3]; /* threads per threadgroup */
+    uint32_t tg_bytes[1]; /* threadgroup memory length at [[threadgroup(i)]] (a multiple of 16) */
+} fm_metal_grid;
+
+static inline uint32_t fm_metal_div_up(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
+
+static inline fm_metal_grid fm_metal_grid_add(uint32_t n) {
+    fm_metal_grid g = {{fm_metal_div_up(n, FM_ADD_THREADS), 1, 1}, {FM_ADD_THREADS, 1, 1}, {0}};
+    return g;
+}
+
+/* one threadgroup per row, a whole number of simdgroups up to FM_RMSNORM_MAX_THREADS; threadgroup memory
+ * holds one partial sum per simdgroup */
+static inline fm_metal_grid fm_metal_grid_rmsnorm(uint32_t T, uint32_t n) {
+    uint32_t threads = fm_metal_div_up(n, FM_METAL_SIMD) * FM_METAL_SIMD;
+    if (threads > FM_RMSNORM_MAX_THREADS) threads = FM_RMSNORM_MAX_THREADS;
+    const uint32_t simdgroups = threads / FM_METAL_SIMD;
+    fm_metal_grid g = {{T, 1, 1}, {threads, 1, 1}, {fm_metal_div_up(simdgroups * 4, 16) * 16}};
+    return g;
+}
+
+/* FM_QMV_SIMDGROUPS × FM_QMV_ROWS_PER_SIMD rows per threadgroup along x, one token per grid row */
+static inline fm_metal_grid fm_metal_grid_qmv(uint32_t T, uint32_t rows) {
+    fm_metal_grid g = {{fm_metal_div_up(rows, FM_QMV_SIMDGROUPS * FM_QMV_ROWS_PER_SIMD), T, 1},
+                       {FM_QMV_SIMDGROUPS * FM_METAL_SIMD, 1, 1}, {0}};
+    return g;
+}
+
+#endif /* FM_METAL_GRID_H */

@@ -1,0 +1,80 @@
+/*
+ * main.cpp — runs one op of ops.cpp in each lane order, for tests/test_metal_emu.py:
+ *
+ *     emu OP DIR INT... FLOAT...
+ *
+ * reads the op's inputs from DIR/<name>.bin (raw little-endian arrays, as numpy's tofile writes them) and
+ * writes its output to DIR/out.<order>.bin for the orders forward, reverse and shuffled.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <string>
+#include <vector>
+
+#include "emu.h"
+#include "ops.h"
+
+static std::string dir;
+
+template <class T> static std::vector<T> load(const char *name) {
+    const std::string path = dir + "/" + name + ".bin";
+    FILE *f = fopen(path.c_str(), "rb");
+    if (!f) fm_emu::fail("cannot open %s", path.c_str());
+    fseek(f, 0, SEEK_END);
+    std::vector<T> v(ftell(f) / sizeof(T));
+    fseek(f, 0, SEEK_SET);
+    if (fread(v.data(), sizeof(T), v.size(), f) != v.size()) fm_emu::fail("cannot read %s", path.c_str());
+    fclose(f);
+    return v;
+}
+
+/* a heap copy of exactly the array's size, so that ASan sees an access past its end */
+template <class T> struct exact {
+    T *p;
+    size_t n;
+    explicit exact(const std::vector<T> &v) : p((T *)malloc(v.size() * sizeof(T) + !v.size())), n(v.size()) {
+        memcpy(p, v.data(), n * sizeof(T));
+    }
+    explicit exact(size_t count) : p((T *)calloc(count + !count, sizeof(T))), n(count) {}
+    ~exact() { free(p); }
+};
+
+static void save(fm_emu::order o, const float *p, size_t n) {
+    const std::string path = dir + "/out." + fm_emu::order_name(o) + ".bin";
+    FILE *f = fopen(path.c_str(), "wb");
+    if (!f || fwrite(p, sizeof(float), n, f) != n || fclose(f)) fm_emu::fail("cannot write %s", path.c_str());
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: emu OP DIR ARGS...\n");
+        return 2;
+    }
+    const std::string op = argv[1];
+    dir = argv[2];
+    auto I = [&](int i) { return atoi(argv[3 + i]); };
+    auto F = [&](int i) { return (float)atof(argv[3 + i]); };
+    for (fm_emu::order o : {fm_emu::order::forward, fm_emu::order::reverse, fm_emu::order::shuffled}) {
+        fm_emu::set_order(o);
+        if (op == "add") {
+            exact<float> x(load<float>("x")), y(load<float>("y"));
+            fm_emu_add(x.p, y.p, x.n);
+            save(o, x.p, x.n);
+        } else if (op == "rmsnorm") { /* T n eps zero_centered */
+            exact<float> x(load<float>("x")), w(load<float>("w")), out((size_t)I(0) * I(1));
+            fm_emu_rmsnorm(out.p, x.p, w.p, I(0), I(1), F(2), I(3));
+            save(o, out.p, out.n);
+        } else if (op == "matmul_q4") { /* rows cols group_size T */
+            exact<uint8_t> q(load<uint8_t>("q"));
+            exact<uint16_t> s(load<uint16_t>("scales")), b(load<uint16_t>("biases"));
+            exact<float> x(load<float>("x")), y((size_t)I(3) * I(0));
+            fm_emu_matmul_q4(q.p, s.p, b.p, I(0), I(1), I(2), x.p, I(3), y.p);
+            save(o, y.p, y.n);
+        } else {
+            fm_emu::fail("unknown op %s", op.c_str());
+        }
+    }
+    return 0;
+}

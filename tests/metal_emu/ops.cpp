@@ -1,0 +1,47 @@
+/*
+ * ops.cpp — the backend's ops on the emulated GPU: what the Objective-C host will do for each (argument
+ * struct, fm_metal_grid.h, buffer indices as in the shader), with the emulator's encoder in place of
+ * MTLComputeCommandEncoder. Signatures as in backend.h / cpu.h.
+ */
+#include "ops.h"
+
+#include "emu.h"
+#include "fm_metal_args.h"
+#include "fm_metal_grid.h"
+
+void fm_emu_add(float *x, const float *y, size_t n) {
+    const fm_add_args a = {(uint32_t)n};
+    fm_emu::encoder enc;
+    enc.set_buffer(x, 0);
+    enc.set_buffer(y, 1);
+    enc.set_bytes(&a, sizeof a, 2);
+    enc.dispatch("fm_add", fm_metal_grid_add(a.n));
+}
+
+void fm_emu_rmsnorm(float *out, const float *x, const float *w, int T, int n, float eps, int zero_centered) {
+    const fm_rmsnorm_args a = {(uint32_t)n, eps, (uint32_t)(zero_centered != 0)};
+    const fm_metal_grid g = fm_metal_grid_rmsnorm((uint32_t)T, a.n);
+    fm_emu::encoder enc;
+    enc.set_buffer(out, 0);
+    enc.set_buffer(x, 1);
+    enc.set_buffer(w, 2);
+    enc.set_bytes(&a, sizeof a, 3);
+    enc.set_threadgroup_memory_length(g.tg_bytes[0], 0);
+    enc.dispatch("fm_rmsnorm", g);
+}
+
+void fm_emu_matmul_q4(const uint8_t *q, const uint16_t *scales, const uint16_t *biases, int rows, int cols,
+                      int group_size, const float *x, int T, float *y) {
+    if (cols % FM_QMV_VALUES_PER_LANE || group_size % FM_QMV_VALUES_PER_LANE || cols % group_size)
+        fm_emu::fail("qmv_q4: cols %d and group_size %d must be multiples of %d, cols of group_size", cols,
+                     group_size, FM_QMV_VALUES_PER_LANE);
+    const fm_qmv_args a = {(uint32_t)rows, (uint32_t)cols, (uint32_t)group_size};
+    fm_emu::encoder enc;
+    enc.set_buffer(q, 0);
+    enc.set_buffer(scales, 1);
+    enc.set_buffer(biases, 2);
+    enc.set_buffer(x, 3);
+    enc.set_buffer(y, 4);
+    enc.set_bytes(&a, sizeof a, 5);
+    enc.dispatch("fm_qmv_q4", fm_metal_grid_qmv((uint32_t)T, a.rows));
+}

@@ -1,0 +1,225 @@
+"""The Metal kernels (metal/*.metal) on the CPU, in the grid emulator of tests/metal_emu/ (README.md there).
+
+- test_add / test_rmsnorm / test_matmul_q4: each kernel, built as C++ with clang-19 under AddressSanitizer
+  and run through tests/metal_emu/ops.cpp (the host's dispatch: argument structs, metal/fm_metal_grid.h),
+  against a float64 numpy reference at awkward shapes, and bitwise the same with the lanes (and
+  threadgroups) run forward, reversed and shuffled.
+- test_emulator_catches_*: the emulator's own tests. Each runs a kernel broken on purpose
+  (tests/metal_emu/broken/) through the same check and requires it to fail: a missing barrier, a race on
+  threadgroup memory, out-of-bounds device and threadgroup reads, a divergent barrier.
+- test_address_spaces: every shader through `clang-19 -x clcpp -cl-std=clc++2021 -fsyntax-only` with
+  Metal's address spaces as OpenCL's; a threadgroup pointer passed as a device one must be rejected.
+
+Needs clang-19 (Debian: clang-19); skips without it, and fails instead where FLASHMOE_CI_REQUIRE names
+"clang19" (CI installs it).
+"""
+
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EMU = ROOT / "tests" / "metal_emu"
+BROKEN = EMU / "broken"
+SHADERS = sorted((ROOT / "metal").glob("*.metal"))
+ORDERS = ("forward", "reverse", "shuffled")
+INCLUDES = ["-I", str(ROOT / "metal"), "-I", str(EMU), "-I", str(EMU / "include")]
+CXXFLAGS = ["-std=c++17", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-Wall", "-Werror",
+            "-Wno-unknown-attributes",  # [[buffer(0)]] and the other Metal attributes: the launcher maps them
+            "-Wno-register", *INCLUDES]  # (threadgroup is `register` there: metal_compat.h)
+ASAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0"}
+
+pytestmark = pytest.mark.ci_feature("clang19")
+sys.path.insert(0, str(EMU))
+import gen_launcher  # noqa: E402
+
+
+def clang(name="clang++-19"):
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip("needs clang-19 (Debian: apt-get install clang-19)")
+    return path
+
+
+def compile_(args, cwd):
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(map(str, args))}\n{proc.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """build(*shaders): the emulator (tests/metal_emu/main.cpp) linked with the kernels of the given .metal
+    files, by default metal/'s; a broken fixture replaces the real kernel of its name. Cached."""
+    tmp = tmp_path_factory.mktemp("metal_emu")
+    cxx = clang()
+    common = [tmp / f"{n}.o" for n in ("emu", "ops", "main")]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda o: compile_([cxx, *CXXFLAGS, "-c", EMU / (o.stem + ".cpp"), "-o", o], tmp), common))
+    shader_objs, exes = {}, {}
+
+    def shader_obj(path):
+        if path not in shader_objs:
+            src = tmp / (path.parent.name + "_" + path.stem + ".launch.cpp")
+            src.write_text(gen_launcher.launcher(path))
+            obj = src.with_suffix(".o")
+            compile_([cxx, *CXXFLAGS, "-include", EMU / "metal_compat.h", "-c", src, "-o", obj], tmp)
+            shader_objs[path] = obj
+        return shader_objs[path]
+
+    def make(*replace):
+        by_stem = {p.stem: p for p in SHADERS}
+        for p in replace:  # a fixture named <kernel file>_<what> replaces that file
+            by_stem[next(s for s in by_stem if p.stem.startswith(s + "_"))] = p
+        key = tuple(sorted(by_stem.values()))
+        if key not in exes:
+            with ThreadPoolExecutor(2) as pool:
+                objs = list(pool.map(shader_obj, key))
+            exe = tmp / f"emu{len(exes)}"
+            compile_([cxx, "-fsanitize=address", "-o", exe, *common, *objs], tmp)
+            exes[key] = exe
+        return exes[key]
+    return make
+
+
+def run(exe, op, tmp_path, arrays, args):
+    """The op in the three lane orders: {order: output}; the process's stderr on failure (AssertionError)."""
+    for name, a in arrays.items():
+        np.ascontiguousarray(a).tofile(tmp_path / f"{name}.bin")
+    proc = subprocess.run([exe, op, tmp_path, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env=ASAN_ENV)
+    assert proc.returncode == 0, f"the emulator failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return {o: np.fromfile(tmp_path / f"out.{o}.bin", np.float32) for o in ORDERS}
+
+
+def check(outs, ref, rtol, atol):
+    """Every order bitwise the same as the forward one, and the forward one close to the reference."""
+    for o in ORDERS[1:]:
+        diff = np.flatnonzero(outs[o].view(np.uint32) != outs["forward"].view(np.uint32))
+        assert diff.size == 0, f"lane orders disagree: forward vs {o} at {diff.size} elements (a race?), first {diff[:5]}"
+    np.testing.assert_allclose(outs["forward"], ref.ravel(), rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------------------------------- the kernels
+
+def run_add(exe, tmp_path, n, seed=0):
+    rng = np.random.default_rng(seed)
+    x, y = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    return run(exe, "add", tmp_path, {"x": x, "y": y}, []), x + y
+
+
+@pytest.mark.parametrize("n", [1, 1000, 4096])
+def test_add(build, tmp_path, n):
+    outs, ref = run_add(build(), tmp_path, n)
+    check(outs, ref, 0, 0)  # one float add: exact
+
+
+def rmsnorm_ref(x, w, eps, zc):
+    x64 = x.astype(np.float64)
+    inv = 1.0 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + eps)
+    return x64 * inv * ((1.0 + w) if zc else w)
+
+
+def run_rmsnorm(exe, tmp_path, T, n, zc, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((T, n)) * 3).astype(np.float32)
+    w = (rng.standard_normal(n) * 0.5).astype(np.float32)
+    return run(exe, "rmsnorm", tmp_path, {"x": x, "w": w}, [T, n, 1e-6, int(zc)]), rmsnorm_ref(x, w, 1e-6, zc)
+
+
+# n: one partial simdgroup; not a multiple of the 256 threads; several per thread
+@pytest.mark.parametrize("T,n,zc", [(1, 40, 1), (3, 1000, 0), (2, 4096, 1), (1, 1, 0)])
+def test_rmsnorm(build, tmp_path, T, n, zc):
+    outs, ref = run_rmsnorm(build(), tmp_path, T, n, zc)
+    check(outs, ref, 2e-5, 1e-5)
+
+
+def q4_case(rows, cols, gs, T, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (rows, cols), dtype=np.uint8)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)  # element 2j in the low nibble of byte j
+    scales = (rng.random((rows, cols // gs)) * 0.02 + 0.005).astype(np.float16)
+    biases = (rng.standard_normal((rows, cols // gs)) * 0.05).astype(np.float16)
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    w = (q.reshape(rows, -1, gs) * scales[..., None].astype(np.float64) + biases[..., None]).reshape(rows, cols)
+    arrays = {"q": packed, "scales": scales.view(np.uint16), "biases": biases.view(np.uint16), "x": x}
+    return arrays, x.astype(np.float64) @ w.T, w
+
+
+# rows: 1; not a multiple of the 8 rows per threadgroup; cols: a few groups, and more than one 512 step
+@pytest.mark.parametrize("rows,cols,gs,T", [(1, 64, 64, 1), (37, 192, 64, 1), (13, 1024, 32, 3),
+                                            (64, 640, 128, 2), (9, 1040, 16, 1)])
+def test_matmul_q4(build, tmp_path, rows, cols, gs, T):
+    arrays, ref, w = q4_case(rows, cols, gs, T)
+    outs = run(build(), "matmul_q4", tmp_path, arrays, [rows, cols, gs, T])
+    scale = np.abs(w).sum(axis=1).max() * np.abs(arrays["x"]).max()  # the size of the sums' terms
+    check(outs, ref, 1e-5, 2e-6 * scale)
+
+
+# ------------------------------------------------------------------- the emulator's tests: broken kernels
+
+def test_emulator_catches_missing_barrier(build, tmp_path):
+    """Without the barrier, simdgroup 0 reads partial sums no lane wrote yet: poison (NaN) or stale."""
+    outs, ref = run_rmsnorm(build(BROKEN / "rmsnorm_no_barrier.metal"), tmp_path, 3, 1000, 0)
+    assert np.isnan(outs["forward"]).any(), "the poison did not show"
+    with pytest.raises(AssertionError):
+        check(outs, ref, 2e-5, 1e-5)
+
+
+def test_emulator_catches_threadgroup_race(build, tmp_path):
+    outs, ref = run_rmsnorm(build(BROKEN / "rmsnorm_race.metal"), tmp_path, 4, 4096, 0)
+    with pytest.raises(AssertionError, match="lane orders disagree"):
+        check(outs, ref, 2e-5, 1e-5)
+
+
+def test_emulator_catches_out_of_bounds_device_read(build, tmp_path):
+    with pytest.raises(AssertionError, match="AddressSanitizer: heap-buffer-overflow"):
+        run_add(build(BROKEN / "add_oob.metal"), tmp_path, 1000)
+
+
+def test_emulator_catches_threadgroup_overflow(build, tmp_path):
+    with pytest.raises(AssertionError, match="AddressSanitizer: heap-buffer-overflow"):
+        run_rmsnorm(build(BROKEN / "rmsnorm_tg_overflow.metal"), tmp_path, 2, 1000, 0)
+
+
+def test_emulator_catches_divergent_barrier(build, tmp_path):
+    with pytest.raises(AssertionError, match="divergent barrier"):
+        run_rmsnorm(build(BROKEN / "rmsnorm_early_return.metal"), tmp_path, 2, 40, 0)
+
+
+def test_emulator_refuses_kernel_scope_threadgroup_memory():
+    """It would be private to each lane here (metal_compat.h): refused rather than silently wrong."""
+    with pytest.raises(ValueError, match="kernel-scope threadgroup variable"):
+        gen_launcher.launcher(BROKEN / "kernel_scope_threadgroup.metal")
+
+
+# --------------------------------------------------------------------------- the address-space pass
+
+def address_space_pass(shader):
+    args = [clang("clang-19"), "-x", "clcpp", "-cl-std=clc++2021", "-fsyntax-only", "-DFM_METAL_AS_PASS",
+            "-Wno-unknown-attributes", "-include", str(EMU / "metal_compat.h"), *INCLUDES, str(shader)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("shader", SHADERS, ids=[p.name for p in SHADERS])
+def test_address_spaces(shader):
+    proc = address_space_pass(shader)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_address_space_pass_rejects_threadgroup_as_device(tmp_path):
+    shader = BROKEN / "as_threadgroup_to_device.metal"
+    cxx = subprocess.run([clang(), *CXXFLAGS, "-x", "c++", "-include", str(EMU / "metal_compat.h"), "-fsyntax-only",
+                          str(shader)], capture_output=True, text=True, timeout=120)
+    assert cxx.returncode == 0, "the C++ pass accepts it (it has no address spaces): " + cxx.stderr[-2000:]
+    proc = address_space_pass(shader)
+    assert proc.returncode != 0 and "cannot pass pointer to address space '__local'" in proc.stderr, proc.stderr
+
+
+def test_address_space_pass_rejects_kernel_scope_threadgroup():
+    proc = address_space_pass(BROKEN / "kernel_scope_threadgroup.metal")
+    assert proc.returncode != 0 and "local address space" in proc.stderr, proc.stderr
