@@ -17,6 +17,8 @@
 #define FM_QMV_VALUES_PER_LANE 16   /* consecutive weights per lane per step (8 bytes of q4) */
 #define FM_RMSNORM_MAX_THREADS 256  /* threads per row of rmsnorm */
 #define FM_ADD_THREADS 256
+#define FM_ELTWISE_THREADS 256      /* silu_mul, sigmoid_mul */
+#define FM_ROPE_THREADS 64          /* rope: rotated pairs per threadgroup */
 
 /* x[n] += y[n] */
 typedef struct {
@@ -30,11 +32,31 @@ typedef struct {
     uint32_t zero_centered;
 } fm_rmsnorm_args;
 
-/* y[T, rows] = x[T, cols] · Wᵀ, W q4 affine: byte j of a row holds elements 2j (low nibble) and 2j+1,
- * w = scale·q + bias with fp16 scale and bias per group of group_size elements of a row.
+/* y[T, rows] = x[T, cols] · Wᵀ, W q4 or q8 affine: q4's byte j of a row holds elements 2j (low nibble)
+ * and 2j+1, q8 one byte per element; w = scale·q + bias with a scale and bias per group of group_size
+ * elements of a row, 16-bit: fp16, or bfloat16 (the top half of a float32) where scale_bf16.
  * cols and group_size are multiples of FM_QMV_VALUES_PER_LANE. */
 typedef struct {
-    uint32_t rows, cols, group_size;
+    uint32_t rows, cols, group_size, scale_bf16;
 } fm_qmv_args;
+
+/* out[n] = silu(gate)·up (fm_silu_mul) or x·sigmoid(gate) (fm_sigmoid_mul), n = T·width */
+typedef struct {
+    uint32_t n;
+} fm_eltwise_args;
+
+/* x[rows, n] *= scale / sqrt(Σx² + eps) per row, in place; one threadgroup per row */
+typedef struct {
+    uint32_t n;
+    float eps, scale;
+} fm_l2norm_args;
+
+/* NeoX rotate-half RoPE on dims [0, rot_dim) of each head of x[T, heads, head_dim], position pos0 + t,
+ * inv_freq = 1 / theta^(2i / rot_dim) */
+typedef struct {
+    uint32_t heads, head_dim, rot_dim;
+    int32_t pos0;
+    float theta;
+} fm_rope_args;
 
 #endif /* FM_METAL_ARGS_H */

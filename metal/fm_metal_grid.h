@@ -34,7 +34,23 @@ static inline fm_metal_grid fm_metal_grid_rmsnorm(uint32_t T, uint32_t n) {
     return g;
 }
 
-/* FM_QMV_SIMDGROUPS × FM_QMV_ROWS_PER_SIMD rows per threadgroup along x, one token per grid row */
+/* l2norm: as rmsnorm, one threadgroup per row (of T·heads) */
+static inline fm_metal_grid fm_metal_grid_l2norm(uint32_t rows, uint32_t n) { return fm_metal_grid_rmsnorm(rows, n); }
+
+/* silu_mul, sigmoid_mul: one thread per element */
+static inline fm_metal_grid fm_metal_grid_eltwise(uint32_t n) {
+    fm_metal_grid g = {{fm_metal_div_up(n, FM_ELTWISE_THREADS), 1, 1}, {FM_ELTWISE_THREADS, 1, 1}, {0}};
+    return g;
+}
+
+/* rope: one thread per rotated pair (i < rot_dim / 2) along x, a head per grid row, a token per slice */
+static inline fm_metal_grid fm_metal_grid_rope(uint32_t T, uint32_t heads, uint32_t rot_dim) {
+    fm_metal_grid g = {{fm_metal_div_up(rot_dim / 2, FM_ROPE_THREADS), heads, T}, {FM_ROPE_THREADS, 1, 1}, {0}};
+    return g;
+}
+
+/* q4 and q8 matvec: FM_QMV_SIMDGROUPS × FM_QMV_ROWS_PER_SIMD rows per threadgroup along x, one token per
+ * grid row */
 static inline fm_metal_grid fm_metal_grid_qmv(uint32_t T, uint32_t rows) {
     fm_metal_grid g = {{fm_metal_div_up(rows, FM_QMV_SIMDGROUPS * FM_QMV_ROWS_PER_SIMD), T, 1},
                        {FM_QMV_SIMDGROUPS * FM_METAL_SIMD, 1, 1}, {0}};

@@ -3,14 +3,19 @@
 // FM_QMV_ROWS_PER_SIMD rows each per threadgroup; a lane takes FM_QMV_VALUES_PER_LANE consecutive
 // columns per step (the simdgroup 512), computes scale·Σq·x + bias·Σx per group for each of its rows,
 // and simd_sum reduces the lanes. Layout (fm_metal_args.h): byte j of a row holds elements 2j (low
-// nibble) and 2j+1; fp16 scale and bias per group_size elements.
+// nibble) and 2j+1; a 16-bit scale and bias per group_size elements, fp16 or (scale_bf16) bfloat16.
 #include <metal_stdlib>
 #include "fm_metal_args.h"
 using namespace metal;
 
+// a stored scale or bias: fp16, or bfloat16 (the top 16 bits of a float32, exact in fp32)
+static inline float fm_scale_value(ushort bits, uint bf16) {
+    return bf16 ? as_type<float>(uint(bits) << 16) : float(as_type<half>(bits));
+}
+
 kernel void fm_qmv_q4(device const uchar *wq [[buffer(0)]],
-                      device const half *scales [[buffer(1)]],
-                      device const half *biases [[buffer(2)]],
+                      device const ushort *scales [[buffer(1)]],
+                      device const ushort *biases [[buffer(2)]],
                       device const float *x [[buffer(3)]],
                       device float *y [[buffer(4)]],
                       constant fm_qmv_args &a [[buffer(5)]],
@@ -42,7 +47,7 @@ kernel void fm_qmv_q4(device const uchar *wq [[buffer(0)]],
                 dot += qv.x * xv[i].x + qv.y * xv[i].y + qv.z * xv[i].z + qv.w * xv[i].w;
             }
             const ulong sb = (ulong)row * groups + g;
-            acc[r] += float(scales[sb]) * dot + float(biases[sb]) * xsum;
+            acc[r] += fm_scale_value(scales[sb], a.scale_bf16) * dot + fm_scale_value(biases[sb], a.scale_bf16) * xsum;
         }
     }
     for (int r = 0; r < FM_QMV_ROWS_PER_SIMD; r++) {

@@ -4,6 +4,9 @@
   and run through tests/metal_emu/ops.cpp (the host's dispatch: argument structs, metal/fm_metal_grid.h),
   against a float64 numpy reference at awkward shapes, and bitwise the same with the lanes (and
   threadgroups) run forward, reversed and shuffled.
+- test_op_emulated: tests/test_ops.py's cases (CASES: its inputs, numpy references and tolerances, its
+  check_outputs) for every op of the backend interface that has a Metal kernel, through the same
+  emulator: the Metal backend held to the op harness of the other backends.
 - test_emulator_catches_*: the emulator's own tests. Each runs a kernel broken on purpose
   (tests/metal_emu/broken/) through the same check and requires it to fail: a missing barrier, a race on
   threadgroup memory, out-of-bounds device and threadgroup reads, a divergent barrier.
@@ -37,6 +40,7 @@ ASAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0"}
 pytestmark = pytest.mark.ci_feature("clang19")
 sys.path.insert(0, str(EMU))
 import gen_launcher  # noqa: E402
+import test_ops  # noqa: E402  (the op harness: CASES, case_args, check_outputs)
 
 
 def clang(name="clang++-19"):
@@ -155,9 +159,59 @@ def q4_case(rows, cols, gs, T, seed=0):
                                             (64, 640, 128, 2), (9, 1040, 16, 1)])
 def test_matmul_q4(build, tmp_path, rows, cols, gs, T):
     arrays, ref, w = q4_case(rows, cols, gs, T)
-    outs = run(build(), "matmul_q4", tmp_path, arrays, [rows, cols, gs, T])
+    outs = run(build(), "matmul", tmp_path, arrays, [4, rows, cols, gs, T, 0])
     scale = np.abs(w).sum(axis=1).max() * np.abs(arrays["x"]).max()  # the size of the sums' terms
     check(outs, ref, 1e-5, 2e-6 * scale)
+
+
+# ------------------------------------------------------------------- the op harness's cases (test_ops.py)
+
+def emulated(c, args):
+    """How test_ops case c runs on the emulated Metal kernels: (emulator op, input arrays, scalars, output
+    shape), in the argument order of its _core.op_<name>; pytest.skip where no kernel takes it yet."""
+    if c.op == "add":
+        x, y = args
+        return "add", {"x": x, "y": y}, [], x.shape
+    if c.op == "rmsnorm":
+        x, w, eps, zc = args
+        return "rmsnorm", {"x": x, "w": w}, [x.shape[0], x.shape[1], eps, int(zc)], x.shape
+    if c.op in ("silu_mul", "sigmoid_mul"):
+        gate, b = args
+        return c.op, {"gate": gate, "b": b}, [gate.shape[0], gate.shape[1]], gate.shape
+    if c.op == "l2norm":
+        x, eps, scale = args
+        return "l2norm", {"x": x}, [x.size // x.shape[-1], x.shape[-1], eps, scale], x.shape
+    if c.op == "rope":
+        x, rot, pos0, theta = args
+        return "rope", {"x": x}, [*x.shape, rot, pos0, theta], x.shape
+    if c.op == "matmul":
+        dtype, data, scales, biases, rows, cols, gs, x, *int8 = args
+        assert not any(int8), "int8-activation cases are left out at collection"
+        if dtype not in (test_ops.Q4, test_ops.Q8):
+            pytest.skip("matmul: no Metal kernel for f32 or bf16 weights yet")
+        bits = 4 if dtype == test_ops.Q4 else 8
+        return ("matmul", {"q": data, "scales": scales, "biases": biases, "x": x},
+                [bits, rows, cols, gs, x.shape[0], int(c.kwargs.get("scale_bf16", False))], (x.shape[0], rows))
+    raise AssertionError(c.op)
+
+
+EMULATED_OPS = ("add", "rmsnorm", "silu_mul", "sigmoid_mul", "l2norm", "rope", "matmul")
+# matmul with int8 activations is another function of the CPU backend (its own reference, ref_matmul_int8):
+# its cases wait for a Metal kernel of their own.
+EMULATED_CASES = [c for c in test_ops.CASES if c.op in EMULATED_OPS and c.ref is not test_ops.ref_matmul_int8]
+
+
+@pytest.mark.parametrize("c", [pytest.param(c, id=f"{c.op}-{c.id}") for c in EMULATED_CASES])
+def test_op_emulated(build, tmp_path, c):
+    """test_ops' case c on the Metal kernels: the three lane orders bitwise equal, and the outputs against
+    the case's own reference and tolerance (test_ops.check_outputs)."""
+    args = test_ops.case_args(c)
+    op, arrays, scalars, shape = emulated(c, args)
+    outs = run(build(), op, tmp_path, arrays, scalars)
+    for o in ORDERS[1:]:
+        diff = np.flatnonzero(outs[o].view(np.uint32) != outs["forward"].view(np.uint32))
+        assert diff.size == 0, f"lane orders disagree: forward vs {o} at {diff.size} elements (a race?), first {diff[:5]}"
+    test_ops.check_outputs(outs["forward"].reshape(shape), c.ref(*args, **c.kwargs), c.tol)
 
 
 # ------------------------------------------------------------------- the emulator's tests: broken kernels

@@ -1,7 +1,7 @@
 /*
  * main.cpp — runs one op of ops.cpp in each lane order, for tests/test_metal_emu.py:
  *
- *     emu OP DIR INT... FLOAT...
+ *     emu OP DIR INT... FLOAT...   (the op's scalars, as each branch below lists them)
  *
  * reads the op's inputs from DIR/<name>.bin (raw little-endian arrays, as numpy's tofile writes them) and
  * writes its output to DIR/out.<order>.bin for the orders forward, reverse and shuffled.
@@ -66,12 +66,24 @@ int main(int argc, char **argv) {
             exact<float> x(load<float>("x")), w(load<float>("w")), out((size_t)I(0) * I(1));
             fm_emu_rmsnorm(out.p, x.p, w.p, I(0), I(1), F(2), I(3));
             save(o, out.p, out.n);
-        } else if (op == "matmul_q4") { /* rows cols group_size T */
+        } else if (op == "matmul") { /* bits rows cols group_size T scale_bf16 */
             exact<uint8_t> q(load<uint8_t>("q"));
             exact<uint16_t> s(load<uint16_t>("scales")), b(load<uint16_t>("biases"));
-            exact<float> x(load<float>("x")), y((size_t)I(3) * I(0));
-            fm_emu_matmul_q4(q.p, s.p, b.p, I(0), I(1), I(2), x.p, I(3), y.p);
+            exact<float> x(load<float>("x")), y((size_t)I(4) * I(1));
+            fm_emu_matmul_q(I(0), q.p, s.p, b.p, I(1), I(2), I(3), I(5), x.p, I(4), y.p);
             save(o, y.p, y.n);
+        } else if (op == "silu_mul" || op == "sigmoid_mul") { /* T n */
+            exact<float> g(load<float>("gate")), b(load<float>("b")), out((size_t)I(0) * I(1));
+            (op == "silu_mul" ? fm_emu_silu_mul : fm_emu_sigmoid_mul)(out.p, g.p, b.p, I(0), I(1));
+            save(o, out.p, out.n);
+        } else if (op == "l2norm") { /* rows n eps scale */
+            exact<float> x(load<float>("x"));
+            fm_emu_l2norm(x.p, I(0), I(1), F(2), F(3));
+            save(o, x.p, x.n);
+        } else if (op == "rope") { /* T heads head_dim rot_dim pos0 theta */
+            exact<float> x(load<float>("x"));
+            fm_emu_rope(x.p, I(0), I(1), I(2), I(3), I(4), F(5));
+            save(o, x.p, x.n);
         } else {
             fm_emu::fail("unknown op %s", op.c_str());
         }

@@ -114,15 +114,28 @@ using ::fabs;
 using ::fma;
 using ::tanh;
 using ::pow;
+using ::sin;
+using ::cos;
 /* (<math.h> under C++ brings the float overloads of these) */
 inline float rsqrt(float x) { return 1.0f / sqrtf(x); }
 inline float abs(float x) { return fabsf(x); }
 template <class T> inline T min(T a, T b) { return b < a ? b : a; }
 template <class T> inline T max(T a, T b) { return a < b ? b : a; }
 template <class T> inline T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
-namespace fast { using metal::rsqrt; using metal::sqrt; using metal::exp; }
-namespace precise { using metal::rsqrt; using metal::sqrt; using metal::exp; }
+namespace fast { using metal::rsqrt; using metal::sqrt; using metal::exp; using metal::pow; using metal::sin; using metal::cos; }
+namespace precise { using metal::rsqrt; using metal::sqrt; using metal::exp; using metal::pow; using metal::sin; using metal::cos; }
+#else /* OpenCL's built-ins are overloaded functions, not names to bring in with using */
+namespace precise {
+inline float pow(float x, float y) { return ::pow(x, y); }
+inline float sin(float x) { return ::sin(x); }
+inline float cos(float x) { return ::cos(x); }
+}
 #endif
+/* as_type<T>(v): the same bits as another type of the same size */
+template <class T, class U> inline T as_type(U v) {
+    static_assert(sizeof(T) == sizeof(U), "as_type: sizes differ");
+    return __builtin_bit_cast(T, v);
+}
 
 /* Simdgroup functions. The values come back in lane order, so every lane reduces them in one order. */
 enum { FM_SIMD_BARRIER, FM_SIMD_SUM, FM_SIMD_MAX, FM_SIMD_MIN, FM_SIMD_SHUFFLE, FM_SIMD_SHUFFLE_XOR,

@@ -30,12 +30,13 @@ void fm_emu_rmsnorm(float *out, const float *x, const float *w, int T, int n, fl
     enc.dispatch("fm_rmsnorm", g);
 }
 
-void fm_emu_matmul_q4(const uint8_t *q, const uint16_t *scales, const uint16_t *biases, int rows, int cols,
-                      int group_size, const float *x, int T, float *y) {
+void fm_emu_matmul_q(int bits, const uint8_t *q, const uint16_t *scales, const uint16_t *biases, int rows,
+                     int cols, int group_size, int scale_bf16, const float *x, int T, float *y) {
+    if (bits != 4 && bits != 8) fm_emu::fail("matmul: no kernel for %d-bit weights", bits);
     if (cols % FM_QMV_VALUES_PER_LANE || group_size % FM_QMV_VALUES_PER_LANE || cols % group_size)
-        fm_emu::fail("qmv_q4: cols %d and group_size %d must be multiples of %d, cols of group_size", cols,
+        fm_emu::fail("qmv_q%d: cols %d and group_size %d must be multiples of %d, cols of group_size", bits, cols,
                      group_size, FM_QMV_VALUES_PER_LANE);
-    const fm_qmv_args a = {(uint32_t)rows, (uint32_t)cols, (uint32_t)group_size};
+    const fm_qmv_args a = {(uint32_t)rows, (uint32_t)cols, (uint32_t)group_size, (uint32_t)(scale_bf16 != 0)};
     fm_emu::encoder enc;
     enc.set_buffer(q, 0);
     enc.set_buffer(scales, 1);
@@ -43,5 +44,42 @@ void fm_emu_matmul_q4(const uint8_t *q, const uint16_t *scales, const uint16_t *
     enc.set_buffer(x, 3);
     enc.set_buffer(y, 4);
     enc.set_bytes(&a, sizeof a, 5);
-    enc.dispatch("fm_qmv_q4", fm_metal_grid_qmv((uint32_t)T, a.rows));
+    enc.dispatch(bits == 4 ? "fm_qmv_q4" : "fm_qmv_q8", fm_metal_grid_qmv((uint32_t)T, a.rows));
+}
+
+static void eltwise(const char *kernel, float *out, const float *gate, const float *b, int T, int n) {
+    const fm_eltwise_args a = {(uint32_t)T * (uint32_t)n};
+    fm_emu::encoder enc;
+    enc.set_buffer(out, 0);
+    enc.set_buffer(gate, 1);
+    enc.set_buffer(b, 2);
+    enc.set_bytes(&a, sizeof a, 3);
+    enc.dispatch(kernel, fm_metal_grid_eltwise(a.n));
+}
+
+void fm_emu_silu_mul(float *out, const float *gate, const float *up, int T, int n) {
+    eltwise("fm_silu_mul", out, gate, up, T, n);
+}
+
+void fm_emu_sigmoid_mul(float *out, const float *gate, const float *x, int T, int n) {
+    eltwise("fm_sigmoid_mul", out, gate, x, T, n);
+}
+
+void fm_emu_l2norm(float *x, int T, int n, float eps, float scale) {
+    const fm_l2norm_args a = {(uint32_t)n, eps, scale};
+    const fm_metal_grid g = fm_metal_grid_l2norm((uint32_t)T, a.n);
+    fm_emu::encoder enc;
+    enc.set_buffer(x, 0);
+    enc.set_bytes(&a, sizeof a, 1);
+    enc.set_threadgroup_memory_length(g.tg_bytes[0], 0);
+    enc.dispatch("fm_l2norm", g);
+}
+
+void fm_emu_rope(float *x, int T, int heads, int head_dim, int rot_dim, int pos0, float theta) {
+    if (rot_dim % 2 || rot_dim > head_dim) fm_emu::fail("rope: rot_dim %d must be even and <= head_dim %d", rot_dim, head_dim);
+    const fm_rope_args a = {(uint32_t)heads, (uint32_t)head_dim, (uint32_t)rot_dim, pos0, theta};
+    fm_emu::encoder enc;
+    enc.set_buffer(x, 0);
+    enc.set_bytes(&a, sizeof a, 1);
+    enc.dispatch("fm_rope", fm_metal_grid_rope((uint32_t)T, a.heads, a.rot_dim));
 }
