@@ -40,7 +40,7 @@ namespace fm_emu {
 
 namespace {
 enum state { RUNNING, AT_BARRIER, AT_SIMD, DONE };
-enum { STACK = 256 << 10, MAX_LANES = 1024, SIMD = FM_METAL_SIMD, MAX_VALUE = 64 };
+enum { STACK = 64 << 10, MAX_LANES = 1024, SIMD = FM_METAL_SIMD, MAX_VALUE = 64 };
 
 struct lane {
     ucontext_t ctx;
