@@ -1,0 +1,89 @@
+/*
+ * metal_device.h — what the Metal backend's table (metal_ops.c, plain C) asks of the GPU: memory the host
+ * and the GPU share, one compute encoder's bindings and dispatches, command buffers and their status.
+ *
+ * Two implementations, so that everything above this line runs in tests on Linux:
+ *   - metal_host.m: Metal itself (MTLDevice, newBufferWithBytesNoCopy, MTLComputeCommandEncoder);
+ *   - tests/metal_emu/device_emu.cpp: the CPU grid emulator (the same kernels compiled as C++).
+ * The argument structs (metal/fm_metal_args.h) and the grids (metal/fm_metal_grid.h) are computed above
+ * this line, in metal_ops.c, once for both.
+ *
+ * Memory is unified: an allocation is host memory the GPU reads and writes in place (Apple Silicon's
+ * MTLStorageModeShared). The host may touch it only when no command buffer that uses it is in flight:
+ * metal_ops.c waits (fm_mtl_wait) before it reads results or overwrites inputs.
+ *
+ * Ops are encoded into the open command buffer; fm_mtl_commit sends it to the GPU and opens the next one.
+ * Command buffers run in commit order, each op after the ones before it (one serial queue; the encoder is
+ * a serial compute encoder, so a dispatch sees the writes of the dispatches before it).
+ */
+#ifndef FM_METAL_DEVICE_H
+#define FM_METAL_DEVICE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "flashmoe.h"
+#include "fm_metal_grid.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct fm_mtl fm_mtl;
+
+/* The kernels, by the name of their `kernel` function in metal/*.metal (fm_mtl_kernel_name). */
+#define FM_MTL_KERNELS(X)                                                                                  \
+    X(ADD, "fm_add")                                                                                       \
+    X(RMSNORM, "fm_rmsnorm")                                                                               \
+    X(L2NORM, "fm_l2norm")                                                                                 \
+    X(ROPE, "fm_rope")                                                                                     \
+    X(SILU_MUL, "fm_silu_mul")                                                                             \
+    X(SIGMOID_MUL, "fm_sigmoid_mul")                                                                       \
+    X(QMV_Q4, "fm_qmv_q4")                                                                                 \
+    X(QMV_Q8, "fm_qmv_q8")
+
+typedef enum {
+#define FM_MTL_ENUM(id, name) FM_K_##id,
+    FM_MTL_KERNELS(FM_MTL_ENUM)
+#undef FM_MTL_ENUM
+    FM_K_COUNT
+} fm_mtl_kernel;
+
+const char *fm_mtl_kernel_name(fm_mtl_kernel k);
+
+/* The GPU, its queue and every kernel's pipeline (compiled from the shader source at open); on failure
+ * *out is NULL and fm_last_error says why. */
+fm_status fm_mtl_open(fm_mtl **out);
+void fm_mtl_close(fm_mtl *d);
+/* How many bytes the GPU may hold resident (Metal: recommendedMaxWorkingSetSize), 0 if unknown. */
+uint64_t fm_mtl_working_set_limit(fm_mtl *d);
+
+/* ---- memory */
+/* Shared memory of `bytes`, 16 KiB aligned (a page on Apple Silicon: what newBufferWithBytesNoCopy needs),
+ * zeroed; NULL when out of memory. */
+void *fm_mtl_alloc(fm_mtl *d, size_t bytes);
+void fm_mtl_free(fm_mtl *d, void *p, size_t bytes);
+/* Host memory (16 KiB aligned, a whole number of 16 KiB pages) made visible to the GPU in place until
+ * fm_mtl_unwrap; its address is unchanged. 0 on success. */
+int fm_mtl_wrap(fm_mtl *d, void *host, size_t bytes);
+void fm_mtl_unwrap(fm_mtl *d, void *host, size_t bytes);
+
+/* ---- encoding: the bindings of the next dispatch, then the dispatch (dispatchThreadgroups) */
+/* [[buffer(index)]] = p, an address inside an allocation or a wrapped range (the device finds which) */
+void fm_mtl_set_buffer(fm_mtl *d, int index, const void *p);
+/* [[buffer(index)]] = a copy of len bytes (setBytes: small argument structs, at most 4 KiB) */
+void fm_mtl_set_bytes(fm_mtl *d, int index, const void *p, size_t len);
+void fm_mtl_dispatch(fm_mtl *d, fm_mtl_kernel k, const fm_metal_grid *g);
+
+/* ---- command buffers */
+/* Send the open command buffer to the GPU (an empty one is not sent); its serial, or the last one's. */
+uint64_t fm_mtl_commit(fm_mtl *d);
+/* Wait until every command buffer up to `serial` has completed; FM_OK, or the first failure among them
+ * (an error status of a command buffer), reported once. */
+fm_status fm_mtl_wait(fm_mtl *d, uint64_t serial);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FM_METAL_DEVICE_H */
