@@ -11,10 +11,17 @@
 
 static const char *const KNOWN[] = {"cpu", "cuda", "metal"};
 
+#ifdef FLASHMOE_METAL
+const char *fm_backend_names(void) { return "cpu,metal"; }
+#else
 const char *fm_backend_names(void) { return "cpu"; }
+#endif
 
 const fm_backend_ops *fm_backend_find(const char *name) {
     if (!name || !*name || strcmp(name, "cpu") == 0) return fm_backend_cpu();
+#ifdef FLASHMOE_METAL
+    if (strcmp(name, "metal") == 0) return fm_backend_metal();
+#endif
     for (size_t i = 0; i < sizeof KNOWN / sizeof KNOWN[0]; i++)
         if (strcmp(name, KNOWN[i]) == 0) {
             fm_fail(FM_ERR_INVALID, "backend '%s' is not built into this flashmoe (built: %s)", name,

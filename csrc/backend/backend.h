@@ -145,5 +145,6 @@ void fm_backend_close(fm_backend *b);
 
 /* Each backend's table (a backend not built has none). */
 const fm_backend_ops *fm_backend_cpu(void);
+const fm_backend_ops *fm_backend_metal(void); /* csrc/backend/metal/metal_ops.c */
 
 #endif /* FM_BACKEND_H */

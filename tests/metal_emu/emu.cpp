@@ -206,6 +206,8 @@ void fail(const char *fmt, ...) {
     _exit(3); /* possibly on a lane's stack: no unwinding */
 }
 
+bool has_kernel(const char *name) { return kernels().count(name) != 0; }
+
 kernel_reg::kernel_reg(const char *name, launcher fn) {
     if (!kernels().emplace(name, fn).second) fail("kernel %s defined twice", name);
 }

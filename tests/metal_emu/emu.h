@@ -52,6 +52,8 @@ struct encoder {
     ~encoder();
 };
 
+bool has_kernel(const char *name); /* a kernel of that name is in this build */
+
 [[noreturn]] void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* Launcher helpers: a [[buffer(i)]] as the parameter's pointer or reference type; an attribute as uint,

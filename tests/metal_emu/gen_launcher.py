@@ -5,7 +5,7 @@ here from its signature: [[buffer(n)]] to the encoder's buffer n, [[threadgroup(
 memory n, an attribute such as [[thread_position_in_grid]] to the lane_ctx field of that name. Refuses
 a kernel-scope `threadgroup` variable, which the emulator cannot share between lanes (metal_compat.h).
 
-    python gen_launcher.py SHADER.metal > SHADER.launch.cpp
+    python gen_launcher.py SHADER.metal [OUT.launch.cpp]     (default: standard output)
 """
 
 import re
@@ -82,4 +82,8 @@ def launcher(shader: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(launcher(Path(sys.argv[1])))
+    text = launcher(Path(sys.argv[1]))
+    if len(sys.argv) > 2:
+        Path(sys.argv[2]).write_text(text)
+    else:
+        sys.stdout.write(text)

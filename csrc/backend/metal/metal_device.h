@@ -31,7 +31,7 @@ extern "C" {
 
 typedef struct fm_mtl fm_mtl;
 
-/* The kernels, by the name of their `kernel` function in metal/*.metal (fm_mtl_kernel_name). */
+/* The kernels, by the name of their `kernel` function in the shaders of metal/ (fm_mtl_kernel_name). */
 #define FM_MTL_KERNELS(X)                                                                                  \
     X(ADD, "fm_add")                                                                                       \
     X(RMSNORM, "fm_rmsnorm")                                                                               \

@@ -1,0 +1,231 @@
+/*
+ * metal_ops.c — the Metal backend: the interface of ../backend.h as dispatches of the kernels of metal/
+ * over the device layer of metal_device.h (Metal on Apple: metal_host.m; the CPU grid emulator in tests:
+ * tests/metal_emu/device_emu.cpp). Everything here is plain C, so the argument structs, grids and buffer
+ * bindings the GPU gets are the ones the emulated tests run.
+ *
+ * Memory is unified: every buffer is host memory the GPU reads in place. Ops are encoded in issue order
+ * into the open command buffer; the host touches a buffer's bytes only after waiting for the command
+ * buffers before it (to_host, from_host, copy, fill_zero, route), and an event is a committed command
+ * buffer's serial. A kernel that cannot take an op's shape, or a failed command buffer, is an error that
+ * finish() reports (the ops themselves return nothing): never a result computed without it.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../core/util.h"
+#include "../backend.h"
+#include "fm_metal_args.h"
+#include "fm_metal_grid.h"
+#include "metal_device.h"
+
+typedef struct {
+    fm_mtl *d;
+    fm_status err;   /* the first failure since the last finish() */
+    uint64_t done;   /* every command buffer up to this serial has completed */
+} metal_ctx;
+
+const char *fm_mtl_kernel_name(fm_mtl_kernel k) {
+    static const char *const names[FM_K_COUNT] = {
+#define FM_MTL_NAME(id, name) name,
+        FM_MTL_KERNELS(FM_MTL_NAME)
+#undef FM_MTL_NAME
+    };
+    return (unsigned)k < FM_K_COUNT ? names[k] : "?";
+}
+
+/* Record the first failure (fm_fail has set the message), for finish() to report. */
+static void metal_failed(metal_ctx *c, fm_status st) {
+    if (c->err == FM_OK) c->err = st;
+}
+
+/* Commit what is encoded and wait for it: afterwards the host may read and write every buffer. */
+static void sync_all(metal_ctx *c) {
+    const uint64_t serial = fm_mtl_commit(c->d);
+    if (serial <= c->done) return;
+    const fm_status st = fm_mtl_wait(c->d, serial);
+    c->done = serial;
+    if (st != FM_OK) metal_failed(c, st);
+}
+
+static size_t metal_workspace_bytes(const fm_backend_params *p) {
+    (void)p;
+    return 0;
+}
+
+static fm_status metal_create(const fm_backend_params *p, void **out) {
+    (void)p;
+    metal_ctx *c = (metal_ctx *)calloc(1, sizeof *c);
+    if (!c) return fm_fail(FM_ERR_NOMEM, "metal backend: out of memory");
+    *out = c;
+    return fm_mtl_open(&c->d);
+}
+
+static void metal_destroy(void *ctx) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (!c) return;
+    if (c->d) {
+        sync_all(c);
+        fm_mtl_close(c->d);
+    }
+    free(c);
+}
+
+/* ---------------------------------------------------------------- memory and events */
+
+static void *metal_alloc(void *ctx, fm_mem_kind kind, size_t bytes) {
+    (void)kind;
+    return fm_mtl_alloc(((metal_ctx *)ctx)->d, bytes);
+}
+static void metal_free(void *ctx, fm_mem_kind kind, void *p, size_t bytes) {
+    (void)kind;
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (!p) return;
+    sync_all(c); /* no command buffer in flight may still use it */
+    fm_mtl_free(c->d, p, bytes);
+}
+static void metal_fill_zero(void *ctx, void *p, size_t bytes) {
+    sync_all((metal_ctx *)ctx);
+    memset(p, 0, bytes);
+}
+static void metal_copy(void *ctx, void *dst, const void *src, size_t bytes) {
+    sync_all((metal_ctx *)ctx);
+    memcpy(dst, src, bytes);
+}
+static void *metal_host_view(void *ctx, void *p) {
+    (void)ctx;
+    return p; /* unified memory; the store writes a slot only after the event of its last use */
+}
+static void *metal_wrap_host(void *ctx, void *host, size_t bytes) {
+    return fm_mtl_wrap(((metal_ctx *)ctx)->d, host, bytes) == 0 ? host : NULL;
+}
+static void metal_unwrap_host(void *ctx, void *p, size_t bytes) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    sync_all(c);
+    fm_mtl_unwrap(c->d, p, bytes);
+}
+static fm_event metal_record(void *ctx) { return fm_mtl_commit(((metal_ctx *)ctx)->d); }
+static void metal_wait(void *ctx, fm_event ev) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (ev <= c->done) return;
+    const fm_status st = fm_mtl_wait(c->d, ev);
+    c->done = ev;
+    if (st != FM_OK) metal_failed(c, st);
+}
+static fm_status metal_finish(void *ctx) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    sync_all(c);
+    const fm_status st = c->err;
+    c->err = FM_OK;
+    return st;
+}
+
+/* ---------------------------------------------------------------- ops */
+
+/* Bind the arguments struct at index i and dispatch. */
+static void run(metal_ctx *c, fm_mtl_kernel k, const void *args, size_t len, int i, fm_metal_grid g) {
+    fm_mtl_set_bytes(c->d, i, args, len);
+    fm_mtl_dispatch(c->d, k, &g);
+}
+
+static void metal_matmul(void *ctx, const fm_mat *w, const float *x, int T, float *y) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0) return;
+    const int bits = w->dtype == FM_Q4 ? 4 : w->dtype == FM_Q8 ? 8 : 0;
+    if (!bits || w->int8_act) {
+        static const char *const dtypes[] = {"f32", "bf16", "q8", "q4"};
+        metal_failed(c, fm_fail(FM_ERR_INVALID, "metal backend: no matmul kernel for %s weights%s yet",
+                                (unsigned)w->dtype < 4 ? dtypes[w->dtype] : "?", w->int8_act ? " with int8 activations" : ""));
+        return;
+    }
+    if (w->cols % FM_QMV_VALUES_PER_LANE || w->group_size % FM_QMV_VALUES_PER_LANE || w->cols % w->group_size) {
+        metal_failed(c, fm_fail(FM_ERR_INVALID, "metal backend: matmul of %d columns in groups of %d (the kernel "
+                                "needs multiples of %d)", w->cols, w->group_size, FM_QMV_VALUES_PER_LANE));
+        return;
+    }
+    const fm_qmv_args a = {(uint32_t)w->rows, (uint32_t)w->cols, (uint32_t)w->group_size, (uint32_t)(w->scale_bf16 != 0)};
+    fm_mtl_set_buffer(c->d, 0, w->data);
+    fm_mtl_set_buffer(c->d, 1, w->scales);
+    fm_mtl_set_buffer(c->d, 2, w->biases);
+    fm_mtl_set_buffer(c->d, 3, x);
+    fm_mtl_set_buffer(c->d, 4, y);
+    run(c, bits == 4 ? FM_K_QMV_Q4 : FM_K_QMV_Q8, &a, sizeof a, 5, fm_metal_grid_qmv((uint32_t)T, a.rows));
+}
+
+static void metal_rmsnorm(void *ctx, float *out, const float *x, const float *w, int T, int n, float eps, int zc) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0) return;
+    const fm_rmsnorm_args a = {(uint32_t)n, eps, (uint32_t)(zc != 0)};
+    fm_mtl_set_buffer(c->d, 0, out);
+    fm_mtl_set_buffer(c->d, 1, x);
+    fm_mtl_set_buffer(c->d, 2, w);
+    run(c, FM_K_RMSNORM, &a, sizeof a, 3, fm_metal_grid_rmsnorm((uint32_t)T, a.n));
+}
+
+static void metal_l2norm(void *ctx, float *x, int T, int n, float eps, float scale) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0) return;
+    const fm_l2norm_args a = {(uint32_t)n, eps, scale};
+    fm_mtl_set_buffer(c->d, 0, x);
+    run(c, FM_K_L2NORM, &a, sizeof a, 1, fm_metal_grid_l2norm((uint32_t)T, a.n));
+}
+
+static void metal_rope(void *ctx, float *x, int T, int heads, int hd, int rot, int pos0, float theta) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0 || rot <= 0) return;
+    const fm_rope_args a = {(uint32_t)heads, (uint32_t)hd, (uint32_t)rot, pos0, theta};
+    fm_mtl_set_buffer(c->d, 0, x);
+    run(c, FM_K_ROPE, &a, sizeof a, 1, fm_metal_grid_rope((uint32_t)T, a.heads, a.rot_dim));
+}
+
+static void eltwise(metal_ctx *c, fm_mtl_kernel k, float *out, const float *gate, const float *b, int T, int n) {
+    if (T <= 0 || n <= 0) return;
+    const fm_eltwise_args a = {(uint32_t)T * (uint32_t)n};
+    fm_mtl_set_buffer(c->d, 0, out);
+    fm_mtl_set_buffer(c->d, 1, gate);
+    fm_mtl_set_buffer(c->d, 2, b);
+    run(c, k, &a, sizeof a, 3, fm_metal_grid_eltwise(a.n));
+}
+static void metal_silu_mul(void *ctx, float *out, const float *g, const float *u, int T, int n) {
+    eltwise((metal_ctx *)ctx, FM_K_SILU_MUL, out, g, u, T, n);
+}
+static void metal_sigmoid_mul(void *ctx, float *out, const float *g, const float *x, int T, int n) {
+    eltwise((metal_ctx *)ctx, FM_K_SIGMOID_MUL, out, g, x, T, n);
+}
+
+static void metal_add(void *ctx, float *x, const float *y, size_t n) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (!n) return;
+    const fm_add_args a = {(uint32_t)n};
+    fm_mtl_set_buffer(c->d, 0, x);
+    fm_mtl_set_buffer(c->d, 1, y);
+    run(c, FM_K_ADD, &a, sizeof a, 2, fm_metal_grid_add(a.n));
+}
+
+static const fm_backend_ops metal_ops = {
+    .name = "metal",
+    .workspace_bytes = metal_workspace_bytes,
+    .create = metal_create,
+    .destroy = metal_destroy,
+    .alloc = metal_alloc,
+    .free = metal_free,
+    .fill_zero = metal_fill_zero,
+    .copy = metal_copy,
+    .to_host = metal_copy,
+    .from_host = metal_copy,
+    .host_view = metal_host_view,
+    .wrap_host = metal_wrap_host,
+    .unwrap_host = metal_unwrap_host,
+    .record = metal_record,
+    .wait = metal_wait,
+    .finish = metal_finish,
+    .matmul = metal_matmul,
+    .rmsnorm = metal_rmsnorm,
+    .l2norm = metal_l2norm,
+    .rope = metal_rope,
+    .silu_mul = metal_silu_mul,
+    .sigmoid_mul = metal_sigmoid_mul,
+    .add = metal_add,
+};
+
+const fm_backend_ops *fm_backend_metal(void) { return &metal_ops; }

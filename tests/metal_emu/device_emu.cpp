@@ -1,0 +1,161 @@
+/*
+ * device_emu.cpp — csrc/backend/metal/metal_device.h on the CPU grid emulator (emu.h): the device layer
+ * under the Metal backend's table in the test-only build (CMake FLASHMOE_METAL_EMU), so that
+ * csrc/backend/metal/metal_ops.c runs, unchanged, with every kernel of metal/ compiled as C++.
+ *
+ * As Metal would: a buffer bound must lie inside an allocation or a wrapped range (else an error naming
+ * it); allocations are 16 KiB aligned and zeroed, of exactly the bytes asked for (so AddressSanitizer,
+ * where the build has it, sees a read past the end); a kernel not in the build fails at open, as a
+ * pipeline that does not compile would. Dispatches run at once, so command buffers complete as they are
+ * committed.
+ *
+ * FM_EMU_ORDERS=all (the tests set it) runs every dispatch three times, its lanes and threadgroups
+ * forward, reversed and shuffled, from the same contents of every bound buffer, and fails unless all
+ * three leave the same bytes: a race on memory shows as a difference. Bindings last for one dispatch.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+extern "C" {
+#include "metal_device.h"
+}
+#include "emu.h"
+
+struct fm_mtl {
+    std::map<const char *, size_t, std::less<>> ranges; /* base → bytes: allocations and wrapped ranges */
+    fm_emu::encoder enc;
+    const void *bound[fm_emu::MAX_BUFFERS] = {};
+    uint64_t serial = 0;
+    bool pending = false, check_orders = false;
+};
+
+namespace {
+
+/* The range holding p (an address inside it, or just past its end for an empty view). */
+std::pair<const char *, size_t> range_of(fm_mtl *d, const void *p) {
+    const char *c = (const char *)p;
+    auto it = d->ranges.upper_bound(c);
+    if (it == d->ranges.begin()) fm_emu::fail("buffer %p is in no Metal buffer", p);
+    --it;
+    if (c > it->first + it->second) fm_emu::fail("buffer %p is in no Metal buffer", p);
+    return *it;
+}
+
+void run_in_every_order(fm_mtl *d, const char *name, const fm_metal_grid &g) {
+    std::vector<std::pair<const char *, size_t>> used; /* the bound ranges, each once */
+    for (const void *p : d->bound)
+        if (p) {
+            auto r = range_of(d, p);
+            bool seen = false;
+            for (auto &u : used) seen |= u.first == r.first;
+            if (!seen) used.push_back(r);
+        }
+    std::vector<std::string> before, after;
+    for (auto &u : used) before.emplace_back(u.first, u.second);
+    const fm_emu::order orders[] = {fm_emu::order::forward, fm_emu::order::reverse, fm_emu::order::shuffled};
+    for (fm_emu::order o : orders) {
+        fm_emu::set_order(o);
+        for (size_t i = 0; i < used.size(); i++) memcpy((char *)used[i].first, before[i].data(), used[i].second);
+        d->enc.dispatch(name, g);
+        for (size_t i = 0; i < used.size(); i++) {
+            if (o == fm_emu::order::forward) {
+                after.emplace_back(used[i].first, used[i].second);
+            } else if (memcmp(after[i].data(), used[i].first, used[i].second) != 0) {
+                size_t at = 0;
+                while (after[i][at] == used[i].first[at]) at++;
+                fm_emu::fail("%s: lanes forward and %s leave different bytes in buffer %p at byte %zu of %zu "
+                             "(a race?)", name, fm_emu::order_name(o), (const void *)used[i].first, at, used[i].second);
+            }
+        }
+    }
+    fm_emu::set_order(fm_emu::order::forward);
+}
+
+} // namespace
+
+extern "C" {
+
+fm_status fm_mtl_open(fm_mtl **out) {
+    fm_mtl *d = new fm_mtl;
+    const char *orders = getenv("FM_EMU_ORDERS");
+    d->check_orders = orders && strcmp(orders, "all") == 0;
+    for (int k = 0; k < FM_K_COUNT; k++)
+        if (!fm_emu::has_kernel(fm_mtl_kernel_name((fm_mtl_kernel)k)))
+            fm_emu::fail("kernel %s is not in this build", fm_mtl_kernel_name((fm_mtl_kernel)k));
+    *out = d;
+    return FM_OK;
+}
+
+void fm_mtl_close(fm_mtl *d) { delete d; }
+
+uint64_t fm_mtl_working_set_limit(fm_mtl *d) {
+    (void)d;
+    return 0;
+}
+
+void *fm_mtl_alloc(fm_mtl *d, size_t bytes) {
+    void *p = nullptr;
+    if (posix_memalign(&p, 16384, bytes ? bytes : 1)) return nullptr;
+    memset(p, 0, bytes);
+    d->ranges.emplace((const char *)p, bytes);
+    return p;
+}
+
+void fm_mtl_free(fm_mtl *d, void *p, size_t bytes) {
+    auto it = d->ranges.find((const char *)p);
+    if (it == d->ranges.end() || it->second != bytes) fm_emu::fail("free of %p (%zu bytes): not an allocation", p, bytes);
+    d->ranges.erase(it);
+    free(p);
+}
+
+int fm_mtl_wrap(fm_mtl *d, void *host, size_t bytes) {
+    if ((uintptr_t)host % 16384) fm_emu::fail("wrap of %p: not 16 KiB aligned (newBufferWithBytesNoCopy)", host);
+    d->ranges.emplace((const char *)host, bytes);
+    return 0;
+}
+
+void fm_mtl_unwrap(fm_mtl *d, void *host, size_t bytes) {
+    (void)bytes;
+    d->ranges.erase((const char *)host);
+}
+
+void fm_mtl_set_buffer(fm_mtl *d, int index, const void *p) {
+    if (p) range_of(d, p);
+    d->enc.set_buffer(p, index);
+    d->bound[index] = p;
+}
+
+void fm_mtl_set_bytes(fm_mtl *d, int index, const void *p, size_t len) {
+    if (len > 4096) fm_emu::fail("setBytes of %zu bytes at %d: Metal takes at most 4 KiB", len, index);
+    d->enc.set_bytes(p, len, index);
+    d->bound[index] = nullptr;
+}
+
+void fm_mtl_dispatch(fm_mtl *d, fm_mtl_kernel k, const fm_metal_grid *g) {
+    d->enc.set_threadgroup_memory_length(g->tg_bytes[0], 0);
+    if (d->check_orders)
+        run_in_every_order(d, fm_mtl_kernel_name(k), *g);
+    else
+        d->enc.dispatch(fm_mtl_kernel_name(k), *g);
+    d->pending = true;
+    /* Metal keeps an encoder's bindings from one dispatch to the next; forgetting them here makes a
+     * dispatch that relies on one left over from an earlier op fail ("buffer(i) is not bound") */
+    for (int i = 0; i < fm_emu::MAX_BUFFERS; i++) d->enc.set_buffer(nullptr, i), d->bound[i] = nullptr;
+}
+
+uint64_t fm_mtl_commit(fm_mtl *d) {
+    if (d->pending) d->serial++, d->pending = false;
+    return d->serial;
+}
+
+fm_status fm_mtl_wait(fm_mtl *d, uint64_t serial) {
+    if (serial > d->serial) fm_emu::fail("wait for command buffer %llu, only %llu committed", (unsigned long long)serial,
+                                         (unsigned long long)d->serial);
+    return FM_OK;
+}
+
+} // extern "C"

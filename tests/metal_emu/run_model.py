@@ -1,0 +1,28 @@
+"""One model on one backend, for tests/test_metal_backend.py: run in a subprocess on the emulated build.
+
+    python run_model.py MODEL_DIR BACKEND IDS.npy OUT.npz [key=value ...]   (load options, e.g. prefill_chunk=16)
+
+Writes prefill (the logits of every prompt position in one call), steps (the same positions fed one
+token at a time) and greedy (the ids of 6 greedy tokens after the prompt) to OUT.npz.
+"""
+
+import sys
+
+import numpy as np
+
+import flashmoe
+
+
+def main(model_dir, backend, ids_path, out_path, *options):
+    ids = np.load(ids_path).tolist()
+    kw = {k: int(v) for k, v in (o.split("=", 1) for o in options)}
+    m = flashmoe.load(model_dir, backend=backend, **kw)
+    assert m.backend == backend, (m.backend, backend)
+    prefill = m.forward(ids)
+    steps = np.stack([m.forward(ids[:1])[0]] + [m.forward(ids[i:i + 1], reset=False)[0] for i in range(1, len(ids))])
+    greedy = m.generate_tokens(ids, max_tokens=6, stop_token_ids=[])
+    np.savez(out_path, prefill=prefill, steps=steps, greedy=np.asarray(greedy, np.int64))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

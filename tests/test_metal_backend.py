@@ -1,0 +1,130 @@
+"""The Metal backend, whole, on the CPU: csrc/backend/metal/metal_ops.c (the backend's table: argument
+structs, grids, bindings, command buffers) over the grid emulator's device layer
+(tests/metal_emu/device_emu.cpp), with every metal/*.metal kernel compiled as C++ by clang-19.
+
+The module builds that variant of flashmoe once (CMake FLASHMOE_METAL_EMU, under AddressSanitizer) into a
+directory of its own, then runs, in subprocesses on it, with every dispatch run in three lane orders that
+must leave the same bytes (FM_EMU_ORDERS=all):
+- test_op_harness_on_metal: tests/test_ops.py's cases on backend "metal", the harness every backend
+  answers to (its inputs, numpy references and tolerances), none of them skipped;
+- test_model_on_metal: the tiny transformers-checked models (tests/hf_fixtures.py) at 16, 8 and 4 bits,
+  loaded with backend="metal": the prompt's logits in one call and token by token, and greedy tokens,
+  against the CPU backend of the same build.
+
+Needs clang-19 (Debian: clang-19); skips without it, and fails instead where FLASHMOE_CI_REQUIRE names
+"clang19" (CI installs it). tests/test_metal_emu.py has the emulator's own tests.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.ci_feature("clang19")
+
+
+def _asan_runtime():
+    out = subprocess.run(["clang-19", "-print-file-name=libclang_rt.asan-x86_64.so"], capture_output=True, text=True)
+    path = out.stdout.strip()
+    return path if out.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
+
+
+@pytest.fixture(scope="module")
+def emu_env(tmp_path_factory):
+    """The environment of a process that imports the emulated build (built here, once per module)."""
+    if not shutil.which("clang-19") or not shutil.which("clang++-19"):
+        pytest.skip("needs clang-19 (Debian: apt-get install clang-19)")
+    asan = _asan_runtime()
+    if asan is None:
+        pytest.skip("clang-19 has no AddressSanitizer runtime here")
+    target = tmp_path_factory.mktemp("metal_emu_pkg")
+    # FLASHMOE_METAL_EMU_BUILD_DIR: keep the CMake build between runs (a developer's loop; CI builds fresh)
+    build_dir = os.environ.get("FLASHMOE_METAL_EMU_BUILD_DIR") or str(tmp_path_factory.mktemp("metal_emu_build"))
+    env = dict(os.environ, CC="clang-19", CXX="clang++-19")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(ROOT), "-C", "cmake.define.FLASHMOE_METAL_EMU=ON", "-C", "cmake.define.FLASHMOE_METAL_EMU_ASAN=ON",
+         # pybind11's -flto and ASan's module constructors do not link together with GNU ld
+         "-C", "cmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF", "-C", f"build-dir={build_dir}"],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, f"building the emulated Metal backend failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return dict(os.environ, PYTHONPATH=str(target), LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0",
+                FM_EMU_ORDERS="all", PYTHONDONTWRITEBYTECODE="1")
+
+
+def run_py(env, args, timeout=1200):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=ROOT)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_emulated_build_has_metal(emu_env):
+    rc, out = run_py(emu_env, ["-c", "import flashmoe; from flashmoe import _core; "
+                               "assert flashmoe.__file__.startswith(%r), flashmoe.__file__; print(_core.backends())"
+                               % emu_env["PYTHONPATH"]])
+    assert rc == 0, out
+    assert "metal" in out.split()[-1].split(","), out
+
+
+def test_op_harness_on_metal(emu_env):
+    """Every case of tests/test_ops.py on backend "metal" (its ids hold "metal"): passed, none skipped
+    (a skip there is an op the Metal table lacks)."""
+    rc, out = run_py(emu_env, ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_ops.py",
+                               "-k", "metal", "-W", "ignore::pytest.PytestUnraisableExceptionWarning"])
+    tail = out[-6000:]
+    assert rc == 0, tail
+    summary = out.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, tail
+    assert int(summary.split(" passed")[0].split()[-1]) >= 300, summary
+
+
+# ---------------------------------------------------------------------------------- the whole model
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """(arch, bits) -> packed tiny model directory (tests/hf_fixtures.py's transformers models)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from hf_fixtures import make_hf_model, save_checkpoint
+
+    import flashmoe
+    cache = {}
+
+    def get(arch, bits):
+        if (arch, bits) not in cache:
+            ckpt = save_checkpoint(make_hf_model(arch, seed=0), tmp_path_factory.mktemp("hf"))
+            cache[arch, bits] = str(tmp_path_factory.mktemp(f"packed{bits}"))
+            flashmoe.convert(ckpt, cache[arch, bits], bits=bits, progress=False, overwrite=True)
+        return cache[arch, bits]
+    return get
+
+
+RTOL = 1e-3  # as tests/test_models.py against transformers: fp32 on both sides, summation orders apart
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_model_on_metal(emu_env, tiny_models, tmp_path, arch, bits):
+    path = tiny_models(arch, bits)
+    ids = np.random.default_rng(1).integers(0, 251, 21)
+    np.save(tmp_path / "ids.npy", ids)
+    got = {}
+    for backend in ("cpu", "metal"):
+        out = tmp_path / f"{backend}.npz"
+        # prefill_chunk 16: the 21-token prompt takes two chunks (and the DeltaNet's chunked form)
+        rc, log = run_py(emu_env, [str(ROOT / "tests" / "metal_emu" / "run_model.py"), path, backend,
+                                   str(tmp_path / "ids.npy"), str(out), "prefill_chunk=16"])
+        assert rc == 0, log[-4000:]
+        got[backend] = np.load(out)
+    cpu, metal = got["cpu"], got["metal"]
+    for key in ("prefill", "steps"):
+        err = float(np.abs(metal[key] - cpu[key]).max() / np.abs(cpu[key]).max())
+        assert err <= RTOL, f"{key}: metal vs cpu {err:.2e}"
+    assert metal["greedy"].tolist() == cpu["greedy"].tolist()
