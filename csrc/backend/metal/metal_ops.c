@@ -19,10 +19,17 @@
 #include "fm_metal_grid.h"
 #include "metal_device.h"
 
+enum { UPLOAD_MIN = 1 << 20 };
+
 typedef struct {
     fm_mtl *d;
     fm_status err;   /* the first failure since the last finish() */
     uint64_t done;   /* every command buffer up to this serial has completed */
+    /* Host arrays an op takes (token ids, expert token lists, routing rows and weights) are copied into
+     * this arena, for the GPU to read when the op runs; it is reused from the start once every command
+     * buffer has completed (after each router's sync, in practice). */
+    uint8_t *upload;
+    size_t upload_size, upload_used;
 } metal_ctx;
 
 const char *fm_mtl_kernel_name(fm_mtl_kernel k) {
@@ -45,7 +52,33 @@ static void sync_all(metal_ctx *c) {
     if (serial <= c->done) return;
     const fm_status st = fm_mtl_wait(c->d, serial);
     c->done = serial;
+    c->upload_used = 0;
     if (st != FM_OK) metal_failed(c, st);
+}
+
+/* A copy of host bytes the GPU can read from the ops encoded next; NULL (and the failure recorded) when
+ * out of memory. */
+__attribute__((unused)) /* until the ops that take host arrays land */
+static const void *upload(metal_ctx *c, const void *host, size_t bytes) {
+    const size_t need = (bytes + 255) & ~(size_t)255;
+    if (c->upload_used + need > c->upload_size) {
+        sync_all(c); /* the arena is free again once nothing in flight reads it */
+        c->upload_used = 0;
+        if (need > c->upload_size) {
+            const size_t size = need > UPLOAD_MIN ? need : UPLOAD_MIN;
+            uint8_t *p = (uint8_t *)fm_mtl_alloc(c->d, size);
+            if (!p) {
+                metal_failed(c, fm_fail(FM_ERR_NOMEM, "metal backend: cannot allocate %zu bytes to upload to", size));
+                return NULL;
+            }
+            if (c->upload) fm_mtl_free(c->d, c->upload, c->upload_size);
+            c->upload = p, c->upload_size = size;
+        }
+    }
+    uint8_t *dst = c->upload + c->upload_used;
+    memcpy(dst, host, bytes);
+    c->upload_used += need;
+    return dst;
 }
 
 static size_t metal_workspace_bytes(const fm_backend_params *p) {
@@ -66,6 +99,7 @@ static void metal_destroy(void *ctx) {
     if (!c) return;
     if (c->d) {
         sync_all(c);
+        if (c->upload) fm_mtl_free(c->d, c->upload, c->upload_size);
         fm_mtl_close(c->d);
     }
     free(c);
