@@ -1,7 +1,8 @@
 /*
  * emu.cpp — the grid emulator's scheduler (README.md).
  *
- * Threadgroups run one after another; inside one, every lane is a fiber (ucontext) on its own stack.
+ * Threadgroups run one after another; inside one, every lane is a fiber on its own stack (on x86-64 a
+ * context switch of our own; swapcontext elsewhere, which costs a system call per switch).
  * A round resumes each runnable lane, in the chosen order, until it returns or waits: at
  * threadgroup_barrier, or at a simdgroup function (fm_emu_simd_exchange). Between rounds, a simdgroup
  * whose lanes all wait at a simdgroup function is released, and the threadgroup is released from a
@@ -39,11 +40,67 @@
 namespace fm_emu {
 
 namespace {
+#if defined(__x86_64__)
+/* swapcontext saves and restores the signal mask, a system call per switch, which was most of the
+ * emulator's time. This saves the callee-saved registers (System V ABI) on the stack being left, stores
+ * its stack pointer, loads the other's and pops its registers: the switch a function call would make. */
+struct fiber {
+    void *sp;
+};
+extern "C" void fm_emu_swap(void **save_sp, void *load_sp);
+asm(R"(
+    .text
+    .globl fm_emu_swap
+    .type fm_emu_swap, @function
+fm_emu_swap:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size fm_emu_swap, .-fm_emu_swap
+    .section .note.GNU-stack, "", @progbits
+    .text
+)");
+/* A fiber that starts in entry (which never returns) on [stack, stack + size): fm_emu_swap's pops take
+ * six zero registers, its ret jumps to entry with the stack as a call would leave it (rsp = 8 mod 16). */
+void fiber_init(fiber &f, char *stack, size_t size, void (*entry)()) {
+    void **sp = (void **)((uintptr_t)(stack + size) & ~(uintptr_t)15);
+    *--sp = nullptr; /* entry's return address */
+    *--sp = (void *)entry;
+    for (int i = 0; i < 6; i++) *--sp = nullptr;
+    f.sp = sp;
+}
+void fiber_swap(fiber &from, fiber &to) { fm_emu_swap(&from.sp, to.sp); }
+#else
+struct fiber {
+    ucontext_t uc;
+};
+void fiber_init(fiber &f, char *stack, size_t size, void (*entry)()) {
+    getcontext(&f.uc);
+    f.uc.uc_stack.ss_sp = stack;
+    f.uc.uc_stack.ss_size = size;
+    f.uc.uc_link = nullptr;
+    makecontext(&f.uc, entry, 0);
+}
+void fiber_swap(fiber &from, fiber &to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
 enum state { RUNNING, AT_BARRIER, AT_SIMD, DONE };
 enum { STACK = 64 << 10, MAX_LANES = 1024, SIMD = FM_METAL_SIMD, MAX_VALUE = 64 };
 
 struct lane {
-    ucontext_t ctx;
+    fiber ctx;
     state st;
     unsigned simd_ops;        /* simdgroup functions passed: its parity picks the exchange buffer */
     int op;                   /* the simdgroup op it waits at */
@@ -56,7 +113,7 @@ struct {
     std::mt19937 rng{12345};
     std::vector<lane> lanes;
     char *stacks = nullptr;
-    ucontext_t sched;
+    fiber sched;
     int cur = -1;
     launcher fn = nullptr;
     /* exchange buffers: [parity][simdgroup][lane][MAX_VALUE bytes] */
@@ -74,15 +131,15 @@ std::map<std::string, launcher> &kernels() {
 
 /* Switch between the scheduler and a lane, telling ASan which stack is live (else it reports false
  * stack errors after a switch). A lane that finished passes no fake-stack slot: its frames are gone. */
-void switch_to(ucontext_t *from, ucontext_t *to, const void *stack, size_t size, bool finished = false) {
+void switch_to(fiber *from, fiber *to, const void *stack, size_t size, bool finished = false) {
 #ifdef FM_EMU_ASAN
     void *fake = nullptr;
     __sanitizer_start_switch_fiber(finished ? nullptr : &fake, stack, size);
-    swapcontext(from, to);
+    fiber_swap(*from, *to);
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #else
     (void)stack, (void)size, (void)finished;
-    swapcontext(from, to);
+    fiber_swap(*from, *to);
 #endif
 }
 
@@ -167,11 +224,7 @@ void run_threadgroup(const u3 &tg, const lane_ctx &base, int n, uint32_t simdgro
         l.c.thread_index_in_simdgroup = i % SIMD;
         l.c.threads_per_simdgroup = SIMD;
         l.c.simdgroups_per_threadgroup = simdgroups;
-        getcontext(&l.ctx);
-        l.ctx.uc_stack.ss_sp = S.stacks + (size_t)i * STACK;
-        l.ctx.uc_stack.ss_size = STACK;
-        l.ctx.uc_link = nullptr;
-        makecontext(&l.ctx, lane_main, 0);
+        fiber_init(l.ctx, S.stacks + (size_t)i * STACK, STACK, lane_main);
     }
     for (;;) {
         for (int i : permutation(n)) {
