@@ -128,3 +128,46 @@ def test_model_on_metal(emu_env, tiny_models, tmp_path, arch, bits):
         err = float(np.abs(metal[key] - cpu[key]).max() / np.abs(cpu[key]).max())
         assert err <= RTOL, f"{key}: metal vs cpu {err:.2e}"
     assert metal["greedy"].tolist() == cpu["greedy"].tolist()
+
+
+# ------------------------------------------------------------------------ the GPU's working-set limit
+
+LIMIT_CHECK = """
+import sys, flashmoe
+from flashmoe.errors import FlashMoEError
+path, budget = sys.argv[1], int(sys.argv[2]) or None
+try:
+    plan = flashmoe.memory_plan(path, backend="metal", memory_budget=budget)
+    print("plan", plan["budget"], plan["minimum"])
+except FlashMoEError as e:
+    print("error", type(e).__name__, e)
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    from flashmoe.synth import write_random_model
+    path = tmp_path_factory.mktemp("demo")
+    write_random_model(path, progress=False)
+    return str(path)
+
+
+def test_memory_plan_holds_to_the_gpu_working_set(emu_env, demo_model):
+    """The emulated device reports FM_EMU_WORKING_SET as the GPU's recommended working set: the default
+    budget is cut to it, a budget over it or a model whose minimum exceeds it is a MemoryBudgetError that
+    names the limit and the sysctl that raises it."""
+    def plan(limit, budget=0):
+        rc, out = run_py(dict(emu_env, FM_EMU_WORKING_SET=str(limit)), ["-c", LIMIT_CHECK, demo_model, str(budget)])
+        assert rc == 0, out
+        return out.strip().splitlines()[-1].split(" ", 1)
+
+    kind, text = plan(0)  # no limit: the default budget (half the RAM) stands
+    assert kind == "plan", text
+    default_budget, minimum = map(int, text.split())
+    limit = minimum + (default_budget - minimum) // 3
+    kind, text = plan(limit)
+    assert kind == "plan" and int(text.split()[0]) == limit, text
+    kind, text = plan(limit, budget=limit + (1 << 20))
+    assert kind == "error" and "MemoryBudgetError" in text and "iogpu.wired_limit_mb" in text, text
+    kind, text = plan(minimum - 1)
+    assert kind == "error" and "MemoryBudgetError" in text and "the least this model needs" in text, text

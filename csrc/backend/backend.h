@@ -64,6 +64,9 @@ typedef struct fm_backend_ops {
     const char *name;
     /* host memory the instance allocates for itself (its own scratch), for the memory budget */
     size_t (*workspace_bytes)(const fm_backend_params *p);
+    /* the most bytes a model's buffers may take on this backend (Metal: what the GPU may keep resident),
+     * 0 for no limit but the memory budget's; the memory plan checks the budget against it */
+    uint64_t (*memory_limit)(const fm_backend_params *p);
     fm_status (*create)(const fm_backend_params *p, void **ctx); /* *ctx is set (for destroy) even on failure */
     void (*destroy)(void *ctx);
 

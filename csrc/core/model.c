@@ -349,6 +349,15 @@ static fm_status plan_memory(fm_model *m, const fm_load_spec *spec, int n_moe) {
     }
     const uint64_t need = fixed + (n_moe ? (uint64_t)k * stride : 0);
     mem->minimum = need;
+    if (m->be_limit) { /* a GPU that may keep only so much resident (Metal: the wired limit) */
+        if (need > m->be_limit || (spec->memory_budget && spec->memory_budget > m->be_limit))
+            return fm_fail(FM_ERR_BUDGET,
+                           "the %s backend may hold %.1f MiB (the GPU's recommended working set; on macOS the "
+                           "sysctl iogpu.wired_limit_mb raises it), less than %s %.1f MiB", m->be.op->name,
+                           mib(m->be_limit), need > m->be_limit ? "the least this model needs," : "memory_budget",
+                           mib(need > m->be_limit ? need : spec->memory_budget));
+        if (mem->budget > m->be_limit) mem->budget = m->be_limit; /* the default budget: what the GPU holds */
+    }
     if (mem->budget < need)
         return fm_fail(FM_ERR_BUDGET,
                        "memory budget %.1f MiB is too small: dense weights %.1f MiB + KV cache %.1f MiB (%d tokens) + "
@@ -395,6 +404,7 @@ static fm_status model_create(const fm_load_spec *spec, fm_model **out, int *n_m
     const fm_backend_params bp = {&m->c, m->chunk};
     m->be.op = ops;
     m->be_workspace = ops->workspace_bytes(&bp);
+    m->be_limit = ops->memory_limit(&bp);
     m->prefetch = spec->prefetch && spec->cache_policy != FM_CACHE_PAGECACHE;
     const int L = m->c.num_hidden_layers;
     m->layers = (fm_layer *)calloc((size_t)L, sizeof(fm_layer));

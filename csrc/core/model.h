@@ -123,6 +123,7 @@ struct fm_model {
     const fm_arch_ops *arch;
     fm_backend be;         /* where the layers compute (backend.h) */
     size_t be_workspace;   /* the backend instance's own scratch bytes (in the memory plan) */
+    uint64_t be_limit;     /* the most the backend may hold (backend.h memory_limit), 0: no limit */
     uint8_t *dense;        /* dense.bin payload, as the backend addresses it (weights point into it) */
     uint8_t *dense_host;   /* the same bytes in host memory, as read */
     uint64_t dense_size;   /* payload bytes */

@@ -92,9 +92,11 @@ fm_status fm_mtl_open(fm_mtl **out) {
 
 void fm_mtl_close(fm_mtl *d) { delete d; }
 
+/* FM_EMU_WORKING_SET=BYTES: a GPU that may hold that much (tests of the memory plan's limit) */
 uint64_t fm_mtl_working_set_limit(fm_mtl *d) {
     (void)d;
-    return 0;
+    const char *env = getenv("FM_EMU_WORKING_SET");
+    return env ? strtoull(env, nullptr, 10) : 0;
 }
 
 void *fm_mtl_alloc(fm_mtl *d, size_t bytes) {

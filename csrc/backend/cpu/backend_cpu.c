@@ -41,6 +41,11 @@ static size_t cpu_workspace_bytes(const fm_backend_params *p) {
            (size_t)(p->config->num_experts > 0 ? p->config->num_experts : 0) * sizeof(fm_expert_work);
 }
 
+static uint64_t cpu_memory_limit(const fm_backend_params *p) {
+    (void)p;
+    return 0;
+}
+
 static fm_status cpu_create(const fm_backend_params *p, void **out) {
     cpu_ctx *c = (cpu_ctx *)calloc(1, sizeof *c);
     if (!c) return fm_fail(FM_ERR_NOMEM, "cpu backend: out of memory");
@@ -261,6 +266,7 @@ static void cpu_experts(void *ctx, const fm_expert_work *work, int n_work, const
 static const fm_backend_ops cpu_ops = {
     .name = "cpu",
     .workspace_bytes = cpu_workspace_bytes,
+    .memory_limit = cpu_memory_limit,
     .create = cpu_create,
     .destroy = cpu_destroy,
     .alloc = cpu_alloc,

@@ -55,7 +55,9 @@ const char *fm_mtl_kernel_name(fm_mtl_kernel k);
  * *out is NULL and fm_last_error says why. */
 fm_status fm_mtl_open(fm_mtl **out);
 void fm_mtl_close(fm_mtl *d);
-/* How many bytes the GPU may hold resident (Metal: recommendedMaxWorkingSetSize), 0 if unknown. */
+/* How many bytes the GPU may hold resident (Metal: recommendedMaxWorkingSetSize, which the wired limit
+ * iogpu.wired_limit_mb bounds), 0 if unknown; d may be NULL (before a model opens its instance): the
+ * system's default device. */
 uint64_t fm_mtl_working_set_limit(fm_mtl *d);
 
 /* ---- memory */

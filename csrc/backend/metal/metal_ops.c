@@ -86,6 +86,11 @@ static size_t metal_workspace_bytes(const fm_backend_params *p) {
     return 0;
 }
 
+static uint64_t metal_memory_limit(const fm_backend_params *p) {
+    (void)p;
+    return fm_mtl_working_set_limit(NULL);
+}
+
 static fm_status metal_create(const fm_backend_params *p, void **out) {
     (void)p;
     metal_ctx *c = (metal_ctx *)calloc(1, sizeof *c);
@@ -239,6 +244,7 @@ static void metal_add(void *ctx, float *x, const float *y, size_t n) {
 static const fm_backend_ops metal_ops = {
     .name = "metal",
     .workspace_bytes = metal_workspace_bytes,
+    .memory_limit = metal_memory_limit,
     .create = metal_create,
     .destroy = metal_destroy,
     .alloc = metal_alloc,
