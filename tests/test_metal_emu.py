@@ -168,7 +168,8 @@ def test_matmul_q4(build, tmp_path, rows, cols, gs, T):
 
 def emulated(c, args):
     """How test_ops case c runs on the emulated Metal kernels: (emulator op, input arrays, scalars, output
-    shape), from the arguments of its _core.op_<name>."""
+    shape, or a list of shapes for an op of several outputs, which the emulator writes one after another),
+    from the arguments of its _core.op_<name>."""
     if c.op == "add":
         x, y = args
         return "add", {"x": x, "y": y}, [], x.shape
@@ -190,10 +191,35 @@ def emulated(c, args):
         bits = 4 if dtype == test_ops.Q4 else 8
         return ("matmul", {"q": data, "scales": scales, "biases": biases, "x": x},
                 [bits, rows, cols, gs, x.shape[0], int(c.kwargs.get("scale_bf16", False))], (x.shape[0], rows))
+    if c.op == "split_q_gate":
+        (q2,) = args
+        T, nh, hd2 = q2.shape
+        return "split_q_gate", {"q2": q2}, [T, nh, hd2 // 2], [(T, nh, hd2 // 2)] * 2
+    if c.op == "kv_write":
+        cache, src, pos0 = args
+        return "kv_write", {"cache": cache, "src": src}, [pos0, *src.shape], cache.shape
+    if c.op == "gate_rows":
+        x, g = args
+        return "gate_rows", {"x": x, "g": g}, [*x.shape], x.shape
+    if c.op == "deltanet_gates":
+        b, a, A_log, dt_bias = args
+        return "deltanet_gates", {"b": b, "a": a, "A_log": A_log, "dt_bias": dt_bias}, [*b.shape], [b.shape] * 2
+    if c.op == "deltanet_split":
+        conv, kd, vd = args
+        T = conv.shape[0]
+        return "deltanet_split", {"conv": conv}, [T, kd, vd], [(T, kd), (T, kd), (T, vd)]
+    if c.op == "conv1d_silu":
+        x, state, w = args
+        return "conv1d_silu", {"x": x, "state": state, "w": w}, [*x.shape, w.shape[1]], [x.shape, state.shape]
+    if c.op == "moe_combine":
+        out, ye, row, w = args
+        return ("moe_combine", {"out": out, "ye": ye, "row": np.asarray(row, np.int32), "w": w},
+                [*row.shape, out.shape[1]], out.shape)
     raise AssertionError(c.op)
 
 
-EMULATED_OPS = ("add", "rmsnorm", "silu_mul", "sigmoid_mul", "l2norm", "rope", "matmul")
+EMULATED_OPS = ("add", "rmsnorm", "silu_mul", "sigmoid_mul", "l2norm", "rope", "matmul", "split_q_gate", "kv_write",
+                "gate_rows", "deltanet_gates", "deltanet_split", "conv1d_silu", "moe_combine")
 
 
 def has_kernel(c):
@@ -219,7 +245,14 @@ def test_op_emulated(build, tmp_path, c):
     for o in ORDERS[1:]:
         diff = np.flatnonzero(outs[o].view(np.uint32) != outs["forward"].view(np.uint32))
         assert diff.size == 0, f"lane orders disagree: forward vs {o} at {diff.size} elements (a race?), first {diff[:5]}"
-    test_ops.check_outputs(outs["forward"].reshape(shape), c.ref(*args, **c.kwargs), c.tol)
+    if isinstance(shape, list):  # several outputs, one after another
+        sizes = [int(np.prod(s)) for s in shape]
+        assert outs["forward"].size == sum(sizes), (outs["forward"].size, sizes)
+        parts = np.split(outs["forward"], np.cumsum(sizes)[:-1])
+        got = tuple(p.reshape(s) for p, s in zip(parts, shape))
+    else:
+        got = outs["forward"].reshape(shape)
+    test_ops.check_outputs(got, c.ref(*args, **c.kwargs), c.tol)
 
 
 # ------------------------------------------------------------------- the emulator's tests: broken kernels

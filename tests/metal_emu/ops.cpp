@@ -83,3 +83,76 @@ void fm_emu_rope(float *x, int T, int heads, int head_dim, int rot_dim, int pos0
     enc.set_bytes(&a, sizeof a, 1);
     enc.dispatch("fm_rope", fm_metal_grid_rope((uint32_t)T, a.heads, a.rot_dim));
 }
+
+void fm_emu_split_q_gate(float *q, float *gate, const float *q2, int T, int nh, int hd) {
+    const fm_split_q_gate_args a = {(uint32_t)T * (uint32_t)nh * (uint32_t)hd, (uint32_t)hd};
+    fm_emu::encoder enc;
+    enc.set_buffer(q, 0);
+    enc.set_buffer(gate, 1);
+    enc.set_buffer(q2, 2);
+    enc.set_bytes(&a, sizeof a, 3);
+    enc.dispatch("fm_split_q_gate", fm_metal_grid_eltwise(a.n));
+}
+
+void fm_emu_kv_write(float *cache, const float *src, int pos0, int T, int row) {
+    const fm_kv_write_args a = {(uint32_t)T * (uint32_t)row, (uint32_t)row, (uint32_t)pos0};
+    fm_emu::encoder enc;
+    enc.set_buffer(cache, 0);
+    enc.set_buffer(src, 1);
+    enc.set_bytes(&a, sizeof a, 2);
+    enc.dispatch("fm_kv_write", fm_metal_grid_eltwise(a.n));
+}
+
+void fm_emu_gate_rows(float *out, const float *g, int T, int n) {
+    const fm_gate_rows_args a = {(uint32_t)T * (uint32_t)n, (uint32_t)n};
+    fm_emu::encoder enc;
+    enc.set_buffer(out, 0);
+    enc.set_buffer(g, 1);
+    enc.set_bytes(&a, sizeof a, 2);
+    enc.dispatch("fm_gate_rows", fm_metal_grid_eltwise(a.total));
+}
+
+void fm_emu_deltanet_gates(float *b, float *ga, const float *A_log, const float *dt_bias, int T, int Hv) {
+    const fm_deltanet_gates_args a = {(uint32_t)T * (uint32_t)Hv, (uint32_t)Hv};
+    fm_emu::encoder enc;
+    enc.set_buffer(b, 0);
+    enc.set_buffer(ga, 1);
+    enc.set_buffer(A_log, 2);
+    enc.set_buffer(dt_bias, 3);
+    enc.set_bytes(&a, sizeof a, 4);
+    enc.dispatch("fm_deltanet_gates", fm_metal_grid_eltwise(a.n));
+}
+
+void fm_emu_deltanet_split(float *q, float *k, float *v, const float *conv, int T, int kd, int vd) {
+    const fm_deltanet_split_args a = {(uint32_t)T * (2 * (uint32_t)kd + (uint32_t)vd), (uint32_t)kd, (uint32_t)vd};
+    fm_emu::encoder enc;
+    enc.set_buffer(q, 0);
+    enc.set_buffer(k, 1);
+    enc.set_buffer(v, 2);
+    enc.set_buffer(conv, 3);
+    enc.set_bytes(&a, sizeof a, 4);
+    enc.dispatch("fm_deltanet_split", fm_metal_grid_eltwise(a.n));
+}
+
+void fm_emu_conv1d_silu(float *out, const float *x, float *state, const float *w, int T, int C, int K) {
+    if (K < 1) fm_emu::fail("conv1d_silu: K %d must be >= 1", K);
+    const fm_conv1d_args a = {(uint32_t)T, (uint32_t)C, (uint32_t)K};
+    fm_emu::encoder enc;
+    enc.set_buffer(out, 0);
+    enc.set_buffer(x, 1);
+    enc.set_buffer(state, 2);
+    enc.set_buffer(w, 3);
+    enc.set_bytes(&a, sizeof a, 4);
+    enc.dispatch("fm_conv1d_silu", fm_metal_grid_conv1d(a.C));
+}
+
+void fm_emu_moe_combine(float *out, const float *ye, const int32_t *row, const float *w, int T, int k, int h) {
+    const fm_moe_combine_args a = {(uint32_t)T * (uint32_t)h, (uint32_t)h, (uint32_t)k};
+    fm_emu::encoder enc;
+    enc.set_buffer(out, 0);
+    enc.set_buffer(ye, 1);
+    enc.set_buffer(row, 2);
+    enc.set_buffer(w, 3);
+    enc.set_bytes(&a, sizeof a, 4);
+    enc.dispatch("fm_moe_combine", fm_metal_grid_eltwise(a.n));
+}
