@@ -20,6 +20,8 @@
 #define FM_ELTWISE_THREADS 256      /* one thread per element: fm_metal_grid_eltwise's kernels */
 #define FM_ROPE_THREADS 64          /* rope: rotated pairs per threadgroup */
 #define FM_CONV1D_THREADS 64        /* conv1d_silu: channels per threadgroup */
+#define FM_EMBED_THREADS 256        /* embed: elements of a row per threadgroup */
+#define FM_ROUTE_MAX_K 32           /* route: top k at most (a selection per lane of its simdgroup) */
 
 /* x[n] += y[n] */
 typedef struct {
@@ -95,5 +97,15 @@ typedef struct {
 typedef struct {
     uint32_t n, h, k;
 } fm_moe_combine_args;
+
+/* embed: out[t] = row ids[t] of W [rows, cols] dequantized; group_size and scale_bf16: q4 and q8 only */
+typedef struct {
+    uint32_t rows, cols, group_size, scale_bf16;
+} fm_embed_args;
+
+/* route: softmax over logits [T, E], the top k (<= FM_ROUTE_MAX_K) per token, renormalised when norm */
+typedef struct {
+    uint32_t E, k, norm;
+} fm_route_args;
 
 #endif /* FM_METAL_ARGS_H */

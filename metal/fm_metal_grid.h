@@ -50,6 +50,18 @@ static inline fm_metal_grid fm_metal_grid_conv1d(uint32_t C) {
     return g;
 }
 
+/* embed: one thread per element of a row along x, a token per grid row */
+static inline fm_metal_grid fm_metal_grid_embed(uint32_t T, uint32_t cols) {
+    fm_metal_grid g = {{fm_metal_div_up(cols, FM_EMBED_THREADS), T, 1}, {FM_EMBED_THREADS, 1, 1}, {0}};
+    return g;
+}
+
+/* route: a threadgroup of one simdgroup per token */
+static inline fm_metal_grid fm_metal_grid_route(uint32_t T) {
+    fm_metal_grid g = {{T, 1, 1}, {FM_METAL_SIMD, 1, 1}, {0}};
+    return g;
+}
+
 /* rope: one thread per rotated pair (i < rot_dim / 2) along x, a head per grid row, a token per slice */
 static inline fm_metal_grid fm_metal_grid_rope(uint32_t T, uint32_t heads, uint32_t rot_dim) {
     fm_metal_grid g = {{fm_metal_div_up(rot_dim / 2, FM_ROPE_THREADS), heads, T}, {FM_ROPE_THREADS, 1, 1}, {0}};

@@ -5,7 +5,8 @@
  *
  * reads the op's inputs from DIR/<name>.bin (raw little-endian arrays, as numpy's tofile writes them) and
  * writes its output to DIR/out.<order>.bin for the orders forward, reverse and shuffled (an op of several
- * outputs: them one after another, in the order of the op's reference).
+ * outputs: them one after another, in the order of the op's reference; each float32, or int32 where an output
+ * is indices).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,11 +44,18 @@ template <class T> struct exact {
     ~exact() { free(p); }
 };
 
-static void save(fm_emu::order o, std::initializer_list<const exact<float> *> outs) {
+/* an output array: its bytes */
+struct out_bytes {
+    const void *p;
+    size_t n;
+    template <class T> out_bytes(const exact<T> *a) : p(a->p), n(a->n * sizeof(T)) {}
+};
+
+static void save(fm_emu::order o, std::initializer_list<out_bytes> outs) {
     const std::string path = dir + "/out." + fm_emu::order_name(o) + ".bin";
     FILE *f = fopen(path.c_str(), "wb");
     bool ok = f != nullptr;
-    for (const exact<float> *a : outs) ok = ok && fwrite(a->p, sizeof(float), a->n, f) == a->n;
+    for (const out_bytes &a : outs) ok = ok && fwrite(a.p, 1, a.n, f) == a.n;
     if (!ok || fclose(f)) fm_emu::fail("cannot write %s", path.c_str());
 }
 static void save(fm_emu::order o, const exact<float> &a) { save(o, {&a}); }
@@ -118,6 +126,20 @@ int main(int argc, char **argv) {
             exact<int32_t> row(load<int32_t>("row"));
             fm_emu_moe_combine(out.p, ye.p, row.p, w.p, I(0), I(1), I(2));
             save(o, out);
+        } else if (op == "embed") { /* bits rows cols group_size scale_bf16 (scales, biases: q4 and q8 only) */
+            const bool quant = I(0) == 4 || I(0) == 8;
+            exact<uint8_t> w(load<uint8_t>("w"));
+            exact<uint16_t> s(quant ? load<uint16_t>("scales") : std::vector<uint16_t>()),
+                b(quant ? load<uint16_t>("biases") : std::vector<uint16_t>());
+            exact<int32_t> ids(load<int32_t>("ids"));
+            exact<float> out(ids.n * (size_t)I(2));
+            fm_emu_embed(I(0), w.p, s.p, b.p, I(1), I(2), I(3), I(4), ids.p, (int)ids.n, out.p);
+            save(o, out);
+        } else if (op == "route") { /* T E k norm; out: idx (int32) then weights */
+            exact<float> logits(load<float>("logits")), wt((size_t)I(0) * I(2));
+            exact<int32_t> idx((size_t)I(0) * I(2));
+            fm_emu_route(logits.p, I(0), I(1), I(2), I(3), idx.p, wt.p);
+            save(o, {&idx, &wt});
         } else {
             fm_emu::fail("unknown op %s", op.c_str());
         }

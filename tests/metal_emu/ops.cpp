@@ -156,3 +156,39 @@ void fm_emu_moe_combine(float *out, const float *ye, const int32_t *row, const f
     enc.set_bytes(&a, sizeof a, 4);
     enc.dispatch("fm_moe_combine", fm_metal_grid_eltwise(a.n));
 }
+
+void fm_emu_embed(int bits, const void *data, const uint16_t *scales, const uint16_t *biases, int rows, int cols,
+                  int group_size, int scale_bf16, const int32_t *ids, int T, float *out) {
+    const int quant = bits == 4 || bits == 8;
+    if (bits != 32 && bits != 16 && !quant) fm_emu::fail("embed: no kernel for %d-bit weights", bits);
+    if (quant && (group_size <= 0 || cols % group_size || (bits == 4 && cols % 2)))
+        fm_emu::fail("embed: cols %d must be a multiple of group_size %d (q4: even)", cols, group_size);
+    const fm_embed_args a = {(uint32_t)rows, (uint32_t)cols, (uint32_t)(quant ? group_size : 0),
+                             (uint32_t)(quant && scale_bf16)};
+    fm_emu::encoder enc;
+    enc.set_buffer(out, 0);
+    enc.set_buffer(ids, 1); /* the host's ids, copied into a device buffer (here they already are one) */
+    enc.set_bytes(&a, sizeof a, 2);
+    enc.set_buffer(data, 3);
+    if (quant) {
+        enc.set_buffer(scales, 4);
+        enc.set_buffer(biases, 5);
+    }
+    const char *k = bits == 32   ? "fm_embed_f32"
+                    : bits == 16 ? "fm_embed_bf16"
+                    : bits == 8  ? "fm_embed_q8"
+                                 : "fm_embed_q4";
+    enc.dispatch(k, fm_metal_grid_embed((uint32_t)T, a.cols));
+}
+
+void fm_emu_route(const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights) {
+    if (k < 1 || k > E || k > FM_ROUTE_MAX_K)
+        fm_emu::fail("route: k %d must be in [1, min(E %d, %d)]", k, E, FM_ROUTE_MAX_K);
+    const fm_route_args a = {(uint32_t)E, (uint32_t)k, (uint32_t)(norm != 0)};
+    fm_emu::encoder enc;
+    enc.set_buffer(logits, 0);
+    enc.set_buffer(idx, 1); /* idx and weights: device buffers the host copies back */
+    enc.set_buffer(weights, 2);
+    enc.set_bytes(&a, sizeof a, 3);
+    enc.dispatch("fm_route", fm_metal_grid_route((uint32_t)T));
+}
