@@ -11,15 +11,17 @@
 //
 // Weights: the CPU sums exp(l - max) over E in double and divides in double. Metal has no double; here:
 // - e_i = precise::exp(l_i - max) in fp32, l_i - max rounded to fp32 as the CPU rounds it: e_i in [0, 1],
-//   within 4 ulp (Metal's precise exp), and e = 1 exactly for the winner;
+//   within a few ulp (precise::, so whatever fast math does to exp), and e = 1 for the winner;
 // - the sum in fixed point: each e_i truncated to a multiple of 2^-40 in a 64-bit integer, summed exactly
 //   (integer addition, so the same bits in any order: lanes, shuffles, batch), then one rounding to fp32.
-//   The truncations cost at most E·2^-40 (5e-10 at E = 512) of a sum >= 1 (the winner's e is 1);
+//   The truncations cost at most E·2^-40 (5e-10 at E = 512) of a sum >= 1 (the winner's e is 1): the
+//   exact sum of the e_i to within one fp32 rounding (no overflow below E = 2^24);
 // - w_j = e_j / sum (fp32), then, when norm, w_j / Σ_j w_j with the sum in j order from 0, as the CPU does.
-// So a weight is off the exact softmax by a few fp32 roundings, relative: w_0 = 1/sum by the sum's
-// rounding and the division's (<= 3 ulp even under fast math's division), any other w_j <= 1/2 by at most
-// ~7 ulp: < 4.2e-7 absolute, under test_ops' TOL_PROB (1e-6); renormalisation adds the CPU's own k-term
-// fp32 sum. k <= FM_ROUTE_MAX_K (32): selection j is held by lane j.
+// So a weight is off the exact softmax by a few fp32 roundings, relative, and the weights are <= 1: the
+// winner's by the sum's rounding and the division's alone, any other's (<= 1/2) by those and exp's few ulp:
+// some 1e-7 (a dozen ulp of 1/2 would still be 7e-7), under test_ops' TOL_PROB (1e-6), and far under it in
+// the emulator (IEEE exp: <= 1.1e-7 over tests/test_metal_emu.py's hard router cases); renormalisation adds
+// the CPU's own k-term fp32 sum. k <= FM_ROUTE_MAX_K (32): selection j is held by lane j.
 #include <metal_stdlib>
 #include "fm_metal_args.h"
 using namespace metal;

@@ -352,6 +352,26 @@ def test_embed_batch_invariant_and_bad_ids(build, tmp_path):
             assert np.isnan(many[t]).all(), t
 
 
+def test_conv1d_same_bits_however_split(build, tmp_path):
+    """conv1d_silu over 7 tokens in one call gives the same bits (outputs and final state) as in calls of 2, 1
+    and 4 tokens with the state carried: each call's state update (T below and above K-1 = 3) is exact."""
+    rng = np.random.default_rng(11)
+    T, C, K = 7, 130, 4
+    x, state, w = test_ops.randn(rng, T, C), test_ops.randn(rng, K - 1, C), test_ops.randn(rng, C, K, scale=0.5)
+
+    def call(xs, st):
+        o = run(build(), "conv1d_silu", tmp_path, {"x": xs, "state": st, "w": w}, [len(xs), C, K])["forward"]
+        return o[:len(xs) * C].reshape(len(xs), C), o[len(xs) * C:].reshape(K - 1, C)
+
+    whole, whole_state = call(x, state)
+    outs, st = [], state
+    for a, b in ((0, 2), (2, 3), (3, 7)):
+        o, st = call(x[a:b], st)
+        outs.append(o)
+    assert np.array_equal(np.concatenate(outs).view(np.uint32), whole.view(np.uint32))
+    assert np.array_equal(st.view(np.uint32), whole_state.view(np.uint32))
+
+
 # ------------------------------------------------------------------- the emulator's tests: broken kernels
 
 def test_emulator_catches_missing_barrier(build, tmp_path):
