@@ -17,8 +17,11 @@
 #define FM_QMV_VALUES_PER_LANE 16   /* consecutive weights per lane per step (8 bytes of q4) */
 #define FM_RMSNORM_MAX_THREADS 256  /* threads per row of rmsnorm */
 #define FM_ADD_THREADS 256
-#define FM_ELTWISE_THREADS 256      /* silu_mul, sigmoid_mul */
+#define FM_ELTWISE_THREADS 256      /* one thread per element: fm_metal_grid_eltwise's kernels */
 #define FM_ROPE_THREADS 64          /* rope: rotated pairs per threadgroup */
+#define FM_CONV1D_THREADS 64        /* conv1d_silu: channels per threadgroup */
+#define FM_EMBED_THREADS 256        /* embed: elements of a row per threadgroup */
+#define FM_ROUTE_MAX_K 32           /* route: top k at most (a selection per lane of its simdgroup) */
 
 /* x[n] += y[n] */
 typedef struct {
@@ -58,5 +61,51 @@ typedef struct {
     int32_t pos0;
     float theta;
 } fm_rope_args;
+
+/* gated attention: q2 [T, nh, 2·hd] (per head query | gate) → q, gate [T, nh, hd]; n = T·nh·hd */
+typedef struct {
+    uint32_t n, hd;
+} fm_split_q_gate_args;
+
+/* rows [pos0, pos0 + T) of a cache [ctx, row] ← src [T, row]; n = T·row */
+typedef struct {
+    uint32_t n, row, pos0;
+} fm_kv_write_args;
+
+/* out[t, :] *= sigmoid(g[t]), out [T, n]; total = T·n */
+typedef struct {
+    uint32_t total, n;
+} fm_gate_rows_args;
+
+/* DeltaNet gates in place over [T, Hv]: b → sigmoid(b), a → -exp(A_log)·softplus(a + dt_bias); n = T·Hv */
+typedef struct {
+    uint32_t n, Hv;
+} fm_deltanet_gates_args;
+
+/* DeltaNet: conv [T, 2·kd + vd] → q, k [T, kd], v [T, vd]; n = T·(2·kd + vd) */
+typedef struct {
+    uint32_t n, kd, vd;
+} fm_deltanet_split_args;
+
+/* depthwise causal conv of x [T, C] with taps w [C, K] after the state [K-1, C] (the last K-1 inputs,
+ * oldest first), then SiLU; the state becomes the last K-1 inputs of [state | x] */
+typedef struct {
+    uint32_t T, C, K;
+} fm_conv1d_args;
+
+/* out[t] += Σ_j w[t, j]·ye[row[t, j]], j in order; out [T, h], row and w [T, k]; n = T·h */
+typedef struct {
+    uint32_t n, h, k;
+} fm_moe_combine_args;
+
+/* embed: out[t] = row ids[t] of W [rows, cols] dequantized; group_size and scale_bf16: q4 and q8 only */
+typedef struct {
+    uint32_t rows, cols, group_size, scale_bf16;
+} fm_embed_args;
+
+/* route: softmax over logits [T, E], the top k (<= FM_ROUTE_MAX_K) per token, renormalised when norm */
+typedef struct {
+    uint32_t E, k, norm;
+} fm_route_args;
 
 #endif /* FM_METAL_ARGS_H */

@@ -37,9 +37,28 @@ static inline fm_metal_grid fm_metal_grid_rmsnorm(uint32_t T, uint32_t n) {
 /* l2norm: as rmsnorm, one threadgroup per row (of T·heads) */
 static inline fm_metal_grid fm_metal_grid_l2norm(uint32_t rows, uint32_t n) { return fm_metal_grid_rmsnorm(rows, n); }
 
-/* silu_mul, sigmoid_mul: one thread per element */
+/* silu_mul, sigmoid_mul, split_q_gate, kv_write, gate_rows, deltanet_gates, deltanet_split, moe_combine:
+ * one thread per element (of the output; deltanet_gates: per gate pair) */
 static inline fm_metal_grid fm_metal_grid_eltwise(uint32_t n) {
     fm_metal_grid g = {{fm_metal_div_up(n, FM_ELTWISE_THREADS), 1, 1}, {FM_ELTWISE_THREADS, 1, 1}, {0}};
+    return g;
+}
+
+/* conv1d_silu: one thread per channel, each through every token (then its column of the state) */
+static inline fm_metal_grid fm_metal_grid_conv1d(uint32_t C) {
+    fm_metal_grid g = {{fm_metal_div_up(C, FM_CONV1D_THREADS), 1, 1}, {FM_CONV1D_THREADS, 1, 1}, {0}};
+    return g;
+}
+
+/* embed: one thread per element of a row along x, a token per grid row */
+static inline fm_metal_grid fm_metal_grid_embed(uint32_t T, uint32_t cols) {
+    fm_metal_grid g = {{fm_metal_div_up(cols, FM_EMBED_THREADS), T, 1}, {FM_EMBED_THREADS, 1, 1}, {0}};
+    return g;
+}
+
+/* route: a threadgroup of one simdgroup per token */
+static inline fm_metal_grid fm_metal_grid_route(uint32_t T) {
+    fm_metal_grid g = {{T, 1, 1}, {FM_METAL_SIMD, 1, 1}, {0}};
     return g;
 }
 

@@ -7,6 +7,9 @@
 - test_op_emulated: tests/test_ops.py's cases (CASES: its inputs, numpy references and tolerances, its
   check_outputs) for every op of the backend interface that has a Metal kernel, through the same
   emulator: the Metal backend held to the op harness of the other backends.
+- test_route_hard_cases / test_route_batch_invariant / test_embed_batch_invariant_and_bad_ids: the router
+  on near-ties, exact ties (-0.0 and +0.0 too), a dominant logit, equal logits and a wide spread, against the
+  CPU backend's indices exactly; a token's route and embedding the same bits alone as among others.
 - test_emulator_catches_*: the emulator's own tests. Each runs a kernel broken on purpose
   (tests/metal_emu/broken/) through the same check and requires it to fail: a missing barrier, a race on
   threadgroup memory, out-of-bounds device and threadgroup reads, a divergent barrier.
@@ -22,6 +25,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -166,9 +170,16 @@ def test_matmul_q4(build, tmp_path, rows, cols, gs, T):
 
 # ------------------------------------------------------------------- the op harness's cases (test_ops.py)
 
+class Out(NamedTuple):
+    """An output of an op of several outputs that is not float32 (route's indices: int32)."""
+    shape: tuple
+    dtype: type
+
+
 def emulated(c, args):
     """How test_ops case c runs on the emulated Metal kernels: (emulator op, input arrays, scalars, output
-    shape), from the arguments of its _core.op_<name>."""
+    shape, or a list of shapes for an op of several outputs, which the emulator writes one after another,
+    each float32 or an Out of another 4-byte dtype), from the arguments of its _core.op_<name>."""
     if c.op == "add":
         x, y = args
         return "add", {"x": x, "y": y}, [], x.shape
@@ -190,10 +201,46 @@ def emulated(c, args):
         bits = 4 if dtype == test_ops.Q4 else 8
         return ("matmul", {"q": data, "scales": scales, "biases": biases, "x": x},
                 [bits, rows, cols, gs, x.shape[0], int(c.kwargs.get("scale_bf16", False))], (x.shape[0], rows))
+    if c.op == "split_q_gate":
+        (q2,) = args
+        T, nh, hd2 = q2.shape
+        return "split_q_gate", {"q2": q2}, [T, nh, hd2 // 2], [(T, nh, hd2 // 2)] * 2
+    if c.op == "kv_write":
+        cache, src, pos0 = args
+        return "kv_write", {"cache": cache, "src": src}, [pos0, *src.shape], cache.shape
+    if c.op == "gate_rows":
+        x, g = args
+        return "gate_rows", {"x": x, "g": g}, [*x.shape], x.shape
+    if c.op == "deltanet_gates":
+        b, a, A_log, dt_bias = args
+        return "deltanet_gates", {"b": b, "a": a, "A_log": A_log, "dt_bias": dt_bias}, [*b.shape], [b.shape] * 2
+    if c.op == "deltanet_split":
+        conv, kd, vd = args
+        T = conv.shape[0]
+        return "deltanet_split", {"conv": conv}, [T, kd, vd], [(T, kd), (T, kd), (T, vd)]
+    if c.op == "conv1d_silu":
+        x, state, w = args
+        return "conv1d_silu", {"x": x, "state": state, "w": w}, [*x.shape, w.shape[1]], [x.shape, state.shape]
+    if c.op == "embed":
+        dtype, data, scales, biases, rows, cols, gs, ids = args
+        bits = {test_ops.F32: 32, test_ops.BF16: 16, test_ops.Q8: 8, test_ops.Q4: 4}[dtype]
+        arrays = {"w": np.ascontiguousarray(data).view(np.uint8), "ids": np.asarray(ids, np.int32)}
+        if bits <= 8:
+            arrays.update(scales=np.asarray(scales, np.uint16), biases=np.asarray(biases, np.uint16))
+        return "embed", arrays, [bits, rows, cols, gs, int(c.kwargs.get("scale_bf16", False))], (len(ids), cols)
+    if c.op == "route":
+        logits, k, norm = args
+        T, E = logits.shape
+        return "route", {"logits": logits}, [T, E, k, int(norm)], [Out((T, k), np.int32), (T, k)]
+    if c.op == "moe_combine":
+        out, ye, row, w = args
+        return ("moe_combine", {"out": out, "ye": ye, "row": np.asarray(row, np.int32), "w": w},
+                [*row.shape, out.shape[1]], out.shape)
     raise AssertionError(c.op)
 
 
-EMULATED_OPS = ("add", "rmsnorm", "silu_mul", "sigmoid_mul", "l2norm", "rope", "matmul")
+EMULATED_OPS = ("add", "rmsnorm", "silu_mul", "sigmoid_mul", "l2norm", "rope", "matmul", "split_q_gate", "kv_write",
+                "gate_rows", "deltanet_gates", "deltanet_split", "conv1d_silu", "moe_combine", "embed", "route")
 
 
 def has_kernel(c):
@@ -219,7 +266,110 @@ def test_op_emulated(build, tmp_path, c):
     for o in ORDERS[1:]:
         diff = np.flatnonzero(outs[o].view(np.uint32) != outs["forward"].view(np.uint32))
         assert diff.size == 0, f"lane orders disagree: forward vs {o} at {diff.size} elements (a race?), first {diff[:5]}"
-    test_ops.check_outputs(outs["forward"].reshape(shape), c.ref(*args, **c.kwargs), c.tol)
+    if isinstance(shape, list):  # several outputs, one after another
+        shape = [s if isinstance(s, Out) else Out(s, np.float32) for s in shape]
+        sizes = [int(np.prod(s.shape)) for s in shape]
+        assert outs["forward"].size == sum(sizes), (outs["forward"].size, sizes)
+        parts = np.split(outs["forward"], np.cumsum(sizes)[:-1])
+        got = tuple(p.view(s.dtype).reshape(s.shape) for p, s in zip(parts, shape))
+    else:
+        got = outs["forward"].reshape(shape)
+    test_ops.check_outputs(got, c.ref(*args, **c.kwargs), c.tol)
+
+
+# ------------------------------------------------------------------- route and embed beyond test_ops' cases
+
+def hard_logits(rng, T, E, kind):
+    """Router logits [T, E] that are hard for a top-k in fp32: near-ties a few ulp apart and exact ties
+    (equal values, -0.0 and +0.0) around the top, one logit far above the rest (weight ~1), all equal
+    (weights 1/E), a spread wide enough for exp to fall below the fixed point's 2^-40."""
+    x = (rng.standard_normal((T, E)) * 3).astype(np.float32)
+    for t in range(T):
+        row = x[t]
+        if kind == "near":
+            top = row.max()
+            pick = rng.choice(E, min(E, 12), replace=False)
+            row[pick] = np.nextafter(top, np.float32(np.inf) if t % 2 else np.float32(-np.inf)) if E > 1 else top
+            row[pick[::3]] = top
+            row[pick[1::4]] = np.float32(-0.0) if t % 3 else np.float32(0.0)
+            row[pick[2::4]] = np.float32(0.0)
+            row[pick[:2]] = np.nextafter(np.nextafter(top, np.float32(np.inf)), np.float32(np.inf))
+        elif kind == "peaked":
+            row[rng.integers(E)] = row.max() + 30.0
+        elif kind == "flat":
+            row[:] = 1.5
+        elif kind == "wide":
+            row[:] = np.linspace(-40.0, 5.0, E, dtype=np.float32)[rng.permutation(E)]
+    return x
+
+
+# E: one element, fewer than a simdgroup, a lane with two, 512 (16 per lane); k up to FM_ROUTE_MAX_K
+@pytest.mark.parametrize("E,k", [(1, 1), (2, 2), (5, 3), (33, 32), (64, 8), (512, 10), (512, 32)])
+@pytest.mark.parametrize("kind", ["near", "peaked", "flat", "wide"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_route_hard_cases(build, tmp_path, E, k, kind, norm):
+    """Indices exactly the CPU backend's (_core.op_route), weights within TOL_PROB of test_ops' float64
+    reference, the three lane orders bitwise equal."""
+    from flashmoe import _core
+    rng = np.random.default_rng(E * 1000 + k * 10 + len(kind) + norm)
+    T = 4
+    logits = hard_logits(rng, T, E, kind)
+    outs = run(build(), "route", tmp_path, {"logits": logits}, [T, E, k, int(norm)])
+    check(outs, outs["forward"], 0, 0)  # the orders agree
+    idx, w = outs["forward"][:T * k].view(np.int32).reshape(T, k), outs["forward"][T * k:].reshape(T, k)
+    cpu_idx, _ = _core.op_route(logits, k, norm, backend="cpu")
+    np.testing.assert_array_equal(idx, cpu_idx)
+    test_ops.check_outputs((idx, w), test_ops.ref_route(logits, k, norm), (0, test_ops.TOL_PROB))
+
+
+def test_route_batch_invariant(build, tmp_path):
+    """A token's indices and weights are the same bits alone (T = 1) as among 9 others."""
+    rng = np.random.default_rng(7)
+    T, E, k = 9, 512, 10
+    logits = hard_logits(rng, T, E, "near")
+    both = run(build(), "route", tmp_path, {"logits": logits}, [T, E, k, 1])["forward"]
+    for t in (0, 4, 8):
+        one = run(build(), "route", tmp_path, {"logits": logits[t:t + 1]}, [1, E, k, 1])["forward"]
+        assert np.array_equal(one[:k].view(np.uint32), both[t * k:(t + 1) * k].view(np.uint32)), t
+        assert np.array_equal(one[k:].view(np.uint32), both[T * k + t * k:T * k + (t + 1) * k].view(np.uint32)), t
+
+
+def test_embed_batch_invariant_and_bad_ids(build, tmp_path):
+    """q4 rows: each token's row the same bits alone as among others; an id outside [0, rows) gives a NaN row
+    (and no read outside W: AddressSanitizer)."""
+    args = test_ops.build_weight(np.random.default_rng(3), test_ops.Q4, 13, 192, 64)
+    dtype, data, scales, biases, rows, cols, gs = args
+    arrays = {"w": data, "scales": scales, "biases": biases}
+    ids = np.array([3, 12, -1, 0, 13, 7], np.int32)
+    many = run(build(), "embed", tmp_path, dict(arrays, ids=ids), [4, rows, cols, gs, 0])["forward"].reshape(6, cols)
+    ref = test_ops.ref_dequant(*args).astype(np.float32)
+    for t, i in enumerate(ids):
+        if 0 <= i < rows:
+            assert np.array_equal(many[t], ref[i]), t
+            one = run(build(), "embed", tmp_path, dict(arrays, ids=ids[t:t + 1]), [4, rows, cols, gs, 0])["forward"]
+            assert np.array_equal(one.view(np.uint32), many[t].view(np.uint32)), t
+        else:
+            assert np.isnan(many[t]).all(), t
+
+
+def test_conv1d_same_bits_however_split(build, tmp_path):
+    """conv1d_silu over 7 tokens in one call gives the same bits (outputs and final state) as in calls of 2, 1
+    and 4 tokens with the state carried: each call's state update (T below and above K-1 = 3) is exact."""
+    rng = np.random.default_rng(11)
+    T, C, K = 7, 130, 4
+    x, state, w = test_ops.randn(rng, T, C), test_ops.randn(rng, K - 1, C), test_ops.randn(rng, C, K, scale=0.5)
+
+    def call(xs, st):
+        o = run(build(), "conv1d_silu", tmp_path, {"x": xs, "state": st, "w": w}, [len(xs), C, K])["forward"]
+        return o[:len(xs) * C].reshape(len(xs), C), o[len(xs) * C:].reshape(K - 1, C)
+
+    whole, whole_state = call(x, state)
+    outs, st = [], state
+    for a, b in ((0, 2), (2, 3), (3, 7)):
+        o, st = call(x[a:b], st)
+        outs.append(o)
+    assert np.array_equal(np.concatenate(outs).view(np.uint32), whole.view(np.uint32))
+    assert np.array_equal(st.view(np.uint32), whole_state.view(np.uint32))
 
 
 # ------------------------------------------------------------------- the emulator's tests: broken kernels

@@ -4,12 +4,15 @@
  *     emu OP DIR INT... FLOAT...   (the op's scalars, as each branch below lists them)
  *
  * reads the op's inputs from DIR/<name>.bin (raw little-endian arrays, as numpy's tofile writes them) and
- * writes its output to DIR/out.<order>.bin for the orders forward, reverse and shuffled.
+ * writes its output to DIR/out.<order>.bin for the orders forward, reverse and shuffled (an op of several
+ * outputs: them one after another, in the order of the op's reference; each float32, or int32 where an output
+ * is indices).
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -41,11 +44,21 @@ template <class T> struct exact {
     ~exact() { free(p); }
 };
 
-static void save(fm_emu::order o, const float *p, size_t n) {
+/* an output array: its bytes */
+struct out_bytes {
+    const void *p;
+    size_t n;
+    template <class T> out_bytes(const exact<T> *a) : p(a->p), n(a->n * sizeof(T)) {}
+};
+
+static void save(fm_emu::order o, std::initializer_list<out_bytes> outs) {
     const std::string path = dir + "/out." + fm_emu::order_name(o) + ".bin";
     FILE *f = fopen(path.c_str(), "wb");
-    if (!f || fwrite(p, sizeof(float), n, f) != n || fclose(f)) fm_emu::fail("cannot write %s", path.c_str());
+    bool ok = f != nullptr;
+    for (const out_bytes &a : outs) ok = ok && fwrite(a.p, 1, a.n, f) == a.n;
+    if (!ok || fclose(f)) fm_emu::fail("cannot write %s", path.c_str());
 }
+static void save(fm_emu::order o, const exact<float> &a) { save(o, {&a}); }
 
 int main(int argc, char **argv) {
     if (argc < 3) {
@@ -61,29 +74,72 @@ int main(int argc, char **argv) {
         if (op == "add") {
             exact<float> x(load<float>("x")), y(load<float>("y"));
             fm_emu_add(x.p, y.p, x.n);
-            save(o, x.p, x.n);
+            save(o, x);
         } else if (op == "rmsnorm") { /* T n eps zero_centered */
             exact<float> x(load<float>("x")), w(load<float>("w")), out((size_t)I(0) * I(1));
             fm_emu_rmsnorm(out.p, x.p, w.p, I(0), I(1), F(2), I(3));
-            save(o, out.p, out.n);
+            save(o, out);
         } else if (op == "matmul") { /* bits rows cols group_size T scale_bf16 */
             exact<uint8_t> q(load<uint8_t>("q"));
             exact<uint16_t> s(load<uint16_t>("scales")), b(load<uint16_t>("biases"));
             exact<float> x(load<float>("x")), y((size_t)I(4) * I(1));
             fm_emu_matmul_q(I(0), q.p, s.p, b.p, I(1), I(2), I(3), I(5), x.p, I(4), y.p);
-            save(o, y.p, y.n);
+            save(o, y);
         } else if (op == "silu_mul" || op == "sigmoid_mul") { /* T n */
             exact<float> g(load<float>("gate")), b(load<float>("b")), out((size_t)I(0) * I(1));
             (op == "silu_mul" ? fm_emu_silu_mul : fm_emu_sigmoid_mul)(out.p, g.p, b.p, I(0), I(1));
-            save(o, out.p, out.n);
+            save(o, out);
         } else if (op == "l2norm") { /* rows n eps scale */
             exact<float> x(load<float>("x"));
             fm_emu_l2norm(x.p, I(0), I(1), F(2), F(3));
-            save(o, x.p, x.n);
+            save(o, x);
         } else if (op == "rope") { /* T heads head_dim rot_dim pos0 theta */
             exact<float> x(load<float>("x"));
             fm_emu_rope(x.p, I(0), I(1), I(2), I(3), I(4), F(5));
-            save(o, x.p, x.n);
+            save(o, x);
+        } else if (op == "split_q_gate") { /* T nh hd */
+            exact<float> q2(load<float>("q2")), q((size_t)I(0) * I(1) * I(2)), g(q.n);
+            fm_emu_split_q_gate(q.p, g.p, q2.p, I(0), I(1), I(2));
+            save(o, {&q, &g});
+        } else if (op == "kv_write") { /* pos0 T row */
+            exact<float> cache(load<float>("cache")), src(load<float>("src"));
+            fm_emu_kv_write(cache.p, src.p, I(0), I(1), I(2));
+            save(o, cache);
+        } else if (op == "gate_rows") { /* T n */
+            exact<float> x(load<float>("x")), g(load<float>("g"));
+            fm_emu_gate_rows(x.p, g.p, I(0), I(1));
+            save(o, x);
+        } else if (op == "deltanet_gates") { /* T Hv */
+            exact<float> b(load<float>("b")), a(load<float>("a")), A(load<float>("A_log")), dt(load<float>("dt_bias"));
+            fm_emu_deltanet_gates(b.p, a.p, A.p, dt.p, I(0), I(1));
+            save(o, {&b, &a});
+        } else if (op == "deltanet_split") { /* T kd vd */
+            exact<float> conv(load<float>("conv")), q((size_t)I(0) * I(1)), k(q.n), v((size_t)I(0) * I(2));
+            fm_emu_deltanet_split(q.p, k.p, v.p, conv.p, I(0), I(1), I(2));
+            save(o, {&q, &k, &v});
+        } else if (op == "conv1d_silu") { /* T C K */
+            exact<float> x(load<float>("x")), state(load<float>("state")), w(load<float>("w")), out((size_t)I(0) * I(1));
+            fm_emu_conv1d_silu(out.p, x.p, state.p, w.p, I(0), I(1), I(2));
+            save(o, {&out, &state});
+        } else if (op == "moe_combine") { /* T k h */
+            exact<float> out(load<float>("out")), ye(load<float>("ye")), w(load<float>("w"));
+            exact<int32_t> row(load<int32_t>("row"));
+            fm_emu_moe_combine(out.p, ye.p, row.p, w.p, I(0), I(1), I(2));
+            save(o, out);
+        } else if (op == "embed") { /* bits rows cols group_size scale_bf16 (scales, biases: q4 and q8 only) */
+            const bool quant = I(0) == 4 || I(0) == 8;
+            exact<uint8_t> w(load<uint8_t>("w"));
+            exact<uint16_t> s(quant ? load<uint16_t>("scales") : std::vector<uint16_t>()),
+                b(quant ? load<uint16_t>("biases") : std::vector<uint16_t>());
+            exact<int32_t> ids(load<int32_t>("ids"));
+            exact<float> out(ids.n * (size_t)I(2));
+            fm_emu_embed(I(0), w.p, s.p, b.p, I(1), I(2), I(3), I(4), ids.p, (int)ids.n, out.p);
+            save(o, out);
+        } else if (op == "route") { /* T E k norm; out: idx (int32) then weights */
+            exact<float> logits(load<float>("logits")), wt((size_t)I(0) * I(2));
+            exact<int32_t> idx((size_t)I(0) * I(2));
+            fm_emu_route(logits.p, I(0), I(1), I(2), I(3), idx.p, wt.p);
+            save(o, {&idx, &wt});
         } else {
             fm_emu::fail("unknown op %s", op.c_str());
         }

@@ -127,6 +127,7 @@ namespace precise { using metal::rsqrt; using metal::sqrt; using metal::exp; usi
 #else /* OpenCL's built-ins are overloaded functions, not names to bring in with using */
 namespace precise {
 inline float pow(float x, float y) { return ::pow(x, y); }
+inline float exp(float x) { return ::exp(x); }
 inline float sin(float x) { return ::sin(x); }
 inline float cos(float x) { return ::cos(x); }
 }

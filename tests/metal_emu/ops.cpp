@@ -83,3 +83,112 @@ void fm_emu_rope(float *x, int T, int heads, int head_dim, int rot_dim, int pos0
     enc.set_bytes(&a, sizeof a, 1);
     enc.dispatch("fm_rope", fm_metal_grid_rope((uint32_t)T, a.heads, a.rot_dim));
 }
+
+void fm_emu_split_q_gate(float *q, float *gate, const float *q2, int T, int nh, int hd) {
+    const fm_split_q_gate_args a = {(uint32_t)T * (uint32_t)nh * (uint32_t)hd, (uint32_t)hd};
+    fm_emu::encoder enc;
+    enc.set_buffer(q, 0);
+    enc.set_buffer(gate, 1);
+    enc.set_buffer(q2, 2);
+    enc.set_bytes(&a, sizeof a, 3);
+    enc.dispatch("fm_split_q_gate", fm_metal_grid_eltwise(a.n));
+}
+
+void fm_emu_kv_write(float *cache, const float *src, int pos0, int T, int row) {
+    const fm_kv_write_args a = {(uint32_t)T * (uint32_t)row, (uint32_t)row, (uint32_t)pos0};
+    fm_emu::encoder enc;
+    enc.set_buffer(cache, 0);
+    enc.set_buffer(src, 1);
+    enc.set_bytes(&a, sizeof a, 2);
+    enc.dispatch("fm_kv_write", fm_metal_grid_eltwise(a.n));
+}
+
+void fm_emu_gate_rows(float *out, const float *g, int T, int n) {
+    const fm_gate_rows_args a = {(uint32_t)T * (uint32_t)n, (uint32_t)n};
+    fm_emu::encoder enc;
+    enc.set_buffer(out, 0);
+    enc.set_buffer(g, 1);
+    enc.set_bytes(&a, sizeof a, 2);
+    enc.dispatch("fm_gate_rows", fm_metal_grid_eltwise(a.total));
+}
+
+void fm_emu_deltanet_gates(float *b, float *ga, const float *A_log, const float *dt_bias, int T, int Hv) {
+    const fm_deltanet_gates_args a = {(uint32_t)T * (uint32_t)Hv, (uint32_t)Hv};
+    fm_emu::encoder enc;
+    enc.set_buffer(b, 0);
+    enc.set_buffer(ga, 1);
+    enc.set_buffer(A_log, 2);
+    enc.set_buffer(dt_bias, 3);
+    enc.set_bytes(&a, sizeof a, 4);
+    enc.dispatch("fm_deltanet_gates", fm_metal_grid_eltwise(a.n));
+}
+
+void fm_emu_deltanet_split(float *q, float *k, float *v, const float *conv, int T, int kd, int vd) {
+    const fm_deltanet_split_args a = {(uint32_t)T * (2 * (uint32_t)kd + (uint32_t)vd), (uint32_t)kd, (uint32_t)vd};
+    fm_emu::encoder enc;
+    enc.set_buffer(q, 0);
+    enc.set_buffer(k, 1);
+    enc.set_buffer(v, 2);
+    enc.set_buffer(conv, 3);
+    enc.set_bytes(&a, sizeof a, 4);
+    enc.dispatch("fm_deltanet_split", fm_metal_grid_eltwise(a.n));
+}
+
+void fm_emu_conv1d_silu(float *out, const float *x, float *state, const float *w, int T, int C, int K) {
+    if (K < 1) fm_emu::fail("conv1d_silu: K %d must be >= 1", K);
+    const fm_conv1d_args a = {(uint32_t)T, (uint32_t)C, (uint32_t)K};
+    fm_emu::encoder enc;
+    enc.set_buffer(out, 0);
+    enc.set_buffer(x, 1);
+    enc.set_buffer(state, 2);
+    enc.set_buffer(w, 3);
+    enc.set_bytes(&a, sizeof a, 4);
+    enc.dispatch("fm_conv1d_silu", fm_metal_grid_conv1d(a.C));
+}
+
+void fm_emu_moe_combine(float *out, const float *ye, const int32_t *row, const float *w, int T, int k, int h) {
+    const fm_moe_combine_args a = {(uint32_t)T * (uint32_t)h, (uint32_t)h, (uint32_t)k};
+    fm_emu::encoder enc;
+    enc.set_buffer(out, 0);
+    enc.set_buffer(ye, 1);
+    enc.set_buffer(row, 2);
+    enc.set_buffer(w, 3);
+    enc.set_bytes(&a, sizeof a, 4);
+    enc.dispatch("fm_moe_combine", fm_metal_grid_eltwise(a.n));
+}
+
+void fm_emu_embed(int bits, const void *data, const uint16_t *scales, const uint16_t *biases, int rows, int cols,
+                  int group_size, int scale_bf16, const int32_t *ids, int T, float *out) {
+    const int quant = bits == 4 || bits == 8;
+    if (bits != 32 && bits != 16 && !quant) fm_emu::fail("embed: no kernel for %d-bit weights", bits);
+    if (quant && (group_size <= 0 || cols % group_size || (bits == 4 && cols % 2)))
+        fm_emu::fail("embed: cols %d must be a multiple of group_size %d (q4: even)", cols, group_size);
+    const fm_embed_args a = {(uint32_t)rows, (uint32_t)cols, (uint32_t)(quant ? group_size : 0),
+                             (uint32_t)(quant && scale_bf16)};
+    fm_emu::encoder enc;
+    enc.set_buffer(out, 0);
+    enc.set_buffer(ids, 1); /* the host's ids, copied into a device buffer (here they already are one) */
+    enc.set_bytes(&a, sizeof a, 2);
+    enc.set_buffer(data, 3);
+    if (quant) {
+        enc.set_buffer(scales, 4);
+        enc.set_buffer(biases, 5);
+    }
+    const char *k = bits == 32   ? "fm_embed_f32"
+                    : bits == 16 ? "fm_embed_bf16"
+                    : bits == 8  ? "fm_embed_q8"
+                                 : "fm_embed_q4";
+    enc.dispatch(k, fm_metal_grid_embed((uint32_t)T, a.cols));
+}
+
+void fm_emu_route(const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights) {
+    if (k < 1 || k > E || k > FM_ROUTE_MAX_K)
+        fm_emu::fail("route: k %d must be in [1, min(E %d, %d)]", k, E, FM_ROUTE_MAX_K);
+    const fm_route_args a = {(uint32_t)E, (uint32_t)k, (uint32_t)(norm != 0)};
+    fm_emu::encoder enc;
+    enc.set_buffer(logits, 0);
+    enc.set_buffer(idx, 1); /* idx and weights: device buffers the host copies back */
+    enc.set_buffer(weights, 2);
+    enc.set_bytes(&a, sizeof a, 3);
+    enc.dispatch("fm_route", fm_metal_grid_route((uint32_t)T));
+}

@@ -15,5 +15,19 @@ void fm_emu_silu_mul(float *out, const float *gate, const float *up, int T, int 
 void fm_emu_sigmoid_mul(float *out, const float *gate, const float *x, int T, int n);
 void fm_emu_l2norm(float *x, int T, int n, float eps, float scale);
 void fm_emu_rope(float *x, int T, int heads, int head_dim, int rot_dim, int pos0, float theta);
+void fm_emu_split_q_gate(float *q, float *gate, const float *q2, int T, int nh, int hd);
+void fm_emu_kv_write(float *cache, const float *src, int pos0, int T, int row);
+void fm_emu_gate_rows(float *out, const float *g, int T, int n);
+void fm_emu_deltanet_gates(float *b, float *a, const float *A_log, const float *dt_bias, int T, int Hv);
+void fm_emu_deltanet_split(float *q, float *k, float *v, const float *conv, int T, int kd, int vd);
+void fm_emu_conv1d_silu(float *out, const float *x, float *state, const float *w, int T, int C, int K);
+/* row and w: [T, k], on the device (the host copies them there) */
+void fm_emu_moe_combine(float *out, const float *ye, const int32_t *row, const float *w, int T, int k, int h);
+/* out[T, cols] = rows ids[t] of W dequantized (cpu.h's fm_cpu_get_row): bits 32 (f32), 16 (bf16), 8 or 4 (with
+ * fp16 or, scale_bf16, bfloat16 scales and biases); ids on the device (the host copies them there) */
+void fm_emu_embed(int bits, const void *data, const uint16_t *scales, const uint16_t *biases, int rows, int cols,
+                  int group_size, int scale_bf16, const int32_t *ids, int T, float *out);
+/* backend.h's route: idx and weights [T, k] on the device (the host copies them back) */
+void fm_emu_route(const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights);
 
 #endif

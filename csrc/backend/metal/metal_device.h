@@ -40,7 +40,19 @@ typedef struct fm_mtl fm_mtl;
     X(SILU_MUL, "fm_silu_mul")                                                                             \
     X(SIGMOID_MUL, "fm_sigmoid_mul")                                                                       \
     X(QMV_Q4, "fm_qmv_q4")                                                                                 \
-    X(QMV_Q8, "fm_qmv_q8")
+    X(QMV_Q8, "fm_qmv_q8")                                                                                 \
+    X(SPLIT_Q_GATE, "fm_split_q_gate")                                                                     \
+    X(KV_WRITE, "fm_kv_write")                                                                             \
+    X(GATE_ROWS, "fm_gate_rows")                                                                           \
+    X(DELTANET_GATES, "fm_deltanet_gates")                                                                 \
+    X(DELTANET_SPLIT, "fm_deltanet_split")                                                                 \
+    X(CONV1D_SILU, "fm_conv1d_silu")                                                                       \
+    X(MOE_COMBINE, "fm_moe_combine")                                                                       \
+    X(EMBED_F32, "fm_embed_f32")                                                                           \
+    X(EMBED_BF16, "fm_embed_bf16")                                                                         \
+    X(EMBED_Q8, "fm_embed_q8")                                                                             \
+    X(EMBED_Q4, "fm_embed_q4")                                                                             \
+    X(ROUTE, "fm_route")
 
 typedef enum {
 #define FM_MTL_ENUM(id, name) FM_K_##id,

@@ -56,10 +56,10 @@ static void sync_all(metal_ctx *c) {
     if (st != FM_OK) metal_failed(c, st);
 }
 
-/* A copy of host bytes the GPU can read from the ops encoded next; NULL (and the failure recorded) when
- * out of memory. */
-__attribute__((unused)) /* until the ops that take host arrays land */
-static const void *upload(metal_ctx *c, const void *host, size_t bytes) {
+/* Room for `bytes` in the arena, for the ops encoded next: a host array copied in (upload) or an output the
+ * host reads after a wait (route's); NULL (and the failure recorded) when out of memory. Valid until the next
+ * call after a wait. */
+static uint8_t *arena(metal_ctx *c, size_t bytes) {
     const size_t need = (bytes + 255) & ~(size_t)255;
     if (c->upload_used + need > c->upload_size) {
         sync_all(c); /* the arena is free again once nothing in flight reads it */
@@ -76,8 +76,15 @@ static const void *upload(metal_ctx *c, const void *host, size_t bytes) {
         }
     }
     uint8_t *dst = c->upload + c->upload_used;
-    memcpy(dst, host, bytes);
     c->upload_used += need;
+    return dst;
+}
+
+/* A copy of host bytes the GPU can read from the ops encoded next; NULL (and the failure recorded) when
+ * out of memory. */
+static const void *upload(metal_ctx *c, const void *host, size_t bytes) {
+    uint8_t *dst = arena(c, bytes);
+    if (dst) memcpy(dst, host, bytes);
     return dst;
 }
 
@@ -241,6 +248,145 @@ static void metal_add(void *ctx, float *x, const float *y, size_t n) {
     run(c, FM_K_ADD, &a, sizeof a, 2, fm_metal_grid_add(a.n));
 }
 
+static void metal_split_q_gate(void *ctx, float *q, float *gate, const float *q2, int T, int nh, int hd) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0 || nh <= 0 || hd <= 0) return;
+    const fm_split_q_gate_args a = {(uint32_t)T * (uint32_t)nh * (uint32_t)hd, (uint32_t)hd};
+    fm_mtl_set_buffer(c->d, 0, q);
+    fm_mtl_set_buffer(c->d, 1, gate);
+    fm_mtl_set_buffer(c->d, 2, q2);
+    run(c, FM_K_SPLIT_Q_GATE, &a, sizeof a, 3, fm_metal_grid_eltwise(a.n));
+}
+
+static void metal_kv_write(void *ctx, float *cache, const float *src, int pos0, int T, int row) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0 || row <= 0) return;
+    const fm_kv_write_args a = {(uint32_t)T * (uint32_t)row, (uint32_t)row, (uint32_t)pos0};
+    fm_mtl_set_buffer(c->d, 0, cache);
+    fm_mtl_set_buffer(c->d, 1, src);
+    run(c, FM_K_KV_WRITE, &a, sizeof a, 2, fm_metal_grid_eltwise(a.n));
+}
+
+static void metal_conv1d_silu(void *ctx, float *out, const float *x, float *state, const float *w, int T, int C,
+                              int K) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0 || C <= 0) return;
+    if (K < 1) {
+        metal_failed(c, fm_fail(FM_ERR_INVALID, "metal backend: conv1d_silu of kernel size %d", K));
+        return;
+    }
+    const fm_conv1d_args a = {(uint32_t)T, (uint32_t)C, (uint32_t)K};
+    fm_mtl_set_buffer(c->d, 0, out);
+    fm_mtl_set_buffer(c->d, 1, x);
+    fm_mtl_set_buffer(c->d, 2, state); /* K = 1: an empty state, any address */
+    fm_mtl_set_buffer(c->d, 3, w);
+    run(c, FM_K_CONV1D_SILU, &a, sizeof a, 4, fm_metal_grid_conv1d(a.C));
+}
+
+static void metal_deltanet_split(void *ctx, float *q, float *k, float *v, const float *conv, int T, int kd, int vd) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0 || 2 * kd + vd <= 0) return;
+    const fm_deltanet_split_args a = {(uint32_t)T * (2 * (uint32_t)kd + (uint32_t)vd), (uint32_t)kd, (uint32_t)vd};
+    fm_mtl_set_buffer(c->d, 0, q);
+    fm_mtl_set_buffer(c->d, 1, k);
+    fm_mtl_set_buffer(c->d, 2, v);
+    fm_mtl_set_buffer(c->d, 3, conv);
+    run(c, FM_K_DELTANET_SPLIT, &a, sizeof a, 4, fm_metal_grid_eltwise(a.n));
+}
+
+static void metal_deltanet_gates(void *ctx, float *b, float *ga, const float *A_log, const float *dt_bias, int T,
+                                 int Hv) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0 || Hv <= 0) return;
+    const fm_deltanet_gates_args a = {(uint32_t)T * (uint32_t)Hv, (uint32_t)Hv};
+    fm_mtl_set_buffer(c->d, 0, b);
+    fm_mtl_set_buffer(c->d, 1, ga);
+    fm_mtl_set_buffer(c->d, 2, A_log);
+    fm_mtl_set_buffer(c->d, 3, dt_bias);
+    run(c, FM_K_DELTANET_GATES, &a, sizeof a, 4, fm_metal_grid_eltwise(a.n));
+}
+
+static void metal_gate_rows(void *ctx, float *out, const float *g, int T, int n) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0 || n <= 0) return;
+    const fm_gate_rows_args a = {(uint32_t)T * (uint32_t)n, (uint32_t)n};
+    fm_mtl_set_buffer(c->d, 0, out);
+    fm_mtl_set_buffer(c->d, 1, g);
+    run(c, FM_K_GATE_ROWS, &a, sizeof a, 2, fm_metal_grid_eltwise(a.total));
+}
+
+/* row and weights are the host's: copied into the arena for the kernel */
+static void metal_moe_combine(void *ctx, float *out, const float *ye, const int32_t *row, const float *wt, int T, int k,
+                              int h) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0 || k <= 0 || h <= 0) return;
+    /* one piece of the arena for both: a second arena() may wait and start the arena over, on the first */
+    const size_t n = (size_t)T * (size_t)k, off = (n * sizeof *row + 255) & ~(size_t)255;
+    uint8_t *row_d = arena(c, off + n * sizeof *wt);
+    if (!row_d) return;
+    uint8_t *wt_d = row_d + off;
+    memcpy(row_d, row, n * sizeof *row);
+    memcpy(wt_d, wt, n * sizeof *wt);
+    const fm_moe_combine_args a = {(uint32_t)T * (uint32_t)h, (uint32_t)h, (uint32_t)k};
+    fm_mtl_set_buffer(c->d, 0, out);
+    fm_mtl_set_buffer(c->d, 1, ye);
+    fm_mtl_set_buffer(c->d, 2, row_d);
+    fm_mtl_set_buffer(c->d, 3, wt_d);
+    run(c, FM_K_MOE_COMBINE, &a, sizeof a, 4, fm_metal_grid_eltwise(a.n));
+}
+
+/* ids are the host's: copied into the arena for the kernel (an id outside [0, rows) gives a NaN row) */
+static void metal_embed(void *ctx, const fm_mat *w, const int32_t *ids, int T, float *out) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0 || w->cols <= 0) return;
+    const int quant = w->dtype == FM_Q8 || w->dtype == FM_Q4;
+    if (quant && (w->group_size <= 0 || w->cols % w->group_size || (w->dtype == FM_Q4 && w->cols % 2))) {
+        metal_failed(c, fm_fail(FM_ERR_INVALID, "metal backend: embed of %d columns in groups of %d", w->cols,
+                                w->group_size));
+        return;
+    }
+    const void *ids_d = upload(c, ids, (size_t)T * sizeof *ids);
+    if (!ids_d) return;
+    const fm_embed_args a = {(uint32_t)w->rows, (uint32_t)w->cols, (uint32_t)(quant ? w->group_size : 0),
+                             (uint32_t)(quant && w->scale_bf16)};
+    fm_mtl_set_buffer(c->d, 0, out);
+    fm_mtl_set_buffer(c->d, 1, ids_d);
+    fm_mtl_set_buffer(c->d, 3, w->data);
+    if (quant) {
+        fm_mtl_set_buffer(c->d, 4, w->scales);
+        fm_mtl_set_buffer(c->d, 5, w->biases);
+    }
+    const fm_mtl_kernel k = w->dtype == FM_F32    ? FM_K_EMBED_F32
+                            : w->dtype == FM_BF16 ? FM_K_EMBED_BF16
+                            : w->dtype == FM_Q8   ? FM_K_EMBED_Q8
+                                                  : FM_K_EMBED_Q4;
+    run(c, k, &a, sizeof a, 2, fm_metal_grid_embed((uint32_t)T, a.cols));
+}
+
+/* idx and weights land on the host: the kernel writes them into the arena, and the host waits for it and
+ * copies them out (the layer's one device → host transfer, backend.h) */
+static void metal_route(void *ctx, const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0) return;
+    if (k < 1 || k > E || k > FM_ROUTE_MAX_K) {
+        metal_failed(c, fm_fail(FM_ERR_INVALID, "metal backend: route of top %d of %d experts (the kernel takes k "
+                                "<= %d)", k, E, FM_ROUTE_MAX_K));
+        return;
+    }
+    const size_t n = (size_t)T * (size_t)k, off = (n * sizeof *idx + 255) & ~(size_t)255;
+    uint8_t *idx_d = arena(c, off + n * sizeof *weights); /* one piece: see moe_combine */
+    if (!idx_d) return;
+    uint8_t *w_d = idx_d + off;
+    const fm_route_args a = {(uint32_t)E, (uint32_t)k, (uint32_t)(norm != 0)};
+    fm_mtl_set_buffer(c->d, 0, logits);
+    fm_mtl_set_buffer(c->d, 1, idx_d);
+    fm_mtl_set_buffer(c->d, 2, w_d);
+    run(c, FM_K_ROUTE, &a, sizeof a, 3, fm_metal_grid_route((uint32_t)T));
+    sync_all(c); /* (the arena's contents stay until the next op takes room in it) */
+    memcpy(idx, idx_d, n * sizeof *idx);
+    memcpy(weights, w_d, n * sizeof *weights);
+}
+
 static const fm_backend_ops metal_ops = {
     .name = "metal",
     .workspace_bytes = metal_workspace_bytes,
@@ -260,12 +406,21 @@ static const fm_backend_ops metal_ops = {
     .wait = metal_wait,
     .finish = metal_finish,
     .matmul = metal_matmul,
+    .embed = metal_embed,
     .rmsnorm = metal_rmsnorm,
     .l2norm = metal_l2norm,
     .rope = metal_rope,
     .silu_mul = metal_silu_mul,
     .sigmoid_mul = metal_sigmoid_mul,
     .add = metal_add,
+    .split_q_gate = metal_split_q_gate,
+    .kv_write = metal_kv_write,
+    .conv1d_silu = metal_conv1d_silu,
+    .deltanet_split = metal_deltanet_split,
+    .deltanet_gates = metal_deltanet_gates,
+    .route = metal_route,
+    .gate_rows = metal_gate_rows,
+    .moe_combine = metal_moe_combine,
 };
 
 const fm_backend_ops *fm_backend_metal(void) { return &metal_ops; }
