@@ -19,12 +19,13 @@
 #include "fm_metal_grid.h"
 #include "metal_device.h"
 
-enum { UPLOAD_MIN = 1 << 20 };
+enum { UPLOAD_MIN = 1 << 20, COMMIT_EVERY = 32 };
 
 typedef struct {
     fm_mtl *d;
     fm_status err;   /* the first failure since the last finish() */
     uint64_t done;   /* every command buffer up to this serial has completed */
+    int encoded;     /* dispatches in the open command buffer */
     /* Host arrays an op takes (token ids, expert token lists, routing rows and weights) are copied into
      * this arena, for the GPU to read when the op runs; it is reused from the start once every command
      * buffer has completed (after each router's sync, in practice). */
@@ -46,9 +47,15 @@ static void metal_failed(metal_ctx *c, fm_status st) {
     if (c->err == FM_OK) c->err = st;
 }
 
+/* Send the open command buffer to the GPU; its serial. */
+static uint64_t commit(metal_ctx *c) {
+    c->encoded = 0;
+    return fm_mtl_commit(c->d);
+}
+
 /* Commit what is encoded and wait for it: afterwards the host may read and write every buffer. */
 static void sync_all(metal_ctx *c) {
-    const uint64_t serial = fm_mtl_commit(c->d);
+    const uint64_t serial = commit(c);
     if (serial <= c->done) return;
     const fm_status st = fm_mtl_wait(c->d, serial);
     c->done = serial;
@@ -150,7 +157,7 @@ static void metal_unwrap_host(void *ctx, void *p, size_t bytes) {
     sync_all(c);
     fm_mtl_unwrap(c->d, p, bytes);
 }
-static fm_event metal_record(void *ctx) { return fm_mtl_commit(((metal_ctx *)ctx)->d); }
+static fm_event metal_record(void *ctx) { return commit((metal_ctx *)ctx); }
 static void metal_wait(void *ctx, fm_event ev) {
     metal_ctx *c = (metal_ctx *)ctx;
     if (ev <= c->done) return;
@@ -172,6 +179,9 @@ static fm_status metal_finish(void *ctx) {
 static void run(metal_ctx *c, fm_mtl_kernel k, const void *args, size_t len, int i, fm_metal_grid g) {
     fm_mtl_set_bytes(c->d, i, args, len);
     fm_mtl_dispatch(c->d, k, &g);
+    /* Send work to the GPU while the host encodes the rest (MLX commits every few dozen ops): an open
+     * command buffer runs nothing. */
+    if (++c->encoded >= COMMIT_EVERY) commit(c);
 }
 
 static void metal_matmul(void *ctx, const fm_mat *w, const float *x, int T, float *y) {
