@@ -171,3 +171,53 @@ def test_memory_plan_holds_to_the_gpu_working_set(emu_env, demo_model):
     assert kind == "error" and "MemoryBudgetError" in text and "iogpu.wired_limit_mb" in text, text
     kind, text = plan(minimum - 1)
     assert kind == "error" and "MemoryBudgetError" in text and "the least this model needs" in text, text
+
+
+# ------------------------------------------------------------------- a failed command buffer
+
+FAULT_CHECK = """
+import sys
+import numpy as np
+import flashmoe
+from flashmoe import _core
+from flashmoe.errors import DeviceError
+x = np.ones((2, 10), np.float32)
+if sys.argv[1] == "op":
+    for i in range(3):  # FM_EMU_FAIL_DISPATCH=2: the second call's command buffer fails
+        try:
+            y = _core.op_add(x, x, backend="metal")
+            print("ok", float(y.sum()))
+        except DeviceError as e:
+            print("DeviceError", e)
+else:
+    path, ids = sys.argv[2], list(range(3, 40))
+    m = flashmoe.load(path, backend="metal", prefill_chunk=16)
+    try:
+        m.forward(ids)
+        print("no error")
+    except DeviceError as e:
+        print("DeviceError", e)
+    after = m.forward(ids)
+    fresh = flashmoe.load(path, backend="metal", prefill_chunk=16).forward(ids)
+    print("same" if np.array_equal(after, fresh) else "differs")
+"""
+
+
+def test_failed_command_buffer_is_an_error(emu_env):
+    """A command buffer whose status is an error (FM_EMU_FAIL_DISPATCH: the emulated device fails the one
+    holding that dispatch) raises DeviceError naming it, never returns its output; the next call works."""
+    rc, out = run_py(dict(emu_env, FM_EMU_FAIL_DISPATCH="2"), ["-c", FAULT_CHECK, "op"])
+    assert rc == 0, out
+    lines = [ln for ln in out.splitlines() if ln.startswith(("ok", "DeviceError"))]
+    assert lines[0] == "ok 40.0" and lines[2] == "ok 40.0", out
+    assert lines[1].startswith("DeviceError") and "command buffer" in lines[1], out
+
+
+@pytest.mark.parametrize("at", [5, 60])
+def test_model_after_a_gpu_fault_is_a_fresh_model(emu_env, demo_model, at):
+    """A GPU fault inside a prompt (at its 5th or 60th dispatch): DeviceError, and the model's next call
+    gives bitwise what a freshly loaded model gives (the sequence was reset, no slot left pinned)."""
+    rc, out = run_py(dict(emu_env, FM_EMU_FAIL_DISPATCH=str(at), FM_EMU_ORDERS="forward"),
+                     ["-c", FAULT_CHECK, "model", demo_model])
+    assert rc == 0, out[-3000:]
+    assert "DeviceError" in out and "command buffer" in out and "same" in out.splitlines()[-1], out[-3000:]

@@ -575,6 +575,20 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
         FM_OP(&m->be, embed, &m->embed, tokens + done, T, m->s.x);
         fm_trace(m, m->s.x, T, H, "embed");
         fm_status st = run_layers(m, T, done, n);
+        if (st == FM_OK && logits && (all_logits || done + T == n)) {
+            const int first = all_logits ? 0 : T - 1, rows = T - first;
+            FM_OP(&m->be, rmsnorm, m->s.xn, m->s.x + (size_t)first * H, m->norm, rows, H, m->c.rms_norm_eps, 1);
+            fm_trace(m, m->s.xn, rows, H, "final_norm");
+            float *dst = all_logits ? logits + (size_t)done * V : logits;
+            for (int r = 0; r < rows; r += LOGIT_ROWS) { /* LOGIT_ROWS at a time, then to the host */
+                const int nr = rows - r < LOGIT_ROWS ? rows - r : LOGIT_ROWS;
+                FM_OP(&m->be, matmul, &m->lm_head, m->s.xn + (size_t)r * H, nr, m->s.logits_out);
+                FM_OP(&m->be, to_host, dst + (size_t)r * V, m->s.logits_out, sizeof(float) * (size_t)nr * V);
+            }
+        }
+        /* the backend's verdict on everything issued for the segment (a GPU's failed command buffer) */
+        const fm_status fin = FM_OP(&m->be, finish);
+        if (st == FM_OK) st = fin;
         if (st != FM_OK) {
             /* Some layers of this chunk have advanced their state and others not: the only consistent
              * state left is the empty sequence. Reads still in flight land first; no slot stays pinned. */
@@ -585,17 +599,6 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
         memcpy(m->seq + m->pos, tokens + done, sizeof(int32_t) * (size_t)T);
         m->pos += T;
         done += T;
-        if (logits && (all_logits || done == n)) {
-            const int first = all_logits ? 0 : T - 1, rows = T - first;
-            FM_OP(&m->be, rmsnorm, m->s.xn, m->s.x + (size_t)first * H, m->norm, rows, H, m->c.rms_norm_eps, 1);
-            fm_trace(m, m->s.xn, rows, H, "final_norm");
-            float *dst = all_logits ? logits + (size_t)(done - T) * V : logits;
-            for (int r = 0; r < rows; r += LOGIT_ROWS) { /* LOGIT_ROWS at a time, then to the host */
-                const int nr = rows - r < LOGIT_ROWS ? rows - r : LOGIT_ROWS;
-                FM_OP(&m->be, matmul, &m->lm_head, m->s.xn + (size_t)r * H, nr, m->s.logits_out);
-                FM_OP(&m->be, to_host, dst + (size_t)r * V, m->s.logits_out, sizeof(float) * (size_t)nr * V);
-            }
-        }
     }
     /* Mispredicted prefetches may still be in flight: let them land so a call's counters are its own. */
     if (m->experts) fm_expert_store_drain(m->experts);
@@ -724,6 +727,11 @@ fm_status fm_model_snapshot(const fm_model *m, fm_snapshot **out) {
                        snapshot_bytes(&m->c, m->pos), m->pos);
     }
     copy_state((fm_model *)m, s->data, s->pos, 1);
+    const fm_status st = FM_OP(&m->be, finish); /* the copies' verdict (a GPU backend's) */
+    if (st != FM_OK) {
+        fm_snapshot_free(s);
+        return st;
+    }
     memcpy(s->tokens, m->seq, sizeof(int32_t) * (size_t)s->pos);
     *out = s;
     return FM_OK;
@@ -758,6 +766,10 @@ fm_status fm_model_restore(fm_model *m, const fm_snapshot *s) {
     fm_status st = check_snapshot(m, s);
     if (st != FM_OK) return st;
     copy_state(m, s->data, s->pos, 0);
+    if ((st = FM_OP(&m->be, finish)) != FM_OK) { /* a part of the state may not have arrived */
+        fm_model_reset(m);
+        return st;
+    }
     memcpy(m->seq, s->tokens, sizeof(int32_t) * (size_t)s->pos);
     m->pos = s->pos;
     return FM_OK;

@@ -29,6 +29,7 @@ typedef enum {
     FM_ERR_CONTEXT = 5,  /* the sequence would exceed the context length */
     FM_ERR_BUDGET = 6,   /* the memory budget cannot hold what the model needs */
     FM_ERR_CANCELLED = 7, /* the progress callback asked to stop (the sequence is reset) */
+    FM_ERR_DEVICE = 8,   /* the GPU failed a command (a command buffer's error status; the sequence is reset) */
 } fm_status;
 
 typedef enum {

@@ -37,6 +37,7 @@ namespace py = pybind11;
     case FM_ERR_CONTEXT: cls = "ContextLengthError"; break;
     case FM_ERR_IO: cls = "ReadError"; break;
     case FM_ERR_BUDGET: cls = "MemoryBudgetError"; break;
+    case FM_ERR_DEVICE: cls = "DeviceError"; break;
     default: break;
     }
     raise_error(cls);

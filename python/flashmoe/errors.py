@@ -21,6 +21,11 @@ class ReadError(FlashMoEError, OSError):
     """Reading model data from disk failed (short read, I/O error)."""
 
 
+class DeviceError(FlashMoEError):
+    """The GPU failed a command (Metal: a command buffer's error status). The model's sequence is reset;
+    the next call starts afresh."""
+
+
 class MemoryBudgetError(FlashMoEError, ValueError):
     """The memory budget cannot hold the dense weights plus one layer's working set of experts."""
 

@@ -21,16 +21,22 @@
 #include <vector>
 
 extern "C" {
+#include "../../csrc/core/util.h" /* fm_fail */
 #include "metal_device.h"
 }
 #include "emu.h"
+
+/* FM_EMU_FAIL_DISPATCH=N: the command buffer holding the process's Nth dispatch fails, as a GPU's can
+ * (tests of the error path: the dispatch still runs, its buffer's wait reports the failure) */
+static uint64_t dispatches;
 
 struct fm_mtl {
     std::map<const char *, size_t, std::less<>> ranges; /* base → bytes: allocations and wrapped ranges */
     fm_emu::encoder enc;
     const void *bound[fm_emu::MAX_BUFFERS] = {};
-    uint64_t serial = 0;
-    bool pending = false, check_orders = false;
+    uint64_t serial = 0, failed = 0; /* the serial of a failed command buffer not yet reported */
+    uint64_t fail_at = 0;
+    bool pending = false, check_orders = false, pending_fails = false;
 };
 
 namespace {
@@ -83,6 +89,8 @@ fm_status fm_mtl_open(fm_mtl **out) {
     fm_mtl *d = new fm_mtl;
     const char *orders = getenv("FM_EMU_ORDERS");
     d->check_orders = orders && strcmp(orders, "all") == 0;
+    const char *fail_at = getenv("FM_EMU_FAIL_DISPATCH");
+    d->fail_at = fail_at ? strtoull(fail_at, nullptr, 10) : 0;
     for (int k = 0; k < FM_K_COUNT; k++)
         if (!fm_emu::has_kernel(fm_mtl_kernel_name((fm_mtl_kernel)k)))
             fm_emu::fail("kernel %s is not in this build", fm_mtl_kernel_name((fm_mtl_kernel)k));
@@ -144,19 +152,30 @@ void fm_mtl_dispatch(fm_mtl *d, fm_mtl_kernel k, const fm_metal_grid *g) {
     else
         d->enc.dispatch(fm_mtl_kernel_name(k), *g);
     d->pending = true;
+    if (++dispatches == d->fail_at) d->pending_fails = true;
     /* Metal keeps an encoder's bindings from one dispatch to the next; forgetting them here makes a
      * dispatch that relies on one left over from an earlier op fail ("buffer(i) is not bound") */
     for (int i = 0; i < fm_emu::MAX_BUFFERS; i++) d->enc.set_buffer(nullptr, i), d->bound[i] = nullptr;
 }
 
 uint64_t fm_mtl_commit(fm_mtl *d) {
-    if (d->pending) d->serial++, d->pending = false;
+    if (d->pending) {
+        d->serial++, d->pending = false;
+        if (d->pending_fails && !d->failed) d->failed = d->serial;
+        d->pending_fails = false;
+    }
     return d->serial;
 }
 
 fm_status fm_mtl_wait(fm_mtl *d, uint64_t serial) {
     if (serial > d->serial) fm_emu::fail("wait for command buffer %llu, only %llu committed", (unsigned long long)serial,
                                          (unsigned long long)d->serial);
+    if (d->failed && d->failed <= serial) {
+        const uint64_t which = d->failed;
+        d->failed = 0;
+        return fm_fail(FM_ERR_DEVICE, "metal: command buffer %llu failed: an emulated GPU fault (FM_EMU_FAIL_DISPATCH)",
+                       (unsigned long long)which);
+    }
     return FM_OK;
 }
 

@@ -93,7 +93,7 @@ void fm_mtl_dispatch(fm_mtl *d, fm_mtl_kernel k, const fm_metal_grid *g);
 /* Send the open command buffer to the GPU (an empty one is not sent); its serial, or the last one's. */
 uint64_t fm_mtl_commit(fm_mtl *d);
 /* Wait until every command buffer up to `serial` has completed; FM_OK, or the first failure among them
- * (an error status of a command buffer), reported once. */
+ * (an error status of a command buffer: FM_ERR_DEVICE, fm_fail's message naming the error), reported once. */
 fm_status fm_mtl_wait(fm_mtl *d, uint64_t serial);
 
 #ifdef __cplusplus
