@@ -97,7 +97,7 @@ static const void *upload(metal_ctx *c, const void *host, size_t bytes) {
 
 static size_t metal_workspace_bytes(const fm_backend_params *p) {
     (void)p;
-    return 0;
+    return UPLOAD_MIN; /* the upload arena (a segment's routing tables fit it) */
 }
 
 static uint64_t metal_memory_limit(const fm_backend_params *p) {
