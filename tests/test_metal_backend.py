@@ -12,7 +12,9 @@ must leave the same bytes (FM_EMU_ORDERS=all):
   against the CPU backend of the same build.
 
 Needs clang-19 (Debian: clang-19); skips without it, and fails instead where FLASHMOE_CI_REQUIRE names
-"clang19" (CI installs it). tests/test_metal_emu.py has the emulator's own tests.
+"clang19" (CI installs it). tests/test_metal_emu.py has the emulator's own tests. On a Mac whose flashmoe
+was built with the Metal backend the same tests run on the GPU, with no emulator (the FM_EMU_* tests of
+the emulated device's fault and limit injection skip there).
 """
 
 import os
@@ -36,7 +38,11 @@ def _asan_runtime():
 
 @pytest.fixture(scope="module")
 def emu_env(tmp_path_factory):
-    """The environment of a process that imports the emulated build (built here, once per module)."""
+    """The environment of a process that imports the emulated build (built here, once per module). Where
+    this flashmoe has the Metal backend itself (a Mac), the tests run on it instead, on the GPU."""
+    import flashmoe
+    if "metal" in flashmoe.backends():
+        return dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     if not shutil.which("clang-19") or not shutil.which("clang++-19"):
         pytest.skip("needs clang-19 (Debian: apt-get install clang-19)")
     asan = _asan_runtime()
@@ -57,6 +63,14 @@ def emu_env(tmp_path_factory):
                 FM_EMU_ORDERS="all", PYTHONDONTWRITEBYTECODE="1")
 
 
+@pytest.fixture
+def emulated(emu_env):
+    """emu_env, where it is the emulated build (the fault and limit injection are the emulator's)."""
+    if "PYTHONPATH" not in emu_env:
+        pytest.skip("fault and limit injection exist on the emulated device only")
+    return emu_env
+
+
 def run_py(env, args, timeout=1200):
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=ROOT)
@@ -66,7 +80,7 @@ def run_py(env, args, timeout=1200):
 def test_emulated_build_has_metal(emu_env):
     rc, out = run_py(emu_env, ["-c", "import flashmoe; from flashmoe import _core; "
                                "assert flashmoe.__file__.startswith(%r), flashmoe.__file__; print(_core.backends())"
-                               % emu_env["PYTHONPATH"]])
+                               % emu_env.get("PYTHONPATH", "")])
     assert rc == 0, out
     assert "metal" in out.split()[-1].split(","), out
 
@@ -152,12 +166,12 @@ def demo_model(tmp_path_factory):
     return str(path)
 
 
-def test_memory_plan_holds_to_the_gpu_working_set(emu_env, demo_model):
+def test_memory_plan_holds_to_the_gpu_working_set(emulated, demo_model):
     """The emulated device reports FM_EMU_WORKING_SET as the GPU's recommended working set: the default
     budget is cut to it, a budget over it or a model whose minimum exceeds it is a MemoryBudgetError that
     names the limit and the sysctl that raises it."""
     def plan(limit, budget=0):
-        rc, out = run_py(dict(emu_env, FM_EMU_WORKING_SET=str(limit)), ["-c", LIMIT_CHECK, demo_model, str(budget)])
+        rc, out = run_py(dict(emulated, FM_EMU_WORKING_SET=str(limit)), ["-c", LIMIT_CHECK, demo_model, str(budget)])
         assert rc == 0, out
         return out.strip().splitlines()[-1].split(" ", 1)
 
@@ -203,10 +217,10 @@ else:
 """
 
 
-def test_failed_command_buffer_is_an_error(emu_env):
+def test_failed_command_buffer_is_an_error(emulated):
     """A command buffer whose status is an error (FM_EMU_FAIL_DISPATCH: the emulated device fails the one
     holding that dispatch) raises DeviceError naming it, never returns its output; the next call works."""
-    rc, out = run_py(dict(emu_env, FM_EMU_FAIL_DISPATCH="2"), ["-c", FAULT_CHECK, "op"])
+    rc, out = run_py(dict(emulated, FM_EMU_FAIL_DISPATCH="2"), ["-c", FAULT_CHECK, "op"])
     assert rc == 0, out
     lines = [ln for ln in out.splitlines() if ln.startswith(("ok", "DeviceError"))]
     assert lines[0] == "ok 40.0" and lines[2] == "ok 40.0", out
@@ -214,10 +228,10 @@ def test_failed_command_buffer_is_an_error(emu_env):
 
 
 @pytest.mark.parametrize("at", [5, 60])
-def test_model_after_a_gpu_fault_is_a_fresh_model(emu_env, demo_model, at):
+def test_model_after_a_gpu_fault_is_a_fresh_model(emulated, demo_model, at):
     """A GPU fault inside a prompt (at its 5th or 60th dispatch): DeviceError, and the model's next call
     gives bitwise what a freshly loaded model gives (the sequence was reset, no slot left pinned)."""
-    rc, out = run_py(dict(emu_env, FM_EMU_FAIL_DISPATCH=str(at), FM_EMU_ORDERS="forward"),
+    rc, out = run_py(dict(emulated, FM_EMU_FAIL_DISPATCH=str(at), FM_EMU_ORDERS="forward"),
                      ["-c", FAULT_CHECK, "model", demo_model])
     assert rc == 0, out[-3000:]
     assert "DeviceError" in out and "command buffer" in out and "same" in out.splitlines()[-1], out[-3000:]
