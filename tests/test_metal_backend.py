@@ -235,3 +235,22 @@ def test_model_after_a_gpu_fault_is_a_fresh_model(emulated, demo_model, at):
                      ["-c", FAULT_CHECK, "model", demo_model])
     assert rc == 0, out[-3000:]
     assert "DeviceError" in out and "command buffer" in out and "same" in out.splitlines()[-1], out[-3000:]
+
+
+# --------------------------------------------- the emulator's checks, through the whole backend
+
+@pytest.mark.parametrize("replace, orders, expect", [
+    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_race", "all", "lanes forward and reverse leave different bytes"),
+    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_no_barrier", "all", "leave different bytes"),
+    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_no_barrier", "forward", "nan"),  # the poison reaches the output
+    ("fm_add=fm_add__add_oob", "all", "AddressSanitizer: heap-buffer-overflow"),
+    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_tg_overflow", "all", "AddressSanitizer: heap-buffer-overflow"),
+    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_early_return", "all", "divergent barrier"),
+], ids=["race", "missing-barrier", "missing-barrier-poison", "device-oob", "threadgroup-oob", "divergent-barrier"])
+def test_emulated_backend_catches_a_broken_kernel(emulated, replace, orders, expect):
+    """A kernel broken on purpose (tests/metal_emu/broken/, built in beside the real ones) swapped in for
+    the real one (FM_EMU_REPLACE): test_ops' cases of its op on backend "metal" must fail, and say why."""
+    rc, out = run_py(dict(emulated, FM_EMU_REPLACE=replace, FM_EMU_ORDERS=orders),
+                     ["-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider", "tests/test_ops.py", "-k",
+                      "metal and (rmsnorm or add)"])
+    assert rc != 0 and expect.lower() in out.lower(), out[-3000:]

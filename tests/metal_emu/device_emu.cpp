@@ -12,6 +12,9 @@
  * FM_EMU_ORDERS=all (the tests set it) runs every dispatch three times, its lanes and threadgroups
  * forward, reversed and shuffled, from the same contents of every bound buffer, and fails unless all
  * three leave the same bytes: a race on memory shows as a difference. Bindings last for one dispatch.
+ *
+ * FM_EMU_REPLACE=NAME=OTHER dispatches kernel OTHER wherever NAME is asked for: the kernels broken on
+ * purpose (broken/, built in as NAME__FILE) run in the backend's place, for the emulator's own tests.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +39,7 @@ struct fm_mtl {
     const void *bound[fm_emu::MAX_BUFFERS] = {};
     uint64_t serial = 0, failed = 0; /* the serial of a failed command buffer not yet reported */
     uint64_t fail_at = 0;
+    std::string replace_from, replace_to;
     bool pending = false, check_orders = false, pending_fails = false;
 };
 
@@ -91,6 +95,11 @@ fm_status fm_mtl_open(fm_mtl **out) {
     d->check_orders = orders && strcmp(orders, "all") == 0;
     const char *fail_at = getenv("FM_EMU_FAIL_DISPATCH");
     d->fail_at = fail_at ? strtoull(fail_at, nullptr, 10) : 0;
+    if (const char *r = getenv("FM_EMU_REPLACE")) {
+        const char *eq = strchr(r, '=');
+        if (!eq || !fm_emu::has_kernel(eq + 1)) fm_emu::fail("FM_EMU_REPLACE=%s: want NAME=KERNEL, a kernel of this build", r);
+        d->replace_from.assign(r, eq), d->replace_to = eq + 1;
+    }
     for (int k = 0; k < FM_K_COUNT; k++)
         if (!fm_emu::has_kernel(fm_mtl_kernel_name((fm_mtl_kernel)k)))
             fm_emu::fail("kernel %s is not in this build", fm_mtl_kernel_name((fm_mtl_kernel)k));
@@ -147,10 +156,12 @@ void fm_mtl_set_bytes(fm_mtl *d, int index, const void *p, size_t len) {
 
 void fm_mtl_dispatch(fm_mtl *d, fm_mtl_kernel k, const fm_metal_grid *g) {
     d->enc.set_threadgroup_memory_length(g->tg_bytes[0], 0);
+    const char *name = fm_mtl_kernel_name(k);
+    if (!d->replace_from.empty() && d->replace_from == name) name = d->replace_to.c_str();
     if (d->check_orders)
-        run_in_every_order(d, fm_mtl_kernel_name(k), *g);
+        run_in_every_order(d, name, *g);
     else
-        d->enc.dispatch(fm_mtl_kernel_name(k), *g);
+        d->enc.dispatch(name, *g);
     d->pending = true;
     if (++dispatches == d->fail_at) d->pending_fails = true;
     /* Metal keeps an encoder's bindings from one dispatch to the next; forgetting them here makes a
