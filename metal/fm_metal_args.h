@@ -22,6 +22,14 @@
 #define FM_CONV1D_THREADS 64        /* conv1d_silu: channels per threadgroup */
 #define FM_EMBED_THREADS 256        /* embed: elements of a row per threadgroup */
 #define FM_ROUTE_MAX_K 32           /* route: top k at most (a selection per lane of its simdgroup) */
+#define FM_ATTN_SIMDGROUPS 8        /* attention: simdgroups per threadgroup, simdgroup s over keys s, s + 8, ... */
+#define FM_ATTN_CHUNK 256           /* attention: keys per chunk, at multiples of 256 in absolute position */
+#define FM_ATTN_MAX_HD 256          /* attention: head_dim at most FM_ATTN_SIMDGROUPS · 32 (8 dims per lane) */
+#define FM_ATTN_SPLIT_BELOW 256     /* attention: flash-decoding split below this many (head, token) pairs */
+#define FM_ATTN_SPLIT_MAX_FLOATS (8u << 20) /* attention: and with partials of at most 32 MiB */
+#define FM_GDN_SIMDGROUPS 4         /* gated delta: simdgroups per threadgroup */
+#define FM_GDN_COLS 4               /* gated delta: state columns per simdgroup (a float4 per row) */
+#define FM_GDN_MAX_DK 128           /* gated delta: key head dim at most 128 (4 state rows per lane) */
 
 /* x[n] += y[n] */
 typedef struct {
@@ -107,5 +115,24 @@ typedef struct {
 typedef struct {
     uint32_t E, k, norm;
 } fm_route_args;
+
+/* Causal attention, cpu.h's fm_cpu_attention: out[T, nh, hd] from q[T, nh, hd] over k_cache, v_cache
+ * [ctx, nkv, hd]; query t sees positions [0, pos0 + t]; query head h reads KV head h / (nh / nkv).
+ * hd <= FM_ATTN_MAX_HD. chunks: the flash-decoding split's chunks per query in its partial buffer
+ * (fm_metal_attention_chunks; unused by the one-pass kernel). */
+typedef struct {
+    uint32_t T;
+    int32_t pos0;
+    uint32_t nh, nkv, hd;
+    float scale;
+    uint32_t chunks;
+} fm_attention_args;
+
+/* The gated delta rule, recurrent form (cpu.h's fm_cpu_gated_delta): q, k [T, Hk, dk], v [T, Hv, dv],
+ * g, beta [T, Hv], S [Hv, dk, dv] updated in place, out [T, Hv, dv]; value head h reads key head
+ * h / (Hv / Hk). dk <= FM_GDN_MAX_DK. */
+typedef struct {
+    uint32_t T, Hk, Hv, dk, dv;
+} fm_gated_delta_args;
 
 #endif /* FM_METAL_ARGS_H */

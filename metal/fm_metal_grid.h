@@ -76,4 +76,53 @@ static inline fm_metal_grid fm_metal_grid_qmv(uint32_t T, uint32_t rows) {
     return g;
 }
 
+/* attention: one threadgroup of FM_ATTN_SIMDGROUPS simdgroups per (query head, token); threadgroup memory
+ * holds each simdgroup's partial softmax of a chunk: max and sum (2 floats) and its hd output values */
+static inline fm_metal_grid fm_metal_grid_attention(uint32_t T, uint32_t nh, uint32_t hd) {
+    const uint32_t floats = FM_ATTN_SIMDGROUPS * (2 + hd);
+    fm_metal_grid g = {{nh, T, 1}, {FM_ATTN_SIMDGROUPS * FM_METAL_SIMD, 1, 1}, {fm_metal_div_up(floats * 4, 16) * 16}};
+    return g;
+}
+
+/* attention's chunks of FM_ATTN_CHUNK keys for the last of T queries from pos0 (the most of any) */
+static inline uint32_t fm_metal_attention_chunks(uint32_t T, int32_t pos0) {
+    return fm_metal_div_up((uint32_t)pos0 + T, FM_ATTN_CHUNK);
+}
+
+/* the split's partial buffer: (max, sum, hd values) per chunk of each (token, head), floats */
+static inline uint64_t fm_metal_attention_partial_floats(uint32_t T, uint32_t nh, uint32_t hd, int32_t pos0) {
+    return (uint64_t)T * nh * fm_metal_attention_chunks(T, pos0) * (2 + hd);
+}
+
+/* Whether attention takes the flash-decoding split (fm_attention_split + fm_attention_merge) rather than
+ * fm_attention: too few (head, token) pairs to fill the GPU, a context of several chunks, and partials
+ * of at most FM_ATTN_SPLIT_MAX_FLOATS. Either gives the same bits, so this may be any function of the
+ * shape. */
+static inline int fm_metal_attention_split(uint32_t T, uint32_t nh, uint32_t hd, int32_t pos0) {
+    return nh * T < FM_ATTN_SPLIT_BELOW && fm_metal_attention_chunks(T, pos0) > 1 &&
+           fm_metal_attention_partial_floats(T, nh, hd, pos0) <= FM_ATTN_SPLIT_MAX_FLOATS;
+}
+
+/* the split's pass 1: one threadgroup per (head, chunk, token), as fm_attention's */
+static inline fm_metal_grid fm_metal_grid_attention_split(uint32_t T, uint32_t nh, uint32_t hd, int32_t pos0) {
+    fm_metal_grid g = fm_metal_grid_attention(T, nh, hd);
+    g.groups[1] = fm_metal_attention_chunks(T, pos0);
+    g.groups[2] = T;
+    return g;
+}
+
+/* the split's pass 2: one threadgroup per (head, token), a thread per output dim */
+static inline fm_metal_grid fm_metal_grid_attention_merge(uint32_t T, uint32_t nh, uint32_t hd) {
+    fm_metal_grid g = {{nh, T, 1}, {fm_metal_div_up(hd, FM_METAL_SIMD) * FM_METAL_SIMD, 1, 1}, {0}};
+    return g;
+}
+
+/* gated delta: FM_GDN_SIMDGROUPS simdgroups of FM_GDN_COLS state columns each per threadgroup along x,
+ * one value head per grid row; no threadgroup memory (the columns are independent) */
+static inline fm_metal_grid fm_metal_grid_gated_delta(uint32_t Hv, uint32_t dv) {
+    fm_metal_grid g = {{fm_metal_div_up(dv, FM_GDN_SIMDGROUPS * FM_GDN_COLS), Hv, 1},
+                       {FM_GDN_SIMDGROUPS * FM_METAL_SIMD, 1, 1}, {0}};
+    return g;
+}
+
 #endif /* FM_METAL_GRID_H */

@@ -236,11 +236,42 @@ def emulated(c, args):
         out, ye, row, w = args
         return ("moe_combine", {"out": out, "ye": ye, "row": np.asarray(row, np.int32), "w": w},
                 [*row.shape, out.shape[1]], out.shape)
+    if c.op == "attention":
+        q, kc, vc, pos0, scale = args
+        return attention_call(q, kc, vc, pos0, scale)
+    if c.op == "gated_delta_auto":
+        q, k, v, g, beta, S = args
+        return gated_delta_call(q, k, v, g, beta, S, c.kwargs.get("pos0", 0))
     raise AssertionError(c.op)
 
 
+def attention_call(q, kc, vc, pos0, scale, split=-1):
+    """split: the flash-decoding split (1), the one-pass kernel (0), the host's choice (-1)"""
+    T, nh, hd = q.shape
+    return ("attention", {"q": q, "k_cache": kc, "v_cache": vc}, [T, pos0, nh, kc.shape[1], hd, scale, split],
+            q.shape)
+
+
+def gated_delta_call(q, k, v, g, beta, S, pos0):
+    (T, Hk, dk), (Hv, dv) = q.shape, v.shape[1:]
+    return ("gated_delta", {"q": q, "k": k, "v": v, "g": g, "beta": beta, "S": S}, [T, pos0, Hk, Hv, dk, dv],
+            [v.shape, S.shape])
+
+
+def outputs(flat, shape):
+    """The emulator's output (one float32 array) as the op's: one shape, or a list of shapes (each a shape of
+    float32 or an Out of another 4-byte dtype), one after another."""
+    if not isinstance(shape, list):
+        return flat.reshape(shape)
+    shape = [s if isinstance(s, Out) else Out(s, np.float32) for s in shape]
+    sizes = [int(np.prod(s.shape)) for s in shape]
+    assert flat.size == sum(sizes), (flat.size, sizes)
+    return tuple(p.view(s.dtype).reshape(s.shape) for p, s in zip(np.split(flat, np.cumsum(sizes)[:-1]), shape))
+
+
 EMULATED_OPS = ("add", "rmsnorm", "silu_mul", "sigmoid_mul", "l2norm", "rope", "matmul", "split_q_gate", "kv_write",
-                "gate_rows", "deltanet_gates", "deltanet_split", "conv1d_silu", "moe_combine", "embed", "route")
+                "gate_rows", "deltanet_gates", "deltanet_split", "conv1d_silu", "moe_combine", "embed", "route",
+                "attention", "gated_delta_auto")
 
 
 def has_kernel(c):
@@ -266,15 +297,7 @@ def test_op_emulated(build, tmp_path, c):
     for o in ORDERS[1:]:
         diff = np.flatnonzero(outs[o].view(np.uint32) != outs["forward"].view(np.uint32))
         assert diff.size == 0, f"lane orders disagree: forward vs {o} at {diff.size} elements (a race?), first {diff[:5]}"
-    if isinstance(shape, list):  # several outputs, one after another
-        shape = [s if isinstance(s, Out) else Out(s, np.float32) for s in shape]
-        sizes = [int(np.prod(s.shape)) for s in shape]
-        assert outs["forward"].size == sum(sizes), (outs["forward"].size, sizes)
-        parts = np.split(outs["forward"], np.cumsum(sizes)[:-1])
-        got = tuple(p.view(s.dtype).reshape(s.shape) for p, s in zip(parts, shape))
-    else:
-        got = outs["forward"].reshape(shape)
-    test_ops.check_outputs(got, c.ref(*args, **c.kwargs), c.tol)
+    test_ops.check_outputs(outputs(outs["forward"], shape), c.ref(*args, **c.kwargs), c.tol)
 
 
 # ------------------------------------------------------------------- route and embed beyond test_ops' cases
@@ -370,6 +393,75 @@ def test_conv1d_same_bits_however_split(build, tmp_path):
         outs.append(o)
     assert np.array_equal(np.concatenate(outs).view(np.uint32), whole.view(np.uint32))
     assert np.array_equal(st.view(np.uint32), whole_state.view(np.uint32))
+
+
+def run_call(exe, tmp_path, call):
+    """An emulator call of emulated()'s form: its forward outputs, the three lane orders bitwise equal."""
+    op, arrays, scalars, shape = call
+    outs = run(exe, op, tmp_path, arrays, scalars)
+    for o in ORDERS[1:]:
+        assert np.array_equal(outs[o].view(np.uint32), outs["forward"].view(np.uint32)), f"forward vs {o}"
+    return outputs(outs["forward"], shape)
+
+
+# Batch invariance (backend.h): a token's bits do not depend on the call it is in. Attention: each query
+# reduces its keys in an order fixed by its position (chunks of FM_ATTN_CHUNK = 256 keys; pos0 300 and 510
+# make two and three chunks), so a query alone (T = 1, decode) gives the bits it gets inside a prefill, and
+# the flash-decoding split (one threadgroup per chunk, then a merge) the bits of the one-pass kernel.
+def attention_same_bits(exe, tmp_path, T, pos0, nh, nkv, hd, modes=(0, 1)):
+    """A prefill of T queries from pos0 (the one-pass kernel) against the reference; then bitwise: the split
+    kernels over the same call, a few of its queries alone (T = 1) in each mode, its tail as a call of its own."""
+    q, kc, vc, _, scale = test_ops.build_attention(np.random.default_rng(T + pos0), T, pos0, nh, nkv, hd)
+    whole = run_call(exe, tmp_path, attention_call(q, kc, vc, pos0, scale, split=0))
+    test_ops.check_outputs(whole, test_ops.ref_attention(q, kc, vc, pos0, scale), (test_ops.TOL_DOT,))
+    for mode in modes[1:]:
+        split = run_call(exe, tmp_path, attention_call(q, kc, vc, pos0, scale, split=mode))
+        assert np.array_equal(split.view(np.uint32), whole.view(np.uint32)), "split vs one pass"
+    for t in sorted({0, T // 2, T - 1}):
+        for mode in modes:
+            alone = run_call(exe, tmp_path, attention_call(q[t:t + 1], kc, vc, pos0 + t, scale, split=mode))
+            assert np.array_equal(alone[0].view(np.uint32), whole[t].view(np.uint32)), f"token {t}, split {mode}"
+    a = T // 2 + 1  # and the prefill cut into two calls
+    rest = run_call(exe, tmp_path, attention_call(q[a:], kc, vc, pos0 + a, scale, split=modes[0]))
+    assert np.array_equal(rest.view(np.uint32), whole[a:].view(np.uint32)), "a call's tail"
+
+
+@pytest.mark.parametrize("T,pos0,nh,nkv,hd", [(9, 13, 8, 2, 64), (5, 300, 2, 1, 40), (3, 510, 3, 3, 32)])
+def test_attention_same_bits_alone_or_in_prefill(build, tmp_path, T, pos0, nh, nkv, hd):
+    attention_same_bits(build(), tmp_path, T, pos0, nh, nkv, hd)
+
+
+def test_attention_same_bits_catches_chunks_by_call(build, tmp_path):
+    """The check above, on an attention whose chunks follow the call (broken/): within the tolerance, and
+    caught by the bits."""
+    exe = build(BROKEN / "attention_chunks_by_call.metal")
+    with pytest.raises(AssertionError, match="token 0, split 0"):
+        attention_same_bits(exe, tmp_path, 9, 13, 8, 2, 64, modes=(0,))
+
+
+# Gated delta: the same bits in one call as in calls cut at multiples of FM_DELTANET_CHUNK (16) positions
+# (the kernel is the recurrent form, so any cut does), and a decode step after them.
+@pytest.mark.parametrize("T,pos0", [(40, 0), (37, 15)])
+def test_gated_delta_same_bits_however_split(build, tmp_path, T, pos0):
+    exe = build()
+    q, k, v, g, beta, S = test_ops.build_gated_delta(np.random.default_rng(T * 100 + pos0), T, 2, 4, 32, 24)
+
+    def run_calls(cuts):
+        state, outs = S, []
+        for a, b in zip([0, *cuts], [*cuts, T]):
+            o, state = run_call(exe, tmp_path, gated_delta_call(q[a:b], k[a:b], v[a:b], g[a:b], beta[a:b], state,
+                                                                pos0 + a))
+            outs.append(o)
+        return np.concatenate(outs), state
+
+    whole, whole_state = run_calls([])
+    test_ops.check_outputs((whole, whole_state), test_ops.ref_gated_delta(q, k, v, g, beta, S),
+                           (test_ops.TOL_DOT, test_ops.TOL_DOT))
+    cuts = [c - pos0 for c in range(16, pos0 + T, 16) if c > pos0]
+    for calls in (cuts, cuts[:1], [T - 1]):  # at every multiple of 16, at the first only, a last decode step
+        out, state = run_calls(calls)
+        assert np.array_equal(out.view(np.uint32), whole.view(np.uint32)), calls
+        assert np.array_equal(state.view(np.uint32), whole_state.view(np.uint32)), calls
 
 
 # ------------------------------------------------------------------- the emulator's tests: broken kernels

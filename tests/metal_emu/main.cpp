@@ -140,6 +140,16 @@ int main(int argc, char **argv) {
             exact<int32_t> idx((size_t)I(0) * I(2));
             fm_emu_route(logits.p, I(0), I(1), I(2), I(3), idx.p, wt.p);
             save(o, {&idx, &wt});
+        } else if (op == "attention") { /* T pos0 nh nkv hd scale split (-1: the host's choice) */
+            exact<float> q(load<float>("q")), kc(load<float>("k_cache")), vc(load<float>("v_cache"));
+            exact<float> out((size_t)I(0) * I(2) * I(4));
+            fm_emu_attention(out.p, q.p, kc.p, vc.p, I(0), I(1), I(2), I(3), I(4), F(5), I(6));
+            save(o, out);
+        } else if (op == "gated_delta") { /* T pos0 Hk Hv dk dv */
+            exact<float> q(load<float>("q")), k(load<float>("k")), v(load<float>("v")), g(load<float>("g"));
+            exact<float> beta(load<float>("beta")), S(load<float>("S")), out((size_t)I(0) * I(3) * I(5));
+            fm_emu_gated_delta(out.p, S.p, q.p, k.p, v.p, g.p, beta.p, I(0), I(1), I(2), I(3), I(4), I(5));
+            save(o, {&out, &S});
         } else {
             fm_emu::fail("unknown op %s", op.c_str());
         }

@@ -5,6 +5,9 @@
  */
 #include "ops.h"
 
+#include <stdlib.h>
+#include <string.h>
+
 #include "emu.h"
 #include "fm_metal_args.h"
 #include "fm_metal_grid.h"
@@ -191,4 +194,64 @@ void fm_emu_route(const float *logits, int T, int E, int k, int norm, int32_t *i
     enc.set_buffer(weights, 2);
     enc.set_bytes(&a, sizeof a, 3);
     enc.dispatch("fm_route", fm_metal_grid_route((uint32_t)T));
+}
+
+void fm_emu_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int T, int pos0, int nh,
+                      int nkv, int hd, float scale, int split) {
+    if (hd < 1 || hd > FM_ATTN_MAX_HD) fm_emu::fail("attention: head_dim %d must be in 1..%d", hd, FM_ATTN_MAX_HD);
+    if (nkv < 1 || nh % nkv) fm_emu::fail("attention: %d heads are not a multiple of %d KV heads", nh, nkv);
+    if (T < 1) return;
+    if (split < 0) split = fm_metal_attention_split((uint32_t)T, (uint32_t)nh, (uint32_t)hd, pos0);
+    const fm_attention_args a = {(uint32_t)T, pos0, (uint32_t)nh, (uint32_t)nkv, (uint32_t)hd, scale,
+                                 fm_metal_attention_chunks((uint32_t)T, pos0)};
+    fm_emu::encoder enc;
+    if (!split) {
+        const fm_metal_grid g = fm_metal_grid_attention(a.T, a.nh, a.hd);
+        enc.set_buffer(out, 0);
+        enc.set_buffer(q, 1);
+        enc.set_buffer(k_cache, 2);
+        enc.set_buffer(v_cache, 3);
+        enc.set_bytes(&a, sizeof a, 4);
+        enc.set_threadgroup_memory_length(g.tg_bytes[0], 0);
+        enc.dispatch("fm_attention", g);
+        return;
+    }
+    /* flash-decoding: the chunks' partials to a scratch buffer (poisoned: a partial read before written,
+     * or one of a chunk past a query's keys, shows as NaN), then merged */
+    const size_t floats = (size_t)fm_metal_attention_partial_floats(a.T, a.nh, a.hd, pos0);
+    float *partial = (float *)malloc(floats * sizeof(float));
+    memset(partial, 0xFF, floats * sizeof(float));
+    const fm_metal_grid g = fm_metal_grid_attention_split(a.T, a.nh, a.hd, pos0);
+    enc.set_buffer(partial, 0);
+    enc.set_buffer(q, 1);
+    enc.set_buffer(k_cache, 2);
+    enc.set_buffer(v_cache, 3);
+    enc.set_bytes(&a, sizeof a, 4);
+    enc.set_threadgroup_memory_length(g.tg_bytes[0], 0);
+    enc.dispatch("fm_attention_split", g);
+    fm_emu::encoder merge;
+    merge.set_buffer(out, 0);
+    merge.set_buffer(partial, 1);
+    merge.set_bytes(&a, sizeof a, 2);
+    merge.dispatch("fm_attention_merge", fm_metal_grid_attention_merge(a.T, a.nh, a.hd));
+    free(partial);
+}
+
+void fm_emu_gated_delta(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
+                        const float *beta, int T, int pos0, int Hk, int Hv, int dk, int dv) {
+    (void)pos0; /* the recurrent form: the same bits however the tokens are split into calls */
+    if (dk < 1 || dk > FM_GDN_MAX_DK) fm_emu::fail("gated_delta: dk %d must be in 1..%d", dk, FM_GDN_MAX_DK);
+    if (Hk < 1 || Hv % Hk) fm_emu::fail("gated_delta: %d value heads are not a multiple of %d key heads", Hv, Hk);
+    if (T < 1) return;
+    const fm_gated_delta_args a = {(uint32_t)T, (uint32_t)Hk, (uint32_t)Hv, (uint32_t)dk, (uint32_t)dv};
+    fm_emu::encoder enc;
+    enc.set_buffer(out, 0);
+    enc.set_buffer(S, 1);
+    enc.set_buffer(q, 2);
+    enc.set_buffer(k, 3);
+    enc.set_buffer(v, 4);
+    enc.set_buffer(g, 5);
+    enc.set_buffer(beta, 6);
+    enc.set_bytes(&a, sizeof a, 7);
+    enc.dispatch("fm_gated_delta", fm_metal_grid_gated_delta(a.Hv, a.dv));
 }

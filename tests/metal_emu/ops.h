@@ -29,5 +29,13 @@ void fm_emu_embed(int bits, const void *data, const uint16_t *scales, const uint
                   int group_size, int scale_bf16, const int32_t *ids, int T, float *out);
 /* backend.h's route: idx and weights [T, k] on the device (the host copies them back) */
 void fm_emu_route(const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights);
+/* cpu.h's fm_cpu_attention; split: the flash-decoding split (1), the one-pass kernel (0), or the host's
+ * choice, fm_metal_attention_split (-1): the same bits whichever */
+void fm_emu_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int T, int pos0, int nh,
+                      int nkv, int hd, float scale, int split);
+/* backend.h's gated_delta: out [T, Hv, dv], S [Hv, dk, dv] updated (the recurrent form for every T, so
+ * pos0 only documents where the tokens are) */
+void fm_emu_gated_delta(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
+                        const float *beta, int T, int pos0, int Hk, int Hv, int dk, int dv);
 
 #endif

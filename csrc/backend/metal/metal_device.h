@@ -52,7 +52,11 @@ typedef struct fm_mtl fm_mtl;
     X(EMBED_BF16, "fm_embed_bf16")                                                                         \
     X(EMBED_Q8, "fm_embed_q8")                                                                             \
     X(EMBED_Q4, "fm_embed_q4")                                                                             \
-    X(ROUTE, "fm_route")
+    X(ROUTE, "fm_route") \
+    X(ATTENTION, "fm_attention")                                                                           \
+    X(ATTENTION_SPLIT, "fm_attention_split")                                                               \
+    X(ATTENTION_MERGE, "fm_attention_merge")                                                               \
+    X(GATED_DELTA, "fm_gated_delta")
 
 typedef enum {
 #define FM_MTL_ENUM(id, name) FM_K_##id,

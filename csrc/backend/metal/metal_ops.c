@@ -31,6 +31,9 @@ typedef struct {
      * buffer has completed (after each router's sync, in practice). */
     uint8_t *upload;
     size_t upload_size, upload_used;
+    /* attention's flash-decoding partials (fm_metal_attention_partial_floats), grown as needed */
+    float *partial;
+    size_t partial_size;
 } metal_ctx;
 
 const char *fm_mtl_kernel_name(fm_mtl_kernel k) {
@@ -119,6 +122,7 @@ static void metal_destroy(void *ctx) {
     if (c->d) {
         sync_all(c);
         if (c->upload) fm_mtl_free(c->d, c->upload, c->upload_size);
+        if (c->partial) fm_mtl_free(c->d, c->partial, c->partial_size);
         fm_mtl_close(c->d);
     }
     free(c);
@@ -397,6 +401,75 @@ static void metal_route(void *ctx, const float *logits, int T, int E, int k, int
     memcpy(weights, w_d, n * sizeof *weights);
 }
 
+/* Causal attention over the KV cache: one threadgroup per (head, token) walking the keys in chunks of
+ * FM_ATTN_CHUNK, or, for a few queries over a long context (fm_metal_attention_split), one threadgroup
+ * per chunk into a partials buffer and a merge. Both give the same bits (metal/attention.metal). */
+static void metal_attention(void *ctx, float *out, const float *q, const float *k_cache, const float *v_cache, int T,
+                            int pos0, int nh, int nkv, int hd, float scale) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    if (T <= 0) return;
+    if (hd < 1 || hd > FM_ATTN_MAX_HD || nkv < 1 || nh % nkv || pos0 < 0) {
+        metal_failed(c, fm_fail(FM_ERR_INVALID, "metal backend: attention of %d heads over %d KV heads, head_dim %d "
+                                "from position %d (the kernel takes head_dim 1..%d, heads a multiple of KV heads)",
+                                nh, nkv, hd, pos0, FM_ATTN_MAX_HD));
+        return;
+    }
+    const fm_attention_args a = {(uint32_t)T, pos0, (uint32_t)nh, (uint32_t)nkv, (uint32_t)hd, scale,
+                                 fm_metal_attention_chunks((uint32_t)T, pos0)};
+    if (!fm_metal_attention_split(a.T, a.nh, a.hd, pos0)) {
+        fm_mtl_set_buffer(c->d, 0, out);
+        fm_mtl_set_buffer(c->d, 1, q);
+        fm_mtl_set_buffer(c->d, 2, k_cache);
+        fm_mtl_set_buffer(c->d, 3, v_cache);
+        run(c, FM_K_ATTENTION, &a, sizeof a, 4, fm_metal_grid_attention(a.T, a.nh, a.hd));
+        return;
+    }
+    const size_t bytes = (size_t)fm_metal_attention_partial_floats(a.T, a.nh, a.hd, pos0) * sizeof(float);
+    if (bytes > c->partial_size) {
+        sync_all(c); /* no command buffer in flight may still use the old one */
+        if (c->partial) fm_mtl_free(c->d, c->partial, c->partial_size);
+        c->partial_size = 0;
+        if (!(c->partial = (float *)fm_mtl_alloc(c->d, bytes))) {
+            metal_failed(c, fm_fail(FM_ERR_NOMEM, "metal backend: cannot allocate %zu bytes for attention", bytes));
+            return;
+        }
+        c->partial_size = bytes;
+    }
+    fm_mtl_set_buffer(c->d, 0, c->partial);
+    fm_mtl_set_buffer(c->d, 1, q);
+    fm_mtl_set_buffer(c->d, 2, k_cache);
+    fm_mtl_set_buffer(c->d, 3, v_cache);
+    run(c, FM_K_ATTENTION_SPLIT, &a, sizeof a, 4, fm_metal_grid_attention_split(a.T, a.nh, a.hd, pos0));
+    fm_mtl_set_buffer(c->d, 0, out);
+    fm_mtl_set_buffer(c->d, 1, c->partial);
+    run(c, FM_K_ATTENTION_MERGE, &a, sizeof a, 2, fm_metal_grid_attention_merge(a.T, a.nh, a.hd));
+}
+
+/* The gated delta rule, the recurrent form for every T (metal/gated_delta.metal): one token after
+ * another, so the same bits however the tokens are split into calls, at multiples of FM_DELTANET_CHUNK
+ * or anywhere else; pos0 is not needed. */
+static void metal_gated_delta(void *ctx, float *out, float *S, const float *q, const float *k, const float *v,
+                              const float *g, const float *beta, int T, int pos0, int Hk, int Hv, int dk, int dv) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    (void)pos0;
+    if (T <= 0) return;
+    if (dk < 1 || dk > FM_GDN_MAX_DK || dv < 1 || Hk < 1 || Hv % Hk) {
+        metal_failed(c, fm_fail(FM_ERR_INVALID, "metal backend: gated delta of %d value heads over %d key heads, dk %d, "
+                                "dv %d (the kernel takes dk 1..%d, value heads a multiple of key heads)",
+                                Hv, Hk, dk, dv, FM_GDN_MAX_DK));
+        return;
+    }
+    const fm_gated_delta_args a = {(uint32_t)T, (uint32_t)Hk, (uint32_t)Hv, (uint32_t)dk, (uint32_t)dv};
+    fm_mtl_set_buffer(c->d, 0, out);
+    fm_mtl_set_buffer(c->d, 1, S);
+    fm_mtl_set_buffer(c->d, 2, q);
+    fm_mtl_set_buffer(c->d, 3, k);
+    fm_mtl_set_buffer(c->d, 4, v);
+    fm_mtl_set_buffer(c->d, 5, g);
+    fm_mtl_set_buffer(c->d, 6, beta);
+    run(c, FM_K_GATED_DELTA, &a, sizeof a, 7, fm_metal_grid_gated_delta(a.Hv, a.dv));
+}
+
 static const fm_backend_ops metal_ops = {
     .name = "metal",
     .workspace_bytes = metal_workspace_bytes,
@@ -431,6 +504,8 @@ static const fm_backend_ops metal_ops = {
     .route = metal_route,
     .gate_rows = metal_gate_rows,
     .moe_combine = metal_moe_combine,
+    .attention = metal_attention,
+    .gated_delta = metal_gated_delta,
 };
 
 const fm_backend_ops *fm_backend_metal(void) { return &metal_ops; }
