@@ -435,9 +435,11 @@ def build_attention(rng, T, pos0, nh, nkv, hd):
 # Scores are hd-term fp32 dots (|s| <~ 10); exp turns an absolute score error into the same relative
 # weight error, and the output is a convex combination of v, so TOL_DOT applies.
 # The kernel takes 4 tokens and 8 keys per step: the cases cover partial token and key blocks, a first
-# chunk (pos0 0) and a later one, grouped heads.
+# chunk (pos0 0) and a later one, grouped heads; and contexts of several of the Metal kernel's 256-key
+# chunks (decode there takes its flash-decoding split), one at head_dim 256.
 for T, pos0, nh, nkv, hd in ((1, 0, 4, 4, 60), (1, 40, 5, 5, 96), (3, 5, 6, 2, 96), (17, 0, 3, 1, 130),
-                             (17, 20, 6, 2, 60), (9, 13, 8, 2, 64), (6, 0, 6, 2, 40)):
+                             (17, 20, 6, 2, 60), (9, 13, 8, 2, 64), (6, 0, 6, 2, 40), (1, 700, 4, 2, 64),
+                             (2, 300, 2, 1, 256)):
     case("attention", f"T{T}-pos{pos0}-h{nh}kv{nkv}-hd{hd}",
          lambda rng, a=(T, pos0, nh, nkv, hd): build_attention(rng, *a), ref_attention, TOL_DOT)
 
