@@ -14,8 +14,10 @@
 //   + fm_attention_merge  and one threadgroup per (head, token) merges them: flash-decoding, for a few
 //                       queries over a long context (fm_metal_grid.h's fm_metal_attention_split decides).
 // Either way a query's reduction order is fixed by its position alone, never by T or pos0: the same bits
-// for a token decoded alone or inside a prefill (batch invariance). The merge uses fma explicitly, so the
-// two ways cannot be contracted differently by the compiler.
+// for a token decoded alone or inside a prefill (batch invariance). Both ways run the same inline
+// functions, and the merges are written with explicit fma, leaving the compiler no contraction to choose
+// differently in the two (that Apple's fast-math compiler keeps them equal is not checked here: the
+// emulator compiles them as IEEE C++).
 #include <metal_stdlib>
 #include "fm_metal_args.h"
 using namespace metal;
