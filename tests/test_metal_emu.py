@@ -39,7 +39,7 @@ INCLUDES = ["-I", str(ROOT / "metal"), "-I", str(EMU), "-I", str(EMU / "include"
 CXXFLAGS = ["-std=c++17", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-Wall", "-Werror",
             "-Wno-unknown-attributes",  # [[buffer(0)]] and the other Metal attributes: the launcher maps them
             "-Wno-register", *INCLUDES]  # (threadgroup is `register` there: metal_compat.h)
-ASAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0"}
+ASAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:detect_stack_use_after_return=0"}  # no fake stacks (emu.cpp)
 
 pytestmark = pytest.mark.ci_feature("clang19")
 sys.path.insert(0, str(EMU))
