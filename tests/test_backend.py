@@ -20,11 +20,15 @@ def model_dir(tmp_path_factory):
     return d
 
 
-def test_default_backend_is_cpu(model_dir):
+def test_default_backend(model_dir):
+    """The default ("auto", also by name) is the CPU unless this build has Metal (csrc/backend/backend.c:
+    then Metal where the machine has a Metal GPU and the backend every op)."""
     m = flashmoe.load(model_dir)
-    assert m.backend == "cpu" and "cpu" in flashmoe.backends()
+    assert "cpu" in flashmoe.backends()
+    assert m.backend == "cpu" if "metal" not in flashmoe.backends() else m.backend in ("cpu", "metal")
     m.forward([1, 2, 3])
-    assert m.stats["backend"] == "cpu"
+    assert m.stats["backend"] == m.backend
+    assert flashmoe.load(model_dir, backend="auto").backend == m.backend
 
 
 @pytest.mark.parametrize("name,match", [("cuda", "'cuda' is not built into this flashmoe"),

@@ -67,6 +67,10 @@ typedef enum {
 
 const char *fm_mtl_kernel_name(fm_mtl_kernel k);
 
+/* Whether this machine has a Metal device (MTLCreateSystemDefaultDevice), probed once: the backend
+ * registry's default (backend.c) asks it before choosing "metal". Apple builds only (metal_host.m). */
+int fm_mtl_available(void);
+
 /* The GPU, its queue and every kernel's pipeline (compiled from the shader source at open); on failure
  * *out is NULL and fm_last_error says why. */
 fm_status fm_mtl_open(fm_mtl **out);
