@@ -159,3 +159,16 @@ def test_every_kernel_is_defined_once():
     twice = {n: fs for n, fs in where.items() if len(fs) > 1}
     assert not missing, f"FM_MTL_KERNELS names kernels no .metal file defines: {missing}"
     assert not twice, f"kernels defined in more than one file: {twice}"
+
+
+def test_buffer_table(tmp_path):
+    """metal_host.m's table of buffers (metal_ranges.h: sorted ranges, binary search for any interior
+    address, overlap refusal) against a brute force, under AddressSanitizer."""
+    exe = tmp_path / "test_metal_ranges"
+    p = subprocess.run([clang(), "-std=gnu11", "-O1", "-g", "-fsanitize=address,undefined", "-Wall", "-Wextra",
+                        "-Werror", "-I", str(HOST.parent), str(ROOT / "tests" / "c" / "test_metal_ranges.c"), "-o",
+                        str(exe)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

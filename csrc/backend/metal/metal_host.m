@@ -37,6 +37,7 @@
 
 #include "../../core/util.h"
 #include "metal_device.h"
+#include "metal_ranges.h"
 
 /* Generated at build time (csrc/backend/metal/embed_shaders.py): one translation unit per .metal file of
  * metal/ (fm_metal_args.h in front of it), compiled one library each, as the emulator and CI compile them. */
@@ -51,13 +52,8 @@ enum {
     FM_MTL_MAX_TG_MEMORY = 32768, /* threadgroup memory of Apple GPUs */
 };
 
-/* One MTLBuffer over [base, base + len). */
-typedef struct {
-    uintptr_t base;
-    size_t len;
-    void *buf;  /* id<MTLBuffer>, retained (__bridge_retained); released when the range goes */
-    int owned;  /* 1: fm_mtl_alloc's (mmap'ed), 2: fm_mtl_alloc's (posix_memalign'ed), 0: wrapped host memory */
-} mtl_range;
+/* fm_mtl_range.owned: how the memory of a range came */
+enum { WRAPPED = 0, OWNED_MMAP = 1, OWNED_HEAP = 2 };
 
 /* A serial handed out by fm_mtl_commit: a committed command buffer, or only an encoding error. */
 typedef struct mtl_flight {
@@ -75,8 +71,7 @@ struct fm_mtl {
     id<MTLComputePipelineState> pso[FM_K_COUNT];
     NSUInteger max_buffer; /* maxBufferLength */
 
-    mtl_range *ranges; /* sorted by base, disjoint */
-    size_t n_ranges, cap_ranges;
+    fm_mtl_ranges ranges; /* every buffer; .handle: its id<MTLBuffer>, retained (__bridge_retained) */
 
     id<MTLCommandBuffer> cb; /* the open command buffer and its encoder; nil when none is open */
     id<MTLComputeCommandEncoder> enc;
@@ -221,13 +216,13 @@ void fm_mtl_close(fm_mtl *d) {
         d->enc = nil;
         d->cb = nil;
         free(d->enc_why);
-        for (size_t i = 0; i < d->n_ranges; i++) {
-            mtl_range *r = &d->ranges[i];
-            release_object(r->buf);
-            if (r->owned == 1) munmap((void *)r->base, r->len);
-            else if (r->owned == 2) free((void *)r->base);
+        for (size_t i = 0; i < d->ranges.n; i++) {
+            const fm_mtl_range *r = &d->ranges.r[i];
+            release_object(r->handle);
+            if (r->owned == OWNED_MMAP) munmap((void *)r->base, r->len);
+            else if (r->owned == OWNED_HEAP) free((void *)r->base);
         }
-        free(d->ranges);
+        free(d->ranges.r);
         for (int k = 0; k < FM_K_COUNT; k++) d->pso[k] = nil;
         d->queue = nil;
         d->dev = nil;
@@ -241,30 +236,9 @@ uint64_t fm_mtl_working_set_limit(fm_mtl *d) { return d ? d->dev.recommendedMaxW
 
 /* ---------------------------------------------------------------- memory */
 
-/* The index of the first range whose base is above p (0..n). */
-static size_t upper_bound(const fm_mtl *d, uintptr_t p) {
-    size_t lo = 0, hi = d->n_ranges;
-    while (lo < hi) {
-        const size_t mid = lo + (hi - lo) / 2;
-        if (d->ranges[mid].base <= p) lo = mid + 1;
-        else hi = mid;
-    }
-    return lo;
-}
-
-/* The range that holds address p, or NULL. */
-static const mtl_range *find_range(const fm_mtl *d, const void *p) {
-    const size_t i = upper_bound(d, (uintptr_t)p);
-    if (i == 0) return NULL;
-    const mtl_range *r = &d->ranges[i - 1];
-    return (uintptr_t)p - r->base < r->len ? r : NULL;
-}
-
 /* Wrap [p, p + len) in an MTLBuffer and add it to the table: 0, or -1 with fm_fail set. */
 static int add_range(fm_mtl *d, void *p, size_t len, int owned) {
-    const uintptr_t base = (uintptr_t)p;
-    const size_t i = upper_bound(d, base);
-    if ((i > 0 && d->ranges[i - 1].base + d->ranges[i - 1].len > base) || (i < d->n_ranges && base + len > d->ranges[i].base)) {
+    if (fm_mtl_ranges_overlaps(&d->ranges, (uintptr_t)p, len)) {
         fm_fail(FM_ERR_INVALID, "metal: [%p, +%zu) overlaps memory already given to the GPU", p, len);
         return -1;
     }
@@ -273,38 +247,17 @@ static int add_range(fm_mtl *d, void *p, size_t len, int owned) {
                 "buffers are not split", len, (unsigned long)d->max_buffer);
         return -1;
     }
-    if (d->n_ranges == d->cap_ranges) {
-        const size_t cap = d->cap_ranges ? 2 * d->cap_ranges : 64;
-        mtl_range *r = (mtl_range *)realloc(d->ranges, cap * sizeof *r);
-        if (!r) {
-            fm_fail(FM_ERR_NOMEM, "metal: out of memory");
-            return -1;
-        }
-        d->ranges = r;
-        d->cap_ranges = cap;
+    if (fm_mtl_ranges_reserve(&d->ranges) != 0) {
+        fm_fail(FM_ERR_NOMEM, "metal: out of memory");
+        return -1;
     }
     id<MTLBuffer> buf = [d->dev newBufferWithBytesNoCopy:p length:len options:MTLResourceStorageModeShared deallocator:nil];
     if (!buf) {
         fm_fail(FM_ERR_NOMEM, "metal: newBufferWithBytesNoCopy refused %zu bytes at %p", len, p);
         return -1;
     }
-    memmove(&d->ranges[i + 1], &d->ranges[i], (d->n_ranges - i) * sizeof *d->ranges);
-    d->ranges[i] = (mtl_range){base, len, (__bridge_retained void *)buf, owned};
-    d->n_ranges++;
+    fm_mtl_ranges_insert(&d->ranges, (fm_mtl_range){(uintptr_t)p, len, (__bridge_retained void *)buf, owned});
     return 0;
-}
-
-/* Take the range that starts at p out of the table (its MTLBuffer released); its entry, or 0 if none. */
-static mtl_range remove_range(fm_mtl *d, const void *p) {
-    mtl_range out = {0, 0, NULL, 0};
-    const size_t i = upper_bound(d, (uintptr_t)p);
-    if (i == 0 || d->ranges[i - 1].base != (uintptr_t)p) return out;
-    out = d->ranges[i - 1];
-    memmove(&d->ranges[i - 1], &d->ranges[i], (d->n_ranges - i) * sizeof *d->ranges);
-    d->n_ranges--;
-    release_object(out.buf);
-    out.buf = NULL;
-    return out;
 }
 
 static size_t whole_pages(size_t bytes) { return (bytes + FM_MTL_PAGE - 1) / FM_MTL_PAGE * FM_MTL_PAGE; }
@@ -323,13 +276,13 @@ void *fm_mtl_alloc(fm_mtl *d, size_t bytes) {
         }
         /* Anonymous pages come zeroed and page aligned (16 KiB on Apple Silicon), committed on first touch;
          * where the page is smaller, 16 KiB-aligned heap memory, zeroed by hand. */
-        int owned = 1;
+        int owned = OWNED_MMAP;
         void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANON, -1, 0);
         if (p == MAP_FAILED) p = NULL;
         if (p && (uintptr_t)p % FM_MTL_PAGE) {
             munmap(p, len);
             p = NULL;
-            owned = 2;
+            owned = OWNED_HEAP;
             if (posix_memalign(&p, FM_MTL_PAGE, len) != 0) p = NULL;
             if (p) memset(p, 0, len);
         }
@@ -338,7 +291,7 @@ void *fm_mtl_alloc(fm_mtl *d, size_t bytes) {
             return NULL;
         }
         if (add_range(d, p, len, owned) != 0) {
-            if (owned == 1) munmap(p, len);
+            if (owned == OWNED_MMAP) munmap(p, len);
             else free(p);
             return NULL;
         }
@@ -349,13 +302,14 @@ void *fm_mtl_alloc(fm_mtl *d, size_t bytes) {
 void fm_mtl_free(fm_mtl *d, void *p, size_t bytes) {
     if (!p) return;
     @autoreleasepool {
-        const size_t i = upper_bound(d, (uintptr_t)p);
-        if (i == 0 || d->ranges[i - 1].base != (uintptr_t)p || !d->ranges[i - 1].owned) {
+        const ptrdiff_t i = fm_mtl_ranges_at(&d->ranges, (uintptr_t)p);
+        if (i < 0 || d->ranges.r[i].owned == WRAPPED) {
             fm_fail(FM_ERR_INVALID, "metal: fm_mtl_free(%p, %zu): not an allocation of fm_mtl_alloc", p, bytes);
             return;
         }
-        const mtl_range r = remove_range(d, p);
-        if (r.owned == 1) munmap(p, r.len);
+        const fm_mtl_range r = fm_mtl_ranges_remove(&d->ranges, (size_t)i);
+        release_object(r.handle);
+        if (r.owned == OWNED_MMAP) munmap(p, r.len);
         else free(p);
     }
 }
@@ -366,19 +320,19 @@ int fm_mtl_wrap(fm_mtl *d, void *host, size_t bytes) {
             fm_fail(FM_ERR_INVALID, "metal: wrapped host memory must be whole 16 KiB pages (%p, %zu bytes)", host, bytes);
             return -1;
         }
-        return add_range(d, host, bytes, 0);
+        return add_range(d, host, bytes, WRAPPED);
     }
 }
 
 void fm_mtl_unwrap(fm_mtl *d, void *host, size_t bytes) {
     if (!host) return;
     @autoreleasepool {
-        const size_t i = upper_bound(d, (uintptr_t)host);
-        if (i == 0 || d->ranges[i - 1].base != (uintptr_t)host || d->ranges[i - 1].owned) {
+        const ptrdiff_t i = fm_mtl_ranges_at(&d->ranges, (uintptr_t)host);
+        if (i < 0 || d->ranges.r[i].owned != WRAPPED) {
             fm_fail(FM_ERR_INVALID, "metal: fm_mtl_unwrap(%p, %zu): not wrapped host memory", host, bytes);
             return;
         }
-        remove_range(d, host);
+        release_object(fm_mtl_ranges_remove(&d->ranges, (size_t)i).handle);
     }
 }
 
@@ -420,13 +374,13 @@ void fm_mtl_set_buffer(fm_mtl *d, int index, const void *p) {
             encode_failed(d, FM_ERR_INVALID, "metal: buffer index %d (Metal has 0..%d)", index, FM_MTL_BUFFER_SLOTS - 1);
             return;
         }
-        const mtl_range *r = find_range(d, p);
+        const fm_mtl_range *r = fm_mtl_ranges_find(&d->ranges, (uintptr_t)p);
         if (!r) {
             encode_failed(d, FM_ERR_INVALID, "metal: [[buffer(%d)]] = %p is in no Metal buffer (neither fm_mtl_alloc'ed "
                           "nor fm_mtl_wrap'ed)", index, p);
             return;
         }
-        [d->enc setBuffer:(__bridge id<MTLBuffer>)r->buf offset:(NSUInteger)((uintptr_t)p - r->base) atIndex:(NSUInteger)index];
+        [d->enc setBuffer:(__bridge id<MTLBuffer>)r->handle offset:(NSUInteger)((uintptr_t)p - r->base) atIndex:(NSUInteger)index];
     }
 }
 
