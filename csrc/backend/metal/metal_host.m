@@ -141,7 +141,7 @@ fm_status fm_mtl_open(fm_mtl **out) {
          * compiler assume no inf/NaN, reassociate and use approximate exp/rsqrt/divide; the kernels are
          * held to the CPU backend's results (tests/test_ops.py's tolerances, never loosened) and checked in
          * an emulator that computes IEEE fp32, and the CPU backend honours inf/NaN and does not reassociate
-         * (-fno-fast-math). Safe math keeps the GPU what the emulator checked. Decode is bound by memory
+         * (no -ffast-math). Safe math keeps the GPU what the emulator checked. Decode is bound by memory
          * bandwidth, so the precise functions cost little; a kernel that wants a fast function names it
          * (fast::exp), as rope names precise:: today. */
         MTLCompileOptions *opts = [MTLCompileOptions new];
