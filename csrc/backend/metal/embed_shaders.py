@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The Metal shader source the library compiles at run time (metal_host.m: newLibraryWithSource), one
 translation unit per metal/*.metal file: `#include <metal_stdlib>`, metal/fm_metal_args.h, then the file
-with its `#include "fm_metal_args.h"` and `#include <metal_stdlib>` lines dropped. `#line` directives keep
-the Metal compiler's messages pointing at the original files.
+with its `#include "fm_metal_args.h"` and `#include <metal_stdlib>` lines dropped and any other
+`#include "X"` of a header of metal/ inlined (once per unit: newLibraryWithSource has no include path).
+`#line` directives keep the Metal compiler's messages pointing at the original files.
 
 One unit per file, not all files in one: each kernel file is compiled on its own everywhere else too (the
 CPU emulator, CI's `xcrun metal` per file), so two files may each define a helper of the same name (the
@@ -21,8 +22,32 @@ import sys
 from pathlib import Path
 
 ARGS_H = "fm_metal_args.h"
-INCLUDE_ARGS = re.compile(r'^\s*#\s*include\s*"fm_metal_args\.h"\s*$')
+INCLUDE_QUOTED = re.compile(r'^\s*#\s*include\s*"([^"]+)"\s*$')
 INCLUDE_STDLIB = re.compile(r"^\s*#\s*include\s*<metal_stdlib>\s*$")
+
+
+def _inline(path: Path, metal_dir: Path, parts: list, seen: set):
+    """Append path's lines to parts: <metal_stdlib> and fm_metal_args.h (already in front) dropped, any
+    other `#include "X"` inlined from metal_dir once per unit (newLibraryWithSource has no include path);
+    `#line` keeps the compiler's messages on the original files and lines."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    parts.append(f'#line 1 "{path.name}"\n')
+    for n, line in enumerate(lines, 1):
+        m = INCLUDE_QUOTED.match(line)
+        if INCLUDE_STDLIB.match(line) or (m and m.group(1) == ARGS_H):
+            line = "\n"  # dropped; the line count stays, so #line stays true
+        elif m:
+            header = metal_dir / m.group(1)
+            if not header.is_file():
+                sys.exit(f"embed_shaders: {path.name}:{n}: #include \"{m.group(1)}\" is not a file of {metal_dir}")
+            if header.name not in seen:
+                seen.add(header.name)
+                _inline(header, metal_dir, parts, seen)
+            parts.append(f'#line {n + 1} "{path.name}"\n')
+            continue
+        parts.append(line)
+    if lines and not lines[-1].endswith("\n"):
+        parts.append("\n")
 
 
 def units(metal_dir: Path) -> dict[str, str]:
@@ -33,15 +58,9 @@ def units(metal_dir: Path) -> dict[str, str]:
     out = {}
     for shader in shaders:
         parts = ["#include <metal_stdlib>\n"]
-        for path in (metal_dir / ARGS_H, shader):
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            parts.append(f'#line 1 "{path.name}"\n')
-            for line in lines:
-                if INCLUDE_ARGS.match(line) or INCLUDE_STDLIB.match(line):
-                    line = "\n"  # dropped; the line count stays, so #line stays true
-                parts.append(line)
-            if lines and not lines[-1].endswith("\n"):
-                parts.append("\n")
+        seen = {ARGS_H}
+        _inline(metal_dir / ARGS_H, metal_dir, parts, seen)
+        _inline(shader, metal_dir, parts, seen)
         out[shader.name] = "".join(parts)
     return out
 
