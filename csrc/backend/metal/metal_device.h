@@ -85,7 +85,8 @@ uint64_t fm_mtl_working_set_limit(fm_mtl *d);
  * zeroed; NULL when out of memory. */
 void *fm_mtl_alloc(fm_mtl *d, size_t bytes);
 void fm_mtl_free(fm_mtl *d, void *p, size_t bytes);
-/* Host memory (16 KiB aligned, a whole number of 16 KiB pages) made visible to the GPU in place until
+/* Host memory (16 KiB aligned; its length is rounded up to whole 16 KiB pages, the VM page on Apple
+ * Silicon, so the last page is mapped whatever the length) made visible to the GPU in place until
  * fm_mtl_unwrap; its address is unchanged. 0 on success. */
 int fm_mtl_wrap(fm_mtl *d, void *host, size_t bytes);
 void fm_mtl_unwrap(fm_mtl *d, void *host, size_t bytes);

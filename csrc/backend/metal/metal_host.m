@@ -303,8 +303,8 @@ void fm_mtl_free(fm_mtl *d, void *p, size_t bytes) {
     if (!p) return;
     @autoreleasepool {
         const ptrdiff_t i = fm_mtl_ranges_at(&d->ranges, (uintptr_t)p);
-        if (i < 0 || d->ranges.r[i].owned == WRAPPED) {
-            fm_fail(FM_ERR_INVALID, "metal: fm_mtl_free(%p, %zu): not an allocation of fm_mtl_alloc", p, bytes);
+        if (i < 0 || d->ranges.r[i].owned == WRAPPED || d->ranges.r[i].len != whole_pages(bytes ? bytes : 1)) {
+            fm_fail(FM_ERR_INVALID, "metal: fm_mtl_free(%p, %zu): not an allocation of fm_mtl_alloc of that size", p, bytes);
             return;
         }
         const fm_mtl_range r = fm_mtl_ranges_remove(&d->ranges, (size_t)i);
@@ -316,11 +316,14 @@ void fm_mtl_free(fm_mtl *d, void *p, size_t bytes) {
 
 int fm_mtl_wrap(fm_mtl *d, void *host, size_t bytes) {
     @autoreleasepool {
-        if (!host || (uintptr_t)host % FM_MTL_PAGE || !bytes || bytes % FM_MTL_PAGE) {
-            fm_fail(FM_ERR_INVALID, "metal: wrapped host memory must be whole 16 KiB pages (%p, %zu bytes)", host, bytes);
+        /* The length is rounded up to whole pages, as newBufferWithBytesNoCopy wants: the page of the last
+         * byte is mapped whatever the length (16 KiB is the VM page on Apple Silicon). The core wraps the
+         * dense weights with their exact size (model.c), in memory that fm_alloc_weights rounds to 2 MiB. */
+        if (!host || (uintptr_t)host % FM_MTL_PAGE || !bytes || whole_pages(bytes) < bytes) {
+            fm_fail(FM_ERR_INVALID, "metal: wrapped host memory must start on a 16 KiB page (%p, %zu bytes)", host, bytes);
             return -1;
         }
-        return add_range(d, host, bytes, WRAPPED);
+        return add_range(d, host, whole_pages(bytes), WRAPPED);
     }
 }
 
@@ -374,13 +377,20 @@ void fm_mtl_set_buffer(fm_mtl *d, int index, const void *p) {
             encode_failed(d, FM_ERR_INVALID, "metal: buffer index %d (Metal has 0..%d)", index, FM_MTL_BUFFER_SLOTS - 1);
             return;
         }
+        if (!p) { /* nothing bound (the emulator allows it too; Metal's setBuffer takes nil) */
+            [d->enc setBuffer:nil offset:0 atIndex:(NSUInteger)index];
+            return;
+        }
         const fm_mtl_range *r = fm_mtl_ranges_find(&d->ranges, (uintptr_t)p);
+        NSUInteger offset = r ? (NSUInteger)((uintptr_t)p - r->base) : 0;
+        if (!r && (r = fm_mtl_ranges_find(&d->ranges, (uintptr_t)p - 1)) != NULL)
+            offset = 0; /* just past a buffer's end: an empty view (as the emulator allows), bound at its start */
         if (!r) {
             encode_failed(d, FM_ERR_INVALID, "metal: [[buffer(%d)]] = %p is in no Metal buffer (neither fm_mtl_alloc'ed "
                           "nor fm_mtl_wrap'ed)", index, p);
             return;
         }
-        [d->enc setBuffer:(__bridge id<MTLBuffer>)r->handle offset:(NSUInteger)((uintptr_t)p - r->base) atIndex:(NSUInteger)index];
+        [d->enc setBuffer:(__bridge id<MTLBuffer>)r->handle offset:offset atIndex:(NSUInteger)index];
     }
 }
 
