@@ -68,3 +68,18 @@ def test_logits_do_not_depend_on_how_experts_are_spread(model_dir, threads):
     finally:
         _core.set_threads(before)
     np.testing.assert_array_equal(got, ref)  # rows split over threads, never a reduction: bit for bit
+
+
+def test_the_default_backend_checks_every_op():
+    """backend.c picks Metal by default only where its table fills in every op: its list of the table's
+    fields (complete()) must name every field of fm_backend_ops (backend.h)."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "csrc" / "backend"
+    h = (src / "backend.h").read_text()
+    struct = h[h.index("typedef struct fm_backend_ops {"):h.index("} fm_backend_ops;")]
+    fields = re.findall(r"\(\*(\w+)\)\(", struct)
+    c = (src / "backend.c").read_text()
+    listed = re.findall(r"o->(\w+)", c[c.index("static int complete("):])
+    assert fields and listed == fields, (sorted(set(fields) - set(listed)), sorted(set(listed) - set(fields)))

@@ -27,19 +27,21 @@ const char *fm_backend_names(void) {
 }
 
 #if defined(FLASHMOE_METAL) && defined(__APPLE__)
-/* Whether a table fills in every op of backend.h (the order of its declaration). */
+/* Whether a table fills in every op of backend.h (the order of its declaration; tests/test_backend.py
+ * checks that this list names every field). */
 static int complete(const fm_backend_ops *o) {
     const void *const ops[] = {
-        (const void *)o->workspace_bytes, (const void *)o->create, (const void *)o->destroy, (const void *)o->alloc,
-        (const void *)o->free, (const void *)o->fill_zero, (const void *)o->copy, (const void *)o->to_host,
-        (const void *)o->from_host, (const void *)o->host_view, (const void *)o->wrap_host,
-        (const void *)o->unwrap_host, (const void *)o->record, (const void *)o->wait, (const void *)o->finish,
-        (const void *)o->matmul, (const void *)o->embed, (const void *)o->rmsnorm, (const void *)o->l2norm,
-        (const void *)o->rope, (const void *)o->silu_mul, (const void *)o->sigmoid_mul, (const void *)o->add,
+        (const void *)o->workspace_bytes, (const void *)o->memory_limit, (const void *)o->create,
+        (const void *)o->destroy, (const void *)o->alloc, (const void *)o->free, (const void *)o->fill_zero,
+        (const void *)o->copy, (const void *)o->to_host, (const void *)o->from_host,
+        (const void *)o->host_view, (const void *)o->wrap_host, (const void *)o->unwrap_host,
+        (const void *)o->record, (const void *)o->wait, (const void *)o->finish, (const void *)o->matmul,
+        (const void *)o->embed, (const void *)o->rmsnorm, (const void *)o->l2norm, (const void *)o->rope,
+        (const void *)o->silu_mul, (const void *)o->sigmoid_mul, (const void *)o->add,
         (const void *)o->split_q_gate, (const void *)o->kv_write, (const void *)o->attention,
         (const void *)o->conv1d_silu, (const void *)o->deltanet_split, (const void *)o->deltanet_gates,
-        (const void *)o->gated_delta, (const void *)o->route, (const void *)o->gate_rows, (const void *)o->experts,
-        (const void *)o->moe_combine,
+        (const void *)o->gated_delta, (const void *)o->route, (const void *)o->gate_rows,
+        (const void *)o->experts, (const void *)o->moe_combine,
     };
     for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
         if (!ops[i]) return 0;

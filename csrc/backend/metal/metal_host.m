@@ -113,12 +113,15 @@ static const char *describe(NSError *e) {
 
 /* ---------------------------------------------------------------- the device */
 
+/* The system's default device, probed once: whether there is one, and what it may hold resident. */
 static pthread_once_t g_probe_once = PTHREAD_ONCE_INIT;
 static int g_available;
+static uint64_t g_working_set;
 static void probe(void) {
     @autoreleasepool {
         id<MTLDevice> dev = MTLCreateSystemDefaultDevice();
         g_available = dev != nil;
+        g_working_set = dev ? dev.recommendedMaxWorkingSetSize : 0;
     }
 }
 int fm_mtl_available(void) {
@@ -232,7 +235,11 @@ void fm_mtl_close(fm_mtl *d) {
     }
 }
 
-uint64_t fm_mtl_working_set_limit(fm_mtl *d) { return d ? d->dev.recommendedMaxWorkingSetSize : 0; }
+uint64_t fm_mtl_working_set_limit(fm_mtl *d) {
+    if (d) return d->dev.recommendedMaxWorkingSetSize;
+    pthread_once(&g_probe_once, probe); /* before a model opens its instance: the default device's */
+    return g_working_set;
+}
 
 /* ---------------------------------------------------------------- memory */
 
