@@ -6,14 +6,15 @@
  *
  * Memory: every allocation and every wrapped range is one MTLBuffer over host memory (16 KiB pages,
  * MTLResourceStorageModeShared, newBufferWithBytesNoCopy), kept in a table sorted by address so that
- * fm_mtl_set_buffer finds the buffer and offset of any address inside one (binary search). An address in
- * no buffer is an error that names it; so is a buffer longer than the device's maxBufferLength (no
- * splitting into overlapping views as llama.cpp does: the allocation fails and says so).
+ * fm_mtl_set_buffer finds the buffer and offset of any address inside one (binary search: metal_ranges.h,
+ * plain C, tested on Linux). An address in no buffer is an error that names it; so is a buffer longer than
+ * the device's maxBufferLength (no splitting into overlapping views as llama.cpp does: the allocation
+ * fails and says so).
  *
  * Errors: the encoding calls return nothing. A binding or dispatch that cannot be encoded (an address in
  * no buffer, an index or size past Metal's limits, more threads than the pipeline allows) is recorded, the
- * dispatch it belongs to is left out, and the error travels with the next serial that fm_mtl_commit hands
- * out; a command buffer that the GPU ends in MTLCommandBufferStatusError is recorded by its completed
+ * dispatch it belongs to is left out, the command buffer holding it is not sent, and the error travels
+ * with the serial that fm_mtl_commit hands out for it; a command buffer that the GPU ends in MTLCommandBufferStatusError is recorded by its completed
  * handler. fm_mtl_wait reports the first failure among the serials it waits for, once (fm_fail).
  * Nothing here makes the GPU wait on the CPU: the host only waits for command buffers it has committed.
  *
