@@ -51,8 +51,8 @@ def clang(name="clang-19"):
 
 
 def objc_check(src: Path):
-    return subprocess.run([clang(), *OBJC, "-fsyntax-only", *INCLUDES, str(src)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([clang(), *OBJC, "-fsyntax-only", *INCLUDES, str(src)], capture_output=True,
+                          text=True, timeout=120)
 
 
 @CLANG19
@@ -92,9 +92,10 @@ def test_objc_availability(tmp_path):
         pytest.skip("needs ziglang (pip install ziglang), as .ci/cross_compile.py")
     zig = [sys.executable, "-m", "ziglang", "cc", "-target", "aarch64-macos.14.0"]
     flags = [f for f in OBJC if not f.startswith("-fobjc-runtime")]  # zig targets Apple's runtime already
-    env = {**os.environ, "ZIG_GLOBAL_CACHE_DIR": str(tmp_path / "zig"), "ZIG_LOCAL_CACHE_DIR": str(tmp_path / "zig")}
-    ok = subprocess.run([*zig, *flags, *INCLUDES, "-c", str(HOST), "-o", str(tmp_path / "ok.o")], capture_output=True,
-                        text=True, timeout=300, env=env)
+    cache = str(tmp_path / "zig")
+    env = {**os.environ, "ZIG_GLOBAL_CACHE_DIR": cache, "ZIG_LOCAL_CACHE_DIR": cache}
+    ok = subprocess.run([*zig, *flags, *INCLUDES, "-c", str(HOST), "-o", str(tmp_path / "ok.o")],
+                        capture_output=True, text=True, timeout=300, env=env)
     assert ok.returncode == 0, ok.stderr[-4000:]
     text = HOST.read_text()
     guard = "if (@available(macOS 15.0, *)) {"
@@ -144,11 +145,12 @@ def test_embedded_shaders_compile(embedded, tmp_path):
     for unit in sorted((embedded / "units").glob("*.metal")):
         p = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-Wno-unknown-attributes",
                             "-Wno-register", "-I", str(EMU), "-I", str(EMU / "include"), "-include",
-                            str(EMU / "metal_compat.h"), "-x", "c++", str(unit)], capture_output=True, text=True,
-                           timeout=120)
+                            str(EMU / "metal_compat.h"), "-x", "c++", str(unit)],
+                           capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, f"{unit.name}\n{p.stderr[-3000:]}"
-    p = subprocess.run([clang(), "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-c", str(embedded / "shaders.c"),
-                        "-o", str(tmp_path / "shaders.o")], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([clang(), "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-c",
+                        str(embedded / "shaders.c"), "-o", str(tmp_path / "shaders.o")],
+                       capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
 
 
@@ -170,9 +172,10 @@ def test_buffer_table(tmp_path):
     """metal_host.m's table of buffers (metal_ranges.h: sorted ranges, binary search for any interior
     address, overlap refusal) against a brute force, under AddressSanitizer."""
     exe = tmp_path / "test_metal_ranges"
-    p = subprocess.run([clang(), "-std=gnu11", "-O1", "-g", "-fsanitize=address,undefined", "-Wall", "-Wextra",
-                        "-Werror", "-I", str(HOST.parent), str(ROOT / "tests" / "c" / "test_metal_ranges.c"), "-o",
-                        str(exe)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([clang(), "-std=gnu11", "-O1", "-g", "-fsanitize=address,undefined", "-Wall",
+                        "-Wextra", "-Werror", "-I", str(HOST.parent),
+                        str(ROOT / "tests" / "c" / "test_metal_ranges.c"), "-o", str(exe)],
+                       capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})

@@ -39,7 +39,8 @@ def _inline(path: Path, metal_dir: Path, parts: list, seen: set):
         elif m:
             header = metal_dir / m.group(1)
             if not header.is_file():
-                sys.exit(f"embed_shaders: {path.name}:{n}: #include \"{m.group(1)}\" is not a file of {metal_dir}")
+                sys.exit(f"embed_shaders: {path.name}:{n}: #include \"{m.group(1)}\" "
+                         f"is not a file of {metal_dir}")
             if header.name not in seen:
                 seen.add(header.name)
                 _inline(header, metal_dir, parts, seen)
