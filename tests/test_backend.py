@@ -20,11 +20,15 @@ def model_dir(tmp_path_factory):
     return d
 
 
-def test_default_backend_is_cpu(model_dir):
+def test_default_backend(model_dir):
+    """The default ("auto", also by name) is the CPU unless this build has Metal (csrc/backend/backend.c:
+    then Metal where the machine has a Metal GPU and the backend every op)."""
     m = flashmoe.load(model_dir)
-    assert m.backend == "cpu" and "cpu" in flashmoe.backends()
+    assert "cpu" in flashmoe.backends()
+    assert m.backend == "cpu" if "metal" not in flashmoe.backends() else m.backend in ("cpu", "metal")
     m.forward([1, 2, 3])
-    assert m.stats["backend"] == "cpu"
+    assert m.stats["backend"] == m.backend
+    assert flashmoe.load(model_dir, backend="auto").backend == m.backend
 
 
 @pytest.mark.parametrize("name,match", [("cuda", "'cuda' is not built into this flashmoe"),
@@ -64,3 +68,18 @@ def test_logits_do_not_depend_on_how_experts_are_spread(model_dir, threads):
     finally:
         _core.set_threads(before)
     np.testing.assert_array_equal(got, ref)  # rows split over threads, never a reduction: bit for bit
+
+
+def test_the_default_backend_checks_every_op():
+    """backend.c picks Metal by default only where its table fills in every op: its list of the table's
+    fields (complete()) must name every field of fm_backend_ops (backend.h)."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "csrc" / "backend"
+    h = (src / "backend.h").read_text()
+    struct = h[h.index("typedef struct fm_backend_ops {"):h.index("} fm_backend_ops;")]
+    fields = re.findall(r"\(\*(\w+)\)\(", struct)
+    c = (src / "backend.c").read_text()
+    listed = re.findall(r"o->(\w+)", c[c.index("static int complete("):])
+    assert fields and listed == fields, (sorted(set(fields) - set(listed)), sorted(set(listed) - set(fields)))

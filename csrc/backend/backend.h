@@ -139,7 +139,9 @@ typedef struct {
 /* Call op `name` of backend instance b: FM_OP(b, matmul, &w, x, T, y). */
 #define FM_OP(b, name, ...) ((b)->op->name((b)->ctx, ##__VA_ARGS__))
 
-/* The backends built into this library, by name; NULL (and an error naming the built ones) otherwise. */
+/* The backends built into this library, by name; NULL (and an error naming the built ones) otherwise.
+ * NULL, "" and "auto" name the default: "metal" where it is built (Apple, FLASHMOE_METAL), this machine
+ * has a Metal device and the backend has every op; otherwise "cpu". */
 const fm_backend_ops *fm_backend_find(const char *name);
 /* Comma-separated names of the built backends, e.g. "cpu". */
 const char *fm_backend_names(void);
@@ -148,6 +150,6 @@ void fm_backend_close(fm_backend *b);
 
 /* Each backend's table (a backend not built has none). */
 const fm_backend_ops *fm_backend_cpu(void);
-const fm_backend_ops *fm_backend_metal(void); /* csrc/backend/metal/metal_ops.c */
+const fm_backend_ops *fm_backend_metal(void); /* builds with FLASHMOE_METAL (metal/metal_ops.c) */
 
 #endif /* FM_BACKEND_H */

@@ -110,10 +110,10 @@ def _eos_ids(cfg: dict) -> list[int]:
 def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", prefetch: bool = True,
                io_threads: int = 8, context_length: int | None = None, prefill_chunk: int | None = None,
                expert_cache_slots: int | None = None, verify_checksums: bool = False,
-               int8_activations: bool = True, backend: str = "cpu"):
+               int8_activations: bool = True, backend: str = "auto"):
     """The validated header and the load spec the C core takes (csrc/python/module.cpp: to_spec)."""
     built = backends()
-    if not isinstance(backend, str) or backend not in built:
+    if not isinstance(backend, str) or (backend not in built and backend != "auto"):
         why = ("is not built into this flashmoe" if backend in KNOWN_BACKENDS else "is not a flashmoe backend")
         raise ArgumentError(f"backend {backend!r} {why} (built: {', '.join(built)}; docs/ARCHITECTURE.md)")
     header = read_header(path)
@@ -301,8 +301,10 @@ class Model:
       int8_activations    matmuls on int8-quantized activations, as llama.cpp does (default True): ~2x
                           faster 4-bit decode, ~1.4x faster prompts, ~1% error per product; False keeps
                           them fp32 (the exact dequantized function; csrc/backend/cpu/cpu.h)
-      backend             where the layers compute: "cpu" (the default; flashmoe.backends() lists what
-                          this build has; docs/ARCHITECTURE.md)
+      backend             where the layers compute: "auto" (the default: "metal" on a Mac whose build has
+                          the Metal backend complete and a Metal GPU, else "cpu"), "cpu" or "metal";
+                          flashmoe.backends() lists what this build has, Model.backend says which ran
+                          (docs/ARCHITECTURE.md)
     """
 
     def __init__(self, path, *, threads: int | None = None, prompt_cache: int = 4, **options):
@@ -707,7 +709,7 @@ KNOWN_BACKENDS = ("cpu", "cuda", "metal")
 
 def backends() -> list[str]:
     """The compute backends this build of flashmoe has (load's `backend`): "cpu", and "cuda" or "metal"
-    where they were built."""
+    where they were built. load's default, "auto", picks among them (Model's docstring says how)."""
     from . import _core
 
     return _core.backends().split(",")

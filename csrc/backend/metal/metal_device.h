@@ -67,6 +67,10 @@ typedef enum {
 
 const char *fm_mtl_kernel_name(fm_mtl_kernel k);
 
+/* Whether this machine has a Metal device (MTLCreateSystemDefaultDevice), probed once: the backend
+ * registry's default (backend.c) asks it before choosing "metal". Apple builds only (metal_host.m). */
+int fm_mtl_available(void);
+
 /* The GPU, its queue and every kernel's pipeline (compiled from the shader source at open); on failure
  * *out is NULL and fm_last_error says why. */
 fm_status fm_mtl_open(fm_mtl **out);
@@ -81,7 +85,8 @@ uint64_t fm_mtl_working_set_limit(fm_mtl *d);
  * zeroed; NULL when out of memory. */
 void *fm_mtl_alloc(fm_mtl *d, size_t bytes);
 void fm_mtl_free(fm_mtl *d, void *p, size_t bytes);
-/* Host memory (16 KiB aligned, a whole number of 16 KiB pages) made visible to the GPU in place until
+/* Host memory (16 KiB aligned; its length is rounded up to whole 16 KiB pages, the VM page on Apple
+ * Silicon, so the last page is mapped whatever the length) made visible to the GPU in place until
  * fm_mtl_unwrap; its address is unchanged. 0 on success. */
 int fm_mtl_wrap(fm_mtl *d, void *host, size_t bytes);
 void fm_mtl_unwrap(fm_mtl *d, void *host, size_t bytes);
