@@ -71,8 +71,9 @@ def test_logits_do_not_depend_on_how_experts_are_spread(model_dir, threads):
 
 
 def test_the_default_backend_checks_every_op():
-    """backend.c picks Metal by default only where its table fills in every op: its list of the table's
-    fields (complete()) must name every field of fm_backend_ops (backend.h)."""
+    """backend.c picks Metal by default only where its table fills in every op, and a model loads on a
+    table only then: its list of the table's fields (fm_backend_missing_op()) must name every field of
+    fm_backend_ops (backend.h), in order."""
     import re
     from pathlib import Path
 
@@ -81,5 +82,27 @@ def test_the_default_backend_checks_every_op():
     struct = h[h.index("typedef struct fm_backend_ops {"):h.index("} fm_backend_ops;")]
     fields = re.findall(r"\(\*(\w+)\)\(", struct)
     c = (src / "backend.c").read_text()
-    listed = re.findall(r"o->(\w+)", c[c.index("static int complete("):])
+    body = c[c.index("const struct { const void *fn;"):]
+    listed = re.findall(r"OP\((\w+)\)", body[:body.index("#undef OP")])
     assert fields and listed == fields, (sorted(set(fields) - set(listed)), sorted(set(listed) - set(fields)))
+
+
+def test_flashmoe_backend_environment_picks_the_default(tmp_path):
+    """FLASHMOE_BACKEND names the backend of every load that names none ("auto"): a known one is used, an
+    unknown one is an error that names it (a subprocess each: the variable is read at load)."""
+    import subprocess
+    import sys
+
+    from flashmoe.synth import write_random_model
+    cfg = {"model_type": "qwen3_5_moe_text", "vocab_size": 64, "hidden_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "linear_num_key_heads": 1,
+           "linear_num_value_heads": 2, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
+           "linear_conv_kernel_dim": 4, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+           "shared_expert_intermediate_size": 32, "layer_types": ["linear_attention", "full_attention"]}
+    write_random_model(tmp_path, cfg, progress=False)
+    code = ("import flashmoe\ntry:\n    print(flashmoe.load(%r).backend)\nexcept flashmoe.FlashMoEError as e:\n"
+            "    print(type(e).__name__, e)" % str(tmp_path))
+    for value, want in (("cpu", "cpu"), ("", "cpu"), ("nope", "unknown backend 'nope'")):
+        env = dict(os.environ, FLASHMOE_BACKEND=value)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0 and want in out.stdout, (value, out.stdout, out.stderr[-2000:])

@@ -41,7 +41,7 @@ def emu_env(tmp_path_factory):
     """The environment of a process that imports the emulated build (built here, once per module). Where
     this flashmoe has the Metal backend itself (a Mac), the tests run on it instead, on the GPU."""
     import flashmoe
-    if "metal" in flashmoe.backends():
+    if "metal" in flashmoe.backends() and (os.environ.get("FLASHMOE_BACKEND") or "auto") in ("auto", "metal"):
         return dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     if not shutil.which("clang-19") or not shutil.which("clang++-19"):
         pytest.skip("needs clang-19 (Debian: apt-get install clang-19)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,7 +30,11 @@ import pytest
 from flashmoe import _core
 from flashmoe.quant import f32_to_bf16, quantize  # input builders only; references are below
 
-BACKENDS = [b for b in ("cpu", "cuda", "metal") if b in _core.backends().split(",")]
+# FLASHMOE_BACKEND (the default backend, backend.c) set to one backend: the ops run on it and the CPU only
+# (CI's hosted Macs set cpu: their paravirtual GPU is no compute target)
+_ONLY = os.environ.get("FLASHMOE_BACKEND") or "auto"
+BACKENDS = [b for b in ("cpu", "cuda", "metal") if b in _core.backends().split(",") and _ONLY in ("auto", "cpu", b)
+            and (b == "cpu" or _ONLY != "cpu")]
 # (backend, CPU kernel variant or None): the CPU with each variant it can run forced (scalar, avx2, ...).
 TARGETS = [("cpu", isa) for isa in _core.cpu_isas()] + [(b, None) for b in BACKENDS if b != "cpu"]
 # The gated delta rule's two CPU forms, each tested against the reference (the interface's gated_delta,

@@ -3,8 +3,9 @@
  * builds it (FLASHMOE_METAL: Apple Silicon by default). CUDA is not written yet: asking for it is an
  * error that says it is not built.
  *
- * The default backend (name NULL, "" or "auto") is Metal on an Apple build with Metal when this machine
- * has a Metal device and the Metal table fills in every op; the CPU otherwise. (While the Metal backend
+ * The default backend (name NULL, "" or "auto") is the environment's FLASHMOE_BACKEND where set; else Metal
+ * on an Apple build with Metal when this machine has a Metal device and the Metal table fills in every op;
+ * the CPU otherwise. (While the Metal backend
  * lacks ops, the default stays the CPU; `backend="metal"` asks for it by name.)
  */
 #include <stdlib.h>
@@ -26,32 +27,31 @@ const char *fm_backend_names(void) {
 #endif
 }
 
-#if defined(FLASHMOE_METAL) && defined(__APPLE__)
-/* Whether a table fills in every op of backend.h (the order of its declaration; tests/test_backend.py
- * checks that this list names every field). */
-static int complete(const fm_backend_ops *o) {
-    const void *const ops[] = {
-        (const void *)o->workspace_bytes, (const void *)o->memory_limit, (const void *)o->create,
-        (const void *)o->destroy, (const void *)o->alloc, (const void *)o->free, (const void *)o->fill_zero,
-        (const void *)o->copy, (const void *)o->to_host, (const void *)o->from_host,
-        (const void *)o->host_view, (const void *)o->wrap_host, (const void *)o->unwrap_host,
-        (const void *)o->record, (const void *)o->wait, (const void *)o->finish, (const void *)o->matmul,
-        (const void *)o->embed, (const void *)o->rmsnorm, (const void *)o->l2norm, (const void *)o->rope,
-        (const void *)o->silu_mul, (const void *)o->sigmoid_mul, (const void *)o->add,
-        (const void *)o->split_q_gate, (const void *)o->kv_write, (const void *)o->attention,
-        (const void *)o->conv1d_silu, (const void *)o->deltanet_split, (const void *)o->deltanet_gates,
-        (const void *)o->gated_delta, (const void *)o->route, (const void *)o->gate_rows,
-        (const void *)o->experts, (const void *)o->moe_combine,
+/* The first op of backend.h a table leaves out (in the order of its declaration), NULL when it fills in
+ * every one (tests/test_backend.py checks that this list names every field). */
+const char *fm_backend_missing_op(const fm_backend_ops *o) {
+#define OP(f) {(const void *)o->f, #f}
+    const struct { const void *fn; const char *name; } ops[] = {
+        OP(workspace_bytes), OP(memory_limit), OP(create), OP(destroy), OP(alloc), OP(free), OP(fill_zero),
+        OP(copy), OP(to_host), OP(from_host), OP(host_view), OP(wrap_host), OP(unwrap_host), OP(record),
+        OP(wait), OP(finish), OP(matmul), OP(embed), OP(rmsnorm), OP(l2norm), OP(rope), OP(silu_mul),
+        OP(sigmoid_mul), OP(add), OP(split_q_gate), OP(kv_write), OP(attention), OP(conv1d_silu),
+        OP(deltanet_split), OP(deltanet_gates), OP(gated_delta), OP(route), OP(gate_rows), OP(experts),
+        OP(moe_combine),
     };
+#undef OP
     for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
-        if (!ops[i]) return 0;
-    return 1;
+        if (!ops[i].fn) return ops[i].name;
+    return NULL;
 }
-#endif
 
 static const fm_backend_ops *default_backend(void) {
+    /* FLASHMOE_BACKEND: the user's choice for everything that names none (e.g. cpu on a Mac whose GPU is
+     * not to be used, as CI's hosted runners: their paravirtual GPU is no compute target, METAL.md) */
+    const char *env = getenv("FLASHMOE_BACKEND");
+    if (env && *env && strcmp(env, "auto") != 0) return fm_backend_find(env);
 #if defined(FLASHMOE_METAL) && defined(__APPLE__)
-    if (complete(fm_backend_metal()) && fm_mtl_available()) return fm_backend_metal();
+    if (!fm_backend_missing_op(fm_backend_metal()) && fm_mtl_available()) return fm_backend_metal();
 #endif
     return fm_backend_cpu();
 }

@@ -143,6 +143,9 @@ typedef struct {
  * NULL, "" and "auto" name the default: "metal" where it is built (Apple, FLASHMOE_METAL), this machine
  * has a Metal device and the backend has every op; otherwise "cpu". */
 const fm_backend_ops *fm_backend_find(const char *name);
+/* The first op a table leaves out, NULL when it has every one (a model needs them all; the op tests
+ * skip an op a table lacks). */
+const char *fm_backend_missing_op(const fm_backend_ops *ops);
 /* Comma-separated names of the built backends, e.g. "cpu". */
 const char *fm_backend_names(void);
 fm_status fm_backend_open(const fm_backend_ops *ops, const fm_backend_params *p, fm_backend *out);

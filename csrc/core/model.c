@@ -401,6 +401,8 @@ static fm_status model_create(const fm_load_spec *spec, fm_model **out, int *n_m
     m->segment = segment <= m->chunk ? m->chunk : (segment + m->chunk - 1) / m->chunk * m->chunk;
     const fm_backend_ops *ops = fm_backend_find(spec->backend);
     if (!ops) return FM_ERR_INVALID; /* fm_backend_find said which */
+    const char *missing = fm_backend_missing_op(ops);
+    if (missing) return fm_fail(FM_ERR_INVALID, "the %s backend has no op %s yet: it cannot run a model", ops->name, missing);
     const fm_backend_params bp = {&m->c, m->chunk};
     m->be.op = ops;
     m->be_workspace = ops->workspace_bytes(&bp);

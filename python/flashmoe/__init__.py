@@ -1,8 +1,8 @@
 """flashmoe: run Mixture-of-Experts models larger than memory by streaming experts from SSD."""
 
 from .convert import convert  # noqa: E402  (binds the function over the submodule name)
-from .errors import (ConversionError, ContextLengthError, FlashMoEError, FormatError, MemoryBudgetError,
-                     ReadError)
+from .errors import (ConversionError, ContextLengthError, DeviceError, FlashMoEError, FormatError,
+                     MemoryBudgetError, ReadError)
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,6 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["AssistantMessage", "ConversionError", "ContextLengthError", "FlashMoEError", "FormatError",
+__all__ = ["AssistantMessage", "ConversionError", "ContextLengthError", "DeviceError", "FlashMoEError", "FormatError",
            "GenerationChunk", "GenerationResult", "MemoryBudgetError", "Model", "ReadError", "SamplingParams",
            "Tokenizer", "backends", "convert", "load", "memory_plan", "parse_tool_calls", "__version__"]

@@ -301,8 +301,9 @@ class Model:
       int8_activations    matmuls on int8-quantized activations, as llama.cpp does (default True): ~2x
                           faster 4-bit decode, ~1.4x faster prompts, ~1% error per product; False keeps
                           them fp32 (the exact dequantized function; csrc/backend/cpu/cpu.h)
-      backend             where the layers compute: "auto" (the default: "metal" on a Mac whose build has
-                          the Metal backend complete and a Metal GPU, else "cpu"), "cpu" or "metal";
+      backend             where the layers compute: "auto" (the default: the environment's
+                          FLASHMOE_BACKEND where set, else "metal" on a Mac whose build has the Metal
+                          backend complete and a Metal GPU, else "cpu"), "cpu" or "metal";
                           flashmoe.backends() lists what this build has, Model.backend says which ran
                           (docs/ARCHITECTURE.md)
     """

@@ -174,7 +174,7 @@ fm_status fm_mtl_open(fm_mtl **out) {
             err = nil;
             id<MTLLibrary> lib = [dev newLibraryWithSource:src options:opts error:&err];
             if (!lib)
-                return fm_fail(FM_ERR_IO, "metal: %s does not compile on %s: %s", fm_mtl_shader_names[i],
+                return fm_fail(FM_ERR_DEVICE, "metal: %s does not compile on %s: %s", fm_mtl_shader_names[i],
                                dev.name.UTF8String, describe(err));
             for (int k = 0; k < FM_K_COUNT; k++) {
                 id<MTLFunction> fn = [lib newFunctionWithName:[NSString stringWithUTF8String:KERNEL_NAMES[k]]];
@@ -197,14 +197,14 @@ fm_status fm_mtl_open(fm_mtl **out) {
         d->queue = [dev newCommandQueue];
         if (!d->queue) {
             fm_mtl_close(d);
-            return fm_fail(FM_ERR_IO, "metal: %s gave no command queue", dev.name.UTF8String);
+            return fm_fail(FM_ERR_DEVICE, "metal: %s gave no command queue", dev.name.UTF8String);
         }
         for (int k = 0; k < FM_K_COUNT; k++) {
             err = nil;
             d->pso[k] = [dev newComputePipelineStateWithFunction:fns[k] error:&err];
             if (!d->pso[k]) {
                 fm_mtl_close(d);
-                return fm_fail(FM_ERR_IO, "metal: no pipeline for kernel %s: %s", KERNEL_NAMES[k], describe(err));
+                return fm_fail(FM_ERR_DEVICE, "metal: no pipeline for kernel %s: %s", KERNEL_NAMES[k], describe(err));
             }
         }
         *out = d;
@@ -372,7 +372,7 @@ static int encoder(fm_mtl *d) {
     if (d->cb) d->enc = [d->cb computeCommandEncoderWithDispatchType:MTLDispatchTypeSerial];
     if (!d->enc) {
         d->cb = nil;
-        encode_failed(d, FM_ERR_IO, "metal: no command buffer or compute encoder from the queue");
+        encode_failed(d, FM_ERR_DEVICE, "metal: no command buffer or compute encoder from the queue");
         return 0;
     }
     return 1;
@@ -477,7 +477,7 @@ uint64_t fm_mtl_commit(fm_mtl *d) {
         if (d->enc_st != FM_OK || !cb) {
             /* An op of it was not encoded: it is not sent (its results would be wrong); the error is this
              * serial's. */
-            f->st = d->enc_st != FM_OK ? d->enc_st : FM_ERR_IO;
+            f->st = d->enc_st != FM_OK ? d->enc_st : FM_ERR_DEVICE;
             f->why = d->enc_why ? d->enc_why : strdup("metal: nothing was encoded");
             f->done = 1;
             d->enc_st = FM_OK;
@@ -497,7 +497,7 @@ uint64_t fm_mtl_commit(fm_mtl *d) {
             else if (status != MTLCommandBufferStatusCompleted)
                 why = dup_printf("metal: command buffer %" PRIu64 " ended with status %lu", f->serial, (unsigned long)status);
             pthread_mutex_lock(lock);
-            f->st = why ? FM_ERR_IO : FM_OK;
+            f->st = why ? FM_ERR_DEVICE : FM_OK;
             f->why = why;
             f->done = 1;
             pthread_cond_broadcast(cond);
