@@ -149,7 +149,7 @@ void fm_mtl_set_buffer(fm_mtl *d, int index, const void *p) {
 }
 
 void fm_mtl_set_bytes(fm_mtl *d, int index, const void *p, size_t len) {
-    if (len > 4096) fm_emu::fail("setBytes of %zu bytes at %d: Metal takes at most 4 KiB", len, index);
+    if (len == 0 || len > 4096) fm_emu::fail("setBytes of %zu bytes at %d: Metal takes 1 byte to 4 KiB", len, index);
     d->enc.set_bytes(p, len, index);
     d->bound[index] = nullptr;
 }
