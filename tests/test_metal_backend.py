@@ -6,7 +6,8 @@ The module builds that variant of flashmoe once (CMake FLASHMOE_METAL_EMU, under
 directory of its own, then runs, in subprocesses on it, with every dispatch run in three lane orders that
 must leave the same bytes (FM_EMU_ORDERS=all):
 - test_op_harness_on_metal: tests/test_ops.py's cases on backend "metal", the harness every backend
-  answers to (its inputs, numpy references and tolerances), none of them skipped;
+  answers to (its inputs, numpy references and tolerances), and tests/test_batch_invariance.py's checks
+  that a token's bits do not depend on its call, none of them skipped;
 - test_model_on_metal: the tiny transformers-checked models (tests/hf_fixtures.py) at 16, 8 and 4 bits,
   loaded with backend="metal": the prompt's logits in one call and token by token, and greedy tokens,
   against the CPU backend of the same build.
@@ -88,10 +89,11 @@ def test_emulated_build_has_metal(emu_env):
 
 
 def test_op_harness_on_metal(emu_env):
-    """Every case of tests/test_ops.py on backend "metal" (its ids hold "metal"): passed, none skipped
-    (a skip there is an op the Metal table lacks)."""
+    """Every case of tests/test_ops.py and every batch-invariance check of tests/test_batch_invariance.py
+    on backend "metal" (their ids hold "metal"): passed, none skipped (a skip there is an op the Metal
+    table lacks)."""
     rc, out = run_py(emu_env, ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_ops.py",
-                               "-k", "metal", "-W", "ignore::pytest.PytestUnraisableExceptionWarning"])
+                               "tests/test_batch_invariance.py", "-k", "metal"])
     tail = out[-6000:]
     assert rc == 0, tail
     summary = out.strip().splitlines()[-1]
@@ -241,18 +243,24 @@ def test_model_after_a_gpu_fault_is_a_fresh_model(emulated, demo_model, at):
 
 # --------------------------------------------- the emulator's checks, through the whole backend
 
-@pytest.mark.parametrize("replace, orders, expect", [
-    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_race", "all", "lanes forward and reverse leave different bytes"),
-    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_no_barrier", "all", "leave different bytes"),
-    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_no_barrier", "forward", "nan"),  # the poison reaches the output
-    ("fm_add=fm_add__add_oob", "all", "AddressSanitizer: heap-buffer-overflow"),
-    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_tg_overflow", "all", "AddressSanitizer: heap-buffer-overflow"),
-    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_early_return", "all", "divergent barrier"),
-], ids=["race", "missing-barrier", "missing-barrier-poison", "device-oob", "threadgroup-oob", "divergent-barrier"])
-def test_emulated_backend_catches_a_broken_kernel(emulated, replace, orders, expect):
+OPS = ["tests/test_ops.py", "-k", "metal and (rmsnorm or add)"]
+
+
+@pytest.mark.parametrize("replace, orders, tests, expect", [
+    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_race", "all", OPS, "lanes forward and reverse leave different bytes"),
+    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_no_barrier", "all", OPS, "leave different bytes"),
+    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_no_barrier", "forward", OPS, "nan"),  # the poison reaches the output
+    ("fm_add=fm_add__add_oob", "all", OPS, "AddressSanitizer: heap-buffer-overflow"),
+    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_tg_overflow", "all", OPS, "AddressSanitizer: heap-buffer-overflow"),
+    ("fm_rmsnorm=fm_rmsnorm__rmsnorm_early_return", "all", OPS, "divergent barrier"),
+    # within test_ops' tolerance, but a query's keys cut by the call: the same-bits check must see it
+    ("fm_attention=fm_attention__attention_chunks_by_call", "all",
+     ["tests/test_batch_invariance.py", "-k", "metal and attention"], "alone differs"),
+], ids=["race", "missing-barrier", "missing-barrier-poison", "device-oob", "threadgroup-oob", "divergent-barrier",
+        "batch-variant-attention"])
+def test_emulated_backend_catches_a_broken_kernel(emulated, replace, orders, tests, expect):
     """A kernel broken on purpose (tests/metal_emu/broken/, built in beside the real ones) swapped in for
-    the real one (FM_EMU_REPLACE): test_ops' cases of its op on backend "metal" must fail, and say why."""
+    the real one (FM_EMU_REPLACE): the tests of its op on backend "metal" must fail, and say why."""
     rc, out = run_py(dict(emulated, FM_EMU_REPLACE=replace, FM_EMU_ORDERS=orders),
-                     ["-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider", "tests/test_ops.py", "-k",
-                      "metal and (rmsnorm or add)"])
+                     ["-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider", *tests])
     assert rc != 0 and expect.lower() in out.lower(), out[-3000:]
