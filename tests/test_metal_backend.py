@@ -127,22 +127,36 @@ RTOL = 1e-3  # as tests/test_models.py against transformers: fp32 on both sides,
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("bits,int8", [(16, False), (8, False), (4, False), (8, True), (4, True)],
+                         ids=["16", "8", "4", "8-int8", "4-int8"])
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
-def test_model_on_metal(emu_env, tiny_models, tmp_path, arch, bits):
+def test_model_on_metal(emu_env, tiny_models, tmp_path, arch, bits, int8):
+    """The tiny transformers-checked models on backend "metal" against the CPU backend: a 21-token prompt
+    in one call (two chunks of 16) and token by token, and 6 greedy tokens after it.
+
+    - Metal's own batch invariance: the prompt in one call gives the bits of the prompt token by token (its
+      gated delta rule is the recurrent form for every call).
+    - Against the CPU, with fp32 activations: both within RTOL. With int8 activations (the default), token
+      by token within RTOL, and the one-call prompt not compared: the CPU's chunked gated delta rule
+      (a prompt's form there, backend.h) is another fp32 function than the recurrent one, and the
+      difference moves an int8 rounding across its boundary now and then, a step of 1e-3..1e-2 in these
+      tiny models' logits (tests/test_models.py says more); token by token both backends compute the
+      recurrent form.
+    - The greedy tokens the same."""
     path = tiny_models(arch, bits)
     ids = np.random.default_rng(1).integers(0, 251, 21)
     np.save(tmp_path / "ids.npy", ids)
     got = {}
     for backend in ("cpu", "metal"):
         out = tmp_path / f"{backend}.npz"
-        # prefill_chunk 16: the 21-token prompt takes two chunks (and the DeltaNet's chunked form)
         rc, log = run_py(emu_env, [str(ROOT / "tests" / "metal_emu" / "run_model.py"), path, backend,
-                                   str(tmp_path / "ids.npy"), str(out), "prefill_chunk=16"])
+                                   str(tmp_path / "ids.npy"), str(out), "prefill_chunk=16", f"int8_activations={int8}"])
         assert rc == 0, log[-4000:]
         got[backend] = np.load(out)
     cpu, metal = got["cpu"], got["metal"]
-    for key in ("prefill", "steps"):
+    assert np.array_equal(metal["prefill"].view(np.uint32), metal["steps"].view(np.uint32)), \
+        "metal: the prompt in one call differs from the prompt token by token"
+    for key in ("steps",) if int8 else ("prefill", "steps"):
         err = float(np.abs(metal[key] - cpu[key]).max() / np.abs(cpu[key]).max())
         assert err <= RTOL, f"{key}: metal vs cpu {err:.2e}"
     assert metal["greedy"].tolist() == cpu["greedy"].tolist()

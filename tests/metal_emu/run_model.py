@@ -1,11 +1,13 @@
 """One model on one backend, for tests/test_metal_backend.py: run in a subprocess on the emulated build.
 
-    python run_model.py MODEL_DIR BACKEND IDS.npy OUT.npz [key=value ...]   (load options, e.g. prefill_chunk=16)
+    python run_model.py MODEL_DIR BACKEND IDS.npy OUT.npz [key=value ...]   (load options as Python literals,
+                                                                             e.g. prefill_chunk=16)
 
 Writes prefill (the logits of every prompt position in one call), steps (the same positions fed one
 token at a time) and greedy (the ids of 6 greedy tokens after the prompt) to OUT.npz.
 """
 
+import ast
 import sys
 
 import numpy as np
@@ -15,7 +17,7 @@ import flashmoe
 
 def main(model_dir, backend, ids_path, out_path, *options):
     ids = np.load(ids_path).tolist()
-    kw = {k: int(v) for k, v in (o.split("=", 1) for o in options)}
+    kw = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in options)}
     m = flashmoe.load(model_dir, backend=backend, **kw)
     assert m.backend == backend, (m.backend, backend)
     prefill = m.forward(ids)
