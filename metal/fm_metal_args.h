@@ -12,9 +12,15 @@
 #endif
 
 #define FM_METAL_SIMD 32            /* lanes per simdgroup on every Apple GPU */
-#define FM_QMV_SIMDGROUPS 2         /* q4 matvec: simdgroups per threadgroup (MLX qmv_fast) */
-#define FM_QMV_ROWS_PER_SIMD 4      /* rows each simdgroup reduces */
-#define FM_QMV_VALUES_PER_LANE 16   /* consecutive weights per lane per step (8 bytes of q4) */
+#define FM_QMV_SIMDGROUPS 2         /* every matvec / matmul: simdgroups per threadgroup (MLX qmv_fast) */
+#define FM_QMV_ROWS_PER_SIMD 4      /* rows each simdgroup reduces (the 4 components of a float4) */
+#define FM_QMV_VALUES_PER_LANE 16   /* q4/q8, fp32 activations: consecutive weights per lane per step */
+#define FM_MV_VALUES_PER_LANE 8     /* f32/bf16 weights: consecutive weights per lane per step */
+#define FM_QMV_I8_VALUES_PER_LANE 32 /* q4/q8 on int8 activations: consecutive weights per lane per step */
+#define FM_MM_TOKENS 8              /* the multi-token kernels (fm_qmm_*, fm_mm_*): tokens per threadgroup */
+#define FM_MM_MIN_TOKENS 2          /* T from which the multi-token kernels run (below: the matvec) */
+#define FM_QX_THREADS 64            /* quantize_x: groups (one per thread) per threadgroup */
+#define FM_GATHER_THREADS 256
 #define FM_RMSNORM_MAX_THREADS 256  /* threads per row of rmsnorm */
 #define FM_ADD_THREADS 256
 #define FM_ELTWISE_THREADS 256      /* one thread per element: fm_metal_grid_eltwise's kernels */
@@ -43,13 +49,25 @@ typedef struct {
     uint32_t zero_centered;
 } fm_rmsnorm_args;
 
-/* y[T, rows] = x[T, cols] · Wᵀ, W q4 or q8 affine: q4's byte j of a row holds elements 2j (low nibble)
- * and 2j+1, q8 one byte per element; w = scale·q + bias with a scale and bias per group of group_size
- * elements of a row, 16-bit: fp16, or bfloat16 (the top half of a float32) where scale_bf16.
- * cols and group_size are multiples of FM_QMV_VALUES_PER_LANE. */
+/* y[T, rows] = x[T, cols] · Wᵀ (every matvec and matmul kernel). W f32, bf16 (the top half of a float32),
+ * or q4 / q8 affine: q4's byte j of a row holds elements 2j (low nibble) and 2j+1, q8 one byte per element;
+ * w = scale·q + bias with a scale and bias per group of group_size elements of a row, 16-bit: fp16, or
+ * bfloat16 where scale_bf16. f32/bf16: any cols (group_size 0). q4/q8 on fp32 activations: cols and
+ * group_size multiples of FM_QMV_VALUES_PER_LANE; on int8 activations: group_size 32, 64, 128 or 256. */
 typedef struct {
-    uint32_t rows, cols, group_size, scale_bf16;
-} fm_qmv_args;
+    uint32_t rows, cols, group_size, scale_bf16, T;
+} fm_matmul_args;
+
+/* int8 activations (csrc/backend/cpu/cpu.h): x[T, cols] per group of group_size → xq [T, cols] (int8),
+ * xd, xqs [T, cols / group_size] (fp32) */
+typedef struct {
+    uint32_t cols, group_size;
+} fm_quantize_x_args;
+
+/* out[i, :] = x[idx[i], :] for i < n, rows of cols floats */
+typedef struct {
+    uint32_t n, cols;
+} fm_gather_args;
 
 /* out[n] = silu(gate)·up (fm_silu_mul) or x·sigmoid(gate) (fm_sigmoid_mul), n = T·width */
 typedef struct {

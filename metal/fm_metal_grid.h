@@ -68,10 +68,16 @@ static inline fm_metal_grid fm_metal_grid_rope(uint32_t T, uint32_t heads, uint3
     return g;
 }
 
-/* q4 and q8 matvec: FM_QMV_SIMDGROUPS × FM_QMV_ROWS_PER_SIMD rows per threadgroup along x, one token per
- * grid row */
-static inline fm_metal_grid fm_metal_grid_qmv(uint32_t T, uint32_t rows) {
-    fm_metal_grid g = {{fm_metal_div_up(rows, FM_QMV_SIMDGROUPS * FM_QMV_ROWS_PER_SIMD), T, 1},
+/* Tokens per threadgroup of a matmul over T tokens: 1 (the matvec kernels, fm_qmv_* / fm_mv_*) for a
+ * single token, FM_MM_TOKENS (the multi-token kernels, fm_qmm_* / fm_mm_*) from FM_MM_MIN_TOKENS on. Both
+ * compute a token in the same order, so this choice does not change any bits (batch invariance). */
+static inline uint32_t fm_metal_matmul_tokens(uint32_t T) { return T >= FM_MM_MIN_TOKENS ? FM_MM_TOKENS : 1; }
+
+/* every matvec / matmul kernel: FM_QMV_SIMDGROUPS × FM_QMV_ROWS_PER_SIMD rows per threadgroup along x, a tile
+ * of fm_metal_matmul_tokens(T) tokens per grid row */
+static inline fm_metal_grid fm_metal_grid_matmul(uint32_t T, uint32_t rows) {
+    fm_metal_grid g = {{fm_metal_div_up(rows, FM_QMV_SIMDGROUPS * FM_QMV_ROWS_PER_SIMD),
+                        fm_metal_div_up(T, fm_metal_matmul_tokens(T)), 1},
                        {FM_QMV_SIMDGROUPS * FM_METAL_SIMD, 1, 1}, {0}};
     return g;
 }
@@ -122,6 +128,18 @@ static inline fm_metal_grid fm_metal_grid_attention_merge(uint32_t T, uint32_t n
 static inline fm_metal_grid fm_metal_grid_gated_delta(uint32_t Hv, uint32_t dv) {
     fm_metal_grid g = {{fm_metal_div_up(dv, FM_GDN_SIMDGROUPS * FM_GDN_COLS), Hv, 1},
                        {FM_GDN_SIMDGROUPS * FM_METAL_SIMD, 1, 1}, {0}};
+    return g;
+}
+
+/* quantize_x: one thread per group of a token's x along x, a token per grid row */
+static inline fm_metal_grid fm_metal_grid_quantize_x(uint32_t T, uint32_t groups) {
+    fm_metal_grid g = {{fm_metal_div_up(groups, FM_QX_THREADS), T, 1}, {FM_QX_THREADS, 1, 1}, {0}};
+    return g;
+}
+
+/* gather_rows: one thread per float of a row along x, a row per grid row */
+static inline fm_metal_grid fm_metal_grid_gather(uint32_t n, uint32_t cols) {
+    fm_metal_grid g = {{fm_metal_div_up(cols, FM_GATHER_THREADS), n, 1}, {FM_GATHER_THREADS, 1, 1}, {0}};
     return g;
 }
 

@@ -10,6 +10,10 @@
 - test_route_hard_cases / test_route_batch_invariant / test_embed_batch_invariant_and_bad_ids: the router
   on near-ties, exact ties (-0.0 and +0.0 too), a dominant logit, equal logits and a wide spread, against the
   CPU backend's indices exactly; a token's route and embedding the same bits alone as among others.
+- test_quantize_x_same_bits_as_cpu, test_matmul_batch_invariant, test_experts_int8_act: the int8
+  activations bitwise as the CPU's (ties of rint included); a token's matmul row bitwise the same for T = 1
+  (matvec kernel) and inside T = 5 and 33 (multi-token kernel) for every weight format; experts on int8
+  activations bitwise the composition of the emulated ops.
 - test_emulator_catches_*: the emulator's own tests. Each runs a kernel broken on purpose
   (tests/metal_emu/broken/) through the same check and requires it to fail: a missing barrier, a race on
   threadgroup memory, out-of-bounds device and threadgroup reads, a divergent barrier.
@@ -35,7 +39,8 @@ EMU = ROOT / "tests" / "metal_emu"
 BROKEN = EMU / "broken"
 SHADERS = sorted((ROOT / "metal").glob("*.metal"))
 ORDERS = ("forward", "reverse", "shuffled")
-INCLUDES = ["-I", str(ROOT / "metal"), "-I", str(EMU), "-I", str(EMU / "include")]
+INCLUDES = ["-I", str(ROOT / "metal"), "-I", str(EMU), "-I", str(EMU / "include"),
+            "-I", str(ROOT / "csrc" / "backend"), "-I", str(ROOT / "csrc" / "include")]  # (fm_mat, fm_expert_work)
 CXXFLAGS = ["-std=c++17", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-Wall", "-Werror",
             "-Wno-unknown-attributes",  # [[buffer(0)]] and the other Metal attributes: the launcher maps them
             "-Wno-register", *INCLUDES]  # (threadgroup is `register` there: metal_compat.h)
@@ -154,7 +159,7 @@ def q4_case(rows, cols, gs, T, seed=0):
     biases = (rng.standard_normal((rows, cols // gs)) * 0.05).astype(np.float16)
     x = rng.standard_normal((T, cols)).astype(np.float32)
     w = (q.reshape(rows, -1, gs) * scales[..., None].astype(np.float64) + biases[..., None]).reshape(rows, cols)
-    arrays = {"q": packed, "scales": scales.view(np.uint16), "biases": biases.view(np.uint16), "x": x}
+    arrays = {"w": packed, "w_scales": scales.view(np.uint16), "w_biases": biases.view(np.uint16), "x": x}
     return arrays, x.astype(np.float64) @ w.T, w
 
 
@@ -163,7 +168,7 @@ def q4_case(rows, cols, gs, T, seed=0):
                                             (64, 640, 128, 2), (9, 1040, 16, 1)])
 def test_matmul_q4(build, tmp_path, rows, cols, gs, T):
     arrays, ref, w = q4_case(rows, cols, gs, T)
-    outs = run(build(), "matmul", tmp_path, arrays, [4, rows, cols, gs, T, 0])
+    outs = run(build(), "matmul", tmp_path, arrays, [test_ops.Q4, rows, cols, gs, T, 0, 0])
     scale = np.abs(w).sum(axis=1).max() * np.abs(arrays["x"]).max()  # the size of the sums' terms
     check(outs, ref, 1e-5, 2e-6 * scale)
 
@@ -174,6 +179,30 @@ class Out(NamedTuple):
     """An output of an op of several outputs that is not float32 (route's indices: int32)."""
     shape: tuple
     dtype: type
+
+
+def matrix_arrays(name, m):
+    """The emulator's files of a matrix (dtype, data, scales, biases, rows, cols, gs): its data, and scales and
+    biases where quantized."""
+    dtype, data, scales, biases = m[:4]
+    out = {name: np.ascontiguousarray(data)}
+    if scales is not None:
+        out[name + "_scales"], out[name + "_biases"] = np.asarray(scales, np.uint16), np.asarray(biases, np.uint16)
+    return out
+
+
+def experts_call(xn, experts, scale_bf16, int8_act=False):
+    """The emulator's experts op for op_experts' arguments (xn, [(gate, up, down, tok)]); int8_act on every
+    matrix (op_experts itself has no such argument)."""
+    H, I = xn.shape[1], experts[0][0][4]
+    arrays, scalars = {"x": xn}, [H, I, len(experts), int(scale_bf16)]
+    for j, (gate, up, down, tok) in enumerate(experts):
+        scalars.append(len(tok))
+        arrays[f"e{j}_tok"] = np.asarray(tok, np.int32)
+        for k, m in zip("gud", (gate, up, down)):
+            arrays.update(matrix_arrays(f"e{j}_{k}_w", m))
+            scalars += [m[0], m[6], int(int8_act)]
+    return "experts", arrays, scalars, (sum(len(e[3]) for e in experts), H)
 
 
 def emulated(c, args):
@@ -196,11 +225,13 @@ def emulated(c, args):
         x, rot, pos0, theta = args
         return "rope", {"x": x}, [*x.shape, rot, pos0, theta], x.shape
     if c.op == "matmul":
-        dtype, data, scales, biases, rows, cols, gs, x, *int8 = args
-        assert not any(int8) and dtype in (test_ops.Q4, test_ops.Q8), "left out at collection (EMULATED_CASES)"
-        bits = 4 if dtype == test_ops.Q4 else 8
-        return ("matmul", {"q": data, "scales": scales, "biases": biases, "x": x},
-                [bits, rows, cols, gs, x.shape[0], int(c.kwargs.get("scale_bf16", False))], (x.shape[0], rows))
+        (dtype, data, scales, biases, rows, cols, gs), x, int8 = args[:7], args[7], args[8:]
+        return ("matmul", {**matrix_arrays("w", args[:7]), "x": x},
+                [dtype, rows, cols, gs, x.shape[0], int(c.kwargs.get("scale_bf16", False)), int(any(int8))],
+                (x.shape[0], rows))
+    if c.op == "experts":
+        xn, experts = args
+        return experts_call(xn, experts, c.kwargs.get("scale_bf16", False))
     if c.op == "split_q_gate":
         (q2,) = args
         T, nh, hd2 = q2.shape
@@ -271,17 +302,14 @@ def outputs(flat, shape):
 
 EMULATED_OPS = ("add", "rmsnorm", "silu_mul", "sigmoid_mul", "l2norm", "rope", "matmul", "split_q_gate", "kv_write",
                 "gate_rows", "deltanet_gates", "deltanet_split", "conv1d_silu", "moe_combine", "embed", "route",
-                "attention", "gated_delta_auto")
+                "attention", "gated_delta_auto", "experts")
 
 
 def has_kernel(c):
-    """Whether a Metal kernel takes case c. matmul: q4 and q8 weights with fp32 activations; f32 and bf16
-    weights wait for their kernels, and int8 activations (another function of the CPU backend, with its own
-    reference ref_matmul_int8) for a kernel of their own. Left out rather than skipped, so that
-    FLASHMOE_CI_REQUIRE=all holds; the weight dtype is the case's first argument (built here, once)."""
-    if c.op != "matmul":
-        return c.op in EMULATED_OPS
-    return c.ref is not test_ops.ref_matmul_int8 and test_ops.case_args(c)[0] in (test_ops.Q4, test_ops.Q8)
+    """Whether the Metal kernels take case c: every case of the ops in EMULATED_OPS (matmul: f32, bf16, q4 and
+    q8 weights, fp32 or int8 activations). experts: the cases of one thread only; test_ops runs each again with
+    2 threads for the CPU's side-by-side lanes, which mean nothing here (and would double a slow part)."""
+    return c.op in EMULATED_OPS and not (c.op == "experts" and c.threads not in (None, 1))
 
 
 EMULATED_CASES = [c for c in test_ops.CASES if has_kernel(c)]
@@ -462,6 +490,108 @@ def test_gated_delta_same_bits_however_split(build, tmp_path, T, pos0):
         out, state = run_calls(calls)
         assert np.array_equal(out.view(np.uint32), whole.view(np.uint32)), calls
         assert np.array_equal(state.view(np.uint32), whole_state.view(np.uint32)), calls
+
+
+# ------------------------------------------------------- matmul: int8 rounding, batch invariance, experts
+
+def x_with_ties(rng, T, cols, gs):
+    """x whose groups hit rint's ties: group 0 of token 0 has max 127 (so x · 127/m = x) and values k + 0.5,
+    which must round half to even as the CPU's rintf does; group 1 is zero (m = 0)."""
+    x = test_ops.randn(rng, T, cols)
+    x[0, :gs] = (np.arange(gs) % 9 - 4).astype(np.float32) + np.float32(0.5)
+    x[0, 0] = 127.0
+    x[0, gs:2 * gs] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("gs,T", [(32, 3), (64, 2), (128, 1), (256, 2)])
+def test_quantize_x_same_bits_as_cpu(build, tmp_path, gs, T):
+    """The int8 activations bitwise as the CPU computes them (test_ops.quantize_x_ref, which test_ops holds
+    to the C code): the same xq (every rounding decision), xd and Σ xq."""
+    cols = 4 * gs
+    x = x_with_ties(np.random.default_rng(gs + T), T, cols, gs)
+    outs = run(build(), "quantize_x", tmp_path, {"x": x}, [T, cols, gs])
+    xq, d = test_ops.quantize_x_ref(x, gs)
+    ref = np.concatenate([xq.ravel(), d.ravel(), xq.sum(axis=2).ravel()]).astype(np.float32) + np.float32(0)  # (-0: 0)
+    check(outs, ref, 0, 0)
+    assert np.array_equal(outs["forward"].view(np.uint32), ref.view(np.uint32))
+
+
+# (name, dtype, group size, cols, int8_act): cols over more than one step of the lanes where the kernel allows
+INVARIANCE = [("f32", test_ops.F32, 0, 300, False), ("bf16", test_ops.BF16, 0, 130, False),
+              ("q4g32", test_ops.Q4, 32, 640, False), ("q8g64", test_ops.Q8, 64, 640, False),
+              ("q4g64-int8", test_ops.Q4, 64, 1152, True), ("q8g32-int8", test_ops.Q8, 32, 1088, True)]
+
+
+def invariance_failures(exe, tmp_path, name, dtype, gs, cols, int8):
+    """Where a token's row differs between T = 1 and inside T = 5 / 33 (empty when batch invariant); the T = 33
+    call is checked against test_ops' reference."""
+    rng = np.random.default_rng(cols)
+    w = test_ops.build_weight(rng, dtype, 13, cols, gs)
+    x = test_ops.randn(rng, 33, cols)
+
+    def matmul(xs):
+        op, arrays, scalars, shape = emulated(test_ops.Case("matmul", name, None, None, ()),
+                                              (*w, xs, True) if int8 else (*w, xs))
+        outs = run(exe, op, tmp_path, arrays, scalars)
+        for o in ORDERS[1:]:
+            assert np.array_equal(outs[o].view(np.uint32), outs["forward"].view(np.uint32)), o
+        return outs["forward"].reshape(shape).view(np.uint32)
+
+    y33, y5, y5b = matmul(x), matmul(x[:5]), matmul(x[2:7])
+    ref = (test_ops.ref_matmul_int8(*w, x, True) if int8 else test_ops.ref_matmul(*w, x))
+    test_ops.check_outputs(y33.view(np.float32), ref, (test_ops.TOL_DOT,))
+    failures = []
+    for t in (0, 3, 4, 32):
+        alone = matmul(x[t:t + 1])[0]
+        for inside, what in ((y33[t], "T=33"), (y5[t] if t < 5 else None, "T=5"),
+                             (y5b[t - 2] if 2 <= t < 7 else None, "T=5 from token 2")):
+            if inside is not None and not np.array_equal(alone, inside):
+                failures.append(f"token {t}: T=1 and {what} differ")
+    return failures
+
+
+@pytest.mark.parametrize("name,dtype,gs,cols,int8", INVARIANCE, ids=[v[0] for v in INVARIANCE])
+def test_matmul_batch_invariant(build, tmp_path, name, dtype, gs, cols, int8):
+    """Batch invariance (backend.h): a token's output row is bitwise the same computed alone (T = 1: the
+    matvec kernel) and inside calls of T = 5 and 33 (the multi-token kernel, tiles of FM_MM_TOKENS = 8, 33 =
+    4 tiles and a 1-token one), at different places in the call."""
+    assert invariance_failures(build(), tmp_path, name, dtype, gs, cols, int8) == []
+
+
+def test_batch_invariance_test_catches_a_reordered_sum(build, tmp_path):
+    """The check above has teeth: a multi-token f32 kernel that sums a lane's columns in the reverse order
+    (within tolerance, but not the matvec's bits) fails it."""
+    exe = build(BROKEN / "mv_dense_reordered.metal")
+    assert invariance_failures(exe, tmp_path, *INVARIANCE[0]) != []
+
+
+@pytest.mark.parametrize("name,dtype,gs,H,I", [("q4g32", test_ops.Q4, 32, 192, 96), ("q8g64", test_ops.Q8, 64, 192, 128)],
+                         ids=["q4g32", "q8g64"])
+def test_experts_int8_act(build, tmp_path, name, dtype, gs, H, I):
+    """experts with int8 activations on every matrix (op_experts has no such case): bitwise the composition of
+    the emulated ops (test_op_emulated holds each to test_ops' references): for each expert, the matmul of its
+    tokens' rows, silu_mul, the down matmul; the experts op gathers, and reads a single token in place."""
+    rng = np.random.default_rng(H + I)
+    xn, experts = test_ops.build_experts(rng, dtype, gs, H, I, 20, (7, 1, 20, 3, 12))
+    op, arrays, scalars, shape = experts_call(xn, experts, False, int8_act=True)
+    outs = run(build(), op, tmp_path, arrays, scalars)
+    for o in ORDERS[1:]:
+        assert np.array_equal(outs[o].view(np.uint32), outs["forward"].view(np.uint32)), o
+    ye = outs["forward"].reshape(shape)
+
+    def matmul(m, x):
+        _, arr, sc, shp = emulated(test_ops.Case("matmul", name, None, None, ()), (*m, x, True))
+        return run(build(), "matmul", tmp_path, arr, sc)["forward"].reshape(shp)
+
+    row = 0
+    for gate, up, down, tok in experts:
+        x = np.ascontiguousarray(xn[tok])
+        g, u = matmul(gate, x), matmul(up, x)
+        h = run(build(), "silu_mul", tmp_path, {"gate": g, "b": u}, list(g.shape))["forward"].reshape(g.shape)
+        y = matmul(down, h)
+        assert np.array_equal(ye[row:row + len(tok)].view(np.uint32), y.view(np.uint32)), f"expert of {len(tok)} tokens"
+        row += len(tok)
 
 
 # ------------------------------------------------------------------- the emulator's tests: broken kernels

@@ -44,6 +44,32 @@ template <class T> struct exact {
     ~exact() { free(p); }
 };
 
+static bool exists(const char *name) {
+    FILE *f = fopen((dir + "/" + name + ".bin").c_str(), "rb");
+    if (f) fclose(f);
+    return f != nullptr;
+}
+
+/* A weight matrix from DIR/<name>.bin (its data) and, quantized, DIR/<name>_scales.bin, <name>_biases.bin */
+struct matrix {
+    exact<uint8_t> data;
+    exact<uint16_t> *scales = nullptr, *biases = nullptr;
+    fm_mat m = {};
+    matrix(const std::string &name, int dtype, int rows, int cols, int gs, int scale_bf16, int int8_act)
+        : data(load<uint8_t>(name.c_str())) {
+        if ((dtype == FM_Q4 || dtype == FM_Q8) && exists((name + "_scales").c_str())) {
+            scales = new exact<uint16_t>(load<uint16_t>((name + "_scales").c_str()));
+            biases = new exact<uint16_t>(load<uint16_t>((name + "_biases").c_str()));
+        }
+        if (data.n != fm_tensor_data_bytes((fm_dtype)dtype, rows, cols)) fm_emu::fail("%s: wrong size", name.c_str());
+        m.dtype = (fm_dtype)dtype, m.rows = rows, m.cols = cols, m.group_size = gs;
+        m.data = data.p;
+        m.scales = scales ? scales->p : nullptr, m.biases = biases ? biases->p : nullptr;
+        m.int8_act = int8_act, m.scale_bf16 = scale_bf16;
+    }
+    ~matrix() { delete scales, delete biases; }
+};
+
 /* an output array: its bytes */
 struct out_bytes {
     const void *p;
@@ -79,12 +105,43 @@ int main(int argc, char **argv) {
             exact<float> x(load<float>("x")), w(load<float>("w")), out((size_t)I(0) * I(1));
             fm_emu_rmsnorm(out.p, x.p, w.p, I(0), I(1), F(2), I(3));
             save(o, out);
-        } else if (op == "matmul") { /* bits rows cols group_size T scale_bf16 */
-            exact<uint8_t> q(load<uint8_t>("q"));
-            exact<uint16_t> s(load<uint16_t>("scales")), b(load<uint16_t>("biases"));
+        } else if (op == "matmul") { /* dtype rows cols group_size T scale_bf16 int8_act; files w, scales, biases, x */
+            matrix m("w", I(0), I(1), I(2), I(3), I(5), I(6));
             exact<float> x(load<float>("x")), y((size_t)I(4) * I(1));
-            fm_emu_matmul_q(I(0), q.p, s.p, b.p, I(1), I(2), I(3), I(5), x.p, I(4), y.p);
+            fm_emu_matmul(&m.m, x.p, I(4), y.p);
             save(o, y);
+        } else if (op == "quantize_x") { /* T cols gs: out = xq (as floats), then xd, then xqs */
+            const size_t n = (size_t)I(0) * I(1), ng = n / I(2);
+            exact<float> x(load<float>("x")), out(n + 2 * ng);
+            exact<int8_t> xq(n);
+            fm_emu_quantize_x(x.p, I(0), I(1), I(2), xq.p, out.p + n, out.p + n + ng);
+            for (size_t i = 0; i < n; i++) out.p[i] = xq.p[i];
+            save(o, out);
+        } else if (op == "experts") { /* H I n_work scale_bf16, then per expert: n and per matrix (gate, up,
+                                       * down) dtype group_size int8_act; files x, e<j>_tok, e<j>_<g|u|d>_w ... */
+            const int H = I(0), In = I(1), n_work = I(2), bf16 = I(3);
+            std::vector<matrix *> mats;
+            std::vector<exact<int32_t> *> toks;
+            std::vector<fm_expert_work> work((size_t)n_work);
+            int rows = 0;
+            for (int j = 0, at = 4; j < n_work; j++, at += 10) {
+                const std::string e = "e" + std::to_string(j) + "_";
+                const fm_mat *gud[3];
+                for (int k = 0; k < 3; k++) {
+                    const int r = k < 2 ? In : H, c = k < 2 ? H : In;
+                    mats.push_back(new matrix(e + "gud"[k] + "_w", I(at + 1 + 3 * k), r, c, I(at + 2 + 3 * k), bf16,
+                                              I(at + 3 + 3 * k)));
+                    gud[k] = &mats.back()->m;
+                }
+                toks.push_back(new exact<int32_t>(load<int32_t>((e + "tok").c_str())));
+                work[j] = {gud[0], gud[1], gud[2], toks.back()->p, I(at), rows};
+                rows += I(at);
+            }
+            exact<float> x(load<float>("x")), ye((size_t)rows * H);
+            fm_emu_experts(work.data(), n_work, x.p, ye.p, H);
+            save(o, ye);
+            for (matrix *m : mats) delete m;
+            for (exact<int32_t> *t : toks) delete t;
         } else if (op == "silu_mul" || op == "sigmoid_mul") { /* T n */
             exact<float> g(load<float>("gate")), b(load<float>("b")), out((size_t)I(0) * I(1));
             (op == "silu_mul" ? fm_emu_silu_mul : fm_emu_sigmoid_mul)(out.p, g.p, b.p, I(0), I(1));

@@ -116,16 +116,19 @@ using ::tanh;
 using ::pow;
 using ::sin;
 using ::cos;
+using ::rint;
 /* (<math.h> under C++ brings the float overloads of these) */
 inline float rsqrt(float x) { return 1.0f / sqrtf(x); }
 inline float abs(float x) { return fabsf(x); }
 template <class T> inline T min(T a, T b) { return b < a ? b : a; }
 template <class T> inline T max(T a, T b) { return a < b ? b : a; }
 template <class T> inline T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
-namespace fast { using metal::rsqrt; using metal::sqrt; using metal::exp; using metal::pow; using metal::sin; using metal::cos; }
-namespace precise { using metal::rsqrt; using metal::sqrt; using metal::exp; using metal::pow; using metal::sin; using metal::cos; }
+inline float divide(float x, float y) { return x / y; }
+namespace fast { using metal::rsqrt; using metal::sqrt; using metal::exp; using metal::pow; using metal::sin; using metal::cos; using metal::divide; }
+namespace precise { using metal::rsqrt; using metal::sqrt; using metal::exp; using metal::pow; using metal::sin; using metal::cos; using metal::divide; }
 #else /* OpenCL's built-ins are overloaded functions, not names to bring in with using */
 namespace precise {
+inline float divide(float x, float y) { return x / y; }
 inline float pow(float x, float y) { return ::pow(x, y); }
 inline float exp(float x) { return ::exp(x); }
 inline float sin(float x) { return ::sin(x); }

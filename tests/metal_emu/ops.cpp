@@ -33,21 +33,80 @@ void fm_emu_rmsnorm(float *out, const float *x, const float *w, int T, int n, fl
     enc.dispatch("fm_rmsnorm", g);
 }
 
-void fm_emu_matmul_q(int bits, const uint8_t *q, const uint16_t *scales, const uint16_t *biases, int rows,
-                     int cols, int group_size, int scale_bf16, const float *x, int T, float *y) {
-    if (bits != 4 && bits != 8) fm_emu::fail("matmul: no kernel for %d-bit weights", bits);
-    if (cols % FM_QMV_VALUES_PER_LANE || group_size % FM_QMV_VALUES_PER_LANE || cols % group_size)
-        fm_emu::fail("qmv_q%d: cols %d and group_size %d must be multiples of %d, cols of group_size", bits, cols,
-                     group_size, FM_QMV_VALUES_PER_LANE);
-    const fm_qmv_args a = {(uint32_t)rows, (uint32_t)cols, (uint32_t)group_size, (uint32_t)(scale_bf16 != 0)};
+/* Scratch the host allocates for an op (the backend will take it from its context): exact, so that ASan
+ * sees an access past its end. */
+template <class T> struct scratch {
+    T *p;
+    explicit scratch(size_t n) : p((T *)calloc(n + !n, sizeof(T))) {
+        if (!p) fm_emu::fail("out of memory");
+    }
+    ~scratch() { free(p); }
+    scratch(const scratch &) = delete;
+    scratch &operator=(const scratch &) = delete;
+};
+
+/* The int8 activations (cpu.h) apply to q4/q8 with a group size that is a multiple of 32 up to 256, as on
+ * the CPU; the Metal kernels take the powers of two among them (a group is a whole block of lanes). */
+static bool int8_path(const fm_mat *w) {
+    const int gs = w->group_size;
+    if (!(w->dtype == FM_Q4 || w->dtype == FM_Q8) || !w->int8_act || gs % 32 || gs > 256) return false;
+    if (gs & (gs - 1)) fm_emu::fail("matmul on int8 activations: group size %d is not 32, 64, 128 or 256", gs);
+    return true;
+}
+
+void fm_emu_quantize_x(const float *x, int T, int cols, int gs, int8_t *xq, float *xd, float *xqs) {
+    const fm_quantize_x_args a = {(uint32_t)cols, (uint32_t)gs};
     fm_emu::encoder enc;
-    enc.set_buffer(q, 0);
-    enc.set_buffer(scales, 1);
-    enc.set_buffer(biases, 2);
+    enc.set_buffer(x, 0);
+    enc.set_buffer(xq, 1);
+    enc.set_buffer(xd, 2);
+    enc.set_buffer(xqs, 3);
+    enc.set_bytes(&a, sizeof a, 4);
+    enc.dispatch("fm_quantize_x", fm_metal_grid_quantize_x((uint32_t)T, a.cols / a.group_size));
+}
+
+void fm_emu_matmul(const fm_mat *w, const float *x, int T, float *y) {
+    const int rows = w->rows, cols = w->cols, gs = w->group_size;
+    const fm_matmul_args a = {(uint32_t)rows, (uint32_t)cols, (uint32_t)(w->dtype == FM_Q4 || w->dtype == FM_Q8 ? gs : 0),
+                              (uint32_t)(w->scale_bf16 != 0), (uint32_t)T};
+    const fm_metal_grid g = fm_metal_grid_matmul(a.T, a.rows);
+    const bool mm = fm_metal_matmul_tokens(a.T) > 1; /* the multi-token kernel, else the matvec */
+    fm_emu::encoder enc;
+    if (w->dtype == FM_F32 || w->dtype == FM_BF16) {
+        enc.set_buffer(w->data, 0);
+        enc.set_buffer(x, 1);
+        enc.set_buffer(y, 2);
+        enc.set_bytes(&a, sizeof a, 3);
+        enc.dispatch(w->dtype == FM_F32 ? (mm ? "fm_mm_f32" : "fm_mv_f32") : (mm ? "fm_mm_bf16" : "fm_mv_bf16"), g);
+        return;
+    }
+    const bool q4 = w->dtype == FM_Q4;
+    if (int8_path(w)) {
+        const uint32_t groups = a.cols / a.group_size;
+        scratch<int8_t> xq((size_t)T * cols);
+        scratch<float> xd((size_t)T * groups), xqs((size_t)T * groups);
+        fm_emu_quantize_x(x, T, cols, gs, xq.p, xd.p, xqs.p);
+        enc.set_buffer(w->data, 0);
+        enc.set_buffer(w->scales, 1);
+        enc.set_buffer(w->biases, 2);
+        enc.set_buffer(xq.p, 3);
+        enc.set_buffer(xd.p, 4);
+        enc.set_buffer(xqs.p, 5);
+        enc.set_buffer(y, 6);
+        enc.set_bytes(&a, sizeof a, 7);
+        enc.dispatch(q4 ? (mm ? "fm_qmm_q4_i8" : "fm_qmv_q4_i8") : (mm ? "fm_qmm_q8_i8" : "fm_qmv_q8_i8"), g);
+        return;
+    }
+    if (cols % FM_QMV_VALUES_PER_LANE || gs % FM_QMV_VALUES_PER_LANE || gs <= 0 || cols % gs)
+        fm_emu::fail("matmul q%d: cols %d and group_size %d must be multiples of %d, cols of group_size", q4 ? 4 : 8,
+                     cols, gs, FM_QMV_VALUES_PER_LANE);
+    enc.set_buffer(w->data, 0);
+    enc.set_buffer(w->scales, 1);
+    enc.set_buffer(w->biases, 2);
     enc.set_buffer(x, 3);
     enc.set_buffer(y, 4);
     enc.set_bytes(&a, sizeof a, 5);
-    enc.dispatch(bits == 4 ? "fm_qmv_q4" : "fm_qmv_q8", fm_metal_grid_qmv((uint32_t)T, a.rows));
+    enc.dispatch(q4 ? (mm ? "fm_qmm_q4" : "fm_qmv_q4") : (mm ? "fm_qmm_q8" : "fm_qmv_q8"), g);
 }
 
 static void eltwise(const char *kernel, float *out, const float *gate, const float *b, int T, int n) {
@@ -254,4 +313,33 @@ void fm_emu_gated_delta(float *out, float *S, const float *q, const float *k, co
     enc.set_buffer(beta, 6);
     enc.set_bytes(&a, sizeof a, 7);
     enc.dispatch("fm_gated_delta", fm_metal_grid_gated_delta(a.Hv, a.dv));
+}
+
+/* One expert: its tokens' rows of xn gathered into xe (a single token is read in place), then
+ * h1 = gate·x, h2 = up·x, h1 = silu(h1)·h2, rows [row0, row0 + n) of ye = down·h1: the matmul kernels, each
+ * token computed as alone (batch invariance). The token list is the host's: copied into a buffer the GPU
+ * reads (here plain memory, as shared memory on Apple Silicon). */
+void fm_emu_experts(const fm_expert_work *work, int n_work, const float *xn, float *ye, int H) {
+    for (int e = 0; e < n_work; e++) {
+        const fm_expert_work *w = &work[e];
+        const int n = w->n, I = w->gate->rows;
+        scratch<float> xe(n > 1 ? (size_t)n * H : 0), h1((size_t)n * I), h2((size_t)n * I);
+        const float *x = xn + (size_t)w->tok[0] * H;
+        if (n > 1) {
+            scratch<int32_t> tok((size_t)n);
+            memcpy(tok.p, w->tok, sizeof(int32_t) * n);
+            const fm_gather_args a = {(uint32_t)n, (uint32_t)H};
+            fm_emu::encoder enc;
+            enc.set_buffer(xe.p, 0);
+            enc.set_buffer(xn, 1);
+            enc.set_buffer(tok.p, 2);
+            enc.set_bytes(&a, sizeof a, 3);
+            enc.dispatch("fm_gather_rows", fm_metal_grid_gather(a.n, a.cols));
+            x = xe.p;
+        }
+        fm_emu_matmul(w->gate, x, n, h1.p);
+        fm_emu_matmul(w->up, x, n, h2.p);
+        fm_emu_silu_mul(h1.p, h1.p, h2.p, n, I);
+        fm_emu_matmul(w->down, h1.p, n, ye + (size_t)w->row0 * H);
+    }
 }

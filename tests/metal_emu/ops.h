@@ -5,12 +5,17 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "backend.h" /* fm_mat, fm_expert_work (csrc/backend/) */
+
 void fm_emu_add(float *x, const float *y, size_t n);
 void fm_emu_rmsnorm(float *out, const float *x, const float *w, int T, int n, float eps, int zero_centered);
-/* y[T, rows] = x[T, cols] · Wᵀ, W q4 (bits 4) or q8 with fp16 or (scale_bf16) bfloat16 scales and biases
- * (fm_metal_args.h's layout): cpu.h's fm_cpu_matmul with fp32 activations */
-void fm_emu_matmul_q(int bits, const uint8_t *q, const uint16_t *scales, const uint16_t *biases, int rows,
-                     int cols, int group_size, int scale_bf16, const float *x, int T, float *y);
+/* y[T, rows] = x[T, cols] · Wᵀ (backend.h's matmul): f32, bf16, q4 or q8 W (fm_metal_args.h's layout), q4/q8
+ * on int8 activations where w->int8_act and the group size allows (cpu.h) */
+/* the int8 activations of x[T, cols] per group of gs (cpu.h): xq [T, cols], xd, xqs [T, cols / gs] */
+void fm_emu_quantize_x(const float *x, int T, int cols, int gs, int8_t *xq, float *xd, float *xqs);
+void fm_emu_matmul(const fm_mat *w, const float *x, int T, float *y);
+/* backend.h's experts: each work's tokens gathered, then down(silu(gate·x) ⊙ up·x) into its rows of ye */
+void fm_emu_experts(const fm_expert_work *work, int n_work, const float *xn, float *ye, int h);
 void fm_emu_silu_mul(float *out, const float *gate, const float *up, int T, int n);
 void fm_emu_sigmoid_mul(float *out, const float *gate, const float *x, int T, int n);
 void fm_emu_l2norm(float *x, int T, int n, float eps, float scale);

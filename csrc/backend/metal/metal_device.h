@@ -52,11 +52,23 @@ typedef struct fm_mtl fm_mtl;
     X(EMBED_BF16, "fm_embed_bf16")                                                                         \
     X(EMBED_Q8, "fm_embed_q8")                                                                             \
     X(EMBED_Q4, "fm_embed_q4")                                                                             \
-    X(ROUTE, "fm_route") \
+    X(ROUTE, "fm_route")                                                                                   \
     X(ATTENTION, "fm_attention")                                                                           \
     X(ATTENTION_SPLIT, "fm_attention_split")                                                               \
     X(ATTENTION_MERGE, "fm_attention_merge")                                                               \
-    X(GATED_DELTA, "fm_gated_delta")
+    X(GATED_DELTA, "fm_gated_delta")                                                                       \
+    X(QMM_Q4, "fm_qmm_q4")                                                                                 \
+    X(QMM_Q8, "fm_qmm_q8")                                                                                 \
+    X(MV_F32, "fm_mv_f32")                                                                                 \
+    X(MM_F32, "fm_mm_f32")                                                                                 \
+    X(MV_BF16, "fm_mv_bf16")                                                                               \
+    X(MM_BF16, "fm_mm_bf16")                                                                               \
+    X(QUANTIZE_X, "fm_quantize_x")                                                                         \
+    X(QMV_Q4_I8, "fm_qmv_q4_i8")                                                                           \
+    X(QMM_Q4_I8, "fm_qmm_q4_i8")                                                                           \
+    X(QMV_Q8_I8, "fm_qmv_q8_i8")                                                                           \
+    X(QMM_Q8_I8, "fm_qmm_q8_i8")                                                                           \
+    X(GATHER_ROWS, "fm_gather_rows")
 
 typedef enum {
 #define FM_MTL_ENUM(id, name) FM_K_##id,

@@ -34,6 +34,11 @@ typedef struct {
     /* attention's flash-decoding partials (fm_metal_attention_partial_floats), grown as needed */
     float *partial;
     size_t partial_size;
+    /* GPU scratch that grows (after a wait: nothing in flight may use the old one): the int8 activations of
+     * a matmul (xq, xd, xqs), and the routed experts' xe [n, H], h1, h2 [n, I]. Ops run in issue order, so
+     * one op's use ends before the next one's begins. */
+    void *xq_mem, *ffn_mem;
+    size_t xq_size, ffn_size;
 } metal_ctx;
 
 const char *fm_mtl_kernel_name(fm_mtl_kernel k) {
@@ -98,6 +103,21 @@ static const void *upload(metal_ctx *c, const void *host, size_t bytes) {
     return dst;
 }
 
+/* *mem grown to at least `bytes` (GPU memory); NULL (and the failure recorded) when out of memory. */
+static void *scratch(metal_ctx *c, void **mem, size_t *size, size_t bytes) {
+    if (bytes <= *size) return *mem;
+    sync_all(c); /* no command buffer in flight may still use the old one */
+    if (*mem) fm_mtl_free(c->d, *mem, *size);
+    *size = 0;
+    *mem = fm_mtl_alloc(c->d, bytes);
+    if (!*mem) {
+        metal_failed(c, fm_fail(FM_ERR_NOMEM, "metal backend: cannot allocate %zu bytes of scratch", bytes));
+        return NULL;
+    }
+    *size = bytes;
+    return *mem;
+}
+
 static size_t metal_workspace_bytes(const fm_backend_params *p) {
     (void)p;
     return UPLOAD_MIN; /* the upload arena (a segment's routing tables fit it) */
@@ -123,6 +143,8 @@ static void metal_destroy(void *ctx) {
         sync_all(c);
         if (c->upload) fm_mtl_free(c->d, c->upload, c->upload_size);
         if (c->partial) fm_mtl_free(c->d, c->partial, c->partial_size);
+        if (c->xq_mem) fm_mtl_free(c->d, c->xq_mem, c->xq_size);
+        if (c->ffn_mem) fm_mtl_free(c->d, c->ffn_mem, c->ffn_size);
         fm_mtl_close(c->d);
     }
     free(c);
@@ -188,28 +210,106 @@ static void run(metal_ctx *c, fm_mtl_kernel k, const void *args, size_t len, int
     if (++c->encoded >= COMMIT_EVERY) commit(c);
 }
 
+/* y[T, rows] = x · Wᵀ: the matvec kernels for one token, the multi-token ones (FM_MM_TOKENS per threadgroup)
+ * from FM_MM_MIN_TOKENS on, both computing each token in the same order (batch invariance,
+ * fm_metal_matmul_tokens). q4/q8 on int8 activations where w->int8_act and the group size is a multiple of 32
+ * up to 256, as on the CPU (cpu.h): x quantized first (quantize_x), then the integer kernels. */
 static void metal_matmul(void *ctx, const fm_mat *w, const float *x, int T, float *y) {
     metal_ctx *c = (metal_ctx *)ctx;
-    if (T <= 0) return;
-    const int bits = w->dtype == FM_Q4 ? 4 : w->dtype == FM_Q8 ? 8 : 0;
-    if (!bits || w->int8_act) {
-        static const char *const dtypes[] = {"f32", "bf16", "q8", "q4"};
-        metal_failed(c, fm_fail(FM_ERR_INVALID, "metal backend: no matmul kernel for %s weights%s yet",
-                                (unsigned)w->dtype < 4 ? dtypes[w->dtype] : "?", w->int8_act ? " with int8 activations" : ""));
+    if (T <= 0 || w->rows <= 0) return;
+    const int quant = w->dtype == FM_Q4 || w->dtype == FM_Q8, q4 = w->dtype == FM_Q4, gs = w->group_size;
+    const fm_matmul_args a = {(uint32_t)w->rows, (uint32_t)w->cols, (uint32_t)(quant ? gs : 0),
+                              (uint32_t)(quant && w->scale_bf16), (uint32_t)T};
+    const fm_metal_grid g = fm_metal_grid_matmul(a.T, a.rows);
+    const int mm = fm_metal_matmul_tokens(a.T) > 1;
+    if (!quant) {
+        fm_mtl_set_buffer(c->d, 0, w->data);
+        fm_mtl_set_buffer(c->d, 1, x);
+        fm_mtl_set_buffer(c->d, 2, y);
+        const fm_mtl_kernel k = w->dtype == FM_F32 ? (mm ? FM_K_MM_F32 : FM_K_MV_F32) : (mm ? FM_K_MM_BF16 : FM_K_MV_BF16);
+        run(c, k, &a, sizeof a, 3, g);
         return;
     }
-    if (w->cols % FM_QMV_VALUES_PER_LANE || w->group_size % FM_QMV_VALUES_PER_LANE || w->cols % w->group_size) {
+    if (w->int8_act && gs % 32 == 0 && gs > 0 && gs <= 256) {
+        if (gs & (gs - 1)) {
+            metal_failed(c, fm_fail(FM_ERR_INVALID, "metal backend: matmul on int8 activations in groups of %d (the "
+                                    "kernel takes 32, 64, 128 or 256)", gs));
+            return;
+        }
+        /* xq [T, cols] int8, then xd and xqs [T, groups] fp32, each part 256-byte aligned */
+        const size_t groups = (size_t)w->cols / (size_t)gs, n = (size_t)T * (size_t)w->cols;
+        const size_t off_d = (n + 255) & ~(size_t)255, off_s = off_d + ((T * groups * 4 + 255) & ~(size_t)255);
+        uint8_t *xq = (uint8_t *)scratch(c, &c->xq_mem, &c->xq_size, off_s + T * groups * 4);
+        if (!xq) return;
+        const fm_quantize_x_args qa = {(uint32_t)w->cols, (uint32_t)gs};
+        fm_mtl_set_buffer(c->d, 0, x);
+        fm_mtl_set_buffer(c->d, 1, xq);
+        fm_mtl_set_buffer(c->d, 2, xq + off_d);
+        fm_mtl_set_buffer(c->d, 3, xq + off_s);
+        run(c, FM_K_QUANTIZE_X, &qa, sizeof qa, 4, fm_metal_grid_quantize_x(a.T, (uint32_t)groups));
+        fm_mtl_set_buffer(c->d, 0, w->data);
+        fm_mtl_set_buffer(c->d, 1, w->scales);
+        fm_mtl_set_buffer(c->d, 2, w->biases);
+        fm_mtl_set_buffer(c->d, 3, xq);
+        fm_mtl_set_buffer(c->d, 4, xq + off_d);
+        fm_mtl_set_buffer(c->d, 5, xq + off_s);
+        fm_mtl_set_buffer(c->d, 6, y);
+        const fm_mtl_kernel k = q4 ? (mm ? FM_K_QMM_Q4_I8 : FM_K_QMV_Q4_I8) : (mm ? FM_K_QMM_Q8_I8 : FM_K_QMV_Q8_I8);
+        run(c, k, &a, sizeof a, 7, g);
+        return;
+    }
+    if (w->cols % FM_QMV_VALUES_PER_LANE || gs <= 0 || gs % FM_QMV_VALUES_PER_LANE || w->cols % gs) {
         metal_failed(c, fm_fail(FM_ERR_INVALID, "metal backend: matmul of %d columns in groups of %d (the kernel "
-                                "needs multiples of %d)", w->cols, w->group_size, FM_QMV_VALUES_PER_LANE));
+                                "needs multiples of %d)", w->cols, gs, FM_QMV_VALUES_PER_LANE));
         return;
     }
-    const fm_qmv_args a = {(uint32_t)w->rows, (uint32_t)w->cols, (uint32_t)w->group_size, (uint32_t)(w->scale_bf16 != 0)};
     fm_mtl_set_buffer(c->d, 0, w->data);
     fm_mtl_set_buffer(c->d, 1, w->scales);
     fm_mtl_set_buffer(c->d, 2, w->biases);
     fm_mtl_set_buffer(c->d, 3, x);
     fm_mtl_set_buffer(c->d, 4, y);
-    run(c, bits == 4 ? FM_K_QMV_Q4 : FM_K_QMV_Q8, &a, sizeof a, 5, fm_metal_grid_qmv((uint32_t)T, a.rows));
+    run(c, q4 ? (mm ? FM_K_QMM_Q4 : FM_K_QMV_Q4) : (mm ? FM_K_QMM_Q8 : FM_K_QMV_Q8), &a, sizeof a, 5, g);
+}
+
+static void metal_silu_mul(void *ctx, float *out, const float *g, const float *u, int T, int n);
+
+/* Each expert on its tokens: their rows of xn gathered into xe (one token is read in place; the token list is
+ * the host's, copied into the arena), then h1 = gate·x, h2 = up·x, h1 = silu(h1)·h2, and rows [row0, row0 + n)
+ * of ye = down·h1, through the matmul kernels above (each token computed as alone: batch invariance). One
+ * scratch for every expert, sized for the largest; the experts run one after another in issue order. */
+static void metal_experts(void *ctx, const fm_expert_work *work, int n_work, const float *xn, float *ye, int H) {
+    metal_ctx *c = (metal_ctx *)ctx;
+    size_t need = 0;
+    for (int e = 0; e < n_work; e++) {
+        const size_t n = (size_t)work[e].n, I = (size_t)work[e].gate->rows;
+        const size_t xe = n > 1 ? ((n * H * 4 + 255) & ~(size_t)255) : 0, h = (n * I * 4 + 255) & ~(size_t)255;
+        if (xe + 2 * h > need) need = xe + 2 * h;
+    }
+    if (!need) return;
+    uint8_t *mem = (uint8_t *)scratch(c, &c->ffn_mem, &c->ffn_size, need);
+    if (!mem) return;
+    for (int e = 0; e < n_work; e++) {
+        const fm_expert_work *w = &work[e];
+        if (w->n <= 0) continue;
+        const size_t n = (size_t)w->n, I = (size_t)w->gate->rows;
+        const size_t xe_bytes = n > 1 ? ((n * H * 4 + 255) & ~(size_t)255) : 0, h_bytes = (n * I * 4 + 255) & ~(size_t)255;
+        float *h1 = (float *)(mem + xe_bytes), *h2 = (float *)(mem + xe_bytes + h_bytes);
+        const float *x = xn + (size_t)w->tok[0] * H;
+        if (n > 1) {
+            const void *tok = upload(c, w->tok, n * sizeof *w->tok);
+            if (!tok) return;
+            const fm_gather_args a = {(uint32_t)n, (uint32_t)H};
+            fm_mtl_set_buffer(c->d, 0, mem);
+            fm_mtl_set_buffer(c->d, 1, xn);
+            fm_mtl_set_buffer(c->d, 2, tok);
+            run(c, FM_K_GATHER_ROWS, &a, sizeof a, 3, fm_metal_grid_gather(a.n, a.cols));
+            x = (const float *)mem;
+        }
+        metal_matmul(c, w->gate, x, w->n, h1);
+        metal_matmul(c, w->up, x, w->n, h2);
+        metal_silu_mul(c, h1, h1, h2, w->n, (int)I);
+        metal_matmul(c, w->down, h1, w->n, ye + (size_t)w->row0 * H);
+    }
 }
 
 static void metal_rmsnorm(void *ctx, float *out, const float *x, const float *w, int T, int n, float eps, int zc) {
@@ -503,6 +603,7 @@ static const fm_backend_ops metal_ops = {
     .deltanet_gates = metal_deltanet_gates,
     .route = metal_route,
     .gate_rows = metal_gate_rows,
+    .experts = metal_experts,
     .moe_combine = metal_moe_combine,
     .attention = metal_attention,
     .gated_delta = metal_gated_delta,
