@@ -1,7 +1,7 @@
 /*
  * fm_metal_grid.h — how each kernel is dispatched: pure functions from an op's shape to the threadgroup
- * grid, the threads per threadgroup and the threadgroup memory, for dispatchThreadgroups. The Objective-C
- * host and the CPU emulator's launcher (tests/metal_emu/ops.cpp) both call these, so the emulator
+ * grid, the threads per threadgroup and the threadgroup memory, for dispatchThreadgroups. The host
+ * (csrc/backend/metal/metal_ops.c, over Metal or the CPU emulator) calls these, so the emulator
  * exercises the host's dispatch arithmetic too. C99, host side only.
  */
 #ifndef FM_METAL_GRID_H

@@ -92,6 +92,8 @@ EXPERT_WEIGHTS = [("f32", F32, 0, 130, 60), ("bf16", BF16, 0, 96, 130), ("q8g64"
                   ("q4g32", Q4, 32, 192, 96)]
 EXPERT_CASES = [(name + sname, d, gs, H, I, kw) for name, d, gs, H, I in EXPERT_WEIGHTS
                 for sname, kw in test_ops.scale_dtypes(d)]
+EXPERT_CASES += [(name + "-int8", d, gs, H, I, {"int8_act": True}) for name, d, gs, H, I in EXPERT_WEIGHTS
+                 if d in (Q8, Q4)]  # the quantized matrices on int8 activations
 
 
 # threads 1 and 2 on the CPU (its thread pool); once elsewhere
@@ -105,7 +107,7 @@ def test_experts_token_list_is_each_token_alone(target, threads, name, dtype, gs
     over 64 tokens) against each token alone and against the lists cut in two."""
     rng = np.random.default_rng(len(name) + H)
     lists = (70, 9, 33, 1, 100) if target[0] == "cpu" else (20, 9, 1, 33)  # (an emulated GPU is slow)
-    xn, experts = build_experts(rng, dtype, gs, H, I, 100, lists, **kw)
+    xn, experts = build_experts(rng, dtype, gs, H, I, 100, lists, scale_bf16=kw.get("scale_bf16", False))
     kw = dict(kw, backend=target[0])
     with running_on(target):
         with running_on(("cpu", None), threads):

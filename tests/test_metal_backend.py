@@ -270,8 +270,11 @@ OPS = ["tests/test_ops.py", "-k", "metal and (rmsnorm or add)"]
     # within test_ops' tolerance, but a query's keys cut by the call: the same-bits check must see it
     ("fm_attention=fm_attention__attention_chunks_by_call", "all",
      ["tests/test_batch_invariance.py", "-k", "metal and attention"], "alone differs"),
+    # an f32 prefill matmul that sums a lane's columns in reverse: not the matvec's bits
+    ("fm_mm_f32=fm_mm_f32__mv_dense_reordered", "forward",
+     ["tests/test_batch_invariance.py", "-k", "metal and matmul_row and f32"], "differ from the token alone"),
 ], ids=["race", "missing-barrier", "missing-barrier-poison", "device-oob", "threadgroup-oob", "divergent-barrier",
-        "batch-variant-attention"])
+        "batch-variant-attention", "batch-variant-matmul"])
 def test_emulated_backend_catches_a_broken_kernel(emulated, replace, orders, tests, expect):
     """A kernel broken on purpose (tests/metal_emu/broken/, built in beside the real ones) swapped in for
     the real one (FM_EMU_REPLACE): the tests of its op on backend "metal" must fail, and say why."""

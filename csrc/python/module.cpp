@@ -673,12 +673,13 @@ static f32arr run_embed(int dtype, py::array data, py::object scales, py::object
 }
 
 // A matrix of op_experts given as the tuple (dtype, data, scales, biases, rows, cols, gs).
-static fm_mat expert_mat(OpCall &c, const py::handle &t, int rows, int cols, bool scale_bf16) {
+static fm_mat expert_mat(OpCall &c, const py::handle &t, int rows, int cols, bool int8_act, bool scale_bf16) {
     py::tuple m = t.cast<py::tuple>();
     check_size(m.size() == 7, "an expert matrix is (dtype, data, scales, biases, rows, cols, gs)");
     check_size(m[4].cast<int>() == rows && m[5].cast<int>() == cols, "expert matrices: gate, up [I, H], down [H, I]");
-    return c.mat(m[0].cast<int>(), m[1].cast<py::array>(), m[2], m[3], rows, cols, m[6].cast<int>(), false, scale_bf16,
-                 FM_MEM_EXPERT_SLOTS);
+    const int dtype = m[0].cast<int>();
+    return c.mat(dtype, m[1].cast<py::array>(), m[2], m[3], rows, cols, m[6].cast<int>(),
+                 int8_act && (dtype == FM_Q8 || dtype == FM_Q4), scale_bf16, FM_MEM_EXPERT_SLOTS);
 }
 
 static void bind_op_tests(py::module_ &m) {
@@ -884,7 +885,8 @@ static void bind_op_tests(py::module_ &m) {
     // ye [Σ n, H] follow expert j - 1's. The call opens an instance of its own, for a chunk of T tokens of
     // len(experts) experts of these shapes (the CPU sizes its expert scratch by them, and its lanes by the
     // thread count at the call: _core.set_threads first).
-    m.def("op_experts", [](f32arr xn, py::list experts, bool scale_bf16, const std::string &backend) {
+    // int8_act: the quantized matrices on int8 activations (a numerics option, cpu/cpu.h)
+    m.def("op_experts", [](f32arr xn, py::list experts, bool int8_act, bool scale_bf16, const std::string &backend) {
         check_size(xn.ndim() == 2 && xn.shape(0) > 0 && py::len(experts) > 0, "xn [T, H] and at least one expert");
         const int T = (int)xn.shape(0), H = (int)xn.shape(1), n_work = (int)py::len(experts);
         const int I = (int)experts[0].cast<py::tuple>()[0].cast<py::tuple>()[4].cast<int>();
@@ -901,9 +903,9 @@ static void bind_op_tests(py::module_ &m) {
         for (int j = 0; j < n_work; j++) {
             py::tuple e = experts[j].cast<py::tuple>();
             check_size(e.size() == 4, "an expert is (gate, up, down, tok)");
-            mats[3 * j] = expert_mat(c, e[0], I, H, scale_bf16);
-            mats[3 * j + 1] = expert_mat(c, e[1], I, H, scale_bf16);
-            mats[3 * j + 2] = expert_mat(c, e[2], H, I, scale_bf16);
+            mats[3 * j] = expert_mat(c, e[0], I, H, int8_act, scale_bf16);
+            mats[3 * j + 1] = expert_mat(c, e[1], I, H, int8_act, scale_bf16);
+            mats[3 * j + 2] = expert_mat(c, e[2], H, I, int8_act, scale_bf16);
             toks.push_back(e[3].cast<i32arr>());
             const i32arr &tok = toks.back();
             check_size(tok.size() >= 1 && tok.size() <= T, "an expert has 1 to T tokens");
@@ -915,7 +917,8 @@ static void bind_op_tests(py::module_ &m) {
         float *ye = c.zeros((size_t)rows * H);
         RUN_OP(c, experts, work.data(), n_work, c.in(xn), ye, H);
         return c.out(f32arr({rows, H}), ye);
-    }, py::arg("xn"), py::arg("experts"), py::kw_only(), py::arg("scale_bf16") = false, kw_backend);
+    }, py::arg("xn"), py::arg("experts"), py::kw_only(), py::arg("int8_act") = false, py::arg("scale_bf16") = false,
+       kw_backend);
 }
 
 PYBIND11_MODULE(_core, m) {

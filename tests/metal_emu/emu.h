@@ -1,6 +1,6 @@
 /*
  * emu.h — the grid emulator's runtime: runs a kernel over a dispatchThreadgroups grid on the CPU, one
- * fiber per lane (README.md). The host side (ops.cpp) binds buffers as a Metal compute encoder does;
+ * fiber per lane (README.md). The host side (device_emu.cpp) binds buffers as a Metal compute encoder does;
  * generated launchers (gen_launcher.py) map each kernel's [[buffer(n)]] / [[threadgroup(n)]] /
  * attribute parameters to a lane_ctx.
  */
