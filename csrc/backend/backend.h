@@ -54,10 +54,12 @@ typedef struct {
     int n, row0;
 } fm_expert_work;
 
-/* A backend's instance for one model: sized for chunks of `chunk` tokens of `config`. */
+/* A backend's instance for one model: sized for chunks of `chunk` tokens of `config`, and op calls of up
+ * to `segment` tokens (the MLP and MoE run over a whole segment; 0: `chunk`). */
 typedef struct {
     const fm_config *config;
     int chunk;
+    int segment;
 } fm_backend_params;
 
 typedef struct fm_backend_ops {

@@ -403,7 +403,7 @@ static fm_status model_create(const fm_load_spec *spec, fm_model **out, int *n_m
     if (!ops) return FM_ERR_INVALID; /* fm_backend_find said which */
     const char *missing = fm_backend_missing_op(ops);
     if (missing) return fm_fail(FM_ERR_INVALID, "the %s backend has no op %s yet: it cannot run a model", ops->name, missing);
-    const fm_backend_params bp = {&m->c, m->chunk};
+    const fm_backend_params bp = {&m->c, m->chunk, m->segment};
     m->be.op = ops;
     m->be_workspace = ops->workspace_bytes(&bp);
     m->be_limit = ops->memory_limit(&bp);
@@ -445,7 +445,7 @@ fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
     if (st != FM_OK) goto fail;
     const int V = m->c.vocab_size, H = m->c.hidden_size;
 
-    const fm_backend_params bp = {&m->c, m->chunk};
+    const fm_backend_params bp = {&m->c, m->chunk, m->segment};
     if ((st = fm_backend_open(m->be.op, &bp, &m->be)) != FM_OK) goto fail;
     const uint32_t *dense_crc = spec->verify_checksums && spec->has_dense_checksum ? &spec->dense_checksum : NULL;
     if ((st = fm_packed_read_dense(spec->dense_path, spec->dense_size, dense_crc, &m->dense_host)) != FM_OK) goto fail;

@@ -118,9 +118,21 @@ static void *scratch(metal_ctx *c, void **mem, size_t *size, size_t bytes) {
     return *mem;
 }
 
+static size_t max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+/* What the instance allocates for itself, at most, for calls of up to a segment of tokens: the upload
+ * arena (a segment's routing tables fit it), int8 activations of the widest matmul input, the experts'
+ * gathered rows and hidden states, attention's flash-decoding partials (at most FM_ATTN_SPLIT_MAX_FLOATS). */
 static size_t metal_workspace_bytes(const fm_backend_params *p) {
-    (void)p;
-    return UPLOAD_MIN; /* the upload arena (a segment's routing tables fit it) */
+    const fm_config *c = p->config;
+    const size_t S = (size_t)(p->segment > p->chunk ? p->segment : p->chunk), H = (size_t)c->hidden_size;
+    const size_t I = max3((size_t)c->moe_intermediate_size, (size_t)c->shared_expert_intermediate_size,
+                          (size_t)c->intermediate_size);
+    const size_t in = max3(H, I, max3((size_t)c->linear_num_value_heads * c->linear_value_head_dim,
+                                      (size_t)c->num_attention_heads * c->head_dim, 0));
+    const size_t xq = S * in + 2 * S * (in / 32 + 1) * 4 + 768;
+    const size_t ffn = c->num_experts > 0 ? S * (H + 2 * I) * 4 + 768 : 0;
+    return UPLOAD_MIN + xq + ffn + (size_t)FM_ATTN_SPLIT_MAX_FLOATS * sizeof(float);
 }
 
 static uint64_t metal_memory_limit(const fm_backend_params *p) {
