@@ -54,7 +54,7 @@ def emu_env(tmp_path_factory):
     build_dir = os.environ.get("FLASHMOE_METAL_EMU_BUILD_DIR") or str(tmp_path_factory.mktemp("metal_emu_build"))
     env = dict(os.environ, CC="clang-19", CXX="clang++-19")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
          str(ROOT), "-C", "cmake.define.FLASHMOE_METAL_EMU=ON", "-C", "cmake.define.FLASHMOE_METAL_EMU_ASAN=ON",
          # pybind11's -flto and ASan's module constructors do not link together with GNU ld
          "-C", "cmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF", "-C", f"build-dir={build_dir}"],
