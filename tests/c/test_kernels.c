@@ -37,16 +37,15 @@ static uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* sb: bf16 scales and biases, of both signs (as MLX's quantizer makes them), else fp16 ones. */
-static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs, int T, int int8_act, int sb) {
+/* A random rows x cols weight of dtype in groups of gs; sb: bf16 scales and biases, of both signs (as
+ * MLX's quantizer makes them), else fp16 ones. free_weight frees it. */
+static fm_mat random_weight(fm_dtype dtype, int rows, int cols, int gs, int int8_act, int sb) {
     const int ng = gs ? cols / gs : 0;
-    size_t data_bytes = dtype == FM_F32 ? (size_t)rows * cols * 4 : dtype == FM_BF16 ? (size_t)rows * cols * 2
-                      : dtype == FM_Q8  ? (size_t)rows * cols : (size_t)rows * cols / 2;
+    const size_t data_bytes = dtype == FM_F32 ? (size_t)rows * cols * 4 : dtype == FM_BF16 ? (size_t)rows * cols * 2
+                            : dtype == FM_Q8  ? (size_t)rows * cols : (size_t)rows * cols / 2;
     uint8_t *data = malloc(data_bytes);
     uint16_t *scales = malloc(sizeof(uint16_t) * (size_t)rows * (ng ? ng : 1));
     uint16_t *biases = malloc(sizeof(uint16_t) * (size_t)rows * (ng ? ng : 1));
-    float *x = malloc(sizeof(float) * (size_t)T * cols), *y0 = malloc(sizeof(float) * (size_t)T * rows);
-    float *y1 = malloc(sizeof(float) * (size_t)T * rows);
     if (dtype == FM_F32)
         for (size_t i = 0; i < (size_t)rows * cols; i++) ((float *)data)[i] = uniform(-1, 1);
     else if (dtype == FM_BF16)
@@ -62,8 +61,19 @@ static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs,
             biases[i] = f32_to_f16(uniform(-0.4f, -0.01f));
         }
     }
+    if (!ng) free(scales), free(biases), scales = biases = NULL;
+    fm_mat w = {dtype, rows, cols, gs, data, scales, biases, int8_act, sb};
+    return w;
+}
+
+static void free_weight(fm_mat *w) { free((void *)w->data), free((void *)w->scales), free((void *)w->biases); }
+
+/* isa's matmul against the scalar one on a random weight. */
+static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs, int T, int int8_act, int sb) {
+    fm_mat w = random_weight(dtype, rows, cols, gs, int8_act, sb);
+    float *x = malloc(sizeof(float) * (size_t)T * cols), *y0 = malloc(sizeof(float) * (size_t)T * rows);
+    float *y1 = malloc(sizeof(float) * (size_t)T * rows);
     for (int i = 0; i < T * cols; i++) x[i] = uniform(-1, 1);
-    fm_mat w = {dtype, rows, cols, gs, data, ng ? scales : NULL, ng ? biases : NULL, int8_act, sb};
     fm_cpu_set_isa("scalar");
     fm_cpu_matmul(&w, x, T, y0);
     fm_cpu_set_isa(isa);
@@ -78,7 +88,7 @@ static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs,
     if (!ok)
         printf("FAIL %s dtype %d %dx%d g%d T%d int8 %d %s scales: normalised error %.3g\n", isa, dtype, rows,
                cols, gs, T, int8_act, sb ? "bf16" : "fp16", err / ref);
-    free(data), free(scales), free(biases), free(x), free(y0), free(y1);
+    free_weight(&w), free(x), free(y0), free(y1);
     return ok;
 }
 
@@ -86,26 +96,10 @@ static int run_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs,
  * alone (1 thread), bitwise. */
 static int batch_case(const char *isa, fm_dtype dtype, int rows, int cols, int gs, int int8_act, int sb) {
     enum { NX = 48 };
-    const int ng = gs ? cols / gs : 0;
-    const size_t data_bytes = dtype == FM_F32 ? (size_t)rows * cols * 4 : dtype == FM_BF16 ? (size_t)rows * cols * 2
-                            : dtype == FM_Q8  ? (size_t)rows * cols : (size_t)rows * cols / 2;
-    uint8_t *data = malloc(data_bytes);
-    uint16_t *scales = malloc(sizeof(uint16_t) * (size_t)rows * (ng ? ng : 1));
-    uint16_t *biases = malloc(sizeof(uint16_t) * (size_t)rows * (ng ? ng : 1));
+    fm_mat w = random_weight(dtype, rows, cols, gs, int8_act, sb);
     float *x = malloc(sizeof(float) * (size_t)NX * cols), *one = malloc(sizeof(float) * (size_t)NX * rows);
     float *y = malloc(sizeof(float) * (size_t)NX * rows);
-    if (dtype == FM_F32)
-        for (size_t i = 0; i < (size_t)rows * cols; i++) ((float *)data)[i] = uniform(-1, 1);
-    else if (dtype == FM_BF16)
-        for (size_t i = 0; i < (size_t)rows * cols; i++) ((uint16_t *)data)[i] = f32_to_bf16(uniform(-1, 1));
-    else
-        for (size_t i = 0; i < data_bytes; i++) data[i] = (uint8_t)rnd();
-    for (int i = 0; i < rows * ng; i++) {
-        scales[i] = sb ? f32_to_bf16(uniform(-0.05f, 0.05f)) : f32_to_f16(uniform(0.002f, 0.05f));
-        biases[i] = sb ? f32_to_bf16(uniform(-0.4f, 0.4f)) : f32_to_f16(uniform(-0.4f, -0.01f));
-    }
     for (int i = 0; i < NX * cols; i++) x[i] = uniform(-1, 1);
-    fm_mat w = {dtype, rows, cols, gs, data, ng ? scales : NULL, ng ? biases : NULL, int8_act, sb};
     const int before = fm_threads_get();
     fm_cpu_set_isa(isa);
     fm_threads_set(1);
@@ -126,7 +120,7 @@ static int batch_case(const char *isa, fm_dtype dtype, int rows, int cols, int g
     }
     fm_threads_set(before);
     fm_cpu_set_isa("auto");
-    free(data), free(scales), free(biases), free(x), free(one), free(y);
+    free_weight(&w), free(x), free(one), free(y);
     return ok;
 }
 

@@ -19,13 +19,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <map>
 #include <string>
 #include <vector>
 
 extern "C" {
 #include "../../csrc/core/util.h" /* fm_fail */
 #include "metal_device.h"
+#include "metal_ranges.h" /* the buffer table metal_host.m keeps */
 }
 #include "emu.h"
 
@@ -34,9 +34,8 @@ extern "C" {
 static uint64_t dispatches;
 
 struct fm_mtl {
-    std::map<const char *, size_t, std::less<>> ranges; /* base → bytes: allocations and wrapped ranges */
+    fm_mtl_ranges ranges = {}; /* allocations (owned) and wrapped ranges: metal_host.m's table */
     fm_emu::encoder enc;
-    const void *bound[fm_emu::MAX_BUFFERS] = {};
     uint64_t serial = 0, failed = 0; /* the serial of a failed command buffer not yet reported */
     uint64_t fail_at = 0;
     std::string replace_from, replace_to;
@@ -45,31 +44,35 @@ struct fm_mtl {
 
 namespace {
 
-/* The range holding p (an address inside it, or just past its end for an empty view). */
-std::pair<const char *, size_t> range_of(fm_mtl *d, const void *p) {
-    const char *c = (const char *)p;
-    auto it = d->ranges.upper_bound(c);
-    if (it == d->ranges.begin()) fm_emu::fail("buffer %p is in no Metal buffer", p);
-    --it;
-    if (c > it->first + it->second) fm_emu::fail("buffer %p is in no Metal buffer", p);
-    return *it;
+/* The range holding p, an address inside it or just past its end (an empty view), as metal_host.m binds. */
+const fm_mtl_range *range_of(fm_mtl *d, const void *p) {
+    const fm_mtl_range *r = fm_mtl_ranges_find(&d->ranges, (uintptr_t)p);
+    if (!r && !(r = fm_mtl_ranges_find(&d->ranges, (uintptr_t)p - 1))) fm_emu::fail("buffer %p is in no Metal buffer", p);
+    return r;
+}
+
+void add_range(fm_mtl *d, const void *p, size_t bytes, int owned) {
+    const size_t len = bytes ? bytes : 1;
+    if (fm_mtl_ranges_overlaps(&d->ranges, (uintptr_t)p, len)) fm_emu::fail("buffer %p (%zu bytes) overlaps another", p, bytes);
+    if (fm_mtl_ranges_reserve(&d->ranges)) fm_emu::fail("out of memory for the buffer table");
+    fm_mtl_ranges_insert(&d->ranges, fm_mtl_range{(uintptr_t)p, len, nullptr, owned});
 }
 
 void run_in_every_order(fm_mtl *d, const char *name, const fm_metal_grid &g) {
-    std::vector<std::pair<const char *, size_t>> used; /* the bound ranges, each once */
-    for (const void *p : d->bound)
-        if (p) {
-            auto r = range_of(d, p);
+    std::vector<std::pair<char *, size_t>> used; /* the bound ranges, each once (setBytes copies are not) */
+    for (int i = 0; i < fm_emu::MAX_BUFFERS; i++)
+        if (d->enc.buffers[i] && !d->enc.bytes_len[i]) {
+            const fm_mtl_range *r = range_of(d, d->enc.buffers[i]);
             bool seen = false;
-            for (auto &u : used) seen |= u.first == r.first;
-            if (!seen) used.push_back(r);
+            for (auto &u : used) seen |= u.first == (char *)r->base;
+            if (!seen) used.emplace_back((char *)r->base, r->len);
         }
     std::vector<std::string> before, after;
     for (auto &u : used) before.emplace_back(u.first, u.second);
     const fm_emu::order orders[] = {fm_emu::order::forward, fm_emu::order::reverse, fm_emu::order::shuffled};
     for (fm_emu::order o : orders) {
         fm_emu::set_order(o);
-        for (size_t i = 0; i < used.size(); i++) memcpy((char *)used[i].first, before[i].data(), used[i].second);
+        for (size_t i = 0; i < used.size(); i++) memcpy(used[i].first, before[i].data(), used[i].second);
         d->enc.dispatch(name, g);
         for (size_t i = 0; i < used.size(); i++) {
             if (o == fm_emu::order::forward) {
@@ -107,7 +110,10 @@ fm_status fm_mtl_open(fm_mtl **out) {
     return FM_OK;
 }
 
-void fm_mtl_close(fm_mtl *d) { delete d; }
+void fm_mtl_close(fm_mtl *d) {
+    free(d->ranges.r);
+    delete d;
+}
 
 /* FM_EMU_WORKING_SET=BYTES: a GPU that may hold that much (tests of the memory plan's limit) */
 uint64_t fm_mtl_working_set_limit(fm_mtl *d) {
@@ -120,38 +126,39 @@ void *fm_mtl_alloc(fm_mtl *d, size_t bytes) {
     void *p = nullptr;
     if (posix_memalign(&p, 16384, bytes ? bytes : 1)) return nullptr;
     memset(p, 0, bytes);
-    d->ranges.emplace((const char *)p, bytes);
+    add_range(d, p, bytes, 1);
     return p;
 }
 
 void fm_mtl_free(fm_mtl *d, void *p, size_t bytes) {
-    auto it = d->ranges.find((const char *)p);
-    if (it == d->ranges.end() || it->second != bytes) fm_emu::fail("free of %p (%zu bytes): not an allocation", p, bytes);
-    d->ranges.erase(it);
+    const ptrdiff_t i = fm_mtl_ranges_at(&d->ranges, (uintptr_t)p);
+    if (i < 0 || !d->ranges.r[i].owned || d->ranges.r[i].len != (bytes ? bytes : 1))
+        fm_emu::fail("free of %p (%zu bytes): not an allocation", p, bytes);
+    fm_mtl_ranges_remove(&d->ranges, (size_t)i);
     free(p);
 }
 
 int fm_mtl_wrap(fm_mtl *d, void *host, size_t bytes) {
     if ((uintptr_t)host % 16384) fm_emu::fail("wrap of %p: not 16 KiB aligned (newBufferWithBytesNoCopy)", host);
-    d->ranges.emplace((const char *)host, bytes);
+    add_range(d, host, bytes, 0);
     return 0;
 }
 
 void fm_mtl_unwrap(fm_mtl *d, void *host, size_t bytes) {
     (void)bytes;
-    d->ranges.erase((const char *)host);
+    const ptrdiff_t i = fm_mtl_ranges_at(&d->ranges, (uintptr_t)host);
+    if (i < 0 || d->ranges.r[i].owned) fm_emu::fail("unwrap of %p: not a wrapped range", host);
+    fm_mtl_ranges_remove(&d->ranges, (size_t)i);
 }
 
 void fm_mtl_set_buffer(fm_mtl *d, int index, const void *p) {
     if (p) range_of(d, p);
     d->enc.set_buffer(p, index);
-    d->bound[index] = p;
 }
 
 void fm_mtl_set_bytes(fm_mtl *d, int index, const void *p, size_t len) {
     if (len == 0 || len > 4096) fm_emu::fail("setBytes of %zu bytes at %d: Metal takes 1 byte to 4 KiB", len, index);
     d->enc.set_bytes(p, len, index);
-    d->bound[index] = nullptr;
 }
 
 void fm_mtl_dispatch(fm_mtl *d, fm_mtl_kernel k, const fm_metal_grid *g) {
@@ -166,7 +173,7 @@ void fm_mtl_dispatch(fm_mtl *d, fm_mtl_kernel k, const fm_metal_grid *g) {
     if (++dispatches == d->fail_at) d->pending_fails = true;
     /* Metal keeps an encoder's bindings from one dispatch to the next; forgetting them here makes a
      * dispatch that relies on one left over from an earlier op fail ("buffer(i) is not bound") */
-    for (int i = 0; i < fm_emu::MAX_BUFFERS; i++) d->enc.set_buffer(nullptr, i), d->bound[i] = nullptr;
+    for (int i = 0; i < fm_emu::MAX_BUFFERS; i++) d->enc.set_buffer(nullptr, i);
 }
 
 uint64_t fm_mtl_commit(fm_mtl *d) {

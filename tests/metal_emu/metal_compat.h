@@ -147,27 +147,17 @@ enum { FM_SIMD_BARRIER, FM_SIMD_SUM, FM_SIMD_MAX, FM_SIMD_MIN, FM_SIMD_SHUFFLE, 
 template <class T> inline const T *fm_simd(T v, int op, unsigned *n, unsigned *self) {
     return (const T *)fm_emu_simd_exchange(&v, sizeof v, op, n, self);
 }
-template <class T> inline T simd_sum(T v) {
+/* a simdgroup's values folded with f in lane order */
+template <class T, class F> inline T fm_simd_fold(T v, int op, F f) {
     unsigned n, self;
-    const T *a = fm_simd(v, FM_SIMD_SUM, &n, &self);
+    const T *a = fm_simd(v, op, &n, &self);
     T s = a[0];
-    for (unsigned i = 1; i < n; i++) s += a[i];
+    for (unsigned i = 1; i < n; i++) s = f(s, a[i]);
     return s;
 }
-template <class T> inline T simd_max(T v) {
-    unsigned n, self;
-    const T *a = fm_simd(v, FM_SIMD_MAX, &n, &self);
-    T s = a[0];
-    for (unsigned i = 1; i < n; i++) s = max(s, a[i]);
-    return s;
-}
-template <class T> inline T simd_min(T v) {
-    unsigned n, self;
-    const T *a = fm_simd(v, FM_SIMD_MIN, &n, &self);
-    T s = a[0];
-    for (unsigned i = 1; i < n; i++) s = min(s, a[i]);
-    return s;
-}
+template <class T> inline T simd_sum(T v) { return fm_simd_fold(v, FM_SIMD_SUM, [](T a, T b) { return a + b; }); }
+template <class T> inline T simd_max(T v) { return fm_simd_fold(v, FM_SIMD_MAX, [](T a, T b) { return max(a, b); }); }
+template <class T> inline T simd_min(T v) { return fm_simd_fold(v, FM_SIMD_MIN, [](T a, T b) { return min(a, b); }); }
 template <class T> inline T simd_prefix_exclusive_sum(T v) {
     unsigned n, self;
     const T *a = fm_simd(v, FM_SIMD_PREFIX, &n, &self);

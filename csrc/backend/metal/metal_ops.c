@@ -289,13 +289,20 @@ static void metal_silu_mul(void *ctx, float *out, const float *g, const float *u
  * the host's, copied into the arena), then h1 = gate·x, h2 = up·x, h1 = silu(h1)·h2, and rows [row0, row0 + n)
  * of ye = down·h1, through the matmul kernels above (each token computed as alone: batch invariance). One
  * scratch for every expert, sized for the largest; the experts run one after another in issue order. */
+/* An expert's scratch: its gathered rows xe (none for one token, read in place), then h1 and h2, each part
+ * 256-byte aligned; *h_bytes the size of h1 (and h2), the result the offset of h1. */
+static size_t ffn_layout(const fm_expert_work *w, int H, size_t *h_bytes) {
+    const size_t n = (size_t)w->n;
+    *h_bytes = (n * (size_t)w->gate->rows * 4 + 255) & ~(size_t)255;
+    return n > 1 ? (n * (size_t)H * 4 + 255) & ~(size_t)255 : 0;
+}
+
 static void metal_experts(void *ctx, const fm_expert_work *work, int n_work, const float *xn, float *ye, int H) {
     metal_ctx *c = (metal_ctx *)ctx;
-    size_t need = 0;
+    size_t need = 0, h_bytes;
     for (int e = 0; e < n_work; e++) {
-        const size_t n = (size_t)work[e].n, I = (size_t)work[e].gate->rows;
-        const size_t xe = n > 1 ? ((n * H * 4 + 255) & ~(size_t)255) : 0, h = (n * I * 4 + 255) & ~(size_t)255;
-        if (xe + 2 * h > need) need = xe + 2 * h;
+        const size_t xe_bytes = ffn_layout(&work[e], H, &h_bytes);
+        if (xe_bytes + 2 * h_bytes > need) need = xe_bytes + 2 * h_bytes;
     }
     if (!need) return;
     uint8_t *mem = (uint8_t *)scratch(c, &c->ffn_mem, &c->ffn_size, need);
@@ -303,8 +310,7 @@ static void metal_experts(void *ctx, const fm_expert_work *work, int n_work, con
     for (int e = 0; e < n_work; e++) {
         const fm_expert_work *w = &work[e];
         if (w->n <= 0) continue;
-        const size_t n = (size_t)w->n, I = (size_t)w->gate->rows;
-        const size_t xe_bytes = n > 1 ? ((n * H * 4 + 255) & ~(size_t)255) : 0, h_bytes = (n * I * 4 + 255) & ~(size_t)255;
+        const size_t n = (size_t)w->n, I = (size_t)w->gate->rows, xe_bytes = ffn_layout(w, H, &h_bytes);
         float *h1 = (float *)(mem + xe_bytes), *h2 = (float *)(mem + xe_bytes + h_bytes);
         const float *x = xn + (size_t)w->tok[0] * H;
         if (n > 1) {
