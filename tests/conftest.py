@@ -13,7 +13,8 @@ import pytest
 
 FEATURES = {"cgroup": "the cgroup memory-limit test (tests/test_streaming.py)",
             "neon": "the NEON kernels under qemu-user (tests/test_cross_isa.py)",
-            "clang19": "the Metal kernels in the grid emulator and the address-space pass (tests/test_metal_emu.py)"}
+            "clang19": "the Metal kernels in the grid emulator and the address-space pass (tests/test_metal_emu.py)",
+            "nvcc": "the CUDA backend built with nvcc (tests/test_cuda_backend.py)"}
 collect_ignore = ["plant_bugs.py"]  # a script, not tests (see its docstring)
 # Tests that need torch and transformers: these files import them at module level (hf_fixtures.py), other
 # tests carry @pytest.mark.torch. `pytest --no-torch` leaves out both: the tests run against each built
@@ -56,6 +57,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "torch: needs torch and transformers (left out by --no-torch)")
     config.addinivalue_line("markers", "ci_feature(name): a skip of this test fails where FLASHMOE_CI_REQUIRE "
                                        "names the feature (or 'all')")
+    config.addinivalue_line("markers", "gpu: needs a GPU; CI has none, so its skip there is never a failure")
     _required()
 
 
@@ -67,7 +69,7 @@ def _reason(longrepr) -> str:
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
-    if not rep.skipped or hasattr(rep, "wasxfail"):
+    if not rep.skipped or hasattr(rep, "wasxfail") or item.get_closest_marker("gpu"):
         return
     required = _required()
     features = {m.args[0] for m in item.iter_markers("ci_feature")}

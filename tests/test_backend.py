@@ -3,6 +3,7 @@ check: a model computes the same whatever the thread count (the CPU backend runs
 side, big ones split). The include rule is tests/test_layering.py."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -22,11 +23,15 @@ def model_dir(tmp_path_factory):
 
 
 def test_default_backend(model_dir):
-    """The default ("auto", also by name) is the CPU unless this build has Metal (csrc/backend/backend.c:
-    then Metal where the machine has a Metal GPU and the backend every op)."""
+    """The default ("auto", also by name) is the CPU unless this build has Metal or CUDA
+    (csrc/backend/backend.c: then Metal where the machine has a Metal GPU and the backend every op, else
+    CUDA where it has a CUDA GPU)."""
     m = flashmoe.load(model_dir)
     assert "cpu" in flashmoe.backends()
-    assert m.backend == "cpu" if "metal" not in flashmoe.backends() else m.backend in ("cpu", "metal")
+    gpus = [b for b in ("metal", "cuda") if b in flashmoe.backends() and _core.backend_has_device(b)
+            and (b != "metal" or sys.platform == "darwin")]  # (the emulated Metal of tests is no default)
+    env = os.environ.get("FLASHMOE_BACKEND", "auto")
+    assert m.backend == (env if env != "auto" else gpus[0] if gpus else "cpu")
     m.forward([1, 2, 3])
     assert m.stats["backend"] == m.backend
     assert flashmoe.load(model_dir, backend="auto").backend == m.backend

@@ -33,8 +33,9 @@ from flashmoe.quant import f32_to_bf16, quantize  # input builders only; referen
 # FLASHMOE_BACKEND (the default backend, backend.c) set to one backend: the ops run on it and the CPU only
 # (CI's hosted Macs set cpu: their paravirtual GPU is no compute target)
 _ONLY = os.environ.get("FLASHMOE_BACKEND") or "auto"
+# A backend built in but without its device here (a CUDA build on a machine with no GPU) is left out.
 BACKENDS = [b for b in ("cpu", "cuda", "metal") if b in _core.backends().split(",") and _ONLY in ("auto", "cpu", b)
-            and (b == "cpu" or _ONLY != "cpu")]
+            and (b == "cpu" or _ONLY != "cpu") and _core.backend_has_device(b)]
 # (backend, CPU kernel variant or None): the CPU with each variant it can run forced (scalar, avx2, ...).
 TARGETS = [("cpu", isa) for isa in _core.cpu_isas()] + [(b, None) for b in BACKENDS if b != "cpu"]
 # The gated delta rule's two CPU forms, each tested against the reference (the interface's gated_delta,

@@ -1,11 +1,10 @@
 /*
  * backend.c — the registry of the backends built into this library: the CPU always, Metal where CMake
- * builds it (FLASHMOE_METAL: Apple Silicon by default). CUDA is not written yet: asking for it is an
- * error that says it is not built.
+ * builds it (FLASHMOE_METAL: Apple Silicon by default), CUDA where it builds it (FLASHMOE_CUDA).
  *
  * The default backend (name NULL, "" or "auto") is the environment's FLASHMOE_BACKEND where set; else Metal
  * on an Apple build with Metal when this machine has a Metal device and the Metal table fills in every op;
- * the CPU otherwise. (While the Metal backend
+ * else CUDA on a CUDA build when this machine has a CUDA device; the CPU otherwise. (While the Metal backend
  * lacks ops, the default stays the CPU; `backend="metal"` asks for it by name.)
  */
 #include <stdlib.h>
@@ -16,15 +15,32 @@
 #if defined(FLASHMOE_METAL) && defined(__APPLE__)
 #include "metal/metal_device.h" /* fm_mtl_available */
 #endif
+#ifdef FLASHMOE_CUDA
+int fm_cuda_available(void); /* cuda/cuda_ops.cu */
+#endif
 
 static const char *const KNOWN[] = {"cpu", "cuda", "metal"};
 
 const char *fm_backend_names(void) {
-#ifdef FLASHMOE_METAL
+#if defined(FLASHMOE_METAL) && defined(FLASHMOE_CUDA)
+    return "cpu,cuda,metal";
+#elif defined(FLASHMOE_METAL)
     return "cpu,metal";
+#elif defined(FLASHMOE_CUDA)
+    return "cpu,cuda";
 #else
     return "cpu";
 #endif
+}
+
+int fm_backend_has_device(const char *name) {
+#ifdef FLASHMOE_CUDA
+    if (strcmp(name, "cuda") == 0) return fm_cuda_available();
+#endif
+#if defined(FLASHMOE_METAL) && defined(__APPLE__)
+    if (strcmp(name, "metal") == 0) return fm_mtl_available();
+#endif
+    return fm_backend_find(name) != NULL; /* the CPU; the emulated Metal device */
 }
 
 /* The first op of backend.h a table leaves out (in the order of its declaration), NULL when it fills in
@@ -34,7 +50,7 @@ const char *fm_backend_missing_op(const fm_backend_ops *o) {
     const struct { const void *fn; const char *name; } ops[] = {
         OP(workspace_bytes), OP(memory_limit), OP(create), OP(destroy), OP(alloc), OP(free), OP(fill_zero),
         OP(copy), OP(to_host), OP(from_host), OP(host_view), OP(wrap_host), OP(unwrap_host), OP(record),
-        OP(wait), OP(finish), OP(matmul), OP(embed), OP(rmsnorm), OP(l2norm), OP(rope), OP(silu_mul),
+        OP(wait), OP(finish), OP(device_stats), OP(matmul), OP(embed), OP(rmsnorm), OP(l2norm), OP(rope), OP(silu_mul),
         OP(sigmoid_mul), OP(add), OP(split_q_gate), OP(kv_write), OP(attention), OP(conv1d_silu),
         OP(deltanet_split), OP(deltanet_gates), OP(gated_delta), OP(route), OP(gate_rows), OP(experts),
         OP(moe_combine),
@@ -53,6 +69,9 @@ static const fm_backend_ops *default_backend(void) {
 #if defined(FLASHMOE_METAL) && defined(__APPLE__)
     if (!fm_backend_missing_op(fm_backend_metal()) && fm_mtl_available()) return fm_backend_metal();
 #endif
+#ifdef FLASHMOE_CUDA
+    if (fm_cuda_available()) return fm_backend_cuda();
+#endif
     return fm_backend_cpu();
 }
 
@@ -61,6 +80,9 @@ const fm_backend_ops *fm_backend_find(const char *name) {
     if (strcmp(name, "cpu") == 0) return fm_backend_cpu();
 #ifdef FLASHMOE_METAL
     if (strcmp(name, "metal") == 0) return fm_backend_metal();
+#endif
+#ifdef FLASHMOE_CUDA
+    if (strcmp(name, "cuda") == 0) return fm_backend_cuda();
 #endif
     for (size_t i = 0; i < sizeof KNOWN / sizeof KNOWN[0]; i++)
         if (strcmp(name, KNOWN[i]) == 0) {

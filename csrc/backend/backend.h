@@ -52,6 +52,9 @@ typedef struct {
     const fm_mat *gate, *up, *down; /* [I, H], [I, H], [H, I], in an expert slot */
     const int32_t *tok;             /* [n] host: token index of each row */
     int n, row0;
+    /* which expert: layer · num_experts + e, the same weights whatever slot holds them (a backend with a
+     * cache of its own keys it by this: CUDA's VRAM tier); -1 for weights with no identity (op tests) */
+    int32_t key;
 } fm_expert_work;
 
 /* A backend's instance for one model: sized for chunks of `chunk` tokens of `config`, and op calls of up
@@ -60,6 +63,9 @@ typedef struct {
     const fm_config *config;
     int chunk;
     int segment;
+    /* bytes of device memory the instance may take (CUDA: dense weights, state, scratch and its VRAM
+     * expert cache); 0: what the device has free. Ignored by backends on host memory. */
+    uint64_t device_budget;
 } fm_backend_params;
 
 typedef struct fm_backend_ops {
@@ -93,6 +99,9 @@ typedef struct fm_backend_ops {
     fm_event (*record)(void *ctx);           /* an event after every op issued so far */
     void (*wait)(void *ctx, fm_event ev);    /* block the host until ev completes */
     fm_status (*finish)(void *ctx);          /* wait for everything; a failed op reports here */
+    /* the counters of a cache of experts the backend keeps itself (CUDA's VRAM tier): slots, hits, misses,
+     * bytes copied in; zeros where there is none */
+    void (*device_stats)(void *ctx, uint64_t out[4]);
 
     /* ---- ops: activations fp32, row-major, T tokens */
     void (*matmul)(void *ctx, const fm_mat *w, const float *x, int T, float *y); /* y[T, rows] = x · Wᵀ */
@@ -150,11 +159,15 @@ const fm_backend_ops *fm_backend_find(const char *name);
 const char *fm_backend_missing_op(const fm_backend_ops *ops);
 /* Comma-separated names of the built backends, e.g. "cpu". */
 const char *fm_backend_names(void);
+/* 1 when backend `name` is built and this machine has its device (a CUDA build on a machine without a GPU:
+ * 0), so that tests can skip what cannot run here. */
+int fm_backend_has_device(const char *name);
 fm_status fm_backend_open(const fm_backend_ops *ops, const fm_backend_params *p, fm_backend *out);
 void fm_backend_close(fm_backend *b);
 
 /* Each backend's table (a backend not built has none). */
 const fm_backend_ops *fm_backend_cpu(void);
 const fm_backend_ops *fm_backend_metal(void); /* builds with FLASHMOE_METAL (metal/metal_ops.c) */
+const fm_backend_ops *fm_backend_cuda(void);  /* builds with FLASHMOE_CUDA (cuda/cuda_ops.cu) */
 
 #endif /* FM_BACKEND_H */

@@ -214,12 +214,13 @@ static void acquire_more(fm_model *m, int layer, int n_need, int *next, int *n_h
 }
 
 /* The backend's work item for held expert i (its slot's views and its token rows). */
-static fm_expert_work expert_work(fm_model *m, int i) {
+static fm_expert_work expert_work(fm_model *m, int layer, int i) {
     fm_scratch *s = &m->s;
     const int e = s->held_e[i];
     fm_expert *v = &s->views[i];
     fm_expert_store_view(m->experts, s->held[i], v);
-    return (fm_expert_work){&v->gate, &v->up, &v->down, s->tok + s->eoff[e], s->eoff[e + 1] - s->eoff[e], s->eoff[e]};
+    return (fm_expert_work){&v->gate, &v->up, &v->down, s->tok + s->eoff[e], s->eoff[e + 1] - s->eoff[e], s->eoff[e],
+                            layer * m->c.num_experts + e};
 }
 
 /* The sparse MoE block. The core schedules (routing on the host, which experts, which slots, which
@@ -267,7 +268,7 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
             }
             s->ready[n_ready++] = i;
         }
-        for (int j = 0; j < n_ready; j++) s->work[j] = expert_work(m, s->ready[j]);
+        for (int j = 0; j < n_ready; j++) s->work[j] = expert_work(m, layer, s->ready[j]);
         FM_OP(be, experts, s->work, n_ready, xn, s->ye, H);
         const fm_event computed = FM_OP(be, record); /* a new read into these slots waits for it */
         for (int j = n_ready - 1; j >= 0; j--) { /* ready[] ascends: highest index first keeps the rest */

@@ -231,6 +231,13 @@ static size_t kv_cache_bytes(const fm_config *c, int ctx) {
     return (size_t)ctx * c->num_key_value_heads * c->head_dim * sizeof(float);
 }
 
+/* A backend allocation failed: the backend's own reason where it recorded one (finish() reports it, its
+ * message standing: CUDA's gpu_memory_budget, say), else FM_ERR_NOMEM saying what could not be had. */
+static fm_status alloc_failed(fm_model *m, const char *what) {
+    const fm_status st = FM_OP(&m->be, finish);
+    return st != FM_OK ? st : fm_fail(FM_ERR_NOMEM, "%s backend: cannot allocate %s", m->be.op->name, what);
+}
+
 static float *alloc_state_buf(fm_model *m, size_t bytes) {
     return (float *)FM_OP(&m->be, alloc, FM_MEM_STATE, bytes);
 }
@@ -242,12 +249,19 @@ static fm_status alloc_state(fm_model *m) {
         if (L->full_attention) {
             L->k_cache = alloc_state_buf(m, kv_cache_bytes(c, m->ctx));
             L->v_cache = alloc_state_buf(m, kv_cache_bytes(c, m->ctx));
-            if (!L->k_cache || !L->v_cache)
-                return fm_fail(FM_ERR_NOMEM, "layer %d: cannot allocate the KV cache for %d tokens", l, m->ctx);
+            if (!L->k_cache || !L->v_cache) {
+                char what[96];
+                snprintf(what, sizeof what, "layer %d's KV cache for %d tokens", l, m->ctx);
+                return alloc_failed(m, what);
+            }
         } else {
             L->conv_state = alloc_state_buf(m, conv_state_bytes(c));
             L->S = alloc_state_buf(m, recurrent_state_bytes(c));
-            if (!L->conv_state || !L->S) return fm_fail(FM_ERR_NOMEM, "layer %d: cannot allocate DeltaNet state", l);
+            if (!L->conv_state || !L->S) {
+                char what[64];
+                snprintf(what, sizeof what, "layer %d's DeltaNet state", l);
+                return alloc_failed(m, what);
+            }
         }
     }
     return FM_OK;
@@ -403,7 +417,7 @@ static fm_status model_create(const fm_load_spec *spec, fm_model **out, int *n_m
     if (!ops) return FM_ERR_INVALID; /* fm_backend_find said which */
     const char *missing = fm_backend_missing_op(ops);
     if (missing) return fm_fail(FM_ERR_INVALID, "the %s backend has no op %s yet: it cannot run a model", ops->name, missing);
-    const fm_backend_params bp = {&m->c, m->chunk, m->segment};
+    const fm_backend_params bp = {&m->c, m->chunk, m->segment, spec->gpu_memory_budget};
     m->be.op = ops;
     m->be_workspace = ops->workspace_bytes(&bp);
     m->be_limit = ops->memory_limit(&bp);
@@ -445,14 +459,15 @@ fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
     if (st != FM_OK) goto fail;
     const int V = m->c.vocab_size, H = m->c.hidden_size;
 
-    const fm_backend_params bp = {&m->c, m->chunk, m->segment};
+    const fm_backend_params bp = {&m->c, m->chunk, m->segment, spec->gpu_memory_budget};
     if ((st = fm_backend_open(m->be.op, &bp, &m->be)) != FM_OK) goto fail;
     const uint32_t *dense_crc = spec->verify_checksums && spec->has_dense_checksum ? &spec->dense_checksum : NULL;
     if ((st = fm_packed_read_dense(spec->dense_path, spec->dense_size, dense_crc, &m->dense_host)) != FM_OK) goto fail;
     m->dense_size = spec->dense_size - FM_PREAMBLE_SIZE;
     if (!(m->dense = (uint8_t *)FM_OP(&m->be, wrap_host, m->dense_host, m->dense_size))) {
-        st = fm_fail(FM_ERR_NOMEM, "%s backend: cannot map the dense weights (%zu bytes)", m->be.op->name,
-                     (size_t)m->dense_size);
+        char what[64];
+        snprintf(what, sizeof what, "the dense weights (%zu bytes)", (size_t)m->dense_size);
+        st = alloc_failed(m, what);
         goto fail;
     }
     if ((st = fm_bind_mat(m, spec, &m->embed, V, H, "embed_tokens.weight")) != FM_OK) goto fail;
@@ -473,7 +488,9 @@ fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
     m->scratch_mem = FM_OP(&m->be, alloc, FM_MEM_SCRATCH, dev_bytes);
     m->host_scratch = fm_alloc(host_bytes);
     if (!m->scratch_mem || !m->host_scratch) {
-        st = fm_fail(FM_ERR_NOMEM, "cannot allocate scratch for chunks of %d tokens", m->chunk);
+        char what[64];
+        snprintf(what, sizeof what, "scratch for chunks of %d tokens", m->chunk);
+        st = alloc_failed(m, what);
         goto fail;
     }
     layout_scratch(m, (uint8_t *)m->scratch_mem, (uint8_t *)m->host_scratch, &dev_bytes, &host_bytes);
@@ -808,6 +825,10 @@ void fm_model_stats(const fm_model *m, fm_stats *out) {
         out->io_busy_seconds = c.io_busy_seconds;
         out->direct_io = c.direct_io;
     }
+    uint64_t d[4] = {0, 0, 0, 0};
+    if (m->be.op) FM_OP(&m->be, device_stats, d);
+    out->device_expert_slots = d[0], out->device_expert_hits = d[1], out->device_expert_misses = d[2];
+    out->device_bytes_in = d[3];
 }
 
 void fm_model_expert_usage(const fm_model *m, uint64_t *out) {

@@ -106,6 +106,8 @@ typedef struct {
     int verify_checksums;   /* check dense.bin's CRC-32 at load and each expert blob's on every read */
     int int8_activations;   /* decode matvecs on int8-quantized activations (see csrc/backend/cpu/cpu.h) */
     const char *backend;    /* where the layers compute: "cpu" (NULL or "": cpu); see fm_backend_names() */
+    uint64_t gpu_memory_budget; /* CUDA: device bytes for the dense weights, state, scratch and the VRAM expert
+                                 * cache (the experts' second tier, above memory_budget's); 0: what is free */
 } fm_load_spec;
 
 typedef struct fm_model fm_model;
@@ -235,6 +237,8 @@ typedef struct {
     double io_busy_seconds;  /* wall time with at least one expert read in flight */
     double compute_seconds;  /* wall time in fm_model_forward, waits included */
     int direct_io;           /* expert reads bypass the page cache (O_DIRECT) */
+    /* a GPU backend's own expert cache above the host's (CUDA's VRAM tier; 0 elsewhere) */
+    uint64_t device_expert_slots, device_expert_hits, device_expert_misses, device_bytes_in;
     /* the last fm_model_generate call: prompt processing and decoding, separately */
     int last_prompt_tokens, last_generated_tokens;
     double last_prompt_seconds, last_decode_seconds;

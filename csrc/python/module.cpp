@@ -149,6 +149,7 @@ static void to_spec(const py::dict &spec, SpecHolder &h) {
     h.s.prefill_chunk = spec["prefill_chunk"].cast<int>();
     h.s.expert_cache_slots = spec["expert_cache_slots"].cast<int>();
     h.s.memory_budget = spec["memory_budget"].cast<uint64_t>();
+    h.s.gpu_memory_budget = spec.contains("gpu_memory_budget") ? spec["gpu_memory_budget"].cast<uint64_t>() : 0;
     h.s.cache_policy = (fm_cache_policy)spec["cache_policy"].cast<int>();
     h.s.io_threads = spec["io_threads"].cast<int>();
     h.s.prefetch = spec["prefetch"].cast<bool>() ? 1 : 0;
@@ -475,6 +476,10 @@ class Model {
         d["io_busy_seconds"] = s.io_busy_seconds;
         d["compute_seconds"] = s.compute_seconds;
         d["direct_io"] = (bool)s.direct_io;
+        d["device_expert_slots"] = s.device_expert_slots;
+        d["device_expert_hits"] = s.device_expert_hits;
+        d["device_expert_misses"] = s.device_expert_misses;
+        d["device_bytes_in"] = s.device_bytes_in;
         d["last_prompt_tokens"] = s.last_prompt_tokens;
         d["last_prompt_seconds"] = s.last_prompt_seconds;
         d["last_generated_tokens"] = s.last_generated_tokens;
@@ -518,6 +523,8 @@ static void bind_ops(py::module_ &m) {
     });
     m.def("get_threads", []() { return fm_threads_get(); });
     m.def("backends", []() { return std::string(fm_backend_names()); }, "comma-separated backends this build has");
+    m.def("backend_has_device", [](const std::string &name) { return fm_backend_has_device(name.c_str()) != 0; },
+          "whether backend `name` is built and this machine has its device (a GPU for cuda)");
 }
 
 // ---------------------------------------------------------------- ops, for the op tests (tests/test_ops.py)
@@ -911,7 +918,7 @@ static void bind_op_tests(py::module_ &m) {
             check_size(tok.size() >= 1 && tok.size() <= T, "an expert has 1 to T tokens");
             for (py::ssize_t i = 0; i < tok.size(); i++) check_size(tok.data()[i] >= 0 && tok.data()[i] < T,
                                                                    "a token of an expert out of range");
-            work[j] = {&mats[3 * j], &mats[3 * j + 1], &mats[3 * j + 2], tok.data(), (int)tok.size(), rows};
+            work[j] = {&mats[3 * j], &mats[3 * j + 1], &mats[3 * j + 2], tok.data(), (int)tok.size(), rows, -1};
             rows += (int)tok.size();
         }
         float *ye = c.zeros((size_t)rows * H);

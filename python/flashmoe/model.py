@@ -27,7 +27,8 @@ MAX_STOP_STRINGS = 256     # each is searched for after every token
 MAX_STOP_LENGTH = 4096
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _COUNTERS = ("tokens", "expert_hits", "expert_misses", "prefetches", "prefetch_hits", "bytes_read",
-             "io_wait_seconds", "io_busy_seconds", "compute_seconds")
+             "io_wait_seconds", "io_busy_seconds", "compute_seconds", "device_expert_hits",
+             "device_expert_misses", "device_bytes_in")
 
 
 def parse_size(value) -> int:
@@ -110,7 +111,7 @@ def _eos_ids(cfg: dict) -> list[int]:
 def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", prefetch: bool = True,
                io_threads: int = 8, context_length: int | None = None, prefill_chunk: int | None = None,
                expert_cache_slots: int | None = None, verify_checksums: bool = False,
-               int8_activations: bool = True, backend: str = "auto"):
+               int8_activations: bool = True, backend: str = "auto", gpu_memory_budget=None):
     """The validated header and the load spec the C core takes (csrc/python/module.cpp: to_spec)."""
     built = backends()
     if not isinstance(backend, str) or (backend not in built and backend != "auto"):
@@ -155,6 +156,7 @@ def _load_spec(path: str, *, memory_budget=None, cache_policy: str = "lfru", pre
         "context_length": int(context_length),
         "prefill_chunk": int(prefill_chunk or 128),
         "memory_budget": parse_size(memory_budget) if memory_budget is not None else 0,
+        "gpu_memory_budget": parse_size(gpu_memory_budget) if gpu_memory_budget is not None else 0,
         "expert_cache_slots": int(expert_cache_slots or 0),
         "cache_policy": CACHE_POLICIES[cache_policy],
         "io_threads": int(io_threads),
@@ -303,9 +305,13 @@ class Model:
                           them fp32 (the exact dequantized function; csrc/backend/cpu/cpu.h)
       backend             where the layers compute: "auto" (the default: the environment's
                           FLASHMOE_BACKEND where set, else "metal" on a Mac whose build has the Metal
-                          backend complete and a Metal GPU, else "cpu"), "cpu" or "metal";
+                          backend complete and a Metal GPU, else "cpu"), "cpu", "cuda" or "metal";
                           flashmoe.backends() lists what this build has, Model.backend says which ran
                           (docs/ARCHITECTURE.md)
+      gpu_memory_budget   CUDA: bytes (or "16GB") of GPU memory for the dense weights, state, scratch
+                          and the VRAM expert cache, which gets what is left (default: what the GPU has
+                          free, less 1 GiB); experts missing there come from the host's expert cache
+                          (memory_budget), and below it from disk
     """
 
     def __init__(self, path, *, threads: int | None = None, prompt_cache: int = 4, **options):
@@ -363,13 +369,15 @@ class Model:
         on reads), io_busy_seconds (reads in flight), compute_seconds, and derived hit_rate, read_gbps,
         tokens_per_second; distinct_expert_bytes (the routed experts the tokens used, each counted once
         per layer) and read_amplification (bytes_read / distinct_expert_bytes: 1.0 when every expert used
-        was read once); "last" holds the same for the last forward/generate call; "direct_io" says
+        was read once); device_expert_hits, device_expert_misses and device_bytes_in (CUDA: the VRAM
+        expert cache, device_expert_slots experts, above the host's; 0 elsewhere); "last" holds the same for the last forward/generate call; "direct_io" says
         whether expert reads bypass the page cache; "backend" where the layers computed."""
         raw = self._raw_stats()
         out = _derived({**{k: raw[k] - self._base[k] for k in _COUNTERS},
                         "distinct_expert_bytes": self._distinct_bytes(self._usage_base)})
         out["last"] = _derived(dict(self._last))
         out["direct_io"] = raw["direct_io"]
+        out["device_expert_slots"] = raw["device_expert_slots"]
         out["backend"] = self._core.backend
         for k in ("last_prompt_tokens", "last_prompt_seconds", "last_generated_tokens", "last_decode_seconds"):
             out[k] = raw[k]

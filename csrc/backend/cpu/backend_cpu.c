@@ -92,6 +92,7 @@ static void cpu_unwrap_host(void *ctx, void *p, size_t bytes) { (void)ctx, (void
 static fm_event cpu_record(void *ctx) { (void)ctx; return 0; }
 static void cpu_wait(void *ctx, fm_event ev) { (void)ctx, (void)ev; }
 static fm_status cpu_finish(void *ctx) { (void)ctx; return FM_OK; }
+static void cpu_device_stats(void *ctx, uint64_t out[4]) { (void)ctx, memset(out, 0, 4 * sizeof *out); }
 
 /* ---------------------------------------------------------------- ops */
 
@@ -281,6 +282,7 @@ static const fm_backend_ops cpu_ops = {
     .record = cpu_record,
     .wait = cpu_wait,
     .finish = cpu_finish,
+    .device_stats = cpu_device_stats,
     .matmul = cpu_matmul,
     .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,

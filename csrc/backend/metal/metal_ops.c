@@ -211,6 +211,11 @@ static fm_status metal_finish(void *ctx) {
     return st;
 }
 
+static void metal_device_stats(void *ctx, uint64_t out[4]) {
+    (void)ctx;
+    memset(out, 0, 4 * sizeof *out); /* unified memory: the host's expert cache is the GPU's */
+}
+
 /* ---------------------------------------------------------------- ops */
 
 /* Bind the arguments struct at index i and dispatch. */
@@ -606,6 +611,7 @@ static const fm_backend_ops metal_ops = {
     .record = metal_record,
     .wait = metal_wait,
     .finish = metal_finish,
+    .device_stats = metal_device_stats,
     .matmul = metal_matmul,
     .embed = metal_embed,
     .rmsnorm = metal_rmsnorm,

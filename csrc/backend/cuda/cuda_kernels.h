@@ -1,0 +1,78 @@
+/*
+ * cuda_kernels.h — the CUDA kernels' launchers, as the backend's table (cuda_ops.cu) calls them.
+ *
+ * Every pointer is device memory unless named host. Each launcher queues its kernels on stream s and
+ * returns FM_OK, or FM_ERR_INVALID (after fm_fail says why) for a shape its kernels cannot take: never a
+ * result computed without them. Launch errors are the table's to check (cudaGetLastError after each op).
+ *
+ * Batch invariance (backend.h): each token's outputs are the same bits whatever T is and wherever the token
+ * sits in the call, so every kernel reduces in an order fixed by the token alone (never by T or the grid).
+ */
+#ifndef FM_CUDA_KERNELS_H
+#define FM_CUDA_KERNELS_H
+
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "../../core/util.h"
+#include "../tensor.h"
+
+/* ---- matmul.cu */
+/* Device scratch fmc_matmul needs for T tokens of w (int8 activations: the quantized x and its per-group
+ * factors); 0 when none. */
+size_t fmc_matmul_scratch_bytes(const fm_mat *w, int T);
+/* y[T, rows] = x[T, cols] · Wᵀ, the numerics of cpu.h's fm_cpu_matmul (int8 activations where w->int8_act
+ * and the group size is a multiple of 32 up to 256); scratch: fmc_matmul_scratch_bytes(w, T) bytes. */
+fm_status fmc_matmul(cudaStream_t s, const fm_mat *w, const float *x, int T, float *y, void *scratch);
+/* out[T, cols] = row ids[t] of W, dequantized (fm_cpu_get_row); ids: device [T] */
+fm_status fmc_embed(cudaStream_t s, const fm_mat *w, const int32_t *ids, int T, float *out);
+
+/* ---- attention.cu */
+/* Floats of scratch fmc_attention needs (its flash-decoding partials) for this call. */
+size_t fmc_attention_scratch_floats(int T, int pos0, int nh, int hd);
+/* fm_cpu_attention: causal attention of T queries at positions pos0.. over k_cache, v_cache [ctx, nkv, hd]
+ * holding positions [0, pos0 + T); q, out [T, nh, hd]. */
+fm_status fmc_attention(cudaStream_t s, float *out, const float *q, const float *k_cache, const float *v_cache, int T,
+                        int pos0, int nh, int nkv, int hd, float scale, float *scratch);
+
+/* ---- gated_delta.cu */
+/* fm_cpu_gated_delta's map over T tokens at positions pos0..: q, k [T, Hk, dk]; v [T, Hv, dv]; g, beta
+ * [T, Hv]; S [Hv, dk, dv] updated; out [T, Hv, dv]. */
+fm_status fmc_gated_delta(cudaStream_t s, float *out, float *S, const float *q, const float *k, const float *v,
+                          const float *g, const float *beta, int T, int pos0, int Hk, int Hv, int dk, int dv);
+
+/* ---- route.cu */
+/* fm_cpu_topk_softmax per token of logits [T, E]: idx, weights device [T, k]. */
+fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights);
+
+/* ---- eltwise.cu: the element-wise and row ops, each the fm_cpu_* / backend.h op of the same name */
+fm_status fmc_rmsnorm(cudaStream_t s, float *out, const float *x, const float *w, int T, int n, float eps, int zc);
+fm_status fmc_l2norm(cudaStream_t s, float *x, int T, int n, float eps, float scale);
+fm_status fmc_rope(cudaStream_t s, float *x, int T, int heads, int hd, int rot, int pos0, float theta);
+fm_status fmc_silu_mul(cudaStream_t s, float *out, const float *gate, const float *up, size_t n);
+fm_status fmc_sigmoid_mul(cudaStream_t s, float *out, const float *gate, const float *x, size_t n);
+fm_status fmc_add(cudaStream_t s, float *x, const float *y, size_t n);
+fm_status fmc_split_q_gate(cudaStream_t s, float *q, float *gate, const float *q2, int T, int nh, int hd);
+fm_status fmc_kv_write(cudaStream_t s, float *cache, const float *src, int pos0, int T, int row);
+fm_status fmc_conv1d_silu(cudaStream_t s, float *out, const float *x, float *state, const float *w, int T, int C,
+                          int K);
+fm_status fmc_deltanet_split(cudaStream_t s, float *q, float *k, float *v, const float *conv, int T, int kd, int vd);
+fm_status fmc_deltanet_gates(cudaStream_t s, float *b, float *a, const float *A_log, const float *dt_bias, int T,
+                             int Hv);
+fm_status fmc_gate_rows(cudaStream_t s, float *out, const float *g, int T, int n);
+/* out[t] += Σ_j weights[t, j] · ye[row[t, j]]; row, weights device [T, k] */
+fm_status fmc_moe_combine(cudaStream_t s, float *out, const float *ye, const int32_t *row, const float *weights, int T,
+                          int k, int h);
+/* dst[i, :] = src[rows[i], :], i < n; rows device [n] */
+fm_status fmc_gather_rows(cudaStream_t s, float *dst, const float *src, const int32_t *rows, int n, int cols);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FM_CUDA_KERNELS_H */

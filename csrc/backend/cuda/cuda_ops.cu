@@ -1,0 +1,729 @@
+/*
+ * cuda_ops.cu — the CUDA backend: the interface of ../backend.h on one NVIDIA GPU, over the kernels of
+ * cuda_kernels.h.
+ *
+ * Memory. Dense weights (copied in by wrap_host), sequence state and scratch live in device memory, all
+ * counted against the instance's device budget (fm_backend_params.device_budget, the user's
+ * gpu_memory_budget). Expert slots and staging are host memory pinned for the GPU (host_view gives the
+ * same address): the expert store reads them from disk as on the CPU. They are the experts' host tier.
+ *
+ * Experts in three tiers. Above the host tier sits a VRAM cache of the experts themselves, keyed by
+ * fm_expert_work.key (layer · num_experts + e) and sized at the first MoE layer from what the budget has
+ * left: an expert found there computes at once; a miss is copied from its pinned host slot on a copy stream
+ * of its own and its FFN waits on that copy's event alone (cudaStreamWaitEvent), so hits compute while the
+ * misses' copies run and nothing synchronises the device per layer. A slot's next copy waits on the event
+ * after the last FFN that read it. Below the host tier the expert store reads from disk, as everywhere.
+ *
+ * Ops queue on one compute stream in issue order. The one device→host transfer of a layer is the router's
+ * top-k (route synchronises the compute stream). An op the kernels cannot take, or a CUDA error, is recorded
+ * and reported by finish() (the ops return nothing): never a result computed without it.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <new>
+
+extern "C" {
+#include "../backend.h"
+}
+#include "cuda_kernels.h"
+
+namespace {
+
+constexpr size_t MiB = (size_t)1 << 20;
+constexpr int EVENT_RING = 256;          /* record()'s events; an older one is waited for by a stream sync */
+constexpr size_t UPLOAD_MIN = 4 * MiB;   /* host arrays an op takes: token ids, expert tokens, routing rows */
+constexpr size_t DEFAULT_RESERVE = 1024 * MiB; /* left free on the device when no budget is given */
+constexpr size_t VRAM_HEADROOM = 64 * MiB;     /* kept out of the VRAM expert cache for scratch that grows */
+
+/* A grown-on-demand device buffer (only grows; the old one is freed after a sync). */
+struct dbuf {
+    void *p = nullptr;
+    size_t size = 0;
+};
+
+struct cuda_ctx {
+    int dev = 0;
+    cudaStream_t s = nullptr;  /* compute */
+    cudaStream_t cs = nullptr; /* expert copies into the VRAM cache */
+    fm_status err = FM_OK;     /* the first failure since the last finish() */
+    uint64_t budget = 0, used = 0; /* device bytes: the budget, and what this instance holds */
+    const fm_config *cfg = nullptr;
+
+    /* record()/wait(): event serials over a ring; the expert store's I/O threads wait too, hence the lock */
+    pthread_mutex_t mu;
+    cudaEvent_t ring[EVENT_RING] = {};
+    uint64_t serial = 0, done = 0;
+
+    /* host arrays for the ops: written into pinned memory, copied to the device arena on the stream; both
+     * reused from the start once the stream has drained (after each router's sync, in practice) */
+    uint8_t *up_host = nullptr, *up_dev = nullptr;
+    size_t up_size = 0, up_used = 0;
+
+    dbuf mm;   /* a matmul's int8 activations */
+    dbuf attn; /* attention's partials */
+    dbuf ffn;  /* the experts' gathered rows and hidden states */
+    dbuf route_dev;                 /* the router's [T, k] indices, then weights */
+    uint8_t *route_host = nullptr;  /* the same, pinned, for the host to read */
+    size_t route_host_size = 0;
+
+    /* the VRAM expert cache: n_slots of slot_bytes, LRU order as a doubly linked list (head: most recent) */
+    int vram_ready = 0, n_slots = 0, key_space = 0;
+    size_t slot_bytes = 0;
+    uint8_t *pool = nullptr;
+    int32_t *slot_key = nullptr, *key_slot = nullptr; /* [n_slots] key or -1; [key_space] slot or -1 */
+    int *prev = nullptr, *next = nullptr, head = -1, tail = -1;
+    unsigned char *locked = nullptr;   /* [n_slots] taken by the batch being issued */
+    unsigned char *pending = nullptr;  /* [n_slots] a copy in flight that compute has not yet waited on */
+    cudaEvent_t *loaded = nullptr, *used_ev = nullptr; /* [n_slots] after its copy; after its last FFN */
+    uint64_t hits = 0, misses = 0, bytes_in = 0;
+};
+
+cuda_ctx *ctx_of(void *p) { return (cuda_ctx *)p; }
+
+void failed(cuda_ctx *c, fm_status st) {
+    if (c->err == FM_OK) c->err = st;
+}
+
+/* A CUDA call's error recorded (as FM_ERR_DEVICE, with what failed); 1 when it succeeded. */
+bool ok(cuda_ctx *c, cudaError_t e, const char *what) {
+    if (e == cudaSuccess) return true;
+    failed(c, fm_fail(FM_ERR_DEVICE, "cuda backend: %s: %s", what, cudaGetErrorString(e)));
+    return false;
+}
+
+/* After an op's launches: its status (a refused shape) or a launch error recorded. */
+void launched(cuda_ctx *c, fm_status st, const char *op) {
+    if (st != FM_OK) failed(c, st);
+    else ok(c, cudaGetLastError(), op);
+}
+
+/* Device memory counted against the budget; NULL (with fm_fail) when over it or out of memory. */
+void *dmalloc(cuda_ctx *c, size_t bytes, const char *what) {
+    if (c->used + bytes > c->budget) {
+        failed(c, FM_ERR_BUDGET);
+        fm_fail(FM_ERR_BUDGET, "cuda backend: %s needs %.1f MiB of GPU memory, and gpu_memory_budget has %.1f of "
+                "%.1f MiB left", what, bytes / (double)MiB, (c->budget - c->used) / (double)MiB,
+                c->budget / (double)MiB);
+        return nullptr;
+    }
+    void *p = nullptr;
+    if (cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) {
+        cudaGetLastError();
+        failed(c, FM_ERR_NOMEM);
+        fm_fail(FM_ERR_NOMEM, "cuda backend: cannot allocate %.1f MiB of GPU memory for %s", bytes / (double)MiB, what);
+        return nullptr;
+    }
+    c->used += bytes;
+    return p;
+}
+
+void dfree(cuda_ctx *c, void *p, size_t bytes) {
+    if (!p) return;
+    cudaFree(p); /* synchronises the device: nothing in flight still reads it */
+    c->used -= bytes;
+}
+
+/* Everything queued has finished: the upload arena is free again. */
+void sync_all(cuda_ctx *c) {
+    ok(c, cudaStreamSynchronize(c->cs), "copy stream");
+    ok(c, cudaStreamSynchronize(c->s), "compute stream");
+    pthread_mutex_lock(&c->mu);
+    c->done = c->serial;
+    pthread_mutex_unlock(&c->mu);
+    c->up_used = 0;
+}
+
+/* b grown to at least `bytes`; NULL (failure recorded) when it cannot be. */
+void *grow(cuda_ctx *c, dbuf *b, size_t bytes, const char *what) {
+    if (bytes <= b->size) return b->p;
+    sync_all(c);
+    dfree(c, b->p, b->size);
+    b->p = nullptr, b->size = 0;
+    if (!(b->p = dmalloc(c, bytes, what))) {
+        failed(c, FM_ERR_BUDGET);
+        return nullptr;
+    }
+    b->size = bytes;
+    return b->p;
+}
+
+/* A device copy of host bytes for the ops queued next; NULL (failure recorded) when out of memory. */
+void *upload(cuda_ctx *c, const void *host, size_t bytes) {
+    const size_t need = (bytes + 255) & ~(size_t)255;
+    if (c->up_used + need > c->up_size) {
+        sync_all(c);
+        if (need > c->up_size) {
+            const size_t size = need > UPLOAD_MIN ? need : UPLOAD_MIN;
+            void *h = nullptr, *d = dmalloc(c, size, "the upload arena");
+            if (!d || cudaMallocHost(&h, size) != cudaSuccess) {
+                if (d) dfree(c, d, size);
+                failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: cannot allocate %zu bytes to upload to", size));
+                return nullptr;
+            }
+            if (c->up_host) cudaFreeHost(c->up_host);
+            dfree(c, c->up_dev, c->up_size);
+            c->up_host = (uint8_t *)h, c->up_dev = (uint8_t *)d, c->up_size = size;
+        }
+    }
+    uint8_t *h = c->up_host + c->up_used, *d = c->up_dev + c->up_used;
+    c->up_used += need;
+    memcpy(h, host, bytes);
+    return ok(c, cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, c->s), "upload") ? d : nullptr;
+}
+
+
+/* ---------------------------------------------------------------- instance */
+
+size_t cuda_workspace_bytes(const fm_backend_params *p) {
+    (void)p;
+    return 2 * UPLOAD_MIN; /* host memory: the pinned upload arena and route's results */
+}
+
+uint64_t cuda_memory_limit(const fm_backend_params *p) {
+    (void)p;
+    return 0; /* host memory: the budget's alone (the device has its own, device_budget) */
+}
+
+void cuda_destroy(void *ctx);
+
+fm_status cuda_create(const fm_backend_params *p, void **out) {
+    cuda_ctx *c = new (std::nothrow) cuda_ctx();
+    if (!c) return fm_fail(FM_ERR_NOMEM, "cuda backend: out of memory");
+    *out = c;
+    pthread_mutex_init(&c->mu, nullptr);
+    c->cfg = p->config;
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+        cudaGetLastError();
+        return fm_fail(FM_ERR_DEVICE, "cuda backend: no CUDA device (the driver found none)");
+    }
+    const char *env = getenv("FLASHMOE_CUDA_DEVICE");
+    c->dev = env && *env ? atoi(env) : 0;
+    if (c->dev < 0 || c->dev >= n) return fm_fail(FM_ERR_INVALID, "cuda backend: FLASHMOE_CUDA_DEVICE=%d, but %d devices", c->dev, n);
+    if (cudaSetDevice(c->dev) != cudaSuccess || cudaStreamCreateWithFlags(&c->s, cudaStreamNonBlocking) != cudaSuccess ||
+        cudaStreamCreateWithFlags(&c->cs, cudaStreamNonBlocking) != cudaSuccess)
+        return fm_fail(FM_ERR_DEVICE, "cuda backend: cannot open device %d: %s", c->dev, cudaGetErrorString(cudaGetLastError()));
+    for (int i = 0; i < EVENT_RING; i++)
+        if (cudaEventCreateWithFlags(&c->ring[i], cudaEventDisableTiming) != cudaSuccess)
+            return fm_fail(FM_ERR_DEVICE, "cuda backend: cannot create events");
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    c->budget = p->device_budget ? p->device_budget : (free_b > DEFAULT_RESERVE ? free_b - DEFAULT_RESERVE : free_b / 2);
+    if (p->device_budget > free_b)
+        return fm_fail(FM_ERR_BUDGET, "cuda backend: gpu_memory_budget %.1f MiB, but device %d has %.1f MiB free",
+                       p->device_budget / (double)MiB, c->dev, free_b / (double)MiB);
+    c->key_space = p->config->num_hidden_layers * (p->config->num_experts > 0 ? p->config->num_experts : 0);
+    return FM_OK;
+}
+
+void cuda_destroy(void *ctx) {
+    cuda_ctx *c = ctx_of(ctx);
+    if (!c) return;
+    if (c->s) {
+        cudaStreamSynchronize(c->cs);
+        cudaStreamSynchronize(c->s);
+        if (getenv("FLASHMOE_CUDA_STATS"))
+            fprintf(stderr, "flashmoe cuda: VRAM expert cache %d slots of %zu bytes: %llu hits, %llu misses, %.1f MB "
+                    "copied in\n", c->n_slots, c->slot_bytes, (unsigned long long)c->hits,
+                    (unsigned long long)c->misses, c->bytes_in / 1e6);
+    }
+    for (int i = 0; i < c->n_slots; i++) {
+        if (c->loaded) cudaEventDestroy(c->loaded[i]);
+        if (c->used_ev) cudaEventDestroy(c->used_ev[i]);
+    }
+    free(c->loaded), free(c->used_ev), free(c->slot_key), free(c->key_slot), free(c->prev), free(c->next);
+    free(c->locked), free(c->pending);
+    dfree(c, c->pool, c->slot_bytes * (size_t)c->n_slots);
+    dfree(c, c->mm.p, c->mm.size), dfree(c, c->attn.p, c->attn.size), dfree(c, c->ffn.p, c->ffn.size);
+    dfree(c, c->up_dev, c->up_size), dfree(c, c->route_dev.p, c->route_dev.size);
+    if (c->up_host) cudaFreeHost(c->up_host);
+    if (c->route_host) cudaFreeHost(c->route_host);
+    for (int i = 0; i < EVENT_RING; i++)
+        if (c->ring[i]) cudaEventDestroy(c->ring[i]);
+    if (c->s) cudaStreamDestroy(c->s);
+    if (c->cs) cudaStreamDestroy(c->cs);
+    pthread_mutex_destroy(&c->mu);
+    delete c;
+}
+
+/* ---------------------------------------------------------------- memory and events */
+
+bool host_kind(fm_mem_kind kind) { return kind == FM_MEM_EXPERT_SLOTS || kind == FM_MEM_STAGING; }
+
+void *cuda_alloc(void *ctx, fm_mem_kind kind, size_t bytes) {
+    cuda_ctx *c = ctx_of(ctx);
+    if (host_kind(kind)) { /* 2 MiB aligned for O_DIRECT and huge pages, then pinned for the copy engines */
+        void *p = fm_alloc_weights(bytes);
+        if (p && cudaHostRegister(p, bytes, cudaHostRegisterDefault) != cudaSuccess) {
+            cudaGetLastError();
+            fm_free(p);
+            fm_fail(FM_ERR_NOMEM, "cuda backend: cannot pin %.1f MiB of host memory for the expert cache",
+                    bytes / (double)MiB);
+            return nullptr;
+        }
+        return p;
+    }
+    void *p = dmalloc(c, bytes, kind == FM_MEM_DENSE ? "the dense weights" : kind == FM_MEM_STATE ? "the sequence state"
+                                                                                                   : "scratch");
+    if (p && kind != FM_MEM_DENSE && cudaMemset(p, 0, bytes) != cudaSuccess) {
+        dfree(c, p, bytes);
+        return nullptr;
+    }
+    return p;
+}
+
+void cuda_free(void *ctx, fm_mem_kind kind, void *p, size_t bytes) {
+    cuda_ctx *c = ctx_of(ctx);
+    if (!p) return;
+    if (host_kind(kind)) {
+        sync_all(c); /* nothing in flight may still copy from it */
+        cudaHostUnregister(p);
+        fm_free(p);
+        return;
+    }
+    dfree(c, p, bytes);
+}
+
+void cuda_fill_zero(void *ctx, void *p, size_t bytes) {
+    cuda_ctx *c = ctx_of(ctx);
+    ok(c, cudaMemsetAsync(p, 0, bytes, c->s), "fill_zero");
+}
+
+void cuda_copy(void *ctx, void *dst, const void *src, size_t bytes) {
+    cuda_ctx *c = ctx_of(ctx);
+    ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, c->s), "copy");
+}
+
+void cuda_to_host(void *ctx, void *host, const void *src, size_t bytes) {
+    cuda_ctx *c = ctx_of(ctx);
+    if (ok(c, cudaMemcpyAsync(host, src, bytes, cudaMemcpyDefault, c->s), "copy to the host")) sync_all(c);
+}
+
+void cuda_from_host(void *ctx, void *dst, const void *host, size_t bytes) {
+    cuda_ctx *c = ctx_of(ctx);
+    /* synchronous: the caller may reuse its buffer on return */
+    if (ok(c, cudaMemcpyAsync(dst, host, bytes, cudaMemcpyDefault, c->s), "copy from the host")) sync_all(c);
+}
+
+void *cuda_host_view(void *ctx, void *p) {
+    (void)ctx;
+    cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        cudaGetLastError();
+        return nullptr;
+    }
+    return a.type == cudaMemoryTypeHost ? p : nullptr; /* expert slots, staging: pinned host memory */
+}
+
+void *cuda_wrap_host(void *ctx, void *host, size_t bytes) {
+    cuda_ctx *c = ctx_of(ctx);
+    void *d = dmalloc(c, bytes, "the dense weights");
+    if (!d) return nullptr;
+    if (cudaMemcpy(d, host, bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
+        fm_fail(FM_ERR_DEVICE, "cuda backend: copying the dense weights in: %s", cudaGetErrorString(cudaGetLastError()));
+        dfree(c, d, bytes);
+        return nullptr;
+    }
+    return d;
+}
+
+void cuda_unwrap_host(void *ctx, void *p, size_t bytes) { dfree(ctx_of(ctx), p, bytes); }
+
+fm_event cuda_record(void *ctx) {
+    cuda_ctx *c = ctx_of(ctx);
+    pthread_mutex_lock(&c->mu);
+    const uint64_t ev = ++c->serial;
+    ok(c, cudaEventRecord(c->ring[ev % EVENT_RING], c->s), "record");
+    pthread_mutex_unlock(&c->mu);
+    return ev;
+}
+
+/* Called by the compute thread and by the expert store's I/O threads. An event whose ring entry has been
+ * recorded again since waits for that later point: later, so still safe. */
+void cuda_wait(void *ctx, fm_event ev) {
+    cuda_ctx *c = ctx_of(ctx);
+    pthread_mutex_lock(&c->mu);
+    if (ev <= c->done) {
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    const bool in_ring = c->serial - ev < EVENT_RING;
+    cudaEvent_t e = c->ring[ev % EVENT_RING];
+    pthread_mutex_unlock(&c->mu);
+    const cudaError_t r = in_ring ? cudaEventSynchronize(e) : cudaStreamSynchronize(c->s);
+    pthread_mutex_lock(&c->mu);
+    if (r == cudaSuccess && ev > c->done) c->done = ev;
+    pthread_mutex_unlock(&c->mu);
+}
+
+fm_status cuda_finish(void *ctx) {
+    cuda_ctx *c = ctx_of(ctx);
+    sync_all(c);
+    ok(c, cudaGetLastError(), "a kernel");
+    const fm_status st = c->err;
+    c->err = FM_OK;
+    return st;
+}
+
+void cuda_device_stats(void *ctx, uint64_t out[4]) {
+    const cuda_ctx *c = ctx_of(ctx);
+    out[0] = (uint64_t)c->n_slots, out[1] = c->hits, out[2] = c->misses, out[3] = c->bytes_in;
+}
+
+/* ---------------------------------------------------------------- ops */
+
+void cuda_matmul(void *ctx, const fm_mat *w, const float *x, int T, float *y) {
+    cuda_ctx *c = ctx_of(ctx);
+    if (T <= 0 || w->rows <= 0) return;
+    const size_t need = fmc_matmul_scratch_bytes(w, T);
+    void *scratch = need ? grow(c, &c->mm, need, "matmul scratch") : nullptr;
+    if (need && !scratch) return;
+    launched(c, fmc_matmul(c->s, w, x, T, y, scratch), "matmul");
+}
+
+void cuda_embed(void *ctx, const fm_mat *w, const int32_t *ids, int T, float *out) {
+    cuda_ctx *c = ctx_of(ctx);
+    if (T <= 0) return;
+    for (int t = 0; t < T; t++)
+        if (ids[t] < 0 || ids[t] >= w->rows) {
+            failed(c, fm_fail(FM_ERR_INVALID, "cuda backend: token id %d out of the vocabulary (%d)", ids[t], w->rows));
+            return;
+        }
+    const int32_t *d = (const int32_t *)upload(c, ids, sizeof(int32_t) * (size_t)T);
+    if (d) launched(c, fmc_embed(c->s, w, d, T, out), "embed");
+}
+
+void cuda_rmsnorm(void *ctx, float *out, const float *x, const float *w, int T, int n, float eps, int zc) {
+    launched(ctx_of(ctx), fmc_rmsnorm(ctx_of(ctx)->s, out, x, w, T, n, eps, zc), "rmsnorm");
+}
+void cuda_l2norm(void *ctx, float *x, int T, int n, float eps, float scale) {
+    launched(ctx_of(ctx), fmc_l2norm(ctx_of(ctx)->s, x, T, n, eps, scale), "l2norm");
+}
+void cuda_rope(void *ctx, float *x, int T, int heads, int hd, int rot, int pos0, float theta) {
+    launched(ctx_of(ctx), fmc_rope(ctx_of(ctx)->s, x, T, heads, hd, rot, pos0, theta), "rope");
+}
+void cuda_silu_mul(void *ctx, float *out, const float *g, const float *u, int T, int n) {
+    launched(ctx_of(ctx), fmc_silu_mul(ctx_of(ctx)->s, out, g, u, (size_t)T * n), "silu_mul");
+}
+void cuda_sigmoid_mul(void *ctx, float *out, const float *g, const float *x, int T, int n) {
+    launched(ctx_of(ctx), fmc_sigmoid_mul(ctx_of(ctx)->s, out, g, x, (size_t)T * n), "sigmoid_mul");
+}
+void cuda_add(void *ctx, float *x, const float *y, size_t n) {
+    launched(ctx_of(ctx), fmc_add(ctx_of(ctx)->s, x, y, n), "add");
+}
+void cuda_split_q_gate(void *ctx, float *q, float *gate, const float *q2, int T, int nh, int hd) {
+    launched(ctx_of(ctx), fmc_split_q_gate(ctx_of(ctx)->s, q, gate, q2, T, nh, hd), "split_q_gate");
+}
+void cuda_kv_write(void *ctx, float *cache, const float *src, int pos0, int T, int row) {
+    launched(ctx_of(ctx), fmc_kv_write(ctx_of(ctx)->s, cache, src, pos0, T, row), "kv_write");
+}
+void cuda_attention(void *ctx, float *out, const float *q, const float *kc, const float *vc, int T, int pos0, int nh,
+                    int nkv, int hd, float scale) {
+    cuda_ctx *c = ctx_of(ctx);
+    if (T <= 0) return;
+    const size_t floats = fmc_attention_scratch_floats(T, pos0, nh, hd);
+    float *part = floats ? (float *)grow(c, &c->attn, floats * sizeof(float), "attention partials") : nullptr;
+    if (floats && !part) return;
+    launched(c, fmc_attention(c->s, out, q, kc, vc, T, pos0, nh, nkv, hd, scale, part), "attention");
+}
+void cuda_conv1d_silu(void *ctx, float *out, const float *x, float *state, const float *w, int T, int C, int K) {
+    launched(ctx_of(ctx), fmc_conv1d_silu(ctx_of(ctx)->s, out, x, state, w, T, C, K), "conv1d_silu");
+}
+void cuda_deltanet_split(void *ctx, float *q, float *k, float *v, const float *conv, int T, int kd, int vd) {
+    launched(ctx_of(ctx), fmc_deltanet_split(ctx_of(ctx)->s, q, k, v, conv, T, kd, vd), "deltanet_split");
+}
+void cuda_deltanet_gates(void *ctx, float *b, float *a, const float *A_log, const float *dt_bias, int T, int Hv) {
+    launched(ctx_of(ctx), fmc_deltanet_gates(ctx_of(ctx)->s, b, a, A_log, dt_bias, T, Hv), "deltanet_gates");
+}
+void cuda_gated_delta(void *ctx, float *out, float *S, const float *q, const float *k, const float *v, const float *g,
+                      const float *beta, int T, int pos0, int Hk, int Hv, int dk, int dv) {
+    launched(ctx_of(ctx), fmc_gated_delta(ctx_of(ctx)->s, out, S, q, k, v, g, beta, T, pos0, Hk, Hv, dk, dv),
+             "gated_delta");
+}
+void cuda_gate_rows(void *ctx, float *out, const float *g, int T, int n) {
+    launched(ctx_of(ctx), fmc_gate_rows(ctx_of(ctx)->s, out, g, T, n), "gate_rows");
+}
+
+/* The router: top-k on the device into route_dev, then its [T, k] indices and weights to the host through
+ * pinned route_host (the layer's one synchronisation). */
+void cuda_route(void *ctx, const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights) {
+    cuda_ctx *c = ctx_of(ctx);
+    if (T <= 0) return;
+    const size_t n = (size_t)T * k, bytes = n * (sizeof(int32_t) + sizeof(float));
+    uint8_t *d = (uint8_t *)grow(c, &c->route_dev, bytes, "the router's output");
+    if (!d) return;
+    if (bytes > c->route_host_size) {
+        if (c->route_host) cudaFreeHost(c->route_host);
+        c->route_host = nullptr, c->route_host_size = 0;
+        if (cudaMallocHost((void **)&c->route_host, bytes) != cudaSuccess) {
+            cudaGetLastError();
+            failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: cannot allocate %zu bytes for the router's output", bytes));
+            return;
+        }
+        c->route_host_size = bytes;
+    }
+    launched(c, fmc_route(c->s, logits, T, E, k, norm, (int32_t *)d, (float *)(d + n * sizeof(int32_t))), "route");
+    if (c->err != FM_OK || !ok(c, cudaMemcpyAsync(c->route_host, d, bytes, cudaMemcpyDeviceToHost, c->s), "route"))
+        return;
+    sync_all(c);
+    if (c->err != FM_OK) return;
+    memcpy(idx, c->route_host, n * sizeof(int32_t));
+    memcpy(weights, c->route_host + n * sizeof(int32_t), n * sizeof(float));
+}
+
+void cuda_moe_combine(void *ctx, float *out, const float *ye, const int32_t *row, const float *wt, int T, int k, int h) {
+    cuda_ctx *c = ctx_of(ctx);
+    if (T <= 0 || k <= 0) return;
+    const int32_t *drow = (const int32_t *)upload(c, row, sizeof(int32_t) * (size_t)T * k);
+    const float *dw = drow ? (const float *)upload(c, wt, sizeof(float) * (size_t)T * k) : nullptr;
+    if (dw) launched(c, fmc_moe_combine(c->s, out, ye, drow, dw, T, k, h), "moe_combine");
+}
+
+/* ---- the VRAM expert cache */
+
+/* The span of host memory an expert's nine arrays (data, scales, biases of gate, up, down) lie in: its slot
+ * of the expert store. */
+struct span {
+    uintptr_t lo, hi;
+};
+void span_add(span *s, const void *p, size_t bytes) {
+    if (!p) return;
+    const uintptr_t a = (uintptr_t)p;
+    if (a < s->lo) s->lo = a;
+    if (a + bytes > s->hi) s->hi = a + bytes;
+}
+span expert_span(const fm_expert_work *w) {
+    span s = {UINTPTR_MAX, 0};
+    const fm_mat *m[3] = {w->gate, w->up, w->down};
+    for (const fm_mat *x : m) {
+        span_add(&s, x->data, fm_tensor_data_bytes(x->dtype, x->rows, x->cols));
+        if (x->dtype == FM_Q4 || x->dtype == FM_Q8) {
+            const size_t sb = sizeof(uint16_t) * (size_t)x->rows * (size_t)(x->cols / x->group_size);
+            span_add(&s, x->scales, sb);
+            span_add(&s, x->biases, sb);
+        }
+    }
+    return s;
+}
+
+/* m with its arrays moved from host span s to device base d */
+fm_mat rebase(const fm_mat *m, span s, uint8_t *d) {
+    fm_mat r = *m;
+    r.data = d + ((uintptr_t)m->data - s.lo);
+    if (m->scales) r.scales = (const uint16_t *)(d + ((uintptr_t)m->scales - s.lo));
+    if (m->biases) r.biases = (const uint16_t *)(d + ((uintptr_t)m->biases - s.lo));
+    return r;
+}
+
+void lru_unlink(cuda_ctx *c, int i) {
+    if (c->prev[i] >= 0) c->next[c->prev[i]] = c->next[i];
+    else c->head = c->next[i];
+    if (c->next[i] >= 0) c->prev[c->next[i]] = c->prev[i];
+    else c->tail = c->prev[i];
+    c->prev[i] = c->next[i] = -1;
+}
+void lru_front(cuda_ctx *c, int i) {
+    c->prev[i] = -1, c->next[i] = c->head;
+    if (c->head >= 0) c->prev[c->head] = i;
+    c->head = i;
+    if (c->tail < 0) c->tail = i;
+}
+
+/* Sized at the first MoE layer, once the dense weights, state and scratch hold their device memory: as many
+ * slots as the budget has room for (all the experts at most), less headroom for scratch that grows. */
+bool vram_init(cuda_ctx *c, size_t slot_bytes) {
+    c->vram_ready = 1;
+    c->slot_bytes = (slot_bytes + 255) & ~(size_t)255;
+    const uint64_t left = c->budget > c->used + VRAM_HEADROOM ? c->budget - c->used - VRAM_HEADROOM : 0;
+    uint64_t n = left / c->slot_bytes;
+    if (n > (uint64_t)c->key_space) n = (uint64_t)c->key_space;
+    if (const char *env = getenv("FLASHMOE_CUDA_EXPERT_SLOTS")) /* tests: a cache of exactly this many */
+        if (atoi(env) > 0 && (uint64_t)atoi(env) < n) n = (uint64_t)atoi(env);
+    if (n < 1) {
+        failed(c, fm_fail(FM_ERR_BUDGET, "cuda backend: gpu_memory_budget %.1f MiB leaves no room for one expert "
+                          "(%.1f MiB) beside the dense weights, state and scratch (%.1f MiB)", c->budget / (double)MiB,
+                          c->slot_bytes / (double)MiB, c->used / (double)MiB));
+        return false;
+    }
+    c->n_slots = (int)n;
+    c->pool = (uint8_t *)dmalloc(c, c->slot_bytes * (size_t)n, "the VRAM expert cache");
+    c->slot_key = (int32_t *)malloc(sizeof(int32_t) * n);
+    c->key_slot = (int32_t *)malloc(sizeof(int32_t) * (size_t)c->key_space);
+    c->prev = (int *)malloc(sizeof(int) * n), c->next = (int *)malloc(sizeof(int) * n);
+    c->locked = (unsigned char *)calloc(n, 1), c->pending = (unsigned char *)calloc(n, 1);
+    c->loaded = (cudaEvent_t *)calloc(n, sizeof(cudaEvent_t));
+    c->used_ev = (cudaEvent_t *)calloc(n, sizeof(cudaEvent_t));
+    if (!c->pool || !c->slot_key || !c->key_slot || !c->prev || !c->next || !c->locked || !c->pending || !c->loaded ||
+        !c->used_ev) {
+        failed(c, c->pool ? fm_fail(FM_ERR_NOMEM, "cuda backend: out of memory") : FM_ERR_BUDGET);
+        c->n_slots = c->pool ? c->n_slots : 0;
+        return false;
+    }
+    for (int k = 0; k < c->key_space; k++) c->key_slot[k] = -1;
+    for (int i = 0; i < c->n_slots; i++) {
+        c->slot_key[i] = -1;
+        c->prev[i] = c->next[i] = -1;
+        if (cudaEventCreateWithFlags(&c->loaded[i], cudaEventDisableTiming) != cudaSuccess ||
+            cudaEventCreateWithFlags(&c->used_ev[i], cudaEventDisableTiming) != cudaSuccess) {
+            failed(c, fm_fail(FM_ERR_DEVICE, "cuda backend: cannot create the expert cache's events"));
+            return false;
+        }
+        cudaEventRecord(c->used_ev[i], c->s); /* "last used": now, so a first copy waits for nothing */
+        lru_front(c, i);
+    }
+    return true;
+}
+
+/* The VRAM slot of expert w for the batch being issued: a hit, or the least recently used unlocked slot with
+ * the copy from its host slot queued on the copy stream (after the last FFN that read the slot). -1 when
+ * every slot is locked by this batch (the caller issues the batch and tries again). */
+int vram_slot(cuda_ctx *c, const fm_expert_work *w, span s) {
+    int i = c->key_slot[w->key];
+    if (i >= 0) {
+        c->hits++;
+    } else {
+        i = c->tail;
+        while (i >= 0 && c->locked[i]) i = c->prev[i];
+        if (i < 0) return -1;
+        if (c->slot_key[i] >= 0) c->key_slot[c->slot_key[i]] = -1;
+        c->slot_key[i] = w->key, c->key_slot[w->key] = i;
+        uint8_t *dst = c->pool + (size_t)i * c->slot_bytes;
+        ok(c, cudaStreamWaitEvent(c->cs, c->used_ev[i], 0), "expert copy order");
+        ok(c, cudaMemcpyAsync(dst, (const void *)s.lo, s.hi - s.lo, cudaMemcpyHostToDevice, c->cs), "expert copy");
+        ok(c, cudaEventRecord(c->loaded[i], c->cs), "expert copy event");
+        c->pending[i] = 1;
+        c->misses++;
+        c->bytes_in += s.hi - s.lo;
+    }
+    c->locked[i] = 1;
+    lru_unlink(c, i);
+    lru_front(c, i);
+    return i;
+}
+
+/* One expert's FFN on its tokens: their rows of xn gathered (one token is read in place), then
+ * h1 = gate·x, h2 = up·x, h1 = silu(h1)·h2, rows [row0, row0 + n) of ye = down·h1. */
+void expert_ffn(cuda_ctx *c, const fm_expert_work *w, const fm_mat *gate, const fm_mat *up, const fm_mat *down,
+                const float *xn, float *ye, int H) {
+    const size_t n = (size_t)w->n, I = (size_t)gate->rows;
+    const size_t xe_floats = n > 1 ? n * (size_t)H : 0, need = sizeof(float) * (xe_floats + 2 * n * I);
+    float *mem = (float *)grow(c, &c->ffn, need, "expert scratch");
+    if (!mem) return;
+    float *h1 = mem + xe_floats, *h2 = h1 + n * I;
+    const float *x = xn + (size_t)w->tok[0] * H;
+    if (n > 1) {
+        const int32_t *tok = (const int32_t *)upload(c, w->tok, n * sizeof(int32_t));
+        if (!tok) return;
+        launched(c, fmc_gather_rows(c->s, mem, xn, tok, (int)n, H), "expert rows");
+        x = mem;
+    }
+    cuda_matmul(c, gate, x, w->n, h1);
+    cuda_matmul(c, up, x, w->n, h2);
+    cuda_silu_mul(c, h1, h1, h2, w->n, (int)I);
+    cuda_matmul(c, down, h1, w->n, ye + (size_t)w->row0 * H);
+}
+
+void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float *xn, float *ye, int H) {
+    cuda_ctx *c = ctx_of(ctx);
+    int slot_of[64];
+    span spans[64];
+    for (int j0 = 0; j0 < n_work && c->err == FM_OK;) {
+        /* a batch: slots for as many experts as fit (at most 64), their misses' copies queued first */
+        int j1 = j0;
+        for (; j1 < n_work && j1 - j0 < 64; j1++) {
+            const fm_expert_work *w = &work[j1];
+            slot_of[j1 - j0] = -1;
+            if (w->n <= 0 || w->key < 0 || w->key >= c->key_space) continue; /* no identity: read in place */
+            spans[j1 - j0] = expert_span(w);
+            const size_t bytes = spans[j1 - j0].hi - spans[j1 - j0].lo;
+            if (!c->vram_ready && !vram_init(c, bytes)) return;
+            if (bytes > c->slot_bytes) {
+                failed(c, fm_fail(FM_ERR_INVALID, "cuda backend: an expert of %zu bytes, the VRAM slots hold %zu",
+                                  bytes, c->slot_bytes));
+                return;
+            }
+            if ((slot_of[j1 - j0] = vram_slot(c, w, spans[j1 - j0])) < 0) break; /* every slot taken: issue these */
+        }
+        if (j1 == j0) { /* cannot happen with one slot or more: the batch's first expert always gets one */
+            failed(c, fm_fail(FM_ERR_INVALID, "cuda backend: no VRAM expert slot"));
+            return;
+        }
+        /* hits first (they compute while the misses' copies run), then each miss once its copy has landed */
+        for (int pass = 0; pass < 2; pass++)
+            for (int j = j0; j < j1; j++) {
+                const fm_expert_work *w = &work[j];
+                const int i = slot_of[j - j0];
+                if (w->n <= 0 || (i >= 0 && c->pending[i]) != (pass == 1)) continue;
+                if (i < 0) {
+                    expert_ffn(c, w, w->gate, w->up, w->down, xn, ye, H);
+                    continue;
+                }
+                if (c->pending[i]) {
+                    ok(c, cudaStreamWaitEvent(c->s, c->loaded[i], 0), "expert copy wait");
+                    c->pending[i] = 0;
+                }
+                uint8_t *d = c->pool + (size_t)i * c->slot_bytes;
+                const fm_mat g = rebase(w->gate, spans[j - j0], d), u = rebase(w->up, spans[j - j0], d),
+                             dn = rebase(w->down, spans[j - j0], d);
+                expert_ffn(c, w, &g, &u, &dn, xn, ye, H);
+                ok(c, cudaEventRecord(c->used_ev[i], c->s), "expert use event");
+                c->locked[i] = 0;
+            }
+        j0 = j1;
+    }
+}
+
+const fm_backend_ops cuda_ops = {
+    "cuda",
+    cuda_workspace_bytes,
+    cuda_memory_limit,
+    cuda_create,
+    cuda_destroy,
+    cuda_alloc,
+    cuda_free,
+    cuda_fill_zero,
+    cuda_copy,
+    cuda_to_host,
+    cuda_from_host,
+    cuda_host_view,
+    cuda_wrap_host,
+    cuda_unwrap_host,
+    cuda_record,
+    cuda_wait,
+    cuda_finish,
+    cuda_device_stats,
+    cuda_matmul,
+    cuda_embed,
+    cuda_rmsnorm,
+    cuda_l2norm,
+    cuda_rope,
+    cuda_silu_mul,
+    cuda_sigmoid_mul,
+    cuda_add,
+    cuda_split_q_gate,
+    cuda_kv_write,
+    cuda_attention,
+    cuda_conv1d_silu,
+    cuda_deltanet_split,
+    cuda_deltanet_gates,
+    cuda_gated_delta,
+    cuda_route,
+    cuda_gate_rows,
+    cuda_experts,
+    cuda_moe_combine,
+};
+
+} // namespace
+
+extern "C" const fm_backend_ops *fm_backend_cuda(void) { return &cuda_ops; }
+
+/* 1 when this machine has a CUDA device (backend.c's default: CUDA where one is found). */
+extern "C" int fm_cuda_available(void) {
+    int n = 0;
+    const bool yes = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+    cudaGetLastError();
+    return yes;
+}

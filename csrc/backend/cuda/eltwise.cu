@@ -1,0 +1,251 @@
+/*
+ * eltwise.cu — the CUDA backend's element-wise and row ops: norms, RoPE, the gates, the copies that split
+ * and gather rows, the causal conv1d and the MoE combine. Each is the CPU op of the same name (cpu.h,
+ * backend_cpu.c) with the same formula, one thread per output element unless a row reduction needs a
+ * block; a row's reduction order depends on the row alone (batch invariance).
+ */
+#include "cuda_kernels.h"
+
+namespace {
+
+constexpr int THREADS = 256;
+
+unsigned blocks_for(size_t n) { return (unsigned)((n + THREADS - 1) / THREADS); }
+
+__device__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* The sum of squares of a row in double, as the CPU takes it (its fp32 result then rounds once): each thread
+ * strides the row, then a fixed tree over the block. */
+__device__ double row_sum_sq(const float *x, int n) {
+    __shared__ double part[THREADS];
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * x[i];
+    part[threadIdx.x] = ss;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    const double total = part[0];
+    __syncthreads(); /* part is free again for a caller that reduces twice */
+    return total;
+}
+
+/* out[t] = x[t] * rsqrt(mean(x²) + eps) * (1 + w) or * w; a block per row */
+__global__ void rmsnorm_k(float *out, const float *x, const float *w, int n, float eps, int zc) {
+    const size_t r = blockIdx.x;
+    const float *xr = x + r * n;
+    float *o = out + r * n;
+    const double ss = row_sum_sq(xr, n);
+    const float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * (zc ? 1.0f + w[i] : w[i]);
+}
+
+__global__ void l2norm_k(float *x, int n, float eps, float scale) {
+    float *xr = x + (size_t)blockIdx.x * n;
+    const double ss = row_sum_sq(xr, n);
+    const float inv = scale / sqrtf((float)ss + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] *= inv;
+}
+
+/* NeoX rotate-half on dims [0, rot) of each head; the angle in double as the CPU takes it. Grid: (pairs of
+ * the half, heads, tokens). */
+__global__ void rope_k(float *x, int heads, int hd, int rot, int pos0, float theta) {
+    const int half = rot / 2, i = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, t = blockIdx.z;
+    if (i >= half) return;
+    const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)rot);
+    const double ang = (double)(pos0 + t) * (double)inv_freq;
+    const float c = (float)cos(ang), s = (float)sin(ang);
+    float *xh = x + ((size_t)t * heads + h) * hd;
+    const float x1 = xh[i], x2 = xh[i + half];
+    xh[i] = x1 * c - x2 * s;
+    xh[i + half] = x2 * c + x1 * s;
+}
+
+__global__ void silu_mul_k(float *out, const float *g, const float *u, size_t n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+__global__ void sigmoid_mul_k(float *out, const float *g, const float *x, size_t n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = x[i] * sigmoidf_(g[i]);
+}
+
+__global__ void add_k(float *x, const float *y, size_t n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+/* q2 [T·nh, 2·hd] → q, gate [T·nh, hd] */
+__global__ void split_q_gate_k(float *q, float *gate, const float *q2, size_t rows, int hd) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * hd) return;
+    const size_t r = i / hd, j = i % hd;
+    q[i] = q2[r * 2 * hd + j];
+    gate[i] = q2[r * 2 * hd + hd + j];
+}
+
+/* conv [T, 2·kd + vd] → q, k [T, kd], v [T, vd] */
+__global__ void deltanet_split_k(float *q, float *k, float *v, const float *conv, int T, int kd, int vd) {
+    const size_t row = 2 * (size_t)kd + vd, i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)T * row) return;
+    const size_t t = i / row, j = i % row;
+    const float val = conv[i];
+    if (j < (size_t)kd) q[t * kd + j] = val;
+    else if (j < 2 * (size_t)kd) k[t * kd + j - kd] = val;
+    else v[t * vd + j - 2 * kd] = val;
+}
+
+/* b → sigmoid(b), a → -exp(A_log)·softplus(a + dt_bias), [T, Hv] */
+__global__ void deltanet_gates_k(float *b, float *a, const float *A_log, const float *dt_bias, int T, int Hv) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)T * Hv) return;
+    const int h = (int)(i % Hv);
+    b[i] = sigmoidf_(b[i]);
+    const float z = a[i] + dt_bias[h];
+    a[i] = -expf(A_log[h]) * (z > 20.0f ? z : log1pf(expf(z)));
+}
+
+__global__ void gate_rows_k(float *out, const float *g, int n, size_t total) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < total) out[i] *= sigmoidf_(g[i / n]);
+}
+
+/* out[t, i] += Σ_j w[t, j]·ye[row[t, j], i], j in order */
+__global__ void moe_combine_k(float *out, const float *ye, const int32_t *row, const float *wt, int T, int k, int h) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)T * h) return;
+    const size_t t = i / h, c = i % h;
+    float o = out[i];
+    for (int j = 0; j < k; j++) o += wt[t * k + j] * ye[(size_t)row[t * k + j] * h + c];
+    out[i] = o;
+}
+
+__global__ void gather_rows_k(float *dst, const float *src, const int32_t *rows, int n, int cols) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * cols) return;
+    dst[i] = src[(size_t)rows[i / cols] * cols + i % cols];
+}
+
+/* Causal depthwise conv, then SiLU: out[t, c] = silu(Σ_j w[c, j]·in[t - (K-1) + j, c]), in = [state | x].
+ * A thread per (token, channel), the taps in order; the state moves on in a second kernel, after every
+ * token has read the old one. */
+__global__ void conv1d_silu_k(float *out, const float *x, const float *state, const float *w, int T, int C, int K) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)T * C) return;
+    const int t = (int)(i / C), c = (int)(i % C), S = K - 1;
+    float acc = 0.0f;
+    for (int j = 0; j < K; j++) {
+        const int src = t - S + j; /* < 0: from the state */
+        const float v = src >= 0 ? x[(size_t)src * C + c] : state[(size_t)(S + src) * C + c];
+        acc += w[(size_t)c * K + j] * v;
+    }
+    out[i] = acc / (1.0f + expf(-acc));
+}
+
+/* The new state [K-1, C]: the last K-1 inputs of [state | x]; a thread per channel, rows in rising order
+ * (a row moved up is read before it is written). */
+__global__ void conv1d_state_k(const float *x, float *state, int T, int C, int K) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, S = K - 1;
+    if (c >= C) return;
+    for (int s = 0; s < S; s++) {
+        const int src = T - S + s; /* position in x, < 0: an older state row */
+        state[(size_t)s * C + c] = src >= 0 ? x[(size_t)src * C + c] : state[(size_t)(s + T) * C + c];
+    }
+}
+
+} // namespace
+
+extern "C" {
+
+fm_status fmc_rmsnorm(cudaStream_t s, float *out, const float *x, const float *w, int T, int n, float eps, int zc) {
+    if (T > 0) rmsnorm_k<<<T, THREADS, 0, s>>>(out, x, w, n, eps, zc);
+    return FM_OK;
+}
+
+fm_status fmc_l2norm(cudaStream_t s, float *x, int T, int n, float eps, float scale) {
+    if (T > 0) l2norm_k<<<T, THREADS, 0, s>>>(x, n, eps, scale);
+    return FM_OK;
+}
+
+fm_status fmc_rope(cudaStream_t s, float *x, int T, int heads, int hd, int rot, int pos0, float theta) {
+    if (rot > hd || rot % 2)
+        return fm_fail(FM_ERR_INVALID, "cuda backend: rope over %d of %d dims (needs an even count <= head_dim)", rot, hd);
+    if (T <= 0 || heads <= 0 || rot == 0) return FM_OK;
+    if (T > 65535 || heads > 65535)
+        return fm_fail(FM_ERR_INVALID, "cuda backend: rope over %d tokens of %d heads (at most 65535 each)", T, heads);
+    const dim3 grid((unsigned)((rot / 2 + 63) / 64), (unsigned)heads, (unsigned)T);
+    rope_k<<<grid, 64, 0, s>>>(x, heads, hd, rot, pos0, theta);
+    return FM_OK;
+}
+
+fm_status fmc_silu_mul(cudaStream_t s, float *out, const float *gate, const float *up, size_t n) {
+    if (n) silu_mul_k<<<blocks_for(n), THREADS, 0, s>>>(out, gate, up, n);
+    return FM_OK;
+}
+
+fm_status fmc_sigmoid_mul(cudaStream_t s, float *out, const float *gate, const float *x, size_t n) {
+    if (n) sigmoid_mul_k<<<blocks_for(n), THREADS, 0, s>>>(out, gate, x, n);
+    return FM_OK;
+}
+
+fm_status fmc_add(cudaStream_t s, float *x, const float *y, size_t n) {
+    if (n) add_k<<<blocks_for(n), THREADS, 0, s>>>(x, y, n);
+    return FM_OK;
+}
+
+fm_status fmc_split_q_gate(cudaStream_t s, float *q, float *gate, const float *q2, int T, int nh, int hd) {
+    const size_t rows = (size_t)T * nh;
+    if (rows && hd > 0) split_q_gate_k<<<blocks_for(rows * hd), THREADS, 0, s>>>(q, gate, q2, rows, hd);
+    return FM_OK;
+}
+
+fm_status fmc_kv_write(cudaStream_t s, float *cache, const float *src, int pos0, int T, int row) {
+    const size_t bytes = sizeof(float) * (size_t)T * row;
+    if (bytes && cudaMemcpyAsync(cache + (size_t)pos0 * row, src, bytes, cudaMemcpyDeviceToDevice, s) != cudaSuccess)
+        return fm_fail(FM_ERR_DEVICE, "cuda backend: kv_write copy failed");
+    return FM_OK;
+}
+
+fm_status fmc_conv1d_silu(cudaStream_t s, float *out, const float *x, float *state, const float *w, int T, int C, int K) {
+    if (K < 1) return fm_fail(FM_ERR_INVALID, "cuda backend: conv1d with kernel %d", K);
+    if (T <= 0 || C <= 0) return FM_OK;
+    conv1d_silu_k<<<blocks_for((size_t)T * C), THREADS, 0, s>>>(out, x, state, w, T, C, K);
+    if (K > 1) conv1d_state_k<<<blocks_for((size_t)C), THREADS, 0, s>>>(x, state, T, C, K);
+    return FM_OK;
+}
+
+fm_status fmc_deltanet_split(cudaStream_t s, float *q, float *k, float *v, const float *conv, int T, int kd, int vd) {
+    const size_t n = (size_t)T * (2 * (size_t)kd + vd);
+    if (n) deltanet_split_k<<<blocks_for(n), THREADS, 0, s>>>(q, k, v, conv, T, kd, vd);
+    return FM_OK;
+}
+
+fm_status fmc_deltanet_gates(cudaStream_t s, float *b, float *a, const float *A_log, const float *dt_bias, int T,
+                             int Hv) {
+    const size_t n = (size_t)T * Hv;
+    if (n) deltanet_gates_k<<<blocks_for(n), THREADS, 0, s>>>(b, a, A_log, dt_bias, T, Hv);
+    return FM_OK;
+}
+
+fm_status fmc_gate_rows(cudaStream_t s, float *out, const float *g, int T, int n) {
+    const size_t total = (size_t)T * n;
+    if (total) gate_rows_k<<<blocks_for(total), THREADS, 0, s>>>(out, g, n, total);
+    return FM_OK;
+}
+
+fm_status fmc_moe_combine(cudaStream_t s, float *out, const float *ye, const int32_t *row, const float *weights, int T,
+                          int k, int h) {
+    const size_t n = (size_t)T * h;
+    if (n && k > 0) moe_combine_k<<<blocks_for(n), THREADS, 0, s>>>(out, ye, row, weights, T, k, h);
+    return FM_OK;
+}
+
+fm_status fmc_gather_rows(cudaStream_t s, float *dst, const float *src, const int32_t *rows, int n, int cols) {
+    const size_t total = (size_t)n * cols;
+    if (total) gather_rows_k<<<blocks_for(total), THREADS, 0, s>>>(dst, src, rows, n, cols);
+    return FM_OK;
+}
+
+} // extern "C"

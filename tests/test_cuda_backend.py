@@ -1,0 +1,230 @@
+"""The CUDA backend (csrc/backend/cuda/): built with nvcc wherever nvcc is, run wherever a GPU is.
+
+The default wheel is CPU-only, so the module builds the CUDA variant of flashmoe once (CMake FLASHMOE_CUDA,
+for sm_80, 86, 89 and 90) into a directory of its own, unless the flashmoe under test has the backend
+already (a CUDA build on a GPU machine: then the tests run on it). Then, in subprocesses on that build:
+- without a GPU (CI): the build has backend "cuda", the default stays the CPU, and asking for "cuda" is a
+  clear DeviceError, after which the process loads a CPU model as usual;
+- with a GPU: tests/test_ops.py's cases and tests/test_batch_invariance.py's checks on backend "cuda",
+  none skipped; the tiny transformers-checked models at 16, 8 and 4 bits against the CPU backend; the
+  same tokens and bits whatever the VRAM expert cache and the host's expert cache hold.
+
+Needs nvcc (CI has it); skips without it, and fails instead where FLASHMOE_CI_REQUIRE names "nvcc". The tests
+that need a GPU are marked gpu: CI has none, and their skip there is no failure (tests/conftest.py).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_MODEL = ROOT / "tests" / "metal_emu" / "run_model.py"  # one model on one backend, to an .npz
+pytestmark = pytest.mark.ci_feature("nvcc")
+
+
+def _nvcc():
+    return shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
+
+
+@pytest.fixture(scope="module")
+def cuda_env(tmp_path_factory):
+    """The environment of a process that imports a flashmoe with the CUDA backend."""
+    import flashmoe
+    if "cuda" in flashmoe.backends():
+        return dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    nvcc = _nvcc()
+    if not nvcc:
+        pytest.skip("needs nvcc (the CUDA toolkit)")
+    target = tmp_path_factory.mktemp("cuda_pkg")
+    build_dir = os.environ.get("FLASHMOE_CUDA_BUILD_DIR") or str(tmp_path_factory.mktemp("cuda_build"))
+    env = dict(os.environ, CUDACXX=nvcc)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(ROOT),
+         "-C", "cmake.define.FLASHMOE_CUDA=ON", "-C", f"build-dir={build_dir}"],
+        capture_output=True, text=True, env=env, timeout=1500)
+    assert proc.returncode == 0, f"building the CUDA backend failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return dict(os.environ, PYTHONPATH=str(target), PYTHONDONTWRITEBYTECODE="1")
+
+
+def run_py(env, args, timeout=1200):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def has_gpu(env):
+    rc, out = run_py(env, ["-c", "from flashmoe import _core; print(_core.backend_has_device('cuda'))"])
+    assert rc == 0, out
+    return out.split()[-1] == "True"
+
+
+@pytest.fixture(scope="module")
+def gpu_env(cuda_env):
+    if not has_gpu(cuda_env):
+        pytest.skip("no CUDA GPU here")
+    return cuda_env
+
+
+def test_build_has_cuda(cuda_env):
+    rc, out = run_py(cuda_env, ["-c", "from flashmoe import _core; print(_core.backends())"])
+    assert rc == 0, out
+    assert "cuda" in out.split()[-1].split(","), out
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    from flashmoe.synth import write_random_model
+    from test_engine_errors import TINY
+
+    d = tmp_path_factory.mktemp("demo")
+    write_random_model(d, TINY, bits=4, progress=False)
+    return str(d)
+
+
+NO_GPU = """
+import sys, flashmoe
+from flashmoe.errors import DeviceError
+path = sys.argv[1]
+assert flashmoe.load(path).backend == "cpu"
+try:
+    flashmoe.load(path, backend="cuda")
+except DeviceError as e:
+    print("DeviceError:", e)
+m = flashmoe.load(path, backend="cpu")
+print("tokens", m.generate_tokens([1, 2, 3], max_tokens=3, stop_token_ids=[]))
+"""
+
+
+def test_without_a_gpu_cuda_is_a_clear_error(cuda_env, demo_model):
+    if has_gpu(cuda_env):
+        pytest.skip("this machine has a CUDA GPU")
+    env = dict(cuda_env)
+    env.pop("FLASHMOE_BACKEND", None)
+    rc, out = run_py(env, ["-c", NO_GPU, demo_model])
+    assert rc == 0, out
+    assert "DeviceError: cuda backend: no CUDA device" in out, out
+    assert "tokens [" in out, out
+
+
+# -------------------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+def test_op_harness_on_cuda(gpu_env):
+    """Every case of tests/test_ops.py and every check of tests/test_batch_invariance.py on backend "cuda"
+    (their ids hold "cuda"): passed, none skipped (a skip there is an op the CUDA table lacks)."""
+    rc, out = run_py(gpu_env, ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_ops.py",
+                               "tests/test_batch_invariance.py", "-k", "cuda"])
+    tail = out[-8000:]
+    assert rc == 0, tail
+    summary = out.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, tail
+    assert int(summary.split(" passed")[0].split()[-1]) >= 300, summary
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """(arch, bits) -> packed tiny model directory (tests/hf_fixtures.py's transformers models)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from hf_fixtures import make_hf_model, save_checkpoint
+
+    import flashmoe
+    cache = {}
+
+    def get(arch, bits):
+        if (arch, bits) not in cache:
+            ckpt = save_checkpoint(make_hf_model(arch, seed=0), tmp_path_factory.mktemp("hf"))
+            cache[arch, bits] = str(tmp_path_factory.mktemp(f"packed{bits}"))
+            flashmoe.convert(ckpt, cache[arch, bits], bits=bits, progress=False, overwrite=True)
+        return cache[arch, bits]
+    return get
+
+
+RTOL = 1e-3  # as tests/test_models.py against transformers: fp32 on both sides, summation orders apart
+# With int8 activations two backends agree bitwise only where their fp32 inputs to each rounding do: CUDA's
+# sums are in other orders than the CPU's, so now and then an activation lands on the other side of an int8
+# rounding boundary, one step of 1/127 of its group's maximum. In these 64-wide models one such step moves
+# the logits by up to 1.2e-2 of their maximum (seen on an H100: qwen3_5_moe at 8 bits, qwen3_next at 4);
+# a formula error moves them by far more, and the op harness checks the int8 kernels' rounding exactly.
+INT8_RTOL = 3e-2
+
+
+def run_model(env, tmp_path, path, backend, ids, name, *options, extra_env=None):
+    np.save(tmp_path / "ids.npy", ids)
+    out = tmp_path / f"{name}.npz"
+    rc, log = run_py(dict(env, **(extra_env or {})),
+                     [str(RUN_MODEL), path, backend, str(tmp_path / "ids.npy"), str(out), *options])
+    assert rc == 0, log[-4000:]
+    return np.load(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.torch
+@pytest.mark.parametrize("bits,int8", [(16, False), (8, False), (4, False), (8, True), (4, True)],
+                         ids=["16", "8", "4", "8-int8", "4-int8"])
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_model_on_cuda(gpu_env, tiny_models, tmp_path, arch, bits, int8):
+    """The tiny transformers-checked models on backend "cuda" against the CPU backend: a 21-token prompt in
+    one call (two chunks of 16) and token by token, and 6 greedy tokens after it. As on Metal
+    (tests/test_metal_backend.py says why): CUDA's prompt in one call is bitwise its prompt token by token
+    (the recurrent gated delta rule for every call); against the CPU within RTOL (int8 activations:
+    INT8_RTOL, which says why); the greedy tokens the same."""
+    path = tiny_models(arch, bits)
+    ids = np.random.default_rng(1).integers(0, 251, 21)
+    opts = ("prefill_chunk=16", f"int8_activations={int8}")
+    cpu = run_model(gpu_env, tmp_path, path, "cpu", ids, "cpu", *opts)
+    gpu = run_model(gpu_env, tmp_path, path, "cuda", ids, "cuda", *opts)
+    assert np.array_equal(gpu["prefill"].view(np.uint32), gpu["steps"].view(np.uint32)), \
+        "cuda: the prompt in one call differs from the prompt token by token"
+    for key in ("prefill", "steps"):
+        err = float(np.abs(gpu[key] - cpu[key]).max() / np.abs(cpu[key]).max())
+        assert err <= (INT8_RTOL if int8 else RTOL), f"{key}: cuda vs cpu {err:.2e}"
+    assert gpu["greedy"].tolist() == cpu["greedy"].tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.torch
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_outputs_do_not_depend_on_the_expert_tiers(gpu_env, tiny_models, tmp_path, arch):
+    """Every expert resident in VRAM, against a VRAM cache of 1 and of 3 experts (FLASHMOE_CUDA_EXPERT_SLOTS)
+    with the host's expert cache at its minimum (most experts then come from disk, through pinned host
+    slots, into VRAM): the same bits for the prompt, token by token, and the greedy tokens."""
+    path = tiny_models(arch, 4)
+    ids = np.random.default_rng(2).integers(0, 251, 40)
+    import flashmoe
+    minimum = flashmoe.memory_plan(path, context_length=256)["minimum"]
+    ref = run_model(gpu_env, tmp_path, path, "cuda", ids, "resident", "prefill_chunk=16", "context_length=256")
+    for slots in (1, 3):
+        got = run_model(gpu_env, tmp_path, path, "cuda", ids, f"slots{slots}", "prefill_chunk=16",
+                        "context_length=256", f"memory_budget={minimum}",
+                        extra_env={"FLASHMOE_CUDA_EXPERT_SLOTS": str(slots), "FLASHMOE_CUDA_STATS": "1"})
+        for key in ("prefill", "steps", "greedy"):
+            assert np.array_equal(np.asarray(got[key]).view(np.uint32 if key != "greedy" else np.int64),
+                                  np.asarray(ref[key]).view(np.uint32 if key != "greedy" else np.int64)), \
+                f"{slots} VRAM slots: {key} differs from everything resident"
+
+
+GPU_BUDGET = """
+import sys, flashmoe
+from flashmoe.errors import MemoryBudgetError
+path = sys.argv[1]
+try:
+    flashmoe.load(path, backend="cuda", gpu_memory_budget=4096).forward([1, 2])
+except MemoryBudgetError as e:
+    print("MemoryBudgetError:", e)
+m = flashmoe.load(path, backend="cuda")
+print("tokens", m.generate_tokens([1, 2, 3], max_tokens=3, stop_token_ids=[]))
+"""
+
+
+@pytest.mark.gpu
+def test_a_gpu_budget_too_small_is_a_clear_error(gpu_env, demo_model):
+    rc, out = run_py(gpu_env, ["-c", GPU_BUDGET, demo_model])
+    assert rc == 0, out
+    assert "MemoryBudgetError: cuda backend:" in out and "gpu_memory_budget" in out, out
+    assert "tokens [" in out, out
