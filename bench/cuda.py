@@ -6,8 +6,9 @@
     (--cpu adds the CPU backend on the same model; --torch adds transformers eager, bf16, on the GPU)
 
 A random model of the preset's real per-layer shapes (flashmoe.synth, 4 bits), truncated to --layers, is
-written once under --dir. Each measurement is a fresh process: load, a prompt of each --prompts length
-(timed), then --tokens greedy decode steps (timed, after a warm-up of 8).
+written once under --dir. Each measurement is a fresh process: load, an untimed --warm prompt that fills the
+expert tiers (all of them but the disk setting's), a prompt of each --prompts length (timed), then --tokens
+greedy decode steps (timed, after a warm-up of 8).
 
 Settings and their ceilings (measured here, in the same run, with torch):
 - hbm: everything in GPU memory. Ceiling: the bytes one decode token must read (the dense matrices but the
@@ -89,6 +90,41 @@ def ceilings() -> dict:
     return {"hbm_gbps": hbm, "h2d_gbps": h2d, "gpu": torch.cuda.get_device_name()}
 
 
+def disk_gbps(path: str, header: dict, seconds: float = 3.0, threads: int = 8) -> float:
+    """Random O_DIRECT reads of whole expert blobs (stride-aligned, as the store reads them) from the
+    model's experts files, `threads` at a time, cold cache: GB/s (bench/decode.py's ceiling, shorter)."""
+    import mmap
+    import random
+    import threading
+
+    from flashmoe.format import PREAMBLE as PREAMBLE_SIZE
+
+    ex = header["experts"]
+    files = [os.path.join(path, e["file"]) for e in ex["layers"]]
+    n_exp = int(header["config"]["num_experts"])
+    size = (int(ex["blob_size"]) + 4095) // 4096 * 4096
+    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+    done = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def worker(i):
+        buf = mmap.mmap(-1, size)
+        fds = [os.open(f, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) for f in files]
+        rng = random.Random(i)
+        while time.perf_counter() < stop:
+            fd = rng.choice(fds)
+            done[i] += os.preadv(fd, [buf], PREAMBLE_SIZE + rng.randrange(n_exp) * int(ex["stride"]))
+        for fd in fds:
+            os.close(fd)
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(done) / (time.perf_counter() - t0) / 1e9
+
+
 def child(spec: dict) -> None:
     import flashmoe
 
@@ -98,6 +134,8 @@ def child(spec: dict) -> None:
     rng = np.random.default_rng(0)
     V = spec["vocab"]
     res = {"backend": m.backend, "prompt": {}}
+    if spec.get("warm"):  # a prompt that touches (nearly) every expert: the tiers hold what they will hold
+        m.forward(rng.integers(0, V, spec["warm"]).tolist(), all_logits=False)
     for n in spec["prompts"]:
         ids = rng.integers(0, V, n).tolist()
         m.forward(ids[:16], all_logits=False)  # warm-up (kernels loaded, scratch grown)
@@ -139,7 +177,7 @@ def torch_eager(preset: str, layers: int, tokens: int) -> float:
     cfg = presets.truncate(preset, layers)
     hf = transformers.AutoConfig.for_model(**cfg)
     with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(hf, torch_dtype=torch.bfloat16).eval()
+        model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16).eval()
     ids = torch.randint(0, cfg["vocab_size"], (1, 16), device="cuda")
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)  # warm-up
@@ -162,7 +200,11 @@ def main() -> None:
     ap.add_argument("--gpu-budget", help="gpu_memory_budget (pinned, disk)")
     ap.add_argument("--budget", help="memory_budget (disk: the host tier)")
     ap.add_argument("--runs", type=int, default=2, help="processes per measurement (median)")
+    ap.add_argument("--warm", type=int, default=2048,
+                    help="tokens of a first, untimed prompt that fills the expert tiers (0: none; the disk "
+                         "setting measures from a cold start and takes none)")
     ap.add_argument("--cpu", action="store_true", help="also the CPU backend on the same model")
+    ap.add_argument("--cpu-prompts", default="512", help="the CPU backend's prompt lengths (comma list)")
     ap.add_argument("--torch", action="store_true", help="also transformers eager (bf16) on the GPU")
     ap.add_argument("--dir", default=BENCH_DIR)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -177,8 +219,9 @@ def main() -> None:
     print(f"{ceil['gpu']}: HBM copy {ceil['hbm_gbps']:.0f} GB/s, pinned host->device {ceil['h2d_gbps']:.1f} GB/s; "
           f"model {path}: {model_bytes(header) / 1e9:.2f} GB, a decode token reads {dense_b / 1e6:.0f} MB dense + "
           f"{expert_b / 1e6:.0f} MB experts", flush=True)
+    warm = 0 if args.setting == "disk" else args.warm
     spec = {"path": path, "vocab": header["config"]["vocab_size"], "prompts": prompts, "tokens": args.tokens,
-            "context_length": max(prompts + [0]) + args.tokens + 64, "backend": "cuda"}
+            "context_length": max(prompts + [warm]) + args.tokens + 64, "backend": "cuda", "warm": warm}
     if args.setting != "hbm":
         spec["gpu_memory_budget"] = parse_size(args.gpu_budget)
     if args.setting == "disk":
@@ -203,17 +246,24 @@ def main() -> None:
               f"copied in; PCIe roofline at that hit rate {1 / floor:.1f} tok/s: {dec * floor:.2f} of it")
         if args.setting == "disk":
             host_hit = r0["expert_hits"] / max(1, r0["expert_hits"] + r0["expert_misses"])
-            print(f"  host tier: hit rate {host_hit:.3f}, {r0['bytes_read'] / args.tokens / 1e6:.0f} MB/token read "
-                  f"from disk ({r0['bytes_read'] / args.tokens * dec / 1e9:.2f} GB/s)")
+            read = r0["bytes_read"] / args.tokens
+            disk = disk_gbps(path, header)
+            print(f"  host tier: hit rate {host_hit:.3f}, {read / 1e6:.0f} MB/token read from disk "
+                  f"({read * dec / 1e9:.2f} GB/s); the disk's ceiling {disk:.2f} GB/s (8 random O_DIRECT blob "
+                  f"reads in flight): {disk * 1e9 / max(read, 1):.1f} tok/s, {dec * read / (disk * 1e9):.2f} of it")
     if args.cpu:
-        cpu = run_child(dict(spec, backend="cpu", gpu_memory_budget=None, threads=os.cpu_count()),
-                        args.setting == "disk")
-        print(f"cpu backend, same model: decode {cpu['decode']:.2f} tok/s"
-              + "".join(f"; prompt {n}: {cpu['prompt'][str(n)]:.0f} tok/s" for n in prompts)
+        cpu_prompts = [int(p) for p in args.cpu_prompts.split(",") if p]
+        cpu = run_child(dict(spec, backend="cpu", gpu_memory_budget=None, threads=os.cpu_count(), prompts=cpu_prompts,
+                             tokens=min(args.tokens, 16)), args.setting == "disk")
+        print(f"cpu backend ({os.cpu_count()} threads), same model: decode {cpu['decode']:.2f} tok/s"
+              + "".join(f"; prompt {n}: {cpu['prompt'][str(n)]:.0f} tok/s" for n in cpu_prompts)
               + f" (cuda x{dec / cpu['decode']:.1f} decode)")
     if args.torch:
-        tt = torch_eager(args.preset, args.layers, min(args.tokens, 32))
-        print(f"transformers eager bf16, same config on this GPU: decode {tt:.1f} tok/s (flashmoe x{dec / tt:.1f})")
+        try:
+            tt = torch_eager(args.preset, args.layers, min(args.tokens, 32))
+            print(f"transformers eager bf16, same config on this GPU: decode {tt:.1f} tok/s (flashmoe x{dec / tt:.1f})")
+        except Exception as e:  # a transformers without this architecture, or out of memory: say so, go on
+            print(f"transformers eager: failed: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
