@@ -551,7 +551,7 @@ static fm_backend *op_backend(const std::string &name) {
     const fm_backend_ops *ops = fm_backend_find(name.c_str());
     if (!ops) raise_error("ArgumentError");
     static const fm_config no_experts = {};
-    const fm_backend_params p = {&no_experts, 1, 0};
+    const fm_backend_params p = {&no_experts, 1, 0, 0};
     fm_backend b;
     const fm_status st = fm_backend_open(ops, &p, &b);
     if (st != FM_OK) {
@@ -901,7 +901,7 @@ static void bind_op_tests(py::module_ &m) {
         cfg.hidden_size = H;
         cfg.moe_intermediate_size = I;
         cfg.num_experts = n_work;
-        const fm_backend_params p = {&cfg, T, T};
+        const fm_backend_params p = {&cfg, T, T, 0};
         OpCall c(backend, p);
         std::vector<fm_mat> mats((size_t)3 * n_work);
         std::vector<i32arr> toks;
