@@ -477,9 +477,19 @@ void cuda_route(void *ctx, const float *logits, int T, int E, int k, int norm, i
 void cuda_moe_combine(void *ctx, float *out, const float *ye, const int32_t *row, const float *wt, int T, int k, int h) {
     cuda_ctx *c = ctx_of(ctx);
     if (T <= 0 || k <= 0) return;
-    const int32_t *drow = (const int32_t *)upload(c, row, sizeof(int32_t) * (size_t)T * k);
-    const float *dw = drow ? (const float *)upload(c, wt, sizeof(float) * (size_t)T * k) : nullptr;
-    if (dw) launched(c, fmc_moe_combine(c->s, out, ye, drow, dw, T, k, h), "moe_combine");
+    /* one upload of both tables: a second could restart the arena and overwrite the first before it is read */
+    const size_t n = (size_t)T * k;
+    uint8_t *both = (uint8_t *)malloc(n * (sizeof(int32_t) + sizeof(float)));
+    if (!both) {
+        failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: out of memory"));
+        return;
+    }
+    memcpy(both, row, n * sizeof(int32_t));
+    memcpy(both + n * sizeof(int32_t), wt, n * sizeof(float));
+    const uint8_t *d = (const uint8_t *)upload(c, both, n * (sizeof(int32_t) + sizeof(float)));
+    free(both);
+    if (d) launched(c, fmc_moe_combine(c->s, out, ye, (const int32_t *)d, (const float *)(d + n * sizeof(int32_t)),
+                                       T, k, h), "moe_combine");
 }
 
 /* ---- the VRAM expert cache */
