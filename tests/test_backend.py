@@ -37,6 +37,18 @@ def test_default_backend(model_dir):
     assert flashmoe.load(model_dir, backend="auto").backend == m.backend
 
 
+def test_device_expert_counters_are_zero_without_a_device_cache(model_dir):
+    """Model.stats' device_expert_* counters (a GPU backend's own expert cache: CUDA's VRAM tier,
+    tests/test_cuda_backend.py) are there and zero on the CPU, whose expert cache is the host's."""
+    m = flashmoe.load(model_dir, backend="cpu")
+    m.generate_tokens([1, 2, 3], max_tokens=4, stop_token_ids=[])
+    st = m.stats
+    assert st["expert_hits"] + st["expert_misses"] > 0
+    assert [st[k] for k in ("device_expert_slots", "device_expert_hits", "device_expert_misses",
+                            "device_bytes_in")] == [0, 0, 0, 0]
+    assert st["last"]["device_expert_hits"] == 0
+
+
 @pytest.mark.parametrize("name,match", [("cuda", "'cuda' is not built into this flashmoe"),
                                         ("metal", "'metal' is not built into this flashmoe"),
                                         ("tpu", "'tpu' is not a flashmoe backend"),

@@ -207,6 +207,9 @@ def test_outputs_do_not_depend_on_the_expert_tiers(gpu_env, tiny_models, tmp_pat
             assert np.array_equal(np.asarray(got[key]).view(np.uint32 if key != "greedy" else np.int64),
                                   np.asarray(ref[key]).view(np.uint32 if key != "greedy" else np.int64)), \
                 f"{slots} VRAM slots: {key} differs from everything resident"
+        n_slots, hits, misses, bytes_in = got["device"].tolist()
+        assert n_slots == slots and misses > 0 and bytes_in > 0, got["device"]  # the tier was used, and small
+    assert ref["device"][0] > 3 and ref["device"][1] > 0, ref["device"]  # resident: hits once warm
 
 
 GPU_BUDGET = """

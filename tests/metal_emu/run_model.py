@@ -4,7 +4,8 @@
                                                                              e.g. prefill_chunk=16)
 
 Writes prefill (the logits of every prompt position in one call), steps (the same positions fed one
-token at a time) and greedy (the ids of 6 greedy tokens after the prompt) to OUT.npz.
+token at a time), greedy (the ids of 6 greedy tokens after the prompt) and device (Model.stats'
+device_expert_slots, _hits, _misses and device_bytes_in: CUDA's VRAM tier, zeros elsewhere) to OUT.npz.
 """
 
 import ast
@@ -23,7 +24,10 @@ def main(model_dir, backend, ids_path, out_path, *options):
     prefill = m.forward(ids)
     steps = np.stack([m.forward(ids[:1])[0]] + [m.forward(ids[i:i + 1], reset=False)[0] for i in range(1, len(ids))])
     greedy = m.generate_tokens(ids, max_tokens=6, stop_token_ids=[])
-    np.savez(out_path, prefill=prefill, steps=steps, greedy=np.asarray(greedy, np.int64))
+    st = m.stats  # a GPU backend's own expert cache (CUDA's VRAM tier): slots, hits, misses, bytes in
+    device = [st["device_expert_slots"], st["device_expert_hits"], st["device_expert_misses"], st["device_bytes_in"]]
+    np.savez(out_path, prefill=prefill, steps=steps, greedy=np.asarray(greedy, np.int64),
+             device=np.asarray(device, np.int64))
 
 
 if __name__ == "__main__":
