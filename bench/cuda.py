@@ -6,7 +6,7 @@
     (--cpu adds the CPU backend on the same model; --torch adds transformers eager, bf16, on the GPU)
 
 A random model of the preset's real per-layer shapes (flashmoe.synth, 4 bits), truncated to --layers, is
-written once under --dir. Each measurement is a fresh process: load, an untimed --warm prompt that fills the
+written once under --dir (bench/decode.py's model_path: the same models as the CPU benchmarks). Each measurement is a fresh process: load, an untimed --warm prompt that fills the
 expert tiers (all of them but the disk setting's), a prompt of each --prompts length (timed), then --tokens
 greedy decode steps (timed, after a warm-up of 8).
 
@@ -28,27 +28,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-from flashmoe import presets
-from flashmoe.model import parse_size
-from flashmoe.reader import model_bytes, read_header
-from flashmoe.synth import write_random_model
-
-BENCH_DIR = os.environ.get("FLASHMOE_BENCH_DIR", "/tmp/flashmoe-bench")
-
-
-def model_path(preset: str, layers: int, root: str) -> tuple[str, dict]:
-    path = os.path.join(root, f"{preset}-L{layers}-q4")
-    if not os.path.exists(os.path.join(path, "flashmoe.json")):
-        t = time.time()
-        write_random_model(path, presets.truncate(preset, layers), bits=4, progress=False)
-        print(f"wrote {path} in {time.time() - t:.0f} s", flush=True)
-    return path, read_header(path)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flashmoe import presets  # noqa: E402
+from flashmoe.model import parse_size  # noqa: E402
+from flashmoe.reader import model_bytes  # noqa: E402
+from ceilings import disk_read_gbps  # noqa: E402  (bench/ceilings.py)
+from decode import BENCH_DIR, drop_page_cache, model_path, run_script  # noqa: E402  (bench/decode.py)
 
 
 def decode_bytes(header: dict) -> tuple[int, int]:
@@ -90,41 +80,6 @@ def ceilings() -> dict:
     return {"hbm_gbps": hbm, "h2d_gbps": h2d, "gpu": torch.cuda.get_device_name()}
 
 
-def disk_gbps(path: str, header: dict, seconds: float = 3.0, threads: int = 8) -> float:
-    """Random O_DIRECT reads of whole expert blobs (stride-aligned, as the store reads them) from the
-    model's experts files, `threads` at a time, cold cache: GB/s (bench/decode.py's ceiling, shorter)."""
-    import mmap
-    import random
-    import threading
-
-    from flashmoe.format import PREAMBLE as PREAMBLE_SIZE
-
-    ex = header["experts"]
-    files = [os.path.join(path, e["file"]) for e in ex["layers"]]
-    n_exp = int(header["config"]["num_experts"])
-    size = (int(ex["blob_size"]) + 4095) // 4096 * 4096
-    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
-    done = [0] * threads
-    stop = time.perf_counter() + seconds
-
-    def worker(i):
-        buf = mmap.mmap(-1, size)
-        fds = [os.open(f, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) for f in files]
-        rng = random.Random(i)
-        while time.perf_counter() < stop:
-            fd = rng.choice(fds)
-            done[i] += os.preadv(fd, [buf], PREAMBLE_SIZE + rng.randrange(n_exp) * int(ex["stride"]))
-        for fd in fds:
-            os.close(fd)
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return sum(done) / (time.perf_counter() - t0) / 1e9
-
-
 def child(spec: dict) -> None:
     import flashmoe
 
@@ -155,17 +110,14 @@ def child(spec: dict) -> None:
     st = m.stats
     res.update({k: st[k] for k in ("expert_hits", "expert_misses", "bytes_read", "device_expert_slots",
                                    "device_expert_hits", "device_expert_misses", "device_bytes_in")})
-    print("RESULT " + json.dumps(res), flush=True)
+    print(json.dumps(res), flush=True)  # the last line: run_script reads it
 
 
-def run_child(spec: dict, drop_caches: bool) -> dict:
-    if drop_caches:
-        subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"child failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+def run_child(spec: dict, cold: bool) -> dict:
+    """child(spec) in a fresh process, after dropping the page cache where cold."""
+    if cold:
+        drop_page_cache()
+    return run_script(__file__, spec)
 
 
 def torch_eager(preset: str, layers: int, tokens: int) -> float:
@@ -212,7 +164,7 @@ def main() -> None:
     if args.child:
         child(json.loads(args.child))
         return
-    path, header = model_path(args.preset, args.layers, args.dir)
+    path, header = model_path(args)
     ceil = ceilings()
     dense_b, expert_b = decode_bytes(header)
     prompts = [int(p) for p in args.prompts.split(",") if p]
@@ -247,7 +199,8 @@ def main() -> None:
         if args.setting == "disk":
             host_hit = r0["expert_hits"] / max(1, r0["expert_hits"] + r0["expert_misses"])
             read = r0["bytes_read"] / args.tokens
-            disk = disk_gbps(path, header)
+            drop_page_cache()
+            disk = disk_read_gbps(path, header, seconds=3.0)[0]
             print(f"  host tier: hit rate {host_hit:.3f}, {read / 1e6:.0f} MB/token read from disk "
                   f"({read * dec / 1e9:.2f} GB/s); the disk's ceiling {disk:.2f} GB/s (8 random O_DIRECT blob "
                   f"reads in flight): {disk * 1e9 / max(read, 1):.1f} tok/s, {dec * read / (disk * 1e9):.2f} of it")

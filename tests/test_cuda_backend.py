@@ -15,15 +15,12 @@ that need a GPU are marked gpu: CI has none, and their skip there is no failure 
 
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN_MODEL = ROOT / "tests" / "metal_emu" / "run_model.py"  # one model on one backend, to an .npz
+import backend_runs
+from backend_runs import RTOL, assert_op_harness_passes, build_variant, run_model, run_py
 pytestmark = pytest.mark.ci_feature("nvcc")
 
 
@@ -42,18 +39,8 @@ def cuda_env(tmp_path_factory):
         pytest.skip("needs nvcc (the CUDA toolkit)")
     target = tmp_path_factory.mktemp("cuda_pkg")
     build_dir = os.environ.get("FLASHMOE_CUDA_BUILD_DIR") or str(tmp_path_factory.mktemp("cuda_build"))
-    env = dict(os.environ, CUDACXX=nvcc)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(ROOT),
-         "-C", "cmake.define.FLASHMOE_CUDA=ON", "-C", f"build-dir={build_dir}"],
-        capture_output=True, text=True, env=env, timeout=1500)
-    assert proc.returncode == 0, f"building the CUDA backend failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    build_variant(target, build_dir, ["FLASHMOE_CUDA=ON"], dict(os.environ, CUDACXX=nvcc), "the CUDA backend")
     return dict(os.environ, PYTHONPATH=str(target), PYTHONDONTWRITEBYTECODE="1")
-
-
-def run_py(env, args, timeout=1200):
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-    return proc.returncode, proc.stdout + proc.stderr
 
 
 def has_gpu(env):
@@ -117,50 +104,20 @@ def test_without_a_gpu_cuda_is_a_clear_error(cuda_env, demo_model):
 def test_op_harness_on_cuda(gpu_env):
     """Every case of tests/test_ops.py and every check of tests/test_batch_invariance.py on backend "cuda"
     (their ids hold "cuda"): passed, none skipped (a skip there is an op the CUDA table lacks)."""
-    rc, out = run_py(gpu_env, ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_ops.py",
-                               "tests/test_batch_invariance.py", "-k", "cuda"])
-    tail = out[-8000:]
-    assert rc == 0, tail
-    summary = out.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, tail
-    assert int(summary.split(" passed")[0].split()[-1]) >= 300, summary
+    assert_op_harness_passes(gpu_env, "cuda", tail=8000)
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """(arch, bits) -> packed tiny model directory (tests/hf_fixtures.py's transformers models)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from hf_fixtures import make_hf_model, save_checkpoint
-
-    import flashmoe
-    cache = {}
-
-    def get(arch, bits):
-        if (arch, bits) not in cache:
-            ckpt = save_checkpoint(make_hf_model(arch, seed=0), tmp_path_factory.mktemp("hf"))
-            cache[arch, bits] = str(tmp_path_factory.mktemp(f"packed{bits}"))
-            flashmoe.convert(ckpt, cache[arch, bits], bits=bits, progress=False, overwrite=True)
-        return cache[arch, bits]
-    return get
+    return backend_runs.tiny_models(tmp_path_factory)
 
 
-RTOL = 1e-3  # as tests/test_models.py against transformers: fp32 on both sides, summation orders apart
 # With int8 activations two backends agree bitwise only where their fp32 inputs to each rounding do: CUDA's
 # sums are in other orders than the CPU's, so now and then an activation lands on the other side of an int8
 # rounding boundary, one step of 1/127 of its group's maximum. In these 64-wide models one such step moves
 # the logits by up to 1.2e-2 of their maximum (seen on an H100: qwen3_5_moe at 8 bits, qwen3_next at 4);
 # a formula error moves them by far more, and the op harness checks the int8 kernels' rounding exactly.
 INT8_RTOL = 3e-2
-
-
-def run_model(env, tmp_path, path, backend, ids, name, *options, extra_env=None):
-    np.save(tmp_path / "ids.npy", ids)
-    out = tmp_path / f"{name}.npz"
-    rc, log = run_py(dict(env, **(extra_env or {})),
-                     [str(RUN_MODEL), path, backend, str(tmp_path / "ids.npy"), str(out), *options])
-    assert rc == 0, log[-4000:]
-    return np.load(out)
 
 
 @pytest.mark.gpu
@@ -202,7 +159,7 @@ def test_outputs_do_not_depend_on_the_expert_tiers(gpu_env, tiny_models, tmp_pat
     for slots in (1, 3):
         got = run_model(gpu_env, tmp_path, path, "cuda", ids, f"slots{slots}", "prefill_chunk=16",
                         "context_length=256", f"memory_budget={minimum}",
-                        extra_env={"FLASHMOE_CUDA_EXPERT_SLOTS": str(slots), "FLASHMOE_CUDA_STATS": "1"})
+                        extra_env={"FLASHMOE_CUDA_EXPERT_SLOTS": str(slots)})
         for key in ("prefill", "steps", "greedy"):
             assert np.array_equal(np.asarray(got[key]).view(np.uint32 if key != "greedy" else np.int64),
                                   np.asarray(ref[key]).view(np.uint32 if key != "greedy" else np.int64)), \

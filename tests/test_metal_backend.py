@@ -21,13 +21,12 @@ the emulated device's fault and limit injection skip there).
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+import backend_runs
+from backend_runs import RTOL, assert_op_harness_passes, build_variant, run_model, run_py
 pytestmark = pytest.mark.ci_feature("clang19")
 
 
@@ -53,13 +52,10 @@ def emu_env(tmp_path_factory):
     # FLASHMOE_METAL_EMU_BUILD_DIR: keep the CMake build between runs (a developer's loop; CI builds fresh)
     build_dir = os.environ.get("FLASHMOE_METAL_EMU_BUILD_DIR") or str(tmp_path_factory.mktemp("metal_emu_build"))
     env = dict(os.environ, CC="clang-19", CXX="clang++-19")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-         str(ROOT), "-C", "cmake.define.FLASHMOE_METAL_EMU=ON", "-C", "cmake.define.FLASHMOE_METAL_EMU_ASAN=ON",
-         # pybind11's -flto and ASan's module constructors do not link together with GNU ld
-         "-C", "cmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF", "-C", f"build-dir={build_dir}"],
-        capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, f"building the emulated Metal backend failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    # pybind11's -flto and ASan's module constructors do not link together with GNU ld
+    build_variant(target, build_dir, ["FLASHMOE_METAL_EMU=ON", "FLASHMOE_METAL_EMU_ASAN=ON",
+                                      "CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF"], env,
+                  "the emulated Metal backend", timeout=900)
     return dict(os.environ, PYTHONPATH=str(target), LD_PRELOAD=asan,
                 # no fake stacks: a lane start would map one and its end unmap it (6x the time; emu.cpp)
                 ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0",
@@ -74,12 +70,6 @@ def emulated(emu_env):
     return emu_env
 
 
-def run_py(env, args, timeout=1200):
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=ROOT)
-    return proc.returncode, proc.stdout + proc.stderr
-
-
 def test_emulated_build_has_metal(emu_env):
     rc, out = run_py(emu_env, ["-c", "import flashmoe; from flashmoe import _core; "
                                "assert flashmoe.__file__.startswith(%r), flashmoe.__file__; print(_core.backends())"
@@ -92,13 +82,7 @@ def test_op_harness_on_metal(emu_env):
     """Every case of tests/test_ops.py and every batch-invariance check of tests/test_batch_invariance.py
     on backend "metal" (their ids hold "metal"): passed, none skipped (a skip there is an op the Metal
     table lacks)."""
-    rc, out = run_py(emu_env, ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_ops.py",
-                               "tests/test_batch_invariance.py", "-k", "metal"])
-    tail = out[-6000:]
-    assert rc == 0, tail
-    summary = out.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, tail
-    assert int(summary.split(" passed")[0].split()[-1]) >= 300, summary
+    assert_op_harness_passes(emu_env, "metal")
 
 
 # ---------------------------------------------------------------------------------- the whole model
@@ -106,24 +90,7 @@ def test_op_harness_on_metal(emu_env):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """(arch, bits) -> packed tiny model directory (tests/hf_fixtures.py's transformers models)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from hf_fixtures import make_hf_model, save_checkpoint
-
-    import flashmoe
-    cache = {}
-
-    def get(arch, bits):
-        if (arch, bits) not in cache:
-            ckpt = save_checkpoint(make_hf_model(arch, seed=0), tmp_path_factory.mktemp("hf"))
-            cache[arch, bits] = str(tmp_path_factory.mktemp(f"packed{bits}"))
-            flashmoe.convert(ckpt, cache[arch, bits], bits=bits, progress=False, overwrite=True)
-        return cache[arch, bits]
-    return get
-
-
-RTOL = 1e-3  # as tests/test_models.py against transformers: fp32 on both sides, summation orders apart
+    return backend_runs.tiny_models(tmp_path_factory)
 
 
 @pytest.mark.torch
@@ -145,14 +112,8 @@ def test_model_on_metal(emu_env, tiny_models, tmp_path, arch, bits, int8):
     - The greedy tokens the same."""
     path = tiny_models(arch, bits)
     ids = np.random.default_rng(1).integers(0, 251, 21)
-    np.save(tmp_path / "ids.npy", ids)
-    got = {}
-    for backend in ("cpu", "metal"):
-        out = tmp_path / f"{backend}.npz"
-        rc, log = run_py(emu_env, [str(ROOT / "tests" / "metal_emu" / "run_model.py"), path, backend,
-                                   str(tmp_path / "ids.npy"), str(out), "prefill_chunk=16", f"int8_activations={int8}"])
-        assert rc == 0, log[-4000:]
-        got[backend] = np.load(out)
+    got = {backend: run_model(emu_env, tmp_path, path, backend, ids, backend, "prefill_chunk=16",
+                              f"int8_activations={int8}") for backend in ("cpu", "metal")}
     cpu, metal = got["cpu"], got["metal"]
     assert np.array_equal(metal["prefill"].view(np.uint32), metal["steps"].view(np.uint32)), \
         "metal: the prompt in one call differs from the prompt token by token"

@@ -1,4 +1,5 @@
-"""One model on one backend, for tests/test_metal_backend.py: run in a subprocess on the emulated build.
+"""One model on one backend, for the GPU backends' whole-model tests (tests/backend_runs.py): run in a
+subprocess on the build under test (the emulated Metal one, a CUDA one).
 
     python run_model.py MODEL_DIR BACKEND IDS.npy OUT.npz [key=value ...]   (load options as Python literals,
                                                                              e.g. prefill_chunk=16)
