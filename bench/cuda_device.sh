@@ -3,6 +3,12 @@
 # for this GPU, then run what the arguments name, logs under $OUT (or /tmp/cuda-out):
 #   tests   tests/test_ops.py + tests/test_batch_invariance.py on "cuda", tests/test_cuda_backend.py
 #   bench   bench/cuda.py's settings (hbm with the CPU and transformers beside it, pinned, disk)
+#   prepare in the background (setsid: it outlives the call while the machine stays warm): llama.cpp's
+#           llama-bench built with CUDA from $LCP (the llama.cpp llama-cpp-python's sdist vendors: `pip download
+#           llama-cpp-python --no-binary :all:`, unpacked, its vendor/llama.cpp copied to an ignored, carried
+#           folder), and the benchmark models with their GGUFs (bench/cuda_llamacpp.py --prepare)
+#   wait    until that has finished
+#   llama   bench/cuda_llamacpp.py: llama.cpp on the GPU and with the experts on the CPU, on the same models
 # The machine's python3 has torch, numpy, pybind11 and scikit-build-core; nothing is downloaded.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -18,7 +24,9 @@ if [ ! -d "$pkg/flashmoe" ]; then
     || { tail -60 "$out/build.log"; exit 1; }
   echo "built in $(( $(date +%s) - t0 )) s"
 fi
-export PYTHONPATH="$pkg"
+LCP="${LCP:-.lcp/llama.cpp}"
+export PYTHONPATH="$pkg:$PWD/$LCP/gguf-py"  # gguf-py: bench/gguf_export.py's writer
+llama=/tmp/llama-build/bin/llama-bench
 rc=0
 for what in "$@"; do
   case "$what" in
@@ -37,6 +45,28 @@ for what in "$@"; do
     retest)
       python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py -k "int8 or budget or tiers" 2>&1 \
         | tee "$out/retest.log" | tail -15 || rc=1 ;;
+    prepare)
+      cmake=$(command -v cmake || python3 -c "import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, 'cmake'))")
+      setsid bash -c "
+        ( $cmake -S $LCP -B /tmp/llama-build -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+            -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
+            -DLLAMA_BUILD_EXAMPLES=OFF && nice $cmake --build /tmp/llama-build -j 16 --target llama-bench \
+          ) >/tmp/llama-build.log 2>&1; echo \$? >/tmp/llama-build.rc" </dev/null >/dev/null 2>&1 &
+      setsid bash -c "
+        ( for m in 'qwen3.5-35b-a3b 8' 'qwen3.5-122b-a10b 8'; do set -- \$m
+            nice python3 bench/cuda_llamacpp.py --prepare --preset \$1 --layers \$2 || exit 1; done
+        ) >/tmp/prepare.log 2>&1; echo \$? >/tmp/prepare.rc" </dev/null >/dev/null 2>&1 &
+      echo "prepare: started in the background" ;;
+    wait)
+      for f in /tmp/llama-build.rc /tmp/prepare.rc; do
+        while [ ! -f "$f" ]; do sleep 5; done
+        log="${f%.rc}.log"; echo "$f: $(cat "$f")"; tail -5 "$log"; cp "$log" "$out/"
+      done ;;
+    llama)
+      for m in "qwen3.5-35b-a3b 8" "qwen3.5-122b-a10b 8"; do set -- $m
+        python3 bench/cuda_llamacpp.py --llama-bench "$llama" --preset "$1" --layers "$2" 2>&1 \
+          | tee -a "$out/llama.log" || rc=1
+      done ;;
     *) python3 "$what" 2>&1 | tee -a "$out/extra.log" || rc=1 ;;
   esac
 done
