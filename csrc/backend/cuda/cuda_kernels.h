@@ -29,6 +29,27 @@ size_t fmc_matmul_scratch_bytes(const fm_mat *w, int T);
 /* y[T, rows] = x[T, cols] · Wᵀ, the numerics of cpu.h's fm_cpu_matmul (int8 activations where w->int8_act
  * and the group size is a multiple of 32 up to 256); scratch: fmc_matmul_scratch_bytes(w, T) bytes. */
 fm_status fmc_matmul(cudaStream_t s, const fm_mat *w, const float *x, int T, float *y, void *scratch);
+/* One routed expert of a grouped call: its three matrices (device pointers; all experts of a call share dtype,
+ * shapes, group sizes, int8_act and scale_bf16, and gate and up share them too), its n token rows tok[0..n) of xn
+ * (device; each in [0, T)), and the first row row0 of its outputs in ye (in h: row0 less the call's lowest row0). */
+typedef struct {
+    fm_mat gate, up, down;
+    const int32_t *tok;
+    int n, row0;
+} fmc_expert;
+/* Device scratch fmc_experts needs (int8 activations: xn's T rows for gate and up, then h's rows for down); 0 when
+ * none. */
+size_t fmc_experts_scratch_bytes(const fm_mat *gate, const fm_mat *down, int T, int rows);
+/* h[r + i, :] = silu(gate · xn[tok[i]]) * (up · xn[tok[i]]), then ye[row0 + i, :] = down · h[r + i] for every expert
+ * of ex (device array [n_ex]; ex_host: the same array on the host, for the checks and the grid), r = row0 - lo, lo
+ * the lowest row0 of the call's experts (of n > 0); xn [T, H]; h [rows, I] scratch, rows >= every r + n (Σ n where
+ * the experts' rows of ye are contiguous); ye [·, H]. Only the experts' own rows are read or written. Two kernels
+ * whatever n_ex (and where the matrices take int8 activations, a quantizer before each: xn's T rows once, then the
+ * experts' rows of h). Bitwise fmc_matmul of gate and of up on each expert's gathered rows, then eltwise.cu's
+ * silu_mul (g / (1 + expf(-g)) * u), then fmc_matmul of down. scratch: fmc_experts_scratch_bytes(gate, down, T,
+ * rows) bytes. */
+fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc_expert *ex_host, int n_ex, const float *xn, int T,
+                      int H, float *h, float *ye, int rows, void *scratch);
 /* out[T, cols] = row ids[t] of W, dequantized (fm_cpu_get_row); ids: device [T] */
 fm_status fmc_embed(cudaStream_t s, const fm_mat *w, const int32_t *ids, int T, float *out);
 

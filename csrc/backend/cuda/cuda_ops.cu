@@ -627,10 +627,159 @@ void expert_ffn(cuda_ctx *c, const fm_expert_work *w, const fm_mat *gate, const 
     cuda_matmul(c, down, h1, w->n, ye + (size_t)w->row0 * H);
 }
 
+/* FLASHMOE_CUDA_GROUPED=0: each expert's FFN in launches of its own (expert_ffn), to compare with the grouped
+ * calls (experts_grouped). Read once per process, at the first MoE layer. */
+bool grouped_on() {
+    static const bool on = [] {
+        const char *e = getenv("FLASHMOE_CUDA_GROUPED");
+        return !(e && strcmp(e, "0") == 0);
+    }();
+    return on;
+}
+
+/* A grouped call's scratch for its rows (h [rows, I] and, on int8 activations, h's quantized rows) is kept under
+ * this by cutting a batch's experts into calls: a prompt's segment (T·k rows) takes a few, decode one. With xn's
+ * quantized rows (T·H bytes and a little) it stays inside VRAM_HEADROOM. */
+constexpr size_t GROUP_ROWS_SCRATCH = 16 * MiB;
+
+/* Bytes of expert scratch a grouped call of these matrices over T tokens of xn and `rows` rows of h takes: h,
+ * then the int8 activations (T 0: the part that grows with rows). */
+size_t h_bytes(const fm_mat *gate, int rows) {
+    return (sizeof(float) * (size_t)rows * (size_t)gate->rows + 255) & ~(size_t)255;
+}
+size_t group_bytes(const fm_mat *gate, const fm_mat *down, int T, int rows) {
+    return h_bytes(gate, rows) + fmc_experts_scratch_bytes(gate, down, T, rows);
+}
+
+/* A grouped call's fmc_expert array and token lists, buf [n fmc_expert | 256-aligned | the lists, in order], to the
+ * device in one upload, each expert's tok pointed at its list there: the arena is first made to have room (upload()
+ * starts it over when full, and grows it with an upload of this size when too small), so the copy lands where the
+ * pointers say. The device array, or NULL on a failure (recorded). */
+const fmc_expert *upload_experts(cuda_ctx *c, uint8_t *buf, int n, size_t bytes) {
+    const size_t eb = (n * sizeof(fmc_expert) + 255) & ~(size_t)255, room = (bytes + 255) & ~(size_t)255;
+    if (c->up_used + room > c->up_size) {
+        sync_all(c);
+        if (room > c->up_size) { /* too small: grown by an upload of this size, then started over */
+            if (!upload(c, buf, bytes)) return nullptr;
+            sync_all(c);
+        }
+    }
+    uint8_t *d = c->up_dev + c->up_used; /* where upload() puts the next bytes */
+    fmc_expert *ex = (fmc_expert *)buf;
+    const int32_t *tok = (const int32_t *)(d + eb);
+    for (int q = 0; q < n; q++) ex[q].tok = tok, tok += ex[q].n;
+    const void *r = upload(c, buf, bytes);
+    if (r && r != d) failed(c, fm_fail(FM_ERR_DEVICE, "cuda backend: the upload arena moved under the experts' lists"));
+    return r == d ? (const fmc_expert *)d : nullptr;
+}
+
+/* The FFNs of work[js[0..n)] (n <= 64, each with tokens) in one fmc_experts call, each expert's matrices those of
+ * its VRAM slot (slot[j - j0] >= 0, rebased from span sp[j - j0]) or read in place; T: xn's rows (1 + the largest
+ * token). Where slots' copies are pending the call waits for all of them (the copies dominate, and one call saves
+ * a launch set per miss), then marks each slot used. false where fmc_experts refuses these experts (matrices of
+ * different shapes or dtypes, ...): nothing but the upload and those waits queued, and the caller runs them one by
+ * one; true once issued, or on a failure (recorded). */
+bool experts_grouped(cuda_ctx *c, const fm_expert_work *work, const int *js, int n, int j0, const int *slot,
+                     const span *sp, const float *xn, int T, float *ye, int H) {
+    size_t n_tok = 0;
+    int lo = work[js[0]].row0, hi = lo; /* h holds the rows [lo, hi) of ye's */
+    for (int q = 0; q < n; q++) {
+        const fm_expert_work *w = &work[js[q]];
+        n_tok += (size_t)w->n;
+        if (w->row0 < lo) lo = w->row0;
+        if (w->row0 + w->n > hi) hi = w->row0 + w->n;
+    }
+    const fm_mat *g0 = work[js[0]].gate, *d0 = work[js[0]].down;
+    /* before the upload: grow may sync, which starts the arena over */
+    uint8_t *mem = (uint8_t *)grow(c, &c->ffn, group_bytes(g0, d0, T, hi - lo), "expert scratch");
+    if (!mem && c->err == FM_OK) return false; /* nothing to size (a shape fmc_experts refuses) */
+    const size_t eb = (n * sizeof(fmc_expert) + 255) & ~(size_t)255, bytes = eb + n_tok * sizeof(int32_t);
+    uint8_t *buf = mem ? (uint8_t *)malloc(bytes) : nullptr;
+    if (mem && !buf) failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: out of memory"));
+    const fmc_expert *dex = nullptr;
+    fmc_expert *ex = (fmc_expert *)buf;
+    if (buf) {
+        int32_t *tok = (int32_t *)(buf + eb);
+        for (int q = 0; q < n; q++) {
+            const fm_expert_work *w = &work[js[q]];
+            const int i = slot[js[q] - j0];
+            if (i >= 0) {
+                uint8_t *d = c->pool + (size_t)i * c->slot_bytes;
+                const span s = sp[js[q] - j0];
+                ex[q].gate = rebase(w->gate, s, d), ex[q].up = rebase(w->up, s, d), ex[q].down = rebase(w->down, s, d);
+            } else {
+                ex[q].gate = *w->gate, ex[q].up = *w->up, ex[q].down = *w->down;
+            }
+            ex[q].tok = nullptr, ex[q].n = w->n, ex[q].row0 = w->row0;
+            memcpy(tok, w->tok, sizeof(int32_t) * (size_t)w->n);
+            tok += w->n;
+        }
+        dex = upload_experts(c, buf, n, bytes);
+    }
+    for (int q = 0; q < n; q++) {
+        const int i = slot[js[q] - j0];
+        if (i >= 0 && c->pending[i]) {
+            ok(c, cudaStreamWaitEvent(c->s, c->loaded[i], 0), "expert copy wait");
+            c->pending[i] = 0;
+        }
+    }
+    if (dex) {
+        const fm_status st =
+            fmc_experts(c->s, dex, ex, n, xn, T, H, (float *)mem, ye, hi - lo, mem + h_bytes(g0, hi - lo));
+        if (st != FM_OK) {
+            free(buf);
+            return false;
+        }
+        launched(c, st, "experts");
+    }
+    free(buf);
+    for (int q = 0; q < n; q++) {
+        const int i = slot[js[q] - j0];
+        if (i < 0) continue;
+        ok(c, cudaEventRecord(c->used_ev[i], c->s), "expert use event");
+        c->locked[i] = 0;
+    }
+    return true;
+}
+
+/* The FFNs of work[js[0..n)] one by one (expert_ffn), each after its slot's copy where one is pending. */
+void experts_one_by_one(cuda_ctx *c, const fm_expert_work *work, const int *js, int n, int j0, const int *slot,
+                        const span *sp, const float *xn, float *ye, int H) {
+    for (int q = 0; q < n; q++) {
+        const fm_expert_work *w = &work[js[q]];
+        const int i = slot[js[q] - j0];
+        if (i < 0) {
+            expert_ffn(c, w, w->gate, w->up, w->down, xn, ye, H);
+            continue;
+        }
+        if (c->pending[i]) {
+            ok(c, cudaStreamWaitEvent(c->s, c->loaded[i], 0), "expert copy wait");
+            c->pending[i] = 0;
+        }
+        uint8_t *d = c->pool + (size_t)i * c->slot_bytes;
+        const span s = sp[js[q] - j0];
+        const fm_mat g = rebase(w->gate, s, d), u = rebase(w->up, s, d), dn = rebase(w->down, s, d);
+        expert_ffn(c, w, &g, &u, &dn, xn, ye, H);
+        ok(c, cudaEventRecord(c->used_ev[i], c->s), "expert use event");
+        c->locked[i] = 0;
+    }
+}
+
 void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float *xn, float *ye, int H) {
     cuda_ctx *c = ctx_of(ctx);
     int slot_of[64];
     span spans[64];
+    /* grouped calls: xn's rows, 1 + the largest token (the int8 activations quantize them) */
+    const bool grouped = grouped_on();
+    int T = 0;
+    for (int j = 0; grouped && j < n_work; j++)
+        for (int i = 0; i < work[j].n; i++) {
+            if (work[j].tok[i] < 0) {
+                failed(c, fm_fail(FM_ERR_INVALID, "cuda backend: an expert's token %d", work[j].tok[i]));
+                return;
+            }
+            if (work[j].tok[i] >= T) T = work[j].tok[i] + 1;
+        }
     for (int j0 = 0; j0 < n_work && c->err == FM_OK;) {
         /* a batch: slots for as many experts as fit (at most 64), their misses' copies queued first */
         int j1 = j0;
@@ -652,27 +801,37 @@ void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float
             failed(c, fm_fail(FM_ERR_INVALID, "cuda backend: no VRAM expert slot"));
             return;
         }
-        /* hits first (they compute while the misses' copies run), then each miss once its copy has landed */
-        for (int pass = 0; pass < 2; pass++)
+        /* hits (and experts read in place) first: they compute while the misses' copies run; then the misses,
+         * each once its copy has landed (grouped: a call waits for all of its experts' copies) */
+        for (int pass = 0; pass < 2; pass++) {
+            int js[64], n = 0;
             for (int j = j0; j < j1; j++) {
-                const fm_expert_work *w = &work[j];
                 const int i = slot_of[j - j0];
-                if (w->n <= 0 || (i >= 0 && c->pending[i]) != (pass == 1)) continue;
-                if (i < 0) {
-                    expert_ffn(c, w, w->gate, w->up, w->down, xn, ye, H);
-                    continue;
-                }
-                if (c->pending[i]) {
-                    ok(c, cudaStreamWaitEvent(c->s, c->loaded[i], 0), "expert copy wait");
-                    c->pending[i] = 0;
-                }
-                uint8_t *d = c->pool + (size_t)i * c->slot_bytes;
-                const fm_mat g = rebase(w->gate, spans[j - j0], d), u = rebase(w->up, spans[j - j0], d),
-                             dn = rebase(w->down, spans[j - j0], d);
-                expert_ffn(c, w, &g, &u, &dn, xn, ye, H);
-                ok(c, cudaEventRecord(c->used_ev[i], c->s), "expert use event");
-                c->locked[i] = 0;
+                if (work[j].n > 0 && (i >= 0 && c->pending[i]) == (pass == 1)) js[n++] = j;
             }
+            if (!grouped) {
+                experts_one_by_one(c, work, js, n, j0, slot_of, spans, xn, ye, H);
+                continue;
+            }
+            /* grouped: by row of ye, cut where a call's rows (with those between, other calls') would take more
+             * than GROUP_ROWS_SCRATCH; a call has one expert at least */
+            for (int q = 1; q < n; q++)
+                for (int r = q; r > 0 && work[js[r]].row0 < work[js[r - 1]].row0; r--) {
+                    const int t = js[r];
+                    js[r] = js[r - 1], js[r - 1] = t;
+                }
+            for (int q0 = 0, q1; q0 < n; q0 = q1) {
+                const fm_expert_work *w0 = &work[js[q0]];
+                int hi = w0->row0 + w0->n;
+                for (q1 = q0 + 1; q1 < n; q1++) {
+                    const int end = work[js[q1]].row0 + work[js[q1]].n, h1 = end > hi ? end : hi;
+                    if (group_bytes(w0->gate, w0->down, 0, h1 - w0->row0) > GROUP_ROWS_SCRATCH) break;
+                    hi = h1;
+                }
+                if (!experts_grouped(c, work, js + q0, q1 - q0, j0, slot_of, spans, xn, T, ye, H))
+                    experts_one_by_one(c, work, js + q0, q1 - q0, j0, slot_of, spans, xn, ye, H);
+            }
+        }
         j0 = j1;
     }
 }

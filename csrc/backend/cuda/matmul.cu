@@ -1,7 +1,8 @@
 /*
- * matmul.cu — the CUDA matmul and embedding lookup (cuda_kernels.h): y[T, rows] = x[T, cols] · Wᵀ for W f32,
- * bf16, q8 or q4 (group-wise affine, docs/FORMAT.md) as cpu.h's fm_cpu_matmul computes it, on fp32
- * activations or, for q4/q8 with w->int8_act, on int8 ones; and out[t] = row ids[t] of W dequantized.
+ * matmul.cu — the CUDA matmul, the routed experts' FFNs and the embedding lookup (cuda_kernels.h):
+ * y[T, rows] = x[T, cols] · Wᵀ for W f32, bf16, q8 or q4 (group-wise affine, docs/FORMAT.md) as cpu.h's
+ * fm_cpu_matmul computes it, on fp32 activations or, for q4/q8 with w->int8_act, on int8 ones; any number of
+ * experts' down(silu(gate x) · up x) in two launches; and out[t] = row ids[t] of W dequantized.
  *
  * One kernel template, fm_mm, for every weight type and every token count. A warp owns R rows; a lane takes
  * 16 bytes of a row at a time, a chunk of V columns (f32 4, bf16 8, q8 16, q4 32), lane l the chunks at
@@ -22,6 +23,15 @@
  * which chunk, the order within a lane, the butterfly — while T, NT, R, U, the grid and the choice of vector
  * or scalar loads (by alignment) only change how many accumulators exist and which loads fill them. So a
  * token's outputs are the same bits in decode and at any place of any prefill.
+ *
+ * Grouped experts (fmc_experts): the same kernel with blockIdx.y an expert of the call and blockIdx.x its row
+ * groups, each block walking that expert's token tiles (blockIdx.z spreading an expert of many tokens). Gate
+ * and up in one kernel: a warp holds rows of both, reads each x chunk once for them, and stores
+ * silu(gate)·up (eltwise.cu's formula, the same PTX) to h; its tokens are listed rows of xn (and, on int8
+ * activations, of xn's quantized rows: each token quantized once for every expert). Down is the matmul of
+ * the expert's rows of h (quantized, for int8, over those rows only). The per-(row, token) arithmetic above is
+ * untouched, so the results are bitwise those of a matmul per expert on its gathered rows, with silu_mul
+ * between: the per-expert path cuda_ops.cu keeps behind FLASHMOE_CUDA_GROUPED=0.
  *
  * Not tensor cores: an MMA's K order is its tile's (and unspecified), so decode would have to run the same
  * MMA tiles (a token padded to 8 or 16, and the weights staged as fp16/bf16/tf32 tiles, which changes the
@@ -53,6 +63,25 @@ struct mm_args {
     float *y;                        /* [T, rows] */
     size_t row_bytes;
     int rows, cols, gs, ng, T, sbf16;
+    int hlo; /* a grouped call's lowest row0: an expert's rows of h start at its row0 - hlo */
+};
+
+/* one matrix's arrays, of mm_args' shape (a grouped call's: an expert's gate, up or down) */
+struct mm_mat {
+    const void *w;
+    const uint16_t *scales, *biases;
+};
+
+/* The x row of a tile's token j: consecutive from t0 (a matmul's tokens; an expert's rows of h), ... */
+struct tok_seq {
+    int t0;
+    __device__ __forceinline__ size_t operator[](int j) const { return (size_t)(t0 + j); }
+};
+/* ... or listed (the rows of xn an expert's tokens are) */
+template <int NT>
+struct tok_list {
+    int t[NT];
+    __device__ __forceinline__ size_t operator[](int j) const { return (size_t)t[j]; }
 };
 
 /* a stored scale or bias: fp16 (subnormals exact), or bfloat16, the top 16 bits of a float32 */
@@ -77,9 +106,9 @@ __device__ __forceinline__ uint32_t word(const uint4 &v, int m) { return m == 0 
 /* The chunk of row `row` at column k (k < cols). VEC: one 16-byte load (the launcher checked the alignment
  * and that every chunk is whole); else word or element loads, 0 past the end of the row. */
 template <int P, bool VEC>
-__device__ __forceinline__ uint4 load_w(const mm_args &a, int row, int k) {
+__device__ __forceinline__ uint4 load_w(const mm_args &a, const mm_mat &mat, int row, int k) {
     constexpr int V = mm_chunk(P);
-    const char *p = (const char *)a.w + (size_t)row * a.row_bytes + (size_t)(k / V) * 16;
+    const char *p = (const char *)mat.w + (size_t)row * a.row_bytes + (size_t)(k / V) * 16;
     if (VEC) return __ldg((const uint4 *)p);
     uint32_t u[4];
     if (P == MM_BF16) { /* rows of an odd length are only 2-byte aligned */
@@ -113,11 +142,12 @@ __device__ __forceinline__ void load_x(float (&v)[N], const float *xt, int k, in
     }
 }
 
-/* ---- one chunk of R rows (wv, and sb: scale | bias << 16 per group of the chunk) for the tile's tokens */
+/* ---- one chunk of R rows (wv, and sb: scale | bias << 16 per group of the chunk) for the tile's tokens, token j
+ * x row tm[j] */
 
-template <int P, int R, int NT, bool VEC>
-__device__ __forceinline__ void chunk_dense(const mm_args &a, float (&acc)[R][NT], const uint4 (&wv)[R], int k, int t0,
-                                            int nt) {
+template <int P, int R, int NT, bool VEC, class TM>
+__device__ __forceinline__ void chunk_dense(const mm_args &a, float (&acc)[R][NT], const uint4 (&wv)[R], int k,
+                                            const TM &tm, int nt) {
     constexpr int V = mm_chunk(P);
 #pragma unroll
     for (int p = 0; p < V; p += 4) { /* 4 columns at a time (fewer live registers; the same order per output) */
@@ -133,7 +163,7 @@ __device__ __forceinline__ void chunk_dense(const mm_args &a, float (&acc)[R][NT
         for (int j = 0; j < NT; j++) {
             if (j >= nt) break;
             float xv[4];
-            load_x<4, VEC>(xv, a.x + (size_t)(t0 + j) * a.cols, k + p, a.cols);
+            load_x<4, VEC>(xv, a.x + tm[j] * a.cols, k + p, a.cols);
 #pragma unroll
             for (int r = 0; r < R; r++)
 #pragma unroll
@@ -144,9 +174,9 @@ __device__ __forceinline__ void chunk_dense(const mm_args &a, float (&acc)[R][NT
 }
 
 /* q4 (SPLIT: a group per 16-column half, for group sizes 16·odd) or q8 on fp32 activations */
-template <int P, int R, int NT, bool VEC, bool SPLIT>
+template <int P, int R, int NT, bool VEC, bool SPLIT, class TM>
 __device__ __forceinline__ void chunk_q(const mm_args &a, float (&acc)[R][NT], const uint4 (&wv)[R],
-                                        const uint32_t (&sb)[R][SPLIT ? 2 : 1], int k, int t0, int nt) {
+                                        const uint32_t (&sb)[R][SPLIT ? 2 : 1], int k, const TM &tm, int nt) {
     constexpr int WV = P == MM_Q4 ? 8 : 4; /* columns per word */
     constexpr int HALVES = SPLIT ? 2 : 1, WORDS = 4 / HALVES;
     float dot[R][NT], xs[NT];
@@ -178,7 +208,7 @@ __device__ __forceinline__ void chunk_q(const mm_args &a, float (&acc)[R][NT], c
             for (int j = 0; j < NT; j++) {
                 if (j >= nt) break;
                 float xv[WV];
-                load_x<WV, VEC>(xv, a.x + (size_t)(t0 + j) * a.cols, k + m * WV, a.cols);
+                load_x<WV, VEC>(xv, a.x + tm[j] * a.cols, k + m * WV, a.cols);
 #pragma unroll
                 for (int e = 0; e < WV; e++) xs[j] += xv[e];
 #pragma unroll
@@ -197,9 +227,9 @@ __device__ __forceinline__ void chunk_q(const mm_args &a, float (&acc)[R][NT], c
 }
 
 /* q4 or q8 on int8 activations: a chunk lies in one group (group sizes are multiples of 32) */
-template <int P, int R, int NT>
+template <int P, int R, int NT, class TM>
 __device__ __forceinline__ void chunk_i8(const mm_args &a, float (&acc)[R][NT], const uint4 (&wv)[R],
-                                         const uint32_t (&sb)[R][1], int k, int t0, int nt) {
+                                         const uint32_t (&sb)[R][1], int k, const TM &tm, int nt) {
     constexpr int V = mm_chunk(P);
     uint32_t wq[R][8]; /* q4: per word its even and odd nibbles as bytes (xq is stored in that order); q8: as is */
     float s[R], b[R];
@@ -217,7 +247,7 @@ __device__ __forceinline__ void chunk_i8(const mm_args &a, float (&acc)[R][NT], 
 #pragma unroll
     for (int j = 0; j < NT; j++) {
         if (j >= nt) break;
-        const size_t t = t0 + j;
+        const size_t t = tm[j];
         const uint4 *xp = (const uint4 *)(a.xq + t * a.cols + k);
         uint32_t xw[V / 4];
 #pragma unroll
@@ -236,77 +266,132 @@ __device__ __forceinline__ void chunk_i8(const mm_args &a, float (&acc)[R][NT], 
     }
 }
 
-/* y rows [row0, row0 + R) of this warp × token tiles of NT; see the file comment */
-template <int P, int R, int NT, int U, bool VEC, bool SPLIT>
-__global__ void __launch_bounds__(128, 1) fm_mm(const __grid_constant__ mm_args a) {
-    constexpr int V = mm_chunk(P), STEP = 32 * V, NG = SPLIT ? 2 : 1;
+/* acc[r][j] += lane's part of the dot of the warp's row r with token j (x row tm[j]), over every column in the
+ * file comment's order. The warp's rows are M matrices' rows rw[0..R): row r is row rw[r % R] of m[r / R] (M 2:
+ * an expert's gate and up, sharing each x load). */
+template <int P, int M, int R, int NT, int U, bool VEC, bool SPLIT, class TM>
+__device__ __forceinline__ void mm_dot(const mm_args &a, const mm_mat (&m)[M], const int (&rw)[R], const TM &tm, int nt,
+                                       float (&acc)[M * R][NT]) {
+    constexpr int V = mm_chunk(P), STEP = 32 * V, NG = SPLIT ? 2 : 1, RR = M * R;
     constexpr bool QUANT = P != MM_F32 && P != MM_BF16;
+    const int lane = threadIdx.x & 31;
+    for (int k0 = 0; k0 < a.cols; k0 += STEP * U) { /* warp-uniform trip count */
+        uint4 wv[U][RR];
+        uint32_t sb[U][RR][NG];
+#pragma unroll
+        for (int u = 0; u < U; u++) { /* every load of the U chunks first: more bytes in flight */
+            const int k = k0 + u * STEP + lane * V;
+#pragma unroll
+            for (int r = 0; r < RR; r++) {
+                const mm_mat &w = m[r / R];
+                const int row = rw[r % R];
+                wv[u][r] = k < a.cols ? load_w<P, VEC>(a, w, row, k) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                for (int h = 0; h < NG; h++) {
+                    sb[u][r][h] = 0;
+                    if (QUANT && k + 16 * h < a.cols) {
+                        const size_t i = (size_t)row * a.ng + (k + 16 * h) / a.gs;
+                        sb[u][r][h] = __ldg(w.scales + i) | ((uint32_t)__ldg(w.biases + i) << 16);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int k = k0 + u * STEP + lane * V;
+            if (k >= a.cols) break; /* chunks run in column order: the rest are past the end too */
+            if constexpr (P == MM_F32 || P == MM_BF16) chunk_dense<P, RR, NT, VEC>(a, acc, wv[u], k, tm, nt);
+            else if constexpr (P == MM_Q4 || P == MM_Q8)
+                chunk_q<P, RR, NT, VEC, SPLIT>(a, acc, wv[u], sb[u], k, tm, nt);
+            else chunk_i8<P, RR, NT>(a, acc, wv[u], sb[u], k, tm, nt);
+        }
+    }
+}
+
+/* the three uses of fm_mm */
+enum { K_MM, K_DOWN, K_GU };
+
+/* y rows [row0, row0 + R) of this warp × token tiles of NT; see the file comment. K:
+ *   K_MM: a matmul, a.w over a.T tokens, y [T, rows] (ex unused);
+ *   K_DOWN: a grouped call's down, expert blockIdx.y's over its n rows of a.x = h (from row0 - a.hlo), into its
+ *       rows of a.y = ye (from row0);
+ *   K_GU: a grouped call's gate and up, expert blockIdx.y's (R rows of each per warp) over its tokens tok[0..n)
+ *       of a.x = xn, silu(gate)·up (as eltwise.cu's silu_mul_k) into its rows of a.y = h. Its registers are
+ *       capped near fm_mm's largest (3 blocks of 128 threads an SM: 168 a thread), which keeps fm_mm's
+ *       occupancy: uncapped, ptxas takes up to 248 (two matrices' addresses, the listed tokens' rows). Not q4 on
+ *       scalar loads (weights or xn rows not 16-byte aligned: rare), which spills under the cap on sm_80.
+ * A tile's arithmetic is fm_mm's whichever: an expert's rows are the bits of a matmul of them alone. */
+template <int K, int P, int R, int NT, int U, bool VEC, bool SPLIT>
+__global__ void __launch_bounds__(128, K == K_GU && (VEC || P != MM_Q4) ? 3 : 1)
+    fm_mm(const __grid_constant__ mm_args a, const fmc_expert *__restrict__ ex) {
+    constexpr int M = K == K_GU ? 2 : 1;
     const int lane = threadIdx.x & 31;
     const int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
     if (row0 >= a.rows) return; /* a whole warp past the last row (no block barriers below) */
     int rw[R];
 #pragma unroll
     for (int r = 0; r < R; r++) rw[r] = min(row0 + r, a.rows - 1); /* past the end: a repeated row, never written */
-    const int tiles = (a.T + NT - 1) / NT;
-    for (int tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
-        const int t0 = tile * NT, nt = min(NT, a.T - t0);
-        float acc[R][NT];
+    mm_mat m[M];
+    int n = a.T, xr = 0, yr = 0; /* the tokens, and the rows of x (but for K_GU) and of y the first one takes */
+    const int32_t *tok = nullptr;
+    if constexpr (K == K_MM) {
+        m[0] = {a.w, a.scales, a.biases};
+    } else {
+        const fmc_expert &e = ex[blockIdx.y];
+        n = e.n;
+        if constexpr (K == K_GU) {
+            m[0] = {e.gate.data, e.gate.scales, e.gate.biases};
+            m[M - 1] = {e.up.data, e.up.scales, e.up.biases};
+            tok = e.tok, yr = e.row0 - a.hlo;
+        } else {
+            m[0] = {e.down.data, e.down.scales, e.down.biases};
+            xr = e.row0 - a.hlo, yr = e.row0;
+        }
+    }
+    const int tiles = (n + NT - 1) / NT;
+    for (int tile = blockIdx.z; tile < tiles; tile += gridDim.z) {
+        const int t0 = tile * NT, nt = min(NT, n - t0);
+        float acc[M * R][NT];
 #pragma unroll
-        for (int r = 0; r < R; r++)
+        for (int r = 0; r < M * R; r++)
 #pragma unroll
             for (int j = 0; j < NT; j++) acc[r][j] = 0.0f;
-        for (int k0 = 0; k0 < a.cols; k0 += STEP * U) { /* warp-uniform trip count */
-            uint4 wv[U][R];
-            uint32_t sb[U][R][NG];
+        if constexpr (K == K_GU) {
+            tok_list<NT> tm;
 #pragma unroll
-            for (int u = 0; u < U; u++) { /* every load of the U chunks first: more bytes in flight */
-                const int k = k0 + u * STEP + lane * V;
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    wv[u][r] = k < a.cols ? load_w<P, VEC>(a, rw[r], k) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-                    for (int h = 0; h < NG; h++) {
-                        sb[u][r][h] = 0;
-                        if (QUANT && k + 16 * h < a.cols) {
-                            const size_t i = (size_t)rw[r] * a.ng + (k + 16 * h) / a.gs;
-                            sb[u][r][h] = __ldg(a.scales + i) | ((uint32_t)__ldg(a.biases + i) << 16);
-                        }
-                    }
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int k = k0 + u * STEP + lane * V;
-                if (k >= a.cols) break; /* chunks run in column order: the rest are past the end too */
-                if constexpr (P == MM_F32 || P == MM_BF16) chunk_dense<P, R, NT, VEC>(a, acc, wv[u], k, t0, nt);
-                else if constexpr (P == MM_Q4 || P == MM_Q8) chunk_q<P, R, NT, VEC, SPLIT>(a, acc, wv[u], sb[u], k, t0, nt);
-                else chunk_i8<P, R, NT>(a, acc, wv[u], sb[u], k, t0, nt);
-            }
+            for (int j = 0; j < NT; j++) tm.t[j] = j < nt ? __ldg(tok + t0 + j) : 0;
+            mm_dot<P, M, R, NT, U, VEC, SPLIT>(a, m, rw, tm, nt, acc);
+        } else {
+            mm_dot<P, M, R, NT, U, VEC, SPLIT>(a, m, rw, tok_seq{xr + t0}, nt, acc);
         }
 #pragma unroll
         for (int r = 0; r < R; r++)
 #pragma unroll
             for (int j = 0; j < NT; j++) {
-                float v = acc[r][j];
+                float v[M];
 #pragma unroll
-                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o); /* a + b == b + a */
-                if (lane == 0 && j < nt && row0 + r < a.rows) a.y[(size_t)(t0 + j) * a.rows + row0 + r] = v;
+                for (int i = 0; i < M; i++) {
+                    v[i] = acc[i * R + r][j];
+#pragma unroll
+                    for (int o = 16; o > 0; o >>= 1) v[i] += __shfl_xor_sync(0xFFFFFFFFu, v[i], o); /* a + b == b + a */
+                }
+                if (lane == 0 && j < nt && row0 + r < a.rows) {
+                    float *y = a.y + (size_t)(yr + t0 + j) * a.rows + row0 + r;
+                    if constexpr (K == K_GU) *y = v[0] / (1.0f + expf(-v[0])) * v[M - 1];
+                    else *y = v[0];
+                }
             }
     }
 }
 
-/* int8 activations of x [T, cols] per group of gs (a multiple of 32, <= 256), a warp per (token, group): xq
- * (PERM, for q4: each 8 as its evens then its odds), xd [T, ng] = m / 127, xs [T, cols / V] = Σ xq per chunk
+/* int8 activations of x [T, cols] per group of gs (a multiple of 32, <= 256), here group g of row t by one warp:
+ * xq (PERM, for q4: each 8 as its evens then its odds), xd [T, ng] = m / 127, xs [T, cols / V] = Σ xq per chunk
  * of V. The CPU's roundings: max|x| is exact in any order, 127 / m and m / 127 correctly rounded divisions,
  * x·inv one correctly rounded product, rounded half to even (rintf); sums of integers. */
 template <int V, bool PERM>
-__global__ void __launch_bounds__(256) fm_quantize_x(const float *x, int8_t *xq, float *xd, float *xs, int T, int cols,
-                                                     int gs) {
+__device__ __forceinline__ void quantize_group(const float *x, int8_t *xq, float *xd, float *xs, size_t t, int g,
+                                               int cols, int gs) {
     const int lane = threadIdx.x & 31, ng = cols / gs, E = gs / 32;
-    const size_t gw = (size_t)blockIdx.x * 8 + (threadIdx.x >> 5);
-    if (gw >= (size_t)T * ng) return; /* a whole warp */
-    const size_t t = gw / ng;
-    const int g = (int)(gw % ng);
     const float *xg = x + t * cols + (size_t)g * gs;
     float v[8], m = 0.0f;
 #pragma unroll
@@ -331,6 +416,28 @@ __global__ void __launch_bounds__(256) fm_quantize_x(const float *x, int8_t *xq,
         if ((lane & (V - 1)) == 0) st[i / V] = (float)sum;
     }
     if (lane == 0) xd[t * ng + g] = __fdiv_rn(m, 127.0f);
+}
+
+/* quantize_group for every (token, group) of x [T, cols], a warp each */
+template <int V, bool PERM>
+__global__ void __launch_bounds__(256) fm_quantize_x(const float *x, int8_t *xq, float *xd, float *xs, int T, int cols,
+                                                     int gs) {
+    const int ng = cols / gs;
+    const size_t gw = (size_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (gw >= (size_t)T * ng) return; /* a whole warp */
+    quantize_group<V, PERM>(x, xq, xd, xs, gw / ng, (int)(gw % ng), cols, gs);
+}
+
+/* ... for the rows [row0 - lo, row0 - lo + n) of x [·, cols] of each expert blockIdx.y of ex (a grouped call's
+ * rows of h, which are all it has written: the rows between are left alone) */
+template <int V, bool PERM>
+__global__ void __launch_bounds__(256) fm_quantize_rows(const float *x, int8_t *xq, float *xd, float *xs,
+                                                        const fmc_expert *__restrict__ ex, int lo, int cols, int gs) {
+    const fmc_expert &e = ex[blockIdx.y];
+    const int ng = cols / gs;
+    const size_t gw = (size_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (gw >= (size_t)e.n * ng) return; /* a whole warp */
+    quantize_group<V, PERM>(x, xq, xd, xs, (size_t)(e.row0 - lo) + gw / ng, (int)(gw % ng), cols, gs);
 }
 
 /* out[t, i] = element i of row ids[t] (fm_cpu_get_row): scale·q is exact in fp32, so the one rounding is that
@@ -387,32 +494,122 @@ i8_layout i8_scratch(const fm_mat *w, int T) {
 
 bool aligned(const void *p, size_t n) { return ((uintptr_t)p & (n - 1)) == 0; }
 
-template <int P, int R, int NT, int U, bool VEC, bool SPLIT>
-void launch_mm(cudaStream_t s, const mm_args &a) {
+/* What the kernels need of a weight matrix beyond its shape; op names the call in the message. */
+fm_status check_weights(const fm_mat *w, const char *op) {
+    if (w->dtype != FM_F32 && w->dtype != FM_BF16 && !quantized(w))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: %s of weight dtype %d", op, (int)w->dtype);
+    const int cols = w->cols, gs = w->group_size;
+    if (quantized(w)) {
+        /* every 16-column piece of a row in one group (q8: a chunk; q4: a chunk or a half of one) */
+        if (gs <= 0 || gs % 16 || cols % gs)
+            return fm_fail(FM_ERR_INVALID, "cuda backend: %s in groups of %d over %d columns (the kernels take "
+                           "group sizes that are multiples of 16 and divide the columns)", op, gs, cols);
+        if (!w->data || !w->scales || !w->biases || !aligned(w->data, 4) || !aligned(w->scales, 2) ||
+            !aligned(w->biases, 2))
+            return fm_fail(FM_ERR_INVALID, "cuda backend: %s of a q%d matrix without aligned data, scales, biases", op,
+                           w->dtype == FM_Q4 ? 4 : 8);
+    } else if (!w->data || !aligned(w->data, w->dtype == FM_F32 ? 4 : 2)) {
+        return fm_fail(FM_ERR_INVALID, "cuda backend: %s of misaligned weights", op);
+    }
+    return FM_OK;
+}
+
+/* Grouped calls: a block takes at most GROUP_TILES of its expert's token tiles (blockIdx.z the rest, so that an
+ * expert of many tokens spreads as a matmul's tiles do), and the grid at least GROUP_WARPS warps where the
+ * experts' tiles allow. Neither changes a token's arithmetic. */
+constexpr int GROUP_TILES = 8;
+constexpr long long GROUP_WARPS = 2048;
+
+/* fm_mm for a matmul (K_MM: max_n = T) or a grouped call's gate·up or down */
+template <int K, int P, int R, int NT, int U, bool VEC, bool SPLIT>
+void launch_mm(cudaStream_t s, const mm_args &a, const fmc_expert *ex, int n_ex, int max_n) {
     const int warps = (a.rows + R - 1) / R;
     /* enough blocks for every SM where the rows are few (decode of a small matrix), else 4 warps a block */
     const int bw = warps >= 1024 ? 4 : warps >= 256 ? 2 : 1;
-    const int tiles = (a.T + NT - 1) / NT;
-    const dim3 grid((unsigned)((warps + bw - 1) / bw), (unsigned)(tiles < 65535 ? tiles : 65535));
-    fm_mm<P, R, NT, U, VEC, SPLIT><<<grid, 32 * bw, 0, s>>>(a);
+    const int tiles = (max_n + NT - 1) / NT;
+    int z = tiles; /* a matmul: a block per tile */
+    if (K != K_MM) {
+        const long long all = (long long)warps * n_ex, fill = (GROUP_WARPS + all - 1) / all;
+        z = (tiles + GROUP_TILES - 1) / GROUP_TILES;
+        if (fill > z) z = fill < tiles ? (int)fill : tiles;
+    }
+    const dim3 grid((unsigned)((warps + bw - 1) / bw), (unsigned)(K == K_MM ? 1 : n_ex),
+                    (unsigned)(z < 65535 ? z : 65535));
+    fm_mm<K, P, R, NT, U, VEC, SPLIT><<<grid, 32 * bw, 0, s>>>(a, ex);
 }
 
-/* The kernel shape by T: only the accumulators per warp change, never a token's order (file comment). */
-template <int P, bool VEC, bool SPLIT>
-void dispatch_t(cudaStream_t s, const mm_args &a) {
+/* The kernel shape by T (a grouped call: the most tokens an expert has): only the accumulators per warp change,
+ * never a token's order (file comment). */
+template <int K, int P, bool VEC, bool SPLIT>
+void dispatch_t(cudaStream_t s, const mm_args &a, const fmc_expert *ex, int n_ex, int max_n) {
     /* decode: RD rows × UD chunks of 16 bytes in flight per lane. 4 rows where x's loads or the unpacking
      * dominate (f32, bf16, q4 on fp32 x: an x load serves 4 rows), else 2 for twice the warps (measured on
-     * an H100: q8 and the int8 paths stream ~25% faster with 2) */
-    constexpr int R = 4, RD = P == MM_F32 || P == MM_BF16 || P == MM_Q4 ? 4 : 2, UD = P == MM_F32 ? 4 : 2;
-    if (a.T == 1) launch_mm<P, RD, 1, UD, VEC, SPLIT>(s, a);
-    else if (a.T <= 4) launch_mm<P, R, 4, 1, VEC, SPLIT>(s, a);
-    else launch_mm<P, R, 8, 1, VEC, SPLIT>(s, a);
+     * an H100: q8 and the int8 paths stream ~25% faster with 2). Gate and up (K_GU): half as many rows of each,
+     * so that a warp holds the loads and accumulators of a matmul's. */
+    constexpr int M = K == K_GU ? 2 : 1, R = 4 / M, RD = (P == MM_F32 || P == MM_BF16 || P == MM_Q4 ? 4 : 2) / M,
+                  UD = P == MM_F32 ? 4 : 2;
+    if (max_n == 1) launch_mm<K, P, RD, 1, UD, VEC, SPLIT>(s, a, ex, n_ex, max_n);
+    else if (max_n <= 4) launch_mm<K, P, R, 4, 1, VEC, SPLIT>(s, a, ex, n_ex, max_n);
+    else launch_mm<K, P, R, 8, 1, VEC, SPLIT>(s, a, ex, n_ex, max_n);
 }
 
-template <int P, bool SPLIT = false>
-void dispatch(cudaStream_t s, const mm_args &a, bool vec) {
-    if (vec) dispatch_t<P, true, SPLIT>(s, a);
-    else dispatch_t<P, false, SPLIT>(s, a);
+template <int K, int P, bool SPLIT = false>
+void dispatch(cudaStream_t s, const mm_args &a, bool vec, const fmc_expert *ex, int n_ex, int max_n) {
+    if (vec) dispatch_t<K, P, true, SPLIT>(s, a, ex, n_ex, max_n);
+    else dispatch_t<K, P, false, SPLIT>(s, a, ex, n_ex, max_n);
+}
+
+/* The kernel for w's dtype and activations: 16-byte loads of w's rows where w16, and of x too where vec (only
+ * the loads differ, never the arithmetic). */
+template <int K>
+void dispatch_w(cudaStream_t s, const mm_args &a, const fm_mat *w, bool w16, bool vec, const fmc_expert *ex, int n_ex,
+                int max_n) {
+    if (int8_path(w)) {
+        if (w->dtype == FM_Q4) dispatch<K, MM_Q4I8>(s, a, w16, ex, n_ex, max_n);
+        else dispatch<K, MM_Q8I8>(s, a, w16, ex, n_ex, max_n);
+        return;
+    }
+    switch (w->dtype) {
+    case FM_F32: dispatch<K, MM_F32>(s, a, vec, ex, n_ex, max_n); break;
+    case FM_BF16: dispatch<K, MM_BF16>(s, a, vec, ex, n_ex, max_n); break;
+    case FM_Q8: dispatch<K, MM_Q8>(s, a, vec, ex, n_ex, max_n); break;
+    case FM_Q4: /* groups of 16·odd columns: a group per 16-column half of a chunk */
+        if (w->group_size % 32) dispatch<K, MM_Q4, true>(s, a, vec, ex, n_ex, max_n);
+        else dispatch<K, MM_Q4>(s, a, vec, ex, n_ex, max_n);
+        break;
+    }
+}
+
+/* blocks of 8 warps for n rows of x quantized in groups of w, or 0 when too many for a grid */
+size_t quantize_blocks(const fm_mat *w, size_t n) {
+    const size_t blocks = (n * (size_t)(w->cols / w->group_size) + 7) / 8;
+    return blocks > 0x7FFFFFFFu ? 0 : blocks;
+}
+
+/* x's int8 activations for w in scratch (i8_scratch(w, T)), and a's xq, xd, xs pointed at them: of x's T rows,
+ * or (ex) of its experts' rows alone (from row0 - a.hlo); blocks: quantize_blocks of T (ex: of the most rows an
+ * expert has). */
+void quantize(cudaStream_t s, const fm_mat *w, const float *x, int T, void *scratch, mm_args &a, size_t blocks,
+              const fmc_expert *ex, int n_ex) {
+    const i8_layout l = i8_scratch(w, T);
+    float *xd = (float *)scratch, *xs = (float *)((char *)scratch + l.xs);
+    int8_t *xq = (int8_t *)((char *)scratch + l.xq);
+    const int cols = w->cols, gs = w->group_size;
+    if (ex) {
+        const dim3 grid((unsigned)blocks, (unsigned)n_ex);
+        if (w->dtype == FM_Q4) fm_quantize_rows<32, true><<<grid, 256, 0, s>>>(x, xq, xd, xs, ex, a.hlo, cols, gs);
+        else fm_quantize_rows<16, false><<<grid, 256, 0, s>>>(x, xq, xd, xs, ex, a.hlo, cols, gs);
+    } else {
+        if (w->dtype == FM_Q4) fm_quantize_x<32, true><<<(unsigned)blocks, 256, 0, s>>>(x, xq, xd, xs, T, cols, gs);
+        else fm_quantize_x<16, false><<<(unsigned)blocks, 256, 0, s>>>(x, xq, xd, xs, T, cols, gs);
+    }
+    a.xq = xq, a.xd = xd, a.xs = xs;
+}
+
+/* the same dtype, shape and numerics options: a grouped call's kernels take one set for all its experts */
+bool same_kind(const fm_mat *a, const fm_mat *b) {
+    return a->dtype == b->dtype && a->rows == b->rows && a->cols == b->cols && a->group_size == b->group_size &&
+           a->int8_act == b->int8_act && a->scale_bf16 == b->scale_bf16;
 }
 
 } // namespace
@@ -426,55 +623,91 @@ extern "C" fm_status fmc_matmul(cudaStream_t s, const fm_mat *w, const float *x,
     if (!w || !w->data || T < 0 || (T > 0 && (!x || !y)) || w->rows <= 0 || w->cols <= 0)
         return fm_fail(FM_ERR_INVALID, "cuda backend: matmul of a %d x %d matrix over %d tokens",
                        w ? w->rows : 0, w ? w->cols : 0, T);
-    if (w->dtype != FM_F32 && w->dtype != FM_BF16 && !quantized(w))
-        return fm_fail(FM_ERR_INVALID, "cuda backend: matmul of weight dtype %d", (int)w->dtype);
-    const int cols = w->cols, gs = w->group_size;
-    if (quantized(w)) {
-        /* every 16-column piece of a row in one group (q8: a chunk; q4: a chunk or a half of one) */
-        if (gs <= 0 || gs % 16 || cols % gs)
-            return fm_fail(FM_ERR_INVALID, "cuda backend: matmul in groups of %d over %d columns (the kernels take "
-                           "group sizes that are multiples of 16 and divide the columns)", gs, cols);
-        if (!w->scales || !w->biases || !aligned(w->data, 4) || !aligned(w->scales, 2) || !aligned(w->biases, 2))
-            return fm_fail(FM_ERR_INVALID, "cuda backend: matmul of a q%d matrix without aligned data, scales, biases",
-                           w->dtype == FM_Q4 ? 4 : 8);
-    } else if (!aligned(w->data, w->dtype == FM_F32 ? 4 : 2)) {
-        return fm_fail(FM_ERR_INVALID, "cuda backend: matmul of misaligned weights");
-    }
+    const fm_status st = check_weights(w, "matmul");
+    if (st != FM_OK) return st;
     if (!aligned(x, 4) || !aligned(y, 4)) return fm_fail(FM_ERR_INVALID, "cuda backend: matmul of misaligned activations");
     if (T == 0) return FM_OK;
 
+    const int cols = w->cols, gs = w->group_size;
     mm_args a = {};
     a.w = w->data, a.scales = w->scales, a.biases = w->biases, a.x = x, a.y = y;
     a.row_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, cols);
     a.rows = w->rows, a.cols = cols, a.gs = gs, a.ng = quantized(w) ? cols / gs : 0, a.T = T, a.sbf16 = w->scale_bf16;
-    /* 16-byte loads where the row and x starts allow them (only the loads differ, never the arithmetic) */
     const bool w16 = aligned(w->data, 16) && a.row_bytes % 16 == 0;
     const bool vec = w16 && aligned(x, 16) && cols % 4 == 0;
-
     if (int8_path(w)) {
         if (!scratch || !aligned(scratch, 16))
             return fm_fail(FM_ERR_INVALID, "cuda backend: matmul on int8 activations without its scratch");
-        const i8_layout l = i8_scratch(w, T);
-        float *xd = (float *)scratch, *xs = (float *)((char *)scratch + l.xs);
-        int8_t *xq = (int8_t *)((char *)scratch + l.xq);
-        const size_t warps = (size_t)T * a.ng, blocks = (warps + 7) / 8;
-        if (blocks > 0x7FFFFFFFu) return fm_fail(FM_ERR_INVALID, "cuda backend: matmul of %d tokens: too many", T);
-        if (w->dtype == FM_Q4) fm_quantize_x<32, true><<<(unsigned)blocks, 256, 0, s>>>(x, xq, xd, xs, T, cols, gs);
-        else fm_quantize_x<16, false><<<(unsigned)blocks, 256, 0, s>>>(x, xq, xd, xs, T, cols, gs);
-        a.xq = xq, a.xd = xd, a.xs = xs;
-        if (w->dtype == FM_Q4) dispatch<MM_Q4I8>(s, a, w16);
-        else dispatch<MM_Q8I8>(s, a, w16);
-        return FM_OK;
+        const size_t blocks = quantize_blocks(w, (size_t)T);
+        if (!blocks) return fm_fail(FM_ERR_INVALID, "cuda backend: matmul of %d tokens: too many", T);
+        quantize(s, w, x, T, scratch, a, blocks, nullptr, 0);
     }
-    switch (w->dtype) {
-    case FM_F32: dispatch<MM_F32>(s, a, vec); break;
-    case FM_BF16: dispatch<MM_BF16>(s, a, vec); break;
-    case FM_Q8: dispatch<MM_Q8>(s, a, vec); break;
-    case FM_Q4: /* groups of 16·odd columns: a group per 16-column half of a chunk */
-        if (gs % 32) dispatch<MM_Q4, true>(s, a, vec);
-        else dispatch<MM_Q4>(s, a, vec);
-        break;
+    dispatch_w<K_MM>(s, a, w, w16, vec, nullptr, 1, T);
+    return FM_OK;
+}
+
+extern "C" size_t fmc_experts_scratch_bytes(const fm_mat *gate, const fm_mat *down, int T, int rows) {
+    return fmc_matmul_scratch_bytes(gate, T) + fmc_matmul_scratch_bytes(down, rows);
+}
+
+extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc_expert *ex_host, int n_ex,
+                                 const float *xn, int T, int H, float *h, float *ye, int rows, void *scratch) {
+    if (n_ex < 0 || n_ex > 65535 || (n_ex > 0 && (!ex || !ex_host)) || T < 0 || H <= 0 || rows < 0)
+        return fm_fail(FM_ERR_INVALID, "cuda backend: experts: %d experts over %d tokens of %d into %d rows", n_ex, T,
+                       H, rows);
+    if (n_ex == 0) return FM_OK;
+    const fm_mat *g0 = &ex_host[0].gate, *d0 = &ex_host[0].down;
+    const int I = g0->rows;
+    if (I <= 0 || g0->cols != H || d0->rows != H || d0->cols != I)
+        return fm_fail(FM_ERR_INVALID, "cuda backend: experts of gate %d x %d and down %d x %d for hidden size %d", I,
+                       g0->cols, d0->rows, d0->cols, H);
+    int max_n = 0, lo = 0x7FFFFFFF; /* the most tokens an expert has; the lowest row0 (h's first row) */
+    int64_t hi = 0;
+    bool g16 = true, d16 = true;
+    for (int e = 0; e < n_ex; e++) {
+        const fmc_expert *x = &ex_host[e];
+        if (!same_kind(&x->gate, g0) || !same_kind(&x->up, g0) || !same_kind(&x->down, d0))
+            return fm_fail(FM_ERR_INVALID, "cuda backend: experts: expert %d's matrices are not of expert 0's gate's "
+                           "(and up's) and down's dtypes, shapes and options", e);
+        fm_status st;
+        if ((st = check_weights(&x->gate, "experts' gate")) != FM_OK ||
+            (st = check_weights(&x->up, "experts' up")) != FM_OK ||
+            (st = check_weights(&x->down, "experts' down")) != FM_OK)
+            return st;
+        if (x->n < 0 || x->row0 < 0 || (x->n > 0 && !x->tok))
+            return fm_fail(FM_ERR_INVALID, "cuda backend: experts: expert %d's %d rows from row %d", e, x->n, x->row0);
+        if (x->n > max_n) max_n = x->n;
+        if (x->n > 0 && x->row0 < lo) lo = x->row0;
+        if (x->n > 0 && (int64_t)x->row0 + x->n > hi) hi = (int64_t)x->row0 + x->n;
+        g16 = g16 && aligned(x->gate.data, 16) && aligned(x->up.data, 16);
+        d16 = d16 && aligned(x->down.data, 16);
     }
+    if (max_n == 0) return FM_OK;
+    if (hi - lo > rows)
+        return fm_fail(FM_ERR_INVALID, "cuda backend: experts' rows %d to %lld, h has %d", lo, (long long)hi, rows);
+    if (T == 0 || !xn || !h || !ye || !aligned(xn, 4) || !aligned(h, 4) || !aligned(ye, 4))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: experts over %d tokens: no or misaligned activations", T);
+    const bool gi8 = int8_path(g0), di8 = int8_path(d0);
+    if ((gi8 || di8) && (!scratch || !aligned(scratch, 16)))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: experts on int8 activations without their scratch");
+    const size_t gblocks = gi8 ? quantize_blocks(g0, (size_t)T) : 1;
+    const size_t dblocks = di8 ? quantize_blocks(d0, (size_t)max_n) : 1;
+    if (!gblocks || !dblocks) return fm_fail(FM_ERR_INVALID, "cuda backend: experts over %d tokens: too many", T);
+
+    /* gate·up: xn [T, H] → h [rows, I]; down: h → ye [·, H] (fm_mm's comment) */
+    mm_args gu = {}, dn = {};
+    gu.x = xn, gu.y = h, gu.row_bytes = (size_t)fm_tensor_data_bytes(g0->dtype, 1, H);
+    gu.rows = I, gu.cols = H, gu.gs = g0->group_size, gu.ng = quantized(g0) ? H / g0->group_size : 0, gu.T = T;
+    gu.sbf16 = g0->scale_bf16, gu.hlo = lo;
+    dn.x = h, dn.y = ye, dn.row_bytes = (size_t)fm_tensor_data_bytes(d0->dtype, 1, I);
+    dn.rows = H, dn.cols = I, dn.gs = d0->group_size, dn.ng = quantized(d0) ? I / d0->group_size : 0, dn.T = rows;
+    dn.sbf16 = d0->scale_bf16, dn.hlo = lo;
+    g16 = g16 && gu.row_bytes % 16 == 0;
+    d16 = d16 && dn.row_bytes % 16 == 0;
+    if (gi8) quantize(s, g0, xn, T, scratch, gu, gblocks, nullptr, 0); /* every token once, for all the experts */
+    dispatch_w<K_GU>(s, gu, g0, g16, g16 && aligned(xn, 16) && H % 4 == 0, ex, n_ex, max_n);
+    if (di8) quantize(s, d0, h, rows, (char *)scratch + fmc_matmul_scratch_bytes(g0, T), dn, dblocks, ex, n_ex);
+    dispatch_w<K_DOWN>(s, dn, d0, d16, d16 && aligned(h, 16) && I % 4 == 0, ex, n_ex, max_n);
     return FM_OK;
 }
 
