@@ -150,22 +150,29 @@ def test_model_on_cuda(gpu_env, tiny_models, tmp_path, arch, bits, int8):
 def test_outputs_do_not_depend_on_the_expert_tiers(gpu_env, tiny_models, tmp_path, arch):
     """Every expert resident in VRAM, against a VRAM cache of 1 and of 3 experts (FLASHMOE_CUDA_EXPERT_SLOTS)
     with the host's expert cache at its minimum (most experts then come from disk, through pinned host
-    slots, into VRAM): the same bits for the prompt, token by token, and the greedy tokens."""
+    slots, into VRAM), and against each expert's FFN in launches of its own (FLASHMOE_CUDA_GROUPED=0; the
+    default is one call for all of a layer's experts): the same bits for the prompt, token by token, and the
+    greedy tokens."""
     path = tiny_models(arch, 4)
     ids = np.random.default_rng(2).integers(0, 251, 40)
     import flashmoe
     minimum = flashmoe.memory_plan(path, context_length=256)["minimum"]
-    ref = run_model(gpu_env, tmp_path, path, "cuda", ids, "resident", "prefill_chunk=16", "context_length=256")
-    for slots in (1, 3):
-        got = run_model(gpu_env, tmp_path, path, "cuda", ids, f"slots{slots}", "prefill_chunk=16",
-                        "context_length=256", f"memory_budget={minimum}",
-                        extra_env={"FLASHMOE_CUDA_EXPERT_SLOTS": str(slots)})
+    opts = ("prefill_chunk=16", "context_length=256")
+    ref = run_model(gpu_env, tmp_path, path, "cuda", ids, "resident", *opts)
+    for name, env, budget in (("1 VRAM slot", {"FLASHMOE_CUDA_EXPERT_SLOTS": "1"}, minimum),
+                              ("3 VRAM slots", {"FLASHMOE_CUDA_EXPERT_SLOTS": "3"}, minimum),
+                              ("one expert a call", {"FLASHMOE_CUDA_GROUPED": "0"}, None),
+                              ("one expert a call, 3 VRAM slots",
+                               {"FLASHMOE_CUDA_GROUPED": "0", "FLASHMOE_CUDA_EXPERT_SLOTS": "3"}, minimum)):
+        got = run_model(gpu_env, tmp_path, path, "cuda", ids, name.replace(" ", "_").replace(",", ""), *opts,
+                        *([f"memory_budget={budget}"] if budget else []), extra_env=env)
         for key in ("prefill", "steps", "greedy"):
             assert np.array_equal(np.asarray(got[key]).view(np.uint32 if key != "greedy" else np.int64),
                                   np.asarray(ref[key]).view(np.uint32 if key != "greedy" else np.int64)), \
-                f"{slots} VRAM slots: {key} differs from everything resident"
+                f"{name}: {key} differs from everything resident"
         n_slots, hits, misses, bytes_in = got["device"].tolist()
-        assert n_slots == slots and misses > 0 and bytes_in > 0, got["device"]  # the tier was used, and small
+        if "FLASHMOE_CUDA_EXPERT_SLOTS" in env:  # the tier was used, and small
+            assert n_slots == int(env["FLASHMOE_CUDA_EXPERT_SLOTS"]) and misses > 0 and bytes_in > 0, got["device"]
     assert ref["device"][0] > 3 and ref["device"][1] > 0, ref["device"]  # resident: hits once warm
 
 
