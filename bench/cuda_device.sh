@@ -8,6 +8,7 @@
 #           llama-cpp-python --no-binary :all:`, unpacked, its vendor/llama.cpp copied to an ignored, carried
 #           folder), and the benchmark models with their GGUFs (bench/cuda_llamacpp.py --prepare)
 #   wait    until that has finished
+#   quick   hbm decode, FLASHMOE_CUDA_GROUPED=0 against the default (after prepare and wait: the model)
 #   llama   bench/cuda_llamacpp.py: llama.cpp on the GPU and with the experts on the CPU, on the same models
 # The machine's python3 has torch, numpy, pybind11 and scikit-build-core; nothing is downloaded.
 set -uo pipefail
@@ -42,6 +43,11 @@ for what in "$@"; do
       python3 bench/cuda.py --setting disk --preset qwen3.5-122b-a10b --layers 8 --gpu-budget 3GB --budget 4GB \
         --prompts "" --tokens 16 --runs 1 2>&1 | tee "$out/bench_disk.log" || rc=1
       python3 bench/cuda.py --setting hbm --layers 40 --runs 1 2>&1 | tee "$out/bench_hbm40.log" || rc=1 ;;
+    quick)  # hbm decode and a 512 prompt, each expert in its own launches against one launch for all of them
+      for g in 0 1; do
+        FLASHMOE_CUDA_GROUPED=$g python3 bench/cuda.py --setting hbm --layers 8 --prompts 512 --warm 0 --runs 1 \
+          2>&1 | tee -a "$out/quick.log" || rc=1
+      done ;;
     retest)
       python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py -k "int8 or budget or tiers" 2>&1 \
         | tee "$out/retest.log" | tail -15 || rc=1 ;;
