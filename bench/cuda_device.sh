@@ -8,6 +8,7 @@
 #           llama-cpp-python --no-binary :all:`, unpacked, its vendor/llama.cpp copied to an ignored, carried
 #           folder), and the benchmark models with their GGUFs (bench/cuda_llamacpp.py --prepare)
 #   wait    until that has finished
+#   profile bench/cuda_profile.py: a decode step's kernels, their GPU time, and its wall time
 #   quick   hbm decode, FLASHMOE_CUDA_GROUPED=0 against the default (after prepare and wait: the model)
 #   llama   bench/cuda_llamacpp.py: llama.cpp on the GPU and with the experts on the CPU, on the same models
 # The machine's python3 has torch, numpy, pybind11 and scikit-build-core; nothing is downloaded.
@@ -48,6 +49,9 @@ for what in "$@"; do
         FLASHMOE_CUDA_GROUPED=$g python3 bench/cuda.py --setting hbm --layers 8 --prompts 512 --warm 0 --runs 1 \
           2>&1 | tee -a "$out/quick.log" || rc=1
       done ;;
+    profile)  # where a decode step's time goes (hbm; grouped, then each expert in its own launches)
+      python3 bench/cuda_profile.py 2>&1 | tee -a "$out/profile.log" || rc=1
+      FLASHMOE_CUDA_GROUPED=0 python3 bench/cuda_profile.py 2>&1 | tee -a "$out/profile.log" || rc=1 ;;
     retest)
       python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py -k "int8 or budget or tiers" 2>&1 \
         | tee "$out/retest.log" | tail -15 || rc=1 ;;

@@ -1,0 +1,79 @@
+"""Where a CUDA decode step's time goes: the kernels and copies each step launches, their GPU time, and the
+step's wall time, from CUPTI through torch.profiler (it records every CUDA call of the process, flashmoe's too).
+
+    python bench/cuda_profile.py [--preset qwen3.5-35b-a3b] [--layers 8] [--tokens 16] [--gpu-budget B]
+
+The model is bench/cuda.py's (bench/decode.py's model_path). The step is generate_tokens' loop (all in C,
+greedy), after a 16-token prompt and 8 untimed steps. GPU busy below wall: the step waits on the host
+(launches, the router's top-k coming back each MoE layer, Python), not on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import BENCH_DIR, model_path  # noqa: E402  (bench/decode.py)
+from flashmoe.model import parse_size  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="qwen3.5-35b-a3b")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--gpu-budget")
+    ap.add_argument("--dir", default=BENCH_DIR)
+    args = ap.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import flashmoe
+
+    path, header = model_path(args)
+    opts = {"backend": "cuda", "context_length": 4096}
+    if args.gpu_budget:
+        opts["gpu_memory_budget"] = parse_size(args.gpu_budget)
+    m = flashmoe.load(path, **opts)
+    V = header["config"]["vocab_size"]
+    ids = np.random.default_rng(0).integers(0, V, 16).tolist()
+    torch.cuda.init()
+    last = m.generate_tokens(ids, 8, stop_token_ids=[])[-1]
+    t = time.perf_counter()
+    m.generate_tokens([last], args.tokens, stop_token_ids=[], reset=False)
+    wall = (time.perf_counter() - t) / args.tokens
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        m.generate_tokens([last], args.tokens, stop_token_ids=[], reset=False)
+    kern = collections.defaultdict(lambda: [0, 0.0])
+    runtime = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        dev = getattr(e, "device_type", None)
+        if dev is not None and "CUDA" in str(dev):
+            k = kern[e.name[:90]]
+            k[0] += 1
+            k[1] += e.time_range.elapsed_us()
+        elif e.name.startswith("cuda"):
+            r = runtime[e.name]
+            r[0] += 1
+            r[1] += e.cpu_time_total
+    n = args.tokens
+    busy = sum(v[1] for v in kern.values()) / n
+    print(f"{path}: wall {wall * 1e3:.3f} ms/token unprofiled; GPU busy {busy / 1e3:.3f} ms/token "
+          f"({busy / (wall * 1e6):.2f} of the wall), {sum(v[0] for v in kern.values()) / n:.0f} kernels and "
+          f"copies per token")
+    print("per token: count, GPU us, name")
+    for name, (c, us) in sorted(kern.items(), key=lambda kv: -kv[1][1])[:40]:
+        print(f"  {c / n:7.1f} {us / n:9.1f}  {name}")
+    print("CUDA runtime calls per token: count, host us")
+    for name, (c, us) in sorted(runtime.items(), key=lambda kv: -kv[1][1])[:15]:
+        print(f"  {c / n:7.1f} {us / n:9.1f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
