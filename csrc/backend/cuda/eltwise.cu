@@ -9,6 +9,7 @@
 namespace {
 
 constexpr int THREADS = 256;
+constexpr int CONV_FUSED_T = 4; /* conv1d calls of up to this many tokens: one kernel, a thread per channel */
 
 unsigned blocks_for(size_t n) { return (unsigned)((n + THREADS - 1) / THREADS); }
 
@@ -128,31 +129,48 @@ __global__ void gather_rows_k(float *dst, const float *src, const int32_t *rows,
     dst[i] = src[(size_t)rows[i / cols] * cols + i % cols];
 }
 
-/* Causal depthwise conv, then SiLU: out[t, c] = silu(Σ_j w[c, j]·in[t - (K-1) + j, c]), in = [state | x].
- * A thread per (token, channel), the taps in order; the state moves on in a second kernel, after every
- * token has read the old one. */
-__global__ void conv1d_silu_k(float *out, const float *x, const float *state, const float *w, int T, int C, int K) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)T * C) return;
-    const int t = (int)(i / C), c = (int)(i % C), S = K - 1;
+/* Causal depthwise conv, then SiLU: out[t, c] = silu(Σ_j w[c, j]·in[t - (K-1) + j, c]), in = [state | x], the taps
+ * in order. */
+__device__ __forceinline__ float conv_tap_silu(const float *x, const float *state, const float *w, int t, int c, int C,
+                                               int K) {
+    const int S = K - 1;
     float acc = 0.0f;
     for (int j = 0; j < K; j++) {
         const int src = t - S + j; /* < 0: from the state */
         const float v = src >= 0 ? x[(size_t)src * C + c] : state[(size_t)(S + src) * C + c];
         acc += w[(size_t)c * K + j] * v;
     }
-    out[i] = acc / (1.0f + expf(-acc));
+    return acc / (1.0f + expf(-acc));
+}
+
+/* A thread per (token, channel); the state moves on in a second kernel, after every token has read the old one. */
+__global__ void conv1d_silu_k(float *out, const float *x, const float *state, const float *w, int T, int C, int K) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)T * C) return;
+    out[i] = conv_tap_silu(x, state, w, (int)(i / C), (int)(i % C), C, K);
 }
 
 /* The new state [K-1, C]: the last K-1 inputs of [state | x]; a thread per channel, rows in rising order
  * (a row moved up is read before it is written). */
-__global__ void conv1d_state_k(const float *x, float *state, int T, int C, int K) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x, S = K - 1;
-    if (c >= C) return;
-    for (int s = 0; s < S; s++) {
-        const int src = T - S + s; /* position in x, < 0: an older state row */
+__device__ __forceinline__ void conv_state(const float *x, float *state, int c, int T, int C, int K) {
+    for (int s = 0; s < K - 1; s++) {
+        const int src = T - (K - 1) + s; /* position in x, < 0: an older state row */
         state[(size_t)s * C + c] = src >= 0 ? x[(size_t)src * C + c] : state[(size_t)(s + T) * C + c];
     }
+}
+
+__global__ void conv1d_state_k(const float *x, float *state, int T, int C, int K) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < C) conv_state(x, state, c, T, C, K);
+}
+
+/* Both in one launch where a thread per channel has work enough (decode, short calls): a channel's tokens, then its
+ * state, which only this thread reads. The same arithmetic per output. */
+__global__ void conv1d_silu_state_k(float *out, const float *x, float *state, const float *w, int T, int C, int K) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (int t = 0; t < T; t++) out[(size_t)t * C + c] = conv_tap_silu(x, state, w, t, c, C, K);
+    conv_state(x, state, c, T, C, K);
 }
 
 } // namespace
@@ -211,6 +229,10 @@ fm_status fmc_kv_write(cudaStream_t s, float *cache, const float *src, int pos0,
 fm_status fmc_conv1d_silu(cudaStream_t s, float *out, const float *x, float *state, const float *w, int T, int C, int K) {
     if (K < 1) return fm_fail(FM_ERR_INVALID, "cuda backend: conv1d with kernel %d", K);
     if (T <= 0 || C <= 0) return FM_OK;
+    if (T <= CONV_FUSED_T) {
+        conv1d_silu_state_k<<<blocks_for((size_t)C), THREADS, 0, s>>>(out, x, state, w, T, C, K);
+        return FM_OK;
+    }
     conv1d_silu_k<<<blocks_for((size_t)T * C), THREADS, 0, s>>>(out, x, state, w, T, C, K);
     if (K > 1) conv1d_state_k<<<blocks_for((size_t)C), THREADS, 0, s>>>(x, state, T, C, K);
     return FM_OK;
