@@ -8,7 +8,7 @@
 A random model of the preset's real per-layer shapes (flashmoe.synth, 4 bits), truncated to --layers, is
 written once under --dir (bench/decode.py's model_path: the same models as the CPU benchmarks). Each measurement is a fresh process: load, an untimed --warm prompt that fills the
 expert tiers (all of them but the disk setting's), a prompt of each --prompts length (timed), then --tokens
-greedy decode steps (timed, after a warm-up of 8).
+greedy decode steps in generate_tokens' C loop (timed, after a warm-up of 8).
 
 Settings and their ceilings (measured here, in the same run, with torch):
 - hbm: everything in GPU memory. Ceiling: the bytes one decode token must read (the dense matrices but the
@@ -99,13 +99,12 @@ def child(spec: dict) -> None:
         res["prompt"][n] = n / (time.perf_counter() - t)
     ids = rng.integers(0, V, 16).tolist()
     m.forward(ids, all_logits=False)
-    tok = int(rng.integers(0, V))
-    for _ in range(8):  # warm-up: the caches fill toward their steady state
-        tok = int(np.argmax(m.forward([tok], reset=False, all_logits=False)[-1]))
+    # greedy steps in generate_tokens' loop (all in C, as `flashmoe chat` decodes; llama-bench's decode too):
+    # a warm-up (the caches fill toward their steady state), then the timed ones
+    tok = m.generate_tokens([int(rng.integers(0, V))], 8, stop_token_ids=[], reset=False)[-1]
     m.reset_stats()
     t = time.perf_counter()
-    for _ in range(spec["tokens"]):
-        tok = int(np.argmax(m.forward([tok], reset=False, all_logits=False)[-1]))
+    m.generate_tokens([tok], spec["tokens"], stop_token_ids=[], reset=False)
     res["decode"] = spec["tokens"] / (time.perf_counter() - t)
     st = m.stats
     res.update({k: st[k] for k in ("expert_hits", "expert_misses", "bytes_read", "device_expert_slots",

@@ -8,6 +8,7 @@
 #           llama-cpp-python --no-binary :all:`, unpacked, its vendor/llama.cpp copied to an ignored, carried
 #           folder), and the benchmark models with their GGUFs (bench/cuda_llamacpp.py --prepare)
 #   wait    until that has finished
+#   bench3  the settings again, medians of 3 (grouped and not), the CPU backend beside them
 #   profile bench/cuda_profile.py: a decode step's kernels, their GPU time, and its wall time
 #   quick   hbm decode, FLASHMOE_CUDA_GROUPED=0 against the default (after prepare and wait: the model)
 #   llama   bench/cuda_llamacpp.py: llama.cpp on the GPU and with the experts on the CPU, on the same models
@@ -52,6 +53,19 @@ for what in "$@"; do
     profile)  # where a decode step's time goes (hbm; grouped, then each expert in its own launches)
       python3 bench/cuda_profile.py 2>&1 | tee -a "$out/profile.log" || rc=1
       FLASHMOE_CUDA_GROUPED=0 python3 bench/cuda_profile.py 2>&1 | tee -a "$out/profile.log" || rc=1 ;;
+    bench3)  # the settings, medians of 3, grouped experts against one expert a call where it matters
+      for g in 1 0; do
+        FLASHMOE_CUDA_GROUPED=$g python3 bench/cuda.py --setting hbm --layers 8 --runs 3 2>&1 \
+          | tee -a "$out/bench3_hbm8_g$g.log" || rc=1
+        FLASHMOE_CUDA_GROUPED=$g python3 bench/cuda.py --setting pinned --preset qwen3.5-122b-a10b --layers 8 \
+          --gpu-budget 3GB --runs 3 2>&1 | tee -a "$out/bench3_pinned_g$g.log" || rc=1
+      done
+      python3 bench/cuda.py --setting pinned --preset qwen3.5-122b-a10b --layers 8 --gpu-budget 3GB --runs 1 \
+        --prompts "" --cpu --cpu-prompts "" 2>&1 | tee -a "$out/bench3_cpu122.log" || rc=1
+      python3 bench/cuda.py --setting hbm --layers 8 --runs 1 --prompts "" --cpu 2>&1 \
+        | tee -a "$out/bench3_cpu35.log" || rc=1
+      python3 bench/cuda.py --setting disk --preset qwen3.5-122b-a10b --layers 8 --gpu-budget 3GB --budget 4GB \
+        --prompts "" --tokens 32 --runs 3 2>&1 | tee -a "$out/bench3_disk.log" || rc=1 ;;
     retest)
       python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py -k "int8 or budget or tiers" 2>&1 \
         | tee "$out/retest.log" | tail -15 || rc=1 ;;
