@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--gpu-budget")
+    ap.add_argument("--warm", type=int, default=0, help="an untimed prompt of this many tokens first (fills the tiers)")
     ap.add_argument("--dir", default=BENCH_DIR)
     args = ap.parse_args()
     import torch
@@ -44,6 +45,8 @@ def main() -> None:
     V = header["config"]["vocab_size"]
     ids = np.random.default_rng(0).integers(0, V, 16).tolist()
     torch.cuda.init()
+    if args.warm:
+        m.forward(np.random.default_rng(1).integers(0, V, args.warm).tolist(), all_logits=False)
     last = m.generate_tokens(ids, 8, stop_token_ids=[])[-1]
     t = time.perf_counter()
     m.generate_tokens([last], args.tokens, stop_token_ids=[], reset=False)
@@ -64,6 +67,9 @@ def main() -> None:
             r[1] += e.cpu_time_total
     n = args.tokens
     busy = sum(v[1] for v in kern.values()) / n
+    st = m.stats
+    print(f"VRAM tier: {st['device_expert_slots']} slots; whole run: {st['device_expert_hits']} hits, "
+          f"{st['device_expert_misses']} misses, {st['device_bytes_in'] / 1e9:.2f} GB in")
     print(f"{path}: wall {wall * 1e3:.3f} ms/token unprofiled; GPU busy {busy / 1e3:.3f} ms/token "
           f"({busy / (wall * 1e6):.2f} of the wall), {sum(v[0] for v in kern.values()) / n:.0f} kernels and "
           f"copies per token")
