@@ -72,21 +72,18 @@ for what in "$@"; do
       python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py -k "int8 or budget or tiers" 2>&1 \
         | tee "$out/retest.log" | tail -15 || rc=1 ;;
     prepare)
-      cmake=$(command -v cmake || python3 -c "import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, 'cmake'))")
-      setsid bash -c "
-        ( $cmake -S $LCP -B /tmp/llama-build -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-            -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
-            -DLLAMA_BUILD_EXAMPLES=OFF && nice $cmake --build /tmp/llama-build -j 16 --target llama-bench \
-          ) >/tmp/llama-build.log 2>&1; echo \$? >/tmp/llama-build.rc" </dev/null >/dev/null 2>&1 &
-      setsid bash -c "
+      [ -f /tmp/llama-build.rc ] || setsid bash -c "bash bench/llamacpp_build.sh $LCP /tmp/llama-build >/tmp/llama-build.log 2>&1; \
+        echo \$? >/tmp/llama-build.rc" </dev/null >/dev/null 2>&1 &
+      [ -f /tmp/prepare.rc ] || setsid bash -c "
         ( for m in 'qwen3.5-35b-a3b 8' 'qwen3.5-122b-a10b 8'; do set -- \$m
             nice python3 bench/cuda_llamacpp.py --prepare --preset \$1 --layers \$2 || exit 1; done
         ) >/tmp/prepare.log 2>&1; echo \$? >/tmp/prepare.rc" </dev/null >/dev/null 2>&1 &
       echo "prepare: started in the background" ;;
     wait)
       for f in /tmp/llama-build.rc /tmp/prepare.rc; do
-        while [ ! -f "$f" ]; do sleep 5; done
-        log="${f%.rc}.log"; echo "$f: $(cat "$f")"; tail -5 "$log"; cp "$log" "$out/"
+        for _ in $(seq 80); do [ -f "$f" ] && break; sleep 5; done  # 400 s at most
+        log="${f%.rc}.log"; echo "$f: $(cat "$f" 2>/dev/null || echo 'still running')"; tail -5 "$log"
+        cp "$log" "$out/"
       done ;;
     llama)
       for m in "qwen3.5-35b-a3b 8" "qwen3.5-122b-a10b 8"; do set -- $m
