@@ -27,8 +27,10 @@ extern "C" {
  * factors); 0 when none. */
 size_t fmc_matmul_scratch_bytes(const fm_mat *w, int T);
 /* y[T, rows] = x[T, cols] · Wᵀ, the numerics of cpu.h's fm_cpu_matmul (int8 activations where w->int8_act
- * and the group size is a multiple of 32 up to 256); scratch: fmc_matmul_scratch_bytes(w, T) bytes. */
-fm_status fmc_matmul(cudaStream_t s, const fm_mat *w, const float *x, int T, float *y, void *scratch);
+ * and the group size is a multiple of 32 up to 256); scratch: fmc_matmul_scratch_bytes(w, T) bytes. have_q: the
+ * scratch already holds x's int8 activations for a matrix of w's dtype, columns and group size (the last matmul's,
+ * on this x, unchanged since): they are not computed again. */
+fm_status fmc_matmul(cudaStream_t s, const fm_mat *w, const float *x, int T, float *y, void *scratch, int have_q);
 /* One routed expert of a grouped call: its three matrices (device pointers; all experts of a call share dtype,
  * shapes, group sizes, int8_act and scale_bf16, and gate and up share them too), its n token rows tok[0..n) of xn
  * (device; each in [0, T)), and the first row row0 of its outputs in ye (in h: row0 less the call's lowest row0). */

@@ -62,6 +62,12 @@ struct cuda_ctx {
     size_t up_size = 0, up_used = 0;
 
     dbuf mm;   /* a matmul's int8 activations */
+    /* ... of this x (T rows of cols, groups of gs, dtype's layout), still valid: no op has run since the matmul
+     * that wrote them but matmuls reading x (q, k and v of one input; gate and up; in_proj_qkv and in_proj_z) */
+    struct {
+        const float *x;
+        int T, cols, gs, dtype;
+    } qx = {};
     dbuf attn; /* attention's partials */
     dbuf ffn;  /* the experts' gathered rows and hidden states */
     dbuf route_dev;                 /* the router's [T, k] indices, then weights */
@@ -93,8 +99,12 @@ bool ok(cuda_ctx *c, cudaError_t e, const char *what) {
     return false;
 }
 
+/* Any op but a matmul may write a matmul's x: its int8 activations are to be computed again. */
+void forget_q(cuda_ctx *c) { c->qx.x = nullptr; }
+
 /* After an op's launches: its status (a refused shape) or a launch error recorded. */
 void launched(cuda_ctx *c, fm_status st, const char *op) {
+    forget_q(c);
     if (st != FM_OK) failed(c, st);
     else ok(c, cudaGetLastError(), op);
 }
@@ -249,6 +259,7 @@ bool host_kind(fm_mem_kind kind) { return kind == FM_MEM_EXPERT_SLOTS || kind ==
 
 void *cuda_alloc(void *ctx, fm_mem_kind kind, size_t bytes) {
     cuda_ctx *c = ctx_of(ctx);
+    forget_q(c);
     if (host_kind(kind)) { /* 2 MiB aligned for O_DIRECT and huge pages, then pinned for the copy engines */
         void *p = fm_alloc_weights(bytes);
         if (p && cudaHostRegister(p, bytes, cudaHostRegisterDefault) != cudaSuccess) {
@@ -271,6 +282,7 @@ void *cuda_alloc(void *ctx, fm_mem_kind kind, size_t bytes) {
 
 void cuda_free(void *ctx, fm_mem_kind kind, void *p, size_t bytes) {
     cuda_ctx *c = ctx_of(ctx);
+    forget_q(c);
     if (!p) return;
     if (host_kind(kind)) {
         sync_all(c); /* nothing in flight may still copy from it */
@@ -283,11 +295,13 @@ void cuda_free(void *ctx, fm_mem_kind kind, void *p, size_t bytes) {
 
 void cuda_fill_zero(void *ctx, void *p, size_t bytes) {
     cuda_ctx *c = ctx_of(ctx);
+    forget_q(c);
     ok(c, cudaMemsetAsync(p, 0, bytes, c->s), "fill_zero");
 }
 
 void cuda_copy(void *ctx, void *dst, const void *src, size_t bytes) {
     cuda_ctx *c = ctx_of(ctx);
+    forget_q(c);
     ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, c->s), "copy");
 }
 
@@ -298,6 +312,7 @@ void cuda_to_host(void *ctx, void *host, const void *src, size_t bytes) {
 
 void cuda_from_host(void *ctx, void *dst, const void *host, size_t bytes) {
     cuda_ctx *c = ctx_of(ctx);
+    forget_q(c);
     /* synchronous: the caller may reuse its buffer on return */
     if (ok(c, cudaMemcpyAsync(dst, host, bytes, cudaMemcpyDefault, c->s), "copy from the host")) sync_all(c);
 }
@@ -314,6 +329,7 @@ void *cuda_host_view(void *ctx, void *p) {
 
 void *cuda_wrap_host(void *ctx, void *host, size_t bytes) {
     cuda_ctx *c = ctx_of(ctx);
+    forget_q(c);
     void *d = dmalloc(c, bytes, "the dense weights");
     if (!d) return nullptr;
     if (cudaMemcpy(d, host, bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
@@ -324,7 +340,10 @@ void *cuda_wrap_host(void *ctx, void *host, size_t bytes) {
     return d;
 }
 
-void cuda_unwrap_host(void *ctx, void *p, size_t bytes) { dfree(ctx_of(ctx), p, bytes); }
+void cuda_unwrap_host(void *ctx, void *p, size_t bytes) {
+    forget_q(ctx_of(ctx));
+    dfree(ctx_of(ctx), p, bytes);
+}
 
 fm_event cuda_record(void *ctx) {
     cuda_ctx *c = ctx_of(ctx);
@@ -373,9 +392,24 @@ void cuda_matmul(void *ctx, const fm_mat *w, const float *x, int T, float *y) {
     cuda_ctx *c = ctx_of(ctx);
     if (T <= 0 || w->rows <= 0) return;
     const size_t need = fmc_matmul_scratch_bytes(w, T);
+    const void *buf = c->mm.p;
     void *scratch = need ? grow(c, &c->mm, need, "matmul scratch") : nullptr;
     if (need && !scratch) return;
-    launched(c, fmc_matmul(c->s, w, x, T, y, scratch), "matmul");
+    const bool have_q = need && scratch == buf && c->qx.x == x && c->qx.T == T && c->qx.cols == w->cols &&
+                        c->qx.gs == w->group_size && c->qx.dtype == (int)w->dtype;
+    const auto q = c->qx;
+    launched(c, fmc_matmul(c->s, w, x, T, y, scratch, have_q), "matmul"); /* forgets q */
+    /* y written over x: x's activations are stale; a matmul on fp32 x leaves the last one's in the scratch */
+    const uintptr_t x0 = (uintptr_t)x, x1 = x0 + sizeof(float) * (size_t)T * w->cols, y0 = (uintptr_t)y,
+                    y1 = y0 + sizeof(float) * (size_t)T * w->rows;
+    if (y1 <= x0 || x1 <= y0) {
+        if (need) c->qx = {x, T, w->cols, w->group_size, (int)w->dtype};
+        else c->qx = q;
+        if (q.x && !need) { /* q's x may be this y */
+            const uintptr_t q0 = (uintptr_t)q.x, q1 = q0 + sizeof(float) * (size_t)q.T * q.cols;
+            if (!(y1 <= q0 || q1 <= y0)) forget_q(c);
+        }
+    }
 }
 
 void cuda_embed(void *ctx, const fm_mat *w, const int32_t *ids, int T, float *out) {
@@ -767,6 +801,7 @@ void experts_one_by_one(cuda_ctx *c, const fm_expert_work *work, const int *js, 
 
 void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float *xn, float *ye, int H) {
     cuda_ctx *c = ctx_of(ctx);
+    forget_q(c);
     int slot_of[64];
     span spans[64];
     /* grouped calls: xn's rows, 1 + the largest token (the int8 activations quantize them) */

@@ -588,18 +588,18 @@ size_t quantize_blocks(const fm_mat *w, size_t n) {
 
 /* x's int8 activations for w in scratch (i8_scratch(w, T)), and a's xq, xd, xs pointed at them: of x's T rows,
  * or (ex) of its experts' rows alone (from row0 - a.hlo); blocks: quantize_blocks of T (ex: of the most rows an
- * expert has). */
+ * expert has). have_q: scratch holds them already (only the pointers are set). */
 void quantize(cudaStream_t s, const fm_mat *w, const float *x, int T, void *scratch, mm_args &a, size_t blocks,
-              const fmc_expert *ex, int n_ex) {
+              const fmc_expert *ex, int n_ex, bool have_q = false) {
     const i8_layout l = i8_scratch(w, T);
     float *xd = (float *)scratch, *xs = (float *)((char *)scratch + l.xs);
     int8_t *xq = (int8_t *)((char *)scratch + l.xq);
     const int cols = w->cols, gs = w->group_size;
-    if (ex) {
+    if (!have_q && ex) {
         const dim3 grid((unsigned)blocks, (unsigned)n_ex);
         if (w->dtype == FM_Q4) fm_quantize_rows<32, true><<<grid, 256, 0, s>>>(x, xq, xd, xs, ex, a.hlo, cols, gs);
         else fm_quantize_rows<16, false><<<grid, 256, 0, s>>>(x, xq, xd, xs, ex, a.hlo, cols, gs);
-    } else {
+    } else if (!have_q) {
         if (w->dtype == FM_Q4) fm_quantize_x<32, true><<<(unsigned)blocks, 256, 0, s>>>(x, xq, xd, xs, T, cols, gs);
         else fm_quantize_x<16, false><<<(unsigned)blocks, 256, 0, s>>>(x, xq, xd, xs, T, cols, gs);
     }
@@ -619,7 +619,8 @@ extern "C" size_t fmc_matmul_scratch_bytes(const fm_mat *w, int T) {
     return i8_scratch(w, T).total;
 }
 
-extern "C" fm_status fmc_matmul(cudaStream_t s, const fm_mat *w, const float *x, int T, float *y, void *scratch) {
+extern "C" fm_status fmc_matmul(cudaStream_t s, const fm_mat *w, const float *x, int T, float *y, void *scratch,
+                                int have_q) {
     if (!w || !w->data || T < 0 || (T > 0 && (!x || !y)) || w->rows <= 0 || w->cols <= 0)
         return fm_fail(FM_ERR_INVALID, "cuda backend: matmul of a %d x %d matrix over %d tokens",
                        w ? w->rows : 0, w ? w->cols : 0, T);
@@ -640,7 +641,7 @@ extern "C" fm_status fmc_matmul(cudaStream_t s, const fm_mat *w, const float *x,
             return fm_fail(FM_ERR_INVALID, "cuda backend: matmul on int8 activations without its scratch");
         const size_t blocks = quantize_blocks(w, (size_t)T);
         if (!blocks) return fm_fail(FM_ERR_INVALID, "cuda backend: matmul of %d tokens: too many", T);
-        quantize(s, w, x, T, scratch, a, blocks, nullptr, 0);
+        quantize(s, w, x, T, scratch, a, blocks, nullptr, 0, have_q != 0);
     }
     dispatch_w<K_MM>(s, a, w, w16, vec, nullptr, 1, T);
     return FM_OK;
