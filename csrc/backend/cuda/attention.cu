@@ -221,6 +221,8 @@ size_t fmc_attention_scratch_floats(int T, int pos0, int nh, int hd) {
     return plan_of(T, pos0, nh, hd).floats;
 }
 
+size_t fmc_attention_scratch_cap_floats(void) { return MAX_PART_FLOATS; }
+
 fm_status fmc_attention(cudaStream_t s, float *out, const float *q, const float *k_cache, const float *v_cache, int T,
                         int pos0, int nh, int nkv, int hd, float scale, float *scratch) {
     if (T < 0 || pos0 < 0 || nh < 1 || nkv < 1 || nh % nkv || hd < 1 || hd > MAX_HD ||

@@ -58,6 +58,9 @@ fm_status fmc_embed(cudaStream_t s, const fm_mat *w, const int32_t *ids, int T, 
 /* ---- attention.cu */
 /* Floats of scratch fmc_attention needs (its flash-decoding partials) for this call. */
 size_t fmc_attention_scratch_floats(int T, int pos0, int nh, int hd);
+/* ... the most that takes where one token's partials fit the cap on a slice's (any context up to 2^22 positions
+ * at 64 heads of 256) */
+size_t fmc_attention_scratch_cap_floats(void);
 /* fm_cpu_attention: causal attention of T queries at positions pos0.. over k_cache, v_cache [ctx, nkv, hd]
  * holding positions [0, pos0 + T); q, out [T, nh, hd]. */
 fm_status fmc_attention(cudaStream_t s, float *out, const float *q, const float *k_cache, const float *v_cache, int T,

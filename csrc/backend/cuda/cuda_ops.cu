@@ -570,7 +570,11 @@ void lru_front(cuda_ctx *c, int i) {
 bool vram_init(cuda_ctx *c, size_t slot_bytes) {
     c->vram_ready = 1;
     c->slot_bytes = (slot_bytes + 255) & ~(size_t)255;
-    const uint64_t left = c->budget > c->used + VRAM_HEADROOM ? c->budget - c->used - VRAM_HEADROOM : 0;
+    /* kept free: VRAM_HEADROOM, and what attention's partials may still grow to (a long prompt's chunk at the
+     * end of the context: up to their cap, 64 MiB, which the slots would otherwise have taken) */
+    const size_t cap = sizeof(float) * fmc_attention_scratch_cap_floats();
+    const uint64_t keep = VRAM_HEADROOM + (cap > c->attn.size ? cap - c->attn.size : 0);
+    const uint64_t left = c->budget > c->used + keep ? c->budget - c->used - keep : 0;
     uint64_t n = left / c->slot_bytes;
     if (n > (uint64_t)c->key_space) n = (uint64_t)c->key_space;
     if (const char *env = getenv("FLASHMOE_CUDA_EXPERT_SLOTS")) /* tests: a cache of exactly this many */
