@@ -38,11 +38,11 @@ def gguf_path(packed: str) -> str:
 
 
 def prepare(args) -> str:
-    from gguf_export import export
-
     packed, _ = model_path(args)
     out = gguf_path(packed)
     if not os.path.exists(out):
+        from gguf_export import export  # needs the gguf package: only to write one
+
         t = time.perf_counter()
         r = export(packed, out + ".part", "q4_0", progress=False)
         os.rename(out + ".part", out)
