@@ -53,7 +53,7 @@ for what in "$@"; do
     profile)  # where a decode step's time goes (hbm; grouped, then each expert in its own launches)
       python3 bench/cuda_profile.py 2>&1 | tee -a "$out/profile.log" || rc=1
       FLASHMOE_CUDA_GROUPED=0 python3 bench/cuda_profile.py 2>&1 | tee -a "$out/profile.log" || rc=1
-      python3 bench/cuda_profile.py --preset qwen3.5-122b-a10b --gpu-budget 3GB --warm 2048 2>&1 \
+      python3 bench/cuda_profile.py --preset qwen3.5-122b-a10b --gpu-budget 3GB 2>&1 \
         | tee -a "$out/profile.log" || rc=1 ;;
     bench3)  # the settings, medians of 3, grouped experts against one expert a call where it matters
       for g in 1 0; do

@@ -4,7 +4,7 @@ step's wall time, from CUPTI through torch.profiler (it records every CUDA call 
     python bench/cuda_profile.py [--preset qwen3.5-35b-a3b] [--layers 8] [--tokens 16] [--gpu-budget B]
 
 The model is bench/cuda.py's (bench/decode.py's model_path). The step is generate_tokens' loop (all in C,
-greedy), after a 16-token prompt and 8 untimed steps. GPU busy below wall: the step waits on the host
+greedy), after a --warm prompt that fills the expert tiers, a 16-token prompt and 8 untimed steps. GPU busy below wall: the step waits on the host
 (launches, the router's top-k coming back each MoE layer, Python), not on the GPU.
 """
 
@@ -29,7 +29,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--gpu-budget")
-    ap.add_argument("--warm", type=int, default=0, help="an untimed prompt of this many tokens first (fills the tiers)")
+    ap.add_argument("--warm", type=int, default=2048,
+                    help="an untimed prompt of this many tokens first: it fills the tiers (0: profile the cold start)")
     ap.add_argument("--dir", default=BENCH_DIR)
     args = ap.parse_args()
     import torch
