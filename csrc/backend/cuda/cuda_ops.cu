@@ -99,6 +99,10 @@ bool ok(cuda_ctx *c, cudaError_t e, const char *what) {
     return false;
 }
 
+bool overlaps(const void *a, size_t an, const void *b, size_t bn) {
+    return (uintptr_t)a < (uintptr_t)b + bn && (uintptr_t)b < (uintptr_t)a + an;
+}
+
 /* Any op but a matmul may write a matmul's x: its int8 activations are to be computed again. */
 void forget_q(cuda_ctx *c) { c->qx.x = nullptr; }
 
@@ -397,19 +401,13 @@ void cuda_matmul(void *ctx, const fm_mat *w, const float *x, int T, float *y) {
     if (need && !scratch) return;
     const bool have_q = need && scratch == buf && c->qx.x == x && c->qx.T == T && c->qx.cols == w->cols &&
                         c->qx.gs == w->group_size && c->qx.dtype == (int)w->dtype;
-    const auto q = c->qx;
-    launched(c, fmc_matmul(c->s, w, x, T, y, scratch, have_q), "matmul"); /* forgets q */
-    /* y written over x: x's activations are stale; a matmul on fp32 x leaves the last one's in the scratch */
-    const uintptr_t x0 = (uintptr_t)x, x1 = x0 + sizeof(float) * (size_t)T * w->cols, y0 = (uintptr_t)y,
-                    y1 = y0 + sizeof(float) * (size_t)T * w->rows;
-    if (y1 <= x0 || x1 <= y0) {
-        if (need) c->qx = {x, T, w->cols, w->group_size, (int)w->dtype};
-        else c->qx = q;
-        if (q.x && !need) { /* q's x may be this y */
-            const uintptr_t q0 = (uintptr_t)q.x, q1 = q0 + sizeof(float) * (size_t)q.T * q.cols;
-            if (!(y1 <= q0 || q1 <= y0)) forget_q(c);
-        }
-    }
+    const auto prev = c->qx;
+    launched(c, fmc_matmul(c->s, w, x, T, y, scratch, have_q), "matmul"); /* forgets them */
+    const size_t y_bytes = sizeof(float) * (size_t)T * w->rows;
+    if (need && !overlaps(y, y_bytes, x, sizeof(float) * (size_t)T * w->cols))
+        c->qx = {x, T, w->cols, w->group_size, (int)w->dtype}; /* x's, in the scratch now */
+    else if (!need && prev.x && !overlaps(y, y_bytes, prev.x, sizeof(float) * (size_t)prev.T * prev.cols))
+        c->qx = prev; /* a matmul on fp32 activations left the scratch and their x alone */
 }
 
 void cuda_embed(void *ctx, const fm_mat *w, const int32_t *ids, int T, float *out) {
