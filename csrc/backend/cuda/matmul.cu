@@ -96,9 +96,14 @@ __device__ __forceinline__ float byte_at(uint32_t w, int e) {
 
 /* Σ 4 bytes: a (unsigned) · b (signed) + c, exact */
 __device__ __forceinline__ int dp4a_us(uint32_t a, uint32_t b, int c) {
+#ifdef FLASHMOE_CUDA_EMU /* tests/cuda_emu (the CPU emulator): the same sum in C, exact as dp4a's */
+    for (int i = 0; i < 4; i++) c += (int)((a >> 8 * i) & 0xFFu) * (int)(int8_t)(b >> 8 * i);
+    return c;
+#else
     int d;
     asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
+#endif
 }
 
 __device__ __forceinline__ uint32_t word(const uint4 &v, int m) { return m == 0 ? v.x : m == 1 ? v.y : m == 2 ? v.z : v.w; }
