@@ -26,6 +26,8 @@ def pytest_addoption(parser):
     parser.addoption("--no-torch", action="store_true",
                      help="leave out the tests that need torch and transformers (conftest.py: TORCH_FILES, "
                           "@pytest.mark.torch)")
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (left out by default: CI's time budget)")
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -35,6 +37,11 @@ def pytest_ignore_collect(collection_path, config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--slow"):
+        slow = [item for item in items if item.get_closest_marker("slow")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if item not in slow]
     if not config.getoption("--no-torch"):
         return
     # (a file of TORCH_FILES named on the command line is collected all the same: its items go here)
@@ -58,6 +65,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "ci_feature(name): a skip of this test fails where FLASHMOE_CI_REQUIRE "
                                        "names the feature (or 'all')")
     config.addinivalue_line("markers", "gpu: needs a GPU; CI has none, so its skip there is never a failure")
+    config.addinivalue_line("markers", "slow: left out unless --slow (deselected, not skipped)")
     _required()
 
 

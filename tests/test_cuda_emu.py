@@ -6,11 +6,12 @@ warp shuffles as scheduling points, a mock runtime over host memory).
 The module builds that variant of flashmoe once (CMake FLASHMOE_CUDA_EMU) into a directory of its own, then
 runs, in subprocesses on it:
 - test_op_harness_on_emulated_cuda: tests/test_ops.py's cases on backend "cuda" and
-  tests/test_batch_invariance.py's checks, none skipped, lanes and blocks forward; and again in reverse
-  order (FM_CUDA_EMU_ORDER): a race between lanes shows as a difference from the numpy reference or from
-  another call's bits;
+  tests/test_batch_invariance.py's checks, none skipped, lanes and blocks forward (about 30 s on one core);
+  with --slow again in reverse order (FM_CUDA_EMU_ORDER): a race between lanes shows as a difference from
+  the numpy reference or from another call's bits;
 - test_model_on_emulated_cuda: the tiny transformers-checked models against the CPU backend of the same
-  build, as tests/test_cuda_backend.py does on a GPU;
+  build, as tests/test_cuda_backend.py does on a GPU (about 40 s for the ten), and its GPU budget error;
+  with --slow, its test of the expert tiers (the VRAM cache of 1 and 3 slots, one expert a call: ~60 s);
 - the emulator's own tests (tests/cuda_emu/selftest.cu): right kernels give exact results, kernels broken on
   purpose are caught (a missing barrier reads NaN, a divergent barrier or shuffle, too much shared memory,
   a copy past an allocation, a race).
@@ -62,7 +63,7 @@ def test_emulated_build_has_cuda(emu_env):
     assert "cuda" in backends.split(",") and has == "True", out
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ["forward", pytest.param("reverse", marks=pytest.mark.slow)])
 def test_op_harness_on_emulated_cuda(emu_env, order):
     """Every case of tests/test_ops.py and every check of tests/test_batch_invariance.py on backend "cuda"
     (their ids hold "cuda"): passed, none skipped."""
@@ -157,3 +158,43 @@ def test_emulator_ends_a_broken_kernel_saying_why(selftest, case, message):
 def test_emulator_orders_show_a_race(selftest):
     got = {o: _run(selftest, "last_writer", FM_CUDA_EMU_ORDER=o)[1].split()[-1] for o in ("forward", "reverse")}
     assert got == {"forward": "63", "reverse": "0"}, got
+
+
+# ------------------------------------------------ tests/test_cuda_backend.py's GPU tests, on the emulator
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_outputs_do_not_depend_on_the_expert_tiers_emulated(emu_env, tiny_models, tmp_path, arch, monkeypatch):
+    """The VRAM expert cache (1 and 3 slots, copies through pinned host slots, events between the copy and
+    compute streams) and one expert a call give the bits of everything resident (test_cuda_backend.py).
+    Its memory plan comes from the emulated build (whose default backend is "cuda", with the CUDA table's
+    scratch), not from this process's."""
+    import json
+
+    import flashmoe
+    import test_cuda_backend
+
+    def plan(path, **options):
+        rc, out = run_py(emu_env, ["-c", "import json, sys, flashmoe; print(json.dumps(flashmoe.memory_plan("
+                                   "sys.argv[1], **json.loads(sys.argv[2]))))", path, json.dumps(options)])
+        assert rc == 0, out
+        return json.loads(out.strip().splitlines()[-1])
+    monkeypatch.setattr(flashmoe, "memory_plan", plan)
+    test_cuda_backend.test_outputs_do_not_depend_on_the_expert_tiers(emu_env, tiny_models, tmp_path, arch)
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    from flashmoe.synth import write_random_model
+    from test_engine_errors import TINY
+
+    d = tmp_path_factory.mktemp("demo")
+    write_random_model(d, TINY, bits=4, progress=False)
+    return str(d)
+
+
+def test_a_gpu_budget_too_small_is_a_clear_error_emulated(emu_env, demo_model):
+    import test_cuda_backend
+    test_cuda_backend.test_a_gpu_budget_too_small_is_a_clear_error(emu_env, demo_model)
