@@ -288,6 +288,20 @@ PLANTS = [
           ["tests/test_batch_invariance.py", "-k", "int8"],
           "the int8 prefill tiles add the bias terms into the dots' chain (decode keeps two): a token's outputs "
           "depend on its batch"),
+    # -- the CUDA kernels, on the CPU emulator (tests/cuda_emu/): barriers and warp functions left out or wrong
+    Plant("cuda_rmsnorm_no_barrier", "csrc/backend/cuda/eltwise.cu",
+          "        if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];\n        __syncthreads();",
+          "        if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];",
+          ["tests/test_cuda_emu.py", "-k", "op_harness and forward"], "CUDA row reduction without its barrier"),
+    Plant("cuda_attention_no_barrier", "csrc/backend/cuda/attention.cu",
+          "    }\n    __syncthreads();\n    /* merged in warp order", "    }\n    /* merged in warp order",
+          ["tests/test_cuda_emu.py", "-k", "op_harness and forward"], "CUDA attention merges partials unsynchronised"),
+    Plant("cuda_route_no_syncwarp", "csrc/backend/cuda/route.cu",
+          "    __syncwarp();\n    double sum = 0.0;", "    double sum = 0.0;",
+          ["tests/test_cuda_emu.py", "-k", "op_harness and forward"], "CUDA router reads other lanes' exps unsynced"),
+    Plant("cuda_group_sum_skips_a_lane", "csrc/backend/cuda/gated_delta.cu",
+          "for (int m = 1; m < P; m <<= 1) x +=", "for (int m = 2; m < P; m <<= 1) x +=",
+          ["tests/test_cuda_emu.py", "-k", "op_harness and forward"], "CUDA gated delta's warp sum misses a step"),
 ]
 
 
