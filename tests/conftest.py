@@ -13,7 +13,8 @@ import pytest
 
 FEATURES = {"cgroup": "the cgroup memory-limit test (tests/test_streaming.py)",
             "neon": "the NEON kernels under qemu-user (tests/test_cross_isa.py)",
-            "clang19": "the Metal kernels in the grid emulator and the address-space pass (tests/test_metal_emu.py)",
+            "clang19": "the Metal kernels in the grid emulator and the address-space pass (tests/test_metal_emu.py), "
+                        "the CUDA backend on its CPU emulator (tests/test_cuda_emu.py)",
             "nvcc": "the CUDA backend built with nvcc (tests/test_cuda_backend.py)"}
 collect_ignore = ["plant_bugs.py"]  # a script, not tests (see its docstring)
 # Tests that need torch and transformers: these files import them at module level (hf_fixtures.py), other
