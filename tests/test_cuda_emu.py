@@ -10,8 +10,8 @@ runs, in subprocesses on it:
   with --slow again in reverse order (FM_CUDA_EMU_ORDER): a race between lanes shows as a difference from
   the numpy reference or from another call's bits;
 - test_model_on_emulated_cuda: the tiny transformers-checked models against the CPU backend of the same
-  build, as tests/test_cuda_backend.py does on a GPU (about 40 s for the ten), and its GPU budget error;
-  with --slow, its test of the expert tiers (the VRAM cache of 1 and 3 slots, one expert a call: ~60 s);
+  build, as tests/test_cuda_backend.py does on a GPU (about 40 s for the ten), its GPU budget error and
+  its test of the expert tiers (the VRAM cache of 1 and 3 slots, one expert a call: ~60 s);
 - the emulator's own tests (tests/cuda_emu/selftest.cu): right kernels give exact results, kernels broken on
   purpose are caught (a missing barrier reads NaN, a divergent barrier or shuffle, too much shared memory,
   a copy past an allocation, a race).
@@ -163,7 +163,6 @@ def test_emulator_orders_show_a_race(selftest):
 # ------------------------------------------------ tests/test_cuda_backend.py's GPU tests, on the emulator
 
 
-@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
 def test_outputs_do_not_depend_on_the_expert_tiers_emulated(emu_env, tiny_models, tmp_path, arch, monkeypatch):
