@@ -10,8 +10,9 @@ runs, in subprocesses on it:
   with --slow again in reverse order (FM_CUDA_EMU_ORDER): a race between lanes shows as a difference from
   the numpy reference or from another call's bits;
 - test_model_on_emulated_cuda: the tiny transformers-checked models against the CPU backend of the same
-  build, as tests/test_cuda_backend.py does on a GPU (about 40 s for the ten), its GPU budget error and
-  its test of the expert tiers (the VRAM cache of 1 and 3 slots, one expert a call: ~60 s);
+  build, as tests/test_cuda_backend.py does on a GPU (16 bits and 4 bits with int8 activations; with --slow
+  8 and 4 bits on fp32 and 8 on int8 too: ~4 s each), its GPU budget error and its test of the expert
+  tiers (the VRAM cache of 1 and 3 slots, one expert a call: ~30 s a model; with --slow both models);
 - the emulator's own tests (tests/cuda_emu/selftest.cu): right kernels give exact results, kernels broken on
   purpose are caught (a missing barrier reads NaN, a divergent barrier or shuffle, too much shared memory,
   a copy past an allocation, a race).
@@ -78,9 +79,13 @@ def tiny_models(tmp_path_factory):
     return backend_runs.tiny_models(tmp_path_factory)
 
 
+SLOW = pytest.mark.slow  # CI's time: the fp32 and the default (4-bit, int8) paths run there, the rest with --slow
+
+
 @pytest.mark.torch
-@pytest.mark.parametrize("bits,int8", [(16, False), (8, False), (4, False), (8, True), (4, True)],
-                         ids=["16", "8", "4", "8-int8", "4-int8"])
+@pytest.mark.parametrize("bits,int8", [(16, False), pytest.param(8, False, marks=SLOW),
+                                       pytest.param(4, False, marks=SLOW), pytest.param(8, True, marks=SLOW),
+                                       (4, True)], ids=["16", "8", "4", "8-int8", "4-int8"])
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
 def test_model_on_emulated_cuda(emu_env, tiny_models, tmp_path, arch, bits, int8):
     """tests/test_cuda_backend.py's test_model_on_cuda on the emulator: the prompt in one call bitwise the
@@ -164,7 +169,7 @@ def test_emulator_orders_show_a_race(selftest):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", pytest.param("qwen3_next", marks=SLOW)])
 def test_outputs_do_not_depend_on_the_expert_tiers_emulated(emu_env, tiny_models, tmp_path, arch, monkeypatch):
     """The VRAM expert cache (1 and 3 slots, copies through pinned host slots, events between the copy and
     compute streams) and one expert a call give the bits of everything resident (test_cuda_backend.py).
