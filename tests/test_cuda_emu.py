@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 import backend_runs
-from backend_runs import ROOT, RTOL, assert_op_harness_passes, build_variant, run_model, run_py
+from backend_runs import ROOT, assert_op_harness_passes, build_variant, run_py
 pytestmark = pytest.mark.ci_feature("clang19")
 
 EMU = ROOT / "tests" / "cuda_emu"
@@ -91,18 +91,8 @@ def test_model_on_emulated_cuda(emu_env, tiny_models, tmp_path, arch, bits, int8
     """tests/test_cuda_backend.py's test_model_on_cuda on the emulator: the prompt in one call bitwise the
     prompt token by token; against the CPU within RTOL (int8 activations: INT8_RTOL there, which says why);
     the greedy tokens the same."""
-    from test_cuda_backend import INT8_RTOL
-    path = tiny_models(arch, bits)
-    ids = np.random.default_rng(1).integers(0, 251, 21)
-    opts = ("prefill_chunk=16", f"int8_activations={int8}")
-    cpu = run_model(emu_env, tmp_path, path, "cpu", ids, "cpu", *opts)
-    gpu = run_model(emu_env, tmp_path, path, "cuda", ids, "cuda", *opts)
-    assert np.array_equal(gpu["prefill"].view(np.uint32), gpu["steps"].view(np.uint32)), \
-        "cuda: the prompt in one call differs from the prompt token by token"
-    for key in ("prefill", "steps"):
-        err = float(np.abs(gpu[key] - cpu[key]).max() / np.abs(cpu[key]).max())
-        assert err <= (INT8_RTOL if int8 else RTOL), f"{key}: cuda vs cpu {err:.2e}"
-    assert gpu["greedy"].tolist() == cpu["greedy"].tolist()
+    import test_cuda_backend
+    test_cuda_backend.test_model_on_cuda(emu_env, tiny_models, tmp_path, arch, bits, int8)
 
 
 # ---------------------------------------------------------------------------------- the emulator itself
