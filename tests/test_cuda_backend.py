@@ -176,6 +176,62 @@ def test_outputs_do_not_depend_on_the_expert_tiers(gpu_env, tiny_models, tmp_pat
     assert ref["device"][0] > 3 and ref["device"][1] > 0, ref["device"]  # resident: hits once warm
 
 
+STEPS = """
+import json, sys
+import numpy as np
+import flashmoe
+path, out = sys.argv[1], sys.argv[2]
+m = flashmoe.load(path, backend="cuda", context_length=512, prefill_chunk=16)
+prompt = np.random.default_rng(3).integers(0, 251, 250).tolist()
+
+def decode(tok, n):  # one token a call: the decode step a backend may record and replay
+    rows = []
+    for _ in range(n):
+        rows.append(m.forward([tok], reset=False)[0])
+        tok = int(np.argmax(rows[-1]))
+    return rows
+
+rows = decode(int(np.argmax(m.forward(prompt, all_logits=False)[0])), 5)  # positions 250..254
+try:
+    m.forward([10 ** 6], reset=False)
+except ValueError:
+    pass  # a bad argument changes nothing: the steps go on as before
+rows += decode(int(np.argmax(rows[-1])), 7)  # 255..261: across attention's key blocks of 256
+rows += decode(int(np.argmax(m.forward(prompt[:5], all_logits=False)[0])), 6)  # from position 5 again
+st = m.stats
+np.savez(out, logits=np.stack(rows), usage=m.expert_usage(),
+         stats=np.asarray([st["device_step_replays"], st["device_step_recordings"], st["device_expert_misses"]]))
+"""
+
+
+def decode_steps(env, tmp_path, path, name, extra_env):
+    rc, log = run_py(dict(env, **extra_env), ["-c", STEPS, path, str(tmp_path / f"{name}.npz")])
+    assert rc == 0, log[-4000:]
+    return np.load(tmp_path / f"{name}.npz")
+
+
+@pytest.mark.gpu
+@pytest.mark.torch
+def test_decode_steps_without_the_host_are_the_steps_with_it(gpu_env, tiny_models, tmp_path):
+    """Decode steps with every expert in VRAM, routed on the device (moe_device) and replayed from a recorded
+    CUDA graph (the default), against the same steps routed on the device but issued one by one
+    (FLASHMOE_CUDA_GRAPHS=0) and routed on the host (FLASHMOE_CUDA_DEVICE_ROUTE=0): the same logits, bit for
+    bit, and the same expert counts, over steps that cross attention's key block at position 256 (where a new
+    recording is needed), after a rejected call, and after a new prompt restarts the sequence."""
+    path = tiny_models("qwen3_5_moe", 4)
+    got = {name: decode_steps(gpu_env, tmp_path, path, name, env)
+           for name, env in (("replayed", {}), ("issued", {"FLASHMOE_CUDA_GRAPHS": "0"}),
+                             ("host", {"FLASHMOE_CUDA_DEVICE_ROUTE": "0"}))}
+    for name in ("issued", "host"):
+        assert np.array_equal(got[name]["logits"].view(np.uint32), got["replayed"]["logits"].view(np.uint32)), \
+            f"{name}: the logits differ from the replayed steps'"
+        assert np.array_equal(got[name]["usage"], got["replayed"]["usage"]), f"{name}: expert counts differ"
+    replays, recordings, _ = got["replayed"]["stats"].tolist()
+    # 18 steps: recorded after the first step without the host, again at 256 and after the new prompt
+    assert recordings >= 3 and replays >= 10, got["replayed"]["stats"]
+    assert got["issued"]["stats"][:2].tolist() == [0, 0] and got["host"]["stats"][:2].tolist() == [0, 0]
+
+
 GPU_BUDGET = """
 import sys, flashmoe
 from flashmoe.errors import MemoryBudgetError

@@ -179,6 +179,14 @@ def test_outputs_do_not_depend_on_the_expert_tiers_emulated(emu_env, tiny_models
     test_cuda_backend.test_outputs_do_not_depend_on_the_expert_tiers(emu_env, tiny_models, tmp_path, arch)
 
 
+@pytest.mark.torch
+def test_decode_steps_without_the_host_are_the_steps_with_it_emulated(emu_env, tiny_models, tmp_path):
+    """Decode steps routed on the device and replayed from a recorded graph (the mock runtime's stream capture)
+    give the bits of the same steps issued one by one and routed on the host (test_cuda_backend.py)."""
+    import test_cuda_backend
+    test_cuda_backend.test_decode_steps_without_the_host_are_the_steps_with_it(emu_env, tiny_models, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
     from flashmoe.synth import write_random_model

@@ -25,12 +25,14 @@ def test_core_and_models_include_no_cpu_backend_header():
 def test_the_default_backend_checks_every_op():
     """backend.c picks Metal by default only where its table fills in every op, and a model loads on a
     table only then: its list of the table's fields (fm_backend_missing_op()) must name every field of
-    fm_backend_ops (backend.h), in order."""
+    fm_backend_ops (backend.h), in order, but the optional ops at its end, which it must not name."""
     src = os.path.join(ROOT, "csrc", "backend")
     h = open(os.path.join(src, "backend.h"), encoding="utf-8").read()
     struct = h[h.index("typedef struct fm_backend_ops {"):h.index("} fm_backend_ops;")]
-    fields = re.findall(r"\(\*(\w+)\)\(", struct)
+    required, optional = struct.split("/* ---- optional")
+    fields, optional = (re.findall(r"\(\*(\w+)\)\(", part) for part in (required, optional))
     c = open(os.path.join(src, "backend.c"), encoding="utf-8").read()
     body = c[c.index("const struct { const void *fn;"):]
     listed = re.findall(r"OP\((\w+)\)", body[:body.index("#undef OP")])
     assert fields and listed == fields, (sorted(set(fields) - set(listed)), sorted(set(listed) - set(fields)))
+    assert optional and not set(optional) & set(listed), optional

@@ -44,7 +44,7 @@ int fm_backend_has_device(const char *name) {
 }
 
 /* The first op of backend.h a table leaves out (in the order of its declaration), NULL when it fills in
- * every one (tests/test_backend.py checks that this list names every field). */
+ * every one but the optional ops (tests/test_layering.py checks that this list names every other field). */
 const char *fm_backend_missing_op(const fm_backend_ops *o) {
 #define OP(f) {(const void *)o->f, #f}
     const struct { const void *fn; const char *name; } ops[] = {

@@ -4,8 +4,10 @@
  * The host stays in control. The core runs the layers in order and hands the backend one op at a
  * time; after each MoE router it reads the top-k back (the one device→host transfer of a layer),
  * decides which experts to read into which slots, and asks the backend to run each expert's FFN over
- * its tokens once its slot is filled. There is no graph and no scheduler: streaming experts from disk
- * needs the host between the router and the reads.
+ * its tokens once its slot is filled. There is no scheduler: streaming experts from disk needs the host
+ * between the router and the reads. Two optional ops let a GPU backend leave the host out where nothing
+ * streams: moe_device (a layer whose experts the backend holds routes and computes on the device), and
+ * step_begin/step_end (a decode step of such layers recorded once and replayed, CUDA graphs).
  *
  * Pointers to tensor data (activations, state, weights, expert slots) are the backend's addresses: the
  * core passes them between ops and never reads or writes through them itself; where it must see data
@@ -100,8 +102,8 @@ typedef struct fm_backend_ops {
     void (*wait)(void *ctx, fm_event ev);    /* block the host until ev completes */
     fm_status (*finish)(void *ctx);          /* wait for everything; a failed op reports here */
     /* the counters of a cache of experts the backend keeps itself (CUDA's VRAM tier): slots, hits, misses,
-     * bytes copied in; zeros where there is none */
-    void (*device_stats)(void *ctx, uint64_t out[4]);
+     * bytes copied in; then decode steps replayed and recorded (step_begin); zeros where there is none */
+    void (*device_stats)(void *ctx, uint64_t out[6]);
 
     /* ---- ops: activations fp32, row-major, T tokens */
     void (*matmul)(void *ctx, const fm_mat *w, const float *x, int T, float *y); /* y[T, rows] = x · Wᵀ */
@@ -136,9 +138,29 @@ typedef struct fm_backend_ops {
     /* routed experts, in any order or side by side (each writes only its own rows of ye [·, H]); xn
      * [T, H] the layer's normed input; h = H */
     void (*experts)(void *ctx, const fm_expert_work *work, int n_work, const float *xn, float *ye, int h);
-    /* out[t] += Σ_j weights[t, j] · ye[row[t, j]], j in order (row, weights: host [T, k]) */
+    /* out[t] += Σ_j weights[t, j] · ye[row[t, j]], j in order (row, weights: host [T, k]); row and weights NULL
+     * after moe_device: row[t, j] = t·k + j, and the weights its router computed */
     void (*moe_combine)(void *ctx, float *out, const float *ye, const int32_t *row, const float *weights, int T,
                         int k, int h);
+
+    /* ---- optional (NULL where a backend has none: CPU, Metal): decode without the host inside a step */
+    /* The routed experts of MoE layer `layer` on the device alone, where the backend's own expert cache (CUDA's
+     * VRAM tier) holds every expert of the layer for good: route's choices of logits [T, E], and each choice's
+     * expert FFN on its token of xn [T, h] into row t·k + j of ye, the bits experts would give it; moe_combine with
+     * no rows then adds them. Nothing comes back to the host first: the choices reach idx (host [T, k]) by the time
+     * finish() returns, for the core's counts. 0 when it cannot (an expert not held, too many tokens): nothing
+     * issued, and the core routes on the host. */
+    int (*moe_device)(void *ctx, int layer, const float *logits, int T, int E, int k, int norm, const float *xn,
+                      float *ye, int h, int32_t *idx);
+    /* A one-token decode step's ops (embed to the logits' matmul, not the copy to the host) recorded once and
+     * replayed (CUDA graphs). step_begin before them: 1 when it replayed a recording valid for this token and
+     * position, and the core issues none of them (everything they would write is written, moe_device's idx
+     * included); else 0, and the core issues them, then calls step_end. With `record` (the core asks when its
+     * last step ran without the host: every MoE layer on moe_device) the backend may record them instead of
+     * running them: step_end returns 1 once the step has run (recorded, or as issued), 0 when a recording
+     * failed and nothing ran, and the core issues the step once more (it then runs as issued). */
+    int (*step_begin)(void *ctx, int32_t token, int pos, int record);
+    int (*step_end)(void *ctx);
 } fm_backend_ops;
 
 /* A backend instance: the table and its state for one model. */

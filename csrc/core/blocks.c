@@ -223,6 +223,13 @@ static fm_expert_work expert_work(fm_model *m, int layer, int i) {
                             layer * m->c.num_experts + e};
 }
 
+/* The shared expert into out, scaled by sigmoid(shared_expert_gate · x). */
+static void shared_expert(fm_model *m, const fm_moe_w *w, const float *xn, float *out, int T) {
+    FM_OP(&m->be, matmul, &w->shared_gate, xn, T, m->s.sg); /* [T, 1] */
+    fm_block_mlp(m, &w->shared, xn, out, T);
+    FM_OP(&m->be, gate_rows, out, m->s.sg, T, m->c.hidden_size);
+}
+
 /* The sparse MoE block. The core schedules (routing on the host, which experts, which slots, which
  * reads, the next layer's prediction); the backend computes (router, shared expert, each routed expert's
  * FFN as its read lands, the weighted combine). */
@@ -235,6 +242,15 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
 
     /* router: softmax over all experts in fp32, top-k, optionally renormalised; the choices come to the host */
     FM_OP(be, matmul, &w->router, xn, T, s->logits); /* [T, E] */
+    /* where the backend holds all of the layer's experts itself, it routes and computes them with no round trip
+     * to the host (decode; the choices are counted once the step has finished: fm_count_device_choices) */
+    if (T <= FM_DEVICE_ROUTE_T && be->op->moe_device &&
+        FM_OP(be, moe_device, layer, s->logits, T, E, k, norm_topk, xn, s->ye, H, m->dev_idx + (size_t)layer * FM_DEVICE_ROUTE_T * k)) {
+        m->dev_routed[layer] = (uint8_t)T;
+        shared_expert(m, w, xn, out, T);
+        FM_OP(be, moe_combine, out, s->ye, NULL, NULL, T, k, H);
+        return FM_OK;
+    }
     FM_OP(be, route, s->logits, T, E, k, norm_topk, s->topk, s->topw);
     const int n_need = group_by_expert(m, layer, T);
     hits_first(m, layer, n_need);
@@ -248,10 +264,7 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
     const int n_pred_ok = next_moe >= 0 && m->prefetch && !fm_expert_store_layer_resident(store, next_moe);
     if (n_pred_ok) predict_next(m, next_moe, xn, T);
 
-    /* shared expert while the reads land, scaled by sigmoid(shared_expert_gate · x) */
-    FM_OP(be, matmul, &w->shared_gate, xn, T, s->sg); /* [T, 1] */
-    fm_block_mlp(m, &w->shared, xn, out, T);
-    FM_OP(be, gate_rows, out, s->sg, T, H);
+    shared_expert(m, w, xn, out, T); /* while the reads land */
 
     /* routed experts, each computed as its read lands, on all of its tokens: the ones already in memory
      * together (the backend may run them side by side), else the first to arrive */
@@ -290,4 +303,21 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
      * result does not depend on the budget, the policy or the disk */
     FM_OP(be, moe_combine, out, s->ye, s->row, s->topw, T, k, H);
     return FM_OK;
+}
+
+/* The expert uses of the layers routed on the device since the last call (their choices landed in dev_idx by
+ * finish()): into the counts. The number of MoE layers that were. */
+int fm_count_device_choices(fm_model *m) {
+    const int E = m->c.num_experts, k = m->c.num_experts_per_tok;
+    int n = 0;
+    for (int l = 0; l < m->c.num_hidden_layers; l++) {
+        const int T = m->dev_routed[l];
+        if (!T) continue;
+        const int32_t *idx = m->dev_idx + (size_t)l * FM_DEVICE_ROUTE_T * k;
+        for (int i = 0; i < T * k; i++)
+            if (idx[i] >= 0 && idx[i] < E) m->usage[(size_t)l * E + idx[i]]++;
+        m->dev_routed[l] = 0;
+        n++;
+    }
+    return n;
 }

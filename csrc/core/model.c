@@ -287,6 +287,8 @@ void fm_model_reset(fm_model *m) {
         if (L->conv_state) FM_OP(&m->be, fill_zero, L->conv_state, conv_state_bytes(c));
         if (L->S) FM_OP(&m->be, fill_zero, L->S, recurrent_state_bytes(c));
     }
+    memset(m->dev_routed, 0, (size_t)c->num_hidden_layers);
+    m->host_free_steps = 0;
     m->pos = 0;
 }
 
@@ -425,7 +427,10 @@ static fm_status model_create(const fm_load_spec *spec, fm_model **out, int *n_m
     const int L = m->c.num_hidden_layers;
     m->layers = (fm_layer *)calloc((size_t)L, sizeof(fm_layer));
     m->usage = (uint64_t *)calloc((size_t)L * (size_t)(m->c.num_experts > 0 ? m->c.num_experts : 1), sizeof(uint64_t));
-    if (!m->layers || !m->usage) return fm_fail(FM_ERR_NOMEM, "model: out of memory");
+    m->dev_routed = (uint8_t *)calloc((size_t)L, 1);
+    m->dev_idx = (int32_t *)calloc((size_t)L * FM_DEVICE_ROUTE_T * (size_t)(m->c.num_experts_per_tok > 0 ? m->c.num_experts_per_tok : 1),
+                                   sizeof(int32_t));
+    if (!m->layers || !m->usage || !m->dev_routed || !m->dev_idx) return fm_fail(FM_ERR_NOMEM, "model: out of memory");
     int n_moe = 0;
     for (int l = L - 1, next = -1; l >= 0; l--) {
         m->layers[l].full_attention = m->c.layer_is_full_attention[l];
@@ -436,7 +441,7 @@ static fm_status model_create(const fm_load_spec *spec, fm_model **out, int *n_m
             n_moe++;
         }
     }
-    *n_moe_out = n_moe;
+    *n_moe_out = m->n_moe = n_moe;
     if (n_moe && (st = check_experts(spec)) != FM_OK) return st;
     return plan_memory(m, spec, n_moe);
 }
@@ -516,6 +521,8 @@ void fm_model_free(fm_model *m) {
     fm_backend_close(&m->be);
     free(m->layers);
     free(m->usage);
+    free(m->dev_routed);
+    free(m->dev_idx);
     free(m->seq);
     fm_free(m->dense_host);
     fm_free(m->host_scratch);
@@ -577,6 +584,39 @@ static fm_status run_layers(fm_model *m, int T, int done, int total) {
     return FM_OK;
 }
 
+/* One decode token's ops but the logits' copy to the host: what a backend may record and replay. */
+static fm_status step_ops(fm_model *m, const int32_t *token) {
+    const int H = m->c.hidden_size;
+    FM_OP(&m->be, embed, &m->embed, token, 1, m->s.x);
+    const fm_status st = run_layers(m, 1, 0, 1);
+    if (st != FM_OK) return st;
+    FM_OP(&m->be, rmsnorm, m->s.xn, m->s.x, m->norm, 1, H, m->c.rms_norm_eps, 1);
+    FM_OP(&m->be, matmul, &m->lm_head, m->s.xn, 1, m->s.logits_out);
+    return FM_OK;
+}
+
+/* A decode step through the backend's recording (backend.h step_begin): replayed; or issued, recorded where the
+ * last step ran without the host, and issued once more where recording failed (a failed recording's host-side
+ * counts undone: its routing on the host, if any, had made-up choices). Then the logits to the host. */
+static fm_status step_recorded(fm_model *m, const int32_t *token, float *logits) {
+    const int L = m->c.num_hidden_layers, record = m->host_free_steps > 0;
+    if (FM_OP(&m->be, step_begin, *token, m->pos, record)) {
+        for (int l = 0; l < L; l++) m->dev_routed[l] = (uint8_t)m->layers[l].moe;
+    } else {
+        const size_t usage_bytes = sizeof(uint64_t) * (size_t)L * (size_t)m->c.num_experts;
+        uint64_t *saved = record && usage_bytes ? (uint64_t *)malloc(usage_bytes) : NULL;
+        if (saved) memcpy(saved, m->usage, usage_bytes);
+        fm_status st = step_ops(m, token);
+        const int ran = FM_OP(&m->be, step_end);
+        if (!ran && saved) memcpy(m->usage, saved, usage_bytes);
+        free(saved);
+        if (st == FM_OK && !ran) st = step_ops(m, token);
+        if (st != FM_OK) return st;
+    }
+    FM_OP(&m->be, to_host, logits, m->s.logits_out, sizeof(float) * (size_t)m->c.vocab_size);
+    return FM_OK;
+}
+
 fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *logits, int all_logits) {
     const int V = m->c.vocab_size, H = m->c.hidden_size;
     if (n <= 0) return fm_fail(FM_ERR_INVALID, "forward: no tokens given");
@@ -591,10 +631,17 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
     for (int done = 0; done < n;) {
         /* segments end at multiples of S in absolute position, as chunks do at multiples of C */
         const int T = n - done < m->segment - m->pos % m->segment ? n - done : m->segment - m->pos % m->segment;
-        FM_OP(&m->be, embed, &m->embed, tokens + done, T, m->s.x);
-        fm_trace(m, m->s.x, T, H, "embed");
-        fm_status st = run_layers(m, T, done, n);
-        if (st == FM_OK && logits && (all_logits || done + T == n)) {
+        fm_status st = FM_OK;
+        /* a decode step a backend can record and replay: one token, nothing to call back between its ops */
+        const int recordable = n == 1 && logits && m->be.op->step_begin && !m->trace && !m->progress;
+        if (recordable) {
+            st = step_recorded(m, tokens, logits);
+        } else {
+            FM_OP(&m->be, embed, &m->embed, tokens + done, T, m->s.x);
+            fm_trace(m, m->s.x, T, H, "embed");
+            st = run_layers(m, T, done, n);
+        }
+        if (!recordable && st == FM_OK && logits && (all_logits || done + T == n)) {
             const int first = all_logits ? 0 : T - 1, rows = T - first;
             FM_OP(&m->be, rmsnorm, m->s.xn, m->s.x + (size_t)first * H, m->norm, rows, H, m->c.rms_norm_eps, 1);
             fm_trace(m, m->s.xn, rows, H, "final_norm");
@@ -615,6 +662,8 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
             fm_model_reset(m);
             return st;
         }
+        const int n_dev = fm_count_device_choices(m); /* their choices have landed */
+        m->host_free_steps = T == 1 && n_dev == m->n_moe ? m->host_free_steps + 1 : 0;
         memcpy(m->seq + m->pos, tokens + done, sizeof(int32_t) * (size_t)T);
         m->pos += T;
         done += T;
@@ -825,10 +874,10 @@ void fm_model_stats(const fm_model *m, fm_stats *out) {
         out->io_busy_seconds = c.io_busy_seconds;
         out->direct_io = c.direct_io;
     }
-    uint64_t d[4] = {0, 0, 0, 0};
+    uint64_t d[6] = {0, 0, 0, 0, 0, 0};
     if (m->be.op) FM_OP(&m->be, device_stats, d);
     out->device_expert_slots = d[0], out->device_expert_hits = d[1], out->device_expert_misses = d[2];
-    out->device_bytes_in = d[3];
+    out->device_bytes_in = d[3], out->device_step_replays = d[4], out->device_step_recordings = d[5];
 }
 
 void fm_model_expert_usage(const fm_model *m, uint64_t *out) {

@@ -150,7 +150,15 @@ struct fm_model {
     fm_progress_fn progress;
     void *progress_user;
     float *step_logits;    /* [V] fm_model_decode_step's logits, allocated on first use */
+    /* MoE layers the backend routed itself (backend.h moe_device): T of the segment, or 0; and their choices */
+    uint8_t *dev_routed;   /* [L] */
+    int32_t *dev_idx;      /* [L, FM_DEVICE_ROUTE_T, k] host: the choices, landed by finish() */
+    int n_moe;             /* MoE layers */
+    int host_free_steps;   /* decode steps in a row with every MoE layer routed on the device (replays included) */
 };
+
+/* The most tokens the core offers a backend's moe_device (decode steps and little more). */
+enum { FM_DEVICE_ROUTE_T = 8 };
 
 /* Name an intermediate x [T, n] for the debug hook (no cost when no hook is set). */
 void fm_trace(fm_model *m, const float *x, int T, int n, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
@@ -170,6 +178,7 @@ fm_status fm_bind_mlp(fm_model *m, const fm_load_spec *spec, fm_mlp_w *w, int in
 void fm_block_deltanet(fm_model *m, fm_layer *L, const float *xn, float *out, int T, int pos0);
 void fm_block_attention(fm_model *m, fm_layer *L, const float *xn, float *out, int T, int pos0);
 fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *xn, float *out, int T, int norm_topk);
+int fm_count_device_choices(fm_model *m);
 void fm_block_mlp(fm_model *m, const fm_mlp_w *w, const float *xn, float *out, int T);
 
 extern const fm_arch_ops fm_arch_qwen3_5_moe;

@@ -239,6 +239,8 @@ typedef struct {
     int direct_io;           /* expert reads bypass the page cache (O_DIRECT) */
     /* a GPU backend's own expert cache above the host's (CUDA's VRAM tier; 0 elsewhere) */
     uint64_t device_expert_slots, device_expert_hits, device_expert_misses, device_bytes_in;
+    /* decode steps the backend replayed from a recording, and recordings it made (CUDA graphs; 0 elsewhere) */
+    uint64_t device_step_replays, device_step_recordings;
     /* the last fm_model_generate call: prompt processing and decoding, separately */
     int last_prompt_tokens, last_generated_tokens;
     double last_prompt_seconds, last_decode_seconds;

@@ -480,6 +480,8 @@ class Model {
         d["device_expert_hits"] = s.device_expert_hits;
         d["device_expert_misses"] = s.device_expert_misses;
         d["device_bytes_in"] = s.device_bytes_in;
+        d["device_step_replays"] = s.device_step_replays;
+        d["device_step_recordings"] = s.device_step_recordings;
         d["last_prompt_tokens"] = s.last_prompt_tokens;
         d["last_prompt_seconds"] = s.last_prompt_seconds;
         d["last_generated_tokens"] = s.last_generated_tokens;

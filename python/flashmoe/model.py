@@ -28,7 +28,7 @@ MAX_STOP_LENGTH = 4096
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _COUNTERS = ("tokens", "expert_hits", "expert_misses", "prefetches", "prefetch_hits", "bytes_read",
              "io_wait_seconds", "io_busy_seconds", "compute_seconds", "device_expert_hits",
-             "device_expert_misses", "device_bytes_in")
+             "device_expert_misses", "device_bytes_in", "device_step_replays", "device_step_recordings")
 
 
 def parse_size(value) -> int:
@@ -370,7 +370,9 @@ class Model:
         tokens_per_second; distinct_expert_bytes (the routed experts the tokens used, each counted once
         per layer) and read_amplification (bytes_read / distinct_expert_bytes: 1.0 when every expert used
         was read once); device_expert_hits, device_expert_misses and device_bytes_in (CUDA: the VRAM
-        expert cache, device_expert_slots experts, above the host's; 0 elsewhere); "last" holds the same for the last forward/generate call; "direct_io" says
+        expert cache, device_expert_slots experts, above the host's; 0 elsewhere); device_step_replays and
+        device_step_recordings (CUDA: decode steps replayed from a recorded CUDA graph, and recordings made);
+        "last" holds the same for the last forward/generate call; "direct_io" says
         whether expert reads bypass the page cache; "backend" where the layers computed."""
         raw = self._raw_stats()
         out = _derived({**{k: raw[k] - self._base[k] for k in _COUNTERS},

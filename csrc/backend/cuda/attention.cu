@@ -71,11 +71,13 @@ __device__ __forceinline__ void load_row(const float *__restrict__ p, int hd, in
 template <bool V4, int HG>
 __global__ void __launch_bounds__(THREADS, 2) attn_partial(float *__restrict__ part, const float *__restrict__ q,
                                                         const float *__restrict__ k_cache,
-                                                        const float *__restrict__ v_cache, int t0, int pos0, int nh,
-                                                        int nkv, int hd, float scale, int nchunks) {
+                                                        const float *__restrict__ v_cache, int t0, int pos0,
+                                                        const int *dpos, int nh, int nkv, int hd, float scale,
+                                                        int nchunks) {
     __shared__ float pm[HG][WARPS], pl[HG][WARPS];
     __shared__ __align__(16) float po[HG][WARPS][MAX_HD];
     const int h0 = blockIdx.x * HG, c = blockIdx.y, tl = blockIdx.z, t = t0 + tl;
+    if (dpos) pos0 = *dpos;
     const int n = pos0 + t + 1, c0 = c * KB; /* query t sees keys [0, n) */
     if (c0 >= n) return;                     /* the whole block, before any barrier */
     const int c1 = min(c0 + KB, n);
@@ -164,9 +166,11 @@ __global__ void __launch_bounds__(THREADS, 2) attn_partial(float *__restrict__ p
 /* Pass 2: query t0 + blockIdx.y, head blockIdx.x, thread d: dim d. Its (pos0 + t) / KB + 1 partials merged
  * in block order against their max, then the one division. */
 __global__ void __launch_bounds__(MAX_HD) attn_combine(float *__restrict__ out, const float *__restrict__ part,
-                                                       int t0, int pos0, int nh, int hd, int nchunks) {
+                                                       int t0, int pos0, const int *dpos, int nh, int hd,
+                                                       int nchunks) {
     const int h = blockIdx.x, tl = blockIdx.y, t = t0 + tl, d = threadIdx.x;
     if (d >= hd) return; /* no barrier below */
+    if (dpos) pos0 = *dpos;
     const int nc = (pos0 + t) / KB + 1;
     const size_t sz = 2 + (size_t)hd;
     const float *p = part + ((size_t)tl * nh + h) * nchunks * sz;
@@ -223,8 +227,10 @@ size_t fmc_attention_scratch_floats(int T, int pos0, int nh, int hd) {
 
 size_t fmc_attention_scratch_cap_floats(void) { return MAX_PART_FLOATS; }
 
+int fmc_attention_key_block(void) { return KB; }
+
 fm_status fmc_attention(cudaStream_t s, float *out, const float *q, const float *k_cache, const float *v_cache, int T,
-                        int pos0, int nh, int nkv, int hd, float scale, float *scratch) {
+                        int pos0, const int *dpos, int nh, int nkv, int hd, float scale, float *scratch) {
     if (T < 0 || pos0 < 0 || nh < 1 || nkv < 1 || nh % nkv || hd < 1 || hd > MAX_HD ||
         (long long)pos0 + T > (long long)KB * MAX_CHUNKS)
         return fm_fail(FM_ERR_INVALID,
@@ -246,11 +252,11 @@ fm_status fmc_attention(cudaStream_t s, float *out, const float *q, const float 
         const int nc = (int)(((long long)pos0 + t0 + ts + KB - 1) / KB); /* this slice's last query's blocks */
         const dim3 grid((unsigned)(nh / hg), (unsigned)nc, (unsigned)ts); /* the heads of a key block run together */
         if (v4)
-            launch_partial<true>(s, hg, grid, scratch, q, k_cache, v_cache, t0, pos0, nh, nkv, hd, scale, nc);
+            launch_partial<true>(s, hg, grid, scratch, q, k_cache, v_cache, t0, pos0, dpos, nh, nkv, hd, scale, nc);
         else
-            launch_partial<false>(s, hg, grid, scratch, q, k_cache, v_cache, t0, pos0, nh, nkv, hd, scale, nc);
+            launch_partial<false>(s, hg, grid, scratch, q, k_cache, v_cache, t0, pos0, dpos, nh, nkv, hd, scale, nc);
         attn_combine<<<dim3((unsigned)nh, (unsigned)ts), (unsigned)((hd + 31) / 32 * 32), 0, s>>>(out, scratch, t0,
-                                                                                                   pos0, nh, hd, nc);
+                                                                                                   pos0, dpos, nh, hd, nc);
     }
     return FM_OK;
 }

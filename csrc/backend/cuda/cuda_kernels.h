@@ -64,7 +64,10 @@ size_t fmc_attention_scratch_cap_floats(void);
 /* fm_cpu_attention: causal attention of T queries at positions pos0.. over k_cache, v_cache [ctx, nkv, hd]
  * holding positions [0, pos0 + T); q, out [T, nh, hd]. */
 fm_status fmc_attention(cudaStream_t s, float *out, const float *q, const float *k_cache, const float *v_cache, int T,
-                        int pos0, int nh, int nkv, int hd, float scale, float *scratch);
+                        int pos0, const int *dpos, int nh, int nkv, int hd, float scale, float *scratch);
+/* The key positions are cut into blocks of this many: a call's launches (grid, scratch) are the same for every pos0
+ * of one block (with T fixed), so a recorded call stays valid there with pos0 read from dpos. */
+int fmc_attention_key_block(void);
 
 /* ---- gated_delta.cu */
 /* fm_cpu_gated_delta's map over T tokens at positions pos0..: q, k [T, Hk, dk]; v [T, Hv, dv]; g, beta
@@ -73,18 +76,22 @@ fm_status fmc_gated_delta(cudaStream_t s, float *out, float *S, const float *q, 
                           const float *g, const float *beta, int T, int pos0, int Hk, int Hv, int dk, int dv);
 
 /* ---- route.cu */
-/* fm_cpu_topk_softmax per token of logits [T, E]: idx, weights device [T, k]. */
-fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights);
+/* fm_cpu_topk_softmax per token of logits [T, E]: idx, weights device [T, k]. With tab (device [E], the layer's
+ * experts' matrices) also each choice i = t·k + j as an expert of one token for fmc_experts: ex[i] = tab[idx[i]] with
+ * tok = &tok[i], tok[i] = t, n = 1, row0 = i (ex, tok device [T·k]; else NULL). */
+fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights,
+                    const fmc_expert *tab, fmc_expert *ex, int32_t *tok);
 
 /* ---- eltwise.cu: the element-wise and row ops, each the fm_cpu_* / backend.h op of the same name */
 fm_status fmc_rmsnorm(cudaStream_t s, float *out, const float *x, const float *w, int T, int n, float eps, int zc);
 fm_status fmc_l2norm(cudaStream_t s, float *x, int T, int n, float eps, float scale);
-fm_status fmc_rope(cudaStream_t s, float *x, int T, int heads, int hd, int rot, int pos0, float theta);
+/* dpos: NULL, or pos0 read from device memory when the kernel runs (a recorded step's, replayed later) */
+fm_status fmc_rope(cudaStream_t s, float *x, int T, int heads, int hd, int rot, int pos0, const int *dpos, float theta);
 fm_status fmc_silu_mul(cudaStream_t s, float *out, const float *gate, const float *up, size_t n);
 fm_status fmc_sigmoid_mul(cudaStream_t s, float *out, const float *gate, const float *x, size_t n);
 fm_status fmc_add(cudaStream_t s, float *x, const float *y, size_t n);
 fm_status fmc_split_q_gate(cudaStream_t s, float *q, float *gate, const float *q2, int T, int nh, int hd);
-fm_status fmc_kv_write(cudaStream_t s, float *cache, const float *src, int pos0, int T, int row);
+fm_status fmc_kv_write(cudaStream_t s, float *cache, const float *src, int pos0, const int *dpos, int T, int row);
 fm_status fmc_conv1d_silu(cudaStream_t s, float *out, const float *x, float *state, const float *w, int T, int C,
                           int K);
 fm_status fmc_deltanet_split(cudaStream_t s, float *q, float *k, float *v, const float *conv, int T, int kd, int vd);

@@ -36,6 +36,15 @@ constexpr int EVENT_RING = 256;          /* record()'s events; an older one is w
 constexpr size_t UPLOAD_MIN = 4 * MiB;   /* host arrays an op takes: token ids, expert tokens, routing rows */
 constexpr size_t DEFAULT_RESERVE = 1024 * MiB; /* left free on the device when no budget is given */
 constexpr size_t VRAM_HEADROOM = 64 * MiB;     /* kept out of the VRAM expert cache for scratch that grows */
+constexpr int DEV_T = 8;      /* moe_device: the most tokens a call (it runs each choice as an expert of one token) */
+constexpr int DEV_K = 32;     /* ... and choices a token (fmc_route's MAX_K) */
+
+/* A copy the host reads after finish(): moe_device's choices, from pinned memory to the core's array. */
+struct delivery {
+    int32_t *dst;
+    const int32_t *src;
+    size_t n;
+};
 
 /* A grown-on-demand device buffer (only grows; the old one is freed after a sync). */
 struct dbuf {
@@ -84,6 +93,33 @@ struct cuda_ctx {
     unsigned char *pending = nullptr;  /* [n_slots] a copy in flight that compute has not yet waited on */
     cudaEvent_t *loaded = nullptr, *used_ev = nullptr; /* [n_slots] after its copy; after its last FFN */
     uint64_t hits = 0, misses = 0, bytes_in = 0;
+
+    /* moe_device: where the cache holds every expert of the model (n_slots == key_space: nothing is ever evicted),
+     * each layer's E experts as fmc_expert entries in VRAM, on the device once all of them are in */
+    bool all_fit = false;
+    int n_layers = 0, n_exp = 0;
+    fmc_expert *tab_host = nullptr, *tab_dev = nullptr; /* [key_space] */
+    int *layer_count = nullptr;                         /* [layers] experts of the layer in the cache */
+    unsigned char *layer_ready = nullptr; /* [layers] 1: its table is on the device; 2: and its copies waited for */
+    uint8_t *dev_buf = nullptr;  /* moe_device's device arrays (dev_arrays) */
+    int32_t *idx_pinned = nullptr; /* [layers, DEV_T·DEV_K] the choices, for the host */
+    delivery *deliv = nullptr;     /* [layers] copies for finish() to make */
+    int n_deliv = 0;
+    int last_T = 0, last_k = 0;    /* the last moe_device's, for moe_combine with no rows */
+
+    /* step_begin/step_end: one decode step recorded as a CUDA graph and replayed while still valid: the same
+     * buffers (mem_gen: bumped by every reallocation a recording may point into) and a position whose key block
+     * is the recording's (attention's grid and scratch; rope, kv_write and attention read pos from step_dev) */
+    uint64_t mem_gen = 0;
+    int32_t *step_host = nullptr, *step_dev = nullptr; /* [2] token, pos: pinned; device */
+    bool capturing = false, broken = false;  /* recording; and something in it could not be recorded */
+    int cap_pos = 0, cap_lo = 0, cap_hi = 0; /* the recorded position, the positions it is valid for */
+    cudaGraphExec_t graph = nullptr;
+    uint64_t graph_gen = 0, graph_hits = 0;
+    int graph_lo = 0, graph_hi = 0;
+    delivery *graph_deliv = nullptr; /* [layers] the recording's deliveries */
+    int graph_n_deliv = 0;
+    uint64_t replays = 0, recordings = 0;
 };
 
 cuda_ctx *ctx_of(void *p) { return (cuda_ctx *)p; }
@@ -139,8 +175,16 @@ void dfree(cuda_ctx *c, void *p, size_t bytes) {
     c->used -= bytes;
 }
 
+/* While a step is recorded nothing may wait for the device, allocate or free: what would has the recording
+ * dropped instead (step_end reports it, and the core issues the step again, run as issued). 1 when recording. */
+bool no_sync(cuda_ctx *c) {
+    if (c->capturing) c->broken = true;
+    return c->capturing;
+}
+
 /* Everything queued has finished: the upload arena is free again. */
 void sync_all(cuda_ctx *c) {
+    if (no_sync(c)) return;
     ok(c, cudaStreamSynchronize(c->cs), "copy stream");
     ok(c, cudaStreamSynchronize(c->s), "compute stream");
     pthread_mutex_lock(&c->mu);
@@ -152,6 +196,8 @@ void sync_all(cuda_ctx *c) {
 /* b grown to at least `bytes`; NULL (failure recorded) when it cannot be. */
 void *grow(cuda_ctx *c, dbuf *b, size_t bytes, const char *what) {
     if (bytes <= b->size) return b->p;
+    if (no_sync(c)) return nullptr;
+    c->mem_gen++;
     sync_all(c);
     dfree(c, b->p, b->size);
     b->p = nullptr, b->size = 0;
@@ -162,6 +208,7 @@ void *grow(cuda_ctx *c, dbuf *b, size_t bytes, const char *what) {
 
 /* A device copy of host bytes for the ops queued next; NULL (failure recorded) when out of memory. */
 void *upload(cuda_ctx *c, const void *host, size_t bytes) {
+    if (no_sync(c)) return nullptr; /* a recording's copy would read the arena when replayed, long after */
     const size_t need = (bytes + 255) & ~(size_t)255;
     if (c->up_used + need > c->up_size) {
         sync_all(c);
@@ -177,6 +224,7 @@ void *upload(cuda_ctx *c, const void *host, size_t bytes) {
             }
             if (c->up_host) cudaFreeHost(c->up_host);
             dfree(c, c->up_dev, c->up_size);
+            c->mem_gen++;
             c->up_host = (uint8_t *)h, c->up_dev = (uint8_t *)d, c->up_size = size;
         }
     }
@@ -200,6 +248,9 @@ uint64_t cuda_memory_limit(const fm_backend_params *p) {
 }
 
 void cuda_destroy(void *ctx);
+
+/* moe_device's device arrays: idx, weights, the choices' rows (0, 1, ...) and tokens [DEV_T·DEV_K] each, then ex */
+size_t dev_buf_bytes() { return 4 * sizeof(int32_t) * DEV_T * DEV_K + sizeof(fmc_expert) * DEV_T * DEV_K; }
 
 fm_status cuda_create(const fm_backend_params *p, void **out) {
     cuda_ctx *c = new (std::nothrow) cuda_ctx();
@@ -227,7 +278,15 @@ fm_status cuda_create(const fm_backend_params *p, void **out) {
     if (p->device_budget > free_b)
         return fm_fail(FM_ERR_BUDGET, "cuda backend: gpu_memory_budget %.1f MiB, but device %d has %.1f MiB free",
                        p->device_budget / (double)MiB, c->dev, free_b / (double)MiB);
-    c->key_space = p->config->num_hidden_layers * (p->config->num_experts > 0 ? p->config->num_experts : 0);
+    c->n_layers = p->config->num_hidden_layers;
+    c->n_exp = p->config->num_experts > 0 ? p->config->num_experts : 0;
+    c->key_space = c->n_layers * c->n_exp;
+    if (cudaMallocHost((void **)&c->step_host, 2 * sizeof(int32_t)) != cudaSuccess) {
+        cudaGetLastError();
+        c->step_host = nullptr;
+        return fm_fail(FM_ERR_NOMEM, "cuda backend: cannot pin host memory");
+    }
+    if (!(c->step_dev = (int32_t *)dmalloc(c, 2 * sizeof(int32_t), "the decode step's token"))) return c->err;
     return FM_OK;
 }
 
@@ -244,6 +303,13 @@ void cuda_destroy(void *ctx) {
     }
     free(c->loaded), free(c->used_ev), free(c->slot_key), free(c->key_slot), free(c->prev), free(c->next);
     free(c->locked), free(c->pending);
+    if (c->graph) cudaGraphExecDestroy(c->graph);
+    free(c->tab_host), free(c->layer_count), free(c->layer_ready), free(c->deliv), free(c->graph_deliv);
+    dfree(c, (void *)c->tab_dev, sizeof(fmc_expert) * (size_t)c->key_space);
+    dfree(c, c->dev_buf, dev_buf_bytes());
+    dfree(c, c->step_dev, 2 * sizeof(int32_t));
+    if (c->idx_pinned) cudaFreeHost(c->idx_pinned);
+    if (c->step_host) cudaFreeHost(c->step_host);
     dfree(c, c->pool, c->slot_bytes * (size_t)c->n_slots);
     dfree(c, c->mm.p, c->mm.size), dfree(c, c->attn.p, c->attn.size), dfree(c, c->ffn.p, c->ffn.size);
     dfree(c, c->up_dev, c->up_size), dfree(c, c->route_dev.p, c->route_dev.size);
@@ -264,6 +330,7 @@ bool host_kind(fm_mem_kind kind) { return kind == FM_MEM_EXPERT_SLOTS || kind ==
 void *cuda_alloc(void *ctx, fm_mem_kind kind, size_t bytes) {
     cuda_ctx *c = ctx_of(ctx);
     forget_q(c);
+    if (no_sync(c)) return nullptr;
     if (host_kind(kind)) { /* 2 MiB aligned for O_DIRECT and huge pages, then pinned for the copy engines */
         void *p = fm_alloc_weights(bytes);
         if (p && cudaHostRegister(p, bytes, cudaHostRegisterDefault) != cudaSuccess) {
@@ -287,7 +354,7 @@ void *cuda_alloc(void *ctx, fm_mem_kind kind, size_t bytes) {
 void cuda_free(void *ctx, fm_mem_kind kind, void *p, size_t bytes) {
     cuda_ctx *c = ctx_of(ctx);
     forget_q(c);
-    if (!p) return;
+    if (!p || no_sync(c)) return;
     if (host_kind(kind)) {
         sync_all(c); /* nothing in flight may still copy from it */
         cudaHostUnregister(p);
@@ -311,12 +378,14 @@ void cuda_copy(void *ctx, void *dst, const void *src, size_t bytes) {
 
 void cuda_to_host(void *ctx, void *host, const void *src, size_t bytes) {
     cuda_ctx *c = ctx_of(ctx);
+    if (no_sync(c)) return;
     if (ok(c, cudaMemcpyAsync(host, src, bytes, cudaMemcpyDefault, c->s), "copy to the host")) sync_all(c);
 }
 
 void cuda_from_host(void *ctx, void *dst, const void *host, size_t bytes) {
     cuda_ctx *c = ctx_of(ctx);
     forget_q(c);
+    if (no_sync(c)) return;
     /* synchronous: the caller may reuse its buffer on return */
     if (ok(c, cudaMemcpyAsync(dst, host, bytes, cudaMemcpyDefault, c->s), "copy from the host")) sync_all(c);
 }
@@ -351,6 +420,7 @@ void cuda_unwrap_host(void *ctx, void *p, size_t bytes) {
 
 fm_event cuda_record(void *ctx) {
     cuda_ctx *c = ctx_of(ctx);
+    if (no_sync(c)) return 0; /* an event recorded into a graph means nothing outside it */
     pthread_mutex_lock(&c->mu);
     const uint64_t ev = ++c->serial;
     ok(c, cudaEventRecord(c->ring[ev % EVENT_RING], c->s), "record");
@@ -380,14 +450,18 @@ fm_status cuda_finish(void *ctx) {
     cuda_ctx *c = ctx_of(ctx);
     sync_all(c);
     ok(c, cudaGetLastError(), "a kernel");
+    for (int i = 0; i < c->n_deliv; i++) /* moe_device's choices, landed in pinned memory */
+        memcpy(c->deliv[i].dst, c->deliv[i].src, sizeof(int32_t) * c->deliv[i].n);
+    c->n_deliv = 0;
     const fm_status st = c->err;
     c->err = FM_OK;
     return st;
 }
 
-void cuda_device_stats(void *ctx, uint64_t out[4]) {
+void cuda_device_stats(void *ctx, uint64_t out[6]) {
     const cuda_ctx *c = ctx_of(ctx);
     out[0] = (uint64_t)c->n_slots, out[1] = c->hits, out[2] = c->misses, out[3] = c->bytes_in;
+    out[4] = c->replays, out[5] = c->recordings;
 }
 
 /* ---------------------------------------------------------------- ops */
@@ -410,10 +484,19 @@ void cuda_matmul(void *ctx, const fm_mat *w, const float *x, int T, float *y) {
         c->qx = prev; /* a matmul on fp32 activations left the scratch and their x alone */
 }
 
+/* In a recording, where an op's pos0 is to come from: the step's position in device memory, which step_begin
+ * writes before each replay. NULL when not recording. */
+const int *dev_pos(cuda_ctx *c, int pos0, int T) {
+    if (!c->capturing) return nullptr;
+    if (pos0 != c->cap_pos || T != 1) c->broken = true; /* not the step step_begin was told of */
+    return c->step_dev + 1;
+}
+
 void cuda_embed(void *ctx, const fm_mat *w, const int32_t *ids, int T, float *out) {
     cuda_ctx *c = ctx_of(ctx);
     if (T <= 0) return; /* ids were checked by the caller (the core's forward, the op tests) */
-    const int32_t *d = (const int32_t *)upload(c, ids, sizeof(int32_t) * (size_t)T);
+    if (c->capturing && (T != 1 || ids[0] != c->step_host[0])) c->broken = true;
+    const int32_t *d = c->capturing ? c->step_dev : (const int32_t *)upload(c, ids, sizeof(int32_t) * (size_t)T);
     if (d) launched(c, fmc_embed(c->s, w, d, T, out), "embed");
 }
 
@@ -424,7 +507,8 @@ void cuda_l2norm(void *ctx, float *x, int T, int n, float eps, float scale) {
     launched(ctx_of(ctx), fmc_l2norm(ctx_of(ctx)->s, x, T, n, eps, scale), "l2norm");
 }
 void cuda_rope(void *ctx, float *x, int T, int heads, int hd, int rot, int pos0, float theta) {
-    launched(ctx_of(ctx), fmc_rope(ctx_of(ctx)->s, x, T, heads, hd, rot, pos0, theta), "rope");
+    cuda_ctx *c = ctx_of(ctx);
+    launched(c, fmc_rope(c->s, x, T, heads, hd, rot, pos0, dev_pos(c, pos0, T), theta), "rope");
 }
 void cuda_silu_mul(void *ctx, float *out, const float *g, const float *u, int T, int n) {
     launched(ctx_of(ctx), fmc_silu_mul(ctx_of(ctx)->s, out, g, u, (size_t)T * n), "silu_mul");
@@ -439,7 +523,8 @@ void cuda_split_q_gate(void *ctx, float *q, float *gate, const float *q2, int T,
     launched(ctx_of(ctx), fmc_split_q_gate(ctx_of(ctx)->s, q, gate, q2, T, nh, hd), "split_q_gate");
 }
 void cuda_kv_write(void *ctx, float *cache, const float *src, int pos0, int T, int row) {
-    launched(ctx_of(ctx), fmc_kv_write(ctx_of(ctx)->s, cache, src, pos0, T, row), "kv_write");
+    cuda_ctx *c = ctx_of(ctx);
+    launched(c, fmc_kv_write(c->s, cache, src, pos0, dev_pos(c, pos0, T), T, row), "kv_write");
 }
 void cuda_attention(void *ctx, float *out, const float *q, const float *kc, const float *vc, int T, int pos0, int nh,
                     int nkv, int hd, float scale) {
@@ -448,7 +533,13 @@ void cuda_attention(void *ctx, float *out, const float *q, const float *kc, cons
     const size_t floats = fmc_attention_scratch_floats(T, pos0, nh, hd);
     float *part = floats ? (float *)grow(c, &c->attn, floats * sizeof(float), "attention partials") : nullptr;
     if (floats && !part) return;
-    launched(c, fmc_attention(c->s, out, q, kc, vc, T, pos0, nh, nkv, hd, scale, part), "attention");
+    const int *dpos = dev_pos(c, pos0, T);
+    if (dpos) { /* the launches are those of every position of pos0's key block */
+        const int kb = fmc_attention_key_block(), lo = pos0 / kb * kb;
+        if (lo > c->cap_lo) c->cap_lo = lo;
+        if (lo + kb < c->cap_hi) c->cap_hi = lo + kb;
+    }
+    launched(c, fmc_attention(c->s, out, q, kc, vc, T, pos0, dpos, nh, nkv, hd, scale, part), "attention");
 }
 void cuda_conv1d_silu(void *ctx, float *out, const float *x, float *state, const float *w, int T, int C, int K) {
     launched(ctx_of(ctx), fmc_conv1d_silu(ctx_of(ctx)->s, out, x, state, w, T, C, K), "conv1d_silu");
@@ -473,6 +564,10 @@ void cuda_gate_rows(void *ctx, float *out, const float *g, int T, int n) {
 void cuda_route(void *ctx, const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights) {
     cuda_ctx *c = ctx_of(ctx);
     if (T <= 0) return;
+    if (no_sync(c)) { /* the recording is dropped; until then the core gets valid (made-up) choices */
+        for (int i = 0; i < T * k; i++) idx[i] = i % k, weights[i] = 0.0f;
+        return;
+    }
     const size_t n = (size_t)T * k, bytes = n * (sizeof(int32_t) + sizeof(float));
     uint8_t *d = (uint8_t *)grow(c, &c->route_dev, bytes, "the router's output");
     if (!d) return;
@@ -486,7 +581,8 @@ void cuda_route(void *ctx, const float *logits, int T, int E, int k, int norm, i
         }
         c->route_host_size = bytes;
     }
-    launched(c, fmc_route(c->s, logits, T, E, k, norm, (int32_t *)d, (float *)(d + n * sizeof(int32_t))), "route");
+    launched(c, fmc_route(c->s, logits, T, E, k, norm, (int32_t *)d, (float *)(d + n * sizeof(int32_t)), nullptr,
+                          nullptr, nullptr), "route");
     if (c->err != FM_OK || !ok(c, cudaMemcpyAsync(c->route_host, d, bytes, cudaMemcpyDeviceToHost, c->s), "route"))
         return;
     sync_all(c);
@@ -498,6 +594,17 @@ void cuda_route(void *ctx, const float *logits, int T, int E, int k, int norm, i
 void cuda_moe_combine(void *ctx, float *out, const float *ye, const int32_t *row, const float *wt, int T, int k, int h) {
     cuda_ctx *c = ctx_of(ctx);
     if (T <= 0 || k <= 0) return;
+    if (!row) { /* after moe_device: its rows (t·k + j) and weights, on the device */
+        if (T != c->last_T || k != c->last_k) {
+            failed(c, fm_fail(FM_ERR_INVALID, "cuda backend: moe_combine of %d x %d choices after moe_device's %d x %d",
+                              T, k, c->last_T, c->last_k));
+            return;
+        }
+        const int32_t *d = (const int32_t *)c->dev_buf;
+        launched(c, fmc_moe_combine(c->s, out, ye, d + 2 * DEV_T * DEV_K, (const float *)(d + DEV_T * DEV_K), T, k, h),
+                 "moe_combine");
+        return;
+    }
     /* one upload of both tables: a second could restart the arena and overwrite the first before it is read */
     const size_t n = (size_t)T * k;
     uint8_t *both = (uint8_t *)malloc(n * (sizeof(int32_t) + sizeof(float)));
@@ -563,6 +670,24 @@ void lru_front(cuda_ctx *c, int i) {
     if (c->tail < 0) c->tail = i;
 }
 
+/* FLASHMOE_CUDA_DEVICE_ROUTE=0: every layer routes on the host (moe_device declines), to compare. Read once. */
+bool device_route_on() {
+    static const bool on = [] {
+        const char *e = getenv("FLASHMOE_CUDA_DEVICE_ROUTE");
+        return !(e && strcmp(e, "0") == 0);
+    }();
+    return on;
+}
+
+/* FLASHMOE_CUDA_GRAPHS=0: decode steps run as issued, never recorded and replayed, to compare. Read once. */
+bool graphs_on() {
+    static const bool on = [] {
+        const char *e = getenv("FLASHMOE_CUDA_GRAPHS");
+        return !(e && strcmp(e, "0") == 0);
+    }();
+    return on;
+}
+
 /* Sized at the first MoE layer, once the dense weights, state and scratch hold their device memory: as many
  * slots as the budget has room for (all the experts at most), less headroom for scratch that grows. */
 bool vram_init(cuda_ctx *c, size_t slot_bytes) {
@@ -611,7 +736,65 @@ bool vram_init(cuda_ctx *c, size_t slot_bytes) {
         cudaEventRecord(c->used_ev[i], c->s); /* "last used": now, so a first copy waits for nothing */
         lru_front(c, i);
     }
+    const size_t tab_bytes = sizeof(fmc_expert) * (size_t)c->key_space;
+    if (c->n_slots == c->key_space && device_route_on() && c->used + tab_bytes + dev_buf_bytes() <= c->budget) {
+        c->tab_host = (fmc_expert *)calloc((size_t)c->key_space, sizeof(fmc_expert));
+        c->layer_count = (int *)calloc((size_t)c->n_layers, sizeof(int));
+        c->layer_ready = (unsigned char *)calloc((size_t)c->n_layers, 1);
+        c->deliv = (delivery *)calloc((size_t)c->n_layers, sizeof(delivery));
+        c->graph_deliv = (delivery *)calloc((size_t)c->n_layers, sizeof(delivery));
+        c->tab_dev = (fmc_expert *)dmalloc(c, tab_bytes, "the experts' table");
+        c->dev_buf = (uint8_t *)dmalloc(c, dev_buf_bytes(), "moe_device's arrays");
+        if (cudaMallocHost((void **)&c->idx_pinned, sizeof(int32_t) * (size_t)c->n_layers * DEV_T * DEV_K) != cudaSuccess) {
+            cudaGetLastError();
+            c->idx_pinned = nullptr;
+        }
+        c->all_fit = c->tab_host && c->layer_count && c->layer_ready && c->deliv && c->graph_deliv && c->tab_dev &&
+                     c->dev_buf && c->idx_pinned;
+        if (c->all_fit) { /* the choices' rows 0, 1, ... for moe_combine */
+            int32_t rows[DEV_T * DEV_K];
+            for (int i = 0; i < DEV_T * DEV_K; i++) rows[i] = i;
+            ok(c, cudaMemcpy(c->dev_buf + 2 * sizeof(int32_t) * DEV_T * DEV_K, rows, sizeof rows,
+                             cudaMemcpyHostToDevice), "moe_device's rows");
+        }
+    }
     return true;
+}
+
+bool same_shape(const fm_mat *a, const fm_mat *b) {
+    return a->dtype == b->dtype && a->rows == b->rows && a->cols == b->cols && a->group_size == b->group_size &&
+           a->int8_act == b->int8_act && a->scale_bf16 == b->scale_bf16;
+}
+
+/* Expert key w->key is in slot i now (moe_device's tables): its entry; and once all of its layer's experts are in,
+ * the layer's entries to the device, if they can run as one fmc_experts call (one kind, the same alignment). */
+void tab_add(cuda_ctx *c, const fm_expert_work *w, span s, int i) {
+    if (!c->all_fit) return;
+    uint8_t *d = c->pool + (size_t)i * c->slot_bytes;
+    fmc_expert *x = &c->tab_host[w->key];
+    *x = {rebase(w->gate, s, d), rebase(w->up, s, d), rebase(w->down, s, d), nullptr, 1, 0};
+    const int layer = w->key / c->n_exp;
+    if (++c->layer_count[layer] < c->n_exp) return;
+    const fmc_expert *t = c->tab_host + (size_t)layer * c->n_exp;
+    auto a16 = [](const fmc_expert *e) {
+        return ((uintptr_t)e->gate.data | (uintptr_t)e->up.data | (uintptr_t)e->down.data) % 16 == 0;
+    };
+    for (int e = 1; e < c->n_exp; e++)
+        if (!same_shape(&t[e].gate, &t[0].gate) || !same_shape(&t[e].up, &t[0].up) ||
+            !same_shape(&t[e].down, &t[0].down) || a16(&t[e]) != a16(&t[0]))
+            return;
+    if (ok(c, cudaMemcpyAsync(c->tab_dev + (size_t)layer * c->n_exp, t, sizeof(fmc_expert) * c->n_exp,
+                              cudaMemcpyHostToDevice, c->s), "the experts' table"))
+        c->layer_ready[layer] = 1;
+}
+
+/* Expert key `key` left its slot: its layer routes on the host again (never when every expert fits). */
+void tab_remove(cuda_ctx *c, int key) {
+    if (!c->all_fit) return;
+    const int layer = key / c->n_exp;
+    c->layer_count[layer]--;
+    if (c->layer_ready[layer]) c->mem_gen++; /* a recorded step reads its table */
+    c->layer_ready[layer] = 0;
 }
 
 /* The VRAM slot of expert w for the batch being issued: a hit, or the least recently used unlocked slot with
@@ -625,8 +808,12 @@ int vram_slot(cuda_ctx *c, const fm_expert_work *w, span s) {
         i = c->tail;
         while (i >= 0 && c->locked[i]) i = c->prev[i];
         if (i < 0) return -1;
-        if (c->slot_key[i] >= 0) c->key_slot[c->slot_key[i]] = -1;
+        if (c->slot_key[i] >= 0) {
+            tab_remove(c, c->slot_key[i]);
+            c->key_slot[c->slot_key[i]] = -1;
+        }
         c->slot_key[i] = w->key, c->key_slot[w->key] = i;
+        tab_add(c, w, s, i);
         uint8_t *dst = c->pool + (size_t)i * c->slot_bytes;
         ok(c, cudaStreamWaitEvent(c->cs, c->used_ev[i], 0), "expert copy order");
         ok(c, cudaMemcpyAsync(dst, (const void *)s.lo, s.hi - s.lo, cudaMemcpyHostToDevice, c->cs), "expert copy");
@@ -804,6 +991,7 @@ void experts_one_by_one(cuda_ctx *c, const fm_expert_work *work, const int *js, 
 void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float *xn, float *ye, int H) {
     cuda_ctx *c = ctx_of(ctx);
     forget_q(c);
+    if (no_sync(c)) return; /* its copies wait on events and streams a recording cannot hold */
     int slot_of[64];
     span spans[64];
     /* grouped calls: xn's rows, 1 + the largest token (the int8 activations quantize them) */
@@ -873,6 +1061,110 @@ void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float
     }
 }
 
+/* The routed experts of a layer with no host round trip (backend.h): route_k also writes each choice as an
+ * expert of one token (its matrices from the layer's table), fmc_experts runs them all, and the choices go to
+ * pinned memory for finish() to hand over. Each choice's FFN is the bits the host path's grouped call gives it
+ * (fm_mm's per-(row, token) arithmetic does not depend on the grouping). */
+int cuda_moe_device(void *ctx, int layer, const float *logits, int T, int E, int k, int norm, const float *xn, float *ye,
+                    int h, int32_t *idx) {
+    cuda_ctx *c = ctx_of(ctx);
+    if (!c->all_fit || c->err != FM_OK || T < 1 || T > DEV_T || k < 1 || k > DEV_K || k > E || E != c->n_exp ||
+        layer < 0 || layer >= c->n_layers || !c->layer_ready[layer])
+        return 0;
+    forget_q(c);
+    const size_t key0 = (size_t)layer * E;
+    if (c->layer_ready[layer] == 1) { /* the first time: its experts' copies may still be in flight */
+        for (int e = 0; e < E; e++) {
+            const int i = c->key_slot[key0 + e];
+            if (c->pending[i]) {
+                ok(c, cudaStreamWaitEvent(c->s, c->loaded[i], 0), "expert copy wait");
+                c->pending[i] = 0;
+            }
+        }
+        if (c->capturing) c->broken = true; /* a wait on a copy outside the recording */
+        c->layer_ready[layer] = 2;
+    }
+    const int n = T * k;
+    int32_t *di = (int32_t *)c->dev_buf, *dtok = di + 3 * DEV_T * DEV_K;
+    float *dw = (float *)(di + DEV_T * DEV_K);
+    fmc_expert *dex = (fmc_expert *)(di + 4 * DEV_T * DEV_K);
+    launched(c, fmc_route(c->s, logits, T, E, k, norm, di, dw, c->tab_dev + key0, dex, dtok), "route");
+    fmc_expert ex[DEV_T * DEV_K]; /* the calls's shape for fmc_experts' checks: the layer's expert 0, n times */
+    for (int i = 0; i < n; i++) {
+        ex[i] = c->tab_host[key0];
+        ex[i].tok = dtok + i, ex[i].n = 1, ex[i].row0 = i;
+    }
+    const fm_mat *g0 = &ex[0].gate, *d0 = &ex[0].down;
+    uint8_t *mem = (uint8_t *)grow(c, &c->ffn, group_bytes(g0, d0, T, n), "expert scratch");
+    if (mem)
+        launched(c, fmc_experts(c->s, dex, ex, n, xn, T, h, (float *)mem, ye, n, mem + h_bytes(g0, n)), "experts");
+    int32_t *pin = c->idx_pinned + (size_t)layer * DEV_T * DEV_K;
+    if (ok(c, cudaMemcpyAsync(pin, di, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, c->s), "the choices to the host"))
+        c->deliv[c->n_deliv++] = {idx, pin, (size_t)n};
+    c->hits += (uint64_t)n;
+    c->last_T = T, c->last_k = k;
+    return 1;
+}
+
+/* Drop the recording (it no longer matches the buffers, or a new one replaces it). */
+void drop_graph(cuda_ctx *c) {
+    if (c->graph) cudaGraphExecDestroy(c->graph);
+    c->graph = nullptr;
+}
+
+/* A decode step (backend.h): replayed where the recording is still valid, else recorded when asked. */
+int cuda_step_begin(void *ctx, int32_t token, int pos, int record) {
+    cuda_ctx *c = ctx_of(ctx);
+    forget_q(c);
+    if (c->err != FM_OK || c->capturing) return 0;
+    if (c->graph && (c->graph_gen != c->mem_gen || pos < c->graph_lo || pos >= c->graph_hi)) drop_graph(c);
+    c->step_host[0] = token, c->step_host[1] = pos; /* the previous step has finished: nothing reads them now */
+    if (c->graph) {
+        if (!ok(c, cudaGraphLaunch(c->graph, c->s), "replaying a decode step")) return 0;
+        memcpy(c->deliv, c->graph_deliv, sizeof(delivery) * (size_t)c->graph_n_deliv);
+        c->n_deliv = c->graph_n_deliv;
+        c->hits += c->graph_hits;
+        c->replays++;
+        return 1;
+    }
+    if (!record || !graphs_on()) return 0;
+    if (cudaStreamBeginCapture(c->s, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    c->capturing = true, c->broken = false;
+    c->cap_pos = pos, c->cap_lo = 0, c->cap_hi = 0x7FFFFFFF;
+    c->n_deliv = 0, c->graph_hits = c->hits;
+    ok(c, cudaMemcpyAsync(c->step_dev, c->step_host, 2 * sizeof(int32_t), cudaMemcpyHostToDevice, c->s), "step input");
+    return 0;
+}
+
+int cuda_step_end(void *ctx) {
+    cuda_ctx *c = ctx_of(ctx);
+    forget_q(c);
+    if (!c->capturing) return 1; /* the ops ran as issued */
+    c->capturing = false;
+    cudaGraph_t g = nullptr;
+    const cudaError_t e = cudaStreamEndCapture(c->s, &g);
+    cudaGraphExec_t x = nullptr;
+    const bool good = e == cudaSuccess && g && !c->broken && c->err == FM_OK &&
+                      cudaGraphInstantiate(&x, g, 0) == cudaSuccess;
+    if (g) cudaGraphDestroy(g);
+    cudaGetLastError();
+    c->graph_hits = c->hits - c->graph_hits;
+    c->hits -= c->graph_hits; /* counted again when it runs */
+    if (!good) { /* nothing ran: the core issues the step again, to run as issued */
+        c->err = FM_OK, c->n_deliv = 0;
+        return 0;
+    }
+    c->graph = x, c->graph_gen = c->mem_gen, c->graph_lo = c->cap_lo, c->graph_hi = c->cap_hi;
+    memcpy(c->graph_deliv, c->deliv, sizeof(delivery) * (size_t)c->n_deliv);
+    c->graph_n_deliv = c->n_deliv;
+    c->recordings++;
+    c->n_deliv = 0;
+    return cuda_step_begin(ctx, c->step_host[0], c->cap_pos, 0); /* and run it */
+}
+
 const fm_backend_ops cuda_ops = {
     "cuda",
     cuda_workspace_bytes,
@@ -911,6 +1203,9 @@ const fm_backend_ops cuda_ops = {
     cuda_gate_rows,
     cuda_experts,
     cuda_moe_combine,
+    cuda_moe_device,
+    cuda_step_begin,
+    cuda_step_end,
 };
 
 } // namespace

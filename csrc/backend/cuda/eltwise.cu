@@ -16,18 +16,18 @@ unsigned blocks_for(size_t n) { return (unsigned)((n + THREADS - 1) / THREADS); 
 __device__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 /* The sum of squares of a row in double, as the CPU takes it (its fp32 result then rounds once): each thread
- * strides the row, then a fixed tree over the block. */
+ * strides the row, a butterfly sums each warp (the same bits in its every lane), then every thread adds the
+ * warps' sums in warp order. blockDim.x: a multiple of 32, at most THREADS. */
 __device__ double row_sum_sq(const float *x, int n) {
-    __shared__ double part[THREADS];
+    __shared__ double part[THREADS / 32];
     double ss = 0.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * x[i];
-    part[threadIdx.x] = ss;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
     __syncthreads();
-    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-        if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-        __syncthreads();
-    }
-    const double total = part[0];
+    double total = 0.0;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) total += part[w];
     __syncthreads(); /* part is free again for a caller that reduces twice */
     return total;
 }
@@ -51,9 +51,10 @@ __global__ void l2norm_k(float *x, int n, float eps, float scale) {
 
 /* NeoX rotate-half on dims [0, rot) of each head; the angle in double as the CPU takes it. Grid: (pairs of
  * the half, heads, tokens). */
-__global__ void rope_k(float *x, int heads, int hd, int rot, int pos0, float theta) {
+__global__ void rope_k(float *x, int heads, int hd, int rot, int pos0, const int *dpos, float theta) {
     const int half = rot / 2, i = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, t = blockIdx.z;
     if (i >= half) return;
+    if (dpos) pos0 = *dpos;
     const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)rot);
     const double ang = (double)(pos0 + t) * (double)inv_freq;
     const float c = (float)cos(ang), s = (float)sin(ang);
@@ -61,6 +62,12 @@ __global__ void rope_k(float *x, int heads, int hd, int rot, int pos0, float the
     const float x1 = xh[i], x2 = xh[i + half];
     xh[i] = x1 * c - x2 * s;
     xh[i + half] = x2 * c + x1 * s;
+}
+
+/* cache rows [*pos, *pos + n / row) ← src (kv_write at a position read from device memory: a replayed step's) */
+__global__ void kv_write_k(float *cache, const float *src, const int *pos, size_t n, int row) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) cache[(size_t)*pos * row + i] = src[i];
 }
 
 __global__ void silu_mul_k(float *out, const float *g, const float *u, size_t n) {
@@ -187,14 +194,14 @@ fm_status fmc_l2norm(cudaStream_t s, float *x, int T, int n, float eps, float sc
     return FM_OK;
 }
 
-fm_status fmc_rope(cudaStream_t s, float *x, int T, int heads, int hd, int rot, int pos0, float theta) {
+fm_status fmc_rope(cudaStream_t s, float *x, int T, int heads, int hd, int rot, int pos0, const int *dpos, float theta) {
     if (rot > hd || rot % 2)
         return fm_fail(FM_ERR_INVALID, "cuda backend: rope over %d of %d dims (needs an even count <= head_dim)", rot, hd);
     if (T <= 0 || heads <= 0 || rot == 0) return FM_OK;
     if (T > 65535 || heads > 65535)
         return fm_fail(FM_ERR_INVALID, "cuda backend: rope over %d tokens of %d heads (at most 65535 each)", T, heads);
     const dim3 grid((unsigned)((rot / 2 + 63) / 64), (unsigned)heads, (unsigned)T);
-    rope_k<<<grid, 64, 0, s>>>(x, heads, hd, rot, pos0, theta);
+    rope_k<<<grid, 64, 0, s>>>(x, heads, hd, rot, pos0, dpos, theta);
     return FM_OK;
 }
 
@@ -219,8 +226,12 @@ fm_status fmc_split_q_gate(cudaStream_t s, float *q, float *gate, const float *q
     return FM_OK;
 }
 
-fm_status fmc_kv_write(cudaStream_t s, float *cache, const float *src, int pos0, int T, int row) {
+fm_status fmc_kv_write(cudaStream_t s, float *cache, const float *src, int pos0, const int *dpos, int T, int row) {
     const size_t bytes = sizeof(float) * (size_t)T * row;
+    if (dpos) { /* the row's address is known on the device alone: a kernel, not a copy */
+        if (bytes) kv_write_k<<<blocks_for((size_t)T * row), THREADS, 0, s>>>(cache, src, dpos, (size_t)T * row, row);
+        return FM_OK;
+    }
     if (bytes && cudaMemcpyAsync(cache + (size_t)pos0 * row, src, bytes, cudaMemcpyDeviceToDevice, s) != cudaSuccess)
         return fm_fail(FM_ERR_DEVICE, "cuda backend: kv_write copy failed");
     return FM_OK;

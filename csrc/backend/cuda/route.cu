@@ -10,10 +10,11 @@
  * lane its own best, then a butterfly of shuffles keeps the better of two. The maximum of a total order
  * does not depend on the order it is taken in, so every lane agrees and lane j keeps winner j.
  *
- * Weights: the CPU's arithmetic. The max logit (round 0's winner), e_i = exp((double)(l_i - max)) with the
- * difference in fp32, the sum of the e_i in double in index order (lane 0 over the warp's e_i in shared
- * memory), w_j = (float)(e_j / sum), and when norm w_j / Σ_j w_j with the fp32 sum in j order from 0. Only
- * exp may differ from glibc's (CUDA's double exp is within 1 ulp). A token's arithmetic is its own alone.
+ * Weights: the CPU's arithmetic but for the order of one sum. The max logit (round 0's winner), e_i =
+ * exp((double)(l_i - max)) with the difference in fp32, their sum in double (each lane over its own, then a
+ * butterfly: the CPU adds them in index order; in double the two differ far below fp32's rounding),
+ * w_j = (float)(e_j / sum), and when norm w_j / Σ_j w_j with the fp32 sum in j order from 0. exp may also
+ * differ from glibc's (CUDA's double exp is within 1 ulp). A token's arithmetic is its own alone.
  */
 #include <math.h>
 #include <stddef.h>
@@ -39,10 +40,13 @@ __device__ __forceinline__ bool before(float al, int ai, float bl, int bi) {
     return al > bl || (al == bl && ai < bi);
 }
 
-/* token blockIdx.x · ROUTE_WARPS + warp; ex: ROUTE_WARPS × E doubles of dynamic shared memory */
+/* token blockIdx.x · ROUTE_WARPS + warp; ex: ROUTE_WARPS × E doubles of dynamic shared memory; one, tok: each choice
+ * as an expert of one token (fmc_route) where tab is given */
 __global__ void __launch_bounds__(ROUTE_WARPS * 32) route_k(const float *__restrict__ logits, int T, int E, int k,
                                                             int norm, int32_t *__restrict__ idx,
-                                                            float *__restrict__ weights) {
+                                                            float *__restrict__ weights,
+                                                            const fmc_expert *__restrict__ tab,
+                                                            fmc_expert *__restrict__ one, int32_t *__restrict__ tok) {
     extern __shared__ double ex[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * ROUTE_WARPS + warp;
     if (t >= T) return; /* the whole warp; only warp-level syncs below */
@@ -78,34 +82,41 @@ __global__ void __launch_bounds__(ROUTE_WARPS * 32) route_k(const float *__restr
         pl = bl, pi = bi;
     }
 
-    /* the CPU's sum: exp((double)(l - mx)) over i in index order, in double */
+    /* the CPU's terms exp((double)(l - mx)), summed in double: each lane its own in index order, then a
+     * butterfly over the warp (the same bits in every lane) */
+    double sum = 0.0;
 #pragma unroll
     for (int r = 0; r < PER_LANE; r++)
-        if (lane + 32 * r < E) e[lane + 32 * r] = exp((double)(x[r] - mx));
+        if (lane + 32 * r < E) sum += e[lane + 32 * r] = exp((double)(x[r] - mx));
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
     __syncwarp();
-    double sum = 0.0;
-    if (lane == 0)
-        for (int i = 0; i < E; i++) sum += e[i];
-    sum = __shfl_sync(0xffffffffu, sum, 0);
     const float w = lane < k ? (float)(e[my_i] / sum) : 0.0f;
     float wsum = 0.0f;
     for (int j = 0; j < k; j++) wsum += __shfl_sync(0xffffffffu, w, j);
     if (lane < k) {
         idx[(size_t)t * k + lane] = my_i;
         weights[(size_t)t * k + lane] = norm ? w / wsum : w;
+        if (tab) { /* choice i as an expert of one token (fmc_experts) */
+            const size_t i = (size_t)t * k + lane;
+            fmc_expert x = tab[my_i];
+            x.tok = tok + i, x.n = 1, x.row0 = (int)i;
+            one[i] = x;
+            tok[i] = t;
+        }
     }
 }
 
 } // namespace
 
 fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, int norm, int32_t *idx,
-                    float *weights) {
+                    float *weights, const fmc_expert *tab, fmc_expert *ex, int32_t *tok) {
     if (T < 0 || E < 1 || E > MAX_E || k < 1 || k > MAX_K || k > E)
         return fm_fail(FM_ERR_INVALID, "cuda backend: route of %d tokens, top %d of %d experts (1..%d experts, "
                        "k at most %d and the experts)", T, k, E, MAX_E, MAX_K);
     if (T == 0) return FM_OK;
     const size_t smem = (size_t)ROUTE_WARPS * E * sizeof(double); /* <= 32 KiB: no opt-in needed */
     route_k<<<(unsigned)((T + ROUTE_WARPS - 1) / ROUTE_WARPS), ROUTE_WARPS * 32, smem, s>>>(logits, T, E, k, norm,
-                                                                                           idx, weights);
+                                                                                           idx, weights, tab, ex, tok);
     return FM_OK;
 }

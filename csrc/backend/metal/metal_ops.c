@@ -211,9 +211,9 @@ static fm_status metal_finish(void *ctx) {
     return st;
 }
 
-static void metal_device_stats(void *ctx, uint64_t out[4]) {
+static void metal_device_stats(void *ctx, uint64_t out[6]) {
     (void)ctx;
-    memset(out, 0, 4 * sizeof *out); /* unified memory: the host's expert cache is the GPU's */
+    memset(out, 0, 6 * sizeof *out); /* unified memory: the host's expert cache is the GPU's */
 }
 
 /* ---------------------------------------------------------------- ops */
