@@ -15,7 +15,8 @@ runs, in subprocesses on it:
   tiers (the VRAM cache of 1 and 3 slots, one expert a call: ~30 s a model; with --slow both models);
 - the emulator's own tests (tests/cuda_emu/selftest.cu): right kernels give exact results, kernels broken on
   purpose are caught (a missing barrier reads NaN, a divergent barrier or shuffle, too much shared memory,
-  a copy past an allocation, a race).
+  a copy past an allocation, a race); a stream captured into a graph runs nothing until the graph replays, and
+  what a capture forbids is refused and invalidates it.
 
 Needs clang-19 (Debian: clang-19); skips without it, and fails instead where FLASHMOE_CI_REQUIRE names
 "clang19" (CI installs it).
@@ -144,6 +145,9 @@ def test_emulator_catches_a_missing_barrier(selftest):
     ("shuffle_exited", "16 lanes returned while 16 wait at a warp function"),
     ("too_much_shared", "65536 bytes of static and 0 of dynamic shared memory"),
     ("copy_overrun", "516 bytes at offset 0 overrun a device allocation of 512 bytes"),
+    ("graph_destroy_twice", "not a graph (destroyed already?)"),
+    ("graph_early_return", "early_return: block (0,0,0): divergent __syncthreads"),  # found at the replay
+    ("graph_freed_host", "the host side is no longer pinned"),
 ])
 def test_emulator_ends_a_broken_kernel_saying_why(selftest, case, message):
     rc, out, err = _run(selftest, case)
@@ -153,6 +157,44 @@ def test_emulator_ends_a_broken_kernel_saying_why(selftest, case, message):
 def test_emulator_orders_show_a_race(selftest):
     got = {o: _run(selftest, "last_writer", FM_CUDA_EMU_ORDER=o)[1].split()[-1] for o in ("forward", "reverse")}
     assert got == {"forward": "63", "reverse": "0"}, got
+
+
+def test_emulator_replays_a_captured_graph(selftest):
+    """A pinned-host copy, two kernels, a fill, a block sum and a copy back, captured: nothing runs (the device
+    buffers and the pinned sum as they were); each replay reads the pinned input as it is then (c = 2 x + 1)."""
+    for order in ("forward", "reverse"):
+        rc, out, err = _run(selftest, "graph", FM_CUDA_EMU_ORDER=order)
+        assert rc == 0 and "cuda-emu" not in err, out + err
+        assert [line.split() for line in out.splitlines()] == [
+            # EndCapture, IsCapturing during and after, a[0] b[63] c[0] and the pinned sum untouched
+            ["captured", "cudaSuccess", "1", "0", "0", "0", "5", "-1"],
+            ["replay", "cudaSuccess", "4096", "1", "127"],  # x = i: sum(2i + 1), c[0], c[63]
+            ["replay", "cudaSuccess", "-1952", "1", "-62"],  # x = -i / 2
+        ], out
+
+
+UNSUPPORTED, INVALIDATED = "cudaErrorStreamCaptureUnsupported", "cudaErrorStreamCaptureInvalidated"
+
+
+def test_emulator_refuses_what_a_capture_forbids(selftest):
+    """Each forbidden call in a Global-mode capture: refused, the capture invalidated (the next launch refused,
+    EndCapture gives no graph), said on stderr; Relaxed mode, another thread, the legacy stream; then the stream
+    works as before."""
+    rc, out, err = _run(selftest, "graph_refusals")
+    assert rc == 0, out + err
+    lines = [line.split() for line in out.splitlines()]
+    forbidden = ["cudaStreamSynchronize", "cudaMemcpy", "cudaMalloc", "cudaMemcpyAsync_pageable", "cudaEventRecord",
+                 "cudaStreamWaitEvent", "cudaDeviceSynchronize", "cudaGraphLaunch"]
+    # the call's error, the status (2: invalidated), the next launch's error, EndCapture's, the graph
+    assert lines[:len(forbidden)] == [[w, UNSUPPORTED, "2", INVALIDATED, INVALIDATED, "null"] for w in forbidden], out
+    assert lines[len(forbidden):] == [
+        ["relaxed", "cudaSuccess", "cudaSuccess", UNSUPPORTED, INVALIDATED],  # cudaMalloc, cudaFree, its stream's sync
+        ["threads", UNSUPPORTED, "cudaSuccess"],  # another thread's cudaMalloc: Global, ThreadLocal
+        ["legacy", "cudaErrorStreamCaptureImplicit", INVALIDATED, "cudaSuccess", "cudaSuccess"],  # blocking, not
+        ["other_stream", "cudaSuccess", "-3", "cudaSuccess"],  # a graph launched on a stream not capturing runs
+        ["after", "0", "-3"],
+    ], out
+    assert err.count("is invalidated: ") == len(forbidden) + 3, err
 
 
 # ------------------------------------------------ tests/test_cuda_backend.py's GPU tests, on the emulator

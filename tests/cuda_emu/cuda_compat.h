@@ -6,7 +6,8 @@
  * Device side: the execution-space keywords as nothing, the built-in positions as globals the scheduler sets
  * before it resumes a lane (lanes are fibers of one OS thread), __syncthreads / warp shuffles / __syncwarp as
  * scheduling points (emu.cpp), and the intrinsics with their exact IEEE results (fp32 arithmetic, fmaf fused,
- * round to nearest even). Host side: the runtime API the table calls (cuda_runtime_emu.cpp).
+ * round to nearest even). Host side: the runtime API the table calls, stream capture and graphs included
+ * (cuda_runtime_emu.cpp).
  */
 #ifndef FM_CUDA_COMPAT_H
 #define FM_CUDA_COMPAT_H
@@ -55,6 +56,8 @@ enum { warpSize = 32 };
 /* ---- runtime types (cuda_runtime_emu.cpp) */
 typedef struct CUstream_st *cudaStream_t;
 typedef struct CUevent_st *cudaEvent_t;
+typedef struct CUgraph_st *cudaGraph_t;
+typedef struct CUgraphExec_st *cudaGraphExec_t;
 enum cudaError {
     cudaSuccess = 0,
     cudaErrorInvalidValue = 1,
@@ -62,7 +65,17 @@ enum cudaError {
     cudaErrorInvalidConfiguration = 9,
     cudaErrorInvalidDevice = 101,
     cudaErrorInvalidResourceHandle = 400,
+    cudaErrorIllegalState = 401,
     cudaErrorNoDevice = 100,
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureInvalidated = 901,
+    cudaErrorStreamCaptureMerge = 902,
+    cudaErrorStreamCaptureUnmatched = 903,
+    cudaErrorStreamCaptureUnjoined = 904,
+    cudaErrorStreamCaptureIsolation = 905,
+    cudaErrorStreamCaptureImplicit = 906,
+    cudaErrorCapturedEvent = 907,
+    cudaErrorStreamCaptureWrongThread = 908,
 };
 typedef enum cudaError cudaError_t;
 enum cudaMemcpyKind {
@@ -85,6 +98,13 @@ struct cudaDeviceProp {
     size_t totalGlobalMem, sharedMemPerBlock;
     int multiProcessorCount, major, minor, warpSize, maxThreadsPerBlock;
 };
+enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal = 0, cudaStreamCaptureModeThreadLocal = 1,
+                             cudaStreamCaptureModeRelaxed = 2 };
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1,
+                               cudaStreamCaptureStatusInvalidated = 2 };
+enum cudaGraphInstantiateFlags { cudaGraphInstantiateFlagAutoFreeOnLaunch = 1, cudaGraphInstantiateFlagUpload = 2,
+                                 cudaGraphInstantiateFlagDeviceLaunch = 4,
+                                 cudaGraphInstantiateFlagUseNodePriority = 8 };
 #define cudaStreamDefault 0x00
 #define cudaStreamNonBlocking 0x01
 #define cudaEventDefault 0x00
@@ -122,6 +142,13 @@ cudaError_t cudaMemset(void *p, int v, size_t n);
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s);
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, enum cudaMemcpyKind k);
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, enum cudaMemcpyKind k, cudaStream_t s);
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, enum cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph);
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, enum cudaStreamCaptureStatus *status);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long flags = 0);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
 cudaError_t cudaGetLastError(void);
 cudaError_t cudaPeekAtLastError(void);
 const char *cudaGetErrorString(cudaError_t e);
@@ -133,10 +160,13 @@ template <class T> static inline cudaError_t cudaMallocHost(T **p, size_t n) { r
 /* ---- the scheduler (emu.cpp) */
 namespace fm_cuda_emu {
 [[noreturn]] void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-void launch_impl(dim3 grid, dim3 block, size_t shmem, cudaStream_t s, const char *name, void (*fn)(void *), void *ctx);
-/* kernel<<<grid, block, shmem, s>>>(args) as rewrite_cu.py writes it: f calls the kernel */
+void launch_impl(dim3 grid, dim3 block, size_t shmem, cudaStream_t s, const char *name, void (*fn)(void *), void *ctx,
+                 void *(*clone)(const void *), void (*destroy)(void *));
+/* kernel<<<grid, block, shmem, s>>>(args) as rewrite_cu.py writes it: f calls the kernel. clone and destroy let
+ * a capturing stream keep a copy of f (the arguments' values at capture) for the graph's replays. */
 template <class F> void launch(dim3 grid, dim3 block, size_t shmem, cudaStream_t s, const char *name, F f) {
-    launch_impl(grid, block, shmem, s, name, [](void *p) { (*(F *)p)(); }, &f);
+    launch_impl(grid, block, shmem, s, name, [](void *p) { (*(F *)p)(); }, &f,
+                [](const void *p) -> void * { return new F(*(const F *)p); }, [](void *p) { delete (F *)p; });
 }
 /* the block's allocation for one __shared__ declaration (key: a static of the declaration) */
 void *shared_alloc(const void *key, size_t bytes, size_t align);

@@ -46,6 +46,11 @@ dim3 blockDim, gridDim;
 namespace fm_cuda_emu {
 
 std::recursive_mutex &big_lock(); /* cuda_runtime_emu.cpp: one runtime call or launch at a time */
+/* cuda_runtime_emu.cpp: false to run a launch now; true if it is recorded in the capture of s (a copy of the
+ * closure) or refused (the error left for cudaGetLastError) */
+bool capture_launch(cudaStream_t s, dim3 grid, dim3 block, size_t shmem, const char *name, void (*fn)(void *),
+                    void *ctx, void *(*clone)(const void *), void (*destroy)(void *));
+void run_kernel(dim3 grid, dim3 block, size_t shmem, const char *name, void (*fn)(void *), void *ctx);
 
 namespace {
 #if defined(__x86_64__)
@@ -298,9 +303,8 @@ void fail(const char *fmt, ...) {
 }
 
 void launch_impl(dim3 grid, dim3 block, size_t shmem, cudaStream_t s, const char *name, void (*fn)(void *),
-                 void *ctx) {
+                 void *ctx, void *(*clone)(const void *), void (*destroy)(void *)) {
     std::lock_guard<std::recursive_mutex> lock(big_lock());
-    (void)s;
     if (S.cur >= 0) fail("%s launched from inside a kernel", name);
     const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
     if (!n || n > MAX_LANES || block.z > 64)
@@ -310,6 +314,14 @@ void launch_impl(dim3 grid, dim3 block, size_t shmem, cudaStream_t s, const char
         fail("%s: grid (%u,%u,%u) (a launch error on the GPU)", name, grid.x, grid.y, grid.z);
     if (shmem > MAX_SHARED)
         fail("%s: %zu bytes of dynamic shared memory (over 48 KiB needs cudaFuncSetAttribute)", name, shmem);
+    /* checked as the GPU checks a launch, then recorded instead of run if s captures */
+    if (capture_launch(s, grid, block, shmem, name, fn, ctx, clone, destroy)) return;
+    run_kernel(grid, block, shmem, name, fn, ctx);
+}
+
+void run_kernel(dim3 grid, dim3 block, size_t shmem, const char *name, void (*fn)(void *), void *ctx) {
+    std::lock_guard<std::recursive_mutex> lock(big_lock());
+    const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
     if (!S.ord_read) {
         const char *o = getenv("FM_CUDA_EMU_ORDER");
         S.ord = !o || !*o || !strcmp(o, "forward") ? FORWARD : !strcmp(o, "reverse") ? REVERSE

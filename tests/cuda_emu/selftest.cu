@@ -3,7 +3,8 @@
  * as CUDA source, rewritten (rewrite_cu.py) and compiled with the emulator like the backend's.
  * `selftest CASE` runs one case and prints its result; the broken ones end the process (exit 3) with the
  * emulator's message, or print a result that is wrong (NaN: shared memory read before any lane wrote it) or
- * that depends on the lanes' order (FM_CUDA_EMU_ORDER).
+ * that depends on the lanes' order (FM_CUDA_EMU_ORDER). The graph cases capture a stream and replay the graph,
+ * or do what a capture forbids.
  */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -11,6 +12,8 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+
+#include <thread>
 
 #define THREADS 128
 
@@ -79,6 +82,161 @@ static float *dev_floats(const float *h, int n) {
     return d;
 }
 
+/* ---- stream capture and graphs */
+#define GN 64
+
+__global__ void axpb(const float *x, float *y, float a, float b, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a * x[i] + b;
+}
+
+__global__ void add_into(const float *x, float *y, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += x[i];
+}
+
+/* c = 2 hin + 1 (reset first), *hsum = its sum: in a function of its own, so the launches' frames are gone when
+ * the graph runs */
+static void step(cudaStream_t s, const float *hin, float *a, float *b, float *c, float *sum, float *hsum) {
+    const float k = 2.0f;
+    cudaMemcpyAsync(a, hin, sizeof(float) * GN, cudaMemcpyHostToDevice, s);
+    axpb<<<2, 32, 0, s>>>(a, b, k, 1.0f, GN);
+    cudaMemsetAsync(c, 0, sizeof(float) * GN, s);
+    add_into<<<1, GN, 0, s>>>(b, c, GN);
+    block_sum<true><<<1, THREADS, 0, s>>>(c, sum, GN);
+    cudaMemcpyAsync(hsum, sum, sizeof(float), cudaMemcpyDeviceToHost, s);
+}
+
+/* captured, nothing runs; replayed twice, each run reads the pinned input as it is then */
+static void graph_replays(cudaStream_t s) {
+    float *hin, *hsum, *a, *b, *c, *sum, five[GN], ha[GN], hb[GN], hc[GN];
+    cudaMallocHost((void **)&hin, sizeof(float) * GN);
+    cudaMallocHost((void **)&hsum, sizeof(float));
+    for (int i = 0; i < GN; i++) five[i] = 5.0f, hin[i] = 1.0f;
+    *hsum = -1.0f;
+    a = dev_floats(nullptr, GN), b = dev_floats(nullptr, GN), c = dev_floats(five, GN), sum = dev_floats(nullptr, 1);
+    cudaMemset(a, 0, sizeof(float) * GN);
+    cudaMemset(b, 0, sizeof(float) * GN);
+    cudaStreamCaptureStatus during, after;
+    cudaGraph_t g = nullptr;
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+    cudaStreamIsCapturing(s, &during);
+    step(s, hin, a, b, c, sum, hsum);
+    const cudaError_t e = cudaStreamEndCapture(s, &g);
+    cudaStreamIsCapturing(s, &after);
+    cudaMemcpy(ha, a, sizeof ha, cudaMemcpyDeviceToHost);
+    cudaMemcpy(hb, b, sizeof hb, cudaMemcpyDeviceToHost);
+    cudaMemcpy(hc, c, sizeof hc, cudaMemcpyDeviceToHost);
+    printf("captured %s %d %d %g %g %g %g\n", cudaGetErrorName(e), (int)during, (int)after, ha[0], hb[GN - 1], hc[0],
+           *hsum);
+    cudaGraphExec_t exec;
+    cudaGraphInstantiate(&exec, g, 0);
+    cudaGraphDestroy(g); /* the instantiation does not need it */
+    for (int r = 0; r < 2; r++) {
+        for (int i = 0; i < GN; i++) hin[i] = r ? -0.5f * i : (float)i;
+        const cudaError_t le = cudaGraphLaunch(exec, s);
+        cudaStreamSynchronize(s);
+        cudaMemcpy(hc, c, sizeof hc, cudaMemcpyDeviceToHost);
+        printf("replay %s %g %g %g\n", cudaGetErrorName(le), *hsum, hc[0], hc[GN - 1]);
+    }
+    cudaGraphExecDestroy(exec);
+    cudaFree(a), cudaFree(b), cudaFree(c), cudaFree(sum);
+    cudaFreeHost(hin), cudaFreeHost(hsum);
+}
+
+/* A forbidden call in a capture: its error, the stream's capture status after it, the next launch's error,
+ * cudaStreamEndCapture's and whether it made a graph. Then the stream works as before. */
+static void graph_refusals(cudaStream_t s, const float *x, float *out) {
+    static const char *what[] = {"cudaStreamSynchronize", "cudaMemcpy", "cudaMalloc", "cudaMemcpyAsync_pageable",
+                                 "cudaEventRecord", "cudaStreamWaitEvent", "cudaDeviceSynchronize",
+                                 "cudaGraphLaunch"};
+    float *pin, page[4];
+    cudaMallocHost((void **)&pin, sizeof(float) * 4);
+    cudaEvent_t ev;
+    cudaEventCreate(&ev);
+    cudaGraph_t g;
+    cudaGraphExec_t exec;
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+    block_sum<true><<<4, THREADS, 0, s>>>(x, out, 1000);
+    cudaStreamEndCapture(s, &g);
+    cudaGraphInstantiate(&exec, g);
+    for (int i = 0; i < (int)(sizeof what / sizeof *what); i++) {
+        cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+        block_sum<true><<<4, THREADS, 0, s>>>(x, out, 1000);
+        void *p = (void *)1;
+        const cudaError_t e = i == 0 ? cudaStreamSynchronize(s)
+                            : i == 1 ? cudaMemcpy(pin, out, sizeof(float), cudaMemcpyDeviceToHost)
+                            : i == 2 ? cudaMalloc(&p, 16)
+                            : i == 3 ? cudaMemcpyAsync(page, out, sizeof page, cudaMemcpyDeviceToHost, s)
+                            : i == 4 ? cudaEventRecord(ev, s)
+                            : i == 5 ? cudaStreamWaitEvent(s, ev, 0)
+                            : i == 6 ? cudaDeviceSynchronize()
+                                     : cudaGraphLaunch(exec, s);
+        cudaStreamCaptureStatus st;
+        cudaStreamIsCapturing(s, &st);
+        block_sum<true><<<4, THREADS, 0, s>>>(x, out, 1000);
+        const cudaError_t launch = cudaGetLastError();
+        cudaGraph_t gi = (cudaGraph_t)&g;
+        const cudaError_t end = cudaStreamEndCapture(s, &gi);
+        printf("%s %s %d %s %s %s%s\n", what[i], cudaGetErrorName(e), (int)st, cudaGetErrorName(launch),
+               cudaGetErrorName(end), gi ? "graph" : "null", i == 2 && p ? " p" : "");
+    }
+    cudaGetLastError();
+    /* Relaxed: allocation allowed, a synchronisation of the capturing stream still not */
+    void *p = nullptr;
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed);
+    const cudaError_t m = cudaMalloc(&p, 16), f = cudaFree(p), y = cudaStreamSynchronize(s);
+    printf("relaxed %s %s %s %s\n", cudaGetErrorName(m), cudaGetErrorName(f), cudaGetErrorName(y),
+           cudaGetErrorName(cudaStreamEndCapture(s, &g)));
+    /* another thread: refused during a Global capture, not during a ThreadLocal one */
+    cudaError_t other[2];
+    for (int i = 0; i < 2; i++) {
+        cudaStreamBeginCapture(s, i ? cudaStreamCaptureModeThreadLocal : cudaStreamCaptureModeGlobal);
+        std::thread([&] {
+            void *q = nullptr;
+            other[i] = cudaMalloc(&q, 16);
+            cudaFree(q);
+        }).join();
+        cudaStreamEndCapture(s, &g);
+        if (g) cudaGraphDestroy(g);
+    }
+    printf("threads %s %s\n", cudaGetErrorName(other[0]), cudaGetErrorName(other[1]));
+    /* the legacy stream: refused while a blocking stream captures, not while a non-blocking one does */
+    cudaStream_t blocking;
+    cudaStreamCreate(&blocking);
+    cudaStreamBeginCapture(blocking, cudaStreamCaptureModeGlobal);
+    block_sum<true><<<4, THREADS>>>(x, out, 1000);
+    const cudaError_t l1 = cudaGetLastError(), l1end = cudaStreamEndCapture(blocking, &g);
+    cudaGetLastError();
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+    block_sum<true><<<4, THREADS>>>(x, out, 1000);
+    const cudaError_t l2 = cudaGetLastError(), l2end = cudaStreamEndCapture(s, &g);
+    cudaGraphDestroy(g);
+    printf("legacy %s %s %s %s\n", cudaGetErrorName(l1), cudaGetErrorName(l1end), cudaGetErrorName(l2),
+           cudaGetErrorName(l2end));
+    /* a graph launched on another stream during a capture runs */
+    float r[4] = {0, 0, 0, 0};
+    cudaMemset(out, 0, sizeof(float) * THREADS);
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+    const cudaError_t o = cudaGraphLaunch(exec, blocking);
+    cudaMemcpyAsync(pin, out, sizeof(float) * 4, cudaMemcpyDeviceToHost, blocking);
+    const cudaError_t oend = cudaStreamEndCapture(s, &g);
+    cudaGraphDestroy(g);
+    printf("other_stream %s %g %s\n", cudaGetErrorName(o), (double)(pin[0] + pin[1] + pin[2] + pin[3]),
+           cudaGetErrorName(oend));
+    /* and s works as before */
+    cudaStreamCaptureStatus st;
+    cudaStreamIsCapturing(s, &st);
+    block_sum<true><<<4, THREADS, 0, s>>>(x, out, 1000);
+    cudaMemcpyAsync(r, out, sizeof r, cudaMemcpyDeviceToHost, s);
+    cudaStreamSynchronize(s);
+    printf("after %d %g\n", (int)st, (double)(r[0] + r[1] + r[2] + r[3]));
+    cudaGraphExecDestroy(exec);
+    cudaStreamDestroy(blocking);
+    cudaEventDestroy(ev);
+    cudaFreeHost(pin);
+}
+
 int main(int argc, char **argv) {
     const char *c = argc > 1 ? argv[1] : "";
     cudaStream_t s;
@@ -118,9 +276,30 @@ int main(int argc, char **argv) {
         cudaMemcpy(ho, o, sizeof ho, cudaMemcpyDeviceToHost);
         for (int i = 0; i < 36; i++) printf("%s%d", i ? " " : "misc ", ho[i]);
         printf("\n");
+        cudaFree(in), cudaFree(o);
+    } else if (!strcmp(c, "graph")) {
+        graph_replays(s);
+    } else if (!strcmp(c, "graph_refusals")) {
+        graph_refusals(s, x, out);
+    } else if (!strcmp(c, "graph_destroy_twice") || !strcmp(c, "graph_early_return") ||
+               !strcmp(c, "graph_freed_host")) {
+        float *pin;
+        cudaMallocHost((void **)&pin, sizeof(float) * THREADS);
+        cudaGraph_t g;
+        cudaGraphExec_t exec;
+        cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+        if (!strcmp(c, "graph_early_return")) early_return<<<1, THREADS, 0, s>>>(out);
+        else cudaMemcpyAsync(out, pin, sizeof(float) * THREADS, cudaMemcpyHostToDevice, s);
+        cudaStreamEndCapture(s, &g);
+        cudaGraphInstantiate(&exec, g);
+        cudaGraphDestroy(g);
+        if (!strcmp(c, "graph_destroy_twice")) cudaGraphDestroy(g);
+        if (!strcmp(c, "graph_freed_host")) cudaFreeHost(pin);
+        cudaGraphLaunch(exec, s); /* early_return: the divergent barrier shows now */
     } else {
         fprintf(stderr, "unknown case %s\n", c);
         return 2;
     }
+    cudaFree(x), cudaFree(out), cudaStreamDestroy(s); /* leak-free under LeakSanitizer */
     return cudaGetLastError() == cudaSuccess ? 0 : 1;
 }
