@@ -19,6 +19,7 @@
  * and reported by finish() (the ops return nothing): never a result computed without it.
  */
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -48,6 +49,7 @@ struct cuda_ctx {
     cudaStream_t s = nullptr;  /* compute */
     cudaStream_t cs = nullptr; /* expert copies into the VRAM cache */
     fm_status err = FM_OK;     /* the first failure since the last finish() */
+    char err_msg[1024] = {};   /* ... and its message (later failures, often its echo, would overwrite it) */
     uint64_t budget = 0, used = 0; /* device bytes: the budget, and what this instance holds */
     const fm_config *cfg = nullptr;
 
@@ -88,8 +90,12 @@ struct cuda_ctx {
 
 cuda_ctx *ctx_of(void *p) { return (cuda_ctx *)p; }
 
+/* Records st, the status of an fm_fail just made, unless a failure is recorded already: the first is the cause
+ * (a failed call's error comes back from cudaGetLastError at the next launch). finish() reports it. */
 void failed(cuda_ctx *c, fm_status st) {
-    if (c->err == FM_OK) c->err = st;
+    if (c->err != FM_OK) return;
+    c->err = st;
+    snprintf(c->err_msg, sizeof c->err_msg, "%s", fm_last_error());
 }
 
 /* A CUDA call's error recorded (as FM_ERR_DEVICE, with what failed); 1 when it succeeded. */
@@ -116,17 +122,16 @@ void launched(cuda_ctx *c, fm_status st, const char *op) {
 /* Device memory counted against the budget; NULL (with fm_fail) when over it or out of memory. */
 void *dmalloc(cuda_ctx *c, size_t bytes, const char *what) {
     if (c->used + bytes > c->budget) {
-        failed(c, FM_ERR_BUDGET);
-        fm_fail(FM_ERR_BUDGET, "cuda backend: %s needs %.1f MiB of GPU memory, and gpu_memory_budget has %.1f of "
-                "%.1f MiB left", what, bytes / (double)MiB, (c->budget - c->used) / (double)MiB,
-                c->budget / (double)MiB);
+        failed(c, fm_fail(FM_ERR_BUDGET, "cuda backend: %s needs %.1f MiB of GPU memory, and gpu_memory_budget has "
+                          "%.1f of %.1f MiB left", what, bytes / (double)MiB, (c->budget - c->used) / (double)MiB,
+                          c->budget / (double)MiB));
         return nullptr;
     }
     void *p = nullptr;
     if (cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) {
         cudaGetLastError();
-        failed(c, FM_ERR_NOMEM);
-        fm_fail(FM_ERR_NOMEM, "cuda backend: cannot allocate %.1f MiB of GPU memory for %s", bytes / (double)MiB, what);
+        failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: cannot allocate %.1f MiB of GPU memory for %s",
+                          bytes / (double)MiB, what));
         return nullptr;
     }
     c->used += bytes;
@@ -382,6 +387,7 @@ fm_status cuda_finish(void *ctx) {
     ok(c, cudaGetLastError(), "a kernel");
     const fm_status st = c->err;
     c->err = FM_OK;
+    if (st != FM_OK) fm_fail(st, "%s", c->err_msg);
     return st;
 }
 
