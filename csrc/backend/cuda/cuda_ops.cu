@@ -16,7 +16,8 @@
  *
  * Ops queue on one compute stream in issue order. The one device→host transfer of a layer is the router's
  * top-k (route synchronises the compute stream). An op the kernels cannot take, or a CUDA error, is recorded
- * and reported by finish() (the ops return nothing): never a result computed without it.
+ * and reported by finish() (the ops return nothing): never a result computed without it. finish() then empties
+ * the VRAM cache (vram_forget says why).
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -82,7 +83,7 @@ struct cuda_ctx {
     uint8_t *pool = nullptr;
     int32_t *slot_key = nullptr, *key_slot = nullptr; /* [n_slots] key or -1; [key_space] slot or -1 */
     int *prev = nullptr, *next = nullptr, head = -1, tail = -1;
-    unsigned char *locked = nullptr;   /* [n_slots] taken by the batch being issued */
+    unsigned char *locked = nullptr;   /* [n_slots] taken by the batch being issued (until its FFNs are issued) */
     unsigned char *pending = nullptr;  /* [n_slots] a copy in flight that compute has not yet waited on */
     cudaEvent_t *loaded = nullptr, *used_ev = nullptr; /* [n_slots] after its copy; after its last FFN */
     uint64_t hits = 0, misses = 0, bytes_in = 0;
@@ -205,6 +206,8 @@ uint64_t cuda_memory_limit(const fm_backend_params *p) {
 }
 
 void cuda_destroy(void *ctx);
+void vram_free(cuda_ctx *c);
+void vram_forget(cuda_ctx *c);
 
 fm_status cuda_create(const fm_backend_params *p, void **out) {
     cuda_ctx *c = new (std::nothrow) cuda_ctx();
@@ -243,13 +246,7 @@ void cuda_destroy(void *ctx) {
         cudaStreamSynchronize(c->cs);
         cudaStreamSynchronize(c->s);
     }
-    for (int i = 0; i < c->n_slots; i++) {
-        if (c->loaded) cudaEventDestroy(c->loaded[i]);
-        if (c->used_ev) cudaEventDestroy(c->used_ev[i]);
-    }
-    free(c->loaded), free(c->used_ev), free(c->slot_key), free(c->key_slot), free(c->prev), free(c->next);
-    free(c->locked), free(c->pending);
-    dfree(c, c->pool, c->slot_bytes * (size_t)c->n_slots);
+    vram_free(c);
     dfree(c, c->mm.p, c->mm.size), dfree(c, c->attn.p, c->attn.size), dfree(c, c->ffn.p, c->ffn.size);
     dfree(c, c->up_dev, c->up_size), dfree(c, c->route_dev.p, c->route_dev.size);
     if (c->up_host) cudaFreeHost(c->up_host);
@@ -387,7 +384,10 @@ fm_status cuda_finish(void *ctx) {
     ok(c, cudaGetLastError(), "a kernel");
     const fm_status st = c->err;
     c->err = FM_OK;
-    if (st != FM_OK) fm_fail(st, "%s", c->err_msg);
+    if (st != FM_OK) {
+        vram_forget(c); /* both streams have drained (or the device is lost) */
+        fm_fail(st, "%s", c->err_msg);
+    }
     return st;
 }
 
@@ -570,26 +570,26 @@ void lru_front(cuda_ctx *c, int i) {
 }
 
 /* Sized at the first MoE layer, once the dense weights, state and scratch hold their device memory: as many
- * slots as the budget has room for (all the experts at most), less headroom for scratch that grows. */
+ * slots as the budget has room for (all the experts at most), less headroom for scratch that grows. On a
+ * failure (recorded) nothing is kept: the next call tries again, as a fresh instance would. */
 bool vram_init(cuda_ctx *c, size_t slot_bytes) {
-    c->vram_ready = 1;
-    c->slot_bytes = (slot_bytes + 255) & ~(size_t)255;
+    const size_t sb = (slot_bytes + 255) & ~(size_t)255;
     /* kept free: VRAM_HEADROOM, and what attention's partials may still grow to (a long prompt's chunk at the
      * end of the context: up to their cap, 64 MiB, which the slots would otherwise have taken) */
     const size_t cap = sizeof(float) * fmc_attention_scratch_cap_floats();
     const uint64_t keep = VRAM_HEADROOM + (cap > c->attn.size ? cap - c->attn.size : 0);
     const uint64_t left = c->budget > c->used + keep ? c->budget - c->used - keep : 0;
-    uint64_t n = left / c->slot_bytes;
+    uint64_t n = left / sb;
     if (n > (uint64_t)c->key_space) n = (uint64_t)c->key_space;
     if (const char *env = getenv("FLASHMOE_CUDA_EXPERT_SLOTS")) /* tests: a cache of exactly this many */
         if (atoi(env) > 0 && (uint64_t)atoi(env) < n) n = (uint64_t)atoi(env);
     if (n < 1) {
         failed(c, fm_fail(FM_ERR_BUDGET, "cuda backend: gpu_memory_budget %.1f MiB leaves no room for one expert "
                           "(%.1f MiB) beside the dense weights, state and scratch (%.1f MiB)", c->budget / (double)MiB,
-                          c->slot_bytes / (double)MiB, c->used / (double)MiB));
+                          sb / (double)MiB, c->used / (double)MiB));
         return false;
     }
-    c->n_slots = (int)n;
+    c->vram_ready = 1, c->slot_bytes = sb, c->n_slots = (int)n;
     c->pool = (uint8_t *)dmalloc(c, c->slot_bytes * (size_t)n, "the VRAM expert cache");
     c->slot_key = (int32_t *)malloc(sizeof(int32_t) * n);
     c->key_slot = (int32_t *)malloc(sizeof(int32_t) * (size_t)c->key_space);
@@ -597,27 +597,56 @@ bool vram_init(cuda_ctx *c, size_t slot_bytes) {
     c->locked = (unsigned char *)calloc(n, 1), c->pending = (unsigned char *)calloc(n, 1);
     c->loaded = (cudaEvent_t *)calloc(n, sizeof(cudaEvent_t));
     c->used_ev = (cudaEvent_t *)calloc(n, sizeof(cudaEvent_t));
-    if (!c->pool) { /* dmalloc recorded why */
-        c->n_slots = 0;
-        return false;
-    }
-    if (!c->slot_key || !c->key_slot || !c->prev || !c->next || !c->locked || !c->pending || !c->loaded || !c->used_ev) {
+    bool good = c->pool != nullptr; /* else dmalloc recorded why */
+    if (good && (!c->slot_key || !c->key_slot || !c->prev || !c->next || !c->locked || !c->pending || !c->loaded ||
+                 !c->used_ev)) {
         failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: out of memory"));
+        good = false;
+    }
+    for (int i = 0; good && i < c->n_slots; i++)
+        if (cudaEventCreateWithFlags(&c->loaded[i], cudaEventDisableTiming) != cudaSuccess ||
+            cudaEventCreateWithFlags(&c->used_ev[i], cudaEventDisableTiming) != cudaSuccess) {
+            cudaGetLastError();
+            failed(c, fm_fail(FM_ERR_DEVICE, "cuda backend: cannot create the expert cache's events"));
+            good = false;
+        }
+    if (!good) {
+        vram_free(c);
         return false;
     }
     for (int k = 0; k < c->key_space; k++) c->key_slot[k] = -1;
     for (int i = 0; i < c->n_slots; i++) {
         c->slot_key[i] = -1;
         c->prev[i] = c->next[i] = -1;
-        if (cudaEventCreateWithFlags(&c->loaded[i], cudaEventDisableTiming) != cudaSuccess ||
-            cudaEventCreateWithFlags(&c->used_ev[i], cudaEventDisableTiming) != cudaSuccess) {
-            failed(c, fm_fail(FM_ERR_DEVICE, "cuda backend: cannot create the expert cache's events"));
-            return false;
-        }
         cudaEventRecord(c->used_ev[i], c->s); /* "last used": now, so a first copy waits for nothing */
         lru_front(c, i);
     }
     return true;
+}
+
+/* The cache as before vram_init (which the next call runs again): its memory and events released. */
+void vram_free(cuda_ctx *c) {
+    for (int i = 0; i < c->n_slots; i++) {
+        if (c->loaded && c->loaded[i]) cudaEventDestroy(c->loaded[i]);
+        if (c->used_ev && c->used_ev[i]) cudaEventDestroy(c->used_ev[i]);
+    }
+    free(c->loaded), free(c->used_ev), free(c->slot_key), free(c->key_slot), free(c->prev), free(c->next);
+    free(c->locked), free(c->pending);
+    dfree(c, c->pool, c->slot_bytes * (size_t)c->n_slots);
+    c->loaded = c->used_ev = nullptr, c->slot_key = c->key_slot = nullptr, c->prev = c->next = nullptr;
+    c->locked = c->pending = nullptr, c->pool = nullptr;
+    c->vram_ready = 0, c->n_slots = 0, c->slot_bytes = 0, c->head = c->tail = -1;
+}
+
+/* After any failure, from finish() once the streams have drained: every slot emptied. A failure can leave a
+ * batch's slots locked (cuda_experts returned before issuing their FFNs), keys on slots whose copy failed or
+ * was never waited for; which slots hold their expert is not known, so none is trusted. The next calls copy
+ * their experts again, as on a fresh instance (the counters go on). */
+void vram_forget(cuda_ctx *c) {
+    for (int i = 0; i < c->n_slots; i++) {
+        if (c->slot_key[i] >= 0) c->key_slot[c->slot_key[i]] = -1;
+        c->slot_key[i] = -1, c->locked[i] = 0, c->pending[i] = 0;
+    }
 }
 
 /* The VRAM slot of expert w for the batch being issued: a hit, or the least recently used unlocked slot with
