@@ -63,6 +63,7 @@ enum cudaError {
     cudaErrorInvalidDevice = 101,
     cudaErrorInvalidResourceHandle = 400,
     cudaErrorNoDevice = 100,
+    cudaErrorUnknown = 999,
 };
 typedef enum cudaError cudaError_t;
 enum cudaMemcpyKind {

@@ -8,6 +8,10 @@
  * (cudaMallocHost, cudaHostRegister) and from pageable memory. Copies and fills whose device side is not
  * inside one allocation are errors (the process ends, saying which). Streams and events are handles only:
  * every copy, fill and kernel runs to the end when it is issued, so every wait is already satisfied.
+ *
+ * Fault injection (tests of the backend's error paths): FM_CUDA_EMU_FAIL=memcpy:N makes the process's N-th
+ * cudaMemcpyAsync from host to device memory (counted from 1) fail, copying nothing: it returns
+ * cudaErrorUnknown, which cudaGetLastError reports too, as CUDA does. Once; every other call succeeds.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +61,20 @@ const std::pair<const uintptr_t, size_t> *find(const std::map<uintptr_t, size_t>
 }
 
 bool is_device(const void *p) { return find(device_mem, p) != nullptr; }
+
+/* FM_CUDA_EMU_FAIL=memcpy:N: true for the N-th host-to-device cudaMemcpyAsync (the caller counts it) */
+bool inject_memcpy_fault() {
+    static const long n = [] {
+        const char *e = getenv("FM_CUDA_EMU_FAIL");
+        if (!e || !*e) return 0L;
+        char *end = nullptr;
+        const long v = strncmp(e, "memcpy:", 7) == 0 ? strtol(e + 7, &end, 10) : 0;
+        if (v <= 0 || *end) fail("FM_CUDA_EMU_FAIL=%s: expected memcpy:N, N >= 1", e);
+        return v;
+    }();
+    static long seen = 0;
+    return n > 0 && ++seen == n;
+}
 
 /* a device side of a copy or fill: inside one allocation, or the process ends */
 void check_device_range(const void *p, size_t n, const char *what) {
@@ -269,6 +287,8 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, enum cudaMemcpyKind
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, enum cudaMemcpyKind k, cudaStream_t s) {
     LOCK;
     check_stream(s, "cudaMemcpyAsync");
+    const bool to_device = k == cudaMemcpyHostToDevice || (k == cudaMemcpyDefault && is_device(dst) && !is_device(src));
+    if (n && to_device && inject_memcpy_fault()) return err(cudaErrorUnknown);
     return copy(dst, src, n, k, "cudaMemcpyAsync");
 }
 
@@ -288,6 +308,7 @@ const char *cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
     case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    case cudaErrorUnknown: return "cudaErrorUnknown";
     }
     return "cudaErrorUnknown";
 }
@@ -300,6 +321,7 @@ const char *cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidDevice: return "invalid device ordinal";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorUnknown: return "unknown error (injected by FM_CUDA_EMU_FAIL)";
     }
     return "unknown error";
 }
