@@ -13,6 +13,9 @@ runs, in subprocesses on it:
   build, as tests/test_cuda_backend.py does on a GPU (16 bits and 4 bits with int8 activations; with --slow
   8 and 4 bits on fp32 and 8 on int8 too: ~4 s each), its GPU budget error and its test of the expert
   tiers (the VRAM cache of 1 and 3 slots, one expert a call: ~30 s a model; with --slow both models);
+- the VRAM expert cache after a failure: a host-to-device copy failed on purpose by the mock runtime
+  (FM_CUDA_EMU_FAIL) in the middle of a batch of expert copies, then the model's bits and tokens those of a
+  fresh one (~2 s each, grouped and one by one); a budget without room for the cache failing alike every call;
 - the emulator's own tests (tests/cuda_emu/selftest.cu): right kernels give exact results, kernels broken on
   purpose are caught (a missing barrier reads NaN, a divergent barrier or shuffle, too much shared memory,
   a copy past an allocation, a race); a stream captured into a graph runs nothing until the graph replays, and
@@ -53,6 +56,7 @@ def emu_env(tmp_path_factory):
                   "the emulated CUDA backend", timeout=900)
     env = dict(os.environ, PYTHONPATH=str(target), PYTHONDONTWRITEBYTECODE="1")
     env.pop("FM_CUDA_EMU_ORDER", None)
+    env.pop("FM_CUDA_EMU_FAIL", None)
     return env
 
 
@@ -242,3 +246,83 @@ def demo_model(tmp_path_factory):
 def test_a_gpu_budget_too_small_is_a_clear_error_emulated(emu_env, demo_model):
     import test_cuda_backend
     test_cuda_backend.test_a_gpu_budget_too_small_is_a_clear_error(emu_env, demo_model)
+
+
+# ------------------------------------------------------------- the VRAM expert cache after a failure
+
+VRAM_FAULT = """
+import sys, numpy as np, flashmoe
+from flashmoe.errors import DeviceError
+path, out = sys.argv[1:]
+opts = dict(backend="cuda", prefill_chunk=16, context_length=256)
+ids = [5, 17, 42, 99, 3, 250, 7, 8, 120, 33, 64, 2]
+KEYS = ("device_expert_slots", "device_expert_hits", "device_expert_misses", "device_bytes_in")
+
+def device(m):
+    return [m.stats[k] for k in KEYS]
+
+def run(m):
+    return m.forward(ids), m.generate_tokens(ids, max_tokens=4, stop_token_ids=[])
+
+m = flashmoe.load(path, **opts)
+message = "no error"
+try:
+    m.forward(ids)
+except DeviceError as e:
+    message = "DeviceError: %s" % e
+at_error = device(m)
+logits, tokens = run(m)
+after = device(m)
+fresh = flashmoe.load(path, **opts)
+fresh_logits, fresh_tokens = run(fresh)
+np.savez(out, logits=logits, tokens=tokens, fresh_logits=fresh_logits, fresh_tokens=fresh_tokens,
+         at_error=at_error, after=after, fresh=device(fresh), message=message)
+"""
+
+
+@pytest.mark.parametrize("grouped", ["1", "0"], ids=["grouped", "one-by-one"])
+def test_the_vram_cache_after_a_failed_expert_copy_is_a_fresh_ones_emulated(emu_env, demo_model, tmp_path, grouped):
+    """A VRAM cache of 3 slots; the mock runtime fails the forward's 3rd host-to-device copy (FM_CUDA_EMU_FAIL;
+    the 1st is the token ids' upload): the second expert copy of layer 0's first batch, its first slot locked
+    and copied, the third still to come. The forward raises a DeviceError naming the expert copy. The model
+    then computes, with the fault gone, the bits and tokens of a fresh one (no key left on the slot whose copy
+    failed: it held no expert), its 3 slots reused, and its VRAM counters move as a fresh model's do."""
+    env = dict(emu_env, FM_CUDA_EMU_FAIL="memcpy:3", FLASHMOE_CUDA_EXPERT_SLOTS="3", FLASHMOE_CUDA_GROUPED=grouped)
+    rc, log = run_py(env, ["-c", VRAM_FAULT, demo_model, str(tmp_path / "out.npz")])
+    assert rc == 0, log[-4000:]
+    r = np.load(tmp_path / "out.npz")
+    assert str(r["message"]).startswith("DeviceError: cuda backend: expert copy: unknown error (injected"), r["message"]
+    n_slots, hits, misses, bytes_in = r["at_error"].tolist()
+    assert n_slots == 3 and 0 < misses <= 3 and bytes_in > 0, r["at_error"]  # the fault was in the first batch
+    same = bool(np.array_equal(r["logits"].view(np.uint32), r["fresh_logits"].view(np.uint32)))
+    assert same, "after the failure: logits differ from a fresh model's (max |diff| %g)" % \
+        float(np.abs(r["logits"] - r["fresh_logits"]).max())
+    assert r["tokens"].tolist() == r["fresh_tokens"].tolist()
+    fresh = r["fresh"].tolist()
+    assert fresh[0] == 3 and fresh[2] > 3, fresh  # more misses than slots: the slots were reused
+    assert r["after"][0] == 3 and (r["after"] - r["at_error"])[1:].tolist() == fresh[1:], (r["after"], r["at_error"])
+
+
+VRAM_NO_ROOM = """
+import sys, flashmoe
+from flashmoe.errors import MemoryBudgetError
+m = flashmoe.load(sys.argv[1], backend="cuda", gpu_memory_budget=100 << 20)
+for _ in range(2):
+    try:
+        m.forward([1, 2, 3])
+        print("no error")
+    except MemoryBudgetError as e:
+        print("MemoryBudgetError:", e, flush=True)
+"""
+
+
+def test_a_budget_without_room_for_the_vram_cache_fails_alike_every_call_emulated(emu_env, demo_model):
+    """100 MiB holds the tiny model's weights, state and scratch but not the cache's headroom: the first MoE
+    layer fails to size the VRAM cache, a clear MemoryBudgetError; the next call tries again, as a fresh model
+    would, and fails the same way (it once found a cache half made: a null key table)."""
+    rc, out = run_py(emu_env, ["-c", VRAM_NO_ROOM, demo_model])
+    assert rc == 0, out[-4000:]
+    lines = [ln for ln in out.splitlines() if ln.startswith(("MemoryBudgetError", "no error"))]
+    assert len(lines) == 2 and lines[0] == lines[1], out[-4000:]
+    assert lines[0].startswith("MemoryBudgetError: cuda backend: gpu_memory_budget 100.0 MiB leaves no room for one "
+                               "expert"), lines[0]

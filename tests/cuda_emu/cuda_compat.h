@@ -76,6 +76,7 @@ enum cudaError {
     cudaErrorStreamCaptureImplicit = 906,
     cudaErrorCapturedEvent = 907,
     cudaErrorStreamCaptureWrongThread = 908,
+    cudaErrorUnknown = 999,
 };
 typedef enum cudaError cudaError_t;
 enum cudaMemcpyKind {

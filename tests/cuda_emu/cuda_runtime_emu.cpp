@@ -13,6 +13,10 @@
  * (a launch's closure copied) into the graph cudaStreamEndCapture returns; cudaGraphLaunch runs an instantiation's
  * nodes in order, then and there. What CUDA forbids during a capture is refused and invalidates it, as strictly
  * as CUDA or more (an event recorded or waited for on a capturing stream too).
+ *
+ * Fault injection (tests of the backend's error paths): FM_CUDA_EMU_FAIL=memcpy:N makes the process's N-th
+ * cudaMemcpyAsync from host to device memory (counted from 1) fail, copying nothing: it returns
+ * cudaErrorUnknown, which cudaGetLastError reports too, as CUDA does. Once; every other call succeeds.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,6 +73,20 @@ const std::pair<const uintptr_t, size_t> *find(const std::map<uintptr_t, size_t>
 }
 
 bool is_device(const void *p) { return find(device_mem, p) != nullptr; }
+
+/* FM_CUDA_EMU_FAIL=memcpy:N: true for the N-th host-to-device cudaMemcpyAsync (the caller counts it) */
+bool inject_memcpy_fault() {
+    static const long n = [] {
+        const char *e = getenv("FM_CUDA_EMU_FAIL");
+        if (!e || !*e) return 0L;
+        char *end = nullptr;
+        const long v = strncmp(e, "memcpy:", 7) == 0 ? strtol(e + 7, &end, 10) : 0;
+        if (v <= 0 || *end) fail("FM_CUDA_EMU_FAIL=%s: expected memcpy:N, N >= 1", e);
+        return v;
+    }();
+    static long seen = 0;
+    return n > 0 && ++seen == n;
+}
 
 /* a device side of a copy or fill: inside one allocation, or the process ends */
 void check_device_range(const void *p, size_t n, const char *what) {
@@ -514,7 +532,10 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, enum cudaMemcp
     check_stream(s, "cudaMemcpyAsync");
     cudaError_t e;
     capture *c = recording(s, "cudaMemcpyAsync", &e);
-    return e ? e : copy(dst, src, n, k, "cudaMemcpyAsync", c);
+    if (e) return e;
+    const bool to_device = k == cudaMemcpyHostToDevice || (k == cudaMemcpyDefault && is_device(dst) && !is_device(src));
+    if (!c && n && to_device && inject_memcpy_fault()) return err(cudaErrorUnknown);
+    return copy(dst, src, n, k, "cudaMemcpyAsync", c);
 }
 
 /* ---- stream capture and graphs */
@@ -629,6 +650,7 @@ const char *cudaGetErrorName(cudaError_t e) {
     case cudaErrorStreamCaptureImplicit: return "cudaErrorStreamCaptureImplicit";
     case cudaErrorCapturedEvent: return "cudaErrorCapturedEvent";
     case cudaErrorStreamCaptureWrongThread: return "cudaErrorStreamCaptureWrongThread";
+    case cudaErrorUnknown: return "cudaErrorUnknown";
     }
     return "cudaErrorUnknown";
 }
@@ -653,6 +675,7 @@ const char *cudaGetErrorString(cudaError_t e) {
     case cudaErrorCapturedEvent: return "operation not permitted on an event last recorded in a capturing stream";
     case cudaErrorStreamCaptureWrongThread:
         return "attempt to terminate a thread-local capture sequence from another thread";
+    case cudaErrorUnknown: return "unknown error (injected by FM_CUDA_EMU_FAIL)";
     }
     return "unknown error";
 }

@@ -16,9 +16,11 @@
  *
  * Ops queue on one compute stream in issue order. The one device→host transfer of a layer is the router's
  * top-k (route synchronises the compute stream). An op the kernels cannot take, or a CUDA error, is recorded
- * and reported by finish() (the ops return nothing): never a result computed without it.
+ * and reported by finish() (the ops return nothing): never a result computed without it. finish() then empties
+ * the VRAM cache (vram_forget says why).
  */
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -57,6 +59,7 @@ struct cuda_ctx {
     cudaStream_t s = nullptr;  /* compute */
     cudaStream_t cs = nullptr; /* expert copies into the VRAM cache */
     fm_status err = FM_OK;     /* the first failure since the last finish() */
+    char err_msg[1024] = {};   /* ... and its message (later failures, often its echo, would overwrite it) */
     uint64_t budget = 0, used = 0; /* device bytes: the budget, and what this instance holds */
     const fm_config *cfg = nullptr;
 
@@ -89,7 +92,7 @@ struct cuda_ctx {
     uint8_t *pool = nullptr;
     int32_t *slot_key = nullptr, *key_slot = nullptr; /* [n_slots] key or -1; [key_space] slot or -1 */
     int *prev = nullptr, *next = nullptr, head = -1, tail = -1;
-    unsigned char *locked = nullptr;   /* [n_slots] taken by the batch being issued */
+    unsigned char *locked = nullptr;   /* [n_slots] taken by the batch being issued (until its FFNs are issued) */
     unsigned char *pending = nullptr;  /* [n_slots] a copy in flight that compute has not yet waited on */
     cudaEvent_t *loaded = nullptr, *used_ev = nullptr; /* [n_slots] after its copy; after its last FFN */
     uint64_t hits = 0, misses = 0, bytes_in = 0;
@@ -124,8 +127,12 @@ struct cuda_ctx {
 
 cuda_ctx *ctx_of(void *p) { return (cuda_ctx *)p; }
 
+/* Records st, the status of an fm_fail just made, unless a failure is recorded already: the first is the cause
+ * (a failed call's error comes back from cudaGetLastError at the next launch). finish() reports it. */
 void failed(cuda_ctx *c, fm_status st) {
-    if (c->err == FM_OK) c->err = st;
+    if (c->err != FM_OK) return;
+    c->err = st;
+    snprintf(c->err_msg, sizeof c->err_msg, "%s", fm_last_error());
 }
 
 /* A CUDA call's error recorded (as FM_ERR_DEVICE, with what failed); 1 when it succeeded. */
@@ -152,17 +159,16 @@ void launched(cuda_ctx *c, fm_status st, const char *op) {
 /* Device memory counted against the budget; NULL (with fm_fail) when over it or out of memory. */
 void *dmalloc(cuda_ctx *c, size_t bytes, const char *what) {
     if (c->used + bytes > c->budget) {
-        failed(c, FM_ERR_BUDGET);
-        fm_fail(FM_ERR_BUDGET, "cuda backend: %s needs %.1f MiB of GPU memory, and gpu_memory_budget has %.1f of "
-                "%.1f MiB left", what, bytes / (double)MiB, (c->budget - c->used) / (double)MiB,
-                c->budget / (double)MiB);
+        failed(c, fm_fail(FM_ERR_BUDGET, "cuda backend: %s needs %.1f MiB of GPU memory, and gpu_memory_budget has "
+                          "%.1f of %.1f MiB left", what, bytes / (double)MiB, (c->budget - c->used) / (double)MiB,
+                          c->budget / (double)MiB));
         return nullptr;
     }
     void *p = nullptr;
     if (cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) {
         cudaGetLastError();
-        failed(c, FM_ERR_NOMEM);
-        fm_fail(FM_ERR_NOMEM, "cuda backend: cannot allocate %.1f MiB of GPU memory for %s", bytes / (double)MiB, what);
+        failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: cannot allocate %.1f MiB of GPU memory for %s",
+                          bytes / (double)MiB, what));
         return nullptr;
     }
     c->used += bytes;
@@ -248,6 +254,8 @@ uint64_t cuda_memory_limit(const fm_backend_params *p) {
 }
 
 void cuda_destroy(void *ctx);
+void vram_free(cuda_ctx *c);
+void vram_forget(cuda_ctx *c);
 
 /* moe_device's device arrays: idx, weights, the choices' rows (0, 1, ...) and tokens [DEV_T·DEV_K] each, then ex */
 size_t dev_buf_bytes() { return 4 * sizeof(int32_t) * DEV_T * DEV_K + sizeof(fmc_expert) * DEV_T * DEV_K; }
@@ -297,20 +305,10 @@ void cuda_destroy(void *ctx) {
         cudaStreamSynchronize(c->cs);
         cudaStreamSynchronize(c->s);
     }
-    for (int i = 0; i < c->n_slots; i++) {
-        if (c->loaded) cudaEventDestroy(c->loaded[i]);
-        if (c->used_ev) cudaEventDestroy(c->used_ev[i]);
-    }
-    free(c->loaded), free(c->used_ev), free(c->slot_key), free(c->key_slot), free(c->prev), free(c->next);
-    free(c->locked), free(c->pending);
+    vram_free(c);
     if (c->graph) cudaGraphExecDestroy(c->graph);
-    free(c->tab_host), free(c->layer_count), free(c->layer_ready), free(c->deliv), free(c->graph_deliv);
-    dfree(c, (void *)c->tab_dev, sizeof(fmc_expert) * (size_t)c->key_space);
-    dfree(c, c->dev_buf, dev_buf_bytes());
     dfree(c, c->step_dev, 2 * sizeof(int32_t));
-    if (c->idx_pinned) cudaFreeHost(c->idx_pinned);
     if (c->step_host) cudaFreeHost(c->step_host);
-    dfree(c, c->pool, c->slot_bytes * (size_t)c->n_slots);
     dfree(c, c->mm.p, c->mm.size), dfree(c, c->attn.p, c->attn.size), dfree(c, c->ffn.p, c->ffn.size);
     dfree(c, c->up_dev, c->up_size), dfree(c, c->route_dev.p, c->route_dev.size);
     if (c->up_host) cudaFreeHost(c->up_host);
@@ -455,6 +453,10 @@ fm_status cuda_finish(void *ctx) {
     c->n_deliv = 0;
     const fm_status st = c->err;
     c->err = FM_OK;
+    if (st != FM_OK) {
+        vram_forget(c); /* both streams have drained (or the device is lost) */
+        fm_fail(st, "%s", c->err_msg);
+    }
     return st;
 }
 
@@ -689,26 +691,26 @@ bool graphs_on() {
 }
 
 /* Sized at the first MoE layer, once the dense weights, state and scratch hold their device memory: as many
- * slots as the budget has room for (all the experts at most), less headroom for scratch that grows. */
+ * slots as the budget has room for (all the experts at most), less headroom for scratch that grows. On a
+ * failure (recorded) nothing is kept: the next call tries again, as a fresh instance would. */
 bool vram_init(cuda_ctx *c, size_t slot_bytes) {
-    c->vram_ready = 1;
-    c->slot_bytes = (slot_bytes + 255) & ~(size_t)255;
+    const size_t sb = (slot_bytes + 255) & ~(size_t)255;
     /* kept free: VRAM_HEADROOM, and what attention's partials may still grow to (a long prompt's chunk at the
      * end of the context: up to their cap, 64 MiB, which the slots would otherwise have taken) */
     const size_t cap = sizeof(float) * fmc_attention_scratch_cap_floats();
     const uint64_t keep = VRAM_HEADROOM + (cap > c->attn.size ? cap - c->attn.size : 0);
     const uint64_t left = c->budget > c->used + keep ? c->budget - c->used - keep : 0;
-    uint64_t n = left / c->slot_bytes;
+    uint64_t n = left / sb;
     if (n > (uint64_t)c->key_space) n = (uint64_t)c->key_space;
     if (const char *env = getenv("FLASHMOE_CUDA_EXPERT_SLOTS")) /* tests: a cache of exactly this many */
         if (atoi(env) > 0 && (uint64_t)atoi(env) < n) n = (uint64_t)atoi(env);
     if (n < 1) {
         failed(c, fm_fail(FM_ERR_BUDGET, "cuda backend: gpu_memory_budget %.1f MiB leaves no room for one expert "
                           "(%.1f MiB) beside the dense weights, state and scratch (%.1f MiB)", c->budget / (double)MiB,
-                          c->slot_bytes / (double)MiB, c->used / (double)MiB));
+                          sb / (double)MiB, c->used / (double)MiB));
         return false;
     }
-    c->n_slots = (int)n;
+    c->vram_ready = 1, c->slot_bytes = sb, c->n_slots = (int)n;
     c->pool = (uint8_t *)dmalloc(c, c->slot_bytes * (size_t)n, "the VRAM expert cache");
     c->slot_key = (int32_t *)malloc(sizeof(int32_t) * n);
     c->key_slot = (int32_t *)malloc(sizeof(int32_t) * (size_t)c->key_space);
@@ -716,23 +718,27 @@ bool vram_init(cuda_ctx *c, size_t slot_bytes) {
     c->locked = (unsigned char *)calloc(n, 1), c->pending = (unsigned char *)calloc(n, 1);
     c->loaded = (cudaEvent_t *)calloc(n, sizeof(cudaEvent_t));
     c->used_ev = (cudaEvent_t *)calloc(n, sizeof(cudaEvent_t));
-    if (!c->pool) { /* dmalloc recorded why */
-        c->n_slots = 0;
-        return false;
-    }
-    if (!c->slot_key || !c->key_slot || !c->prev || !c->next || !c->locked || !c->pending || !c->loaded || !c->used_ev) {
+    bool good = c->pool != nullptr; /* else dmalloc recorded why */
+    if (good && (!c->slot_key || !c->key_slot || !c->prev || !c->next || !c->locked || !c->pending || !c->loaded ||
+                 !c->used_ev)) {
         failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: out of memory"));
+        good = false;
+    }
+    for (int i = 0; good && i < c->n_slots; i++)
+        if (cudaEventCreateWithFlags(&c->loaded[i], cudaEventDisableTiming) != cudaSuccess ||
+            cudaEventCreateWithFlags(&c->used_ev[i], cudaEventDisableTiming) != cudaSuccess) {
+            cudaGetLastError();
+            failed(c, fm_fail(FM_ERR_DEVICE, "cuda backend: cannot create the expert cache's events"));
+            good = false;
+        }
+    if (!good) {
+        vram_free(c);
         return false;
     }
     for (int k = 0; k < c->key_space; k++) c->key_slot[k] = -1;
     for (int i = 0; i < c->n_slots; i++) {
         c->slot_key[i] = -1;
         c->prev[i] = c->next[i] = -1;
-        if (cudaEventCreateWithFlags(&c->loaded[i], cudaEventDisableTiming) != cudaSuccess ||
-            cudaEventCreateWithFlags(&c->used_ev[i], cudaEventDisableTiming) != cudaSuccess) {
-            failed(c, fm_fail(FM_ERR_DEVICE, "cuda backend: cannot create the expert cache's events"));
-            return false;
-        }
         cudaEventRecord(c->used_ev[i], c->s); /* "last used": now, so a first copy waits for nothing */
         lru_front(c, i);
     }
@@ -795,6 +801,45 @@ void tab_remove(cuda_ctx *c, int key) {
     c->layer_count[layer]--;
     if (c->layer_ready[layer]) c->mem_gen++; /* a recorded step reads its table */
     c->layer_ready[layer] = 0;
+}
+
+/* The cache as before vram_init (which the next call runs again): its memory and events released. */
+void vram_free(cuda_ctx *c) {
+    for (int i = 0; i < c->n_slots; i++) {
+        if (c->loaded && c->loaded[i]) cudaEventDestroy(c->loaded[i]);
+        if (c->used_ev && c->used_ev[i]) cudaEventDestroy(c->used_ev[i]);
+    }
+    free(c->loaded), free(c->used_ev), free(c->slot_key), free(c->key_slot), free(c->prev), free(c->next);
+    free(c->locked), free(c->pending);
+    dfree(c, c->pool, c->slot_bytes * (size_t)c->n_slots);
+    c->loaded = c->used_ev = nullptr, c->slot_key = c->key_slot = nullptr, c->prev = c->next = nullptr;
+    c->locked = c->pending = nullptr, c->pool = nullptr;
+    c->vram_ready = 0, c->n_slots = 0, c->slot_bytes = 0, c->head = c->tail = -1;
+    free(c->tab_host), free(c->layer_count), free(c->layer_ready), free(c->deliv), free(c->graph_deliv);
+    dfree(c, (void *)c->tab_dev, sizeof(fmc_expert) * (size_t)c->key_space);
+    dfree(c, c->dev_buf, dev_buf_bytes());
+    if (c->idx_pinned) cudaFreeHost(c->idx_pinned);
+    c->tab_host = c->tab_dev = nullptr, c->layer_count = nullptr, c->layer_ready = nullptr;
+    c->deliv = c->graph_deliv = nullptr, c->dev_buf = nullptr, c->idx_pinned = nullptr;
+    c->all_fit = false, c->n_deliv = c->graph_n_deliv = 0;
+    c->mem_gen++; /* a recording's tables are gone */
+}
+
+/* After any failure, from finish() once the streams have drained: every slot emptied. A failure can leave a
+ * batch's slots locked (cuda_experts returned before issuing their FFNs), keys on slots whose copy failed or
+ * was never waited for; which slots hold their expert is not known, so none is trusted. The next calls copy
+ * their experts again, as on a fresh instance (the counters go on). */
+void vram_forget(cuda_ctx *c) {
+    for (int i = 0; i < c->n_slots; i++) {
+        if (c->slot_key[i] >= 0) c->key_slot[c->slot_key[i]] = -1;
+        c->slot_key[i] = -1, c->locked[i] = 0, c->pending[i] = 0;
+    }
+    if (c->all_fit) { /* every layer routes on the host until its experts are all in again */
+        memset(c->layer_count, 0, sizeof(int) * (size_t)c->n_layers);
+        memset(c->layer_ready, 0, (size_t)c->n_layers);
+        c->mem_gen++;
+    }
+    c->n_deliv = 0;
 }
 
 /* The VRAM slot of expert w for the batch being issued: a hit, or the least recently used unlocked slot with
