@@ -439,9 +439,16 @@ struct gd_plan {
     size_t floats;
 };
 
+/* FLASHMOE_CUDA_GD_CHUNKED=0: the recurrent form for every token (benchmarks: the chunked form's baseline, in
+ * the same build). Read at each call. */
+bool chunked_on() {
+    const char *e = getenv("FLASHMOE_CUDA_GD_CHUNKED");
+    return !(e && strcmp(e, "0") == 0);
+}
+
 gd_plan plan_of(int T, int pos0, int Hv, int dk) {
     gd_plan p = {0, 0, 0, 0, 0, 0};
-    if (T < 2 || dk > CHUNK_MAX_DK) return p;
+    if (T < 2 || dk > CHUNK_MAX_DK || !chunked_on()) return p;
     const int first = CH - pos0 % CH; /* the first chunk's length, if the call is that long */
     const int a = first == 1 ? 1 : 0;
     const int last = (int)(((long long)pos0 + T - 1) / CH * CH - pos0); /* the last chunk's first token */
