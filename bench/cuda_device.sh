@@ -12,6 +12,8 @@
 #   profile bench/cuda_profile.py: a decode step's kernels, their GPU time, and its wall time
 #   quick   hbm decode, FLASHMOE_CUDA_GROUPED=0 against the default (after prepare and wait: the model)
 #   llama   bench/cuda_llamacpp.py: llama.cpp on the GPU and with the experts on the CPU, on the same models
+#   deltanet the gated delta rule's kernels, chunked against recurrent (bench/gated_delta.py --backend cuda, the
+#           35B's and the 397B's heads), and hbm prompts with each form (FLASHMOE_CUDA_GD_CHUNKED=0 / 1)
 # The machine's python3 has torch, numpy, pybind11 and scikit-build-core; nothing is downloaded.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -45,6 +47,13 @@ for what in "$@"; do
       python3 bench/cuda.py --setting disk --preset qwen3.5-122b-a10b --layers 8 --gpu-budget 3GB --budget 4GB \
         --prompts "" --tokens 16 --runs 1 2>&1 | tee "$out/bench_disk.log" || rc=1
       python3 bench/cuda.py --setting hbm --layers 40 --runs 1 2>&1 | tee "$out/bench_hbm40.log" || rc=1 ;;
+    deltanet)  # the chunked gated delta rule against the recurrent one: kernels alone, then whole prompts
+      python3 bench/gated_delta.py --backend cuda 2>&1 | tee -a "$out/deltanet.log" || rc=1
+      python3 bench/gated_delta.py --backend cuda --Hv 64 2>&1 | tee -a "$out/deltanet.log" || rc=1
+      for c in 0 1; do
+        FLASHMOE_CUDA_GD_CHUNKED=$c python3 bench/cuda.py --setting hbm --layers 8 --prompts 512,2048 --warm 0 \
+          --runs 1 2>&1 | tee -a "$out/deltanet.log" || rc=1
+      done ;;
     quick)  # hbm decode and a 512 prompt, each expert in its own launches against one launch for all of them
       for g in 0 1; do
         FLASHMOE_CUDA_GROUPED=$g python3 bench/cuda.py --setting hbm --layers 8 --prompts 512 --warm 0 --runs 1 \

@@ -9,6 +9,13 @@ Times `_core.op_gated_delta` (recurrent, one token at a time, one thread) and
 number is the median of --reps calls minus the binding's own cost (copying the [Hv, dk, dv] state in
 and out), measured as a T = 0 call. Prints a table and a JSON line. The 2-thread column needs the
 second core idle (another busy process makes it read like the 1-thread one).
+
+    python bench/gated_delta.py --backend cuda [--Hv 64] [--reps 5]   (a CUDA build on a GPU; needs torch)
+
+The CUDA backend's two forms instead: the GPU time of the gated delta rule's kernels (gd_*: the CUDA event
+times CUPTI records, through torch.profiler, as bench/cuda_profile.py does) for one `op_gated_delta_auto`
+call of T tokens from position 0, chunked (the default) and recurrent (FLASHMOE_CUDA_GD_CHUNKED=0), without
+the binding's copies in and out. Medians of --reps calls after a warm one.
 """
 
 from __future__ import annotations
@@ -49,8 +56,48 @@ def median_ms(fn, reps):
     return statistics.median(ts) * 1e3
 
 
+def cuda_kernels_ms(x, reps, chunked):
+    """Median GPU time (ms) of the gd_* kernels of one op_gated_delta_auto call on backend cuda."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ["FLASHMOE_CUDA_GD_CHUNKED"] = "1" if chunked else "0"
+    _core.op_gated_delta_auto(*x, backend="cuda")  # warm: the scratch grown, the kernels loaded
+    ts = []
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _core.op_gated_delta_auto(*x, backend="cuda")
+        ts.append(sum(e.time_range.elapsed_us() for e in prof.events()
+                      if "gd_" in e.name and "CUDA" in str(getattr(e, "device_type", ""))) / 1e3)
+    return statistics.median(ts)
+
+
+def main_cuda(a):
+    import torch
+
+    torch.cuda.init()
+    rng = np.random.default_rng(0)
+    shape = (a.Hk, a.Hv, a.dk, a.dv)
+    rows = []
+    for T in a.T:
+        x = inputs(rng, T, *shape)
+        rec = cuda_kernels_ms(x, a.reps, False)
+        ch = cuda_kernels_ms(x, a.reps, True)
+        rows.append({"T": T, "recurrent_ms": round(rec, 4), "chunked_ms": round(ch, 4)})
+    os.environ.pop("FLASHMOE_CUDA_GD_CHUNKED", None)
+    print(f"# cuda: Hk={a.Hk} Hv={a.Hv} dk={a.dk} dv={a.dv}, chunks of 16; {torch.cuda.get_device_name()}; "
+          "GPU time of the gd_* kernels")
+    print("| T | recurrent ms | chunked ms | speedup | chunked µs/token |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        rec, ch = r["recurrent_ms"], r["chunked_ms"]
+        print(f"| {r['T']} | {rec:.4f} | {ch:.4f} | {rec / ch:.2f}× | {1e3 * ch / r['T']:.2f} |")
+    print(json.dumps({"backend": "cuda", "device": torch.cuda.get_device_name(),
+                      "shape": dict(zip(("Hk", "Hv", "dk", "dv"), shape)), "rows": rows}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--Hk", type=int, default=16)
     ap.add_argument("--Hv", type=int, default=32)
     ap.add_argument("--dk", type=int, default=128)
@@ -58,8 +105,12 @@ def main():
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--T", type=int, nargs="*", default=[1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512])
+    ap.add_argument("--T", type=int, nargs="*")
     a = ap.parse_args()
+    if a.backend == "cuda":
+        a.T = a.T or [1, 2, 16, 64, 128, 512, 2048, 8192]
+        return main_cuda(a)
+    a.T = a.T or [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512]
     rng = np.random.default_rng(0)
     shape = (a.Hk, a.Hv, a.dk, a.dv)
 

@@ -302,6 +302,20 @@ PLANTS = [
     Plant("cuda_group_sum_skips_a_lane", "csrc/backend/cuda/gated_delta.cu",
           "for (int m = 1; m < P; m <<= 1) x +=", "for (int m = 2; m < P; m <<= 1) x +=",
           ["tests/test_cuda_emu.py", "-k", "op_harness and forward"], "CUDA gated delta's warp sum misses a step"),
+    Plant("cuda_deltanet_chunks_unaligned", "csrc/backend/cuda/gated_delta.cu",
+          "    p.n0 = CH - (pos0 + a) % CH < b - a ? CH - (pos0 + a) % CH : b - a;",
+          "    p.n0 = CH < b - a ? CH : b - a;",
+          ["tests/test_cuda_emu.py", "-k", "op_harness and forward"],
+          "CUDA's DeltaNet chunks start at the call, not at absolute positions"),
+    Plant("cuda_deltanet_one_token_chunk_chunked", "csrc/backend/cuda/gated_delta.cu",
+          "    const int b = last >= a && T - last == 1 ? T - 1 : T;", "    const int b = T;",
+          ["tests/test_cuda_emu.py", "-k", "op_harness and forward"],
+          "CUDA: a 1-token last chunk takes the chunked form, a 1-token call the recurrent"),
+    Plant("cuda_deltanet_stage_no_barrier", "csrc/backend/cuda/gated_delta.cu",
+          "        in.store(Ks, Qs, Vs, Rs);\n        __syncthreads();\n",
+          "        in.store(Ks, Qs, Vs, Rs);\n",
+          ["tests/test_cuda_emu.py", "-k", "op_harness and forward"],
+          "CUDA's chunked gated delta rule reads a chunk's staged inputs unsynchronised"),
 ]
 
 

@@ -94,8 +94,8 @@ SLOW = pytest.mark.slow  # CI's time: the fp32 and the default (4-bit, int8) pat
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
 def test_model_on_emulated_cuda(emu_env, tiny_models, tmp_path, arch, bits, int8):
     """tests/test_cuda_backend.py's test_model_on_cuda on the emulator: the prompt in one call bitwise the
-    prompt token by token; against the CPU within RTOL (int8 activations: INT8_RTOL there, which says why);
-    the greedy tokens the same."""
+    prompt in calls cut at position 16; against the CPU within RTOL (int8 activations: INT8_RTOL there, which
+    says why); the greedy tokens the same."""
     import test_cuda_backend
     test_cuda_backend.test_model_on_cuda(emu_env, tiny_models, tmp_path, arch, bits, int8)
 

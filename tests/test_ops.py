@@ -566,6 +566,25 @@ for T, Hk, Hv, dk, dv, _, gk, bk in GATED_DELTA_CHUNK:
          lambda rng, a=(T, Hk, Hv, dk, dv, 0, gk, bk): build_gated_delta_chunk(rng, *a)[:6],
          ref_gated_delta, TOL_DOT, TOL_DOT)
 
+# ... from positions pos0 not a multiple of 16, where a backend's chunks (ending at multiples of 16 in
+# absolute position) cut the call unevenly: T over several chunks with partial ones at both ends, a 1-token
+# first chunk (pos0 15 or 31: the recurrent step), a 1-token last one, two 1-token chunks (T 2 at pos0 15),
+# T below 16 inside one chunk and across a boundary; dk below 16, dk = dv = 128 and the real models' heads
+# (Qwen3.5-35B and Qwen3-Next: 16 key heads, 32 value heads; Qwen3.5-397B and 122B: 64 value heads), dk 256
+# (CUDA's widest chunked form) and 300 (past it: CUDA's recurrent form for every token), dv past a
+# 128-column block; the decay and beta extremes of the chunked cases. Same reference, same tolerance: the
+# sums are the same ones, associated differently (as the CPU's chunked form's, above).
+GATED_DELTA_POS = [(40, 2, 4, 32, 48, 5, "mixed", "u"), (33, 1, 3, 60, 20, 15, "mixed", "u"),
+                   (18, 2, 6, 24, 20, 31, "strong", "1"), (7, 2, 4, 20, 60, 3, "mixed", "u"),
+                   (9, 1, 2, 36, 60, 12, "flat", "0"), (2, 2, 4, 32, 48, 15, "mixed", "u"),
+                   (49, 1, 2, 8, 130, 1, "mixed", "u"), (40, 1, 2, 128, 128, 9, "strong", "0"),
+                   (37, 16, 32, 128, 128, 7, "mixed", "u"), (37, 16, 64, 128, 128, 27, "flat", "1"),
+                   (20, 1, 2, 256, 40, 3, "mixed", "u"), (20, 1, 1, 300, 24, 6, "mixed", "u")]
+for T, Hk, Hv, dk, dv, p0, gk, bk in GATED_DELTA_POS:
+    case("gated_delta_auto", f"T{T}-Hk{Hk}-Hv{Hv}-dk{dk}-dv{dv}-pos{p0}-g{gk}-b{bk}",
+         lambda rng, a=(T, Hk, Hv, dk, dv, 0, gk, bk): build_gated_delta_chunk(rng, *a)[:6],
+         lambda *a, pos0: ref_gated_delta(*a), TOL_DOT, TOL_DOT, pos0=p0)
+
 
 # DeltaNet's conv output [T, 2·kd + vd] split into q, k [T, kd] and v [T, vd]: copies, so exact.
 for T, kd, vd in ((1, 32, 48), (5, 60, 36), (17, 128, 256)):
@@ -770,14 +789,19 @@ def split_at(T, pos0, cuts):
 
 
 @pytest.mark.parametrize("target", [pytest.param(t, id=target_id(t)) for t in TARGETS])
-@pytest.mark.parametrize("T,pos0", [(100, 0), (100, 5), (37, 15), (33, 31), (2, 15)])
-def test_gated_delta_same_bits_however_split(target, T, pos0):
+@pytest.mark.parametrize("T,pos0,dims", [(100, 0, (2, 4, 32, 24)), (100, 5, (2, 4, 32, 24)),
+                                         (37, 15, (2, 4, 32, 24)), (33, 31, (2, 4, 32, 24)),
+                                         (2, 15, (2, 4, 32, 24)), (65, 15, (2, 4, 32, 24)),
+                                         (70, 9, (1, 2, 128, 128)), (40, 3, (1, 2, 256, 40))],
+                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else None)
+def test_gated_delta_same_bits_however_split(target, T, pos0, dims):
     """Batch invariance (backend.h): the interface's gated_delta over a sequence gives the same bits in one
     call as in calls cut at multiples of FM_DELTANET_CHUNK (16) positions, at every thread count. pos0 15 or
-    31 makes a 1-token first chunk (the recurrent step, as a 1-token call takes), T = 16k + 1 past a boundary
-    a 1-token last one."""
+    31 makes a 1-token first chunk (the recurrent step, as a 1-token call takes), a call ending 1 past a
+    multiple of 16 a 1-token last one (T 2 and 65 at pos0 15; the cut at 16 makes one too). dims: Hk, Hv, dk,
+    dv (dk 128 and 256: CUDA's chunked form with 8 and 16 lanes a column)."""
     rng = np.random.default_rng(T * 100 + pos0)
-    q, k, v, g, beta, S = build_gated_delta(rng, T, 2, 4, 32, 24)
+    q, k, v, g, beta, S = build_gated_delta(rng, T, *dims)
 
     def run(calls, threads):
         state, outs = S, []
@@ -796,6 +820,25 @@ def test_gated_delta_same_bits_however_split(target, T, pos0):
         for threads in (1, 2):
             out, state = run(calls, threads)
             assert np.array_equal(out, whole) and np.array_equal(state, whole_state), (calls, threads)
+
+
+if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE_CI_REQUIRE=all)
+    @pytest.mark.parametrize("slice_chunks", [1, 2, 3])
+    def test_cuda_gated_delta_slices_give_the_same_bits(slice_chunks, monkeypatch):
+        """CUDA's chunked gated delta rule runs a long call in slices of chunks that reuse its scratch (64 MiB
+        of per-chunk records: 7,000 tokens at 64 value heads); FLASHMOE_CUDA_GD_SLICE (tests only) makes a
+        slice that many chunks: the same bits as the call in one slice, from a 1-token first chunk (pos0 15)
+        and from a partial one (pos0 5), to a partial or 1-token last chunk."""
+        for T, pos0 in ((70, 15), (58, 5), (44, 5)):
+            rng = np.random.default_rng(T + pos0)
+            args = build_gated_delta(rng, T, 2, 4, 32, 24)
+            monkeypatch.delenv("FLASHMOE_CUDA_GD_SLICE", raising=False)
+            whole = _core.op_gated_delta_auto(*args, pos0=pos0, backend="cuda")
+            monkeypatch.setenv("FLASHMOE_CUDA_GD_SLICE", str(slice_chunks))
+            sliced = _core.op_gated_delta_auto(*args, pos0=pos0, backend="cuda")
+            for a, b in zip(whole, sliced):
+                assert np.array_equal(a, b), (T, pos0, slice_chunks)
+            check_outputs(sliced, ref_gated_delta(*args), (TOL_DOT, TOL_DOT))
 
 
 @pytest.mark.parametrize("name", [n for n in ("cuda", "metal", "nonesuch") if n not in BACKENDS])

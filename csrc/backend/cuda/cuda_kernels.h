@@ -70,10 +70,19 @@ fm_status fmc_attention(cudaStream_t s, float *out, const float *q, const float 
 int fmc_attention_key_block(void);
 
 /* ---- gated_delta.cu */
+/* Floats of scratch fmc_gated_delta needs for this call (its chunked form's per-chunk matrices); 0 when every
+ * token takes the recurrent form. */
+size_t fmc_gated_delta_scratch_floats(int T, int pos0, int Hk, int Hv, int dk, int dv);
+/* ... the most that takes where one chunk's records fit the cap on a slice's (64 MiB: any call of up to 7,000
+ * tokens at 64 value heads in one slice) */
+size_t fmc_gated_delta_scratch_cap_floats(void);
 /* fm_cpu_gated_delta's map over T tokens at positions pos0..: q, k [T, Hk, dk]; v [T, Hv, dv]; g, beta
- * [T, Hv]; S [Hv, dk, dv] updated; out [T, Hv, dv]. */
+ * [T, Hv]; S [Hv, dk, dv] updated; out [T, Hv, dv]. Recurrent, or chunked in chunks that end at multiples of
+ * FM_DELTANET_CHUNK positions as fm_cpu_gated_delta_chunk's (a 1-token chunk: the recurrent step). scratch:
+ * fmc_gated_delta_scratch_floats(T, pos0, Hk, Hv, dk, dv) floats (NULL where that is 0). */
 fm_status fmc_gated_delta(cudaStream_t s, float *out, float *S, const float *q, const float *k, const float *v,
-                          const float *g, const float *beta, int T, int pos0, int Hk, int Hv, int dk, int dv);
+                          const float *g, const float *beta, int T, int pos0, int Hk, int Hv, int dk, int dv,
+                          float *scratch);
 
 /* ---- route.cu */
 /* fm_cpu_topk_softmax per token of logits [T, E]: idx, weights device [T, k]. With tab (device [E], the layer's

@@ -80,7 +80,9 @@ struct cuda_ctx {
         const float *x;
         int T, cols, gs, dtype;
     } qx = {};
-    dbuf attn; /* attention's partials */
+    /* the scratch of one op, never of two at once (ops run in issue order on one stream): attention's
+     * partials, the chunked gated delta rule's per-chunk records */
+    dbuf opbuf;
     dbuf ffn;  /* the experts' gathered rows and hidden states */
     dbuf route_dev;                 /* the router's [T, k] indices, then weights */
     uint8_t *route_host = nullptr;  /* the same, pinned, for the host to read */
@@ -309,7 +311,7 @@ void cuda_destroy(void *ctx) {
     if (c->graph) cudaGraphExecDestroy(c->graph);
     dfree(c, c->step_dev, 2 * sizeof(int32_t));
     if (c->step_host) cudaFreeHost(c->step_host);
-    dfree(c, c->mm.p, c->mm.size), dfree(c, c->attn.p, c->attn.size), dfree(c, c->ffn.p, c->ffn.size);
+    dfree(c, c->mm.p, c->mm.size), dfree(c, c->opbuf.p, c->opbuf.size), dfree(c, c->ffn.p, c->ffn.size);
     dfree(c, c->up_dev, c->up_size), dfree(c, c->route_dev.p, c->route_dev.size);
     if (c->up_host) cudaFreeHost(c->up_host);
     if (c->route_host) cudaFreeHost(c->route_host);
@@ -533,7 +535,7 @@ void cuda_attention(void *ctx, float *out, const float *q, const float *kc, cons
     cuda_ctx *c = ctx_of(ctx);
     if (T <= 0) return;
     const size_t floats = fmc_attention_scratch_floats(T, pos0, nh, hd);
-    float *part = floats ? (float *)grow(c, &c->attn, floats * sizeof(float), "attention partials") : nullptr;
+    float *part = floats ? (float *)grow(c, &c->opbuf, floats * sizeof(float), "attention partials") : nullptr;
     if (floats && !part) return;
     const int *dpos = dev_pos(c, pos0, T);
     if (dpos) { /* the launches are those of every position of pos0's key block */
@@ -554,8 +556,13 @@ void cuda_deltanet_gates(void *ctx, float *b, float *a, const float *A_log, cons
 }
 void cuda_gated_delta(void *ctx, float *out, float *S, const float *q, const float *k, const float *v, const float *g,
                       const float *beta, int T, int pos0, int Hk, int Hv, int dk, int dv) {
-    launched(ctx_of(ctx), fmc_gated_delta(ctx_of(ctx)->s, out, S, q, k, v, g, beta, T, pos0, Hk, Hv, dk, dv),
-             "gated_delta");
+    cuda_ctx *c = ctx_of(ctx);
+    if (T <= 0) return;
+    const size_t floats = fmc_gated_delta_scratch_floats(T, pos0, Hk, Hv, dk, dv); /* 0: the recurrent form */
+    float *rec = floats ? (float *)grow(c, &c->opbuf, floats * sizeof(float), "the gated delta rule's scratch")
+                        : nullptr;
+    if (floats && !rec) return;
+    launched(c, fmc_gated_delta(c->s, out, S, q, k, v, g, beta, T, pos0, Hk, Hv, dk, dv, rec), "gated_delta");
 }
 void cuda_gate_rows(void *ctx, float *out, const float *g, int T, int n) {
     launched(ctx_of(ctx), fmc_gate_rows(ctx_of(ctx)->s, out, g, T, n), "gate_rows");
@@ -695,10 +702,12 @@ bool graphs_on() {
  * failure (recorded) nothing is kept: the next call tries again, as a fresh instance would. */
 bool vram_init(cuda_ctx *c, size_t slot_bytes) {
     const size_t sb = (slot_bytes + 255) & ~(size_t)255;
-    /* kept free: VRAM_HEADROOM, and what attention's partials may still grow to (a long prompt's chunk at the
-     * end of the context: up to their cap, 64 MiB, which the slots would otherwise have taken) */
-    const size_t cap = sizeof(float) * fmc_attention_scratch_cap_floats();
-    const uint64_t keep = VRAM_HEADROOM + (cap > c->attn.size ? cap - c->attn.size : 0);
+    /* kept free: VRAM_HEADROOM, and what the one-op scratch may still grow to (attention's partials of a long
+     * prompt's chunk at the end of the context, the gated delta rule's records of a long call: up to the larger
+     * cap, 64 MiB, which the slots would otherwise have taken) */
+    const size_t att = fmc_attention_scratch_cap_floats(), gd = fmc_gated_delta_scratch_cap_floats();
+    const size_t cap = sizeof(float) * (att > gd ? att : gd);
+    const uint64_t keep = VRAM_HEADROOM + (cap > c->opbuf.size ? cap - c->opbuf.size : 0);
     const uint64_t left = c->budget > c->used + keep ? c->budget - c->used - keep : 0;
     uint64_t n = left / sb;
     if (n > (uint64_t)c->key_space) n = (uint64_t)c->key_space;
