@@ -22,15 +22,23 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 pkg=/tmp/flashmoe-cuda
-if [ ! -d "$pkg/flashmoe" ]; then
+# a warm machine keeps the last build: built again when the sources differ from the ones it was built from
+src=$(find csrc python CMakeLists.txt pyproject.toml -type f -print0 | sort -z | xargs -0 md5sum | md5sum | cut -c1-32)
+if [ "$(cat "$pkg/.sources" 2>/dev/null)" != "$src" ]; then
+  rm -rf "$pkg" /tmp/flashmoe-cuda-build
   t0=$(date +%s)
   python3 -m pip install -q --no-deps --no-build-isolation --target "$pkg" . -C cmake.define.FLASHMOE_CUDA=ON \
     -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 -C build-dir=/tmp/flashmoe-cuda-build >"$out/build.log" 2>&1 \
     || { tail -60 "$out/build.log"; exit 1; }
   echo "built in $(( $(date +%s) - t0 )) s"
+  echo "$src" >"$pkg/.sources"
 fi
+# llama.cpp's sources: a copy in /tmp, since every device call replaces the carried folders (.lcp) under a
+# build still running in the background
 LCP="${LCP:-.lcp/llama.cpp}"
-export PYTHONPATH="$pkg:$PWD/$LCP/gguf-py"  # gguf-py: bench/gguf_export.py's writer
+if [ -d "$LCP" ] && [ ! -d /tmp/lcp/llama.cpp ]; then mkdir -p /tmp/lcp && cp -r "$LCP" /tmp/lcp/; fi
+LCP=/tmp/lcp/llama.cpp
+export PYTHONPATH="$pkg:$LCP/gguf-py"  # gguf-py: bench/gguf_export.py's writer
 llama=/tmp/llama-build/bin/llama-bench
 rc=0
 for what in "$@"; do
