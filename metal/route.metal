@@ -4,10 +4,10 @@
 // One simdgroup per token (a threadgroup of one simdgroup); lane l holds logits l, l + 32, ...; any E.
 //
 // Indices: exactly the CPU's. They are chosen by comparing logits, never probabilities (softmax is
-// monotonic), in the CPU's total order: logit descending, then index ascending. Round j takes the best
-// element after round j-1's winner in that order: each lane its own best, then a butterfly of
-// simd_shuffle_xor keeps the better of two. Comparisons are exact and a maximum of a total order does not
-// depend on the order it is taken in, so every lane, lane order and Apple's shuffle agree.
+// monotonic), in the CPU's total order: logit descending, NaN after every number, then index ascending.
+// Round j takes the best element after round j-1's winner in that order: each lane its own best, then a
+// butterfly of simd_shuffle_xor keeps the better of two. Comparisons are exact and a maximum of a total
+// order does not depend on the order it is taken in, so every lane, lane order and Apple's shuffle agree.
 //
 // Weights: the CPU sums exp(l - max) over E in double and divides in double. Metal has no double; here:
 // - e_i = precise::exp(l_i - max) in fp32, l_i - max rounded to fp32 as the CPU rounds it: e_i in [0, 1],
@@ -22,6 +22,11 @@
 // some 1e-7 (a dozen ulp of 1/2 would still be 7e-7), under test_ops' TOL_PROB (1e-6), and far under it in
 // the emulator (IEEE exp: <= 1.1e-7 over tests/test_metal_emu.py's hard router cases); renormalisation adds
 // the CPU's own k-term fp32 sum. k <= FM_ROUTE_MAX_K (32): selection j is held by lane j.
+//
+// Non-finite logits: the CPU's contract (csrc/backend/cuda/route.cu's header says it): NaN ranks after every
+// number, so the k choices are distinct indices in [0, E); e = 1 where l is the max (round 0's winner), so
+// +inf maxima share the weight and all -inf gives 1/E; a NaN anywhere makes every weight of the token NaN
+// (here by a flag reduced over the simdgroup: the fixed point cannot hold a NaN).
 #include <metal_stdlib>
 #include "fm_metal_args.h"
 using namespace metal;
@@ -29,14 +34,15 @@ using namespace metal;
 #define FM_ROUTE_NONE 0xFFFFFFFFu    // no element (a lane with none left)
 #define FM_ROUTE_ONE 1099511627776.0f // 2^40: 1 in the fixed point of the sum
 
-// whether (al, ai) comes before (bl, bi) in the CPU's order; NONE comes after everything
+// whether (al, ai) comes before (bl, bi) in the CPU's order; NaN after every number; NONE after everything
 static inline bool fm_route_before(float al, uint ai, float bl, uint bi) {
     if (ai == FM_ROUTE_NONE) return false;
     if (bi == FM_ROUTE_NONE) return true;
+    if (isnan(al) || isnan(bl)) return isnan(bl) && (!isnan(al) || ai < bi);
     return al > bl || (al == bl && ai < bi);
 }
 
-static inline float fm_route_e(float l, float mx) { return precise::exp(l - mx); }
+static inline float fm_route_e(float l, float mx) { return l == mx ? 1.0f : precise::exp(l - mx); }
 
 kernel void fm_route(device const float *logits [[buffer(0)]],
                      device int *idx [[buffer(1)]],
@@ -53,7 +59,7 @@ kernel void fm_route(device const float *logits [[buffer(0)]],
         uint bi = FM_ROUTE_NONE;
         for (uint i = lane; i < a.E; i += FM_METAL_SIMD) {
             const float l = lt[i];
-            const bool after = pi == FM_ROUTE_NONE || l < pl || (l == pl && i > pi);
+            const bool after = pi == FM_ROUTE_NONE || fm_route_before(pl, pi, l, i);
             if (after && fm_route_before(l, i, bl, bi)) bl = l, bi = i;
         }
         for (ushort m = FM_METAL_SIMD / 2; m > 0; m >>= 1) {
@@ -68,9 +74,17 @@ kernel void fm_route(device const float *logits [[buffer(0)]],
     // the max logit is the first winner's; round 0 found one unless E = 0 or k = 0
     const float mx = simd_shuffle(my_l, 0);
     ulong s = 0;
-    for (uint i = lane; i < a.E; i += FM_METAL_SIMD) s += ulong(fm_route_e(lt[i], mx) * FM_ROUTE_ONE);
-    for (ushort m = FM_METAL_SIMD / 2; m > 0; m >>= 1) s += as_type<ulong>(simd_shuffle_xor(as_type<uint2>(s), m));
-    const float sum = float(s) * (1.0f / FM_ROUTE_ONE); // a power of two: exact
+    uint has_nan = 0; // a NaN logit: the sum is NaN
+    for (uint i = lane; i < a.E; i += FM_METAL_SIMD) {
+        const float l = lt[i];
+        if (isnan(l)) has_nan = 1;
+        else s += ulong(fm_route_e(l, mx) * FM_ROUTE_ONE);
+    }
+    for (ushort m = FM_METAL_SIMD / 2; m > 0; m >>= 1) {
+        s += as_type<ulong>(simd_shuffle_xor(as_type<uint2>(s), m));
+        has_nan |= simd_shuffle_xor(has_nan, m);
+    }
+    const float sum = has_nan ? NAN : float(s) * (1.0f / FM_ROUTE_ONE); // a power of two: exact
     const float w = my_i != FM_ROUTE_NONE ? fm_route_e(my_l, mx) / sum : 0.0f;
     float wsum = 0.0f;
     for (uint j = 0; j < a.k; j++) wsum += simd_shuffle(w, ushort(j));

@@ -160,7 +160,8 @@ def test_conv1d_same_bits_however_split(target):
 def hard_logits(rng, T, E, kind):
     """Router logits [T, E] that are hard for a top-k in fp32: near-ties a few ulp apart and exact ties
     (equal values, -0.0 and +0.0) around the top, one logit far above the rest (weight ~1), all equal
-    (weights 1/E), a spread so wide that exp underflows for most."""
+    (weights 1/E), a spread so wide that exp underflows for most; NaN and ±inf (all NaN, half NaN, +inf and
+    -inf, all -inf, one +inf and one NaN)."""
     x = (rng.standard_normal((T, E)) * 3).astype(np.float32)
     for t in range(T):
         row = x[t]
@@ -178,13 +179,23 @@ def hard_logits(rng, T, E, kind):
             row[:] = 1.5
         elif kind == "wide":
             row[:] = np.linspace(-40.0, 5.0, E, dtype=np.float32)[rng.permutation(E)]
+        elif kind == "nonfinite":  # test_ops' ref_topk_softmax says the contract
+            p = rng.permutation(E)
+            if t == 0 or t == 3:
+                row[:] = np.nan if t == 0 else -np.inf
+            elif t == 1:
+                row[p[:(E + 1) // 2]] = np.nan
+            elif t == 2:
+                row[p[:E // 3]], row[p[E // 3:2 * E // 3]] = np.inf, -np.inf
+            else:
+                row[p[0]], row[p[-1]] = np.inf, np.nan
     return x
 
 
 # E: one expert, fewer than a simdgroup, 33, 512; k up to 32 (Metal's FM_ROUTE_MAX_K)
 @pytest.mark.parametrize("target", BACKEND_TARGETS, ids=test_ops.target_id)
 @pytest.mark.parametrize("E,k", [(1, 1), (2, 2), (5, 3), (33, 32), (64, 8), (512, 10), (512, 32)])
-@pytest.mark.parametrize("kind", ["near", "peaked", "flat", "wide"])
+@pytest.mark.parametrize("kind", ["near", "peaked", "flat", "wide", "nonfinite"])
 @pytest.mark.parametrize("norm", [True, False])
 def test_route_hard_cases(target, E, k, kind, norm):
     """Indices exactly the CPU backend's (ties: the lower index first) and test_ops' float64 reference's,

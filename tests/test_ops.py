@@ -3,9 +3,10 @@
 A case is (op, id, build, ref, tol): build(rng) returns the op's positional arguments, ref(*args)
 the expected outputs computed in float64, tol the allowed normalised error per output,
     err = max|out - ref| / max(1, max|ref|),
-justified where the case is registered. Integer outputs (top-k indices) must match exactly, as must
-outputs with tol 0. A case's keyword arguments (kwargs, e.g. scale_bf16) go to both the op and the
-reference; its threads, if set, is the thread count the op runs with.
+justified where the case is registered (over the reference's elements that are not NaN: a NaN output must be
+where the reference has one). Integer outputs (top-k indices) must match exactly, as must outputs with tol 0.
+A case's keyword arguments (kwargs, e.g. scale_bf16) go to both the op and the reference; its threads, if
+set, is the thread count the op runs with.
 
 Every case runs on every backend this build has (BACKENDS; the CPU once per kernel variant, TARGETS)
 through _core.op_<name>(..., backend=NAME), which runs the op of that backend's table
@@ -624,9 +625,16 @@ def build_logits(rng, n, kind):
 
 
 def ref_topk_softmax(logits, k, norm):
-    p = np.exp(f64(logits) - f64(logits).max())
+    """The router's contract (csrc/backend/cuda/route.cu's header): the top k by logit, descending, NaN after
+    every number (after -inf), equal logits (-0.0 and +0.0 too) and NaNs the lower index first; weights
+    softmax(logits) with exp(l - max) taken as 1 where l is the max of the numbers (so an inf max, or all
+    -inf, gives shares, not inf - inf), NaN for every choice of a row holding a NaN."""
+    l = f64(logits)
+    mx = np.max(l[~np.isnan(l)], initial=-np.inf)
+    with np.errstate(invalid="ignore"):
+        p = np.where(l == mx, 1.0, np.exp(l - mx))
     p /= p.sum()
-    idx = np.argsort(-p, kind="stable")[:k]  # descending; equal probabilities keep the lower index
+    idx = np.argsort(-l, kind="stable")[:k]  # descending; numpy sorts NaN last; ties keep the lower index
     w = p[idx]
     return idx, (w / w.sum() if norm else w)
 
@@ -652,6 +660,37 @@ for T, E, k, norm, kind in ((3, 60, 4, True, "randn"), (3, 60, 4, False, "randn"
     case("route", f"T{T}-E{E}-k{k}-{'norm' if norm else 'raw'}-{kind}",
          lambda rng, T=T, E=E, k=k, norm=norm, kind=kind: (np.stack([build_logits(rng, E, kind) for _ in range(T)]),
                                                            k, norm),
+         ref_route, 0, TOL_PROB)
+
+
+def build_nonfinite_logits(rng, E, k):
+    """Logits [13, E] (E >= 5), a token per pattern of NaN and ±inf over randn ones (nan_some, minus_infs:
+    k - 2 numbers left, so 2 NaNs, or 2 -inf, are chosen after them)."""
+    nan, inf = np.float32(np.nan), np.float32(np.inf)
+    rows = randn(rng, 13, E, scale=3.0)
+    pick = [rng.choice(E, n, replace=False) for n in (5, min(E, E - k + 2), 1, 3, 3, 1, min(E, E - k + 2), 3)]
+    rows[0, 0] = nan                                          # nan_first
+    rows[1, rows[1].argmax()] = nan                           # nan_top: the would-be first choice
+    rows[2, pick[0]] = nan                                    # nans
+    rows[3, pick[1]] = nan                                    # nan_some
+    rows[4] = nan                                             # nan_all
+    rows[5, pick[2]] = inf                                    # inf
+    rows[6, pick[3]] = inf                                    # infs: tied, 1/3 each
+    rows[7, pick[4][:2]], rows[7, pick[4][2]] = inf, nan      # inf_nan
+    rows[8, pick[5]] = -inf                                   # minus_inf
+    rows[9, pick[6]] = -inf                                   # minus_infs: 2 chosen, weight 0
+    rows[10] = -inf                                           # minus_inf_all: 1/E each
+    rows[11, pick[7]] = (inf, -inf, nan)                      # mixed
+    rows[12] = nan                                            # minus_inf_nans: the -inf, then NaNs
+    rows[12, pick[7][0]] = -inf
+    return rows
+
+
+# route on non-finite logits: indices and weights as the contract says (NaN weights where the reference has
+# them, the rest within TOL_PROB); E = 7, k = 7 takes every logit, so the whole order.
+for E, k, norm in ((60, 8, True), (60, 8, False), (512, 10, True), (7, 7, False), (40, 1, True)):
+    case("route", f"E{E}-k{k}-{'norm' if norm else 'raw'}-nonfinite",
+         lambda rng, E=E, k=k, norm=norm: (build_nonfinite_logits(rng, E, k), k, norm),
          ref_route, 0, TOL_PROB)
 
 
@@ -754,7 +793,11 @@ def check_outputs(outs, refs, tols):
         if ref.dtype.kind in "iu":
             np.testing.assert_array_equal(out, ref, err_msg=f"output {i}")
             continue
-        err = normalised_error(out, ref)
+        nan = np.isnan(ref)  # NaN exactly where the reference has it (router weights of a NaN logit's row)
+        np.testing.assert_array_equal(np.isnan(out), nan, err_msg=f"output {i}: NaN positions")
+        if nan.all():
+            continue
+        err = normalised_error(out[~nan], ref[~nan])
         assert err <= tol, f"output {i}: normalised error {err:.3g} > {tol:g}"
 
 

@@ -591,25 +591,35 @@ void fm_cpu_conv1d_silu(float *out, const float *x, float *state, const float *w
 
 /* ---------------------------------------------------------------- router */
 
+/* whether logit a ranks above b: greater, or b NaN and a not (NaN after every number) */
+static inline int route_above(float a, float b) { return a > b || (isnan(b) && !isnan(a)); }
+
+/* the softmax term of logit l, mx the max of the numbers: 1 at the max itself (an inf or all -inf max: no
+ * inf - inf), NaN for NaN */
+static inline double route_e(float l, float mx) { return l == mx ? 1.0 : exp((double)(l - mx)); }
+
+/* Non-finite logits (the contract the GPU routers follow, cuda/route.cu's header): NaN ranks after every
+ * number, so the choices are always k distinct indices in [0, n); a NaN anywhere makes the sum, so every
+ * weight, NaN; +inf maxima share the weight equally (the others 0), all -inf gives 1/n each. */
 void fm_cpu_topk_softmax(const float *logits, int n, int k, int norm, int32_t *idx, float *weights) {
     float mx = -INFINITY;
     for (int i = 0; i < n; i++)
         if (logits[i] > mx) mx = logits[i];
     double sum = 0.0;
-    for (int i = 0; i < n; i++) sum += exp((double)(logits[i] - mx));
+    for (int i = 0; i < n; i++) sum += route_e(logits[i], mx);
     /* Selection by logit equals selection by probability (softmax is monotonic); ties go to the
      * lower index, as torch.topk does on CPU for distinct values. */
     for (int j = 0; j < k; j++) idx[j] = -1;
     for (int i = 0; i < n; i++) {
         int pos = k;
-        while (pos > 0 && (idx[pos - 1] < 0 || logits[i] > logits[idx[pos - 1]])) pos--;
+        while (pos > 0 && (idx[pos - 1] < 0 || route_above(logits[i], logits[idx[pos - 1]]))) pos--;
         if (pos >= k) continue;
         for (int j = k - 1; j > pos; j--) idx[j] = idx[j - 1];
         idx[pos] = i;
     }
     float wsum = 0.0f;
     for (int j = 0; j < k; j++) {
-        weights[j] = (float)(exp((double)(logits[idx[j]] - mx)) / sum);
+        weights[j] = (float)(route_e(logits[idx[j]], mx) / sum);
         wsum += weights[j];
     }
     if (norm)

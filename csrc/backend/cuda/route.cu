@@ -5,16 +5,26 @@
  * lane l holds logits l, l + 32, ... in registers (E <= MAX_E).
  *
  * Indices: exactly the CPU's. They are chosen by comparing logits, never probabilities (softmax is
- * monotonic), in the CPU's total order: logit descending, then index ascending (-0.0 and +0.0 are equal, as
- * the CPU's > compares them). Round j takes the best element after round j-1's winner in that order: each
- * lane its own best, then a butterfly of shuffles keeps the better of two. The maximum of a total order
- * does not depend on the order it is taken in, so every lane agrees and lane j keeps winner j.
+ * monotonic), in the CPU's total order: logit descending, NaN after every number, then index ascending
+ * (-0.0 and +0.0 are equal, as the CPU's > compares them). Round j takes the best element after round
+ * j-1's winner in that order: each lane its own best, then a butterfly of shuffles keeps the better of two.
+ * The maximum of a total order does not depend on the order it is taken in, so every lane agrees and lane j
+ * keeps winner j.
  *
  * Weights: the CPU's arithmetic but for the order of one sum. The max logit (round 0's winner), e_i =
  * exp((double)(l_i - max)) with the difference in fp32, their sum in double (each lane over its own, then a
  * butterfly: the CPU adds them in index order; in double the two differ far below fp32's rounding),
  * w_j = (float)(e_j / sum), and when norm w_j / Σ_j w_j with the fp32 sum in j order from 0. exp may also
  * differ from glibc's (CUDA's double exp is within 1 ulp). A token's arithmetic is its own alone.
+ *
+ * Non-finite logits (the CPU's contract, ops.c; tests/test_ops.py's ref_topk_softmax and nonfinite cases):
+ * - NaN ranks after every number (after -inf) and NaNs among themselves by index, so a token's choices
+ *   are always k distinct indices in [0, E): the top of its numbers, then, if fewer than k, its first NaNs;
+ * - the softmax term of logit l is 1 where l equals the max of the numbers (the max is round 0's winner, a
+ *   NaN only when all are) and exp(l - max) elsewhere: a +inf max gives each +inf logit 1/(their count) and
+ *   every other 0 (not inf - inf), all -inf gives 1/E each, -inf below a number 0;
+ * - a NaN anywhere makes the sum, so all k weights of the token, NaN (the core multiplies them in, so the
+ *   token's output is NaN too; its indices stay valid).
  */
 #include <math.h>
 #include <stddef.h>
@@ -33,10 +43,12 @@ constexpr int MAX_E = 1024;      /* logits per token: MAX_E / 32 per lane */
 constexpr int PER_LANE = MAX_E / 32;
 constexpr int MAX_K = 32;        /* a selection per lane */
 
-/* whether (al, ai) comes before (bl, bi) in the CPU's order; index -1 (none) comes after everything */
+/* whether (al, ai) comes before (bl, bi) in the CPU's order; NaN after every number; index -1 (none) after
+ * everything */
 __device__ __forceinline__ bool before(float al, int ai, float bl, int bi) {
     if (ai < 0) return false;
     if (bi < 0) return true;
+    if (isnan(al) || isnan(bl)) return isnan(bl) && (!isnan(al) || ai < bi);
     return al > bl || (al == bl && ai < bi);
 }
 
@@ -68,8 +80,7 @@ __global__ void __launch_bounds__(ROUTE_WARPS * 32) route_k(const float *__restr
             const int i = lane + 32 * r;
             if (32 * r >= E) break; /* uniform */
             const float l = x[r];
-            const bool after = pi < 0 || l < pl || (l == pl && i > pi);
-            if (i < E && after && before(l, i, bl, bi)) bl = l, bi = i;
+            if (i < E && (pi < 0 || before(pl, pi, l, i)) && before(l, i, bl, bi)) bl = l, bi = i;
         }
 #pragma unroll
         for (int m = 16; m > 0; m >>= 1) {
@@ -82,12 +93,12 @@ __global__ void __launch_bounds__(ROUTE_WARPS * 32) route_k(const float *__restr
         pl = bl, pi = bi;
     }
 
-    /* the CPU's terms exp((double)(l - mx)), summed in double: each lane its own in index order, then a
-     * butterfly over the warp (the same bits in every lane) */
+    /* the CPU's terms exp((double)(l - mx)) (1 at the max), summed in double: each lane its own in index
+     * order, then a butterfly over the warp (the same bits in every lane) */
     double sum = 0.0;
 #pragma unroll
     for (int r = 0; r < PER_LANE; r++)
-        if (lane + 32 * r < E) sum += e[lane + 32 * r] = exp((double)(x[r] - mx));
+        if (lane + 32 * r < E) sum += e[lane + 32 * r] = x[r] == mx ? 1.0 : exp((double)(x[r] - mx));
 #pragma unroll
     for (int m = 16; m > 0; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
     __syncwarp();
