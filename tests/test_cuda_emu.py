@@ -282,12 +282,13 @@ np.savez(out, logits=logits, tokens=tokens, fresh_logits=fresh_logits, fresh_tok
 
 @pytest.mark.parametrize("grouped", ["1", "0"], ids=["grouped", "one-by-one"])
 def test_the_vram_cache_after_a_failed_expert_copy_is_a_fresh_ones_emulated(emu_env, demo_model, tmp_path, grouped):
-    """A VRAM cache of 3 slots; the mock runtime fails the forward's 3rd host-to-device copy (FM_CUDA_EMU_FAIL;
-    the 1st is the token ids' upload): the second expert copy of layer 0's first batch, its first slot locked
-    and copied, the third still to come. The forward raises a DeviceError naming the expert copy. The model
+    """A VRAM cache of 3 slots; the mock runtime fails the forward's 2nd host-to-device copy of 2 KiB or more
+    (FM_CUDA_EMU_FAIL; an expert is ~3 KiB, the uploads of ids, token lists and expert arrays less): the second
+    expert copy, its first slot copied (and, where both were in the batch, still locked). The forward raises a
+    DeviceError naming the expert copy. The model
     then computes, with the fault gone, the bits and tokens of a fresh one (no key left on the slot whose copy
     failed: it held no expert), its 3 slots reused, and its VRAM counters move as a fresh model's do."""
-    env = dict(emu_env, FM_CUDA_EMU_FAIL="memcpy:3", FLASHMOE_CUDA_EXPERT_SLOTS="3", FLASHMOE_CUDA_GROUPED=grouped)
+    env = dict(emu_env, FM_CUDA_EMU_FAIL="memcpy:2:2048", FLASHMOE_CUDA_EXPERT_SLOTS="3", FLASHMOE_CUDA_GROUPED=grouped)
     rc, log = run_py(env, ["-c", VRAM_FAULT, demo_model, str(tmp_path / "out.npz")])
     assert rc == 0, log[-4000:]
     r = np.load(tmp_path / "out.npz")

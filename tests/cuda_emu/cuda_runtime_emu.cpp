@@ -14,8 +14,8 @@
  * nodes in order, then and there. What CUDA forbids during a capture is refused and invalidates it, as strictly
  * as CUDA or more (an event recorded or waited for on a capturing stream too).
  *
- * Fault injection (tests of the backend's error paths): FM_CUDA_EMU_FAIL=memcpy:N makes the process's N-th
- * cudaMemcpyAsync from host to device memory (counted from 1) fail, copying nothing: it returns
+ * Fault injection (tests of the backend's error paths): FM_CUDA_EMU_FAIL=memcpy:N[:MIN] makes the process's N-th
+ * cudaMemcpyAsync from host to device memory (counted from 1; of at least MIN bytes) fail, copying nothing: it returns
  * cudaErrorUnknown, which cudaGetLastError reports too, as CUDA does. Once; every other call succeeds.
  */
 #include <stdio.h>
@@ -74,18 +74,23 @@ const std::pair<const uintptr_t, size_t> *find(const std::map<uintptr_t, size_t>
 
 bool is_device(const void *p) { return find(device_mem, p) != nullptr; }
 
-/* FM_CUDA_EMU_FAIL=memcpy:N: true for the N-th host-to-device cudaMemcpyAsync (the caller counts it) */
-bool inject_memcpy_fault() {
-    static const long n = [] {
+/* FM_CUDA_EMU_FAIL=memcpy:N[:MIN]: true for the N-th host-to-device cudaMemcpyAsync (of at least MIN bytes: a
+ * test aims at one kind of copy, e.g. experts' and not the small uploads whose number and order depend on how
+ * the expert reads happened to land) */
+bool inject_memcpy_fault(size_t bytes) {
+    static long n = 0, min_bytes = 0;
+    static const bool parsed = [] {
         const char *e = getenv("FM_CUDA_EMU_FAIL");
-        if (!e || !*e) return 0L;
+        if (!e || !*e) return true;
         char *end = nullptr;
-        const long v = strncmp(e, "memcpy:", 7) == 0 ? strtol(e + 7, &end, 10) : 0;
-        if (v <= 0 || *end) fail("FM_CUDA_EMU_FAIL=%s: expected memcpy:N, N >= 1", e);
-        return v;
+        n = strncmp(e, "memcpy:", 7) == 0 ? strtol(e + 7, &end, 10) : 0;
+        if (n > 0 && *end == ':') min_bytes = strtol(end + 1, &end, 10);
+        if (n <= 0 || min_bytes < 0 || *end) fail("FM_CUDA_EMU_FAIL=%s: expected memcpy:N or memcpy:N:MIN, N >= 1", e);
+        return true;
     }();
+    (void)parsed;
     static long seen = 0;
-    return n > 0 && ++seen == n;
+    return n > 0 && (long)bytes >= min_bytes && ++seen == n;
 }
 
 /* a device side of a copy or fill: inside one allocation, or the process ends */
@@ -534,7 +539,7 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, enum cudaMemcp
     capture *c = recording(s, "cudaMemcpyAsync", &e);
     if (e) return e;
     const bool to_device = k == cudaMemcpyHostToDevice || (k == cudaMemcpyDefault && is_device(dst) && !is_device(src));
-    if (!c && n && to_device && inject_memcpy_fault()) return err(cudaErrorUnknown);
+    if (!c && n && to_device && inject_memcpy_fault(n)) return err(cudaErrorUnknown);
     return copy(dst, src, n, k, "cudaMemcpyAsync", c);
 }
 
