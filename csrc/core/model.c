@@ -584,13 +584,25 @@ static fm_status run_layers(fm_model *m, int T, int done, int total) {
     return FM_OK;
 }
 
+/* The segment's T tokens (of a call of `total`, `done` before them) embedded into s.x and through every layer. */
+static fm_status embed_and_layers(fm_model *m, const int32_t *tokens, int T, int done, int total) {
+    FM_OP(&m->be, embed, &m->embed, tokens, T, m->s.x);
+    fm_trace(m, m->s.x, T, m->c.hidden_size, "embed");
+    return run_layers(m, T, done, total);
+}
+
+/* Rows [first, first + rows) of s.x through the final norm, into s.xn. */
+static void final_norm(fm_model *m, int first, int rows) {
+    const int H = m->c.hidden_size;
+    FM_OP(&m->be, rmsnorm, m->s.xn, m->s.x + (size_t)first * H, m->norm, rows, H, m->c.rms_norm_eps, 1);
+    fm_trace(m, m->s.xn, rows, H, "final_norm");
+}
+
 /* One decode token's ops but the logits' copy to the host: what a backend may record and replay. */
 static fm_status step_ops(fm_model *m, const int32_t *token) {
-    const int H = m->c.hidden_size;
-    FM_OP(&m->be, embed, &m->embed, token, 1, m->s.x);
-    const fm_status st = run_layers(m, 1, 0, 1);
+    const fm_status st = embed_and_layers(m, token, 1, 0, 1);
     if (st != FM_OK) return st;
-    FM_OP(&m->be, rmsnorm, m->s.xn, m->s.x, m->norm, 1, H, m->c.rms_norm_eps, 1);
+    final_norm(m, 0, 1);
     FM_OP(&m->be, matmul, &m->lm_head, m->s.xn, 1, m->s.logits_out);
     return FM_OK;
 }
@@ -628,23 +640,15 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
             return fm_fail(FM_ERR_INVALID, "forward: token %d at index %d is outside the vocabulary [0, %d)",
                            tokens[i], i, V);
     const double t0 = fm_now();
+    /* a decode step a backend can record and replay: one token, nothing to call back between its ops */
+    const int recordable = n == 1 && logits && m->be.op->step_begin && !m->trace && !m->progress;
     for (int done = 0; done < n;) {
         /* segments end at multiples of S in absolute position, as chunks do at multiples of C */
         const int T = n - done < m->segment - m->pos % m->segment ? n - done : m->segment - m->pos % m->segment;
-        fm_status st = FM_OK;
-        /* a decode step a backend can record and replay: one token, nothing to call back between its ops */
-        const int recordable = n == 1 && logits && m->be.op->step_begin && !m->trace && !m->progress;
-        if (recordable) {
-            st = step_recorded(m, tokens, logits);
-        } else {
-            FM_OP(&m->be, embed, &m->embed, tokens + done, T, m->s.x);
-            fm_trace(m, m->s.x, T, H, "embed");
-            st = run_layers(m, T, done, n);
-        }
+        fm_status st = recordable ? step_recorded(m, tokens, logits) : embed_and_layers(m, tokens + done, T, done, n);
         if (!recordable && st == FM_OK && logits && (all_logits || done + T == n)) {
             const int first = all_logits ? 0 : T - 1, rows = T - first;
-            FM_OP(&m->be, rmsnorm, m->s.xn, m->s.x + (size_t)first * H, m->norm, rows, H, m->c.rms_norm_eps, 1);
-            fm_trace(m, m->s.xn, rows, H, "final_norm");
+            final_norm(m, first, rows);
             float *dst = all_logits ? logits + (size_t)done * V : logits;
             for (int r = 0; r < rows; r += LOGIT_ROWS) { /* LOGIT_ROWS at a time, then to the host */
                 const int nr = rows - r < LOGIT_ROWS ? rows - r : LOGIT_ROWS;

@@ -23,6 +23,8 @@ extern "C" {
 #include "../tensor.h"
 
 /* ---- matmul.cu */
+/* 1 when a and b have the same dtype, shape and numerics options: one grouped call's kernels take both */
+int fmc_same_kind(const fm_mat *a, const fm_mat *b);
 /* Device scratch fmc_matmul needs for T tokens of w (int8 activations: the quantized x and its per-group
  * factors); 0 when none. */
 size_t fmc_matmul_scratch_bytes(const fm_mat *w, int T);

@@ -106,7 +106,7 @@ struct cuda_ctx {
     fmc_expert *tab_host = nullptr, *tab_dev = nullptr; /* [key_space] */
     int *layer_count = nullptr;                         /* [layers] experts of the layer in the cache */
     unsigned char *layer_ready = nullptr; /* [layers] 1: its table is on the device; 2: and its copies waited for */
-    uint8_t *dev_buf = nullptr;  /* moe_device's device arrays (dev_arrays) */
+    uint8_t *dev_buf = nullptr;  /* moe_device's device arrays (dev_arrays_of) */
     int32_t *idx_pinned = nullptr; /* [layers, DEV_T·DEV_K] the choices, for the host */
     delivery *deliv = nullptr;     /* [layers] copies for finish() to make */
     int n_deliv = 0;
@@ -259,8 +259,20 @@ void cuda_destroy(void *ctx);
 void vram_free(cuda_ctx *c);
 void vram_forget(cuda_ctx *c);
 
-/* moe_device's device arrays: idx, weights, the choices' rows (0, 1, ...) and tokens [DEV_T·DEV_K] each, then ex */
-size_t dev_buf_bytes() { return 4 * sizeof(int32_t) * DEV_T * DEV_K + sizeof(fmc_expert) * DEV_T * DEV_K; }
+/* moe_device's device arrays, in dev_buf: [DEV_T·DEV_K] each */
+struct dev_arrays {
+    int32_t *idx;    /* the choices */
+    float *weights;  /* ... their weights */
+    int32_t *rows;   /* 0, 1, ...: row t·k + j of ye is choice (t, j) (moe_combine) */
+    int32_t *tok;    /* the token of each choice */
+    fmc_expert *ex;  /* each choice as an expert of one token (fmc_experts) */
+};
+constexpr size_t DEV_N = (size_t)DEV_T * DEV_K;
+size_t dev_buf_bytes() { return 4 * sizeof(int32_t) * DEV_N + sizeof(fmc_expert) * DEV_N; }
+dev_arrays dev_arrays_of(uint8_t *b) {
+    int32_t *i = (int32_t *)b;
+    return {i, (float *)(i + DEV_N), i + 2 * DEV_N, i + 3 * DEV_N, (fmc_expert *)(i + 4 * DEV_N)};
+}
 
 fm_status cuda_create(const fm_backend_params *p, void **out) {
     cuda_ctx *c = new (std::nothrow) cuda_ctx();
@@ -609,9 +621,8 @@ void cuda_moe_combine(void *ctx, float *out, const float *ye, const int32_t *row
                               T, k, c->last_T, c->last_k));
             return;
         }
-        const int32_t *d = (const int32_t *)c->dev_buf;
-        launched(c, fmc_moe_combine(c->s, out, ye, d + 2 * DEV_T * DEV_K, (const float *)(d + DEV_T * DEV_K), T, k, h),
-                 "moe_combine");
+        const dev_arrays d = dev_arrays_of(c->dev_buf);
+        launched(c, fmc_moe_combine(c->s, out, ye, d.rows, d.weights, T, k, h), "moe_combine");
         return;
     }
     /* one upload of both tables: a second could restart the arena and overwrite the first before it is read */
@@ -679,21 +690,21 @@ void lru_front(cuda_ctx *c, int i) {
     if (c->tail < 0) c->tail = i;
 }
 
-/* FLASHMOE_CUDA_DEVICE_ROUTE=0: every layer routes on the host (moe_device declines), to compare. Read once. */
+/* A switch to compare with: false where the environment sets `name` to 0. */
+bool env_on(const char *name) {
+    const char *e = getenv(name);
+    return !(e && strcmp(e, "0") == 0);
+}
+
+/* FLASHMOE_CUDA_DEVICE_ROUTE=0: every layer routes on the host (moe_device declines). Read once. */
 bool device_route_on() {
-    static const bool on = [] {
-        const char *e = getenv("FLASHMOE_CUDA_DEVICE_ROUTE");
-        return !(e && strcmp(e, "0") == 0);
-    }();
+    static const bool on = env_on("FLASHMOE_CUDA_DEVICE_ROUTE");
     return on;
 }
 
-/* FLASHMOE_CUDA_GRAPHS=0: decode steps run as issued, never recorded and replayed, to compare. Read once. */
+/* FLASHMOE_CUDA_GRAPHS=0: decode steps run as issued, never recorded and replayed. Read once. */
 bool graphs_on() {
-    static const bool on = [] {
-        const char *e = getenv("FLASHMOE_CUDA_GRAPHS");
-        return !(e && strcmp(e, "0") == 0);
-    }();
+    static const bool on = env_on("FLASHMOE_CUDA_GRAPHS");
     return on;
 }
 
@@ -760,25 +771,20 @@ bool vram_init(cuda_ctx *c, size_t slot_bytes) {
         c->graph_deliv = (delivery *)calloc((size_t)c->n_layers, sizeof(delivery));
         c->tab_dev = (fmc_expert *)dmalloc(c, tab_bytes, "the experts' table");
         c->dev_buf = (uint8_t *)dmalloc(c, dev_buf_bytes(), "moe_device's arrays");
-        if (cudaMallocHost((void **)&c->idx_pinned, sizeof(int32_t) * (size_t)c->n_layers * DEV_T * DEV_K) != cudaSuccess) {
+        if (cudaMallocHost((void **)&c->idx_pinned, sizeof(int32_t) * (size_t)c->n_layers * DEV_N) != cudaSuccess) {
             cudaGetLastError();
             c->idx_pinned = nullptr;
         }
         c->all_fit = c->tab_host && c->layer_count && c->layer_ready && c->deliv && c->graph_deliv && c->tab_dev &&
                      c->dev_buf && c->idx_pinned;
         if (c->all_fit) { /* the choices' rows 0, 1, ... for moe_combine */
-            int32_t rows[DEV_T * DEV_K];
-            for (int i = 0; i < DEV_T * DEV_K; i++) rows[i] = i;
-            ok(c, cudaMemcpy(c->dev_buf + 2 * sizeof(int32_t) * DEV_T * DEV_K, rows, sizeof rows,
-                             cudaMemcpyHostToDevice), "moe_device's rows");
+            int32_t rows[DEV_N];
+            for (size_t i = 0; i < DEV_N; i++) rows[i] = (int32_t)i;
+            ok(c, cudaMemcpy(dev_arrays_of(c->dev_buf).rows, rows, sizeof rows, cudaMemcpyHostToDevice),
+               "moe_device's rows");
         }
     }
     return true;
-}
-
-bool same_shape(const fm_mat *a, const fm_mat *b) {
-    return a->dtype == b->dtype && a->rows == b->rows && a->cols == b->cols && a->group_size == b->group_size &&
-           a->int8_act == b->int8_act && a->scale_bf16 == b->scale_bf16;
 }
 
 /* Expert key w->key is in slot i now (moe_device's tables): its entry; and once all of its layer's experts are in,
@@ -795,8 +801,8 @@ void tab_add(cuda_ctx *c, const fm_expert_work *w, span s, int i) {
         return ((uintptr_t)e->gate.data | (uintptr_t)e->up.data | (uintptr_t)e->down.data) % 16 == 0;
     };
     for (int e = 1; e < c->n_exp; e++)
-        if (!same_shape(&t[e].gate, &t[0].gate) || !same_shape(&t[e].up, &t[0].up) ||
-            !same_shape(&t[e].down, &t[0].down) || a16(&t[e]) != a16(&t[0]))
+        if (!fmc_same_kind(&t[e].gate, &t[0].gate) || !fmc_same_kind(&t[e].up, &t[0].up) ||
+            !fmc_same_kind(&t[e].down, &t[0].down) || a16(&t[e]) != a16(&t[0]))
             return;
     if (ok(c, cudaMemcpyAsync(c->tab_dev + (size_t)layer * c->n_exp, t, sizeof(fmc_expert) * c->n_exp,
                               cudaMemcpyHostToDevice, c->s), "the experts' table"))
@@ -907,10 +913,7 @@ void expert_ffn(cuda_ctx *c, const fm_expert_work *w, const fm_mat *gate, const 
 /* FLASHMOE_CUDA_GROUPED=0: each expert's FFN in launches of its own (expert_ffn), to compare with the grouped
  * calls (experts_grouped). Read once per process, at the first MoE layer. */
 bool grouped_on() {
-    static const bool on = [] {
-        const char *e = getenv("FLASHMOE_CUDA_GROUPED");
-        return !(e && strcmp(e, "0") == 0);
-    }();
+    static const bool on = env_on("FLASHMOE_CUDA_GROUPED");
     return on;
 }
 
@@ -1139,21 +1142,19 @@ int cuda_moe_device(void *ctx, int layer, const float *logits, int T, int E, int
         c->layer_ready[layer] = 2;
     }
     const int n = T * k;
-    int32_t *di = (int32_t *)c->dev_buf, *dtok = di + 3 * DEV_T * DEV_K;
-    float *dw = (float *)(di + DEV_T * DEV_K);
-    fmc_expert *dex = (fmc_expert *)(di + 4 * DEV_T * DEV_K);
-    launched(c, fmc_route(c->s, logits, T, E, k, norm, di, dw, c->tab_dev + key0, dex, dtok), "route");
-    fmc_expert ex[DEV_T * DEV_K]; /* the calls's shape for fmc_experts' checks: the layer's expert 0, n times */
+    const dev_arrays d = dev_arrays_of(c->dev_buf);
+    launched(c, fmc_route(c->s, logits, T, E, k, norm, d.idx, d.weights, c->tab_dev + key0, d.ex, d.tok), "route");
+    fmc_expert ex[DEV_N]; /* the call's shape for fmc_experts' checks: the layer's expert 0, n times */
     for (int i = 0; i < n; i++) {
         ex[i] = c->tab_host[key0];
-        ex[i].tok = dtok + i, ex[i].n = 1, ex[i].row0 = i;
+        ex[i].tok = d.tok + i, ex[i].n = 1, ex[i].row0 = i;
     }
     const fm_mat *g0 = &ex[0].gate, *d0 = &ex[0].down;
     uint8_t *mem = (uint8_t *)grow(c, &c->ffn, group_bytes(g0, d0, T, n), "expert scratch");
     if (mem)
-        launched(c, fmc_experts(c->s, dex, ex, n, xn, T, h, (float *)mem, ye, n, mem + h_bytes(g0, n)), "experts");
-    int32_t *pin = c->idx_pinned + (size_t)layer * DEV_T * DEV_K;
-    if (ok(c, cudaMemcpyAsync(pin, di, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, c->s), "the choices to the host"))
+        launched(c, fmc_experts(c->s, d.ex, ex, n, xn, T, h, (float *)mem, ye, n, mem + h_bytes(g0, n)), "experts");
+    int32_t *pin = c->idx_pinned + (size_t)layer * DEV_N;
+    if (ok(c, cudaMemcpyAsync(pin, d.idx, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, c->s), "the choices to the host"))
         c->deliv[c->n_deliv++] = {idx, pin, (size_t)n};
     c->hits += (uint64_t)n;
     c->last_T = T, c->last_k = k;

@@ -611,13 +611,12 @@ void quantize(cudaStream_t s, const fm_mat *w, const float *x, int T, void *scra
     a.xq = xq, a.xd = xd, a.xs = xs;
 }
 
-/* the same dtype, shape and numerics options: a grouped call's kernels take one set for all its experts */
-bool same_kind(const fm_mat *a, const fm_mat *b) {
+} // namespace
+
+extern "C" int fmc_same_kind(const fm_mat *a, const fm_mat *b) {
     return a->dtype == b->dtype && a->rows == b->rows && a->cols == b->cols && a->group_size == b->group_size &&
            a->int8_act == b->int8_act && a->scale_bf16 == b->scale_bf16;
 }
-
-} // namespace
 
 extern "C" size_t fmc_matmul_scratch_bytes(const fm_mat *w, int T) {
     if (!w || T <= 0 || !int8_path(w) || w->cols <= 0 || w->cols % w->group_size) return 0;
@@ -672,7 +671,7 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
     bool g16 = true, d16 = true;
     for (int e = 0; e < n_ex; e++) {
         const fmc_expert *x = &ex_host[e];
-        if (!same_kind(&x->gate, g0) || !same_kind(&x->up, g0) || !same_kind(&x->down, d0))
+        if (!fmc_same_kind(&x->gate, g0) || !fmc_same_kind(&x->up, g0) || !fmc_same_kind(&x->down, d0))
             return fm_fail(FM_ERR_INVALID, "cuda backend: experts: expert %d's matrices are not of expert 0's gate's "
                            "(and up's) and down's dtypes, shapes and options", e);
         fm_status st;
