@@ -8,8 +8,10 @@
 #           llama-cpp-python --no-binary :all:`, unpacked, its vendor/llama.cpp copied to an ignored, carried
 #           folder), and the benchmark models with their GGUFs (bench/cuda_llamacpp.py --prepare)
 #   wait    until that has finished
+#   profile2 the replayed decode step's kernels and a 512-token prompt's
 #   bench3  the settings again, medians of 3 (grouped and not), the CPU backend beside them
 #   profile bench/cuda_profile.py: a decode step's kernels, their GPU time, and its wall time
+#   fold    hbm decode, the shared expert folded (FLASHMOE_CUDA_SHARED_FOLD=1) and not, alternating, 3 each
 #   quick   hbm decode, FLASHMOE_CUDA_GROUPED=0 against the default (after prepare and wait: the model)
 #   llama   bench/cuda_llamacpp.py: llama.cpp on the GPU and with the experts on the CPU, on the same models
 #   deltanet the gated delta rule's kernels, chunked against recurrent (bench/gated_delta.py --backend cuda, the
@@ -72,6 +74,9 @@ for what in "$@"; do
       FLASHMOE_CUDA_GROUPED=0 python3 bench/cuda_profile.py 2>&1 | tee -a "$out/profile.log" || rc=1
       python3 bench/cuda_profile.py --preset qwen3.5-122b-a10b --gpu-budget 3GB 2>&1 \
         | tee -a "$out/profile.log" || rc=1 ;;
+    profile2)  # the replayed decode step's kernels, then a 512-token prompt's (hbm, 35B 8 layers)
+      python3 bench/cuda_profile.py 2>&1 | tee -a "$out/profile2.log" || rc=1
+      python3 bench/cuda_profile.py --prompt 512 2>&1 | tee -a "$out/profile2.log" || rc=1 ;;
     bench3)  # the issue's settings, medians of 3, grouped experts against one expert a call where it matters
       for g in 1 0; do
         FLASHMOE_CUDA_GROUPED=$g python3 bench/cuda.py --setting hbm --layers 8 --runs 3 2>&1 \
@@ -85,6 +90,14 @@ for what in "$@"; do
         | tee -a "$out/bench3_cpu35.log" || rc=1
       python3 bench/cuda.py --setting disk --preset qwen3.5-122b-a10b --layers 8 --gpu-budget 3GB --budget 4GB \
         --prompts "" --tokens 32 --runs 3 2>&1 | tee -a "$out/bench3_disk.log" || rc=1 ;;
+    fold)  # hbm decode, the shared expert folded into the routed experts' call or not, alternating, 3 each
+      for i in 1 2 3; do
+        for f in 1 0; do
+          echo "FLASHMOE_CUDA_SHARED_FOLD=$f" | tee -a "$out/fold.log"
+          FLASHMOE_CUDA_SHARED_FOLD=$f python3 bench/cuda.py --setting hbm --layers 8 --prompts "" --runs 1 2>&1 \
+            | tee -a "$out/fold.log" | grep "tok/s" || rc=1
+        done
+      done ;;
     retest)
       python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py -k "int8 or budget or tiers" 2>&1 \
         | tee "$out/retest.log" | tail -15 || rc=1 ;;

@@ -1,7 +1,7 @@
 """Where a CUDA decode step's time goes: the kernels and copies each step launches, their GPU time, and the
 step's wall time, from CUPTI through torch.profiler (it records every CUDA call of the process, flashmoe's too).
 
-    python bench/cuda_profile.py [--preset qwen3.5-35b-a3b] [--layers 8] [--tokens 16] [--gpu-budget B]
+    python bench/cuda_profile.py [--preset qwen3.5-35b-a3b] [--layers 8] [--tokens 16] [--gpu-budget B] [--prompt N]
 
 The model is bench/cuda.py's (bench/decode.py's model_path). The step is generate_tokens' loop (all in C,
 greedy), after a --warm prompt that fills the expert tiers, a 16-token prompt and 8 untimed steps. GPU busy below wall: the step waits on the host
@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--gpu-budget")
     ap.add_argument("--warm", type=int, default=2048,
                     help="an untimed prompt of this many tokens first: it fills the tiers (0: profile the cold start)")
+    ap.add_argument("--prompt", type=int, default=0,
+                    help="profile a prompt of this many tokens (one forward) instead of decode steps")
     ap.add_argument("--dir", default=BENCH_DIR)
     args = ap.parse_args()
     import torch
@@ -48,25 +50,34 @@ def main() -> None:
     torch.cuda.init()
     if args.warm:
         m.forward(np.random.default_rng(1).integers(0, V, args.warm).tolist(), all_logits=False)
-    last = m.generate_tokens(ids, 8, stop_token_ids=[])[-1]
-    t = time.perf_counter()
-    m.generate_tokens([last], args.tokens, stop_token_ids=[], reset=False)
-    wall = (time.perf_counter() - t) / args.tokens
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    if args.prompt:  # per token of the prompt below
+        prompt = np.random.default_rng(2).integers(0, V, args.prompt).tolist()
+        m.forward(prompt, all_logits=False)
+        t = time.perf_counter()
+        m.forward(prompt, all_logits=False)
+        wall = (time.perf_counter() - t) / args.prompt
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            m.forward(prompt, all_logits=False)
+    else:
+        last = m.generate_tokens(ids, 8, stop_token_ids=[])[-1]
+        t = time.perf_counter()
         m.generate_tokens([last], args.tokens, stop_token_ids=[], reset=False)
+        wall = (time.perf_counter() - t) / args.tokens
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            m.generate_tokens([last], args.tokens, stop_token_ids=[], reset=False)
     kern = collections.defaultdict(lambda: [0, 0.0])
     runtime = collections.defaultdict(lambda: [0, 0.0])
     for e in prof.events():
         dev = getattr(e, "device_type", None)
         if dev is not None and "CUDA" in str(dev):
-            k = kern[e.name[:90]]
+            k = kern[e.name[:150]]
             k[0] += 1
             k[1] += e.time_range.elapsed_us()
         elif e.name.startswith("cuda"):
             r = runtime[e.name]
             r[0] += 1
             r[1] += e.cpu_time_total
-    n = args.tokens
+    n = args.prompt or args.tokens
     busy = sum(v[1] for v in kern.values()) / n
     st = m.stats
     print(f"VRAM tier: {st['device_expert_slots']} slots; whole run: {st['device_expert_hits']} hits, "
