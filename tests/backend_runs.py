@@ -39,8 +39,8 @@ def assert_op_harness_passes(env, backend, tail=6000):
 
 
 def tiny_models(tmp_path_factory):
-    """(arch, bits) -> packed tiny model directory (tests/hf_fixtures.py's transformers models), each
-    converted once; for a module-scoped fixture."""
+    """(arch, bits, **config overrides) -> packed tiny model directory (tests/hf_fixtures.py's transformers
+    models), each converted once; for a module-scoped fixture."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from hf_fixtures import make_hf_model, save_checkpoint
@@ -48,12 +48,13 @@ def tiny_models(tmp_path_factory):
     import flashmoe
     cache = {}
 
-    def get(arch, bits):
-        if (arch, bits) not in cache:
-            ckpt = save_checkpoint(make_hf_model(arch, seed=0), tmp_path_factory.mktemp("hf"))
-            cache[arch, bits] = str(tmp_path_factory.mktemp(f"packed{bits}"))
-            flashmoe.convert(ckpt, cache[arch, bits], bits=bits, progress=False, overwrite=True)
-        return cache[arch, bits]
+    def get(arch, bits, **overrides):
+        key = (arch, bits, *sorted(overrides.items()))
+        if key not in cache:
+            ckpt = save_checkpoint(make_hf_model(arch, seed=0, **overrides), tmp_path_factory.mktemp("hf"))
+            cache[key] = str(tmp_path_factory.mktemp(f"packed{bits}"))
+            flashmoe.convert(ckpt, cache[key], bits=bits, progress=False, overwrite=True)
+        return cache[key]
     return get
 
 

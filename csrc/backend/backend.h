@@ -33,6 +33,9 @@
  * and a backend's chunks must end at multiples of it in absolute position. */
 enum { FM_DELTANET_CHUNK = 16 };
 
+/* device_stats' counters (below) */
+enum { FM_DEVICE_STATS = 7 };
+
 /* What a buffer holds, so a backend can place it: dense weights (read once, read-only), sequence state
  * (KV cache, DeltaNet state; snapshots copy it), scratch (a chunk's activations), expert slots (the
  * expert cache: read into from disk, then read by compute), staging (host memory reads land in). */
@@ -58,6 +61,13 @@ typedef struct {
      * cache of its own keys it by this: CUDA's VRAM tier); -1 for weights with no identity (op tests) */
     int32_t key;
 } fm_expert_work;
+
+/* A MoE layer's shared expert, for moe_device to fold into its routed experts' work: y = down(silu(gate x) ·
+ * up x), scaled by sigmoid(gate_row · x). Dense weights. */
+typedef struct {
+    const fm_mat *gate, *up, *down; /* [I, H], [I, H], [H, I] (I: shared_expert_intermediate_size) */
+    const fm_mat *gate_row;         /* shared_expert_gate [1, H], on fp32 activations (int8_act 0) */
+} fm_shared_expert;
 
 /* A backend's instance for one model: sized for chunks of `chunk` tokens of `config`, and op calls of up
  * to `segment` tokens (the MLP and MoE run over a whole segment; 0: `chunk`). */
@@ -102,8 +112,9 @@ typedef struct fm_backend_ops {
     void (*wait)(void *ctx, fm_event ev);    /* block the host until ev completes */
     fm_status (*finish)(void *ctx);          /* wait for everything; a failed op reports here */
     /* the counters of a cache of experts the backend keeps itself (CUDA's VRAM tier): slots, hits, misses,
-     * bytes copied in; then decode steps replayed and recorded (step_begin); zeros where there is none */
-    void (*device_stats)(void *ctx, uint64_t out[6]);
+     * bytes copied in; then decode steps replayed and recorded (step_begin); then MoE layers whose shared expert
+     * moe_device folded in (replays count theirs); zeros where there is none */
+    void (*device_stats)(void *ctx, uint64_t out[FM_DEVICE_STATS]);
 
     /* ---- ops: activations fp32, row-major, T tokens */
     void (*matmul)(void *ctx, const fm_mat *w, const float *x, int T, float *y); /* y[T, rows] = x · Wᵀ */
@@ -139,19 +150,25 @@ typedef struct fm_backend_ops {
      * [T, H] the layer's normed input; h = H */
     void (*experts)(void *ctx, const fm_expert_work *work, int n_work, const float *xn, float *ye, int h);
     /* out[t] += Σ_j weights[t, j] · ye[row[t, j]], j in order (row, weights: host [T, k]); row and weights NULL
-     * after moe_device: row[t, j] = t·k + j, and the weights its router computed */
+     * after moe_device (returning 1): row[t, j] = t·k + j, and the weights its router computed */
     void (*moe_combine)(void *ctx, float *out, const float *ye, const int32_t *row, const float *weights, int T,
                         int k, int h);
 
     /* ---- optional (NULL where a backend has none: CPU, Metal): decode without the host inside a step */
     /* The routed experts of MoE layer `layer` on the device alone, where the backend's own expert cache (CUDA's
      * VRAM tier) holds every expert of the layer for good: route's choices of logits [T, E], and each choice's
-     * expert FFN on its token of xn [T, h] into row t·k + j of ye, the bits experts would give it; moe_combine with
-     * no rows then adds them. Nothing comes back to the host first: the choices reach idx (host [T, k]) by the time
-     * finish() returns, for the core's counts. 0 when it cannot (an expert not held, too many tokens): nothing
-     * issued, and the core routes on the host. */
+     * expert FFN on its token of xn [T, h] into row t·k + j of ye, the bits experts would give it. Nothing comes
+     * back to the host first: the choices reach idx (host [T, k]) by the time finish() returns, for the core's
+     * counts. Returns
+     *   0 when it cannot (an expert not held, too many tokens): nothing issued, and the core routes on the host;
+     *   1 routed: the core then runs the shared expert into out, and moe_combine with no rows adds the choices;
+     *   2 routed with `shared` folded in (offered where not NULL; a backend may decline, returning 1): out [T, h]
+     *     written with the layer's whole output, the bits of those two steps (the shared expert's FFN, then
+     *     out *= sigmoid(gate_row · xn) as gate_rows, then the weighted choices added as moe_combine), and the core
+     *     issues nothing more for the layer. ye then holds T·(k + 1) rows (its row T·k + t: token t's shared FFN).
+     * The core offers T <= FM_DEVICE_ROUTE_T (8) tokens, ye of segment·k rows (segments are 16 tokens at least). */
     int (*moe_device)(void *ctx, int layer, const float *logits, int T, int E, int k, int norm, const float *xn,
-                      float *ye, int h, int32_t *idx);
+                      float *ye, int h, int32_t *idx, const fm_shared_expert *shared, float *out);
     /* A one-token decode step's ops (embed to the logits' matmul, not the copy to the host) recorded once and
      * replayed (CUDA graphs). step_begin before them: 1 when it replayed a recording valid for this token and
      * position, and the core issues none of them (everything they would write is written, moe_device's idx

@@ -243,13 +243,20 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
     /* router: softmax over all experts in fp32, top-k, optionally renormalised; the choices come to the host */
     FM_OP(be, matmul, &w->router, xn, T, s->logits); /* [T, E] */
     /* where the backend holds all of the layer's experts itself, it routes and computes them with no round trip
-     * to the host (decode; the choices are counted once the step has finished: fm_count_device_choices) */
-    if (T <= FM_DEVICE_ROUTE_T && be->op->moe_device &&
-        FM_OP(be, moe_device, layer, s->logits, T, E, k, norm_topk, xn, s->ye, H, m->dev_idx + (size_t)layer * FM_DEVICE_ROUTE_T * k)) {
-        m->dev_routed[layer] = (uint8_t)T;
-        shared_expert(m, w, xn, out, T);
-        FM_OP(be, moe_combine, out, s->ye, NULL, NULL, T, k, H);
-        return FM_OK;
+     * to the host (decode; the choices are counted once the step has finished: fm_count_device_choices), and may
+     * fold the shared expert into them (2: out is the layer's output) */
+    if (T <= FM_DEVICE_ROUTE_T && be->op->moe_device) {
+        const fm_shared_expert sh = {&w->shared.gate_proj, &w->shared.up_proj, &w->shared.down_proj, &w->shared_gate};
+        const int routed = FM_OP(be, moe_device, layer, s->logits, T, E, k, norm_topk, xn, s->ye, H,
+                                 m->dev_idx + (size_t)layer * FM_DEVICE_ROUTE_T * k, &sh, out);
+        if (routed) {
+            m->dev_routed[layer] = (uint8_t)T;
+            if (routed == 1) {
+                shared_expert(m, w, xn, out, T);
+                FM_OP(be, moe_combine, out, s->ye, NULL, NULL, T, k, H);
+            }
+            return FM_OK;
+        }
     }
     FM_OP(be, route, s->logits, T, E, k, norm_topk, s->topk, s->topw);
     const int n_need = group_by_expert(m, layer, T);

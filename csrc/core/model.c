@@ -878,10 +878,11 @@ void fm_model_stats(const fm_model *m, fm_stats *out) {
         out->io_busy_seconds = c.io_busy_seconds;
         out->direct_io = c.direct_io;
     }
-    uint64_t d[6] = {0, 0, 0, 0, 0, 0};
+    uint64_t d[FM_DEVICE_STATS] = {0};
     if (m->be.op) FM_OP(&m->be, device_stats, d);
     out->device_expert_slots = d[0], out->device_expert_hits = d[1], out->device_expert_misses = d[2];
     out->device_bytes_in = d[3], out->device_step_replays = d[4], out->device_step_recordings = d[5];
+    out->device_shared_folds = d[6];
 }
 
 void fm_model_expert_usage(const fm_model *m, uint64_t *out) {

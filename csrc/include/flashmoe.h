@@ -241,6 +241,8 @@ typedef struct {
     uint64_t device_expert_slots, device_expert_hits, device_expert_misses, device_bytes_in;
     /* decode steps the backend replayed from a recording, and recordings it made (CUDA graphs; 0 elsewhere) */
     uint64_t device_step_replays, device_step_recordings;
+    /* MoE layers whose shared expert ran in the routed experts' kernels (CUDA's moe_device; 0 elsewhere) */
+    uint64_t device_shared_folds;
     /* the last fm_model_generate call: prompt processing and decoding, separately */
     int last_prompt_tokens, last_generated_tokens;
     double last_prompt_seconds, last_decode_seconds;

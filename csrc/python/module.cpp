@@ -482,6 +482,7 @@ class Model {
         d["device_bytes_in"] = s.device_bytes_in;
         d["device_step_replays"] = s.device_step_replays;
         d["device_step_recordings"] = s.device_step_recordings;
+        d["device_shared_folds"] = s.device_shared_folds;
         d["last_prompt_tokens"] = s.last_prompt_tokens;
         d["last_prompt_seconds"] = s.last_prompt_seconds;
         d["last_generated_tokens"] = s.last_generated_tokens;

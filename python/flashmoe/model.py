@@ -28,7 +28,8 @@ MAX_STOP_LENGTH = 4096
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _COUNTERS = ("tokens", "expert_hits", "expert_misses", "prefetches", "prefetch_hits", "bytes_read",
              "io_wait_seconds", "io_busy_seconds", "compute_seconds", "device_expert_hits",
-             "device_expert_misses", "device_bytes_in", "device_step_replays", "device_step_recordings")
+             "device_expert_misses", "device_bytes_in", "device_step_replays", "device_step_recordings",
+             "device_shared_folds")
 
 
 def parse_size(value) -> int:
@@ -372,6 +373,7 @@ class Model:
         was read once); device_expert_hits, device_expert_misses and device_bytes_in (CUDA: the VRAM
         expert cache, device_expert_slots experts, above the host's; 0 elsewhere); device_step_replays and
         device_step_recordings (CUDA: decode steps replayed from a recorded CUDA graph, and recordings made);
+        device_shared_folds (CUDA: MoE layers whose shared expert ran in the routed experts' kernels);
         "last" holds the same for the last forward/generate call; "direct_io" says
         whether expert reads bypass the page cache; "backend" where the layers computed."""
         raw = self._raw_stats()

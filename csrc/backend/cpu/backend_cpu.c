@@ -92,7 +92,7 @@ static void cpu_unwrap_host(void *ctx, void *p, size_t bytes) { (void)ctx, (void
 static fm_event cpu_record(void *ctx) { (void)ctx; return 0; }
 static void cpu_wait(void *ctx, fm_event ev) { (void)ctx, (void)ev; }
 static fm_status cpu_finish(void *ctx) { (void)ctx; return FM_OK; }
-static void cpu_device_stats(void *ctx, uint64_t out[6]) { (void)ctx, memset(out, 0, 6 * sizeof *out); }
+static void cpu_device_stats(void *ctx, uint64_t out[FM_DEVICE_STATS]) { (void)ctx, memset(out, 0, FM_DEVICE_STATS * sizeof *out); }
 
 /* ---------------------------------------------------------------- ops */
 

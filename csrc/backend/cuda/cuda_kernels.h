@@ -54,6 +54,12 @@ size_t fmc_experts_scratch_bytes(const fm_mat *gate, const fm_mat *down, int T, 
  * rows) bytes. */
 fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc_expert *ex_host, int n_ex, const float *xn, int T,
                       int H, float *h, float *ye, int rows, void *scratch);
+/* The end of a MoE layer whose shared expert ran in the routed experts' call (cuda_ops.cu's moe_device), for each
+ * token t < T: out[t] = ye[T·k + t] (its shared FFN) · sigmoid(gate_row · xn[t]), then + Σ_j wt[t, j]·ye[row[t, j]],
+ * j in order. The bits of fmc_matmul of gate_row (one row, on fp32 activations), fmc_gate_rows and fmc_moe_combine
+ * (one kernel for the three). row, wt device [T, k]; xn [T, h]; ye [T·(k + 1), h]. */
+fm_status fmc_shared_combine(cudaStream_t s, const fm_mat *gate_row, const float *xn, int T, float *out,
+                             const float *ye, const int32_t *row, const float *wt, int k, int h);
 /* out[T, cols] = row ids[t] of W, dequantized (fm_cpu_get_row); ids: device [T] */
 fm_status fmc_embed(cudaStream_t s, const fm_mat *w, const int32_t *ids, int T, float *out);
 
@@ -89,9 +95,10 @@ fm_status fmc_gated_delta(cudaStream_t s, float *out, float *S, const float *q, 
 /* ---- route.cu */
 /* fm_cpu_topk_softmax per token of logits [T, E]: idx, weights device [T, k]. With tab (device [E], the layer's
  * experts' matrices) also each choice i = t·k + j as an expert of one token for fmc_experts: ex[i] = tab[idx[i]] with
- * tok = &tok[i], tok[i] = t, n = 1, row0 = i (ex, tok device [T·k]; else NULL). */
+ * tok = &tok[i], tok[i] = t, n = 1, row0 = i (ex, tok device [T·k]; else NULL); and with shared (host: a shared
+ * expert's matrices, else NULL) each token t's too, at i = T·k + t (ex, tok [T·(k + 1)]). */
 fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights,
-                    const fmc_expert *tab, fmc_expert *ex, int32_t *tok);
+                    const fmc_expert *tab, fmc_expert *ex, int32_t *tok, const fmc_expert *shared);
 
 /* ---- eltwise.cu: the element-wise and row ops, each the fm_cpu_* / backend.h op of the same name */
 fm_status fmc_rmsnorm(cudaStream_t s, float *out, const float *x, const float *w, int T, int n, float eps, int zc);

@@ -40,6 +40,8 @@ constexpr size_t DEFAULT_RESERVE = 1024 * MiB; /* left free on the device when n
 constexpr size_t VRAM_HEADROOM = 64 * MiB;     /* kept out of the VRAM expert cache for scratch that grows */
 constexpr int DEV_T = 8;      /* moe_device: the most tokens a call (it runs each choice as an expert of one token) */
 constexpr int DEV_K = 32;     /* ... and choices a token (fmc_route's MAX_K) */
+constexpr int DEV_N = DEV_T * DEV_K;        /* ... so many choices a call */
+constexpr int DEV_NX = DEV_T * (DEV_K + 1); /* ... and rows of experts with a shared expert's (folded) */
 
 /* A copy the host reads after finish(): moe_device's choices, from pinned memory to the core's array. */
 struct delivery {
@@ -106,11 +108,12 @@ struct cuda_ctx {
     fmc_expert *tab_host = nullptr, *tab_dev = nullptr; /* [key_space] */
     int *layer_count = nullptr;                         /* [layers] experts of the layer in the cache */
     unsigned char *layer_ready = nullptr; /* [layers] 1: its table is on the device; 2: and its copies waited for */
-    uint8_t *dev_buf = nullptr;  /* moe_device's device arrays (dev_arrays_of) */
-    int32_t *idx_pinned = nullptr; /* [layers, DEV_T·DEV_K] the choices, for the host */
+    uint8_t *dev_buf = nullptr;  /* moe_device's device arrays (dev_arrays) */
+    int32_t *idx_pinned = nullptr; /* [layers, DEV_N] the choices, for the host */
     delivery *deliv = nullptr;     /* [layers] copies for finish() to make */
     int n_deliv = 0;
     int last_T = 0, last_k = 0;    /* the last moe_device's, for moe_combine with no rows */
+    uint64_t folds = 0;            /* layers whose shared expert moe_device folded in */
 
     /* step_begin/step_end: one decode step recorded as a CUDA graph and replayed while still valid: the same
      * buffers (mem_gen: bumped by every reallocation a recording may point into) and a position whose key block
@@ -120,7 +123,7 @@ struct cuda_ctx {
     bool capturing = false, broken = false;  /* recording; and something in it could not be recorded */
     int cap_pos = 0, cap_lo = 0, cap_hi = 0; /* the recorded position, the positions it is valid for */
     cudaGraphExec_t graph = nullptr;
-    uint64_t graph_gen = 0, graph_hits = 0;
+    uint64_t graph_gen = 0, graph_hits = 0, graph_folds = 0; /* and the counts a replay adds */
     int graph_lo = 0, graph_hi = 0;
     delivery *graph_deliv = nullptr; /* [layers] the recording's deliveries */
     int graph_n_deliv = 0;
@@ -259,19 +262,24 @@ void cuda_destroy(void *ctx);
 void vram_free(cuda_ctx *c);
 void vram_forget(cuda_ctx *c);
 
-/* moe_device's device arrays, in dev_buf: [DEV_T·DEV_K] each */
+/* moe_device's device arrays, in dev_buf: its fmc_experts call's experts and their tokens, each choice's index and
+ * weight, and the choices' rows of ye (0, 1, ...: for moe_combine) */
 struct dev_arrays {
-    int32_t *idx;    /* the choices */
-    float *weights;  /* ... their weights */
-    int32_t *rows;   /* 0, 1, ...: row t·k + j of ye is choice (t, j) (moe_combine) */
-    int32_t *tok;    /* the token of each choice */
-    fmc_expert *ex;  /* each choice as an expert of one token (fmc_experts) */
+    fmc_expert *ex; /* [DEV_NX] */
+    int32_t *tok;   /* [DEV_NX] */
+    int32_t *idx;   /* [DEV_N] */
+    float *w;       /* [DEV_N] */
+    int32_t *rows;  /* [DEV_N] */
 };
-constexpr size_t DEV_N = (size_t)DEV_T * DEV_K;
-size_t dev_buf_bytes() { return 4 * sizeof(int32_t) * DEV_N + sizeof(fmc_expert) * DEV_N; }
-dev_arrays dev_arrays_of(uint8_t *b) {
-    int32_t *i = (int32_t *)b;
-    return {i, (float *)(i + DEV_N), i + 2 * DEV_N, i + 3 * DEV_N, (fmc_expert *)(i + 4 * DEV_N)};
+size_t dev_buf_bytes() { return (sizeof(fmc_expert) + sizeof(int32_t)) * DEV_NX + 3 * sizeof(int32_t) * DEV_N; }
+dev_arrays dev_arrays_of(uint8_t *p) {
+    dev_arrays d;
+    d.ex = (fmc_expert *)p;
+    d.tok = (int32_t *)(d.ex + DEV_NX);
+    d.idx = d.tok + DEV_NX;
+    d.w = (float *)(d.idx + DEV_N);
+    d.rows = (int32_t *)(d.w + DEV_N);
+    return d;
 }
 
 fm_status cuda_create(const fm_backend_params *p, void **out) {
@@ -474,10 +482,10 @@ fm_status cuda_finish(void *ctx) {
     return st;
 }
 
-void cuda_device_stats(void *ctx, uint64_t out[6]) {
+void cuda_device_stats(void *ctx, uint64_t out[FM_DEVICE_STATS]) {
     const cuda_ctx *c = ctx_of(ctx);
     out[0] = (uint64_t)c->n_slots, out[1] = c->hits, out[2] = c->misses, out[3] = c->bytes_in;
-    out[4] = c->replays, out[5] = c->recordings;
+    out[4] = c->replays, out[5] = c->recordings, out[6] = c->folds;
 }
 
 /* ---------------------------------------------------------------- ops */
@@ -603,7 +611,7 @@ void cuda_route(void *ctx, const float *logits, int T, int E, int k, int norm, i
         c->route_host_size = bytes;
     }
     launched(c, fmc_route(c->s, logits, T, E, k, norm, (int32_t *)d, (float *)(d + n * sizeof(int32_t)), nullptr,
-                          nullptr, nullptr), "route");
+                          nullptr, nullptr, nullptr), "route");
     if (c->err != FM_OK || !ok(c, cudaMemcpyAsync(c->route_host, d, bytes, cudaMemcpyDeviceToHost, c->s), "route"))
         return;
     sync_all(c);
@@ -622,7 +630,7 @@ void cuda_moe_combine(void *ctx, float *out, const float *ye, const int32_t *row
             return;
         }
         const dev_arrays d = dev_arrays_of(c->dev_buf);
-        launched(c, fmc_moe_combine(c->s, out, ye, d.rows, d.weights, T, k, h), "moe_combine");
+        launched(c, fmc_moe_combine(c->s, out, ye, d.rows, d.w, T, k, h), "moe_combine");
         return;
     }
     /* one upload of both tables: a second could restart the arena and overwrite the first before it is read */
@@ -779,12 +787,17 @@ bool vram_init(cuda_ctx *c, size_t slot_bytes) {
                      c->dev_buf && c->idx_pinned;
         if (c->all_fit) { /* the choices' rows 0, 1, ... for moe_combine */
             int32_t rows[DEV_N];
-            for (size_t i = 0; i < DEV_N; i++) rows[i] = (int32_t)i;
+            for (int i = 0; i < DEV_N; i++) rows[i] = i;
             ok(c, cudaMemcpy(dev_arrays_of(c->dev_buf).rows, rows, sizeof rows, cudaMemcpyHostToDevice),
                "moe_device's rows");
         }
     }
     return true;
+}
+
+/* e's matrices all at 16-byte boundaries (a grouped call takes 16-byte loads where all of its experts' are) */
+bool aligned16(const fmc_expert *e) {
+    return ((uintptr_t)e->gate.data | (uintptr_t)e->up.data | (uintptr_t)e->down.data) % 16 == 0;
 }
 
 /* Expert key w->key is in slot i now (moe_device's tables): its entry; and once all of its layer's experts are in,
@@ -797,12 +810,9 @@ void tab_add(cuda_ctx *c, const fm_expert_work *w, span s, int i) {
     const int layer = w->key / c->n_exp;
     if (++c->layer_count[layer] < c->n_exp) return;
     const fmc_expert *t = c->tab_host + (size_t)layer * c->n_exp;
-    auto a16 = [](const fmc_expert *e) {
-        return ((uintptr_t)e->gate.data | (uintptr_t)e->up.data | (uintptr_t)e->down.data) % 16 == 0;
-    };
     for (int e = 1; e < c->n_exp; e++)
         if (!fmc_same_kind(&t[e].gate, &t[0].gate) || !fmc_same_kind(&t[e].up, &t[0].up) ||
-            !fmc_same_kind(&t[e].down, &t[0].down) || a16(&t[e]) != a16(&t[0]))
+            !fmc_same_kind(&t[e].down, &t[0].down) || aligned16(&t[e]) != aligned16(&t[0]))
             return;
     if (ok(c, cudaMemcpyAsync(c->tab_dev + (size_t)layer * c->n_exp, t, sizeof(fmc_expert) * c->n_exp,
                               cudaMemcpyHostToDevice, c->s), "the experts' table"))
@@ -1118,12 +1128,38 @@ void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float
     }
 }
 
+/* FLASHMOE_CUDA_SHARED_FOLD=0: moe_device never folds the shared expert in (the core runs it in launches of its
+ * own), to compare. Read once. */
+bool shared_fold_on() {
+    static const bool on = [] {
+        const char *e = getenv("FLASHMOE_CUDA_SHARED_FOLD");
+        return !(e && strcmp(e, "0") == 0);
+    }();
+    return on;
+}
+
+/* The shared expert sh as an expert of the layer whose expert 0 is t0, where it can run in the routed experts'
+ * fmc_experts call: matrices of their kind (one kind a call: shared_expert_intermediate_size ==
+ * moe_intermediate_size, the same quantization) and alignment (tab_add's rule), and a gate row on fp32
+ * activations (fmc_shared_combine). false: the shared expert runs as ops of its own. */
+bool fold_of(const fm_shared_expert *sh, const fmc_expert *t0, int h, fmc_expert *out) {
+    if (!sh || !shared_fold_on()) return false;
+    *out = {*sh->gate, *sh->up, *sh->down, nullptr, 1, 0};
+    return fmc_same_kind(sh->gate, &t0->gate) && fmc_same_kind(sh->up, &t0->up) && fmc_same_kind(sh->down, &t0->down) &&
+           aligned16(out) == aligned16(t0) && sh->gate_row->rows == 1 && sh->gate_row->cols == h &&
+           fmc_matmul_scratch_bytes(sh->gate_row, 1) == 0;
+}
+
 /* The routed experts of a layer with no host round trip (backend.h): route_k also writes each choice as an
  * expert of one token (its matrices from the layer's table), fmc_experts runs them all, and the choices go to
  * pinned memory for finish() to hand over. Each choice's FFN is the bits the host path's grouped call gives it
- * (fm_mm's per-(row, token) arithmetic does not depend on the grouping). */
+ * (fm_mm's per-(row, token) arithmetic does not depend on the grouping). Folded (fold_of), route_k also writes the
+ * shared expert on each token t as an expert of the call (row T·k + t of ye: the bits of the shared expert's own
+ * matmuls, for the same reason), and fmc_shared_combine ends the layer in one kernel. That one replaces the 7 the
+ * shared expert and the combine take as ops (9 on int8 activations): its gate's matvec, gate and up (after xn's
+ * quantizer), silu_mul, down (after h's), gate_rows, moe_combine. */
 int cuda_moe_device(void *ctx, int layer, const float *logits, int T, int E, int k, int norm, const float *xn, float *ye,
-                    int h, int32_t *idx) {
+                    int h, int32_t *idx, const fm_shared_expert *shared, float *out) {
     cuda_ctx *c = ctx_of(ctx);
     if (!c->all_fit || c->err != FM_OK || T < 1 || T > DEV_T || k < 1 || k > DEV_K || k > E || E != c->n_exp ||
         layer < 0 || layer >= c->n_layers || !c->layer_ready[layer])
@@ -1143,22 +1179,33 @@ int cuda_moe_device(void *ctx, int layer, const float *logits, int T, int E, int
     }
     const int n = T * k;
     const dev_arrays d = dev_arrays_of(c->dev_buf);
-    launched(c, fmc_route(c->s, logits, T, E, k, norm, d.idx, d.weights, c->tab_dev + key0, d.ex, d.tok), "route");
-    fmc_expert ex[DEV_N]; /* the call's shape for fmc_experts' checks: the layer's expert 0, n times */
-    for (int i = 0; i < n; i++) {
-        ex[i] = c->tab_host[key0];
+    const fmc_expert *t0 = &c->tab_host[key0];
+    fmc_expert sx = {};
+    const bool fold = fold_of(shared, t0, h, &sx);
+    const int n_ex = fold ? n + T : n;
+    launched(c, fmc_route(c->s, logits, T, E, k, norm, d.idx, d.w, c->tab_dev + key0, d.ex, d.tok,
+                          fold ? &sx : nullptr), "route");
+    fmc_expert ex[DEV_NX]; /* the call's shape for fmc_experts' checks: the layer's expert 0 n times, then the shared */
+    for (int i = 0; i < n_ex; i++) {
+        ex[i] = i < n ? *t0 : sx;
         ex[i].tok = d.tok + i, ex[i].n = 1, ex[i].row0 = i;
     }
     const fm_mat *g0 = &ex[0].gate, *d0 = &ex[0].down;
-    uint8_t *mem = (uint8_t *)grow(c, &c->ffn, group_bytes(g0, d0, T, n), "expert scratch");
+    uint8_t *mem = (uint8_t *)grow(c, &c->ffn, group_bytes(g0, d0, T, n_ex), "expert scratch");
     if (mem)
-        launched(c, fmc_experts(c->s, d.ex, ex, n, xn, T, h, (float *)mem, ye, n, mem + h_bytes(g0, n)), "experts");
+        launched(c, fmc_experts(c->s, d.ex, ex, n_ex, xn, T, h, (float *)mem, ye, n_ex, mem + h_bytes(g0, n_ex)),
+                 "experts");
+    if (mem && fold)
+        launched(c, fmc_shared_combine(c->s, shared->gate_row, xn, T, out, ye, d.rows, d.w, k, h),
+                 "the shared expert's combine");
     int32_t *pin = c->idx_pinned + (size_t)layer * DEV_N;
-    if (ok(c, cudaMemcpyAsync(pin, d.idx, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, c->s), "the choices to the host"))
+    if (ok(c, cudaMemcpyAsync(pin, d.idx, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, c->s),
+           "the choices to the host"))
         c->deliv[c->n_deliv++] = {idx, pin, (size_t)n};
     c->hits += (uint64_t)n;
+    c->folds += fold;
     c->last_T = T, c->last_k = k;
-    return 1;
+    return fold ? 2 : 1;
 }
 
 /* Drop the recording (it no longer matches the buffers, or a new one replaces it). */
@@ -1178,7 +1225,7 @@ int cuda_step_begin(void *ctx, int32_t token, int pos, int record) {
         if (!ok(c, cudaGraphLaunch(c->graph, c->s), "replaying a decode step")) return 0;
         memcpy(c->deliv, c->graph_deliv, sizeof(delivery) * (size_t)c->graph_n_deliv);
         c->n_deliv = c->graph_n_deliv;
-        c->hits += c->graph_hits;
+        c->hits += c->graph_hits, c->folds += c->graph_folds;
         c->replays++;
         return 1;
     }
@@ -1189,7 +1236,7 @@ int cuda_step_begin(void *ctx, int32_t token, int pos, int record) {
     }
     c->capturing = true, c->broken = false;
     c->cap_pos = pos, c->cap_lo = 0, c->cap_hi = 0x7FFFFFFF;
-    c->n_deliv = 0, c->graph_hits = c->hits;
+    c->n_deliv = 0, c->graph_hits = c->hits, c->graph_folds = c->folds;
     ok(c, cudaMemcpyAsync(c->step_dev, c->step_host, 2 * sizeof(int32_t), cudaMemcpyHostToDevice, c->s), "step input");
     return 0;
 }
@@ -1206,8 +1253,8 @@ int cuda_step_end(void *ctx) {
                       cudaGraphInstantiate(&x, g, 0) == cudaSuccess;
     if (g) cudaGraphDestroy(g);
     cudaGetLastError();
-    c->graph_hits = c->hits - c->graph_hits;
-    c->hits -= c->graph_hits; /* counted again when it runs */
+    c->graph_hits = c->hits - c->graph_hits, c->graph_folds = c->folds - c->graph_folds;
+    c->hits -= c->graph_hits, c->folds -= c->graph_folds; /* counted again when it runs */
     if (!good) { /* nothing ran: the core issues the step again, to run as issued */
         c->err = FM_OK, c->n_deliv = 0;
         return 0;

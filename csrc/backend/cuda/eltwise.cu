@@ -5,6 +5,7 @@
  * block; a row's reduction order depends on the row alone (batch invariance).
  */
 #include "cuda_kernels.h"
+#include "eltwise.cuh"
 
 namespace {
 
@@ -12,8 +13,6 @@ constexpr int THREADS = 256;
 constexpr int CONV_FUSED_T = 4; /* conv1d calls of up to this many tokens: one kernel, a thread per channel */
 
 unsigned blocks_for(size_t n) { return (unsigned)((n + THREADS - 1) / THREADS); }
-
-__device__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 /* The sum of squares of a row in double, as the CPU takes it (its fp32 result then rounds once): each thread
  * strides the row, a butterfly sums each warp (the same bits in its every lane), then every thread adds the
@@ -77,7 +76,7 @@ __global__ void silu_mul_k(float *out, const float *g, const float *u, size_t n)
 
 __global__ void sigmoid_mul_k(float *out, const float *g, const float *x, size_t n) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = x[i] * sigmoidf_(g[i]);
+    if (i < n) out[i] = x[i] * fmc_sigmoid(g[i]);
 }
 
 __global__ void add_k(float *x, const float *y, size_t n) {
@@ -110,24 +109,22 @@ __global__ void deltanet_gates_k(float *b, float *a, const float *A_log, const f
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)T * Hv) return;
     const int h = (int)(i % Hv);
-    b[i] = sigmoidf_(b[i]);
+    b[i] = fmc_sigmoid(b[i]);
     const float z = a[i] + dt_bias[h];
     a[i] = -expf(A_log[h]) * (z > 20.0f ? z : log1pf(expf(z)));
 }
 
 __global__ void gate_rows_k(float *out, const float *g, int n, size_t total) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < total) out[i] *= sigmoidf_(g[i / n]);
+    if (i < total) out[i] *= fmc_sigmoid(g[i / n]);
 }
 
 /* out[t, i] += Σ_j w[t, j]·ye[row[t, j], i], j in order */
 __global__ void moe_combine_k(float *out, const float *ye, const int32_t *row, const float *wt, int T, int k, int h) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)T * h) return;
-    const size_t t = i / h, c = i % h;
-    float o = out[i];
-    for (int j = 0; j < k; j++) o += wt[t * k + j] * ye[(size_t)row[t * k + j] * h + c];
-    out[i] = o;
+    const size_t t = i / h;
+    out[i] = fmc_combine(out[i], ye, row + t * k, wt + t * k, k, h, i % h);
 }
 
 __global__ void gather_rows_k(float *dst, const float *src, const int32_t *rows, int n, int cols) {

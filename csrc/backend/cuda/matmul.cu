@@ -2,7 +2,8 @@
  * matmul.cu — the CUDA matmul, the routed experts' FFNs and the embedding lookup (cuda_kernels.h):
  * y[T, rows] = x[T, cols] · Wᵀ for W f32, bf16, q8 or q4 (group-wise affine, docs/FORMAT.md) as cpu.h's
  * fm_cpu_matmul computes it, on fp32 activations or, for q4/q8 with w->int8_act, on int8 ones; any number of
- * experts' down(silu(gate x) · up x) in two launches; and out[t] = row ids[t] of W dequantized.
+ * experts' down(silu(gate x) · up x) in two launches; the end of a MoE layer whose shared expert ran among them
+ * (its gate's matvec, the gating and the weighted combine, in one); and out[t] = row ids[t] of W dequantized.
  *
  * One kernel template, fm_mm, for every weight type and every token count. A warp owns R rows; a lane takes
  * 16 bytes of a row at a time, a chunk of V columns (f32 4, bf16 8, q8 16, q4 32), lane l the chunks at
@@ -43,6 +44,7 @@
 #include <stdint.h>
 
 #include "cuda_kernels.h"
+#include "eltwise.cuh"
 
 namespace {
 
@@ -389,6 +391,34 @@ __global__ void __launch_bounds__(128, K == K_GU && (VEC || P != MM_Q4) ? 3 : 1)
     }
 }
 
+/* fmc_shared_combine: token blockIdx.y's columns blockIdx.x · 256 + thread. Warp 0 takes sg = the one row of a.w ·
+ * x[t] as fm_mm does (mm_dot, then the butterfly: the bits of a matmul of it, U aside, which only says how many
+ * chunks' loads are in flight: 8, so that the block waits about one load's latency for it); then each thread its
+ * column: the shared FFN's value times sigmoid(sg), rounded as gate_rows stores it (no FMA with what follows), then
+ * the choices added as moe_combine adds them. Every block of the token computes sg again (a row of H: a few KiB). */
+template <int P, bool VEC, bool SPLIT>
+__global__ void __launch_bounds__(256) fm_shared_combine(const __grid_constant__ mm_args a, float *out,
+                                                         const float *ye, const int32_t *row, const float *wt, int k,
+                                                         int h) {
+    __shared__ float sg[1];
+    const int t = blockIdx.y;
+    if (threadIdx.x < 32) {
+        const mm_mat m[1] = {{a.w, a.scales, a.biases}};
+        const int rw[1] = {0};
+        float acc[1][1] = {{0.0f}};
+        mm_dot<P, 1, 1, 1, 8, VEC, SPLIT>(a, m, rw, tok_seq{t}, 1, acc);
+        float v = acc[0][0];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+        if (threadIdx.x == 0) sg[0] = v;
+    }
+    __syncthreads();
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= h) return;
+    const float shared = __fmul_rn(ye[((size_t)a.T * k + t) * h + c], fmc_sigmoid(sg[0]));
+    out[(size_t)t * h + c] = fmc_combine(shared, ye, row + (size_t)t * k, wt + (size_t)t * k, k, h, c);
+}
+
 /* int8 activations of x [T, cols] per group of gs (a multiple of 32, <= 256), here group g of row t by one warp:
  * xq (PERM, for q4: each 8 as its evens then its odds), xd [T, ng] = m / 127, xs [T, cols / V] = Σ xq per chunk
  * of V. The CPU's roundings: max|x| is exact in any order, 127 / m and m / 127 correctly rounded divisions,
@@ -713,6 +743,46 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
     dispatch_w<K_GU>(s, gu, g0, g16, g16 && aligned(xn, 16) && H % 4 == 0, ex, n_ex, max_n);
     if (di8) quantize(s, d0, h, rows, (char *)scratch + fmc_matmul_scratch_bytes(g0, T), dn, dblocks, ex, n_ex);
     dispatch_w<K_DOWN>(s, dn, d0, d16, d16 && aligned(h, 16) && I % 4 == 0, ex, n_ex, max_n);
+    return FM_OK;
+}
+
+namespace {
+template <int P, bool SPLIT = false>
+void launch_shared_combine(cudaStream_t s, const mm_args &a, bool vec, float *out, const float *ye,
+                           const int32_t *row, const float *wt, int k, int h) {
+    const dim3 grid((unsigned)((h + 255) / 256), (unsigned)a.T);
+    if (vec) fm_shared_combine<P, true, SPLIT><<<grid, 256, 0, s>>>(a, out, ye, row, wt, k, h);
+    else fm_shared_combine<P, false, SPLIT><<<grid, 256, 0, s>>>(a, out, ye, row, wt, k, h);
+}
+} // namespace
+
+extern "C" fm_status fmc_shared_combine(cudaStream_t s, const fm_mat *w, const float *xn, int T, float *out,
+                                        const float *ye, const int32_t *row, const float *wt, int k, int h) {
+    if (!w || !w->data || w->rows != 1 || w->cols != h || T < 0 || T > 65535 || k < 1 || h <= 0)
+        return fm_fail(FM_ERR_INVALID, "cuda backend: shared expert's combine of a %d x %d gate over %d tokens of %d, "
+                       "%d choices", w ? w->rows : 0, w ? w->cols : 0, T, h, k);
+    const fm_status st = check_weights(w, "shared expert's gate");
+    if (st != FM_OK) return st;
+    if (int8_path(w)) /* its int8 activations would need a quantizer of their own: the core never asks */
+        return fm_fail(FM_ERR_INVALID, "cuda backend: shared expert's gate on int8 activations");
+    if (T == 0) return FM_OK;
+    if (!xn || !out || !ye || !row || !wt || !aligned(xn, 4))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: shared expert's combine: no or misaligned activations");
+    mm_args a = {};
+    a.w = w->data, a.scales = w->scales, a.biases = w->biases, a.x = xn;
+    a.row_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, h);
+    a.rows = 1, a.cols = h, a.gs = w->group_size, a.ng = quantized(w) ? h / w->group_size : 0, a.T = T;
+    a.sbf16 = w->scale_bf16;
+    const bool vec = aligned(w->data, 16) && a.row_bytes % 16 == 0 && aligned(xn, 16) && h % 4 == 0; /* fmc_matmul's */
+    switch (w->dtype) {
+    case FM_F32: launch_shared_combine<MM_F32>(s, a, vec, out, ye, row, wt, k, h); break;
+    case FM_BF16: launch_shared_combine<MM_BF16>(s, a, vec, out, ye, row, wt, k, h); break;
+    case FM_Q8: launch_shared_combine<MM_Q8>(s, a, vec, out, ye, row, wt, k, h); break;
+    case FM_Q4:
+        if (w->group_size % 32) launch_shared_combine<MM_Q4, true>(s, a, vec, out, ye, row, wt, k, h);
+        else launch_shared_combine<MM_Q4>(s, a, vec, out, ye, row, wt, k, h);
+        break;
+    }
     return FM_OK;
 }
 

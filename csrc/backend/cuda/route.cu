@@ -53,12 +53,13 @@ __device__ __forceinline__ bool before(float al, int ai, float bl, int bi) {
 }
 
 /* token blockIdx.x · ROUTE_WARPS + warp; ex: ROUTE_WARPS × E doubles of dynamic shared memory; one, tok: each choice
- * as an expert of one token (fmc_route) where tab is given */
+ * (and with has_sh the shared expert sh) as an expert of one token (fmc_route) where tab is given */
 __global__ void __launch_bounds__(ROUTE_WARPS * 32) route_k(const float *__restrict__ logits, int T, int E, int k,
                                                             int norm, int32_t *__restrict__ idx,
                                                             float *__restrict__ weights,
                                                             const fmc_expert *__restrict__ tab,
-                                                            fmc_expert *__restrict__ one, int32_t *__restrict__ tok) {
+                                                            fmc_expert *__restrict__ one, int32_t *__restrict__ tok,
+                                                            fmc_expert sh, int has_sh) {
     extern __shared__ double ex[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * ROUTE_WARPS + warp;
     if (t >= T) return; /* the whole warp; only warp-level syncs below */
@@ -116,18 +117,26 @@ __global__ void __launch_bounds__(ROUTE_WARPS * 32) route_k(const float *__restr
             tok[i] = t;
         }
     }
+    if (tab && has_sh && lane == 0) { /* the shared expert on token t, after every token's choices */
+        const size_t i = (size_t)T * k + t;
+        fmc_expert x = sh;
+        x.tok = tok + i, x.n = 1, x.row0 = (int)i;
+        one[i] = x;
+        tok[i] = t;
+    }
 }
 
 } // namespace
 
 fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, int norm, int32_t *idx,
-                    float *weights, const fmc_expert *tab, fmc_expert *ex, int32_t *tok) {
+                    float *weights, const fmc_expert *tab, fmc_expert *ex, int32_t *tok, const fmc_expert *shared) {
     if (T < 0 || E < 1 || E > MAX_E || k < 1 || k > MAX_K || k > E)
         return fm_fail(FM_ERR_INVALID, "cuda backend: route of %d tokens, top %d of %d experts (1..%d experts, "
                        "k at most %d and the experts)", T, k, E, MAX_E, MAX_K);
     if (T == 0) return FM_OK;
     const size_t smem = (size_t)ROUTE_WARPS * E * sizeof(double); /* <= 32 KiB: no opt-in needed */
-    route_k<<<(unsigned)((T + ROUTE_WARPS - 1) / ROUTE_WARPS), ROUTE_WARPS * 32, smem, s>>>(logits, T, E, k, norm,
-                                                                                           idx, weights, tab, ex, tok);
+    const fmc_expert sh = shared ? *shared : fmc_expert{};
+    route_k<<<(unsigned)((T + ROUTE_WARPS - 1) / ROUTE_WARPS), ROUTE_WARPS * 32, smem, s>>>(
+        logits, T, E, k, norm, idx, weights, tab, ex, tok, sh, shared != nullptr);
     return FM_OK;
 }

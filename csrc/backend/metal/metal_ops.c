@@ -211,9 +211,9 @@ static fm_status metal_finish(void *ctx) {
     return st;
 }
 
-static void metal_device_stats(void *ctx, uint64_t out[6]) {
+static void metal_device_stats(void *ctx, uint64_t out[FM_DEVICE_STATS]) {
     (void)ctx;
-    memset(out, 0, 6 * sizeof *out); /* unified memory: the host's expert cache is the GPU's */
+    memset(out, 0, FM_DEVICE_STATS * sizeof *out); /* unified memory: the host's expert cache is the GPU's */
 }
 
 /* ---------------------------------------------------------------- ops */
