@@ -60,11 +60,18 @@ def main() -> None:
             m.forward(prompt, all_logits=False)
     else:
         last = m.generate_tokens(ids, 8, stop_token_ids=[])[-1]
+        s0 = m.stats
         t = time.perf_counter()
         m.generate_tokens([last], args.tokens, stop_token_ids=[], reset=False)
         wall = (time.perf_counter() - t) / args.tokens
+        s1 = m.stats
+        per = {k: (s1[k] - s0[k]) / args.tokens * 1e3 for k in ("device_launch_seconds", "device_wait_seconds")}
+        print(f"unprofiled, ms a token: wall {wall * 1e3:.3f}, of it launching the replayed step "
+              f"{per['device_launch_seconds']:.3f}, blocked on the GPU {per['device_wait_seconds']:.3f}, the rest "
+              f"(the host's own work: sampling, the core) {wall * 1e3 - sum(per.values()):.3f}")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             m.generate_tokens([last], args.tokens, stop_token_ids=[], reset=False)
+    spans = []  # the device's kernels and copies, (start, end) in us: the GPU's idle time between them
     kern = collections.defaultdict(lambda: [0, 0.0])
     runtime = collections.defaultdict(lambda: [0, 0.0])
     for e in prof.events():
@@ -73,6 +80,7 @@ def main() -> None:
             k = kern[e.name[:150]]
             k[0] += 1
             k[1] += e.time_range.elapsed_us()
+            spans.append((e.time_range.start, e.time_range.end))
         elif e.name.startswith("cuda"):
             r = runtime[e.name]
             r[0] += 1
@@ -85,6 +93,12 @@ def main() -> None:
     print(f"{path}: wall {wall * 1e3:.3f} ms/token unprofiled; GPU busy {busy / 1e3:.3f} ms/token "
           f"({busy / (wall * 1e6):.2f} of the wall), {sum(v[0] for v in kern.values()) / n:.0f} kernels and "
           f"copies per token")
+    spans.sort()
+    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    small = [g for g in gaps if 0 < g < 50]
+    print(f"GPU idle between consecutive kernels/copies, per token: {sum(small) / n:.1f} us in {len(small) / n:.0f} "
+          f"gaps under 50 us (median {np.median(small) if small else 0:.2f} us), "
+          f"{sum(g for g in gaps if g >= 50) / n:.1f} us in longer ones (the host's turn)")
     print("per token: count, GPU us, name")
     for name, (c, us) in sorted(kern.items(), key=lambda kv: -kv[1][1])[:40]:
         print(f"  {c / n:7.1f} {us / n:9.1f}  {name}")

@@ -34,7 +34,7 @@
 enum { FM_DELTANET_CHUNK = 16 };
 
 /* device_stats' counters (below) */
-enum { FM_DEVICE_STATS = 7 };
+enum { FM_DEVICE_STATS = 9 };
 
 /* What a buffer holds, so a backend can place it: dense weights (read once, read-only), sequence state
  * (KV cache, DeltaNet state; snapshots copy it), scratch (a chunk's activations), expert slots (the

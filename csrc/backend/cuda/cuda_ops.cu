@@ -28,6 +28,7 @@
 
 extern "C" {
 #include "../backend.h"
+#include "../../core/util.h" /* fm_now */
 }
 #include "cuda_kernels.h"
 
@@ -128,6 +129,7 @@ struct cuda_ctx {
     delivery *graph_deliv = nullptr; /* [layers] the recording's deliveries */
     int graph_n_deliv = 0;
     uint64_t replays = 0, recordings = 0;
+    uint64_t launch_ns = 0, wait_ns = 0; /* host time in graph launches, and blocked in sync_all */
 };
 
 cuda_ctx *ctx_of(void *p) { return (cuda_ctx *)p; }
@@ -196,8 +198,10 @@ bool no_sync(cuda_ctx *c) {
 /* Everything queued has finished: the upload arena is free again. */
 void sync_all(cuda_ctx *c) {
     if (no_sync(c)) return;
+    const double t0 = fm_now();
     ok(c, cudaStreamSynchronize(c->cs), "copy stream");
     ok(c, cudaStreamSynchronize(c->s), "compute stream");
+    c->wait_ns += (uint64_t)((fm_now() - t0) * 1e9);
     pthread_mutex_lock(&c->mu);
     c->done = c->serial;
     pthread_mutex_unlock(&c->mu);
@@ -486,6 +490,7 @@ void cuda_device_stats(void *ctx, uint64_t out[FM_DEVICE_STATS]) {
     const cuda_ctx *c = ctx_of(ctx);
     out[0] = (uint64_t)c->n_slots, out[1] = c->hits, out[2] = c->misses, out[3] = c->bytes_in;
     out[4] = c->replays, out[5] = c->recordings, out[6] = c->folds;
+    out[7] = c->launch_ns, out[8] = c->wait_ns;
 }
 
 /* ---------------------------------------------------------------- ops */
@@ -1222,7 +1227,10 @@ int cuda_step_begin(void *ctx, int32_t token, int pos, int record) {
     if (c->graph && (c->graph_gen != c->mem_gen || pos < c->graph_lo || pos >= c->graph_hi)) drop_graph(c);
     c->step_host[0] = token, c->step_host[1] = pos; /* the previous step has finished: nothing reads them now */
     if (c->graph) {
-        if (!ok(c, cudaGraphLaunch(c->graph, c->s), "replaying a decode step")) return 0;
+        const double t0 = fm_now();
+        const bool launched_ok = ok(c, cudaGraphLaunch(c->graph, c->s), "replaying a decode step");
+        c->launch_ns += (uint64_t)((fm_now() - t0) * 1e9);
+        if (!launched_ok) return 0;
         memcpy(c->deliv, c->graph_deliv, sizeof(delivery) * (size_t)c->graph_n_deliv);
         c->n_deliv = c->graph_n_deliv;
         c->hits += c->graph_hits, c->folds += c->graph_folds;
