@@ -67,7 +67,7 @@ def main() -> None:
         s1 = m.stats
         per = {k: (s1[k] - s0[k]) / args.tokens * 1e3 for k in ("device_launch_seconds", "device_wait_seconds")}
         print(f"unprofiled, ms a token: wall {wall * 1e3:.3f}, of it launching the replayed step "
-              f"{per['device_launch_seconds']:.3f}, blocked on the GPU {per['device_wait_seconds']:.3f}, the rest "
+              f"{per['device_launch_seconds']:.3f}, blocked on the GPU (syncs, the logits copy) {per['device_wait_seconds']:.3f}, the rest "
               f"(the host's own work: sampling, the core) {wall * 1e3 - sum(per.values()):.3f}")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             m.generate_tokens([last], args.tokens, stop_token_ids=[], reset=False)

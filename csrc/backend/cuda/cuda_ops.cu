@@ -129,7 +129,7 @@ struct cuda_ctx {
     delivery *graph_deliv = nullptr; /* [layers] the recording's deliveries */
     int graph_n_deliv = 0;
     uint64_t replays = 0, recordings = 0;
-    uint64_t launch_ns = 0, wait_ns = 0; /* host time in graph launches, and blocked in sync_all */
+    uint64_t launch_ns = 0, wait_ns = 0; /* host time in graph launches, and blocked on the GPU (syncs, copies out) */
 };
 
 cuda_ctx *ctx_of(void *p) { return (cuda_ctx *)p; }
@@ -403,7 +403,10 @@ void cuda_copy(void *ctx, void *dst, const void *src, size_t bytes) {
 void cuda_to_host(void *ctx, void *host, const void *src, size_t bytes) {
     cuda_ctx *c = ctx_of(ctx);
     if (no_sync(c)) return;
-    if (ok(c, cudaMemcpyAsync(host, src, bytes, cudaMemcpyDefault, c->s), "copy to the host")) sync_all(c);
+    const double t0 = fm_now(); /* a copy to pageable memory returns when the stream has run up to it */
+    const bool copied = ok(c, cudaMemcpyAsync(host, src, bytes, cudaMemcpyDefault, c->s), "copy to the host");
+    c->wait_ns += (uint64_t)((fm_now() - t0) * 1e9);
+    if (copied) sync_all(c);
 }
 
 void cuda_from_host(void *ctx, void *dst, const void *host, size_t bytes) {
