@@ -280,6 +280,30 @@ def test_temperature_zero_is_argmax_lowest_id_on_ties():
     assert _core.Sampler({"temperature": 0.0}, big.size).sample(big) == 100000
 
 
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 33, 1000, 248320])
+def test_greedy_is_the_first_max_ignoring_nan(n):
+    """argmax's SIMD path (16 logits a step) and its scalar tail: the lowest id of the largest number, NaN
+    never chosen unless all are (then 0), -inf a number like any other."""
+    rng = np.random.default_rng(n)
+    s = _core.Sampler({"temperature": 0.0}, n)
+    for trial in range(40):
+        logits = rng.integers(-3, 3, n).astype(np.float32)  # many ties
+        kind = trial % 5
+        if kind == 1:
+            logits[rng.random(n) < 0.3] = np.nan
+        elif kind == 2:
+            logits[:] = -np.inf
+            logits[rng.integers(0, n)] = -5.0
+        elif kind == 3:
+            logits[rng.random(n) < 0.5] = np.nan
+            logits[rng.integers(0, n)] = np.inf
+        elif kind == 4 and trial % 10 == 4:
+            logits[:] = np.nan
+        finite = np.where(np.isnan(logits), -np.inf, logits)
+        want = 0 if np.isnan(logits).all() else int(np.flatnonzero(finite == finite.max())[0])
+        assert s.sample(logits.copy()) == want, (trial, kind)
+
+
 def test_top_k_one_is_greedy():
     logits = logits_fixture(5)
     assert set(draws({"temperature": 3.0, "top_k": 1, "seed": 2}, logits, 200).tolist()) == {int(np.argmax(logits))}

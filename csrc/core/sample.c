@@ -8,6 +8,9 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "util.h"
 
@@ -213,6 +216,35 @@ static double exp_all(const float *restrict l, float *restrict e, double *restri
     return exp_all_plain(l, e, blk, n, mx, inv_t);
 }
 
+/* max(l[0..n)) ignoring NaN (-inf when all are NaN); the lowest id holding it (0 when all are NaN). SSE2's
+ * maxps(a, m) is exactly `a > m ? a : m` (NaN never wins), which the compiler does not vectorise by itself:
+ * a 248k vocabulary's greedy step took 100-175 us scalar, 23 us here. */
+#if defined(__SSE2__)
+static float max_of(const float *l, int n) {
+    __m128 m[4] = {_mm_set1_ps(-INFINITY), _mm_set1_ps(-INFINITY), _mm_set1_ps(-INFINITY), _mm_set1_ps(-INFINITY)};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 4; j++) m[j] = _mm_max_ps(_mm_loadu_ps(l + i + 4 * j), m[j]);
+    float lanes[16], mx = -INFINITY;
+    for (int j = 0; j < 4; j++) _mm_storeu_ps(lanes + 4 * j, m[j]);
+    for (; i < n; i++) mx = l[i] > mx ? l[i] : mx;
+    for (int j = 0; j < 16; j++) mx = lanes[j] > mx ? lanes[j] : mx;
+    return mx;
+}
+static int32_t argmax(const float *l, int n) {
+    const float mx = max_of(l, n);
+    const __m128 v = _mm_set1_ps(mx);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) { /* the first block of 16 holding mx, then the lowest id in it */
+        const __m128 a = _mm_or_ps(_mm_cmpeq_ps(_mm_loadu_ps(l + i), v), _mm_cmpeq_ps(_mm_loadu_ps(l + i + 4), v));
+        const __m128 b = _mm_or_ps(_mm_cmpeq_ps(_mm_loadu_ps(l + i + 8), v), _mm_cmpeq_ps(_mm_loadu_ps(l + i + 12), v));
+        if (_mm_movemask_ps(_mm_or_ps(a, b))) break;
+    }
+    for (; i < n; i++)
+        if (l[i] == mx) return i;
+    return 0; /* all NaN */
+}
+#else
 static float max_of(const float *l, int n) {
     enum { LANES = 16 };
     float m[LANES];
@@ -225,7 +257,6 @@ static float max_of(const float *l, int n) {
     for (int j = 0; j < LANES; j++) mx = m[j] > mx ? m[j] : mx;
     return mx;
 }
-
 static int32_t argmax(const float *l, int n) {
     const float mx = max_of(l, n);
     enum { B = 64 };
@@ -239,6 +270,7 @@ static int32_t argmax(const float *l, int n) {
         if (l[i] == mx) return i;
     return 0; /* all NaN */
 }
+#endif
 
 /* Blocks of SKIP tokens are tested with one vectorised comparison before the scalar code looks at them:
  * most of a 248k vocabulary is far below any threshold that matters. */
