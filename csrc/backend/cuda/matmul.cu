@@ -553,6 +553,7 @@ fm_status check_weights(const fm_mat *w, const char *op) {
  * expert of many tokens spreads as a matmul's tiles do), and the grid at least GROUP_WARPS warps where the
  * experts' tiles allow. Neither changes a token's arithmetic. */
 constexpr int GROUP_TILES = 8;
+constexpr int SMALL_ROWS = 2048; /* decode of fewer f32/bf16 rows: a row a warp (dispatch_t) */
 constexpr long long GROUP_WARPS = 2048;
 
 /* fm_mm for a matmul (K_MM: max_n = T) or a grouped call's gate·up or down */
@@ -583,7 +584,12 @@ void dispatch_t(cudaStream_t s, const mm_args &a, const fmc_expert *ex, int n_ex
      * so that a warp holds the loads and accumulators of a matmul's. */
     constexpr int M = K == K_GU ? 2 : 1, R = 4 / M, RD = (P == MM_F32 || P == MM_BF16 || P == MM_Q4 ? 4 : 2) / M,
                   UD = P == MM_F32 ? 4 : 2;
-    if (max_n == 1) launch_mm<K, P, RD, 1, UD, VEC, SPLIT>(s, a, ex, n_ex, max_n);
+    /* A small f32/bf16 matrix (a router's, DeltaNet's a and b: 32 to 512 rows) has too few warps to keep bytes
+     * in flight with 4 rows a warp: a row a warp and 8 chunks of it per lane at once (a bf16 row of 2048 in one
+     * round trip); measured 4.9 us a call with 4 rows (H100). */
+    constexpr bool DENSE = P == MM_F32 || P == MM_BF16;
+    if (max_n == 1 && K == K_MM && DENSE && a.rows < SMALL_ROWS) launch_mm<K, P, 1, 1, 8, VEC, SPLIT>(s, a, ex, n_ex, max_n);
+    else if (max_n == 1) launch_mm<K, P, RD, 1, UD, VEC, SPLIT>(s, a, ex, n_ex, max_n);
     else if (max_n <= 4) launch_mm<K, P, R, 4, 1, VEC, SPLIT>(s, a, ex, n_ex, max_n);
     else launch_mm<K, P, R, 8, 1, VEC, SPLIT>(s, a, ex, n_ex, max_n);
 }
