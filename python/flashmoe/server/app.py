@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import os
@@ -16,7 +17,12 @@ from starlette.routing import Route
 from . import anthropic, openai
 from .common import APIError, ServerConfig
 from .cli import DEFAULT_MAX_BODY
-from .engine import Engine
+from .engine import Engine, release_memory
+
+# A request body this large is given back to the OS once answered: glibc keeps what a 15 MB body, its JSON
+# and its text freed (in a long-running process whose malloc has raised its mmap threshold: 100+ MB), even
+# for a request refused before the engine (whose own jobs trim after growth).
+TRIM_AFTER_BODY = 4 << 20
 
 
 class Server:
@@ -73,6 +79,14 @@ def create_app(
 
     def endpoint(fn, auth: bool = True):
         async def handler(request: Request):
+            length = request.headers.get("content-length", "")
+            try:
+                return await answer(request)
+            finally:
+                if length.isdigit() and int(length) >= TRIM_AFTER_BODY:
+                    await asyncio.to_thread(release_memory)  # the body and its JSON are freed by now
+
+        async def answer(request: Request):
             try:
                 if auth and cfg.api_key is not None and not _authorized(request, cfg.api_key):
                     raise APIError(
