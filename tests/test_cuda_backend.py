@@ -245,6 +245,46 @@ def test_decode_steps_without_the_host_are_the_steps_with_it(gpu_env, tiny_model
     assert got["unfolded"]["stats"][3] == 0 and got["host"]["stats"][3] == 0
 
 
+PRELOAD = """
+import sys
+import numpy as np
+import flashmoe
+path, out = sys.argv[1], sys.argv[2]
+m = flashmoe.load(path, backend="cuda", context_length=64)
+rows, tok = [], 7
+for _ in range(4):  # a one-token prompt, then decode steps: far from every expert used once
+    rows.append(m.forward([tok], reset=not rows)[0])
+    tok = int(np.argmax(rows[-1]))
+st = m.stats
+cfg = m.config
+np.savez(out, logits=np.stack(rows), usage=m.expert_usage(), experts=cfg["num_hidden_layers"] * cfg["num_experts"],
+         stats=np.asarray([st["device_expert_slots"], st["device_expert_misses"], st["device_step_recordings"],
+                           st["device_step_replays"]]))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.torch
+def test_every_expert_is_in_vram_from_load_where_all_fit(gpu_env, tiny_models, tmp_path):
+    """Where the GPU budget holds every expert, load copies them all into VRAM: the first decode steps after a
+    one-token prompt (which used a few experts of each layer) already route on the device and replay, with no
+    expert copied after load, and give the bits of routing on the host (FLASHMOE_CUDA_DEVICE_ROUTE=0, which
+    preloads nothing and copies each expert at its first use). Before, a layer routed on the host until every
+    one of its experts had been used once."""
+    path = tiny_models("qwen3_5_moe", 4)
+    got = {}
+    for name, env in (("preloaded", {}), ("host", {"FLASHMOE_CUDA_DEVICE_ROUTE": "0"})):
+        rc, log = run_py(dict(gpu_env, **env), ["-c", PRELOAD, path, str(tmp_path / f"{name}.npz")])
+        assert rc == 0, log[-4000:]
+        got[name] = np.load(tmp_path / f"{name}.npz")
+    assert np.array_equal(got["host"]["logits"].view(np.uint32), got["preloaded"]["logits"].view(np.uint32))
+    assert np.array_equal(got["host"]["usage"], got["preloaded"]["usage"])
+    slots, misses, recordings, replays = got["preloaded"]["stats"].tolist()
+    assert slots == int(got["preloaded"]["experts"]), got["preloaded"]["stats"]
+    assert misses == 0 and recordings >= 1 and replays >= 1, got["preloaded"]["stats"]
+    assert got["host"]["stats"][1] > 0  # the host-routed run copied experts as it went
+
+
 GPU_BUDGET = """
 import sys, flashmoe
 from flashmoe.errors import MemoryBudgetError

@@ -233,6 +233,12 @@ def test_decode_steps_without_the_host_are_the_steps_with_it_emulated(emu_env, t
     test_cuda_backend.test_decode_steps_without_the_host_are_the_steps_with_it(emu_env, tiny_models, tmp_path)
 
 
+@pytest.mark.torch
+def test_every_expert_is_in_vram_from_load_where_all_fit_emulated(emu_env, tiny_models, tmp_path):
+    import test_cuda_backend
+    test_cuda_backend.test_every_expert_is_in_vram_from_load_where_all_fit(emu_env, tiny_models, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
     from flashmoe.synth import write_random_model

@@ -178,6 +178,12 @@ typedef struct fm_backend_ops {
      * failed and nothing ran, and the core issues the step once more (it then runs as issued). */
     int (*step_begin)(void *ctx, int32_t token, int pos, int record);
     int (*step_end)(void *ctx);
+    /* Copy experts work[0..n_work) (their tok, n and row0 unused) into the backend's own expert cache ahead of any
+     * use, where that cache is to hold every expert of the model (CUDA's VRAM tier, when gpu_memory_budget leaves
+     * room for all of them and a margin for scratch), so that moe_device runs from the first token: returns 1 once
+     * they are in (their host memory free for reuse), 0 when it keeps no such cache (nothing copied; the core
+     * offers no more). A failure is reported by the next finish(). The core offers every expert once, at load. */
+    int (*experts_preload)(void *ctx, const fm_expert_work *work, int n_work);
 } fm_backend_ops;
 
 /* A backend instance: the table and its state for one model. */

@@ -499,6 +499,7 @@ fm_status fm_model_load(const fm_load_spec *spec, fm_model **out) {
         goto fail;
     }
     layout_scratch(m, (uint8_t *)m->scratch_mem, (uint8_t *)m->host_scratch, &dev_bytes, &host_bytes);
+    if ((st = fm_preload_device_experts(m)) != FM_OK) goto fail;
     *out = m;
     return FM_OK;
 fail:

@@ -179,6 +179,7 @@ void fm_block_deltanet(fm_model *m, fm_layer *L, const float *xn, float *out, in
 void fm_block_attention(fm_model *m, fm_layer *L, const float *xn, float *out, int T, int pos0);
 fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *xn, float *out, int T, int norm_topk);
 int fm_count_device_choices(fm_model *m);
+fm_status fm_preload_device_experts(fm_model *m);
 void fm_block_mlp(fm_model *m, const fm_mlp_w *w, const float *xn, float *out, int T);
 
 extern const fm_arch_ops fm_arch_qwen3_5_moe;

@@ -39,6 +39,7 @@ constexpr int EVENT_RING = 256;          /* record()'s events; an older one is w
 constexpr size_t UPLOAD_MIN = 4 * MiB;   /* host arrays an op takes: token ids, expert tokens, routing rows */
 constexpr size_t DEFAULT_RESERVE = 1024 * MiB; /* left free on the device when no budget is given */
 constexpr size_t VRAM_HEADROOM = 64 * MiB;     /* kept out of the VRAM expert cache for scratch that grows */
+constexpr uint64_t PRELOAD_MARGIN = 512 * MiB; /* ... and by a preload at load, before any scratch has grown */
 constexpr int DEV_T = 8;      /* moe_device: the most tokens a call (it runs each choice as an expert of one token) */
 constexpr int DEV_K = 32;     /* ... and choices a token (fmc_route's MAX_K) */
 constexpr int DEV_N = DEV_T * DEV_K;        /* ... so many choices a call */
@@ -1278,6 +1279,43 @@ int cuda_step_end(void *ctx) {
     return cuda_step_begin(ctx, c->step_host[0], c->cap_pos, 0); /* and run it */
 }
 
+/* Every expert into the VRAM cache at load (backend.h experts_preload), where the budget holds them all and
+ * PRELOAD_MARGIN more: the scratch that grows at the first prompt (the matmuls' int8 activations, the grouped
+ * experts' rows, attention's partials) then still fits. A budget that holds them only just keeps today's rule:
+ * the cache is sized at first use, after that scratch. */
+int cuda_experts_preload(void *ctx, const fm_expert_work *work, int n_work) {
+    cuda_ctx *c = ctx_of(ctx);
+    forget_q(c);
+    if (n_work <= 0 || c->err != FM_OK || no_sync(c) || !device_route_on()) return 0;
+    if (!c->vram_ready) {
+        const span s0 = expert_span(&work[0]);
+        const uint64_t sb = ((s0.hi - s0.lo) + 255) & ~(uint64_t)255;
+        if (c->budget < c->used || c->budget - c->used < sb * (uint64_t)c->key_space + PRELOAD_MARGIN) return 0;
+        if (!vram_init(c, s0.hi - s0.lo)) return 0;
+    }
+    if (!c->all_fit) return 0;
+    int slots[64];
+    for (int j0 = 0; j0 < n_work && c->err == FM_OK; j0 += 64) {
+        const int n = n_work - j0 < 64 ? n_work - j0 : 64;
+        for (int j = 0; j < n; j++) {
+            const fm_expert_work *w = &work[j0 + j];
+            const span s = expert_span(w);
+            slots[j] = -1;
+            if (w->key < 0 || w->key >= c->key_space) continue;
+            if (s.hi - s.lo > c->slot_bytes) {
+                failed(c, fm_fail(FM_ERR_INVALID, "cuda backend: an expert of %zu bytes, the VRAM slots hold %zu",
+                                  (size_t)(s.hi - s.lo), c->slot_bytes));
+                break;
+            }
+            slots[j] = vram_slot(c, w, s); /* every expert has a slot: never -1 */
+        }
+        ok(c, cudaStreamSynchronize(c->cs), "expert copies"); /* the host's memory is free again on return */
+        for (int j = 0; j < n; j++)
+            if (slots[j] >= 0) c->pending[slots[j]] = 0, c->locked[slots[j]] = 0;
+    }
+    return c->err == FM_OK;
+}
+
 const fm_backend_ops cuda_ops = {
     "cuda",
     cuda_workspace_bytes,
@@ -1319,6 +1357,7 @@ const fm_backend_ops cuda_ops = {
     cuda_moe_device,
     cuda_step_begin,
     cuda_step_end,
+    cuda_experts_preload,
 };
 
 } // namespace
