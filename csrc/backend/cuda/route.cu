@@ -1,26 +1,31 @@
 /*
  * route.cu — the MoE router (cpu.h's fm_cpu_topk_softmax per token): probabilities softmax(logits[t, 0..E)),
  * the top k in descending order (equal logits: the lower index first), their weights, renormalised to sum 1
- * when norm; idx [T, k] (int32) and weights [T, k] out. One warp per token, ROUTE_WARPS tokens per block;
- * lane l holds logits l, l + 32, ... in registers (E <= MAX_E).
+ * when norm; idx [T, k] (int32) and weights [T, k] out. One block per token, a thread per logit (E <= MAX_E):
+ * B threads, E rounded up to a group size G, the pad logits NaN.
  *
  * Indices: exactly the CPU's. They are chosen by comparing logits, never probabilities (softmax is
  * monotonic), in the CPU's total order: logit descending, NaN after every number, then index ascending
- * (-0.0 and +0.0 are equal, as the CPU's > compares them). Round j takes the best element after round
- * j-1's winner in that order: each lane its own best, then a butterfly of shuffles keeps the better of two.
- * The maximum of a total order does not depend on the order it is taken in, so every lane agrees and lane j
- * keeps winner j.
+ * (-0.0 and +0.0 are equal, as the CPU's > compares them; the pad comes after every logit). key_of makes
+ * (logit, index) one 64-bit integer in that order, distinct for each index, so an element's rank (the number
+ * of elements before it) is a count of larger keys, and ranks are distinct. Stage 1: each element's rank in
+ * its group of G (G comparisons); those below k are the group's candidates, at their rank's slot. Stage 2:
+ * each candidate's rank among the nc candidates (P threads' counts); the one of rank j < k is choice j. Exact:
+ * whatever comes before an element of rank j < k has a rank below j, so below k in its group: a candidate;
+ * so among the candidates that element counts exactly j. One of rank >= k comes after the first k, all
+ * candidates, so it counts >= k. G is the one of fewest comparisons (B·G + nc²): 32 for E = 256, k = 8.
  *
- * Weights: the CPU's arithmetic but for the order of one sum. The max logit (round 0's winner), e_i =
- * exp((double)(l_i - max)) with the difference in fp32, their sum in double (each lane over its own, then a
- * butterfly: the CPU adds them in index order; in double the two differ far below fp32's rounding),
- * w_j = (float)(e_j / sum), and when norm w_j / Σ_j w_j with the fp32 sum in j order from 0. exp may also
- * differ from glibc's (CUDA's double exp is within 1 ulp). A token's arithmetic is its own alone.
+ * Weights: the CPU's arithmetic but for the order of one sum; bit for bit the router's earlier kernel (a warp a
+ * token, lane l holding logits l, l + 32, ...). The max logit (the top element's), e_i =
+ * exp((double)(l_i - max)) with the difference in fp32, their sum in double (warp 0, lane l over e_l, e_{l+32},
+ * ... in that order, then a butterfly: the CPU adds them in index order; in double the two differ far below
+ * fp32's rounding), w_j = (float)(e_j / sum), and when norm w_j / Σ_j w_j with the fp32 sum in j order from 0.
+ * exp may also differ from glibc's (CUDA's double exp is within 1 ulp). A token's arithmetic is its own alone.
  *
  * Non-finite logits (the CPU's contract, ops.c; tests/test_ops.py's ref_topk_softmax and nonfinite cases):
  * - NaN ranks after every number (after -inf) and NaNs among themselves by index, so a token's choices
  *   are always k distinct indices in [0, E): the top of its numbers, then, if fewer than k, its first NaNs;
- * - the softmax term of logit l is 1 where l equals the max of the numbers (the max is round 0's winner, a
+ * - the softmax term of logit l is 1 where l equals the max of the numbers (the max is the top element's, a
  *   NaN only when all are) and exp(l - max) elsewhere: a +inf max gives each +inf logit 1/(their count) and
  *   every other 0 (not inf - inf), all -inf gives 1/E each, -inf below a number 0;
  * - a NaN anywhere makes the sum, so all k weights of the token, NaN (the core multiplies them in, so the
@@ -38,72 +43,71 @@ extern "C" {
 
 namespace {
 
-constexpr int ROUTE_WARPS = 4;   /* tokens per block */
-constexpr int MAX_E = 1024;      /* logits per token: MAX_E / 32 per lane */
-constexpr int PER_LANE = MAX_E / 32;
-constexpr int MAX_K = 32;        /* a selection per lane */
+constexpr int MAX_E = 1024; /* logits per token: a thread each, a block */
+constexpr int MAX_K = 32;
 
-/* whether (al, ai) comes before (bl, bi) in the CPU's order; NaN after every number; index -1 (none) after
- * everything */
-__device__ __forceinline__ bool before(float al, int ai, float bl, int bi) {
-    if (ai < 0) return false;
-    if (bi < 0) return true;
-    if (isnan(al) || isnan(bl)) return isnan(bl) && (!isnan(al) || ai < bi);
-    return al > bl || (al == bl && ai < bi);
+/* the CPU's order as one unsigned key, larger first: the logit's bits made monotonic (-0.0 as +0.0, every NaN
+ * below -inf), then the index ascending; distinct indices give distinct keys */
+__device__ __forceinline__ uint64_t key_of(float l, int i) {
+    const uint32_t u = __float_as_uint(l);
+    const uint32_t m = isnan(l) ? 0u : l == 0.0f ? 0x80000000u : u >> 31 ? ~u : u | 0x80000000u;
+    return (uint64_t)m << 32 | (uint32_t)~i;
 }
 
-/* token blockIdx.x · ROUTE_WARPS + warp; ex: ROUTE_WARPS × E doubles of dynamic shared memory; one, tok: each choice
- * (and with has_sh the shared expert sh) as an expert of one token (fmc_route) where tab is given */
-__global__ void __launch_bounds__(ROUTE_WARPS * 32) route_k(const float *__restrict__ logits, int T, int E, int k,
-                                                            int norm, int32_t *__restrict__ idx,
-                                                            float *__restrict__ weights,
-                                                            const fmc_expert *__restrict__ tab,
-                                                            fmc_expert *__restrict__ one, int32_t *__restrict__ tok,
-                                                            fmc_expert sh, int has_sh) {
-    extern __shared__ double ex[];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * ROUTE_WARPS + warp;
-    if (t >= T) return; /* the whole warp; only warp-level syncs below */
-    const float *lt = logits + (size_t)t * E;
-    double *e = ex + (size_t)warp * E;
+/* token blockIdx.x, element threadIdx.x; groups of G = 2^lg_g (32 or more), P = 2^lg_p (32 at most) threads a
+ * candidate in stage 2; dynamic shared memory: route_smem(blockDim.x). one, tok: each choice (and with has_sh the
+ * shared expert sh) as an expert of one token (fmc_route) where tab is given. */
+__global__ void __launch_bounds__(MAX_E) route_k(const float *__restrict__ logits, int T, int E, int k, int norm,
+                                                 int lg_g, int lg_p, int32_t *__restrict__ idx,
+                                                 float *__restrict__ weights, const fmc_expert *__restrict__ tab,
+                                                 fmc_expert *__restrict__ one, int32_t *__restrict__ tok,
+                                                 fmc_expert sh, int has_sh) {
+    extern __shared__ __align__(16) uint64_t smem[];
+    const int B = blockDim.x, i = threadIdx.x, t = blockIdx.x, G = 1 << lg_g, P = 1 << lg_p, kg = min(k, G);
+    const int nc = (B >> lg_g) * kg;
+    uint64_t *key = smem, *cand = key + B; /* every key; each group's first kg by rank in the group */
+    double *ex = (double *)(cand + B);     /* the softmax terms */
+    float *xs = (float *)(ex + B);         /* the logits */
+    int *sel = (int *)(xs + B);            /* the choices, by rank */
 
-    float x[PER_LANE];
-#pragma unroll
-    for (int r = 0; r < PER_LANE; r++) x[r] = lane + 32 * r < E ? lt[lane + 32 * r] : 0.0f;
+    const float x = i < E ? logits[(size_t)t * E + i] : __int_as_float(0x7fffffff);
+    const uint64_t kx = key_of(x, i);
+    key[i] = kx, xs[i] = x;
+    if (G == 32) __syncwarp(); /* stage 1 reads its group's keys only */
+    else __syncthreads();
 
-    /* top k: round j picks the best element after (pl, pi), the previous winner */
-    float pl = 0.0f, mx = 0.0f;
-    int pi = -1, my_i = -1;
-    for (int j = 0; j < k; j++) {
-        float bl = 0.0f;
-        int bi = -1;
+    /* stage 1: the rank in the group; ranks 0..kg-1 of each group are candidates */
+    int r = 0;
+    const int g0 = i & -G & -32; /* -32 tells the compiler: loads of 2 keys */
+    for (int j0 = g0; j0 < g0 + G; j0 += 32)
 #pragma unroll
-        for (int r = 0; r < PER_LANE; r++) {
-            const int i = lane + 32 * r;
-            if (32 * r >= E) break; /* uniform */
-            const float l = x[r];
-            if (i < E && (pi < 0 || before(pl, pi, l, i)) && before(l, i, bl, bi)) bl = l, bi = i;
-        }
-#pragma unroll
-        for (int m = 16; m > 0; m >>= 1) {
-            const float ol = __shfl_xor_sync(0xffffffffu, bl, m);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, m);
-            if (before(ol, oi, bl, bi)) bl = ol, bi = oi;
-        }
-        if (lane == j) my_i = bi;
-        if (j == 0) mx = bl; /* the max logit; k <= E, so every round finds one */
-        pl = bl, pi = bi;
-    }
+        for (int j = 0; j < 32; j++) r += key[j0 + j] > kx;
+    if (r < kg) cand[(i >> lg_g) * kg + r] = kx;
+    __syncthreads();
 
-    /* the CPU's terms exp((double)(l - mx)) (1 at the max), summed in double: each lane its own in index
-     * order, then a butterfly over the warp (the same bits in every lane) */
+    /* the softmax terms, from the max logit: the top of the groups' first candidates */
+    uint64_t top = 0;
+    for (int g = 0; g < B >> lg_g; g++) top = cand[g * kg] > top ? cand[g * kg] : top;
+    const float mx = xs[(uint32_t)~top];
+    if (i < E) ex[i] = x == mx ? 1.0 : exp((double)(x - mx));
+
+    /* stage 2: candidate c's rank among the candidates, from P threads' counts */
+    const int c = i >> lg_p;
+    const uint64_t kc = c < nc ? cand[c] : 0;
+    int rc = 0;
+    for (int j = i & (P - 1); j < (c < nc ? nc : 0); j += P) rc += cand[j] > kc;
+    for (int m = 1; m < P; m <<= 1) rc += __shfl_xor_sync(0xffffffffu, rc, m);
+    if (c < nc && !(i & (P - 1)) && rc < k) sel[rc] = (int)~(uint32_t)kc;
+    __syncthreads();
+    if (i >= 32) return;
+
+    /* warp 0: the weights, in the arithmetic of one warp holding the logits lane + 32 r */
+    const int lane = i, my_i = lane < k ? sel[lane] : 0;
     double sum = 0.0;
-#pragma unroll
-    for (int r = 0; r < PER_LANE; r++)
-        if (lane + 32 * r < E) sum += e[lane + 32 * r] = x[r] == mx ? 1.0 : exp((double)(x[r] - mx));
+    for (int j = lane; j < E; j += 32) sum += ex[j];
 #pragma unroll
     for (int m = 16; m > 0; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
-    __syncwarp();
-    const float w = lane < k ? (float)(e[my_i] / sum) : 0.0f;
+    const float w = lane < k ? (float)(ex[my_i] / sum) : 0.0f;
     float wsum = 0.0f;
     for (int j = 0; j < k; j++) wsum += __shfl_sync(0xffffffffu, w, j);
     if (lane < k) {
@@ -126,6 +130,8 @@ __global__ void __launch_bounds__(ROUTE_WARPS * 32) route_k(const float *__restr
     }
 }
 
+size_t route_smem(int B) { return (size_t)B * (3 * sizeof(uint64_t) + sizeof(float)) + MAX_K * sizeof(int); }
+
 } // namespace
 
 fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, int norm, int32_t *idx,
@@ -134,9 +140,16 @@ fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, in
         return fm_fail(FM_ERR_INVALID, "cuda backend: route of %d tokens, top %d of %d experts (1..%d experts, "
                        "k at most %d and the experts)", T, k, E, MAX_E, MAX_K);
     if (T == 0) return FM_OK;
-    const size_t smem = (size_t)ROUTE_WARPS * E * sizeof(double); /* <= 32 KiB: no opt-in needed */
+    /* the group size 2^lg_g of least work (comparisons: B·G in stage 1, nc² in stage 2), then 2^lg_p */
+    int lg_g = 0, B = 0, nc = 0;
+    for (int lg = 5; 1 << lg <= MAX_E; lg++) {
+        const int g = 1 << lg, b = (E + g - 1) / g * g, n = b / g * (k < g ? k : g);
+        if (!lg_g || (long)b * g + (long)n * n < ((long)B << lg_g) + (long)nc * nc) lg_g = lg, B = b, nc = n;
+    }
+    int lg_p = 0;
+    while (lg_p < 5 && nc << (lg_p + 1) <= B) lg_p++;
     const fmc_expert sh = shared ? *shared : fmc_expert{};
-    route_k<<<(unsigned)((T + ROUTE_WARPS - 1) / ROUTE_WARPS), ROUTE_WARPS * 32, smem, s>>>(
-        logits, T, E, k, norm, idx, weights, tab, ex, tok, sh, shared != nullptr);
+    route_k<<<(unsigned)T, B, route_smem(B), s>>>(logits, T, E, k, norm, lg_g, lg_p, idx, weights, tab, ex, tok, sh,
+                                                  shared != nullptr);
     return FM_OK;
 }
