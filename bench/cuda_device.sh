@@ -12,6 +12,8 @@
 #   bench3  the settings again, medians of 3 (grouped and not), the CPU backend beside them
 #   profile bench/cuda_profile.py: a decode step's kernels, their GPU time, and its wall time
 #   fold    hbm decode, the shared expert folded (FLASHMOE_CUDA_SHARED_FOLD=1) and not, alternating, 3 each
+#   ab      hbm decode and prompts, .devsrc/old's build (a carried `git archive` of another commit) against
+#           this tree's, alternating, 2 processes each
 #   quick   hbm decode, FLASHMOE_CUDA_GROUPED=0 against the default (after prepare and wait: the model)
 #   llama   bench/cuda_llamacpp.py: llama.cpp on the GPU and with the experts on the CPU, on the same models
 #   deltanet the gated delta rule's kernels, chunked against recurrent (bench/gated_delta.py --backend cuda, the
@@ -96,6 +98,22 @@ for what in "$@"; do
           echo "FLASHMOE_CUDA_SHARED_FOLD=$f" | tee -a "$out/fold.log"
           FLASHMOE_CUDA_SHARED_FOLD=$f python3 bench/cuda.py --setting hbm --layers 8 --prompts "" --runs 1 2>&1 \
             | tee -a "$out/fold.log" | grep "tok/s" || rc=1
+        done
+      done ;;
+    ab)  # hbm decode and prompts, the build of .devsrc/old (a `git archive` of the commit to compare, carried)
+         # against this tree's, alternating, 2 processes each (run after `tests` or another case that built)
+      if [ ! -f /tmp/flashmoe-old/.built ]; then
+        python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/flashmoe-old .devsrc/old \
+          -C cmake.define.FLASHMOE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
+          -C build-dir=/tmp/flashmoe-old-build >"$out/build_old.log" 2>&1 && touch /tmp/flashmoe-old/.built \
+          || { tail -30 "$out/build_old.log"; rc=1; }
+      fi
+      for i in 1 2; do
+        for b in old new; do
+          p=$pkg; [ "$b" = old ] && p=/tmp/flashmoe-old
+          echo "$b" | tee -a "$out/ab.log"
+          PYTHONPATH="$p:$LCP/gguf-py" python3 bench/cuda.py --setting hbm --layers 8 --prompts 512,2048 --runs 1 \
+            2>&1 | tee -a "$out/ab.log" | grep "tok/s" || rc=1
         done
       done ;;
     retest)
