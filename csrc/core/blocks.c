@@ -312,8 +312,6 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
     return FM_OK;
 }
 
-/* The expert uses of the layers routed on the device since the last call (their choices landed in dev_idx by
- * finish()): into the counts. The number of MoE layers that were. */
 /* Every routed expert into the backend's own cache at load, where it will hold them all (backend.h
  * experts_preload): read through the expert store a batch of its slots at a time (all of them but one, at most
  * E), handed over, released. Without it a layer routes on the host until each of its experts has been used once,
@@ -321,18 +319,14 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
 fm_status fm_preload_device_experts(fm_model *m) {
     if (!m->experts || !m->be.op->experts_preload) return FM_OK;
     fm_scratch *s = &m->s;
-    const int E = m->c.num_experts;
-    const int batch = m->mem.expert_slots > 1 ? (m->mem.expert_slots - 1 < E ? m->mem.expert_slots - 1 : E) : 1;
+    const int E = m->c.num_experts, slots = m->mem.expert_slots;
+    const int batch = slots > 1 ? (slots - 1 < E ? slots - 1 : E) : 1;
     int offered = 1;
     for (int l = 0; offered && l < m->c.num_hidden_layers; l++) {
         if (!m->layers[l].moe) continue;
-        for (int e0 = 0; offered && e0 < E; e0 += batch) {
-            int n = 0;
-            for (int e = e0; e < E && e < e0 + batch; e++) {
-                const int slot = fm_expert_store_acquire(m->experts, l, e);
-                if (slot == FM_SLOT_NONE) break;
-                s->held[n] = slot, s->held_e[n++] = e;
-            }
+        for (int e0 = 0, n = 0; offered && e0 < E; e0 += n) { /* experts e0 .. e0 + n - 1 */
+            for (n = 0; n < batch && e0 + n < E; n++)
+                if ((s->held[n] = fm_expert_store_acquire(m->experts, l, e0 + n)) == FM_SLOT_NONE) break;
             fm_status st = n ? FM_OK : fm_fail(FM_ERR_NOMEM, "preloading layer %d's experts: no slot", l);
             for (int i = 0; i < n && st == FM_OK; i++) {
                 int which = 0;
@@ -341,18 +335,19 @@ fm_status fm_preload_device_experts(fm_model *m) {
             for (int i = 0; st == FM_OK && i < n; i++) {
                 fm_expert *v = &s->views[i];
                 fm_expert_store_view(m->experts, s->held[i], v);
-                s->work[i] = (fm_expert_work){&v->gate, &v->up, &v->down, NULL, 0, 0, l * E + s->held_e[i]};
+                s->work[i] = (fm_expert_work){&v->gate, &v->up, &v->down, NULL, 0, 0, l * E + e0 + i};
             }
             if (st == FM_OK) offered = FM_OP(&m->be, experts_preload, s->work, n);
             for (int i = 0; i < n; i++) fm_expert_store_release(m->experts, s->held[i], 0); /* copied: free */
             if (st == FM_OK) st = FM_OP(&m->be, finish);
             if (st != FM_OK) return st;
-            if (n < batch && e0 + n < E) e0 -= batch - n; /* a short batch: go on from where it stopped */
         }
     }
     return FM_OK;
 }
 
+/* The expert uses of the layers routed on the device since the last call (their choices landed in dev_idx by
+ * finish()): into the counts. The number of MoE layers that were. */
 int fm_count_device_choices(fm_model *m) {
     const int E = m->c.num_experts, k = m->c.num_experts_per_tok;
     int n = 0;

@@ -1140,10 +1140,7 @@ void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float
 /* FLASHMOE_CUDA_SHARED_FOLD=0: moe_device never folds the shared expert in (the core runs it in launches of its
  * own), to compare. Read once. */
 bool shared_fold_on() {
-    static const bool on = [] {
-        const char *e = getenv("FLASHMOE_CUDA_SHARED_FOLD");
-        return !(e && strcmp(e, "0") == 0);
-    }();
+    static const bool on = env_on("FLASHMOE_CUDA_SHARED_FOLD");
     return on;
 }
 

@@ -647,6 +647,19 @@ void quantize(cudaStream_t s, const fm_mat *w, const float *x, int T, void *scra
     a.xq = xq, a.xd = xd, a.xs = xs;
 }
 
+/* a matmul's arguments for w over T tokens of x [T, w->cols]; w16: 16-byte loads of w's rows, vec: of x's too
+ * (only the loads differ, never the arithmetic) */
+mm_args matmul_args(const fm_mat *w, const float *x, int T, bool *w16, bool *vec) {
+    mm_args a = {};
+    a.w = w->data, a.scales = w->scales, a.biases = w->biases, a.x = x;
+    a.row_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, w->cols);
+    a.rows = w->rows, a.cols = w->cols, a.gs = w->group_size, a.ng = quantized(w) ? w->cols / w->group_size : 0;
+    a.T = T, a.sbf16 = w->scale_bf16;
+    *w16 = aligned(w->data, 16) && a.row_bytes % 16 == 0;
+    *vec = *w16 && aligned(x, 16) && w->cols % 4 == 0;
+    return a;
+}
+
 } // namespace
 
 extern "C" int fmc_same_kind(const fm_mat *a, const fm_mat *b) {
@@ -669,13 +682,9 @@ extern "C" fm_status fmc_matmul(cudaStream_t s, const fm_mat *w, const float *x,
     if (!aligned(x, 4) || !aligned(y, 4)) return fm_fail(FM_ERR_INVALID, "cuda backend: matmul of misaligned activations");
     if (T == 0) return FM_OK;
 
-    const int cols = w->cols, gs = w->group_size;
-    mm_args a = {};
-    a.w = w->data, a.scales = w->scales, a.biases = w->biases, a.x = x, a.y = y;
-    a.row_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, cols);
-    a.rows = w->rows, a.cols = cols, a.gs = gs, a.ng = quantized(w) ? cols / gs : 0, a.T = T, a.sbf16 = w->scale_bf16;
-    const bool w16 = aligned(w->data, 16) && a.row_bytes % 16 == 0;
-    const bool vec = w16 && aligned(x, 16) && cols % 4 == 0;
+    bool w16, vec;
+    mm_args a = matmul_args(w, x, T, &w16, &vec);
+    a.y = y;
     if (int8_path(w)) {
         if (!scratch || !aligned(scratch, 16))
             return fm_fail(FM_ERR_INVALID, "cuda backend: matmul on int8 activations without its scratch");
@@ -774,12 +783,8 @@ extern "C" fm_status fmc_shared_combine(cudaStream_t s, const fm_mat *w, const f
     if (T == 0) return FM_OK;
     if (!xn || !out || !ye || !row || !wt || !aligned(xn, 4))
         return fm_fail(FM_ERR_INVALID, "cuda backend: shared expert's combine: no or misaligned activations");
-    mm_args a = {};
-    a.w = w->data, a.scales = w->scales, a.biases = w->biases, a.x = xn;
-    a.row_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, h);
-    a.rows = 1, a.cols = h, a.gs = w->group_size, a.ng = quantized(w) ? h / w->group_size : 0, a.T = T;
-    a.sbf16 = w->scale_bf16;
-    const bool vec = aligned(w->data, 16) && a.row_bytes % 16 == 0 && aligned(xn, 16) && h % 4 == 0; /* fmc_matmul's */
+    bool w16, vec;
+    const mm_args a = matmul_args(w, xn, T, &w16, &vec);
     switch (w->dtype) {
     case FM_F32: launch_shared_combine<MM_F32>(s, a, vec, out, ye, row, wt, k, h); break;
     case FM_BF16: launch_shared_combine<MM_BF16>(s, a, vec, out, ye, row, wt, k, h); break;
