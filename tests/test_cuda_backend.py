@@ -259,7 +259,8 @@ st = m.stats
 cfg = m.config
 np.savez(out, logits=np.stack(rows), usage=m.expert_usage(), experts=cfg["num_hidden_layers"] * cfg["num_experts"],
          stats=np.asarray([st["device_expert_slots"], st["device_expert_misses"], st["device_step_recordings"],
-                           st["device_step_replays"]]))
+                           st["device_step_replays"]]),
+         seconds=np.asarray([st["device_launch_seconds"], st["device_wait_seconds"]]))
 """
 
 
@@ -283,6 +284,10 @@ def test_every_expert_is_in_vram_from_load_where_all_fit(gpu_env, tiny_models, t
     assert slots == int(got["preloaded"]["experts"]), got["preloaded"]["stats"]
     assert misses == 0 and recordings >= 1 and replays >= 1, got["preloaded"]["stats"]
     assert got["host"]["stats"][1] > 0  # the host-routed run copied experts as it went
+    # the host's time launching the replayed steps, and waiting for the GPU; no replay, no launch time
+    launch, wait = got["preloaded"]["seconds"].tolist()
+    assert launch > 0 and wait > 0 and got["host"]["seconds"][0] == 0, (got["preloaded"]["seconds"],
+                                                                       got["host"]["seconds"])
 
 
 GPU_BUDGET = """
