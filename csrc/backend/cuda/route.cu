@@ -35,6 +35,7 @@ extern "C" {
 #include "../../core/util.h" /* fm_fail, with C linkage: util.h has no extern "C" of its own */
 }
 #include "cuda_kernels.h"
+#include "launch.cuh"
 
 namespace {
 
@@ -60,6 +61,7 @@ __global__ void __launch_bounds__(ROUTE_WARPS * 32) route_k(const float *__restr
                                                             const fmc_expert *__restrict__ tab,
                                                             fmc_expert *__restrict__ one, int32_t *__restrict__ tok,
                                                             fmc_expert sh, int has_sh) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     extern __shared__ double ex[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * ROUTE_WARPS + warp;
     if (t >= T) return; /* the whole warp; only warp-level syncs below */
@@ -136,7 +138,7 @@ fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, in
     if (T == 0) return FM_OK;
     const size_t smem = (size_t)ROUTE_WARPS * E * sizeof(double); /* <= 32 KiB: no opt-in needed */
     const fmc_expert sh = shared ? *shared : fmc_expert{};
-    route_k<<<(unsigned)((T + ROUTE_WARPS - 1) / ROUTE_WARPS), ROUTE_WARPS * 32, smem, s>>>(
+    fmc_launch(route_k, (unsigned)((T + ROUTE_WARPS - 1) / ROUTE_WARPS), ROUTE_WARPS * 32, smem, s,
         logits, T, E, k, norm, idx, weights, tab, ex, tok, sh, shared != nullptr);
     return FM_OK;
 }
