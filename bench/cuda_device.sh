@@ -13,7 +13,7 @@
 #   profile bench/cuda_profile.py: a decode step's kernels, their GPU time, and its wall time
 #   fold    hbm decode, the shared expert folded (FLASHMOE_CUDA_SHARED_FOLD=1) and not, alternating, 3 each
 #   ab      hbm decode and prompts, .devsrc/old's build (a carried `git archive` of another commit) against
-#           this tree's, alternating, 2 processes each
+#           this tree's, alternating, AB_RUNS (2) processes each
 #   quick   hbm decode, FLASHMOE_CUDA_GROUPED=0 against the default (after prepare and wait: the model)
 #   llama   bench/cuda_llamacpp.py: llama.cpp on the GPU and with the experts on the CPU, on the same models
 #   deltanet the gated delta rule's kernels, chunked against recurrent (bench/gated_delta.py --backend cuda, the
@@ -108,7 +108,7 @@ for what in "$@"; do
           -C build-dir=/tmp/flashmoe-old-build >"$out/build_old.log" 2>&1 && touch /tmp/flashmoe-old/.built \
           || { tail -30 "$out/build_old.log"; rc=1; }
       fi
-      for i in 1 2; do
+      for i in $(seq "${AB_RUNS:-2}"); do
         for b in old new; do
           p=$pkg; [ "$b" = old ] && p=/tmp/flashmoe-old
           echo "$b" | tee -a "$out/ab.log"
