@@ -290,8 +290,8 @@ PLANTS = [
           "depend on its batch"),
     # -- the CUDA kernels, on the CPU emulator (tests/cuda_emu/): barriers and warp functions left out or wrong
     Plant("cuda_rmsnorm_no_barrier", "csrc/backend/cuda/eltwise.cu",
-          "        if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];\n        __syncthreads();",
-          "        if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];",
+          "    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;\n    __syncthreads();",
+          "    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;",
           ["tests/test_cuda_emu.py", "-k", "op_harness and forward"], "CUDA row reduction without its barrier"),
     Plant("cuda_attention_no_barrier", "csrc/backend/cuda/attention.cu",
           "    }\n    __syncthreads();\n    /* merged in warp order", "    }\n    /* merged in warp order",
