@@ -220,17 +220,19 @@ def test_decode_steps_without_the_host_are_the_steps_with_it(gpu_env, tiny_model
     """Decode steps with every expert in VRAM, routed on the device (moe_device) with the shared expert folded
     into the routed experts' call, and replayed from a recorded CUDA graph (the default), against the same
     steps routed on the device but issued one by one (FLASHMOE_CUDA_GRAPHS=0), with the shared expert as ops of
-    its own (FLASHMOE_CUDA_SHARED_FOLD=0), and routed on the host (FLASHMOE_CUDA_DEVICE_ROUTE=0): the same
-    logits, bit for bit, and the same expert counts, over steps that cross attention's key block at position
-    256 (where a new recording is needed), after a rejected call, and after a new prompt restarts the sequence.
+    its own (FLASHMOE_CUDA_SHARED_FOLD=0), routed on the host (FLASHMOE_CUDA_DEVICE_ROUTE=0), and with every
+    kernel launched plainly (FLASHMOE_CUDA_PDL=0; by default sm_90 and newer launch each kernel before the one
+    before it ends: launch.cuh): the same logits, bit for bit, and the same expert counts, over steps that cross
+    attention's key block at position 256 (where a new recording is needed), after a rejected call, and after a
+    new prompt restarts the sequence.
     The model's shared expert has the routed experts' shape (as Qwen3.5's and Qwen3-Next's releases do; the
     other tests' tiny models have a larger one, which is never folded)."""
     path = tiny_models("qwen3_5_moe", 4, shared_expert_intermediate_size=48)  # == moe_intermediate_size
     got = {name: decode_steps(gpu_env, tmp_path, path, name, env)
            for name, env in (("replayed", {}), ("issued", {"FLASHMOE_CUDA_GRAPHS": "0"}),
                              ("unfolded", {"FLASHMOE_CUDA_SHARED_FOLD": "0"}),
-                             ("host", {"FLASHMOE_CUDA_DEVICE_ROUTE": "0"}))}
-    for name in ("issued", "unfolded", "host"):
+                             ("host", {"FLASHMOE_CUDA_DEVICE_ROUTE": "0"}), ("plain", {"FLASHMOE_CUDA_PDL": "0"}))}
+    for name in ("issued", "unfolded", "host", "plain"):
         assert np.array_equal(got[name]["logits"].view(np.uint32), got["replayed"]["logits"].view(np.uint32)), \
             f"{name}: the logits differ from the replayed steps'"
         assert np.array_equal(got[name]["usage"], got["replayed"]["usage"]), f"{name}: expert counts differ"
@@ -239,6 +241,7 @@ def test_decode_steps_without_the_host_are_the_steps_with_it(gpu_env, tiny_model
     assert recordings >= 3 and replays >= 10, got["replayed"]["stats"]
     assert got["issued"]["stats"][:2].tolist() == [0, 0] and got["host"]["stats"][:2].tolist() == [0, 0]
     assert got["unfolded"]["stats"][:2].tolist() == [replays, recordings], got["unfolded"]["stats"]
+    assert got["plain"]["stats"][[0, 1, 3]].tolist() == [replays, recordings, folds], got["plain"]["stats"]
     # the fold taken in every MoE layer (the model's 4) of the steps routed on the device, replayed or issued
     assert folds >= 4 * 10 and folds % 4 == 0 and got["issued"]["stats"][3] == folds, (got["replayed"]["stats"],
                                                                                        got["issued"]["stats"])

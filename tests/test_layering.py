@@ -1,6 +1,6 @@
 """The layering of csrc/ (docs/ARCHITECTURE.md): the core, the models and the expert store reach the CPU
-kernels only through the backend interface (csrc/backend/backend.h). A test of the sources, so the wheel
-check (.ci/wheel_check.sh) leaves it out."""
+kernels only through the backend interface (csrc/backend/backend.h); and the CUDA kernels' launch contract
+(csrc/backend/cuda/launch.cuh). A test of the sources, so the wheel check (.ci/wheel_check.sh) leaves it out."""
 
 import os
 import re
@@ -36,3 +36,26 @@ def test_the_default_backend_checks_every_op():
     listed = re.findall(r"OP\((\w+)\)", body[:body.index("#undef OP")])
     assert fields and listed == fields, (sorted(set(fields) - set(listed)), sorted(set(listed) - set(fields)))
     assert optional and not set(optional) & set(listed), optional
+
+
+def test_every_cuda_kernel_waits_for_the_kernels_before_it():
+    """csrc/backend/cuda/launch.cuh: with programmatic dependent launch a kernel starts before the one before it
+    has ended, and only its fmc_pdl_wait() holds it until that one has completed and its writes are visible; so
+    every __global__ function begins with it (then fmc_pdl_trigger(), which lets the next one launch), before
+    any access to memory. And every launch is fmc_launch: no <<<>>> in csrc/backend/cuda/."""
+    src = os.path.join(ROOT, "csrc", "backend", "cuda")
+    kernels, offenders = [], []
+    for name in sorted(os.listdir(src)):
+        if not name.endswith((".cu", ".cuh", ".h")):
+            continue
+        with open(os.path.join(src, name), encoding="utf-8") as f:
+            text = re.sub(r"/\*.*?\*/|//[^\n]*", "", f.read(), flags=re.S)
+        if "<<<" in text:
+            offenders.append(f"{name}: a <<<>>> launch")
+        for m in re.finditer(r"\b__global__\b", text):
+            brace = text.index("{", m.end())
+            kernel = [k for k in re.findall(r"(\w+)\s*\(", text[m.end():brace]) if k != "__launch_bounds__"][0]
+            kernels.append(kernel)
+            if not re.match(r"\s*fmc_pdl_wait\(\),\s*fmc_pdl_trigger\(\);", text[brace + 1:]):
+                offenders.append(f"{name}: {kernel} does not begin with fmc_pdl_wait(), fmc_pdl_trigger();")
+    assert len(kernels) >= 28 and not offenders, (kernels, offenders)

@@ -5,7 +5,9 @@
 Two rewrites, nothing else (a `#line` keeps the compiler's messages on the original file and lines):
 - each launch `kernel<<<grid, block[, shmem[, stream]]>>>(args);` becomes
   `fm_cuda_emu::launch(dim3(grid), dim3(block), shmem, stream, "kernel", [=] { kernel(args); });`
-  (the kernel name may be a template-id with commas and `>`, the arguments may span lines);
+  (the kernel name may be a template-id with commas and `>`, the arguments may span lines); so does each
+  `fmc_launch(kernel, grid, block, shmem, stream, args...)` (the backend's launch with programmatic dependent
+  launch, csrc/backend/cuda/launch.cuh: a plain launch here), first written as `kernel<<<...>>>(args)`;
 - each `__shared__` declaration becomes references into the block's shared memory, one allocation per
   declaration per block (fm_cuda_emu::shared, keyed by a static of the declaration: a __device__ function's
   array is the same one at each call, as in CUDA), filled with NaN first; `extern __shared__ T name[];` (the
@@ -74,6 +76,49 @@ def kernel_start(s, i):
         if k == j:
             fail(f"no kernel name before <<< at offset {i}")
         return k
+
+
+FMC_LAUNCH = re.compile(r"\bfmc_launch\s*\(")
+
+
+def template_end(s, j):
+    """index past the template arguments starting at s[j] == '<' (a template-id's: no comparisons inside)"""
+    depth = 0
+    for k in range(j, len(s)):
+        if s[k] == "<":
+            depth += 1
+        elif s[k] == ">":
+            depth -= 1
+            if depth == 0:
+                return k + 1
+    fail(f"unbalanced template arguments at offset {j}")
+
+
+def rewrite_fmc_launches(s):
+    """fmc_launch(kernel, grid, block, shmem, stream, args...) -> kernel<<<grid, block, shmem, stream>>>(args...)"""
+    out, pos, n = [], 0, 0
+    while True:
+        m = FMC_LAUNCH.search(s, pos)
+        if not m:
+            break
+        a, a1 = m.end() - 1, match_close(s, m.end() - 1, "(", ")")
+        k = re.match(r"\s*[A-Za-z_][\w:]*\s*", s[a + 1:a1])
+        if not k:
+            fail(f"no kernel name in fmc_launch at offset {a}")
+        k1 = a + 1 + k.end()
+        if s[k1] == "<":
+            k1 = template_end(s, k1)
+        kernel = s[a + 1:k1].strip()
+        rest = split_top(s[k1:a1 - 1])
+        if rest[0] != "" or len(rest) < 5:
+            fail(f"fmc_launch of {kernel}: expected the kernel, grid, block, shmem, stream and the arguments")
+        nl = s[m.start():a1].count("\n")
+        out.append(s[pos:m.start()])
+        out.append(f"{kernel}<<<{', '.join(rest[1:5])}>>>({', '.join(rest[5:])})" + "\n" * nl)
+        pos = a1
+        n += 1
+    out.append(s[pos:])
+    return "".join(out), n
 
 
 def rewrite_launches(s):
@@ -147,6 +192,7 @@ def rewrite_shared(s):
 def main():
     src, dst = sys.argv[1], sys.argv[2]
     s = open(src).read()
+    s, _ = rewrite_fmc_launches(s)
     s, nl = rewrite_launches(s)
     s, ns = rewrite_shared(s)
     if "<<<" in s or "__shared__" in re.sub(r"/\*.*?\*/|//[^\n]*", "", s, flags=re.S):

@@ -28,6 +28,7 @@ extern "C" {
 #include "../../core/util.h" /* fm_fail, with C linkage: util.h has no extern "C" of its own */
 }
 #include "cuda_kernels.h"
+#include "launch.cuh"
 
 namespace {
 
@@ -49,7 +50,7 @@ __device__ __forceinline__ float att_exp(float x) { return x < -87.0f ? 0.0f : e
  * two float4 (p 16-byte aligned, hd % 4 == 0), else one float at a time: the same values in the same slots,
  * so the arithmetic after it (and the bits) does not depend on the path. */
 template <bool V4>
-__device__ __forceinline__ void load_row(const float *__restrict__ p, int hd, int lane, float (&x)[8]) {
+__device__ __forceinline__ void load_row(const float *p, int hd, int lane, float (&x)[8]) {
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         const int d = 128 * i + 4 * lane;
@@ -69,11 +70,10 @@ __device__ __forceinline__ void load_row(const float *__restrict__ p, int hd, in
  * arithmetic is its own, the same whatever HG. Blocks past the query's keys do nothing. Every query reads
  * only cache rows < pos0 + t + 1: the rows the call filled. */
 template <bool V4, int HG>
-__global__ void __launch_bounds__(THREADS, 2) attn_partial(float *__restrict__ part, const float *__restrict__ q,
-                                                        const float *__restrict__ k_cache,
-                                                        const float *__restrict__ v_cache, int t0, int pos0,
-                                                        const int *dpos, int nh, int nkv, int hd, float scale,
-                                                        int nchunks) {
+__global__ void __launch_bounds__(THREADS, 2) attn_partial(float *part, const float *q, const float *k_cache,
+                                                        const float *v_cache, int t0, int pos0, const int *dpos,
+                                                        int nh, int nkv, int hd, float scale, int nchunks) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     __shared__ float pm[HG][WARPS], pl[HG][WARPS];
     __shared__ __align__(16) float po[HG][WARPS][MAX_HD];
     const int h0 = blockIdx.x * HG, c = blockIdx.y, tl = blockIdx.z, t = t0 + tl;
@@ -165,9 +165,10 @@ __global__ void __launch_bounds__(THREADS, 2) attn_partial(float *__restrict__ p
 
 /* Pass 2: query t0 + blockIdx.y, head blockIdx.x, thread d: dim d. Its (pos0 + t) / KB + 1 partials merged
  * in block order against their max, then the one division. */
-__global__ void __launch_bounds__(MAX_HD) attn_combine(float *__restrict__ out, const float *__restrict__ part,
+__global__ void __launch_bounds__(MAX_HD) attn_combine(float *out, const float *part,
                                                        int t0, int pos0, const int *dpos, int nh, int hd,
                                                        int nchunks) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const int h = blockIdx.x, tl = blockIdx.y, t = t0 + tl, d = threadIdx.x;
     if (d >= hd) return; /* no barrier below */
     if (dpos) pos0 = *dpos;
@@ -211,11 +212,11 @@ bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 /* attn_partial with hg (4, 2 or 1) heads a block */
 template <bool V4, typename... A> void launch_partial(cudaStream_t s, int hg, dim3 grid, A... a) {
     if (hg == 4)
-        attn_partial<V4, 4><<<grid, THREADS, 0, s>>>(a...);
+        fmc_launch(attn_partial<V4, 4>, grid, THREADS, 0, s, a...);
     else if (hg == 2)
-        attn_partial<V4, 2><<<grid, THREADS, 0, s>>>(a...);
+        fmc_launch(attn_partial<V4, 2>, grid, THREADS, 0, s, a...);
     else
-        attn_partial<V4, 1><<<grid, THREADS, 0, s>>>(a...);
+        fmc_launch(attn_partial<V4, 1>, grid, THREADS, 0, s, a...);
 }
 
 } // namespace
@@ -255,8 +256,8 @@ fm_status fmc_attention(cudaStream_t s, float *out, const float *q, const float 
             launch_partial<true>(s, hg, grid, scratch, q, k_cache, v_cache, t0, pos0, dpos, nh, nkv, hd, scale, nc);
         else
             launch_partial<false>(s, hg, grid, scratch, q, k_cache, v_cache, t0, pos0, dpos, nh, nkv, hd, scale, nc);
-        attn_combine<<<dim3((unsigned)nh, (unsigned)ts), (unsigned)((hd + 31) / 32 * 32), 0, s>>>(out, scratch, t0,
-                                                                                                   pos0, dpos, nh, hd, nc);
+        fmc_launch(attn_combine, dim3((unsigned)nh, (unsigned)ts), (unsigned)((hd + 31) / 32 * 32), 0, s, out, scratch,
+                   t0, pos0, dpos, nh, hd, nc);
     }
     return FM_OK;
 }

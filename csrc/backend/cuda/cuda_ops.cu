@@ -14,10 +14,11 @@
  * misses' copies run and nothing synchronises the device per layer. A slot's next copy waits on the event
  * after the last FFN that read it. Below the host tier the expert store reads from disk, as everywhere.
  *
- * Ops queue on one compute stream in issue order. The one device→host transfer of a layer is the router's
- * top-k (route synchronises the compute stream). An op the kernels cannot take, or a CUDA error, is recorded
- * and reported by finish() (the ops return nothing): never a result computed without it. finish() then empties
- * the VRAM cache (vram_forget says why).
+ * Ops queue on one compute stream in issue order, each kernel launched before the one before it ends where the
+ * GPU is sm_90 or newer (programmatic dependent launch, launch.cuh; FLASHMOE_CUDA_PDL=0 turns it off). The one
+ * device→host transfer of a layer is the router's top-k (route synchronises the compute stream). An op the
+ * kernels cannot take, or a CUDA error, is recorded and reported by finish() (the ops return nothing): never a
+ * result computed without it. finish() then empties the VRAM cache (vram_forget says why).
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -31,6 +32,7 @@ extern "C" {
 #include "../../core/util.h" /* fm_now */
 }
 #include "cuda_kernels.h"
+#include "launch.cuh"
 
 namespace {
 
@@ -304,6 +306,7 @@ fm_status cuda_create(const fm_backend_params *p, void **out) {
     if (cudaSetDevice(c->dev) != cudaSuccess || cudaStreamCreateWithFlags(&c->s, cudaStreamNonBlocking) != cudaSuccess ||
         cudaStreamCreateWithFlags(&c->cs, cudaStreamNonBlocking) != cudaSuccess)
         return fm_fail(FM_ERR_DEVICE, "cuda backend: cannot open device %d: %s", c->dev, cudaGetErrorString(cudaGetLastError()));
+    fmc_pdl_on(); /* decided now, on this device, outside any capture */
     for (int i = 0; i < EVENT_RING; i++)
         if (cudaEventCreateWithFlags(&c->ring[i], cudaEventDisableTiming) != cudaSuccess)
             return fm_fail(FM_ERR_DEVICE, "cuda backend: cannot create events");
@@ -724,6 +727,33 @@ bool graphs_on() {
     static const bool on = env_on("FLASHMOE_CUDA_GRAPHS");
     return on;
 }
+
+} // namespace
+
+#ifndef FLASHMOE_CUDA_EMU /* the emulator launches plainly (launch.cuh) */
+namespace {
+__global__ void pdl_probe() { fmc_pdl_wait(), fmc_pdl_trigger(); }
+} // namespace
+
+/* FLASHMOE_CUDA_PDL=0: every kernel launched plainly, never with programmatic dependent launch (launch.cuh). On
+ * only where the code the device runs was built for sm_90 or newer (it holds the kernels' griddepcontrol.wait; the
+ * device then is sm_90 too: a build for sm_80 alone runs on an H100 without it) and the runtime records PDL into
+ * graphs (CUDA 12.3). Read once: cuda_create asks first, before anything is captured. */
+bool fmc_pdl_on() {
+    static const bool on = [] {
+        if (CUDART_VERSION < 12030 || !env_on("FLASHMOE_CUDA_PDL")) return false;
+        cudaFuncAttributes fa;
+        if (cudaFuncGetAttributes(&fa, pdl_probe) != cudaSuccess) {
+            cudaGetLastError();
+            return false;
+        }
+        return fa.ptxVersion >= 90;
+    }();
+    return on;
+}
+#endif
+
+namespace {
 
 /* Sized at the first MoE layer, once the dense weights, state and scratch hold their device memory: as many
  * slots as the budget has room for (all the experts at most), less headroom for scratch that grows. On a

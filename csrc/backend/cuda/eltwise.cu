@@ -6,6 +6,7 @@
  */
 #include "cuda_kernels.h"
 #include "eltwise.cuh"
+#include "launch.cuh"
 
 namespace {
 
@@ -33,6 +34,7 @@ __device__ double row_sum_sq(const float *x, int n) {
 
 /* out[t] = x[t] * rsqrt(mean(x²) + eps) * (1 + w) or * w; a block per row */
 __global__ void rmsnorm_k(float *out, const float *x, const float *w, int n, float eps, int zc) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t r = blockIdx.x;
     const float *xr = x + r * n;
     float *o = out + r * n;
@@ -42,6 +44,7 @@ __global__ void rmsnorm_k(float *out, const float *x, const float *w, int n, flo
 }
 
 __global__ void l2norm_k(float *x, int n, float eps, float scale) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     float *xr = x + (size_t)blockIdx.x * n;
     const double ss = row_sum_sq(xr, n);
     const float inv = scale / sqrtf((float)ss + eps);
@@ -51,6 +54,7 @@ __global__ void l2norm_k(float *x, int n, float eps, float scale) {
 /* NeoX rotate-half on dims [0, rot) of each head; the angle in double as the CPU takes it. Grid: (pairs of
  * the half, heads, tokens). */
 __global__ void rope_k(float *x, int heads, int hd, int rot, int pos0, const int *dpos, float theta) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const int half = rot / 2, i = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, t = blockIdx.z;
     if (i >= half) return;
     if (dpos) pos0 = *dpos;
@@ -65,27 +69,32 @@ __global__ void rope_k(float *x, int heads, int hd, int rot, int pos0, const int
 
 /* cache rows [*pos, *pos + n / row) ← src (kv_write at a position read from device memory: a replayed step's) */
 __global__ void kv_write_k(float *cache, const float *src, const int *pos, size_t n, int row) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) cache[(size_t)*pos * row + i] = src[i];
 }
 
 __global__ void silu_mul_k(float *out, const float *g, const float *u, size_t n) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 __global__ void sigmoid_mul_k(float *out, const float *g, const float *x, size_t n) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = x[i] * fmc_sigmoid(g[i]);
 }
 
 __global__ void add_k(float *x, const float *y, size_t n) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += y[i];
 }
 
 /* q2 [T·nh, 2·hd] → q, gate [T·nh, hd] */
 __global__ void split_q_gate_k(float *q, float *gate, const float *q2, size_t rows, int hd) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * hd) return;
     const size_t r = i / hd, j = i % hd;
@@ -95,6 +104,7 @@ __global__ void split_q_gate_k(float *q, float *gate, const float *q2, size_t ro
 
 /* conv [T, 2·kd + vd] → q, k [T, kd], v [T, vd] */
 __global__ void deltanet_split_k(float *q, float *k, float *v, const float *conv, int T, int kd, int vd) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t row = 2 * (size_t)kd + vd, i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)T * row) return;
     const size_t t = i / row, j = i % row;
@@ -106,6 +116,7 @@ __global__ void deltanet_split_k(float *q, float *k, float *v, const float *conv
 
 /* b → sigmoid(b), a → -exp(A_log)·softplus(a + dt_bias), [T, Hv] */
 __global__ void deltanet_gates_k(float *b, float *a, const float *A_log, const float *dt_bias, int T, int Hv) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)T * Hv) return;
     const int h = (int)(i % Hv);
@@ -115,12 +126,14 @@ __global__ void deltanet_gates_k(float *b, float *a, const float *A_log, const f
 }
 
 __global__ void gate_rows_k(float *out, const float *g, int n, size_t total) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < total) out[i] *= fmc_sigmoid(g[i / n]);
 }
 
 /* out[t, i] += Σ_j w[t, j]·ye[row[t, j], i], j in order */
 __global__ void moe_combine_k(float *out, const float *ye, const int32_t *row, const float *wt, int T, int k, int h) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)T * h) return;
     const size_t t = i / h;
@@ -128,6 +141,7 @@ __global__ void moe_combine_k(float *out, const float *ye, const int32_t *row, c
 }
 
 __global__ void gather_rows_k(float *dst, const float *src, const int32_t *rows, int n, int cols) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)n * cols) return;
     dst[i] = src[(size_t)rows[i / cols] * cols + i % cols];
@@ -149,6 +163,7 @@ __device__ __forceinline__ float conv_tap_silu(const float *x, const float *stat
 
 /* A thread per (token, channel); the state moves on in a second kernel, after every token has read the old one. */
 __global__ void conv1d_silu_k(float *out, const float *x, const float *state, const float *w, int T, int C, int K) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)T * C) return;
     out[i] = conv_tap_silu(x, state, w, (int)(i / C), (int)(i % C), C, K);
@@ -164,6 +179,7 @@ __device__ __forceinline__ void conv_state(const float *x, float *state, int c, 
 }
 
 __global__ void conv1d_state_k(const float *x, float *state, int T, int C, int K) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c < C) conv_state(x, state, c, T, C, K);
 }
@@ -171,6 +187,7 @@ __global__ void conv1d_state_k(const float *x, float *state, int T, int C, int K
 /* Both in one launch where a thread per channel has work enough (decode, short calls): a channel's tokens, then its
  * state, which only this thread reads. The same arithmetic per output. */
 __global__ void conv1d_silu_state_k(float *out, const float *x, float *state, const float *w, int T, int C, int K) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     for (int t = 0; t < T; t++) out[(size_t)t * C + c] = conv_tap_silu(x, state, w, t, c, C, K);
@@ -182,12 +199,12 @@ __global__ void conv1d_silu_state_k(float *out, const float *x, float *state, co
 extern "C" {
 
 fm_status fmc_rmsnorm(cudaStream_t s, float *out, const float *x, const float *w, int T, int n, float eps, int zc) {
-    if (T > 0) rmsnorm_k<<<T, THREADS, 0, s>>>(out, x, w, n, eps, zc);
+    if (T > 0) fmc_launch(rmsnorm_k, T, THREADS, 0, s, out, x, w, n, eps, zc);
     return FM_OK;
 }
 
 fm_status fmc_l2norm(cudaStream_t s, float *x, int T, int n, float eps, float scale) {
-    if (T > 0) l2norm_k<<<T, THREADS, 0, s>>>(x, n, eps, scale);
+    if (T > 0) fmc_launch(l2norm_k, T, THREADS, 0, s, x, n, eps, scale);
     return FM_OK;
 }
 
@@ -198,35 +215,36 @@ fm_status fmc_rope(cudaStream_t s, float *x, int T, int heads, int hd, int rot, 
     if (T > 65535 || heads > 65535)
         return fm_fail(FM_ERR_INVALID, "cuda backend: rope over %d tokens of %d heads (at most 65535 each)", T, heads);
     const dim3 grid((unsigned)((rot / 2 + 63) / 64), (unsigned)heads, (unsigned)T);
-    rope_k<<<grid, 64, 0, s>>>(x, heads, hd, rot, pos0, dpos, theta);
+    fmc_launch(rope_k, grid, 64, 0, s, x, heads, hd, rot, pos0, dpos, theta);
     return FM_OK;
 }
 
 fm_status fmc_silu_mul(cudaStream_t s, float *out, const float *gate, const float *up, size_t n) {
-    if (n) silu_mul_k<<<blocks_for(n), THREADS, 0, s>>>(out, gate, up, n);
+    if (n) fmc_launch(silu_mul_k, blocks_for(n), THREADS, 0, s, out, gate, up, n);
     return FM_OK;
 }
 
 fm_status fmc_sigmoid_mul(cudaStream_t s, float *out, const float *gate, const float *x, size_t n) {
-    if (n) sigmoid_mul_k<<<blocks_for(n), THREADS, 0, s>>>(out, gate, x, n);
+    if (n) fmc_launch(sigmoid_mul_k, blocks_for(n), THREADS, 0, s, out, gate, x, n);
     return FM_OK;
 }
 
 fm_status fmc_add(cudaStream_t s, float *x, const float *y, size_t n) {
-    if (n) add_k<<<blocks_for(n), THREADS, 0, s>>>(x, y, n);
+    if (n) fmc_launch(add_k, blocks_for(n), THREADS, 0, s, x, y, n);
     return FM_OK;
 }
 
 fm_status fmc_split_q_gate(cudaStream_t s, float *q, float *gate, const float *q2, int T, int nh, int hd) {
     const size_t rows = (size_t)T * nh;
-    if (rows && hd > 0) split_q_gate_k<<<blocks_for(rows * hd), THREADS, 0, s>>>(q, gate, q2, rows, hd);
+    if (rows && hd > 0) fmc_launch(split_q_gate_k, blocks_for(rows * hd), THREADS, 0, s, q, gate, q2, rows, hd);
     return FM_OK;
 }
 
 fm_status fmc_kv_write(cudaStream_t s, float *cache, const float *src, int pos0, const int *dpos, int T, int row) {
     const size_t bytes = sizeof(float) * (size_t)T * row;
     if (dpos) { /* the row's address is known on the device alone: a kernel, not a copy */
-        if (bytes) kv_write_k<<<blocks_for((size_t)T * row), THREADS, 0, s>>>(cache, src, dpos, (size_t)T * row, row);
+        if (bytes)
+            fmc_launch(kv_write_k, blocks_for((size_t)T * row), THREADS, 0, s, cache, src, dpos, (size_t)T * row, row);
         return FM_OK;
     }
     if (bytes && cudaMemcpyAsync(cache + (size_t)pos0 * row, src, bytes, cudaMemcpyDeviceToDevice, s) != cudaSuccess)
@@ -238,43 +256,43 @@ fm_status fmc_conv1d_silu(cudaStream_t s, float *out, const float *x, float *sta
     if (K < 1) return fm_fail(FM_ERR_INVALID, "cuda backend: conv1d with kernel %d", K);
     if (T <= 0 || C <= 0) return FM_OK;
     if (T <= CONV_FUSED_T) {
-        conv1d_silu_state_k<<<blocks_for((size_t)C), THREADS, 0, s>>>(out, x, state, w, T, C, K);
+        fmc_launch(conv1d_silu_state_k, blocks_for((size_t)C), THREADS, 0, s, out, x, state, w, T, C, K);
         return FM_OK;
     }
-    conv1d_silu_k<<<blocks_for((size_t)T * C), THREADS, 0, s>>>(out, x, state, w, T, C, K);
-    if (K > 1) conv1d_state_k<<<blocks_for((size_t)C), THREADS, 0, s>>>(x, state, T, C, K);
+    fmc_launch(conv1d_silu_k, blocks_for((size_t)T * C), THREADS, 0, s, out, x, state, w, T, C, K);
+    if (K > 1) fmc_launch(conv1d_state_k, blocks_for((size_t)C), THREADS, 0, s, x, state, T, C, K);
     return FM_OK;
 }
 
 fm_status fmc_deltanet_split(cudaStream_t s, float *q, float *k, float *v, const float *conv, int T, int kd, int vd) {
     const size_t n = (size_t)T * (2 * (size_t)kd + vd);
-    if (n) deltanet_split_k<<<blocks_for(n), THREADS, 0, s>>>(q, k, v, conv, T, kd, vd);
+    if (n) fmc_launch(deltanet_split_k, blocks_for(n), THREADS, 0, s, q, k, v, conv, T, kd, vd);
     return FM_OK;
 }
 
 fm_status fmc_deltanet_gates(cudaStream_t s, float *b, float *a, const float *A_log, const float *dt_bias, int T,
                              int Hv) {
     const size_t n = (size_t)T * Hv;
-    if (n) deltanet_gates_k<<<blocks_for(n), THREADS, 0, s>>>(b, a, A_log, dt_bias, T, Hv);
+    if (n) fmc_launch(deltanet_gates_k, blocks_for(n), THREADS, 0, s, b, a, A_log, dt_bias, T, Hv);
     return FM_OK;
 }
 
 fm_status fmc_gate_rows(cudaStream_t s, float *out, const float *g, int T, int n) {
     const size_t total = (size_t)T * n;
-    if (total) gate_rows_k<<<blocks_for(total), THREADS, 0, s>>>(out, g, n, total);
+    if (total) fmc_launch(gate_rows_k, blocks_for(total), THREADS, 0, s, out, g, n, total);
     return FM_OK;
 }
 
 fm_status fmc_moe_combine(cudaStream_t s, float *out, const float *ye, const int32_t *row, const float *weights, int T,
                           int k, int h) {
     const size_t n = (size_t)T * h;
-    if (n && k > 0) moe_combine_k<<<blocks_for(n), THREADS, 0, s>>>(out, ye, row, weights, T, k, h);
+    if (n && k > 0) fmc_launch(moe_combine_k, blocks_for(n), THREADS, 0, s, out, ye, row, weights, T, k, h);
     return FM_OK;
 }
 
 fm_status fmc_gather_rows(cudaStream_t s, float *dst, const float *src, const int32_t *rows, int n, int cols) {
     const size_t total = (size_t)n * cols;
-    if (total) gather_rows_k<<<blocks_for(total), THREADS, 0, s>>>(dst, src, rows, n, cols);
+    if (total) fmc_launch(gather_rows_k, blocks_for(total), THREADS, 0, s, dst, src, rows, n, cols);
     return FM_OK;
 }
 

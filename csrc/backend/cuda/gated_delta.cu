@@ -69,6 +69,7 @@ extern "C" {
 #include "../backend.h"      /* FM_DELTANET_CHUNK */
 }
 #include "cuda_kernels.h"
+#include "launch.cuh"
 
 namespace {
 
@@ -90,7 +91,7 @@ constexpr double G_FLOOR = -256.0; /* as the CPU: exp() of anything this low is 
 /* rows [r0, r0 + RT) of a key-head vector p (0 at dk and past). V4: float4 loads (p 16-byte aligned,
  * dk % 4 == 0); else one float at a time: the same values either way. */
 template <bool V4>
-__device__ __forceinline__ void load_rows(const float *__restrict__ p, int r0, int dk, float (&x)[RT]) {
+__device__ __forceinline__ void load_rows(const float *p, int r0, int dk, float (&x)[RT]) {
 #pragma unroll
     for (int i = 0; i < RT; i += 4) {
         const int r = r0 + i;
@@ -113,9 +114,9 @@ __device__ __forceinline__ float group_sum(float x, int P) {
 /* Value head blockIdx.y, columns of column block blockIdx.x, through tokens [0, T). lp = log2 P. */
 template <bool V4>
 __global__ void __launch_bounds__(GD_THREADS)
-    gd_recurrent(float *__restrict__ out, float *__restrict__ S, const float *__restrict__ q,
-                 const float *__restrict__ k, const float *__restrict__ v, const float *__restrict__ g,
-                 const float *__restrict__ beta, int T, int Hk, int Hv, int dk, int dv, int lp) {
+    gd_recurrent(float *out, float *S, const float *q, const float *k, const float *v, const float *g,
+                 const float *beta, int T, int Hk, int Hv, int dk, int dv, int lp) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const int P = 1 << lp, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int jw = (blockIdx.x * GD_WARPS + warp) * (32 >> lp); /* the warp's first column */
     if (jw >= dv) return; /* the whole warp: no column left (no barrier in this kernel) */
@@ -184,9 +185,9 @@ __device__ __forceinline__ int chunk_len(int c, int n0, int ts) {
 /* Chunk blockIdx.x of the slice, key head blockIdx.y: the records of the key head's value heads (rec + (h ·
  * nch + c) · REC). q, k, g, beta from the slice's first token. */
 __global__ void __launch_bounds__(CH * CH)
-    gd_chunk_prep(float *__restrict__ rec, const float *__restrict__ q, const float *__restrict__ k,
-                  const float *__restrict__ g, const float *__restrict__ beta, int ts, int n0, int nch, int Hk, int Hv,
-                  int dk) {
+    gd_chunk_prep(float *rec, const float *q, const float *k, const float *g, const float *beta, int ts, int n0,
+                  int nch, int Hk, int Hv, int dk) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     __shared__ float K1[CH][CHUNK_MAX_DK + 1], Q1[CH][CHUNK_MAX_DK + 1]; /* +1: rows j of a warp in other banks */
     __shared__ float A1[CH][CH + 1];
     __shared__ double gam[CH];
@@ -264,9 +265,8 @@ template <int P> struct chunk_stage {
     static constexpr int NR = (REC + GD_THREADS - 1) / GD_THREADS;
     float k[NKQ], q[NKQ], v[NV], r[NR];
 
-    __device__ __forceinline__ void fetch(const float *__restrict__ kp, const float *__restrict__ qp,
-                                          const float *__restrict__ vp, const float *__restrict__ rp, int sc, int n,
-                                          size_t kstride, size_t vstride, int dk, int cols) {
+    __device__ __forceinline__ void fetch(const float *kp, const float *qp, const float *vp, const float *rp, int sc,
+                                          int n, size_t kstride, size_t vstride, int dk, int cols) {
         const int tid = threadIdx.x;
 #pragma unroll
         for (int m = 0; m < NKQ; m++) {
@@ -306,9 +306,9 @@ template <int P> struct chunk_stage {
  * (its first chunk n0 of them; out, q, k, v from the slice's first token); records rec + (h · nch + c) · REC. */
 template <int P>
 __global__ void __launch_bounds__(GD_THREADS)
-    gd_chunked(float *__restrict__ out, float *__restrict__ S, const float *__restrict__ q,
-               const float *__restrict__ k, const float *__restrict__ v, const float *__restrict__ rec, int ts, int n0,
-               int nch, int Hk, int Hv, int dk, int dv) {
+    gd_chunked(float *out, float *S, const float *q, const float *k, const float *v, const float *rec, int ts,
+               int n0, int nch, int Hk, int Hv, int dk, int dv) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     using stage = chunk_stage<P>;
     constexpr int LD = stage::LD, COLS = stage::COLS;
     __shared__ __align__(16) float Ks[CH * LD], Qs[CH * LD];
@@ -418,9 +418,9 @@ void launch_recurrent(cudaStream_t s, float *out, float *S, const float *q, cons
     const int cols = GD_WARPS * (32 >> lp); /* columns per block */
     const dim3 grid((unsigned)((dv + cols - 1) / cols), (unsigned)Hv);
     if (dk % 4 == 0 && aligned16(q) && aligned16(k))
-        gd_recurrent<true><<<grid, GD_THREADS, 0, s>>>(out, S, q, k, v, g, beta, T, Hk, Hv, dk, dv, lp);
+        fmc_launch(gd_recurrent<true>, grid, GD_THREADS, 0, s, out, S, q, k, v, g, beta, T, Hk, Hv, dk, dv, lp);
     else
-        gd_recurrent<false><<<grid, GD_THREADS, 0, s>>>(out, S, q, k, v, g, beta, T, Hk, Hv, dk, dv, lp);
+        fmc_launch(gd_recurrent<false>, grid, GD_THREADS, 0, s, out, S, q, k, v, g, beta, T, Hk, Hv, dk, dv, lp);
 }
 
 template <int P>
@@ -428,7 +428,7 @@ void launch_chunked_p(cudaStream_t s, float *out, float *S, const float *q, cons
                       const float *rec, int ts, int n0, int nch, int Hk, int Hv, int dk, int dv) {
     const int cols = GD_THREADS / P;
     const dim3 grid((unsigned)((dv + cols - 1) / cols), (unsigned)Hv);
-    gd_chunked<P><<<grid, GD_THREADS, 0, s>>>(out, S, q, k, v, rec, ts, n0, nch, Hk, Hv, dk, dv);
+    fmc_launch(gd_chunked<P>, grid, GD_THREADS, 0, s, out, S, q, k, v, rec, ts, n0, nch, Hk, Hv, dk, dv);
 }
 
 /* A call's plan: tokens [a, b) take the chunked form (in nch chunks, the first of n0 tokens), in slices of
@@ -499,9 +499,8 @@ fm_status fmc_gated_delta(cudaStream_t s, float *out, float *S, const float *q, 
         const int tb = p.a + (c0 ? p.n0 + CH * (c0 - 1) : 0);                      /* its tokens [tb, te) */
         const int te = c0 + cn < p.nch ? p.a + p.n0 + CH * (c0 + cn - 1) : p.b;
         const int n0 = c0 ? (te - tb < CH ? te - tb : CH) : p.n0; /* past the first slice, chunks start at 16s */
-        gd_chunk_prep<<<dim3((unsigned)cn, (unsigned)Hk), CH * CH, 0, s>>>(
-            scratch, q + tb * kq, k + tb * kq, g + (size_t)tb * Hv, beta + (size_t)tb * Hv, te - tb, n0, cn, Hk, Hv,
-            dk);
+        fmc_launch(gd_chunk_prep, dim3((unsigned)cn, (unsigned)Hk), CH * CH, 0, s, scratch, q + tb * kq, k + tb * kq,
+                   g + (size_t)tb * Hv, beta + (size_t)tb * Hv, te - tb, n0, cn, Hk, Hv, dk);
         float *o = out + tb * vo;
         const float *qs = q + tb * kq, *ks = k + tb * kq, *vs = v + tb * vo;
         if (dk <= 16)

@@ -45,6 +45,7 @@
 
 #include "cuda_kernels.h"
 #include "eltwise.cuh"
+#include "launch.cuh"
 
 namespace {
 
@@ -140,12 +141,12 @@ __device__ __forceinline__ void load_x(float (&v)[N], const float *xt, int k, in
     if (VEC) {
 #pragma unroll
         for (int i = 0; i < N / 4; i++) {
-            const float4 f = __ldg((const float4 *)(xt + k) + i);
+            const float4 f = fmc_ld((const float4 *)(xt + k) + i);
             v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
         }
     } else {
 #pragma unroll
-        for (int i = 0; i < N; i++) v[i] = k + i < cols ? __ldg(xt + k + i) : 0.0f;
+        for (int i = 0; i < N; i++) v[i] = k + i < cols ? fmc_ld(xt + k + i) : 0.0f;
     }
 }
 
@@ -259,10 +260,10 @@ __device__ __forceinline__ void chunk_i8(const mm_args &a, float (&acc)[R][NT], 
         uint32_t xw[V / 4];
 #pragma unroll
         for (int i = 0; i < V / 16; i++) {
-            const uint4 v = __ldg(xp + i);
+            const uint4 v = fmc_ld(xp + i);
             xw[4 * i] = v.x, xw[4 * i + 1] = v.y, xw[4 * i + 2] = v.z, xw[4 * i + 3] = v.w;
         }
-        const float xsum = __ldg(a.xs + t * (a.cols / V) + k / V), xd = __ldg(a.xd + t * a.ng + g);
+        const float xsum = fmc_ld(a.xs + t * (a.cols / V) + k / V), xd = fmc_ld(a.xd + t * a.ng + g);
 #pragma unroll
         for (int r = 0; r < R; r++) {
             int d = 0;
@@ -330,7 +331,8 @@ enum { K_MM, K_DOWN, K_GU };
  * A tile's arithmetic is fm_mm's whichever: an expert's rows are the bits of a matmul of them alone. */
 template <int K, int P, int R, int NT, int U, bool VEC, bool SPLIT>
 __global__ void __launch_bounds__(128, K == K_GU && (VEC || P != MM_Q4) ? 3 : 1)
-    fm_mm(const __grid_constant__ mm_args a, const fmc_expert *__restrict__ ex) {
+    fm_mm(const __grid_constant__ mm_args a, const fmc_expert *ex) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     constexpr int M = K == K_GU ? 2 : 1;
     const int lane = threadIdx.x & 31;
     const int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
@@ -366,7 +368,7 @@ __global__ void __launch_bounds__(128, K == K_GU && (VEC || P != MM_Q4) ? 3 : 1)
         if constexpr (K == K_GU) {
             tok_list<NT> tm;
 #pragma unroll
-            for (int j = 0; j < NT; j++) tm.t[j] = j < nt ? __ldg(tok + t0 + j) : 0;
+            for (int j = 0; j < NT; j++) tm.t[j] = j < nt ? fmc_ld(tok + t0 + j) : 0;
             mm_dot<P, M, R, NT, U, VEC, SPLIT>(a, m, rw, tm, nt, acc);
         } else {
             mm_dot<P, M, R, NT, U, VEC, SPLIT>(a, m, rw, tok_seq{xr + t0}, nt, acc);
@@ -400,6 +402,7 @@ template <int P, bool VEC, bool SPLIT>
 __global__ void __launch_bounds__(256) fm_shared_combine(const __grid_constant__ mm_args a, float *out,
                                                          const float *ye, const int32_t *row, const float *wt, int k,
                                                          int h) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     __shared__ float sg[1];
     const int t = blockIdx.y;
     if (threadIdx.x < 32) {
@@ -431,7 +434,7 @@ __device__ __forceinline__ void quantize_group(const float *x, int8_t *xq, float
     float v[8], m = 0.0f;
 #pragma unroll
     for (int e = 0; e < 8; e++) { /* lane takes values lane + 32e: coalesced */
-        v[e] = e < E ? __ldg(xg + lane + 32 * e) : 0.0f;
+        v[e] = e < E ? fmc_ld(xg + lane + 32 * e) : 0.0f;
         m = fmaxf(m, fabsf(v[e]));
     }
 #pragma unroll
@@ -457,6 +460,7 @@ __device__ __forceinline__ void quantize_group(const float *x, int8_t *xq, float
 template <int V, bool PERM>
 __global__ void __launch_bounds__(256) fm_quantize_x(const float *x, int8_t *xq, float *xd, float *xs, int T, int cols,
                                                      int gs) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const int ng = cols / gs;
     const size_t gw = (size_t)blockIdx.x * 8 + (threadIdx.x >> 5);
     if (gw >= (size_t)T * ng) return; /* a whole warp */
@@ -467,7 +471,8 @@ __global__ void __launch_bounds__(256) fm_quantize_x(const float *x, int8_t *xq,
  * rows of h, which are all it has written: the rows between are left alone) */
 template <int V, bool PERM>
 __global__ void __launch_bounds__(256) fm_quantize_rows(const float *x, int8_t *xq, float *xd, float *xs,
-                                                        const fmc_expert *__restrict__ ex, int lo, int cols, int gs) {
+                                                        const fmc_expert *ex, int lo, int cols, int gs) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const fmc_expert &e = ex[blockIdx.y];
     const int ng = cols / gs;
     const size_t gw = (size_t)blockIdx.x * 8 + (threadIdx.x >> 5);
@@ -479,10 +484,11 @@ __global__ void __launch_bounds__(256) fm_quantize_rows(const float *x, int8_t *
  * of + bias, as on the CPU with or without contraction. An id outside [0, rows) writes NaN (the host is to
  * reject it first) rather than read outside W. */
 __global__ void __launch_bounds__(256) fm_embed(float *out, const int32_t *ids, const fm_mat w, int T) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= w.cols) return;
     for (int t = blockIdx.y; t < T; t += gridDim.y) {
-        const int id = __ldg(ids + t);
+        const int id = fmc_ld(ids + t);
         float *o = out + (size_t)t * w.cols + i;
         if (id < 0 || id >= w.rows) {
             *o = __uint_as_float(0x7FC00000u);
@@ -571,7 +577,7 @@ void launch_mm(cudaStream_t s, const mm_args &a, const fmc_expert *ex, int n_ex,
     }
     const dim3 grid((unsigned)((warps + bw - 1) / bw), (unsigned)(K == K_MM ? 1 : n_ex),
                     (unsigned)(z < 65535 ? z : 65535));
-    fm_mm<K, P, R, NT, U, VEC, SPLIT><<<grid, 32 * bw, 0, s>>>(a, ex);
+    fmc_launch(fm_mm<K, P, R, NT, U, VEC, SPLIT>, grid, 32 * bw, 0, s, a, ex);
 }
 
 /* The kernel shape by T (a grouped call: the most tokens an expert has): only the accumulators per warp change,
@@ -638,11 +644,15 @@ void quantize(cudaStream_t s, const fm_mat *w, const float *x, int T, void *scra
     const int cols = w->cols, gs = w->group_size;
     if (!have_q && ex) {
         const dim3 grid((unsigned)blocks, (unsigned)n_ex);
-        if (w->dtype == FM_Q4) fm_quantize_rows<32, true><<<grid, 256, 0, s>>>(x, xq, xd, xs, ex, a.hlo, cols, gs);
-        else fm_quantize_rows<16, false><<<grid, 256, 0, s>>>(x, xq, xd, xs, ex, a.hlo, cols, gs);
+        if (w->dtype == FM_Q4)
+            fmc_launch(fm_quantize_rows<32, true>, grid, 256, 0, s, x, xq, xd, xs, ex, a.hlo, cols, gs);
+        else
+            fmc_launch(fm_quantize_rows<16, false>, grid, 256, 0, s, x, xq, xd, xs, ex, a.hlo, cols, gs);
     } else if (!have_q) {
-        if (w->dtype == FM_Q4) fm_quantize_x<32, true><<<(unsigned)blocks, 256, 0, s>>>(x, xq, xd, xs, T, cols, gs);
-        else fm_quantize_x<16, false><<<(unsigned)blocks, 256, 0, s>>>(x, xq, xd, xs, T, cols, gs);
+        if (w->dtype == FM_Q4)
+            fmc_launch(fm_quantize_x<32, true>, (unsigned)blocks, 256, 0, s, x, xq, xd, xs, T, cols, gs);
+        else
+            fmc_launch(fm_quantize_x<16, false>, (unsigned)blocks, 256, 0, s, x, xq, xd, xs, T, cols, gs);
     }
     a.xq = xq, a.xd = xd, a.xs = xs;
 }
@@ -766,8 +776,8 @@ template <int P, bool SPLIT = false>
 void launch_shared_combine(cudaStream_t s, const mm_args &a, bool vec, float *out, const float *ye,
                            const int32_t *row, const float *wt, int k, int h) {
     const dim3 grid((unsigned)((h + 255) / 256), (unsigned)a.T);
-    if (vec) fm_shared_combine<P, true, SPLIT><<<grid, 256, 0, s>>>(a, out, ye, row, wt, k, h);
-    else fm_shared_combine<P, false, SPLIT><<<grid, 256, 0, s>>>(a, out, ye, row, wt, k, h);
+    if (vec) fmc_launch(fm_shared_combine<P, true, SPLIT>, grid, 256, 0, s, a, out, ye, row, wt, k, h);
+    else fmc_launch(fm_shared_combine<P, false, SPLIT>, grid, 256, 0, s, a, out, ye, row, wt, k, h);
 }
 } // namespace
 
@@ -808,6 +818,6 @@ extern "C" fm_status fmc_embed(cudaStream_t s, const fm_mat *w, const int32_t *i
         return fm_fail(FM_ERR_INVALID, "cuda backend: embed in groups of %d over %d columns", w->group_size, w->cols);
     if (T == 0) return FM_OK;
     const dim3 grid((unsigned)((w->cols + 255) / 256), (unsigned)(T < 65535 ? T : 65535));
-    fm_embed<<<grid, 256, 0, s>>>(out, ids, *w, T);
+    fmc_launch(fm_embed, grid, 256, 0, s, out, ids, *w, T);
     return FM_OK;
 }

@@ -40,6 +40,7 @@ extern "C" {
 #include "../../core/util.h" /* fm_fail, with C linkage: util.h has no extern "C" of its own */
 }
 #include "cuda_kernels.h"
+#include "launch.cuh"
 
 namespace {
 
@@ -57,11 +58,10 @@ __device__ __forceinline__ uint64_t key_of(float l, int i) {
 /* token blockIdx.x, element threadIdx.x; groups of G = 2^lg_g (32 or more), P = 2^lg_p (32 at most) threads a
  * candidate in stage 2; dynamic shared memory: route_smem(blockDim.x). one, tok: each choice (and with has_sh the
  * shared expert sh) as an expert of one token (fmc_route) where tab is given. */
-__global__ void __launch_bounds__(MAX_E) route_k(const float *__restrict__ logits, int T, int E, int k, int norm,
-                                                 int lg_g, int lg_p, int32_t *__restrict__ idx,
-                                                 float *__restrict__ weights, const fmc_expert *__restrict__ tab,
-                                                 fmc_expert *__restrict__ one, int32_t *__restrict__ tok,
-                                                 fmc_expert sh, int has_sh) {
+__global__ void __launch_bounds__(MAX_E) route_k(const float *logits, int T, int E, int k, int norm, int lg_g,
+                                                 int lg_p, int32_t *idx, float *weights, const fmc_expert *tab,
+                                                 fmc_expert *one, int32_t *tok, fmc_expert sh, int has_sh) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     extern __shared__ __align__(16) uint64_t smem[];
     const int B = blockDim.x, i = threadIdx.x, t = blockIdx.x, G = 1 << lg_g, P = 1 << lg_p, kg = min(k, G);
     const int nc = (B >> lg_g) * kg;
@@ -149,7 +149,7 @@ fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, in
     int lg_p = 0;
     while (lg_p < 5 && nc << (lg_p + 1) <= B) lg_p++;
     const fmc_expert sh = shared ? *shared : fmc_expert{};
-    route_k<<<(unsigned)T, B, route_smem(B), s>>>(logits, T, E, k, norm, lg_g, lg_p, idx, weights, tab, ex, tok, sh,
-                                                  shared != nullptr);
+    fmc_launch(route_k, (unsigned)T, B, route_smem(B), s, logits, T, E, k, norm, lg_g, lg_p, idx, weights, tab, ex, tok,
+               sh, (int)(shared != nullptr));
     return FM_OK;
 }
