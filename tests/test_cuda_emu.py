@@ -76,6 +76,41 @@ def test_op_harness_on_emulated_cuda(emu_env, order):
     assert_op_harness_passes(dict(emu_env, FM_CUDA_EMU_ORDER=order), "cuda", tail=8000)
 
 
+IMMA_TRACE = """
+import os, sys
+import numpy as np
+from flashmoe import _core
+sys.path.insert(0, "tests")
+from test_ops import Q4, Q8, build_weight, randn
+trace = os.environ["FM_CUDA_EMU_TRACE"]
+for dtype, gs in ((Q4, 32), (Q8, 64)):
+    for T, int8, imma in ((1, True, "1"), (15, True, "1"), (16, True, "1"), (100, True, "1"), (16, True, "0"),
+                          (100, False, "1")):
+        rng = np.random.default_rng(T)
+        w = build_weight(rng, dtype, 13, 4 * gs, gs)
+        os.environ["FLASHMOE_CUDA_IMMA"] = imma
+        open(trace, "w").close()
+        _core.op_matmul(*w, randn(rng, T, 4 * gs), int8, backend="cuda")
+        names = {n.split("<")[0] for n in open(trace).read().split()}
+        print("q4" if dtype == Q4 else "q8", T, int(int8), imma, int("fm_mm_imma" in names), int("fm_mm" in names))
+"""
+
+
+def test_int8_prefill_reaches_the_tensor_core_kernel(emu_env, tmp_path):
+    """The int8-activation matmul runs matmul_mma.cu's kernel (fm_mm_imma, seen in FM_CUDA_EMU_TRACE) from 16
+    tokens on, and fm_mm's dp4a kernel below, with FLASHMOE_CUDA_IMMA=0, and on fp32 activations: the op
+    harness's int8 cases of T >= 16 test the tensor-core kernel (test_ops.py: against float64 and bitwise
+    against the dp4a kernel)."""
+    rc, out = run_py(dict(emu_env, FM_CUDA_EMU_TRACE=str(tmp_path / "trace")), ["-c", IMMA_TRACE])
+    assert rc == 0, out[-4000:]
+    rows = [line.split() for line in out.splitlines() if line.startswith(("q4 ", "q8 "))]
+    want = [[T, i8, imma, "1" if i8 == "1" and imma == "1" and int(T) >= 16 else "0",
+             "0" if i8 == "1" and imma == "1" and int(T) >= 16 else "1"]
+            for T, i8, imma in (("1", "1", "1"), ("15", "1", "1"), ("16", "1", "1"), ("100", "1", "1"),
+                                ("16", "1", "0"), ("100", "0", "1"))]
+    assert [r[1:] for r in rows] == want * 2 and [r[0] for r in rows] == ["q4"] * 6 + ["q8"] * 6, out[-4000:]
+
+
 # ---------------------------------------------------------------------------------- the whole model
 
 

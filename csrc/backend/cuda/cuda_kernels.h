@@ -63,6 +63,13 @@ fm_status fmc_shared_combine(cudaStream_t s, const fm_mat *gate_row, const float
 /* out[T, cols] = row ids[t] of W, dequantized (fm_cpu_get_row); ids: device [T] */
 fm_status fmc_embed(cudaStream_t s, const fm_mat *w, const int32_t *ids, int T, float *out);
 
+/* ---- matmul_mma.cu */
+/* fmc_matmul's int8-activation matmul (q4 or q8 w; xq, xd, xs its quantized x, matmul.cu's scratch) on tensor cores,
+ * bitwise matmul.cu's kernel for every (row, token). Queues it and returns 1 where it takes the call: T at least
+ * FMC_IMMA_MIN_T, sm_80 or later, w's rows 16-byte aligned, FLASHMOE_CUDA_IMMA not 0; else 0 (nothing queued). */
+#define FMC_IMMA_MIN_T 16
+int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, int T);
+
 /* ---- attention.cu */
 /* Floats of scratch fmc_attention needs (its flash-decoding partials) for this call. */
 size_t fmc_attention_scratch_floats(int T, int pos0, int nh, int hd);

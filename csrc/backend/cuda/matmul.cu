@@ -34,11 +34,14 @@
  * untouched, so the results are bitwise those of a matmul per expert on its gathered rows, with silu_mul
  * between: the per-expert path cuda_ops.cu keeps behind FLASHMOE_CUDA_GROUPED=0.
  *
- * Not tensor cores: an MMA's K order is its tile's (and unspecified), so decode would have to run the same
- * MMA tiles (a token padded to 8 or 16, and the weights staged as fp16/bf16/tf32 tiles, which changes the
- * numerics for f32 x) to stay invariant. A tensor-core prefill would need: the decode matvec built from the
- * same m16n8k16 (or wgmma) tiles with one fixed K split, x in bf16/fp16 or int8 (the int8 path maps onto
- * IMMA s8·u8 exactly, since integer sums are order-free: only the per-group fp32 terms need a fixed order).
+ * Tensor cores: only a prefill on int8 activations (T >= FMC_IMMA_MIN_T, sm_80+: matmul_mma.cu, which fmc_matmul
+ * hands the call to; FLASHMOE_CUDA_IMMA=0 keeps it here). It is exact because the int8 path's only reduction an
+ * MMA could reorder is a chunk's d = Σ q·xq, an integer (mma.sync's s32 sum of u8·s8 products is the same
+ * integer in any order); its fp32 terms it applies as fm_mm does: per (row, token) each lane's chunks in order,
+ * then the butterfly's tree, replayed in registers. So a token's outputs are the same bits in decode (here) and
+ * at any place of any prefill (there). Not for fp32 activations: an MMA's K order is its tile's (and unspecified)
+ * and its inputs bf16/fp16/tf32, which would change the numerics of f32 x; decode would have to run the same
+ * MMA tiles (a token padded to 8 or 16) to stay invariant.
  */
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -682,6 +685,7 @@ extern "C" fm_status fmc_matmul(cudaStream_t s, const fm_mat *w, const float *x,
         const size_t blocks = quantize_blocks(w, (size_t)T);
         if (!blocks) return fm_fail(FM_ERR_INVALID, "cuda backend: matmul of %d tokens: too many", T);
         quantize(s, w, x, T, scratch, a, blocks, nullptr, 0, have_q != 0);
+        if (fmc_mm_imma(s, w, a.xq, a.xd, a.xs, y, T)) return FM_OK; /* prefill on tensor cores (matmul_mma.cu) */
     }
     dispatch_w<K_MM>(s, a, w, w16, vec, nullptr, 1, T);
     return FM_OK;

@@ -1,0 +1,426 @@
+/*
+ * matmul_mma.cu — fmc_matmul's prefill on int8 activations (q4 or q8 weights, matmul.cu's MM_Q4I8 / MM_Q8I8) on
+ * tensor cores: mma.sync's integer MMA (u8 weights · s8 activations, s32 sums) for each chunk's dot, then the
+ * fp32 terms in exactly the order of matmul.cu's fm_mm, so that every (row, token) is bitwise fm_mm's.
+ *
+ * fm_mm's arithmetic for a (row r, token t) on int8 x (matmul.cu's file comment): the row's columns are cut into
+ * chunks of V (q4 32, q8 16), chunk c inside group g = c·V / gs; d = Σ q·xq over the chunk (an exact integer);
+ * lane v = c mod 32 of the warp folds its chunks v, v + 32, ... in order, acc = fma(xd[t, g], fma(s[r, g], d,
+ * b[r, g]·xs[t, c]), acc) from +0, and the 32 lanes' accumulators A_0..A_31 are added by the xor butterfly 16, 8,
+ * 4, 2, 1, lane 0's sum stored. That sum is a fixed binary tree over the lanes: its leaves in bit-reversed order
+ * (position i holds lane rev5(i): 0, 16, 8, 24, 4, ...), neighbours added pairwise, level after level (A_0 + A_16,
+ * then (A_0 + A_16) + (A_8 + A_24), ...; lane 0's own side the left operand at each level).
+ *
+ * Here: d comes from an MMA (any order of an integer sum is the same integer; the MMA's C input is 0x4B400000,
+ * so its output's bits are the float 1.5·2^23 + d, less 1.5·2^23 exactly (d, |d| < 2^22) the float d, as
+ * (float)d is, in one FADD rather than a conversion at a quarter of the rate). Each thread owns outputs of its
+ * MMA tiles and walks the chunks position by position: for i = 0..31 the chunks of lane v = rev5(i) in order
+ * (lane v's fold, from +0), then A_v pushed onto a binary counter of 5 levels (the pending left subtrees: P_k +
+ * x at each set bit of i, the left operand the older), a lane with no chunk (cols < 32 V) pushing +0 as fm_mm's
+ * idle lane adds its +0. After position 31 the counter holds the butterfly's sum: the same operations on the same
+ * operands (+ is commutative, but the emulator's NaN payloads are not, so even the operand order is lane 0's).
+ * So the chunks are read in that order (not the columns'): stage s of the pipeline holds the next KC chunks of
+ * it, 16 bytes of each row and V of each token, gathered by cp.async, with each chunk's scales and biases (as
+ * floats) and each token's xd and xs.
+ *
+ * Tiles: a block of WM × WN warps, a warp 16·MT rows × 8·NT tokens (MT × NT MMA tiles: 4·MT·NT outputs a thread,
+ * 6 floats each: the lane being folded and the counter's 5 levels, all in registers), ST stages of KC chunks
+ * in static shared memory (under 48 KiB: no opt-in attribute). q4: m16n8k32, a chunk one MMA's K; q8:
+ * m16n8k16 (a chunk of 16 columns: one MMA per chunk, since each chunk's d is needed alone).
+ *
+ * Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k32" and "... for mma.m16n8k16 with integer type";
+ * groupID g = lane >> 2, threadID_in_group q = lane & 3, elements low to high in each .b32):
+ *   m16n8k32 A (16 × 32, row): a0..a3 row g, k 4q..4q+3 | a4..a7 row g + 8, k 4q.. | a8..a11 row g, k 16 + 4q..
+ *            | a12..a15 row g + 8, k 16 + 4q..;  B (32 × 8, col): b0..b3 k 4q.., col g | b4..b7 k 16 + 4q.., col g
+ *   m16n8k16 A (16 × 16, row): a0..a3 row g, k 4q.. | a4..a7 row g + 8, k 4q..;  B (16 × 8, col): b0..b3 k 4q.., col g
+ *   C, D (16 × 8, s32): c0, c1 row g, cols 2q, 2q + 1 | c2, c3 row g + 8, cols 2q, 2q + 1.
+ * K is a sum's index only, so any pairing of weight and activation bytes that meets fm_mm's works: q4's word m of
+ * a chunk (columns 8m..8m+7) as even nibbles | odd nibbles, xq's words 2m, 2m + 1 (stored evens then odds, the
+ * quantizer's PERM) — thread q takes word q of its rows (k 4q.. its even nibbles, k 16 + 4q.. its odd ones) and
+ * bytes 8q..8q+7 of its token's chunk; q8: word q of each.
+ */
+#include <cuda_fp16.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <atomic>
+
+#include "cuda_kernels.h"
+
+namespace {
+
+struct imma_args {
+    const char *w;                   /* [rows, row_bytes]: q4 or q8, rows 16-byte aligned */
+    const uint16_t *scales, *biases; /* [rows, ng] fp16 or bf16 bits */
+    const int8_t *xq;                /* [T, cols] (q4: each 8 as evens then odds) */
+    const float *xd, *xs;            /* [T, ng] steps, [T, nc] Σ xq of each chunk */
+    float *y;                        /* [T, rows] */
+    size_t row_bytes;
+    int rows, cols, gs, ng, nc, T, sbf16;
+};
+
+/* matmul.cu's: a stored scale or bias, fp16 or bfloat16 */
+__device__ __forceinline__ float scale_value(uint32_t bits, int bf16) {
+    return bf16 ? __uint_as_float(bits << 16) : __half2float(__ushort_as_half((unsigned short)bits));
+}
+
+/* the lane at position i of the butterfly's tree (and the position of lane i): i's 5 bits reversed */
+__host__ __device__ constexpr int rev5(int i) {
+    return ((i & 1) << 4) | ((i & 2) << 2) | (i & 4) | ((i & 8) >> 2) | ((i & 16) >> 4);
+}
+
+/* the chunk after c in the order of the file comment (lane rev5(i) for i = 0..31, each lane's in column order),
+ * or -1 past the last */
+__device__ __forceinline__ int next_chunk(int c, int nc) {
+    if (c + 32 < nc) return c + 32;
+    for (int i = rev5(c & 31) + 1; i < 32; i++)
+        if (rev5(i) < nc) return rev5(i);
+    return -1;
+}
+
+constexpr int MAGIC_BITS = 0x4B400000; /* 1.5·2^23 */
+constexpr float MAGIC = 12582912.0f;
+
+/* D = A·B + (c, c, c, c): m16n8k32 (K32: a[4], b[2]) or m16n8k16 (a[2], b[1]), u8 A, s8 B, s32 D */
+template <bool K32>
+__device__ __forceinline__ void mma_u8s8(int (&d)[4], const uint32_t (&a)[K32 ? 4 : 2], const uint32_t (&b)[K32 ? 2 : 1],
+                                         int c) {
+#ifdef FLASHMOE_CUDA_EMU
+    /* tests/cuda_emu: what the instruction computes, its operands gathered from the warp's lanes by the fragment
+     * layouts of the file comment (each lane posting 8 bytes a shuffle). */
+    constexpr int H = K32 ? 2 : 1; /* halves of K: k 0..15 and 16..31 */
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    int acc[4] = {c, c, c, c};
+    for (int j = 0; j < 4; j++) { /* lane 4·row + j of a quad holds k 4j..4j+3 (+ 16) of row (A) or col (B) */
+        uint32_t ar[2][H], bc[2][H]; /* [row g, g + 8][half]; [col 2q, 2q + 1][half] */
+        if (K32) {
+            const uint64_t lo = __shfl_sync(0xFFFFFFFFu, (uint64_t)a[0] | (uint64_t)a[2] << 32, 4 * g + j);
+            const uint64_t hi = __shfl_sync(0xFFFFFFFFu, (uint64_t)a[1] | (uint64_t)a[3] << 32, 4 * g + j);
+            ar[0][0] = (uint32_t)lo, ar[0][H - 1] = (uint32_t)(lo >> 32);
+            ar[1][0] = (uint32_t)hi, ar[1][H - 1] = (uint32_t)(hi >> 32);
+        } else {
+            const uint64_t r = __shfl_sync(0xFFFFFFFFu, (uint64_t)a[0] | (uint64_t)a[1] << 32, 4 * g + j);
+            ar[0][0] = (uint32_t)r, ar[1][0] = (uint32_t)(r >> 32);
+        }
+        const uint64_t bp = (uint64_t)b[0] | (uint64_t)b[H - 1] << 32;
+        const uint64_t b0 = __shfl_sync(0xFFFFFFFFu, bp, 4 * (2 * q) + j);
+        const uint64_t b1 = __shfl_sync(0xFFFFFFFFu, bp, 4 * (2 * q + 1) + j);
+        for (int h = 0; h < H; h++) bc[0][h] = (uint32_t)(b0 >> 32 * h), bc[1][h] = (uint32_t)(b1 >> 32 * h);
+        for (int i = 0; i < 2; i++)
+            for (int n = 0; n < 2; n++)
+                for (int h = 0; h < H; h++)
+                    for (int e = 0; e < 4; e++)
+                        acc[2 * i + n] += (int)((ar[i][h] >> 8 * e) & 0xFFu) * (int)(int8_t)(bc[n][h] >> 8 * e);
+    }
+    for (int i = 0; i < 4; i++) d[i] = acc[i];
+#elif __CUDA_ARCH__ >= 800
+    if constexpr (K32)
+        asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%10, %11, %12, %13};"
+            : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c), "r"(c), "r"(c), "r"(c));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %8, %9, %10};"
+            : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(b[0]), "r"(c), "r"(c), "r"(c), "r"(c));
+#else
+    __trap(); /* never launched below sm_80 (fmc_mm_imma) */
+#endif
+}
+
+/* cp.async: 16 bytes (global → shared, L2 only) or 4, in flight until cp_wait; the emulator copies at once */
+__device__ __forceinline__ void cp16(void *dst, const void *src) {
+#ifdef FLASHMOE_CUDA_EMU
+    memcpy(dst, src, 16);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void cp4(void *dst, const void *src) {
+#ifdef FLASHMOE_CUDA_EMU
+    memcpy(dst, src, 4);
+#else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_commit() {
+#ifndef FLASHMOE_CUDA_EMU
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+/* every group but the last N committed has landed (this thread's copies) */
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+#ifndef FLASHMOE_CUDA_EMU
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+/* The kernel's shape: WM × WN warps of 16·MT rows × 8·NT tokens; ST stages of KC chunks. A stage in shared
+ * memory: W [KC][BM] 16 bytes of each row; X [KC][BN] V bytes of each token; SB [KC][BM / 16][8] float4 (s, b of
+ * row 16m + g, s, b of row 16m + g + 8: one load for a thread's two rows of an MMA tile); XS [KC][BN / 8][4]
+ * float4 (xd, xs of token 8n + 2q, xd, xs of token 8n + 2q + 1). Each fragment load of a warp reads 128 or 256
+ * contiguous bytes, or broadcasts. */
+template <bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
+struct imma_cfg {
+    static constexpr int NTHR = 32 * WM * WN, BM = 16 * MT * WM, BN = 8 * NT * WN, V = Q4 ? 32 : 16;
+    static constexpr int X_OFF = KC * BM * 16, SB_OFF = X_OFF + KC * BN * V, XS_OFF = SB_OFF + KC * BM * 8,
+                         STAGE = XS_OFF + KC * BN * 8;
+    static constexpr int NSB = (KC * BM + NTHR - 1) / NTHR; /* (row, chunk) scale pairs a thread loads */
+    static constexpr int O = 4 * MT * NT;                   /* outputs a thread */
+    static_assert(STAGE % 16 == 0 && ST >= 2 && ST * STAGE <= 48 * 1024, "a stage in static shared memory");
+};
+
+/* element kc of a stage's chunk list (kc not a constant: selects, not a local array) */
+template <int KC>
+__device__ __forceinline__ int chunk_of(const int (&cs)[KC], int kc) {
+    int c = cs[0];
+#pragma unroll
+    for (int k = 1; k < KC; k++)
+        if (kc == k) c = cs[k];
+    return c;
+}
+
+/* the next KC chunks from cur (-1 past the last) */
+template <int KC>
+__device__ __forceinline__ void next_stage(int &cur, int (&cs)[KC], int nc) {
+#pragma unroll
+    for (int k = 0; k < KC; k++) {
+        cs[k] = cur;
+        if (cur >= 0) cur = next_chunk(cur, nc);
+    }
+}
+
+/* A stage's copies (W, X, XS by cp.async) and its scale pairs into sbr (loads, stored by store_sb). Rows past
+ * the last and tokens past T read the last one (their outputs are never stored). */
+template <class C, int KC>
+__device__ __forceinline__ void load_stage(const imma_args &a, char *buf, const int (&cs)[KC], int r0, int t0,
+                                           uint32_t (&sbr)[C::NSB]) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < (KC * C::BM + C::NTHR - 1) / C::NTHR; i++) {
+        const int idx = tid + i * C::NTHR, kc = idx / C::BM, r = idx % C::BM;
+        const int c = chunk_of(cs, kc);
+        if (idx < KC * C::BM && c >= 0) {
+            const int row = min(r0 + r, a.rows - 1);
+            cp16(buf + idx * 16, a.w + (size_t)row * a.row_bytes + (size_t)c * 16);
+            const size_t s = (size_t)row * a.ng + c * C::V / a.gs;
+            sbr[i] = __ldg(a.scales + s) | (uint32_t)__ldg(a.biases + s) << 16;
+        }
+    }
+    constexpr int XP = C::V / 16; /* 16-byte pieces of a token's chunk */
+#pragma unroll
+    for (int i = 0; i < (KC * C::BN * XP + C::NTHR - 1) / C::NTHR; i++) {
+        const int idx = tid + i * C::NTHR, kc = idx / (C::BN * XP), t = idx / XP % C::BN, p = idx % XP;
+        const int c = chunk_of(cs, kc);
+        if (idx < KC * C::BN * XP && c >= 0) {
+            const int tok = min(t0 + t, a.T - 1);
+            cp16(buf + C::X_OFF + idx * 16, a.xq + (size_t)tok * a.cols + (size_t)c * C::V + 16 * p);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < (KC * C::BN * 2 + C::NTHR - 1) / C::NTHR; i++) {
+        const int idx = tid + i * C::NTHR, kc = idx / (C::BN * 2), t = idx / 2 % C::BN, which = idx & 1;
+        const int c = chunk_of(cs, kc);
+        if (idx < KC * C::BN * 2 && c >= 0) {
+            const int tok = min(t0 + t, a.T - 1);
+            const float *src = which ? a.xs + (size_t)tok * a.nc + c : a.xd + (size_t)tok * a.ng + c * C::V / a.gs;
+            float *dst = (float *)(buf + C::XS_OFF) + ((kc * (C::BN / 8) + t / 8) * 4 + t % 8 / 2) * 4 + 2 * (t & 1) + which;
+            cp4(dst, src);
+        }
+    }
+}
+
+/* the scale pairs load_stage read, as floats into the stage's SB */
+template <class C, int KC>
+__device__ __forceinline__ void store_sb(const imma_args &a, char *buf, const int (&cs)[KC], const uint32_t (&sbr)[C::NSB]) {
+#pragma unroll
+    for (int i = 0; i < C::NSB; i++) {
+        const int idx = threadIdx.x + i * C::NTHR, kc = idx / C::BM, r = idx % C::BM;
+        if (idx < KC * C::BM && chunk_of(cs, kc) >= 0) {
+            float *dst = (float *)(buf + C::SB_OFF) + ((kc * (C::BM / 16) + r / 16) * 8 + r % 8) * 4 + 2 * (r % 16 / 8);
+            *(float2 *)dst = make_float2(scale_value(sbr[i] & 0xFFFFu, a.sbf16), scale_value(sbr[i] >> 16, a.sbf16));
+        }
+    }
+}
+
+/* Chunk kc of the stage in buf for the warp's tiles (rows wr.., tokens wt.. of the block's): one MMA per tile,
+ * then per output fm_mm's acc = fma(xd, fma(s, d, b·xs), acc). Output o = 4·(NT·mt + nt) + e of the thread: row
+ * wr + 16 mt + g + 8 (e >> 1), token wt + 8 nt + 2q + (e & 1). */
+template <class C, bool Q4, int MT, int NT>
+__device__ __forceinline__ void chunk_mma(const char *buf, int kc, int wr, int wt, float (&acc)[C::O]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const char *W = buf + kc * C::BM * 16, *X = buf + C::X_OFF + kc * C::BN * C::V;
+    const float4 *SB = (const float4 *)(buf + C::SB_OFF) + kc * (C::BM / 16) * 8;
+    const float4 *XS = (const float4 *)(buf + C::XS_OFF) + kc * (C::BN / 8) * 4;
+    uint32_t af[MT][Q4 ? 4 : 2], bf[NT][Q4 ? 2 : 1];
+    float4 sb[MT], xx[NT];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        const int r = wr + 16 * mt + g;
+        const uint32_t w0 = *(const uint32_t *)(W + r * 16 + 4 * q), w1 = *(const uint32_t *)(W + (r + 8) * 16 + 4 * q);
+        if constexpr (Q4) { /* a0, a1: the even nibbles (k 4q..), a2, a3: the odd ones (k 16 + 4q..) of rows g, g + 8 */
+            af[mt][0] = w0 & 0x0F0F0F0Fu, af[mt][1] = w1 & 0x0F0F0F0Fu;
+            af[mt][2] = (w0 >> 4) & 0x0F0F0F0Fu, af[mt][3] = (w1 >> 4) & 0x0F0F0F0Fu;
+        } else {
+            af[mt][0] = w0, af[mt][1] = w1;
+        }
+        sb[mt] = SB[(wr / 16 + mt) * 8 + g];
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const int t = wt + 8 * nt + g;
+        if constexpr (Q4) { /* xq bytes 8q..8q+3: the columns of word q's even nibbles; 8q+4..8q+7: its odd ones */
+            const uint2 v = *(const uint2 *)(X + t * 32 + 8 * q);
+            bf[nt][0] = v.x, bf[nt][1] = v.y;
+        } else {
+            bf[nt][0] = *(const uint32_t *)(X + t * 16 + 4 * q);
+        }
+        xx[nt] = XS[(wt / 8 + nt) * 4 + q];
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            int d[4];
+            mma_u8s8<Q4>(d, af[mt], bf[nt], MAGIC_BITS);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float s = e >> 1 ? sb[mt].z : sb[mt].x, b = e >> 1 ? sb[mt].w : sb[mt].y;
+                const float xd = e & 1 ? xx[nt].z : xx[nt].x, xs = e & 1 ? xx[nt].w : xx[nt].y;
+                const float dv = __fsub_rn(__int_as_float(d[e]), MAGIC); /* (float)d, exactly */
+                float &o = acc[4 * (NT * mt + nt) + e];
+                o = fmaf(xd, fmaf(s, dv, __fmul_rn(b, xs)), o);
+            }
+        }
+}
+
+/* Lane rev5(i)'s fold done (in x): onto the binary counter (levels P, from level K). At i = 31 x ends as the
+ * tree's sum. Levels by template recursion, every index a constant: P stays in registers. */
+template <int K, int O>
+__device__ __forceinline__ void push(int i, float (&x)[O], float (&P)[5][O]) {
+    if constexpr (K < 5) {
+        if (!((i >> K) & 1)) { /* x is a left subtree at level K: it waits there */
+#pragma unroll
+            for (int o = 0; o < O; o++) P[K][o] = x[o];
+        } else {
+#pragma unroll
+            for (int o = 0; o < O; o++) x[o] = __fadd_rn(P[K][o], x[o]); /* the older subtree left, as lane 0's */
+            push<K + 1>(i, x, P);
+        }
+    }
+}
+
+/* y tile [blockIdx.x · BN.., blockIdx.y · BM..]: see the file comment */
+template <bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
+__global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_constant__ imma_args a) {
+    using C = imma_cfg<Q4, WM, WN, MT, NT, KC, ST>;
+    __shared__ uint4 smem[ST * C::STAGE / 16];
+    char *const sm = (char *)smem;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int wr = warp % WM * 16 * MT, wt = warp / WM * 8 * NT; /* the warp's first row and token in the tile */
+    const int r0 = blockIdx.y * C::BM, t0 = blockIdx.x * C::BN, nc = a.nc;
+    float acc[C::O], P[5][C::O];
+#pragma unroll
+    for (int o = 0; o < C::O; o++) {
+        acc[o] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 5; k++) P[k][o] = 0.0f;
+    }
+    uint32_t sbr[C::NSB];
+    int lc = 0, cc = 0; /* the next chunk to load, to compute */
+    const int stages = (nc + KC - 1) / KC;
+#pragma unroll
+    for (int s = 0; s < ST - 1; s++) {
+        int cs[KC];
+        next_stage(lc, cs, nc);
+        if (s < stages) load_stage<C>(a, sm + s * C::STAGE, cs, r0, t0, sbr);
+        cp_commit();
+        if (s < stages) store_sb<C>(a, sm + s * C::STAGE, cs, sbr);
+    }
+    for (int j = 0; j < stages; j++) {
+        cp_wait<ST - 2>(); /* stage j landed (this thread's copies), */
+        __syncthreads();   /* everyone's; and stage j - 1's buffer is free */
+        const int jn = j + ST - 1;
+        char *const nb = sm + jn % ST * C::STAGE;
+        int cl[KC];
+        next_stage(lc, cl, nc);
+        if (jn < stages) load_stage<C>(a, nb, cl, r0, t0, sbr);
+        cp_commit();
+        int cs[KC];
+        next_stage(cc, cs, nc);
+        const char *const b = sm + j % ST * C::STAGE;
+#pragma unroll
+        for (int kc = 0; kc < KC; kc++) {
+            const int c = cs[kc];
+            if (c < 0) break; /* the last stage's end (uniform) */
+            chunk_mma<C, Q4, MT, NT>(b, kc, wr, wt, acc);
+            if (c + 32 >= nc) { /* lane c mod 32's last chunk: onto the counter, then the idle lanes after it */
+                for (int i = rev5(c & 31);; ) {
+                    push<0>(i, acc, P);
+                    if (i == 31) break;
+#pragma unroll
+                    for (int o = 0; o < C::O; o++) acc[o] = 0.0f;
+                    if (rev5(++i) < nc) break;
+                }
+            }
+        }
+        if (jn < stages) store_sb<C>(a, nb, cl, sbr);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = r0 + wr + 16 * mt + g + 8 * (e >> 1), t = t0 + wt + 8 * nt + 2 * q + (e & 1);
+                if (r < a.rows && t < a.T) a.y[(size_t)t * a.rows + r] = acc[4 * (NT * mt + nt) + e];
+            }
+}
+
+template <bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
+bool launch_imma(cudaStream_t s, const imma_args &a) {
+    using C = imma_cfg<Q4, WM, WN, MT, NT, KC, ST>;
+    const long long bx = (a.T + C::BN - 1) / C::BN, by = (a.rows + C::BM - 1) / C::BM;
+    if (by > 65535 || bx > 0x7FFFFFFF) return false;
+    fm_mm_imma<Q4, WM, WN, MT, NT, KC, ST><<<dim3((unsigned)bx, (unsigned)by), C::NTHR, 0, s>>>(a);
+    return true;
+}
+
+/* the device's compute capability major (0: unknown), per device, asked once */
+int cc_major() {
+    static std::atomic<int> known[64];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+    int m = known[dev].load(std::memory_order_relaxed);
+    if (!m && cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && m > 0)
+        known[dev].store(m, std::memory_order_relaxed);
+    return m;
+}
+
+/* FLASHMOE_CUDA_IMMA=0: every int8 matmul on fm_mm's dp4a kernel (benchmarks, tests: the baseline in the same
+ * build). Read at each call. */
+bool imma_on() {
+    const char *e = getenv("FLASHMOE_CUDA_IMMA");
+    return !(e && strcmp(e, "0") == 0);
+}
+
+} // namespace
+
+extern "C" int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, const float *xd, const float *xs,
+                           float *y, int T) {
+    if (T < FMC_IMMA_MIN_T || !imma_on() || (w->dtype != FM_Q4 && w->dtype != FM_Q8)) return 0;
+    const size_t row_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, w->cols);
+    if (((uintptr_t)w->data & 15) || row_bytes % 16 || cc_major() < 8) return 0;
+    const bool q4 = w->dtype == FM_Q4;
+    imma_args a;
+    a.w = (const char *)w->data, a.scales = w->scales, a.biases = w->biases, a.xq = xq, a.xd = xd, a.xs = xs, a.y = y;
+    a.row_bytes = row_bytes, a.rows = w->rows, a.cols = w->cols, a.gs = w->group_size, a.ng = w->cols / w->group_size;
+    a.nc = w->cols / (q4 ? 32 : 16), a.T = T, a.sbf16 = w->scale_bf16;
+    /* blocks of 8 warps, each 32 rows × 16 tokens: 64 × 64 from 48 tokens on, else 128 × 32 (less padding) */
+    if (T >= 48) return q4 ? launch_imma<true, 2, 4, 2, 2, 2, 4>(s, a) : launch_imma<false, 2, 4, 2, 2, 2, 4>(s, a);
+    return q4 ? launch_imma<true, 4, 2, 2, 2, 2, 4>(s, a) : launch_imma<false, 4, 2, 2, 2, 2, 4>(s, a);
+}
