@@ -910,10 +910,10 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
 
 if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE_CI_REQUIRE=all)
     # (dtype, group size, rows, cols, T): both tile shapes, partial tiles of rows and tokens, chunk counts under
-    # 32, odd, over 32 and not a multiple of it, one stage's worth (2 chunks) and less.
+    # 32, odd, over 32 and not a multiple of it, one stage's worth (2 chunks) and less; groups of 3 and 6 chunks.
     IMMA_SHAPES = [(Q4, 32, 5, 32, 16), (Q8, 32, 7, 32, 47), (Q4, 64, 13, 192, 17), (Q8, 64, 13, 192, 48),
                    (Q4, 32, 70, 1056, 33), (Q8, 32, 65, 544, 100), (Q4, 128, 130, 384, 64), (Q8, 128, 129, 384, 20),
-                   (Q4, 256, 9, 512, 129), (Q8, 256, 3, 4096, 31)]
+                   (Q4, 256, 9, 512, 129), (Q8, 256, 3, 4096, 31), (Q4, 96, 13, 288, 40), (Q8, 96, 33, 960, 64)]
 
     @pytest.mark.parametrize("sname,kw", SCALE_DTYPES, ids=["f16", "bf16"])
     @pytest.mark.parametrize("dtype,gs,rows,cols,T", IMMA_SHAPES,

@@ -57,6 +57,7 @@ struct imma_args {
     const float *xd, *xs;            /* [T, ng] steps, [T, nc] Σ xq of each chunk */
     float *y;                        /* [T, rows] */
     size_t row_bytes;
+    unsigned long long mg; /* ceil(2^32 / (gs / V)): a chunk's group (next_stage) */
     int rows, cols, gs, ng, nc, T, sbf16;
 };
 
@@ -160,92 +161,136 @@ __device__ __forceinline__ void cp_wait() {
 }
 
 /* The kernel's shape: WM × WN warps of 16·MT rows × 8·NT tokens; ST stages of KC chunks. A stage in shared
- * memory: W [KC][BM] 16 bytes of each row; X [KC][BN] V bytes of each token; SB [KC][BM / 16][8] float4 (s, b of
- * row 16m + g, s, b of row 16m + g + 8: one load for a thread's two rows of an MMA tile); XS [KC][BN / 8][4]
- * float4 (xd, xs of token 8n + 2q, xd, xs of token 8n + 2q + 1). Each fragment load of a warp reads 128 or 256
- * contiguous bytes, or broadcasts. */
+ * memory: W [KC][BM] a row's chunk (q4: 32 bytes, its 8 words' even nibbles then odd ones as bytes, a0 | a2 of
+ * the fragment side by side; q8: its 16 bytes); X [KC][BN] V bytes of each token; SB [KC][BM / 16][8] float4
+ * (s, b of row 16m + g, s, b of row 16m + g + 8: one load for a thread's two rows of an MMA tile); XS [KC][BN /
+ * 8][4] float4 (xd, xs of token 8n + 2q, xd, xs of token 8n + 2q + 1); the stage's chunk numbers. Each
+ * fragment load of a warp reads 128 or 256 contiguous bytes, or broadcasts. */
 template <bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
 struct imma_cfg {
-    static constexpr int NTHR = 32 * WM * WN, BM = 16 * MT * WM, BN = 8 * NT * WN, V = Q4 ? 32 : 16;
-    static constexpr int X_OFF = KC * BM * 16, SB_OFF = X_OFF + KC * BN * V, XS_OFF = SB_OFF + KC * BM * 8,
-                         STAGE = XS_OFF + KC * BN * 8;
-    static constexpr int NSB = (KC * BM + NTHR - 1) / NTHR; /* (row, chunk) scale pairs a thread loads */
-    static constexpr int O = 4 * MT * NT;                   /* outputs a thread */
-    static_assert(STAGE % 16 == 0 && ST >= 2 && ST * STAGE <= 48 * 1024, "a stage in static shared memory");
+    static constexpr int NTHR = 32 * WM * WN, BM = 16 * MT * WM, BN = 8 * NT * WN, V = Q4 ? 32 : 16, WB = Q4 ? 32 : 16;
+    static constexpr int X_OFF = KC * BM * WB, SB_OFF = X_OFF + KC * BN * V, XS_OFF = SB_OFF + KC * BM * 8,
+                         C_OFF = XS_OFF + KC * BN * 8, STAGE = C_OFF + 16;
+    /* a thread's loads of a stage: (row, chunk) items of w (16 bytes, a scale and a bias: through registers),
+     * 16-byte pieces of xq and xd or xs floats (cp.async) */
+    static constexpr int NW = (KC * BM + NTHR - 1) / NTHR, NX = (KC * BN * V / 16 + NTHR - 1) / NTHR,
+                         NXS = (KC * BN * 2 + NTHR - 1) / NTHR;
+    static constexpr int O = 4 * MT * NT; /* outputs a thread */
+    static_assert(KC <= 4 && STAGE % 16 == 0 && ST >= 2 && ST * STAGE <= 48 * 1024, "stages in static shared memory");
 };
 
-/* element kc of a stage's chunk list (kc not a constant: selects, not a local array) */
+/* element kc of a stage's list (kc not a constant: selects, not a local array) */
 template <int KC>
-__device__ __forceinline__ int chunk_of(const int (&cs)[KC], int kc) {
-    int c = cs[0];
+__device__ __forceinline__ int pick(const int (&v)[KC], int kc) {
+    int c = v[0];
 #pragma unroll
     for (int k = 1; k < KC; k++)
-        if (kc == k) c = cs[k];
+        if (kc == k) c = v[k];
     return c;
 }
 
-/* the next KC chunks from cur (-1 past the last) */
+/* a stage's chunks (-1 past the last) and their groups */
 template <int KC>
-__device__ __forceinline__ void next_stage(int &cur, int (&cs)[KC], int nc) {
+struct stage_list {
+    int c[KC], g[KC];
+};
+
+/* the next KC chunks from cur; g = c / (gs / V) as (c · mg) >> 32, mg = ceil(2^32 / (gs / V)) (exact for c < 2^24) */
+template <int KC>
+__device__ __forceinline__ void next_stage(int &cur, stage_list<KC> &l, int nc, unsigned long long mg) {
 #pragma unroll
     for (int k = 0; k < KC; k++) {
-        cs[k] = cur;
+        l.c[k] = cur;
+        l.g[k] = cur >= 0 ? (int)((unsigned long long)cur * mg >> 32) : 0;
         if (cur >= 0) cur = next_chunk(cur, nc);
     }
 }
 
-/* A stage's copies (W, X, XS by cp.async) and its scale pairs into sbr (loads, stored by store_sb). Rows past
- * the last and tokens past T read the last one (their outputs are never stored). */
+/* A thread's part of each stage, fixed for the block: which rows, tokens and chunk of the stage (kc) its loads
+ * take. Rows past the last and tokens past T read the last one (their outputs are never stored). */
 template <class C, int KC>
-__device__ __forceinline__ void load_stage(const imma_args &a, char *buf, const int (&cs)[KC], int r0, int t0,
-                                           uint32_t (&sbr)[C::NSB]) {
-    const int tid = threadIdx.x;
-#pragma unroll
-    for (int i = 0; i < (KC * C::BM + C::NTHR - 1) / C::NTHR; i++) {
-        const int idx = tid + i * C::NTHR, kc = idx / C::BM, r = idx % C::BM;
-        const int c = chunk_of(cs, kc);
-        if (idx < KC * C::BM && c >= 0) {
-            const int row = min(r0 + r, a.rows - 1);
-            cp16(buf + idx * 16, a.w + (size_t)row * a.row_bytes + (size_t)c * 16);
-            const size_t s = (size_t)row * a.ng + c * C::V / a.gs;
-            sbr[i] = __ldg(a.scales + s) | (uint32_t)__ldg(a.biases + s) << 16;
-        }
-    }
-    constexpr int XP = C::V / 16; /* 16-byte pieces of a token's chunk */
-#pragma unroll
-    for (int i = 0; i < (KC * C::BN * XP + C::NTHR - 1) / C::NTHR; i++) {
-        const int idx = tid + i * C::NTHR, kc = idx / (C::BN * XP), t = idx / XP % C::BN, p = idx % XP;
-        const int c = chunk_of(cs, kc);
-        if (idx < KC * C::BN * XP && c >= 0) {
-            const int tok = min(t0 + t, a.T - 1);
-            cp16(buf + C::X_OFF + idx * 16, a.xq + (size_t)tok * a.cols + (size_t)c * C::V + 16 * p);
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < (KC * C::BN * 2 + C::NTHR - 1) / C::NTHR; i++) {
-        const int idx = tid + i * C::NTHR, kc = idx / (C::BN * 2), t = idx / 2 % C::BN, which = idx & 1;
-        const int c = chunk_of(cs, kc);
-        if (idx < KC * C::BN * 2 && c >= 0) {
-            const int tok = min(t0 + t, a.T - 1);
-            const float *src = which ? a.xs + (size_t)tok * a.nc + c : a.xd + (size_t)tok * a.ng + c * C::V / a.gs;
-            float *dst = (float *)(buf + C::XS_OFF) + ((kc * (C::BN / 8) + t / 8) * 4 + t % 8 / 2) * 4 + 2 * (t & 1) + which;
-            cp4(dst, src);
-        }
-    }
-}
+struct loader {
+    const char *w[C::NW];     /* the row (w items) */
+    size_t s[C::NW];          /* its scales' index */
+    const int8_t *x[C::NX];   /* the token's xq row, + its 16-byte piece (x items) */
+    const float *f[C::NXS];   /* the token's xd or xs row (xs items) */
+    bool fs[C::NXS];          /* xs (else xd) */
+    uint4 wv[C::NW];          /* loaded, to store after the stage's compute */
+    uint32_t sb[C::NW];
 
-/* the scale pairs load_stage read, as floats into the stage's SB */
-template <class C, int KC>
-__device__ __forceinline__ void store_sb(const imma_args &a, char *buf, const int (&cs)[KC], const uint32_t (&sbr)[C::NSB]) {
+    __device__ __forceinline__ loader(const imma_args &a, int r0, int t0) {
+        const int tid = threadIdx.x;
 #pragma unroll
-    for (int i = 0; i < C::NSB; i++) {
-        const int idx = threadIdx.x + i * C::NTHR, kc = idx / C::BM, r = idx % C::BM;
-        if (idx < KC * C::BM && chunk_of(cs, kc) >= 0) {
-            float *dst = (float *)(buf + C::SB_OFF) + ((kc * (C::BM / 16) + r / 16) * 8 + r % 8) * 4 + 2 * (r % 16 / 8);
-            *(float2 *)dst = make_float2(scale_value(sbr[i] & 0xFFFFu, a.sbf16), scale_value(sbr[i] >> 16, a.sbf16));
+        for (int i = 0; i < C::NW; i++) {
+            const int row = min(r0 + (tid + i * C::NTHR) % C::BM, a.rows - 1);
+            w[i] = a.w + (size_t)row * a.row_bytes, s[i] = (size_t)row * a.ng;
+        }
+#pragma unroll
+        for (int i = 0; i < C::NX; i++) {
+            const int idx = tid + i * C::NTHR, t = idx / (C::V / 16) % C::BN, p = idx % (C::V / 16);
+            x[i] = a.xq + (size_t)min(t0 + t, a.T - 1) * a.cols + 16 * p;
+        }
+#pragma unroll
+        for (int i = 0; i < C::NXS; i++) {
+            const int idx = tid + i * C::NTHR, tok = min(t0 + idx / 2 % C::BN, a.T - 1);
+            fs[i] = idx & 1;
+            f[i] = fs[i] ? a.xs + (size_t)tok * a.nc : a.xd + (size_t)tok * a.ng;
         }
     }
-}
+
+    /* the stage's copies (cp.async: X, XS) and loads (W, SB: into wv, sb) */
+    __device__ __forceinline__ void issue(char *buf, const stage_list<KC> &l) {
+        const int tid = threadIdx.x;
+#pragma unroll
+        for (int i = 0; i < C::NW; i++) {
+            const int idx = tid + i * C::NTHR, kc = idx / C::BM, c = pick(l.c, kc);
+            if (idx < KC * C::BM && c >= 0) {
+                wv[i] = __ldg((const uint4 *)(w[i] + (size_t)c * 16));
+                const size_t j = s[i] + pick(l.g, kc);
+                sb[i] = __ldg(sc + j) | (uint32_t)__ldg(bi + j) << 16;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < C::NX; i++) {
+            const int idx = tid + i * C::NTHR, kc = idx / (C::BN * C::V / 16), c = pick(l.c, kc);
+            if (idx < KC * C::BN * C::V / 16 && c >= 0) cp16(buf + C::X_OFF + idx * 16, x[i] + (size_t)c * C::V);
+        }
+#pragma unroll
+        for (int i = 0; i < C::NXS; i++) {
+            const int idx = tid + i * C::NTHR, kc = idx / (C::BN * 2), t = idx / 2 % C::BN;
+            const int c = pick(l.c, kc);
+            if (idx < KC * C::BN * 2 && c >= 0) {
+                float *dst = (float *)(buf + C::XS_OFF) + ((kc * (C::BN / 8) + t / 8) * 4 + t % 8 / 2) * 4 + 2 * (t & 1) + fs[i];
+                cp4(dst, f[i] + (fs[i] ? c : pick(l.g, kc)));
+            }
+        }
+        if (tid < KC) ((int *)(buf + C::C_OFF))[tid] = pick(l.c, tid);
+    }
+
+    /* W and SB from the loads issue made (q4: each word's nibbles as bytes, evens then odds) */
+    template <bool Q4>
+    __device__ __forceinline__ void store(char *buf, const stage_list<KC> &l, int sbf16) {
+#pragma unroll
+        for (int i = 0; i < C::NW; i++) {
+            const int idx = threadIdx.x + i * C::NTHR, kc = idx / C::BM, r = idx % C::BM;
+            if (idx < KC * C::BM && pick(l.c, kc) >= 0) {
+                uint4 *dst = (uint4 *)(buf + idx * C::WB);
+                const uint4 v = wv[i];
+                if constexpr (Q4) {
+                    const uint32_t M = 0x0F0F0F0Fu;
+                    dst[0] = make_uint4(v.x & M, (v.x >> 4) & M, v.y & M, (v.y >> 4) & M);
+                    dst[1] = make_uint4(v.z & M, (v.z >> 4) & M, v.w & M, (v.w >> 4) & M);
+                } else {
+                    dst[0] = v;
+                }
+                float *sd = (float *)(buf + C::SB_OFF) + ((kc * (C::BM / 16) + r / 16) * 8 + r % 8) * 4 + 2 * (r % 16 / 8);
+                *(float2 *)sd = make_float2(scale_value(sb[i] & 0xFFFFu, sbf16), scale_value(sb[i] >> 16, sbf16));
+            }
+        }
+    }
+
+    const uint16_t *sc, *bi;
+};
 
 /* Chunk kc of the stage in buf for the warp's tiles (rows wr.., tokens wt.. of the block's): one MMA per tile,
  * then per output fm_mm's acc = fma(xd, fma(s, d, b·xs), acc). Output o = 4·(NT·mt + nt) + e of the thread: row
@@ -253,7 +298,7 @@ __device__ __forceinline__ void store_sb(const imma_args &a, char *buf, const in
 template <class C, bool Q4, int MT, int NT>
 __device__ __forceinline__ void chunk_mma(const char *buf, int kc, int wr, int wt, float (&acc)[C::O]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const char *W = buf + kc * C::BM * 16, *X = buf + C::X_OFF + kc * C::BN * C::V;
+    const char *W = buf + kc * C::BM * C::WB, *X = buf + C::X_OFF + kc * C::BN * C::V;
     const float4 *SB = (const float4 *)(buf + C::SB_OFF) + kc * (C::BM / 16) * 8;
     const float4 *XS = (const float4 *)(buf + C::XS_OFF) + kc * (C::BN / 8) * 4;
     uint32_t af[MT][Q4 ? 4 : 2], bf[NT][Q4 ? 2 : 1];
@@ -261,12 +306,11 @@ __device__ __forceinline__ void chunk_mma(const char *buf, int kc, int wr, int w
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
         const int r = wr + 16 * mt + g;
-        const uint32_t w0 = *(const uint32_t *)(W + r * 16 + 4 * q), w1 = *(const uint32_t *)(W + (r + 8) * 16 + 4 * q);
-        if constexpr (Q4) { /* a0, a1: the even nibbles (k 4q..), a2, a3: the odd ones (k 16 + 4q..) of rows g, g + 8 */
-            af[mt][0] = w0 & 0x0F0F0F0Fu, af[mt][1] = w1 & 0x0F0F0F0Fu;
-            af[mt][2] = (w0 >> 4) & 0x0F0F0F0Fu, af[mt][3] = (w1 >> 4) & 0x0F0F0F0Fu;
+        if constexpr (Q4) { /* a0, a2: row g's word q as even nibbles (k 4q..), odd ones (k 16 + 4q..); a1, a3: row g + 8 */
+            const uint2 u0 = *(const uint2 *)(W + r * 32 + 8 * q), u1 = *(const uint2 *)(W + (r + 8) * 32 + 8 * q);
+            af[mt][0] = u0.x, af[mt][1] = u1.x, af[mt][2] = u0.y, af[mt][3] = u1.y;
         } else {
-            af[mt][0] = w0, af[mt][1] = w1;
+            af[mt][0] = *(const uint32_t *)(W + r * 16 + 4 * q), af[mt][1] = *(const uint32_t *)(W + (r + 8) * 16 + 4 * q);
         }
         sb[mt] = SB[(wr / 16 + mt) * 8 + g];
     }
@@ -330,36 +374,35 @@ __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_const
 #pragma unroll
         for (int k = 0; k < 5; k++) P[k][o] = 0.0f;
     }
-    uint32_t sbr[C::NSB];
-    int lc = 0, cc = 0; /* the next chunk to load, to compute */
+    loader<C, KC> ld(a, r0, t0);
+    ld.sc = a.scales, ld.bi = a.biases;
+    int lc = 0; /* the next chunk to load */
     const int stages = (nc + KC - 1) / KC;
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
-        int cs[KC];
-        next_stage(lc, cs, nc);
-        if (s < stages) load_stage<C>(a, sm + s * C::STAGE, cs, r0, t0, sbr);
+        stage_list<KC> l;
+        next_stage(lc, l, nc, a.mg);
+        if (s < stages) ld.issue(sm + s * C::STAGE, l);
         cp_commit();
-        if (s < stages) store_sb<C>(a, sm + s * C::STAGE, cs, sbr);
+        if (s < stages) ld.template store<Q4>(sm + s * C::STAGE, l, a.sbf16);
     }
     for (int j = 0; j < stages; j++) {
         cp_wait<ST - 2>(); /* stage j landed (this thread's copies), */
-        __syncthreads();   /* everyone's; and stage j - 1's buffer is free */
+        __syncthreads();   /* everyone's, its W and SB stored; and stage j - 1's buffer is free */
         const int jn = j + ST - 1;
         char *const nb = sm + jn % ST * C::STAGE;
-        int cl[KC];
-        next_stage(lc, cl, nc);
-        if (jn < stages) load_stage<C>(a, nb, cl, r0, t0, sbr);
+        stage_list<KC> l;
+        next_stage(lc, l, nc, a.mg);
+        if (jn < stages) ld.issue(nb, l);
         cp_commit();
-        int cs[KC];
-        next_stage(cc, cs, nc);
         const char *const b = sm + j % ST * C::STAGE;
 #pragma unroll
         for (int kc = 0; kc < KC; kc++) {
-            const int c = cs[kc];
+            const int c = ((const int *)(b + C::C_OFF))[kc];
             if (c < 0) break; /* the last stage's end (uniform) */
             chunk_mma<C, Q4, MT, NT>(b, kc, wr, wt, acc);
             if (c + 32 >= nc) { /* lane c mod 32's last chunk: onto the counter, then the idle lanes after it */
-                for (int i = rev5(c & 31);; ) {
+                for (int i = rev5(c & 31);;) {
                     push<0>(i, acc, P);
                     if (i == 31) break;
 #pragma unroll
@@ -368,7 +411,7 @@ __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_const
                 }
             }
         }
-        if (jn < stages) store_sb<C>(a, nb, cl, sbr);
+        if (jn < stages) ld.template store<Q4>(nb, l, a.sbf16);
     }
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -414,13 +457,15 @@ extern "C" int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, co
                            float *y, int T) {
     if (T < FMC_IMMA_MIN_T || !imma_on() || (w->dtype != FM_Q4 && w->dtype != FM_Q8)) return 0;
     const size_t row_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, w->cols);
-    if (((uintptr_t)w->data & 15) || row_bytes % 16 || cc_major() < 8) return 0;
+    if (((uintptr_t)w->data & 15) || row_bytes % 16 || w->cols / 16 >= (1 << 24) || cc_major() < 8) return 0;
     const bool q4 = w->dtype == FM_Q4;
     imma_args a;
     a.w = (const char *)w->data, a.scales = w->scales, a.biases = w->biases, a.xq = xq, a.xd = xd, a.xs = xs, a.y = y;
     a.row_bytes = row_bytes, a.rows = w->rows, a.cols = w->cols, a.gs = w->group_size, a.ng = w->cols / w->group_size;
     a.nc = w->cols / (q4 ? 32 : 16), a.T = T, a.sbf16 = w->scale_bf16;
+    const unsigned long long cpg = (unsigned long long)(w->group_size / (q4 ? 32 : 16)); /* chunks a group */
+    a.mg = ((1ull << 32) + cpg - 1) / cpg;
     /* blocks of 8 warps, each 32 rows × 16 tokens: 64 × 64 from 48 tokens on, else 128 × 32 (less padding) */
     if (T >= 48) return q4 ? launch_imma<true, 2, 4, 2, 2, 2, 4>(s, a) : launch_imma<false, 2, 4, 2, 2, 2, 4>(s, a);
-    return q4 ? launch_imma<true, 4, 2, 2, 2, 2, 4>(s, a) : launch_imma<false, 4, 2, 2, 2, 2, 4>(s, a);
+    return q4 ? launch_imma<true, 4, 2, 2, 2, 2, 3>(s, a) : launch_imma<false, 4, 2, 2, 2, 2, 4>(s, a);
 }
