@@ -81,7 +81,7 @@ import os, sys
 import numpy as np
 from flashmoe import _core
 sys.path.insert(0, "tests")
-from test_ops import Q4, Q8, build_weight, randn
+from test_ops import Q4, Q8, build_experts, build_weight, randn
 trace = os.environ["FM_CUDA_EMU_TRACE"]
 for dtype, gs in ((Q4, 32), (Q8, 64)):
     for T, int8, imma in ((1, True, "1"), (15, True, "1"), (16, True, "1"), (100, True, "1"), (16, True, "0"),
@@ -93,14 +93,21 @@ for dtype, gs in ((Q4, 32), (Q8, 64)):
         _core.op_matmul(*w, randn(rng, T, 4 * gs), int8, backend="cuda")
         names = {n.split("<")[0] for n in open(trace).read().split()}
         print("q4" if dtype == Q4 else "q8", T, int(int8), imma, int("fm_mm_imma" in names), int("fm_mm" in names))
+for sizes in ((20, 3), (16,), (15, 1)):
+    xn, experts = build_experts(np.random.default_rng(1), Q4, 32, 64, 96, 40, sizes)
+    open(trace, "w").close()
+    _core.op_experts(xn, experts, int8_act=True, backend="cuda")
+    names = open(trace).read().split()
+    print("experts", len(sizes), sum(n.startswith("fm_mm_imma<") for n in names), sum(n.startswith("fm_mm<") for n in names))
 """
 
 
 def test_int8_prefill_reaches_the_tensor_core_kernel(emu_env, tmp_path):
     """The int8-activation matmul runs matmul_mma.cu's kernel (fm_mm_imma, seen in FM_CUDA_EMU_TRACE) from 16
-    tokens on, and fm_mm's dp4a kernel below, with FLASHMOE_CUDA_IMMA=0, and on fp32 activations: the op
-    harness's int8 cases of T >= 16 test the tensor-core kernel (test_ops.py: against float64 and bitwise
-    against the dp4a kernel)."""
+    tokens on, and fm_mm's dp4a kernel below, with FLASHMOE_CUDA_IMMA=0, and on fp32 activations; a grouped
+    call's experts of 16 tokens or more too, the others on fm_mm in launches of their own. So the op harness's
+    int8 cases of T >= 16 test the tensor-core kernels (test_ops.py: against float64 and bitwise against the
+    dp4a kernel; test_batch_invariance.py: against the token alone)."""
     rc, out = run_py(dict(emu_env, FM_CUDA_EMU_TRACE=str(tmp_path / "trace")), ["-c", IMMA_TRACE])
     assert rc == 0, out[-4000:]
     rows = [line.split() for line in out.splitlines() if line.startswith(("q4 ", "q8 "))]
@@ -109,6 +116,9 @@ def test_int8_prefill_reaches_the_tensor_core_kernel(emu_env, tmp_path):
             for T, i8, imma in (("1", "1", "1"), ("15", "1", "1"), ("16", "1", "1"), ("100", "1", "1"),
                                 ("16", "1", "0"), ("100", "0", "1"))]
     assert [r[1:] for r in rows] == want * 2 and [r[0] for r in rows] == ["q4"] * 6 + ["q8"] * 6, out[-4000:]
+    # a grouped call: gate·up and down each on tensor cores for the experts of 16 tokens or more, fm_mm for the rest
+    experts = [line.split()[1:] for line in out.splitlines() if line.startswith("experts ")]
+    assert experts == [["2", "2", "2"], ["1", "2", "0"], ["2", "0", "2"]], out[-4000:]
 
 
 # ---------------------------------------------------------------------------------- the whole model

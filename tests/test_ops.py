@@ -941,6 +941,31 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
         check_outputs(mma[keep], ref_matmul_int8(*w, x[keep], True, **kw), (TOL_DOT,))
 
 
+    # (dtype, group size, H, I, token list sizes, xn rows): experts of 16 tokens and more on tensor cores beside
+    # smaller ones on the dp4a kernel in the same call (1, 9, 15), 16 exactly, partial token tiles, a shared
+    # expert's worth (all 100); I and H not multiples of the row tiles (64 of gate and up, 128 of down).
+    IMMA_EXPERTS = [(Q4, 32, 192, 96, (40, 9, 16, 15, 100, 1), 100), (Q8, 64, 192, 128, (33, 1, 17, 64), 70),
+                    (Q4, 64, 320, 192, (16, 31, 2), 40), (Q8, 32, 96, 160, (20, 50), 60)]
+
+    @pytest.mark.parametrize("sname,kw", SCALE_DTYPES, ids=["f16", "bf16"])
+    @pytest.mark.parametrize("dtype,gs,H,I,sizes,T", IMMA_EXPERTS,
+                             ids=[f"{'q4' if e[0] == Q4 else 'q8'}g{e[1]}-H{e[2]}-I{e[3]}" for e in IMMA_EXPERTS])
+    def test_cuda_int8_experts_on_tensor_cores_are_the_dp4a_kernels_bits(dtype, gs, H, I, sizes, T, sname, kw,
+                                                                         monkeypatch):
+        """The routed experts' FFN on int8 activations: the experts of 16 tokens or more take the tensor-core
+        kernels (gate·up with silu(gate)·up into h, then down), the others fm_mm's in the same call; every row
+        the bits of the call on fm_mm's kernels alone (FLASHMOE_CUDA_IMMA=0)."""
+        rng = np.random.default_rng(H * I + len(sizes))
+        xn, experts = build_experts(rng, dtype, gs, H, I, T, sizes, **kw)
+        monkeypatch.setenv("FLASHMOE_CUDA_IMMA", "1")
+        mma = _core.op_experts(xn, experts, int8_act=True, **kw, backend="cuda")
+        monkeypatch.setenv("FLASHMOE_CUDA_IMMA", "0")
+        dp4a = _core.op_experts(xn, experts, int8_act=True, **kw, backend="cuda")
+        assert np.isfinite(dp4a).all()
+        bad = np.argwhere(mma.view(np.uint32) != dp4a.view(np.uint32))
+        assert bad.size == 0, f"(row, column) {bad[:8].tolist()} differ from the dp4a kernel's"
+
+
 @pytest.mark.parametrize("name", [n for n in ("cuda", "metal", "nonesuch") if n not in BACKENDS])
 def test_backend_not_built_is_a_clear_error(name):
     """A backend this build lacks: ArgumentError naming it and the built ones, from the op-only instance

@@ -69,6 +69,16 @@ fm_status fmc_embed(cudaStream_t s, const fm_mat *w, const int32_t *ids, int T, 
  * FMC_IMMA_MIN_T, sm_80 or later, w's rows 16-byte aligned, FLASHMOE_CUDA_IMMA not 0; else 0 (nothing queued). */
 #define FMC_IMMA_MIN_T 16
 int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, int T);
+/* fmc_experts' part there: the experts of at least fmc_experts_imma_min(w) tokens (0: none, for w's shape, the
+ * device or FLASHMOE_CUDA_IMMA) take it. */
+#define FMC_IMMA_MIN_EXPERT_T 16
+int fmc_experts_imma_min(const fm_mat *w);
+/* gate·up (gu: into h, silu(gate)·up) or down (into ye) of the experts of ex (device [n_ex]) of at least big tokens,
+ * bitwise fm_mm's: w the first expert's gate or down (the call's shape and options, every matrix's rows 16-byte
+ * aligned), xq, xd, xs the quantized xn or h, y h or ye, hlo the call's lowest row0, max_n the most tokens an
+ * expert has. 1 where it queued the kernel, 0 where the grid is too large (nothing queued). */
+int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, int n_ex, const fm_mat *w, const int8_t *xq,
+                     const float *xd, const float *xs, float *y, int hlo, int max_n, int big);
 
 /* ---- attention.cu */
 /* Floats of scratch fmc_attention needs (its flash-decoding partials) for this call. */

@@ -35,7 +35,9 @@
  * between: the per-expert path cuda_ops.cu keeps behind FLASHMOE_CUDA_GROUPED=0.
  *
  * Tensor cores: only a prefill on int8 activations (T >= FMC_IMMA_MIN_T, sm_80+: matmul_mma.cu, which fmc_matmul
- * hands the call to; FLASHMOE_CUDA_IMMA=0 keeps it here). It is exact because the int8 path's only reduction an
+ * hands the call to; a grouped call's experts of FMC_IMMA_MIN_EXPERT_T tokens or more likewise, fm_mm skipping
+ * them (mm_args.big) and taking the others in a launch of their own; FLASHMOE_CUDA_IMMA=0 keeps all here). It is
+ * exact because the int8 path's only reduction an
  * MMA could reorder is a chunk's d = Σ q·xq, an integer (mma.sync's s32 sum of u8·s8 products is the same
  * integer in any order); its fp32 terms it applies as fm_mm does: per (row, token) each lane's chunks in order,
  * then the butterfly's tree, replayed in registers. So a token's outputs are the same bits in decode (here) and
@@ -69,6 +71,7 @@ struct mm_args {
     size_t row_bytes;
     int rows, cols, gs, ng, T, sbf16;
     int hlo; /* a grouped call's lowest row0: an expert's rows of h start at its row0 - hlo */
+    int big; /* a grouped call's experts of at least this many tokens are matmul_mma.cu's (0: none) */
 };
 
 /* one matrix's arrays, of mm_args' shape (a grouped call's: an expert's gate, up or down) */
@@ -349,6 +352,7 @@ __global__ void __launch_bounds__(128, K == K_GU && (VEC || P != MM_Q4) ? 3 : 1)
     } else {
         const fmc_expert &e = ex[blockIdx.y];
         n = e.n;
+        if (a.big && n >= a.big) return; /* the whole warp: on tensor cores (fmc_experts) */
         if constexpr (K == K_GU) {
             m[0] = {e.gate.data, e.gate.scales, e.gate.biases};
             m[M - 1] = {e.up.data, e.up.scales, e.up.biases};
@@ -387,7 +391,7 @@ __global__ void __launch_bounds__(128, K == K_GU && (VEC || P != MM_Q4) ? 3 : 1)
                 }
                 if (lane == 0 && j < nt && row0 + r < a.rows) {
                     float *y = a.y + (size_t)(yr + t0 + j) * a.rows + row0 + r;
-                    if constexpr (K == K_GU) *y = v[0] / (1.0f + expf(-v[0])) * v[M - 1];
+                    if constexpr (K == K_GU) *y = fmc_silu_mul(v[0], v[M - 1]);
                     else *y = v[0];
                 }
             }
@@ -650,6 +654,19 @@ void quantize(cudaStream_t s, const fm_mat *w, const float *x, int T, void *scra
     a.xq = xq, a.xd = xd, a.xs = xs;
 }
 
+/* A grouped call's experts of many tokens on tensor cores (matmul_mma.cu), where w (an int8 path's, i8) takes them
+ * (its rows 16-byte aligned: ok) and one has that many: a.big set to the threshold (else 0); the most tokens of
+ * the other experts, fm_mm's (0: none). */
+int imma_split(bool ok, const fm_mat *w, mm_args &a, const fmc_expert *ex_host, int n_ex, int max_n) {
+    const int big = ok ? fmc_experts_imma_min(w) : 0;
+    a.big = big && max_n >= big ? big : 0;
+    if (!a.big) return max_n;
+    int small_n = 0;
+    for (int e = 0; e < n_ex; e++)
+        if (ex_host[e].n < big && ex_host[e].n > small_n) small_n = ex_host[e].n;
+    return small_n;
+}
+
 } // namespace
 
 extern "C" int fmc_same_kind(const fm_mat *a, const fm_mat *b) {
@@ -750,9 +767,15 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
     g16 = g16 && gu.row_bytes % 16 == 0;
     d16 = d16 && dn.row_bytes % 16 == 0;
     if (gi8) quantize(s, g0, xn, T, scratch, gu, gblocks, nullptr, 0); /* every token once, for all the experts */
-    dispatch_w<K_GU>(s, gu, g0, g16, g16 && aligned(xn, 16) && H % 4 == 0, ex, n_ex, max_n);
+    int small_n = imma_split(gi8 && g16, g0, gu, ex_host, n_ex, max_n); /* the most tokens of fm_mm's experts */
+    if (gu.big && !fmc_experts_imma(s, 1, ex, n_ex, g0, gu.xq, gu.xd, gu.xs, h, lo, max_n, gu.big))
+        gu.big = 0, small_n = max_n; /* a grid too large there: all fm_mm's */
+    if (small_n) dispatch_w<K_GU>(s, gu, g0, g16, g16 && aligned(xn, 16) && H % 4 == 0, ex, n_ex, small_n);
     if (di8) quantize(s, d0, h, rows, (char *)scratch + fmc_matmul_scratch_bytes(g0, T), dn, dblocks, ex, n_ex);
-    dispatch_w<K_DOWN>(s, dn, d0, d16, d16 && aligned(h, 16) && I % 4 == 0, ex, n_ex, max_n);
+    small_n = imma_split(di8 && d16, d0, dn, ex_host, n_ex, max_n);
+    if (dn.big && !fmc_experts_imma(s, 0, ex, n_ex, d0, dn.xq, dn.xd, dn.xs, ye, lo, max_n, dn.big))
+        dn.big = 0, small_n = max_n;
+    if (small_n) dispatch_w<K_DOWN>(s, dn, d0, d16, d16 && aligned(h, 16) && I % 4 == 0, ex, n_ex, small_n);
     return FM_OK;
 }
 

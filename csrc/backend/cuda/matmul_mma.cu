@@ -1,7 +1,9 @@
 /*
- * matmul_mma.cu — fmc_matmul's prefill on int8 activations (q4 or q8 weights, matmul.cu's MM_Q4I8 / MM_Q8I8) on
- * tensor cores: mma.sync's integer MMA (u8 weights · s8 activations, s32 sums) for each chunk's dot, then the
- * fp32 terms in exactly the order of matmul.cu's fm_mm, so that every (row, token) is bitwise fm_mm's.
+ * matmul_mma.cu — prefill on int8 activations (q4 or q8 weights, matmul.cu's MM_Q4I8 / MM_Q8I8) on tensor cores:
+ * fmc_matmul's, and fmc_experts' gate·up and down for the experts of many tokens. mma.sync's integer MMA (u8
+ * weights · s8 activations, s32 sums) for each chunk's dot, then the fp32 terms in exactly the order of
+ * matmul.cu's fm_mm, so that every (row, token) is bitwise fm_mm's (and so a token's outputs in a prefill are
+ * those of decode, where fm_mm runs).
  *
  * fm_mm's arithmetic for a (row r, token t) on int8 x (matmul.cu's file comment): the row's columns are cut into
  * chunks of V (q4 32, q8 16), chunk c inside group g = c·V / gs; d = Σ q·xq over the chunk (an exact integer);
@@ -26,7 +28,11 @@
  * Tiles: a block of WM × WN warps, a warp 16·MT rows × 8·NT tokens (MT × NT MMA tiles: 4·MT·NT outputs a thread,
  * 6 floats each: the lane being folded and the counter's 5 levels, all in registers), ST stages of KC chunks
  * in static shared memory (under 48 KiB: no opt-in attribute). q4: m16n8k32, a chunk one MMA's K; q8:
- * m16n8k16 (a chunk of 16 columns: one MMA per chunk, since each chunk's d is needed alone).
+ * m16n8k16 (a chunk of 16 columns: one MMA per chunk, since each chunk's d is needed alone). The calls (fm_mm's
+ * K): a matmul (IM_MM) over T tokens; a grouped call's down (IM_DOWN), blockIdx.z an expert, over its n rows of
+ * h; its gate and up (IM_GU) over its listed tokens of xn, a warp's m-tiles half the gate's rows, half the same
+ * rows of up, so that a thread holds both of a (row, token) and stores silu(gate)·up (eltwise.cuh's
+ * fmc_silu_mul, as fm_mm). Experts of fewer than `big` tokens are fm_mm's, in a launch of their own.
  *
  * Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k32" and "... for mma.m16n8k16 with integer type";
  * groupID g = lane >> 2, threadID_in_group q = lane & 3, elements low to high in each .b32):
@@ -47,18 +53,31 @@
 #include <atomic>
 
 #include "cuda_kernels.h"
+#include "eltwise.cuh"
 
 namespace {
 
+/* the three calls (matmul.cu's K_MM, K_DOWN, K_GU) */
+enum { IM_MM, IM_DOWN, IM_GU };
+
 struct imma_args {
-    const char *w;                   /* [rows, row_bytes]: q4 or q8, rows 16-byte aligned */
+    const char *w;                   /* IM_MM: [rows, row_bytes]: q4 or q8, rows 16-byte aligned */
     const uint16_t *scales, *biases; /* [rows, ng] fp16 or bf16 bits */
-    const int8_t *xq;                /* [T, cols] (q4: each 8 as evens then odds) */
-    const float *xd, *xs;            /* [T, ng] steps, [T, nc] Σ xq of each chunk */
-    float *y;                        /* [T, rows] */
+    const fmc_expert *ex;            /* IM_DOWN, IM_GU: the call's experts (blockIdx.z) */
+    const int8_t *xq;                /* [·, cols] (q4: each 8 as evens then odds) */
+    const float *xd, *xs;            /* [·, ng] steps, [·, nc] Σ xq of each chunk */
+    float *y;                        /* [·, rows] */
     size_t row_bytes;
-    unsigned long long mg; /* ceil(2^32 / (gs / V)): a chunk's group (next_stage) */
+    unsigned long long mg;           /* ceil(2^32 / (gs / V)): a chunk's group (next_stage) */
     int rows, cols, gs, ng, nc, T, sbf16;
+    int hlo; /* grouped: the lowest row0 (h's rows of an expert from row0 - hlo) */
+    int big; /* grouped: the experts of at least this many tokens are this kernel's */
+};
+
+/* a weight matrix's arrays */
+struct im_mat {
+    const char *w;
+    const uint16_t *scales, *biases;
 };
 
 /* matmul.cu's: a stored scale or bias, fp16 or bfloat16 */
@@ -160,23 +179,26 @@ __device__ __forceinline__ void cp_wait() {
 #endif
 }
 
-/* The kernel's shape: WM × WN warps of 16·MT rows × 8·NT tokens; ST stages of KC chunks. A stage in shared
- * memory: W [KC][BM] a row's chunk (q4: 32 bytes, its 8 words' even nibbles then odd ones as bytes, a0 | a2 of
- * the fragment side by side; q8: its 16 bytes); X [KC][BN] V bytes of each token; SB [KC][BM / 16][8] float4
- * (s, b of row 16m + g, s, b of row 16m + g + 8: one load for a thread's two rows of an MMA tile); XS [KC][BN /
- * 8][4] float4 (xd, xs of token 8n + 2q, xd, xs of token 8n + 2q + 1); the stage's chunk numbers. Each
- * fragment load of a warp reads 128 or 256 contiguous bytes, or broadcasts. */
-template <bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
+/* The kernel's shape: WM × WN warps of 16·MT rows × 8·NT tokens (IM_GU: 8·MT rows of gate and the same of up);
+ * ST stages of KC chunks. A stage in shared memory: W [KC][M·BM] a row's chunk (q4: 32 bytes, its 8 words' even
+ * nibbles then odd ones as bytes, a0 | a2 of the fragment side by side; q8: its 16 bytes; IM_GU: BM rows of gate,
+ * then of up); X [KC][BN] V bytes of each token; SB [KC][M·BM / 16][8] float4 (s, b of row 16m + g, s, b of row
+ * 16m + g + 8: one load for a thread's two rows of an MMA tile); XS [KC][BN / 8][4] float4 (xd, xs of token 8n +
+ * 2q, xd, xs of token 8n + 2q + 1); the stage's chunk numbers. Each fragment load of a warp reads 128 or 256
+ * contiguous bytes, or broadcasts. */
+template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
 struct imma_cfg {
-    static constexpr int NTHR = 32 * WM * WN, BM = 16 * MT * WM, BN = 8 * NT * WN, V = Q4 ? 32 : 16, WB = Q4 ? 32 : 16;
-    static constexpr int X_OFF = KC * BM * WB, SB_OFF = X_OFF + KC * BN * V, XS_OFF = SB_OFF + KC * BM * 8,
+    static constexpr int M = K == IM_GU ? 2 : 1, MTM = MT / M; /* matrices; m-tiles of each a warp */
+    static constexpr int NTHR = 32 * WM * WN, BM = 16 * MTM * WM, BN = 8 * NT * WN, V = Q4 ? 32 : 16, WB = Q4 ? 32 : 16;
+    static constexpr int X_OFF = KC * M * BM * WB, SB_OFF = X_OFF + KC * BN * V, XS_OFF = SB_OFF + KC * M * BM * 8,
                          C_OFF = XS_OFF + KC * BN * 8, STAGE = C_OFF + 16;
     /* a thread's loads of a stage: (row, chunk) items of w (16 bytes, a scale and a bias: through registers),
      * 16-byte pieces of xq and xd or xs floats (cp.async) */
-    static constexpr int NW = (KC * BM + NTHR - 1) / NTHR, NX = (KC * BN * V / 16 + NTHR - 1) / NTHR,
+    static constexpr int NW = (KC * M * BM + NTHR - 1) / NTHR, NX = (KC * BN * V / 16 + NTHR - 1) / NTHR,
                          NXS = (KC * BN * 2 + NTHR - 1) / NTHR;
     static constexpr int O = 4 * MT * NT; /* outputs a thread */
-    static_assert(KC <= 4 && STAGE % 16 == 0 && ST >= 2 && ST * STAGE <= 48 * 1024, "stages in static shared memory");
+    static_assert(MT % M == 0 && KC <= 4 && STAGE % 16 == 0 && ST >= 2 && ST * STAGE <= 48 * 1024,
+                  "stages in static shared memory");
 };
 
 /* element kc of a stage's list (kc not a constant: selects, not a local array) */
@@ -207,34 +229,39 @@ __device__ __forceinline__ void next_stage(int &cur, stage_list<KC> &l, int nc, 
 }
 
 /* A thread's part of each stage, fixed for the block: which rows, tokens and chunk of the stage (kc) its loads
- * take. Rows past the last and tokens past T read the last one (their outputs are never stored). */
+ * take. Rows past the last and tokens past the n-th read the last one (their outputs are never stored). */
 template <class C, int KC>
 struct loader {
-    const char *w[C::NW];     /* the row (w items) */
-    size_t s[C::NW];          /* its scales' index */
-    const int8_t *x[C::NX];   /* the token's xq row, + its 16-byte piece (x items) */
-    const float *f[C::NXS];   /* the token's xd or xs row (xs items) */
-    bool fs[C::NXS];          /* xs (else xd) */
-    uint4 wv[C::NW];          /* loaded, to store after the stage's compute */
+    const char *w[C::NW];                /* the row (w items) */
+    const uint16_t *sc[C::NW], *bi[C::NW]; /* its scales and biases */
+    const int8_t *x[C::NX];              /* the token's xq row, + its 16-byte piece (x items) */
+    const float *f[C::NXS];              /* the token's xd or xs row (xs items) */
+    bool fs[C::NXS];                     /* xs (else xd) */
+    uint4 wv[C::NW];                     /* loaded, to store after the stage's compute */
     uint32_t sb[C::NW];
 
-    __device__ __forceinline__ loader(const imma_args &a, int r0, int t0) {
+    /* m: the matrices; xrow(j): the row of x (xq, xd, xs) of the tile's token j < BN */
+    template <class XR>
+    __device__ __forceinline__ loader(const imma_args &a, const im_mat (&m)[C::M], int r0, const XR &xrow) {
         const int tid = threadIdx.x;
 #pragma unroll
         for (int i = 0; i < C::NW; i++) {
-            const int row = min(r0 + (tid + i * C::NTHR) % C::BM, a.rows - 1);
-            w[i] = a.w + (size_t)row * a.row_bytes, s[i] = (size_t)row * a.ng;
+            const int rr = (tid + i * C::NTHR) % (C::M * C::BM), row = min(r0 + rr % C::BM, a.rows - 1);
+            const im_mat &mm = rr >= C::BM ? m[C::M - 1] : m[0];
+            w[i] = mm.w + (size_t)row * a.row_bytes;
+            sc[i] = mm.scales + (size_t)row * a.ng, bi[i] = mm.biases + (size_t)row * a.ng;
         }
 #pragma unroll
         for (int i = 0; i < C::NX; i++) {
             const int idx = tid + i * C::NTHR, t = idx / (C::V / 16) % C::BN, p = idx % (C::V / 16);
-            x[i] = a.xq + (size_t)min(t0 + t, a.T - 1) * a.cols + 16 * p;
+            x[i] = a.xq + xrow(t) * a.cols + 16 * p;
         }
 #pragma unroll
         for (int i = 0; i < C::NXS; i++) {
-            const int idx = tid + i * C::NTHR, tok = min(t0 + idx / 2 % C::BN, a.T - 1);
+            const int idx = tid + i * C::NTHR;
+            const size_t row = xrow(idx / 2 % C::BN);
             fs[i] = idx & 1;
-            f[i] = fs[i] ? a.xs + (size_t)tok * a.nc : a.xd + (size_t)tok * a.ng;
+            f[i] = fs[i] ? a.xs + row * a.nc : a.xd + row * a.ng;
         }
     }
 
@@ -243,11 +270,11 @@ struct loader {
         const int tid = threadIdx.x;
 #pragma unroll
         for (int i = 0; i < C::NW; i++) {
-            const int idx = tid + i * C::NTHR, kc = idx / C::BM, c = pick(l.c, kc);
-            if (idx < KC * C::BM && c >= 0) {
+            const int idx = tid + i * C::NTHR, kc = idx / (C::M * C::BM), c = pick(l.c, kc);
+            if (idx < KC * C::M * C::BM && c >= 0) {
                 wv[i] = __ldg((const uint4 *)(w[i] + (size_t)c * 16));
-                const size_t j = s[i] + pick(l.g, kc);
-                sb[i] = __ldg(sc + j) | (uint32_t)__ldg(bi + j) << 16;
+                const int g = pick(l.g, kc);
+                sb[i] = __ldg(sc[i] + g) | (uint32_t)__ldg(bi[i] + g) << 16;
             }
         }
 #pragma unroll
@@ -272,47 +299,45 @@ struct loader {
     __device__ __forceinline__ void store(char *buf, const stage_list<KC> &l, int sbf16) {
 #pragma unroll
         for (int i = 0; i < C::NW; i++) {
-            const int idx = threadIdx.x + i * C::NTHR, kc = idx / C::BM, r = idx % C::BM;
-            if (idx < KC * C::BM && pick(l.c, kc) >= 0) {
+            const int idx = threadIdx.x + i * C::NTHR, kc = idx / (C::M * C::BM), r = idx % (C::M * C::BM);
+            if (idx < KC * C::M * C::BM && pick(l.c, kc) >= 0) {
                 uint4 *dst = (uint4 *)(buf + idx * C::WB);
                 const uint4 v = wv[i];
                 if constexpr (Q4) {
-                    const uint32_t M = 0x0F0F0F0Fu;
-                    dst[0] = make_uint4(v.x & M, (v.x >> 4) & M, v.y & M, (v.y >> 4) & M);
-                    dst[1] = make_uint4(v.z & M, (v.z >> 4) & M, v.w & M, (v.w >> 4) & M);
+                    const uint32_t M4 = 0x0F0F0F0Fu;
+                    dst[0] = make_uint4(v.x & M4, (v.x >> 4) & M4, v.y & M4, (v.y >> 4) & M4);
+                    dst[1] = make_uint4(v.z & M4, (v.z >> 4) & M4, v.w & M4, (v.w >> 4) & M4);
                 } else {
                     dst[0] = v;
                 }
-                float *sd = (float *)(buf + C::SB_OFF) + ((kc * (C::BM / 16) + r / 16) * 8 + r % 8) * 4 + 2 * (r % 16 / 8);
+                float *sd = (float *)(buf + C::SB_OFF) + ((kc * (C::M * C::BM / 16) + r / 16) * 8 + r % 8) * 4 + 2 * (r % 16 / 8);
                 *(float2 *)sd = make_float2(scale_value(sb[i] & 0xFFFFu, sbf16), scale_value(sb[i] >> 16, sbf16));
             }
         }
     }
-
-    const uint16_t *sc, *bi;
 };
 
-/* Chunk kc of the stage in buf for the warp's tiles (rows wr.., tokens wt.. of the block's): one MMA per tile,
- * then per output fm_mm's acc = fma(xd, fma(s, d, b·xs), acc). Output o = 4·(NT·mt + nt) + e of the thread: row
- * wr + 16 mt + g + 8 (e >> 1), token wt + 8 nt + 2q + (e & 1). */
+/* Chunk kc of the stage in buf for the warp's tiles (rows wr.. of each matrix, tokens wt.. of the block's): one
+ * MMA per tile, then per output fm_mm's acc = fma(xd, fma(s, d, b·xs), acc). Output o = 4·(NT·mt + nt) + e of
+ * the thread: matrix mt / MTM's row wr + 16 (mt % MTM) + g + 8 (e >> 1), token wt + 8 nt + 2q + (e & 1). */
 template <class C, bool Q4, int MT, int NT>
 __device__ __forceinline__ void chunk_mma(const char *buf, int kc, int wr, int wt, float (&acc)[C::O]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const char *W = buf + kc * C::BM * C::WB, *X = buf + C::X_OFF + kc * C::BN * C::V;
-    const float4 *SB = (const float4 *)(buf + C::SB_OFF) + kc * (C::BM / 16) * 8;
+    const char *W = buf + kc * C::M * C::BM * C::WB, *X = buf + C::X_OFF + kc * C::BN * C::V;
+    const float4 *SB = (const float4 *)(buf + C::SB_OFF) + kc * (C::M * C::BM / 16) * 8;
     const float4 *XS = (const float4 *)(buf + C::XS_OFF) + kc * (C::BN / 8) * 4;
     uint32_t af[MT][Q4 ? 4 : 2], bf[NT][Q4 ? 2 : 1];
     float4 sb[MT], xx[NT];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
-        const int r = wr + 16 * mt + g;
+        const int r = mt / C::MTM * C::BM + wr + 16 * (mt % C::MTM) + g; /* in the stage's W */
         if constexpr (Q4) { /* a0, a2: row g's word q as even nibbles (k 4q..), odd ones (k 16 + 4q..); a1, a3: row g + 8 */
             const uint2 u0 = *(const uint2 *)(W + r * 32 + 8 * q), u1 = *(const uint2 *)(W + (r + 8) * 32 + 8 * q);
             af[mt][0] = u0.x, af[mt][1] = u1.x, af[mt][2] = u0.y, af[mt][3] = u1.y;
         } else {
             af[mt][0] = *(const uint32_t *)(W + r * 16 + 4 * q), af[mt][1] = *(const uint32_t *)(W + (r + 8) * 16 + 4 * q);
         }
-        sb[mt] = SB[(wr / 16 + mt) * 8 + g];
+        sb[mt] = SB[(r - g) / 16 * 8 + g];
     }
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
@@ -358,15 +383,46 @@ __device__ __forceinline__ void push(int i, float (&x)[O], float (&P)[5][O]) {
     }
 }
 
-/* y tile [blockIdx.x · BN.., blockIdx.y · BM..]: see the file comment */
-template <bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
+/* The x row of the tile's token j (clamped to the call's or the expert's last): consecutive from x0 (a matmul's
+ * tokens; an expert's rows of h), or listed (the rows of xn an expert's tokens are) */
+struct xrow_seq {
+    int x0, t0, last;
+    __device__ __forceinline__ size_t operator()(int j) const { return (size_t)x0 + min(t0 + j, last); }
+};
+struct xrow_list {
+    const int32_t *tok;
+    int t0, last;
+    __device__ __forceinline__ size_t operator()(int j) const { return (size_t)__ldg(tok + min(t0 + j, last)); }
+};
+
+/* y tile [token tile blockIdx.x, row tile blockIdx.y] of the call (grouped: of expert blockIdx.z): the file comment */
+template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
 __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_constant__ imma_args a) {
-    using C = imma_cfg<Q4, WM, WN, MT, NT, KC, ST>;
+    using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC, ST>;
+    const int r0 = blockIdx.y * C::BM, t0 = blockIdx.x * C::BN;
+    im_mat m[C::M];
+    int n = a.T, xr = 0, yr = 0; /* the tokens; the rows of x (IM_MM, IM_DOWN) and y the first one takes */
+    const int32_t *tok = nullptr;
+    if constexpr (K == IM_MM) {
+        m[0] = {a.w, a.scales, a.biases};
+    } else {
+        const fmc_expert &e = a.ex[blockIdx.z];
+        n = e.n;
+        if (n < a.big || t0 >= n) return; /* the whole block: fm_mm's expert, or past its tokens */
+        if constexpr (K == IM_GU) {
+            m[0] = {(const char *)e.gate.data, e.gate.scales, e.gate.biases};
+            m[C::M - 1] = {(const char *)e.up.data, e.up.scales, e.up.biases};
+            tok = e.tok, yr = e.row0 - a.hlo;
+        } else {
+            m[0] = {(const char *)e.down.data, e.down.scales, e.down.biases};
+            xr = e.row0 - a.hlo, yr = e.row0;
+        }
+    }
     __shared__ uint4 smem[ST * C::STAGE / 16];
     char *const sm = (char *)smem;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int wr = warp % WM * 16 * MT, wt = warp / WM * 8 * NT; /* the warp's first row and token in the tile */
-    const int r0 = blockIdx.y * C::BM, t0 = blockIdx.x * C::BN, nc = a.nc;
+    const int wr = warp % WM * 16 * C::MTM, wt = warp / WM * 8 * NT; /* the warp's first row and token in the tile */
+    const int nc = a.nc;
     float acc[C::O], P[5][C::O];
 #pragma unroll
     for (int o = 0; o < C::O; o++) {
@@ -374,8 +430,11 @@ __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_const
 #pragma unroll
         for (int k = 0; k < 5; k++) P[k][o] = 0.0f;
     }
-    loader<C, KC> ld(a, r0, t0);
-    ld.sc = a.scales, ld.bi = a.biases;
+    auto make_loader = [&]() {
+        if constexpr (K == IM_GU) return loader<C, KC>(a, m, r0, xrow_list{tok, t0, n - 1});
+        else return loader<C, KC>(a, m, r0, xrow_seq{xr, t0, n - 1});
+    };
+    loader<C, KC> ld = make_loader();
     int lc = 0; /* the next chunk to load */
     const int stages = (nc + KC - 1) / KC;
 #pragma unroll
@@ -414,22 +473,26 @@ __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_const
         if (jn < stages) ld.template store<Q4>(nb, l, a.sbf16);
     }
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++)
+    for (int mt = 0; mt < C::MTM; mt++)
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int r = r0 + wr + 16 * mt + g + 8 * (e >> 1), t = t0 + wt + 8 * nt + 2 * q + (e & 1);
-                if (r < a.rows && t < a.T) a.y[(size_t)t * a.rows + r] = acc[4 * (NT * mt + nt) + e];
+                if (r >= a.rows || t >= n) continue;
+                float *y = a.y + (size_t)(yr + t) * a.rows + r;
+                const float v = acc[4 * (NT * mt + nt) + e];
+                if constexpr (K == IM_GU) *y = fmc_silu_mul(v, acc[4 * (NT * (mt + C::MTM) + nt) + e]);
+                else *y = v;
             }
 }
 
-template <bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
-bool launch_imma(cudaStream_t s, const imma_args &a) {
-    using C = imma_cfg<Q4, WM, WN, MT, NT, KC, ST>;
-    const long long bx = (a.T + C::BN - 1) / C::BN, by = (a.rows + C::BM - 1) / C::BM;
-    if (by > 65535 || bx > 0x7FFFFFFF) return false;
-    fm_mm_imma<Q4, WM, WN, MT, NT, KC, ST><<<dim3((unsigned)bx, (unsigned)by), C::NTHR, 0, s>>>(a);
+template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
+bool launch_imma(cudaStream_t s, const imma_args &a, int n_ex, int max_n) {
+    using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC, ST>;
+    const long long bx = (max_n + C::BN - 1) / C::BN, by = (a.rows + C::BM - 1) / C::BM;
+    if (by > 65535 || bx > 0x7FFFFFFF || n_ex > 65535) return false;
+    fm_mm_imma<K, Q4, WM, WN, MT, NT, KC, ST><<<dim3((unsigned)bx, (unsigned)by, (unsigned)n_ex), C::NTHR, 0, s>>>(a);
     return true;
 }
 
@@ -451,21 +514,49 @@ bool imma_on() {
     return !(e && strcmp(e, "0") == 0);
 }
 
+/* whether w's shape and options can run here at all (rows 16-byte aligned: the caller checks the pointers) */
+bool imma_takes(const fm_mat *w) {
+    if (w->dtype != FM_Q4 && w->dtype != FM_Q8) return false;
+    const size_t row_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, w->cols);
+    return row_bytes % 16 == 0 && w->cols / 16 < (1 << 24) && imma_on() && cc_major() >= 8;
+}
+
+imma_args args_of(const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, int T) {
+    const int V = w->dtype == FM_Q4 ? 32 : 16;
+    imma_args a = {};
+    a.w = (const char *)w->data, a.scales = w->scales, a.biases = w->biases, a.xq = xq, a.xd = xd, a.xs = xs, a.y = y;
+    a.row_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, w->cols), a.rows = w->rows, a.cols = w->cols;
+    a.gs = w->group_size, a.ng = w->cols / w->group_size, a.nc = w->cols / V, a.T = T, a.sbf16 = w->scale_bf16;
+    const unsigned long long cpg = (unsigned long long)(w->group_size / V); /* chunks a group */
+    a.mg = ((1ull << 32) + cpg - 1) / cpg;
+    return a;
+}
+
 } // namespace
 
 extern "C" int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, const float *xd, const float *xs,
                            float *y, int T) {
-    if (T < FMC_IMMA_MIN_T || !imma_on() || (w->dtype != FM_Q4 && w->dtype != FM_Q8)) return 0;
-    const size_t row_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, w->cols);
-    if (((uintptr_t)w->data & 15) || row_bytes % 16 || w->cols / 16 >= (1 << 24) || cc_major() < 8) return 0;
-    const bool q4 = w->dtype == FM_Q4;
-    imma_args a;
-    a.w = (const char *)w->data, a.scales = w->scales, a.biases = w->biases, a.xq = xq, a.xd = xd, a.xs = xs, a.y = y;
-    a.row_bytes = row_bytes, a.rows = w->rows, a.cols = w->cols, a.gs = w->group_size, a.ng = w->cols / w->group_size;
-    a.nc = w->cols / (q4 ? 32 : 16), a.T = T, a.sbf16 = w->scale_bf16;
-    const unsigned long long cpg = (unsigned long long)(w->group_size / (q4 ? 32 : 16)); /* chunks a group */
-    a.mg = ((1ull << 32) + cpg - 1) / cpg;
+    if (T < FMC_IMMA_MIN_T || ((uintptr_t)w->data & 15) || !imma_takes(w)) return 0;
+    const imma_args a = args_of(w, xq, xd, xs, y, T);
     /* blocks of 8 warps, each 32 rows × 16 tokens: 64 × 64 from 48 tokens on, else 128 × 32 (less padding) */
-    if (T >= 48) return q4 ? launch_imma<true, 2, 4, 2, 2, 2, 4>(s, a) : launch_imma<false, 2, 4, 2, 2, 2, 4>(s, a);
-    return q4 ? launch_imma<true, 4, 2, 2, 2, 2, 3>(s, a) : launch_imma<false, 4, 2, 2, 2, 2, 4>(s, a);
+    if (w->dtype == FM_Q4)
+        return T >= 48 ? launch_imma<IM_MM, true, 2, 4, 2, 2, 2, 4>(s, a, 1, T)
+                       : launch_imma<IM_MM, true, 4, 2, 2, 2, 2, 3>(s, a, 1, T);
+    return T >= 48 ? launch_imma<IM_MM, false, 2, 4, 2, 2, 2, 4>(s, a, 1, T)
+                   : launch_imma<IM_MM, false, 4, 2, 2, 2, 2, 4>(s, a, 1, T);
+}
+
+extern "C" int fmc_experts_imma_min(const fm_mat *w) { return imma_takes(w) ? FMC_IMMA_MIN_EXPERT_T : 0; }
+
+extern "C" int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, int n_ex, const fm_mat *w,
+                                const int8_t *xq, const float *xd, const float *xs, float *y, int hlo, int max_n,
+                                int big) {
+    imma_args a = args_of(w, xq, xd, xs, y, 0);
+    a.w = nullptr, a.scales = a.biases = nullptr, a.ex = ex, a.hlo = hlo, a.big = big;
+    /* blocks of 4 warps over 16 tokens of an expert: gate·up 64 rows of each (a warp 16 of each), down 128 */
+    if (gu)
+        return w->dtype == FM_Q4 ? launch_imma<IM_GU, true, 4, 1, 2, 2, 2, 3>(s, a, n_ex, max_n)
+                                 : launch_imma<IM_GU, false, 4, 1, 2, 2, 2, 4>(s, a, n_ex, max_n);
+    return w->dtype == FM_Q4 ? launch_imma<IM_DOWN, true, 4, 1, 2, 2, 2, 3>(s, a, n_ex, max_n)
+                             : launch_imma<IM_DOWN, false, 4, 1, 2, 2, 2, 4>(s, a, n_ex, max_n);
 }
