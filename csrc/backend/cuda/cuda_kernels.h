@@ -73,12 +73,12 @@ int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, const float *
  * device or FLASHMOE_CUDA_IMMA) take it. */
 #define FMC_IMMA_MIN_EXPERT_T 16
 int fmc_experts_imma_min(const fm_mat *w);
-/* gate·up (gu: into h, silu(gate)·up) or down (into ye) of the experts of ex (device [n_ex]) of at least big tokens,
- * bitwise fm_mm's: w the first expert's gate or down (the call's shape and options, every matrix's rows 16-byte
- * aligned), xq, xd, xs the quantized xn or h, y h or ye, hlo the call's lowest row0, max_n the most tokens an
- * expert has. 1 where it queued the kernel, 0 where the grid is too large (nothing queued). */
-int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, int n_ex, const fm_mat *w, const int8_t *xq,
-                     const float *xd, const float *xs, float *y, int hlo, int max_n, int big);
+/* gate·up (gu: into h, silu(gate)·up) or down (into ye) of the experts of ex (device [n_ex]; ex_host the same on the
+ * host) of at least big tokens, bitwise fm_mm's: w the first expert's gate or down (the call's shape and options,
+ * every matrix's rows 16-byte aligned), xq, xd, xs the quantized xn or h, y h or ye, hlo the call's lowest row0.
+ * 1 where it queued the kernel (or had nothing to do), 0 where the grid is too large (nothing queued). */
+int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, const fmc_expert *ex_host, int n_ex,
+                     const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, int hlo, int big);
 
 /* ---- attention.cu */
 /* Floats of scratch fmc_attention needs (its flash-decoding partials) for this call. */

@@ -768,12 +768,12 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
     d16 = d16 && dn.row_bytes % 16 == 0;
     if (gi8) quantize(s, g0, xn, T, scratch, gu, gblocks, nullptr, 0); /* every token once, for all the experts */
     int small_n = imma_split(gi8 && g16, g0, gu, ex_host, n_ex, max_n); /* the most tokens of fm_mm's experts */
-    if (gu.big && !fmc_experts_imma(s, 1, ex, n_ex, g0, gu.xq, gu.xd, gu.xs, h, lo, max_n, gu.big))
+    if (gu.big && !fmc_experts_imma(s, 1, ex, ex_host, n_ex, g0, gu.xq, gu.xd, gu.xs, h, lo, gu.big))
         gu.big = 0, small_n = max_n; /* a grid too large there: all fm_mm's */
     if (small_n) dispatch_w<K_GU>(s, gu, g0, g16, g16 && aligned(xn, 16) && H % 4 == 0, ex, n_ex, small_n);
     if (di8) quantize(s, d0, h, rows, (char *)scratch + fmc_matmul_scratch_bytes(g0, T), dn, dblocks, ex, n_ex);
     small_n = imma_split(di8 && d16, d0, dn, ex_host, n_ex, max_n);
-    if (dn.big && !fmc_experts_imma(s, 0, ex, n_ex, d0, dn.xq, dn.xd, dn.xs, ye, lo, max_n, dn.big))
+    if (dn.big && !fmc_experts_imma(s, 0, ex, ex_host, n_ex, d0, dn.xq, dn.xd, dn.xs, ye, lo, dn.big))
         dn.big = 0, small_n = max_n;
     if (small_n) dispatch_w<K_DOWN>(s, dn, d0, d16, d16 && aligned(h, 16) && I % 4 == 0, ex, n_ex, small_n);
     return FM_OK;

@@ -70,8 +70,9 @@ struct imma_args {
     size_t row_bytes;
     unsigned long long mg;           /* ceil(2^32 / (gs / V)): a chunk's group (next_stage) */
     int rows, cols, gs, ng, nc, T, sbf16;
-    int hlo; /* grouped: the lowest row0 (h's rows of an expert from row0 - hlo) */
-    int big; /* grouped: the experts of at least this many tokens are this kernel's */
+    int hlo;  /* grouped: the lowest row0 (h's rows of an expert from row0 - hlo) */
+    int big;  /* grouped: the experts of at least this many tokens are this kernel's */
+    int n_ex; /* grouped: experts in ex */
 };
 
 /* a weight matrix's arrays */
@@ -395,20 +396,47 @@ struct xrow_list {
     __device__ __forceinline__ size_t operator()(int j) const { return (size_t)__ldg(tok + min(t0 + j, last)); }
 };
 
-/* y tile [token tile blockIdx.x, row tile blockIdx.y] of the call (grouped: of expert blockIdx.z): the file comment */
+/* A grouped call's block x: (expert, token tile) number x of the experts of at least big tokens, each's tiles of
+ * BN in order (so no block is idle: a shared expert's hundreds of tokens beside experts of a few dozen), found
+ * by warp 0 in a prefix sum of the experts' tiles, 32 experts at a time. */
+template <int BN>
+__device__ __forceinline__ int2 expert_tile(const imma_args &a) {
+    __shared__ int2 found[1];
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x, x = blockIdx.x;
+        int base = 0;
+        for (int e0 = 0; e0 < a.n_ex && base <= x; e0 += 32) { /* base: tiles of the experts before e0 (uniform) */
+            const int e = e0 + lane, n = e < a.n_ex ? __ldg(&a.ex[e].n) : 0, nt = n >= a.big ? (n + BN - 1) / BN : 0;
+            int incl = nt;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+                if (lane >= o) incl += v;
+            }
+            if (x >= base + incl - nt && x < base + incl) found[0] = make_int2(e, x - (base + incl - nt));
+            base += __shfl_sync(0xFFFFFFFFu, incl, 31);
+        }
+    }
+    __syncthreads();
+    return found[0];
+}
+
+/* y tile [token tile blockIdx.x, row tile blockIdx.y] of the call (grouped: of the expert expert_tile finds): the
+ * file comment */
 template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
 __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_constant__ imma_args a) {
     using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC, ST>;
-    const int r0 = blockIdx.y * C::BM, t0 = blockIdx.x * C::BN;
+    const int r0 = blockIdx.y * C::BM;
+    int t0 = blockIdx.x * C::BN;
     im_mat m[C::M];
     int n = a.T, xr = 0, yr = 0; /* the tokens; the rows of x (IM_MM, IM_DOWN) and y the first one takes */
     const int32_t *tok = nullptr;
     if constexpr (K == IM_MM) {
         m[0] = {a.w, a.scales, a.biases};
     } else {
-        const fmc_expert &e = a.ex[blockIdx.z];
-        n = e.n;
-        if (n < a.big || t0 >= n) return; /* the whole block: fm_mm's expert, or past its tokens */
+        const int2 et = expert_tile<C::BN>(a);
+        const fmc_expert &e = a.ex[et.x];
+        n = e.n, t0 = et.y * C::BN;
         if constexpr (K == IM_GU) {
             m[0] = {(const char *)e.gate.data, e.gate.scales, e.gate.biases};
             m[C::M - 1] = {(const char *)e.up.data, e.up.scales, e.up.biases};
@@ -487,12 +515,18 @@ __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_const
             }
 }
 
+/* the kernel over the call's T tokens, or (ex_host: the call's experts) the experts of at least a.big tokens */
 template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
-bool launch_imma(cudaStream_t s, const imma_args &a, int n_ex, int max_n) {
+bool launch_imma(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) {
     using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC, ST>;
-    const long long bx = (max_n + C::BN - 1) / C::BN, by = (a.rows + C::BM - 1) / C::BM;
-    if (by > 65535 || bx > 0x7FFFFFFF || n_ex > 65535) return false;
-    fm_mm_imma<K, Q4, WM, WN, MT, NT, KC, ST><<<dim3((unsigned)bx, (unsigned)by, (unsigned)n_ex), C::NTHR, 0, s>>>(a);
+    long long bx = 0; /* token tiles */
+    if (K == IM_MM) bx = (a.T + C::BN - 1) / C::BN;
+    else
+        for (int e = 0; e < a.n_ex; e++)
+            if (ex_host[e].n >= a.big) bx += (ex_host[e].n + C::BN - 1) / C::BN;
+    const long long by = (a.rows + C::BM - 1) / C::BM;
+    if (by > 65535 || bx > 0x7FFFFFFF) return false;
+    if (bx) fm_mm_imma<K, Q4, WM, WN, MT, NT, KC, ST><<<dim3((unsigned)bx, (unsigned)by), C::NTHR, 0, s>>>(a);
     return true;
 }
 
@@ -540,23 +574,23 @@ extern "C" int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, co
     const imma_args a = args_of(w, xq, xd, xs, y, T);
     /* blocks of 8 warps, each 32 rows × 16 tokens: 64 × 64 from 48 tokens on, else 128 × 32 (less padding) */
     if (w->dtype == FM_Q4)
-        return T >= 48 ? launch_imma<IM_MM, true, 2, 4, 2, 2, 2, 4>(s, a, 1, T)
-                       : launch_imma<IM_MM, true, 4, 2, 2, 2, 2, 3>(s, a, 1, T);
-    return T >= 48 ? launch_imma<IM_MM, false, 2, 4, 2, 2, 2, 4>(s, a, 1, T)
-                   : launch_imma<IM_MM, false, 4, 2, 2, 2, 2, 4>(s, a, 1, T);
+        return T >= 48 ? launch_imma<IM_MM, true, 2, 4, 2, 2, 2, 4>(s, a, nullptr)
+                       : launch_imma<IM_MM, true, 4, 2, 2, 2, 2, 3>(s, a, nullptr);
+    return T >= 48 ? launch_imma<IM_MM, false, 2, 4, 2, 2, 2, 4>(s, a, nullptr)
+                   : launch_imma<IM_MM, false, 4, 2, 2, 2, 2, 4>(s, a, nullptr);
 }
 
 extern "C" int fmc_experts_imma_min(const fm_mat *w) { return imma_takes(w) ? FMC_IMMA_MIN_EXPERT_T : 0; }
 
-extern "C" int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, int n_ex, const fm_mat *w,
-                                const int8_t *xq, const float *xd, const float *xs, float *y, int hlo, int max_n,
+extern "C" int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, const fmc_expert *ex_host, int n_ex,
+                                const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, int hlo,
                                 int big) {
     imma_args a = args_of(w, xq, xd, xs, y, 0);
-    a.w = nullptr, a.scales = a.biases = nullptr, a.ex = ex, a.hlo = hlo, a.big = big;
+    a.w = nullptr, a.scales = a.biases = nullptr, a.ex = ex, a.hlo = hlo, a.big = big, a.n_ex = n_ex;
     /* blocks of 4 warps over 16 tokens of an expert: gate·up 64 rows of each (a warp 16 of each), down 128 */
     if (gu)
-        return w->dtype == FM_Q4 ? launch_imma<IM_GU, true, 4, 1, 2, 2, 2, 3>(s, a, n_ex, max_n)
-                                 : launch_imma<IM_GU, false, 4, 1, 2, 2, 2, 4>(s, a, n_ex, max_n);
-    return w->dtype == FM_Q4 ? launch_imma<IM_DOWN, true, 4, 1, 2, 2, 2, 3>(s, a, n_ex, max_n)
-                             : launch_imma<IM_DOWN, false, 4, 1, 2, 2, 2, 4>(s, a, n_ex, max_n);
+        return w->dtype == FM_Q4 ? launch_imma<IM_GU, true, 4, 1, 2, 2, 2, 3>(s, a, ex_host)
+                                 : launch_imma<IM_GU, false, 4, 1, 2, 2, 2, 4>(s, a, ex_host);
+    return w->dtype == FM_Q4 ? launch_imma<IM_DOWN, true, 4, 1, 2, 2, 2, 3>(s, a, ex_host)
+                             : launch_imma<IM_DOWN, false, 4, 1, 2, 2, 2, 4>(s, a, ex_host);
 }
