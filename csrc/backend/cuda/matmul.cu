@@ -35,9 +35,9 @@
  * between: the per-expert path cuda_ops.cu keeps behind FLASHMOE_CUDA_GROUPED=0.
  *
  * Tensor cores: only a prefill on int8 activations (T >= FMC_IMMA_MIN_T, sm_80+: matmul_mma.cu, which fmc_matmul
- * hands the call to; a grouped call's experts of FMC_IMMA_MIN_EXPERT_T tokens or more likewise, fm_mm skipping
- * them (mm_args.big) and taking the others in a launch of their own; FLASHMOE_CUDA_IMMA=0 keeps all here). It is
- * exact because the int8 path's only reduction an
+ * hands the call to where its blocks fill half the GPU; a grouped call's experts of FMC_IMMA_MIN_EXPERT_T tokens
+ * or more likewise, fm_mm skipping them (mm_args.big) and taking the others in a launch of their own;
+ * FLASHMOE_CUDA_IMMA=0 keeps all here, =1 sends there whatever it takes). It is exact because the int8 path's only reduction an
  * MMA could reorder is a chunk's d = Σ q·xq, an integer (mma.sync's s32 sum of u8·s8 products is the same
  * integer in any order); its fp32 terms it applies as fm_mm does: per (row, token) each lane's chunks in order,
  * then the butterfly's tree, replayed in registers. So a token's outputs are the same bits in decode (here) and
@@ -657,8 +657,8 @@ void quantize(cudaStream_t s, const fm_mat *w, const float *x, int T, void *scra
 /* A grouped call's experts of many tokens on tensor cores (matmul_mma.cu), where w (an int8 path's, i8) takes them
  * (its rows 16-byte aligned: ok) and one has that many: a.big set to the threshold (else 0); the most tokens of
  * the other experts, fm_mm's (0: none). */
-int imma_split(bool ok, const fm_mat *w, mm_args &a, const fmc_expert *ex_host, int n_ex, int max_n) {
-    const int big = ok ? fmc_experts_imma_min(w) : 0;
+int imma_split(bool ok, const fm_mat *w, int gu, mm_args &a, const fmc_expert *ex_host, int n_ex, int max_n) {
+    const int big = ok ? fmc_experts_imma_min(w, gu, ex_host, n_ex) : 0;
     a.big = big && max_n >= big ? big : 0;
     if (!a.big) return max_n;
     int small_n = 0;
@@ -767,12 +767,12 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
     g16 = g16 && gu.row_bytes % 16 == 0;
     d16 = d16 && dn.row_bytes % 16 == 0;
     if (gi8) quantize(s, g0, xn, T, scratch, gu, gblocks, nullptr, 0); /* every token once, for all the experts */
-    int small_n = imma_split(gi8 && g16, g0, gu, ex_host, n_ex, max_n); /* the most tokens of fm_mm's experts */
+    int small_n = imma_split(gi8 && g16, g0, 1, gu, ex_host, n_ex, max_n); /* the most tokens of fm_mm's experts */
     if (gu.big && !fmc_experts_imma(s, 1, ex, ex_host, n_ex, g0, gu.xq, gu.xd, gu.xs, h, lo, gu.big))
         gu.big = 0, small_n = max_n; /* a grid too large there: all fm_mm's */
     if (small_n) dispatch_w<K_GU>(s, gu, g0, g16, g16 && aligned(xn, 16) && H % 4 == 0, ex, n_ex, small_n);
     if (di8) quantize(s, d0, h, rows, (char *)scratch + fmc_matmul_scratch_bytes(g0, T), dn, dblocks, ex, n_ex);
-    small_n = imma_split(di8 && d16, d0, dn, ex_host, n_ex, max_n);
+    small_n = imma_split(di8 && d16, d0, 0, dn, ex_host, n_ex, max_n);
     if (dn.big && !fmc_experts_imma(s, 0, ex, ex_host, n_ex, d0, dn.xq, dn.xd, dn.xs, ye, lo, dn.big))
         dn.big = 0, small_n = max_n;
     if (small_n) dispatch_w<K_DOWN>(s, dn, d0, d16, d16 && aligned(h, 16) && I % 4 == 0, ex, n_ex, small_n);

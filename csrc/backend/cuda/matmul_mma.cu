@@ -32,7 +32,10 @@
  * K): a matmul (IM_MM) over T tokens; a grouped call's down (IM_DOWN), blockIdx.z an expert, over its n rows of
  * h; its gate and up (IM_GU) over its listed tokens of xn, a warp's m-tiles half the gate's rows, half the same
  * rows of up, so that a thread holds both of a (row, token) and stores silu(gate)·up (eltwise.cuh's
- * fmc_silu_mul, as fm_mm). Experts of fewer than `big` tokens are fm_mm's, in a launch of their own.
+ * fmc_silu_mul, as fm_mm). Experts of fewer than `big` tokens are fm_mm's, in a launch of their own; a grouped
+ * call's blocks are its (expert, token tile) pairs. A call whose blocks would not fill half the GPU stays on
+ * fm_mm (FLASHMOE_CUDA_IMMA unset; 1 forces this kernel, 0 keeps fm_mm): its warps of 4 rows × 8 tokens spread a
+ * few dozen tokens over far more SMs than these tiles of 16 × 32 outputs a warp.
  *
  * Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k32" and "... for mma.m16n8k16 with integer type";
  * groupID g = lane >> 2, threadID_in_group q = lane & 3, elements low to high in each .b32):
@@ -187,8 +190,10 @@ __device__ __forceinline__ void cp_wait() {
  * 16m + g + 8: one load for a thread's two rows of an MMA tile); XS [KC][BN / 8][4] float4 (xd, xs of token 8n +
  * 2q, xd, xs of token 8n + 2q + 1); the stage's chunk numbers. Each fragment load of a warp reads 128 or 256
  * contiguous bytes, or broadcasts. */
-template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
+template <int K_, bool Q4_, int WM_, int WN_, int MT_, int NT_, int KC_, int ST_>
 struct imma_cfg {
+    static constexpr int K = K_, WM = WM_, WN = WN_, MT = MT_, NT = NT_, KC = KC_, ST = ST_;
+    static constexpr bool Q4 = Q4_;
     static constexpr int M = K == IM_GU ? 2 : 1, MTM = MT / M; /* matrices; m-tiles of each a warp */
     static constexpr int NTHR = 32 * WM * WN, BM = 16 * MTM * WM, BN = 8 * NT * WN, V = Q4 ? 32 : 16, WB = Q4 ? 32 : 16;
     static constexpr int X_OFF = KC * M * BM * WB, SB_OFF = X_OFF + KC * BN * V, XS_OFF = SB_OFF + KC * M * BM * 8,
@@ -530,29 +535,37 @@ bool launch_imma(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) 
     return true;
 }
 
-/* the device's compute capability major (0: unknown), per device, asked once */
-int cc_major() {
-    static std::atomic<int> known[64];
+/* an attribute of the current device (0: unknown), per device, asked once: the compute capability's major, the SMs */
+int dev_attr(cudaDeviceAttr what) {
+    static std::atomic<int> known[2][64];
+    const int k = what == cudaDevAttrComputeCapabilityMajor ? 0 : 1;
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-    int m = known[dev].load(std::memory_order_relaxed);
-    if (!m && cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && m > 0)
-        known[dev].store(m, std::memory_order_relaxed);
-    return m;
+    int v = known[k][dev].load(std::memory_order_relaxed);
+    if (!v && cudaDeviceGetAttribute(&v, what, dev) == cudaSuccess && v > 0) known[k][dev].store(v, std::memory_order_relaxed);
+    return v;
 }
 
-/* FLASHMOE_CUDA_IMMA=0: every int8 matmul on fm_mm's dp4a kernel (benchmarks, tests: the baseline in the same
- * build). Read at each call. */
-bool imma_on() {
+/* FLASHMOE_CUDA_IMMA: 0 every int8 matmul on fm_mm's dp4a kernel (benchmarks, tests: the baseline in the same
+ * build); 1 the tensor cores wherever they take the call (tests: small shapes); unset (or else) also only where
+ * the call fills half the GPU (IMMA_AUTO: a grid of fewer blocks, a few dozen rows of tokens over a matrix of a few
+ * thousand rows, is fm_mm's, whose warps of 4 rows and 8 tokens spread further). Read at each call. */
+enum { IMMA_OFF, IMMA_ON, IMMA_AUTO };
+int imma_mode() {
     const char *e = getenv("FLASHMOE_CUDA_IMMA");
-    return !(e && strcmp(e, "0") == 0);
+    return e && strcmp(e, "0") == 0 ? IMMA_OFF : e && strcmp(e, "1") == 0 ? IMMA_ON : IMMA_AUTO;
 }
 
 /* whether w's shape and options can run here at all (rows 16-byte aligned: the caller checks the pointers) */
 bool imma_takes(const fm_mat *w) {
     if (w->dtype != FM_Q4 && w->dtype != FM_Q8) return false;
     const size_t row_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, w->cols);
-    return row_bytes % 16 == 0 && w->cols / 16 < (1 << 24) && imma_on() && cc_major() >= 8;
+    return row_bytes % 16 == 0 && w->cols / 16 < (1 << 24) && dev_attr(cudaDevAttrComputeCapabilityMajor) >= 8;
+}
+
+/* whether a grid of this many blocks, resident this many an SM, fills half the GPU (or the mode forces it) */
+bool fills(int mode, long long blocks, int per_sm) {
+    return mode == IMMA_ON || 2 * blocks >= (long long)dev_attr(cudaDevAttrMultiProcessorCount) * per_sm;
 }
 
 imma_args args_of(const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, int T) {
@@ -566,31 +579,56 @@ imma_args args_of(const fm_mat *w, const int8_t *xq, const float *xd, const floa
     return a;
 }
 
+/* The kernel shapes. Matmuls: blocks of 8 warps (one an SM: 255 registers a thread), each 32 rows × 16 tokens:
+ * 64 × 64 from 48 tokens on, else 128 × 32 (less padding). Grouped calls: blocks of 4 warps (two an SM) over 16
+ * tokens of an expert, gate·up 64 rows of each (a warp 16 of each), down 128. q4 in 3 stages where its rows take
+ * the room of 4. */
+template <bool Q4> using mm_wide = imma_cfg<IM_MM, Q4, 2, 4, 2, 2, 2, 4>;
+template <bool Q4> using mm_narrow = imma_cfg<IM_MM, Q4, 4, 2, 2, 2, 2, Q4 ? 3 : 4>;
+template <bool Q4> using ex_gu = imma_cfg<IM_GU, Q4, 4, 1, 2, 2, 2, Q4 ? 3 : 4>;
+template <bool Q4> using ex_down = imma_cfg<IM_DOWN, Q4, 4, 1, 2, 2, 2, Q4 ? 3 : 4>;
+
+template <class C>
+bool launch_cfg(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) {
+    return launch_imma<C::K, C::Q4, C::WM, C::WN, C::MT, C::NT, C::KC, C::ST>(s, a, ex_host);
+}
+
+template <class C>
+long long blocks_of(long long token_tiles, int rows) { return token_tiles * ((rows + C::BM - 1) / C::BM); }
+
 } // namespace
 
 extern "C" int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, const float *xd, const float *xs,
                            float *y, int T) {
-    if (T < FMC_IMMA_MIN_T || ((uintptr_t)w->data & 15) || !imma_takes(w)) return 0;
+    const int mode = imma_mode();
+    if (T < FMC_IMMA_MIN_T || mode == IMMA_OFF || ((uintptr_t)w->data & 15) || !imma_takes(w)) return 0;
+    const bool wide = T >= 48, q4 = w->dtype == FM_Q4;
+    const int BN = wide ? mm_wide<true>::BN : mm_narrow<true>::BN;
+    const long long blocks = wide ? blocks_of<mm_wide<true>>((T + BN - 1) / BN, w->rows)
+                                  : blocks_of<mm_narrow<true>>((T + BN - 1) / BN, w->rows);
+    if (!fills(mode, blocks, 1)) return 0;
     const imma_args a = args_of(w, xq, xd, xs, y, T);
-    /* blocks of 8 warps, each 32 rows × 16 tokens: 64 × 64 from 48 tokens on, else 128 × 32 (less padding) */
-    if (w->dtype == FM_Q4)
-        return T >= 48 ? launch_imma<IM_MM, true, 2, 4, 2, 2, 2, 4>(s, a, nullptr)
-                       : launch_imma<IM_MM, true, 4, 2, 2, 2, 2, 3>(s, a, nullptr);
-    return T >= 48 ? launch_imma<IM_MM, false, 2, 4, 2, 2, 2, 4>(s, a, nullptr)
-                   : launch_imma<IM_MM, false, 4, 2, 2, 2, 2, 4>(s, a, nullptr);
+    if (wide) return q4 ? launch_cfg<mm_wide<true>>(s, a, nullptr) : launch_cfg<mm_wide<false>>(s, a, nullptr);
+    return q4 ? launch_cfg<mm_narrow<true>>(s, a, nullptr) : launch_cfg<mm_narrow<false>>(s, a, nullptr);
 }
 
-extern "C" int fmc_experts_imma_min(const fm_mat *w) { return imma_takes(w) ? FMC_IMMA_MIN_EXPERT_T : 0; }
+extern "C" int fmc_experts_imma_min(const fm_mat *w, int gu, const fmc_expert *ex_host, int n_ex) {
+    const int mode = imma_mode();
+    if (mode == IMMA_OFF || !imma_takes(w)) return 0;
+    constexpr int BN = ex_gu<true>::BN;
+    long long tiles = 0;
+    for (int e = 0; e < n_ex; e++)
+        if (ex_host[e].n >= FMC_IMMA_MIN_EXPERT_T) tiles += (ex_host[e].n + BN - 1) / BN;
+    const long long blocks = gu ? blocks_of<ex_gu<true>>(tiles, w->rows) : blocks_of<ex_down<true>>(tiles, w->rows);
+    return tiles && fills(mode, blocks, 2) ? FMC_IMMA_MIN_EXPERT_T : 0;
+}
 
 extern "C" int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, const fmc_expert *ex_host, int n_ex,
                                 const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, int hlo,
                                 int big) {
     imma_args a = args_of(w, xq, xd, xs, y, 0);
     a.w = nullptr, a.scales = a.biases = nullptr, a.ex = ex, a.hlo = hlo, a.big = big, a.n_ex = n_ex;
-    /* blocks of 4 warps over 16 tokens of an expert: gate·up 64 rows of each (a warp 16 of each), down 128 */
-    if (gu)
-        return w->dtype == FM_Q4 ? launch_imma<IM_GU, true, 4, 1, 2, 2, 2, 3>(s, a, ex_host)
-                                 : launch_imma<IM_GU, false, 4, 1, 2, 2, 2, 4>(s, a, ex_host);
-    return w->dtype == FM_Q4 ? launch_imma<IM_DOWN, true, 4, 1, 2, 2, 2, 3>(s, a, ex_host)
-                             : launch_imma<IM_DOWN, false, 4, 1, 2, 2, 2, 4>(s, a, ex_host);
+    const bool q4 = w->dtype == FM_Q4;
+    if (gu) return q4 ? launch_cfg<ex_gu<true>>(s, a, ex_host) : launch_cfg<ex_gu<false>>(s, a, ex_host);
+    return q4 ? launch_cfg<ex_down<true>>(s, a, ex_host) : launch_cfg<ex_down<false>>(s, a, ex_host);
 }
