@@ -100,7 +100,8 @@ def main() -> None:
             ta = sum(v for k, v in ua.items() if "quantize" not in k)
             tb = sum(v for k, v in ub.items() if "quantize" not in k)
             sizes = sorted(len(t) for t in lists)
-            print(f"experts q{bits} T{T} ({len(lists)} experts, tokens {sizes[0]}..{sizes[-2]} and {sizes[-1]}): "
+            print(f"experts q{bits} T{T} ({len(lists)} experts, tokens {sizes[0]}..{sizes[-2]} and "
+                  f"{sizes[-1]}): "
                   f"{ta:.1f} -> {tb:.1f} us ({ta / max(tb, 1e-9):.2f}x) bitwise {'yes' if same else 'NO'}; "
                   f"{kernels(ua)} | {kernels(ub)}", flush=True)
 

@@ -108,7 +108,8 @@ for dtype, gs, rows in ((Q4, 32, 13), (Q8, 64, 13), (Q4, 32, 4224)):
 for sizes in ((20, 3), (16,), (15, 1)):
     xn, experts = build_experts(np.random.default_rng(1), Q4, 32, 64, 96, 40, sizes)
     names = ran("1", lambda: _core.op_experts(xn, experts, int8_act=True, backend="cuda"))
-    print("experts", len(sizes), sum(n.startswith("fm_mm_imma<") for n in names), sum(n.startswith("fm_mm<") for n in names))
+    print("experts", len(sizes), sum(n.startswith("fm_mm_imma<") for n in names),
+          sum(n.startswith("fm_mm<") for n in names))
 """
 
 
@@ -129,7 +130,8 @@ def test_int8_prefill_reaches_the_tensor_core_kernel(emu_env, tmp_path):
                                  ("16", "1", "0"), ("100", "0", "1"), ("100", "1", "auto"))]
     want = [["13"] + r for r in small] * 2 + [["4224", "100", "1", "auto", "1", "0"]]
     assert rows == want, out[-4000:]
-    # a grouped call: gate·up and down each on tensor cores for the experts of 16 tokens or more, fm_mm for the rest
+    # a grouped call: gate·up and down each on tensor cores for the experts of 16 tokens or more, fm_mm for
+    # the rest
     experts = [line.split()[1:] for line in out.splitlines() if line.startswith("experts ")]
     assert experts == [["2", "2", "2"], ["1", "2", "0"], ["2", "0", "2"]], out[-4000:]
 

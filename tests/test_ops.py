@@ -912,12 +912,13 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
     # (dtype, group size, rows, cols, T): both tile shapes, partial tiles of rows and tokens, chunk counts under
     # 32, odd, over 32 and not a multiple of it, one stage's worth (2 chunks) and less; groups of 3 and 6 chunks.
     IMMA_SHAPES = [(Q4, 32, 5, 32, 16), (Q8, 32, 7, 32, 47), (Q4, 64, 13, 192, 17), (Q8, 64, 13, 192, 48),
-                   (Q4, 32, 70, 1056, 33), (Q8, 32, 65, 544, 100), (Q4, 128, 130, 384, 64), (Q8, 128, 129, 384, 20),
-                   (Q4, 256, 9, 512, 129), (Q8, 256, 3, 4096, 31), (Q4, 96, 13, 288, 40), (Q8, 96, 33, 960, 64)]
+                   (Q4, 32, 70, 1056, 33), (Q8, 32, 65, 544, 100), (Q4, 128, 130, 384, 64),
+                   (Q8, 128, 129, 384, 20), (Q4, 256, 9, 512, 129), (Q8, 256, 3, 4096, 31), (Q4, 96, 13, 288, 40),
+                   (Q8, 96, 33, 960, 64)]
 
     @pytest.mark.parametrize("sname,kw", SCALE_DTYPES, ids=["f16", "bf16"])
     @pytest.mark.parametrize("dtype,gs,rows,cols,T", IMMA_SHAPES,
-                             ids=[f"{'q4' if s[0] == Q4 else 'q8'}g{s[1]}-{s[2]}x{s[3]}-T{s[4]}" for s in IMMA_SHAPES])
+                             ids=[f"{'q4' if d == Q4 else 'q8'}g{g}-{r}x{c}-T{t}" for d, g, r, c, t in IMMA_SHAPES])
     def test_cuda_int8_prefill_on_tensor_cores_is_the_dp4a_kernels_bits(dtype, gs, rows, cols, T, sname, kw,
                                                                         monkeypatch):
         """CUDA's int8-activation matmul from T = 16 on (matmul_mma.cu: mma.sync's integer MMA, then fm_mm's fp32
@@ -949,7 +950,8 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
 
     @pytest.mark.parametrize("sname,kw", SCALE_DTYPES, ids=["f16", "bf16"])
     @pytest.mark.parametrize("dtype,gs,H,I,sizes,T", IMMA_EXPERTS,
-                             ids=[f"{'q4' if e[0] == Q4 else 'q8'}g{e[1]}-H{e[2]}-I{e[3]}" for e in IMMA_EXPERTS])
+                             ids=[f"{'q4' if e[0] == Q4 else 'q8'}g{e[1]}-H{e[2]}-I{e[3]}"
+                                  for e in IMMA_EXPERTS])
     def test_cuda_int8_experts_on_tensor_cores_are_the_dp4a_kernels_bits(dtype, gs, H, I, sizes, T, sname, kw,
                                                                          monkeypatch):
         """The routed experts' FFN on int8 activations: the experts of 16 tokens or more take the tensor-core

@@ -22,20 +22,20 @@
  * idle lane adds its +0. After position 31 the counter holds the butterfly's sum: the same operations on the same
  * operands (+ is commutative, but the emulator's NaN payloads are not, so even the operand order is lane 0's).
  * So the chunks are read in that order (not the columns'): stage s of the pipeline holds the next KC chunks of
- * it, 16 bytes of each row and V of each token, gathered by cp.async, with each chunk's scales and biases (as
- * floats) and each token's xd and xs.
+ * it, 16 bytes of each row (loaded into registers during the stage before, q4's nibbles then stored as bytes)
+ * and V of each token (cp.async), with each chunk's scales and biases (as floats) and each token's xd and xs.
  *
  * Tiles: a block of WM × WN warps, a warp 16·MT rows × 8·NT tokens (MT × NT MMA tiles: 4·MT·NT outputs a thread,
  * 6 floats each: the lane being folded and the counter's 5 levels, all in registers), ST stages of KC chunks
  * in static shared memory (under 48 KiB: no opt-in attribute). q4: m16n8k32, a chunk one MMA's K; q8:
  * m16n8k16 (a chunk of 16 columns: one MMA per chunk, since each chunk's d is needed alone). The calls (fm_mm's
- * K): a matmul (IM_MM) over T tokens; a grouped call's down (IM_DOWN), blockIdx.z an expert, over its n rows of
- * h; its gate and up (IM_GU) over its listed tokens of xn, a warp's m-tiles half the gate's rows, half the same
- * rows of up, so that a thread holds both of a (row, token) and stores silu(gate)·up (eltwise.cuh's
- * fmc_silu_mul, as fm_mm). Experts of fewer than `big` tokens are fm_mm's, in a launch of their own; a grouped
- * call's blocks are its (expert, token tile) pairs. A call whose blocks would not fill half the GPU stays on
- * fm_mm (FLASHMOE_CUDA_IMMA unset; 1 forces this kernel, 0 keeps fm_mm): its warps of 4 rows × 8 tokens spread a
- * few dozen tokens over far more SMs than these tiles of 16 × 32 outputs a warp.
+ * K): a matmul (IM_MM) over T tokens; a grouped call's down (IM_DOWN) over an expert's n rows of h; its gate and
+ * up (IM_GU) over its listed tokens of xn, a warp's m-tiles half the gate's rows, half the same rows of up, so
+ * that a thread holds both of a (row, token) and stores silu(gate)·up (eltwise.cuh's fmc_silu_mul, as fm_mm).
+ * Experts of fewer than `big` tokens are fm_mm's, in a launch of their own; a grouped call's blocks are its
+ * (expert, token tile) pairs. A call whose blocks would not fill half the GPU stays on fm_mm (FLASHMOE_CUDA_IMMA
+ * unset; 1 forces this kernel, 0 keeps fm_mm): its warps of 4 rows × 8 tokens spread a few dozen tokens over far
+ * more SMs than these tiles of 16 × 32 outputs a warp.
  *
  * Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k32" and "... for mma.m16n8k16 with integer type";
  * groupID g = lane >> 2, threadID_in_group q = lane & 3, elements low to high in each .b32):
@@ -66,7 +66,7 @@ enum { IM_MM, IM_DOWN, IM_GU };
 struct imma_args {
     const char *w;                   /* IM_MM: [rows, row_bytes]: q4 or q8, rows 16-byte aligned */
     const uint16_t *scales, *biases; /* [rows, ng] fp16 or bf16 bits */
-    const fmc_expert *ex;            /* IM_DOWN, IM_GU: the call's experts (blockIdx.z) */
+    const fmc_expert *ex;            /* IM_DOWN, IM_GU: the call's experts */
     const int8_t *xq;                /* [·, cols] (q4: each 8 as evens then odds) */
     const float *xd, *xs;            /* [·, ng] steps, [·, nc] Σ xq of each chunk */
     float *y;                        /* [·, rows] */
