@@ -30,17 +30,19 @@ def _nvcc():
 
 @pytest.fixture(scope="module")
 def cuda_env(tmp_path_factory):
-    """The environment of a process that imports a flashmoe with the CUDA backend."""
+    """The environment of a process that imports a flashmoe with the CUDA backend. FLASHMOE_CUDA_IMMA=1: the int8
+    prefill's tensor-core kernels on every call they take (matmul_mma.cu; by default only where they would fill
+    half the GPU, which the tests' small shapes never do), so the op harness and the models test them."""
     import flashmoe
     if "cuda" in flashmoe.backends():
-        return dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        return dict(os.environ, PYTHONDONTWRITEBYTECODE="1", FLASHMOE_CUDA_IMMA="1")
     nvcc = _nvcc()
     if not nvcc:
         pytest.skip("needs nvcc (the CUDA toolkit)")
     target = tmp_path_factory.mktemp("cuda_pkg")
     build_dir = os.environ.get("FLASHMOE_CUDA_BUILD_DIR") or str(tmp_path_factory.mktemp("cuda_build"))
     build_variant(target, build_dir, ["FLASHMOE_CUDA=ON"], dict(os.environ, CUDACXX=nvcc), "the CUDA backend")
-    return dict(os.environ, PYTHONPATH=str(target), PYTHONDONTWRITEBYTECODE="1")
+    return dict(os.environ, PYTHONPATH=str(target), PYTHONDONTWRITEBYTECODE="1", FLASHMOE_CUDA_IMMA="1")
 
 
 def has_gpu(env):

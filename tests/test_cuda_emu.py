@@ -54,7 +54,9 @@ def emu_env(tmp_path_factory):
     build_dir = os.environ.get("FLASHMOE_CUDA_EMU_BUILD_DIR") or str(tmp_path_factory.mktemp("cuda_emu_build"))
     build_variant(target, build_dir, ["FLASHMOE_CUDA_EMU=ON"], dict(os.environ, CC="clang-19", CXX="clang++-19"),
                   "the emulated CUDA backend", timeout=900)
-    env = dict(os.environ, PYTHONPATH=str(target), PYTHONDONTWRITEBYTECODE="1")
+    # FLASHMOE_CUDA_IMMA=1: the int8 prefill's tensor-core kernels on every call they take (matmul_mma.cu; unset,
+    # only where they would fill half a GPU, which the tests' small shapes never do)
+    env = dict(os.environ, PYTHONPATH=str(target), PYTHONDONTWRITEBYTECODE="1", FLASHMOE_CUDA_IMMA="1")
     env.pop("FM_CUDA_EMU_ORDER", None)
     env.pop("FM_CUDA_EMU_FAIL", None)
     return env
@@ -74,6 +76,64 @@ def test_op_harness_on_emulated_cuda(emu_env, order):
     """Every case of tests/test_ops.py and every check of tests/test_batch_invariance.py on backend "cuda"
     (their ids hold "cuda"): passed, none skipped."""
     assert_op_harness_passes(dict(emu_env, FM_CUDA_EMU_ORDER=order), "cuda", tail=8000)
+
+
+IMMA_TRACE = """
+import os, sys
+import numpy as np
+from flashmoe import _core
+sys.path.insert(0, "tests")
+from test_ops import Q4, Q8, build_experts, build_weight, randn
+trace = os.environ["FM_CUDA_EMU_TRACE"]
+
+def ran(mode, call):
+    if mode == "auto":
+        os.environ.pop("FLASHMOE_CUDA_IMMA", None)
+    else:
+        os.environ["FLASHMOE_CUDA_IMMA"] = mode
+    open(trace, "w").close()
+    call()
+    return open(trace).read().split()
+
+for dtype, gs, rows in ((Q4, 32, 13), (Q8, 64, 13), (Q4, 32, 4224)):
+    for T, int8, mode in ((1, True, "1"), (15, True, "1"), (16, True, "1"), (100, True, "1"), (16, True, "0"),
+                          (100, False, "1"), (100, True, "auto")):
+        if rows > 13 and mode != "auto":
+            continue
+        rng = np.random.default_rng(T)
+        w = build_weight(rng, dtype, rows, 2 * gs, gs)
+        x = randn(rng, T, 2 * gs)
+        names = {n.split("<")[0] for n in ran(mode, lambda: _core.op_matmul(*w, x, int8, backend="cuda"))}
+        print("mm", rows, T, int(int8), mode, int("fm_mm_imma" in names), int("fm_mm" in names))
+for sizes in ((20, 3), (16,), (15, 1)):
+    xn, experts = build_experts(np.random.default_rng(1), Q4, 32, 64, 96, 40, sizes)
+    names = ran("1", lambda: _core.op_experts(xn, experts, int8_act=True, backend="cuda"))
+    print("experts", len(sizes), sum(n.startswith("fm_mm_imma<") for n in names),
+          sum(n.startswith("fm_mm<") for n in names))
+"""
+
+
+def test_int8_prefill_reaches_the_tensor_core_kernel(emu_env, tmp_path):
+    """The int8-activation matmul runs matmul_mma.cu's kernel (fm_mm_imma, seen in FM_CUDA_EMU_TRACE) from 16
+    tokens on with FLASHMOE_CUDA_IMMA=1, and fm_mm's dp4a kernel below, with FLASHMOE_CUDA_IMMA=0, and on fp32
+    activations; unset, only where its blocks fill half the GPU (the emulator's 132 SMs: 4224 rows of 100
+    tokens, not 13); a grouped call's experts of 16 tokens or more too, the others on fm_mm in launches of their
+    own. The emulated harness runs with FLASHMOE_CUDA_IMMA=1 (emu_env), so the op harness's int8 cases of T >= 16
+    test the tensor-core kernels (test_ops.py: against float64 and bitwise against the dp4a kernel;
+    test_batch_invariance.py: against the token alone), and the models' prompts of 16 tokens or more run them."""
+    rc, out = run_py(dict(emu_env, FM_CUDA_EMU_TRACE=str(tmp_path / "trace")), ["-c", IMMA_TRACE])
+    assert rc == 0, out[-4000:]
+    rows = [line.split()[1:] for line in out.splitlines() if line.startswith("mm ")]
+    small = [[T, i8, mode, "1" if i8 == "1" and mode == "1" and int(T) >= 16 else "0",
+              "0" if i8 == "1" and mode == "1" and int(T) >= 16 else "1"]
+             for T, i8, mode in (("1", "1", "1"), ("15", "1", "1"), ("16", "1", "1"), ("100", "1", "1"),
+                                 ("16", "1", "0"), ("100", "0", "1"), ("100", "1", "auto"))]
+    want = [["13"] + r for r in small] * 2 + [["4224", "100", "1", "auto", "1", "0"]]
+    assert rows == want, out[-4000:]
+    # a grouped call: gate·up and down each on tensor cores for the experts of 16 tokens or more, fm_mm for
+    # the rest
+    experts = [line.split()[1:] for line in out.splitlines() if line.startswith("experts ")]
+    assert experts == [["2", "2", "2"], ["1", "2", "0"], ["2", "0", "2"]], out[-4000:]
 
 
 # ---------------------------------------------------------------------------------- the whole model

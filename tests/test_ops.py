@@ -313,6 +313,18 @@ for name, dtype in (("q8", Q8), ("q4", Q4)):
                      + (x_with_zero_group(rng, T, c, g), True),
                      ref_matmul_int8, TOL_DOT, **kw)
 
+# int8 activations in prefill on CUDA's tensor-core kernel (csrc/backend/cuda/matmul_mma.cu, T >= 16; tiles of 128
+# rows x 32 tokens below T = 48, 64 x 64 from there): rows not a multiple of a tile, chunk counts (cols / 32 for
+# q4, / 16 for q8) under 32 (lanes of the butterfly with no chunk), odd and over 32 but not a multiple of it.
+for name, dtype in (("q8", Q8), ("q4", Q4)):
+    for sname, kw in scale_dtypes(dtype):
+        for gs, rows, cols in ((32, 70, 1056), (64, 13, 192), (128, 130, 384)):
+            for T in (16, 33, 100):
+                case("matmul", f"int8-prefill-{name}g{gs}{sname}-{rows}x{cols}-T{T}",
+                     lambda rng, d=dtype, g=gs, r=rows, c=cols, T=T, kw=kw: build_weight(rng, d, r, c, g, **kw)
+                     + (x_with_zero_group(rng, T, c, g), True),
+                     ref_matmul_int8, TOL_DOT, **kw)
+
 for name, dtype, gs, cols in WEIGHTS:
     # get_row is the dequantised row exactly: s * q is exact in fp32 (11-bit or, bf16, 8-bit x 8-bit
     # significands), so the kernel's one rounding of (+ bias) equals the exact float64 value rounded once.
@@ -894,6 +906,66 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
             for a, b in zip(whole, sliced):
                 assert np.array_equal(a, b), (T, pos0, slice_chunks)
             check_outputs(sliced, ref_gated_delta(*args), (TOL_DOT, TOL_DOT))
+
+
+if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE_CI_REQUIRE=all)
+    # (dtype, group size, rows, cols, T): both tile shapes, partial tiles of rows and tokens, chunk counts under
+    # 32, odd, over 32 and not a multiple of it, one stage's worth (2 chunks) and less; groups of 3 and 6 chunks.
+    IMMA_SHAPES = [(Q4, 32, 5, 32, 16), (Q8, 32, 7, 32, 47), (Q4, 64, 13, 192, 17), (Q8, 64, 13, 192, 48),
+                   (Q4, 32, 70, 1056, 33), (Q8, 32, 65, 544, 100), (Q4, 128, 130, 384, 64),
+                   (Q8, 128, 129, 384, 20), (Q4, 256, 9, 512, 129), (Q8, 256, 3, 4096, 31), (Q4, 96, 13, 288, 40),
+                   (Q8, 96, 33, 960, 64)]
+
+    @pytest.mark.parametrize("sname,kw", SCALE_DTYPES, ids=["f16", "bf16"])
+    @pytest.mark.parametrize("dtype,gs,rows,cols,T", IMMA_SHAPES,
+                             ids=[f"{'q4' if d == Q4 else 'q8'}g{g}-{r}x{c}-T{t}" for d, g, r, c, t in IMMA_SHAPES])
+    def test_cuda_int8_prefill_on_tensor_cores_is_the_dp4a_kernels_bits(dtype, gs, rows, cols, T, sname, kw,
+                                                                        monkeypatch):
+        """CUDA's int8-activation matmul from T = 16 on (matmul_mma.cu: mma.sync's integer MMA, then fm_mm's fp32
+        terms in fm_mm's order) gives the bits of fm_mm's dp4a kernel on the same inputs (FLASHMOE_CUDA_IMMA=0)
+        for every (row, token): tokens of a prefill stay those of decode (batch invariance). x has a group of
+        zeros (xd = 0), a token of ±1e30 (huge products) and one with an inf (NaN outputs, of the same bits: the
+        same operations on the same operands, in the same order) beside N(0, 1) ones; the others within TOL_DOT
+        of the float64 reference too."""
+        rng = np.random.default_rng(rows * cols + T + gs)
+        w = build_weight(rng, dtype, rows, cols, gs, **kw)
+        x = x_with_zero_group(rng, T, cols, gs)
+        x[T // 2] = np.where(rng.random(cols) < 0.5, np.float32(-1e30), np.float32(1e30))
+        x[T // 3, cols // 2] = np.inf
+        monkeypatch.setenv("FLASHMOE_CUDA_IMMA", "1")
+        mma = _core.op_matmul(*w, x, True, **kw, backend="cuda")
+        monkeypatch.setenv("FLASHMOE_CUDA_IMMA", "0")
+        dp4a = _core.op_matmul(*w, x, True, **kw, backend="cuda")
+        bad = np.argwhere(mma.view(np.uint32) != dp4a.view(np.uint32))
+        assert bad.size == 0, f"(token, row) {bad[:8].tolist()} differ from the dp4a kernel's"
+        keep = (np.arange(T) != T // 2) & (np.arange(T) != T // 3)
+        check_outputs(mma[keep], ref_matmul_int8(*w, x[keep], True, **kw), (TOL_DOT,))
+
+
+    # (dtype, group size, H, I, token list sizes, xn rows): experts of 16 tokens and more on tensor cores beside
+    # smaller ones on the dp4a kernel in the same call (1, 9, 15), 16 exactly, partial token tiles, a shared
+    # expert's worth (all 100); I and H not multiples of the row tiles (64 of gate and up, 128 of down).
+    IMMA_EXPERTS = [(Q4, 32, 192, 96, (40, 9, 16, 15, 100, 1), 100), (Q8, 64, 192, 128, (33, 1, 17, 64), 70),
+                    (Q4, 64, 320, 192, (16, 31, 2), 40), (Q8, 32, 96, 160, (20, 50), 60)]
+
+    @pytest.mark.parametrize("sname,kw", SCALE_DTYPES, ids=["f16", "bf16"])
+    @pytest.mark.parametrize("dtype,gs,H,I,sizes,T", IMMA_EXPERTS,
+                             ids=[f"{'q4' if e[0] == Q4 else 'q8'}g{e[1]}-H{e[2]}-I{e[3]}"
+                                  for e in IMMA_EXPERTS])
+    def test_cuda_int8_experts_on_tensor_cores_are_the_dp4a_kernels_bits(dtype, gs, H, I, sizes, T, sname, kw,
+                                                                         monkeypatch):
+        """The routed experts' FFN on int8 activations: the experts of 16 tokens or more take the tensor-core
+        kernels (gate·up with silu(gate)·up into h, then down), the others fm_mm's in the same call; every row
+        the bits of the call on fm_mm's kernels alone (FLASHMOE_CUDA_IMMA=0)."""
+        rng = np.random.default_rng(H * I + len(sizes))
+        xn, experts = build_experts(rng, dtype, gs, H, I, T, sizes, **kw)
+        monkeypatch.setenv("FLASHMOE_CUDA_IMMA", "1")
+        mma = _core.op_experts(xn, experts, int8_act=True, **kw, backend="cuda")
+        monkeypatch.setenv("FLASHMOE_CUDA_IMMA", "0")
+        dp4a = _core.op_experts(xn, experts, int8_act=True, **kw, backend="cuda")
+        assert np.isfinite(dp4a).all()
+        bad = np.argwhere(mma.view(np.uint32) != dp4a.view(np.uint32))
+        assert bad.size == 0, f"(row, column) {bad[:8].tolist()} differ from the dp4a kernel's"
 
 
 @pytest.mark.parametrize("name", [n for n in ("cuda", "metal", "nonesuch") if n not in BACKENDS])

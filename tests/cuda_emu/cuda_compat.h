@@ -43,10 +43,12 @@ struct __align__(16) int4 { int x, y, z, w; };
 struct __align__(16) float4 { float x, y, z, w; };
 struct __align__(8) float2 { float x, y; };
 struct __align__(8) uint2 { unsigned x, y; };
+struct __align__(8) int2 { int x, y; };
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
 static inline int4 make_int4(int a, int b, int c, int d) { return int4{a, b, c, d}; }
 static inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 static inline float2 make_float2(float a, float b) { return float2{a, b}; }
+static inline int2 make_int2(int a, int b) { return int2{a, b}; }
 
 /* ---- the built-in positions: the running lane's (set by the scheduler before each resume) */
 extern uint3 threadIdx, blockIdx;
@@ -93,7 +95,8 @@ struct cudaPointerAttributes {
     int device;
     void *devicePointer, *hostPointer;
 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlock = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlock = 8,
+                     cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76 };
 struct cudaDeviceProp {
     char name[256];
     size_t totalGlobalMem, sharedMemPerBlock;

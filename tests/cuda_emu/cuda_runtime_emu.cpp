@@ -348,6 +348,8 @@ cudaError_t cudaDeviceGetAttribute(int *v, enum cudaDeviceAttr a, int d) {
     switch (a) {
     case cudaDevAttrMultiProcessorCount: *v = 132; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlock: *v = 48 << 10; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *v = 9; return cudaSuccess; /* as cudaGetDeviceProperties says */
+    case cudaDevAttrComputeCapabilityMinor: *v = 0; return cudaSuccess;
     default: return err(cudaErrorInvalidValue);
     }
 }

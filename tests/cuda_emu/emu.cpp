@@ -336,6 +336,15 @@ void run_kernel(dim3 grid, dim3 block, size_t shmem, const char *name, void (*fn
         S.lanes.resize(MAX_LANES);
     }
     S.launches++;
+    /* FM_CUDA_EMU_TRACE=file: each kernel run appends its name (as the launch wrote it) to that file (tests: which
+     * kernel a call reached) */
+    static const char *trace = getenv("FM_CUDA_EMU_TRACE");
+    if (trace && *trace) {
+        if (FILE *f = fopen(trace, "a")) {
+            fprintf(f, "%s\n", name);
+            fclose(f);
+        }
+    }
     S.fn = fn, S.ctx = ctx, S.name = name, S.n = (int)n, S.dyn_bytes = shmem;
     gridDim = grid, blockDim = block;
     const unsigned long long nb = (unsigned long long)grid.x * grid.y * grid.z;

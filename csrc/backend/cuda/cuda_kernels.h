@@ -63,6 +63,25 @@ fm_status fmc_shared_combine(cudaStream_t s, const fm_mat *gate_row, const float
 /* out[T, cols] = row ids[t] of W, dequantized (fm_cpu_get_row); ids: device [T] */
 fm_status fmc_embed(cudaStream_t s, const fm_mat *w, const int32_t *ids, int T, float *out);
 
+/* ---- matmul_mma.cu */
+/* fmc_matmul's int8-activation matmul (q4 or q8 w; xq, xd, xs its quantized x, matmul.cu's scratch) on tensor cores,
+ * bitwise matmul.cu's kernel for every (row, token). Queues it and returns 1 where it takes the call: T at least
+ * FMC_IMMA_MIN_T, sm_80 or later, w's rows 16-byte aligned, and FLASHMOE_CUDA_IMMA 1, or unset and the call's
+ * blocks fill half the GPU; else 0 (nothing queued). */
+#define FMC_IMMA_MIN_T 16
+int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, int T);
+/* fmc_experts' part there: its experts of at least the number this returns take it (0: none, for w's shape, the
+ * device, FLASHMOE_CUDA_IMMA, or too few such experts' tokens to fill half the GPU where it is unset); w the call's
+ * first gate (gu) or down, ex_host its experts. */
+#define FMC_IMMA_MIN_EXPERT_T 16
+int fmc_experts_imma_min(const fm_mat *w, int gu, const fmc_expert *ex_host, int n_ex);
+/* gate·up (gu: into h, silu(gate)·up) or down (into ye) of the experts of ex (device [n_ex]; ex_host the same on the
+ * host) of at least big tokens, bitwise fm_mm's: w the first expert's gate or down (the call's shape and options,
+ * every matrix's rows 16-byte aligned), xq, xd, xs the quantized xn or h, y h or ye, hlo the call's lowest row0.
+ * 1 where it queued the kernel (or had nothing to do), 0 where the grid is too large (nothing queued). */
+int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, const fmc_expert *ex_host, int n_ex,
+                     const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, int hlo, int big);
+
 /* ---- attention.cu */
 /* Floats of scratch fmc_attention needs (its flash-decoding partials) for this call. */
 size_t fmc_attention_scratch_floats(int T, int pos0, int nh, int hd);

@@ -12,6 +12,9 @@
 
 __device__ __forceinline__ float fmc_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+/* silu(g)·u as eltwise.cu's silu_mul_k computes it (matmul.cu's and matmul_mma.cu's fused gate·up) */
+__device__ __forceinline__ float fmc_silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 /* o + Σ_j w[j]·ye[row[j], c], j in order (moe_combine: a token's k choices, w and row its [k] entries) */
 __device__ __forceinline__ float fmc_combine(float o, const float *ye, const int32_t *row, const float *w, int k,
                                              int h, size_t c) {

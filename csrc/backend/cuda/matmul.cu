@@ -34,11 +34,16 @@
  * untouched, so the results are bitwise those of a matmul per expert on its gathered rows, with silu_mul
  * between: the per-expert path cuda_ops.cu keeps behind FLASHMOE_CUDA_GROUPED=0.
  *
- * Not tensor cores: an MMA's K order is its tile's (and unspecified), so decode would have to run the same
- * MMA tiles (a token padded to 8 or 16, and the weights staged as fp16/bf16/tf32 tiles, which changes the
- * numerics for f32 x) to stay invariant. A tensor-core prefill would need: the decode matvec built from the
- * same m16n8k16 (or wgmma) tiles with one fixed K split, x in bf16/fp16 or int8 (the int8 path maps onto
- * IMMA s8·u8 exactly, since integer sums are order-free: only the per-group fp32 terms need a fixed order).
+ * Tensor cores: only a prefill on int8 activations (T >= FMC_IMMA_MIN_T, sm_80+: matmul_mma.cu, which fmc_matmul
+ * hands the call to where its blocks fill half the GPU; a grouped call's experts of FMC_IMMA_MIN_EXPERT_T tokens
+ * or more likewise, fm_mm skipping them (mm_args.big) and taking the others in a launch of their own;
+ * FLASHMOE_CUDA_IMMA=0 keeps all here, =1 sends there whatever it takes). It is exact because the int8 path's only reduction an
+ * MMA could reorder is a chunk's d = Σ q·xq, an integer (mma.sync's s32 sum of u8·s8 products is the same
+ * integer in any order); its fp32 terms it applies as fm_mm does: per (row, token) each lane's chunks in order,
+ * then the butterfly's tree, replayed in registers. So a token's outputs are the same bits in decode (here) and
+ * at any place of any prefill (there). Not for fp32 activations: an MMA's K order is its tile's (and unspecified)
+ * and its inputs bf16/fp16/tf32, which would change the numerics of f32 x; decode would have to run the same
+ * MMA tiles (a token padded to 8 or 16) to stay invariant.
  */
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -67,6 +72,7 @@ struct mm_args {
     size_t row_bytes;
     int rows, cols, gs, ng, T, sbf16;
     int hlo; /* a grouped call's lowest row0: an expert's rows of h start at its row0 - hlo */
+    int big; /* a grouped call's experts of at least this many tokens are matmul_mma.cu's (0: none) */
 };
 
 /* one matrix's arrays, of mm_args' shape (a grouped call's: an expert's gate, up or down) */
@@ -348,6 +354,7 @@ __global__ void __launch_bounds__(128, K == K_GU && (VEC || P != MM_Q4) ? 3 : 1)
     } else {
         const fmc_expert &e = ex[blockIdx.y];
         n = e.n;
+        if (a.big && n >= a.big) return; /* the whole warp: on tensor cores (fmc_experts) */
         if constexpr (K == K_GU) {
             m[0] = {e.gate.data, e.gate.scales, e.gate.biases};
             m[M - 1] = {e.up.data, e.up.scales, e.up.biases};
@@ -386,7 +393,7 @@ __global__ void __launch_bounds__(128, K == K_GU && (VEC || P != MM_Q4) ? 3 : 1)
                 }
                 if (lane == 0 && j < nt && row0 + r < a.rows) {
                     float *y = a.y + (size_t)(yr + t0 + j) * a.rows + row0 + r;
-                    if constexpr (K == K_GU) *y = v[0] / (1.0f + expf(-v[0])) * v[M - 1];
+                    if constexpr (K == K_GU) *y = fmc_silu_mul(v[0], v[M - 1]);
                     else *y = v[0];
                 }
             }
@@ -670,6 +677,19 @@ mm_args matmul_args(const fm_mat *w, const float *x, int T, bool *w16, bool *vec
     return a;
 }
 
+/* A grouped call's experts of many tokens on tensor cores (matmul_mma.cu), where w (an int8 path's, i8) takes them
+ * (its rows 16-byte aligned: ok) and one has that many: a.big set to the threshold (else 0); the most tokens of
+ * the other experts, fm_mm's (0: none). */
+int imma_split(bool ok, const fm_mat *w, int gu, mm_args &a, const fmc_expert *ex_host, int n_ex, int max_n) {
+    const int big = ok && max_n >= FMC_IMMA_MIN_EXPERT_T ? fmc_experts_imma_min(w, gu, ex_host, n_ex) : 0;
+    a.big = big && max_n >= big ? big : 0;
+    if (!a.big) return max_n;
+    int small_n = 0;
+    for (int e = 0; e < n_ex; e++)
+        if (ex_host[e].n < big && ex_host[e].n > small_n) small_n = ex_host[e].n;
+    return small_n;
+}
+
 } // namespace
 
 extern "C" int fmc_same_kind(const fm_mat *a, const fm_mat *b) {
@@ -701,6 +721,7 @@ extern "C" fm_status fmc_matmul(cudaStream_t s, const fm_mat *w, const float *x,
         const size_t blocks = quantize_blocks(w, (size_t)T);
         if (!blocks) return fm_fail(FM_ERR_INVALID, "cuda backend: matmul of %d tokens: too many", T);
         quantize(s, w, x, T, scratch, a, blocks, nullptr, 0, have_q != 0);
+        if (fmc_mm_imma(s, w, a.xq, a.xd, a.xs, y, T)) return FM_OK; /* prefill on tensor cores (matmul_mma.cu) */
     }
     dispatch_w<K_MM>(s, a, w, w16, vec, nullptr, 1, T);
     return FM_OK;
@@ -765,9 +786,15 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
     g16 = g16 && gu.row_bytes % 16 == 0;
     d16 = d16 && dn.row_bytes % 16 == 0;
     if (gi8) quantize(s, g0, xn, T, scratch, gu, gblocks, nullptr, 0); /* every token once, for all the experts */
-    dispatch_w<K_GU>(s, gu, g0, g16, g16 && aligned(xn, 16) && H % 4 == 0, ex, n_ex, max_n);
+    int small_n = imma_split(gi8 && g16, g0, 1, gu, ex_host, n_ex, max_n); /* the most tokens of fm_mm's experts */
+    if (gu.big && !fmc_experts_imma(s, 1, ex, ex_host, n_ex, g0, gu.xq, gu.xd, gu.xs, h, lo, gu.big))
+        gu.big = 0, small_n = max_n; /* a grid too large there: all fm_mm's */
+    if (small_n) dispatch_w<K_GU>(s, gu, g0, g16, g16 && aligned(xn, 16) && H % 4 == 0, ex, n_ex, small_n);
     if (di8) quantize(s, d0, h, rows, (char *)scratch + fmc_matmul_scratch_bytes(g0, T), dn, dblocks, ex, n_ex);
-    dispatch_w<K_DOWN>(s, dn, d0, d16, d16 && aligned(h, 16) && I % 4 == 0, ex, n_ex, max_n);
+    small_n = imma_split(di8 && d16, d0, 0, dn, ex_host, n_ex, max_n);
+    if (dn.big && !fmc_experts_imma(s, 0, ex, ex_host, n_ex, d0, dn.xq, dn.xd, dn.xs, ye, lo, dn.big))
+        dn.big = 0, small_n = max_n;
+    if (small_n) dispatch_w<K_DOWN>(s, dn, d0, d16, d16 && aligned(h, 16) && I % 4 == 0, ex, n_ex, small_n);
     return FM_OK;
 }
 
