@@ -57,6 +57,7 @@
 
 #include "cuda_kernels.h"
 #include "eltwise.cuh"
+#include "launch.cuh"
 
 namespace {
 
@@ -398,7 +399,7 @@ struct xrow_seq {
 struct xrow_list {
     const int32_t *tok;
     int t0, last;
-    __device__ __forceinline__ size_t operator()(int j) const { return (size_t)__ldg(tok + min(t0 + j, last)); }
+    __device__ __forceinline__ size_t operator()(int j) const { return (size_t)fmc_ld(tok + min(t0 + j, last)); }
 };
 
 /* A grouped call's block x: (expert, token tile) number x of the experts of at least big tokens, each's tiles of
@@ -411,7 +412,7 @@ __device__ __forceinline__ int2 expert_tile(const imma_args &a) {
         const int lane = threadIdx.x, x = blockIdx.x;
         int base = 0;
         for (int e0 = 0; e0 < a.n_ex && base <= x; e0 += 32) { /* base: tiles of the experts before e0 (uniform) */
-            const int e = e0 + lane, n = e < a.n_ex ? __ldg(&a.ex[e].n) : 0, nt = n >= a.big ? (n + BN - 1) / BN : 0;
+            const int e = e0 + lane, n = e < a.n_ex ? fmc_ld(&a.ex[e].n) : 0, nt = n >= a.big ? (n + BN - 1) / BN : 0;
             int incl = nt;
 #pragma unroll
             for (int o = 1; o < 32; o <<= 1) {
@@ -430,6 +431,7 @@ __device__ __forceinline__ int2 expert_tile(const imma_args &a) {
  * file comment */
 template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
 __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_constant__ imma_args a) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
     using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC, ST>;
     const int r0 = blockIdx.y * C::BM;
     int t0 = blockIdx.x * C::BN;
@@ -531,7 +533,7 @@ bool launch_imma(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) 
             if (ex_host[e].n >= a.big) bx += (ex_host[e].n + C::BN - 1) / C::BN;
     const long long by = (a.rows + C::BM - 1) / C::BM;
     if (by > 65535 || bx > 0x7FFFFFFF) return false;
-    if (bx) fm_mm_imma<K, Q4, WM, WN, MT, NT, KC, ST><<<dim3((unsigned)bx, (unsigned)by), C::NTHR, 0, s>>>(a);
+    if (bx) fmc_launch(fm_mm_imma<K, Q4, WM, WN, MT, NT, KC, ST>, dim3((unsigned)bx, (unsigned)by), C::NTHR, 0, s, a);
     return true;
 }
 
