@@ -11,6 +11,8 @@
 #   profile2 the replayed decode step's kernels and a 512-token prompt's
 #   bench3  the settings again, medians of 3 (grouped and not), the CPU backend beside them
 #   profile bench/cuda_profile.py: a decode step's kernels, their GPU time, and its wall time
+#   pdl     hbm decode, FLASHMOE_CUDA_PDL=1 against 0, alternating, 3 each
+#   imma    bench/imma.py, then hbm prompts with FLASHMOE_CUDA_IMMA=0 / auto / 1, alternating, 2 each
 #   fold    hbm decode, the shared expert folded (FLASHMOE_CUDA_SHARED_FOLD=1) and not, alternating, 3 each
 #   ab      hbm decode and prompts, .devsrc/old's build (a carried `git archive` of another commit) against
 #           this tree's, alternating, AB_RUNS (2) processes each
@@ -98,6 +100,24 @@ for what in "$@"; do
           echo "FLASHMOE_CUDA_SHARED_FOLD=$f" | tee -a "$out/fold.log"
           FLASHMOE_CUDA_SHARED_FOLD=$f python3 bench/cuda.py --setting hbm --layers 8 --prompts "" --runs 1 2>&1 \
             | tee -a "$out/fold.log" | grep "tok/s" || rc=1
+        done
+      done ;;
+    pdl)  # hbm decode, kernels launched with programmatic dependent launch and not, alternating, 3 each
+      for i in 1 2 3; do
+        for v in 1 0; do
+          echo "FLASHMOE_CUDA_PDL=$v" | tee -a "$out/pdl.log"
+          FLASHMOE_CUDA_PDL=$v python3 bench/cuda.py --setting hbm --layers 8 --prompts "" --runs 1 2>&1 \
+            | tee -a "$out/pdl.log" | grep "tok/s" || rc=1
+        done
+      done ;;
+    imma)  # the int8 prefill kernels alone (bench/imma.py), then hbm prompts on dp4a (0), tensor cores where they
+           # fill half the GPU (auto) and wherever they take the call (1), alternating, 2 each
+      python3 bench/imma.py 2>&1 | tee -a "$out/imma.log" || rc=1
+      for i in 1 2; do
+        for v in 0 auto 1; do
+          echo "FLASHMOE_CUDA_IMMA=$v" | tee -a "$out/imma.log"
+          FLASHMOE_CUDA_IMMA=$v python3 bench/cuda.py --setting hbm --layers 8 --prompts 512,2048 --runs 1 2>&1 \
+            | tee -a "$out/imma.log" | grep "tok/s" || rc=1
         done
       done ;;
     ab)  # hbm decode and prompts, the build of .devsrc/old (a `git archive` of the commit to compare, carried)
