@@ -679,6 +679,48 @@ for T, E, k, norm, kind in ((3, 60, 4, True, "randn"), (3, 60, 4, False, "randn"
          ref_route, 0, TOL_PROB)
 
 
+# ---------------------------------------------------------------- argmax (a greedy step's token)
+
+
+def ref_argmax(x):
+    """The sampler's greedy token: the lowest index holding the largest number (-0.0 ties +0.0), NaN never
+    chosen, 0 when every value is NaN."""
+    num = ~np.isnan(x)
+    if not num.any():
+        return np.array([0], dtype=np.int32)
+    return np.array([np.flatnonzero(num & (x == x[num].max()))[0]], dtype=np.int32)
+
+
+def build_argmax(rng, n, kind):
+    x = randn(rng, n, scale=3.0)
+    nan, inf = np.float32(np.nan), np.float32(np.inf)
+    if kind == "ties":  # integers: the largest held by many ids, across the kernels' blocks of 4096
+        x = rng.integers(-50, 3, n).astype(np.float32)
+    elif kind == "late":  # the largest at the last id, NaNs before it
+        x[rng.choice(n - 1, min(n - 1, 9), replace=False)] = nan
+        x[-1] = x.max() + 1
+    elif kind == "zeros":  # every number negative but zeros of both signs, -0.0 first
+        x = -np.abs(x) - 1
+        x[rng.choice(n, min(n, 6), replace=False)] = np.float32(0.0)
+        x[rng.integers(n)] = np.float32(-0.0)
+    elif kind == "nan_top":  # NaN first and at the would-be largest; +inf twice
+        x[x.argmax()] = nan
+        x[0] = nan
+        x[rng.choice(np.arange(1, n), min(n - 1, 2), replace=False)] = inf
+    elif kind == "all_nan":
+        x[:] = nan
+    elif kind == "minus_inf":  # NaN and -inf only
+        x[:] = -inf
+        x[rng.choice(n, n // 2, replace=False)] = nan
+    return (x,)
+
+
+for n, kind in ((1, "randn"), (7, "ties"), (4096, "randn"), (4097, "late"), (9000, "ties"), (12289, "zeros"),
+                (248320, "randn"), (248320, "ties"), (248320, "late"), (5000, "nan_top"), (300, "all_nan"),
+                (4100, "minus_inf")):
+    case("argmax", f"n{n}-{kind}", lambda rng, n=n, kind=kind: build_argmax(rng, n, kind), ref_argmax, 0)
+
+
 def build_nonfinite_logits(rng, E, k):
     """Logits [13, E] (E >= 5), a token per pattern of NaN and ±inf over randn ones (nan_some, minus_infs:
     k - 2 numbers left, so 2 NaNs, or 2 -inf, are chosen after them)."""

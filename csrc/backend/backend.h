@@ -154,7 +154,8 @@ typedef struct fm_backend_ops {
     void (*moe_combine)(void *ctx, float *out, const float *ye, const int32_t *row, const float *weights, int T,
                         int k, int h);
 
-    /* ---- optional (NULL where a backend has none: CPU, Metal): decode without the host inside a step */
+    /* ---- optional (NULL where a backend has none: CPU, Metal, but for argmax): decode without the host inside a
+     * step */
     /* The routed experts of MoE layer `layer` on the device alone, where the backend's own expert cache (CUDA's
      * VRAM tier) holds every expert of the layer for good: route's choices of logits [T, E], and each choice's
      * expert FFN on its token of xn [T, h] into row t·k + j of ye, the bits experts would give it. Nothing comes
@@ -184,6 +185,10 @@ typedef struct fm_backend_ops {
      * they are in (their host memory free for reuse), 0 when it keeps no such cache (nothing copied; the core
      * offers no more). A failure is reported by the next finish(). The core offers every expert once, at load. */
     int (*experts_preload)(void *ctx, const fm_expert_work *work, int n_work);
+    /* *out (host, on return, as to_host copies): the greedy token of x [n] (device, n <= the vocabulary): the
+     * lowest id holding the largest value, NaN never, 0 when all are NaN: fm_sampler_sample's argmax, so that a
+     * greedy step copies 4 bytes back, not the logits. A failure is reported by the next finish(). */
+    void (*argmax)(void *ctx, int32_t *out, const float *x, int n);
 } fm_backend_ops;
 
 /* A backend instance: the table and its state for one model. */

@@ -608,10 +608,17 @@ static fm_status step_ops(fm_model *m, const int32_t *token) {
     return FM_OK;
 }
 
+/* The last logits computed (s.logits_out's first row) to the host, or (greedy) their argmax alone */
+static void logits_out(fm_model *m, float *logits, int32_t *greedy) {
+    const int V = m->c.vocab_size;
+    if (greedy) FM_OP(&m->be, argmax, greedy, m->s.logits_out, V);
+    else FM_OP(&m->be, to_host, logits, m->s.logits_out, sizeof(float) * (size_t)V);
+}
+
 /* A decode step through the backend's recording (backend.h step_begin): replayed; or issued, recorded where the
  * last step ran without the host, and issued once more where recording failed (a failed recording's host-side
- * counts undone: its routing on the host, if any, had made-up choices). Then the logits to the host. */
-static fm_status step_recorded(fm_model *m, const int32_t *token, float *logits) {
+ * counts undone: its routing on the host, if any, had made-up choices). Then the logits to the host (logits_out). */
+static fm_status step_recorded(fm_model *m, const int32_t *token, float *logits, int32_t *greedy) {
     const int L = m->c.num_hidden_layers, record = m->host_free_steps > 0;
     if (FM_OP(&m->be, step_begin, *token, m->pos, record)) {
         for (int l = 0; l < L; l++) m->dev_routed[l] = (uint8_t)m->layers[l].moe;
@@ -626,11 +633,13 @@ static fm_status step_recorded(fm_model *m, const int32_t *token, float *logits)
         if (st == FM_OK && !ran) st = step_ops(m, token);
         if (st != FM_OK) return st;
     }
-    FM_OP(&m->be, to_host, logits, m->s.logits_out, sizeof(float) * (size_t)m->c.vocab_size);
+    logits_out(m, logits, greedy);
     return FM_OK;
 }
 
-fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *logits, int all_logits) {
+/* fm_model_forward; or, with greedy (and logits NULL, all_logits 0, the backend's argmax op), the last position's
+ * greedy token into *greedy, found on the backend: the logits stay there. */
+static fm_status forward(fm_model *m, const int32_t *tokens, int n, float *logits, int all_logits, int32_t *greedy) {
     const int V = m->c.vocab_size, H = m->c.hidden_size;
     if (n <= 0) return fm_fail(FM_ERR_INVALID, "forward: no tokens given");
     if ((int64_t)m->pos + n > m->ctx)
@@ -642,12 +651,18 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
                            tokens[i], i, V);
     const double t0 = fm_now();
     /* a decode step a backend can record and replay: one token, nothing to call back between its ops */
-    const int recordable = n == 1 && logits && m->be.op->step_begin && !m->trace && !m->progress;
+    const int out = logits || greedy; /* the last position's logits are wanted */
+    const int recordable = n == 1 && out && m->be.op->step_begin && !m->trace && !m->progress;
     for (int done = 0; done < n;) {
         /* segments end at multiples of S in absolute position, as chunks do at multiples of C */
         const int T = n - done < m->segment - m->pos % m->segment ? n - done : m->segment - m->pos % m->segment;
-        fm_status st = recordable ? step_recorded(m, tokens, logits) : embed_and_layers(m, tokens + done, T, done, n);
-        if (!recordable && st == FM_OK && logits && (all_logits || done + T == n)) {
+        fm_status st = recordable ? step_recorded(m, tokens, logits, greedy)
+                                  : embed_and_layers(m, tokens + done, T, done, n);
+        if (!recordable && st == FM_OK && greedy && done + T == n) {
+            final_norm(m, T - 1, 1);
+            FM_OP(&m->be, matmul, &m->lm_head, m->s.xn, 1, m->s.logits_out);
+            logits_out(m, NULL, greedy);
+        } else if (!recordable && st == FM_OK && logits && (all_logits || done + T == n)) {
             const int first = all_logits ? 0 : T - 1, rows = T - first;
             final_norm(m, first, rows);
             float *dst = all_logits ? logits + (size_t)done * V : logits;
@@ -680,15 +695,22 @@ fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *log
     return FM_OK;
 }
 
+fm_status fm_model_forward(fm_model *m, const int32_t *tokens, int n, float *logits, int all_logits) {
+    return forward(m, tokens, n, logits, all_logits, NULL);
+}
+
+/* 1 when s's tokens can be found by the backend's argmax (forward's greedy) */
+static int device_greedy(const fm_model *m, const fm_sampler *s) { return m->be.op->argmax && fm_sampler_greedy(s); }
+
 /* ---------------------------------------------------------------- generation */
 
 fm_status fm_model_generate(fm_model *m, const int32_t *prompt, int n_prompt, int max_tokens, const fm_sampling *sp,
                             const int32_t *stop_ids, int n_stop, int32_t *out, int *n_out) {
     *n_out = 0;
     const int V = m->c.vocab_size;
-    const fm_sampling greedy = fm_sampling_default();
+    const fm_sampling plain = fm_sampling_default();
     fm_sampler *smp = NULL;
-    fm_status st = fm_sampler_new(sp ? sp : &greedy, V, &smp);
+    fm_status st = fm_sampler_new(sp ? sp : &plain, V, &smp);
     if (st != FM_OK) return st;
     float *logits = (float *)fm_alloc((size_t)V * sizeof(float));
     if (!logits) {
@@ -696,19 +718,20 @@ fm_status fm_model_generate(fm_model *m, const int32_t *prompt, int n_prompt, in
         return fm_fail(FM_ERR_NOMEM, "generate: out of memory");
     }
     if (n_prompt > 0) fm_sampler_accept(smp, prompt, n_prompt);
+    int32_t next = 0, *greedy = device_greedy(m, smp) ? &next : NULL; /* else the logits, sampled here */
     double t0 = fm_now();
-    st = fm_model_forward(m, prompt, n_prompt, logits, 0);
+    st = forward(m, prompt, n_prompt, greedy ? NULL : logits, 0, greedy);
     m->last_prompt_tokens = n_prompt;
     m->last_prompt_seconds = fm_now() - t0;
     t0 = fm_now();
     for (int i = 0; st == FM_OK && i < max_tokens; i++) {
-        const int32_t tok = fm_sampler_sample(smp, logits);
+        const int32_t tok = greedy ? next : fm_sampler_sample(smp, logits);
         fm_sampler_accept(smp, &tok, 1);
         out[(*n_out)++] = tok;
         int stop = 0;
         for (int j = 0; j < n_stop; j++) stop |= stop_ids[j] == tok;
         if (stop || i + 1 == max_tokens || m->pos >= m->ctx) break;
-        st = fm_model_forward(m, &tok, 1, logits, 0);
+        st = forward(m, &tok, 1, greedy ? NULL : logits, 0, greedy);
     }
     m->last_generated_tokens = *n_out;
     m->last_decode_seconds = fm_now() - t0;
@@ -726,9 +749,10 @@ fm_status fm_model_decode_step(fm_model *m, const int32_t *tokens, int n, fm_sam
     if (!m->step_logits && !(m->step_logits = (float *)fm_alloc((size_t)V * sizeof(float))))
         return fm_fail(FM_ERR_NOMEM, "decode_step: out of memory");
     const double t0 = fm_now();
-    fm_status st = fm_model_forward(m, tokens, n, m->step_logits, 0);
+    int32_t found = 0, *greedy = device_greedy(m, s) ? &found : NULL; /* else the logits, sampled here */
+    fm_status st = forward(m, tokens, n, greedy ? NULL : m->step_logits, 0, greedy);
     if (st != FM_OK) return st;
-    const int32_t tok = fm_sampler_sample(s, m->step_logits);
+    const int32_t tok = greedy ? found : fm_sampler_sample(s, m->step_logits);
     fm_sampler_accept(s, &tok, 1);
     *next = tok;
     const double dt = fm_now() - t0;

@@ -8,9 +8,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #include "util.h"
 
@@ -216,61 +213,6 @@ static double exp_all(const float *restrict l, float *restrict e, double *restri
     return exp_all_plain(l, e, blk, n, mx, inv_t);
 }
 
-/* max(l[0..n)) ignoring NaN (-inf when all are NaN); the lowest id holding it (0 when all are NaN). SSE2's
- * maxps(a, m) is exactly `a > m ? a : m` (NaN never wins), which the compiler does not vectorise by itself:
- * a 248k vocabulary's greedy step took 100-175 us scalar, 23 us here. */
-#if defined(__SSE2__)
-static float max_of(const float *l, int n) {
-    __m128 m[4] = {_mm_set1_ps(-INFINITY), _mm_set1_ps(-INFINITY), _mm_set1_ps(-INFINITY), _mm_set1_ps(-INFINITY)};
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 4; j++) m[j] = _mm_max_ps(_mm_loadu_ps(l + i + 4 * j), m[j]);
-    float lanes[16], mx = -INFINITY;
-    for (int j = 0; j < 4; j++) _mm_storeu_ps(lanes + 4 * j, m[j]);
-    for (; i < n; i++) mx = l[i] > mx ? l[i] : mx;
-    for (int j = 0; j < 16; j++) mx = lanes[j] > mx ? lanes[j] : mx;
-    return mx;
-}
-static int32_t argmax(const float *l, int n) {
-    const float mx = max_of(l, n);
-    const __m128 v = _mm_set1_ps(mx);
-    int i = 0;
-    for (; i + 16 <= n; i += 16) { /* the first block of 16 holding mx, then the lowest id in it */
-        const __m128 a = _mm_or_ps(_mm_cmpeq_ps(_mm_loadu_ps(l + i), v), _mm_cmpeq_ps(_mm_loadu_ps(l + i + 4), v));
-        const __m128 b = _mm_or_ps(_mm_cmpeq_ps(_mm_loadu_ps(l + i + 8), v), _mm_cmpeq_ps(_mm_loadu_ps(l + i + 12), v));
-        if (_mm_movemask_ps(_mm_or_ps(a, b))) break;
-    }
-    for (; i < n; i++)
-        if (l[i] == mx) return i;
-    return 0; /* all NaN */
-}
-#else
-static float max_of(const float *l, int n) {
-    enum { LANES = 16 };
-    float m[LANES];
-    for (int j = 0; j < LANES; j++) m[j] = -INFINITY;
-    int i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) m[j] = l[i + j] > m[j] ? l[i + j] : m[j];
-    float mx = -INFINITY;
-    for (; i < n; i++) mx = l[i] > mx ? l[i] : mx;
-    for (int j = 0; j < LANES; j++) mx = m[j] > mx ? m[j] : mx;
-    return mx;
-}
-static int32_t argmax(const float *l, int n) {
-    const float mx = max_of(l, n);
-    enum { B = 64 };
-    int i = 0;
-    for (; i + B <= n; i += B) { /* find the block first (vectorised), then the lowest id in it */
-        int any = 0;
-        for (int j = 0; j < B; j++) any |= l[i + j] == mx;
-        if (any) break;
-    }
-    for (; i < n; i++)
-        if (l[i] == mx) return i;
-    return 0; /* all NaN */
-}
-#endif
 
 /* Blocks of SKIP tokens are tested with one vectorised comparison before the scalar code looks at them:
  * most of a 248k vocabulary is far below any threshold that matters. */
@@ -438,11 +380,17 @@ static int32_t draw_blocks(fm_sampler *s, const float *e, int n, double Z) {
     return 0;
 }
 
+int fm_sampler_greedy(const fm_sampler *s) {
+    const fm_sampling *p = &s->p;
+    return p->temperature <= 0.0f && p->repetition_penalty == 1.0f && p->presence_penalty == 0.0f &&
+           p->frequency_penalty == 0.0f;
+}
+
 int32_t fm_sampler_sample(fm_sampler *s, float *logits) {
     const fm_sampling *p = &s->p;
     const int V = s->V;
     fm_sampler_apply_penalties(s, logits);
-    if (p->temperature <= 0.0f) return argmax(logits, V);
+    if (p->temperature <= 0.0f) return fm_argmax_f32(logits, V);
     const float inv_t = 1.0f / p->temperature;
 
     /* candidates: (e, ids) with ids == NULL meaning the whole vocabulary in id order */
@@ -456,18 +404,18 @@ int32_t fm_sampler_sample(fm_sampler *s, float *logits) {
         top_k_select(logits, V, n, ids);
         float mx = -INFINITY;
         for (int i = 0; i < n; i++) mx = logits[ids[i]] > mx ? logits[ids[i]] : mx;
-        if (!(mx > -INFINITY)) return argmax(logits, V);
+        if (!(mx > -INFINITY)) return fm_argmax_f32(logits, V);
         Z = 0.0;
         for (int i = 0; i < n; i++) {
             e[i] = fm_exp((logits[ids[i]] - mx) * inv_t);
             Z += e[i];
         }
     } else {
-        const float mx = max_of(logits, V);
-        if (!(mx > -INFINITY) || isinf(mx)) return argmax(logits, V);
+        const float mx = fm_max_f32(logits, V);
+        if (!(mx > -INFINITY) || isinf(mx)) return fm_argmax_f32(logits, V);
         Z = exp_all(logits, e, s->blk, V, mx, inv_t);
     }
-    if (!(Z > 0.0) || !isfinite(Z)) return argmax(logits, V); /* NaN logits */
+    if (!(Z > 0.0) || !isfinite(Z)) return fm_argmax_f32(logits, V); /* NaN logits */
 
     /* top_p, then min_p: both keep a top set, so the result is their intersection */
     if (p->top_p < 1.0f) {
@@ -476,7 +424,7 @@ int32_t fm_sampler_sample(fm_sampler *s, float *logits) {
         ids = s->ids2;
     }
     if (p->min_p > 0.0f) { /* the most probable token has e == 1 exactly */
-        const float emax = max_of(e, n);
+        const float emax = fm_max_f32(e, n);
         const float thr = p->min_p * emax;
         int k = 0;
         for (int i = 0; i < n; i++) {
@@ -493,7 +441,7 @@ int32_t fm_sampler_sample(fm_sampler *s, float *logits) {
         ids = s->ids2;
         n = k;
     }
-    if (n == 0) return argmax(logits, V);
+    if (n == 0) return fm_argmax_f32(logits, V);
     if (!ids) return draw_blocks(s, e, n, Z); /* nothing cut */
     return draw(s, e, ids, n);
 }

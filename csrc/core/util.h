@@ -29,6 +29,10 @@ void *fm_alloc_weights(size_t bytes);
 void *fm_grow(void **buf, size_t *cap, size_t bytes, size_t grow_to);
 
 double fm_now(void); /* monotonic seconds */
+/* max(l[0..n)) ignoring NaN (-inf when all are NaN); the greedy token: the lowest id holding it (0 when all are
+ * NaN). Both the sampler's and the CPU backend's argmax op. */
+float fm_max_f32(const float *l, int n);
+int32_t fm_argmax_f32(const float *l, int n);
 
 uint32_t fm_crc32(uint32_t crc, const void *data, size_t n); /* IEEE, as zlib.crc32 (crc32.c) */
 uint32_t fm_crc32_portable(uint32_t crc, const void *data, size_t n); /* the same by table only (tests) */

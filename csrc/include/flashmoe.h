@@ -178,6 +178,9 @@ void fm_sampler_accept(fm_sampler *s, const int32_t *tokens, int n);
 void fm_sampler_apply_penalties(const fm_sampler *s, float *logits);
 /* Pick a token from logits [vocab] (modified in place). Does not accept it: the caller does. */
 int32_t fm_sampler_sample(fm_sampler *s, float *logits);
+/* 1 when s picks the argmax of the logits as they come (temperature 0, penalties off): a backend may then find
+ * it where the logits are (the model's greedy steps do). */
+int fm_sampler_greedy(const fm_sampler *s);
 /* Forget the accepted tokens and reseed: the sampler is as new. */
 void fm_sampler_reset(fm_sampler *s);
 

@@ -872,6 +872,18 @@ static void bind_op_tests(py::module_ &m) {
         c.sync();
         return py::make_tuple(idx, w);
     }, py::arg("logits"), py::arg("k"), py::arg("norm"), py::kw_only(), kw_backend);
+    m.def("op_argmax", [](f32arr x, const std::string &backend) {  // the greedy token of x [n]
+        const int n = (int)x.size();
+        check_size(n > 0, "x is empty");
+        fm_config cfg = {};
+        cfg.vocab_size = n; /* an instance for a vocabulary of n: argmax's scratch */
+        const fm_backend_params p = {&cfg, 1, 0, 0};
+        OpCall c(backend, p);
+        int32_t out = -1;
+        RUN_OP(c, argmax, &out, c.in(x), n);
+        c.sync();
+        return py::array_t<int32_t>(py::ssize_t(1), &out);
+    }, py::arg("x"), py::kw_only(), kw_backend);
     m.def("op_gate_rows", [](f32arr x, f32arr g, const std::string &backend) {  // x [T, n] * sigmoid(g [T])
         check_size(x.ndim() == 2 && g.size() == x.shape(0), "x [T, n], g [T]");
         OpCall c(backend);

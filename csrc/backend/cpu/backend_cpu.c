@@ -264,6 +264,12 @@ static void cpu_experts(void *ctx, const fm_expert_work *work, int n_work, const
     }
 }
 
+/* backend.h argmax: the sampler's own */
+static void cpu_argmax(void *ctx, int32_t *out, const float *x, int n) {
+    (void)ctx;
+    *out = fm_argmax_f32(x, n);
+}
+
 static const fm_backend_ops cpu_ops = {
     .name = "cpu",
     .workspace_bytes = cpu_workspace_bytes,
@@ -302,6 +308,7 @@ static const fm_backend_ops cpu_ops = {
     .gate_rows = cpu_gate_rows,
     .experts = cpu_experts,
     .moe_combine = cpu_moe_combine,
+    .argmax = cpu_argmax,
 };
 
 const fm_backend_ops *fm_backend_cpu(void) { return &cpu_ops; }

@@ -140,6 +140,10 @@ fm_status fmc_moe_combine(cudaStream_t s, float *out, const float *ye, const int
                           int k, int h);
 /* dst[i, :] = src[rows[i], :], i < n; rows device [n] */
 fm_status fmc_gather_rows(cudaStream_t s, float *dst, const float *src, const int32_t *rows, int n, int cols);
+/* *out (device): the greedy token of x [n], the sampler's argmax (the lowest id holding the largest value, NaN
+ * never, 0 when all are NaN); scratch: device, fmc_argmax_scratch_bytes(n) */
+size_t fmc_argmax_scratch_bytes(int n);
+fm_status fmc_argmax(cudaStream_t s, int32_t *out, const float *x, int n, void *scratch);
 
 #ifdef __cplusplus
 }

@@ -123,7 +123,8 @@ struct cuda_ctx {
      * buffers (mem_gen: bumped by every reallocation a recording may point into) and a position whose key block
      * is the recording's (attention's grid and scratch; rope, kv_write and attention read pos from step_dev) */
     uint64_t mem_gen = 0;
-    int32_t *step_host = nullptr, *step_dev = nullptr; /* [2] token, pos: pinned; device */
+    /* [4] token, pos, argmax's token, unused: pinned; device, then argmax's scratch (step_dev_bytes) */
+    int32_t *step_host = nullptr, *step_dev = nullptr;
     bool capturing = false, broken = false;  /* recording; and something in it could not be recorded */
     int cap_pos = 0, cap_lo = 0, cap_hi = 0; /* the recorded position, the positions it is valid for */
     cudaGraphExec_t graph = nullptr;
@@ -184,6 +185,9 @@ void *dmalloc(cuda_ctx *c, size_t bytes, const char *what) {
     c->used += bytes;
     return p;
 }
+
+/* step_dev's bytes: 4 int32 (step_host's), then argmax's scratch for a row of the vocabulary */
+size_t step_dev_bytes(const cuda_ctx *c) { return 4 * sizeof(int32_t) + fmc_argmax_scratch_bytes(c->cfg->vocab_size); }
 
 void dfree(cuda_ctx *c, void *p, size_t bytes) {
     if (!p) return;
@@ -319,12 +323,12 @@ fm_status cuda_create(const fm_backend_params *p, void **out) {
     c->n_layers = p->config->num_hidden_layers;
     c->n_exp = p->config->num_experts > 0 ? p->config->num_experts : 0;
     c->key_space = c->n_layers * c->n_exp;
-    if (cudaMallocHost((void **)&c->step_host, 2 * sizeof(int32_t)) != cudaSuccess) {
+    if (cudaMallocHost((void **)&c->step_host, 4 * sizeof(int32_t)) != cudaSuccess) {
         cudaGetLastError();
         c->step_host = nullptr;
         return fm_fail(FM_ERR_NOMEM, "cuda backend: cannot pin host memory");
     }
-    if (!(c->step_dev = (int32_t *)dmalloc(c, 2 * sizeof(int32_t), "the decode step's token"))) return c->err;
+    if (!(c->step_dev = (int32_t *)dmalloc(c, step_dev_bytes(c), "the decode step's token"))) return c->err;
     return FM_OK;
 }
 
@@ -337,7 +341,7 @@ void cuda_destroy(void *ctx) {
     }
     vram_free(c);
     if (c->graph) cudaGraphExecDestroy(c->graph);
-    dfree(c, c->step_dev, 2 * sizeof(int32_t));
+    if (c->step_dev) dfree(c, c->step_dev, step_dev_bytes(c));
     if (c->step_host) cudaFreeHost(c->step_host);
     dfree(c, c->mm.p, c->mm.size), dfree(c, c->opbuf.p, c->opbuf.size), dfree(c, c->ffn.p, c->ffn.size);
     dfree(c, c->up_dev, c->up_size), dfree(c, c->route_dev.p, c->route_dev.size);
@@ -411,6 +415,20 @@ void cuda_to_host(void *ctx, void *host, const void *src, size_t bytes) {
     const bool copied = ok(c, cudaMemcpyAsync(host, src, bytes, cudaMemcpyDefault, c->s), "copy to the host");
     c->wait_ns += (uint64_t)((fm_now() - t0) * 1e9);
     if (copied) sync_all(c);
+}
+
+/* backend.h argmax: two kernels, then its 4 bytes to the host (a row of up to the vocabulary's size) */
+void cuda_argmax(void *ctx, int32_t *out, const float *x, int n) {
+    cuda_ctx *c = ctx_of(ctx);
+    if (no_sync(c)) return; /* never recorded: the core asks after step_end */
+    if (n > c->cfg->vocab_size) {
+        failed(c, fm_fail(FM_ERR_INVALID, "cuda backend: argmax over %d values, more than the vocabulary's %d", n,
+                          c->cfg->vocab_size));
+        return;
+    }
+    launched(c, fmc_argmax(c->s, c->step_dev + 2, x, n, c->step_dev + 4), "argmax");
+    cuda_to_host(ctx, c->step_host + 2, c->step_dev + 2, sizeof(int32_t));
+    if (c->err == FM_OK) *out = c->step_host[2];
 }
 
 void cuda_from_host(void *ctx, void *dst, const void *host, size_t bytes) {
@@ -1385,6 +1403,7 @@ const fm_backend_ops cuda_ops = {
     cuda_step_begin,
     cuda_step_end,
     cuda_experts_preload,
+    cuda_argmax,
 };
 
 } // namespace

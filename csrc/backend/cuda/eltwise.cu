@@ -194,6 +194,52 @@ __global__ void conv1d_silu_state_k(float *out, const float *x, float *state, co
     conv_state(x, state, c, T, C, K);
 }
 
+/* The greedy token (the sampler's argmax: the lowest id holding the largest value, NaN never, 0 when all are
+ * NaN) as the largest 64-bit key: the value's bits made to order as unsigned (-0 as +0, so the two tie as they
+ * compare equal) above the complement of the id. A max over keys is the same whichever order it takes them in. */
+__device__ __forceinline__ unsigned long long argmax_key(float v, int i) {
+    if (v != v) return 0; /* NaN: below every key of a number */
+    const unsigned b = __float_as_uint(v == 0.0f ? 0.0f : v), u = b & 0x80000000u ? ~b : b | 0x80000000u;
+    return (unsigned long long)u << 32 | (0xFFFFFFFFu - (unsigned)i);
+}
+
+/* the largest key of the block's threads, in every thread (blockDim.x: THREADS) */
+__device__ unsigned long long block_max_key(unsigned long long k) {
+    __shared__ unsigned long long part[THREADS / 32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long v = __shfl_xor_sync(0xffffffffu, k, o);
+        k = v > k ? v : k;
+    }
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = k;
+    __syncthreads();
+    for (int w = 0; w < THREADS / 32; w++) k = part[w] > k ? part[w] : k;
+    return k;
+}
+
+/* keys[b]: the largest key of x's ARGMAX_SPAN entries from b·ARGMAX_SPAN */
+constexpr int ARGMAX_SPAN = THREADS * 16;
+__global__ void argmax_part_k(unsigned long long *keys, const float *x, int n) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
+    const int i0 = blockIdx.x * ARGMAX_SPAN, end = min(n, i0 + ARGMAX_SPAN);
+    unsigned long long k = 0;
+    for (int i = i0 + threadIdx.x; i < end; i += THREADS) {
+        const unsigned long long v = argmax_key(x[i], i);
+        k = v > k ? v : k;
+    }
+    k = block_max_key(k);
+    if (threadIdx.x == 0) keys[blockIdx.x] = k;
+}
+
+/* *out: the id of the largest of keys [nb] (0 when every key is 0: all NaN) */
+__global__ void argmax_final_k(int32_t *out, const unsigned long long *keys, int nb) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
+    unsigned long long k = 0;
+    for (int b = threadIdx.x; b < nb; b += THREADS) k = keys[b] > k ? keys[b] : k;
+    k = block_max_key(k);
+    if (threadIdx.x == 0) *out = k ? (int32_t)(0xFFFFFFFFu - (unsigned)k) : 0;
+}
+
 } // namespace
 
 extern "C" {
@@ -293,6 +339,18 @@ fm_status fmc_moe_combine(cudaStream_t s, float *out, const float *ye, const int
 fm_status fmc_gather_rows(cudaStream_t s, float *dst, const float *src, const int32_t *rows, int n, int cols) {
     const size_t total = (size_t)n * cols;
     if (total) fmc_launch(gather_rows_k, blocks_for(total), THREADS, 0, s, dst, src, rows, n, cols);
+    return FM_OK;
+}
+
+size_t fmc_argmax_scratch_bytes(int n) {
+    return n > 0 ? sizeof(unsigned long long) * (size_t)((n + ARGMAX_SPAN - 1) / ARGMAX_SPAN) : 0;
+}
+
+fm_status fmc_argmax(cudaStream_t s, int32_t *out, const float *x, int n, void *scratch) {
+    if (n <= 0 || !out || !x || !scratch) return fm_fail(FM_ERR_INVALID, "cuda backend: argmax over %d values", n);
+    const unsigned nb = (unsigned)((n + ARGMAX_SPAN - 1) / ARGMAX_SPAN);
+    fmc_launch(argmax_part_k, nb, THREADS, 0, s, (unsigned long long *)scratch, x, n);
+    fmc_launch(argmax_final_k, 1, THREADS, 0, s, out, (const unsigned long long *)scratch, (int)nb);
     return FM_OK;
 }
 
