@@ -712,13 +712,13 @@ fm_status fm_model_generate(fm_model *m, const int32_t *prompt, int n_prompt, in
     fm_sampler *smp = NULL;
     fm_status st = fm_sampler_new(sp ? sp : &plain, V, &smp);
     if (st != FM_OK) return st;
-    float *logits = (float *)fm_alloc((size_t)V * sizeof(float));
-    if (!logits) {
+    int32_t next = 0, *greedy = device_greedy(m, smp) ? &next : NULL; /* else the logits, sampled here */
+    float *logits = greedy ? NULL : (float *)fm_alloc((size_t)V * sizeof(float));
+    if (!greedy && !logits) {
         fm_sampler_free(smp);
         return fm_fail(FM_ERR_NOMEM, "generate: out of memory");
     }
     if (n_prompt > 0) fm_sampler_accept(smp, prompt, n_prompt);
-    int32_t next = 0, *greedy = device_greedy(m, smp) ? &next : NULL; /* else the logits, sampled here */
     double t0 = fm_now();
     st = forward(m, prompt, n_prompt, greedy ? NULL : logits, 0, greedy);
     m->last_prompt_tokens = n_prompt;
