@@ -78,8 +78,10 @@ for what in "$@"; do
       FLASHMOE_CUDA_GROUPED=0 python3 bench/cuda_profile.py 2>&1 | tee -a "$out/profile.log" || rc=1
       python3 bench/cuda_profile.py --preset qwen3.5-122b-a10b --gpu-budget 3GB 2>&1 \
         | tee -a "$out/profile.log" || rc=1 ;;
-    profile2)  # the replayed decode step's kernels, then a 512-token prompt's (hbm, 35B 8 layers)
+    profile2)  # the replayed decode step's kernels (with PDL, then each kernel's own time without), then a
+               # 512-token prompt's (hbm, 35B 8 layers)
       python3 bench/cuda_profile.py 2>&1 | tee -a "$out/profile2.log" || rc=1
+      FLASHMOE_CUDA_PDL=0 python3 bench/cuda_profile.py 2>&1 | tee -a "$out/profile2.log" || rc=1
       python3 bench/cuda_profile.py --prompt 512 2>&1 | tee -a "$out/profile2.log" || rc=1 ;;
     bench3)  # the settings, medians of 3, grouped experts against one expert a call where it matters
       for g in 1 0; do

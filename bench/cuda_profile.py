@@ -6,6 +6,10 @@ step's wall time, from CUPTI through torch.profiler (it records every CUDA call 
 The model is bench/cuda.py's (bench/decode.py's model_path). The step is generate_tokens' loop (all in C,
 greedy), after a --warm prompt that fills the expert tiers, a 16-token prompt and 8 untimed steps. GPU busy below wall: the step waits on the host
 (launches, the router's top-k coming back each MoE layer, Python), not on the GPU.
+
+Launched with programmatic dependent launch (the default on sm_90), a kernel's blocks start while the kernel
+before it still runs and wait for it (griddepcontrol.wait): its time here includes that wait, and the kernels'
+times add up to more than the wall. Each kernel's own time: FLASHMOE_CUDA_PDL=0 (then the gaps are back).
 """
 
 from __future__ import annotations
