@@ -154,8 +154,8 @@ typedef struct fm_backend_ops {
     void (*moe_combine)(void *ctx, float *out, const float *ye, const int32_t *row, const float *weights, int T,
                         int k, int h);
 
-    /* ---- optional (NULL where a backend has none: CPU, Metal, but for argmax): decode without the host inside a
-     * step */
+    /* ---- optional (NULL where a backend has none: CPU and Metal have argmax alone): decode without the host inside
+     * a step */
     /* The routed experts of MoE layer `layer` on the device alone, where the backend's own expert cache (CUDA's
      * VRAM tier) holds every expert of the layer for good: route's choices of logits [T, E], and each choice's
      * expert FFN on its token of xn [T, h] into row t·k + j of ye, the bits experts would give it. Nothing comes

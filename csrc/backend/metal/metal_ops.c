@@ -183,6 +183,12 @@ static void metal_copy(void *ctx, void *dst, const void *src, size_t bytes) {
     sync_all((metal_ctx *)ctx);
     memcpy(dst, src, bytes);
 }
+/* backend.h argmax: the sampler's own, on the host over the logits where the GPU wrote them (unified memory: no
+ * copy either way) */
+static void metal_argmax(void *ctx, int32_t *out, const float *x, int n) {
+    sync_all((metal_ctx *)ctx);
+    *out = fm_argmax_f32(x, n);
+}
 static void *metal_host_view(void *ctx, void *p) {
     (void)ctx;
     return p; /* unified memory; the store writes a slot only after the event of its last use */
@@ -631,6 +637,7 @@ static const fm_backend_ops metal_ops = {
     .moe_combine = metal_moe_combine,
     .attention = metal_attention,
     .gated_delta = metal_gated_delta,
+    .argmax = metal_argmax,
 };
 
 const fm_backend_ops *fm_backend_metal(void) { return &metal_ops; }
