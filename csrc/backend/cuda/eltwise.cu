@@ -15,13 +15,26 @@ constexpr int CONV_FUSED_T = 4; /* conv1d calls of up to this many tokens: one k
 
 unsigned blocks_for(size_t n) { return (unsigned)((n + THREADS - 1) / THREADS); }
 
+/* A thread's loads of a row in flight at once: a loop of one load an iteration waits for each in turn (a decode
+ * step's rmsnorm, one block over a row of 2048: 8 loads one after another, 4.4 us on an H100) */
+constexpr int ROW_LOADS = 8;
+
 /* The sum of squares of a row in double, as the CPU takes it (its fp32 result then rounds once): each thread
- * strides the row, a butterfly sums each warp (the same bits in its every lane), then every thread adds the
- * warps' sums in warp order. blockDim.x: a multiple of 32, at most THREADS. */
+ * strides the row (its elements loaded ROW_LOADS at a time, added in order), a butterfly sums each warp (the
+ * same bits in its every lane), then every thread adds the warps' sums in warp order. blockDim.x: a multiple of
+ * 32, at most THREADS. */
 __device__ double row_sum_sq(const float *x, int n) {
     __shared__ double part[THREADS / 32];
     double ss = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * x[i];
+    const int step = blockDim.x;
+    for (int i0 = threadIdx.x; i0 < n; i0 += ROW_LOADS * step) {
+        float v[ROW_LOADS];
+#pragma unroll
+        for (int j = 0; j < ROW_LOADS; j++) v[j] = i0 + j * step < n ? x[i0 + j * step] : 0.0f;
+#pragma unroll
+        for (int j = 0; j < ROW_LOADS; j++)
+            if (i0 + j * step < n) ss += (double)v[j] * v[j];
+    }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
@@ -40,7 +53,18 @@ __global__ void rmsnorm_k(float *out, const float *x, const float *w, int n, flo
     float *o = out + r * n;
     const double ss = row_sum_sq(xr, n);
     const float inv = 1.0f / sqrtf((float)(ss / n) + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * (zc ? 1.0f + w[i] : w[i]);
+    const int step = blockDim.x;
+    for (int i0 = threadIdx.x; i0 < n; i0 += ROW_LOADS * step) { /* loads first, as row_sum_sq's */
+        float xv[ROW_LOADS], wv[ROW_LOADS];
+#pragma unroll
+        for (int j = 0; j < ROW_LOADS; j++) {
+            const int i = i0 + j * step;
+            xv[j] = i < n ? xr[i] : 0.0f, wv[j] = i < n ? w[i] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < ROW_LOADS; j++)
+            if (i0 + j * step < n) o[i0 + j * step] = xv[j] * inv * (zc ? 1.0f + wv[j] : wv[j]);
+    }
 }
 
 __global__ void l2norm_k(float *x, int n, float eps, float scale) {
