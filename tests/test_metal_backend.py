@@ -18,6 +18,7 @@ was built with the Metal backend the same tests run on the GPU, with no emulator
 the emulated device's fault and limit injection skip there).
 """
 
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -93,11 +94,32 @@ def tiny_models(tmp_path_factory):
     return backend_runs.tiny_models(tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def model_runs(request, emu_env, tiny_models, tmp_path_factory):
+    """test_model_on_metal's runs, CPU and Metal, of every case selected in this session, started together
+    on a pool of as many workers as the machine has cores (each emulated run is one single-threaded process
+    of ~20 s): (arch, bits, int8) -> a future of {backend: outputs}. A test waits for its own case; a failed
+    run fails that test alone."""
+    cases = sorted({(it.callspec.params["arch"], it.callspec.params["bits"], it.callspec.params["int8"])
+                    for it in request.session.items if getattr(it, "originalname", "") == "test_model_on_metal"})
+    paths = {(arch, bits): tiny_models(arch, bits) for arch, bits, _ in cases}  # here: converting uses torch
+    ids = np.random.default_rng(1).integers(0, 251, 21)
+
+    def run(case):
+        arch, bits, int8 = case
+        tmp = tmp_path_factory.mktemp(f"{arch}-{bits}-{int8}")
+        return {backend: run_model(emu_env, tmp, paths[(arch, bits)], backend, ids, backend, "prefill_chunk=16",
+                                   f"int8_activations={int8}") for backend in ("cpu", "metal")}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        yield {case: pool.submit(run, case) for case in cases}
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("bits,int8", [(16, False), (8, False), (4, False), (8, True), (4, True)],
                          ids=["16", "8", "4", "8-int8", "4-int8"])
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
-def test_model_on_metal(emu_env, tiny_models, tmp_path, arch, bits, int8):
+def test_model_on_metal(model_runs, arch, bits, int8):
     """The tiny transformers-checked models on backend "metal" against the CPU backend: a 21-token prompt
     in one call (two chunks of 16) and token by token, and 6 greedy tokens after it.
 
@@ -110,10 +132,7 @@ def test_model_on_metal(emu_env, tiny_models, tmp_path, arch, bits, int8):
       tiny models' logits (tests/test_models.py says more); token by token both backends compute the
       recurrent form.
     - The greedy tokens the same."""
-    path = tiny_models(arch, bits)
-    ids = np.random.default_rng(1).integers(0, 251, 21)
-    got = {backend: run_model(emu_env, tmp_path, path, backend, ids, backend, "prefill_chunk=16",
-                              f"int8_activations={int8}") for backend in ("cpu", "metal")}
+    got = model_runs[(arch, bits, int8)].result()
     cpu, metal = got["cpu"], got["metal"]
     assert np.array_equal(metal["prefill"].view(np.uint32), metal["steps"].view(np.uint32)), \
         "metal: the prompt in one call differs from the prompt token by token"
