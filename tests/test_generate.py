@@ -2,6 +2,7 @@
 test tokenizer of tests/text_fixtures.py next to it (random weights: the text is gibberish, the
 mechanics are what is checked)."""
 
+import collections
 import numpy as np
 import pytest
 from text_fixtures import write_tokenizer
@@ -89,6 +90,30 @@ def test_stop_token_ends_generation(model):
     assert len(set(ids)) == len(ids) == 8
     r = model.generate("Stop here", stop_token_ids=[ids[2]], **kw)
     assert r.finish_reason == "stop" and r.stop == ids[2] and r.token_ids == ids[:2]
+
+
+def test_greedy_with_penalties_is_the_argmax_after_them(model):
+    """Greedy with penalties on: each token is the argmax of the logits after the penalties, never the backend's
+    argmax of the raw logits (which a greedy step without penalties takes, model.c's device_greedy): the tokens of
+    a numpy loop over forward()'s logits, penalising as sample.c does (every token seen, the prompt's too). A
+    negative presence penalty far above the logits' range makes every token one seen before, so the penalties
+    change the answer: the check has teeth."""
+    ids = model.tokenizer.encode("Count: one two three one two three")
+    rep, presence, freq = 1.8, -50.0, 0.3
+    got = model.generate(ids, max_tokens=8, stop_token_ids=[], repetition_penalty=rep, presence_penalty=presence,
+                         frequency_penalty=freq, **GREEDY).token_ids
+    seen, want = collections.Counter(ids), []
+    logits = model.forward(ids)[-1]
+    for _ in range(8):
+        pen = logits.astype(np.float32).copy()
+        for t, c in seen.items():
+            v = pen[t] / np.float32(rep) if pen[t] > 0 else pen[t] * np.float32(rep)
+            pen[t] = v - (np.float32(c) * np.float32(freq) + np.float32(presence))
+        want.append(int(np.argmax(pen)))
+        seen[want[-1]] += 1
+        logits = model.forward([want[-1]], reset=False)[-1]
+    assert got == want
+    assert model.generate(ids, max_tokens=8, stop_token_ids=[], **GREEDY).token_ids != want
 
 
 def test_leaving_the_stream_stops_decoding(model):

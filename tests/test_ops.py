@@ -699,10 +699,11 @@ def build_argmax(rng, n, kind):
     elif kind == "late":  # the largest at the last id, NaNs before it
         x[rng.choice(n - 1, min(n - 1, 9), replace=False)] = nan
         x[-1] = x.max() + 1
-    elif kind == "zeros":  # every number negative but zeros of both signs, -0.0 first
+    elif kind == "zeros":  # every number negative but zeros of both signs, -0.0 first (they tie: it wins)
         x = -np.abs(x) - 1
-        x[rng.choice(n, min(n, 6), replace=False)] = np.float32(0.0)
-        x[rng.integers(n)] = np.float32(-0.0)
+        at = np.sort(rng.choice(n, min(n, 7), replace=False))
+        x[at] = np.float32(0.0)
+        x[at[0]] = np.float32(-0.0)
     elif kind == "nan_top":  # NaN first and at the would-be largest; +inf twice
         x[x.argmax()] = nan
         x[0] = nan
