@@ -225,12 +225,25 @@ def test_failed_command_buffer_is_an_error(emulated):
     assert lines[1].startswith("DeviceError") and "command buffer" in lines[1], out
 
 
-@pytest.mark.parametrize("at", [5, 60])
-def test_model_after_a_gpu_fault_is_a_fresh_model(emulated, demo_model, at):
+FAULTS_AT = [5, 60]
+
+
+@pytest.fixture(scope="module")
+def fault_runs(emu_env, demo_model):
+    """test_model_after_a_gpu_fault_is_a_fresh_model's processes (~28 s each, one core), all started at once:
+    dispatch -> a future of run_py's (rc, out). The emulated device's fault injection (as `emulated`)."""
+    if "PYTHONPATH" not in emu_env:
+        pytest.skip("fault and limit injection exist on the emulated device only")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        yield {at: pool.submit(run_py, dict(emu_env, FM_EMU_FAIL_DISPATCH=str(at), FM_EMU_ORDERS="forward"),
+                               ["-c", FAULT_CHECK, "model", demo_model]) for at in FAULTS_AT}
+
+
+@pytest.mark.parametrize("at", FAULTS_AT)
+def test_model_after_a_gpu_fault_is_a_fresh_model(fault_runs, at):
     """A GPU fault inside a prompt (at its 5th or 60th dispatch): DeviceError, and the model's next call
     gives bitwise what a freshly loaded model gives (the sequence was reset, no slot left pinned)."""
-    rc, out = run_py(dict(emulated, FM_EMU_FAIL_DISPATCH=str(at), FM_EMU_ORDERS="forward"),
-                     ["-c", FAULT_CHECK, "model", demo_model])
+    rc, out = fault_runs[at].result()
     assert rc == 0, out[-3000:]
     assert "DeviceError" in out and "command buffer" in out and "same" in out.splitlines()[-1], out[-3000:]
 
