@@ -47,6 +47,19 @@ LCP=/tmp/lcp/llama.cpp
 export PYTHONPATH="$pkg:$LCP/gguf-py"  # gguf-py: bench/gguf_export.py's writer
 llama=/tmp/llama-build/bin/llama-bench
 rc=0
+# alternate VAR "VALUES" RUNS LOG ARGS...: bench/cuda.py's hbm setting (8 layers) with VAR at each value in turn, RUNS
+# rounds, into $out/LOG.log, ARGS added (--prompts ...)
+alternate() {
+  local var=$1 values=$2 runs=$3 log=$4 i v
+  shift 4
+  for i in $(seq "$runs"); do
+    for v in $values; do
+      echo "$var=$v" | tee -a "$out/$log.log"
+      env "$var=$v" python3 bench/cuda.py --setting hbm --layers 8 --runs 1 "$@" 2>&1 | tee -a "$out/$log.log" \
+        | grep "tok/s" || rc=1
+    done
+  done
+}
 for what in "$@"; do
   case "$what" in
     tests)
@@ -97,31 +110,13 @@ for what in "$@"; do
       python3 bench/cuda.py --setting disk --preset qwen3.5-122b-a10b --layers 8 --gpu-budget 3GB --budget 4GB \
         --prompts "" --tokens 32 --runs 3 2>&1 | tee -a "$out/bench3_disk.log" || rc=1 ;;
     fold)  # hbm decode, the shared expert folded into the routed experts' call or not, alternating, 3 each
-      for i in 1 2 3; do
-        for f in 1 0; do
-          echo "FLASHMOE_CUDA_SHARED_FOLD=$f" | tee -a "$out/fold.log"
-          FLASHMOE_CUDA_SHARED_FOLD=$f python3 bench/cuda.py --setting hbm --layers 8 --prompts "" --runs 1 2>&1 \
-            | tee -a "$out/fold.log" | grep "tok/s" || rc=1
-        done
-      done ;;
+      alternate FLASHMOE_CUDA_SHARED_FOLD "1 0" 3 fold --prompts "" ;;
     pdl)  # hbm decode, kernels launched with programmatic dependent launch and not, alternating, 3 each
-      for i in 1 2 3; do
-        for v in 1 0; do
-          echo "FLASHMOE_CUDA_PDL=$v" | tee -a "$out/pdl.log"
-          FLASHMOE_CUDA_PDL=$v python3 bench/cuda.py --setting hbm --layers 8 --prompts "" --runs 1 2>&1 \
-            | tee -a "$out/pdl.log" | grep "tok/s" || rc=1
-        done
-      done ;;
+      alternate FLASHMOE_CUDA_PDL "1 0" 3 pdl --prompts "" ;;
     imma)  # the int8 prefill kernels alone (bench/imma.py), then hbm prompts on dp4a (0), tensor cores where they
            # fill half the GPU (auto) and wherever they take the call (1), alternating, 2 each
       python3 bench/imma.py 2>&1 | tee -a "$out/imma.log" || rc=1
-      for i in 1 2; do
-        for v in 0 auto 1; do
-          echo "FLASHMOE_CUDA_IMMA=$v" | tee -a "$out/imma.log"
-          FLASHMOE_CUDA_IMMA=$v python3 bench/cuda.py --setting hbm --layers 8 --prompts 512,2048 --runs 1 2>&1 \
-            | tee -a "$out/imma.log" | grep "tok/s" || rc=1
-        done
-      done ;;
+      alternate FLASHMOE_CUDA_IMMA "0 auto 1" 2 imma --prompts 512,2048 ;;
     ab)  # hbm decode and prompts, the build of .devsrc/old (a `git archive` of the commit to compare, carried)
          # against this tree's, alternating, 2 processes each (run after `tests` or another case that built)
       if [ ! -f /tmp/flashmoe-old/.built ]; then

@@ -94,9 +94,8 @@ PLANTS = [
           "    if (p->temperature >= 0.0f) return fm_argmax_f32(logits, V);\n",
           ["tests/test_sampling.py", "-k", "large_vocabulary"], "sampling always returns the argmax"),
     Plant("greedy_ignores_penalties", "csrc/core/sample.c",
-          "    return p->temperature <= 0.0f && p->repetition_penalty == 1.0f && p->presence_penalty == 0.0f &&\n"
-          "           p->frequency_penalty == 0.0f;",
-          "    return p->temperature <= 0.0f;",
+          "    return s->p.temperature <= 0.0f && penalties_off(&s->p);",
+          "    return s->p.temperature <= 0.0f;",
           ["tests/test_generate.py", "-k", "penalties"],
           "a greedy step with penalties takes the backend's argmax of the raw logits (penalties ignored)"),
     Plant("sampler_plain_copy", "csrc/core/sample.c",

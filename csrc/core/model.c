@@ -658,18 +658,15 @@ static fm_status forward(fm_model *m, const int32_t *tokens, int n, float *logit
         const int T = n - done < m->segment - m->pos % m->segment ? n - done : m->segment - m->pos % m->segment;
         fm_status st = recordable ? step_recorded(m, tokens, logits, greedy)
                                   : embed_and_layers(m, tokens + done, T, done, n);
-        if (!recordable && st == FM_OK && greedy && done + T == n) {
-            final_norm(m, T - 1, 1);
-            FM_OP(&m->be, matmul, &m->lm_head, m->s.xn, 1, m->s.logits_out);
-            logits_out(m, NULL, greedy);
-        } else if (!recordable && st == FM_OK && logits && (all_logits || done + T == n)) {
+        if (!recordable && st == FM_OK && out && (all_logits || done + T == n)) {
             const int first = all_logits ? 0 : T - 1, rows = T - first;
             final_norm(m, first, rows);
             float *dst = all_logits ? logits + (size_t)done * V : logits;
             for (int r = 0; r < rows; r += LOGIT_ROWS) { /* LOGIT_ROWS at a time, then to the host */
                 const int nr = rows - r < LOGIT_ROWS ? rows - r : LOGIT_ROWS;
                 FM_OP(&m->be, matmul, &m->lm_head, m->s.xn + (size_t)r * H, nr, m->s.logits_out);
-                FM_OP(&m->be, to_host, dst + (size_t)r * V, m->s.logits_out, sizeof(float) * (size_t)nr * V);
+                if (greedy) logits_out(m, NULL, greedy); /* one row: all_logits is 0 */
+                else FM_OP(&m->be, to_host, dst + (size_t)r * V, m->s.logits_out, sizeof(float) * (size_t)nr * V);
             }
         }
         /* the backend's verdict on everything issued for the segment (a GPU's failed command buffer) */

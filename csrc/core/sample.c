@@ -162,9 +162,14 @@ void fm_sampler_reset(fm_sampler *s) {
 
 /* ---------------------------------------------------------------- the pipeline */
 
+/* 1 when p's penalties leave the logits as they are */
+static int penalties_off(const fm_sampling *p) {
+    return p->repetition_penalty == 1.0f && p->presence_penalty == 0.0f && p->frequency_penalty == 0.0f;
+}
+
 void fm_sampler_apply_penalties(const fm_sampler *s, float *logits) {
     const float r = s->p.repetition_penalty, pp = s->p.presence_penalty, fp = s->p.frequency_penalty;
-    if (r == 1.0f && pp == 0.0f && fp == 0.0f) return;
+    if (penalties_off(&s->p)) return;
     for (int i = 0; i < s->n_touched; i++) {
         const int32_t t = s->touched[i];
         float l = logits[t];
@@ -381,9 +386,7 @@ static int32_t draw_blocks(fm_sampler *s, const float *e, int n, double Z) {
 }
 
 int fm_sampler_greedy(const fm_sampler *s) {
-    const fm_sampling *p = &s->p;
-    return p->temperature <= 0.0f && p->repetition_penalty == 1.0f && p->presence_penalty == 0.0f &&
-           p->frequency_penalty == 0.0f;
+    return s->p.temperature <= 0.0f && penalties_off(&s->p);
 }
 
 int32_t fm_sampler_sample(fm_sampler *s, float *logits) {
