@@ -14,6 +14,10 @@
 #   pdl     hbm decode, FLASHMOE_CUDA_PDL=1 against 0, alternating, 3 each
 #   imma    bench/imma.py, then hbm prompts with FLASHMOE_CUDA_IMMA=0 / auto / 1, alternating, 2 each
 #   fold    hbm decode, the shared expert folded (FLASHMOE_CUDA_SHARED_FOLD=1) and not, alternating, 3 each
+#   prefill each kernel's own time in hbm prompts of 512 and 2048 tokens, FLASHMOE_CUDA_IMMA=0 / unset / 1
+#   pinprof where a decode token's time goes, the 122B's experts from pinned host memory
+#   imma1   a short imma (q4 kernels at 512 and 2048 tokens; prompts on dp4a and the default, once)
+#   immaab  bench/imma.py's matmuls, .devsrc/old's build then this tree's
 #   ab      hbm decode and prompts, .devsrc/old's build (a carried `git archive` of another commit) against
 #           this tree's, alternating, AB_RUNS (2) processes each
 #   quick   hbm decode, FLASHMOE_CUDA_GROUPED=0 against the default (after prepare and wait: the model)
@@ -47,6 +51,14 @@ LCP=/tmp/lcp/llama.cpp
 export PYTHONPATH="$pkg:$LCP/gguf-py"  # gguf-py: bench/gguf_export.py's writer
 llama=/tmp/llama-build/bin/llama-bench
 rc=0
+# build_old: .devsrc/old (a carried `git archive` of the commit to compare) built into /tmp/flashmoe-old, once
+build_old() {
+  [ -f /tmp/flashmoe-old/.built ] && return 0
+  python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/flashmoe-old .devsrc/old \
+    -C cmake.define.FLASHMOE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
+    -C build-dir=/tmp/flashmoe-old-build >"$out/build_old.log" 2>&1 && touch /tmp/flashmoe-old/.built && return 0
+  tail -30 "$out/build_old.log"; rc=1; return 1
+}
 # alternate VAR "VALUES" RUNS LOG ARGS...: bench/cuda.py's hbm setting (8 layers) with VAR at each value in turn, RUNS
 # rounds, into $out/LOG.log, ARGS added (--prompts ...)
 alternate() {
@@ -119,18 +131,36 @@ for what in "$@"; do
       alternate FLASHMOE_CUDA_IMMA "0 auto 1" 2 imma --prompts 512,2048 ;;
     ab)  # hbm decode and prompts, the build of .devsrc/old (a `git archive` of the commit to compare, carried)
          # against this tree's, alternating, 2 processes each (run after `tests` or another case that built)
-      if [ ! -f /tmp/flashmoe-old/.built ]; then
-        python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/flashmoe-old .devsrc/old \
-          -C cmake.define.FLASHMOE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
-          -C build-dir=/tmp/flashmoe-old-build >"$out/build_old.log" 2>&1 && touch /tmp/flashmoe-old/.built \
-          || { tail -30 "$out/build_old.log"; rc=1; }
-      fi
+      build_old || continue
       for i in $(seq "${AB_RUNS:-2}"); do
         for b in old new; do
           p=$pkg; [ "$b" = old ] && p=/tmp/flashmoe-old
           echo "$b" | tee -a "$out/ab.log"
           PYTHONPATH="$p:$LCP/gguf-py" python3 bench/cuda.py --setting hbm --layers 8 --prompts 512,2048 --runs 1 \
             2>&1 | tee -a "$out/ab.log" | grep "tok/s" || rc=1
+        done
+      done ;;
+    imma1)  # a short imma: q4's kernels alone at 512 and 2048 tokens, then hbm prompts on dp4a and the default, once
+      FLASHMOE_CUDA_PDL=0 python3 bench/imma.py --experts 0 --q 4 --rows 2048,8192 --T 512,2048 --reps 10 2>&1 \
+        | tee -a "$out/imma1.log" || rc=1
+      alternate FLASHMOE_CUDA_IMMA "0 auto" 1 imma1 --prompts 512,2048 ;;
+    immaab)  # bench/imma.py's matmuls (no experts' case), .devsrc/old's build then this tree's
+      build_old || continue
+      for b in old new; do
+        p=$pkg; [ "$b" = old ] && p=/tmp/flashmoe-old
+        echo "$b" | tee -a "$out/immaab.log"
+        FLASHMOE_CUDA_PDL=0 PYTHONPATH="$p" python3 bench/imma.py --experts 0 --reps 10 2>&1 | tee -a "$out/immaab.log" \
+          || rc=1
+      done ;;
+    pinprof)  # where a decode token's time goes with the 122B's experts from pinned host memory (3 GB of VRAM)
+      python3 bench/cuda_profile.py --preset qwen3.5-122b-a10b --gpu-budget 3GB 2>&1 | grep -v -i warn \
+        | tee -a "$out/pinprof.log" || rc=1 ;;
+    prefill)  # each kernel's own time in hbm prompts of 512 and 2048 tokens, FLASHMOE_CUDA_IMMA 0, unset, 1
+      for n in 512 2048; do
+        for m in 0 auto 1; do
+          echo "prompt $n FLASHMOE_CUDA_IMMA=$m" | tee -a "$out/prefill.log"
+          env FLASHMOE_CUDA_PDL=0 FLASHMOE_CUDA_IMMA=$m python3 bench/cuda_profile.py --prompt $n 2>&1 \
+            | grep -v -i warn | head -24 | tee -a "$out/prefill.log" || rc=1
         done
       done ;;
     retest)

@@ -76,6 +76,7 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             m.generate_tokens([last], args.tokens, stop_token_ids=[], reset=False)
     spans = []  # the device's kernels and copies, (start, end) in us: the GPU's idle time between them
+    h2d = []  # the host-to-device copies: the link's busy and idle time
     kern = collections.defaultdict(lambda: [0, 0.0])
     runtime = collections.defaultdict(lambda: [0, 0.0])
     for e in prof.events():
@@ -85,6 +86,8 @@ def main() -> None:
             k[0] += 1
             k[1] += e.time_range.elapsed_us()
             spans.append((e.time_range.start, e.time_range.end))
+            if "HtoD" in e.name:
+                h2d.append((e.time_range.start, e.time_range.end))
         elif e.name.startswith("cuda"):
             r = runtime[e.name]
             r[0] += 1
@@ -103,6 +106,12 @@ def main() -> None:
     print(f"GPU idle between consecutive kernels/copies, per token: {sum(small) / n:.1f} us in {len(small) / n:.0f} "
           f"gaps under 50 us (median {np.median(small) if small else 0:.2f} us), "
           f"{sum(g for g in gaps if g >= 50) / n:.1f} us in longer ones (the host's turn)")
+    if h2d:  # copies on one stream run one after another: the link idles between them
+        h2d.sort()
+        idle = [b[0] - a[1] for a, b in zip(h2d, h2d[1:]) if b[0] > a[1]]
+        print(f"host-to-device copies per token: {len(h2d) / n:.1f}, busy {sum(b - a for a, b in h2d) / n:.1f} us, "
+              f"the link idle between them {sum(idle) / n:.1f} us ({sum(g >= 50 for g in idle) / n:.1f} gaps of 50 us "
+              f"or more: {sum(g for g in idle if g >= 50) / n:.1f} us)")
     print("per token: count, GPU us, name")
     for name, (c, us) in sorted(kern.items(), key=lambda kv: -kv[1][1])[:40]:
         print(f"  {c / n:7.1f} {us / n:9.1f}  {name}")
