@@ -10,7 +10,10 @@ quantizer of x, the same for both, is left out: fm_quantize_x). --experts T: op_
 (H 2048, I 512) over a prompt of T tokens routed 8 of 256 at random (64 experts of a grouped call, about
 T·8/256 tokens each, plus a shared expert of all T): gate·up and down together, the experts of fewer than 16
 tokens staying on fm_mm in both runs. Each op call builds an instance of its own (weights uploaded): only the
-kernels' GPU time is read.
+kernels' GPU time is read. The experts' weights are not in VRAM there: op_experts keeps them in pinned host
+memory and the kernels read them in place over PCIe (no VRAM slot without an expert's identity), so that case
+checks bits and compares the two kernels' reads over that link, not their speed from HBM (a prompt's kernels
+with every expert in VRAM: bench/cuda_profile.py --prompt N).
 """
 
 from __future__ import annotations
