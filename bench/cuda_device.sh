@@ -160,7 +160,7 @@ for what in "$@"; do
         for m in 0 auto 1; do
           echo "prompt $n FLASHMOE_CUDA_IMMA=$m" | tee -a "$out/prefill.log"
           env FLASHMOE_CUDA_PDL=0 FLASHMOE_CUDA_IMMA=$m python3 bench/cuda_profile.py --prompt $n 2>&1 \
-            | grep -v -i warn | head -24 | tee -a "$out/prefill.log" || rc=1
+            | grep -v -i warn | sed -n 1,24p | tee -a "$out/prefill.log" || rc=1  # sed: reads on, no SIGPIPE
         done
       done ;;
     retest)
