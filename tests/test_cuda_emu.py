@@ -59,6 +59,7 @@ def emu_env(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(target), PYTHONDONTWRITEBYTECODE="1", FLASHMOE_CUDA_IMMA="1")
     env.pop("FM_CUDA_EMU_ORDER", None)
     env.pop("FM_CUDA_EMU_FAIL", None)
+    env.pop("FM_CUDA_EMU_CP", None)
     return env
 
 
@@ -71,11 +72,12 @@ def test_emulated_build_has_cuda(emu_env):
     assert "cuda" in backends.split(",") and has == "True", out
 
 
-@pytest.mark.parametrize("order", ["forward", pytest.param("reverse", marks=pytest.mark.slow)])
-def test_op_harness_on_emulated_cuda(emu_env, order):
+@pytest.mark.parametrize("order,cp", [("forward", "late"), pytest.param("reverse", "now", marks=pytest.mark.slow)])
+def test_op_harness_on_emulated_cuda(emu_env, order, cp):
     """Every case of tests/test_ops.py and every check of tests/test_batch_invariance.py on backend "cuda"
-    (their ids hold "cuda"): passed, none skipped."""
-    assert_op_harness_passes(dict(emu_env, FM_CUDA_EMU_ORDER=order), "cuda", tail=8000)
+    (their ids hold "cuda"): passed, none skipped. FM_CUDA_EMU_CP=late lands each cp.async copy only at the wait
+    that needs it (a missing wait reads stale bytes), now at its issue (a copy into a buffer still being read)."""
+    assert_op_harness_passes(dict(emu_env, FM_CUDA_EMU_ORDER=order, FM_CUDA_EMU_CP=cp), "cuda", tail=8000)
 
 
 IMMA_TRACE = """
@@ -216,6 +218,19 @@ def test_emulator_catches_a_missing_barrier(selftest):
 def test_emulator_ends_a_broken_kernel_saying_why(selftest, case, message):
     rc, out, err = _run(selftest, case)
     assert rc == 3 and "cuda-emu: error: " in err and message in err, (rc, out, err)
+
+
+def test_emulator_lands_cp_async_copies_late_or_at_once(selftest):
+    """FM_CUDA_EMU_CP=late: a cp.async copy lands at the first wait that requires its group, so a read before it
+    sees the old bytes (-1); now (the default): at once. A lane that returns with a copy never waited for ends the
+    process in late mode."""
+    rc, out, err = _run(selftest, "cp_async", FM_CUDA_EMU_CP="late")
+    # lane 5 reads a before any wait; a + b after waiting for all but the newest group (b still -1); b at the end
+    assert rc == 0 and out.split() == ["cp_async", "-1", str(5 - 1), str(32 + 5)], out + err
+    rc, out, err = _run(selftest, "cp_async")
+    assert rc == 0 and out.split() == ["cp_async", "5", str(5 + 37), "37"], out + err
+    rc, out, err = _run(selftest, "cp_async_no_wait", FM_CUDA_EMU_CP="late")
+    assert rc == 3 and "returned with 2 cp.async copies never waited for" in err, (rc, out, err)
 
 
 def test_emulator_orders_show_a_race(selftest):

@@ -178,6 +178,10 @@ template <class T, size_t A> inline T &shared(const void *key) { return *(T *)sh
 void *dynamic_shared(void); /* extern __shared__: the launch's dynamic shared memory */
 void syncthreads(void);
 void syncwarp(unsigned mask);
+/* cp.async's copies, commit_group and wait_group (emu.cpp: at once, or late) */
+void cp_async(void *dst, const void *src, size_t n);
+void cp_commit(void);
+void cp_wait(int n);
 enum shfl_kind { SHFL_IDX, SHFL_XOR, SHFL_DOWN, SHFL_UP };
 /* every lane of the warp posts 8 bytes and reads those of lane src(kind, arg, width) */
 uint64_t shfl(unsigned mask, uint64_t v, int kind, int arg, int width);

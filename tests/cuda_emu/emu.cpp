@@ -117,6 +117,15 @@ struct lane {
     int kind, arg, width; /* the warp function it waits at */
     unsigned mask;
     uint64_t value, result;
+    /* cp.async (FM_CUDA_EMU_CP=late): copies not yet made, each with its group (committed: < groups) */
+    struct copy {
+        void *dst;
+        unsigned char bytes[16];
+        size_t n;
+        unsigned long long group;
+    };
+    std::vector<copy> copies;
+    unsigned long long groups;
 };
 
 struct shared_block {
@@ -128,6 +137,7 @@ struct shared_block {
 struct {
     order ord = FORWARD;
     bool ord_read = false;
+    bool cp_late = false; /* FM_CUDA_EMU_CP=late: cp.async copies land at the wait that needs them */
     std::mt19937 rng{12345};
     std::vector<lane> lanes;
     char *stacks = nullptr;
@@ -171,6 +181,11 @@ void lane_main() {
     __sanitizer_finish_switch_fiber(nullptr, &S.sched_stack, &S.sched_stack_size);
 #endif
     S.fn(S.ctx);
+    if (!S.lanes[S.cur].copies.empty()) {
+        const uint3 t = S.lanes[S.cur].tid;
+        fail("%s: thread (%u,%u,%u) returned with %zu cp.async copies never waited for", S.name, t.x, t.y, t.z,
+             S.lanes[S.cur].copies.size());
+    }
     S.lanes[S.cur].st = DONE;
     to_scheduler(true);
     abort(); /* never resumed */
@@ -258,6 +273,7 @@ void run_block(const dim3 &block) {
         lane &l = S.lanes[i];
         l.st = RUNNING;
         l.tid = uint3{i % block.x, i / block.x % block.y, i / (block.x * block.y)};
+        l.copies.clear(), l.groups = 0;
 #ifdef FM_EMU_ASAN
         /* the frames a lane left when it returned for good still have poisoned redzones: clear them */
         __asan_unpoison_memory_region(S.stacks + (size_t)i * STACK, STACK);
@@ -328,6 +344,9 @@ void run_kernel(dim3 grid, dim3 block, size_t shmem, const char *name, void (*fn
               : !strcmp(o, "shuffled")                 ? SHUFFLED
                                                        : (fail("FM_CUDA_EMU_ORDER=%s: forward, reverse or shuffled", o), FORWARD);
         S.ord_read = true;
+        const char *cp = getenv("FM_CUDA_EMU_CP");
+        S.cp_late = cp && !strcmp(cp, "late");
+        if (cp && *cp && !S.cp_late && strcmp(cp, "now")) fail("FM_CUDA_EMU_CP=%s: now or late", cp);
     }
     if (!S.stacks) {
         S.stacks = (char *)mmap(nullptr, (size_t)MAX_LANES * STACK, PROT_READ | PROT_WRITE,
@@ -402,6 +421,34 @@ static uint64_t warp_op(int kind, unsigned mask, uint64_t v, int arg, int width,
     to_scheduler();
     threadIdx = S.lanes[S.cur].tid;
     return S.lanes[S.cur].result;
+}
+
+/* cp.async: copied at once (FM_CUDA_EMU_CP=now, the default), or (late) the source read now and the destination
+ * written only at the wait that requires the copy's group: a read of the destination before that wait (by this
+ * lane, or by another before a barrier after it) sees the old bytes, so a missing wait shows in the results. */
+void cp_async(void *dst, const void *src, size_t n) {
+    lane &l = current("cp.async");
+    if (n != 4 && n != 8 && n != 16) fail("%s: cp.async of %zu bytes (4, 8 or 16)", S.name, n);
+    if (((uintptr_t)dst | (uintptr_t)src) & (n - 1)) fail("%s: cp.async of %zu bytes, misaligned", S.name, n);
+    if (!S.cp_late) {
+        memcpy(dst, src, n);
+        return;
+    }
+    lane::copy c = {dst, {}, n, l.groups};
+    memcpy(c.bytes, src, n);
+    l.copies.push_back(c);
+}
+void cp_commit(void) {
+    current("cp.async.commit_group").groups++;
+}
+void cp_wait(int n) {
+    lane &l = current("cp.async.wait_group");
+    size_t keep = 0;
+    for (const lane::copy &c : l.copies) {
+        if (c.group + (unsigned long long)n < l.groups) memcpy(c.dst, c.bytes, c.n);
+        else l.copies[keep++] = c;
+    }
+    l.copies.resize(keep);
 }
 
 void syncwarp(unsigned mask) { warp_op(SYNCWARP, mask, 0, 0, WARP, "__syncwarp"); }

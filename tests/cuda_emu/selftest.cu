@@ -57,6 +57,26 @@ __global__ void too_much_shared(float *out) {
 
 __global__ void last_writer(int *out) { out[0] = threadIdx.x; } /* a race: which lane writes last */
 
+/* cp.async as the emulator models it (fm_cuda_emu's calls, which matmul_mma.cu's cp16/cp4 make under the emulator):
+ * each lane copies 4 bytes of x into shared memory and reads them back before its wait (out[i]), after waiting
+ * for all but the newest group (out[32 + i]: the second copy's group is newer) and after waiting for all (out[64 +
+ * i]); NO_WAIT returns with a copy never waited for. */
+template <bool NO_WAIT> __global__ void cp_async_order(const int *x, int *out) {
+    __shared__ int a[32], b[32];
+    const int i = threadIdx.x;
+    a[i] = -1, b[i] = -1;
+    fm_cuda_emu::cp_async(&a[i], &x[i], 4);
+    fm_cuda_emu::cp_commit();
+    fm_cuda_emu::cp_async(&b[i], &x[32 + i], 4);
+    fm_cuda_emu::cp_commit();
+    out[i] = a[i];
+    if (NO_WAIT) return;
+    fm_cuda_emu::cp_wait(1);
+    out[32 + i] = a[i] + b[i];
+    fm_cuda_emu::cp_wait(0);
+    out[64 + i] = b[i];
+}
+
 /* dynamic shared memory, __shfl_down_sync and __shfl_sync, the exact intrinsics */
 __global__ void misc(const uint32_t *in, int *out) {
     extern __shared__ int dyn[];
@@ -260,6 +280,15 @@ int main(int argc, char **argv) {
         too_much_shared<<<1, 32>>>(out);
     } else if (!strcmp(c, "copy_overrun")) {
         cudaMemcpy(out, hx, sizeof(float) * (THREADS + 1), cudaMemcpyHostToDevice);
+    } else if (!strcmp(c, "cp_async") || !strcmp(c, "cp_async_no_wait")) {
+        int h[96], *d = nullptr;
+        for (int i = 0; i < 64; i++) h[i] = i;
+        cudaMalloc((void **)&d, sizeof h);
+        cudaMemcpy(d, h, 64 * sizeof(int), cudaMemcpyHostToDevice);
+        if (!strcmp(c, "cp_async")) cp_async_order<false><<<1, 32, 0, s>>>(d, d);
+        else cp_async_order<true><<<1, 32, 0, s>>>(d, d);
+        cudaMemcpy(h, d, sizeof h, cudaMemcpyDeviceToHost);
+        printf("cp_async %d %d %d\n", h[5], h[32 + 5], h[64 + 5]);
     } else if (!strcmp(c, "last_writer")) {
         last_writer<<<1, 64, 0, s>>>((int *)out);
         int w;
