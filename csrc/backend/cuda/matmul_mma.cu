@@ -22,8 +22,8 @@
  * idle lane adds its +0. After position 31 the counter holds the butterfly's sum: the same operations on the same
  * operands (+ is commutative, but the emulator's NaN payloads are not, so even the operand order is lane 0's).
  * So the chunks are read in that order (not the columns'): stage s of the pipeline holds the next KC chunks of
- * it, 16 bytes of each row and V of each token, with each chunk's scales and biases (as floats) and each token's
- * xd and xs, all copied by cp.async several stages ahead (imma_cfg).
+ * it, 16 bytes of each row (loaded into registers during the stage before, q4's nibbles then stored as bytes)
+ * and V of each token (cp.async), with each chunk's scales and biases (as floats) and each token's xd and xs.
  *
  * Tiles: a block of WM × WN warps, a warp 16·MT rows × 8·NT tokens (MT × NT MMA tiles: 4·MT·NT outputs a thread,
  * 6 floats each: the lane being folded and the counter's 5 levels, all in registers), ST stages of KC chunks
@@ -154,8 +154,8 @@ __device__ __forceinline__ void mma_u8s8(int (&d)[4], const uint32_t (&a)[K32 ? 
 #endif
 }
 
-/* cp.async: 16 or 4 bytes global → shared, in flight until cp_wait (16: L2 only). The emulator copies at once, or
- * (FM_CUDA_EMU_CP=late) at the wait that requires it. */
+/* cp.async: 16 bytes (global → shared, L2 only) or 4, in flight until cp_wait; the emulator copies at once, or
+ * (FM_CUDA_EMU_CP=late) at the wait that requires it */
 __device__ __forceinline__ void cp16(void *dst, const void *src) {
 #ifdef FLASHMOE_CUDA_EMU
     fm_cuda_emu::cp_async(dst, src, 16);
@@ -190,29 +190,27 @@ __device__ __forceinline__ void cp_wait() {
 }
 
 /* The kernel's shape: WM × WN warps of 16·MT rows × 8·NT tokens (IM_GU: 8·MT rows of gate and the same of up);
- * stages of KC chunks, as many as fit 48 KiB (at most 7). A stage in shared memory, every byte of it copied by
- * cp.async (so ST - 1 stages are in flight while one computes, none through registers): W [KC][M·BM] a row's
- * chunk as stored (16 bytes; IM_GU: BM rows of gate, then of up; q4's nibbles are split at the fragment load);
- * SB [KC][M·BM / 16][8] float4 (s, b of row 16m + g, s, b of row 16m + g + 8: one load for a thread's two rows of
- * an MMA tile), copied as the aligned 4-byte words holding each 2-byte scale and bias and turned into floats in
- * place by the thread that copied them once they land (PAR [KC][M·BM]: which half of each word, 0xFF none);
- * X [KC][BN] V bytes of each token; XS [KC][BN / 8][4] float4 (xd, xs of token 8n + 2q, xd, xs of token 8n + 2q
- * + 1); the stage's chunk numbers. Each fragment load of a warp reads 128 or 256 contiguous bytes, or broadcasts. */
-template <int K_, bool Q4_, int WM_, int WN_, int MT_, int NT_, int KC_>
+ * ST stages of KC chunks. A stage in shared memory: W [KC][M·BM] a row's chunk (q4: 32 bytes, its 8 words' even
+ * nibbles then odd ones as bytes, a0 | a2 of the fragment side by side; q8: its 16 bytes; IM_GU: BM rows of gate,
+ * then of up); X [KC][BN] V bytes of each token; SB [KC][M·BM / 16][8] float4 (s, b of row 16m + g, s, b of row
+ * 16m + g + 8: one load for a thread's two rows of an MMA tile); XS [KC][BN / 8][4] float4 (xd, xs of token 8n +
+ * 2q, xd, xs of token 8n + 2q + 1); the stage's chunk numbers. Each fragment load of a warp reads 128 or 256
+ * contiguous bytes, or broadcasts. */
+template <int K_, bool Q4_, int WM_, int WN_, int MT_, int NT_, int KC_, int ST_>
 struct imma_cfg {
-    static constexpr int K = K_, WM = WM_, WN = WN_, MT = MT_, NT = NT_, KC = KC_;
+    static constexpr int K = K_, WM = WM_, WN = WN_, MT = MT_, NT = NT_, KC = KC_, ST = ST_;
     static constexpr bool Q4 = Q4_;
     static constexpr int M = K == IM_GU ? 2 : 1, MTM = MT / M; /* matrices; m-tiles of each a warp */
-    static constexpr int NTHR = 32 * WM * WN, BM = 16 * MTM * WM, BN = 8 * NT * WN, V = Q4 ? 32 : 16;
-    static constexpr int X_OFF = KC * M * BM * 16, SB_OFF = X_OFF + KC * BN * V, XS_OFF = SB_OFF + KC * M * BM * 8,
-                         P_OFF = XS_OFF + KC * BN * 8, C_OFF = (P_OFF + KC * M * BM + 15) & ~15, STAGE = C_OFF + 16;
-    static constexpr int ST = 48 * 1024 / STAGE < 7 ? 48 * 1024 / STAGE : 7;
-    /* a thread's copies of a stage: (row, chunk) items of w (16 bytes, a scale's and a bias's words), 16-byte
-     * pieces of xq, and xd or xs floats */
+    static constexpr int NTHR = 32 * WM * WN, BM = 16 * MTM * WM, BN = 8 * NT * WN, V = Q4 ? 32 : 16, WB = Q4 ? 32 : 16;
+    static constexpr int X_OFF = KC * M * BM * WB, SB_OFF = X_OFF + KC * BN * V, XS_OFF = SB_OFF + KC * M * BM * 8,
+                         C_OFF = XS_OFF + KC * BN * 8, STAGE = C_OFF + 16;
+    /* a thread's loads of a stage: (row, chunk) items of w (16 bytes, a scale and a bias: through registers),
+     * 16-byte pieces of xq and xd or xs floats (cp.async) */
     static constexpr int NW = (KC * M * BM + NTHR - 1) / NTHR, NX = (KC * BN * V / 16 + NTHR - 1) / NTHR,
                          NXS = (KC * BN * 2 + NTHR - 1) / NTHR;
     static constexpr int O = 4 * MT * NT; /* outputs a thread */
-    static_assert(MT % M == 0 && KC <= 4 && STAGE % 16 == 0 && ST >= 3, "3 stages at least in 48 KiB");
+    static_assert(MT % M == 0 && KC <= 4 && STAGE % 16 == 0 && ST >= 2 && ST * STAGE <= 48 * 1024,
+                  "stages in static shared memory");
 };
 
 /* element kc of a stage's list (kc not a constant: selects, not a local array) */
@@ -242,10 +240,7 @@ __device__ __forceinline__ void next_stage(int &cur, stage_list<KC> &l, int nc, 
     }
 }
 
-/* the aligned 4-byte word holding the 2-byte element at p (never past p's page: a word does not cross one) */
-__device__ __forceinline__ const void *word_of(const uint16_t *p) { return (const void *)((uintptr_t)p & ~(uintptr_t)3); }
-
-/* A thread's part of each stage, fixed for the block: which rows, tokens and chunk of the stage (kc) its copies
+/* A thread's part of each stage, fixed for the block: which rows, tokens and chunk of the stage (kc) its loads
  * take. Rows past the last and tokens past the n-th read the last one (their outputs are never stored). */
 template <class C, int KC>
 struct loader {
@@ -254,6 +249,8 @@ struct loader {
     const int8_t *x[C::NX];              /* the token's xq row, + its 16-byte piece (x items) */
     const float *f[C::NXS];              /* the token's xd or xs row (xs items) */
     bool fs[C::NXS];                     /* xs (else xd) */
+    uint4 wv[C::NW];                     /* loaded, to store after the stage's compute */
+    uint32_t sb[C::NW];
 
     /* m: the matrices; xrow(j): the row of x (xq, xd, xs) of the tile's token j < BN */
     template <class XR>
@@ -280,22 +277,17 @@ struct loader {
         }
     }
 
-    /* the stage's copies into buf (cp.async), and its chunk numbers */
+    /* the stage's copies (cp.async: X, XS) and loads (W, SB: into wv, sb) */
     __device__ __forceinline__ void issue(char *buf, const stage_list<KC> &l) {
         const int tid = threadIdx.x;
 #pragma unroll
         for (int i = 0; i < C::NW; i++) {
-            const int idx = tid + i * C::NTHR, kc = idx / (C::M * C::BM), r = idx % (C::M * C::BM), c = pick(l.c, kc);
-            if (idx >= KC * C::M * C::BM) break;
-            uint8_t par = 0xFF;
-            if (c >= 0) {
-                cp16(buf + idx * 16, w[i] + (size_t)c * 16);
+            const int idx = tid + i * C::NTHR, kc = idx / (C::M * C::BM), c = pick(l.c, kc);
+            if (idx < KC * C::M * C::BM && c >= 0) {
+                wv[i] = __ldg((const uint4 *)(w[i] + (size_t)c * 16));
                 const int g = pick(l.g, kc);
-                char *sd = buf + C::SB_OFF + (((kc * (C::M * C::BM / 16) + r / 16) * 8 + r % 8) * 4 + 2 * (r % 16 / 8)) * 4;
-                cp4(sd, word_of(sc[i] + g)), cp4(sd + 4, word_of(bi[i] + g));
-                par = (uint8_t)(((uintptr_t)(sc[i] + g) >> 1 & 1) | ((uintptr_t)(bi[i] + g) >> 1 & 1) << 1);
+                sb[i] = __ldg(sc[i] + g) | (uint32_t)__ldg(bi[i] + g) << 16;
             }
-            ((uint8_t *)(buf + C::P_OFF))[idx] = par;
         }
 #pragma unroll
         for (int i = 0; i < C::NX; i++) {
@@ -314,18 +306,25 @@ struct loader {
         if (tid < KC) ((int *)(buf + C::C_OFF))[tid] = pick(l.c, tid);
     }
 
-    /* once this thread's copies of the stage in buf have landed: its scale and bias words as floats, in place */
-    __device__ __forceinline__ void convert(char *buf, int sbf16) {
+    /* W and SB from the loads issue made (q4: each word's nibbles as bytes, evens then odds) */
+    template <bool Q4>
+    __device__ __forceinline__ void store(char *buf, const stage_list<KC> &l, int sbf16) {
 #pragma unroll
         for (int i = 0; i < C::NW; i++) {
             const int idx = threadIdx.x + i * C::NTHR, kc = idx / (C::M * C::BM), r = idx % (C::M * C::BM);
-            if (idx >= KC * C::M * C::BM) break;
-            const unsigned par = ((const uint8_t *)(buf + C::P_OFF))[idx];
-            if (par == 0xFF) continue;
-            uint32_t *sd = (uint32_t *)(buf + C::SB_OFF) + ((kc * (C::M * C::BM / 16) + r / 16) * 8 + r % 8) * 4 + 2 * (r % 16 / 8);
-            const uint2 u = *(const uint2 *)sd;
-            const float s = scale_value(u.x >> 16 * (par & 1) & 0xFFFFu, sbf16), b = scale_value(u.y >> 8 * (par & 2) & 0xFFFFu, sbf16);
-            *(float2 *)sd = make_float2(s, b);
+            if (idx < KC * C::M * C::BM && pick(l.c, kc) >= 0) {
+                uint4 *dst = (uint4 *)(buf + idx * C::WB);
+                const uint4 v = wv[i];
+                if constexpr (Q4) {
+                    const uint32_t M4 = 0x0F0F0F0Fu;
+                    dst[0] = make_uint4(v.x & M4, (v.x >> 4) & M4, v.y & M4, (v.y >> 4) & M4);
+                    dst[1] = make_uint4(v.z & M4, (v.z >> 4) & M4, v.w & M4, (v.w >> 4) & M4);
+                } else {
+                    dst[0] = v;
+                }
+                float *sd = (float *)(buf + C::SB_OFF) + ((kc * (C::M * C::BM / 16) + r / 16) * 8 + r % 8) * 4 + 2 * (r % 16 / 8);
+                *(float2 *)sd = make_float2(scale_value(sb[i] & 0xFFFFu, sbf16), scale_value(sb[i] >> 16, sbf16));
+            }
         }
     }
 };
@@ -336,7 +335,7 @@ struct loader {
 template <class C, bool Q4, int MT, int NT>
 __device__ __forceinline__ void chunk_mma(const char *buf, int kc, int wr, int wt, float (&acc)[C::O]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const char *W = buf + kc * C::M * C::BM * 16, *X = buf + C::X_OFF + kc * C::BN * C::V;
+    const char *W = buf + kc * C::M * C::BM * C::WB, *X = buf + C::X_OFF + kc * C::BN * C::V;
     const float4 *SB = (const float4 *)(buf + C::SB_OFF) + kc * (C::M * C::BM / 16) * 8;
     const float4 *XS = (const float4 *)(buf + C::XS_OFF) + kc * (C::BN / 8) * 4;
     uint32_t af[MT][Q4 ? 4 : 2], bf[NT][Q4 ? 2 : 1];
@@ -345,9 +344,8 @@ __device__ __forceinline__ void chunk_mma(const char *buf, int kc, int wr, int w
     for (int mt = 0; mt < MT; mt++) {
         const int r = mt / C::MTM * C::BM + wr + 16 * (mt % C::MTM) + g; /* in the stage's W */
         if constexpr (Q4) { /* a0, a2: row g's word q as even nibbles (k 4q..), odd ones (k 16 + 4q..); a1, a3: row g + 8 */
-            const uint32_t M4 = 0x0F0F0F0Fu, u0 = *(const uint32_t *)(W + r * 16 + 4 * q),
-                           u1 = *(const uint32_t *)(W + (r + 8) * 16 + 4 * q);
-            af[mt][0] = u0 & M4, af[mt][1] = u1 & M4, af[mt][2] = (u0 >> 4) & M4, af[mt][3] = (u1 >> 4) & M4;
+            const uint2 u0 = *(const uint2 *)(W + r * 32 + 8 * q), u1 = *(const uint2 *)(W + (r + 8) * 32 + 8 * q);
+            af[mt][0] = u0.x, af[mt][1] = u1.x, af[mt][2] = u0.y, af[mt][3] = u1.y;
         } else {
             af[mt][0] = *(const uint32_t *)(W + r * 16 + 4 * q), af[mt][1] = *(const uint32_t *)(W + (r + 8) * 16 + 4 * q);
         }
@@ -436,11 +434,10 @@ __device__ __forceinline__ int2 expert_tile(const imma_args &a) {
 
 /* y tile [token tile blockIdx.x, row tile blockIdx.y] of the call (grouped: of the expert expert_tile finds): the
  * file comment */
-template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC>
+template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
 __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_constant__ imma_args a) {
     fmc_pdl_wait(), fmc_pdl_trigger();
-    using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC>;
-    constexpr int ST = C::ST;
+    using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC, ST>;
     const int r0 = blockIdx.y * C::BM;
     int t0 = blockIdx.x * C::BN;
     im_mat m[C::M];
@@ -478,29 +475,24 @@ __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_const
         else return loader<C, KC>(a, m, r0, xrow_seq{xr, t0, n - 1});
     };
     loader<C, KC> ld = make_loader();
-    int lc = 0; /* the next chunk to copy */
+    int lc = 0; /* the next chunk to load */
     const int stages = (nc + KC - 1) / KC;
-    /* stages 0 .. ST - 2 in flight; stage 0's scales as floats once it lands. Then at step j: stage j + 1 landed
-     * and converted (this thread's part), the barrier (everyone's stage j + 1 copied and stage j converted; stage j -
-     * 1's buffer read by all), stage j + ST - 1 into that buffer, stage j computed. One group committed a step,
-     * empty past the last stage, so that the waits' counts hold. */
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
         stage_list<KC> l;
         next_stage(lc, l, nc, a.mg);
         if (s < stages) ld.issue(sm + s * C::STAGE, l);
         cp_commit();
+        if (s < stages) ld.template store<Q4>(sm + s * C::STAGE, l, a.sbf16);
     }
-    cp_wait<ST - 2>();
-    ld.convert(sm, a.sbf16);
     for (int j = 0; j < stages; j++) {
-        cp_wait<ST - 3>();
-        if (j + 1 < stages) ld.convert(sm + (j + 1) % ST * C::STAGE, a.sbf16);
-        __syncthreads();
+        cp_wait<ST - 2>(); /* stage j landed (this thread's copies), */
+        __syncthreads();   /* everyone's, its W and SB stored; and stage j - 1's buffer is free */
         const int jn = j + ST - 1;
+        char *const nb = sm + jn % ST * C::STAGE;
         stage_list<KC> l;
         next_stage(lc, l, nc, a.mg);
-        if (jn < stages) ld.issue(sm + jn % ST * C::STAGE, l);
+        if (jn < stages) ld.issue(nb, l);
         cp_commit();
         const char *const b = sm + j % ST * C::STAGE;
 #pragma unroll
@@ -518,6 +510,7 @@ __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_const
                 }
             }
         }
+        if (jn < stages) ld.template store<Q4>(nb, l, a.sbf16);
     }
 #pragma unroll
     for (int mt = 0; mt < C::MTM; mt++)
@@ -535,9 +528,9 @@ __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_const
 }
 
 /* the kernel over the call's T tokens, or (ex_host: the call's experts) the experts of at least a.big tokens */
-template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC>
+template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
 bool launch_imma(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) {
-    using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC>;
+    using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC, ST>;
     long long bx = 0; /* token tiles */
     if (K == IM_MM) bx = (a.T + C::BN - 1) / C::BN;
     else
@@ -545,7 +538,7 @@ bool launch_imma(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) 
             if (ex_host[e].n >= a.big) bx += (ex_host[e].n + C::BN - 1) / C::BN;
     const long long by = (a.rows + C::BM - 1) / C::BM;
     if (by > 65535 || bx > 0x7FFFFFFF) return false;
-    if (bx) fmc_launch(fm_mm_imma<K, Q4, WM, WN, MT, NT, KC>, dim3((unsigned)bx, (unsigned)by), C::NTHR, 0, s, a);
+    if (bx) fmc_launch(fm_mm_imma<K, Q4, WM, WN, MT, NT, KC, ST>, dim3((unsigned)bx, (unsigned)by), C::NTHR, 0, s, a);
     return true;
 }
 
@@ -595,16 +588,16 @@ imma_args args_of(const fm_mat *w, const int8_t *xq, const float *xd, const floa
 
 /* The kernel shapes. Matmuls: blocks of 8 warps (one an SM: 255 registers a thread), each 32 rows × 16 tokens:
  * 64 × 64 from 48 tokens on, else 128 × 32 (less padding). Grouped calls: blocks of 4 warps (two an SM) over 16
- * tokens of an expert, gate·up 64 rows of each (a warp 16 of each), down 128. Stages of 2 chunks (imma_cfg: 5 to 7
- * of them in 48 KiB). */
-template <bool Q4> using mm_wide = imma_cfg<IM_MM, Q4, 2, 4, 2, 2, 2>;
-template <bool Q4> using mm_narrow = imma_cfg<IM_MM, Q4, 4, 2, 2, 2, 2>;
-template <bool Q4> using ex_gu = imma_cfg<IM_GU, Q4, 4, 1, 2, 2, 2>;
-template <bool Q4> using ex_down = imma_cfg<IM_DOWN, Q4, 4, 1, 2, 2, 2>;
+ * tokens of an expert, gate·up 64 rows of each (a warp 16 of each), down 128. q4 in 3 stages where its rows take
+ * the room of 4. */
+template <bool Q4> using mm_wide = imma_cfg<IM_MM, Q4, 2, 4, 2, 2, 2, 4>;
+template <bool Q4> using mm_narrow = imma_cfg<IM_MM, Q4, 4, 2, 2, 2, 2, Q4 ? 3 : 4>;
+template <bool Q4> using ex_gu = imma_cfg<IM_GU, Q4, 4, 1, 2, 2, 2, Q4 ? 3 : 4>;
+template <bool Q4> using ex_down = imma_cfg<IM_DOWN, Q4, 4, 1, 2, 2, 2, Q4 ? 3 : 4>;
 
 template <class C>
 bool launch_cfg(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) {
-    return launch_imma<C::K, C::Q4, C::WM, C::WN, C::MT, C::NT, C::KC>(s, a, ex_host);
+    return launch_imma<C::K, C::Q4, C::WM, C::WN, C::MT, C::NT, C::KC, C::ST>(s, a, ex_host);
 }
 
 template <class C>
