@@ -101,7 +101,7 @@ __global__ void kv_write_k(float *cache, const float *src, const int *pos, size_
 __global__ void silu_mul_k(float *out, const float *g, const float *u, size_t n) {
     fmc_pdl_wait(), fmc_pdl_trigger();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    if (i < n) out[i] = fmc_silu_mul(g[i], u[i]);
 }
 
 __global__ void sigmoid_mul_k(float *out, const float *g, const float *x, size_t n) {

@@ -10,10 +10,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../../core/exp_fma.h"
+
 __device__ __forceinline__ float fmc_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/* silu(g)·u as eltwise.cu's silu_mul_k computes it (matmul.cu's and matmul_mma.cu's fused gate·up) */
-__device__ __forceinline__ float fmc_silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+/* silu(g)·u for eltwise.cu's silu_mul_k and matmul.cu's and matmul_mma.cu's fused gate·up: exp_fma.h's, whose bits
+ * host code reproduces (host_ffn.c, the host's share of decode's experts) */
+__device__ __forceinline__ float fmc_silu_mul(float g, float u) { return fm_silu_mul_fma(g, u); }
 
 /* o + Σ_j w[j]·ye[row[j], c], j in order (moe_combine: a token's k choices, w and row its [k] entries) */
 __device__ __forceinline__ float fmc_combine(float o, const float *ye, const int32_t *row, const float *w, int k,
