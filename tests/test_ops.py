@@ -1011,6 +1011,34 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
         assert bad.size == 0, f"(row, column) {bad[:8].tolist()} differ from the dp4a kernel's"
 
 
+    # (dtype, group size, H, I, token list sizes, xn rows): decode's one token an expert, and up to 4 (the host's
+    # share of decode's VRAM misses: cuda/host_ffn.c); chunk counts a multiple of 8 (its AVX2 path) and not (the
+    # portable C, for that matrix); groups of 1 to 12 chunks, 3 (gs 96) among them.
+    HOST_EXPERTS = [(Q4, 64, 512, 256, (1, 1, 1), 1), (Q8, 32, 256, 512, (1, 2), 2), (Q4, 32, 320, 96, (4, 1, 3), 5),
+                    (Q4, 96, 768, 192, (1, 2), 3), (Q8, 192, 768, 384, (1,), 1), (Q4, 256, 1024, 512, (2, 1), 3),
+                    (Q8, 128, 256, 256, (4,), 4)]
+
+    @pytest.mark.parametrize("isa", [0, 1], ids=["c", "avx2"])
+    @pytest.mark.parametrize("sname,kw", SCALE_DTYPES, ids=["f16", "bf16"])
+    @pytest.mark.parametrize("dtype,gs,H,I,sizes,T", HOST_EXPERTS,
+                             ids=[f"{'q4' if e[0] == Q4 else 'q8'}g{e[1]}-H{e[2]}-I{e[3]}-n{max(e[4])}"
+                                  for e in HOST_EXPERTS])
+    def test_cuda_experts_on_the_host_are_the_kernels_bits(dtype, gs, H, I, sizes, T, sname, kw, isa):
+        """The routed experts' FFN on the host (cuda/host_ffn.c, which the CUDA backend gives a share of decode's
+        VRAM misses) is the bits of the CUDA kernels' on the same inputs, in its portable C and its AVX2 path
+        (where this CPU has AVX2; else both are the C): x with a group of zeros beside N(0, 1) values. (The
+        kernels' own closeness to the CPU backend and to float64 is the op harness's experts cases.)"""
+        rng = np.random.default_rng(H * I + len(sizes) + gs)
+        xn, experts = build_experts(rng, dtype, gs, H, I, T, sizes, **kw)
+        xn[0, :gs] = 0.0
+        gpu = _core.op_experts(xn, experts, int8_act=True, **kw, backend="cuda")
+        host = _core.op_host_experts(xn, experts, **kw, isa=isa)
+        assert host is not None, "host_ffn declined the matrices"
+        assert np.isfinite(gpu).all()
+        bad = np.argwhere(host.view(np.uint32) != gpu.view(np.uint32))
+        assert bad.size == 0, f"(row, column) {bad[:8].tolist()} differ from the CUDA kernels'"
+
+
 @pytest.mark.parametrize("name", [n for n in ("cuda", "metal", "nonesuch") if n not in BACKENDS])
 def test_backend_not_built_is_a_clear_error(name):
     """A backend this build lacks: ArgumentError naming it and the built ones, from the op-only instance

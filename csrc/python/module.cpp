@@ -16,6 +16,9 @@ extern "C" {
 #include "../backend/backend.h"
 #include "../backend/cpu/cpu.h"
 #include "../backend/cpu/threads.h"
+#ifdef FLASHMOE_CUDA
+#include "../backend/cuda/host_ffn.h"
+#endif
 #include "flashmoe.h"
 uint32_t fm_crc32(uint32_t crc, const void *data, size_t n); /* core/util.h */
 uint32_t fm_crc32_portable(uint32_t crc, const void *data, size_t n);
@@ -943,6 +946,46 @@ static void bind_op_tests(py::module_ &m) {
         return c.out(f32arr({rows, H}), ye);
     }, py::arg("xn"), py::arg("experts"), py::kw_only(), py::arg("int8_act") = false, py::arg("scale_bf16") = false,
        kw_backend);
+#ifdef FLASHMOE_CUDA
+    // op_experts' call on the host's replay of the CUDA kernels (cuda/host_ffn.c), int8 activations: isa 0 the
+    // portable C, 1 AVX2 where the CPU has it. None where host_ffn declines the matrices.
+    m.def("op_host_experts", [](f32arr xn, py::list experts, bool scale_bf16, int isa) -> py::object {
+        check_size(xn.ndim() == 2 && xn.shape(0) > 0 && py::len(experts) > 0, "xn [T, H] and at least one expert");
+        const int T = (int)xn.shape(0), H = (int)xn.shape(1), n_work = (int)py::len(experts);
+        const int I = (int)experts[0].cast<py::tuple>()[0].cast<py::tuple>()[4].cast<int>();
+        OpCall c("cpu");
+        std::vector<fm_mat> mats((size_t)3 * n_work);
+        std::vector<i32arr> toks;
+        std::vector<fmh_job> jobs((size_t)n_work);
+        size_t rows = 0;
+        for (int j = 0; j < n_work; j++) {
+            py::tuple e = experts[j].cast<py::tuple>();
+            check_size(e.size() == 4, "an expert is (gate, up, down, tok)");
+            mats[3 * j] = expert_mat(c, e[0], I, H, true, scale_bf16);
+            mats[3 * j + 1] = expert_mat(c, e[1], I, H, true, scale_bf16);
+            mats[3 * j + 2] = expert_mat(c, e[2], H, I, true, scale_bf16);
+            if (!fmh_takes(&mats[3 * j], &mats[3 * j + 1], &mats[3 * j + 2])) return py::none();
+            toks.push_back(e[3].cast<i32arr>());
+            const i32arr &tok = toks.back();
+            check_size(tok.size() >= 1 && tok.size() <= T, "an expert has 1 to T tokens");
+            for (py::ssize_t i = 0; i < tok.size(); i++) check_size(tok.data()[i] >= 0 && tok.data()[i] < T,
+                                                                   "a token of an expert out of range");
+            jobs[j] = {&mats[3 * j], &mats[3 * j + 1], &mats[3 * j + 2], tok.data(), (int)tok.size(), nullptr};
+            rows += (size_t)tok.size();
+        }
+        f32arr ye({(py::ssize_t)rows, (py::ssize_t)H});
+        float *y = ye.mutable_data();
+        for (int j = 0; j < n_work; j++) jobs[j].out = y, y += (size_t)jobs[j].n * H;
+        const float *x = xn.data();
+        int st;
+        {
+            py::gil_scoped_release nogil;
+            st = fmh_experts(jobs.data(), n_work, x, H, isa);
+        }
+        if (st) throw std::bad_alloc();
+        return std::move(ye);
+    }, py::arg("xn"), py::arg("experts"), py::kw_only(), py::arg("scale_bf16") = false, py::arg("isa") = 1);
+#endif
 }
 
 PYBIND11_MODULE(_core, m) {
