@@ -57,6 +57,10 @@ def cmake_sources():
     for cond, body in re.findall(r'if\(CMAKE_SYSTEM_PROCESSOR MATCHES "([^"]+)"\)(.*?)(?=elseif|endif)', text, re.S):
         arch = "x86_64" if "x86_64" in cond else "aarch64"
         per_arch[arch] = re.search(r"target_sources\(flashmoe_core PRIVATE([^)]*)\)", body).group(1).split()
+    # the CUDA backend's host C (its build is Linux's: checked for both Linux targets)
+    cuda = re.search(r"if\(FLASHMOE_CUDA OR FLASHMOE_CUDA_EMU\)(.*?)endif", text, re.S)
+    per_arch["cuda"] = re.search(r"target_sources\(flashmoe_core PRIVATE([^)]*)\)", cuda.group(1)).group(1).split() \
+        if cuda else []
     metal = re.search(r"set\(FLASHMOE_METAL_OPS_SOURCES([^)]*)\)", text)
     per_arch["metal"] = metal.group(1).split() if metal else []
     named = {f for files in per_arch.values() for f in files}
@@ -78,6 +82,8 @@ def jobs(target, tmp):
         if target == "aarch64-macos":  # zig's clang has no armv8.2-a+dotprod spelling; Apple's M1 has it
             isa = ["-mcpu=apple_m1" if x.startswith("-march=armv8.2-a") else x for x in isa]
         out.append((f, cc + COMMON + isa + ["-c", f]))
+    if target.endswith("-linux-gnu"):
+        out += [(f, cc + COMMON + flags.get(f, []) + ["-c", f]) for f in per_arch["cuda"]]
     # The Metal backend: its table everywhere (plain C; the emulated build compiles it on Linux too).
     for f in per_arch["metal"]:
         if not (ROOT / f).exists():
