@@ -697,6 +697,34 @@ static fm_mat expert_mat(OpCall &c, const py::handle &t, int rows, int cols, boo
                  int8_act && (dtype == FM_Q8 || dtype == FM_Q4), scale_bf16, FM_MEM_EXPERT_SLOTS);
 }
 
+// op_experts' list read: T, H (xn's), I (the first gate's rows), then each expert's matrices (mats[3j..3j+2]) and
+// its tokens (toks[j]), checked
+struct ExpertList {
+    int T, H, I, n;
+    std::vector<fm_mat> mats;
+    std::vector<i32arr> toks;
+};
+static ExpertList expert_dims(const f32arr &xn, const py::list &experts) {
+    check_size(xn.ndim() == 2 && xn.shape(0) > 0 && py::len(experts) > 0, "xn [T, H] and at least one expert");
+    const int I = (int)experts[0].cast<py::tuple>()[0].cast<py::tuple>()[4].cast<int>();
+    return {(int)xn.shape(0), (int)xn.shape(1), I, (int)py::len(experts), {}, {}};
+}
+static void read_experts(OpCall &c, const py::list &experts, bool int8_act, bool scale_bf16, ExpertList &l) {
+    l.mats.resize((size_t)3 * l.n);
+    for (int j = 0; j < l.n; j++) {
+        py::tuple e = experts[j].cast<py::tuple>();
+        check_size(e.size() == 4, "an expert is (gate, up, down, tok)");
+        l.mats[3 * j] = expert_mat(c, e[0], l.I, l.H, int8_act, scale_bf16);
+        l.mats[3 * j + 1] = expert_mat(c, e[1], l.I, l.H, int8_act, scale_bf16);
+        l.mats[3 * j + 2] = expert_mat(c, e[2], l.H, l.I, int8_act, scale_bf16);
+        l.toks.push_back(e[3].cast<i32arr>());
+        const i32arr &tok = l.toks.back();
+        check_size(tok.size() >= 1 && tok.size() <= l.T, "an expert has 1 to T tokens");
+        for (py::ssize_t i = 0; i < tok.size(); i++)
+            check_size(tok.data()[i] >= 0 && tok.data()[i] < l.T, "a token of an expert out of range");
+    }
+}
+
 static void bind_op_tests(py::module_ &m) {
     const auto kw_backend = py::arg("backend") = "cpu";
     // scale_bf16: the scales and biases (uint16 arrays) hold bfloat16 bits, else float16
@@ -914,32 +942,21 @@ static void bind_op_tests(py::module_ &m) {
     // thread count at the call: _core.set_threads first).
     // int8_act: the quantized matrices on int8 activations (a numerics option, cpu/cpu.h)
     m.def("op_experts", [](f32arr xn, py::list experts, bool int8_act, bool scale_bf16, const std::string &backend) {
-        check_size(xn.ndim() == 2 && xn.shape(0) > 0 && py::len(experts) > 0, "xn [T, H] and at least one expert");
-        const int T = (int)xn.shape(0), H = (int)xn.shape(1), n_work = (int)py::len(experts);
-        const int I = (int)experts[0].cast<py::tuple>()[0].cast<py::tuple>()[4].cast<int>();
+        ExpertList l = expert_dims(xn, experts);
+        const int T = l.T, H = l.H, n_work = l.n;
         fm_config cfg = {};
         cfg.hidden_size = H;
-        cfg.moe_intermediate_size = I;
+        cfg.moe_intermediate_size = l.I;
         cfg.num_experts = n_work;
         const fm_backend_params p = {&cfg, T, T, 0};
         OpCall c(backend, p);
-        std::vector<fm_mat> mats((size_t)3 * n_work);
-        std::vector<i32arr> toks;
+        read_experts(c, experts, int8_act, scale_bf16, l);
         std::vector<fm_expert_work> work((size_t)n_work);
         int rows = 0;
         for (int j = 0; j < n_work; j++) {
-            py::tuple e = experts[j].cast<py::tuple>();
-            check_size(e.size() == 4, "an expert is (gate, up, down, tok)");
-            mats[3 * j] = expert_mat(c, e[0], I, H, int8_act, scale_bf16);
-            mats[3 * j + 1] = expert_mat(c, e[1], I, H, int8_act, scale_bf16);
-            mats[3 * j + 2] = expert_mat(c, e[2], H, I, int8_act, scale_bf16);
-            toks.push_back(e[3].cast<i32arr>());
-            const i32arr &tok = toks.back();
-            check_size(tok.size() >= 1 && tok.size() <= T, "an expert has 1 to T tokens");
-            for (py::ssize_t i = 0; i < tok.size(); i++) check_size(tok.data()[i] >= 0 && tok.data()[i] < T,
-                                                                   "a token of an expert out of range");
-            work[j] = {&mats[3 * j], &mats[3 * j + 1], &mats[3 * j + 2], tok.data(), (int)tok.size(), rows, -1};
-            rows += (int)tok.size();
+            const fm_mat *m3 = &l.mats[3 * j];
+            work[j] = {m3, m3 + 1, m3 + 2, l.toks[j].data(), (int)l.toks[j].size(), rows, -1};
+            rows += (int)l.toks[j].size();
         }
         float *ye = c.zeros((size_t)rows * H);
         RUN_OP(c, experts, work.data(), n_work, c.in(xn), ye, H);
@@ -950,28 +967,17 @@ static void bind_op_tests(py::module_ &m) {
     // op_experts' call on the host's replay of the CUDA kernels (cuda/host_ffn.c), int8 activations: isa 0 the
     // portable C, 1 AVX2 where the CPU has it. None where host_ffn declines the matrices.
     m.def("op_host_experts", [](f32arr xn, py::list experts, bool scale_bf16, int isa) -> py::object {
-        check_size(xn.ndim() == 2 && xn.shape(0) > 0 && py::len(experts) > 0, "xn [T, H] and at least one expert");
-        const int T = (int)xn.shape(0), H = (int)xn.shape(1), n_work = (int)py::len(experts);
-        const int I = (int)experts[0].cast<py::tuple>()[0].cast<py::tuple>()[4].cast<int>();
+        ExpertList l = expert_dims(xn, experts);
+        const int H = l.H, n_work = l.n;
         OpCall c("cpu");
-        std::vector<fm_mat> mats((size_t)3 * n_work);
-        std::vector<i32arr> toks;
+        read_experts(c, experts, true, scale_bf16, l);
         std::vector<fmh_job> jobs((size_t)n_work);
         size_t rows = 0;
         for (int j = 0; j < n_work; j++) {
-            py::tuple e = experts[j].cast<py::tuple>();
-            check_size(e.size() == 4, "an expert is (gate, up, down, tok)");
-            mats[3 * j] = expert_mat(c, e[0], I, H, true, scale_bf16);
-            mats[3 * j + 1] = expert_mat(c, e[1], I, H, true, scale_bf16);
-            mats[3 * j + 2] = expert_mat(c, e[2], H, I, true, scale_bf16);
-            if (!fmh_takes(&mats[3 * j], &mats[3 * j + 1], &mats[3 * j + 2])) return py::none();
-            toks.push_back(e[3].cast<i32arr>());
-            const i32arr &tok = toks.back();
-            check_size(tok.size() >= 1 && tok.size() <= T, "an expert has 1 to T tokens");
-            for (py::ssize_t i = 0; i < tok.size(); i++) check_size(tok.data()[i] >= 0 && tok.data()[i] < T,
-                                                                   "a token of an expert out of range");
-            jobs[j] = {&mats[3 * j], &mats[3 * j + 1], &mats[3 * j + 2], tok.data(), (int)tok.size(), nullptr};
-            rows += (size_t)tok.size();
+            const fm_mat *m3 = &l.mats[3 * j];
+            if (!fmh_takes(m3, m3 + 1, m3 + 2)) return py::none();
+            jobs[j] = {m3, m3 + 1, m3 + 2, l.toks[j].data(), (int)l.toks[j].size(), nullptr};
+            rows += (size_t)l.toks[j].size();
         }
         f32arr ye({(py::ssize_t)rows, (py::ssize_t)H});
         float *y = ye.mutable_data();
