@@ -108,7 +108,8 @@ def child(spec: dict) -> None:
     res["decode"] = spec["tokens"] / (time.perf_counter() - t)
     st = m.stats
     res.update({k: st[k] for k in ("expert_hits", "expert_misses", "bytes_read", "device_expert_slots",
-                                   "device_expert_hits", "device_expert_misses", "device_bytes_in")})
+                                   "device_expert_hits", "device_expert_misses", "device_bytes_in",
+                                   "device_host_experts")})
     print(json.dumps(res), flush=True)  # the last line: run_script reads it
 
 
@@ -199,6 +200,13 @@ def main() -> None:
         floor = per_tok / (ceil["h2d_gbps"] * 1e9) + hbm_floor
         print(f"  VRAM tier: {r0['device_expert_slots']} slots, hit rate {hit:.3f}, {per_tok / 1e6:.0f} MB/token "
               f"copied in; PCIe roofline at that hit rate {1 / floor:.1f} tok/s: {dec * floor:.2f} of it")
+        host = r0.get("device_host_experts", 0)
+        if host:  # misses the host computed instead of copying: the roofline had they all crossed PCIe
+            per_exp = r0["device_bytes_in"] / max(1, r0["device_expert_misses"])
+            all_floor = (r0["device_bytes_in"] + host * per_exp) / args.tokens / (ceil["h2d_gbps"] * 1e9) + hbm_floor
+            print(f"  host share: {host / args.tokens:.1f} experts/token computed on the host "
+                  f"({host / (host + r0['device_expert_misses']):.2f} of the misses); PCIe roofline had every miss "
+                  f"been copied {1 / all_floor:.1f} tok/s: {dec * all_floor:.2f} of it")
         if args.setting == "disk":
             host_hit = r0["expert_hits"] / max(1, r0["expert_hits"] + r0["expert_misses"])
             read = r0["bytes_read"] / args.tokens

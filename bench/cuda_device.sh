@@ -16,6 +16,7 @@
 #   fold    hbm decode, the shared expert folded (FLASHMOE_CUDA_SHARED_FOLD=1) and not, alternating, 3 each
 #   prefill each kernel's own time in hbm prompts of 512 and 2048 tokens, FLASHMOE_CUDA_IMMA=0 / unset / 1
 #   pinprof where a decode token's time goes, the 122B's experts from pinned host memory
+#   hostab  pinned 122B decode with the host's share of the misses (FLASHMOE_CUDA_HOST_EXPERTS auto, 1, 0)
 #   imma1   a short imma (q4 kernels at 512 and 2048 tokens; prompts on dp4a and the default, once)
 #   immaab  bench/imma.py's matmuls, .devsrc/old's build then this tree's
 #   ab      hbm decode and prompts, .devsrc/old's build (a carried `git archive` of another commit) against
@@ -151,6 +152,15 @@ for what in "$@"; do
         echo "$b" | tee -a "$out/immaab.log"
         FLASHMOE_CUDA_PDL=0 PYTHONPATH="$p" python3 bench/imma.py --experts 0 --reps 10 2>&1 | tee -a "$out/immaab.log" \
           || rc=1
+      done ;;
+    hostab)  # pinned 122B decode: the host computing its share of the VRAM misses (auto, the default), all of them
+             # (1) and none (0), alternating, HOSTAB_RUNS (2) processes each
+      for i in $(seq "${HOSTAB_RUNS:-2}"); do
+        for h in auto 1 0; do
+          echo "FLASHMOE_CUDA_HOST_EXPERTS=$h" | tee -a "$out/hostab.log"
+          FLASHMOE_CUDA_HOST_EXPERTS=$h python3 bench/cuda.py --setting pinned --preset qwen3.5-122b-a10b --layers 8 \
+            --gpu-budget 3GB --prompts "" --runs 1 2>&1 | tee -a "$out/hostab.log" | grep "tok/s\|roofline" || rc=1
+        done
       done ;;
     pinprof)  # where a decode token's time goes with the 122B's experts from pinned host memory (3 GB of VRAM)
       python3 bench/cuda_profile.py --preset qwen3.5-122b-a10b --gpu-budget 3GB 2>&1 | grep -v -i warn \

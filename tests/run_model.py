@@ -6,8 +6,8 @@ subprocess on the build under test (the emulated Metal one, a CUDA one).
 
 Writes prefill (the logits of every prompt position in one call), split (the same in two calls, cut at
 position 16), steps (the same positions fed one token at a time), greedy (the ids of 6 greedy tokens after
-the prompt) and device (Model.stats' device_expert_slots, _hits, _misses and device_bytes_in: CUDA's VRAM
-tier, zeros elsewhere) to OUT.npz.
+the prompt) and device (Model.stats' device_expert_slots, _hits, _misses, device_bytes_in and
+device_host_experts: CUDA's VRAM tier and the host's share of its misses, zeros elsewhere) to OUT.npz.
 """
 
 import ast
@@ -29,7 +29,8 @@ def main(model_dir, backend, ids_path, out_path, *options):
     steps = np.stack([m.forward(ids[:1])[0]] + [m.forward(ids[i:i + 1], reset=False)[0] for i in range(1, len(ids))])
     greedy = m.generate_tokens(ids, max_tokens=6, stop_token_ids=[])
     st = m.stats  # a GPU backend's own expert cache (CUDA's VRAM tier): slots, hits, misses, bytes in
-    device = [st["device_expert_slots"], st["device_expert_hits"], st["device_expert_misses"], st["device_bytes_in"]]
+    device = [st["device_expert_slots"], st["device_expert_hits"], st["device_expert_misses"], st["device_bytes_in"],
+              st["device_host_experts"]]
     np.savez(out_path, prefill=prefill, split=split, steps=steps, greedy=np.asarray(greedy, np.int64),
              device=np.asarray(device, np.int64))
 

@@ -159,30 +159,42 @@ def test_model_on_cuda(gpu_env, tiny_models, tmp_path, arch, bits, int8):
 def test_outputs_do_not_depend_on_the_expert_tiers(gpu_env, tiny_models, tmp_path, arch):
     """Every expert resident in VRAM, against a VRAM cache of 1 and of 3 experts (FLASHMOE_CUDA_EXPERT_SLOTS)
     with the host's expert cache at its minimum (most experts then come from disk, through pinned host
-    slots, into VRAM), and against each expert's FFN in launches of its own (FLASHMOE_CUDA_GROUPED=0; the
-    default is one call for all of a layer's experts): the same bits for the prompt, token by token, and the
-    greedy tokens."""
-    path = tiny_models(arch, 4)
+    slots, into VRAM), against each expert's FFN in launches of its own (FLASHMOE_CUDA_GROUPED=0; the
+    default is one call for all of a layer's experts), and with the host computing its share of the misses
+    (the default), all of them (FLASHMOE_CUDA_HOST_EXPERTS=1) or none (0): the same bits for the prompt, token
+    by token, and the greedy tokens. The model's experts are 64 wide so that the host takes them (host_ffn.c:
+    groups of 32·k)."""
+    path = tiny_models(arch, 4, moe_intermediate_size=64)
     ids = np.random.default_rng(2).integers(0, 251, 40)
     import flashmoe
     minimum = flashmoe.memory_plan(path, context_length=256)["minimum"]
     opts = ("prefill_chunk=16", "context_length=256")
     ref = run_model(gpu_env, tmp_path, path, "cuda", ids, "resident", *opts)
+    slots3 = {"FLASHMOE_CUDA_EXPERT_SLOTS": "3"}
     for name, env, budget in (("1 VRAM slot", {"FLASHMOE_CUDA_EXPERT_SLOTS": "1"}, minimum),
-                              ("3 VRAM slots", {"FLASHMOE_CUDA_EXPERT_SLOTS": "3"}, minimum),
+                              ("3 VRAM slots", slots3, minimum),
                               ("one expert a call", {"FLASHMOE_CUDA_GROUPED": "0"}, None),
-                              ("one expert a call, 3 VRAM slots",
-                               {"FLASHMOE_CUDA_GROUPED": "0", "FLASHMOE_CUDA_EXPERT_SLOTS": "3"}, minimum)):
+                              ("one expert a call, 3 VRAM slots", dict(slots3, FLASHMOE_CUDA_GROUPED="0"), minimum),
+                              ("3 VRAM slots, every miss on the host", dict(slots3, FLASHMOE_CUDA_HOST_EXPERTS="1"),
+                               minimum),
+                              ("3 VRAM slots, none on the host", dict(slots3, FLASHMOE_CUDA_HOST_EXPERTS="0"), minimum)):
         got = run_model(gpu_env, tmp_path, path, "cuda", ids, name.replace(" ", "_").replace(",", ""), *opts,
                         *([f"memory_budget={budget}"] if budget else []), extra_env=env)
         for key in ("prefill", "steps", "greedy"):
             assert np.array_equal(np.asarray(got[key]).view(np.uint32 if key != "greedy" else np.int64),
                                   np.asarray(ref[key]).view(np.uint32 if key != "greedy" else np.int64)), \
                 f"{name}: {key} differs from everything resident"
-        n_slots, hits, misses, bytes_in = got["device"].tolist()
+        n_slots, hits, misses, bytes_in, host = got["device"].tolist()
+        mode = env.get("FLASHMOE_CUDA_HOST_EXPERTS")
         if "FLASHMOE_CUDA_EXPERT_SLOTS" in env:  # the tier was used, and small
             assert n_slots == int(env["FLASHMOE_CUDA_EXPERT_SLOTS"]) and misses > 0 and bytes_in > 0, got["device"]
+            # the host's share: some misses (0.05 to 0.95 of them), all that decode has (the prompt's experts of
+            # more than 4 tokens still copy), or none
+            assert (host == 0) if mode == "0" else host > 0, got["device"]
+            if mode == "1":
+                assert host > misses, got["device"]
     assert ref["device"][0] > 3 and ref["device"][1] > 0, ref["device"]  # resident: hits once warm
+    assert ref["device"][4] == 0, ref["device"]  # every expert fits: a miss is a one-time fill, always copied
 
 
 STEPS = """

@@ -904,7 +904,7 @@ void fm_model_stats(const fm_model *m, fm_stats *out) {
     if (m->be.op) FM_OP(&m->be, device_stats, d);
     out->device_expert_slots = d[0], out->device_expert_hits = d[1], out->device_expert_misses = d[2];
     out->device_bytes_in = d[3], out->device_step_replays = d[4], out->device_step_recordings = d[5];
-    out->device_shared_folds = d[6];
+    out->device_shared_folds = d[6], out->device_host_experts = d[9];
     out->device_launch_seconds = (double)d[7] * 1e-9, out->device_wait_seconds = (double)d[8] * 1e-9;
 }
 

@@ -69,6 +69,7 @@ enum cudaError {
     cudaErrorInvalidResourceHandle = 400,
     cudaErrorIllegalState = 401,
     cudaErrorNoDevice = 100,
+    cudaErrorNotReady = 600, /* never returned here: everything has run by the time a call returns */
     cudaErrorStreamCaptureUnsupported = 900,
     cudaErrorStreamCaptureInvalidated = 901,
     cudaErrorStreamCaptureMerge = 902,

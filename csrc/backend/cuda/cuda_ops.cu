@@ -32,6 +32,7 @@ extern "C" {
 #include "../../core/util.h" /* fm_now */
 }
 #include "cuda_kernels.h"
+#include "host_ffn.h"
 #include "launch.cuh"
 
 namespace {
@@ -104,6 +105,15 @@ struct cuda_ctx {
     unsigned char *pending = nullptr;  /* [n_slots] a copy in flight that compute has not yet waited on */
     cudaEvent_t *loaded = nullptr, *used_ev = nullptr; /* [n_slots] after its copy; after its last FFN */
     uint64_t hits = 0, misses = 0, bytes_in = 0;
+
+    /* the host's share of decode's misses (host_experts): xn's rows and the host's FFN rows, pinned; events after
+     * the copy of xn, after the copies of the rows into ye, and after the GPU's experts of the call */
+    float *hx = nullptr, *hy = nullptr;
+    size_t hx_size = 0, hy_size = 0;
+    cudaEvent_t hx_ev = nullptr, hy_ev = nullptr, gpu_ev = nullptr;
+    float host_share = 0.5f; /* of the candidates, under FLASHMOE_CUDA_HOST_EXPERTS=auto */
+    float host_carry = 0.0f; /* the fraction of an expert the share has owed the host so far (host_pick) */
+    uint64_t host_experts = 0;
 
     /* moe_device: where the cache holds every expert of the model (n_slots == key_space: nothing is ever evicted),
      * each layer's E experts as fmc_expert entries in VRAM, on the device once all of them are in */
@@ -314,6 +324,9 @@ fm_status cuda_create(const fm_backend_params *p, void **out) {
     for (int i = 0; i < EVENT_RING; i++)
         if (cudaEventCreateWithFlags(&c->ring[i], cudaEventDisableTiming) != cudaSuccess)
             return fm_fail(FM_ERR_DEVICE, "cuda backend: cannot create events");
+    for (cudaEvent_t *e : {&c->hx_ev, &c->hy_ev, &c->gpu_ev})
+        if (cudaEventCreateWithFlags(e, cudaEventDisableTiming) != cudaSuccess)
+            return fm_fail(FM_ERR_DEVICE, "cuda backend: cannot create events");
     size_t free_b = 0, total_b = 0;
     cudaMemGetInfo(&free_b, &total_b);
     c->budget = p->device_budget ? p->device_budget : (free_b > DEFAULT_RESERVE ? free_b - DEFAULT_RESERVE : free_b / 2);
@@ -349,6 +362,10 @@ void cuda_destroy(void *ctx) {
     if (c->route_host) cudaFreeHost(c->route_host);
     for (int i = 0; i < EVENT_RING; i++)
         if (c->ring[i]) cudaEventDestroy(c->ring[i]);
+    for (cudaEvent_t e : {c->hx_ev, c->hy_ev, c->gpu_ev})
+        if (e) cudaEventDestroy(e);
+    if (c->hx) cudaFreeHost(c->hx);
+    if (c->hy) cudaFreeHost(c->hy);
     if (c->s) cudaStreamDestroy(c->s);
     if (c->cs) cudaStreamDestroy(c->cs);
     pthread_mutex_destroy(&c->mu);
@@ -515,7 +532,7 @@ void cuda_device_stats(void *ctx, uint64_t out[FM_DEVICE_STATS]) {
     const cuda_ctx *c = ctx_of(ctx);
     out[0] = (uint64_t)c->n_slots, out[1] = c->hits, out[2] = c->misses, out[3] = c->bytes_in;
     out[4] = c->replays, out[5] = c->recordings, out[6] = c->folds;
-    out[7] = c->launch_ns, out[8] = c->wait_ns;
+    out[7] = c->launch_ns, out[8] = c->wait_ns, out[9] = c->host_experts;
 }
 
 /* ---------------------------------------------------------------- ops */
@@ -922,6 +939,7 @@ void vram_forget(cuda_ctx *c) {
         c->mem_gen++;
     }
     c->n_deliv = 0;
+    c->host_share = 0.5f, c->host_carry = 0.0f; /* as a fresh instance's */
 }
 
 /* The VRAM slot of expert w for the batch being issued: a hit, or the least recently used unlocked slot with
@@ -1112,29 +1130,138 @@ void experts_one_by_one(cuda_ctx *c, const fm_expert_work *work, const int *js, 
     }
 }
 
-void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float *xn, float *ye, int H) {
-    cuda_ctx *c = ctx_of(ctx);
-    forget_q(c);
-    if (no_sync(c)) return; /* its copies wait on events and streams a recording cannot hold */
+/* ---- the host's share of decode's VRAM misses (host_ffn.c: the CUDA kernels' bits, on the compute threads)
+ *
+ * In the pinned and disk settings decode is bound by the host→device link: every miss is copied before it computes.
+ * A share of a call's misses is not copied: the CPU reads them from their host slots and computes their FFNs while
+ * the GPU's copies and FFNs run, so the weights come over two paths at once (DRAM and PCIe); their rows then go to
+ * ye on the compute stream, before anything that reads them. The share follows which side finished first (the GPU
+ * → more for the host, the host → less), within [0.05, 0.95] of the candidates. */
+
+/* FLASHMOE_CUDA_HOST_EXPERTS: 0 none; 1 every candidate (and, for tests, experts with no identity, read in place);
+ * unset (or else) the share. Read at each call. */
+enum { HOST_OFF, HOST_ALL, HOST_AUTO };
+int host_mode() {
+    const char *e = getenv("FLASHMOE_CUDA_HOST_EXPERTS");
+    return e && strcmp(e, "0") == 0 ? HOST_OFF : e && strcmp(e, "1") == 0 ? HOST_ALL : HOST_AUTO;
+}
+constexpr int HOST_MAX_N = 4; /* tokens an expert at most: decode's calls (a prompt's experts are the GPU's) */
+
+/* Whether the host may compute w: decode-sized, a VRAM miss once the cache is sized and cannot hold every expert
+ * (where it can, a miss is a one-time fill), of matrices host_ffn replays */
+bool host_candidate(const cuda_ctx *c, const fm_expert_work *w, int mode) {
+    if (mode == HOST_OFF || w->n <= 0 || w->n > HOST_MAX_N) return false;
+    if (w->key >= 0 && w->key < c->key_space) {
+        if (!c->vram_ready || c->all_fit || c->key_slot[w->key] >= 0) return false; /* or a hit */
+    } else if (mode != HOST_ALL) {
+        return false;
+    }
+    return fmh_takes(w->gate, w->up, w->down);
+}
+
+/* *p grown to at least `bytes` of pinned host memory (after a sync: no copy reads the old one); false on failure
+ * (recorded) */
+bool grow_pinned(cuda_ctx *c, float **p, size_t *size, size_t bytes) {
+    if (bytes <= *size) return true;
+    sync_all(c);
+    if (*p) cudaFreeHost(*p);
+    *p = nullptr, *size = 0;
+    if (cudaMallocHost((void **)p, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        *p = nullptr;
+        failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: cannot pin %zu bytes of host memory", bytes));
+        return false;
+    }
+    *size = bytes;
+    return true;
+}
+
+/* The host's experts of this call (on[j]): how many. Under HOST_AUTO the first share · candidates, the fraction
+ * carried to the next call: a small share still gives the host an expert now and then, and so the measure that
+ * can raise it again (rounded, a share under 1/2 of a call's candidates would stop there for good). */
+int host_pick(cuda_ctx *c, const fm_expert_work *work, int n_work, int mode, unsigned char *on) {
+    int cand = 0, n = 0;
+    for (int j = 0; j < n_work; j++) cand += (on[j] = host_candidate(c, &work[j], mode));
+    int want = cand;
+    if (mode == HOST_AUTO) {
+        const float owed = c->host_carry + c->host_share * (float)cand;
+        want = (int)owed;
+        c->host_carry = owed - (float)want;
+    }
+    for (int j = 0; j < n_work; j++)
+        if (on[j]) on[j] = n < want, n += on[j];
+    return n;
+}
+
+/* Before the GPU's work of the call: the pinned buffers sized, the last call's rows copied out of hy, and the rows
+ * of xn the host's experts read copied to hx on the compute stream (xn is complete there: the router read it). */
+bool host_begin(cuda_ctx *c, const fm_expert_work *work, int n_work, const unsigned char *on, const float *xn, int H) {
+    int T = 0;
+    size_t rows = 0;
+    for (int j = 0; j < n_work; j++)
+        if (on[j]) {
+            rows += (size_t)work[j].n;
+            for (int i = 0; i < work[j].n; i++) T = work[j].tok[i] + 1 > T ? work[j].tok[i] + 1 : T;
+        }
+    const size_t xb = sizeof(float) * (size_t)T * (size_t)H;
+    if (!grow_pinned(c, &c->hx, &c->hx_size, xb) || !grow_pinned(c, &c->hy, &c->hy_size, sizeof(float) * rows * H))
+        return false;
+    return ok(c, cudaEventSynchronize(c->hy_ev), "host experts' rows") &&
+           ok(c, cudaMemcpyAsync(c->hx, xn, xb, cudaMemcpyDeviceToHost, c->s), "host experts' activations") &&
+           ok(c, cudaEventRecord(c->hx_ev, c->s), "host experts' activations");
+}
+
+/* After the GPU's work of the call is issued: the host's experts computed (once xn's rows have landed), the share
+ * adjusted by whether the GPU's work had finished by then, and their rows copied into ye on the compute stream. */
+void host_finish(cuda_ctx *c, const fm_expert_work *work, int n_work, const unsigned char *on, int n_host, float *ye,
+                 int H, int mode) {
+    if (!ok(c, cudaEventRecord(c->gpu_ev, c->s), "host experts' event")) return;
+    fmh_job *jobs = (fmh_job *)malloc(sizeof(fmh_job) * (size_t)n_host);
+    int *js = (int *)malloc(sizeof(int) * (size_t)n_host);
+    if (!jobs || !js) {
+        free(jobs), free(js);
+        failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: out of memory"));
+        return;
+    }
+    size_t off = 0;
+    for (int j = 0, q = 0; j < n_work; j++)
+        if (on[j]) {
+            js[q] = j;
+            jobs[q++] = {work[j].gate, work[j].up, work[j].down, work[j].tok, work[j].n, c->hy + off};
+            off += (size_t)work[j].n * H;
+        }
+    bool fine = ok(c, cudaEventSynchronize(c->hx_ev), "host experts' activations");
+    if (fine && fmh_experts(jobs, n_host, c->hx, H, 1) != 0) {
+        failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: out of memory (host experts)"));
+        fine = false;
+    }
+    if (fine && mode == HOST_AUTO) {
+        const cudaError_t e = cudaEventQuery(c->gpu_ev);
+        if (e == cudaErrorNotReady) cudaGetLastError(); /* not an error: the GPU is still busy */
+        else fine = ok(c, e, "host experts' event");
+        const float share = c->host_share + (e == cudaSuccess ? -0.05f : 0.05f);
+        c->host_share = share < 0.05f ? 0.05f : share > 0.95f ? 0.95f : share;
+    }
+    for (int q = 0; fine && q < n_host; q++)
+        fine = ok(c, cudaMemcpyAsync(ye + (size_t)work[js[q]].row0 * H, jobs[q].out,
+                                     sizeof(float) * (size_t)jobs[q].n * H, cudaMemcpyHostToDevice, c->s),
+                  "host experts' rows");
+    if (fine && ok(c, cudaEventRecord(c->hy_ev, c->s), "host experts' rows")) c->host_experts += (uint64_t)n_host;
+    free(jobs), free(js);
+}
+
+/* The GPU's experts of work[] (all but the host's, on[j]): batches of slots, misses' copies queued first */
+void experts_issue(cuda_ctx *c, const fm_expert_work *work, int n_work, const float *xn, float *ye, int H, int T,
+                   bool grouped, const unsigned char *on) {
     int slot_of[64];
     span spans[64];
-    /* grouped calls: xn's rows, 1 + the largest token (the int8 activations quantize them) */
-    const bool grouped = grouped_on();
-    int T = 0;
-    for (int j = 0; grouped && j < n_work; j++)
-        for (int i = 0; i < work[j].n; i++) {
-            if (work[j].tok[i] < 0) {
-                failed(c, fm_fail(FM_ERR_INVALID, "cuda backend: an expert's token %d", work[j].tok[i]));
-                return;
-            }
-            if (work[j].tok[i] >= T) T = work[j].tok[i] + 1;
-        }
     for (int j0 = 0; j0 < n_work && c->err == FM_OK;) {
         /* a batch: slots for as many experts as fit (at most 64), their misses' copies queued first */
         int j1 = j0;
         for (; j1 < n_work && j1 - j0 < 64; j1++) {
             const fm_expert_work *w = &work[j1];
             slot_of[j1 - j0] = -1;
+            if (on && on[j1]) continue; /* the host's */
             if (w->n <= 0 || w->key < 0 || w->key >= c->key_space) continue; /* no identity: read in place */
             spans[j1 - j0] = expert_span(w);
             const size_t bytes = spans[j1 - j0].hi - spans[j1 - j0].lo;
@@ -1156,7 +1283,7 @@ void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float
             int js[64], n = 0;
             for (int j = j0; j < j1; j++) {
                 const int i = slot_of[j - j0];
-                if (work[j].n > 0 && (i >= 0 && c->pending[i]) == (pass == 1)) js[n++] = j;
+                if (work[j].n > 0 && !(on && on[j]) && (i >= 0 && c->pending[i]) == (pass == 1)) js[n++] = j;
             }
             if (!grouped) {
                 experts_one_by_one(c, work, js, n, j0, slot_of, spans, xn, ye, H);
@@ -1183,6 +1310,38 @@ void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float
         }
         j0 = j1;
     }
+}
+
+void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float *xn, float *ye, int H) {
+    cuda_ctx *c = ctx_of(ctx);
+    forget_q(c);
+    if (no_sync(c)) return; /* its copies wait on events and streams a recording cannot hold */
+    /* grouped calls: xn's rows, 1 + the largest token (the int8 activations quantize them) */
+    const bool grouped = grouped_on();
+    int T = 0;
+    for (int j = 0; j < n_work; j++)
+        for (int i = 0; i < work[j].n; i++) {
+            if (work[j].tok[i] < 0) {
+                failed(c, fm_fail(FM_ERR_INVALID, "cuda backend: an expert's token %d", work[j].tok[i]));
+                return;
+            }
+            if (work[j].tok[i] >= T) T = work[j].tok[i] + 1;
+        }
+    /* the host's share, chosen first (its experts take no slot), its activations on their way before the GPU's work */
+    const int mode = host_mode();
+    unsigned char *on = nullptr;
+    int n_host = 0;
+    if (mode != HOST_OFF) {
+        if (!(on = (unsigned char *)calloc((size_t)n_work, 1))) {
+            failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: out of memory"));
+            return;
+        }
+        n_host = host_pick(c, work, n_work, mode, on);
+        if (n_host && !host_begin(c, work, n_work, on, xn, H)) n_host = 0;
+    }
+    if (c->err == FM_OK) experts_issue(c, work, n_work, xn, ye, H, T, grouped, n_host ? on : nullptr);
+    if (n_host && c->err == FM_OK) host_finish(c, work, n_work, on, n_host, ye, H, mode);
+    free(on);
 }
 
 /* FLASHMOE_CUDA_SHARED_FOLD=0: moe_device never folds the shared expert in (the core runs it in launches of its
