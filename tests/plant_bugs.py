@@ -328,6 +328,26 @@ PLANTS = [
           "        in.store(Ks, Qs, Vs, Rs);\n",
           ["tests/test_cuda_emu.py", "-k", "op_harness and forward"],
           "CUDA's chunked gated delta rule reads a chunk's staged inputs unsynchronised"),
+    Plant("cuda_mma_stage_read_before_its_wait", "csrc/backend/cuda/matmul_mma.cu",
+          "        cp_wait<ST - 2>(); /* stage j landed", "        cp_wait<ST - 1>(); /* stage j landed",
+          ["tests/test_cuda_emu.py", "-k", "op_harness and forward"],
+          "the tensor-core prefill computes a stage before its cp.async copies are waited for"),
+    # -- the host's share of decode's experts (cuda/host_ffn.c, cuda_ops.cu's host_finish)
+    Plant("host_ffn_butterfly_out_of_order", "csrc/backend/cuda/host_ffn.c",
+          "        for (int i = 0; i < o; i++) A[i] = A[i] + A[i + o];",
+          "        for (int i = 0; i < o; i++) A[i] = A[2 * i] + A[2 * i + 1];",
+          ["tests/test_cuda_emu.py", "-k", "op_harness and forward"],
+          "the host's replay adds the lanes in another order than the warp's butterfly"),
+    Plant("host_ffn_avx2_lanes_paired_wrong", "csrc/backend/cuda/host_ffn.c",
+          "const __m256 B0 = _mm256_add_ps(A[0], A[2]), B1 = _mm256_add_ps(A[1], A[3])",
+          "const __m256 B0 = _mm256_add_ps(A[0], A[1]), B1 = _mm256_add_ps(A[2], A[3])",
+          ["tests/test_cuda_emu.py", "-k", "op_harness and forward"],
+          "the host's AVX2 replay pairs the wrong lanes in the butterfly's first level"),
+    Plant("host_rows_first_not_copied", "csrc/backend/cuda/cuda_ops.cu",
+          "    for (int q = 0; fine && q < n_host; q++)\n        fine = ok(c, cudaMemcpyAsync(ye",
+          "    for (int q = 1; fine && q < n_host; q++)\n        fine = ok(c, cudaMemcpyAsync(ye",
+          ["tests/test_cuda_emu.py", "-k", "tiers"],
+          "the host's first expert's rows never reach the GPU"),
 ]
 
 
