@@ -12,13 +12,15 @@ runs, in subprocesses on it:
 - test_model_on_emulated_cuda: the tiny transformers-checked models against the CPU backend of the same
   build, as tests/test_cuda_backend.py does on a GPU (16 bits and 4 bits with int8 activations; with --slow
   8 and 4 bits on fp32 and 8 on int8 too: ~4 s each), its GPU budget error and its test of the expert
-  tiers (the VRAM cache of 1 and 3 slots, one expert a call: ~30 s a model; with --slow both models);
+  tiers (the VRAM cache of 1 and 3 slots, one expert a call, the host's share of the misses: ~60 s a model;
+  with --slow both models);
 - the VRAM expert cache after a failure: a host-to-device copy failed on purpose by the mock runtime
-  (FM_CUDA_EMU_FAIL) in the middle of a batch of expert copies, then the model's bits and tokens those of a
-  fresh one (~2 s each, grouped and one by one); a budget without room for the cache failing alike every call;
+  (FM_CUDA_EMU_FAIL) in the middle of a batch of expert copies, or the copy of the host's experts' rows, then
+  the model's bits and tokens those of a fresh one (~2 s each); a budget without room for the cache failing
+  alike every call;
 - the emulator's own tests (tests/cuda_emu/selftest.cu): right kernels give exact results, kernels broken on
   purpose are caught (a missing barrier reads NaN, a divergent barrier or shuffle, too much shared memory,
-  a copy past an allocation, a race); a stream captured into a graph runs nothing until the graph replays, and
+  a copy past an allocation, a race, a cp.async copy read before its wait); a stream captured into a graph runs nothing until the graph replays, and
   what a capture forbids is refused and invalidates it.
 
 Needs clang-19 (Debian: clang-19); skips without it, and fails instead where FLASHMOE_CI_REQUIRE names
@@ -383,6 +385,25 @@ def test_the_vram_cache_after_a_failed_expert_copy_is_a_fresh_ones_emulated(emu_
     fresh = r["fresh"].tolist()
     assert fresh[0] == 3 and fresh[2] > 3, fresh  # more misses than slots: the slots were reused
     assert r["after"][0] == 3 and (r["after"] - r["at_error"])[1:].tolist() == fresh[1:], (r["after"], r["at_error"])
+
+
+def test_the_host_share_after_a_failed_copy_of_its_rows_is_a_fresh_ones_emulated(emu_env, demo_model, tmp_path):
+    """The host computing every decode-sized miss (FLASHMOE_CUDA_HOST_EXPERTS=1, 3 VRAM slots); the mock runtime
+    fails the forward's 3rd host-to-device copy of 256 bytes or more: the copy of the host's experts' rows into
+    the GPU's (the 1st is an expert copy of the prompt's, the 2nd an upload; the message says which it was). The
+    forward raises a DeviceError naming it; the model then gives the bits and tokens of a fresh one, and its
+    counters move as a fresh model's do."""
+    env = dict(emu_env, FM_CUDA_EMU_FAIL="memcpy:3:256", FLASHMOE_CUDA_EXPERT_SLOTS="3",
+               FLASHMOE_CUDA_HOST_EXPERTS="1")
+    rc, log = run_py(env, ["-c", VRAM_FAULT, demo_model, str(tmp_path / "out.npz")])
+    assert rc == 0, log[-4000:]
+    r = np.load(tmp_path / "out.npz")
+    assert str(r["message"]).startswith("DeviceError: cuda backend: host experts' rows: unknown error (injected"), \
+        r["message"]
+    assert np.array_equal(r["logits"].view(np.uint32), r["fresh_logits"].view(np.uint32)), \
+        "after the failure: logits differ from a fresh model's"
+    assert r["tokens"].tolist() == r["fresh_tokens"].tolist()
+    assert (r["after"] - r["at_error"])[1:].tolist() == r["fresh"].tolist()[1:], (r["after"], r["at_error"], r["fresh"])
 
 
 VRAM_NO_ROOM = """
