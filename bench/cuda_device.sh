@@ -17,6 +17,7 @@
 #   prefill each kernel's own time in hbm prompts of 512 and 2048 tokens, FLASHMOE_CUDA_IMMA=0 / unset / 1
 #   pinprof where a decode token's time goes, the 122B's experts from pinned host memory
 #   hostab  pinned 122B decode with the host's share of the misses (FLASHMOE_CUDA_HOST_EXPERTS auto, 1, 0)
+#   ncu     Nsight Compute on the tensor-core prefill kernel (where ncu is installed)
 #   imma1   a short imma (q4 kernels at 512 and 2048 tokens; prompts on dp4a and the default, once)
 #   immaab  bench/imma.py's matmuls, .devsrc/old's build then this tree's
 #   ab      hbm decode and prompts, .devsrc/old's build (a carried `git archive` of another commit) against
@@ -162,6 +163,16 @@ for what in "$@"; do
             --gpu-budget 3GB --prompts "" --runs 1 2>&1 | tee -a "$out/hostab.log" | grep "tok/s\|roofline" || rc=1
         done
       done ;;
+    ncu)  # Nsight Compute's view of the tensor-core prefill kernel (stall reasons, issue and memory rates), where
+          # the machine has ncu: why it runs at ~2 % of the int8 peak (bench/RESULTS.md, session 18)
+      if command -v ncu >/dev/null; then
+        FLASHMOE_CUDA_PDL=0 ncu --kernel-name regex:fm_mm_imma --launch-count 2 --section SpeedOfLight \
+          --section WarpStateStats --section SchedulerStats --section Occupancy --section MemoryWorkloadAnalysis \
+          python3 bench/imma.py --experts 0 --q 4 --rows 2048 --T 512 --reps 1 2>&1 | tee -a "$out/ncu.log" \
+          | grep -v "^==PROF==" | tail -120 || rc=1
+      else
+        echo "ncu: not on this machine" | tee -a "$out/ncu.log"
+      fi ;;
     pinprof)  # where a decode token's time goes with the 122B's experts from pinned host memory (3 GB of VRAM)
       python3 bench/cuda_profile.py --preset qwen3.5-122b-a10b --gpu-budget 3GB 2>&1 | grep -v -i warn \
         | tee -a "$out/pinprof.log" || rc=1 ;;
