@@ -113,8 +113,8 @@ typedef struct fm_backend_ops {
     fm_status (*finish)(void *ctx);          /* wait for everything; a failed op reports here */
     /* the counters of a cache of experts the backend keeps itself (CUDA's VRAM tier): slots, hits, misses,
      * bytes copied in; then decode steps replayed and recorded (step_begin); then MoE layers whose shared expert
-     * moe_device folded in (replays count theirs); host and wait ns; routed experts the host computed (CUDA:
-     * host_experts); zeros where there is none */
+     * moe_device folded in (replays count theirs); the host's ns launching replays and waiting; routed experts
+     * the host computed (CUDA: host_experts); zeros where there is none */
     void (*device_stats)(void *ctx, uint64_t out[FM_DEVICE_STATS]);
 
     /* ---- ops: activations fp32, row-major, T tokens */

@@ -57,7 +57,7 @@ void fm_matmul_rows_scalar(const fm_matmul_args *a, int r0, int r1, float *rowbu
 #if defined(__x86_64__) || defined(_M_X64)
 #define FM_HAVE_AVX2_KERNELS 1
 int fm_matmul_avx2_supports(const fm_mat *w);
-/* The int8 activations of x[n] per group of gs (a multiple of 32), as ops.c's quantize_x computes them. */
+/* The int8 activations of x[n] per group of gs (a multiple of 32), as quantize_x.h's fm_quantize_x_c computes them. */
 void fm_quantize_x_avx2(const float *x, int n, int gs, int permute, int8_t *xq, float *xd, float *xqs);
 void fm_matmul_rows_avx2(const fm_matmul_args *a, int r0, int r1, float *rowbuf);
 /* AVX-512 VNNI: int8 activations with group sizes that are multiples of 64; the rest goes to AVX2. */

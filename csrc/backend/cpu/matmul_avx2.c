@@ -284,9 +284,9 @@ static inline __attribute__((always_inline)) void int8_tiles_nb(const fm_matmul_
 }
 
 /* x[n] → int8 activations (cpu.h) per group of gs (a multiple of 32); permute: each 32-block as 16 even
- * elements, then 16 odd ones (q4). The same numbers as the portable quantize_x: the product x·inv is
- * rounded to fp32 first, then to the nearest integer, ties to even (cvtps in the default MXCSR mode is
- * rintf). */
+ * elements, then 16 odd ones (q4). The same numbers as the portable fm_quantize_x_c (quantize_x.h): the
+ * product x·inv is rounded to fp32 first, then to the nearest integer, ties to even (cvtps in the default
+ * MXCSR mode is rintf). */
 void fm_quantize_x_avx2(const float *x, int n, int gs, int permute, int8_t *xq, float *xd, float *xqs) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undo packs' per-lane interleave */

@@ -12,6 +12,7 @@
 #include "threads.h"
 #include "../../core/util.h"
 #include "matmul.h"
+#include "quantize_x.h"
 
 /* ---------------------------------------------------------------- matmul */
 
@@ -217,26 +218,6 @@ static float *thread_buffer(size_t n) {
     return (float *)fm_grow(&buf, &cap, n * sizeof(float), (n + n / 2) * sizeof(float));
 }
 
-/* x[n] → xq, xd, xqs per group of gs (the int8 activations of cpu.h); q4 SIMD kernels take xq permuted
- * per 32-element block like xp. */
-static void quantize_x(const float *x, int n, int gs, int permute, int8_t *xq, float *xd, float *xqs) {
-    for (int g = 0; g < n / gs; g++) {
-        const float *xg = x + g * gs;
-        float amax = 0.0f;
-        for (int i = 0; i < gs; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax;
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
-        for (int i = 0; i < gs; i++) {
-            const int v = (int)rintf(xg[i] * inv); /* |v| <= 127: |x·inv| <= 127 up to one rounding */
-            const int j = permute ? (i & ~31) + ((i & 1) ? 16 : 0) + ((i & 31) >> 1) : i;
-            xq[g * gs + j] = (int8_t)v;
-            sum += v;
-        }
-        xd[g] = amax / 127.0f;
-        xqs[g] = (float)sum;
-    }
-}
-
 typedef struct {
     const float *x;
     int n, gs, simd, permute; /* simd: an x86 SIMD kernel runs (AVX2 quantizer); permute: q4 there or NEON */
@@ -254,8 +235,8 @@ static void quantize_task(void *ctx, int t) {
         return;
     }
 #endif
-    quantize_x(q->x + (size_t)t * q->n, q->n, q->gs, q->permute, q->xq + (size_t)t * q->n, q->xd + (size_t)t * ng,
-               q->xqs + (size_t)t * ng);
+    fm_quantize_x_c(q->x + (size_t)t * q->n, q->n, q->gs, q->permute, q->xq + (size_t)t * q->n,
+                    q->xd + (size_t)t * ng, q->xqs + (size_t)t * ng);
 }
 
 void fm_cpu_matmul(const fm_mat *w, const float *x, int T, float *y) {

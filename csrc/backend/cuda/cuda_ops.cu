@@ -1193,16 +1193,13 @@ int host_pick(cuda_ctx *c, const fm_expert_work *work, int n_work, int mode, uns
     return n;
 }
 
-/* Before the GPU's work of the call: the pinned buffers sized, the last call's rows copied out of hy, and the rows
- * of xn the host's experts read copied to hx on the compute stream (xn is complete there: the router read it). */
-bool host_begin(cuda_ctx *c, const fm_expert_work *work, int n_work, const unsigned char *on, const float *xn, int H) {
-    int T = 0;
+/* Before the GPU's work of the call: the pinned buffers sized, the last call's rows copied out of hy, and xn's T
+ * rows (1 + the call's largest token) copied to hx on the compute stream (xn is complete there: the router read it). */
+bool host_begin(cuda_ctx *c, const fm_expert_work *work, int n_work, const unsigned char *on, const float *xn, int T,
+                int H) {
     size_t rows = 0;
     for (int j = 0; j < n_work; j++)
-        if (on[j]) {
-            rows += (size_t)work[j].n;
-            for (int i = 0; i < work[j].n; i++) T = work[j].tok[i] + 1 > T ? work[j].tok[i] + 1 : T;
-        }
+        if (on[j]) rows += (size_t)work[j].n;
     const size_t xb = sizeof(float) * (size_t)T * (size_t)H;
     if (!grow_pinned(c, &c->hx, &c->hx_size, xb) || !grow_pinned(c, &c->hy, &c->hy_size, sizeof(float) * rows * H))
         return false;
@@ -1217,16 +1214,13 @@ void host_finish(cuda_ctx *c, const fm_expert_work *work, int n_work, const unsi
                  int H, int mode) {
     if (!ok(c, cudaEventRecord(c->gpu_ev, c->s), "host experts' event")) return;
     fmh_job *jobs = (fmh_job *)malloc(sizeof(fmh_job) * (size_t)n_host);
-    int *js = (int *)malloc(sizeof(int) * (size_t)n_host);
-    if (!jobs || !js) {
-        free(jobs), free(js);
+    if (!jobs) {
         failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: out of memory"));
         return;
     }
     size_t off = 0;
     for (int j = 0, q = 0; j < n_work; j++)
         if (on[j]) {
-            js[q] = j;
             jobs[q++] = {work[j].gate, work[j].up, work[j].down, work[j].tok, work[j].n, c->hy + off};
             off += (size_t)work[j].n * H;
         }
@@ -1242,12 +1236,14 @@ void host_finish(cuda_ctx *c, const fm_expert_work *work, int n_work, const unsi
         const float share = c->host_share + (e == cudaSuccess ? -0.05f : 0.05f);
         c->host_share = share < 0.05f ? 0.05f : share > 0.95f ? 0.95f : share;
     }
-    for (int q = 0; fine && q < n_host; q++)
-        fine = ok(c, cudaMemcpyAsync(ye + (size_t)work[js[q]].row0 * H, jobs[q].out,
-                                     sizeof(float) * (size_t)jobs[q].n * H, cudaMemcpyHostToDevice, c->s),
+    for (int j = 0, q = 0; fine && j < n_work; j++) { /* jobs[q]: the q-th of work[] on the host */
+        if (!on[j]) continue;
+        const size_t bytes = sizeof(float) * (size_t)jobs[q].n * H;
+        fine = ok(c, cudaMemcpyAsync(ye + (size_t)work[j].row0 * H, jobs[q++].out, bytes, cudaMemcpyHostToDevice, c->s),
                   "host experts' rows");
+    }
     if (fine && ok(c, cudaEventRecord(c->hy_ev, c->s), "host experts' rows")) c->host_experts += (uint64_t)n_host;
-    free(jobs), free(js);
+    free(jobs);
 }
 
 /* The GPU's experts of work[] (all but the host's, on[j]): batches of slots, misses' copies queued first */
@@ -1316,7 +1312,7 @@ void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float
     cuda_ctx *c = ctx_of(ctx);
     forget_q(c);
     if (no_sync(c)) return; /* its copies wait on events and streams a recording cannot hold */
-    /* grouped calls: xn's rows, 1 + the largest token (the int8 activations quantize them) */
+    /* xn's rows, 1 + the largest token (grouped calls' int8 activations quantize them; the host's share copies them) */
     const bool grouped = grouped_on();
     int T = 0;
     for (int j = 0; j < n_work; j++)
@@ -1337,7 +1333,7 @@ void cuda_experts(void *ctx, const fm_expert_work *work, int n_work, const float
             return;
         }
         n_host = host_pick(c, work, n_work, mode, on);
-        if (n_host && !host_begin(c, work, n_work, on, xn, H)) n_host = 0;
+        if (n_host && !host_begin(c, work, n_work, on, xn, T, H)) n_host = 0;
     }
     if (c->err == FM_OK) experts_issue(c, work, n_work, xn, ye, H, T, grouped, n_host ? on : nullptr);
     if (n_host && c->err == FM_OK) host_finish(c, work, n_work, on, n_host, ye, H, mode);

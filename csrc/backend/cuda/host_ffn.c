@@ -19,6 +19,8 @@
 #include <string.h>
 
 #include "../../core/exp_fma.h"
+#include "../../core/util.h"
+#include "../cpu/quantize_x.h"
 #include "../cpu/threads.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -52,49 +54,20 @@ static shape shape_of(const fm_mat *w) {
     return s;
 }
 
-/* fm_quantize_x's roundings: max|x| exact in any order, 127/m and m/127 correctly rounded, x·inv one product,
- * rounded half to even (a NaN product gives 0, as __float2int_rn) */
+/* The CPU's quantizer (quantize_x.h), whose roundings matmul.cu's fm_quantize_x has (a NaN product gives 0 on
+ * x86 and Arm alike, as __float2int_rn); xs, Σ xq of each chunk, from its bytes (in any order: integers) */
 static void quantize(const shape *s, const float *x, tokq q) {
-    for (int g = 0; g < s->ng; g++) {
-        const float *xg = x + (size_t)g * s->gs;
-        float m = 0.0f;
-        for (int i = 0; i < s->gs; i++) m = fmaxf(m, fabsf(xg[i]));
-        const float inv = m > 0.0f ? 127.0f / m : 0.0f;
-        for (int c = 0; c < s->cpg; c++) {
-            const int c0 = g * s->cpg + c;
-            int sum = 0;
-            for (int i = 0; i < s->V; i++) {
-                const float p = xg[c * s->V + i] * inv;
-                const int v = p != p ? 0 : (int)rintf(p);
-                sum += v;
-                const int at = s->q4 ? (i & 1) * 16 + i / 2 : i; /* q4: evens, then odds */
-                q.xq[(size_t)c0 * s->V + at] = (int8_t)v;
-            }
-            q.xs[c0] = (float)sum;
-        }
-        q.xd[g] = m / 127.0f;
+    float group_sums[FMH_MAX_NG];
+    fm_quantize_x_c(x, s->cols, s->gs, s->q4, q.xq, q.xd, group_sums);
+    for (int c = 0; c < s->nc; c++) {
+        int sum = 0;
+        for (int i = 0; i < s->V; i++) sum += q.xq[(size_t)c * s->V + i];
+        q.xs[c] = (float)sum;
     }
 }
 
-/* a stored scale or bias as a float: bfloat16, or float16 (subnormals exact) */
-static float scale_value(uint16_t bits, int bf16) {
-    uint32_t u;
-    if (bf16) {
-        u = (uint32_t)bits << 16;
-    } else {
-        const uint32_t sign = (uint32_t)(bits & 0x8000u) << 16, e = (bits >> 10) & 31u, m = bits & 0x3FFu;
-        if (e == 31) u = sign | 0x7F800000u | m << 13;
-        else if (e) u = sign | (e + 112) << 23 | m << 13;
-        else {
-            float f = (float)m * 5.9604644775390625e-8f; /* m · 2^-24: exact */
-            memcpy(&u, &f, 4);
-            u |= sign;
-        }
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+/* a stored scale or bias as a float: bfloat16, or float16 */
+static float scale_value(uint16_t bits, int bf16) { return bf16 ? fm_bf16_to_f32(bits) : fm_f16_to_f32(bits); }
 
 /* ---- one row · one token, portable: the definition */
 
@@ -195,6 +168,8 @@ static int have_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_
 
 /* ---- a matrix's rows over a job's tokens */
 
+/* What a shape's AVX2 rows need, made once a call for each shape (gate and up have one): per block of 8 chunks its
+ * first chunk's group and the others' offsets from it */
 typedef struct {
     shape s;
     int isa; /* AVX2 on this matrix (nc % 8 == 0) */
@@ -205,7 +180,6 @@ typedef struct {
 } mat_plan;
 
 static int plan(mat_plan *p, const fm_mat *w, int isa) {
-    memset(p, 0, sizeof *p);
     p->s = shape_of(w);
 #ifdef FMH_X86
     if (isa && p->s.nc % 8 == 0) {
@@ -258,7 +232,7 @@ static void rows_dot(const mat_plan *p, const fm_mat *w, const tokq *q, int n, i
 
 typedef struct {
     const fmh_job *job;
-    mat_plan gate, up, down;
+    const mat_plan *gu, *down; /* gate's and up's (one shape), down's */
     tokq *qx, *qh; /* [n] each token's activations for gate/up, and of its h for down */
     float *g, *u;  /* [n, I] gate · x, up · x, then h = silu(g)·u in g */
 } job_state;
@@ -280,13 +254,13 @@ static void task(void *vctx, int i) {
     const int k = i - c->first[j], n = b->n, I = b->gate->rows;
     if (c->phase == 0) {
         const int r0 = k * ROWS_GU, r1 = r0 + ROWS_GU < I ? r0 + ROWS_GU : I;
-        rows_dot(&s->gate, b->gate, s->qx, n, r0, r1, s->g, (size_t)I);
-        rows_dot(&s->up, b->up, s->qx, n, r0, r1, s->u, (size_t)I);
+        rows_dot(s->gu, b->gate, s->qx, n, r0, r1, s->g, (size_t)I);
+        rows_dot(s->gu, b->up, s->qx, n, r0, r1, s->u, (size_t)I);
         for (int t = 0; t < n; t++)
             for (int r = r0; r < r1; r++) s->g[(size_t)t * I + r] = fm_silu_mul_fma(s->g[(size_t)t * I + r], s->u[(size_t)t * I + r]);
     } else {
         const int r0 = k * ROWS_DOWN, r1 = r0 + ROWS_DOWN < c->h ? r0 + ROWS_DOWN : c->h;
-        rows_dot(&s->down, b->down, s->qh, n, r0, r1, b->out, (size_t)c->h);
+        rows_dot(s->down, b->down, s->qh, n, r0, r1, b->out, (size_t)c->h);
     }
 }
 
@@ -311,6 +285,15 @@ static tokq tokq_at(const shape *s, uint8_t *p) {
     return q;
 }
 
+/* the plan of w's shape among plans[0..*n), made there if new; NULL when out of memory */
+static const mat_plan *plan_of(mat_plan *plans, int *n, const fm_mat *w, int isa) {
+    for (int i = 0; i < *n; i++)
+        if (plans[i].s.q4 == (w->dtype == FM_Q4) && plans[i].s.cols == w->cols && plans[i].s.gs == w->group_size)
+            return &plans[i];
+    mat_plan *p = &plans[(*n)++]; /* counted even if it fails: plan_free frees what it got */
+    return plan(p, w, isa) ? p : NULL;
+}
+
 int fmh_experts(const fmh_job *jobs, int n_jobs, const float *xn, int h, int isa) {
     if (n_jobs <= 0) return 0;
 #ifdef FMH_X86
@@ -319,21 +302,23 @@ int fmh_experts(const fmh_job *jobs, int n_jobs, const float *xn, int h, int isa
     isa = 0;
 #endif
     job_state *js = (job_state *)calloc((size_t)n_jobs, sizeof(job_state));
-    int *first = (int *)malloc(sizeof(int) * ((size_t)n_jobs + 1));
+    mat_plan *plans = (mat_plan *)calloc(2 * (size_t)n_jobs, sizeof(mat_plan)); /* 2 shapes a job at most */
+    int *first = (int *)malloc(sizeof(int) * ((size_t)n_jobs + 1)), n_plans = 0;
     size_t bytes = 0;
     for (int j = 0; j < n_jobs && js; j++) {
         const shape sx = shape_of(jobs[j].gate), sh = shape_of(jobs[j].down);
         const size_t n = (size_t)jobs[j].n, I = (size_t)jobs[j].gate->rows;
         bytes += n * (sizeof(tokq) * 2 + tokq_bytes(&sx) + tokq_bytes(&sh) + 2 * I * sizeof(float)) + 64 * 4;
     }
-    uint8_t *mem = js && first ? (uint8_t *)malloc(bytes) : NULL;
+    uint8_t *mem = js && plans && first ? (uint8_t *)malloc(bytes) : NULL;
     int ok = mem != NULL;
     uint8_t *p = mem;
     for (int j = 0; j < n_jobs && ok; j++) {
         job_state *s = &js[j];
         const fmh_job *b = &jobs[j];
         s->job = b;
-        ok = plan(&s->gate, b->gate, isa) && plan(&s->up, b->up, isa) && plan(&s->down, b->down, isa);
+        s->gu = plan_of(plans, &n_plans, b->gate, isa), s->down = plan_of(plans, &n_plans, b->down, isa);
+        if (!(ok = s->gu && s->down)) break;
         const size_t n = (size_t)b->n, I = (size_t)b->gate->rows;
         p = (uint8_t *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
         s->qx = (tokq *)p, p += n * sizeof(tokq);
@@ -341,9 +326,9 @@ int fmh_experts(const fmh_job *jobs, int n_jobs, const float *xn, int h, int isa
         s->g = (float *)p, p += n * I * sizeof(float);
         s->u = (float *)p, p += n * I * sizeof(float);
         for (size_t t = 0; t < n; t++) {
-            s->qx[t] = tokq_at(&s->gate.s, p), p += tokq_bytes(&s->gate.s);
-            s->qh[t] = tokq_at(&s->down.s, p), p += tokq_bytes(&s->down.s);
-            quantize(&s->gate.s, xn + (size_t)b->tok[t] * (size_t)h, s->qx[t]);
+            s->qx[t] = tokq_at(&s->gu->s, p), p += tokq_bytes(&s->gu->s);
+            s->qh[t] = tokq_at(&s->down->s, p), p += tokq_bytes(&s->down->s);
+            quantize(&s->gu->s, xn + (size_t)b->tok[t] * (size_t)h, s->qx[t]);
         }
     }
     if (ok) {
@@ -353,12 +338,12 @@ int fmh_experts(const fmh_job *jobs, int n_jobs, const float *xn, int h, int isa
         fm_parallel_for(first[n_jobs], task, &c);
         for (int j = 0; j < n_jobs; j++) /* h quantized by down's groups */
             for (int t = 0; t < jobs[j].n; t++)
-                quantize(&js[j].down.s, js[j].g + (size_t)t * (size_t)jobs[j].gate->rows, js[j].qh[t]);
+                quantize(&js[j].down->s, js[j].g + (size_t)t * (size_t)jobs[j].gate->rows, js[j].qh[t]);
         c.phase = 1;
         for (int j = 0; j < n_jobs; j++) first[j + 1] = first[j] + (h + ROWS_DOWN - 1) / ROWS_DOWN;
         fm_parallel_for(first[n_jobs], task, &c);
     }
-    for (int j = 0; js && j < n_jobs; j++) plan_free(&js[j].gate), plan_free(&js[j].up), plan_free(&js[j].down);
-    free(mem), free(first), free(js);
+    for (int i = 0; i < n_plans; i++) plan_free(&plans[i]);
+    free(mem), free(first), free(plans), free(js);
     return ok ? 0 : FM_ERR_NOMEM;
 }
