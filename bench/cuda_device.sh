@@ -163,13 +163,21 @@ for what in "$@"; do
             --gpu-budget 3GB --prompts "" --runs 1 2>&1 | tee -a "$out/hostab.log" | grep "tok/s\|roofline" || rc=1
         done
       done ;;
-    ncu)  # Nsight Compute's view of the tensor-core prefill kernel (stall reasons, issue and memory rates), where
-          # the machine has ncu: why it runs at ~2 % of the int8 peak (bench/RESULTS.md, session 18)
+    ncu)  # Nsight Compute's view of the tensor-core prefill kernel (every section, and each SASS instruction's stall
+          # samples), where the machine has ncu, and its SASS (cuobjdump): why it runs at ~2 % of the int8 peak
+          # (bench/RESULTS.md, session 18)
+      so=$(find "$pkg" -name "_core*.so" | head -1)
+      if command -v cuobjdump >/dev/null; then
+        cuobjdump -sass "$so" >"$out/sass.txt" 2>&1 || rc=1
+        echo "sass: $(grep -c . "$out/sass.txt") lines in $out/sass.txt"
+      fi
       if command -v ncu >/dev/null; then
-        FLASHMOE_CUDA_PDL=0 ncu --kernel-name regex:fm_mm_imma --launch-count 2 --section SpeedOfLight \
-          --section WarpStateStats --section SchedulerStats --section Occupancy --section MemoryWorkloadAnalysis \
-          python3 bench/imma.py --experts 0 --q 4 --rows 2048 --T 512 --reps 1 2>&1 | tee -a "$out/ncu.log" \
-          | grep -v "^==PROF==" | tail -120 || rc=1
+        FLASHMOE_CUDA_PDL=0 ncu --set full --import-source yes -f -o "$out/imma" --kernel-name regex:fm_mm_imma \
+          --launch-count 1 python3 bench/imma.py --experts 0 --q 4 --rows 2048 --T 512 --reps 1 2>&1 \
+          | grep -v "^==PROF==" | tail -20 || rc=1
+        ncu --import "$out/imma.ncu-rep" --print-details all >"$out/ncu.log" 2>&1 || rc=1
+        ncu --import "$out/imma.ncu-rep" --page source --csv --print-source sass >"$out/ncu_sass.csv" 2>&1 || rc=1
+        grep -iE "stall|warp cycles|issued|throughput|occupancy|registers" "$out/ncu.log" | head -60
       else
         echo "ncu: not on this machine" | tee -a "$out/ncu.log"
       fi ;;

@@ -190,12 +190,14 @@ __device__ __forceinline__ void cp_wait() {
 }
 
 /* The kernel's shape: WM × WN warps of 16·MT rows × 8·NT tokens (IM_GU: 8·MT rows of gate and the same of up);
- * ST stages of KC chunks. A stage in shared memory: W [KC][M·BM] a row's chunk (q4: 32 bytes, its 8 words' even
- * nibbles then odd ones as bytes, a0 | a2 of the fragment side by side; q8: its 16 bytes; IM_GU: BM rows of gate,
- * then of up); X [KC][BN] V bytes of each token; SB [KC][M·BM / 16][8] float4 (s, b of row 16m + g, s, b of row
- * 16m + g + 8: one load for a thread's two rows of an MMA tile); XS [KC][BN / 8][4] float4 (xd, xs of token 8n +
- * 2q, xd, xs of token 8n + 2q + 1); the stage's chunk numbers. Each fragment load of a warp reads 128 or 256
- * contiguous bytes, or broadcasts. */
+ * ST stages of KC chunks. A stage in shared memory: W [KC][M·BM / 16] tiles of 16 rows (IM_GU: BM rows of gate,
+ * then of up), each [8 g][4 q] slots of a thread's A fragment for the tile, in the order of its registers (one
+ * load, no moves before the MMA): q4 16 bytes (word q of rows g and g + 8 as bytes: g's even nibbles, g + 8's, g's
+ * odd nibbles, g + 8's), q8 8 bytes (word q of rows g, g + 8); slot q of row g at g·4 + (q ^ swz(g, tile)) (the
+ * stores conflict-free, the loads contiguous whatever the swizzle); X [KC][BN] V bytes of each token; SB [KC][M·BM /
+ * 16][8] float4 (s, b of row 16m + g, s, b of row 16m + g + 8: one load for a thread's two rows of an MMA tile); XS
+ * [KC][BN / 8][4] float4 (xd, xs of token 8n + 2q, xd, xs of token 8n + 2q + 1); the stage's chunk numbers. Each
+ * fragment load of a warp reads 128 to 512 contiguous bytes, or broadcasts. */
 template <int K_, bool Q4_, int WM_, int WN_, int MT_, int NT_, int KC_, int ST_>
 struct imma_cfg {
     static constexpr int K = K_, WM = WM_, WN = WN_, MT = MT_, NT = NT_, KC = KC_, ST = ST_;
@@ -204,14 +206,21 @@ struct imma_cfg {
     static constexpr int NTHR = 32 * WM * WN, BM = 16 * MTM * WM, BN = 8 * NT * WN, V = Q4 ? 32 : 16, WB = Q4 ? 32 : 16;
     static constexpr int X_OFF = KC * M * BM * WB, SB_OFF = X_OFF + KC * BN * V, XS_OFF = SB_OFF + KC * M * BM * 8,
                          C_OFF = XS_OFF + KC * BN * 8, STAGE = C_OFF + 16;
-    /* a thread's loads of a stage: (row, chunk) items of w (16 bytes, a scale and a bias: through registers),
-     * 16-byte pieces of xq and xd or xs floats (cp.async) */
-    static constexpr int NW = (KC * M * BM + NTHR - 1) / NTHR, NX = (KC * BN * V / 16 + NTHR - 1) / NTHR,
+    /* a thread's loads of a stage: (rows g and g + 8 of a tile, chunk) items of w (16 bytes, a scale and a bias
+     * each row: through registers), 16-byte pieces of xq and xd or xs floats (cp.async) */
+    static constexpr int NW = (KC * M * BM / 2 + NTHR - 1) / NTHR, NX = (KC * BN * V / 16 + NTHR - 1) / NTHR,
                          NXS = (KC * BN * 2 + NTHR - 1) / NTHR;
     static constexpr int O = 4 * MT * NT; /* outputs a thread */
     static_assert(MT % M == 0 && KC <= 4 && STAGE % 16 == 0 && ST >= 2 && ST * STAGE <= 48 * 1024,
                   "stages in static shared memory");
 };
+
+/* the slot swizzle of W's tiles (the stage comment): a warp's stores of the slots' q-th words, 8 (q4: 16 bytes) or
+ * 16 (q8: 8 bytes) threads a bank cycle, each thread its tile's row pair g, land in distinct banks */
+template <bool Q4>
+__device__ __forceinline__ int swz(int g, int tile) {
+    return Q4 ? g >> 1 & 3 : (g >> 2 & 1) | (tile & 1) << 1;
+}
 
 /* element kc of a stage's list (kc not a constant: selects, not a local array) */
 template <int KC>
@@ -244,13 +253,13 @@ __device__ __forceinline__ void next_stage(int &cur, stage_list<KC> &l, int nc, 
  * take. Rows past the last and tokens past the n-th read the last one (their outputs are never stored). */
 template <class C, int KC>
 struct loader {
-    const char *w[C::NW];                /* the row (w items) */
-    const uint16_t *sc[C::NW], *bi[C::NW]; /* its scales and biases */
+    const char *w[C::NW][2];                   /* rows g, g + 8 of the tile (w items) */
+    const uint16_t *sc[C::NW][2], *bi[C::NW][2]; /* their scales and biases */
     const int8_t *x[C::NX];              /* the token's xq row, + its 16-byte piece (x items) */
     const float *f[C::NXS];              /* the token's xd or xs row (xs items) */
     bool fs[C::NXS];                     /* xs (else xd) */
-    uint4 wv[C::NW];                     /* loaded, to store after the stage's compute */
-    uint32_t sb[C::NW];
+    uint4 wv[C::NW][2];                  /* loaded, to store after the stage's compute */
+    uint32_t sb[C::NW][2];
 
     /* m: the matrices; xrow(j): the row of x (xq, xd, xs) of the tile's token j < BN */
     template <class XR>
@@ -258,10 +267,14 @@ struct loader {
         const int tid = threadIdx.x;
 #pragma unroll
         for (int i = 0; i < C::NW; i++) {
-            const int rr = (tid + i * C::NTHR) % (C::M * C::BM), row = min(r0 + rr % C::BM, a.rows - 1);
+            const int p = (tid + i * C::NTHR) % (C::M * C::BM / 2), rr = p / 8 * 16 + p % 8; /* row g of tile p / 8 */
             const im_mat &mm = rr >= C::BM ? m[C::M - 1] : m[0];
-            w[i] = mm.w + (size_t)row * a.row_bytes;
-            sc[i] = mm.scales + (size_t)row * a.ng, bi[i] = mm.biases + (size_t)row * a.ng;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int row = min(r0 + (rr + 8 * h) % C::BM, a.rows - 1);
+                w[i][h] = mm.w + (size_t)row * a.row_bytes;
+                sc[i][h] = mm.scales + (size_t)row * a.ng, bi[i][h] = mm.biases + (size_t)row * a.ng;
+            }
         }
 #pragma unroll
         for (int i = 0; i < C::NX; i++) {
@@ -282,11 +295,14 @@ struct loader {
         const int tid = threadIdx.x;
 #pragma unroll
         for (int i = 0; i < C::NW; i++) {
-            const int idx = tid + i * C::NTHR, kc = idx / (C::M * C::BM), c = pick(l.c, kc);
-            if (idx < KC * C::M * C::BM && c >= 0) {
-                wv[i] = __ldg((const uint4 *)(w[i] + (size_t)c * 16));
+            const int idx = tid + i * C::NTHR, kc = idx / (C::M * C::BM / 2), c = pick(l.c, kc);
+            if (idx < KC * C::M * C::BM / 2 && c >= 0) {
                 const int g = pick(l.g, kc);
-                sb[i] = __ldg(sc[i] + g) | (uint32_t)__ldg(bi[i] + g) << 16;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    wv[i][h] = __ldg((const uint4 *)(w[i][h] + (size_t)c * 16));
+                    sb[i][h] = __ldg(sc[i][h] + g) | (uint32_t)__ldg(bi[i][h] + g) << 16;
+                }
             }
         }
 #pragma unroll
@@ -311,19 +327,26 @@ struct loader {
     __device__ __forceinline__ void store(char *buf, const stage_list<KC> &l, int sbf16) {
 #pragma unroll
         for (int i = 0; i < C::NW; i++) {
-            const int idx = threadIdx.x + i * C::NTHR, kc = idx / (C::M * C::BM), r = idx % (C::M * C::BM);
-            if (idx < KC * C::M * C::BM && pick(l.c, kc) >= 0) {
-                uint4 *dst = (uint4 *)(buf + idx * C::WB);
-                const uint4 v = wv[i];
-                if constexpr (Q4) {
-                    const uint32_t M4 = 0x0F0F0F0Fu;
-                    dst[0] = make_uint4(v.x & M4, (v.x >> 4) & M4, v.y & M4, (v.y >> 4) & M4);
-                    dst[1] = make_uint4(v.z & M4, (v.z >> 4) & M4, v.w & M4, (v.w >> 4) & M4);
-                } else {
-                    dst[0] = v;
+            const int idx = threadIdx.x + i * C::NTHR, kc = idx / (C::M * C::BM / 2), g = idx % 8;
+            const int tile = idx / 8 % (C::M * C::BM / 16);
+            if (idx < KC * C::M * C::BM / 2 && pick(l.c, kc) >= 0) {
+                char *const t = buf + (kc * (C::M * C::BM / 16) + tile) * 16 * C::WB; /* the tile's slots */
+                const uint32_t u0[4] = {wv[i][0].x, wv[i][0].y, wv[i][0].z, wv[i][0].w};
+                const uint32_t u1[4] = {wv[i][1].x, wv[i][1].y, wv[i][1].z, wv[i][1].w};
+                const int sw = swz<Q4>(g, tile);
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    char *const slot = t + (g * 4 + (q ^ sw)) * (C::WB / 2);
+                    if constexpr (Q4) {
+                        const uint32_t M4 = 0x0F0F0F0Fu;
+                        *(uint4 *)slot = make_uint4(u0[q] & M4, u1[q] & M4, (u0[q] >> 4) & M4, (u1[q] >> 4) & M4);
+                    } else {
+                        *(uint2 *)slot = make_uint2(u0[q], u1[q]);
+                    }
                 }
-                float *sd = (float *)(buf + C::SB_OFF) + ((kc * (C::M * C::BM / 16) + r / 16) * 8 + r % 8) * 4 + 2 * (r % 16 / 8);
-                *(float2 *)sd = make_float2(scale_value(sb[i] & 0xFFFFu, sbf16), scale_value(sb[i] >> 16, sbf16));
+                float4 *sd = (float4 *)(buf + C::SB_OFF) + (kc * (C::M * C::BM / 16) + tile) * 8 + g;
+                *sd = make_float4(scale_value(sb[i][0] & 0xFFFFu, sbf16), scale_value(sb[i][0] >> 16, sbf16),
+                                  scale_value(sb[i][1] & 0xFFFFu, sbf16), scale_value(sb[i][1] >> 16, sbf16));
             }
         }
     }
@@ -342,14 +365,16 @@ __device__ __forceinline__ void chunk_mma(const char *buf, int kc, int wr, int w
     float4 sb[MT], xx[NT];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
-        const int r = mt / C::MTM * C::BM + wr + 16 * (mt % C::MTM) + g; /* in the stage's W */
+        const int tile = (mt / C::MTM * C::BM + wr) / 16 + mt % C::MTM; /* in the stage's W */
+        const char *slot = W + tile * 16 * C::WB + (g * 4 + (q ^ swz<Q4>(g, tile))) * (C::WB / 2);
         if constexpr (Q4) { /* a0, a2: row g's word q as even nibbles (k 4q..), odd ones (k 16 + 4q..); a1, a3: row g + 8 */
-            const uint2 u0 = *(const uint2 *)(W + r * 32 + 8 * q), u1 = *(const uint2 *)(W + (r + 8) * 32 + 8 * q);
-            af[mt][0] = u0.x, af[mt][1] = u1.x, af[mt][2] = u0.y, af[mt][3] = u1.y;
+            const uint4 u = *(const uint4 *)slot;
+            af[mt][0] = u.x, af[mt][1] = u.y, af[mt][2] = u.z, af[mt][3] = u.w;
         } else {
-            af[mt][0] = *(const uint32_t *)(W + r * 16 + 4 * q), af[mt][1] = *(const uint32_t *)(W + (r + 8) * 16 + 4 * q);
+            const uint2 u = *(const uint2 *)slot;
+            af[mt][0] = u.x, af[mt][1] = u.y;
         }
-        sb[mt] = SB[(r - g) / 16 * 8 + g];
+        sb[mt] = SB[tile * 8 + g];
     }
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
@@ -379,19 +404,33 @@ __device__ __forceinline__ void chunk_mma(const char *buf, int kc, int wr, int w
         }
 }
 
-/* Lane rev5(i)'s fold done (in x): onto the binary counter (levels P, from level K). At i = 31 x ends as the
- * tree's sum. Levels by template recursion, every index a constant: P stays in registers. */
-template <int K, int O>
+/* x merged with the counter's levels below T (the older subtree left at each, as lane 0's: P[T-1] + (... + (P[0] +
+ * x))), the sum left at level T (T = 5: in x, the tree's sum). Each case its own code, every index a constant: the
+ * sums land in P's registers, no copies between them. */
+template <int T, int O>
+__device__ __forceinline__ void merge(float (&x)[O], float (&P)[5][O]) {
+#pragma unroll
+    for (int o = 0; o < O; o++) {
+        float v = x[o];
+#pragma unroll
+        for (int k = 0; k < T; k++) v = __fadd_rn(P[k][o], v);
+        if constexpr (T < 5) P[T][o] = v;
+        else x[o] = v;
+    }
+}
+
+/* Lane rev5(i)'s fold done (in x): onto the binary counter P. Its levels below the lowest clear bit of i hold left
+ * subtrees waiting for x (i's trailing ones), merged in; the sum waits at that level. At i = 31 x ends as the
+ * tree's sum. */
+template <int O>
 __device__ __forceinline__ void push(int i, float (&x)[O], float (&P)[5][O]) {
-    if constexpr (K < 5) {
-        if (!((i >> K) & 1)) { /* x is a left subtree at level K: it waits there */
-#pragma unroll
-            for (int o = 0; o < O; o++) P[K][o] = x[o];
-        } else {
-#pragma unroll
-            for (int o = 0; o < O; o++) x[o] = __fadd_rn(P[K][o], x[o]); /* the older subtree left, as lane 0's */
-            push<K + 1>(i, x, P);
-        }
+    switch (__ffs(~i) - 1) { /* i's trailing ones (uniform) */
+    case 0: merge<0>(x, P); break;
+    case 1: merge<1>(x, P); break;
+    case 2: merge<2>(x, P); break;
+    case 3: merge<3>(x, P); break;
+    case 4: merge<4>(x, P); break;
+    default: merge<5>(x, P); break;
     }
 }
 
@@ -502,7 +541,7 @@ __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_const
             chunk_mma<C, Q4, MT, NT>(b, kc, wr, wt, acc);
             if (c + 32 >= nc) { /* lane c mod 32's last chunk: onto the counter, then the idle lanes after it */
                 for (int i = rev5(c & 31);;) {
-                    push<0>(i, acc, P);
+                    push(i, acc, P);
                     if (i == 31) break;
 #pragma unroll
                     for (int o = 0; o < C::O; o++) acc[o] = 0.0f;
