@@ -20,6 +20,8 @@
 #   ncu     Nsight Compute on the tensor-core prefill kernel (where ncu is installed)
 #   imma1   a short imma (q4 kernels at 512 and 2048 tokens; prompts on dp4a and the default, once)
 #   immaab  bench/imma.py's matmuls, .devsrc/old's build then this tree's
+#   vab     each carried tree .devsrc/v* (`git archive`s, or trees edited for an experiment) built once, then
+#           bench/imma.py's q4 matmuls on each in turn (VAB_PROMPTS=1: hbm prompts too), VAB_RUNS (2) rounds
 #   ab      hbm decode and prompts, .devsrc/old's build (a carried `git archive` of another commit) against
 #           this tree's, alternating, AB_RUNS (2) processes each
 #   quick   hbm decode, FLASHMOE_CUDA_GROUPED=0 against the default (after prepare and wait: the model)
@@ -153,6 +155,27 @@ for what in "$@"; do
         echo "$b" | tee -a "$out/immaab.log"
         FLASHMOE_CUDA_PDL=0 PYTHONPATH="$p" python3 bench/imma.py --experts 0 --reps 10 2>&1 | tee -a "$out/immaab.log" \
           || rc=1
+      done ;;
+    vab)  # kernel variants side by side: .devsrc/v* each built into /tmp/fm-<name>, bench/imma.py's q4 matmuls
+      for v in .devsrc/v*/; do
+        n=$(basename "$v")
+        [ -f "/tmp/fm-$n/.built" ] && continue
+        python3 -m pip install -q --no-deps --no-build-isolation --target "/tmp/fm-$n" "$v" \
+          -C cmake.define.FLASHMOE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
+          -C build-dir="/tmp/fm-$n-build" >"$out/build_$n.log" 2>&1 && touch "/tmp/fm-$n/.built" \
+          || { tail -30 "$out/build_$n.log"; rc=1; } &  # the builds side by side
+      done
+      wait
+      for i in $(seq "${VAB_RUNS:-2}"); do
+        for v in .devsrc/v*/; do
+          n=$(basename "$v")
+          [ -f "/tmp/fm-$n/.built" ] || continue
+          echo "$n" | tee -a "$out/vab.log"
+          FLASHMOE_CUDA_PDL=0 PYTHONPATH="/tmp/fm-$n" python3 bench/imma.py --experts 0 --q 4 --rows 2048,8192 \
+            --T 512,2048 --reps 10 2>&1 | grep "^q" | tee -a "$out/vab.log" || rc=1
+          [ -n "${VAB_PROMPTS:-}" ] && PYTHONPATH="/tmp/fm-$n" python3 bench/cuda.py --setting hbm --layers 8 --runs 1 \
+            --prompts 512,2048 2>&1 | grep "tok/s" | tee -a "$out/vab.log"
+        done
       done ;;
     hostab)  # pinned 122B decode: the host computing its share of the VRAM misses (auto, the default), all of them
              # (1) and none (0), alternating, HOSTAB_RUNS (2) processes each
