@@ -20,8 +20,9 @@
 #   ncu     Nsight Compute on the tensor-core prefill kernel (where ncu is installed)
 #   imma1   a short imma (q4 kernels at 512 and 2048 tokens; prompts on dp4a and the default, once)
 #   immaab  bench/imma.py's matmuls, .devsrc/old's build then this tree's
-#   vab     each carried tree .devsrc/v* (`git archive`s, or trees edited for an experiment) built once, then
-#           bench/imma.py's q4 matmuls on each in turn (VAB_PROMPTS=1: hbm prompts too), VAB_RUNS (2) rounds
+#   vab     each carried tree .devsrc/v* (bench/cuda_variants.sh writes them: HEAD and HEAD + bench/variants/*.patch)
+#           built once, then bench/imma.py's q4 matmuls on each in turn (VAB_PROMPTS=1: hbm prompts too),
+#           VAB_RUNS (2) rounds
 #   ab      hbm decode and prompts, .devsrc/old's build (a carried `git archive` of another commit) against
 #           this tree's, alternating, AB_RUNS (2) processes each
 #   quick   hbm decode, FLASHMOE_CUDA_GROUPED=0 against the default (after prepare and wait: the model)
