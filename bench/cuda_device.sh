@@ -14,10 +14,11 @@
 #   pdl     hbm decode, FLASHMOE_CUDA_PDL=1 against 0, alternating, 3 each
 #   imma    bench/imma.py, then hbm prompts with FLASHMOE_CUDA_IMMA=0 / auto / 1, alternating, 2 each
 #   fold    hbm decode, the shared expert folded (FLASHMOE_CUDA_SHARED_FOLD=1) and not, alternating, 3 each
-#   prefill each kernel's own time in hbm prompts of 512 and 2048 tokens, FLASHMOE_CUDA_IMMA=0 / unset / 1
+#   prefill each kernel's own time in hbm prompts of 512 and 2048 tokens (PREFILL_TOKENS), FLASHMOE_CUDA_IMMA=0 /
+#           unset / 1 (PREFILL_MODES)
 #   pinprof where a decode token's time goes, the 122B's experts from pinned host memory
 #   hostab  pinned 122B decode with the host's share of the misses (FLASHMOE_CUDA_HOST_EXPERTS auto, 1, 0)
-#   ncu     Nsight Compute on the tensor-core prefill kernel (where ncu is installed)
+#   ncu     Nsight Compute on the tensor-core prefill kernel (where ncu is installed; NCU_PKG: another build's)
 #   imma1   a short imma (q4 kernels at 512 and 2048 tokens; prompts on dp4a and the default, once)
 #   immaab  bench/imma.py's matmuls, .devsrc/old's build then this tree's
 #   vab     each carried tree .devsrc/v* (bench/cuda_variants.sh writes them: HEAD and HEAD + bench/variants/*.patch)
@@ -39,7 +40,10 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 pkg=/tmp/flashmoe-cuda
 # a warm machine keeps the last build: built again when the sources differ from the ones it was built from
 src=$(find csrc python CMakeLists.txt pyproject.toml -type f -print0 | sort -z | xargs -0 md5sum | md5sum | cut -c1-32)
-if [ "$(cat "$pkg/.sources" 2>/dev/null)" != "$src" ]; then
+# (not built for a call of vab alone: it runs each carried tree's own build)
+main_needed=0
+for what in "$@"; do [ "$what" = vab ] || main_needed=1; done
+if [ "$main_needed" = 1 ] && [ "$(cat "$pkg/.sources" 2>/dev/null)" != "$src" ]; then
   rm -rf "$pkg" /tmp/flashmoe-cuda-build
   t0=$(date +%s)
   python3 -m pip install -q --no-deps --no-build-isolation --target "$pkg" . -C cmake.define.FLASHMOE_CUDA=ON \
@@ -190,13 +194,14 @@ for what in "$@"; do
     ncu)  # Nsight Compute's view of the tensor-core prefill kernel (every section, and each SASS instruction's stall
           # samples), where the machine has ncu, and its SASS (cuobjdump): why it runs at ~2 % of the int8 peak
           # (bench/RESULTS.md, session 18)
-      so=$(find "$pkg" -name "_core*.so" | head -1)
+      np="${NCU_PKG:-$pkg}"  # NCU_PKG: another build, e.g. a vab variant's /tmp/fm-v-NAME
+      so=$(find "$np" -name "_core*.so" | head -1)
       if command -v cuobjdump >/dev/null; then
         cuobjdump -sass "$so" >"$out/sass.txt" 2>&1 || rc=1
         echo "sass: $(grep -c . "$out/sass.txt") lines in $out/sass.txt"
       fi
       if command -v ncu >/dev/null; then
-        FLASHMOE_CUDA_PDL=0 ncu --set full --import-source yes -f -o "$out/imma" --kernel-name regex:fm_mm_imma \
+        PYTHONPATH="$np:$LCP/gguf-py" FLASHMOE_CUDA_PDL=0 ncu --set full --import-source yes -f -o "$out/imma" --kernel-name regex:fm_mm_imma \
           --launch-count 1 python3 bench/imma.py --experts 0 --q 4 --rows 2048 --T 512 --reps 1 2>&1 \
           | grep -v "^==PROF==" | tail -20 || rc=1
         ncu --import "$out/imma.ncu-rep" --print-details all >"$out/ncu.log" 2>&1 || rc=1
@@ -209,8 +214,8 @@ for what in "$@"; do
       python3 bench/cuda_profile.py --preset qwen3.5-122b-a10b --gpu-budget 3GB 2>&1 | grep -v -i warn \
         | tee -a "$out/pinprof.log" || rc=1 ;;
     prefill)  # each kernel's own time in hbm prompts of 512 and 2048 tokens, FLASHMOE_CUDA_IMMA 0, unset, 1
-      for n in 512 2048; do
-        for m in 0 auto 1; do
+      for n in ${PREFILL_TOKENS:-512 2048}; do
+        for m in ${PREFILL_MODES:-0 auto 1}; do
           echo "prompt $n FLASHMOE_CUDA_IMMA=$m" | tee -a "$out/prefill.log"
           env FLASHMOE_CUDA_PDL=0 FLASHMOE_CUDA_IMMA=$m python3 bench/cuda_profile.py --prompt $n 2>&1 \
             | grep -v -i warn | sed -n 1,24p | tee -a "$out/prefill.log" || rc=1  # sed: reads on, no SIGPIPE
