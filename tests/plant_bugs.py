@@ -342,7 +342,7 @@ PLANTS = [
           "        for (int k = 1; k < T; k++) v = __fadd_rn(P[k][o], v);",
           ["tests/test_cuda_emu.py", "-k", "op_harness and forward"],
           "the tensor-core prefill's lane counter drops its lowest waiting subtree"),
-    # -- the host's share of decode's experts (cuda/host_ffn.c, cuda_ops.cu's host_finish)
+    # -- the host's share of decode's experts (cuda/host_ffn.c, cuda_experts.cu's host_finish)
     Plant("host_ffn_butterfly_out_of_order", "csrc/backend/cuda/host_ffn.c",
           "        for (int i = 0; i < o; i++) A[i] = A[i] + A[i + o];",
           "        for (int i = 0; i < o; i++) A[i] = A[2 * i] + A[2 * i + 1];",
@@ -353,9 +353,9 @@ PLANTS = [
           "const __m256 B0 = _mm256_add_ps(A[0], A[1]), B1 = _mm256_add_ps(A[2], A[3])",
           ["tests/test_cuda_emu.py", "-k", "op_harness and forward"],
           "the host's AVX2 replay pairs the wrong lanes in the butterfly's first level"),
-    Plant("host_rows_first_not_copied", "csrc/backend/cuda/cuda_ops.cu",
-          "    for (int q = 0; fine && q < n_host; q++)\n        fine = ok(c, cudaMemcpyAsync(ye",
-          "    for (int q = 1; fine && q < n_host; q++)\n        fine = ok(c, cudaMemcpyAsync(ye",
+    Plant("host_rows_first_not_copied", "csrc/backend/cuda/cuda_experts.cu",
+          "        if (!on[j]) continue;\n        const size_t bytes = sizeof(float) * (size_t)jobs[q].n * H;",
+          "        if (!on[j] || (q == 0 && ++q)) continue;\n        const size_t bytes = sizeof(float) * (size_t)jobs[q].n * H;",
           ["tests/test_cuda_emu.py", "-k", "tiers"],
           "the host's first expert's rows never reach the GPU"),
 ]

@@ -1,6 +1,6 @@
-"""The CUDA backend, whole, on the CPU: csrc/backend/cuda/cuda_ops.cu (the table: memory, streams, events,
-the expert VRAM cache) and every kernel of csrc/backend/cuda/*.cu, compiled as C++ by clang-19 over the
-emulator of tests/cuda_emu/ (README.md there: a fiber per lane, blocks one after another, __syncthreads and
+"""The CUDA backend, whole, on the CPU: csrc/backend/cuda/cuda_ops.cu (the table: memory, streams, events),
+cuda_experts.cu (the expert VRAM cache) and every kernel of csrc/backend/cuda/*.cu, compiled as C++ by clang-19 over
+the emulator of tests/cuda_emu/ (README.md there: a fiber per lane, blocks one after another, __syncthreads and
 warp shuffles as scheduling points, a mock runtime over host memory).
 
 The module builds that variant of flashmoe once (CMake FLASHMOE_CUDA_EMU) into a directory of its own, then

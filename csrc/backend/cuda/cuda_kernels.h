@@ -1,5 +1,5 @@
 /*
- * cuda_kernels.h — the CUDA kernels' launchers, as the backend's table (cuda_ops.cu) calls them.
+ * cuda_kernels.h — the CUDA kernels' launchers, as the backend (cuda_ops.cu, cuda_experts.cu) calls them.
  *
  * Every pointer is device memory unless named host. Each launcher queues its kernels on stream s and
  * returns FM_OK, or FM_ERR_INVALID (after fm_fail says why) for a shape its kernels cannot take: never a
@@ -54,7 +54,7 @@ size_t fmc_experts_scratch_bytes(const fm_mat *gate, const fm_mat *down, int T, 
  * rows) bytes. */
 fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc_expert *ex_host, int n_ex, const float *xn, int T,
                       int H, float *h, float *ye, int rows, void *scratch);
-/* The end of a MoE layer whose shared expert ran in the routed experts' call (cuda_ops.cu's moe_device), for each
+/* The end of a MoE layer whose shared expert ran in the routed experts' call (cuda_experts.cu's moe_device), for each
  * token t < T: out[t] = ye[T·k + t] (its shared FFN) · sigmoid(gate_row · xn[t]), then + Σ_j wt[t, j]·ye[row[t, j]],
  * j in order. The bits of fmc_matmul of gate_row (one row, on fp32 activations), fmc_gate_rows and fmc_moe_combine
  * (one kernel for the three). row, wt device [T, k]; xn [T, h]; ye [T·(k + 1), h]. */

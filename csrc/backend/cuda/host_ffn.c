@@ -1,7 +1,7 @@
 /*
  * host_ffn.c — routed experts' FFNs on the host with the bits of the CUDA kernels (host_ffn.h): the CUDA backend
  * hands the CPU a share of decode's VRAM misses, their weights read from host memory where they lie instead of
- * crossing PCIe first (cuda_ops.cu). The outputs must not depend on which side computed them (tokens do
+ * crossing PCIe first (cuda_experts.cu). The outputs must not depend on which side computed them (tokens do
  * not depend on the budget), so this replays matmul.cu's fm_mm on int8 activations operation for operation:
  *   x quantized per weight group as fm_quantize_x does (m = max|x|, q = rint(x·(127/m)), xd = m/127, xs = Σ q of
  *   each chunk of V columns: q4 32, q8 16); per (row, token) chunk c's d = Σ w·q (an exact integer) folded by lane

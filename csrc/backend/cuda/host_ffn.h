@@ -1,7 +1,7 @@
 /*
  * host_ffn.h — routed experts' FFNs on the host CPU with the bits the CUDA kernels would give (host_ffn.c): the
  * share of decode's VRAM misses that the CPU computes from the experts' pinned host slots instead of copying them
- * over PCIe first (cuda_ops.cu's host_pick / host_begin / host_finish, FLASHMOE_CUDA_HOST_EXPERTS).
+ * over PCIe first (cuda_experts.cu's host_pick / host_begin / host_finish, FLASHMOE_CUDA_HOST_EXPERTS).
  */
 #ifndef FM_CUDA_HOST_FFN_H
 #define FM_CUDA_HOST_FFN_H

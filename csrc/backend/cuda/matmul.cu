@@ -32,7 +32,7 @@
  * activations, of xn's quantized rows: each token quantized once for every expert). Down is the matmul of
  * the expert's rows of h (quantized, for int8, over those rows only). The per-(row, token) arithmetic above is
  * untouched, so the results are bitwise those of a matmul per expert on its gathered rows, with silu_mul
- * between: the per-expert path cuda_ops.cu keeps behind FLASHMOE_CUDA_GROUPED=0.
+ * between: the per-expert path cuda_experts.cu keeps behind FLASHMOE_CUDA_GROUPED=0.
  *
  * Tensor cores: only a prefill on int8 activations (T >= FMC_IMMA_MIN_T, sm_80+: matmul_mma.cu, which fmc_matmul
  * hands the call to where its blocks fill half the GPU; a grouped call's experts of FMC_IMMA_MIN_EXPERT_T tokens
