@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Kernel experiments for bench/cuda_device.sh vab, as patches on HEAD (bench/variants/NAME.patch: `git diff` of
 # a change tested on the emulator but not yet measured on a GPU). Writes the carried trees vab builds:
-# .devsrc/v0 (HEAD) and .devsrc/v-NAME (HEAD with the patch) for each NAME given. Then, with carry [".devsrc"]:
+# .devsrc/v0 (HEAD) and .devsrc/v-NAME (HEAD with the patch) for each NAME given (ignored by git: a run carries
+# them). For example:
+#   bash bench/cuda_variants.sh spread_loads spread_loads_early_lists order_table
+# then, on the device with carry [".devsrc"]:
 #   VAB_PROMPTS=1 bash bench/cuda_device.sh vab
-#   bash bench/cuda_variants.sh spread_loads spread_loads_early_lists
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 rm -rf .devsrc && mkdir -p .devsrc/v0
