@@ -250,7 +250,6 @@ inline void *upload(cuda_ctx *c, const void *host, size_t bytes) {
     return ok(c, cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, c->s), "upload") ? d : nullptr;
 }
 
-
 /* moe_device's device arrays, in dev_buf: its fmc_experts call's experts and their tokens, each choice's index and
  * weight, and the choices' rows of ye (0, 1, ...: for moe_combine) */
 struct dev_arrays {
@@ -288,7 +287,6 @@ inline bool graphs_on() {
     static const bool on = env_on("FLASHMOE_CUDA_GRAPHS");
     return on;
 }
-
 
 /* cuda_ops.cu's, for cuda_experts.cu */
 void cuda_matmul(void *ctx, const fm_mat *w, const float *x, int T, float *y);
