@@ -38,17 +38,23 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 pkg=/tmp/flashmoe-cuda
+# build_tree SRC DEST LOG: flashmoe with the CUDA backend for this GPU from the tree SRC into DEST (build directory
+# DEST-build, output in $out/LOG.log, DEST/.built once done); on a failure the log's tail, and 1
+build_tree() {
+  python3 -m pip install -q --no-deps --no-build-isolation --target "$2" "$1" -C cmake.define.FLASHMOE_CUDA=ON \
+    -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 -C build-dir="$2-build" >"$out/$3.log" 2>&1 \
+    && touch "$2/.built" && return 0
+  tail -60 "$out/$3.log"; return 1
+}
 # a warm machine keeps the last build: built again when the sources differ from the ones it was built from
 src=$(find csrc python CMakeLists.txt pyproject.toml -type f -print0 | sort -z | xargs -0 md5sum | md5sum | cut -c1-32)
 # (not built for a call of vab alone: it runs each carried tree's own build)
 main_needed=0
 for what in "$@"; do [ "$what" = vab ] || main_needed=1; done
 if [ "$main_needed" = 1 ] && [ "$(cat "$pkg/.sources" 2>/dev/null)" != "$src" ]; then
-  rm -rf "$pkg" /tmp/flashmoe-cuda-build
+  rm -rf "$pkg" "$pkg-build"
   t0=$(date +%s)
-  python3 -m pip install -q --no-deps --no-build-isolation --target "$pkg" . -C cmake.define.FLASHMOE_CUDA=ON \
-    -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 -C build-dir=/tmp/flashmoe-cuda-build >"$out/build.log" 2>&1 \
-    || { tail -60 "$out/build.log"; exit 1; }
+  build_tree . "$pkg" build || exit 1
   echo "built in $(( $(date +%s) - t0 )) s"
   echo "$src" >"$pkg/.sources"
 fi
@@ -63,10 +69,7 @@ rc=0
 # build_old: .devsrc/old (a carried `git archive` of the commit to compare) built into /tmp/flashmoe-old, once
 build_old() {
   [ -f /tmp/flashmoe-old/.built ] && return 0
-  python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/flashmoe-old .devsrc/old \
-    -C cmake.define.FLASHMOE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
-    -C build-dir=/tmp/flashmoe-old-build >"$out/build_old.log" 2>&1 && touch /tmp/flashmoe-old/.built && return 0
-  tail -30 "$out/build_old.log"; rc=1; return 1
+  build_tree .devsrc/old /tmp/flashmoe-old build_old || { rc=1; return 1; }
 }
 # alternate VAR "VALUES" RUNS LOG ARGS...: bench/cuda.py's hbm setting (8 layers) with VAR at each value in turn, RUNS
 # rounds, into $out/LOG.log, ARGS added (--prompts ...)
@@ -165,10 +168,7 @@ for what in "$@"; do
       for v in .devsrc/v*/; do
         n=$(basename "$v")
         [ -f "/tmp/fm-$n/.built" ] && continue
-        python3 -m pip install -q --no-deps --no-build-isolation --target "/tmp/fm-$n" "$v" \
-          -C cmake.define.FLASHMOE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
-          -C build-dir="/tmp/fm-$n-build" >"$out/build_$n.log" 2>&1 && touch "/tmp/fm-$n/.built" \
-          || { tail -30 "$out/build_$n.log"; rc=1; } &  # the builds side by side
+        build_tree "$v" "/tmp/fm-$n" "build_$n" &  # the builds side by side (a failed one is skipped below)
       done
       wait
       for i in $(seq "${VAB_RUNS:-2}"); do

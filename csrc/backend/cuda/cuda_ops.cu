@@ -38,8 +38,6 @@ uint64_t cuda_memory_limit(const fm_backend_params *p) {
     return 0; /* host memory: the budget's alone (the device has its own, device_budget) */
 }
 
-void cuda_destroy(void *ctx);
-
 fm_status cuda_create(const fm_backend_params *p, void **out) {
     cuda_ctx *c = new (std::nothrow) cuda_ctx();
     if (!c) return fm_fail(FM_ERR_NOMEM, "cuda backend: out of memory");
