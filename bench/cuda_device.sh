@@ -16,6 +16,7 @@
 #   fold    hbm decode, the shared expert folded (FLASHMOE_CUDA_SHARED_FOLD=1) and not, alternating, 3 each
 #   prefill each kernel's own time in hbm prompts of 512 and 2048 tokens (PREFILL_TOKENS), FLASHMOE_CUDA_IMMA=0 /
 #           unset / 1 (PREFILL_MODES)
+#   minexp  hbm prompts with the experts of at least N tokens on tensor cores, N from MINEXP_TS ("16 8 4 1")
 #   pinprof where a decode token's time goes, the 122B's experts from pinned host memory
 #   hostab  pinned 122B decode with the host's share of the misses (FLASHMOE_CUDA_HOST_EXPERTS auto, 1, 0)
 #   ncu     Nsight Compute on the tensor-core prefill kernel (where ncu is installed; NCU_PKG: another build's)
@@ -28,6 +29,7 @@
 #           this tree's, alternating, AB_RUNS (2) processes each
 #   quick   hbm decode, FLASHMOE_CUDA_GROUPED=0 against the default (after prepare and wait: the model)
 #   llama   bench/cuda_llamacpp.py: llama.cpp on the GPU and with the experts on the CPU, on the same models
+#           (LLAMA_PRESETS, for prepare too: "qwen3.5-35b-a3b qwen3.5-122b-a10b", 8 layers each; LLAMA_SETTINGS)
 #   deltanet the gated delta rule's kernels, chunked against recurrent (bench/gated_delta.py --backend cuda, the
 #           35B's and the 397B's heads), and hbm prompts with each form (FLASHMOE_CUDA_GD_CHUNKED=0 / 1)
 # The machine's python3 has torch, numpy, pybind11 and scikit-build-core; nothing is downloaded.
@@ -182,6 +184,15 @@ for what in "$@"; do
             --prompts 512,2048 2>&1 | grep "tok/s" | tee -a "$out/vab.log"
         done
       done ;;
+    minexp)  # hbm prompts with the experts of at least N tokens on tensor cores (FLASHMOE_CUDA_IMMA_MIN_EXPERT_T: N
+             # from MINEXP_TS, default "16 8 4 1"), alternating, MINEXP_RUNS (2) processes each
+      for i in $(seq "${MINEXP_RUNS:-2}"); do
+        for n in ${MINEXP_TS:-16 8 4 1}; do
+          echo "FLASHMOE_CUDA_IMMA_MIN_EXPERT_T=$n" | tee -a "$out/minexp.log"
+          FLASHMOE_CUDA_IMMA_MIN_EXPERT_T=$n python3 bench/cuda.py --setting hbm --layers 8 --runs 1 --tokens 16 \
+            --prompts "${MINEXP_PROMPTS:-512,2048}" 2>&1 | tee -a "$out/minexp.log" | grep "tok/s" || rc=1
+        done
+      done ;;
     hostab)  # pinned 122B decode: the host computing its share of the VRAM misses (auto, the default), all of them
              # (1) and none (0), alternating, HOSTAB_RUNS (2) processes each
       for i in $(seq "${HOSTAB_RUNS:-2}"); do
@@ -228,7 +239,7 @@ for what in "$@"; do
       [ -f /tmp/llama-build.rc ] || setsid bash -c "bash bench/llamacpp_build.sh $LCP /tmp/llama-build >/tmp/llama-build.log 2>&1; \
         echo \$? >/tmp/llama-build.rc" </dev/null >/dev/null 2>&1 &
       [ -f /tmp/prepare.rc ] || setsid bash -c "
-        ( for m in 'qwen3.5-35b-a3b 8' 'qwen3.5-122b-a10b 8'; do set -- \$m
+        ( for m in ${LLAMA_PRESETS:-qwen3.5-35b-a3b qwen3.5-122b-a10b}; do set -- \$m 8
             nice python3 bench/cuda_llamacpp.py --prepare --preset \$1 --layers \$2 || exit 1; done
         ) >/tmp/prepare.log 2>&1; echo \$? >/tmp/prepare.rc" </dev/null >/dev/null 2>&1 &
       echo "prepare: started in the background" ;;
@@ -239,8 +250,9 @@ for what in "$@"; do
         cp "$log" "$out/"
       done ;;
     llama)
-      for m in "qwen3.5-35b-a3b 8" "qwen3.5-122b-a10b 8"; do set -- $m
-        python3 bench/cuda_llamacpp.py --llama-bench "$llama" --preset "$1" --layers "$2" 2>&1 \
+      for m in ${LLAMA_PRESETS:-qwen3.5-35b-a3b qwen3.5-122b-a10b}; do set -- "$m" 8
+        python3 bench/cuda_llamacpp.py --llama-bench "$llama" --preset "$1" --layers "$2" \
+          --settings "${LLAMA_SETTINGS:-gpu,exps=CPU}" 2>&1 \
           | tee -a "$out/llama.log" || rc=1
       done ;;
     *) python3 "$what" 2>&1 | tee -a "$out/extra.log" || rc=1 ;;

@@ -985,10 +985,11 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
         check_outputs(mma[keep], ref_matmul_int8(*w, x[keep], True, **kw), (TOL_DOT,))
 
 
-    # (dtype, group size, H, I, token list sizes, xn rows): experts of 16 tokens and more on tensor cores beside
-    # smaller ones on the dp4a kernel in the same call (1, 9, 15), 16 exactly, partial token tiles, a shared
-    # expert's worth (all 100); I and H not multiples of the row tiles (64 of gate and up, 128 of down).
-    IMMA_EXPERTS = [(Q4, 32, 192, 96, (40, 9, 16, 15, 100, 1), 100), (Q8, 64, 192, 128, (33, 1, 17, 64), 70),
+    # (dtype, group size, H, I, token list sizes, xn rows): experts of 4 tokens and more (FMC_IMMA_MIN_EXPERT_T) on
+    # tensor cores beside smaller ones on the dp4a kernel in the same call (1, 2, 3), 4 exactly, partial token
+    # tiles, a shared expert's worth (all 100); I and H not multiples of the row tiles (64 of gate and up, 128 of
+    # down).
+    IMMA_EXPERTS = [(Q4, 32, 192, 96, (40, 9, 4, 3, 100, 1), 100), (Q8, 64, 192, 128, (33, 1, 17, 64), 70),
                     (Q4, 64, 320, 192, (16, 31, 2), 40), (Q8, 32, 96, 160, (20, 50), 60)]
 
     @pytest.mark.parametrize("sname,kw", SCALE_DTYPES, ids=["f16", "bf16"])
@@ -997,7 +998,7 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
                                   for e in IMMA_EXPERTS])
     def test_cuda_int8_experts_on_tensor_cores_are_the_dp4a_kernels_bits(dtype, gs, H, I, sizes, T, sname, kw,
                                                                          monkeypatch):
-        """The routed experts' FFN on int8 activations: the experts of 16 tokens or more take the tensor-core
+        """The routed experts' FFN on int8 activations: the experts of 4 tokens or more take the tensor-core
         kernels (gate·up with silu(gate)·up into h, then down), the others fm_mm's in the same call; every row
         the bits of the call on fm_mm's kernels alone (FLASHMOE_CUDA_IMMA=0)."""
         rng = np.random.default_rng(H * I + len(sizes))

@@ -72,8 +72,10 @@ fm_status fmc_embed(cudaStream_t s, const fm_mat *w, const int32_t *ids, int T, 
 int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, int T);
 /* fmc_experts' part there: its experts of at least the number this returns take it (0: none, for w's shape, the
  * device, FLASHMOE_CUDA_IMMA, or too few such experts' tokens to fill half the GPU where it is unset); w the call's
- * first gate (gu) or down, ex_host its experts. */
-#define FMC_IMMA_MIN_EXPERT_T 16
+ * first gate (gu) or down, ex_host its experts. 4: a 512-token prompt's experts (~16 tokens each) ×1.2 against 16,
+ * and a decode step's one-token experts stay on fm_mm (bench/RESULTS.md, session 20);
+ * FLASHMOE_CUDA_IMMA_MIN_EXPERT_T overrides it. */
+#define FMC_IMMA_MIN_EXPERT_T 4
 int fmc_experts_imma_min(const fm_mat *w, int gu, const fmc_expert *ex_host, int n_ex);
 /* gate·up (gu: into h, silu(gate)·up) or down (into ye) of the experts of ex (device [n_ex]; ex_host the same on the
  * host) of at least big tokens, bitwise fm_mm's: w the first expert's gate or down (the call's shape and options,

@@ -681,7 +681,7 @@ mm_args matmul_args(const fm_mat *w, const float *x, int T, bool *w16, bool *vec
  * (its rows 16-byte aligned: ok) and one has that many: a.big set to the threshold (else 0); the most tokens of
  * the other experts, fm_mm's (0: none). */
 int imma_split(bool ok, const fm_mat *w, int gu, mm_args &a, const fmc_expert *ex_host, int n_ex, int max_n) {
-    const int big = ok && max_n >= FMC_IMMA_MIN_EXPERT_T ? fmc_experts_imma_min(w, gu, ex_host, n_ex) : 0;
+    const int big = ok && max_n > 0 ? fmc_experts_imma_min(w, gu, ex_host, n_ex) : 0;
     a.big = big && max_n >= big ? big : 0;
     if (!a.big) return max_n;
     int small_n = 0;

@@ -658,15 +658,24 @@ extern "C" int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, co
     return q4 ? launch_cfg<mm_narrow<true>>(s, a, nullptr) : launch_cfg<mm_narrow<false>>(s, a, nullptr);
 }
 
+/* the fewest tokens of an expert on tensor cores: FLASHMOE_CUDA_IMMA_MIN_EXPERT_T (1-64; benchmarks), else
+ * FMC_IMMA_MIN_EXPERT_T. Read at each call. */
+static int imma_min_expert_t() {
+    const char *e = getenv("FLASHMOE_CUDA_IMMA_MIN_EXPERT_T");
+    const int v = e ? atoi(e) : 0;
+    return v >= 1 && v <= 64 ? v : FMC_IMMA_MIN_EXPERT_T;
+}
+
 extern "C" int fmc_experts_imma_min(const fm_mat *w, int gu, const fmc_expert *ex_host, int n_ex) {
     const int mode = imma_mode();
     if (mode == IMMA_OFF || !imma_takes(w)) return 0;
     constexpr int BN = ex_gu<true>::BN;
+    const int min_t = imma_min_expert_t();
     long long tiles = 0;
     for (int e = 0; e < n_ex; e++)
-        if (ex_host[e].n >= FMC_IMMA_MIN_EXPERT_T) tiles += (ex_host[e].n + BN - 1) / BN;
+        if (ex_host[e].n >= min_t) tiles += (ex_host[e].n + BN - 1) / BN;
     const long long blocks = gu ? blocks_of<ex_gu<true>>(tiles, w->rows) : blocks_of<ex_down<true>>(tiles, w->rows);
-    return tiles && fills(mode, blocks, 2) ? FMC_IMMA_MIN_EXPERT_T : 0;
+    return tiles && fills(mode, blocks, 2) ? min_t : 0;
 }
 
 extern "C" int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, const fmc_expert *ex_host, int n_ex,
