@@ -17,6 +17,7 @@
 #   prefill each kernel's own time in hbm prompts of 512 and 2048 tokens (PREFILL_TOKENS), FLASHMOE_CUDA_IMMA=0 /
 #           unset / 1 (PREFILL_MODES)
 #   minexp  hbm prompts with the experts of at least N tokens on tensor cores, N from MINEXP_TS ("16 8 4 1")
+#   envab   hbm prompts under each of ENVAB's environment settings (e.g. "- FLASHMOE_CUDA_IMMA_NARROW=1")
 #   pinprof where a decode token's time goes, the 122B's experts from pinned host memory
 #   hostab  pinned 122B decode with the host's share of the misses (FLASHMOE_CUDA_HOST_EXPERTS auto, 1, 0)
 #   ncu     Nsight Compute on the tensor-core prefill kernel (where ncu is installed; NCU_PKG: another build's)
@@ -191,6 +192,16 @@ for what in "$@"; do
           echo "FLASHMOE_CUDA_IMMA_MIN_EXPERT_T=$n" | tee -a "$out/minexp.log"
           FLASHMOE_CUDA_IMMA_MIN_EXPERT_T=$n python3 bench/cuda.py --setting hbm --layers 8 --runs 1 --tokens 16 \
             --prompts "${MINEXP_PROMPTS:-512,2048}" 2>&1 | tee -a "$out/minexp.log" | grep "tok/s" || rc=1
+        done
+      done ;;
+    envab)  # hbm prompts under each of ENVAB's settings (space-separated; each a comma list of VAR=value, "-" for
+            # none), alternating, ENVAB_RUNS (2) processes each, prompts ENVAB_PROMPTS (128,256,512,2048)
+      for i in $(seq "${ENVAB_RUNS:-2}"); do
+        for e in ${ENVAB:--}; do
+          echo "$e" | tee -a "$out/envab.log"
+          vars=(); [ "$e" = - ] || IFS=, read -ra vars <<<"$e"
+          env "${vars[@]}" python3 bench/cuda.py --setting hbm --layers 8 --runs 1 --tokens 16 \
+            --prompts "${ENVAB_PROMPTS:-128,256,512,2048}" 2>&1 | tee -a "$out/envab.log" | grep "tok/s" || rc=1
         done
       done ;;
     hostab)  # pinned 122B decode: the host computing its share of the VRAM misses (auto, the default), all of them

@@ -992,21 +992,23 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
     IMMA_EXPERTS = [(Q4, 32, 192, 96, (40, 9, 4, 3, 100, 1), 100), (Q8, 64, 192, 128, (33, 1, 17, 64), 70),
                     (Q4, 64, 320, 192, (16, 31, 2), 40), (Q8, 32, 96, 160, (20, 50), 60)]
 
-    @pytest.mark.parametrize("min_t", [None, "1"], ids=["min4", "min1"])
+    @pytest.mark.parametrize("env", [{}, {"FLASHMOE_CUDA_IMMA_MIN_EXPERT_T": "1"},
+                                     {"FLASHMOE_CUDA_IMMA_MIN_EXPERT_T": "1", "FLASHMOE_CUDA_IMMA_NARROW": "1"}],
+                             ids=["min4", "min1", "narrow"])
     @pytest.mark.parametrize("sname,kw", SCALE_DTYPES, ids=["f16", "bf16"])
     @pytest.mark.parametrize("dtype,gs,H,I,sizes,T", IMMA_EXPERTS,
                              ids=[f"{'q4' if e[0] == Q4 else 'q8'}g{e[1]}-H{e[2]}-I{e[3]}"
                                   for e in IMMA_EXPERTS])
     def test_cuda_int8_experts_on_tensor_cores_are_the_dp4a_kernels_bits(dtype, gs, H, I, sizes, T, sname, kw,
-                                                                         min_t, monkeypatch):
+                                                                         env, monkeypatch):
         """The routed experts' FFN on int8 activations: the experts of 4 tokens or more (min1: of any count,
-        FLASHMOE_CUDA_IMMA_MIN_EXPERT_T=1) take the tensor-core kernels (gate·up with silu(gate)·up into h, then
-        down), the others fm_mm's in the same call; every row the bits of the call on fm_mm's kernels alone
-        (FLASHMOE_CUDA_IMMA=0)."""
+        FLASHMOE_CUDA_IMMA_MIN_EXPERT_T=1; narrow: in tiles of 8 tokens) take the tensor-core kernels (gate·up
+        with silu(gate)·up into h, then down), the others fm_mm's in the same call; every row the bits of the
+        call on fm_mm's kernels alone (FLASHMOE_CUDA_IMMA=0)."""
         rng = np.random.default_rng(H * I + len(sizes))
         xn, experts = build_experts(rng, dtype, gs, H, I, T, sizes, **kw)
-        if min_t:
-            monkeypatch.setenv("FLASHMOE_CUDA_IMMA_MIN_EXPERT_T", min_t)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
         monkeypatch.setenv("FLASHMOE_CUDA_IMMA", "1")
         mma = _core.op_experts(xn, experts, int8_act=True, **kw, backend="cuda")
         monkeypatch.setenv("FLASHMOE_CUDA_IMMA", "0")

@@ -633,6 +633,14 @@ template <bool Q4> using mm_wide = imma_cfg<IM_MM, Q4, 2, 4, 2, 2, 2, 4>;
 template <bool Q4> using mm_narrow = imma_cfg<IM_MM, Q4, 4, 2, 2, 2, 2, Q4 ? 3 : 4>;
 template <bool Q4> using ex_gu = imma_cfg<IM_GU, Q4, 4, 1, 2, 2, 2, Q4 ? 3 : 4>;
 template <bool Q4> using ex_down = imma_cfg<IM_DOWN, Q4, 4, 1, 2, 2, 2, Q4 ? 3 : 4>;
+/* FLASHMOE_CUDA_IMMA_NARROW=1 (not measured yet; off): grouped calls in tiles of 8 tokens, for experts of a few
+ * tokens (a short prompt's), whose 16-token tiles are mostly padding. Read at each call. */
+template <bool Q4> using ex_gu_narrow = imma_cfg<IM_GU, Q4, 4, 1, 2, 1, 2, Q4 ? 3 : 4>;
+template <bool Q4> using ex_down_narrow = imma_cfg<IM_DOWN, Q4, 4, 1, 2, 1, 2, Q4 ? 3 : 4>;
+bool imma_narrow() {
+    const char *e = getenv("FLASHMOE_CUDA_IMMA_NARROW");
+    return e && strcmp(e, "1") == 0;
+}
 
 template <class C>
 bool launch_cfg(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) {
@@ -669,12 +677,16 @@ static int imma_min_expert_t() {
 extern "C" int fmc_experts_imma_min(const fm_mat *w, int gu, const fmc_expert *ex_host, int n_ex) {
     const int mode = imma_mode();
     if (mode == IMMA_OFF || !imma_takes(w)) return 0;
-    constexpr int BN = ex_gu<true>::BN;
+    const bool narrow = imma_narrow();
+    const int BN = narrow ? ex_gu_narrow<true>::BN : ex_gu<true>::BN;
     const int min_t = imma_min_expert_t();
     long long tiles = 0;
     for (int e = 0; e < n_ex; e++)
         if (ex_host[e].n >= min_t) tiles += (ex_host[e].n + BN - 1) / BN;
-    const long long blocks = gu ? blocks_of<ex_gu<true>>(tiles, w->rows) : blocks_of<ex_down<true>>(tiles, w->rows);
+    const long long blocks = narrow ? (gu ? blocks_of<ex_gu_narrow<true>>(tiles, w->rows)
+                                          : blocks_of<ex_down_narrow<true>>(tiles, w->rows))
+                                    : (gu ? blocks_of<ex_gu<true>>(tiles, w->rows)
+                                          : blocks_of<ex_down<true>>(tiles, w->rows));
     return tiles && fills(mode, blocks, 2) ? min_t : 0;
 }
 
@@ -684,6 +696,10 @@ extern "C" int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, co
     imma_args a = args_of(w, xq, xd, xs, y, 0);
     a.w = nullptr, a.scales = a.biases = nullptr, a.ex = ex, a.hlo = hlo, a.big = big, a.n_ex = n_ex;
     const bool q4 = w->dtype == FM_Q4;
+    if (imma_narrow()) {
+        if (gu) return q4 ? launch_cfg<ex_gu_narrow<true>>(s, a, ex_host) : launch_cfg<ex_gu_narrow<false>>(s, a, ex_host);
+        return q4 ? launch_cfg<ex_down_narrow<true>>(s, a, ex_host) : launch_cfg<ex_down_narrow<false>>(s, a, ex_host);
+    }
     if (gu) return q4 ? launch_cfg<ex_gu<true>>(s, a, ex_host) : launch_cfg<ex_gu<false>>(s, a, ex_host);
     return q4 ? launch_cfg<ex_down<true>>(s, a, ex_host) : launch_cfg<ex_down<false>>(s, a, ex_host);
 }
