@@ -987,14 +987,16 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
 
     # (dtype, group size, H, I, token list sizes, xn rows): experts of 4 tokens and more (FMC_IMMA_MIN_EXPERT_T) on
     # tensor cores beside smaller ones on the dp4a kernel in the same call (1, 2, 3), 4 exactly, partial token
-    # tiles, a shared expert's worth (all 100); I and H not multiples of the row tiles (64 of gate and up, 128 of
-    # down).
+    # tiles, a shared expert's worth (all 100), a short prompt's few tokens an expert (the last: 8-token tiles under
+    # FLASHMOE_CUDA_IMMA_NARROW=auto); I and H not multiples of the row tiles (64 of gate and up, 128 of down).
     IMMA_EXPERTS = [(Q4, 32, 192, 96, (40, 9, 4, 3, 100, 1), 100), (Q8, 64, 192, 128, (33, 1, 17, 64), 70),
-                    (Q4, 64, 320, 192, (16, 31, 2), 40), (Q8, 32, 96, 160, (20, 50), 60)]
+                    (Q4, 64, 320, 192, (16, 31, 2), 40), (Q8, 32, 96, 160, (20, 50), 60),
+                    (Q4, 64, 192, 128, (3, 5, 4, 7, 3), 12)]
 
     @pytest.mark.parametrize("env", [{}, {"FLASHMOE_CUDA_IMMA_MIN_EXPERT_T": "1"},
-                                     {"FLASHMOE_CUDA_IMMA_MIN_EXPERT_T": "1", "FLASHMOE_CUDA_IMMA_NARROW": "1"}],
-                             ids=["min4", "min1", "narrow"])
+                                     {"FLASHMOE_CUDA_IMMA_MIN_EXPERT_T": "1", "FLASHMOE_CUDA_IMMA_NARROW": "1"},
+                                     {"FLASHMOE_CUDA_IMMA_MIN_EXPERT_T": "3", "FLASHMOE_CUDA_IMMA_NARROW": "auto"}],
+                             ids=["min4", "min1", "narrow", "auto"])
     @pytest.mark.parametrize("sname,kw", SCALE_DTYPES, ids=["f16", "bf16"])
     @pytest.mark.parametrize("dtype,gs,H,I,sizes,T", IMMA_EXPERTS,
                              ids=[f"{'q4' if e[0] == Q4 else 'q8'}g{e[1]}-H{e[2]}-I{e[3]}"
@@ -1002,7 +1004,8 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
     def test_cuda_int8_experts_on_tensor_cores_are_the_dp4a_kernels_bits(dtype, gs, H, I, sizes, T, sname, kw,
                                                                          env, monkeypatch):
         """The routed experts' FFN on int8 activations: the experts of 4 tokens or more (min1: of any count,
-        FLASHMOE_CUDA_IMMA_MIN_EXPERT_T=1; narrow: in tiles of 8 tokens) take the tensor-core kernels (gate·up
+        FLASHMOE_CUDA_IMMA_MIN_EXPERT_T=1; narrow: in tiles of 8 tokens; auto: the tiles
+        that pad less, by FLASHMOE_CUDA_IMMA_NARROW=auto's rule) take the tensor-core kernels (gate·up
         with silu(gate)·up into h, then down), the others fm_mm's in the same call; every row the bits of the
         call on fm_mm's kernels alone (FLASHMOE_CUDA_IMMA=0)."""
         rng = np.random.default_rng(H * I + len(sizes))

@@ -602,6 +602,14 @@ int imma_mode() {
     return e && strcmp(e, "0") == 0 ? IMMA_OFF : e && strcmp(e, "1") == 0 ? IMMA_ON : IMMA_AUTO;
 }
 
+/* the fewest tokens of an expert on tensor cores: FLASHMOE_CUDA_IMMA_MIN_EXPERT_T (1-64; benchmarks), else
+ * FMC_IMMA_MIN_EXPERT_T. Read at each call. */
+int imma_min_expert_t() {
+    const char *e = getenv("FLASHMOE_CUDA_IMMA_MIN_EXPERT_T");
+    const int v = e ? atoi(e) : 0;
+    return v >= 1 && v <= 64 ? v : FMC_IMMA_MIN_EXPERT_T;
+}
+
 /* whether w's shape and options can run here at all (rows 16-byte aligned: the caller checks the pointers) */
 bool imma_takes(const fm_mat *w) {
     if (w->dtype != FM_Q4 && w->dtype != FM_Q8) return false;
@@ -633,13 +641,19 @@ template <bool Q4> using mm_wide = imma_cfg<IM_MM, Q4, 2, 4, 2, 2, 2, 4>;
 template <bool Q4> using mm_narrow = imma_cfg<IM_MM, Q4, 4, 2, 2, 2, 2, Q4 ? 3 : 4>;
 template <bool Q4> using ex_gu = imma_cfg<IM_GU, Q4, 4, 1, 2, 2, 2, Q4 ? 3 : 4>;
 template <bool Q4> using ex_down = imma_cfg<IM_DOWN, Q4, 4, 1, 2, 2, 2, Q4 ? 3 : 4>;
-/* FLASHMOE_CUDA_IMMA_NARROW=1 (not measured yet; off): grouped calls in tiles of 8 tokens, for experts of a few
- * tokens (a short prompt's), whose 16-token tiles are mostly padding. Read at each call. */
+/* Grouped calls in tiles of 8 tokens (128 registers: four blocks an SM), for experts of a few tokens (a short
+ * prompt's), whose 16-token tiles are mostly padding: FLASHMOE_CUDA_IMMA_NARROW=1 always, auto where the experts
+ * of at least min_t tokens pad to 1.5 times the tokens in 16-token tiles that they do in 8-token ones; 0 or unset
+ * never (the default until auto is measured: bench/RESULTS.md, session 20). Read at each call. */
 template <bool Q4> using ex_gu_narrow = imma_cfg<IM_GU, Q4, 4, 1, 2, 1, 2, Q4 ? 3 : 4>;
 template <bool Q4> using ex_down_narrow = imma_cfg<IM_DOWN, Q4, 4, 1, 2, 1, 2, Q4 ? 3 : 4>;
-bool imma_narrow() {
+bool imma_narrow(const fmc_expert *ex_host, int n_ex, int min_t) {
     const char *e = getenv("FLASHMOE_CUDA_IMMA_NARROW");
-    return e && strcmp(e, "1") == 0;
+    if (!e || strcmp(e, "auto") != 0) return e && strcmp(e, "1") == 0;
+    long long wide = 0, narrow = 0; /* padded tokens */
+    for (int i = 0; i < n_ex; i++)
+        if (ex_host[i].n >= min_t) wide += (ex_host[i].n + 15) / 16 * 16, narrow += (ex_host[i].n + 7) / 8 * 8;
+    return 2 * wide >= 3 * narrow;
 }
 
 template <class C>
@@ -666,20 +680,12 @@ extern "C" int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, co
     return q4 ? launch_cfg<mm_narrow<true>>(s, a, nullptr) : launch_cfg<mm_narrow<false>>(s, a, nullptr);
 }
 
-/* the fewest tokens of an expert on tensor cores: FLASHMOE_CUDA_IMMA_MIN_EXPERT_T (1-64; benchmarks), else
- * FMC_IMMA_MIN_EXPERT_T. Read at each call. */
-static int imma_min_expert_t() {
-    const char *e = getenv("FLASHMOE_CUDA_IMMA_MIN_EXPERT_T");
-    const int v = e ? atoi(e) : 0;
-    return v >= 1 && v <= 64 ? v : FMC_IMMA_MIN_EXPERT_T;
-}
-
 extern "C" int fmc_experts_imma_min(const fm_mat *w, int gu, const fmc_expert *ex_host, int n_ex) {
     const int mode = imma_mode();
     if (mode == IMMA_OFF || !imma_takes(w)) return 0;
-    const bool narrow = imma_narrow();
-    const int BN = narrow ? ex_gu_narrow<true>::BN : ex_gu<true>::BN;
     const int min_t = imma_min_expert_t();
+    const bool narrow = imma_narrow(ex_host, n_ex, min_t);
+    const int BN = narrow ? ex_gu_narrow<true>::BN : ex_gu<true>::BN;
     long long tiles = 0;
     for (int e = 0; e < n_ex; e++)
         if (ex_host[e].n >= min_t) tiles += (ex_host[e].n + BN - 1) / BN;
@@ -687,7 +693,7 @@ extern "C" int fmc_experts_imma_min(const fm_mat *w, int gu, const fmc_expert *e
                                           : blocks_of<ex_down_narrow<true>>(tiles, w->rows))
                                     : (gu ? blocks_of<ex_gu<true>>(tiles, w->rows)
                                           : blocks_of<ex_down<true>>(tiles, w->rows));
-    return tiles && fills(mode, blocks, 2) ? min_t : 0;
+    return tiles && fills(mode, blocks, narrow ? 4 : 2) ? min_t : 0;
 }
 
 extern "C" int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, const fmc_expert *ex_host, int n_ex,
@@ -696,7 +702,7 @@ extern "C" int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, co
     imma_args a = args_of(w, xq, xd, xs, y, 0);
     a.w = nullptr, a.scales = a.biases = nullptr, a.ex = ex, a.hlo = hlo, a.big = big, a.n_ex = n_ex;
     const bool q4 = w->dtype == FM_Q4;
-    if (imma_narrow()) {
+    if (imma_narrow(ex_host, n_ex, big)) {
         if (gu) return q4 ? launch_cfg<ex_gu_narrow<true>>(s, a, ex_host) : launch_cfg<ex_gu_narrow<false>>(s, a, ex_host);
         return q4 ? launch_cfg<ex_down_narrow<true>>(s, a, ex_host) : launch_cfg<ex_down_narrow<false>>(s, a, ex_host);
     }
