@@ -109,7 +109,7 @@ for dtype, gs, rows in ((Q4, 32, 13), (Q8, 64, 13), (Q4, 32, 4224)):
         x = randn(rng, T, 2 * gs)
         names = {n.split("<")[0] for n in ran(mode, lambda: _core.op_matmul(*w, x, int8, backend="cuda"))}
         print("mm", rows, T, int(int8), mode, int("fm_mm_imma" in names), int("fm_mm" in names))
-for sizes in ((20, 3), (16,), (15, 1)):
+for sizes in ((20, 3), (4,), (3, 1)):
     xn, experts = build_experts(np.random.default_rng(1), Q4, 32, 64, 96, 40, sizes)
     names = ran("1", lambda: _core.op_experts(xn, experts, int8_act=True, backend="cuda"))
     print("experts", len(sizes), sum(n.startswith("fm_mm_imma<") for n in names),
@@ -121,8 +121,8 @@ def test_int8_prefill_reaches_the_tensor_core_kernel(emu_env, tmp_path):
     """The int8-activation matmul runs matmul_mma.cu's kernel (fm_mm_imma, seen in FM_CUDA_EMU_TRACE) from 16
     tokens on with FLASHMOE_CUDA_IMMA=1, and fm_mm's dp4a kernel below, with FLASHMOE_CUDA_IMMA=0, and on fp32
     activations; unset, only where its blocks fill half the GPU (the emulator's 132 SMs: 4224 rows of 100
-    tokens, not 13); a grouped call's experts of 16 tokens or more too, the others on fm_mm in launches of their
-    own. The emulated harness runs with FLASHMOE_CUDA_IMMA=1 (emu_env), so the op harness's int8 cases of T >= 16
+    tokens, not 13); a grouped call's experts of 4 tokens or more (FMC_IMMA_MIN_EXPERT_T) too, the others on fm_mm
+    in launches of their own. The emulated harness runs with FLASHMOE_CUDA_IMMA=1 (emu_env), so the op harness's int8 cases of T >= 16
     test the tensor-core kernels (test_ops.py: against float64 and bitwise against the dp4a kernel;
     test_batch_invariance.py: against the token alone), and the models' prompts of 16 tokens or more run them."""
     rc, out = run_py(dict(emu_env, FM_CUDA_EMU_TRACE=str(tmp_path / "trace")), ["-c", IMMA_TRACE])
@@ -134,8 +134,7 @@ def test_int8_prefill_reaches_the_tensor_core_kernel(emu_env, tmp_path):
                                  ("16", "1", "0"), ("100", "0", "1"), ("100", "1", "auto"))]
     want = [["13"] + r for r in small] * 2 + [["4224", "100", "1", "auto", "1", "0"]]
     assert rows == want, out[-4000:]
-    # a grouped call: gate·up and down each on tensor cores for the experts of 16 tokens or more, fm_mm for
-    # the rest
+    # a grouped call: gate·up and down each on tensor cores for the experts of 4 tokens or more, fm_mm for the rest
     experts = [line.split()[1:] for line in out.splitlines() if line.startswith("experts ")]
     assert experts == [["2", "2", "2"], ["1", "2", "0"], ["2", "0", "2"]], out[-4000:]
 
