@@ -123,8 +123,9 @@ def test_int8_prefill_reaches_the_tensor_core_kernel(emu_env, tmp_path):
     activations; unset, only where its blocks fill half the GPU (the emulator's 132 SMs: 4224 rows of 100
     tokens, not 13); a grouped call's experts of 4 tokens or more (FMC_IMMA_MIN_EXPERT_T) too, the others on fm_mm
     in launches of their own. The emulated harness runs with FLASHMOE_CUDA_IMMA=1 (emu_env), so the op harness's
-    int8 cases of T >= 16 test the tensor-core kernels (test_ops.py: against float64 and bitwise against the dp4a kernel;
-    test_batch_invariance.py: against the token alone), and the models' prompts of 16 tokens or more run them."""
+    int8 cases of T >= 16 test the tensor-core kernels (test_ops.py: against float64 and bitwise against the dp4a
+    kernel; test_batch_invariance.py: against the token alone), and the models' prompts of 16 tokens or more run
+    them."""
     rc, out = run_py(dict(emu_env, FM_CUDA_EMU_TRACE=str(tmp_path / "trace")), ["-c", IMMA_TRACE])
     assert rc == 0, out[-4000:]
     rows = [line.split()[1:] for line in out.splitlines() if line.startswith("mm ")]
