@@ -342,6 +342,11 @@ PLANTS = [
           "        for (int k = 1; k < T; k++) v = __fadd_rn(P[k][o], v);",
           ["tests/test_cuda_emu.py", "-k", "op_harness and forward"],
           "the tensor-core prefill's lane counter drops its lowest waiting subtree"),
+    Plant("cuda_mma_narrow_tiles_counted_wide", "csrc/backend/cuda/matmul_mma.cu",
+          "if (ex_host[e].n >= a.big) bx += (ex_host[e].n + C::BN - 1) / C::BN;",
+          "if (ex_host[e].n >= a.big) bx += (ex_host[e].n + 15) / 16;",
+          ["tests/test_cuda_emu.py", "-k", "op_harness and forward"],
+          "a grouped call in 8-token tiles launches the blocks of 16-token ones (an expert's last tokens not computed)"),
     # -- the host's share of decode's experts (cuda/host_ffn.c, cuda_experts.cu's host_finish)
     Plant("host_ffn_butterfly_out_of_order", "csrc/backend/cuda/host_ffn.c",
           "        for (int i = 0; i < o; i++) A[i] = A[i] + A[i + o];",
