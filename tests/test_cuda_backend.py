@@ -161,7 +161,8 @@ def test_outputs_do_not_depend_on_the_expert_tiers(gpu_env, tiny_models, tmp_pat
     with the host's expert cache at its minimum (most experts then come from disk, through pinned host
     slots, into VRAM), against each expert's FFN in launches of its own (FLASHMOE_CUDA_GROUPED=0; the
     default is one call for all of a layer's experts), and with the host computing its share of the misses
-    (the default), all of them (FLASHMOE_CUDA_HOST_EXPERTS=1) or none (0): the same bits for the prompt, token
+    (the default), all of them (FLASHMOE_CUDA_HOST_EXPERTS=1) or none (0), and with a prompt's shared expert
+    issued while its choices come to the host (FLASHMOE_CUDA_ROUTE_EARLY=1): the same bits for the prompt, token
     by token, and the greedy tokens. The model's experts are 64 wide so that the host takes them (host_ffn.c:
     groups of 32·k)."""
     path = tiny_models(arch, 4, moe_intermediate_size=64)
@@ -177,7 +178,9 @@ def test_outputs_do_not_depend_on_the_expert_tiers(gpu_env, tiny_models, tmp_pat
                               ("one expert a call, 3 VRAM slots", dict(slots3, FLASHMOE_CUDA_GROUPED="0"), minimum),
                               ("3 VRAM slots, every miss on the host", dict(slots3, FLASHMOE_CUDA_HOST_EXPERTS="1"),
                                minimum),
-                              ("3 VRAM slots, none on the host", dict(slots3, FLASHMOE_CUDA_HOST_EXPERTS="0"), minimum)):
+                              ("3 VRAM slots, none on the host", dict(slots3, FLASHMOE_CUDA_HOST_EXPERTS="0"), minimum),
+                              ("routed early", {"FLASHMOE_CUDA_ROUTE_EARLY": "1"}, None),
+                              ("3 VRAM slots, routed early", dict(slots3, FLASHMOE_CUDA_ROUTE_EARLY="1"), minimum)):
         got = run_model(gpu_env, tmp_path, path, "cuda", ids, name.replace(" ", "_").replace(",", ""), *opts,
                         *([f"memory_budget={budget}"] if budget else []), extra_env=env)
         for key in ("prefill", "steps", "greedy"):

@@ -190,6 +190,10 @@ typedef struct fm_backend_ops {
      * lowest id holding the largest value, NaN never, 0 when all are NaN: fm_sampler_sample's argmax, so that a
      * greedy step copies 4 bytes back, not the logits. A failure is reported by the next finish(). */
     void (*argmax)(void *ctx, int32_t *out, const float *x, int n);
+    /* route's choices of logits [T, E] issued without waiting for them: returns 1 when it did (the core then issues
+     * the shared expert, and route with the same arguments waits for the choices alone, so that the device runs
+     * the shared expert while the host groups the choices), 0 when not (nothing issued; route does it all). */
+    int (*route_begin)(void *ctx, const float *logits, int T, int E, int k, int norm);
 } fm_backend_ops;
 
 /* A backend instance: the table and its state for one model. */

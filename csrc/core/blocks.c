@@ -258,6 +258,10 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
             return FM_OK;
         }
     }
+    /* a prompt's shared expert issued while its choices come to the host, where the backend can (CUDA) */
+    const int early = T > FM_DEVICE_ROUTE_T && be->op->route_begin &&
+                      FM_OP(be, route_begin, s->logits, T, E, k, norm_topk);
+    if (early) shared_expert(m, w, xn, out, T);
     FM_OP(be, route, s->logits, T, E, k, norm_topk, s->topk, s->topw);
     const int n_need = group_by_expert(m, layer, T);
     hits_first(m, layer, n_need);
@@ -271,7 +275,7 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
     const int n_pred_ok = next_moe >= 0 && m->prefetch && !fm_expert_store_layer_resident(store, next_moe);
     if (n_pred_ok) predict_next(m, next_moe, xn, T);
 
-    shared_expert(m, w, xn, out, T); /* while the reads land */
+    if (!early) shared_expert(m, w, xn, out, T); /* while the reads land */
 
     /* routed experts, each computed as its read lands, on all of its tokens: the ones already in memory
      * together (the backend may run them side by side), else the first to arrive */

@@ -76,6 +76,12 @@ struct cuda_ctx {
     dbuf route_dev;                 /* the router's [T, k] indices, then weights */
     uint8_t *route_host = nullptr;  /* the same, pinned, for the host to read */
     size_t route_host_size = 0;
+    cudaEvent_t route_ev = nullptr; /* after route_begin's copy to route_host */
+    struct {
+        const float *logits;
+        int T, E, k, norm;
+        size_t up_used; /* the upload arena's use at route_begin */
+    } route_pending = {};           /* route_begin's call (logits NULL: none) */
 
     /* the VRAM expert cache: n_slots of slot_bytes, LRU order as a doubly linked list (head: most recent) */
     int vram_ready = 0, n_slots = 0, key_space = 0;

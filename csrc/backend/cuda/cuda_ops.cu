@@ -59,7 +59,7 @@ fm_status cuda_create(const fm_backend_params *p, void **out) {
     for (int i = 0; i < EVENT_RING; i++)
         if (cudaEventCreateWithFlags(&c->ring[i], cudaEventDisableTiming) != cudaSuccess)
             return fm_fail(FM_ERR_DEVICE, "cuda backend: cannot create events");
-    for (cudaEvent_t *e : {&c->hx_ev, &c->hy_ev, &c->gpu_ev})
+    for (cudaEvent_t *e : {&c->hx_ev, &c->hy_ev, &c->gpu_ev, &c->route_ev})
         if (cudaEventCreateWithFlags(e, cudaEventDisableTiming) != cudaSuccess)
             return fm_fail(FM_ERR_DEVICE, "cuda backend: cannot create events");
     size_t free_b = 0, total_b = 0;
@@ -97,7 +97,7 @@ void cuda_destroy(void *ctx) {
     if (c->route_host) cudaFreeHost(c->route_host);
     for (int i = 0; i < EVENT_RING; i++)
         if (c->ring[i]) cudaEventDestroy(c->ring[i]);
-    for (cudaEvent_t e : {c->hx_ev, c->hy_ev, c->gpu_ev})
+    for (cudaEvent_t e : {c->hx_ev, c->hy_ev, c->gpu_ev, c->route_ev})
         if (e) cudaEventDestroy(e);
     if (c->hx) cudaFreeHost(c->hx);
     if (c->hy) cudaFreeHost(c->hy);
@@ -370,8 +370,41 @@ void cuda_gate_rows(void *ctx, float *out, const float *g, int T, int n) {
     launched(ctx_of(ctx), fmc_gate_rows(ctx_of(ctx)->s, out, g, T, n), "gate_rows");
 }
 
-/* The router: top-k on the device into route_dev, then its [T, k] indices and weights to the host through
- * pinned route_host (the layer's one synchronisation). */
+/* The router's top-k on the device into route_dev, then its [T, k] indices and weights copied to pinned
+ * route_host; false (failure recorded) when it could not be issued. */
+bool route_issue(cuda_ctx *c, const float *logits, int T, int E, int k, int norm) {
+    const size_t n = (size_t)T * k, bytes = n * (sizeof(int32_t) + sizeof(float));
+    uint8_t *d = (uint8_t *)grow(c, &c->route_dev, bytes, "the router's output");
+    if (!d) return false;
+    if (bytes > c->route_host_size) {
+        if (c->route_host) cudaFreeHost(c->route_host);
+        c->route_host = nullptr, c->route_host_size = 0;
+        if (cudaMallocHost((void **)&c->route_host, bytes) != cudaSuccess) {
+            cudaGetLastError();
+            failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: cannot allocate %zu bytes for the router's output", bytes));
+            return false;
+        }
+        c->route_host_size = bytes;
+    }
+    launched(c, fmc_route(c->s, logits, T, E, k, norm, (int32_t *)d, (float *)(d + n * sizeof(int32_t)), nullptr,
+                          nullptr, nullptr, nullptr), "route");
+    return c->err == FM_OK && ok(c, cudaMemcpyAsync(c->route_host, d, bytes, cudaMemcpyDeviceToHost, c->s), "route");
+}
+
+/* FLASHMOE_CUDA_ROUTE_EARLY=1: route_begin issues a prompt's choices ahead of its shared expert (off until
+ * measured: bench/RESULTS.md, session 20). Read at each call. */
+int cuda_route_begin(void *ctx, const float *logits, int T, int E, int k, int norm) {
+    cuda_ctx *c = ctx_of(ctx);
+    c->route_pending.logits = nullptr;
+    const char *env = getenv("FLASHMOE_CUDA_ROUTE_EARLY");
+    if (T <= 0 || !env || strcmp(env, "1") != 0 || no_sync(c)) return 0;
+    if (!route_issue(c, logits, T, E, k, norm) || !ok(c, cudaEventRecord(c->route_ev, c->s), "route")) return 0;
+    c->route_pending = {logits, T, E, k, norm, c->up_used};
+    return 1;
+}
+
+/* The router's choices to the host (the layer's one synchronisation): after route_begin with the same arguments,
+ * a wait for its copy alone; else issued and waited for with everything before them. */
 void cuda_route(void *ctx, const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights) {
     cuda_ctx *c = ctx_of(ctx);
     if (T <= 0) return;
@@ -379,25 +412,20 @@ void cuda_route(void *ctx, const float *logits, int T, int E, int k, int norm, i
         for (int i = 0; i < T * k; i++) idx[i] = i % k, weights[i] = 0.0f;
         return;
     }
-    const size_t n = (size_t)T * k, bytes = n * (sizeof(int32_t) + sizeof(float));
-    uint8_t *d = (uint8_t *)grow(c, &c->route_dev, bytes, "the router's output");
-    if (!d) return;
-    if (bytes > c->route_host_size) {
-        if (c->route_host) cudaFreeHost(c->route_host);
-        c->route_host = nullptr, c->route_host_size = 0;
-        if (cudaMallocHost((void **)&c->route_host, bytes) != cudaSuccess) {
-            cudaGetLastError();
-            failed(c, fm_fail(FM_ERR_NOMEM, "cuda backend: cannot allocate %zu bytes for the router's output", bytes));
-            return;
-        }
-        c->route_host_size = bytes;
+    const auto p = c->route_pending;
+    c->route_pending.logits = nullptr;
+    if (p.logits && p.logits == logits && p.T == T && p.E == E && p.k == k && p.norm == norm) {
+        const double t0 = fm_now();
+        if (!ok(c, cudaEventSynchronize(c->route_ev), "route")) return;
+        c->wait_ns += (uint64_t)((fm_now() - t0) * 1e9);
+        /* every op before the copy has run: the arena is free again unless the ops since uploaded */
+        if (c->up_used == p.up_used) c->up_used = 0;
+    } else {
+        if (!route_issue(c, logits, T, E, k, norm)) return;
+        sync_all(c);
+        if (c->err != FM_OK) return;
     }
-    launched(c, fmc_route(c->s, logits, T, E, k, norm, (int32_t *)d, (float *)(d + n * sizeof(int32_t)), nullptr,
-                          nullptr, nullptr, nullptr), "route");
-    if (c->err != FM_OK || !ok(c, cudaMemcpyAsync(c->route_host, d, bytes, cudaMemcpyDeviceToHost, c->s), "route"))
-        return;
-    sync_all(c);
-    if (c->err != FM_OK) return;
+    const size_t n = (size_t)T * k;
     memcpy(idx, c->route_host, n * sizeof(int32_t));
     memcpy(weights, c->route_host + n * sizeof(int32_t), n * sizeof(float));
 }
@@ -500,6 +528,7 @@ const fm_backend_ops cuda_ops = {
     cuda_step_end,
     cuda_experts_preload,
     cuda_argmax,
+    cuda_route_begin,
 };
 
 } // namespace fm_cuda
