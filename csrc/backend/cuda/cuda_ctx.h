@@ -58,9 +58,10 @@ struct cuda_ctx {
     uint64_t serial = 0, done = 0;
 
     /* host arrays for the ops: written into pinned memory, copied to the device arena on the stream; both
-     * reused from the start once the stream has drained (after each router's sync, in practice) */
+     * reused from the start once the stream has drained (after each router's sync or early wait, in practice) */
     uint8_t *up_host = nullptr, *up_dev = nullptr;
     size_t up_size = 0, up_used = 0;
+    uint64_t uploads = 0; /* calls of upload so far */
 
     dbuf mm;   /* a matmul's int8 activations */
     /* ... of this x (T rows of cols, groups of gs, dtype's layout), still valid: no op has run since the matmul
@@ -80,7 +81,7 @@ struct cuda_ctx {
     struct {
         const float *logits;
         int T, E, k, norm;
-        size_t up_used; /* the upload arena's use at route_begin */
+        uint64_t uploads; /* c->uploads at route_begin */
     } route_pending = {};           /* route_begin's call (logits NULL: none) */
 
     /* the VRAM expert cache: n_slots of slot_bytes, LRU order as a doubly linked list (head: most recent) */
@@ -251,7 +252,7 @@ inline void *upload(cuda_ctx *c, const void *host, size_t bytes) {
         }
     }
     uint8_t *h = c->up_host + c->up_used, *d = c->up_dev + c->up_used;
-    c->up_used += need;
+    c->up_used += need, c->uploads++;
     memcpy(h, host, bytes);
     return ok(c, cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, c->s), "upload") ? d : nullptr;
 }

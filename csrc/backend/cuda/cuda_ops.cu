@@ -250,6 +250,7 @@ void cuda_wait(void *ctx, fm_event ev) {
 fm_status cuda_finish(void *ctx) {
     cuda_ctx *c = ctx_of(ctx);
     sync_all(c);
+    c->route_pending.logits = nullptr; /* a route_begin no route took up is dropped */
     ok(c, cudaGetLastError(), "a kernel");
     for (int i = 0; i < c->n_deliv; i++) /* moe_device's choices, landed in pinned memory */
         memcpy(c->deliv[i].dst, c->deliv[i].src, sizeof(int32_t) * c->deliv[i].n);
@@ -399,7 +400,7 @@ int cuda_route_begin(void *ctx, const float *logits, int T, int E, int k, int no
     const char *env = getenv("FLASHMOE_CUDA_ROUTE_EARLY");
     if (T <= 0 || !env || strcmp(env, "1") != 0 || no_sync(c)) return 0;
     if (!route_issue(c, logits, T, E, k, norm) || !ok(c, cudaEventRecord(c->route_ev, c->s), "route")) return 0;
-    c->route_pending = {logits, T, E, k, norm, c->up_used};
+    c->route_pending = {logits, T, E, k, norm, c->uploads};
     return 1;
 }
 
@@ -407,19 +408,19 @@ int cuda_route_begin(void *ctx, const float *logits, int T, int E, int k, int no
  * a wait for its copy alone; else issued and waited for with everything before them. */
 void cuda_route(void *ctx, const float *logits, int T, int E, int k, int norm, int32_t *idx, float *weights) {
     cuda_ctx *c = ctx_of(ctx);
+    const auto p = c->route_pending; /* consumed by this call whatever it does */
+    c->route_pending.logits = nullptr;
     if (T <= 0) return;
     if (no_sync(c)) { /* the recording is dropped; until then the core gets valid (made-up) choices */
         for (int i = 0; i < T * k; i++) idx[i] = i % k, weights[i] = 0.0f;
         return;
     }
-    const auto p = c->route_pending;
-    c->route_pending.logits = nullptr;
     if (p.logits && p.logits == logits && p.T == T && p.E == E && p.k == k && p.norm == norm) {
         const double t0 = fm_now();
         if (!ok(c, cudaEventSynchronize(c->route_ev), "route")) return;
         c->wait_ns += (uint64_t)((fm_now() - t0) * 1e9);
-        /* every op before the copy has run: the arena is free again unless the ops since uploaded */
-        if (c->up_used == p.up_used) c->up_used = 0;
+        /* every op before the copy has run: the upload arena is free again unless the ops since uploaded */
+        if (c->uploads == p.uploads) c->up_used = 0;
     } else {
         if (!route_issue(c, logits, T, E, k, norm)) return;
         sync_all(c);
