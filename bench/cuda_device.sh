@@ -49,6 +49,21 @@ build_tree() {
     && touch "$2/.built" && return 0
   tail -60 "$out/$3.log"; return 1
 }
+# env_ab LOG SETTINGS PROMPTS RUNS: hbm prompts (and a 16-token decode) under each of SETTINGS (space-separated; each
+# a comma list of VAR=value, "-" for none) in turn, RUNS rounds, one process each, output in $out/LOG.log; 1 when
+# a run failed
+env_ab() {
+  local fail=0 i e vars
+  for i in $(seq "$4"); do
+    for e in $2; do
+      echo "$e" | tee -a "$out/$1.log"
+      vars=(); [ "$e" = - ] || IFS=, read -ra vars <<<"$e"
+      env "${vars[@]}" python3 bench/cuda.py --setting hbm --layers 8 --runs 1 --tokens 16 --prompts "$3" 2>&1 \
+        | tee -a "$out/$1.log" | grep "tok/s" || fail=1
+    done
+  done
+  return "$fail"
+}
 # a warm machine keeps the last build: built again when the sources differ from the ones it was built from
 src=$(find csrc python CMakeLists.txt pyproject.toml -type f -print0 | sort -z | xargs -0 md5sum | md5sum | cut -c1-32)
 # (not built for a call of vab alone: it runs each carried tree's own build)
@@ -187,23 +202,11 @@ for what in "$@"; do
       done ;;
     minexp)  # hbm prompts with the experts of at least N tokens on tensor cores (FLASHMOE_CUDA_IMMA_MIN_EXPERT_T: N
              # from MINEXP_TS, default "16 8 4 1"), alternating, MINEXP_RUNS (2) processes each
-      for i in $(seq "${MINEXP_RUNS:-2}"); do
-        for n in ${MINEXP_TS:-16 8 4 1}; do
-          echo "FLASHMOE_CUDA_IMMA_MIN_EXPERT_T=$n" | tee -a "$out/minexp.log"
-          FLASHMOE_CUDA_IMMA_MIN_EXPERT_T=$n python3 bench/cuda.py --setting hbm --layers 8 --runs 1 --tokens 16 \
-            --prompts "${MINEXP_PROMPTS:-512,2048}" 2>&1 | tee -a "$out/minexp.log" | grep "tok/s" || rc=1
-        done
-      done ;;
-    envab)  # hbm prompts under each of ENVAB's settings (space-separated; each a comma list of VAR=value, "-" for
-            # none), alternating, ENVAB_RUNS (2) processes each, prompts ENVAB_PROMPTS (128,256,512,2048)
-      for i in $(seq "${ENVAB_RUNS:-2}"); do
-        for e in ${ENVAB:--}; do
-          echo "$e" | tee -a "$out/envab.log"
-          vars=(); [ "$e" = - ] || IFS=, read -ra vars <<<"$e"
-          env "${vars[@]}" python3 bench/cuda.py --setting hbm --layers 8 --runs 1 --tokens 16 \
-            --prompts "${ENVAB_PROMPTS:-128,256,512,2048}" 2>&1 | tee -a "$out/envab.log" | grep "tok/s" || rc=1
-        done
-      done ;;
+      env_ab minexp "$(for n in ${MINEXP_TS:-16 8 4 1}; do printf 'FLASHMOE_CUDA_IMMA_MIN_EXPERT_T=%s ' "$n"; done)" \
+        "${MINEXP_PROMPTS:-512,2048}" "${MINEXP_RUNS:-2}" || rc=1 ;;
+    envab)  # hbm prompts under each of ENVAB's settings, alternating, ENVAB_RUNS (2) processes each, prompts
+            # ENVAB_PROMPTS (128,256,512,2048)
+      env_ab envab "${ENVAB:--}" "${ENVAB_PROMPTS:-128,256,512,2048}" "${ENVAB_RUNS:-2}" || rc=1 ;;
     hostab)  # pinned 122B decode: the host computing its share of the VRAM misses (auto, the default), all of them
              # (1) and none (0), alternating, HOSTAB_RUNS (2) processes each
       for i in $(seq "${HOSTAB_RUNS:-2}"); do

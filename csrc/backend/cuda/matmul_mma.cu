@@ -647,6 +647,8 @@ template <bool Q4> using ex_down = imma_cfg<IM_DOWN, Q4, 4, 1, 2, 2, 2, Q4 ? 3 :
  * never (the default until auto is measured: bench/RESULTS.md, session 20). Read at each call. */
 template <bool Q4> using ex_gu_narrow = imma_cfg<IM_GU, Q4, 4, 1, 2, 1, 2, Q4 ? 3 : 4>;
 template <bool Q4> using ex_down_narrow = imma_cfg<IM_DOWN, Q4, 4, 1, 2, 1, 2, Q4 ? 3 : 4>;
+static_assert(ex_gu_narrow<true>::BM == ex_gu<true>::BM && ex_down_narrow<true>::BM == ex_down<true>::BM,
+              "the 8-token tiles differ in tokens only: a call's row tiles are the same");
 bool imma_narrow(const fmc_expert *ex_host, int n_ex, int min_t) {
     const char *e = getenv("FLASHMOE_CUDA_IMMA_NARROW");
     if (!e || strcmp(e, "auto") != 0) return e && strcmp(e, "1") == 0;
@@ -689,10 +691,7 @@ extern "C" int fmc_experts_imma_min(const fm_mat *w, int gu, const fmc_expert *e
     long long tiles = 0;
     for (int e = 0; e < n_ex; e++)
         if (ex_host[e].n >= min_t) tiles += (ex_host[e].n + BN - 1) / BN;
-    const long long blocks = narrow ? (gu ? blocks_of<ex_gu_narrow<true>>(tiles, w->rows)
-                                          : blocks_of<ex_down_narrow<true>>(tiles, w->rows))
-                                    : (gu ? blocks_of<ex_gu<true>>(tiles, w->rows)
-                                          : blocks_of<ex_down<true>>(tiles, w->rows));
+    const long long blocks = gu ? blocks_of<ex_gu<true>>(tiles, w->rows) : blocks_of<ex_down<true>>(tiles, w->rows);
     return tiles && fills(mode, blocks, narrow ? 4 : 2) ? min_t : 0;
 }
 
