@@ -347,6 +347,17 @@ PLANTS = [
           "if (ex_host[e].n >= a.big) bx += (ex_host[e].n + 15) / 16;",
           ["tests/test_cuda_emu.py", "-k", "op_harness and forward"],
           "a grouped call in 8-token tiles launches the blocks of 16-token ones (an expert's last tokens not computed)"),
+    # -- a prompt's choices grouped on the device (cuda/route.cu's group_k, moe_prompt)
+    Plant("cuda_group_rank_in_batch_dropped", "csrc/backend/cuda/route.cu",
+          "const int r = off[e] + cnt[w * E + e] + __popc(p & ((1u << lane) - 1));",
+          "const int r = off[e] + cnt[w * E + e];",
+          ["tests/test_cuda_emu.py", "-k", "prompts_routed"],
+          "two choices of one expert in a warp's batch of 32 get the same row (one token's FFN lost)"),
+    Plant("cuda_group_tile_bound_short", "csrc/backend/cuda/cuda_kernels.h",
+          "return (int)((n + (long long)(bn - 1) * experts) / bn);",
+          "return (int)(n / bn);",
+          ["tests/test_cuda_emu.py", "-k", "prompts_routed"],
+          "the tile map's grid without the experts' partial tiles: the last tiles of some experts never computed"),
     # -- the host's share of decode's experts (cuda/host_ffn.c, cuda_experts.cu's host_finish)
     Plant("host_ffn_butterfly_out_of_order", "csrc/backend/cuda/host_ffn.c",
           "        for (int i = 0; i < o; i++) A[i] = A[i] + A[i + o];",

@@ -200,6 +200,53 @@ def test_outputs_do_not_depend_on_the_expert_tiers(gpu_env, tiny_models, tmp_pat
     assert ref["device"][4] == 0, ref["device"]  # every expert fits: a miss is a one-time fill, always copied
 
 
+PROMPTS = """
+import sys
+import numpy as np
+import flashmoe
+path, out = sys.argv[1], sys.argv[2]
+m = flashmoe.load(path, backend="cuda", context_length=256, prefill_chunk=16)
+ids = np.random.default_rng(5).integers(0, 251, 120).tolist()
+rows = [m.forward(ids[:100]),              # 100 tokens: experts of ~30 (10 experts, 3 a token)
+        m.forward(ids[100:], reset=False),  # 20 more: experts of a few
+        m.forward(ids[:12])]                # a new prompt of 12: many experts of under 4 tokens
+try:
+    m.forward([10 ** 6])
+except ValueError:
+    pass  # a bad argument changes nothing
+rows.append(m.forward(ids[:12]))
+greedy = m.generate_tokens(ids[:40], max_tokens=5, stop_token_ids=[])
+np.savez(out, logits=np.concatenate(rows), greedy=np.asarray(greedy, np.int64), usage=m.expert_usage(),
+         layers=m.stats["device_prompt_layers"], moe=m.config["num_hidden_layers"])
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.torch
+def test_prompts_routed_on_the_device_are_the_prompts_routed_on_the_host(gpu_env, tiny_models, tmp_path):
+    """Prompts whose choices the GPU groups by expert itself (FLASHMOE_CUDA_DEVICE_PROMPTS=1: fmc_route_group,
+    then one call for the layer's experts, those of 4 tokens and more on tensor cores in the tiles it mapped, the
+    others on fm_mm; or all on fm_mm with FLASHMOE_CUDA_IMMA=0) against the same prompts routed on the host (=0):
+    the same logits bit for bit over prompts of 100, 20 more, and 12 tokens (a bad call between), the same greedy
+    tokens after a 40-token prompt, and the same expert counts; and the device's path taken in every MoE layer of
+    every prompt (5 prompts, the model's 4 layers)."""
+    path = tiny_models("qwen3_5_moe", 4, moe_intermediate_size=64)  # down's rows 32 bytes: the tensor cores take it
+    got = {}
+    for name, env in (("host", {"FLASHMOE_CUDA_DEVICE_PROMPTS": "0"}), ("device", {"FLASHMOE_CUDA_DEVICE_PROMPTS": "1"}),
+                      ("device, fm_mm only", {"FLASHMOE_CUDA_DEVICE_PROMPTS": "1", "FLASHMOE_CUDA_IMMA": "0"})):
+        rc, log = run_py(dict(gpu_env, **env), ["-c", PROMPTS, path, str(tmp_path / f"{name}.npz")])
+        assert rc == 0, log[-4000:]
+        got[name] = np.load(tmp_path / f"{name}.npz")
+    host = got["host"]
+    assert int(host["layers"]) == 0
+    for name in ("device", "device, fm_mm only"):
+        assert np.array_equal(got[name]["logits"].view(np.uint32), host["logits"].view(np.uint32)), \
+            f"{name}: the logits differ from the host's routing"
+        assert got[name]["greedy"].tolist() == host["greedy"].tolist(), name
+        assert np.array_equal(got[name]["usage"], host["usage"]), f"{name}: expert counts differ"
+        assert int(got[name]["layers"]) == 5 * int(got[name]["moe"]), (name, got[name]["layers"])
+
+
 STEPS = """
 import json, sys
 import numpy as np

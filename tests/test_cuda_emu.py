@@ -311,6 +311,15 @@ def test_decode_steps_without_the_host_are_the_steps_with_it_emulated(emu_env, t
 
 
 @pytest.mark.torch
+def test_prompts_routed_on_the_device_are_the_prompts_routed_on_the_host_emulated(emu_env, tiny_models, tmp_path):
+    """tests/test_cuda_backend.py's test on the emulated build (FLASHMOE_CUDA_IMMA=1 there: the tensor cores
+    take every expert of 4 tokens or more)."""
+    import test_cuda_backend
+    test_cuda_backend.test_prompts_routed_on_the_device_are_the_prompts_routed_on_the_host(emu_env, tiny_models,
+                                                                                           tmp_path)
+
+
+@pytest.mark.torch
 def test_every_expert_is_in_vram_from_load_where_all_fit_emulated(emu_env, tiny_models, tmp_path):
     import test_cuda_backend
     test_cuda_backend.test_every_expert_is_in_vram_from_load_where_all_fit(emu_env, tiny_models, tmp_path)

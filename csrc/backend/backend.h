@@ -34,7 +34,7 @@
 enum { FM_DELTANET_CHUNK = 16 };
 
 /* device_stats' counters (below) */
-enum { FM_DEVICE_STATS = 10 };
+enum { FM_DEVICE_STATS = 11 };
 
 /* What a buffer holds, so a backend can place it: dense weights (read once, read-only), sequence state
  * (KV cache, DeltaNet state; snapshots copy it), scratch (a chunk's activations), expert slots (the
@@ -114,7 +114,7 @@ typedef struct fm_backend_ops {
     /* the counters of a cache of experts the backend keeps itself (CUDA's VRAM tier): slots, hits, misses,
      * bytes copied in; then decode steps replayed and recorded (step_begin); then MoE layers whose shared expert
      * moe_device folded in (replays count theirs); the host's ns launching replays and waiting; routed experts
-     * the host computed (CUDA: host_experts); zeros where there is none */
+     * the host computed (CUDA: host_experts); MoE layers of prompts moe_device routed; zeros where there is none */
     void (*device_stats)(void *ctx, uint64_t out[FM_DEVICE_STATS]);
 
     /* ---- ops: activations fp32, row-major, T tokens */
@@ -168,7 +168,9 @@ typedef struct fm_backend_ops {
      *     written with the layer's whole output, the bits of those two steps (the shared expert's FFN, then
      *     out *= sigmoid(gate_row · xn) as gate_rows, then the weighted choices added as moe_combine), and the core
      *     issues nothing more for the layer. ye then holds T·(k + 1) rows (its row T·k + t: token t's shared FFN).
-     * The core offers T <= FM_DEVICE_ROUTE_T (8) tokens, ye of segment·k rows (segments are 16 tokens at least). */
+     * The core offers any T up to the segment (ye of segment·k rows; segments are 16 tokens at least); a backend
+     * may take decode's few tokens alone (T <= FM_DEVICE_ROUTE_T, 8: CUDA's one-token experts) or prompts too
+     * (CUDA's moe_prompt: the choices grouped by expert on the device; it returns 1 there, never 2). */
     int (*moe_device)(void *ctx, int layer, const float *logits, int T, int E, int k, int norm, const float *xn,
                       float *ye, int h, int32_t *idx, const fm_shared_expert *shared, float *out);
     /* A one-token decode step's ops (embed to the logits' matmul, not the copy to the host) recorded once and

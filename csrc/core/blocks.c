@@ -243,14 +243,14 @@ fm_status fm_block_moe(fm_model *m, int layer, const fm_moe_w *w, const float *x
     /* router: softmax over all experts in fp32, top-k, optionally renormalised; the choices come to the host */
     FM_OP(be, matmul, &w->router, xn, T, s->logits); /* [T, E] */
     /* where the backend holds all of the layer's experts itself, it routes and computes them with no round trip
-     * to the host (decode; the choices are counted once the step has finished: fm_count_device_choices), and may
-     * fold the shared expert into them (2: out is the layer's output) */
-    if (T <= FM_DEVICE_ROUTE_T && be->op->moe_device) {
+     * to the host (decode, and prompts where it can; the choices are counted once the segment has finished:
+     * fm_count_device_choices), and may fold the shared expert into them (2: out is the layer's output) */
+    if (be->op->moe_device) {
         const fm_shared_expert sh = {&w->shared.gate_proj, &w->shared.up_proj, &w->shared.down_proj, &w->shared_gate};
         const int routed = FM_OP(be, moe_device, layer, s->logits, T, E, k, norm_topk, xn, s->ye, H,
-                                 m->dev_idx + (size_t)layer * FM_DEVICE_ROUTE_T * k, &sh, out);
+                                 m->dev_idx + (size_t)layer * m->segment * k, &sh, out);
         if (routed) {
-            m->dev_routed[layer] = (uint8_t)T;
+            m->dev_routed[layer] = T;
             if (routed == 1) {
                 shared_expert(m, w, xn, out, T);
                 FM_OP(be, moe_combine, out, s->ye, NULL, NULL, T, k, H);
@@ -358,7 +358,7 @@ int fm_count_device_choices(fm_model *m) {
     for (int l = 0; l < m->c.num_hidden_layers; l++) {
         const int T = m->dev_routed[l];
         if (!T) continue;
-        const int32_t *idx = m->dev_idx + (size_t)l * FM_DEVICE_ROUTE_T * k;
+        const int32_t *idx = m->dev_idx + (size_t)l * m->segment * k;
         for (int i = 0; i < T * k; i++)
             if (idx[i] >= 0 && idx[i] < E) m->usage[(size_t)l * E + idx[i]]++;
         m->dev_routed[l] = 0;

@@ -287,7 +287,7 @@ void fm_model_reset(fm_model *m) {
         if (L->conv_state) FM_OP(&m->be, fill_zero, L->conv_state, conv_state_bytes(c));
         if (L->S) FM_OP(&m->be, fill_zero, L->S, recurrent_state_bytes(c));
     }
-    memset(m->dev_routed, 0, (size_t)c->num_hidden_layers);
+    memset(m->dev_routed, 0, sizeof(int32_t) * (size_t)c->num_hidden_layers);
     m->host_free_steps = 0;
     m->pos = 0;
 }
@@ -427,8 +427,10 @@ static fm_status model_create(const fm_load_spec *spec, fm_model **out, int *n_m
     const int L = m->c.num_hidden_layers;
     m->layers = (fm_layer *)calloc((size_t)L, sizeof(fm_layer));
     m->usage = (uint64_t *)calloc((size_t)L * (size_t)(m->c.num_experts > 0 ? m->c.num_experts : 1), sizeof(uint64_t));
-    m->dev_routed = (uint8_t *)calloc((size_t)L, 1);
-    m->dev_idx = (int32_t *)calloc((size_t)L * FM_DEVICE_ROUTE_T * (size_t)(m->c.num_experts_per_tok > 0 ? m->c.num_experts_per_tok : 1),
+    m->dev_routed = (int32_t *)calloc((size_t)L, sizeof(int32_t));
+    /* the choices of the layers the backend routes: a segment's where it routes prompts too */
+    const size_t dev_T = ops->moe_device ? (size_t)m->segment : 1;
+    m->dev_idx = (int32_t *)calloc((size_t)L * dev_T * (size_t)(m->c.num_experts_per_tok > 0 ? m->c.num_experts_per_tok : 1),
                                    sizeof(int32_t));
     if (!m->layers || !m->usage || !m->dev_routed || !m->dev_idx) return fm_fail(FM_ERR_NOMEM, "model: out of memory");
     int n_moe = 0;
@@ -621,7 +623,7 @@ static void logits_out(fm_model *m, float *logits, int32_t *greedy) {
 static fm_status step_recorded(fm_model *m, const int32_t *token, float *logits, int32_t *greedy) {
     const int L = m->c.num_hidden_layers, record = m->host_free_steps > 0;
     if (FM_OP(&m->be, step_begin, *token, m->pos, record)) {
-        for (int l = 0; l < L; l++) m->dev_routed[l] = (uint8_t)m->layers[l].moe;
+        for (int l = 0; l < L; l++) m->dev_routed[l] = m->layers[l].moe;
     } else {
         const size_t usage_bytes = sizeof(uint64_t) * (size_t)L * (size_t)m->c.num_experts;
         uint64_t *saved = record && usage_bytes ? (uint64_t *)malloc(usage_bytes) : NULL;
@@ -904,7 +906,7 @@ void fm_model_stats(const fm_model *m, fm_stats *out) {
     if (m->be.op) FM_OP(&m->be, device_stats, d);
     out->device_expert_slots = d[0], out->device_expert_hits = d[1], out->device_expert_misses = d[2];
     out->device_bytes_in = d[3], out->device_step_replays = d[4], out->device_step_recordings = d[5];
-    out->device_shared_folds = d[6], out->device_host_experts = d[9];
+    out->device_shared_folds = d[6], out->device_host_experts = d[9], out->device_prompt_layers = d[10];
     out->device_launch_seconds = (double)d[7] * 1e-9, out->device_wait_seconds = (double)d[8] * 1e-9;
 }
 

@@ -151,8 +151,8 @@ struct fm_model {
     void *progress_user;
     float *step_logits;    /* [V] fm_model_decode_step's logits, allocated on first use */
     /* MoE layers the backend routed itself (backend.h moe_device): T of the segment, or 0; and their choices */
-    uint8_t *dev_routed;   /* [L] */
-    int32_t *dev_idx;      /* [L, FM_DEVICE_ROUTE_T, k] host: the choices, landed by finish() */
+    int32_t *dev_routed;   /* [L] */
+    int32_t *dev_idx;      /* [L, segment (1 where no moe_device), k] host: the choices, landed by finish() */
     int n_moe;             /* MoE layers */
     int host_free_steps;   /* decode steps in a row with every MoE layer routed on the device (replays included) */
 };

@@ -248,6 +248,8 @@ typedef struct {
     uint64_t device_shared_folds;
     /* routed experts that the host computed instead of copying them to the GPU (CUDA's host share; 0 elsewhere) */
     uint64_t device_host_experts;
+    /* MoE layers of prompts whose choices the GPU grouped itself, with no round trip to the host (CUDA; 0 elsewhere) */
+    uint64_t device_prompt_layers;
     /* host seconds in replayed steps' launches, and blocked waiting for the GPU (CUDA; 0 elsewhere) */
     double device_launch_seconds, device_wait_seconds;
     /* the last fm_model_generate call: prompt processing and decoding, separately */

@@ -487,6 +487,7 @@ class Model {
         d["device_step_recordings"] = s.device_step_recordings;
         d["device_shared_folds"] = s.device_shared_folds;
         d["device_host_experts"] = s.device_host_experts;
+        d["device_prompt_layers"] = s.device_prompt_layers;
         d["device_launch_seconds"] = s.device_launch_seconds;
         d["device_wait_seconds"] = s.device_wait_seconds;
         d["last_prompt_tokens"] = s.last_prompt_tokens;

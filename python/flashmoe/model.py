@@ -29,7 +29,8 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _COUNTERS = ("tokens", "expert_hits", "expert_misses", "prefetches", "prefetch_hits", "bytes_read",
              "io_wait_seconds", "io_busy_seconds", "compute_seconds", "device_expert_hits",
              "device_expert_misses", "device_bytes_in", "device_step_replays", "device_step_recordings",
-             "device_shared_folds", "device_host_experts", "device_launch_seconds", "device_wait_seconds")
+             "device_shared_folds", "device_host_experts", "device_prompt_layers", "device_launch_seconds",
+             "device_wait_seconds")
 
 
 def parse_size(value) -> int:
@@ -375,6 +376,7 @@ class Model:
         device_step_recordings (CUDA: decode steps replayed from a recorded CUDA graph, and recordings made);
         device_shared_folds (CUDA: MoE layers whose shared expert ran in the routed experts' kernels);
         device_host_experts (CUDA: routed experts the host computed from its memory instead of copying them);
+        device_prompt_layers (CUDA: MoE layers of prompts routed on the GPU, with no round trip to the host);
         device_launch_seconds and device_wait_seconds (CUDA: host time launching replayed steps, and
         blocked waiting for the GPU);
         "last" holds the same for the last forward/generate call; "direct_io" says

@@ -116,7 +116,16 @@ struct cuda_ctx {
     delivery *deliv = nullptr;     /* [layers] copies for finish() to make */
     int n_deliv = 0;
     int last_T = 0, last_k = 0;    /* the last moe_device's, for moe_combine with no rows */
+    const int32_t *last_rows = nullptr; /* ... and its choices' rows of ye and weights (device) */
+    const float *last_w = nullptr;
     uint64_t folds = 0;            /* layers whose shared expert moe_device folded in */
+    /* moe_device on a prompt (moe_prompt): its device arrays (prompt_arrays, for pr_cap choices), and the choices
+     * in pinned memory for the host ([layers, pr_pinned_cap]) */
+    dbuf pr;
+    int pr_cap = 0, pr_E = 0;
+    int32_t *pr_pinned = nullptr;
+    size_t pr_pinned_cap = 0;
+    uint64_t prompt_layers = 0; /* MoE layers of prompts routed on the device */
 
     /* step_begin/step_end: one decode step recorded as a CUDA graph and replayed while still valid: the same
      * buffers (mem_gen: bumped by every reallocation a recording may point into) and a position whose key block
@@ -275,6 +284,28 @@ inline dev_arrays dev_arrays_of(uint8_t *p) {
     d.w = (float *)(d.idx + DEV_N);
     d.rows = (int32_t *)(d.w + DEV_N);
     return d;
+}
+
+/* moe_prompt's device arrays, in pr: n choices' indices, weights, rows of ye and the experts' token lists; the
+ * layer's E experts; the tensor-core kernels' tile map (fmc_route_group) */
+struct prompt_arrays {
+    int32_t *idx; /* [n] */
+    float *w;     /* [n] */
+    int32_t *rows, *tok; /* [n], [n] */
+    fmc_expert *ex;      /* [E] */
+    int2 *map;           /* [map_n] */
+};
+inline size_t prompt_map_n(int n, int E) { return (size_t)n + (size_t)E; } /* >= fmc_route_group_tiles (bn >= 1) */
+inline size_t prompt_bytes(int n, int E) {
+    return ((4 * sizeof(int32_t) * (size_t)n + 255) & ~(size_t)255) + sizeof(fmc_expert) * (size_t)E +
+           sizeof(int2) * prompt_map_n(n, E);
+}
+inline prompt_arrays prompt_arrays_of(void *p, int n, int E) {
+    prompt_arrays a;
+    a.idx = (int32_t *)p, a.w = (float *)(a.idx + n), a.rows = (int32_t *)(a.w + n), a.tok = a.rows + n;
+    a.ex = (fmc_expert *)((uint8_t *)p + ((4 * sizeof(int32_t) * (size_t)n + 255) & ~(size_t)255));
+    a.map = (int2 *)(a.ex + E);
+    return a;
 }
 
 /* A switch to compare with: false where the environment sets `name` to 0. */

@@ -649,25 +649,93 @@ bool fold_of(const fm_shared_expert *sh, const fmc_expert *t0, int h, fmc_expert
  * matmuls, for the same reason), and fmc_shared_combine ends the layer in one kernel. That one replaces the 7 the
  * shared expert and the combine take as ops (9 on int8 activations): its gate's matvec, gate and up (after xn's
  * quantizer), silu_mul, down (after h's), gate_rows, moe_combine. */
+/* The first moe_device call of a layer: the compute stream waits for its experts' copies, which may still be in
+ * flight. */
+void layer_wait(cuda_ctx *c, int layer) {
+    if (c->layer_ready[layer] != 1) return;
+    const size_t key0 = (size_t)layer * c->n_exp;
+    for (int e = 0; e < c->n_exp; e++) {
+        const int i = c->key_slot[key0 + e];
+        if (c->pending[i]) {
+            ok(c, cudaStreamWaitEvent(c->s, c->loaded[i], 0), "expert copy wait");
+            c->pending[i] = 0;
+        }
+    }
+    if (c->capturing) c->broken = true; /* a wait on a copy outside the recording */
+    c->layer_ready[layer] = 2;
+}
+
+/* FLASHMOE_CUDA_DEVICE_PROMPTS: 1 every prompt's layer routes on the device where its experts are all in VRAM
+ * (moe_prompt), 0 or unset on the host (until measured: bench/RESULTS.md, session 21). Read at each call. */
+int device_prompts_mode() {
+    const char *e = getenv("FLASHMOE_CUDA_DEVICE_PROMPTS");
+    return e && strcmp(e, "1") == 0;
+}
+
+/* moe_device for a prompt's T > DEV_T tokens: fmc_route's choices grouped by expert on the device (fmc_route_group,
+ * the host's grouping: each expert's tokens in order, its rows of ye after the experts before it), then one
+ * fmc_experts_routed call for all of the layer's experts, the experts of many tokens on tensor cores in the tiles
+ * the grouping mapped. So the host neither waits for the choices nor uploads lists, and the GPU never idles at the
+ * layer's route. 0 (nothing issued) where it would not fit the budget, or while choices of an earlier call are
+ * still to be delivered into a buffer it would have to grow. */
+int moe_prompt(cuda_ctx *c, int layer, const float *logits, int T, int E, int k, int norm, const float *xn, float *ye,
+               int h, int32_t *idx) {
+    if (!device_prompts_mode()) return 0;
+    const fmc_expert *t0 = &c->tab_host[(size_t)layer * E];
+    const fm_mat *g0 = &t0->gate, *d0 = &t0->down;
+    const int n = T * k, bn = fmc_experts_imma_tile();
+    const int big = aligned16(t0) && g0->int8_act && d0->int8_act ? fmc_experts_imma_routed_min(g0, d0) : 0;
+    const size_t ffn_bytes = group_bytes(g0, d0, T, n);
+    const size_t pr_bytes = n > c->pr_cap || E > c->pr_E ? prompt_bytes(n, E) : 0;
+    const size_t pin = (size_t)c->n_layers * (size_t)n;
+    /* what growing the two device buffers would take, against the budget (the VRAM tier leaves VRAM_HEADROOM) */
+    const size_t more = (ffn_bytes > c->ffn.size ? ffn_bytes - c->ffn.size : 0) + (pr_bytes ? pr_bytes - c->pr.size : 0);
+    if (c->used + more > c->budget || (pin > c->pr_pinned_cap && c->n_deliv)) return 0;
+    if (pin > c->pr_pinned_cap) {
+        if (c->pr_pinned) cudaFreeHost(c->pr_pinned);
+        c->pr_pinned = nullptr, c->pr_pinned_cap = 0;
+        if (cudaMallocHost((void **)&c->pr_pinned, sizeof(int32_t) * pin) != cudaSuccess) {
+            cudaGetLastError();
+            c->pr_pinned = nullptr;
+            return 0;
+        }
+        c->pr_pinned_cap = pin;
+    }
+    if (pr_bytes) {
+        if (!grow(c, &c->pr, pr_bytes, "the prompt's routing arrays")) return 1; /* failure recorded */
+        c->pr_cap = n, c->pr_E = E;
+    }
+    uint8_t *mem = (uint8_t *)grow(c, &c->ffn, ffn_bytes, "expert scratch");
+    if (!mem) return 1; /* failure recorded: finish() reports it */
+    forget_q(c);
+    layer_wait(c, layer);
+    const prompt_arrays p = prompt_arrays_of(c->pr.p, c->pr_cap, c->pr_E);
+    const int map_n = big ? fmc_route_group_tiles(T, k, E, big, bn) : 0;
+    launched(c, fmc_route(c->s, logits, T, E, k, norm, p.idx, p.w, nullptr, nullptr, nullptr, nullptr), "route");
+    launched(c, fmc_route_group(c->s, p.idx, T, k, E, c->tab_dev + (size_t)layer * E, 0, big, bn, p.ex, p.tok, p.rows,
+                                p.map, map_n), "route");
+    launched(c, fmc_experts_routed(c->s, p.ex, t0, E, p.map, map_n, big, xn, T, h, (float *)mem, ye, n, 0,
+                                   mem + h_bytes(g0, n)), "experts");
+    int32_t *pinned = c->pr_pinned + (size_t)layer * n;
+    if (ok(c, cudaMemcpyAsync(pinned, p.idx, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, c->s),
+           "the choices to the host"))
+        c->deliv[c->n_deliv++] = {idx, pinned, (size_t)n};
+    c->hits += (uint64_t)n;
+    c->prompt_layers++;
+    c->last_T = T, c->last_k = k, c->last_rows = p.rows, c->last_w = p.w;
+    return 1;
+}
+
 int cuda_moe_device(void *ctx, int layer, const float *logits, int T, int E, int k, int norm, const float *xn, float *ye,
                     int h, int32_t *idx, const fm_shared_expert *shared, float *out) {
     cuda_ctx *c = ctx_of(ctx);
-    if (!c->all_fit || c->err != FM_OK || T < 1 || T > DEV_T || k < 1 || k > DEV_K || k > E || E != c->n_exp ||
-        layer < 0 || layer >= c->n_layers || !c->layer_ready[layer])
+    if (!c->all_fit || c->err != FM_OK || T < 1 || k < 1 || k > DEV_K || k > E || E != c->n_exp || layer < 0 ||
+        layer >= c->n_layers || !c->layer_ready[layer])
         return 0;
+    if (T > DEV_T) return moe_prompt(c, layer, logits, T, E, k, norm, xn, ye, h, idx);
     forget_q(c);
     const size_t key0 = (size_t)layer * E;
-    if (c->layer_ready[layer] == 1) { /* the first time: its experts' copies may still be in flight */
-        for (int e = 0; e < E; e++) {
-            const int i = c->key_slot[key0 + e];
-            if (c->pending[i]) {
-                ok(c, cudaStreamWaitEvent(c->s, c->loaded[i], 0), "expert copy wait");
-                c->pending[i] = 0;
-            }
-        }
-        if (c->capturing) c->broken = true; /* a wait on a copy outside the recording */
-        c->layer_ready[layer] = 2;
-    }
+    layer_wait(c, layer);
     const int n = T * k;
     const dev_arrays d = dev_arrays_of(c->dev_buf);
     const fmc_expert *t0 = &c->tab_host[key0];
@@ -695,7 +763,7 @@ int cuda_moe_device(void *ctx, int layer, const float *logits, int T, int E, int
         c->deliv[c->n_deliv++] = {idx, pin, (size_t)n};
     c->hits += (uint64_t)n;
     c->folds += fold;
-    c->last_T = T, c->last_k = k;
+    c->last_T = T, c->last_k = k, c->last_rows = d.rows, c->last_w = d.w;
     return fold ? 2 : 1;
 }
 

@@ -92,8 +92,9 @@ void cuda_destroy(void *ctx) {
     if (c->step_dev) dfree(c, c->step_dev, step_dev_bytes(c));
     if (c->step_host) cudaFreeHost(c->step_host);
     dfree(c, c->mm.p, c->mm.size), dfree(c, c->opbuf.p, c->opbuf.size), dfree(c, c->ffn.p, c->ffn.size);
-    dfree(c, c->up_dev, c->up_size), dfree(c, c->route_dev.p, c->route_dev.size);
+    dfree(c, c->up_dev, c->up_size), dfree(c, c->route_dev.p, c->route_dev.size), dfree(c, c->pr.p, c->pr.size);
     if (c->up_host) cudaFreeHost(c->up_host);
+    if (c->pr_pinned) cudaFreeHost(c->pr_pinned);
     if (c->route_host) cudaFreeHost(c->route_host);
     for (int i = 0; i < EVENT_RING; i++)
         if (c->ring[i]) cudaEventDestroy(c->ring[i]);
@@ -268,7 +269,7 @@ void cuda_device_stats(void *ctx, uint64_t out[FM_DEVICE_STATS]) {
     const cuda_ctx *c = ctx_of(ctx);
     out[0] = (uint64_t)c->n_slots, out[1] = c->hits, out[2] = c->misses, out[3] = c->bytes_in;
     out[4] = c->replays, out[5] = c->recordings, out[6] = c->folds;
-    out[7] = c->launch_ns, out[8] = c->wait_ns, out[9] = c->host_experts;
+    out[7] = c->launch_ns, out[8] = c->wait_ns, out[9] = c->host_experts, out[10] = c->prompt_layers;
 }
 
 /* ---------------------------------------------------------------- ops */
@@ -440,8 +441,7 @@ void cuda_moe_combine(void *ctx, float *out, const float *ye, const int32_t *row
                               T, k, c->last_T, c->last_k));
             return;
         }
-        const dev_arrays d = dev_arrays_of(c->dev_buf);
-        launched(c, fmc_moe_combine(c->s, out, ye, d.rows, d.w, T, k, h), "moe_combine");
+        launched(c, fmc_moe_combine(c->s, out, ye, c->last_rows, c->last_w, T, k, h), "moe_combine");
         return;
     }
     /* one upload of both tables: a second could restart the arena and overwrite the first before it is read */

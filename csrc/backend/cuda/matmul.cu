@@ -690,6 +690,19 @@ int imma_split(bool ok, const fm_mat *w, int gu, mm_args &a, const fmc_expert *e
     return small_n;
 }
 
+/* A grouped call's arguments: gate·up, xn [T, H] → h [rows, I]; down, h → ye [·, H] (fm_mm's comment) */
+void grouped_args(const fm_mat *g0, const fm_mat *d0, const float *xn, int T, float *h, float *ye, int rows, int lo,
+                  mm_args &gu, mm_args &dn) {
+    const int I = g0->rows, H = g0->cols;
+    gu = {}, dn = {};
+    gu.x = xn, gu.y = h, gu.row_bytes = (size_t)fm_tensor_data_bytes(g0->dtype, 1, H);
+    gu.rows = I, gu.cols = H, gu.gs = g0->group_size, gu.ng = quantized(g0) ? H / g0->group_size : 0, gu.T = T;
+    gu.sbf16 = g0->scale_bf16, gu.hlo = lo;
+    dn.x = h, dn.y = ye, dn.row_bytes = (size_t)fm_tensor_data_bytes(d0->dtype, 1, I);
+    dn.rows = H, dn.cols = I, dn.gs = d0->group_size, dn.ng = quantized(d0) ? I / d0->group_size : 0, dn.T = rows;
+    dn.sbf16 = d0->scale_bf16, dn.hlo = lo;
+}
+
 } // namespace
 
 extern "C" int fmc_same_kind(const fm_mat *a, const fm_mat *b) {
@@ -775,14 +788,8 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
     const size_t dblocks = di8 ? quantize_blocks(d0, (size_t)max_n) : 1;
     if (!gblocks || !dblocks) return fm_fail(FM_ERR_INVALID, "cuda backend: experts over %d tokens: too many", T);
 
-    /* gate·up: xn [T, H] → h [rows, I]; down: h → ye [·, H] (fm_mm's comment) */
-    mm_args gu = {}, dn = {};
-    gu.x = xn, gu.y = h, gu.row_bytes = (size_t)fm_tensor_data_bytes(g0->dtype, 1, H);
-    gu.rows = I, gu.cols = H, gu.gs = g0->group_size, gu.ng = quantized(g0) ? H / g0->group_size : 0, gu.T = T;
-    gu.sbf16 = g0->scale_bf16, gu.hlo = lo;
-    dn.x = h, dn.y = ye, dn.row_bytes = (size_t)fm_tensor_data_bytes(d0->dtype, 1, I);
-    dn.rows = H, dn.cols = I, dn.gs = d0->group_size, dn.ng = quantized(d0) ? I / d0->group_size : 0, dn.T = rows;
-    dn.sbf16 = d0->scale_bf16, dn.hlo = lo;
+    mm_args gu, dn;
+    grouped_args(g0, d0, xn, T, h, ye, rows, lo, gu, dn);
     g16 = g16 && gu.row_bytes % 16 == 0;
     d16 = d16 && dn.row_bytes % 16 == 0;
     if (gi8) quantize(s, g0, xn, T, scratch, gu, gblocks, nullptr, 0); /* every token once, for all the experts */
@@ -799,6 +806,53 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
 }
 
 namespace {
+extern "C" fm_status fmc_experts_routed(cudaStream_t s, const fmc_expert *ex, const fmc_expert *shape, int n_ex,
+                                        const int2 *map, int map_n, int big, const float *xn, int T, int H, float *h,
+                                        float *ye, int rows, int lo, void *scratch) {
+    const fm_mat *g0 = &shape->gate, *d0 = &shape->down;
+    const int I = g0->rows;
+    if (n_ex < 1 || n_ex > 65535 || !ex || T < 0 || rows < T || H <= 0 || big < 0 || (big && (!map || map_n < 0)))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts: %d experts over %d tokens of %d into %d rows",
+                       n_ex, T, H, rows);
+    if (I <= 0 || g0->cols != H || d0->rows != H || d0->cols != I || !fmc_same_kind(&shape->up, g0))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: experts of gate %d x %d and down %d x %d for hidden size %d", I,
+                       g0->cols, d0->rows, d0->cols, H);
+    fm_status st;
+    if ((st = check_weights(g0, "experts' gate")) != FM_OK || (st = check_weights(&shape->up, "experts' up")) != FM_OK ||
+        (st = check_weights(d0, "experts' down")) != FM_OK)
+        return st;
+    if (T == 0) return FM_OK;
+    if (!xn || !h || !ye || !aligned(xn, 4) || !aligned(h, 4) || !aligned(ye, 4))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts over %d tokens: no or misaligned activations", T);
+    const bool gi8 = int8_path(g0), di8 = int8_path(d0);
+    if ((gi8 || di8) && (!scratch || !aligned(scratch, 16)))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: experts on int8 activations without their scratch");
+    if (big && (!gi8 || !di8))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts on tensor cores without int8 activations");
+    const size_t gblocks = gi8 ? quantize_blocks(g0, (size_t)T) : 1, dblocks = di8 ? quantize_blocks(d0, (size_t)rows) : 1;
+    if (!gblocks || !dblocks) return fm_fail(FM_ERR_INVALID, "cuda backend: experts over %d tokens: too many", T);
+    /* every expert of the layer has shape's alignment (the table's rule): 16-byte loads where its matrices have */
+    mm_args gu, dn;
+    grouped_args(g0, d0, xn, T, h, ye, rows, lo, gu, dn);
+    const bool g16 = aligned(g0->data, 16) && aligned(shape->up.data, 16) && gu.row_bytes % 16 == 0;
+    const bool d16 = aligned(d0->data, 16) && dn.row_bytes % 16 == 0;
+    if (big && (!g16 || !d16))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts on tensor cores with rows not 16-byte aligned");
+    /* an expert has T tokens at most (a token's choices are distinct); fm_mm takes those under big */
+    const int small_n = big ? (big - 1 < T ? big - 1 : T) : T;
+    gu.big = dn.big = big;
+    if (gi8) quantize(s, g0, xn, T, scratch, gu, gblocks, nullptr, 0);
+    if (big && !fmc_experts_imma_mapped(s, 1, ex, n_ex, map, map_n, g0, gu.xq, gu.xd, gu.xs, h, lo, big))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts: %d tiles, too many for a grid", map_n);
+    if (small_n) dispatch_w<K_GU>(s, gu, g0, g16, g16 && aligned(xn, 16) && H % 4 == 0, ex, n_ex, small_n);
+    /* every row of h is an expert's (the choices fill rows [lo, lo + rows)): all quantized in one launch */
+    if (di8) quantize(s, d0, h, rows, (char *)scratch + fmc_matmul_scratch_bytes(g0, T), dn, dblocks, nullptr, 0);
+    if (big && !fmc_experts_imma_mapped(s, 0, ex, n_ex, map, map_n, d0, dn.xq, dn.xd, dn.xs, ye, lo, big))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts: %d tiles, too many for a grid", map_n);
+    if (small_n) dispatch_w<K_DOWN>(s, dn, d0, d16, d16 && aligned(h, 16) && I % 4 == 0, ex, n_ex, small_n);
+    return FM_OK;
+}
+
 template <int P, bool SPLIT = false>
 void launch_shared_combine(cudaStream_t s, const mm_args &a, bool vec, float *out, const float *ye,
                            const int32_t *row, const float *wt, int k, int h) {

@@ -77,6 +77,7 @@ struct imma_args {
     int hlo;  /* grouped: the lowest row0 (h's rows of an expert from row0 - hlo) */
     int big;  /* grouped: the experts of at least this many tokens are this kernel's */
     int n_ex; /* grouped: experts in ex */
+    const int2 *map; /* grouped, routed on the device: token tile x's (expert, tile), expert -1 past the last */
 };
 
 /* a weight matrix's arrays */
@@ -485,7 +486,8 @@ __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_const
     if constexpr (K == IM_MM) {
         m[0] = {a.w, a.scales, a.biases};
     } else {
-        const int2 et = expert_tile<C::BN>(a);
+        const int2 et = a.map ? fmc_ld(a.map + blockIdx.x) : expert_tile<C::BN>(a);
+        if (et.x < 0) return; /* the whole block: a tile map's bound past its last tile */
         const fmc_expert &e = a.ex[et.x];
         n = e.n, t0 = et.y * C::BN;
         if constexpr (K == IM_GU) {
@@ -566,12 +568,13 @@ __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_const
             }
 }
 
-/* the kernel over the call's T tokens, or (ex_host: the call's experts) the experts of at least a.big tokens */
+/* the kernel over the call's T tokens, or (ex_host: the call's experts) the experts of at least a.big tokens, or
+ * (a.map) the tile map's a.T tiles */
 template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
 bool launch_imma(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) {
     using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC, ST>;
     long long bx = 0; /* token tiles */
-    if (K == IM_MM) bx = (a.T + C::BN - 1) / C::BN;
+    if (K == IM_MM || a.map) bx = K == IM_MM ? (a.T + C::BN - 1) / C::BN : a.T;
     else
         for (int e = 0; e < a.n_ex; e++)
             if (ex_host[e].n >= a.big) bx += (ex_host[e].n + C::BN - 1) / C::BN;
@@ -708,3 +711,19 @@ extern "C" int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, co
     if (gu) return q4 ? launch_cfg<ex_gu<true>>(s, a, ex_host) : launch_cfg<ex_gu<false>>(s, a, ex_host);
     return q4 ? launch_cfg<ex_down<true>>(s, a, ex_host) : launch_cfg<ex_down<false>>(s, a, ex_host);
 }
+
+extern "C" int fmc_experts_imma_mapped(cudaStream_t s, int gu, const fmc_expert *ex, int n_ex, const int2 *map,
+                                       int map_n, const fm_mat *w, const int8_t *xq, const float *xd, const float *xs,
+                                       float *y, int hlo, int big) {
+    imma_args a = args_of(w, xq, xd, xs, y, map_n);
+    a.w = nullptr, a.scales = a.biases = nullptr, a.ex = ex, a.hlo = hlo, a.big = big, a.n_ex = n_ex, a.map = map;
+    const bool q4 = w->dtype == FM_Q4;
+    if (gu) return q4 ? launch_cfg<ex_gu<true>>(s, a, nullptr) : launch_cfg<ex_gu<false>>(s, a, nullptr);
+    return q4 ? launch_cfg<ex_down<true>>(s, a, nullptr) : launch_cfg<ex_down<false>>(s, a, nullptr);
+}
+
+extern "C" int fmc_experts_imma_routed_min(const fm_mat *gate, const fm_mat *down) {
+    return imma_mode() != IMMA_OFF && imma_takes(gate) && imma_takes(down) ? imma_min_expert_t() : 0;
+}
+
+extern "C" int fmc_experts_imma_tile(void) { return ex_gu<true>::BN; }

@@ -130,6 +130,93 @@ __global__ void __launch_bounds__(MAX_E) route_k(const float *logits, int T, int
     }
 }
 
+/* The lanes of this warp whose e equals this lane's (every lane calls it) */
+__device__ __forceinline__ unsigned peers_of(int e) {
+#ifdef FLASHMOE_CUDA_EMU /* tests/cuda_emu: no match.any; the same mask from 32 shuffles */
+    unsigned m = 0;
+    for (int l = 0; l < 32; l++) m |= (unsigned)(__shfl_sync(0xffffffffu, e, l) == e) << l;
+    return m;
+#else
+    return __match_any_sync(0xffffffffu, e);
+#endif
+}
+
+/* an expert of n choices: its token tiles of bn on tensor cores (0 under big; big 0: none anywhere) */
+__device__ __forceinline__ int tiles_of(int n, int big, int bn) { return big > 0 && n >= big ? (n + bn - 1) / bn : 0; }
+
+/* fmc_route_group, one block of GW warps: choice i's expert e = idx[i] (i = t·k + j, t-major), a stable counting
+ * sort. Warp w owns the choices [w·n/GW, (w+1)·n/GW), walked 32 at a time in order: a first walk counts each
+ * expert's choices in cnt[w][e], which then become the choices of e in the warps before w; a second walk places
+ * each choice after those and after its own warp's earlier ones (its rank among its batch's lanes of the same e,
+ * then the batch's count added). So expert e's tokens are listed in ascending order, as the host's group_by_expert
+ * lists them. Dynamic shared memory: group_smem(E). */
+constexpr int GW = 8;
+__global__ void __launch_bounds__(32 * GW) group_k(const int32_t *idx, int n, int k, int E, const fmc_expert *tab,
+                                                  int row_base, int big, int bn, fmc_expert *ex, int32_t *tok,
+                                                  int32_t *rows, int2 *map, int map_n) {
+    fmc_pdl_wait(), fmc_pdl_trigger();
+    extern __shared__ int gsm[];
+    int *cnt = gsm, *tot = cnt + GW * E, *off = tot + E, *toff = off + E; /* [GW][E], [E], [E], [E + 1] */
+    const int B = blockDim.x, i0 = threadIdx.x, w = i0 >> 5, lane = i0 & 31;
+    const int lo = (int)((long long)n * w / GW), hi = (int)((long long)n * (w + 1) / GW);
+    for (int i = i0; i < GW * E; i += B) cnt[i] = 0;
+    __syncthreads();
+    for (int b = lo; b < hi; b += 32) { /* uniform in the warp */
+        const int i = b + lane, e = i < hi ? fmc_ld(idx + i) : -1, ok = e >= 0 && e < E;
+        const unsigned p = peers_of(ok ? e : -1);
+        if (ok && 31 - __clz(p) == lane) cnt[w * E + e] += __popc(p); /* the last lane of its e in the batch */
+        __syncwarp();
+    }
+    __syncthreads();
+    for (int e = i0; e < E; e += B) { /* cnt[w][e]: e's choices in the warps before w */
+        int run = 0;
+        for (int v = 0; v < GW; v++) {
+            const int c = cnt[v * E + e];
+            cnt[v * E + e] = run, run += c;
+        }
+        tot[e] = run;
+    }
+    __syncthreads();
+    if (w == 0) { /* exclusive sums over the experts of their choices (off) and of their tiles (toff) */
+        const int per = (E + 31) / 32, e0 = lane * per, e1 = min(e0 + per, E);
+        int sc = 0, st = 0;
+        for (int e = e0; e < e1; e++) sc += tot[e], st += tiles_of(tot[e], big, bn);
+        int ic = sc, it = st;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int vc = __shfl_up_sync(0xffffffffu, ic, o), vt = __shfl_up_sync(0xffffffffu, it, o);
+            if (lane >= o) ic += vc, it += vt;
+        }
+        sc = ic - sc, st = it - st;
+        for (int e = e0; e < e1; e++) {
+            off[e] = sc, toff[e] = st;
+            sc += tot[e], st += tiles_of(tot[e], big, bn);
+        }
+        if (lane == 31) toff[E] = it;
+    }
+    __syncthreads();
+    for (int e = i0; e < E; e += B) { /* expert e's entry, and its token tiles' entries in the tile map */
+        fmc_expert x = tab[e];
+        x.n = tot[e], x.row0 = row_base + off[e], x.tok = tok + off[e];
+        ex[e] = x;
+        for (int j = toff[e]; j < toff[e + 1]; j++) map[j] = make_int2(e, j - toff[e]);
+    }
+    for (int j = toff[E] + i0; j < map_n; j += B) map[j] = make_int2(-1, 0); /* past the last tile: none */
+    for (int b = lo; b < hi; b += 32) {
+        const int i = b + lane, e = i < hi ? fmc_ld(idx + i) : -1, ok = e >= 0 && e < E;
+        const unsigned p = peers_of(ok ? e : -1);
+        if (ok) {
+            const int r = off[e] + cnt[w * E + e] + __popc(p & ((1u << lane) - 1));
+            tok[r] = i / k;
+            rows[i] = row_base + r;
+        }
+        __syncwarp();
+        if (ok && 31 - __clz(p) == lane) cnt[w * E + e] += __popc(p);
+        __syncwarp();
+    }
+}
+
+size_t group_smem(int E) { return sizeof(int) * ((size_t)(GW + 3) * E + 1); }
+
 size_t route_smem(int B) { return (size_t)B * (3 * sizeof(uint64_t) + sizeof(float)) + MAX_K * sizeof(int); }
 
 } // namespace
@@ -151,5 +238,17 @@ fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, in
     const fmc_expert sh = shared ? *shared : fmc_expert{};
     fmc_launch(route_k, (unsigned)T, B, route_smem(B), s, logits, T, E, k, norm, lg_g, lg_p, idx, weights, tab, ex, tok,
                sh, (int)(shared != nullptr));
+    return FM_OK;
+}
+
+fm_status fmc_route_group(cudaStream_t s, const int32_t *idx, int T, int k, int E, const fmc_expert *tab, int row_base,
+                          int big, int bn, fmc_expert *ex, int32_t *tok, int32_t *rows, int2 *map, int map_n) {
+    if (T < 0 || k < 1 || E < 1 || E > MAX_E || (long long)T * k > 0x7FFFFFFF || big < 0 || bn < 1 || map_n < 0)
+        return fm_fail(FM_ERR_INVALID, "cuda backend: grouping %d tokens' top %d of %d experts (1..%d)", T, k, E,
+                       MAX_E);
+    if (group_smem(E) > 48 * 1024)
+        return fm_fail(FM_ERR_INVALID, "cuda backend: grouping the choices of %d experts: too many", E);
+    fmc_launch(group_k, 1u, 32 * GW, group_smem(E), s, idx, T * k, k, E, tab, row_base, big, bn, ex, tok, rows, map,
+               map_n);
     return FM_OK;
 }
