@@ -2,6 +2,7 @@
 # On a lent NVIDIA machine (the device tool; /work/.library/device): build flashmoe with the CUDA backend
 # for this GPU, then run what the arguments name, logs under $OUT (or /tmp/cuda-out):
 #   tests   tests/test_ops.py + tests/test_batch_invariance.py on "cuda", tests/test_cuda_backend.py
+#   backend tests/test_cuda_backend.py alone
 #   bench   bench/cuda.py's settings (hbm with the CPU and transformers beside it, pinned, disk)
 #   prepare in the background (setsid: it outlives the call while the machine stays warm): llama.cpp's
 #           llama-bench built with CUDA from $LCP (the llama.cpp llama-cpp-python's sdist vendors: `pip download
@@ -246,6 +247,9 @@ for what in "$@"; do
             | grep -v -i warn | sed -n 1,24p | tee -a "$out/prefill.log" || rc=1  # sed: reads on, no SIGPIPE
         done
       done ;;
+    backend)  # tests/test_cuda_backend.py alone (the whole-model tests: tiers, device routing, budgets)
+      python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py 2>&1 | tee "$out/cuda_backend.log" \
+        | tail -40 || rc=1 ;;
     retest)
       python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py -k "int8 or budget or tiers" 2>&1 \
         | tee "$out/retest.log" | tail -15 || rc=1 ;;
