@@ -145,27 +145,37 @@ __device__ __forceinline__ unsigned peers_of(int e) {
 __device__ __forceinline__ int tiles_of(int n, int big, int bn) { return big > 0 && n >= big ? (n + bn - 1) / bn : 0; }
 
 /* fmc_route_group, one block of GW warps: choice i's expert e = idx[i] (i = t·k + j, t-major), a stable counting
- * sort. Warp w owns the choices [w·n/GW, (w+1)·n/GW), walked 32 at a time in order: a first walk counts each
- * expert's choices in cnt[w][e], which then become the choices of e in the warps before w; a second walk places
- * each choice after those and after its own warp's earlier ones (its rank among its batch's lanes of the same e,
- * then the batch's count added). So expert e's tokens are listed in ascending order, as the host's group_by_expert
- * lists them. Dynamic shared memory: group_smem(E). */
-constexpr int GW = 8;
-__global__ void __launch_bounds__(32 * GW) group_k(const int32_t *idx, int n, int k, int E, const fmc_expert *tab,
-                                                  int row_base, int big, int bn, fmc_expert *ex, int32_t *tok,
-                                                  int32_t *rows, int2 *map, int map_n) {
+ * sort. Warp w owns the choices [w·n/GW, (w+1)·n/GW), walked GU·32 at a time (GU loads in flight: the walk is
+ * otherwise one load's latency a batch), a batch of 32 at a time in order: a first walk counts each expert's
+ * choices in cnt[w][e], which then become the choices of e in the warps before w; a second walk places each
+ * choice after those and after its own warp's earlier ones (its rank among its batch's lanes of the same e, then
+ * the batch's count added). So expert e's tokens are listed in ascending order, as the host's group_by_expert
+ * lists them. Dynamic shared memory: group_smem(E, GW), GW = blockDim.x / 32. */
+constexpr int GU = 4;
+__global__ void __launch_bounds__(1024) group_k(const int32_t *idx, int n, int k, int E, const fmc_expert *tab,
+                                                int row_base, int big, int bn, fmc_expert *ex, int32_t *tok,
+                                                int32_t *rows, int2 *map, int map_n) {
     fmc_pdl_wait(), fmc_pdl_trigger();
     extern __shared__ int gsm[];
+    const int B = blockDim.x, GW = B >> 5, i0 = threadIdx.x, w = i0 >> 5, lane = i0 & 31;
     int *cnt = gsm, *tot = cnt + GW * E, *off = tot + E, *toff = off + E; /* [GW][E], [E], [E], [E + 1] */
-    const int B = blockDim.x, i0 = threadIdx.x, w = i0 >> 5, lane = i0 & 31;
     const int lo = (int)((long long)n * w / GW), hi = (int)((long long)n * (w + 1) / GW);
     for (int i = i0; i < GW * E; i += B) cnt[i] = 0;
     __syncthreads();
-    for (int b = lo; b < hi; b += 32) { /* uniform in the warp */
-        const int i = b + lane, e = i < hi ? fmc_ld(idx + i) : -1, ok = e >= 0 && e < E;
-        const unsigned p = peers_of(ok ? e : -1);
-        if (ok && 31 - __clz(p) == lane) cnt[w * E + e] += __popc(p); /* the last lane of its e in the batch */
-        __syncwarp();
+    for (int b = lo; b < hi; b += 32 * GU) { /* uniform in the warp */
+        int ev[GU];
+#pragma unroll
+        for (int u = 0; u < GU; u++) {
+            const int i = b + 32 * u + lane, e = i < hi ? fmc_ld(idx + i) : -1;
+            ev[u] = e >= 0 && e < E ? e : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < GU; u++) {
+            const int e = ev[u];
+            const unsigned p = peers_of(e);
+            if (e >= 0 && 31 - __clz(p) == lane) cnt[w * E + e] += __popc(p); /* the last lane of its e in the batch */
+            __syncwarp();
+        }
     }
     __syncthreads();
     for (int e = i0; e < E; e += B) { /* cnt[w][e]: e's choices in the warps before w */
@@ -201,21 +211,37 @@ __global__ void __launch_bounds__(32 * GW) group_k(const int32_t *idx, int n, in
         for (int j = toff[e]; j < toff[e + 1]; j++) map[j] = make_int2(e, j - toff[e]);
     }
     for (int j = toff[E] + i0; j < map_n; j += B) map[j] = make_int2(-1, 0); /* past the last tile: none */
-    for (int b = lo; b < hi; b += 32) {
-        const int i = b + lane, e = i < hi ? fmc_ld(idx + i) : -1, ok = e >= 0 && e < E;
-        const unsigned p = peers_of(ok ? e : -1);
-        if (ok) {
-            const int r = off[e] + cnt[w * E + e] + __popc(p & ((1u << lane) - 1));
-            tok[r] = i / k;
-            rows[i] = row_base + r;
+    for (int b = lo; b < hi; b += 32 * GU) {
+        int ev[GU];
+#pragma unroll
+        for (int u = 0; u < GU; u++) {
+            const int i = b + 32 * u + lane, e = i < hi ? fmc_ld(idx + i) : -1;
+            ev[u] = e >= 0 && e < E ? e : -1;
         }
-        __syncwarp();
-        if (ok && 31 - __clz(p) == lane) cnt[w * E + e] += __popc(p);
-        __syncwarp();
+#pragma unroll
+        for (int u = 0; u < GU; u++) {
+            const int i = b + 32 * u + lane, e = ev[u];
+            const unsigned p = peers_of(e);
+            if (e >= 0) {
+                const int r = off[e] + cnt[w * E + e] + __popc(p & ((1u << lane) - 1));
+                tok[r] = i / k;
+                rows[i] = row_base + r;
+            }
+            __syncwarp();
+            if (e >= 0 && 31 - __clz(p) == lane) cnt[w * E + e] += __popc(p);
+            __syncwarp();
+        }
     }
 }
 
-size_t group_smem(int E) { return sizeof(int) * ((size_t)(GW + 3) * E + 1); }
+/* the block's warps for n choices of E experts: one per 256 choices (two rounds of GU batches), as many as the
+ * 48 KiB of shared memory hold counts for, 32 at most; 0 where not even one fits */
+int group_warps(int n, int E) {
+    const long long fit = (48 * 1024 / (long long)sizeof(int) - 3LL * E - 1) / E, want = ((long long)n + 255) / 256;
+    const long long w = want < fit ? want : fit;
+    return fit < 1 ? 0 : w < 1 ? 1 : w > 32 ? 32 : (int)w;
+}
+size_t group_smem(int E, int gw) { return sizeof(int) * ((size_t)(gw + 3) * E + 1); }
 
 size_t route_smem(int B) { return (size_t)B * (3 * sizeof(uint64_t) + sizeof(float)) + MAX_K * sizeof(int); }
 
@@ -246,9 +272,9 @@ fm_status fmc_route_group(cudaStream_t s, const int32_t *idx, int T, int k, int 
     if (T < 0 || k < 1 || E < 1 || E > MAX_E || (long long)T * k > 0x7FFFFFFF || big < 0 || bn < 1 || map_n < 0)
         return fm_fail(FM_ERR_INVALID, "cuda backend: grouping %d tokens' top %d of %d experts (1..%d)", T, k, E,
                        MAX_E);
-    if (group_smem(E) > 48 * 1024)
-        return fm_fail(FM_ERR_INVALID, "cuda backend: grouping the choices of %d experts: too many", E);
-    fmc_launch(group_k, 1u, 32 * GW, group_smem(E), s, idx, T * k, k, E, tab, row_base, big, bn, ex, tok, rows, map,
+    const int gw = group_warps(T * k, E);
+    if (!gw) return fm_fail(FM_ERR_INVALID, "cuda backend: grouping the choices of %d experts: too many", E);
+    fmc_launch(group_k, 1u, 32 * gw, group_smem(E, gw), s, idx, T * k, k, E, tab, row_base, big, bn, ex, tok, rows, map,
                map_n);
     return FM_OK;
 }
