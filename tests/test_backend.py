@@ -45,7 +45,7 @@ def test_device_expert_counters_are_zero_without_a_device_cache(model_dir):
     st = m.stats
     assert st["expert_hits"] + st["expert_misses"] > 0
     assert [st[k] for k in ("device_expert_slots", "device_expert_hits", "device_expert_misses",
-                            "device_bytes_in", "device_host_experts")] == [0, 0, 0, 0, 0]
+                            "device_bytes_in", "device_host_experts", "device_prompt_layers")] == [0, 0, 0, 0, 0, 0]
     assert st["last"]["device_expert_hits"] == 0
 
 

@@ -683,7 +683,7 @@ int moe_prompt(cuda_ctx *c, int layer, const float *logits, int T, int E, int k,
     if (!device_prompts_mode()) return 0;
     const fmc_expert *t0 = &c->tab_host[(size_t)layer * E];
     const fm_mat *g0 = &t0->gate, *d0 = &t0->down;
-    const int n = T * k, bn = fmc_experts_imma_tile();
+    const int n = T * k, narrow = fmc_experts_imma_routed_narrow(n, E), bn = fmc_experts_imma_tile(narrow);
     const int big = aligned16(t0) && g0->int8_act && d0->int8_act ? fmc_experts_imma_routed_min(g0, d0) : 0;
     const size_t ffn_bytes = group_bytes(g0, d0, T, n);
     const size_t pr_bytes = n > c->pr_cap || E > c->pr_E ? prompt_bytes(n, E) : 0;
@@ -714,7 +714,7 @@ int moe_prompt(cuda_ctx *c, int layer, const float *logits, int T, int E, int k,
     launched(c, fmc_route(c->s, logits, T, E, k, norm, p.idx, p.w, nullptr, nullptr, nullptr, nullptr), "route");
     launched(c, fmc_route_group(c->s, p.idx, T, k, E, c->tab_dev + (size_t)layer * E, 0, big, bn, p.ex, p.tok, p.rows,
                                 p.map, map_n), "route");
-    launched(c, fmc_experts_routed(c->s, p.ex, t0, E, p.map, map_n, big, xn, T, h, (float *)mem, ye, n, 0,
+    launched(c, fmc_experts_routed(c->s, p.ex, t0, E, p.map, map_n, narrow, big, xn, T, h, (float *)mem, ye, n, 0,
                                    mem + h_bytes(g0, n)), "experts");
     int32_t *pinned = c->pr_pinned + (size_t)layer * n;
     if (ok(c, cudaMemcpyAsync(pinned, p.idx, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, c->s),

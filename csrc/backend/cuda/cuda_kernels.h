@@ -58,11 +58,11 @@ fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc_expert *ex
  * counts: ex device [n_ex] (every expert of the layer, n 0 for those not chosen), shape (host) one of them (the
  * table's rule: one kind, one alignment), xn [T, H], their rows [lo, lo + rows) of ye (rows: T·k, every row some
  * expert's) and of h (from 0). big (fmc_experts_imma_routed_min; 0: none): the experts of at least big tokens on
- * tensor cores, in map's map_n tiles (fmc_route_group's, made with big and fmc_experts_imma_tile()), the others
+ * tensor cores, in map's map_n tiles (fmc_route_group's, made with big and fmc_experts_imma_tile(narrow)), the others
  * on fm_mm. The bits of fmc_experts on the same experts. scratch: fmc_experts_scratch_bytes(gate, down, T, rows). */
 fm_status fmc_experts_routed(cudaStream_t s, const fmc_expert *ex, const fmc_expert *shape, int n_ex, const int2 *map,
-                             int map_n, int big, const float *xn, int T, int H, float *h, float *ye, int rows, int lo,
-                             void *scratch);
+                             int map_n, int narrow, int big, const float *xn, int T, int H, float *h, float *ye, int rows,
+                             int lo, void *scratch);
 /* The end of a MoE layer whose shared expert ran in the routed experts' call (cuda_experts.cu's moe_device), for each
  * token t < T: out[t] = ye[T·k + t] (its shared FFN) · sigmoid(gate_row · xn[t]), then + Σ_j wt[t, j]·ye[row[t, j]],
  * j in order. The bits of fmc_matmul of gate_row (one row, on fp32 activations), fmc_gate_rows and fmc_moe_combine
@@ -96,13 +96,17 @@ int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, const fmc_exp
 /* fmc_experts_imma over the tiles of map (device [map_n], fmc_route_group's: (expert, tile), expert -1 for none)
  * rather than ex_host's counts; 1 where queued, 0 where the grid is too large */
 int fmc_experts_imma_mapped(cudaStream_t s, int gu, const fmc_expert *ex, int n_ex, const int2 *map, int map_n,
-                            const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, int hlo,
-                            int big);
+                            int narrow, const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y,
+                            int hlo, int big);
 /* fmc_experts_routed's big for experts of this gate and down: the experts of at least this many tokens take the
  * tensor cores (FMC_IMMA_MIN_EXPERT_T or its override), 0 where they cannot (shapes, device, FLASHMOE_CUDA_IMMA=0) */
 int fmc_experts_imma_routed_min(const fm_mat *gate, const fm_mat *down);
-/* the tokens of a token tile of the grouped tensor-core kernels (fmc_route_group's bn) */
-int fmc_experts_imma_tile(void);
+/* the tokens of a token tile of the grouped tensor-core kernels (fmc_route_group's bn), in 8-token tiles or not */
+int fmc_experts_imma_tile(int narrow);
+/* whether a routed call of n choices over n_ex experts takes 8-token tiles: FLASHMOE_CUDA_IMMA_NARROW=1, or =auto
+ * where experts of n / n_ex tokens would pad to 1.5x as many in 16-token tiles (fmc_experts_imma_min's rule, on the
+ * even spread: the counts are the device's) */
+int fmc_experts_imma_routed_narrow(int n, int n_ex);
 
 /* ---- attention.cu */
 /* Floats of scratch fmc_attention needs (its flash-decoding partials) for this call. */

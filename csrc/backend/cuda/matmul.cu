@@ -807,8 +807,8 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
 
 namespace {
 extern "C" fm_status fmc_experts_routed(cudaStream_t s, const fmc_expert *ex, const fmc_expert *shape, int n_ex,
-                                        const int2 *map, int map_n, int big, const float *xn, int T, int H, float *h,
-                                        float *ye, int rows, int lo, void *scratch) {
+                                        const int2 *map, int map_n, int narrow, int big, const float *xn, int T, int H,
+                                        float *h, float *ye, int rows, int lo, void *scratch) {
     const fm_mat *g0 = &shape->gate, *d0 = &shape->down;
     const int I = g0->rows;
     if (n_ex < 1 || n_ex > 65535 || !ex || T < 0 || rows < T || H <= 0 || big < 0 || (big && (!map || map_n < 0)))
@@ -842,12 +842,12 @@ extern "C" fm_status fmc_experts_routed(cudaStream_t s, const fmc_expert *ex, co
     const int small_n = big ? (big - 1 < T ? big - 1 : T) : T;
     gu.big = dn.big = big;
     if (gi8) quantize(s, g0, xn, T, scratch, gu, gblocks, nullptr, 0);
-    if (big && !fmc_experts_imma_mapped(s, 1, ex, n_ex, map, map_n, g0, gu.xq, gu.xd, gu.xs, h, lo, big))
+    if (big && !fmc_experts_imma_mapped(s, 1, ex, n_ex, map, map_n, narrow, g0, gu.xq, gu.xd, gu.xs, h, lo, big))
         return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts: %d tiles, too many for a grid", map_n);
     if (small_n) dispatch_w<K_GU>(s, gu, g0, g16, g16 && aligned(xn, 16) && H % 4 == 0, ex, n_ex, small_n);
     /* every row of h is an expert's (the choices fill rows [lo, lo + rows)): all quantized in one launch */
     if (di8) quantize(s, d0, h, rows, (char *)scratch + fmc_matmul_scratch_bytes(g0, T), dn, dblocks, nullptr, 0);
-    if (big && !fmc_experts_imma_mapped(s, 0, ex, n_ex, map, map_n, d0, dn.xq, dn.xd, dn.xs, ye, lo, big))
+    if (big && !fmc_experts_imma_mapped(s, 0, ex, n_ex, map, map_n, narrow, d0, dn.xq, dn.xd, dn.xs, ye, lo, big))
         return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts: %d tiles, too many for a grid", map_n);
     if (small_n) dispatch_w<K_DOWN>(s, dn, d0, d16, d16 && aligned(h, 16) && I % 4 == 0, ex, n_ex, small_n);
     return FM_OK;

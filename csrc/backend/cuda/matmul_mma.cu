@@ -713,11 +713,15 @@ extern "C" int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, co
 }
 
 extern "C" int fmc_experts_imma_mapped(cudaStream_t s, int gu, const fmc_expert *ex, int n_ex, const int2 *map,
-                                       int map_n, const fm_mat *w, const int8_t *xq, const float *xd, const float *xs,
-                                       float *y, int hlo, int big) {
+                                       int map_n, int narrow, const fm_mat *w, const int8_t *xq, const float *xd,
+                                       const float *xs, float *y, int hlo, int big) {
     imma_args a = args_of(w, xq, xd, xs, y, map_n);
     a.w = nullptr, a.scales = a.biases = nullptr, a.ex = ex, a.hlo = hlo, a.big = big, a.n_ex = n_ex, a.map = map;
     const bool q4 = w->dtype == FM_Q4;
+    if (narrow) {
+        if (gu) return q4 ? launch_cfg<ex_gu_narrow<true>>(s, a, nullptr) : launch_cfg<ex_gu_narrow<false>>(s, a, nullptr);
+        return q4 ? launch_cfg<ex_down_narrow<true>>(s, a, nullptr) : launch_cfg<ex_down_narrow<false>>(s, a, nullptr);
+    }
     if (gu) return q4 ? launch_cfg<ex_gu<true>>(s, a, nullptr) : launch_cfg<ex_gu<false>>(s, a, nullptr);
     return q4 ? launch_cfg<ex_down<true>>(s, a, nullptr) : launch_cfg<ex_down<false>>(s, a, nullptr);
 }
@@ -726,4 +730,11 @@ extern "C" int fmc_experts_imma_routed_min(const fm_mat *gate, const fm_mat *dow
     return imma_mode() != IMMA_OFF && imma_takes(gate) && imma_takes(down) ? imma_min_expert_t() : 0;
 }
 
-extern "C" int fmc_experts_imma_tile(void) { return ex_gu<true>::BN; }
+extern "C" int fmc_experts_imma_tile(int narrow) { return narrow ? ex_gu_narrow<true>::BN : ex_gu<true>::BN; }
+
+extern "C" int fmc_experts_imma_routed_narrow(int n, int n_ex) {
+    const char *e = getenv("FLASHMOE_CUDA_IMMA_NARROW");
+    if (!e || strcmp(e, "auto") != 0) return e && strcmp(e, "1") == 0;
+    const long long a = (n + n_ex - 1) / n_ex; /* the experts' tokens, were they spread evenly */
+    return 2 * ((a + 15) / 16 * 16) >= 3 * ((a + 7) / 8 * 8);
+}
