@@ -152,6 +152,14 @@ __device__ __forceinline__ int tiles_of(int n, int big, int bn) { return big > 0
  * the batch's count added). So expert e's tokens are listed in ascending order, as the host's group_by_expert
  * lists them. Dynamic shared memory: group_smem(E, GW), GW = blockDim.x / 32. */
 constexpr int GU = 4;
+/* ev[u]: the expert of choice b + 32u + lane (-1 past hi or outside [0, E)) */
+__device__ __forceinline__ void load_batches(const int32_t *idx, int b, int hi, int lane, int E, int (&ev)[GU]) {
+#pragma unroll
+    for (int u = 0; u < GU; u++) {
+        const int i = b + 32 * u + lane, e = i < hi ? fmc_ld(idx + i) : -1;
+        ev[u] = e >= 0 && e < E ? e : -1;
+    }
+}
 __global__ void __launch_bounds__(1024) group_k(const int32_t *idx, int n, int k, int E, const fmc_expert *tab,
                                                 int row_base, int big, int bn, fmc_expert *ex, int32_t *tok,
                                                 int32_t *rows, int2 *map, int map_n) {
@@ -164,11 +172,7 @@ __global__ void __launch_bounds__(1024) group_k(const int32_t *idx, int n, int k
     __syncthreads();
     for (int b = lo; b < hi; b += 32 * GU) { /* uniform in the warp */
         int ev[GU];
-#pragma unroll
-        for (int u = 0; u < GU; u++) {
-            const int i = b + 32 * u + lane, e = i < hi ? fmc_ld(idx + i) : -1;
-            ev[u] = e >= 0 && e < E ? e : -1;
-        }
+        load_batches(idx, b, hi, lane, E, ev);
 #pragma unroll
         for (int u = 0; u < GU; u++) {
             const int e = ev[u];
@@ -213,11 +217,7 @@ __global__ void __launch_bounds__(1024) group_k(const int32_t *idx, int n, int k
     for (int j = toff[E] + i0; j < map_n; j += B) map[j] = make_int2(-1, 0); /* past the last tile: none */
     for (int b = lo; b < hi; b += 32 * GU) {
         int ev[GU];
-#pragma unroll
-        for (int u = 0; u < GU; u++) {
-            const int i = b + 32 * u + lane, e = i < hi ? fmc_ld(idx + i) : -1;
-            ev[u] = e >= 0 && e < E ? e : -1;
-        }
+        load_batches(idx, b, hi, lane, E, ev);
 #pragma unroll
         for (int u = 0; u < GU; u++) {
             const int i = b + 32 * u + lane, e = ev[u];
