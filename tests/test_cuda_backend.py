@@ -224,7 +224,7 @@ np.savez(out, logits=np.concatenate(rows), greedy=np.asarray(greedy, np.int64), 
 @pytest.mark.gpu
 @pytest.mark.torch
 def test_prompts_routed_on_the_device_are_the_prompts_routed_on_the_host(gpu_env, tiny_models, tmp_path):
-    """Prompts whose choices the GPU groups by expert itself (FLASHMOE_CUDA_DEVICE_PROMPTS=1: fmc_route_group,
+    """Prompts whose choices the GPU groups by expert itself (the default where every expert is in VRAM: fmc_route_group,
     then one call for the layer's experts, those of 4 tokens and more on tensor cores in the tiles it mapped, the
     others on fm_mm; in 8-token tiles, FLASHMOE_CUDA_IMMA_NARROW=1; or all on fm_mm with FLASHMOE_CUDA_IMMA=0)
     against the same prompts routed on the host (=0):
@@ -233,7 +233,7 @@ def test_prompts_routed_on_the_device_are_the_prompts_routed_on_the_host(gpu_env
     every prompt (5 prompts, the model's 4 layers)."""
     path = tiny_models("qwen3_5_moe", 4, moe_intermediate_size=64)  # down's rows 32 bytes: the tensor cores take it
     got = {}
-    for name, env in (("host", {"FLASHMOE_CUDA_DEVICE_PROMPTS": "0"}), ("device", {"FLASHMOE_CUDA_DEVICE_PROMPTS": "1"}),
+    for name, env in (("host", {"FLASHMOE_CUDA_DEVICE_PROMPTS": "0"}), ("device", {}),
                       ("device, 8-token tiles", {"FLASHMOE_CUDA_DEVICE_PROMPTS": "1", "FLASHMOE_CUDA_IMMA_NARROW": "1"}),
                       ("device, fm_mm only", {"FLASHMOE_CUDA_DEVICE_PROMPTS": "1", "FLASHMOE_CUDA_IMMA": "0"})):
         rc, log = run_py(dict(gpu_env, **env), ["-c", PROMPTS, path, str(tmp_path / f"{name}.npz")])

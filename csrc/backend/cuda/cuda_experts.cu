@@ -665,12 +665,10 @@ void layer_wait(cuda_ctx *c, int layer) {
     c->layer_ready[layer] = 2;
 }
 
-/* FLASHMOE_CUDA_DEVICE_PROMPTS: 1 every prompt's layer routes on the device where its experts are all in VRAM
- * (moe_prompt), 0 or unset on the host (until measured: bench/RESULTS.md, session 21). Read at each call. */
-int device_prompts_mode() {
-    const char *e = getenv("FLASHMOE_CUDA_DEVICE_PROMPTS");
-    return e && strcmp(e, "1") == 0;
-}
+/* FLASHMOE_CUDA_DEVICE_PROMPTS=0: every prompt routes on the host, to compare; by default a prompt's layer whose
+ * experts are all in VRAM routes on the device (moe_prompt: 128-token prompts x1.19, 2048 x1.02 on an H100,
+ * bench/RESULTS.md session 21). Read at each call. */
+bool device_prompts_on() { return env_on("FLASHMOE_CUDA_DEVICE_PROMPTS"); }
 
 /* moe_device for a prompt's T > DEV_T tokens: fmc_route's choices grouped by expert on the device (fmc_route_group,
  * the host's grouping: each expert's tokens in order, its rows of ye after the experts before it), then one
@@ -680,7 +678,7 @@ int device_prompts_mode() {
  * still to be delivered into a buffer it would have to grow. */
 int moe_prompt(cuda_ctx *c, int layer, const float *logits, int T, int E, int k, int norm, const float *xn, float *ye,
                int h, int32_t *idx) {
-    if (!device_prompts_mode()) return 0;
+    if (!device_prompts_on()) return 0;
     const fmc_expert *t0 = &c->tab_host[(size_t)layer * E];
     const fm_mat *g0 = &t0->gate, *d0 = &t0->down;
     const int n = T * k, narrow = fmc_experts_imma_routed_narrow(n, E), bn = fmc_experts_imma_tile(narrow);
