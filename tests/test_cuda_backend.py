@@ -223,25 +223,27 @@ np.savez(out, logits=np.concatenate(rows), greedy=np.asarray(greedy, np.int64), 
 
 @pytest.mark.gpu
 @pytest.mark.torch
-def test_prompts_routed_on_the_device_are_the_prompts_routed_on_the_host(gpu_env, tiny_models, tmp_path):
+def test_prompts_routed_on_the_device_are_the_prompts_routed_on_the_host(gpu_env, tiny_models, tmp_path, narrow=True):
     """Prompts whose choices the GPU groups by expert itself (the default where every expert is in VRAM: fmc_route_group,
     then one call for the layer's experts, those of 4 tokens and more on tensor cores in the tiles it mapped, the
     others on fm_mm; in 8-token tiles, FLASHMOE_CUDA_IMMA_NARROW=1; or all on fm_mm with FLASHMOE_CUDA_IMMA=0)
     against the same prompts routed on the host (=0):
     the same logits bit for bit over prompts of 100, 20 more, and 12 tokens (a bad call between), the same greedy
     tokens after a 40-token prompt, and the same expert counts; and the device's path taken in every MoE layer of
-    every prompt (5 prompts, the model's 4 layers)."""
+    every prompt (5 prompts, the model's 4 layers). (narrow False: not the 8-token tiles, off by default.)"""
     path = tiny_models("qwen3_5_moe", 4, moe_intermediate_size=64)  # down's rows 32 bytes: the tensor cores take it
+    runs = {"host": {"FLASHMOE_CUDA_DEVICE_PROMPTS": "0"}, "device": {},
+            "device, 8-token tiles": {"FLASHMOE_CUDA_IMMA_NARROW": "1"}, "device, fm_mm only": {"FLASHMOE_CUDA_IMMA": "0"}}
+    if not narrow:
+        del runs["device, 8-token tiles"]
     got = {}
-    for name, env in (("host", {"FLASHMOE_CUDA_DEVICE_PROMPTS": "0"}), ("device", {}),
-                      ("device, 8-token tiles", {"FLASHMOE_CUDA_DEVICE_PROMPTS": "1", "FLASHMOE_CUDA_IMMA_NARROW": "1"}),
-                      ("device, fm_mm only", {"FLASHMOE_CUDA_DEVICE_PROMPTS": "1", "FLASHMOE_CUDA_IMMA": "0"})):
+    for name, env in runs.items():
         rc, log = run_py(dict(gpu_env, **env), ["-c", PROMPTS, path, str(tmp_path / f"{name}.npz")])
         assert rc == 0, log[-4000:]
         got[name] = np.load(tmp_path / f"{name}.npz")
     host = got["host"]
     assert int(host["layers"]) == 0
-    for name in ("device", "device, 8-token tiles", "device, fm_mm only"):
+    for name in list(runs)[1:]:
         assert np.array_equal(got[name]["logits"].view(np.uint32), host["logits"].view(np.uint32)), \
             f"{name}: the logits differ from the host's routing"
         assert got[name]["greedy"].tolist() == host["greedy"].tolist(), name
