@@ -684,10 +684,12 @@ int moe_prompt(cuda_ctx *c, int layer, const float *logits, int T, int E, int k,
     const int n = T * k, narrow = fmc_experts_imma_routed_narrow(n, E), bn = fmc_experts_imma_tile(narrow);
     const int big = aligned16(t0) && g0->int8_act && d0->int8_act ? fmc_experts_imma_routed_min(g0, d0) : 0;
     const size_t ffn_bytes = group_bytes(g0, d0, T, n);
-    const size_t pr_bytes = n > c->pr_cap || E > c->pr_E ? prompt_bytes(n, E) : 0;
+    const int n_cap = n > c->pr_cap ? n : c->pr_cap, E_cap = E > c->pr_E ? E : c->pr_E;
+    const size_t pr_bytes = n_cap > c->pr_cap || E_cap > c->pr_E ? prompt_bytes(n_cap, E_cap) : 0;
     const size_t pin = (size_t)c->n_layers * (size_t)n;
     /* what growing the two device buffers would take, against the budget (the VRAM tier leaves VRAM_HEADROOM) */
-    const size_t more = (ffn_bytes > c->ffn.size ? ffn_bytes - c->ffn.size : 0) + (pr_bytes ? pr_bytes - c->pr.size : 0);
+    const size_t more = (ffn_bytes > c->ffn.size ? ffn_bytes - c->ffn.size : 0) +
+                        (pr_bytes > c->pr.size ? pr_bytes - c->pr.size : 0);
     if (c->used + more > c->budget || (pin > c->pr_pinned_cap && c->n_deliv)) return 0;
     if (pin > c->pr_pinned_cap) {
         if (c->pr_pinned) cudaFreeHost(c->pr_pinned);
@@ -701,7 +703,7 @@ int moe_prompt(cuda_ctx *c, int layer, const float *logits, int T, int E, int k,
     }
     if (pr_bytes) {
         if (!grow(c, &c->pr, pr_bytes, "the prompt's routing arrays")) return 1; /* failure recorded */
-        c->pr_cap = n, c->pr_E = E;
+        c->pr_cap = n_cap, c->pr_E = E_cap;
     }
     uint8_t *mem = (uint8_t *)grow(c, &c->ffn, ffn_bytes, "expert scratch");
     if (!mem) return 1; /* failure recorded: finish() reports it */
