@@ -119,10 +119,10 @@ struct cuda_ctx {
     const int32_t *last_rows = nullptr; /* ... and its choices' rows of ye and weights (device) */
     const float *last_w = nullptr;
     uint64_t folds = 0;            /* layers whose shared expert moe_device folded in */
-    /* moe_device on a prompt (moe_prompt): its device arrays (prompt_arrays, for pr_cap choices), and the choices
-     * in pinned memory for the host ([layers, pr_pinned_cap]) */
+    /* moe_device on a prompt (moe_prompt): its device arrays (prompt_arrays, for pr_cap choices of n_exp experts),
+     * and the choices in pinned memory for the host ([layers, pr_pinned_cap]) */
     dbuf pr;
-    int pr_cap = 0, pr_E = 0;
+    int pr_cap = 0;
     int32_t *pr_pinned = nullptr;
     size_t pr_pinned_cap = 0;
     uint64_t prompt_layers = 0; /* MoE layers of prompts routed on the device */
@@ -293,12 +293,11 @@ struct prompt_arrays {
     float *w;     /* [n] */
     int32_t *rows, *tok; /* [n], [n] */
     fmc_expert *ex;      /* [E] */
-    int2 *map;           /* [map_n] */
+    int2 *map;           /* [n]: fmc_route_group_tiles is at most n */
 };
-inline size_t prompt_map_n(int n, int E) { return (size_t)n + (size_t)E; } /* >= fmc_route_group_tiles (bn >= 1) */
 inline size_t prompt_bytes(int n, int E) {
     return ((4 * sizeof(int32_t) * (size_t)n + 255) & ~(size_t)255) + sizeof(fmc_expert) * (size_t)E +
-           sizeof(int2) * prompt_map_n(n, E);
+           sizeof(int2) * (size_t)n;
 }
 inline prompt_arrays prompt_arrays_of(void *p, int n, int E) {
     prompt_arrays a;

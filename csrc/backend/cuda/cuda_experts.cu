@@ -684,8 +684,7 @@ int moe_prompt(cuda_ctx *c, int layer, const float *logits, int T, int E, int k,
     const int n = T * k, narrow = fmc_experts_imma_routed_narrow(n, E), bn = fmc_experts_imma_tile(narrow);
     const int big = aligned16(t0) && g0->int8_act && d0->int8_act ? fmc_experts_imma_routed_min(g0, d0) : 0;
     const size_t ffn_bytes = group_bytes(g0, d0, T, n);
-    const int n_cap = n > c->pr_cap ? n : c->pr_cap, E_cap = E > c->pr_E ? E : c->pr_E;
-    const size_t pr_bytes = n_cap > c->pr_cap || E_cap > c->pr_E ? prompt_bytes(n_cap, E_cap) : 0;
+    const size_t pr_bytes = n > c->pr_cap ? prompt_bytes(n, E) : 0; /* E: c->n_exp, the model's */
     const size_t pin = (size_t)c->n_layers * (size_t)n;
     /* what growing the two device buffers would take, against the budget (the VRAM tier leaves VRAM_HEADROOM) */
     const size_t more = (ffn_bytes > c->ffn.size ? ffn_bytes - c->ffn.size : 0) +
@@ -703,18 +702,18 @@ int moe_prompt(cuda_ctx *c, int layer, const float *logits, int T, int E, int k,
     }
     if (pr_bytes) {
         if (!grow(c, &c->pr, pr_bytes, "the prompt's routing arrays")) return 1; /* failure recorded */
-        c->pr_cap = n_cap, c->pr_E = E_cap;
+        c->pr_cap = n;
     }
     uint8_t *mem = (uint8_t *)grow(c, &c->ffn, ffn_bytes, "expert scratch");
     if (!mem) return 1; /* failure recorded: finish() reports it */
     forget_q(c);
     layer_wait(c, layer);
-    const prompt_arrays p = prompt_arrays_of(c->pr.p, c->pr_cap, c->pr_E);
+    const prompt_arrays p = prompt_arrays_of(c->pr.p, c->pr_cap, E);
     const int map_n = big ? fmc_route_group_tiles(T, k, E, big, bn) : 0;
     launched(c, fmc_route(c->s, logits, T, E, k, norm, p.idx, p.w, nullptr, nullptr, nullptr, nullptr), "route");
-    launched(c, fmc_route_group(c->s, p.idx, T, k, E, c->tab_dev + (size_t)layer * E, 0, big, bn, p.ex, p.tok, p.rows,
+    launched(c, fmc_route_group(c->s, p.idx, T, k, E, c->tab_dev + (size_t)layer * E, big, bn, p.ex, p.tok, p.rows,
                                 p.map, map_n), "route");
-    launched(c, fmc_experts_routed(c->s, p.ex, t0, E, p.map, map_n, narrow, big, xn, T, h, (float *)mem, ye, n, 0,
+    launched(c, fmc_experts_routed(c->s, p.ex, t0, E, p.map, map_n, narrow, big, xn, T, h, (float *)mem, ye, n,
                                    mem + h_bytes(g0, n)), "experts");
     int32_t *pinned = c->pr_pinned + (size_t)layer * n;
     if (ok(c, cudaMemcpyAsync(pinned, p.idx, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, c->s),

@@ -56,13 +56,13 @@ fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc_expert *ex
                       int H, float *h, float *ye, int rows, void *scratch);
 /* fmc_experts for the experts of one layer as fmc_route_group left them on the device, no host copy of their
  * counts: ex device [n_ex] (every expert of the layer, n 0 for those not chosen), shape (host) one of them (the
- * table's rule: one kind, one alignment), xn [T, H], their rows [lo, lo + rows) of ye (rows: T·k, every row some
- * expert's) and of h (from 0). big (fmc_experts_imma_routed_min; 0: none): the experts of at least big tokens on
+ * table's rule: one kind, one alignment), xn [T, H], their rows [0, rows) of ye and of h (rows: T·k, every row
+ * some expert's). big (fmc_experts_imma_routed_min; 0: none): the experts of at least big tokens on
  * tensor cores, in map's map_n tiles (fmc_route_group's, made with big and fmc_experts_imma_tile(narrow)), the others
  * on fm_mm. The bits of fmc_experts on the same experts. scratch: fmc_experts_scratch_bytes(gate, down, T, rows). */
 fm_status fmc_experts_routed(cudaStream_t s, const fmc_expert *ex, const fmc_expert *shape, int n_ex, const int2 *map,
                              int map_n, int narrow, int big, const float *xn, int T, int H, float *h, float *ye, int rows,
-                             int lo, void *scratch);
+                             void *scratch);
 /* The end of a MoE layer whose shared expert ran in the routed experts' call (cuda_experts.cu's moe_device), for each
  * token t < T: out[t] = ye[T·k + t] (its shared FFN) · sigmoid(gate_row · xn[t]), then + Σ_j wt[t, j]·ye[row[t, j]],
  * j in order. The bits of fmc_matmul of gate_row (one row, on fp32 activations), fmc_gate_rows and fmc_moe_combine
@@ -94,10 +94,11 @@ int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, const fmc_exp
                      const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, int hlo, int big);
 
 /* fmc_experts_imma over the tiles of map (device [map_n], fmc_route_group's: (expert, tile), expert -1 for none)
- * rather than ex_host's counts; 1 where queued, 0 where the grid is too large */
+ * rather than ex_host's counts, the call's rows from 0 (fmc_experts_routed's); 1 where queued, 0 where the grid is
+ * too large */
 int fmc_experts_imma_mapped(cudaStream_t s, int gu, const fmc_expert *ex, int n_ex, const int2 *map, int map_n,
                             int narrow, const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y,
-                            int hlo, int big);
+                            int big);
 /* fmc_experts_routed's big for experts of this gate and down: the experts of at least this many tokens take the
  * tensor cores (FMC_IMMA_MIN_EXPERT_T or its override), 0 where they cannot (shapes, device, FLASHMOE_CUDA_IMMA=0) */
 int fmc_experts_imma_routed_min(const fm_mat *gate, const fm_mat *down);
@@ -147,14 +148,15 @@ fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, in
 
 /* A prompt's choices grouped by expert on the device, as the host's group_by_expert groups them (no round trip):
  * idx device [T, k] (fmc_route's), tab device [E] the layer's experts. Writes ex device [E] (tab's entries with n
- * the expert's choices, row0 = row_base + the choices of the experts before it, tok = its tokens' list in tok),
- * tok device [T·k] (each expert's tokens in ascending order, in expert order), rows device [T·k] (choice i's row
- * of ye: row_base + its place) and map device [map_n] (the token tiles of bn tokens of every expert of at least
+ * the expert's choices, row0 = the choices of the experts before it, tok = its tokens' list in tok), tok device
+ * [T·k] (each expert's tokens in ascending order, in expert order), rows device [T·k] (choice i's row of ye) and
+ * map device [map_n] (the token tiles of bn tokens of every expert of at least
  * big choices (0: none), in expert order, as (expert, tile); then (-1, 0) up to map_n, which is to be at least
  * fmc_route_group_tiles(T, k, E, big, bn)). */
-fm_status fmc_route_group(cudaStream_t s, const int32_t *idx, int T, int k, int E, const fmc_expert *tab, int row_base,
-                          int big, int bn, fmc_expert *ex, int32_t *tok, int32_t *rows, int2 *map, int map_n);
-/* The most token tiles of bn that T tokens' top k of E experts can make over the experts of at least big choices */
+fm_status fmc_route_group(cudaStream_t s, const int32_t *idx, int T, int k, int E, const fmc_expert *tab, int big,
+                          int bn, fmc_expert *ex, int32_t *tok, int32_t *rows, int2 *map, int map_n);
+/* The most token tiles of bn that T tokens' top k of E experts can make over the experts of at least big choices
+ * (at most T·k: an expert's tiles are at most its choices) */
 static inline int fmc_route_group_tiles(int T, int k, int E, int big, int bn) {
     if (big < 1) return 0;
     const long long n = (long long)T * k, experts = n / big < E ? n / big : E;

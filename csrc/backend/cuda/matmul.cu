@@ -690,6 +690,24 @@ int imma_split(bool ok, const fm_mat *w, int gu, mm_args &a, const fmc_expert *e
     return small_n;
 }
 
+/* A grouped call's checks: gate [I, H] and down [H, I] for hidden size H; then (T > 0) its activations, and the
+ * scratch of int8 ones */
+fm_status grouped_shape(const fm_mat *g0, const fm_mat *d0, int H) {
+    const int I = g0->rows;
+    if (I <= 0 || g0->cols != H || d0->rows != H || d0->cols != I)
+        return fm_fail(FM_ERR_INVALID, "cuda backend: experts of gate %d x %d and down %d x %d for hidden size %d", I,
+                       g0->cols, d0->rows, d0->cols, H);
+    return FM_OK;
+}
+fm_status grouped_buffers(const fm_mat *g0, const fm_mat *d0, const float *xn, int T, const float *h, const float *ye,
+                          const void *scratch) {
+    if (T == 0 || !xn || !h || !ye || !aligned(xn, 4) || !aligned(h, 4) || !aligned(ye, 4))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: experts over %d tokens: no or misaligned activations", T);
+    if ((int8_path(g0) || int8_path(d0)) && (!scratch || !aligned(scratch, 16)))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: experts on int8 activations without their scratch");
+    return FM_OK;
+}
+
 /* A grouped call's arguments: gate·up, xn [T, H] → h [rows, I]; down, h → ye [·, H] (fm_mm's comment) */
 void grouped_args(const fm_mat *g0, const fm_mat *d0, const float *xn, int T, float *h, float *ye, int rows, int lo,
                   mm_args &gu, mm_args &dn) {
@@ -752,9 +770,8 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
     if (n_ex == 0) return FM_OK;
     const fm_mat *g0 = &ex_host[0].gate, *d0 = &ex_host[0].down;
     const int I = g0->rows;
-    if (I <= 0 || g0->cols != H || d0->rows != H || d0->cols != I)
-        return fm_fail(FM_ERR_INVALID, "cuda backend: experts of gate %d x %d and down %d x %d for hidden size %d", I,
-                       g0->cols, d0->rows, d0->cols, H);
+    fm_status st = grouped_shape(g0, d0, H);
+    if (st != FM_OK) return st;
     int max_n = 0, lo = 0x7FFFFFFF; /* the most tokens an expert has; the lowest row0 (h's first row) */
     int64_t hi = 0;
     bool g16 = true, d16 = true;
@@ -763,7 +780,6 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
         if (!fmc_same_kind(&x->gate, g0) || !fmc_same_kind(&x->up, g0) || !fmc_same_kind(&x->down, d0))
             return fm_fail(FM_ERR_INVALID, "cuda backend: experts: expert %d's matrices are not of expert 0's gate's "
                            "(and up's) and down's dtypes, shapes and options", e);
-        fm_status st;
         if ((st = check_weights(&x->gate, "experts' gate")) != FM_OK ||
             (st = check_weights(&x->up, "experts' up")) != FM_OK ||
             (st = check_weights(&x->down, "experts' down")) != FM_OK)
@@ -779,11 +795,8 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
     if (max_n == 0) return FM_OK;
     if (hi - lo > rows)
         return fm_fail(FM_ERR_INVALID, "cuda backend: experts' rows %d to %lld, h has %d", lo, (long long)hi, rows);
-    if (T == 0 || !xn || !h || !ye || !aligned(xn, 4) || !aligned(h, 4) || !aligned(ye, 4))
-        return fm_fail(FM_ERR_INVALID, "cuda backend: experts over %d tokens: no or misaligned activations", T);
+    if ((st = grouped_buffers(g0, d0, xn, T, h, ye, scratch)) != FM_OK) return st;
     const bool gi8 = int8_path(g0), di8 = int8_path(d0);
-    if ((gi8 || di8) && (!scratch || !aligned(scratch, 16)))
-        return fm_fail(FM_ERR_INVALID, "cuda backend: experts on int8 activations without their scratch");
     const size_t gblocks = gi8 ? quantize_blocks(g0, (size_t)T) : 1;
     const size_t dblocks = di8 ? quantize_blocks(d0, (size_t)max_n) : 1;
     if (!gblocks || !dblocks) return fm_fail(FM_ERR_INVALID, "cuda backend: experts over %d tokens: too many", T);
@@ -808,32 +821,29 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
 namespace {
 extern "C" fm_status fmc_experts_routed(cudaStream_t s, const fmc_expert *ex, const fmc_expert *shape, int n_ex,
                                         const int2 *map, int map_n, int narrow, int big, const float *xn, int T, int H,
-                                        float *h, float *ye, int rows, int lo, void *scratch) {
+                                        float *h, float *ye, int rows, void *scratch) {
     const fm_mat *g0 = &shape->gate, *d0 = &shape->down;
     const int I = g0->rows;
     if (n_ex < 1 || n_ex > 65535 || !ex || T < 0 || rows < T || H <= 0 || big < 0 || (big && (!map || map_n < 0)))
         return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts: %d experts over %d tokens of %d into %d rows",
                        n_ex, T, H, rows);
-    if (I <= 0 || g0->cols != H || d0->rows != H || d0->cols != I || !fmc_same_kind(&shape->up, g0))
-        return fm_fail(FM_ERR_INVALID, "cuda backend: experts of gate %d x %d and down %d x %d for hidden size %d", I,
-                       g0->cols, d0->rows, d0->cols, H);
-    fm_status st;
+    fm_status st = grouped_shape(g0, d0, H);
+    if (st != FM_OK) return st;
+    if (!fmc_same_kind(&shape->up, g0))
+        return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts: up is not of gate's dtype, shape and options");
     if ((st = check_weights(g0, "experts' gate")) != FM_OK || (st = check_weights(&shape->up, "experts' up")) != FM_OK ||
         (st = check_weights(d0, "experts' down")) != FM_OK)
         return st;
     if (T == 0) return FM_OK;
-    if (!xn || !h || !ye || !aligned(xn, 4) || !aligned(h, 4) || !aligned(ye, 4))
-        return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts over %d tokens: no or misaligned activations", T);
+    if ((st = grouped_buffers(g0, d0, xn, T, h, ye, scratch)) != FM_OK) return st;
     const bool gi8 = int8_path(g0), di8 = int8_path(d0);
-    if ((gi8 || di8) && (!scratch || !aligned(scratch, 16)))
-        return fm_fail(FM_ERR_INVALID, "cuda backend: experts on int8 activations without their scratch");
     if (big && (!gi8 || !di8))
         return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts on tensor cores without int8 activations");
     const size_t gblocks = gi8 ? quantize_blocks(g0, (size_t)T) : 1, dblocks = di8 ? quantize_blocks(d0, (size_t)rows) : 1;
     if (!gblocks || !dblocks) return fm_fail(FM_ERR_INVALID, "cuda backend: experts over %d tokens: too many", T);
     /* every expert of the layer has shape's alignment (the table's rule): 16-byte loads where its matrices have */
     mm_args gu, dn;
-    grouped_args(g0, d0, xn, T, h, ye, rows, lo, gu, dn);
+    grouped_args(g0, d0, xn, T, h, ye, rows, 0, gu, dn);
     const bool g16 = aligned(g0->data, 16) && aligned(shape->up.data, 16) && gu.row_bytes % 16 == 0;
     const bool d16 = aligned(d0->data, 16) && dn.row_bytes % 16 == 0;
     if (big && (!g16 || !d16))
@@ -842,12 +852,12 @@ extern "C" fm_status fmc_experts_routed(cudaStream_t s, const fmc_expert *ex, co
     const int small_n = big ? (big - 1 < T ? big - 1 : T) : T;
     gu.big = dn.big = big;
     if (gi8) quantize(s, g0, xn, T, scratch, gu, gblocks, nullptr, 0);
-    if (big && !fmc_experts_imma_mapped(s, 1, ex, n_ex, map, map_n, narrow, g0, gu.xq, gu.xd, gu.xs, h, lo, big))
+    if (big && !fmc_experts_imma_mapped(s, 1, ex, n_ex, map, map_n, narrow, g0, gu.xq, gu.xd, gu.xs, h, big))
         return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts: %d tiles, too many for a grid", map_n);
     if (small_n) dispatch_w<K_GU>(s, gu, g0, g16, g16 && aligned(xn, 16) && H % 4 == 0, ex, n_ex, small_n);
-    /* every row of h is an expert's (the choices fill rows [lo, lo + rows)): all quantized in one launch */
+    /* every row of h is an expert's (the choices fill rows [0, rows)): all quantized in one launch */
     if (di8) quantize(s, d0, h, rows, (char *)scratch + fmc_matmul_scratch_bytes(g0, T), dn, dblocks, nullptr, 0);
-    if (big && !fmc_experts_imma_mapped(s, 0, ex, n_ex, map, map_n, narrow, d0, dn.xq, dn.xd, dn.xs, ye, lo, big))
+    if (big && !fmc_experts_imma_mapped(s, 0, ex, n_ex, map, map_n, narrow, d0, dn.xq, dn.xd, dn.xs, ye, big))
         return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts: %d tiles, too many for a grid", map_n);
     if (small_n) dispatch_w<K_DOWN>(s, dn, d0, d16, d16 && aligned(h, 16) && I % 4 == 0, ex, n_ex, small_n);
     return FM_OK;

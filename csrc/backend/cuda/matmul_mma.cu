@@ -574,7 +574,8 @@ template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
 bool launch_imma(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) {
     using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC, ST>;
     long long bx = 0; /* token tiles */
-    if (K == IM_MM || a.map) bx = K == IM_MM ? (a.T + C::BN - 1) / C::BN : a.T;
+    if (K == IM_MM) bx = (a.T + C::BN - 1) / C::BN;
+    else if (a.map) bx = a.T;
     else
         for (int e = 0; e < a.n_ex; e++)
             if (ex_host[e].n >= a.big) bx += (ex_host[e].n + C::BN - 1) / C::BN;
@@ -652,18 +653,35 @@ template <bool Q4> using ex_gu_narrow = imma_cfg<IM_GU, Q4, 4, 1, 2, 1, 2, Q4 ? 
 template <bool Q4> using ex_down_narrow = imma_cfg<IM_DOWN, Q4, 4, 1, 2, 1, 2, Q4 ? 3 : 4>;
 static_assert(ex_gu_narrow<true>::BM == ex_gu<true>::BM && ex_down_narrow<true>::BM == ex_down<true>::BM,
               "the 8-token tiles differ in tokens only: a call's row tiles are the same");
-bool imma_narrow(const fmc_expert *ex_host, int n_ex, int min_t) {
+/* FLASHMOE_CUDA_IMMA_NARROW: 1 (always), 0 (never, or unset), -1 (auto) */
+int narrow_mode() {
     const char *e = getenv("FLASHMOE_CUDA_IMMA_NARROW");
-    if (!e || strcmp(e, "auto") != 0) return e && strcmp(e, "1") == 0;
-    long long wide = 0, narrow = 0; /* padded tokens */
+    return e && strcmp(e, "auto") == 0 ? -1 : e && strcmp(e, "1") == 0;
+}
+/* auto's rule: experts of n tokens, 16-token tiles' padded tokens against 8-token ones' */
+long long padded(int n, int bn) { return (n + bn - 1) / bn * bn; }
+bool imma_narrow(const fmc_expert *ex_host, int n_ex, int min_t) {
+    const int mode = narrow_mode();
+    if (mode >= 0) return mode;
+    long long wide = 0, narrow = 0;
     for (int i = 0; i < n_ex; i++)
-        if (ex_host[i].n >= min_t) wide += (ex_host[i].n + 15) / 16 * 16, narrow += (ex_host[i].n + 7) / 8 * 8;
+        if (ex_host[i].n >= min_t) wide += padded(ex_host[i].n, 16), narrow += padded(ex_host[i].n, 8);
     return 2 * wide >= 3 * narrow;
 }
 
 template <class C>
 bool launch_cfg(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) {
     return launch_imma<C::K, C::Q4, C::WM, C::WN, C::MT, C::NT, C::KC, C::ST>(s, a, ex_host);
+}
+
+/* a grouped call's kernel (gu: gate·up, else down) for w's dtype, in 8-token tiles or 16 */
+bool launch_grouped(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host, int gu, bool q4, bool narrow) {
+    if (narrow) {
+        if (gu) return q4 ? launch_cfg<ex_gu_narrow<true>>(s, a, ex_host) : launch_cfg<ex_gu_narrow<false>>(s, a, ex_host);
+        return q4 ? launch_cfg<ex_down_narrow<true>>(s, a, ex_host) : launch_cfg<ex_down_narrow<false>>(s, a, ex_host);
+    }
+    if (gu) return q4 ? launch_cfg<ex_gu<true>>(s, a, ex_host) : launch_cfg<ex_gu<false>>(s, a, ex_host);
+    return q4 ? launch_cfg<ex_down<true>>(s, a, ex_host) : launch_cfg<ex_down<false>>(s, a, ex_host);
 }
 
 template <class C>
@@ -703,27 +721,15 @@ extern "C" int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, co
                                 int big) {
     imma_args a = args_of(w, xq, xd, xs, y, 0);
     a.w = nullptr, a.scales = a.biases = nullptr, a.ex = ex, a.hlo = hlo, a.big = big, a.n_ex = n_ex;
-    const bool q4 = w->dtype == FM_Q4;
-    if (imma_narrow(ex_host, n_ex, big)) {
-        if (gu) return q4 ? launch_cfg<ex_gu_narrow<true>>(s, a, ex_host) : launch_cfg<ex_gu_narrow<false>>(s, a, ex_host);
-        return q4 ? launch_cfg<ex_down_narrow<true>>(s, a, ex_host) : launch_cfg<ex_down_narrow<false>>(s, a, ex_host);
-    }
-    if (gu) return q4 ? launch_cfg<ex_gu<true>>(s, a, ex_host) : launch_cfg<ex_gu<false>>(s, a, ex_host);
-    return q4 ? launch_cfg<ex_down<true>>(s, a, ex_host) : launch_cfg<ex_down<false>>(s, a, ex_host);
+    return launch_grouped(s, a, ex_host, gu, w->dtype == FM_Q4, imma_narrow(ex_host, n_ex, big));
 }
 
 extern "C" int fmc_experts_imma_mapped(cudaStream_t s, int gu, const fmc_expert *ex, int n_ex, const int2 *map,
                                        int map_n, int narrow, const fm_mat *w, const int8_t *xq, const float *xd,
-                                       const float *xs, float *y, int hlo, int big) {
+                                       const float *xs, float *y, int big) {
     imma_args a = args_of(w, xq, xd, xs, y, map_n);
-    a.w = nullptr, a.scales = a.biases = nullptr, a.ex = ex, a.hlo = hlo, a.big = big, a.n_ex = n_ex, a.map = map;
-    const bool q4 = w->dtype == FM_Q4;
-    if (narrow) {
-        if (gu) return q4 ? launch_cfg<ex_gu_narrow<true>>(s, a, nullptr) : launch_cfg<ex_gu_narrow<false>>(s, a, nullptr);
-        return q4 ? launch_cfg<ex_down_narrow<true>>(s, a, nullptr) : launch_cfg<ex_down_narrow<false>>(s, a, nullptr);
-    }
-    if (gu) return q4 ? launch_cfg<ex_gu<true>>(s, a, nullptr) : launch_cfg<ex_gu<false>>(s, a, nullptr);
-    return q4 ? launch_cfg<ex_down<true>>(s, a, nullptr) : launch_cfg<ex_down<false>>(s, a, nullptr);
+    a.w = nullptr, a.scales = a.biases = nullptr, a.ex = ex, a.big = big, a.n_ex = n_ex, a.map = map;
+    return launch_grouped(s, a, nullptr, gu, w->dtype == FM_Q4, narrow);
 }
 
 extern "C" int fmc_experts_imma_routed_min(const fm_mat *gate, const fm_mat *down) {
@@ -733,8 +739,8 @@ extern "C" int fmc_experts_imma_routed_min(const fm_mat *gate, const fm_mat *dow
 extern "C" int fmc_experts_imma_tile(int narrow) { return narrow ? ex_gu_narrow<true>::BN : ex_gu<true>::BN; }
 
 extern "C" int fmc_experts_imma_routed_narrow(int n, int n_ex) {
-    const char *e = getenv("FLASHMOE_CUDA_IMMA_NARROW");
-    if (!e || strcmp(e, "auto") != 0) return e && strcmp(e, "1") == 0;
-    const long long a = (n + n_ex - 1) / n_ex; /* the experts' tokens, were they spread evenly */
-    return 2 * ((a + 15) / 16 * 16) >= 3 * ((a + 7) / 8 * 8);
+    const int mode = narrow_mode();
+    if (mode >= 0) return mode;
+    const int a = (n + n_ex - 1) / n_ex; /* the experts' tokens, were they spread evenly */
+    return 2 * padded(a, 16) >= 3 * padded(a, 8);
 }

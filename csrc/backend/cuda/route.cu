@@ -161,7 +161,7 @@ __device__ __forceinline__ void load_batches(const int32_t *idx, int b, int hi, 
     }
 }
 __global__ void __launch_bounds__(1024) group_k(const int32_t *idx, int n, int k, int E, const fmc_expert *tab,
-                                                int row_base, int big, int bn, fmc_expert *ex, int32_t *tok,
+                                                int big, int bn, fmc_expert *ex, int32_t *tok,
                                                 int32_t *rows, int2 *map, int map_n) {
     fmc_pdl_wait(), fmc_pdl_trigger();
     extern __shared__ int gsm[];
@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(1024) group_k(const int32_t *idx, int n, int k
     __syncthreads();
     for (int e = i0; e < E; e += B) { /* expert e's entry, and its token tiles' entries in the tile map */
         fmc_expert x = tab[e];
-        x.n = tot[e], x.row0 = row_base + off[e], x.tok = tok + off[e];
+        x.n = tot[e], x.row0 = off[e], x.tok = tok + off[e];
         ex[e] = x;
         for (int j = toff[e]; j < toff[e + 1]; j++) map[j] = make_int2(e, j - toff[e]);
     }
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(1024) group_k(const int32_t *idx, int n, int k
             if (e >= 0) {
                 const int r = off[e] + cnt[w * E + e] + __popc(p & ((1u << lane) - 1));
                 tok[r] = i / k;
-                rows[i] = row_base + r;
+                rows[i] = r;
             }
             __syncwarp();
             if (e >= 0 && 31 - __clz(p) == lane) cnt[w * E + e] += __popc(p);
@@ -267,14 +267,14 @@ fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, in
     return FM_OK;
 }
 
-fm_status fmc_route_group(cudaStream_t s, const int32_t *idx, int T, int k, int E, const fmc_expert *tab, int row_base,
-                          int big, int bn, fmc_expert *ex, int32_t *tok, int32_t *rows, int2 *map, int map_n) {
+fm_status fmc_route_group(cudaStream_t s, const int32_t *idx, int T, int k, int E, const fmc_expert *tab, int big,
+                          int bn, fmc_expert *ex, int32_t *tok, int32_t *rows, int2 *map, int map_n) {
     if (T < 0 || k < 1 || E < 1 || E > MAX_E || (long long)T * k > 0x7FFFFFFF || big < 0 || bn < 1 || map_n < 0)
         return fm_fail(FM_ERR_INVALID, "cuda backend: grouping %d tokens' top %d of %d experts (1..%d)", T, k, E,
                        MAX_E);
     const int gw = group_warps(T * k, E);
     if (!gw) return fm_fail(FM_ERR_INVALID, "cuda backend: grouping the choices of %d experts: too many", E);
-    fmc_launch(group_k, 1u, 32 * gw, group_smem(E, gw), s, idx, T * k, k, E, tab, row_base, big, bn, ex, tok, rows, map,
+    fmc_launch(group_k, 1u, 32 * gw, group_smem(E, gw), s, idx, T * k, k, E, tab, big, bn, ex, tok, rows, map,
                map_n);
     return FM_OK;
 }
