@@ -215,40 +215,50 @@ try:
 except ValueError:
     pass  # a bad argument changes nothing
 rows.append(m.forward(ids[:12]))
+folds = m.stats["device_shared_folds"]  # the four prompts' (no decode step yet)
 greedy = m.generate_tokens(ids[:40], max_tokens=5, stop_token_ids=[])
 np.savez(out, logits=np.concatenate(rows), greedy=np.asarray(greedy, np.int64), usage=m.expert_usage(),
-         layers=m.stats["device_prompt_layers"], moe=m.config["num_hidden_layers"])
+         layers=m.stats["device_prompt_layers"], moe=m.config["num_hidden_layers"], folds=folds)
 """
 
 
 @pytest.mark.gpu
 @pytest.mark.torch
-def test_prompts_routed_on_the_device_are_the_prompts_routed_on_the_host(gpu_env, tiny_models, tmp_path, narrow=True):
+def test_prompts_routed_on_the_device_are_the_prompts_routed_on_the_host(gpu_env, tiny_models, tmp_path, narrow=True,
+                                                                         unfolded=True):
     """Prompts whose choices the GPU groups by expert itself (the default where every expert is in VRAM: fmc_route_group,
-    then one call for the layer's experts, those of 4 tokens and more on tensor cores in the tiles it mapped, the
-    others on fm_mm; in 8-token tiles, FLASHMOE_CUDA_IMMA_NARROW=1; or all on fm_mm with FLASHMOE_CUDA_IMMA=0)
-    against the same prompts routed on the host (=0):
+    then one call for the layer's experts and the shared expert on every token, those of 4 tokens and more on tensor
+    cores in the tiles it mapped, the others on fm_mm; in 8-token tiles, FLASHMOE_CUDA_IMMA_NARROW=1; all on fm_mm
+    with FLASHMOE_CUDA_IMMA=0; the shared expert as ops of its own, FLASHMOE_CUDA_SHARED_FOLD=0) against the same
+    prompts routed on the host (FLASHMOE_CUDA_DEVICE_PROMPTS=0):
     the same logits bit for bit over prompts of 100, 20 more, and 12 tokens (a bad call between), the same greedy
     tokens after a 40-token prompt, and the same expert counts; and the device's path taken in every MoE layer of
-    every prompt (5 prompts, the model's 4 layers). (narrow False: not the 8-token tiles, off by default.)"""
-    path = tiny_models("qwen3_5_moe", 4, moe_intermediate_size=64)  # down's rows 32 bytes: the tensor cores take it
+    every prompt (5 prompts, the model's 4 layers), with the shared expert folded in (4 prompts before the greedy
+    run) where it is not turned off. (narrow, unfolded False: not those two runs, CI's time on the emulator.)"""
+    # down's rows 32 bytes: the tensor cores take it; the shared expert of the routed experts' shape (the releases')
+    path = tiny_models("qwen3_5_moe", 4, moe_intermediate_size=64, shared_expert_intermediate_size=64)
     runs = {"host": {"FLASHMOE_CUDA_DEVICE_PROMPTS": "0"}, "device": {},
-            "device, 8-token tiles": {"FLASHMOE_CUDA_IMMA_NARROW": "1"}, "device, fm_mm only": {"FLASHMOE_CUDA_IMMA": "0"}}
+            "device, 8-token tiles": {"FLASHMOE_CUDA_IMMA_NARROW": "1"}, "device, fm_mm only": {"FLASHMOE_CUDA_IMMA": "0"},
+            "device, unfolded": {"FLASHMOE_CUDA_SHARED_FOLD": "0"}}
     if not narrow:
         del runs["device, 8-token tiles"]
+    if not unfolded:
+        del runs["device, unfolded"]
     got = {}
     for name, env in runs.items():
         rc, log = run_py(dict(gpu_env, **env), ["-c", PROMPTS, path, str(tmp_path / f"{name}.npz")])
         assert rc == 0, log[-4000:]
         got[name] = np.load(tmp_path / f"{name}.npz")
     host = got["host"]
-    assert int(host["layers"]) == 0
+    assert int(host["layers"]) == 0 and int(host["folds"]) == 0
     for name in list(runs)[1:]:
         assert np.array_equal(got[name]["logits"].view(np.uint32), host["logits"].view(np.uint32)), \
             f"{name}: the logits differ from the host's routing"
         assert got[name]["greedy"].tolist() == host["greedy"].tolist(), name
         assert np.array_equal(got[name]["usage"], host["usage"]), f"{name}: expert counts differ"
-        assert int(got[name]["layers"]) == 5 * int(got[name]["moe"]), (name, got[name]["layers"])
+        moe = int(got[name]["moe"])
+        assert int(got[name]["layers"]) == 5 * moe, (name, got[name]["layers"])
+        assert int(got[name]["folds"]) == (0 if "unfolded" in name else 4 * moe), (name, got[name]["folds"])
 
 
 STEPS = """

@@ -168,9 +168,9 @@ typedef struct fm_backend_ops {
      *     written with the layer's whole output, the bits of those two steps (the shared expert's FFN, then
      *     out *= sigmoid(gate_row · xn) as gate_rows, then the weighted choices added as moe_combine), and the core
      *     issues nothing more for the layer. ye then holds T·(k + 1) rows (its row T·k + t: token t's shared FFN).
-     * The core offers any T up to the segment (ye of segment·k rows; segments are 16 tokens at least); a backend
-     * may take decode's few tokens alone (T <= FM_DEVICE_ROUTE_T, 8: CUDA's one-token experts) or prompts too
-     * (CUDA's moe_prompt: the choices grouped by expert on the device; it returns 1 there, never 2). */
+     * The core offers any T up to the segment (ye of segment·(k + 1) rows); a backend may take decode's few tokens
+     * alone (T <= FM_DEVICE_ROUTE_T, 8: CUDA's one-token experts) or prompts too (CUDA's moe_prompt: the choices
+     * grouped by expert on the device, the shared expert as one more expert of every token). */
     int (*moe_device)(void *ctx, int layer, const float *logits, int T, int E, int k, int norm, const float *xn,
                       float *ye, int h, int32_t *idx, const fm_shared_expert *shared, float *out);
     /* A one-token decode step's ops (embed to the logits' matmul, not the copy to the host) recorded once and

@@ -168,6 +168,8 @@ static void layout_scratch(fm_model *m, uint8_t *dev, uint8_t *host, size_t *dev
     const size_t E = c->num_experts > 0 ? c->num_experts : 1, k = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
     const size_t inter = c->shared_expert_intermediate_size > c->intermediate_size ? c->shared_expert_intermediate_size
                                                                                    : c->intermediate_size;
+    /* ye's rows a token: its k choices, and where the backend has moe_device the shared expert's (folded in) */
+    const size_t ye_k = k + (m->be.op && m->be.op->moe_device ? 1 : 0);
     const size_t logit_rows = C < LOGIT_ROWS ? C : LOGIT_ROWS;
     fm_scratch *s = &m->s;
     /* Elements of 4 bytes (fm_expert and fm_expert_work: whole 4-byte words). A layer's mixer (DeltaNet or
@@ -184,7 +186,7 @@ static void layout_scratch(fm_model *m, uint8_t *dev, uint8_t *host, size_t *dev
         {(void **)&s->gate, C * qd, ATTENTION}, {(void **)&s->k, C * kvd, ATTENTION},
         {(void **)&s->v, C * kvd, ATTENTION}, {(void **)&s->att, C * qd, ATTENTION},
         {(void **)&s->logits, S * E, MOE}, {(void **)&s->sg, S, MOE}, {(void **)&s->h1, C * inter, MOE},
-        {(void **)&s->h2, C * inter, MOE}, {(void **)&s->ye, S * k * H, MOE},
+        {(void **)&s->h2, C * inter, MOE}, {(void **)&s->ye, S * ye_k * H, MOE},
         {(void **)&s->topk, S * k, HOST}, {(void **)&s->topw, S * k, HOST}, {(void **)&s->tok, S * k, HOST},
         {(void **)&s->row, S * k, HOST}, {(void **)&s->ecount, E + 1, HOST}, {(void **)&s->eoff, E + 1, HOST},
         {(void **)&s->need, E, HOST}, {(void **)&s->held, E, HOST}, {(void **)&s->held_e, E, HOST},

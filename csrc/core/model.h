@@ -86,7 +86,8 @@ typedef struct {
     float *logits;  /* [S, E] router logits */
     float *sg;      /* [S] shared expert gate */
     float *h1, *h2; /* [C, max(Is, Imlp)] shared expert / dense MLP, a chunk of tokens at a time */
-    float *ye;      /* [S·k, H] expert outputs, one row per (token, choice), grouped by expert */
+    float *ye;      /* [S·k, H] expert outputs, one row per (token, choice), grouped by expert (S·(k + 1)
+                     * rows where the backend has moe_device: a folded shared expert's rows after them) */
     /* host: the routing and the schedule */
     int32_t *topk;  /* [S, k] */
     float *topw;    /* [S, k] */

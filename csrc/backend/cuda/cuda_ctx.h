@@ -286,24 +286,25 @@ inline dev_arrays dev_arrays_of(uint8_t *p) {
     return d;
 }
 
-/* moe_prompt's device arrays, in pr: n choices' indices, weights, rows of ye and the experts' token lists; the
- * layer's E experts; the tensor-core kernels' tile map (fmc_route_group) */
+/* moe_prompt's device arrays, in pr, for up to n choices (of T <= n tokens): their indices, weights, rows of ye and
+ * the experts' token lists (the shared expert's after them, where folded in); the layer's E experts and the shared
+ * one; the tensor-core kernels' tile map (fmc_route_group) */
 struct prompt_arrays {
     int32_t *idx; /* [n] */
     float *w;     /* [n] */
-    int32_t *rows, *tok; /* [n], [n] */
-    fmc_expert *ex;      /* [E] */
-    int2 *map;           /* [n]: fmc_route_group_tiles is at most n */
+    int32_t *rows, *tok; /* [n], [2n] */
+    fmc_expert *ex;      /* [E + 1] */
+    int2 *map;           /* [2n]: fmc_route_group_tiles is at most n + T */
 };
+inline size_t prompt_ints_bytes(int n) { return (5 * sizeof(int32_t) * (size_t)n + 255) & ~(size_t)255; }
 inline size_t prompt_bytes(int n, int E) {
-    return ((4 * sizeof(int32_t) * (size_t)n + 255) & ~(size_t)255) + sizeof(fmc_expert) * (size_t)E +
-           sizeof(int2) * (size_t)n;
+    return prompt_ints_bytes(n) + sizeof(fmc_expert) * (size_t)(E + 1) + sizeof(int2) * 2 * (size_t)n;
 }
 inline prompt_arrays prompt_arrays_of(void *p, int n, int E) {
     prompt_arrays a;
     a.idx = (int32_t *)p, a.w = (float *)(a.idx + n), a.rows = (int32_t *)(a.w + n), a.tok = a.rows + n;
-    a.ex = (fmc_expert *)((uint8_t *)p + ((4 * sizeof(int32_t) * (size_t)n + 255) & ~(size_t)255));
-    a.map = (int2 *)(a.ex + E);
+    a.ex = (fmc_expert *)((uint8_t *)p + prompt_ints_bytes(n));
+    a.map = (int2 *)(a.ex + E + 1);
     return a;
 }
 

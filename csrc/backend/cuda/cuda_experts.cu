@@ -674,16 +674,22 @@ bool device_prompts_on() { return env_on("FLASHMOE_CUDA_DEVICE_PROMPTS"); }
  * the host's grouping: each expert's tokens in order, its rows of ye after the experts before it), then one
  * fmc_experts_routed call for all of the layer's experts, the experts of many tokens on tensor cores in the tiles
  * the grouping mapped. So the host neither waits for the choices nor uploads lists, and the GPU never idles at the
- * layer's route. 0 (nothing issued) where it would not fit the budget, or while choices of an earlier call are
- * still to be delivered into a buffer it would have to grow. */
+ * layer's route. Folded (fold_of), the shared expert is one more expert of that call, on every token (rows T·k + t
+ * of ye), and fmc_shared_combine ends the layer: its gate and up on tensor cores with the routed experts' rather
+ * * than on fm_mm alone (a 512-row matrix is too few blocks for them), and eight launches fewer. 0 (nothing issued) where
+ * it would not fit the budget, or while choices of an earlier call are still to be delivered into a buffer it would
+ * have to grow; else 1, or 2 folded. */
 int moe_prompt(cuda_ctx *c, int layer, const float *logits, int T, int E, int k, int norm, const float *xn, float *ye,
-               int h, int32_t *idx) {
+               int h, int32_t *idx, const fm_shared_expert *shared, float *out) {
     if (!device_prompts_on()) return 0;
     const fmc_expert *t0 = &c->tab_host[(size_t)layer * E];
     const fm_mat *g0 = &t0->gate, *d0 = &t0->down;
-    const int n = T * k, narrow = fmc_experts_imma_routed_narrow(n, E), bn = fmc_experts_imma_tile(narrow);
-    const int big = aligned16(t0) && g0->int8_act && d0->int8_act ? fmc_experts_imma_routed_min(g0, d0) : 0;
-    const size_t ffn_bytes = group_bytes(g0, d0, T, n);
+    fmc_expert sx = {};
+    const bool fold = fold_of(shared, t0, h, &sx);
+    const int n = T * k, rows = fold ? n + T : n;
+    const int narrow = fmc_experts_imma_routed_narrow(n, E), bn = fmc_experts_imma_tile(narrow);
+    const int big = aligned16(t0) ? fmc_experts_imma_routed_min(g0, d0) : 0;
+    const size_t ffn_bytes = group_bytes(g0, d0, T, rows);
     const size_t pr_bytes = n > c->pr_cap ? prompt_bytes(n, E) : 0; /* E: c->n_exp, the model's */
     const size_t pin = (size_t)c->n_layers * (size_t)n;
     /* what growing the two device buffers would take, against the budget (the VRAM tier leaves VRAM_HEADROOM) */
@@ -709,20 +715,24 @@ int moe_prompt(cuda_ctx *c, int layer, const float *logits, int T, int E, int k,
     forget_q(c);
     layer_wait(c, layer);
     const prompt_arrays p = prompt_arrays_of(c->pr.p, c->pr_cap, E);
-    const int map_n = big ? fmc_route_group_tiles(T, k, E, big, bn) : 0;
+    const int map_n = fmc_route_group_tiles(T, k, E, big, bn, fold);
     launched(c, fmc_route(c->s, logits, T, E, k, norm, p.idx, p.w, nullptr, nullptr, nullptr, nullptr), "route");
-    launched(c, fmc_route_group(c->s, p.idx, T, k, E, c->tab_dev + (size_t)layer * E, big, bn, p.ex, p.tok, p.rows,
-                                p.map, map_n), "route");
-    launched(c, fmc_experts_routed(c->s, p.ex, t0, E, p.map, map_n, narrow, big, xn, T, h, (float *)mem, ye, n,
-                                   mem + h_bytes(g0, n)), "experts");
+    launched(c, fmc_route_group(c->s, p.idx, T, k, E, c->tab_dev + (size_t)layer * E, big, bn, fold ? &sx : nullptr,
+                                p.ex, p.tok, p.rows, p.map, map_n), "route");
+    launched(c, fmc_experts_routed(c->s, p.ex, t0, fold ? E + 1 : E, p.map, map_n, narrow, big, xn, T, h, (float *)mem,
+                                   ye, rows, mem + h_bytes(g0, rows)), "experts");
+    if (fold)
+        launched(c, fmc_shared_combine(c->s, shared->gate_row, xn, T, out, ye, p.rows, p.w, k, h),
+                 "the shared expert's combine");
     int32_t *pinned = c->pr_pinned + (size_t)layer * n;
     if (ok(c, cudaMemcpyAsync(pinned, p.idx, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, c->s),
            "the choices to the host"))
         c->deliv[c->n_deliv++] = {idx, pinned, (size_t)n};
     c->hits += (uint64_t)n;
     c->prompt_layers++;
+    c->folds += fold;
     c->last_T = T, c->last_k = k, c->last_rows = p.rows, c->last_w = p.w;
-    return 1;
+    return fold ? 2 : 1;
 }
 
 int cuda_moe_device(void *ctx, int layer, const float *logits, int T, int E, int k, int norm, const float *xn, float *ye,
@@ -731,7 +741,7 @@ int cuda_moe_device(void *ctx, int layer, const float *logits, int T, int E, int
     if (!c->all_fit || c->err != FM_OK || T < 1 || k < 1 || k > DEV_K || k > E || E != c->n_exp || layer < 0 ||
         layer >= c->n_layers || !c->layer_ready[layer])
         return 0;
-    if (T > DEV_T) return moe_prompt(c, layer, logits, T, E, k, norm, xn, ye, h, idx);
+    if (T > DEV_T) return moe_prompt(c, layer, logits, T, E, k, norm, xn, ye, h, idx, shared, out);
     forget_q(c);
     const size_t key0 = (size_t)layer * E;
     layer_wait(c, layer);

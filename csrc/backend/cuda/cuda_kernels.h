@@ -99,8 +99,14 @@ int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, const fmc_exp
 int fmc_experts_imma_mapped(cudaStream_t s, int gu, const fmc_expert *ex, int n_ex, const int2 *map, int map_n,
                             int narrow, const fm_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y,
                             int big);
+/* cpu.h's condition for int8 activations: w's matmuls quantize x (groups of 32..256 columns) */
+static inline int fmc_int8_path(const fm_mat *w) {
+    return (w->dtype == FM_Q4 || w->dtype == FM_Q8) && w->int8_act && w->group_size > 0 && w->group_size % 32 == 0 &&
+           w->group_size <= 256;
+}
 /* fmc_experts_routed's big for experts of this gate and down: the experts of at least this many tokens take the
- * tensor cores (FMC_IMMA_MIN_EXPERT_T or its override), 0 where they cannot (shapes, device, FLASHMOE_CUDA_IMMA=0) */
+ * tensor cores (FMC_IMMA_MIN_EXPERT_T or its override), 0 where they cannot (no int8 activations, shapes, device,
+ * FLASHMOE_CUDA_IMMA=0) */
 int fmc_experts_imma_routed_min(const fm_mat *gate, const fm_mat *down);
 /* the tokens of a token tile of the grouped tensor-core kernels (fmc_route_group's bn), in 8-token tiles or not */
 int fmc_experts_imma_tile(int narrow);
@@ -152,15 +158,18 @@ fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, in
  * [T·k] (each expert's tokens in ascending order, in expert order), rows device [T·k] (choice i's row of ye) and
  * map device [map_n] (the token tiles of bn tokens of every expert of at least
  * big choices (0: none), in expert order, as (expert, tile); then (-1, 0) up to map_n, which is to be at least
- * fmc_route_group_tiles(T, k, E, big, bn)). */
+ * fmc_route_group_tiles(T, k, E, big, bn, shared != NULL)). With shared (host: a shared expert's matrices, else
+ * NULL) also ex[E]: it on every token (tok [T·k + T]: 0..T-1 after the choices'), rows [T·k, T·k + T) of ye, its
+ * tiles after the routed experts'. */
 fm_status fmc_route_group(cudaStream_t s, const int32_t *idx, int T, int k, int E, const fmc_expert *tab, int big,
-                          int bn, fmc_expert *ex, int32_t *tok, int32_t *rows, int2 *map, int map_n);
+                          int bn, const fmc_expert *shared, fmc_expert *ex, int32_t *tok, int32_t *rows, int2 *map,
+                          int map_n);
 /* The most token tiles of bn that T tokens' top k of E experts can make over the experts of at least big choices
- * (at most T·k: an expert's tiles are at most its choices) */
-static inline int fmc_route_group_tiles(int T, int k, int E, int big, int bn) {
+ * (at most T·k: an expert's tiles are at most its choices), and with sh the shared expert's over T tokens */
+static inline int fmc_route_group_tiles(int T, int k, int E, int big, int bn, int sh) {
     if (big < 1) return 0;
     const long long n = (long long)T * k, experts = n / big < E ? n / big : E;
-    return (int)((n + (long long)(bn - 1) * experts) / bn);
+    return (int)((n + (long long)(bn - 1) * experts) / bn) + (sh && T >= big ? (T + bn - 1) / bn : 0);
 }
 
 /* ---- eltwise.cu: the element-wise and row ops, each the fm_cpu_* / backend.h op of the same name */

@@ -522,10 +522,7 @@ size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
 bool quantized(const fm_mat *w) { return w->dtype == FM_Q4 || w->dtype == FM_Q8; }
 
-/* cpu.h's condition for int8 activations */
-bool int8_path(const fm_mat *w) {
-    return quantized(w) && w->int8_act && w->group_size > 0 && w->group_size % 32 == 0 && w->group_size <= 256;
-}
+bool int8_path(const fm_mat *w) { return fmc_int8_path(w); }
 
 /* the int8 scratch: xd [T, ng], xs [T, cols / V] floats, then xq [T, cols] int8, each 256-byte aligned */
 struct i8_layout {

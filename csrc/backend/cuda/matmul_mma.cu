@@ -733,7 +733,9 @@ extern "C" int fmc_experts_imma_mapped(cudaStream_t s, int gu, const fmc_expert 
 }
 
 extern "C" int fmc_experts_imma_routed_min(const fm_mat *gate, const fm_mat *down) {
-    return imma_mode() != IMMA_OFF && imma_takes(gate) && imma_takes(down) ? imma_min_expert_t() : 0;
+    return imma_mode() != IMMA_OFF && fmc_int8_path(gate) && fmc_int8_path(down) && imma_takes(gate) && imma_takes(down)
+               ? imma_min_expert_t()
+               : 0;
 }
 
 extern "C" int fmc_experts_imma_tile(int narrow) { return narrow ? ex_gu_narrow<true>::BN : ex_gu<true>::BN; }

@@ -150,7 +150,8 @@ __device__ __forceinline__ int tiles_of(int n, int big, int bn) { return big > 0
  * choices in cnt[w][e], which then become the choices of e in the warps before w; a second walk places each
  * choice after those and after its own warp's earlier ones (its rank among its batch's lanes of the same e, then
  * the batch's count added). So expert e's tokens are listed in ascending order, as the host's group_by_expert
- * lists them. Dynamic shared memory: group_smem(E, GW), GW = blockDim.x / 32. */
+ * lists them. With has_sh the shared expert sh follows as expert E, of every token, its rows after the choices'.
+ * Dynamic shared memory: group_smem(E, GW), GW = blockDim.x / 32. */
 constexpr int GU = 4;
 /* ev[u]: the expert of choice b + 32u + lane (-1 past hi or outside [0, E)) */
 __device__ __forceinline__ void load_batches(const int32_t *idx, int b, int hi, int lane, int E, int (&ev)[GU]) {
@@ -161,8 +162,8 @@ __device__ __forceinline__ void load_batches(const int32_t *idx, int b, int hi, 
     }
 }
 __global__ void __launch_bounds__(1024) group_k(const int32_t *idx, int n, int k, int E, const fmc_expert *tab,
-                                                int big, int bn, fmc_expert *ex, int32_t *tok,
-                                                int32_t *rows, int2 *map, int map_n) {
+                                                int big, int bn, const fmc_expert sh, int has_sh, fmc_expert *ex,
+                                                int32_t *tok, int32_t *rows, int2 *map, int map_n) {
     fmc_pdl_wait(), fmc_pdl_trigger();
     extern __shared__ int gsm[];
     const int B = blockDim.x, GW = B >> 5, i0 = threadIdx.x, w = i0 >> 5, lane = i0 & 31;
@@ -214,7 +215,19 @@ __global__ void __launch_bounds__(1024) group_k(const int32_t *idx, int n, int k
         ex[e] = x;
         for (int j = toff[e]; j < toff[e + 1]; j++) map[j] = make_int2(e, j - toff[e]);
     }
-    for (int j = toff[E] + i0; j < map_n; j += B) map[j] = make_int2(-1, 0); /* past the last tile: none */
+    int end = toff[E]; /* the routed experts' tiles end here */
+    if (has_sh) { /* the shared expert, on tokens 0..T-1 in rows [n, n + T) */
+        const int T = n / k, st = tiles_of(T, big, bn);
+        if (i0 == 0) {
+            fmc_expert x = sh;
+            x.n = T, x.row0 = n, x.tok = tok + n;
+            ex[E] = x;
+        }
+        for (int t = i0; t < T; t += B) tok[n + t] = t;
+        for (int j = i0; j < st; j += B) map[end + j] = make_int2(E, j);
+        end += st;
+    }
+    for (int j = end + i0; j < map_n; j += B) map[j] = make_int2(-1, 0); /* past the last tile: none */
     for (int b = lo; b < hi; b += 32 * GU) {
         int ev[GU];
         load_batches(idx, b, hi, lane, E, ev);
@@ -268,13 +281,15 @@ fm_status fmc_route(cudaStream_t s, const float *logits, int T, int E, int k, in
 }
 
 fm_status fmc_route_group(cudaStream_t s, const int32_t *idx, int T, int k, int E, const fmc_expert *tab, int big,
-                          int bn, fmc_expert *ex, int32_t *tok, int32_t *rows, int2 *map, int map_n) {
+                          int bn, const fmc_expert *shared, fmc_expert *ex, int32_t *tok, int32_t *rows, int2 *map,
+                          int map_n) {
     if (T < 0 || k < 1 || E < 1 || E > MAX_E || (long long)T * k > 0x7FFFFFFF || big < 0 || bn < 1 || map_n < 0)
         return fm_fail(FM_ERR_INVALID, "cuda backend: grouping %d tokens' top %d of %d experts (1..%d)", T, k, E,
                        MAX_E);
     const int gw = group_warps(T * k, E);
     if (!gw) return fm_fail(FM_ERR_INVALID, "cuda backend: grouping the choices of %d experts: too many", E);
-    fmc_launch(group_k, 1u, 32 * gw, group_smem(E, gw), s, idx, T * k, k, E, tab, big, bn, ex, tok, rows, map,
-               map_n);
+    const fmc_expert sh = shared ? *shared : fmc_expert{};
+    fmc_launch(group_k, 1u, 32 * gw, group_smem(E, gw), s, idx, T * k, k, E, tab, big, bn, sh, (int)(shared != nullptr),
+               ex, tok, rows, map, map_n);
     return FM_OK;
 }
