@@ -675,10 +675,10 @@ bool device_prompts_on() { return env_on("FLASHMOE_CUDA_DEVICE_PROMPTS"); }
  * fmc_experts_routed call for all of the layer's experts, the experts of many tokens on tensor cores in the tiles
  * the grouping mapped. So the host neither waits for the choices nor uploads lists, and the GPU never idles at the
  * layer's route. Folded (fold_of), the shared expert is one more expert of that call, on every token (rows T·k + t
- * of ye), and fmc_shared_combine ends the layer: its gate and up on tensor cores with the routed experts' rather
- * * than on fm_mm alone (a 512-row matrix is too few blocks for them), and eight launches fewer. 0 (nothing issued) where
- * it would not fit the budget, or while choices of an earlier call are still to be delivered into a buffer it would
- * have to grow; else 1, or 2 folded. */
+ * of ye), and fmc_shared_combine ends the layer: its gate and up run on tensor cores with the routed experts'
+ * rather than on fm_mm alone (a 512-row matrix is too few blocks for them), and eight launches fewer. 0 (nothing
+ * issued) where it would not fit the budget, or while choices of an earlier call are still to be delivered into a
+ * buffer it would have to grow; else 1, or 2 folded. */
 int moe_prompt(cuda_ctx *c, int layer, const float *logits, int T, int E, int k, int norm, const float *xn, float *ye,
                int h, int32_t *idx, const fm_shared_expert *shared, float *out) {
     if (!device_prompts_on()) return 0;
