@@ -205,7 +205,9 @@ import sys
 import numpy as np
 import flashmoe
 path, out = sys.argv[1], sys.argv[2]
-m = flashmoe.load(path, backend="cuda", context_length=256, prefill_chunk=16)
+# segments of 128 tokens: the 100-token prompt's choices and shared rows (100 · (3 + 1)) fill more of ye than a
+# segment's choices alone would (128 · 3), as the core sizes it where the backend folds the shared expert in
+m = flashmoe.load(path, backend="cuda", context_length=128, prefill_chunk=16)
 ids = np.random.default_rng(5).integers(0, 251, 120).tolist()
 rows = [m.forward(ids[:100]),              # 100 tokens: experts of ~30 (10 experts, 3 a token)
         m.forward(ids[100:], reset=False),  # 20 more: experts of a few
