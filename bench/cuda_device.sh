@@ -52,14 +52,15 @@ build_tree() {
 }
 # env_ab LOG SETTINGS PROMPTS RUNS: hbm prompts (and a 16-token decode) under each of SETTINGS (space-separated; each
 # a comma list of VAR=value, "-" for none) in turn, RUNS rounds, one process each, output in $out/LOG.log; 1 when
-# a run failed
+# a run failed (ENVAB_ARGS: more of bench/cuda.py's arguments, after the hbm ones)
 env_ab() {
   local fail=0 i e vars
   for i in $(seq "$4"); do
     for e in $2; do
       echo "$e" | tee -a "$out/$1.log"
       vars=(); [ "$e" = - ] || IFS=, read -ra vars <<<"$e"
-      env "${vars[@]}" python3 bench/cuda.py --setting hbm --layers 8 --runs 1 --tokens 16 --prompts "$3" 2>&1 \
+      # shellcheck disable=SC2086  # ENVAB_ARGS: more arguments, split (e.g. "--setting pinned --gpu-budget 2GB")
+      env "${vars[@]}" python3 bench/cuda.py --setting hbm --layers 8 --runs 1 --tokens 16 --prompts "$3" ${ENVAB_ARGS:-} 2>&1 \
         | tee -a "$out/$1.log" | grep "tok/s" || fail=1
     done
   done
@@ -206,7 +207,8 @@ for what in "$@"; do
       env_ab minexp "$(for n in ${MINEXP_TS:-16 8 4 1}; do printf 'FLASHMOE_CUDA_IMMA_MIN_EXPERT_T=%s ' "$n"; done)" \
         "${MINEXP_PROMPTS:-512,2048}" "${MINEXP_RUNS:-2}" || rc=1 ;;
     envab)  # hbm prompts under each of ENVAB's settings, alternating, ENVAB_RUNS (2) processes each, prompts
-            # ENVAB_PROMPTS (128,256,512,2048)
+            # ENVAB_PROMPTS (128,256,512,2048); ENVAB_ARGS: bench/cuda.py's arguments added (another setting: e.g.
+            # ENVAB_ARGS="--setting pinned --gpu-budget 2GB" for the prompts whose experts are not all in VRAM)
       env_ab envab "${ENVAB:--}" "${ENVAB_PROMPTS:-128,256,512,2048}" "${ENVAB_RUNS:-2}" || rc=1 ;;
     hostab)  # pinned 122B decode: the host computing its share of the VRAM misses (auto, the default), all of them
              # (1) and none (0), alternating, HOSTAB_RUNS (2) processes each
