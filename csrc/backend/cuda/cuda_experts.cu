@@ -665,6 +665,24 @@ void layer_wait(cuda_ctx *c, int layer) {
     c->layer_ready[layer] = 2;
 }
 
+/* moe_device's end once the layer's experts are issued (decode's arrays or a prompt's: a.idx, a.rows, a.w device
+ * [T, k]): the folded shared expert's combine where the experts ran (issued), the choices on their way to pin for
+ * finish() to hand to idx, the counts; moe_device's return, 2 folded, else 1. */
+template <class A>
+int routed_end(cuda_ctx *c, const A &a, bool fold, bool issued, const fm_shared_expert *shared, const float *xn, int T,
+               int k, int h, float *out, const float *ye, int32_t *pin, int32_t *idx) {
+    if (fold && issued)
+        launched(c, fmc_shared_combine(c->s, shared->gate_row, xn, T, out, ye, a.rows, a.w, k, h),
+                 "the shared expert's combine");
+    const size_t n = (size_t)T * k;
+    if (ok(c, cudaMemcpyAsync(pin, a.idx, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, c->s), "the choices to the host"))
+        c->deliv[c->n_deliv++] = {idx, pin, n};
+    c->hits += (uint64_t)n;
+    c->folds += fold;
+    c->last_T = T, c->last_k = k, c->last_rows = a.rows, c->last_w = a.w;
+    return fold ? 2 : 1;
+}
+
 /* FLASHMOE_CUDA_DEVICE_PROMPTS=0: every prompt routes on the host, to compare; by default a prompt's layer whose
  * experts are all in VRAM routes on the device (moe_prompt: 128-token prompts x1.19, 2048 x1.02 on an H100,
  * bench/RESULTS.md session 21). Read at each call. */
@@ -721,18 +739,8 @@ int moe_prompt(cuda_ctx *c, int layer, const float *logits, int T, int E, int k,
                                 p.ex, p.tok, p.rows, p.map, map_n), "route");
     launched(c, fmc_experts_routed(c->s, p.ex, t0, fold ? E + 1 : E, p.map, map_n, narrow, big, xn, T, h, (float *)mem,
                                    ye, rows, mem + h_bytes(g0, rows)), "experts");
-    if (fold)
-        launched(c, fmc_shared_combine(c->s, shared->gate_row, xn, T, out, ye, p.rows, p.w, k, h),
-                 "the shared expert's combine");
-    int32_t *pinned = c->pr_pinned + (size_t)layer * n;
-    if (ok(c, cudaMemcpyAsync(pinned, p.idx, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, c->s),
-           "the choices to the host"))
-        c->deliv[c->n_deliv++] = {idx, pinned, (size_t)n};
-    c->hits += (uint64_t)n;
     c->prompt_layers++;
-    c->folds += fold;
-    c->last_T = T, c->last_k = k, c->last_rows = p.rows, c->last_w = p.w;
-    return fold ? 2 : 1;
+    return routed_end(c, p, fold, true, shared, xn, T, k, h, out, ye, c->pr_pinned + (size_t)layer * n, idx);
 }
 
 int cuda_moe_device(void *ctx, int layer, const float *logits, int T, int E, int k, int norm, const float *xn, float *ye,
@@ -763,17 +771,8 @@ int cuda_moe_device(void *ctx, int layer, const float *logits, int T, int E, int
     if (mem)
         launched(c, fmc_experts(c->s, d.ex, ex, n_ex, xn, T, h, (float *)mem, ye, n_ex, mem + h_bytes(g0, n_ex)),
                  "experts");
-    if (mem && fold)
-        launched(c, fmc_shared_combine(c->s, shared->gate_row, xn, T, out, ye, d.rows, d.w, k, h),
-                 "the shared expert's combine");
-    int32_t *pin = c->idx_pinned + (size_t)layer * DEV_N;
-    if (ok(c, cudaMemcpyAsync(pin, d.idx, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, c->s),
-           "the choices to the host"))
-        c->deliv[c->n_deliv++] = {idx, pin, (size_t)n};
-    c->hits += (uint64_t)n;
-    c->folds += fold;
-    c->last_T = T, c->last_k = k, c->last_rows = d.rows, c->last_w = d.w;
-    return fold ? 2 : 1;
+    return routed_end(c, d, fold, mem != nullptr, shared, xn, T, k, h, out, ye, c->idx_pinned + (size_t)layer * DEV_N,
+                      idx);
 }
 
 /* Drop the recording (it no longer matches the buffers, or a new one replaces it). */

@@ -522,8 +522,6 @@ size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
 bool quantized(const fm_mat *w) { return w->dtype == FM_Q4 || w->dtype == FM_Q8; }
 
-bool int8_path(const fm_mat *w) { return fmc_int8_path(w); }
-
 /* the int8 scratch: xd [T, ng], xs [T, cols / V] floats, then xq [T, cols] int8, each 256-byte aligned */
 struct i8_layout {
     size_t xs, xq, total;
@@ -615,7 +613,7 @@ void dispatch(cudaStream_t s, const mm_args &a, bool vec, const fmc_expert *ex, 
 template <int K>
 void dispatch_w(cudaStream_t s, const mm_args &a, const fm_mat *w, bool w16, bool vec, const fmc_expert *ex, int n_ex,
                 int max_n) {
-    if (int8_path(w)) {
+    if (fmc_int8_path(w)) {
         if (w->dtype == FM_Q4) dispatch<K, MM_Q4I8>(s, a, w16, ex, n_ex, max_n);
         else dispatch<K, MM_Q8I8>(s, a, w16, ex, n_ex, max_n);
         return;
@@ -700,7 +698,7 @@ fm_status grouped_buffers(const fm_mat *g0, const fm_mat *d0, const float *xn, i
                           const void *scratch) {
     if (T == 0 || !xn || !h || !ye || !aligned(xn, 4) || !aligned(h, 4) || !aligned(ye, 4))
         return fm_fail(FM_ERR_INVALID, "cuda backend: experts over %d tokens: no or misaligned activations", T);
-    if ((int8_path(g0) || int8_path(d0)) && (!scratch || !aligned(scratch, 16)))
+    if ((fmc_int8_path(g0) || fmc_int8_path(d0)) && (!scratch || !aligned(scratch, 16)))
         return fm_fail(FM_ERR_INVALID, "cuda backend: experts on int8 activations without their scratch");
     return FM_OK;
 }
@@ -726,7 +724,7 @@ extern "C" int fmc_same_kind(const fm_mat *a, const fm_mat *b) {
 }
 
 extern "C" size_t fmc_matmul_scratch_bytes(const fm_mat *w, int T) {
-    if (!w || T <= 0 || !int8_path(w) || w->cols <= 0 || w->cols % w->group_size) return 0;
+    if (!w || T <= 0 || !fmc_int8_path(w) || w->cols <= 0 || w->cols % w->group_size) return 0;
     return i8_scratch(w, T).total;
 }
 
@@ -743,7 +741,7 @@ extern "C" fm_status fmc_matmul(cudaStream_t s, const fm_mat *w, const float *x,
     bool w16, vec;
     mm_args a = matmul_args(w, x, T, &w16, &vec);
     a.y = y;
-    if (int8_path(w)) {
+    if (fmc_int8_path(w)) {
         if (!scratch || !aligned(scratch, 16))
             return fm_fail(FM_ERR_INVALID, "cuda backend: matmul on int8 activations without its scratch");
         const size_t blocks = quantize_blocks(w, (size_t)T);
@@ -793,7 +791,7 @@ extern "C" fm_status fmc_experts(cudaStream_t s, const fmc_expert *ex, const fmc
     if (hi - lo > rows)
         return fm_fail(FM_ERR_INVALID, "cuda backend: experts' rows %d to %lld, h has %d", lo, (long long)hi, rows);
     if ((st = grouped_buffers(g0, d0, xn, T, h, ye, scratch)) != FM_OK) return st;
-    const bool gi8 = int8_path(g0), di8 = int8_path(d0);
+    const bool gi8 = fmc_int8_path(g0), di8 = fmc_int8_path(d0);
     const size_t gblocks = gi8 ? quantize_blocks(g0, (size_t)T) : 1;
     const size_t dblocks = di8 ? quantize_blocks(d0, (size_t)max_n) : 1;
     if (!gblocks || !dblocks) return fm_fail(FM_ERR_INVALID, "cuda backend: experts over %d tokens: too many", T);
@@ -833,7 +831,7 @@ extern "C" fm_status fmc_experts_routed(cudaStream_t s, const fmc_expert *ex, co
         return st;
     if (T == 0) return FM_OK;
     if ((st = grouped_buffers(g0, d0, xn, T, h, ye, scratch)) != FM_OK) return st;
-    const bool gi8 = int8_path(g0), di8 = int8_path(d0);
+    const bool gi8 = fmc_int8_path(g0), di8 = fmc_int8_path(d0);
     if (big && (!gi8 || !di8))
         return fm_fail(FM_ERR_INVALID, "cuda backend: routed experts on tensor cores without int8 activations");
     const size_t gblocks = gi8 ? quantize_blocks(g0, (size_t)T) : 1, dblocks = di8 ? quantize_blocks(d0, (size_t)rows) : 1;
@@ -876,7 +874,7 @@ extern "C" fm_status fmc_shared_combine(cudaStream_t s, const fm_mat *w, const f
                        "%d choices", w ? w->rows : 0, w ? w->cols : 0, T, h, k);
     const fm_status st = check_weights(w, "shared expert's gate");
     if (st != FM_OK) return st;
-    if (int8_path(w)) /* its int8 activations would need a quantizer of their own: the core never asks */
+    if (fmc_int8_path(w)) /* its int8 activations would need a quantizer of their own: the core never asks */
         return fm_fail(FM_ERR_INVALID, "cuda backend: shared expert's gate on int8 activations");
     if (T == 0) return FM_OK;
     if (!xn || !out || !ye || !row || !wt || !aligned(xn, 4))
