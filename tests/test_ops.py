@@ -952,8 +952,8 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
 
 
 if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE_CI_REQUIRE=all)
-    # (dtype, group size, rows, cols, T): both tile shapes, partial tiles of rows and tokens, chunk counts under
-    # 32, odd, over 32 and not a multiple of it, one stage's worth (2 chunks) and less; groups of 3 and 6 chunks.
+    # (dtype, group size, rows, cols, T): partial tiles of rows and tokens, chunk counts of 1 and 2 (a block's warps
+    # mostly without any), under 32, odd, over 32 and not a multiple of it; groups of 3 and 6 chunks.
     IMMA_SHAPES = [(Q4, 32, 5, 32, 16), (Q8, 32, 7, 32, 47), (Q4, 64, 13, 192, 17), (Q8, 64, 13, 192, 48),
                    (Q4, 32, 70, 1056, 33), (Q8, 32, 65, 544, 100), (Q4, 128, 130, 384, 64),
                    (Q8, 128, 129, 384, 20), (Q4, 256, 9, 512, 129), (Q8, 256, 3, 4096, 31), (Q4, 96, 13, 288, 40),
@@ -988,7 +988,8 @@ if "cuda" in BACKENDS:  # defined only where it runs (a skip fails CI's FLASHMOE
     # (dtype, group size, H, I, token list sizes, xn rows): experts of 4 tokens and more (FMC_IMMA_MIN_EXPERT_T) on
     # tensor cores beside smaller ones on the dp4a kernel in the same call (1, 2, 3), 4 exactly, partial token
     # tiles, a shared expert's worth (all 100), a short prompt's few tokens an expert (the last: 8-token tiles under
-    # FLASHMOE_CUDA_IMMA_NARROW=auto); I and H not multiples of the row tiles (64 of gate and up, 128 of down).
+    # FLASHMOE_CUDA_IMMA_NARROW=auto); chunk counts under 32 (some of a block's 4 warps with none) and not a multiple
+    # of 32 (warps with different counts).
     IMMA_EXPERTS = [(Q4, 32, 192, 96, (40, 9, 4, 3, 100, 1), 100), (Q8, 64, 192, 128, (33, 1, 17, 64), 70),
                     (Q4, 64, 320, 192, (16, 31, 2), 40), (Q8, 32, 96, 160, (20, 50), 60),
                     (Q4, 64, 192, 128, (3, 5, 4, 7, 3), 12)]

@@ -15,27 +15,29 @@
  *
  * Here: d comes from an MMA (any order of an integer sum is the same integer; the MMA's C input is 0x4B400000,
  * so its output's bits are the float 1.5·2^23 + d, less 1.5·2^23 exactly (d, |d| < 2^22) the float d, as
- * (float)d is, in one FADD rather than a conversion at a quarter of the rate). Each thread owns outputs of its
- * MMA tiles and walks the chunks position by position: for i = 0..31 the chunks of lane v = rev5(i) in order
- * (lane v's fold, from +0), then A_v pushed onto a binary counter of 5 levels (the pending left subtrees: P_k +
- * x at each set bit of i, the left operand the older), a lane with no chunk (cols < 32 V) pushing +0 as fm_mm's
- * idle lane adds its +0. After position 31 the counter holds the butterfly's sum: the same operations on the same
- * operands (+ is commutative, but the emulator's NaN payloads are not, so even the operand order is lane 0's).
- * So the chunks are read in that order (not the columns'): stage s of the pipeline holds the next KC chunks of
- * it, 16 bytes of each row (loaded into registers during the stage before, q4's nibbles then stored as bytes)
- * and V of each token (cp.async), with each chunk's scales and biases (as floats) and each token's xd and xs.
+ * (float)d is, in one FADD rather than a conversion at a quarter of the rate). The tree's aligned subtrees are
+ * sums of their own: the NW warps of a block split the 32 positions, warp w positions PW·w.. (PW = 32 / NW), each
+ * warp over every output of the block's tile. A thread walks its warp's positions in order: for each, the chunks
+ * of lane v = rev5(i) in order (lane v's fold, from +0), then A_v pushed onto a binary counter of log2(PW) levels
+ * (the pending left subtrees: P_k + x at each set bit of i, the left operand the older), a lane with no chunk
+ * (cols < 32 V) pushing +0 as fm_mm's idle lane adds its +0. After its last position the counter holds its
+ * subtree's sum; the warps' sums meet in shared memory, added level by level, lower positions on the left: the
+ * same operations on the same operands (+ is commutative, but the emulator's NaN payloads are not, so even the
+ * operand order is lane 0's). So a warp reads its chunks in that order (not the columns'), in a cp.async pipeline
+ * of its own (each chunk's 16 bytes of the tile's rows, V of each token, each token's xd and xs; the rows' scales
+ * and biases a few chunks ahead through registers, stored as floats), with no barrier between the warps until the
+ * end: a warp waits only on its own loads.
  *
- * Tiles: a block of WM × WN warps, a warp 16·MT rows × 8·NT tokens (MT × NT MMA tiles: 4·MT·NT outputs a thread,
- * 6 floats each: the lane being folded and the counter's 5 levels, all in registers), ST stages of KC chunks
- * in static shared memory (under 48 KiB: no opt-in attribute). q4: m16n8k32, a chunk one MMA's K; q8:
- * m16n8k16 (a chunk of 16 columns: one MMA per chunk, since each chunk's d is needed alone). The calls (fm_mm's
- * K): a matmul (IM_MM) over T tokens; a grouped call's down (IM_DOWN) over an expert's n rows of h; its gate and
- * up (IM_GU) over its listed tokens of xn, a warp's m-tiles half the gate's rows, half the same rows of up, so
- * that a thread holds both of a (row, token) and stores silu(gate)·up (eltwise.cuh's fmc_silu_mul, as fm_mm).
- * Experts of fewer than `big` tokens are fm_mm's, in a launch of their own; a grouped call's blocks are its
- * (expert, token tile) pairs. A call whose blocks would not fill half the GPU stays on fm_mm (FLASHMOE_CUDA_IMMA
- * unset; 1 forces this kernel, 0 keeps fm_mm): its warps of 4 rows × 8 tokens spread a few dozen tokens over far
- * more SMs than these tiles of 16 × 32 outputs a warp.
+ * Tiles: a block of NW warps over 16·MT rows × 8·NT tokens (MT × NT MMA tiles: 4·MT·NT outputs a thread, 1 +
+ * log2(PW) floats each: the lane being folded and the counter's levels, all in registers), ST stages a warp in
+ * static shared memory (under 48 KiB: no opt-in attribute). q4: m16n8k32, a chunk one MMA's K; q8: m16n8k16 (a
+ * chunk of 16 columns: one MMA per chunk, since each chunk's d is needed alone). The calls (fm_mm's K): a matmul
+ * (IM_MM) over T tokens; a grouped call's down (IM_DOWN) over an expert's n rows of h; its gate and up (IM_GU)
+ * over its listed tokens of xn, the m-tiles half the gate's rows, half the same rows of up, so that a thread holds
+ * both of a (row, token) and stores silu(gate)·up (eltwise.cuh's fmc_silu_mul, as fm_mm). Experts of fewer than
+ * `big` tokens are fm_mm's, in a launch of their own; a grouped call's blocks are its (expert, token tile) pairs.
+ * A call whose blocks would not fill half the GPU stays on fm_mm (FLASHMOE_CUDA_IMMA unset; 1 forces this kernel,
+ * 0 keeps fm_mm): its warps of 4 rows × 8 tokens spread a few dozen tokens over far more SMs than these tiles.
  *
  * Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k32" and "... for mma.m16n8k16 with integer type";
  * groupID g = lane >> 2, threadID_in_group q = lane & 3, elements low to high in each .b32):
@@ -94,15 +96,6 @@ __device__ __forceinline__ float scale_value(uint32_t bits, int bf16) {
 /* the lane at position i of the butterfly's tree (and the position of lane i): i's 5 bits reversed */
 __host__ __device__ constexpr int rev5(int i) {
     return ((i & 1) << 4) | ((i & 2) << 2) | (i & 4) | ((i & 8) >> 2) | ((i & 16) >> 4);
-}
-
-/* the chunk after c in the order of the file comment (lane rev5(i) for i = 0..31, each lane's in column order),
- * or -1 past the last */
-__device__ __forceinline__ int next_chunk(int c, int nc) {
-    if (c + 32 < nc) return c + 32;
-    for (int i = rev5(c & 31) + 1; i < 32; i++)
-        if (rev5(i) < nc) return rev5(i);
-    return -1;
 }
 
 constexpr int MAGIC_BITS = 0x4B400000; /* 1.5·2^23 */
@@ -190,249 +183,182 @@ __device__ __forceinline__ void cp_wait() {
 #endif
 }
 
-/* The kernel's shape: WM × WN warps of 16·MT rows × 8·NT tokens (IM_GU: 8·MT rows of gate and the same of up);
- * ST stages of KC chunks. A stage in shared memory: W [KC][M·BM / 16] tiles of 16 rows (IM_GU: BM rows of gate,
- * then of up), each [8 g][4 q] slots of a thread's A fragment for the tile, in the order of its registers (one
- * load, no moves before the MMA): q4 16 bytes (word q of rows g and g + 8 as bytes: g's even nibbles, g + 8's, g's
- * odd nibbles, g + 8's), q8 8 bytes (word q of rows g, g + 8); slot q of row g at g·4 + (q ^ swz(g, tile)) (the
- * stores conflict-free, the loads contiguous whatever the swizzle); X [KC][BN] V bytes of each token; SB [KC][M·BM /
- * 16][8] float4 (s, b of row 16m + g, s, b of row 16m + g + 8: one load for a thread's two rows of an MMA tile); XS
- * [KC][BN / 8][4] float4 (xd, xs of token 8n + 2q, xd, xs of token 8n + 2q + 1); the stage's chunk numbers. Each
- * fragment load of a warp reads 128 to 512 contiguous bytes, or broadcasts. */
-template <int K_, bool Q4_, int WM_, int WN_, int MT_, int NT_, int KC_, int ST_>
+/* The kernel's shape: NW warps, each over every output of the block's tile (16·MT rows of W × 8·NT tokens; IM_GU:
+ * 8·MT rows of gate, the same rows of up) and over its own share of the chunks, the 32 / NW positions PW·w.. of the
+ * butterfly's tree (warp w): its own cp.async pipeline of ST stages, no barrier between the warps until their sums
+ * meet at the end. RES: blocks resident an SM (its registers). A warp's stage in shared memory: W [R][16] the
+ * chunk's 16 bytes of each of its R = 16·MT rows (q4: 32 nibbles, split at the fragment load; q8: 16 bytes); X
+ * [BN][V] the chunk's bytes of each token; SB [MT][8] float4 (s, b of rows g and g + 8 of each 16-row tile: one
+ * load for a thread's two rows of an MMA tile); XS [NT][4] float4 (xd, xs of token 8n + 2q, xd, xs of 8n + 2q + 1).
+ * Each fragment load of a warp reads 128 to 512 contiguous bytes, or broadcasts. */
+template <int K_, bool Q4_, int NW_, int MT_, int NT_, int ST_, int RES_>
 struct imma_cfg {
-    static constexpr int K = K_, WM = WM_, WN = WN_, MT = MT_, NT = NT_, KC = KC_, ST = ST_;
+    static constexpr int K = K_, NW = NW_, MT = MT_, NT = NT_, ST = ST_, RES = RES_;
     static constexpr bool Q4 = Q4_;
-    static constexpr int M = K == IM_GU ? 2 : 1, MTM = MT / M; /* matrices; m-tiles of each a warp */
-    static constexpr int NTHR = 32 * WM * WN, BM = 16 * MTM * WM, BN = 8 * NT * WN, V = Q4 ? 32 : 16, WB = Q4 ? 32 : 16;
-    static constexpr int X_OFF = KC * M * BM * WB, SB_OFF = X_OFF + KC * BN * V, XS_OFF = SB_OFF + KC * M * BM * 8,
-                         C_OFF = XS_OFF + KC * BN * 8, STAGE = C_OFF + 16;
-    /* a thread's loads of a stage: (rows g and g + 8 of a tile, chunk) items of w (16 bytes, a scale and a bias
-     * each row: through registers), 16-byte pieces of xq and xd or xs floats (cp.async) */
-    static constexpr int NW = (KC * M * BM / 2 + NTHR - 1) / NTHR, NX = (KC * BN * V / 16 + NTHR - 1) / NTHR,
-                         NXS = (KC * BN * 2 + NTHR - 1) / NTHR;
-    static constexpr int O = 4 * MT * NT; /* outputs a thread */
-    static_assert(MT % M == 0 && KC <= 4 && STAGE % 16 == 0 && ST >= 2 && ST * STAGE <= 48 * 1024,
-                  "stages in static shared memory");
+    static constexpr int M = K == IM_GU ? 2 : 1, MTM = MT / M; /* matrices; 16-row tiles of each */
+    static constexpr int NTHR = 32 * NW, R = 16 * MT, BM = 16 * MTM, BN = 8 * NT, V = Q4 ? 32 : 16;
+    static constexpr int PW = 32 / NW, LV = PW == 1 ? 0 : PW == 2 ? 1 : PW == 4 ? 2 : PW == 8 ? 3 : PW == 16 ? 4 : 5;
+    static constexpr int X_OFF = R * 16, SB_OFF = X_OFF + BN * V, XS_OFF = SB_OFF + MT * 8 * 16,
+                         STAGE = XS_OFF + NT * 4 * 16;
+    static constexpr int O = 4 * MT * NT;                            /* outputs a thread */
+    static constexpr int WL = (R + 31) / 32, XL = (BN * V / 16 + 31) / 32, SL = (2 * BN + 31) / 32; /* loads a lane */
+    static constexpr int RED = NW * O * 32 * 4, SMEM = NW * ST * STAGE > RED ? NW * ST * STAGE : RED;
+    static_assert(MT % M == 0 && (NW & (NW - 1)) == 0 && NW <= 32 && ST >= 2 && STAGE % 16 == 0 &&
+                      SMEM <= 48 * 1024, "warps a power of two, stages in static shared memory");
 };
 
-/* the slot swizzle of W's tiles (the stage comment): a warp's stores of the slots' q-th words, 8 (q4: 16 bytes) or
- * 16 (q8: 8 bytes) threads a bank cycle, each thread its tile's row pair g, land in distinct banks */
-template <bool Q4>
-__device__ __forceinline__ int swz(int g, int tile) {
-    return Q4 ? g >> 1 & 3 : (g >> 2 & 1) | (tile & 1) << 1;
-}
-
-/* element kc of a stage's list (kc not a constant: selects, not a local array) */
-template <int KC>
-__device__ __forceinline__ int pick(const int (&v)[KC], int kc) {
-    int c = v[0];
-#pragma unroll
-    for (int k = 1; k < KC; k++)
-        if (kc == k) c = v[k];
-    return c;
-}
-
-/* a stage's chunks (-1 past the last) and their groups */
-template <int KC>
-struct stage_list {
-    int c[KC], g[KC];
-};
-
-/* the next KC chunks from cur; g = c / (gs / V) as (c · mg) >> 32, mg = ceil(2^32 / (gs / V)) (exact for c < 2^24) */
-template <int KC>
-__device__ __forceinline__ void next_stage(int &cur, stage_list<KC> &l, int nc, unsigned long long mg) {
-#pragma unroll
-    for (int k = 0; k < KC; k++) {
-        l.c[k] = cur;
-        l.g[k] = cur >= 0 ? (int)((unsigned long long)cur * mg >> 32) : 0;
-        if (cur >= 0) cur = next_chunk(cur, nc);
-    }
-}
-
-/* A thread's part of each stage, fixed for the block: which rows, tokens and chunk of the stage (kc) its loads
- * take. Rows past the last and tokens past the n-th read the last one (their outputs are never stored). */
-template <class C, int KC>
+/* A lane's part of each stage of its warp, fixed for the block: its rows of W (and their scales), its tokens' 16-byte
+ * pieces of X, and its xd or xs. Rows past the last and tokens past the n-th read the last one (their outputs are
+ * never stored). Scales and biases are loaded ST - 1 chunks ahead into registers (ring, oldest first) and stored as
+ * floats the iteration their chunk is computed (before the warp's barrier). */
+template <class C>
 struct loader {
-    const char *w[C::NW][2];                   /* rows g, g + 8 of the tile (w items) */
-    const uint16_t *sc[C::NW][2], *bi[C::NW][2]; /* their scales and biases */
-    const int8_t *x[C::NX];              /* the token's xq row, + its 16-byte piece (x items) */
-    const float *f[C::NXS];              /* the token's xd or xs row (xs items) */
-    bool fs[C::NXS];                     /* xs (else xd) */
-    uint4 wv[C::NW][2];                  /* loaded, to store after the stage's compute */
-    uint32_t sb[C::NW][2];
+    const char *w[C::WL];                    /* the row (+ 16·c: chunk c's bytes) */
+    const uint16_t *sc[C::WL], *bi[C::WL];   /* its scales and biases (+ the chunk's group) */
+    const int8_t *x[C::XL];                  /* the token's xq row + its 16-byte piece (+ V·c) */
+    const float *f[C::SL];                   /* the token's xd (+ group) or xs (+ c) row */
+    bool fs[C::SL];                          /* xs (else xd) */
+    uint32_t ring[C::ST - 1][C::WL];         /* s | b << 16 of the chunks loaded, oldest first */
 
     /* m: the matrices; xrow(j): the row of x (xq, xd, xs) of the tile's token j < BN */
     template <class XR>
     __device__ __forceinline__ loader(const imma_args &a, const im_mat (&m)[C::M], int r0, const XR &xrow) {
-        const int tid = threadIdx.x;
+        const int lane = threadIdx.x & 31;
 #pragma unroll
-        for (int i = 0; i < C::NW; i++) {
-            const int p = (tid + i * C::NTHR) % (C::M * C::BM / 2), rr = p / 8 * 16 + p % 8; /* row g of tile p / 8 */
-            const im_mat &mm = rr >= C::BM ? m[C::M - 1] : m[0];
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int row = min(r0 + (rr + 8 * h) % C::BM, a.rows - 1);
-                w[i][h] = mm.w + (size_t)row * a.row_bytes;
-                sc[i][h] = mm.scales + (size_t)row * a.ng, bi[i][h] = mm.biases + (size_t)row * a.ng;
-            }
+        for (int i = 0; i < C::WL; i++) {
+            const int rr = min(lane + 32 * i, C::R - 1); /* row rr of the stage's W */
+            const im_mat &mm = rr >= C::BM ? m[C::M - 1] : m[0]; /* (a constant index: no local array) */
+            const int row = min(r0 + rr % C::BM, a.rows - 1);
+            w[i] = mm.w + (size_t)row * a.row_bytes;
+            sc[i] = mm.scales + (size_t)row * a.ng, bi[i] = mm.biases + (size_t)row * a.ng;
         }
 #pragma unroll
-        for (int i = 0; i < C::NX; i++) {
-            const int idx = tid + i * C::NTHR, t = idx / (C::V / 16) % C::BN, p = idx % (C::V / 16);
+        for (int i = 0; i < C::XL; i++) {
+            const int idx = lane + 32 * i, t = idx / (C::V / 16) % C::BN, p = idx % (C::V / 16);
             x[i] = a.xq + xrow(t) * a.cols + 16 * p;
         }
 #pragma unroll
-        for (int i = 0; i < C::NXS; i++) {
-            const int idx = tid + i * C::NTHR;
+        for (int i = 0; i < C::SL; i++) {
+            const int idx = lane + 32 * i;
             const size_t row = xrow(idx / 2 % C::BN);
             fs[i] = idx & 1;
             f[i] = fs[i] ? a.xs + row * a.nc : a.xd + row * a.ng;
         }
     }
 
-    /* the stage's copies (cp.async: X, XS) and loads (W, SB: into wv, sb) */
-    __device__ __forceinline__ void issue(char *buf, const stage_list<KC> &l) {
-        const int tid = threadIdx.x;
+    /* chunk c (group gc) into buf: W, X, XS by cp.async; its scales into the ring's newest slot */
+    __device__ __forceinline__ void issue(char *buf, int c, int gc) {
+        const int lane = threadIdx.x & 31;
 #pragma unroll
-        for (int i = 0; i < C::NW; i++) {
-            const int idx = tid + i * C::NTHR, kc = idx / (C::M * C::BM / 2), c = pick(l.c, kc);
-            if (idx < KC * C::M * C::BM / 2 && c >= 0) {
-                const int g = pick(l.g, kc);
+        for (int i = 0; i < C::WL; i++) {
+            if (lane + 32 * i < C::R) cp16(buf + (lane + 32 * i) * 16, w[i] + (size_t)c * 16);
+            ring[C::ST - 2][i] = __ldg(sc[i] + gc) | (uint32_t)__ldg(bi[i] + gc) << 16;
+        }
 #pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    wv[i][h] = __ldg((const uint4 *)(w[i][h] + (size_t)c * 16));
-                    sb[i][h] = __ldg(sc[i][h] + g) | (uint32_t)__ldg(bi[i][h] + g) << 16;
-                }
+        for (int i = 0; i < C::XL; i++)
+            if (lane + 32 * i < C::BN * C::V / 16) cp16(buf + C::X_OFF + (lane + 32 * i) * 16, x[i] + (size_t)c * C::V);
+#pragma unroll
+        for (int i = 0; i < C::SL; i++) {
+            const int idx = lane + 32 * i, t = idx / 2;
+            if (idx < 2 * C::BN) {
+                float *dst = (float *)(buf + C::XS_OFF) + ((t / 8 * 4 + t % 8 / 2) * 4 + 2 * (t & 1) + fs[i]);
+                cp4(dst, f[i] + (fs[i] ? c : gc));
             }
         }
-#pragma unroll
-        for (int i = 0; i < C::NX; i++) {
-            const int idx = tid + i * C::NTHR, kc = idx / (C::BN * C::V / 16), c = pick(l.c, kc);
-            if (idx < KC * C::BN * C::V / 16 && c >= 0) cp16(buf + C::X_OFF + idx * 16, x[i] + (size_t)c * C::V);
-        }
-#pragma unroll
-        for (int i = 0; i < C::NXS; i++) {
-            const int idx = tid + i * C::NTHR, kc = idx / (C::BN * 2), t = idx / 2 % C::BN;
-            const int c = pick(l.c, kc);
-            if (idx < KC * C::BN * 2 && c >= 0) {
-                float *dst = (float *)(buf + C::XS_OFF) + ((kc * (C::BN / 8) + t / 8) * 4 + t % 8 / 2) * 4 + 2 * (t & 1) + fs[i];
-                cp4(dst, f[i] + (fs[i] ? c : pick(l.g, kc)));
-            }
-        }
-        if (tid < KC) ((int *)(buf + C::C_OFF))[tid] = pick(l.c, tid);
     }
 
-    /* W and SB from the loads issue made (q4: each word's nibbles as bytes, evens then odds) */
-    template <bool Q4>
-    __device__ __forceinline__ void store(char *buf, const stage_list<KC> &l, int sbf16) {
+    /* the ring's oldest scales (the chunk computed next) into buf's SB as floats; the ring moves on */
+    __device__ __forceinline__ void store_scales(char *buf, int sbf16) {
+        const int lane = threadIdx.x & 31;
 #pragma unroll
-        for (int i = 0; i < C::NW; i++) {
-            const int idx = threadIdx.x + i * C::NTHR, kc = idx / (C::M * C::BM / 2), g = idx % 8;
-            const int tile = idx / 8 % (C::M * C::BM / 16);
-            if (idx < KC * C::M * C::BM / 2 && pick(l.c, kc) >= 0) {
-                char *const t = buf + (kc * (C::M * C::BM / 16) + tile) * 16 * C::WB; /* the tile's slots */
-                const uint32_t u0[4] = {wv[i][0].x, wv[i][0].y, wv[i][0].z, wv[i][0].w};
-                const uint32_t u1[4] = {wv[i][1].x, wv[i][1].y, wv[i][1].z, wv[i][1].w};
-                const int sw = swz<Q4>(g, tile);
+        for (int i = 0; i < C::WL; i++) {
+            const int rr = lane + 32 * i; /* tile rr / 16, its row g = rr % 8, of the pair's half rr / 8 % 2 */
+            if (rr < C::R)
+                ((float2 *)(buf + C::SB_OFF))[(rr / 16 * 8 + rr % 8) * 2 + rr / 8 % 2] =
+                    make_float2(scale_value(ring[0][i] & 0xFFFFu, sbf16), scale_value(ring[0][i] >> 16, sbf16));
 #pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    char *const slot = t + (g * 4 + (q ^ sw)) * (C::WB / 2);
-                    if constexpr (Q4) {
-                        const uint32_t M4 = 0x0F0F0F0Fu;
-                        *(uint4 *)slot = make_uint4(u0[q] & M4, u1[q] & M4, (u0[q] >> 4) & M4, (u1[q] >> 4) & M4);
-                    } else {
-                        *(uint2 *)slot = make_uint2(u0[q], u1[q]);
-                    }
-                }
-                float4 *sd = (float4 *)(buf + C::SB_OFF) + (kc * (C::M * C::BM / 16) + tile) * 8 + g;
-                *sd = make_float4(scale_value(sb[i][0] & 0xFFFFu, sbf16), scale_value(sb[i][0] >> 16, sbf16),
-                                  scale_value(sb[i][1] & 0xFFFFu, sbf16), scale_value(sb[i][1] >> 16, sbf16));
-            }
+            for (int s = 0; s + 1 < C::ST - 1; s++) ring[s][i] = ring[s + 1][i];
         }
     }
 };
 
-/* Chunk kc of the stage in buf for the warp's tiles (rows wr.. of each matrix, tokens wt.. of the block's): one
- * MMA per tile, then per output fm_mm's acc = fma(xd, fma(s, d, b·xs), acc). Output o = 4·(NT·mt + nt) + e of
- * the thread: matrix mt / MTM's row wr + 16 (mt % MTM) + g + 8 (e >> 1), token wt + 8 nt + 2q + (e & 1). */
-template <class C, bool Q4, int MT, int NT>
-__device__ __forceinline__ void chunk_mma(const char *buf, int kc, int wr, int wt, float (&acc)[C::O]) {
+/* Chunk of the stage in buf, onto the thread's accumulators: one MMA per (m-tile, n-tile), then per output fm_mm's
+ * acc = fma(xd, fma(s, d, b·xs), acc). Output o = 4·(NT·mt + nt) + e of the thread: row 16·mt + g + 8·(e >> 1) of the
+ * stage's W, token 8·nt + 2q + (e & 1) of the tile. */
+template <class C>
+__device__ __forceinline__ void chunk_mma(const char *buf, float (&acc)[C::O]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const char *W = buf + kc * C::M * C::BM * C::WB, *X = buf + C::X_OFF + kc * C::BN * C::V;
-    const float4 *SB = (const float4 *)(buf + C::SB_OFF) + kc * (C::M * C::BM / 16) * 8;
-    const float4 *XS = (const float4 *)(buf + C::XS_OFF) + kc * (C::BN / 8) * 4;
-    uint32_t af[MT][Q4 ? 4 : 2], bf[NT][Q4 ? 2 : 1];
-    float4 sb[MT], xx[NT];
+    const char *X = buf + C::X_OFF;
+    const float4 *SB = (const float4 *)(buf + C::SB_OFF), *XS = (const float4 *)(buf + C::XS_OFF);
+    uint32_t af[C::MT][C::Q4 ? 4 : 2], bf[C::NT][C::Q4 ? 2 : 1];
+    float4 sb[C::MT], xx[C::NT];
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-        const int tile = (mt / C::MTM * C::BM + wr) / 16 + mt % C::MTM; /* in the stage's W */
-        const char *slot = W + tile * 16 * C::WB + (g * 4 + (q ^ swz<Q4>(g, tile))) * (C::WB / 2);
-        if constexpr (Q4) { /* a0, a2: row g's word q as even nibbles (k 4q..), odd ones (k 16 + 4q..); a1, a3: row g + 8 */
-            const uint4 u = *(const uint4 *)slot;
-            af[mt][0] = u.x, af[mt][1] = u.y, af[mt][2] = u.z, af[mt][3] = u.w;
+    for (int mt = 0; mt < C::MT; mt++) { /* word q of rows g and g + 8 (q4: as even nibbles, k 4q.., then odd ones) */
+        const uint32_t u0 = *(const uint32_t *)(buf + (16 * mt + g) * 16 + 4 * q);
+        const uint32_t u1 = *(const uint32_t *)(buf + (16 * mt + g + 8) * 16 + 4 * q);
+        if constexpr (C::Q4) {
+            const uint32_t M4 = 0x0F0F0F0Fu;
+            af[mt][0] = u0 & M4, af[mt][1] = u1 & M4, af[mt][2] = u0 >> 4 & M4, af[mt][3] = u1 >> 4 & M4;
         } else {
-            const uint2 u = *(const uint2 *)slot;
-            af[mt][0] = u.x, af[mt][1] = u.y;
+            af[mt][0] = u0, af[mt][1] = u1;
         }
-        sb[mt] = SB[tile * 8 + g];
+        sb[mt] = SB[mt * 8 + g];
     }
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-        const int t = wt + 8 * nt + g;
-        if constexpr (Q4) { /* xq bytes 8q..8q+3: the columns of word q's even nibbles; 8q+4..8q+7: its odd ones */
+    for (int nt = 0; nt < C::NT; nt++) {
+        const int t = 8 * nt + g;
+        if constexpr (C::Q4) { /* xq bytes 8q..8q+3: the columns of word q's even nibbles; 8q+4..8q+7: its odd ones */
             const uint2 v = *(const uint2 *)(X + t * 32 + 8 * q);
             bf[nt][0] = v.x, bf[nt][1] = v.y;
         } else {
             bf[nt][0] = *(const uint32_t *)(X + t * 16 + 4 * q);
         }
-        xx[nt] = XS[(wt / 8 + nt) * 4 + q];
+        xx[nt] = XS[nt * 4 + q];
     }
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++)
+    for (int mt = 0; mt < C::MT; mt++)
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
+        for (int nt = 0; nt < C::NT; nt++) {
             int d[4];
-            mma_u8s8<Q4>(d, af[mt], bf[nt], MAGIC_BITS);
+            mma_u8s8<C::Q4>(d, af[mt], bf[nt], MAGIC_BITS);
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const float s = e >> 1 ? sb[mt].z : sb[mt].x, b = e >> 1 ? sb[mt].w : sb[mt].y;
                 const float xd = e & 1 ? xx[nt].z : xx[nt].x, xs = e & 1 ? xx[nt].w : xx[nt].y;
                 const float dv = __fsub_rn(__int_as_float(d[e]), MAGIC); /* (float)d, exactly */
-                float &o = acc[4 * (NT * mt + nt) + e];
+                float &o = acc[4 * (C::NT * mt + nt) + e];
                 o = fmaf(xd, fmaf(s, dv, __fmul_rn(b, xs)), o);
             }
         }
 }
 
 /* x merged with the counter's levels below T (the older subtree left at each, as lane 0's: P[T-1] + (... + (P[0] +
- * x))), the sum left at level T (T = 5: in x, the tree's sum). Each case its own code, every index a constant: the
- * sums land in P's registers, no copies between them. */
-template <int T, int O>
-__device__ __forceinline__ void merge(float (&x)[O], float (&P)[5][O]) {
+ * x))), the sum left at level T (T = L: in x, the subtree's sum). Each case its own code, every index a constant:
+ * the sums land in P's registers, no copies between them. */
+template <int T, int L, int O>
+__device__ __forceinline__ void merge(float (&x)[O], float (&P)[L > 0 ? L : 1][O]) {
 #pragma unroll
     for (int o = 0; o < O; o++) {
         float v = x[o];
 #pragma unroll
         for (int k = 0; k < T; k++) v = __fadd_rn(P[k][o], v);
-        if constexpr (T < 5) P[T][o] = v;
+        if constexpr (T < L) P[T][o] = v;
         else x[o] = v;
     }
 }
 
-/* Lane rev5(i)'s fold done (in x): onto the binary counter P. Its levels below the lowest clear bit of i hold left
- * subtrees waiting for x (i's trailing ones), merged in; the sum waits at that level. At i = 31 x ends as the
- * tree's sum. */
-template <int O>
-__device__ __forceinline__ void push(int i, float (&x)[O], float (&P)[5][O]) {
-    switch (__ffs(~i) - 1) { /* i's trailing ones (uniform) */
-    case 0: merge<0>(x, P); break;
-    case 1: merge<1>(x, P); break;
-    case 2: merge<2>(x, P); break;
-    case 3: merge<3>(x, P); break;
-    case 4: merge<4>(x, P); break;
-    default: merge<5>(x, P); break;
-    }
+/* Position i's lane done (its fold in x): onto the warp's binary counter P of L levels (its subtree of 2^L
+ * positions). Its levels below the lowest clear bit of i hold left subtrees waiting for x (t: i's trailing ones),
+ * merged in; the sum waits at that level. At i = 2^L - 1 x ends as the subtree's sum. */
+template <int T, int L, int O>
+__device__ __forceinline__ void push_at(int t, float (&x)[O], float (&P)[L > 0 ? L : 1][O]) {
+    if constexpr (T >= L) merge<L, L>(x, P);
+    else if (t == T) merge<T, L>(x, P);
+    else push_at<T + 1, L>(t, x, P);
+}
+template <int L, int O>
+__device__ __forceinline__ void push(int i, float (&x)[O], float (&P)[L > 0 ? L : 1][O]) {
+    push_at<0, L>(__ffs(~i) - 1, x, P); /* t uniform */
 }
 
 /* The x row of the tile's token j (clamped to the call's or the expert's last): consecutive from x0 (a matmul's
@@ -472,25 +398,31 @@ __device__ __forceinline__ int2 expert_tile(const imma_args &a) {
     return found[0];
 }
 
+/* the position of the warp's tree after position i whose lane has a chunk (nc chunks), or PW past its last */
+template <int PW>
+__device__ __forceinline__ int next_real(int base, int i, int nc) {
+    while (i < PW && rev5(base + i) >= nc) i++;
+    return i;
+}
+
 /* y tile [token tile blockIdx.x, row tile blockIdx.y] of the call (grouped: of the expert expert_tile finds): the
  * file comment */
-template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
-__global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_constant__ imma_args a) {
+template <class C>
+__global__ void __launch_bounds__(C::NTHR, C::RES) fm_mm_imma(const __grid_constant__ imma_args a) {
     fmc_pdl_wait(), fmc_pdl_trigger();
-    using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC, ST>;
     const int r0 = blockIdx.y * C::BM;
     int t0 = blockIdx.x * C::BN;
     im_mat m[C::M];
     int n = a.T, xr = 0, yr = 0; /* the tokens; the rows of x (IM_MM, IM_DOWN) and y the first one takes */
     const int32_t *tok = nullptr;
-    if constexpr (K == IM_MM) {
+    if constexpr (C::K == IM_MM) {
         m[0] = {a.w, a.scales, a.biases};
     } else {
         const int2 et = a.map ? fmc_ld(a.map + blockIdx.x) : expert_tile<C::BN>(a);
         if (et.x < 0) return; /* the whole block: a tile map's bound past its last tile */
         const fmc_expert &e = a.ex[et.x];
         n = e.n, t0 = et.y * C::BN;
-        if constexpr (K == IM_GU) {
+        if constexpr (C::K == IM_GU) {
             m[0] = {(const char *)e.gate.data, e.gate.scales, e.gate.biases};
             m[C::M - 1] = {(const char *)e.up.data, e.up.scales, e.up.biases};
             tok = e.tok, yr = e.row0 - a.hlo;
@@ -499,89 +431,87 @@ __global__ void __launch_bounds__(32 * WM * WN, 1) fm_mm_imma(const __grid_const
             xr = e.row0 - a.hlo, yr = e.row0;
         }
     }
-    __shared__ uint4 smem[ST * C::STAGE / 16];
-    char *const sm = (char *)smem;
+    __shared__ uint4 smem[C::SMEM / 16];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int wr = warp % WM * 16 * C::MTM, wt = warp / WM * 8 * NT; /* the warp's first row and token in the tile */
-    const int nc = a.nc;
-    float acc[C::O], P[5][C::O];
-#pragma unroll
-    for (int o = 0; o < C::O; o++) {
-        acc[o] = 0.0f;
-#pragma unroll
-        for (int k = 0; k < 5; k++) P[k][o] = 0.0f;
-    }
+    char *const sw = (char *)smem + warp * C::ST * C::STAGE; /* the warp's stages */
+    const int nc = a.nc, base = warp * C::PW;                /* its positions base.. */
+    float acc[C::O], P[C::LV > 0 ? C::LV : 1][C::O];
     auto make_loader = [&]() {
-        if constexpr (K == IM_GU) return loader<C, KC>(a, m, r0, xrow_list{tok, t0, n - 1});
-        else return loader<C, KC>(a, m, r0, xrow_seq{xr, t0, n - 1});
+        if constexpr (C::K == IM_GU) return loader<C>(a, m, r0, xrow_list{tok, t0, n - 1});
+        else return loader<C>(a, m, r0, xrow_seq{xr, t0, n - 1});
     };
-    loader<C, KC> ld = make_loader();
-    int lc = 0; /* the next chunk to load */
-    const int stages = (nc + KC - 1) / KC;
+    loader<C> ld = make_loader();
+    /* the load cursor: position li's lane, its chunk lc (-1 past the warp's last) */
+    int li = next_real<C::PW>(base, 0, nc), lc = li < C::PW ? rev5(base + li) : -1;
+    auto advance = [&]() {
+        if (lc + 32 < nc) lc += 32;
+        else li = next_real<C::PW>(base, li + 1, nc), lc = li < C::PW ? rev5(base + li) : -1;
+    };
+    auto group = [&](int c) { return (int)((unsigned long long)c * a.mg >> 32); };
 #pragma unroll
-    for (int s = 0; s < ST - 1; s++) {
-        stage_list<KC> l;
-        next_stage(lc, l, nc, a.mg);
-        if (s < stages) ld.issue(sm + s * C::STAGE, l);
+    for (int s = 0; s < C::ST - 1; s++) {
+#pragma unroll
+        for (int j = 0; j + 1 < C::ST - 1; j++) /* the ring moves up to its newest slot */
+#pragma unroll
+            for (int i = 0; i < C::WL; i++) ld.ring[j][i] = ld.ring[j + 1][i];
+        if (lc >= 0) ld.issue(sw + s * C::STAGE, lc, group(lc)), advance();
         cp_commit();
-        if (s < stages) ld.template store<Q4>(sm + s * C::STAGE, l, a.sbf16);
     }
-    for (int j = 0; j < stages; j++) {
-        cp_wait<ST - 2>(); /* stage j landed (this thread's copies), */
-        __syncthreads();   /* everyone's, its W and SB stored; and stage j - 1's buffer is free */
-        const int jn = j + ST - 1;
-        char *const nb = sm + jn % ST * C::STAGE;
-        stage_list<KC> l;
-        next_stage(lc, l, nc, a.mg);
-        if (jn < stages) ld.issue(nb, l);
-        cp_commit();
-        const char *const b = sm + j % ST * C::STAGE;
+    int k = 0; /* chunks computed: the next one's stage is k mod ST */
+    for (int i = 0; i < C::PW; i++) {
 #pragma unroll
-        for (int kc = 0; kc < KC; kc++) {
-            const int c = ((const int *)(b + C::C_OFF))[kc];
-            if (c < 0) break; /* the last stage's end (uniform) */
-            chunk_mma<C, Q4, MT, NT>(b, kc, wr, wt, acc);
-            if (c + 32 >= nc) { /* lane c mod 32's last chunk: onto the counter, then the idle lanes after it */
-                for (int i = rev5(c & 31);;) {
-                    push(i, acc, P);
-                    if (i == 31) break;
-#pragma unroll
-                    for (int o = 0; o < C::O; o++) acc[o] = 0.0f;
-                    if (rev5(++i) < nc) break;
-                }
-            }
+        for (int o = 0; o < C::O; o++) acc[o] = 0.0f;
+        for (int c = rev5(base + i); c < nc; c += 32, k++) { /* position i's lane's chunks, in order */
+            char *const b = sw + k % C::ST * C::STAGE;
+            ld.store_scales(b, a.sbf16);
+            cp_wait<C::ST - 2>(); /* chunk k landed (this lane's copies), */
+            __syncwarp();         /* every lane's, its scales stored; and chunk k - 1's stage is free */
+            if (lc >= 0) ld.issue(sw + (k + C::ST - 1) % C::ST * C::STAGE, lc, group(lc)), advance();
+            cp_commit();
+            chunk_mma<C>(b, acc);
         }
-        if (jn < stages) ld.template store<Q4>(nb, l, a.sbf16);
+        push<C::LV>(i, acc, P);
     }
+    /* the warps' subtree sums (in acc) meet: the tree's levels above them, lower positions on the left */
+    __syncthreads(); /* every warp done with its stages: the space is the sums' */
+    float *const red = (float *)smem;
 #pragma unroll
-    for (int mt = 0; mt < C::MTM; mt++)
+    for (int o = 0; o < C::O; o++) red[(warp * C::O + o) * 32 + lane] = acc[o];
+    __syncthreads();
+    constexpr int OUT = C::K == IM_GU ? C::O / 2 : C::O; /* stored outputs a lane (IM_GU: gate's, with up's) */
+    for (int o = warp; o < OUT; o += C::NW) {
+        float v[C::M][C::NW];
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
+        for (int mi = 0; mi < C::M; mi++) {
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int r = r0 + wr + 16 * mt + g + 8 * (e >> 1), t = t0 + wt + 8 * nt + 2 * q + (e & 1);
-                if (r >= a.rows || t >= n) continue;
-                float *y = a.y + (size_t)(yr + t) * a.rows + r;
-                const float v = acc[4 * (NT * mt + nt) + e];
-                if constexpr (K == IM_GU) *y = fmc_silu_mul(v, acc[4 * (NT * (mt + C::MTM) + nt) + e]);
-                else *y = v;
-            }
+            for (int w = 0; w < C::NW; w++) v[mi][w] = red[(w * C::O + o + mi * OUT) * 32 + lane];
+#pragma unroll
+            for (int span = 1; span < C::NW; span *= 2)
+#pragma unroll
+                for (int w = 0; w + span < C::NW; w += 2 * span) v[mi][w] = __fadd_rn(v[mi][w], v[mi][w + span]);
+        }
+        const int mt = o / (4 * C::NT), nt = o / 4 % C::NT, e = o % 4; /* mt < MTM: the first matrix's rows */
+        const int r = r0 + 16 * mt + g + 8 * (e >> 1), t = t0 + 8 * nt + 2 * q + (e & 1);
+        if (r >= a.rows || t >= n) continue;
+        float *y = a.y + (size_t)(yr + t) * a.rows + r;
+        if constexpr (C::K == IM_GU) *y = fmc_silu_mul(v[0][0], v[1][0]);
+        else *y = v[0][0];
+    }
 }
 
 /* the kernel over the call's T tokens, or (ex_host: the call's experts) the experts of at least a.big tokens, or
  * (a.map) the tile map's a.T tiles */
-template <int K, bool Q4, int WM, int WN, int MT, int NT, int KC, int ST>
+template <class C>
 bool launch_imma(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) {
-    using C = imma_cfg<K, Q4, WM, WN, MT, NT, KC, ST>;
     long long bx = 0; /* token tiles */
-    if (K == IM_MM) bx = (a.T + C::BN - 1) / C::BN;
+    if (C::K == IM_MM) bx = (a.T + C::BN - 1) / C::BN;
     else if (a.map) bx = a.T;
     else
         for (int e = 0; e < a.n_ex; e++)
             if (ex_host[e].n >= a.big) bx += (ex_host[e].n + C::BN - 1) / C::BN;
     const long long by = (a.rows + C::BM - 1) / C::BM;
     if (by > 65535 || bx > 0x7FFFFFFF) return false;
-    if (bx) fmc_launch(fm_mm_imma<K, Q4, WM, WN, MT, NT, KC, ST>, dim3((unsigned)bx, (unsigned)by), C::NTHR, 0, s, a);
+    if (bx) fmc_launch(fm_mm_imma<C>, dim3((unsigned)bx, (unsigned)by), C::NTHR, 0, s, a);
     return true;
 }
 
@@ -637,21 +567,21 @@ imma_args args_of(const fm_mat *w, const int8_t *xq, const float *xd, const floa
     return a;
 }
 
-/* The kernel shapes. Matmuls: blocks of 8 warps (one an SM: 255 registers a thread), each 32 rows × 16 tokens:
- * 64 × 64 from 48 tokens on, else 128 × 32 (less padding). Grouped calls: blocks of 4 warps (two an SM) over 16
- * tokens of an expert, gate·up 64 rows of each (a warp 16 of each), down 128. q4 in 3 stages where its rows take
- * the room of 4. */
-template <bool Q4> using mm_wide = imma_cfg<IM_MM, Q4, 2, 4, 2, 2, 2, 4>;
-template <bool Q4> using mm_narrow = imma_cfg<IM_MM, Q4, 4, 2, 2, 2, 2, Q4 ? 3 : 4>;
-template <bool Q4> using ex_gu = imma_cfg<IM_GU, Q4, 4, 1, 2, 2, 2, Q4 ? 3 : 4>;
-template <bool Q4> using ex_down = imma_cfg<IM_DOWN, Q4, 4, 1, 2, 2, 2, Q4 ? 3 : 4>;
-/* Grouped calls in tiles of 8 tokens (128 registers: four blocks an SM), for experts of a few tokens (a short
- * prompt's), whose 16-token tiles are mostly padding: FLASHMOE_CUDA_IMMA_NARROW=1 always, auto where the experts
- * of at least min_t tokens pad to 1.5 times the tokens in 16-token tiles that they do in 8-token ones; 0 or unset
- * never (the default until auto is measured: bench/RESULTS.md, session 20). Read at each call. */
-template <bool Q4> using ex_gu_narrow = imma_cfg<IM_GU, Q4, 4, 1, 2, 1, 2, Q4 ? 3 : 4>;
-template <bool Q4> using ex_down_narrow = imma_cfg<IM_DOWN, Q4, 4, 1, 2, 1, 2, Q4 ? 3 : 4>;
-static_assert(ex_gu_narrow<true>::BM == ex_gu<true>::BM && ex_down_narrow<true>::BM == ex_down<true>::BM,
+/* The kernel shapes: blocks of 4 warps (three an SM: up to 170 registers a thread), each warp an eighth of the
+ * butterfly's tree (8 positions: 3 levels of its counter) over the block's 32 rows (IM_GU: 16 of gate, 16 of up) ×
+ * 16 tokens, in 4 stages. Against 8 warps of 4 positions (two blocks an SM) ×1.04 on a 2048 × 2048 matmul of 512
+ * tokens, and wider tiles (32 tokens) or 3 stages no better (bench/RESULTS.md, session 23). */
+template <bool Q4> using mm_cfg = imma_cfg<IM_MM, Q4, 4, 2, 2, 4, 3>;
+template <bool Q4> using ex_gu = imma_cfg<IM_GU, Q4, 4, 2, 2, 4, 3>;
+template <bool Q4> using ex_down = imma_cfg<IM_DOWN, Q4, 4, 2, 2, 4, 3>;
+/* Grouped calls in tiles of 8 tokens, for experts of a few tokens (a short prompt's), whose 16-token tiles are
+ * mostly padding: FLASHMOE_CUDA_IMMA_NARROW=1 always, auto where the experts of at least min_t tokens pad to 1.5
+ * times the tokens in 16-token tiles that they do in 8-token ones; 0 or unset never (bench/RESULTS.md, sessions 20
+ * and 21: no gain). Read at each call. */
+template <bool Q4> using ex_gu_narrow = imma_cfg<IM_GU, Q4, 4, 2, 1, 4, 3>;
+template <bool Q4> using ex_down_narrow = imma_cfg<IM_DOWN, Q4, 4, 2, 1, 4, 3>;
+static_assert(ex_gu_narrow<true>::BM == ex_gu<true>::BM && ex_down_narrow<true>::BM == ex_down<true>::BM &&
+                  ex_gu_narrow<true>::RES == ex_gu<true>::RES,
               "the 8-token tiles differ in tokens only: a call's row tiles are the same");
 /* FLASHMOE_CUDA_IMMA_NARROW: 1 (always), 0 (never, or unset), -1 (auto) */
 int narrow_mode() {
@@ -671,7 +601,7 @@ bool imma_narrow(const fmc_expert *ex_host, int n_ex, int min_t) {
 
 template <class C>
 bool launch_cfg(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) {
-    return launch_imma<C::K, C::Q4, C::WM, C::WN, C::MT, C::NT, C::KC, C::ST>(s, a, ex_host);
+    return launch_imma<C>(s, a, ex_host);
 }
 
 /* a grouped call's kernel (gu: gate·up, else down) for w's dtype, in 8-token tiles or 16 */
@@ -693,14 +623,11 @@ extern "C" int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, co
                            float *y, int T) {
     const int mode = imma_mode();
     if (T < FMC_IMMA_MIN_T || mode == IMMA_OFF || ((uintptr_t)w->data & 15) || !imma_takes(w)) return 0;
-    const bool wide = T >= 48, q4 = w->dtype == FM_Q4;
-    const int BN = wide ? mm_wide<true>::BN : mm_narrow<true>::BN;
-    const long long blocks = wide ? blocks_of<mm_wide<true>>((T + BN - 1) / BN, w->rows)
-                                  : blocks_of<mm_narrow<true>>((T + BN - 1) / BN, w->rows);
-    if (!fills(mode, blocks, 1)) return 0;
+    const bool q4 = w->dtype == FM_Q4;
+    using C = mm_cfg<true>;
+    if (!fills(mode, blocks_of<C>((T + C::BN - 1) / C::BN, w->rows), C::RES)) return 0;
     const imma_args a = args_of(w, xq, xd, xs, y, T);
-    if (wide) return q4 ? launch_cfg<mm_wide<true>>(s, a, nullptr) : launch_cfg<mm_wide<false>>(s, a, nullptr);
-    return q4 ? launch_cfg<mm_narrow<true>>(s, a, nullptr) : launch_cfg<mm_narrow<false>>(s, a, nullptr);
+    return q4 ? launch_cfg<mm_cfg<true>>(s, a, nullptr) : launch_cfg<mm_cfg<false>>(s, a, nullptr);
 }
 
 extern "C" int fmc_experts_imma_min(const fm_mat *w, int gu, const fmc_expert *ex_host, int n_ex) {
@@ -713,7 +640,7 @@ extern "C" int fmc_experts_imma_min(const fm_mat *w, int gu, const fmc_expert *e
     for (int e = 0; e < n_ex; e++)
         if (ex_host[e].n >= min_t) tiles += (ex_host[e].n + BN - 1) / BN;
     const long long blocks = gu ? blocks_of<ex_gu<true>>(tiles, w->rows) : blocks_of<ex_down<true>>(tiles, w->rows);
-    return tiles && fills(mode, blocks, narrow ? 4 : 2) ? min_t : 0;
+    return tiles && fills(mode, blocks, ex_gu<true>::RES) ? min_t : 0;
 }
 
 extern "C" int fmc_experts_imma(cudaStream_t s, int gu, const fmc_expert *ex, const fmc_expert *ex_host, int n_ex,
