@@ -40,7 +40,8 @@
  * FLASHMOE_CUDA_IMMA=0 keeps all here, =1 sends there whatever it takes). It is exact because the int8 path's only reduction an
  * MMA could reorder is a chunk's d = Σ q·xq, an integer (mma.sync's s32 sum of u8·s8 products is the same
  * integer in any order); its fp32 terms it applies as fm_mm does: per (row, token) each lane's chunks in order,
- * then the butterfly's tree, replayed in registers. So a token's outputs are the same bits in decode (here) and
+ * then the butterfly's tree (a warp's subtree in registers, the warps' subtree sums added in shared memory in the
+ * tree's order). So a token's outputs are the same bits in decode (here) and
  * at any place of any prefill (there). Not for fp32 activations: an MMA's K order is its tile's (and unspecified)
  * and its inputs bf16/fp16/tf32, which would change the numerics of f32 x; decode would have to run the same
  * MMA tiles (a token padded to 8 or 16) to stay invariant.
