@@ -226,6 +226,8 @@ struct loader {
         const int lane = threadIdx.x & 31;
 #pragma unroll
         for (int i = 0; i < C::WL; i++) {
+#pragma unroll
+            for (int s = 0; s < C::ST - 1; s++) ring[s][i] = 0; /* (moved before the first loads reach it) */
             const int rr = min(lane + 32 * i, C::R - 1); /* row rr of the stage's W */
             const im_mat &mm = rr >= C::BM ? m[C::M - 1] : m[0]; /* (a constant index: no local array) */
             const int row = min(r0 + rr % C::BM, a.rows - 1);
