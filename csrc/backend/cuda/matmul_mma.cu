@@ -278,9 +278,16 @@ struct loader {
             if (rr < C::R)
                 ((float2 *)(buf + C::SB_OFF))[(rr / 16 * 8 + rr % 8) * 2 + rr / 8 % 2] =
                     make_float2(scale_value(ring[0][i] & 0xFFFFu, sbf16), scale_value(ring[0][i] >> 16, sbf16));
+        }
+        shift();
+    }
+
+    /* the ring one chunk on: its newest slot free for the next issue */
+    __device__ __forceinline__ void shift() {
+#pragma unroll
+        for (int i = 0; i < C::WL; i++)
 #pragma unroll
             for (int s = 0; s + 1 < C::ST - 1; s++) ring[s][i] = ring[s + 1][i];
-        }
     }
 };
 
@@ -451,11 +458,8 @@ __global__ void __launch_bounds__(C::NTHR, C::RES) fm_mm_imma(const __grid_const
     };
     auto group = [&](int c) { return (int)((unsigned long long)c * a.mg >> 32); };
 #pragma unroll
-    for (int s = 0; s < C::ST - 1; s++) {
-#pragma unroll
-        for (int j = 0; j + 1 < C::ST - 1; j++) /* the ring moves up to its newest slot */
-#pragma unroll
-            for (int i = 0; i < C::WL; i++) ld.ring[j][i] = ld.ring[j + 1][i];
+    for (int s = 0; s < C::ST - 1; s++) { /* chunks 0..ST-2 (their scales: the ring, oldest first) */
+        ld.shift();
         if (lc >= 0) ld.issue(sw + s * C::STAGE, lc, group(lc)), advance();
         cp_commit();
     }
