@@ -74,8 +74,8 @@ struct imma_args {
     const float *xd, *xs;            /* [·, ng] steps, [·, nc] Σ xq of each chunk */
     float *y;                        /* [·, rows] */
     size_t row_bytes;
-    unsigned long long mg;           /* ceil(2^32 / (gs / V)): a chunk's group (next_stage) */
-    int rows, cols, gs, ng, nc, T, sbf16;
+    unsigned long long mg;           /* ceil(2^32 / (gs / V)): a chunk's group (the kernel's group()) */
+    int rows, cols, ng, nc, T, sbf16;
     int hlo;  /* grouped: the lowest row0 (h's rows of an expert from row0 - hlo) */
     int big;  /* grouped: the experts of at least this many tokens are this kernel's */
     int n_ex; /* grouped: experts in ex */
@@ -197,7 +197,7 @@ struct imma_cfg {
     static constexpr bool Q4 = Q4_;
     static constexpr int M = K == IM_GU ? 2 : 1, MTM = MT / M; /* matrices; 16-row tiles of each */
     static constexpr int NTHR = 32 * NW, R = 16 * MT, BM = 16 * MTM, BN = 8 * NT, V = Q4 ? 32 : 16;
-    static constexpr int PW = 32 / NW, LV = PW == 1 ? 0 : PW == 2 ? 1 : PW == 4 ? 2 : PW == 8 ? 3 : PW == 16 ? 4 : 5;
+    static constexpr int PW = 32 / NW, LV = __builtin_ctz(PW); /* positions a warp; its counter's levels */
     static constexpr int X_OFF = R * 16, SB_OFF = X_OFF + BN * V, XS_OFF = SB_OFF + MT * 8 * 16,
                          STAGE = XS_OFF + NT * 4 * 16;
     static constexpr int O = 4 * MT * NT;                            /* outputs a thread */
@@ -567,7 +567,7 @@ imma_args args_of(const fm_mat *w, const int8_t *xq, const float *xd, const floa
     imma_args a = {};
     a.w = (const char *)w->data, a.scales = w->scales, a.biases = w->biases, a.xq = xq, a.xd = xd, a.xs = xs, a.y = y;
     a.row_bytes = (size_t)fm_tensor_data_bytes(w->dtype, 1, w->cols), a.rows = w->rows, a.cols = w->cols;
-    a.gs = w->group_size, a.ng = w->cols / w->group_size, a.nc = w->cols / V, a.T = T, a.sbf16 = w->scale_bf16;
+    a.ng = w->cols / w->group_size, a.nc = w->cols / V, a.T = T, a.sbf16 = w->scale_bf16;
     const unsigned long long cpg = (unsigned long long)(w->group_size / V); /* chunks a group */
     a.mg = ((1ull << 32) + cpg - 1) / cpg;
     return a;
@@ -605,19 +605,14 @@ bool imma_narrow(const fmc_expert *ex_host, int n_ex, int min_t) {
     return 2 * wide >= 3 * narrow;
 }
 
-template <class C>
-bool launch_cfg(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host) {
-    return launch_imma<C>(s, a, ex_host);
-}
-
 /* a grouped call's kernel (gu: gate·up, else down) for w's dtype, in 8-token tiles or 16 */
 bool launch_grouped(cudaStream_t s, const imma_args &a, const fmc_expert *ex_host, int gu, bool q4, bool narrow) {
     if (narrow) {
-        if (gu) return q4 ? launch_cfg<ex_gu_narrow<true>>(s, a, ex_host) : launch_cfg<ex_gu_narrow<false>>(s, a, ex_host);
-        return q4 ? launch_cfg<ex_down_narrow<true>>(s, a, ex_host) : launch_cfg<ex_down_narrow<false>>(s, a, ex_host);
+        if (gu) return q4 ? launch_imma<ex_gu_narrow<true>>(s, a, ex_host) : launch_imma<ex_gu_narrow<false>>(s, a, ex_host);
+        return q4 ? launch_imma<ex_down_narrow<true>>(s, a, ex_host) : launch_imma<ex_down_narrow<false>>(s, a, ex_host);
     }
-    if (gu) return q4 ? launch_cfg<ex_gu<true>>(s, a, ex_host) : launch_cfg<ex_gu<false>>(s, a, ex_host);
-    return q4 ? launch_cfg<ex_down<true>>(s, a, ex_host) : launch_cfg<ex_down<false>>(s, a, ex_host);
+    if (gu) return q4 ? launch_imma<ex_gu<true>>(s, a, ex_host) : launch_imma<ex_gu<false>>(s, a, ex_host);
+    return q4 ? launch_imma<ex_down<true>>(s, a, ex_host) : launch_imma<ex_down<false>>(s, a, ex_host);
 }
 
 template <class C>
@@ -633,7 +628,7 @@ extern "C" int fmc_mm_imma(cudaStream_t s, const fm_mat *w, const int8_t *xq, co
     using C = mm_cfg<true>;
     if (!fills(mode, blocks_of<C>((T + C::BN - 1) / C::BN, w->rows), C::RES)) return 0;
     const imma_args a = args_of(w, xq, xd, xs, y, T);
-    return q4 ? launch_cfg<mm_cfg<true>>(s, a, nullptr) : launch_cfg<mm_cfg<false>>(s, a, nullptr);
+    return q4 ? launch_imma<mm_cfg<true>>(s, a, nullptr) : launch_imma<mm_cfg<false>>(s, a, nullptr);
 }
 
 extern "C" int fmc_experts_imma_min(const fm_mat *w, int gu, const fmc_expert *ex_host, int n_ex) {
